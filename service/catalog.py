@@ -1,0 +1,217 @@
+"""The routes catalog: which logical model names exist and how each is served.
+
+A route maps a model name that clients send (e.g. ``support``) to variants: LoRA
+adapters or the base model, each with a rollout weight. The file is YAML,
+validated here; a bad file is rejected with a message that says where.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BASE = "base"  # the name of the implicit variant that serves the base model
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class CatalogError(ValueError):
+    """The routes file cannot be used; the message says why and where."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pricing(_Strict):
+    """USD per 1K tokens: what this deployment costs, and what the hosted API it replaces charges."""
+
+    prompt_per_1k: float = Field(0.0, ge=0)
+    completion_per_1k: float = Field(0.0, ge=0)
+    reference_prompt_per_1k: float = Field(0.0, ge=0)
+    reference_completion_per_1k: float = Field(0.0, ge=0)
+    reference_name: str = "hosted-api"
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.prompt_per_1k + completion_tokens * self.completion_per_1k) / 1000
+
+    def reference_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (
+            prompt_tokens * self.reference_prompt_per_1k
+            + completion_tokens * self.reference_completion_per_1k
+        ) / 1000
+
+
+class Variant(_Strict):
+    name: str
+    # The adapter's name on the vLLM server; None means the base model.
+    adapter: str | None = None
+    # Where the replica can load the adapter from (a directory or URI it understands).
+    # Without it the adapter must already be registered on the replicas.
+    path: str | None = None
+    weight: float = Field(0.0, ge=0)
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"variant name {value!r} must match {_NAME.pattern}")
+        return value
+
+    @model_validator(mode="after")
+    def _path_needs_adapter(self) -> "Variant":
+        if self.path is not None and self.adapter is None:
+            raise ValueError(f"variant {self.name!r} has a path but no adapter name")
+        if self.name == BASE and self.adapter is not None:
+            raise ValueError(f"variant name {BASE!r} is reserved for the base model")
+        return self
+
+    @property
+    def is_base(self) -> bool:
+        return self.adapter is None
+
+
+class Route(_Strict):
+    name: str
+    base_model: str = "base"
+    variants: tuple[Variant, ...]
+    # Request header whose value keeps a caller on one variant (e.g. x-user-id).
+    sticky_key: str | None = None
+    # Variants tried in order when the chosen one fails before any byte is sent.
+    fallback: tuple[str, ...] = (BASE,)
+    allow_pin: bool = True
+    pricing: Pricing = Pricing()
+
+    @field_validator("sticky_key")
+    @classmethod
+    def _lower_header(cls, value: str | None) -> str | None:
+        return value.lower() if value else value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _add_base_variant(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("variants"), list):
+            names = {v.get("name") for v in data["variants"] if isinstance(v, dict)}
+            if BASE not in names:
+                data = {**data, "variants": [*data["variants"], {"name": BASE, "weight": 0}]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Route":
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate variant names: {duplicates}")
+        if sum(v.weight for v in self.variants) <= 0:
+            raise ValueError("at least one variant needs a weight above 0")
+        unknown = [f for f in self.fallback if f not in names]
+        if unknown:
+            raise ValueError(f"fallback names unknown variants: {unknown} (known: {names})")
+        return self
+
+    def variant(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+    def fallback_chain(self, chosen: Variant) -> list[Variant]:
+        """The variants to try after ``chosen`` fails, in order, without repeats."""
+        chain: list[Variant] = []
+        for name in self.fallback:
+            variant = self.variant(name)
+            if variant is not None and variant != chosen and variant not in chain:
+                chain.append(variant)
+        return chain
+
+    def upstream_model(self, variant: Variant) -> str:
+        return variant.adapter or self.base_model
+
+
+class Catalog(_Strict):
+    routes: dict[str, Route]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _names_from_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("routes"), dict):
+            routes = {}
+            for name, body in data["routes"].items():
+                if isinstance(body, dict):
+                    body = {**body, "name": name}
+                routes[name] = body
+            data = {**data, "routes": routes}
+        return data
+
+    @field_validator("routes")
+    @classmethod
+    def _route_names(cls, routes: dict[str, Route]) -> dict[str, Route]:
+        if not routes:
+            raise ValueError("no routes defined")
+        for name in routes:
+            if not _NAME.match(name):
+                raise ValueError(f"route name {name!r} must match {_NAME.pattern}")
+        return routes
+
+    def adapters(self) -> dict[str, str | None]:
+        """Every adapter any route may use, with its load path."""
+        found: dict[str, str | None] = {}
+        for route in self.routes.values():
+            for variant in route.variants:
+                if variant.adapter:
+                    found[variant.adapter] = variant.path or found.get(variant.adapter)
+        return found
+
+
+def parse_catalog(text: str, source: str = "<routes>") -> Catalog:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"{source}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise CatalogError(f"{source}: expected a mapping with a 'routes' key")
+    try:
+        return Catalog.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise CatalogError(f"{source}: {problems}") from None
+
+
+def load_catalog(path: Path) -> Catalog:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CatalogError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_catalog(text, str(path))
+
+
+class CatalogFile:
+    """The catalog from a file, reloaded when the file changes; a bad edit keeps the last good one."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp = self._read_stamp()
+        self.current = load_catalog(path)
+        self.last_error: str | None = None
+
+    def _read_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def reload_if_changed(self) -> bool:
+        """Returns True when a new catalog was loaded; raises CatalogError on a bad file."""
+        stamp = self._read_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.current = load_catalog(self.path)
+        except CatalogError as exc:
+            self.last_error = str(exc)
+            raise
+        self.last_error = None
+        return True

@@ -1,0 +1,196 @@
+"""The ``loragate`` command: demo-model, engine, serve, and demo (all of it, locally)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+DEMO_DIR = Path(".demo")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loragate", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("demo-model", help="build the tiny random-weight Llama and N LoRA adapters")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--adapters", type=int, default=2)
+    p.set_defaults(run=_demo_model)
+
+    p = commands.add_parser("engine", help="start a local vLLM (CPU build) with LoRA enabled")
+    p.add_argument("--model-dir", type=Path, required=True, help="a directory made by demo-model, or any HF model dir")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
+                   help="register an adapter at start (default: a1 and a2 of a demo-model dir)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=18000)
+    p.set_defaults(run=_engine)
+
+    p = commands.add_parser("serve", help="start the gateway")
+    p.add_argument("--config", type=Path, help="routes file (env LORAGATE_ROUTES_FILE)")
+    p.add_argument("--upstream", action="append", help="vLLM base URL, repeatable (env LORAGATE_UPSTREAMS)")
+    p.add_argument("--host", help="env LORAGATE_HOST (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="env LORAGATE_PORT (default 8080)")
+    p.add_argument("--workers", type=int, help="worker processes (env LORAGATE_WORKERS, default 1)")
+    p.set_defaults(run=_serve)
+
+    p = commands.add_parser("demo", help="build the demo model if missing, start vLLM and the gateway")
+    p.add_argument("--dir", type=Path, default=DEMO_DIR)
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--engine-port", type=int, default=18000)
+    p.set_defaults(run=_demo)
+
+    args = parser.parse_args(argv)
+    return args.run(args) or 0
+
+
+def _demo_model(args: argparse.Namespace) -> int:
+    from service.demo_model import build_demo_model
+
+    print(json.dumps(build_demo_model(args.dir, adapters=args.adapters), indent=2))
+    return 0
+
+
+def _engine_adapters(model_dir: Path, given: list[str]) -> tuple[Path, dict[str, str]]:
+    adapters = dict(item.split("=", 1) for item in given)
+    manifest = model_dir / "manifest.json"
+    if manifest.exists():
+        info = json.loads(manifest.read_text())
+        if not given:
+            adapters = {name: path for name, path in sorted(info["adapters"].items())[:2]}
+        return Path(info["base"]), adapters
+    return model_dir, adapters
+
+
+def _engine(args: argparse.Namespace) -> int:
+    from service.engine import engine_command, engine_env
+
+    base, adapters = _engine_adapters(args.model_dir, args.adapter)
+    command = engine_command(base, adapters, host=args.host, port=args.port)
+    os.execve(command[0], command, engine_env())
+
+
+def _serve(args: argparse.Namespace) -> int:
+    for flag, env in (("config", "ROUTES_FILE"), ("host", "HOST"), ("port", "PORT"), ("workers", "WORKERS")):
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[f"LORAGATE_{env}"] = str(value)
+    if args.upstream:
+        os.environ["LORAGATE_UPSTREAMS"] = ",".join(args.upstream)
+    return serve_from_env()
+
+
+def serve_from_env() -> int:
+    # Settings are read before prometheus_client is imported: with several workers its
+    # multiprocess mode must be switched on (PROMETHEUS_MULTIPROC_DIR) first.
+    from service.settings import Settings
+
+    settings = Settings()
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="loragate-metrics-")
+    try:
+        from service.catalog import CatalogError, load_catalog
+
+        load_catalog(settings.routes_file)  # a bad routes file stops here with a clear message
+    except CatalogError as exc:
+        print(f"loragate: {exc}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    uvicorn.run(
+        "service.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+DEMO_ROUTES = """\
+# The demo catalog: two routes over the tiny base model and its adapters.
+routes:
+  support:
+    base_model: base
+    sticky_key: x-user-id
+    variants:
+      - {{name: v1, adapter: a1, path: {a1}, weight: 90}}
+      - {{name: v2, adapter: a2, path: {a2}, weight: 10}}
+    fallback: [v1, base]
+    pricing:
+      prompt_per_1k: 0.0001
+      completion_per_1k: 0.0002
+      reference_name: gpt-4o-mini
+      reference_prompt_per_1k: 0.00015
+      reference_completion_per_1k: 0.0006
+  plain:
+    variants:
+      - {{name: base, weight: 1}}
+"""
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from service.demo_model import build_demo_model, demo_model_ready
+    from service.engine import engine_command, engine_env
+
+    model_dir = args.dir / "model"
+    if not demo_model_ready(model_dir):
+        print(f"building the demo model in {model_dir} ...", flush=True)
+        build_demo_model(model_dir, adapters=2)
+    base, adapters = _engine_adapters(model_dir, [])
+    routes = args.dir / "routes.yaml"
+    routes.write_text(DEMO_ROUTES.format(**adapters))
+    engine_log = open(args.dir / "engine.log", "ab")
+    print(f"starting vLLM (CPU) on :{args.engine_port}, log in {engine_log.name} (about a minute) ...", flush=True)
+    engine = subprocess.Popen(
+        engine_command(base, adapters, port=args.engine_port), env=engine_env(),
+        stdout=engine_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        if not _wait_ready(f"http://127.0.0.1:{args.engine_port}/health", engine, timeout_s=300):
+            print(f"vLLM did not become ready; see {engine_log.name}", file=sys.stderr)
+            return 1
+        print(
+            f"\nloragate is up: http://127.0.0.1:{args.port}  (Ctrl-C stops it)\n\n"
+            f"  curl -s localhost:{args.port}/v1/chat/completions -H 'content-type: application/json' \\\n"
+            f"    -H 'x-user-id: alice' -d '{{\"model\":\"support\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"max_tokens\":16}}' -i\n"
+            f"  curl -s localhost:{args.port}/v1/models\n"
+            f"  curl -s localhost:{args.port}/metrics | grep loragate_\n",
+            flush=True,
+        )
+        os.environ.update(LORAGATE_ROUTES_FILE=str(routes), LORAGATE_PORT=str(args.port),
+                          LORAGATE_UPSTREAMS=f"http://127.0.0.1:{args.engine_port}")
+        return serve_from_env()
+    finally:
+        os.killpg(engine.pid, signal.SIGTERM)
+        engine.wait(timeout=30)
+
+
+def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(1)
+    return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

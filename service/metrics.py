@@ -1,0 +1,116 @@
+"""Every Prometheus metric of the gateway, defined once.
+
+Labels stay bounded: route and variant names come from the catalog, upstreams
+from the settings, reasons and status classes from fixed sets. Requests whose
+model is unknown are counted under route ``_unknown``.
+
+With several worker processes (``loragate serve --workers N``) prometheus-client
+runs in multiprocess mode: PROMETHEUS_MULTIPROC_DIR is set before the first
+import, each worker writes its samples to files there, and /metrics sums them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        rv = ("route", "variant")
+        self.requests = Counter(
+            "loragate_requests", "Requests answered, by route, variant and HTTP status class.",
+            (*rv, "status_class"), registry=r)
+        self.request_duration = Histogram(
+            "loragate_request_duration_seconds", "Time from request received to last byte sent.",
+            rv, buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram(
+            "loragate_time_to_first_token_seconds", "Streaming: time from request received to the first token sent.",
+            rv, buckets=TTFT_BUCKETS, registry=r)
+        self.time_per_output_token = Histogram(
+            "loragate_time_per_output_token_seconds", "Streaming: mean time between output tokens after the first.",
+            rv, buckets=TPOT_BUCKETS, registry=r)
+        self.prompt_tokens = Counter(
+            "loragate_prompt_tokens", "Prompt tokens processed.", rv, registry=r)
+        self.completion_tokens = Counter(
+            "loragate_completion_tokens", "Completion tokens generated.", rv, registry=r)
+        self.cost = Counter(
+            "loragate_cost_usd", "Cost of the served tokens at this deployment's price.", rv, registry=r)
+        self.reference_cost = Counter(
+            "loragate_reference_cost_usd",
+            "What the same tokens would cost on the reference hosted API (savings = reference - cost).",
+            rv, registry=r)
+        self.fallbacks = Counter(
+            "loragate_fallbacks", "Requests moved off a variant before any byte was sent, by reason.",
+            (*rv, "reason"), registry=r)
+        self.in_flight = Gauge(
+            "loragate_requests_in_flight", "Requests being served now.", ("route",),
+            multiprocess_mode="livesum", registry=r)
+        self.rollout_weight = Gauge(
+            "loragate_rollout_weight", "Current rollout weight of each variant (share of its route, 0-1).",
+            rv, multiprocess_mode="mostrecent", registry=r)
+        self.adapter_loads = Counter(
+            "loragate_adapter_loads", "Adapter loads requested from replicas, by result.",
+            ("upstream", "adapter", "result"), registry=r)
+        self.adapter_load_duration = Histogram(
+            "loragate_adapter_load_duration_seconds", "Time an adapter load took on a replica.",
+            ("adapter",), buckets=LOAD_BUCKETS, registry=r)
+        self.upstream_healthy = Gauge(
+            "loragate_upstream_healthy", "1 when the replica passed its last health check.",
+            ("upstream",), multiprocess_mode="mostrecent", registry=r)
+        self.upstream_in_flight = Gauge(
+            "loragate_upstream_requests_in_flight", "Requests in flight to each replica.",
+            ("upstream",), multiprocess_mode="livesum", registry=r)
+        self.catalog_reloads = Counter(
+            "loragate_catalog_reloads", "Routes file reloads, by result (a failed one keeps the last good catalog).",
+            ("result",), registry=r)
+
+    def set_rollout_weights(self, routes) -> None:
+        self.rollout_weight.clear()
+        for route in routes.values():
+            total = sum(v.weight for v in route.variants) or 1.0
+            for variant in route.variants:
+                self.rollout_weight.labels(route.name, variant.name).set(variant.weight / total)
+
+    def record_usage(self, route, variant: str, prompt_tokens: int, completion_tokens: int) -> None:
+        labels = (route.name, variant)
+        if prompt_tokens:
+            self.prompt_tokens.labels(*labels).inc(prompt_tokens)
+        if completion_tokens:
+            self.completion_tokens.labels(*labels).inc(completion_tokens)
+        self.cost.labels(*labels).inc(route.pricing.cost(prompt_tokens, completion_tokens))
+        self.reference_cost.labels(*labels).inc(route.pricing.reference_cost(prompt_tokens, completion_tokens))
+
+    def exposition(self) -> bytes:
+        directory = multiprocess_dir()
+        if directory:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry, path=directory)
+            return generate_latest(registry)
+        return generate_latest(self.registry)

@@ -1,0 +1,123 @@
+"""Forward one request to one replica, and relay its answer: whole, or as SSE events as they come.
+
+Token usage is always learned: a non-streaming answer carries it; for streams
+the gateway asks upstream for a final usage chunk and, if the client did not
+ask for one itself, drops that chunk before it reaches the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import aiohttp
+import orjson
+
+
+class UpstreamFailure(Exception):
+    """The upstream could not answer; nothing has been sent to the client yet, so another target may."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason  # bounded: used as a metric label and in x-loragate-fallback
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def from_json(cls, usage: object) -> "Usage | None":
+        if not isinstance(usage, dict):
+            return None
+        return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+_FORWARDED_HEADERS = ("authorization",)
+
+
+async def open_upstream(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    *,
+    request_id: str,
+    is_adapter: bool,
+) -> aiohttp.ClientResponse:
+    """POST ``body`` to ``url``; returns the response once its headers are in.
+
+    Raises UpstreamFailure for answers another target might do better on:
+    connection errors, timeouts, 5xx, 429, and 404 for an adapter model (the
+    replica no longer holds it). Other 4xx are the client's and are returned.
+    """
+    try:
+        response = await session.post(
+            url, data=body, headers={"content-type": "application/json", "x-request-id": request_id}
+        )
+    except asyncio.TimeoutError:
+        raise UpstreamFailure("timeout", f"{url}: no answer in time") from None
+    except aiohttp.ClientConnectionError as exc:
+        raise UpstreamFailure("connect_error", f"{url}: {type(exc).__name__}") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamFailure("upstream_error", f"{url}: {type(exc).__name__}") from None
+    status = response.status
+    if status >= 500 or status == 429 or (status == 404 and is_adapter):
+        response.release()
+        reason = "upstream_5xx" if status >= 500 else "upstream_429" if status == 429 else "adapter_missing"
+        raise UpstreamFailure(reason, f"{url}: HTTP {status}")
+    return response
+
+
+class SseRelay:
+    """Splits an SSE byte stream into whole events, notes the usage, and hides the usage-only chunk if asked.
+
+    ``feed`` returns the bytes to forward now: every event completed by this
+    chunk, unchanged, so the client sees each token as soon as upstream sends it.
+    """
+
+    __slots__ = ("_buffer", "hide_usage", "usage", "events")
+
+    def __init__(self, hide_usage: bool) -> None:
+        self._buffer = b""
+        self.hide_usage = hide_usage
+        self.usage: Usage | None = None
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._buffer + chunk if self._buffer else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._buffer = data
+            return b""
+        complete, self._buffer = data[: end + 2], data[end + 2 :]
+        self.events += complete.count(b"\n\n")
+        if b'"usage"' not in complete:
+            return complete
+        return self._take_usage(complete)
+
+    def finish(self) -> bytes:
+        """Whatever is left when upstream closes (an event without its blank line)."""
+        rest, self._buffer = self._buffer, b""
+        if rest.strip():
+            return self._take_usage(rest + b"\n\n")
+        return b""
+
+    def _take_usage(self, complete: bytes) -> bytes:
+        kept = []
+        for event in complete.split(b"\n\n"):
+            if not event:
+                continue
+            if event.startswith(b"data: {") and b'"usage"' in event:
+                try:
+                    parsed = orjson.loads(event[6:])
+                except orjson.JSONDecodeError:
+                    parsed = None
+                usage = Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None
+                if usage is not None:
+                    self.usage = usage
+                    if self.hide_usage and not parsed.get("choices"):
+                        continue  # the usage-only chunk the client did not ask for
+            kept.append(event)
+        return b"\n\n".join(kept) + b"\n\n" if kept else b""
