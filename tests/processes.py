@@ -1,0 +1,93 @@
+"""Start and stop the real processes the tests talk to (gateway, vLLM, stub, Prometheus)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, process: subprocess.Popen | None, timeout_s: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process for {url} exited with {process.returncode}\n{tail}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise TimeoutError(f"{url} not ready after {timeout_s}s\n{tail}")
+
+
+class Service:
+    """A child process in its own process group, with its output in a log file."""
+
+    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._log_file = open(log, "ab")
+        self.process = subprocess.Popen(
+            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env or dict(os.environ),
+            cwd=ROOT, start_new_session=True,
+        )
+
+    def stop(self, timeout_s: float = 20) -> int | None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log_file.close()
+        return self.process.returncode
+
+
+def start_gateway(routes: Path, upstreams: list[str], log: Path, *, workers: int = 1,
+                  extra_env: dict[str, str] | None = None) -> tuple[Service, str]:
+    port = free_port()
+    env = dict(os.environ)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env.update({
+        "LORAGATE_ROUTES_FILE": str(routes),
+        "LORAGATE_UPSTREAMS": ",".join(upstreams),
+        "LORAGATE_PORT": str(port),
+        "LORAGATE_WORKERS": str(workers),
+        "LORAGATE_HEALTH_INTERVAL_S": "1",
+        "LORAGATE_ROUTES_RELOAD_INTERVAL_S": "0.5",
+        **(extra_env or {}),
+    })
+    service = Service([sys.executable, "-m", "service.cli", "serve"], log, env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/healthz", service.process, 60, log)
+    except Exception:
+        service.stop()
+        raise
+    return service, url
+
+
+def start_stub(log: Path, chunks: int = 16) -> tuple[Service, str]:
+    port = free_port()
+    service = Service([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(port),
+                       "--chunks", str(chunks)], log)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/health", service.process, 30, log)
+    return service, url

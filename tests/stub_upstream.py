@@ -1,0 +1,139 @@
+"""A STUB upstream that speaks vLLM's OpenAI API in microseconds. Not vLLM.
+
+Used for fault injection (faults vLLM cannot be made to produce on demand) and
+for the overhead benchmark (so that the proxies are what is measured).
+The requested model name selects the behaviour, so a route's variant picks a
+fault by its adapter name:
+
+  fail-500      answers 500            fail-429   answers 429
+  slow-<ms>     waits <ms> before the headers
+  reset         closes the connection without an answer
+  break-stream  streams two chunks, then drops the connection
+  anything else answers normally (stream: ``--chunks`` content chunks + usage)
+
+Run: python tests/stub_upstream.py --port 18100 [--chunks 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import orjson
+from aiohttp import web
+
+PROMPT_TOKENS = 7
+
+
+def _completion(model: str, chat: bool, tokens: int) -> bytes:
+    choice = (
+        {"index": 0, "message": {"role": "assistant", "content": "ok " * tokens}, "finish_reason": "length"}
+        if chat
+        else {"index": 0, "text": "ok " * tokens, "finish_reason": "length"}
+    )
+    return orjson.dumps({
+        "id": "stub-1", "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+        "model": model, "choices": [choice],
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": tokens, "total_tokens": PROMPT_TOKENS + tokens},
+    })
+
+
+def _chunk(model: str, chat: bool, text: str | None, finish: str | None = None) -> bytes:
+    choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
+    choice["finish_reason"] = finish
+    body = {"id": "stub-1", "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": 0, "model": model, "choices": [choice]}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def _usage_chunk(model: str, tokens: int) -> bytes:
+    body = {"id": "stub-1", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
+            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": tokens,
+                      "total_tokens": PROMPT_TOKENS + tokens}}
+    return b"data: " + orjson.dumps(body) + b"\n\n"
+
+
+def make_app(chunks: int = 16) -> web.Application:
+    loaded: set[str] = set()
+    stats = {"requests": 0, "loads": 0}
+
+    async def health(_request: web.Request) -> web.Response:
+        return web.Response(text="")
+
+    async def models(_request: web.Request) -> web.Response:
+        data = [{"id": "base", "object": "model", "parent": None}]
+        data += [{"id": name, "object": "model", "parent": "base"} for name in sorted(loaded)]
+        return web.json_response({"object": "list", "data": data})
+
+    async def load(request: web.Request) -> web.Response:
+        body = await request.json()
+        stats["loads"] += 1
+        if "missing" in body.get("lora_path", ""):
+            return web.json_response({"error": {"message": "not found", "code": 404}}, status=404)
+        if body["lora_name"] in loaded:
+            return web.json_response({"error": {"message": "has already been loaded", "code": 400}}, status=400)
+        loaded.add(body["lora_name"])
+        return web.Response(text="Success")
+
+    async def complete(request: web.Request) -> web.StreamResponse:
+        stats["requests"] += 1
+        payload = orjson.loads(await request.read())
+        model = payload.get("model", "base")
+        chat = request.path.endswith("chat/completions")
+        tokens = int(payload.get("max_tokens") or chunks)
+        if model == "fail-500":
+            return web.json_response({"error": {"message": "stub failure", "code": 500}}, status=500)
+        if model == "fail-429":
+            return web.json_response({"error": {"message": "stub busy", "code": 429}}, status=429)
+        if model.startswith("slow-"):
+            await asyncio.sleep(int(model[5:]) / 1000)
+        if model == "reset":
+            request.transport.close()
+            return web.Response()
+        if not payload.get("stream"):
+            return web.Response(body=_completion(model, chat, tokens), content_type="application/json")
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(tokens):
+            if model == "break-stream" and index == 2:
+                request.transport.close()
+                return response
+            finish = "length" if index == tokens - 1 else None
+            await response.write(_chunk(model, chat, "ok ", finish))
+        if (payload.get("stream_options") or {}).get("include_usage"):
+            await response.write(_usage_chunk(model, tokens))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def stats_handler(_request: web.Request) -> web.Response:
+        return web.json_response(stats)
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/stub/stats", stats_handler)
+    app.router.add_post("/v1/load_lora_adapter", load)
+    app.router.add_post("/v1/chat/completions", complete)
+    app.router.add_post("/v1/completions", complete)
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=18100)
+    parser.add_argument("--chunks", type=int, default=16)
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(make_app(args.chunks), host=args.host, port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
