@@ -21,6 +21,7 @@ from service.catalog import CatalogFile, Route, Variant
 from service.errors import GatewayError, error_response
 from service.metrics import Metrics, status_class
 from service.proxy import SseRelay, UpstreamFailure, Usage, open_upstream
+from service.requestlog import NullRequestLog, RequestRecord, RequestSink
 from service.routing import PinError, choose_variant
 from service.upstreams import AdapterUnavailable, NoHealthyUpstream, Pool, Replica
 
@@ -48,8 +49,11 @@ class Gateway:
         metrics: Metrics,
         *,
         max_body_bytes: int,
+        request_log: RequestSink | None = None,
         rng: random.Random | None = None,
     ) -> None:
+        self.request_log = request_log or NullRequestLog()
+        self.keeps_chunks = not isinstance(self.request_log, NullRequestLog)
         self.catalog = catalog
         self.pool = pool
         self.metrics = metrics
@@ -62,6 +66,7 @@ class Gateway:
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
+        arrived = time.time()
         request_id = _request_id(request)
         headers = {"x-request-id": request_id}
 
@@ -107,8 +112,9 @@ class Gateway:
             headers["x-loragate-fallback"] = served.fallback
 
         # 4. Relay the answer and account for it.
+        context = _Context(endpoint, request_id, arrived, started, payload)
         if stream and served.response.status == 200:
-            return RelayedStream(self, served, headers, started, hide_usage=not client_wants_usage)
+            return RelayedStream(self, served, headers, context, hide_usage=not client_wants_usage)
         try:
             body = await served.response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -122,10 +128,7 @@ class Gateway:
             status = 504 if isinstance(failure, TimeoutError) else 502
             return error_response(status, "upstream failed while sending its answer", code="upstream_error", headers=headers)
         status = served.response.status
-        if status == 200:
-            self._account(route, served.variant, _usage_of(body))
-        self.metrics.requests.labels(route.name, served.variant.name, status_class(status)).inc()
-        self.metrics.request_duration.labels(route.name, served.variant.name).observe(time.perf_counter() - started)
+        self.finish(served, context, status, _usage_of(body) if status == 200 else None, None, body=body)
         return Response(body, status_code=status, headers=headers, media_type="application/json")
 
     # --- steps ----------------------------------------------------------------
@@ -182,9 +185,42 @@ class Gateway:
             code=reason,
         )
 
-    def _account(self, route: Route, variant: Variant, usage: Usage | None) -> None:
+    def finish(
+        self,
+        served: Served,
+        context: "_Context",
+        status: int,
+        usage: Usage | None,
+        first_token_at: float | None,
+        *,
+        body: bytes | None = None,
+        chunks: list[bytes] | None = None,
+    ) -> None:
+        """Account for an answered request: metrics, cost, and the request log."""
+        route, variant = served.route, served.variant
+        labels = (route.name, variant.name)
+        finished = time.perf_counter()
+        latency = finished - context.started
+        self.metrics.requests.labels(*labels, status_class(status)).inc()
+        self.metrics.request_duration.labels(*labels).observe(latency)
+        ttft = None if first_token_at is None else first_token_at - context.started
+        if ttft is not None:
+            self.metrics.time_to_first_token.labels(*labels).observe(ttft)
+        prompt_tokens = usage.prompt_tokens if usage else 0
+        completion_tokens = usage.completion_tokens if usage else 0
         if usage is not None:
-            self.metrics.record_usage(route, variant.name, usage.prompt_tokens, usage.completion_tokens)
+            self.metrics.record_usage(route, variant.name, prompt_tokens, completion_tokens)
+            if first_token_at is not None and completion_tokens > 1:
+                self.metrics.time_per_output_token.labels(*labels).observe(
+                    (finished - first_token_at) / (completion_tokens - 1))
+        self.request_log.record(RequestRecord(
+            request_id=context.request_id, timestamp=context.arrived, route=route.name, variant=variant.name,
+            endpoint=context.endpoint, status=status, stream=chunks is not None, fallback=served.fallback,
+            latency_s=latency, ttft_s=ttft, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            cost_usd=route.pricing.cost(prompt_tokens, completion_tokens),
+            reference_cost_usd=route.pricing.reference_cost(prompt_tokens, completion_tokens),
+            payload=context.payload, body=body, chunks=chunks or [],
+        ))
 
     def _release(self, served: Served) -> None:
         served.response.release()
@@ -195,21 +231,31 @@ class Gateway:
         self.metrics.upstream_in_flight.labels(replica.url).dec()
 
 
+@dataclass(slots=True)
+class _Context:
+    endpoint: str
+    request_id: str
+    arrived: float  # wall clock, for the log
+    started: float  # perf counter, for durations
+    payload: dict
+
+
 class RelayedStream(Response):
     """Relays an upstream SSE stream event by event, then accounts for it (tokens, cost, TTFT, TPOT)."""
 
-    def __init__(self, gateway: Gateway, served: Served, headers: dict[str, str], started: float, hide_usage: bool):
+    def __init__(self, gateway: Gateway, served: Served, headers: dict[str, str], context: _Context,
+                 hide_usage: bool) -> None:
         self.gateway = gateway
         self.served = served
-        self.started = started
+        self.context = context
         self.relay = SseRelay(hide_usage)
         self.status_code = 200
         self.background = None
         self.init_headers({**headers, "content-type": "text/event-stream", "cache-control": "no-cache"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        served, relay, metrics = self.served, self.relay, self.gateway.metrics
-        labels = (served.route.name, served.variant.name)
+        served, relay = self.served, self.relay
+        kept: list[bytes] | None = [] if self.gateway.keeps_chunks else None
         first_token_at: float | None = None
         await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         try:
@@ -218,6 +264,8 @@ class RelayedStream(Response):
                 if out:
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
+                    if kept is not None:
+                        kept.append(out)
                     await send({"type": "http.response.body", "body": out, "more_body": True})
             tail = relay.finish()
             await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -230,18 +278,8 @@ class RelayedStream(Response):
             pass  # the client went away; closing the upstream response aborts the generation
         finally:
             self.gateway._release(served)
-            metrics.in_flight.labels(served.route.name).dec()
-            finished = time.perf_counter()
-            metrics.requests.labels(*labels, "2xx").inc()
-            metrics.request_duration.labels(*labels).observe(finished - self.started)
-            if first_token_at is not None:
-                metrics.time_to_first_token.labels(*labels).observe(first_token_at - self.started)
-            usage = relay.usage
-            self.gateway._account(served.route, served.variant, usage)
-            if usage is not None and usage.completion_tokens > 1 and first_token_at is not None:
-                metrics.time_per_output_token.labels(*labels).observe(
-                    (finished - first_token_at) / (usage.completion_tokens - 1)
-                )
+            self.gateway.metrics.in_flight.labels(served.route.name).dec()
+            self.gateway.finish(served, self.context, 200, relay.usage, first_token_at, chunks=kept or [])
 
 
 # --- request helpers ----------------------------------------------------------

@@ -91,3 +91,32 @@ def start_stub(log: Path, chunks: int = 16) -> tuple[Service, str]:
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", service.process, 30, log)
     return service, url
+
+
+def start_prometheus(targets: dict[str, list[str]], directory: Path, *, rule_files: list[Path] = (),
+                     scrape_interval_s: float = 1) -> tuple[Service, str]:
+    """A real Prometheus (Debian package) scraping ``targets`` (job name -> ["host:port", ...])."""
+    import shutil
+
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise RuntimeError("prometheus is not installed (apt-get install prometheus); scripts/setup.sh --test does it")
+    port = free_port()
+    config = directory / "prometheus.yml"
+    lines = [
+        "global:",
+        f"  scrape_interval: {scrape_interval_s}s",
+        f"  evaluation_interval: {scrape_interval_s}s",
+    ]
+    if rule_files:
+        lines.append("rule_files:")
+        lines += [f"  - {path}" for path in rule_files]
+    lines.append("scrape_configs:")
+    for job, hosts in targets.items():
+        lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {list(hosts)}"]
+    config.write_text("\n".join(lines) + "\n")
+    service = Service([binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
+                       f"--web.listen-address=127.0.0.1:{port}"], directory / "prometheus.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/-/ready", service.process, 30, directory / "prometheus.log")
+    return service, url
