@@ -58,8 +58,10 @@ async def open_upstream(
         )
     except asyncio.TimeoutError:
         raise UpstreamFailure("timeout", f"{url}: no answer in time") from None
-    except aiohttp.ClientConnectionError as exc:
-        raise UpstreamFailure("connect_error", f"{url}: {type(exc).__name__}") from None
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamFailure("connect_error", f"{url}: cannot connect ({exc.os_error})") from None
+    except aiohttp.ClientConnectionError as exc:  # e.g. the server closed the connection without an answer
+        raise UpstreamFailure("disconnected", f"{url}: {type(exc).__name__}") from None
     except aiohttp.ClientError as exc:
         raise UpstreamFailure("upstream_error", f"{url}: {type(exc).__name__}") from None
     status = response.status
