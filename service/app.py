@@ -13,12 +13,16 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from service.api.admin import admin_router
+from service.api.feedback import feedback_router
 from service.api.health import health_router
 from service.api.openai import openai_router
-from service.catalog import CatalogError, CatalogFile
+from service.auth import authenticator_from_settings
+from service.catalog import CatalogError, CatalogFile, Timeouts
 from service.errors import error_response
 from service.gateway import Gateway
 from service.metrics import Metrics
+from service.requestlog import RequestLog
 from service.settings import Settings
 from service.upstreams import Pool
 
@@ -33,8 +37,23 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         metrics,
         health_timeout_s=settings.health_timeout_s,
         adapter_failure_ttl_s=settings.adapter_failure_ttl_s,
+        max_in_flight=settings.max_in_flight_per_upstream,
+        max_waiting=settings.max_waiting,
+        max_wait_s=settings.max_wait_s,
+        circuit_failures=settings.circuit_failures,
+        circuit_open_s=settings.circuit_open_s,
     )
-    gateway = Gateway(catalog, pool, metrics, max_body_bytes=settings.max_body_bytes)
+    request_log = _request_log(settings, metrics)  # None when off: pyarrow is imported only when on
+    auth = authenticator_from_settings(settings, metrics)  # raises KeysError: fail fast on a bad keys file
+    gateway = Gateway(
+        catalog, pool, metrics,
+        max_body_bytes=settings.max_body_bytes,
+        timeouts=Timeouts(connect_s=settings.connect_timeout_s, first_token_s=settings.first_token_timeout_s,
+                          total_s=settings.total_timeout_s),
+        max_attempts=settings.max_attempts,
+        auth=auth,
+        request_log=request_log,
+    )
     metrics.set_rollout_weights(catalog.current.routes)
 
     @contextlib.asynccontextmanager
@@ -44,16 +63,18 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
             timeout=aiohttp.ClientTimeout(
                 total=settings.total_timeout_s,
                 sock_connect=settings.connect_timeout_s,
-                sock_read=settings.first_byte_timeout_s,
             ),
             skip_auto_headers=("User-Agent",),
         )
         pool.bind(session)
         gateway.bind(session)
+        if request_log is not None:
+            request_log.start()
         await pool.check_all()
         tasks = [
             asyncio.create_task(_every(settings.health_interval_s, pool.check_all)),
             asyncio.create_task(_every(settings.routes_reload_interval_s, lambda: _reload(catalog, metrics))),
+            asyncio.create_task(_every(settings.routes_reload_interval_s, auth.refresh)),
         ]
         try:
             yield
@@ -62,13 +83,18 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await session.close()
+            if request_log is not None:  # after the last request: write everything queued
+                await asyncio.to_thread(request_log.close)
 
     app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan)
     app.state.pool = pool
     app.state.catalog = catalog
     app.state.metrics = metrics
+    app.state.request_log = request_log
     app.include_router(openai_router(gateway, catalog))
     app.include_router(health_router(pool, metrics))
+    app.include_router(feedback_router(request_log, metrics, settings.feedback_labels, auth.authenticate))
+    app.include_router(admin_router(auth, pool))
     _install_error_handlers(app)
     return app
 
@@ -77,6 +103,20 @@ def app_from_env() -> FastAPI:
     """Factory for uvicorn (``--factory``): settings from LORAGATE_* environment variables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return create_app(Settings())
+
+
+def _request_log(settings: Settings, metrics: Metrics) -> RequestLog | None:
+    if not settings.request_log_url:
+        return None
+    from service.logstore import ParquetStore
+
+    store = ParquetStore(settings.request_log_url, writer_id=settings.request_log_writer_id,
+                         s3_endpoint=settings.request_log_s3_endpoint, s3_region=settings.request_log_s3_region)
+    log.info("request log on: %s (text %s)", settings.request_log_url, settings.request_log_text)
+    return RequestLog(store, metrics, text_mode=settings.request_log_text,
+                      flush_interval_s=settings.request_log_flush_interval_s,
+                      batch_size=settings.request_log_batch_size, queue_size=settings.request_log_queue_size,
+                      recent_requests=settings.feedback_recent_requests)
 
 
 async def _reload(catalog: CatalogFile, metrics: Metrics) -> None:

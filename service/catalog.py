@@ -44,6 +44,22 @@ class Pricing(_Strict):
         ) / 1000
 
 
+class Timeouts(_Strict):
+    """Per-route overrides of the gateway's timeouts (seconds); unset ones use the settings."""
+
+    connect_s: float | None = Field(None, gt=0)
+    # Streams: until the first event, and the longest silence between events after it.
+    first_token_s: float | None = Field(None, gt=0)
+    total_s: float | None = Field(None, gt=0)
+
+
+class Limits(_Strict):
+    """Bounds on request parameters; a request beyond them gets a 400."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    max_n: int = Field(4, ge=1)
+
+
 class Variant(_Strict):
     name: str
     # The adapter's name on the vLLM server; None means the base model.
@@ -83,6 +99,8 @@ class Route(_Strict):
     fallback: tuple[str, ...] = (BASE,)
     allow_pin: bool = True
     pricing: Pricing = Pricing()
+    timeouts: Timeouts = Timeouts()
+    limits: Limits = Limits()
 
     @field_validator("sticky_key")
     @classmethod

@@ -1,4 +1,4 @@
-"""The ``loragate`` command: demo-model, engine, serve, and demo (all of it, locally)."""
+"""The ``loragate`` command: demo-model, engine, serve, hash-key, and demo (all of it, locally)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, help="worker processes (env LORAGATE_WORKERS, default 1)")
     p.set_defaults(run=_serve)
 
+    p = commands.add_parser("hash-key", help="make a new random API key and print its keys-file entry")
+    p.add_argument("--id", default="my-key", help="the key's id in the keys file (safe to log)")
+    p.add_argument("--routes", default="*", help="comma-separated route names, or * (default)")
+    p.add_argument("--rpm", type=int, help="requests per minute")
+    p.add_argument("--tpm", type=int, help="tokens per minute")
+    p.set_defaults(run=_hash_key)
+
     p = commands.add_parser("demo", help="build the demo model if missing, start vLLM and the gateway")
     p.add_argument("--dir", type=Path, default=DEMO_DIR)
     p.add_argument("--port", type=int, default=8080)
@@ -55,6 +62,19 @@ def _demo_model(args: argparse.Namespace) -> int:
     from service.demo_model import build_demo_model
 
     print(json.dumps(build_demo_model(args.dir, adapters=args.adapters), indent=2))
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    from service.auth import ApiKey, hash_key, new_key
+
+    key = new_key()
+    routes = "*" if args.routes.strip() == "*" else tuple(r.strip() for r in args.routes.split(",") if r.strip())
+    entry = ApiKey(id=args.id, sha256=hash_key(key), routes=routes,
+                   requests_per_minute=args.rpm, tokens_per_minute=args.tpm)  # validates the id and limits
+    print(f"# the key: give it to its holder; it is shown once and never stored\n{key}\n")
+    print("# the entry for the keys file (LORAGATE_API_KEYS_FILE), under `keys:`")
+    print(f"  - {json.dumps(entry.model_dump(exclude_none=True))}")
     return 0
 
 
@@ -99,7 +119,11 @@ def serve_from_env() -> int:
         from service.catalog import CatalogError, load_catalog
 
         load_catalog(settings.routes_file)  # a bad routes file stops here with a clear message
-    except CatalogError as exc:
+        if settings.auth:
+            from service.auth import KeyStore
+
+            KeyStore(settings.api_keys_file, settings.api_keys)  # and so does a bad keys file
+    except (CatalogError, ValueError) as exc:  # KeysError is a ValueError
         print(f"loragate: {exc}", file=sys.stderr)
         return 2
     import uvicorn

@@ -23,12 +23,14 @@ _TYPES = {
 class GatewayError(Exception):
     """An error the client should see as an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.param = param
+        self.headers = headers or {}  # e.g. Retry-After on a 429
 
 
 def error_body(status: int, message: str, *, code: str | None = None, param: str | None = None) -> bytes:

@@ -5,6 +5,7 @@ Where a routing decision is made: ``Gateway.handle`` -> ``routing.choose_variant
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import time
@@ -15,19 +16,24 @@ import aiohttp
 import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
-from service.catalog import CatalogFile, Route, Variant
+from service.auth import ANONYMOUS, AllowAll, Authenticator, Principal
+from service.catalog import CatalogFile, Route, Timeouts, Variant
 from service.errors import GatewayError, error_response
 from service.metrics import Metrics, status_class
-from service.proxy import SseRelay, UpstreamFailure, Usage, open_upstream
+from service.proxy import UpstreamFailure, Usage, open_upstream
+from service.relay import RelayedStream, continuation_payload
 from service.requestlog import NullRequestLog, RequestRecord, RequestSink
 from service.routing import PinError, choose_variant
-from service.upstreams import AdapterUnavailable, NoHealthyUpstream, Pool, Replica
+from service.resilience import Overloaded, backoff_s
+from service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
 PIN_HEADER = "x-loragate-variant"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_FAILURE_STATUS = {"timeout": 504, "no_healthy_upstream": 503}
+_FAILURE_STATUS = {"timeout": 504, "no_healthy_upstream": 503, "circuit_open": 503}
+# Failures worth another replica of the same variant (the others move straight to the fallback chain).
+_RETRYABLE = frozenset({"connect_error", "disconnected", "upstream_5xx", "upstream_429", "upstream_error",
+                        "stream_error", "malformed_response"})
 
 
 @dataclass(slots=True)
@@ -39,6 +45,8 @@ class Served:
     replica: Replica
     response: aiohttp.ClientResponse
     fallback: str | None
+    first_chunk: bytes = b""  # streams: the first bytes, read before the client saw anything
+    body: bytes = b""  # non-streaming answers: read whole before the client saw anything
 
 
 class Gateway:
@@ -49,7 +57,10 @@ class Gateway:
         metrics: Metrics,
         *,
         max_body_bytes: int,
+        timeouts: Timeouts = Timeouts(connect_s=5, first_token_s=60, total_s=600),
+        max_attempts: int = 4,
         request_log: RequestSink | None = None,
+        auth: Authenticator | AllowAll | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.request_log = request_log or NullRequestLog()
@@ -58,7 +69,10 @@ class Gateway:
         self.pool = pool
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.timeouts = timeouts
+        self.max_attempts = max_attempts
         self.rng = rng or random.Random()
+        self.auth = auth or AllowAll()
         self.session: aiohttp.ClientSession | None = None
 
     def bind(self, session: aiohttp.ClientSession) -> None:
@@ -70,14 +84,21 @@ class Gateway:
         request_id = _request_id(request)
         headers = {"x-request-id": request_id}
 
-        # 1. Read and check the request.
+        # 1. Who is calling (before the body is read), then read and check the request.
         try:
+            principal = self.auth.authenticate(request.headers)
             payload = _parse_payload(await _read_body(request, self.max_body_bytes), endpoint)
             route, pinned = self._resolve_route(payload["model"], request)
         except GatewayError as exc:
             self.metrics.requests.labels("_unknown", "none", status_class(exc.status)).inc()
-            return error_response(exc.status, exc.message, code=exc.code, param=exc.param, headers=headers)
+            return error_response(exc.status, exc.message, code=exc.code, param=exc.param,
+                                  headers={**headers, **exc.headers})
         headers["x-loragate-route"] = route.name
+        try:
+            principal.admit(route.name)  # the key's route allow-list and rate limits
+        except GatewayError as exc:
+            self.metrics.requests.labels(route.name, "none", status_class(exc.status)).inc()
+            return error_response(exc.status, exc.message, code=exc.code, headers={**headers, **exc.headers})
 
         # 2. Choose the variant: pin, sticky key, or weighted draw.
         try:
@@ -91,6 +112,12 @@ class Gateway:
             self.metrics.requests.labels(route.name, "none", "4xx").inc()
             return error_response(400, str(exc), code="invalid_variant", param="model", headers=headers)
 
+        try:
+            _check_limits(route, payload)
+        except GatewayError as exc:
+            self.metrics.requests.labels(route.name, "none", "4xx").inc()
+            return error_response(exc.status, exc.message, code=exc.code, param=exc.param, headers=headers)
+
         stream = payload.get("stream") is True
         client_wants_usage = False
         if stream:
@@ -102,31 +129,23 @@ class Gateway:
         in_flight = self.metrics.in_flight.labels(route.name)
         in_flight.inc()
         try:
-            served = await self._open_with_fallback(route, choice.variant, payload, endpoint, request_id)
+            served = await self.open_with_fallback(
+                route, [choice.variant, *route.fallback_chain(choice.variant)], payload, endpoint, request_id, stream)
         except GatewayError as exc:
             in_flight.dec()
             self.metrics.requests.labels(route.name, choice.variant.name, status_class(exc.status)).inc()
-            return error_response(exc.status, exc.message, code=exc.code, headers=headers)
+            return error_response(exc.status, exc.message, code=exc.code, headers={**headers, **exc.headers})
         headers["x-loragate-variant"] = served.variant.name
         if served.fallback:
             headers["x-loragate-fallback"] = served.fallback
 
         # 4. Relay the answer and account for it.
-        context = _Context(endpoint, request_id, arrived, started, payload)
+        context = RequestContext(endpoint, request_id, arrived, started, payload, principal)
         if stream and served.response.status == 200:
             return RelayedStream(self, served, headers, context, hide_usage=not client_wants_usage)
-        try:
-            body = await served.response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            body = None
-            failure = exc
-        finally:
-            self._release(served)
-            in_flight.dec()
-        if body is None:
-            self.metrics.requests.labels(route.name, served.variant.name, "5xx").inc()
-            status = 504 if isinstance(failure, TimeoutError) else 502
-            return error_response(status, "upstream failed while sending its answer", code="upstream_error", headers=headers)
+        self.release(served)
+        in_flight.dec()
+        body = served.body
         status = served.response.status
         self.finish(served, context, status, _usage_of(body) if status == 200 else None, None, body=body)
         return Response(body, status_code=status, headers=headers, media_type="application/json")
@@ -142,53 +161,120 @@ class Gateway:
             raise GatewayError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
         return route, pinned or request.headers.get(PIN_HEADER) or None
 
-    async def _open_with_fallback(
-        self, route: Route, chosen: Variant, payload: dict, endpoint: str, request_id: str
+    async def open_with_fallback(
+        self, route: Route, candidates: list[Variant], payload: dict, endpoint: str, request_id: str, stream: bool,
+        *, first_reason: str | None = None,
     ) -> Served:
-        assert self.session is not None
-        candidates = [chosen, *route.fallback_chain(chosen)]
-        first_reason: str | None = None
+        """The first of ``candidates`` that answers, each tried on up to ``max_attempts`` replicas in all.
+
+        Nothing has reached the client while this runs, so every failure here is invisible to it.
+        """
+        timeouts = self._timeouts(route)
+        deadline = time.monotonic() + timeouts.total_s
+        attempts = 0
+        reason, detail = "no_candidate", "no variant to try"
         for index, variant in enumerate(candidates):
-            try:
-                replica = await self.pool.acquire(variant.adapter, variant.path)
-            except NoHealthyUpstream:
-                reason, detail = "no_healthy_upstream", "no healthy upstream replica"
-            except AdapterUnavailable as exc:
-                reason, detail = "adapter_unavailable", str(exc)
-            else:
-                payload["model"] = route.upstream_model(variant)
-                replica.in_flight += 1
-                self.metrics.upstream_in_flight.labels(replica.url).inc()
+            tried: set[Replica] = set()
+            while True:
+                attempts += 1
                 try:
-                    response = await open_upstream(
-                        self.session,
-                        f"{replica.url}/v1/{endpoint}",
-                        orjson.dumps(payload),
-                        request_id=request_id,
-                        is_adapter=not variant.is_base,
-                    )
+                    served = await self._attempt(route, variant, payload, endpoint, request_id, stream, timeouts,
+                                                 deadline, tried)
+                except Overloaded as exc:
+                    self.metrics.rejections.labels(route.name).inc()
+                    raise GatewayError(503, str(exc), code="overloaded",
+                                       headers={"retry-after": str(exc.retry_after_s)}) from None
                 except UpstreamFailure as failure:
-                    self._release_replica(replica)
                     reason, detail = failure.reason, failure.detail
-                    if reason == "connect_error":
-                        self.pool.mark_failed(replica)
-                    elif reason == "adapter_missing" and variant.adapter:
-                        self.pool.forget_adapter(replica, variant.adapter)
                 else:
-                    return Served(route, variant, replica, response, first_reason)
+                    served.fallback = first_reason
+                    return served
+                retry = (reason in _RETRYABLE and attempts < self.max_attempts and time.monotonic() < deadline
+                         and len(tried) < len(self.pool.replicas))
+                if not retry:
+                    break
+                self.metrics.retries.labels(route.name, reason).inc()
+                await asyncio.sleep(backoff_s(attempts, rng=self.rng))
             if index + 1 < len(candidates):
                 self.metrics.fallbacks.labels(route.name, variant.name, reason).inc()
             first_reason = first_reason or reason
+            if time.monotonic() >= deadline:
+                reason, detail = "timeout", "the request's total time ran out"
+                break
         raise GatewayError(
             _FAILURE_STATUS.get(reason, 502),
             f"no variant of route `{route.name}` could answer ({reason}: {detail})",
             code=reason,
         )
 
+    async def _attempt(
+        self, route: Route, variant: Variant, payload: dict, endpoint: str, request_id: str, stream: bool,
+        timeouts: Timeouts, deadline: float, tried: set[Replica],
+    ) -> Served:
+        """One try of one variant on one replica; raises UpstreamFailure with a bounded reason."""
+        assert self.session is not None
+        try:
+            replica = await self.pool.acquire(variant.adapter, variant.path, exclude=tried)
+        except NoHealthyUpstream as exc:
+            raise UpstreamFailure("no_healthy_upstream", str(exc)) from None
+        except CircuitOpen as exc:
+            raise UpstreamFailure("circuit_open", str(exc)) from None
+        except AdapterUnavailable as exc:
+            raise UpstreamFailure("adapter_unavailable", str(exc)) from None
+        tried.add(replica)
+        payload["model"] = route.upstream_model(variant)
+        timeout = aiohttp.ClientTimeout(
+            total=max(0.001, deadline - time.monotonic()),
+            sock_connect=timeouts.connect_s,
+            sock_read=timeouts.first_token_s if stream else None,
+        )
+        response = None
+        try:
+            response = await open_upstream(
+                self.session, f"{replica.url}/v1/{endpoint}", orjson.dumps(payload),
+                request_id=request_id, is_adapter=not variant.is_base, timeout=timeout,
+            )
+            first_chunk = body = b""
+            if stream and response.status == 200:
+                # Read the first event before the client sees anything, so a slow or broken start falls back.
+                first_chunk = await response.content.readany()
+                if not first_chunk or first_chunk.startswith(b'data: {"error"'):
+                    raise UpstreamFailure("stream_error", f"{replica.url}: stream ended or failed before any token")
+            else:
+                body = await response.read()
+                if response.status == 200 and not _is_json_object(body):
+                    raise UpstreamFailure("malformed_response", f"{replica.url}: the answer is not a JSON object")
+        except UpstreamFailure as failure:
+            self._abandon(replica, variant, response, failure.reason)
+            raise
+        except (TimeoutError, asyncio.TimeoutError):
+            self._abandon(replica, variant, response, "timeout")
+            raise UpstreamFailure("timeout", f"{replica.url}: no first token in time") from None
+        except aiohttp.ClientError as exc:
+            self._abandon(replica, variant, response, "disconnected")
+            raise UpstreamFailure("disconnected", f"{replica.url}: {type(exc).__name__}") from None
+        self.pool.report(replica, variant.adapter, None)
+        return Served(route, variant, replica, response, None, first_chunk, body)
+
+    def _abandon(self, replica: Replica, variant: Variant, response: aiohttp.ClientResponse | None,
+                 reason: str) -> None:
+        if response is not None:
+            response.release()
+        self.pool.release(replica)
+        self.pool.report(replica, variant.adapter, reason)
+
+    def _timeouts(self, route: Route) -> Timeouts:
+        own, default = route.timeouts, self.timeouts
+        return Timeouts(
+            connect_s=own.connect_s or default.connect_s,
+            first_token_s=own.first_token_s or default.first_token_s,
+            total_s=own.total_s or default.total_s,
+        )
+
     def finish(
         self,
         served: Served,
-        context: "_Context",
+        context: "RequestContext",
         status: int,
         usage: Usage | None,
         first_token_at: float | None,
@@ -213,6 +299,8 @@ class Gateway:
             if first_token_at is not None and completion_tokens > 1:
                 self.metrics.time_per_output_token.labels(*labels).observe(
                     (finished - first_token_at) / (completion_tokens - 1))
+        if status == 200:
+            context.principal.charge(prompt_tokens + completion_tokens if usage else _requested_tokens(context.payload))
         self.request_log.record(RequestRecord(
             request_id=context.request_id, timestamp=context.arrived, route=route.name, variant=variant.name,
             endpoint=context.endpoint, status=status, stream=chunks is not None, fallback=served.fallback,
@@ -222,64 +310,43 @@ class Gateway:
             payload=context.payload, body=body, chunks=chunks or [],
         ))
 
-    def _release(self, served: Served) -> None:
-        served.response.release()
-        self._release_replica(served.replica)
+    async def continue_stream(self, served: Served, forwarded: list[bytes], context: "RequestContext",
+                              reason: str) -> tuple[Served, int] | None:
+        """Mid-stream failover: resume a broken stream on the next fallback target from the text sent so far.
 
-    def _release_replica(self, replica: Replica) -> None:
-        replica.in_flight -= 1
-        self.metrics.upstream_in_flight.labels(replica.url).dec()
+        Returns the new upstream and the number of tokens already streamed, or None when the
+        stream cannot be continued (no target left, n > 1, a prompt that is not a string).
+        """
+        route = served.route
+        continuation = continuation_payload(context.payload, context.endpoint, forwarded)
+        candidates = route.fallback_chain(served.variant)
+        if continuation is None or not candidates:
+            return None
+        payload, tokens_so_far = continuation
+        self.metrics.fallbacks.labels(route.name, served.variant.name, f"midstream_{reason}").inc()
+        try:
+            resumed = await self.open_with_fallback(route, candidates, payload, context.endpoint,
+                                                    context.request_id, stream=True)
+        except GatewayError:
+            return None
+        resumed.fallback = f"midstream_{reason}"
+        return resumed, tokens_so_far
+
+    def release(self, served: Served) -> None:
+        served.response.release()
+        self.pool.release(served.replica)
 
 
 @dataclass(slots=True)
-class _Context:
+class RequestContext:
+    """What the stream relay and the accounting need to know about the request."""
+
     endpoint: str
     request_id: str
     arrived: float  # wall clock, for the log
     started: float  # perf counter, for durations
     payload: dict
-
-
-class RelayedStream(Response):
-    """Relays an upstream SSE stream event by event, then accounts for it (tokens, cost, TTFT, TPOT)."""
-
-    def __init__(self, gateway: Gateway, served: Served, headers: dict[str, str], context: _Context,
-                 hide_usage: bool) -> None:
-        self.gateway = gateway
-        self.served = served
-        self.context = context
-        self.relay = SseRelay(hide_usage)
-        self.status_code = 200
-        self.background = None
-        self.init_headers({**headers, "content-type": "text/event-stream", "cache-control": "no-cache"})
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        served, relay = self.served, self.relay
-        kept: list[bytes] | None = [] if self.gateway.keeps_chunks else None
-        first_token_at: float | None = None
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        try:
-            async for chunk in served.response.content.iter_any():
-                out = relay.feed(chunk)
-                if out:
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    if kept is not None:
-                        kept.append(out)
-                    await send({"type": "http.response.body", "body": out, "more_body": True})
-            tail = relay.finish()
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
-        except (aiohttp.ClientError, TimeoutError):
-            # Upstream broke mid-stream: end with a well-formed error event rather than a silent cut.
-            error = orjson.dumps({"error": {"message": "upstream stream broke", "type": "upstream_error",
-                                            "param": None, "code": "stream_interrupted"}})
-            await send({"type": "http.response.body", "body": b"data: " + error + b"\n\n", "more_body": False})
-        except OSError:
-            pass  # the client went away; closing the upstream response aborts the generation
-        finally:
-            self.gateway._release(served)
-            self.gateway.metrics.in_flight.labels(served.route.name).dec()
-            self.gateway.finish(served, self.context, 200, relay.usage, first_token_at, chunks=kept or [])
+    principal: Principal = ANONYMOUS  # charged with the tokens after the answer
 
 
 # --- request helpers ----------------------------------------------------------
@@ -329,6 +396,22 @@ def _parse_payload(body: bytes, endpoint: str) -> dict:
     return payload
 
 
+def _check_limits(route: Route, payload: dict) -> None:
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = payload.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise GatewayError(400, f"`{name}` must be a positive integer", code="invalid_parameter", param=name)
+        if route.limits.max_tokens is not None and value > route.limits.max_tokens:
+            raise GatewayError(400, f"`{name}` may be at most {route.limits.max_tokens} on this route",
+                               code="invalid_parameter", param=name)
+    n = payload.get("n", 1)
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= route.limits.max_n):
+        raise GatewayError(400, f"`n` must be an integer from 1 to {route.limits.max_n}",
+                           code="invalid_parameter", param="n")
+
+
 def _sticky_value(route: Route, request: Request, payload: dict) -> str | None:
     """The caller's sticky key: the route's header, else the OpenAI ``user`` field."""
     if route.sticky_key:
@@ -337,6 +420,19 @@ def _sticky_value(route: Route, request: Request, payload: dict) -> str | None:
             return value
     user = payload.get("user")
     return user if isinstance(user, str) and user else None
+
+
+def _requested_tokens(payload: dict) -> int:
+    """An answer without usage (a stream cut short) is charged what the request asked for at most."""
+    limit = payload.get("max_completion_tokens", payload.get("max_tokens"))
+    return limit if isinstance(limit, int) and limit > 0 else 0
+
+
+def _is_json_object(body: bytes) -> bool:
+    try:
+        return isinstance(orjson.loads(body), dict)
+    except orjson.JSONDecodeError:
+        return False
 
 
 def _usage_of(body: bytes) -> Usage | None:

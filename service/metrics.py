@@ -27,6 +27,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# Feedback scores: 0-1 ratings and 1-5 stars land in distinct buckets. No negative bounds: with them
+# prometheus-client drops the _sum series, and the mean score is what dashboards want (thumbs down = 0).
+SCORE_BUCKETS = (0, 0.1, 0.25, 0.5, 0.75, 0.9, 1, 2, 3, 4, 5, 10)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -87,9 +90,36 @@ class Metrics:
         self.upstream_in_flight = Gauge(
             "loragate_upstream_requests_in_flight", "Requests in flight to each replica.",
             ("upstream",), multiprocess_mode="livesum", registry=r)
+        self.circuit_state = Gauge(
+            "loragate_circuit_state", "Circuit per replica (adapter=\"*\") and per adapter on it: 0 closed, 1 half-open, 2 open.",
+            ("upstream", "adapter"), multiprocess_mode="mostrecent", registry=r)
+        self.retries = Counter(
+            "loragate_upstream_retries", "Requests retried on another replica before any byte was sent, by reason.",
+            ("route", "reason"), registry=r)
+        self.rejections = Counter(
+            "loragate_admission_rejections", "Requests refused because every replica was at capacity.",
+            ("route",), registry=r)
         self.catalog_reloads = Counter(
             "loragate_catalog_reloads", "Routes file reloads, by result (a failed one keeps the last good catalog).",
             ("result",), registry=r)
+        self.auth_rejections = Counter(
+            "loragate_auth_rejections", "Requests refused by auth, by reason (service.auth.REJECTION_REASONS).",
+            ("reason",), registry=r)
+        self.api_keys_reloads = Counter(
+            "loragate_api_keys_reloads", "API keys file reloads, by result (a failed one keeps the last good keys).",
+            ("result",), registry=r)
+        self.requestlog_records = Counter(
+            "loragate_requestlog_records", "Request-log records by table (requests, feedback) and result "
+            "(written; dropped: queue full; failed: the store refused them).",
+            ("kind", "result"), registry=r)
+        self.requestlog_queue_depth = Gauge(
+            "loragate_requestlog_queue_depth", "Records waiting for the request-log writer.",
+            multiprocess_mode="livesum", registry=r)
+        self.feedback = Counter(
+            "loragate_feedback", "Feedback received, by route, variant and label (allow-listed, else other).",
+            (*rv, "label"), registry=r)
+        self.feedback_score = Histogram(
+            "loragate_feedback_score", "Scores given as feedback.", rv, buckets=SCORE_BUCKETS, registry=r)
 
     def set_rollout_weights(self, routes) -> None:
         self.rollout_weight.clear()

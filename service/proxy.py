@@ -45,6 +45,7 @@ async def open_upstream(
     *,
     request_id: str,
     is_adapter: bool,
+    timeout: aiohttp.ClientTimeout | None = None,
 ) -> aiohttp.ClientResponse:
     """POST ``body`` to ``url``; returns the response once its headers are in.
 
@@ -54,9 +55,10 @@ async def open_upstream(
     """
     try:
         response = await session.post(
-            url, data=body, headers={"content-type": "application/json", "x-request-id": request_id}
+            url, data=body, headers={"content-type": "application/json", "x-request-id": request_id},
+            **({} if timeout is None else {"timeout": timeout}),
         )
-    except asyncio.TimeoutError:
+    except (asyncio.TimeoutError, TimeoutError):
         raise UpstreamFailure("timeout", f"{url}: no answer in time") from None
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamFailure("connect_error", f"{url}: cannot connect ({exc.os_error})") from None
@@ -98,6 +100,10 @@ class SseRelay:
         if b'"usage"' not in complete:
             return complete
         return self._take_usage(complete)
+
+    def drop_partial(self) -> None:
+        """The upstream broke mid-event: forget the half event (a continuation starts afresh)."""
+        self._buffer = b""
 
     def finish(self) -> bytes:
         """Whatever is left when upstream closes (an event without its blank line)."""

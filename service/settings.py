@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
@@ -22,15 +23,71 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = 1_048_576
     connect_timeout_s: float = 5.0
-    # Time allowed until the upstream sends its response headers (first byte).
-    first_byte_timeout_s: float = 60.0
+    # Streams: time allowed until the first event, and the longest silence between events.
+    first_token_timeout_s: float = 60.0
+    # Everything, non-streaming generation included.
     total_timeout_s: float = 600.0
+    # Attempts per request across replicas and fallback variants, before any byte is sent.
+    max_attempts: int = 4
+    # Admission control: requests in flight per replica, and the bounded wait for a free slot.
+    max_in_flight_per_upstream: int = 256
+    max_waiting: int = 512
+    max_wait_s: float = 10.0
+    # Circuit breakers (per replica, and per adapter on a replica).
+    circuit_failures: int = 5
+    circuit_open_s: float = 10.0
 
     health_interval_s: float = 5.0
     health_timeout_s: float = 2.0
     routes_reload_interval_s: float = 2.0
     # An adapter that failed to load is not retried on that replica for this long.
     adapter_failure_ttl_s: float = 30.0
+
+    # Request log (service/requestlog.py): a directory or s3://bucket/prefix; unset = off.
+    # Needs pyarrow (pip install 'loragate[requestlog]'). S3 credentials: the usual AWS_* environment.
+    request_log_url: str | None = None
+    # Prompt/answer text in the log: full, scrubbed (personal data and secrets replaced), none.
+    request_log_text: Literal["full", "scrubbed", "none"] = "scrubbed"
+    request_log_flush_interval_s: float = Field(10.0, gt=0)
+    request_log_batch_size: int = Field(1000, ge=1)
+    request_log_queue_size: int = Field(10_000, ge=1)
+    # File names start with it; default: host-pid-random. Must be unique per writer process.
+    request_log_writer_id: str | None = None
+    # An S3-compatible endpoint (MinIO, moto, ...), e.g. http://minio:9000; unset = AWS.
+    request_log_s3_endpoint: str | None = None
+    request_log_s3_region: str | None = None
+    # POST /v1/feedback: labels counted by name in loragate_feedback_total (others count as "other"),
+    # and how many recent request ids are remembered to attach route and variant to feedback.
+    feedback_labels: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["good", "bad", "neutral", "correct", "incorrect"])
+    feedback_recent_requests: int = Field(100_000, ge=1)
+
+    @field_validator("feedback_labels", mode="before")
+    @classmethod
+    def _split_labels(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("request_log_url", "request_log_writer_id", "request_log_s3_endpoint", "request_log_s3_region",
+                     mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    # API keys (service/auth.py): off for local use, on in the Helm chart. LORAGATE_AUTH=on|off.
+    auth: bool = False
+    # YAML keys file (hashes, routes, limits, revoked), reloaded like the routes file.
+    api_keys_file: Path | None = None
+    # The same YAML/JSON document inline; its keys are added to the file's.
+    api_keys: str | None = None
+    # Bearer token for /admin/*; without one, admin endpoints are closed while auth is on.
+    admin_token: SecretStr | None = None
+
+    @field_validator("api_keys_file", "api_keys", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("upstreams", mode="before")
     @classmethod

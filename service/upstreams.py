@@ -1,9 +1,11 @@
 """The vLLM replicas: health, which adapters each holds, loading adapters on demand, picking one.
 
-A replica is picked for a model as follows: among healthy replicas, those that
-already hold the adapter win, and among them the one with the fewest requests
-in flight. If none holds it, the least busy healthy replica loads it first
-(once per replica, however many requests arrive at the same moment).
+A replica is picked for a model as follows: among healthy replicas whose circuit
+(for the replica, and for this adapter on it) lets requests through and that are
+below their in-flight limit, those that already hold the adapter win, and among
+them the one with the fewest requests in flight. If none holds it, the least busy
+one loads it first (once per replica, however many requests arrive together).
+When every such replica is at its limit the request waits in a bounded queue.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import aiohttp
 import orjson
 
 from service.metrics import Metrics
+from service.resilience import STATE_NAMES, Admission, CircuitBreaker, Overloaded
+
+REPLICA = "*"  # the adapter label of a replica-wide circuit
 
 log = logging.getLogger("loragate.upstreams")
 
@@ -27,6 +32,13 @@ class NoHealthyUpstream(Exception):
 
 class AdapterUnavailable(Exception):
     """The adapter could not be loaded on any healthy replica."""
+
+
+class CircuitOpen(Exception):
+    """Healthy replicas exist, but the circuits for this model on all of them are open."""
+
+
+__all__ = ["AdapterUnavailable", "CircuitOpen", "NoHealthyUpstream", "Overloaded", "Pool", "Replica"]
 
 
 @dataclass(eq=False)
@@ -40,6 +52,8 @@ class Replica:
     # Adapter name -> monotonic time until which a failed load is not retried.
     failed_adapters: dict[str, float] = field(default_factory=dict)
     loading: dict[str, asyncio.Task] = field(default_factory=dict)
+    # Circuit per adapter on this replica; REPLICA for the replica as a whole.
+    circuits: dict[str, CircuitBreaker] = field(default_factory=dict)
 
 
 class Pool:
@@ -51,9 +65,18 @@ class Pool:
         health_timeout_s: float = 2.0,
         adapter_failure_ttl_s: float = 30.0,
         load_timeout_s: float = 120.0,
+        max_in_flight: int = 256,
+        max_waiting: int = 512,
+        max_wait_s: float = 10.0,
+        circuit_failures: int = 5,
+        circuit_open_s: float = 10.0,
     ) -> None:
         self.replicas = [Replica(url) for url in urls]
         self.metrics = metrics
+        self.max_in_flight = max_in_flight
+        self.admission = Admission(max_waiting, max_wait_s)
+        self.circuit_failures = circuit_failures
+        self.circuit_open_s = circuit_open_s
         self.health_timeout_s = health_timeout_s
         self.adapter_failure_ttl_s = adapter_failure_ttl_s
         self.load_timeout_s = load_timeout_s
@@ -96,29 +119,92 @@ class Pool:
         replica.healthy = False
         self.metrics.upstream_healthy.labels(replica.url).set(0)
 
+    # --- circuits -----------------------------------------------------------
+
+    def circuit(self, replica: Replica, adapter: str | None) -> CircuitBreaker:
+        key = adapter or REPLICA
+        breaker = replica.circuits.get(key)
+        if breaker is None:
+            gauge = self.metrics.circuit_state.labels(replica.url, key)
+            gauge.set(0)
+            breaker = CircuitBreaker(self.circuit_failures, self.circuit_open_s, on_change=gauge.set)
+            replica.circuits[key] = breaker
+        return breaker
+
+    def circuits(self) -> list[dict]:
+        return [
+            {"upstream": r.url, "adapter": key, **breaker.snapshot()}
+            for r in self.replicas for key, breaker in sorted(r.circuits.items())
+        ]
+
     # --- picking ------------------------------------------------------------
 
+    def _open_to(self, replica: Replica, adapter: str | None) -> bool:
+        return (replica.healthy and self.circuit(replica, None).available()
+                and (adapter is None or self.circuit(replica, adapter).available()))
+
     async def acquire(self, adapter: str | None, path: str | None, exclude: set[Replica] = frozenset()) -> Replica:
-        """The replica to send a request for ``adapter`` (None: the base model) to, adapter loaded."""
+        """A replica for ``adapter`` (None: the base model), adapter loaded, its in-flight count taken.
+
+        The caller must ``release`` it, and ``report`` how the request went.
+        """
         healthy = [r for r in self.replicas if r.healthy and r not in exclude]
         if not healthy:
             raise NoHealthyUpstream("no healthy upstream replica")
-        if adapter is None:
-            return min(healthy, key=lambda r: r.in_flight)
-        holders = [r for r in healthy if adapter in r.adapters]
-        if holders:
-            return min(holders, key=lambda r: r.in_flight)
         now = time.monotonic()
-        loadable = [r for r in healthy if r.failed_adapters.get(adapter, 0) <= now]
-        if not loadable or path is None:
-            raise AdapterUnavailable(f"adapter {adapter!r} is not loaded on any healthy replica and cannot be loaded")
-        replica = min(loadable, key=lambda r: r.in_flight)
-        await self.ensure_adapter(replica, adapter, path)
+
+        def eligible() -> list[Replica]:
+            return [r for r in healthy if self._open_to(r, adapter)
+                    and (adapter is None or adapter in r.adapters
+                         or (path is not None and r.failed_adapters.get(adapter, 0) <= now))]
+
+        if not eligible():
+            if adapter is not None and not any(
+                    adapter in r.adapters or (path is not None and r.failed_adapters.get(adapter, 0) <= now)
+                    for r in healthy):
+                raise AdapterUnavailable(
+                    f"adapter {adapter!r} is not loaded on any healthy replica and cannot be loaded")
+            raise CircuitOpen(f"circuit open for {adapter or 'the base model'} on every healthy replica")
+        await self.admission.wait_until(lambda: any(r.in_flight < self.max_in_flight for r in eligible()))
+        candidates = [r for r in eligible() if r.in_flight < self.max_in_flight]
+        holders = [r for r in candidates if adapter is None or adapter in r.adapters]
+        replica = min(holders or candidates, key=lambda r: r.in_flight)
+        replica.in_flight += 1
+        self.metrics.upstream_in_flight.labels(replica.url).inc()
+        try:
+            if adapter is not None and adapter not in replica.adapters:
+                await self.ensure_adapter(replica, adapter, path)
+        except BaseException:
+            self.release(replica)
+            raise
+        self.circuit(replica, None).begin()
+        if adapter is not None:
+            self.circuit(replica, adapter).begin()
         return replica
 
-    def forget_adapter(self, replica: Replica, adapter: str) -> None:
-        """The replica said it does not know the adapter: stop assuming it holds it."""
-        replica.adapters.discard(adapter)
+    def release(self, replica: Replica) -> None:
+        replica.in_flight -= 1
+        self.metrics.upstream_in_flight.labels(replica.url).dec()
+        self.admission.notify()
+
+    def report(self, replica: Replica, adapter: str | None, failure: str | None) -> None:
+        """How a request went: None for success, else the failure reason. Feeds the circuits."""
+        replica_circuit = self.circuit(replica, None)
+        if failure is None:
+            replica_circuit.success()
+            if adapter is not None:
+                self.circuit(replica, adapter).success()
+            return
+        if failure == "connect_error":
+            replica_circuit.failure()
+            self.mark_failed(replica)
+        elif adapter is not None:
+            self.circuit(replica, adapter).failure()
+            replica_circuit.probing = False
+            if failure == "adapter_missing":
+                replica.adapters.discard(adapter)  # stale residency: reload it next time
+        else:
+            replica_circuit.failure()
 
     # --- adapter loading ----------------------------------------------------
 

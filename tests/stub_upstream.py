@@ -8,7 +8,13 @@ fault by its adapter name:
   fail-500      answers 500            fail-429   answers 429
   slow-<ms>     waits <ms> before the headers
   reset         closes the connection without an answer
+  malformed     answers 200 with a body that is not JSON
+  hang          sends the headers and half a body, then nothing, forever
   break-stream  streams two chunks, then drops the connection
+  error-stream  streams two chunks, then an error event (a 429 mid-stream), then closes
+  stall-stream  streams two chunks, then goes silent with the connection open
+  slowfirst-<ms>  streams, but the first chunk comes after <ms>
+  drip-<ms>     streams with <ms> between chunks (for graceful-shutdown tests)
   anything else answers normally (stream: ``--chunks`` content chunks + usage)
 
 Run: python tests/stub_upstream.py --port 18100 [--chunks 16]
@@ -91,16 +97,34 @@ def make_app(chunks: int = 16) -> web.Application:
         if model == "reset":
             request.transport.close()
             return web.Response()
+        if model == "malformed":
+            return web.Response(body=b'{"choices": [', content_type="application/json")
+        if model == "hang":
+            response = web.StreamResponse(headers={"content-type": "application/json"})
+            await response.prepare(request)
+            await response.write(b'{"id": "stub-1", ')
+            await asyncio.sleep(3600)
         if not payload.get("stream"):
             return web.Response(body=_completion(model, chat, tokens), content_type="application/json")
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await response.prepare(request)
+        if model.startswith("slowfirst-"):
+            await asyncio.sleep(int(model[10:]) / 1000)
         for index in range(tokens):
-            if model == "break-stream" and index == 2:
+            if index == 2 and model == "break-stream":
                 request.transport.close()
                 return response
+            if index == 2 and model == "error-stream":
+                await response.write(b'data: {"error": {"message": "rate limited", "type": "RateLimitError", '
+                                     b'"code": 429}}\n\n')
+                request.transport.close()
+                return response
+            if index == 2 and model == "stall-stream":
+                await asyncio.sleep(3600)
+            if model.startswith("drip-"):
+                await asyncio.sleep(int(model[5:]) / 1000)
             finish = "length" if index == tokens - 1 else None
-            await response.write(_chunk(model, chat, "ok ", finish))
+            await response.write(_chunk(model, chat, f"t{index} ", finish))
         if (payload.get("stream_options") or {}).get("include_usage"):
             await response.write(_usage_chunk(model, tokens))
         await response.write(b"data: [DONE]\n\n")

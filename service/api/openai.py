@@ -9,6 +9,7 @@ from fastapi.responses import ORJSONResponse
 from starlette.responses import Response
 
 from service.catalog import CatalogFile
+from service.errors import GatewayError, error_response
 from service.gateway import Gateway
 
 
@@ -25,9 +26,15 @@ def openai_router(gateway: Gateway, catalog: CatalogFile) -> APIRouter:
         return await gateway.handle(request, "completions")
 
     @router.get("/models")
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
+        try:
+            principal = gateway.auth.authenticate(request.headers)
+        except GatewayError as exc:
+            return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
         data = []
         for route in catalog.current.routes.values():
+            if not principal.allows(route.name):
+                continue  # a key sees only the models it may call
             data.append({"id": route.name, "object": "model", "created": created, "owned_by": "loragate"})
             if route.allow_pin:
                 data.extend(

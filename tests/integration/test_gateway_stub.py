@@ -31,6 +31,7 @@ routes:
   slow:
     base_model: slow-3000
     variants: [{name: base, weight: 1}]
+    timeouts: {total_s: 0.5}
 """
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
@@ -47,7 +48,7 @@ def gateway(stub, tmp_path_factory):
     directory = tmp_path_factory.mktemp("gw")
     (directory / "routes.yaml").write_text(ROUTES)
     service, url = start_gateway(directory / "routes.yaml", [stub], directory / "gateway.log",
-                                 extra_env={"LORAGATE_FIRST_BYTE_TIMEOUT_S": "0.5", "LORAGATE_MAX_BODY_BYTES": "4096"})
+                                 extra_env={"LORAGATE_MAX_BODY_BYTES": "4096"})
     yield url
     assert service.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
     assert "Traceback" not in (directory / "gateway.log").read_text()

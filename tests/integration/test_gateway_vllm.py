@@ -51,7 +51,8 @@ def test_streaming_passes_chunks_and_hides_usage_unless_asked(client, gateway):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     assert all(c.choices for c in chunks), "the usage-only chunk must not reach a client that did not ask"
-    assert len(chunks) >= 6  # token by token, not one buffered blob
+    # Event by event, not one buffered blob (vLLM may merge tokens into one event when busy).
+    assert len(chunks) >= 3
     after = scrape(gateway)
     # ... yet the gateway learned the usage.
     delta = (sample_sum(after, "loragate_completion_tokens_total", route="adapter")

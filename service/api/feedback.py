@@ -1,0 +1,125 @@
+"""POST /v1/feedback: a score, label or correction for an answered request.
+
+Body: ``{"request_id": "...", "score": 0.8, "label": "good", "correction": "..."}``;
+``request_id`` is the ``x-request-id`` the gateway returned, and at least one of
+score, label, correction is required. The feedback is stored with the request
+log (table ``feedback``) and counted in ``loragate_feedback_total{route,variant,label}``
+and ``loragate_feedback_score{route,variant}``.
+
+An id this process does not remember (served by another replica or worker, or
+longer ago than the last ``feedback_recent_requests`` requests) is still
+accepted: it is stored with null route and variant (the request log has them:
+join on request_id) and counted under route ``_unknown``, variant ``none``.
+A 404 would make clients' feedback depend on which replica the load balancer
+picked. Labels outside the allow-list count as ``other``; the stored label is
+the one given. Without the request log (``LORAGATE_REQUEST_LOG_URL`` unset) the
+endpoint answers 404: there is nowhere to keep the feedback.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+
+from service.errors import GatewayError, error_response
+from service.metrics import Metrics
+from service.requestlog import FeedbackRecord, RequestLog
+
+MAX_BODY_BYTES = 65_536
+MAX_LABEL_CHARS = 64
+MAX_CORRECTION_CHARS = 16_384
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_FIELDS = ("request_id", "score", "label", "correction")
+
+
+def feedback_router(
+    request_log: RequestLog | None,
+    metrics: Metrics,
+    labels: Iterable[str],
+    authenticate: Callable[[Mapping[str, str]], object] | None = None,
+) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["feedback"])
+    allowed = frozenset(labels)
+
+    @router.post("/feedback")
+    async def feedback(request: Request) -> Response:
+        try:
+            if authenticate is not None:
+                authenticate(request.headers)
+            if request_log is None:
+                raise GatewayError(404, "feedback is off: the request log is not configured (LORAGATE_REQUEST_LOG_URL)",
+                                   code="feedback_disabled")
+            body = _parse(await _read(request))
+        except GatewayError as exc:
+            return error_response(exc.status, exc.message, code=exc.code, param=exc.param,
+                                  headers=getattr(exc, "headers", None) or None)
+        served = request_log.recent.get(body["request_id"])
+        route, variant = served if served else (None, None)
+        record = FeedbackRecord(request_id=body["request_id"], timestamp=time.time(), route=route, variant=variant,
+                                score=body.get("score"), label=body.get("label"), correction=body.get("correction"))
+        if not request_log.record_feedback(record):
+            return error_response(503, "the request log is busy; retry shortly", code="request_log_busy",
+                                  headers={"retry-after": "1"})
+        route_label, variant_label = route or "_unknown", variant or "none"
+        label = record.label
+        metrics.feedback.labels(route_label, variant_label,
+                                "none" if label is None else label if label in allowed else "other").inc()
+        if record.score is not None:
+            metrics.feedback_score.labels(route_label, variant_label).observe(record.score)
+        return Response(orjson.dumps({"object": "feedback", "request_id": record.request_id, "route": route,
+                                      "variant": variant}), media_type="application/json")
+
+    return router
+
+
+async def _read(request: Request) -> bytes:
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise GatewayError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise GatewayError(400, "client disconnected while sending the request") from None
+    return b"".join(chunks)
+
+
+def _parse(raw: bytes) -> dict:
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise GatewayError(400, f"request body is not valid JSON: {exc.msg}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
+    for name in body:
+        if name not in _FIELDS:
+            raise GatewayError(400, f"unrecognized request argument: {name}", code="unknown_parameter", param=name)
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+        raise GatewayError(400, "`request_id` is required: the x-request-id of the answer (1-128 of A-Za-z0-9._:-)",
+                           code="invalid_request_id", param="request_id")
+    score = body.get("score")
+    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
+                              or not math.isfinite(score)):
+        raise GatewayError(400, "`score` must be a finite number", code="invalid_score", param="score")
+    label = body.get("label")
+    if label is not None and (not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL_CHARS):
+        raise GatewayError(400, f"`label` must be a string of 1-{MAX_LABEL_CHARS} characters",
+                           code="invalid_label", param="label")
+    correction = body.get("correction")
+    if correction is not None and (not isinstance(correction, str) or len(correction) > MAX_CORRECTION_CHARS):
+        raise GatewayError(400, f"`correction` must be a string of at most {MAX_CORRECTION_CHARS} characters",
+                           code="invalid_correction", param="correction")
+    if score is None and label is None and correction is None:
+        raise GatewayError(400, "feedback needs at least one of `score`, `label`, `correction`",
+                           code="empty_feedback")
+    return {"request_id": request_id, "score": None if score is None else float(score), "label": label,
+            "correction": correction}

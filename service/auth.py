@@ -1,0 +1,465 @@
+"""API keys, per-key limits, and the admin token.
+
+Keys are never stored: the keys file holds the SHA-256 (hex) of each key. The
+file is YAML (JSON is YAML too), reloaded when it changes; a bad edit keeps
+the last good set of keys::
+
+    # deploy/api-keys.example.yaml
+    keys:
+      - id: team-support          # safe to log and to use as a metric label: [A-Za-z0-9._-], at most 64
+        sha256: "9f86d08..."      # sha256 hex of the key, quoted; `loragate hash-key` makes a key and this entry
+        routes: [support, plain]  # route names this key may call, or "*" for every route
+        requests_per_minute: 600  # optional; absent means no limit
+        tokens_per_minute: 200000 # optional; prompt + completion tokens, charged after each answer
+        revoked: false            # true: the key is refused with 401 (takes effect on the next reload)
+
+The same document may also be given inline in ``LORAGATE_API_KEYS`` (its keys are
+added to the file's). Auth is on with ``LORAGATE_AUTH=on``; admin endpoints take
+``LORAGATE_ADMIN_TOKEN``. Clients send ``Authorization: Bearer <key>`` or ``x-api-key``.
+
+Why the lookup is constant-time enough: the presented key is hashed first and
+the digest is looked up in a dict. Whatever the lookup's timing depends on is
+the digest of what the caller sent, never a prefix of a stored key, so timing
+cannot be used to guess a key byte by byte (that would need SHA-256 preimages).
+The admin token is compared with ``hmac.compare_digest`` over both digests, so
+not even its length shows.
+
+Limits are token buckets that refill continuously (a sliding minute): the
+bucket holds up to one minute's allowance and a request is admitted while the
+bucket has at least 1 left. Requests are taken on admission; tokens are charged
+after the answer with the real usage, so a large answer can leave the bucket in
+debt and the next request waits until it is paid back (``Retry-After``).
+The buckets live in the process: with ``--workers N`` each worker enforces the
+limits on its own share of the traffic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from service.errors import GatewayError
+from service.metrics import Metrics
+
+log = logging.getLogger("loragate.auth")
+
+KEY_PREFIX = "lg-"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_MAX_KEY_CHARS = 512
+
+# The reasons a request is refused: the only values of loragate_auth_rejections_total{reason}.
+REJECTION_REASONS = (
+    "missing_key",        # no Authorization: Bearer / x-api-key header
+    "invalid_key",        # unknown key
+    "revoked_key",        # a key marked revoked
+    "route_forbidden",    # the key may not call this route
+    "request_rate",       # over requests_per_minute
+    "token_rate",         # over tokens_per_minute
+    "admin_forbidden",    # a user key on an admin endpoint, or admin endpoints disabled
+    "admin_invalid",      # a missing or wrong token on an admin endpoint
+)
+
+
+class KeysError(ValueError):
+    """The keys file cannot be used; the message says why and where (never a key)."""
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
+
+
+# --- the keys file ----------------------------------------------------------------
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    sha256: str
+    routes: Literal["*"] | tuple[str, ...] = "*"
+    requests_per_minute: int | None = Field(None, gt=0)
+    tokens_per_minute: int | None = Field(None, gt=0)
+    revoked: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if not _ID.match(value):
+            raise ValueError(f"key id {value!r} must match {_ID.pattern}")
+        return value
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _valid_hash(cls, value: object) -> object:
+        value = value.strip().lower() if isinstance(value, str) else None
+        if value is None or not _SHA256.match(value):
+            # Never echo the value: it may be a key pasted by mistake.
+            raise ValueError("must be the SHA-256 of the key: 64 hex digits in quotes (see `loragate hash-key`)")
+        return value
+
+    def allows(self, route: str) -> bool:
+        return self.routes == "*" or route in self.routes
+
+    def public(self) -> dict:
+        """What an admin may see: everything but the hash."""
+        return self.model_dump(exclude={"sha256"})
+
+
+class _KeysDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[ApiKey] = []
+
+
+def parse_keys(text: str, source: str) -> list[ApiKey]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        # The YAML error quotes the offending line, which may hold a key: say only where.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise KeysError(f"{source}: not valid YAML{where}") from None
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise KeysError(f"{source}: expected a mapping with a 'keys' list")
+    try:
+        return _KeysDocument.model_validate(data).keys
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise KeysError(f"{source}: {problems}") from None
+
+
+def index_keys(keys: Iterable[ApiKey]) -> dict[str, ApiKey]:
+    """Keys by hash; ids and hashes must be unique."""
+    by_hash: dict[str, ApiKey] = {}
+    ids: set[str] = set()
+    for key in keys:
+        if key.id in ids:
+            raise KeysError(f"duplicate key id {key.id!r}")
+        if key.sha256 in by_hash:
+            raise KeysError(f"keys {by_hash[key.sha256].id!r} and {key.id!r} have the same hash")
+        ids.add(key.id)
+        by_hash[key.sha256] = key
+    return by_hash
+
+
+class KeyStore:
+    """The keys from a file (optional) plus inline ones, reloaded when the file changes; keeps the last good."""
+
+    def __init__(self, path: Path | None = None, inline: str | None = None) -> None:
+        self.path = path
+        self._inline = parse_keys(inline, "LORAGATE_API_KEYS") if inline else []
+        self._stamp = self._read_stamp()
+        self.by_hash = index_keys([*self._inline, *self._load_file()])
+        self.last_error: str | None = None
+
+    def _read_stamp(self) -> tuple[int, int] | None:
+        if self.path is None:
+            return None
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def _load_file(self) -> list[ApiKey]:
+        if self.path is None:
+            return []
+        try:
+            text = self.path.read_text()
+        except OSError as exc:
+            raise KeysError(f"{self.path}: cannot read: {exc.strerror}") from None
+        return parse_keys(text, str(self.path))
+
+    def reload_if_changed(self) -> bool:
+        """True when new keys were loaded; raises KeysError on a bad file (the last good keys stay)."""
+        stamp = self._read_stamp()
+        if stamp is None or stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            self.by_hash = index_keys([*self._inline, *self._load_file()])
+        except KeysError as exc:
+            self.last_error = str(exc)
+            raise
+        self.last_error = None
+        return True
+
+    def keys(self) -> list[ApiKey]:
+        return sorted(self.by_hash.values(), key=lambda k: k.id)
+
+
+# --- limits -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Bucket:
+    """A token bucket holding up to ``per_minute``, refilled at ``per_minute / 60`` a second; may go into debt."""
+
+    per_minute: int
+    level: float
+    updated: float
+
+    def refill(self, now: float) -> None:
+        self.level = min(float(self.per_minute), self.level + (now - self.updated) * self.per_minute / 60.0)
+        self.updated = now
+
+    def wait_s(self, now: float) -> float:
+        """Seconds until at least 1 is available (0: available now)."""
+        self.refill(now)
+        return 0.0 if self.level >= 1 else (1 - self.level) * 60.0 / self.per_minute
+
+    def resize(self, per_minute: int, now: float) -> None:
+        self.refill(now)
+        self.per_minute = per_minute
+        self.level = min(self.level, float(per_minute))
+
+
+@dataclass(slots=True)
+class _Limits:
+    requests: Bucket | None
+    tokens: Bucket | None
+
+
+def _bucket(per_minute: int | None, old: Bucket | None, now: float) -> Bucket | None:
+    if per_minute is None:
+        return None
+    if old is None:
+        return Bucket(per_minute, float(per_minute), now)
+    if old.per_minute != per_minute:
+        old.resize(per_minute, now)
+    return old
+
+
+# --- who is calling ---------------------------------------------------------------
+
+
+class Principal:
+    """The caller of one request. ``admit`` before forwarding, ``charge`` after the answer."""
+
+    key_id: str | None = None
+
+    def allows(self, route: str) -> bool:
+        return True
+
+    def admit(self, route: str) -> None:
+        pass
+
+    def charge(self, tokens: int) -> None:
+        pass
+
+
+ANONYMOUS = Principal()  # auth off: everything allowed, nothing counted
+
+
+@dataclass(slots=True, eq=False)
+class KeyPrincipal(Principal):
+    key: ApiKey
+    limits: _Limits
+    reject: Callable[..., GatewayError]
+    clock: Callable[[], float] = field(repr=False)
+
+    @property
+    def key_id(self) -> str:  # type: ignore[override]
+        return self.key.id
+
+    def allows(self, route: str) -> bool:
+        return self.key.allows(route)
+
+    def admit(self, route: str) -> None:
+        if not self.key.allows(route):
+            raise self.reject("route_forbidden", 403, f"this API key may not use the model `{route}`",
+                              code="model_not_allowed", key_id=self.key.id)
+        now = self.clock()
+        waits = [
+            (bucket.wait_s(now), reason)
+            for bucket, reason in ((self.limits.requests, "request_rate"), (self.limits.tokens, "token_rate"))
+            if bucket is not None
+        ]
+        wait, reason = max(waits, default=(0.0, ""))
+        if wait > 0:
+            what = "requests" if reason == "request_rate" else "tokens"
+            retry_after = max(1, math.ceil(wait))
+            raise self.reject(reason, 429, f"rate limit exceeded ({what} per minute); retry after {retry_after}s",
+                              code="rate_limit_exceeded", key_id=self.key.id,
+                              headers={"retry-after": str(retry_after)})
+        if self.limits.requests is not None:
+            self.limits.requests.level -= 1
+
+    def charge(self, tokens: int) -> None:
+        if self.limits.tokens is not None and tokens > 0:
+            self.limits.tokens.refill(self.clock())
+            self.limits.tokens.level -= tokens
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key from ``Authorization: Bearer <key>``, else ``x-api-key``; None when absent."""
+    authorization = headers.get("authorization")
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    value = headers.get("x-api-key")
+    return value.strip() if value and value.strip() else None
+
+
+class AllowAll:
+    """Auth off: every request is the anonymous principal; admin endpoints are open."""
+
+    enabled = False
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        return ANONYMOUS
+
+    def authorize_admin(self, headers: Mapping[str, str]) -> None:
+        pass
+
+    def keys(self) -> list[ApiKey]:
+        return []
+
+
+class Authenticator:
+    """Checks API keys against a KeyStore (``store=None``: auth off) and the admin token.
+
+    Admin endpoints need the admin token whenever one is set. Without one they are
+    open while auth is off (local use) and closed (403) while auth is on.
+    """
+
+    def __init__(
+        self,
+        store: KeyStore | None,
+        *,
+        admin_token: str | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self._admin_digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
+        self.metrics = metrics
+        self.clock = clock
+        self._limits: dict[str, _Limits] = {}
+        if metrics is not None and store is not None:
+            for reason in REJECTION_REASONS:  # every series exists from the start, at 0
+                metrics.auth_rejections.labels(reason)
+
+    @property
+    def enabled(self) -> bool:
+        return self.store is not None
+
+    def keys(self) -> list[ApiKey]:
+        return self.store.keys() if self.store else []
+
+    def reload_if_changed(self) -> bool:
+        """Reload the keys file if it changed (KeysError on a bad one); forget the buckets of removed keys."""
+        if self.store is None or not self.store.reload_if_changed():
+            return False
+        live = {key.id for key in self.store.by_hash.values()}
+        for key_id in [k for k in self._limits if k not in live]:
+            del self._limits[key_id]
+        return True
+
+    async def refresh(self) -> None:
+        """The periodic reload job: a bad file is logged and counted, and the last good keys stay."""
+        try:
+            changed = self.reload_if_changed()
+        except KeysError as exc:
+            if self.metrics is not None:
+                self.metrics.api_keys_reloads.labels("error").inc()
+            log.error("API keys file rejected, keeping the last good keys: %s", exc)
+            return
+        if changed:
+            if self.metrics is not None:
+                self.metrics.api_keys_reloads.labels("success").inc()
+            log.info("API keys reloaded: %d keys (ids: %s)", len(self.keys()), ", ".join(k.id for k in self.keys()))
+
+    def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        if self.store is None:
+            return ANONYMOUS
+        key = self._lookup(headers)
+        if key.revoked:
+            raise self._reject("revoked_key", 401, "this API key has been revoked", code="invalid_api_key",
+                               key_id=key.id)
+        return KeyPrincipal(key, self._limits_of(key), self._reject, self.clock)
+
+    def authorize_admin(self, headers: Mapping[str, str]) -> None:
+        presented = presented_key(headers)
+        if self._admin_digest is None:
+            if self.store is None:
+                return
+            raise self._reject("admin_forbidden", 403, "admin endpoints are disabled (no admin token is set)",
+                               code="admin_disabled")
+        if presented is None:
+            raise self._reject("admin_invalid", 401, "an admin token is required (Authorization: Bearer <token>)",
+                               code="invalid_api_key")
+        digest = hashlib.sha256(presented.encode()).digest()
+        if hmac.compare_digest(digest, self._admin_digest):
+            return
+        if self.store is not None and digest.hex() in self.store.by_hash:
+            raise self._reject("admin_forbidden", 403, "this endpoint needs the admin token, not an API key",
+                               code="admin_required")
+        raise self._reject("admin_invalid", 401, "invalid admin token", code="invalid_api_key")
+
+    # --- internals ------------------------------------------------------------
+
+    def _lookup(self, headers: Mapping[str, str]) -> ApiKey:
+        assert self.store is not None
+        presented = presented_key(headers)
+        if presented is None:
+            raise self._reject("missing_key", 401,
+                               "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+                               code="invalid_api_key")
+        key = self.store.by_hash.get(hash_key(presented)) if len(presented) <= _MAX_KEY_CHARS else None
+        if key is None:
+            raise self._reject("invalid_key", 401, "invalid API key", code="invalid_api_key")
+        return key
+
+    def _limits_of(self, key: ApiKey) -> _Limits:
+        now = self.clock()
+        old = self._limits.get(key.id)
+        limits = _Limits(
+            _bucket(key.requests_per_minute, old.requests if old else None, now),
+            _bucket(key.tokens_per_minute, old.tokens if old else None, now),
+        )
+        self._limits[key.id] = limits
+        return limits
+
+    def _reject(self, reason: str, status: int, message: str, *, code: str, key_id: str | None = None,
+                headers: dict[str, str] | None = None) -> GatewayError:
+        if self.metrics is not None:
+            self.metrics.auth_rejections.labels(reason).inc()
+        # The key itself is never logged; unknown keys are logged at debug so a flood cannot fill the log.
+        (log.info if key_id else log.debug)("auth rejected: %s (key id %s)", reason, key_id or "-")
+        if status == 401:
+            headers = {**(headers or {}), "www-authenticate": "Bearer"}
+        return GatewayError(status, message, code=code, headers=headers)
+
+
+def authenticator_from_settings(settings, metrics: Metrics | None = None) -> Authenticator:
+    """Auth on: keys from ``api_keys_file`` and ``api_keys`` (KeysError on a bad file). Off: no key checks."""
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    if not settings.auth:
+        return Authenticator(None, admin_token=admin_token, metrics=metrics)
+    store = KeyStore(settings.api_keys_file, settings.api_keys)
+    if not store.by_hash:
+        log.warning("auth is on but no API keys are configured: every request will be refused")
+    return Authenticator(store, admin_token=admin_token, metrics=metrics)
