@@ -54,8 +54,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-port", type=int, default=18000)
     p.set_defaults(run=_demo)
 
+    p = commands.add_parser("drift", help="one drift report (HTML + JSON); exit 1 when the traffic drifted")
+    from monitoring.commands import add_drift_arguments, add_monitor_arguments  # light: no pandas/evidently
+
+    add_drift_arguments(p)
+    p.set_defaults(run=_drift)
+
+    p = commands.add_parser("monitor", help="the drift monitor: scheduled checks, retraining triggers, /metrics")
+    add_monitor_arguments(p)
+    p.set_defaults(run=_monitor)
+
     args = parser.parse_args(argv)
     return args.run(args) or 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    from monitoring.commands import drift_command
+
+    return drift_command(args)
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    from monitoring.commands import monitor_command
+
+    return monitor_command(args)
 
 
 def _demo_model(args: argparse.Namespace) -> int:
@@ -168,6 +190,11 @@ def _demo(args: argparse.Namespace) -> int:
     from service.demo_model import build_demo_model, demo_model_ready
     from service.engine import engine_command, engine_env
 
+    for port in (args.port, args.engine_port):
+        if not _port_free(port):
+            print(f"loragate: port {port} on 127.0.0.1 is in use; stop what holds it or pass --port/--engine-port",
+                  file=sys.stderr)
+            return 1
     model_dir = args.dir / "model"
     if not demo_model_ready(model_dir):
         print(f"building the demo model in {model_dir} ...", flush=True)
@@ -199,6 +226,17 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         os.killpg(engine.pid, signal.SIGTERM)
         engine.wait(timeout=30)
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _wait_ready(url: str, process: subprocess.Popen, timeout_s: float) -> bool:

@@ -55,10 +55,14 @@ CHAT = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def stubs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("stubs")
-    started = [start_stub(directory / f"stub{i}.log") for i in range(2)]
-    yield [url for _, url in started]
-    for service, _ in started:
-        service.stop()
+    started = []
+    try:
+        for i in range(2):
+            started.append(start_stub(directory / f"stub{i}.log"))
+        yield [url for _, url in started]
+    finally:
+        for service, _ in started:
+            service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +71,10 @@ def gateway(stubs, tmp_path_factory):
     (directory / "routes.yaml").write_text(ROUTES)
     service, url = start_gateway(directory / "routes.yaml", stubs[:1], directory / "gateway.log",
                                  extra_env={"LORAGATE_CIRCUIT_FAILURES": "3", "LORAGATE_CIRCUIT_OPEN_S": "30"})
-    yield url
-    service.stop()
+    try:
+        yield url
+    finally:
+        service.stop()
     assert "Traceback" not in (directory / "gateway.log").read_text()
 
 
@@ -228,8 +234,13 @@ def test_2000_requests_with_a_replica_killed_mid_load_are_all_accounted(tmp_path
     """Two stub replicas; one is killed while 2,000 requests are in progress."""
     replicas = [start_stub(tmp_path / f"r{i}.log") for i in range(2)]
     (tmp_path / "routes.yaml").write_text(ROUTES)
-    service, url = start_gateway(tmp_path / "routes.yaml", [u for _, u in replicas], tmp_path / "gw.log",
-                                 extra_env={"LORAGATE_HEALTH_INTERVAL_S": "0.5"})
+    try:
+        service, url = start_gateway(tmp_path / "routes.yaml", [u for _, u in replicas], tmp_path / "gw.log",
+                                     extra_env={"LORAGATE_HEALTH_INTERVAL_S": "0.5"})
+    except Exception:
+        for stub, _ in replicas:
+            stub.stop()
+        raise
     n = 2000
     try:
         async def run() -> list[tuple[int, str]]:

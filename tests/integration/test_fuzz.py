@@ -40,13 +40,17 @@ bodies = st.fixed_dictionaries({"model": models}, optional={
 def gateway(tmp_path_factory):
     directory = tmp_path_factory.mktemp("fuzz")
     stub, stub_url = start_stub(directory / "stub.log", chunks=3)
-    (directory / "routes.yaml").write_text(ROUTES)
-    service, url = start_gateway(directory / "routes.yaml", [stub_url], directory / "gateway.log",
-                                 extra_env={"LORAGATE_MAX_BODY_BYTES": "65536"})
-    with httpx.Client(base_url=url, timeout=10) as client:
-        yield client
-    service.stop()
-    stub.stop()
+    try:
+        (directory / "routes.yaml").write_text(ROUTES)
+        service, url = start_gateway(directory / "routes.yaml", [stub_url], directory / "gateway.log",
+                                     extra_env={"LORAGATE_MAX_BODY_BYTES": "65536"})
+        try:
+            with httpx.Client(base_url=url, timeout=10) as client:
+                yield client
+        finally:
+            service.stop()
+    finally:
+        stub.stop()
     log = (directory / "gateway.log").read_text()
     assert "Traceback" not in log and "unhandled error" not in log
 

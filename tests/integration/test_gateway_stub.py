@@ -39,8 +39,10 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 @pytest.fixture(scope="module")
 def stub(tmp_path_factory):
     service, url = start_stub(tmp_path_factory.mktemp("stub") / "stub.log")
-    yield url
-    service.stop()
+    try:
+        yield url
+    finally:
+        service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +51,11 @@ def gateway(stub, tmp_path_factory):
     (directory / "routes.yaml").write_text(ROUTES)
     service, url = start_gateway(directory / "routes.yaml", [stub], directory / "gateway.log",
                                  extra_env={"LORAGATE_MAX_BODY_BYTES": "4096"})
-    yield url
-    assert service.stop() in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
+    try:
+        yield url
+    finally:
+        code = service.stop()
+    assert code in (0, -15)  # uvicorn re-raises SIGTERM after a clean shutdown
     assert "Traceback" not in (directory / "gateway.log").read_text()
 
 

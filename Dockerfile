@@ -1,0 +1,57 @@
+# syntax=docker/dockerfile:1
+# loragate images. Two targets, both small and non-root:
+#   docker build --target gateway -t loragate-gateway .   (light deps only: pip install .; see GATEWAY_EXTRAS)
+#   docker build --target monitor -t loragate-monitor .   (pip install .[monitor]: Evidently, pandas, pyarrow)
+# The vLLM engine runs from the official vllm/vllm-openai image; it is not built here.
+# No secrets are baked in: API keys and the admin token come from the environment at run time.
+
+FROM python:3.11-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+RUN python -m venv /opt/loragate
+COPY pyproject.toml README* ./
+COPY service ./service
+COPY monitoring ./monitoring
+
+FROM build AS build-gateway
+# Light deps only by default. The request log (LORAGATE_REQUEST_LOG_URL) needs pyarrow:
+# docker build --target gateway --build-arg GATEWAY_EXTRAS=requestlog .
+ARG GATEWAY_EXTRAS=""
+RUN /opt/loragate/bin/pip install --no-cache-dir ".${GATEWAY_EXTRAS:+[$GATEWAY_EXTRAS]}"
+
+FROM build AS build-monitor
+RUN /opt/loragate/bin/pip install --no-cache-dir ".[monitor]"
+
+FROM python:3.11-slim-bookworm AS runtime
+ENV PATH=/opt/loragate/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
+RUN groupadd --system --gid 10001 loragate \
+    && useradd --system --uid 10001 --gid loragate --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin loragate
+WORKDIR /app
+
+FROM runtime AS monitor
+COPY --from=build-monitor /opt/loragate /opt/loragate
+USER 10001:10001
+EXPOSE 9100
+HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('LORAGATE_MONITOR_PORT', '9100'), timeout=2)"]
+ENTRYPOINT ["loragate"]
+CMD ["monitor"]
+
+# The default target (last stage): the gateway. One uvicorn worker per container; scale with replicas.
+FROM runtime AS gateway
+COPY --from=build-gateway /opt/loragate /opt/loragate
+ENV LORAGATE_HOST=0.0.0.0 \
+    LORAGATE_PORT=8080 \
+    LORAGATE_WORKERS=1 \
+    LORAGATE_ROUTES_FILE=/etc/loragate/routes/routes.yaml
+USER 10001:10001
+EXPOSE 8080
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('LORAGATE_PORT', '8080'), timeout=2)"]
+ENTRYPOINT ["loragate"]
+CMD ["serve"]

@@ -1,0 +1,387 @@
+"""The Grafana dashboards, as code (stdlib only): each function returns one dashboard's JSON model.
+
+``python deploy/build.py`` writes them to deploy/grafana/dashboards/*.json and copies
+them into the Helm chart; tests check the files are up to date and that every
+PromQL expression here evaluates against a real Prometheus scraping a real
+gateway and vLLM.
+"""
+
+from __future__ import annotations
+
+DS = {"type": "prometheus", "uid": "${datasource}"}
+RATE = "$__rate_interval"
+QUANTILES = (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+
+
+class Board:
+    """Lays panels out left to right on a 24-column grid, rows of height ``h``."""
+
+    def __init__(self, uid: str, title: str, description: str, variables: list[dict]) -> None:
+        self.uid, self.title, self.description, self.variables = uid, title, description, variables
+        self.panels: list[dict] = []
+        self._x = 0
+        self._y = 0
+        self._row_h = 0
+
+    def row(self, title: str) -> None:
+        self._newline()
+        self.panels.append({"type": "row", "title": title, "collapsed": False, "panels": [],
+                            "gridPos": {"h": 1, "w": 24, "x": 0, "y": self._y}})
+        self._y += 1
+
+    def _newline(self) -> None:
+        if self._x:
+            self._y += self._row_h
+            self._x, self._row_h = 0, 0
+
+    def panel(self, title: str, targets: list[tuple[str, str]], *, unit: str = "short", kind: str = "timeseries",
+              w: int = 12, h: int = 8, description: str = "", stack: bool = False, decimals: int | None = None,
+              thresholds: list[tuple[float | None, str]] | None = None, mappings: list[dict] | None = None,
+              options: dict | None = None) -> None:
+        if self._x + w > 24:
+            self._newline()
+        defaults: dict = {"unit": unit}
+        if decimals is not None:
+            defaults["decimals"] = decimals
+        if kind == "timeseries":
+            defaults["custom"] = {"drawStyle": "line", "lineWidth": 1, "fillOpacity": 20 if stack else 5,
+                                  "showPoints": "never", "spanNulls": True,
+                                  "stacking": {"mode": "normal" if stack else "none", "group": "A"}}
+        if thresholds:
+            defaults["thresholds"] = {"mode": "absolute",
+                                      "steps": [{"value": v, "color": c} for v, c in thresholds]}
+        if mappings:
+            defaults["mappings"] = mappings
+        panel_options = options or {}
+        if kind == "timeseries" and not options:
+            panel_options = {"legend": {"displayMode": "table", "placement": "bottom", "showLegend": True,
+                                        "calcs": ["mean", "max", "lastNotNull"]},
+                             "tooltip": {"mode": "multi", "sort": "desc"}}
+        self.panels.append({
+            "type": kind, "title": title, "description": description, "datasource": DS,
+            "gridPos": {"h": h, "w": w, "x": self._x, "y": self._y},
+            "fieldConfig": {"defaults": defaults, "overrides": []},
+            "options": panel_options,
+            "targets": [
+                {"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend,
+                 "range": kind != "table", "instant": kind == "table"}
+                for i, (expr, legend) in enumerate(targets)
+            ],
+        })
+        self._x += w
+        self._row_h = max(self._row_h, h)
+
+    def json(self) -> dict:
+        for number, panel in enumerate(self.panels, start=1):
+            panel["id"] = number
+        return {
+            "uid": self.uid, "title": self.title, "description": self.description,
+            "tags": ["loragate"], "timezone": "browser", "editable": True, "graphTooltip": 1,
+            "schemaVersion": 39, "version": 1, "refresh": "30s",
+            "time": {"from": "now-1h", "to": "now"},
+            "annotations": {"list": [{"builtIn": 1, "type": "dashboard", "name": "Annotations & Alerts",
+                                      "datasource": {"type": "grafana", "uid": "-- Grafana --"},
+                                      "enable": True, "hide": True, "iconColor": "rgba(0, 211, 255, 1)"}]},
+            "links": [{"type": "dashboards", "tags": ["loragate"], "asDropdown": True, "title": "loragate"}],
+            "templating": {"list": self.variables},
+            "panels": self.panels,
+        }
+
+
+def datasource_variable() -> dict:
+    return {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus",
+            "current": {}, "hide": 0, "refresh": 1, "regex": "", "options": []}
+
+
+def query_variable(name: str, label: str, query: str, *, multi: bool = True) -> dict:
+    """A label_values() variable; "All" is the regex ``.*``, so expressions use ``=~"$name"``."""
+    return {
+        "name": name, "label": label, "type": "query", "datasource": DS,
+        "query": {"query": query, "refId": f"{name}-variable"}, "definition": query,
+        "refresh": 2, "sort": 1, "multi": multi, "includeAll": True, "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "hide": 0, "regex": "", "options": [],
+    }
+
+
+def _quantiles(metric: str, selector: str, by: str = "", legend: str = "{{q}}") -> list[tuple[str, str]]:
+    group = f"le, {by}" if by else "le"
+    return [
+        (f"histogram_quantile({q}, sum by ({group}) (rate({metric}_bucket{{{selector}}}[{RATE}])))",
+         legend.replace("{{q}}", name))
+        for name, q in QUANTILES
+    ]
+
+
+def _ratio_or_zero(numerator_selector: str, selector: str, by: str, metric: str = "loragate_requests_total") -> str:
+    """A ratio that reads 0 (not "no data") while the numerator's series do not exist yet."""
+    total = f"sum by ({by}) (rate({metric}{{{selector}}}[{RATE}]))"
+    return (f"(sum by ({by}) (rate({metric}{{{selector}, {numerator_selector}}}[{RATE}])) or {total} * 0)"
+            f" / {total}")
+
+
+# ------------------------------------------------------------------------------------------------ gateway
+
+def gateway() -> dict:
+    rv = 'route=~"$route", variant=~"$variant"'
+    board = Board(
+        "loragate-gateway", "loragate / Gateway",
+        "Traffic, latency, tokens, cost and health of the loragate gateways, per route and variant.",
+        [datasource_variable(),
+         query_variable("route", "Route", "label_values(loragate_requests_total, route)"),
+         query_variable("variant", "Variant", 'label_values(loragate_requests_total{route=~"$route"}, variant)')],
+    )
+    board.row("Traffic")
+    board.panel("Requests per second", [(f"sum(rate(loragate_requests_total{{{rv}}}[{RATE}]))", "total")],
+                unit="reqps", kind="stat", w=4, h=4)
+    board.panel("Error ratio (5xx)", [(_ratio_or_zero('status_class="5xx"', rv, "route").replace(
+        "sum by (route)", "sum"), "5xx")], unit="percentunit", kind="stat", w=4, h=4, decimals=2,
+        thresholds=[(None, "green"), (0.01, "orange"), (0.05, "red")])
+    board.panel("Fallback ratio", [(
+        f"(sum(rate(loragate_fallbacks_total{{{rv}}}[{RATE}])) or vector(0))"
+        f" / sum(rate(loragate_requests_total{{{rv}}}[{RATE}]))", "fallbacks")],
+        unit="percentunit", kind="stat", w=4, h=4, decimals=2,
+        thresholds=[(None, "green"), (0.02, "orange"), (0.1, "red")])
+    board.panel("In flight", [('sum(loragate_requests_in_flight{route=~"$route"})', "in flight")],
+                kind="stat", w=4, h=4)
+    board.panel("Healthy upstreams", [("count(max by (upstream) (loragate_upstream_healthy) == 1) or vector(0)",
+                                       "healthy"),
+                                      ("count(max by (upstream) (loragate_upstream_healthy))", "known")],
+                kind="stat", w=4, h=4, thresholds=[(None, "red"), (1, "green")])
+    board.panel("Savings vs reference API (range)", [(
+        f"sum(increase(loragate_reference_cost_usd_total{{{rv}}}[$__range]))"
+        f" - sum(increase(loragate_cost_usd_total{{{rv}}}[$__range]))", "saved")],
+        unit="currencyUSD", kind="stat", w=4, h=4, decimals=2)
+    board.panel("Requests by route and variant",
+                [(f"sum by (route, variant) (rate(loragate_requests_total{{{rv}}}[{RATE}]))", "{{route}} / {{variant}}")],
+                unit="reqps", stack=True)
+    board.panel("Responses by status class",
+                [(f"sum by (status_class) (rate(loragate_requests_total{{{rv}}}[{RATE}]))", "{{status_class}}")],
+                unit="reqps", stack=True)
+    board.panel("Error ratio (5xx) by route and variant",
+                [(_ratio_or_zero('status_class="5xx"', rv, "route, variant"), "{{route}} / {{variant}}")],
+                unit="percentunit")
+    board.panel("Fallbacks by reason",
+                [(f"sum by (route, variant, reason) (rate(loragate_fallbacks_total{{{rv}}}[{RATE}]))",
+                  "{{route}} / {{variant}}: {{reason}}")],
+                unit="reqps", stack=True,
+                description="Requests moved off their variant before any byte was sent (then served by the fallback chain).")
+
+    board.row("Latency")
+    board.panel("Request duration p50 / p95 / p99",
+                _quantiles("loragate_request_duration_seconds", rv), unit="s",
+                description="From request received to last byte sent, all selected routes and variants.")
+    board.panel("Request duration p95 by route and variant",
+                _quantiles("loragate_request_duration_seconds", rv, "route, variant",
+                           "{{route}} / {{variant}}")[1:2], unit="s")
+    board.panel("Time to first token p50 / p95 / p99 (streams)",
+                _quantiles("loragate_time_to_first_token_seconds", rv), unit="s")
+    board.panel("Time per output token p50 / p95 / p99 (streams)",
+                _quantiles("loragate_time_per_output_token_seconds", rv), unit="s")
+
+    board.row("Tokens and cost")
+    board.panel("Tokens per second", [
+        (f"sum by (route, variant) (rate(loragate_prompt_tokens_total{{{rv}}}[{RATE}]))", "prompt {{route}} / {{variant}}"),
+        (f"sum by (route, variant) (rate(loragate_completion_tokens_total{{{rv}}}[{RATE}]))",
+         "completion {{route}} / {{variant}}"),
+    ], unit="short")
+    board.panel("Cost and reference cost per hour", [
+        (f"sum by (route) (rate(loragate_cost_usd_total{{{rv}}}[{RATE}])) * 3600", "cost {{route}}"),
+        (f"sum by (route) (rate(loragate_reference_cost_usd_total{{{rv}}}[{RATE}])) * 3600", "reference {{route}}"),
+    ], unit="currencyUSD", description="USD per hour at this deployment's price vs the reference hosted API's.")
+    board.panel("Savings per hour by route", [(
+        f"sum by (route) (rate(loragate_reference_cost_usd_total{{{rv}}}[{RATE}])) * 3600"
+        f" - sum by (route) (rate(loragate_cost_usd_total{{{rv}}}[{RATE}])) * 3600", "{{route}}")],
+        unit="currencyUSD")
+    board.panel("Cost per 1K completion tokens by variant", [(
+        f"sum by (route, variant) (rate(loragate_cost_usd_total{{{rv}}}[{RATE}])) * 1000"
+        f" / sum by (route, variant) (rate(loragate_completion_tokens_total{{{rv}}}[{RATE}]))",
+        "{{route}} / {{variant}}")], unit="currencyUSD")
+
+    board.row("Upstreams and adapters")
+    board.panel("In flight by route", [('sum by (route) (loragate_requests_in_flight{route=~"$route"})', "{{route}}")])
+    board.panel("In flight by upstream",
+                [("sum by (upstream) (loragate_upstream_requests_in_flight)", "{{upstream}}")])
+    board.panel("Upstream healthy (seen by any gateway)",
+                [("max by (upstream) (loragate_upstream_healthy)", "{{upstream}}")], kind="state-timeline",
+                mappings=[{"type": "value", "options": {"0": {"text": "down", "color": "red"},
+                                                        "1": {"text": "up", "color": "green"}}}],
+                options={"showValue": "never", "mergeValues": True})
+    board.panel("Circuit breakers", [("max by (upstream, adapter) (loragate_circuit_state)", "{{upstream}} {{adapter}}")],
+                kind="state-timeline",
+                mappings=[{"type": "value", "options": {"0": {"text": "closed", "color": "green"},
+                                                        "1": {"text": "half-open", "color": "orange"},
+                                                        "2": {"text": "open", "color": "red"}}}],
+                options={"showValue": "never", "mergeValues": True})
+    board.panel("Adapter loads by result",
+                [(f"sum by (adapter, result) (increase(loragate_adapter_loads_total[{RATE}]))", "{{adapter}} {{result}}")],
+                stack=True)
+    board.panel("Adapter load duration p95",
+                _quantiles("loragate_adapter_load_duration_seconds", "", "adapter", "{{adapter}}")[1:2], unit="s")
+
+    board.row("Catalog, request log and feedback")
+    board.panel("Routes file reloads",
+                [(f"sum by (result) (increase(loragate_catalog_reloads_total[{RATE}]))", "{{result}}")], w=6, stack=True)
+    board.panel("Request log records",
+                [(f"sum by (result) (rate(loragate_requestlog_records_total[{RATE}]))", "{{result}}")],
+                unit="ops", w=6, stack=True)
+    board.panel("Request log queue depth", [("sum(loragate_requestlog_queue_depth)", "queued")], w=6)
+    board.panel("Feedback by label",
+                [(f"sum by (route, variant, label) (rate(loragate_feedback_total{{{rv}}}[{RATE}]))",
+                  "{{route}} / {{variant}}: {{label}}")], unit="ops", w=6, stack=True)
+
+    board.row("Resilience and auth")
+    board.panel("Retries, admission and auth rejections (range)", [
+        ('sum(increase(loragate_upstream_retries_total{route=~"$route"}[$__range])) or vector(0)', "retried"),
+        ('sum(increase(loragate_admission_rejections_total{route=~"$route"}[$__range])) or vector(0)',
+         "rejected at capacity"),
+        ("sum(increase(loragate_auth_rejections_total[$__range])) or vector(0)", "auth rejected"),
+    ], kind="stat", w=8, h=6, description="Zero until the first event of each kind.")
+    board.panel("Retries by reason", [(
+        f'sum by (route, reason) (rate(loragate_upstream_retries_total{{route=~"$route"}}[{RATE}])) or vector(0)',
+        "{{route}}: {{reason}}")], unit="reqps", w=8, h=6)
+    board.panel("Auth rejections by reason", [(
+        f"sum by (reason) (rate(loragate_auth_rejections_total[{RATE}])) or vector(0)", "{{reason}}")],
+        unit="reqps", w=8, h=6)
+    return board.json()
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+def rollouts() -> dict:
+    r = 'route=~"$route"'
+    board = Board(
+        "loragate-rollouts", "loragate / Rollouts",
+        "Progressive delivery of adapter versions: weights, and canary vs stable from the gateway metrics.",
+        [datasource_variable(),
+         query_variable("route", "Route", "label_values(loragate_rollout_weight, route)"),
+         query_variable("stable", "Stable variant", 'label_values(loragate_rollout_weight{route=~"$route"}, variant)'),
+         query_variable("canary", "Canary variant", 'label_values(loragate_rollout_weight{route=~"$route"}, variant)')],
+    )
+    board.row("Weights and traffic")
+    board.panel("Rollout weight by variant", [(f"max by (route, variant) (loragate_rollout_weight{{{r}}})",
+                                               "{{route}} / {{variant}}")], unit="percentunit", stack=True,
+                description="The configured share of each variant (from the routes file the gateways watch).")
+    board.panel("Served traffic share by variant", [(
+        f"sum by (route, variant) (rate(loragate_requests_total{{{r}}}[{RATE}]))"
+        f" / on (route) group_left sum by (route) (rate(loragate_requests_total{{{r}}}[{RATE}]))",
+        "{{route}} / {{variant}}")], unit="percentunit", stack=True,
+        description="What the variants actually served, fallbacks included; compare with the weights.")
+    board.row("Canary vs stable")
+    for title, metric in (("Error ratio (5xx)", None), ("Request duration p95", "loragate_request_duration_seconds"),
+                          ("Time to first token p95", "loragate_time_to_first_token_seconds")):
+        targets = []
+        for role in ("stable", "canary"):
+            selector = f'{r}, variant=~"${role}"'
+            if metric is None:
+                expr = _ratio_or_zero('status_class="5xx"', selector, "route, variant")
+            else:
+                expr = (f"histogram_quantile(0.95, sum by (le, route, variant) "
+                        f"(rate({metric}_bucket{{{selector}}}[{RATE}])))")
+            targets.append((expr, f"{role}: {{{{route}}}} / {{{{variant}}}}"))
+        board.panel(f"{title}: canary vs stable", targets, unit="percentunit" if metric is None else "s", w=8)
+    board.panel("Fallbacks: canary vs stable", [
+        (f'sum by (route, variant, reason) (rate(loragate_fallbacks_total{{{r}, variant=~"${role}"}}[{RATE}]))',
+         f"{role}: {{{{route}}}} / {{{{variant}}}} {{{{reason}}}}") for role in ("stable", "canary")],
+        unit="reqps", w=8)
+    board.panel("Requests: canary vs stable", [
+        (f'sum by (route, variant) (rate(loragate_requests_total{{{r}, variant=~"${role}"}}[{RATE}]))',
+         f"{role}: {{{{route}}}} / {{{{variant}}}}") for role in ("stable", "canary")], unit="reqps", w=8)
+    board.panel("Negative feedback ratio: canary vs stable", [
+        (_ratio_or_zero('label=~"bad|incorrect"', f'{r}, variant=~"${role}"', "route, variant",
+                        metric="loragate_feedback_total"),
+         f"{role}: {{{{route}}}} / {{{{variant}}}}") for role in ("stable", "canary")], unit="percentunit", w=8)
+    return board.json()
+
+
+# ------------------------------------------------------------------------------------------------ drift
+
+def drift() -> dict:
+    rv = 'route=~"$route", variant=~"$variant"'
+    board = Board(
+        "loragate-drift", "loragate / Drift and retraining",
+        "The monitor's drift reports over request-log windows, and the retraining triggers they fired.",
+        [datasource_variable(),
+         query_variable("route", "Route", "label_values(loragate_drift_share, route)"),
+         query_variable("variant", "Variant", 'label_values(loragate_drift_share{route=~"$route"}, variant)')],
+    )
+    board.row("Drift")
+    board.panel("Drift detected", [(f"max by (route, variant) (loragate_drift_detected{{{rv}}})",
+                                    "{{route}} / {{variant}}")], kind="state-timeline",
+                mappings=[{"type": "value", "options": {"0": {"text": "no drift", "color": "green"},
+                                                        "1": {"text": "drift", "color": "red"}}}],
+                options={"showValue": "never", "mergeValues": True})
+    board.panel("Share of drifted features", [(f"max by (route, variant) (loragate_drift_share{{{rv}}})",
+                                               "{{route}} / {{variant}}")], unit="percentunit")
+    board.panel("Feature drift scores", [(f"max by (route, variant, feature) (loragate_drift_feature_score{{{rv}}})",
+                                          "{{route}} / {{variant}}: {{feature}}")],
+                description="Per-feature score of the last report (p-value or distance, depending on the test).")
+    board.panel("Time since last drift run", [(
+        f"time() - max by (route, variant) (loragate_drift_last_run_timestamp_seconds{{{rv}}})",
+        "{{route}} / {{variant}}")], unit="s")
+    board.row("Retraining and feedback")
+    board.panel("Retraining triggers", [(
+        f"sum by (route, variant, action, result) (increase(loragate_retraining_triggers_total{{{rv}}}[{RATE}]))",
+        "{{route}} / {{variant}}: {{action}} {{result}}")], stack=True)
+    board.panel("User feedback by label", [(
+        f"sum by (route, variant, label) (rate(loragate_feedback_total{{{rv}}}[{RATE}]))",
+        "{{route}} / {{variant}}: {{label}}")], unit="ops", stack=True)
+    return board.json()
+
+
+# ------------------------------------------------------------------------------------------------ vLLM
+
+def engine() -> dict:
+    sel = 'model_name=~"$model_name", instance=~"$instance"'
+    board = Board(
+        "loragate-vllm", "loragate / vLLM engine",
+        "The vLLM replicas behind the gateway (vllm:* metrics). vLLM labels everything with the base "
+        "model's name, adapter traffic included: per-adapter figures are on the gateway dashboard.",
+        [datasource_variable(),
+         query_variable("model_name", "Model", "label_values(vllm:num_requests_running, model_name)"),
+         query_variable("instance", "Replica", 'label_values(vllm:num_requests_running{model_name=~"$model_name"}, instance)')],
+    )
+    board.row("Load")
+    board.panel("Requests running", [(f"sum by (instance) (vllm:num_requests_running{{{sel}}})", "{{instance}}")], w=8)
+    board.panel("Requests waiting", [(f"sum by (instance) (vllm:num_requests_waiting{{{sel}}})", "{{instance}}")], w=8)
+    board.panel("KV cache usage", [(f"max by (instance) (vllm:kv_cache_usage_perc{{{sel}}})", "{{instance}}")],
+                unit="percentunit", w=8)
+    board.panel("Generation tokens per second", [(
+        f"sum by (instance) (rate(vllm:generation_tokens_total{{{sel}}}[{RATE}]))", "{{instance}}")], w=8)
+    board.panel("Prompt tokens per second", [(
+        f"sum by (instance) (rate(vllm:prompt_tokens_total{{{sel}}}[{RATE}]))", "{{instance}}")], w=8)
+    board.panel("Finished requests by reason", [(
+        f"sum by (finished_reason) (rate(vllm:request_success_total{{{sel}}}[{RATE}]))", "{{finished_reason}}")],
+        unit="reqps", w=8, stack=True)
+    board.row("Latency")
+    board.panel("End-to-end request latency", _quantiles("vllm:e2e_request_latency_seconds", sel), unit="s", w=8)
+    board.panel("Time to first token", _quantiles("vllm:time_to_first_token_seconds", sel), unit="s", w=8)
+    board.panel("Inter-token latency", _quantiles("vllm:inter_token_latency_seconds", sel), unit="s", w=8)
+    board.panel("Queue time p95", _quantiles("vllm:request_queue_time_seconds", sel, "instance", "{{instance}}")[1:2],
+                unit="s", w=8)
+    board.panel("Prefill and decode time p95", [
+        (f"histogram_quantile(0.95, sum by (le) (rate(vllm:request_prefill_time_seconds_bucket{{{sel}}}[{RATE}])))",
+         "prefill"),
+        (f"histogram_quantile(0.95, sum by (le) (rate(vllm:request_decode_time_seconds_bucket{{{sel}}}[{RATE}])))",
+         "decode")], unit="s", w=8)
+    board.panel("Preemptions per second", [(
+        f"sum by (instance) (rate(vllm:num_preemptions_total{{{sel}}}[{RATE}]))", "{{instance}}")], w=8)
+    board.row("Adapters and cache")
+    board.panel("Running and waiting LoRA adapters (latest)", [(
+        'topk by (instance) (1, vllm:lora_requests_info{instance=~"$instance"})',
+        "{{instance}} running={{running_lora_adapters}} waiting={{waiting_lora_adapters}}")],
+        kind="table", w=12,
+        description="vllm:lora_requests_info is a timestamp gauge whose labels list the adapters; "
+                    "the newest series is the current state (stale ones are never removed).")
+    board.panel("Prefix cache hit ratio", [(
+        f"sum by (instance) (rate(vllm:prefix_cache_hits_total{{{sel}}}[{RATE}]))"
+        f" / sum by (instance) (rate(vllm:prefix_cache_queries_total{{{sel}}}[{RATE}]))", "{{instance}}")],
+        unit="percentunit", w=12)
+    return board.json()
+
+
+DASHBOARDS = {
+    "loragate-gateway.json": gateway,
+    "loragate-rollouts.json": rollouts,
+    "loragate-drift.json": drift,
+    "loragate-vllm.json": engine,
+}

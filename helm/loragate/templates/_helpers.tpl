@@ -1,0 +1,120 @@
+{{/* Names and labels. */}}
+{{- define "loragate.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "loragate.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "loragate.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "loragate.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: loragate
+{{- end }}
+
+{{/* Selector labels of one component: include "loragate.selectorLabels" (list . "gateway") */}}
+{{- define "loragate.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "loragate.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "loragate.componentLabels" -}}
+{{ include "loragate.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "loragate.routesConfigMap" -}}
+{{ include "loragate.fullname" . }}-routes
+{{- end }}
+
+{{- define "loragate.engineName" -}}
+{{ include "loragate.fullname" . }}-engine
+{{- end }}
+
+{{/* Comma-separated base URLs of the vLLM replicas: one per StatefulSet pod, or gateway.upstreams. */}}
+{{- define "loragate.upstreams" -}}
+{{- if .Values.engine.enabled }}
+{{- $engine := include "loragate.engineName" . }}
+{{- $urls := list }}
+{{- range $i := until (int .Values.engine.replicas) }}
+{{- $urls = append $urls (printf "http://%s-%d.%s.%s.svc:%d" $engine $i $engine $.Release.Namespace (int $.Values.engine.port)) }}
+{{- end }}
+{{- join "," $urls }}
+{{- else }}
+{{- required "gateway.upstreams must list vLLM URLs when engine.enabled is false" (join "," .Values.gateway.upstreams) }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the Prometheus Operator resources are rendered. */}}
+{{- define "loragate.prometheusOperator" -}}
+{{- $mode := .Values.metrics.prometheusOperator }}
+{{- if eq (toString $mode) "auto" }}
+{{- if .Capabilities.APIVersions.Has "monitoring.coreos.com/v1" }}true{{ end }}
+{{- else if $mode }}true
+{{- end }}
+{{- end }}
+
+{{- define "loragate.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 10001
+runAsGroup: 10001
+fsGroup: 10001
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "loragate.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+privileged: false
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{- define "loragate.imagePullSecrets" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The request log: env of the gateway and the monitor (they read and write the same place). */}}
+{{- define "loragate.requestLogEnv" -}}
+{{- with .Values.requestLog }}
+{{- if .enabled }}
+- {name: LORAGATE_REQUEST_LOG_URL, value: {{ .url | default .mountPath | quote }}}
+- {name: LORAGATE_REQUEST_LOG_TEXT, value: {{ .text | quote }}}
+{{- with .s3Endpoint }}
+- {name: LORAGATE_REQUEST_LOG_S3_ENDPOINT, value: {{ . | quote }}}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "loragate.requestLogEnvFrom" -}}
+{{- if and .Values.requestLog.enabled .Values.requestLog.credentialsSecret }}
+envFrom:
+  - secretRef:
+      name: {{ .Values.requestLog.credentialsSecret }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the request log lives on a shared claim (not object storage). */}}
+{{- define "loragate.requestLogClaim" -}}
+{{- if and .Values.requestLog.enabled (not .Values.requestLog.url) }}true{{ end }}
+{{- end }}

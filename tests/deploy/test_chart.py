@@ -1,0 +1,247 @@
+"""The Helm chart: lint, render for several values files, and validate every manifest with the
+Kubernetes schemas (kubernetes-validate --strict). Helm runs in-process through helm-python-sdk
+(the Helm v4 library); there is no cluster, so `lookup` returns nothing and Capabilities are
+Helm's defaults (no monitoring.coreos.com/v1)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import helm_python as helm
+import pytest
+import yaml
+
+from service.catalog import parse_catalog
+from tests.deploy.tools import tool
+from tests.processes import ROOT
+
+CHART = ROOT / "helm" / "loragate"
+VALUES_FILES = [None, *sorted((CHART / "ci").glob("*-values.yaml"))]
+IDS = ["default", *(p.name.removesuffix("-values.yaml") for p in VALUES_FILES[1:])]
+# Custom resources the Kubernetes schemas do not know; kubernetes-validate skips them with a
+# warning, so they are checked here by structure and their rules by promtool (test_monitoring.py).
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def _values(path: Path | None) -> dict | None:
+    return yaml.safe_load(path.read_text()) if path else None
+
+
+def render(values: dict | None = None) -> list[dict]:
+    with helm.Chart.load(CHART) as chart:
+        rendered = chart.render(values=values, name="lg", namespace="llm", is_install=True)
+    documents = []
+    for name, text in rendered.items():
+        if name.endswith("NOTES.txt"):
+            continue
+        documents += [doc for doc in yaml.safe_load_all(text) if doc]
+    return documents
+
+
+def by_kind(documents: list[dict], kind: str) -> list[dict]:
+    return [doc for doc in documents if doc["kind"] == kind]
+
+
+def pod_specs(documents: list[dict]) -> list[tuple[str, dict]]:
+    return [(doc["metadata"]["name"], doc["spec"]["template"]["spec"])
+            for doc in documents if doc["kind"] in ("Deployment", "StatefulSet")]
+
+
+@pytest.fixture(scope="module", params=VALUES_FILES, ids=IDS)
+def rendered(request) -> tuple[dict | None, list[dict]]:
+    values = _values(request.param)
+    return values, render(values)
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES, ids=IDS)
+def test_helm_lint_strict_is_clean(values_file):
+    report = helm.lint(CHART, _values(values_file), strict=True, namespace="llm", kube_version="v1.30.0")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors; info passes
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("values_file", VALUES_FILES, ids=IDS)
+def test_values_match_the_schema(values_file):
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(_values(values_file))
+
+
+@pytest.mark.parametrize("bad", [
+    {"engine": {"adapterSource": {"type": "nfs"}}},
+    {"gateway": {"replicas": 0}},
+    {"routes": [{"name": "support", "variants": [{"name": "v1", "wieght": 1}]}]},
+    {"routes": [{"variants": [{"name": "v1", "weight": 1}]}]},
+    {"auth": {"enabled": True, "existingSecret": ""}},
+    {"metrics": {"prometheusOperator": "yes"}},
+])
+def test_schema_rejects_bad_values(bad):
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
+        chart.validate_schema(bad)
+
+
+def test_every_manifest_validates_strictly_against_kubernetes_schemas(rendered, tmp_path):
+    _, documents = rendered
+    files = []
+    for i, doc in enumerate(documents):
+        if doc["kind"] in CRD_KINDS:
+            continue
+        path = tmp_path / f"{i:02d}-{doc['kind']}-{doc['metadata']['name']}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        files.append(str(path))
+    assert files
+    for version in ("1.30.0", "1.37.0"):
+        result = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, *files],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_duplicate_keys_and_every_object_namespaced(rendered):
+    _, documents = rendered
+    for doc in documents:
+        assert doc["metadata"]["namespace"] == "llm", (doc["kind"], doc["metadata"]["name"])
+    names = [(d["kind"], d["metadata"]["name"]) for d in documents]
+    assert len(names) == len(set(names))
+
+
+def test_pods_are_hardened_and_have_resources_and_probes(rendered):
+    _, documents = rendered
+    for name, spec in pod_specs(documents):
+        assert spec["securityContext"]["runAsNonRoot"] is True, name
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        for container in spec["containers"] + spec.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["readOnlyRootFilesystem"] is True, (name, container["name"])
+            assert context["allowPrivilegeEscalation"] is False, (name, container["name"])
+            assert context["capabilities"]["drop"] == ["ALL"], (name, container["name"])
+            assert container["resources"]["requests"]["memory"], (name, container["name"])
+        for container in spec["containers"]:
+            assert container["readinessProbe"] and container["livenessProbe"], (name, container["name"])
+
+
+def test_gateway_one_worker_probes_routes_and_auth(rendered):
+    values, documents = rendered
+    (gateway,) = [d for d in by_kind(documents, "Deployment") if d["metadata"]["name"] == "lg-loragate-gateway"]
+    container = gateway["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["LORAGATE_WORKERS"]["value"] == "1"
+    assert env["LORAGATE_HOST"]["value"] == "0.0.0.0"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    auth = (values or {}).get("auth", {}).get("enabled", True)
+    assert ("LORAGATE_API_KEYS_FILE" in env) is auth
+    assert env["LORAGATE_AUTH"]["value"] == str(auth).lower()
+    request_log = (values or {}).get("requestLog", {})
+    if request_log.get("enabled"):
+        expected = request_log.get("url") or "/var/lib/loragate/requestlog"
+        assert env["LORAGATE_REQUEST_LOG_URL"]["value"] == expected
+        assert env["LORAGATE_REQUEST_LOG_WRITER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    else:
+        assert "LORAGATE_REQUEST_LOG_URL" not in env
+    if auth:
+        assert "secretKeyRef" in env["LORAGATE_ADMIN_TOKEN"]["valueFrom"]
+    # The routes ConfigMap is mounted as a directory (updates propagate) and is a valid catalog.
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "routes")
+    assert "subPath" not in mount and env["LORAGATE_ROUTES_FILE"]["value"].startswith(mount["mountPath"] + "/")
+    (routes,) = [d for d in by_kind(documents, "ConfigMap") if d["metadata"]["name"] == "lg-loragate-routes"]
+    catalog = parse_catalog(routes["data"]["routes.yaml"])
+    given = (values or {}).get("routes") or render_defaults()["routes"]
+    assert set(catalog.routes) == {route["name"] for route in given}  # a list: replaced, never merged
+    engine_enabled = (values or {}).get("engine", {}).get("enabled", True)
+    upstreams = env["LORAGATE_UPSTREAMS"]["value"].split(",")
+    if engine_enabled:
+        replicas = (values or {}).get("engine", {}).get("replicas", 1)
+        assert upstreams == [f"http://lg-loragate-engine-{i}.lg-loragate-engine.llm.svc:8000" for i in range(replicas)]
+    # Scale by replicas: the HPA owns the count when enabled.
+    hpa = by_kind(documents, "HorizontalPodAutoscaler")
+    assert ("replicas" in gateway["spec"]) is (not hpa)
+
+
+def render_defaults() -> dict:
+    with helm.Chart.load(CHART) as chart:
+        return chart.values
+
+
+def test_engine_runs_vllm_with_lora_on_gpus(rendered):
+    values, documents = rendered
+    statefulsets = by_kind(documents, "StatefulSet")
+    if (values or {}).get("engine", {}).get("enabled", True) is False:
+        assert not statefulsets
+        return
+    (engine,) = statefulsets
+    spec = engine["spec"]["template"]["spec"]
+    vllm = spec["containers"][0]
+    assert vllm["image"].startswith("vllm/vllm-openai:")
+    args = vllm["args"]
+    for flag in ("--enable-lora", "--lora-modules"):
+        assert flag in args
+    assert any(a.startswith("--max-loras=") for a in args) and any(a.startswith("--max-lora-rank=") for a in args)
+    env = {e["name"]: e.get("value") for e in vllm["env"]}
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert vllm["resources"]["limits"]["nvidia.com/gpu"] >= 1
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert vllm[probe]["httpGet"]["path"] == "/health"
+    mounts = {m["mountPath"] for m in vllm["volumeMounts"]}
+    assert {"/models", "/adapters"} <= mounts
+    assert engine["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "model-cache"
+    source = (values or {}).get("engine", {}).get("adapterSource", {}).get("type", "pvc")
+    adapters = next(v for v in spec["volumes"] if v["name"] == "adapters")
+    if source == "objectStore":
+        assert "emptyDir" in adapters and spec["initContainers"][0]["command"][:3] == ["aws", "s3", "sync"]
+    else:
+        assert adapters["persistentVolumeClaim"]["readOnly"] is True
+
+
+def test_monitor_rbac_is_least_privilege(rendered):
+    values, documents = rendered
+    roles = by_kind(documents, "Role")
+    if (values or {}).get("monitor", {}).get("enabled", True) is False:
+        assert not roles and not by_kind(documents, "RoleBinding")
+        return
+    (role,) = roles
+    assert role["rules"] == [
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["lg-loragate-routes"],
+         "verbs": ["get", "patch"]},
+    ]
+    assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
+    (monitor,) = [d for d in by_kind(documents, "Deployment") if d["metadata"]["name"] == "lg-loragate-monitor"]
+    assert monitor["spec"]["template"]["spec"]["containers"][0]["command"] == ["loragate", "monitor"]
+
+
+def test_dashboards_network_policies_and_operator_resources(rendered):
+    values, documents = rendered
+    values = values or {}
+    dashboards = [d for d in by_kind(documents, "ConfigMap") if d["metadata"]["labels"].get("grafana_dashboard") == "1"]
+    if values.get("grafana", {}).get("dashboards", {}).get("enabled", True):
+        shipped = {p.name: p.read_text() for p in (ROOT / "deploy" / "grafana" / "dashboards").glob("*.json")}
+        assert {k: v + "\n" for d in dashboards for k, v in d["data"].items()} == shipped
+    else:
+        assert not dashboards
+    policies = by_kind(documents, "NetworkPolicy")
+    assert bool(policies) is values.get("networkPolicy", {}).get("enabled", True)
+    operator = values.get("metrics", {}).get("prometheusOperator", "auto") is True
+    monitors, rules = by_kind(documents, "ServiceMonitor"), by_kind(documents, "PrometheusRule")
+    assert bool(monitors) is operator and bool(rules) is operator
+    for monitor in monitors:
+        endpoint = monitor["spec"]["endpoints"][0]
+        assert endpoint["path"] == "/metrics" and endpoint["relabelings"][0]["targetLabel"] == "job"
+    if operator:
+        shipped = [g for p in sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
+                   for g in yaml.safe_load(p.read_text())["groups"]]
+        assert rules[0]["spec"]["groups"] == shipped
+
+
+def test_prometheus_operator_resources_follow_the_capability_by_default():
+    """metrics.prometheusOperator=auto renders them only where monitoring.coreos.com/v1 is served;
+    offline Helm has no such API, so nothing is rendered; true forces them."""
+    assert not by_kind(render(), "ServiceMonitor")
+    forced = render({"metrics": {"prometheusOperator": True}})
+    assert {d["metadata"]["name"] for d in by_kind(forced, "ServiceMonitor")} == {
+        "lg-loragate-gateway", "lg-loragate-engine", "lg-loragate-monitor"}
+
+
+def test_notes_say_one_worker_per_pod():
+    with helm.Chart.load(CHART) as chart:
+        notes = chart.render(name="lg", namespace="llm")["loragate/templates/NOTES.txt"]
+    assert "ONE uvicorn worker" in notes and "lg-loragate-gateway" in notes
