@@ -97,6 +97,13 @@ def text_of(events: list[str]) -> str:
     return "".join(parts)
 
 
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
 def delta(before: str, after: str, name: str, **labels) -> float:
     return sample_sum(after, name, **labels) - sample_sum(before, name, **labels)
 
@@ -263,9 +270,11 @@ def test_2000_requests_with_a_replica_killed_mid_load_are_all_accounted(tmp_path
 
                 return await asyncio.gather(*(one(i) for i in range(n)))
 
+        rss_before = rss_mib(service.process.pid)
         results = asyncio.run(run())
         assert len(results) == n
         assert results == [(200, "complete")] * n
+        assert rss_mib(service.process.pid) - rss_before < 64, "memory must stay bounded"
         text = scrape(url)
         assert sample_sum(text, "loragate_requests_total", route="ok") == n
         assert sample_sum(text, "loragate_requests_total", route="ok", status_class="2xx") == n
