@@ -18,11 +18,11 @@ only when the log is on.
 
 from __future__ import annotations
 
+import functools
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -90,15 +90,26 @@ class Store(Protocol):
 # --- the columns -------------------------------------------------------------------
 
 
-def request_row(record: RequestRecord, text_mode: TextMode) -> dict[str, Any]:
-    """One row of the requests table: the answer parsed, the text kept, scrubbed or dropped."""
+def request_row(record: RequestRecord, text_mode: TextMode,
+                scrubber: Callable[[str], str] = scrub) -> dict[str, Any]:
+    """One row of the requests table: the answer parsed, the text kept, scrubbed or dropped.
+
+    Prompts are scrubbed message by message: with a caching ``scrubber`` a system prompt
+    or the earlier turns of a conversation, sent again with every request, cost once.
+    """
     if record.chunks:
         response_text, finish_reason = _stream_answer(record.chunks)
     elif record.body is not None and record.status == 200:
         response_text, finish_reason = _body_answer(record.body)
     else:
         response_text, finish_reason = None, None
-    prompt_text = prompt_of(record.payload, record.endpoint)
+    if text_mode == "none":
+        prompt_text = response_text = None
+    elif text_mode == "scrubbed":
+        prompt_text = prompt_of(record.payload, record.endpoint, scrubber)
+        response_text = None if response_text is None else scrub(response_text)
+    else:
+        prompt_text = prompt_of(record.payload, record.endpoint)
     return {
         "request_id": record.request_id,
         "timestamp": int(record.timestamp * 1000),
@@ -115,8 +126,8 @@ def request_row(record: RequestRecord, text_mode: TextMode) -> dict[str, Any]:
         "cost_usd": record.cost_usd,
         "reference_cost_usd": record.reference_cost_usd,
         "finish_reason": finish_reason,
-        "prompt_text": keep_text(prompt_text, text_mode),
-        "response_text": keep_text(response_text, text_mode),
+        "prompt_text": prompt_text,
+        "response_text": response_text,
     }
 
 
@@ -138,8 +149,11 @@ def keep_text(text: str | None, mode: TextMode) -> str | None:
     return text if mode == "full" else scrub(text)
 
 
-def prompt_of(payload: dict, endpoint: str) -> str | None:
-    """Chat: one ``role: content`` line per message. Completions: the prompt (a list joined by lines)."""
+def prompt_of(payload: dict, endpoint: str, clean: Callable[[str], str] = str) -> str | None:
+    """Chat: one ``role: content`` line per message. Completions: the prompt (a list joined by lines).
+
+    ``clean`` is applied to each message content / prompt string (the scrubber).
+    """
     if endpoint == "chat/completions":
         messages = payload.get("messages")
         if not isinstance(messages, list):
@@ -147,13 +161,13 @@ def prompt_of(payload: dict, endpoint: str) -> str | None:
         lines = []
         for message in messages:
             if isinstance(message, dict):
-                lines.append(f"{message.get('role', '')}: {_content_text(message.get('content'))}")
+                lines.append(f"{message.get('role', '')}: {clean(_content_text(message.get('content')))}")
         return "\n".join(lines)
     prompt = payload.get("prompt")
     if isinstance(prompt, str):
-        return prompt
+        return clean(prompt)
     if isinstance(prompt, list) and all(isinstance(part, str) for part in prompt):
-        return "\n".join(prompt)
+        return "\n".join(clean(part) for part in prompt)
     return None  # token ids: no text to keep
 
 
@@ -231,8 +245,6 @@ class RecentRequests:
 # --- the sink ------------------------------------------------------------------------
 
 
-_STOP = object()
-
 
 class RequestLog:
     """Bounded queue + one writer thread + a store. ``record`` never blocks."""
@@ -256,7 +268,13 @@ class RequestLog:
         self.batch_size = batch_size
         self.max_write_attempts = max_write_attempts
         self.recent = RecentRequests(recent_requests)
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._scrub_cached = functools.lru_cache(maxsize=4096)(scrub)
+        # A deque, not a queue.Queue: append/popleft need no lock, and the writer polls it
+        # every tick instead of being woken (a GIL hand-off) for every record.
+        self._queue: deque[tuple[str, RequestRecord | FeedbackRecord]] = deque()
+        self._queue_size = queue_size
+        self._tick_s = min(0.05, flush_interval_s)
+        self._stop = threading.Event()
         self._clock = clock
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -280,14 +298,10 @@ class RequestLog:
         return self._put(FEEDBACK, record)
 
     def _put(self, table: str, record: RequestRecord | FeedbackRecord) -> bool:
-        if self._closed:
+        if self._closed or len(self._queue) >= self._queue_size:
             self._counted[table, "dropped"].inc()
             return False
-        try:
-            self._queue.put_nowait((table, record))
-        except queue.Full:
-            self._counted[table, "dropped"].inc()
-            return False
+        self._queue.append((table, record))
         return True
 
     # --- lifecycle ---
@@ -306,7 +320,7 @@ class RequestLog:
             self._drain_into_pending()
             self._flush(final=True)
             return
-        self._queue.put((None, _STOP))  # blocks only while the writer makes room
+        self._stop.set()
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             log.error("request log writer did not finish within %.0fs; records may be lost", timeout_s)
@@ -316,44 +330,39 @@ class RequestLog:
     def _run(self) -> None:
         next_flush = self._clock() + self.flush_interval_s
         while True:
-            try:
-                table, item = self._queue.get(timeout=max(0.0, next_flush - self._clock()))
-            except queue.Empty:
-                item = None
-            stopping = item is _STOP
-            if item is not None and not stopping:
-                self._take(table, item)
+            stopping = self._stop.wait(self._tick_s)
+            while True:  # whole batches as soon as they are there
                 waiting = sum(len(rows) for rows in self._pending.values())
-                stopping = self._drain_into_pending(limit=max(0, self.batch_size - waiting))
-            self._depth.set(self._queue.qsize())
+                self._drain_into_pending(limit=max(0, self.batch_size - waiting))
+                if sum(len(rows) for rows in self._pending.values()) < self.batch_size:
+                    break
+                self._flush(final=False)
+                next_flush = self._clock() + self.flush_interval_s
+            self._depth.set(len(self._queue))
             if stopping:
-                self._drain_into_pending()  # a record that raced past close()
+                self._drain_into_pending()
                 self._flush(final=True)
                 self._depth.set(0)
                 return
-            full = any(len(rows) >= self.batch_size for rows in self._pending.values())
-            if full or self._clock() >= next_flush:
+            if self._clock() >= next_flush:
                 self._flush(final=False)
                 next_flush = self._clock() + self.flush_interval_s
 
-    def _drain_into_pending(self, limit: int | None = None) -> bool:
-        """Move queued records into the pending rows; True when the stop marker was met."""
+    def _drain_into_pending(self, limit: int | None = None) -> None:
+        """Move up to ``limit`` queued records (all of them by default) into the pending rows."""
         taken = 0
         while limit is None or taken < limit:
             try:
-                table, item = self._queue.get_nowait()
-            except queue.Empty:
-                return False
-            if item is _STOP:
-                return True
+                table, item = self._queue.popleft()
+            except IndexError:
+                return
             self._take(table, item)
             taken += 1
-        return False
 
     def _take(self, table: str, item: RequestRecord | FeedbackRecord) -> None:
         try:
             if table == REQUESTS:
-                row = request_row(item, self.text_mode)
+                row = request_row(item, self.text_mode, self._scrub)
             else:
                 row = feedback_row(item, self.text_mode)
         except Exception:  # a record we cannot read must not stop the writer
@@ -361,6 +370,9 @@ class RequestLog:
             self._counted[table, "failed"].inc()
             return
         self._pending[table].append(row)
+
+    def _scrub(self, text: str) -> str:
+        return self._scrub_cached(text) if len(text) <= 8192 else scrub(text)  # the cache holds at most ~32 MB
 
     def _flush(self, *, final: bool) -> None:
         """Write the pending rows; a failed batch is retried at the next flush (on the final one, at once)."""

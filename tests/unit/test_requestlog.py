@@ -1,0 +1,298 @@
+"""The request log: rows from records, the queue and writer thread, and the Parquet files they leave."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import orjson
+import pyarrow.parquet as pq
+import pytest
+
+from service.logstore import SCHEMAS, ParquetStore, read_table
+from service.metrics import Metrics
+from service.requestlog import FeedbackRecord, RequestLog, RequestRecord, prompt_of, request_row
+
+PII = {
+    "email": "jane.doe@example.com",
+    "phone": "+44 20 7946 0958",
+    "card": "4111 1111 1111 1111",
+    "ssn": "123-45-6789",
+    "ip": "203.0.113.42",
+    "key": "sk-abcdefghijklmnopqrstuvwx123456",
+}
+PII_PROMPT = (f"I am {PII['email']}, phone {PII['phone']}, card {PII['card']}, ssn {PII['ssn']}, "
+              f"from {PII['ip']}, my key is {PII['key']}")
+
+
+def chat_record(request_id: str = "r1", *, content: str = "hello", answer: str = "hi there",
+                timestamp: float = 1_700_000_000.0, stream: bool = False, status: int = 200) -> RequestRecord:
+    payload = {"model": "a1", "messages": [{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": content}]}
+    body = chunks = None
+    if stream:
+        chunks = [_sse({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})]
+        for word in answer.split(" "):
+            chunks.append(_sse({"choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}))
+        chunks.append(_sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+                      + _sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}) + b"data: [DONE]\n\n")
+    else:
+        body = orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                          "finish_reason": "length"}]})
+    return RequestRecord(
+        request_id=request_id, timestamp=timestamp, route="support", variant="v1", endpoint="chat/completions",
+        status=status, stream=stream, fallback=None, latency_s=0.5, ttft_s=0.1 if stream else None,
+        prompt_tokens=3, completion_tokens=2, cost_usd=0.001, reference_cost_usd=0.01,
+        payload=payload, body=body, chunks=chunks or [])
+
+
+def _sse(obj: dict) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def counted(metrics: Metrics, result: str, kind: str = "requests") -> float:
+    return metrics.registry.get_sample_value("loragate_requestlog_records_total", {"kind": kind, "result": result}) or 0
+
+
+# --- rows --------------------------------------------------------------------------
+
+
+def test_row_from_a_whole_chat_answer():
+    row = request_row(chat_record(answer="the answer"), "full")
+    assert row["prompt_text"] == "system: be brief\nuser: hello"
+    assert row["response_text"] == "the answer"
+    assert row["finish_reason"] == "length"
+    assert row["timestamp"] == 1_700_000_000_000
+    assert set(row) == set(SCHEMAS["requests"].names)
+
+
+def test_row_from_a_streamed_chat_answer_split_across_chunks():
+    record = chat_record(answer="one two three", stream=True)
+    joined = b"".join(record.chunks)
+    record.chunks = [joined[i:i + 7] for i in range(0, len(joined), 7)]  # events cut anywhere
+    row = request_row(record, "full")
+    assert row["response_text"] == "one two three "
+    assert row["finish_reason"] == "stop"
+    assert row["stream"] is True
+
+
+def test_row_from_a_streamed_text_completion():
+    record = chat_record(stream=True)
+    record.endpoint = "completions"
+    record.payload = {"model": "a1", "prompt": ["first", "second"]}
+    record.chunks = [_sse({"choices": [{"index": 0, "text": "ab", "finish_reason": None}]}),
+                     _sse({"choices": [{"index": 0, "text": "cd", "finish_reason": "length"}]}), b"data: [DONE]\n\n"]
+    row = request_row(record, "full")
+    assert (row["prompt_text"], row["response_text"], row["finish_reason"]) == ("first\nsecond", "abcd", "length")
+
+
+def test_an_error_answer_has_no_text():
+    record = chat_record(status=400)
+    record.body = b'{"error": {"message": "bad"}}'
+    row = request_row(record, "full")
+    assert row["response_text"] is None and row["finish_reason"] is None and row["status"] == 400
+
+
+def test_prompt_text_of_content_parts_and_token_ids():
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "look"},
+                                                       {"type": "image_url", "image_url": {"url": "x"}}]}]}
+    assert prompt_of(parts, "chat/completions") == "user: look"
+    assert prompt_of({"prompt": [1, 2, 3]}, "completions") is None
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("full", PII_PROMPT), ("none", None)])
+def test_text_modes(mode, expected):
+    row = request_row(chat_record(content=PII_PROMPT), mode)
+    assert row["prompt_text"] == (None if expected is None else f"system: be brief\nuser: {expected}")
+    assert (row["response_text"] is None) == (mode == "none")
+
+
+# --- the writer and the files ------------------------------------------------------------
+
+
+def test_every_record_reaches_parquet_with_the_documented_schema(tmp_path):
+    metrics = Metrics()
+    sink = RequestLog(ParquetStore(str(tmp_path), writer_id="w1"), metrics, flush_interval_s=60, batch_size=1000)
+    sink.start()
+    for index in range(250):
+        sink.record(chat_record(f"r{index}", stream=index % 2 == 0))
+    sink.close()
+    table = read_table(str(tmp_path), "requests")
+    assert sorted(table.column("request_id").to_pylist()) == sorted(f"r{i}" for i in range(250))
+    files = list((tmp_path / "requests").rglob("*"))
+    parquet = [f for f in files if f.is_file()]
+    assert all(re.fullmatch(r"w1-\d{8}T\d{9}Z-\d{6}\.parquet", f.name) for f in parquet), parquet
+    assert pq.read_schema(parquet[0]).remove_metadata() == SCHEMAS["requests"]
+    assert str(pq.read_schema(parquet[0]).field("timestamp").type) == "timestamp[ms, tz=UTC]"
+    assert counted(metrics, "written") == 250 and counted(metrics, "dropped") == 0
+
+
+def test_partitions_by_utc_day(tmp_path):
+    sink = RequestLog(ParquetStore(str(tmp_path), writer_id="w"), Metrics())
+    sink.record(chat_record("late", timestamp=1_700_006_399.0))  # 2023-11-14 23:59:59 UTC
+    sink.record(chat_record("early", timestamp=1_700_006_400.0))  # 2023-11-15 00:00:00 UTC
+    sink.close()
+    days = sorted(p.name for p in (tmp_path / "requests").iterdir())
+    assert days == ["date=2023-11-14", "date=2023-11-15"]
+    table = read_table(str(tmp_path), "requests")
+    assert dict(zip(table.column("request_id").to_pylist(), table.column("date").to_pylist())) == {
+        "late": "2023-11-14", "early": "2023-11-15"}
+
+
+def test_record_never_blocks_and_a_full_queue_drops_and_counts(tmp_path):
+    metrics = Metrics()
+    sink = RequestLog(ParquetStore(str(tmp_path)), metrics, queue_size=3)  # writer not started: nothing drains
+    started = time.perf_counter()
+    for index in range(10):
+        sink.record(chat_record(f"r{index}"))
+    assert time.perf_counter() - started < 0.1
+    assert counted(metrics, "dropped") == 7
+    assert metrics.registry.get_sample_value("loragate_requestlog_queue_depth") is not None
+    sink.close()
+    assert read_table(str(tmp_path), "requests").num_rows == 3
+    sink.record(chat_record("after-close"))
+    assert counted(metrics, "dropped") == 8
+
+
+def test_writes_every_batch_size_records_and_every_interval(tmp_path):
+    sink = RequestLog(ParquetStore(str(tmp_path)), Metrics(), flush_interval_s=60, batch_size=10)
+    sink.start()
+    for index in range(25):
+        sink.record(chat_record(f"r{index}"))
+    _wait_for(lambda: _rows(tmp_path) == 20)  # two full batches, the rest waits for the interval
+    time.sleep(0.3)
+    assert _rows(tmp_path) == 20
+    sink.close()
+    assert _rows(tmp_path) == 25
+
+    other = tmp_path / "interval"
+    sink = RequestLog(ParquetStore(str(other)), Metrics(), flush_interval_s=0.2, batch_size=1000)
+    sink.start()
+    sink.record(chat_record("lonely"))
+    _wait_for(lambda: _rows(other) == 1)  # no close: the interval alone wrote it
+    sink.close()
+
+
+def test_a_failed_write_is_retried_then_counted(tmp_path):
+    class Flaky:
+        def __init__(self, failures: int) -> None:
+            self.failures, self.rows = failures, []
+
+        def write(self, table, rows):
+            if self.failures:
+                self.failures -= 1
+                raise OSError("store down")
+            self.rows += rows
+
+    metrics = Metrics()
+    flaky = Flaky(failures=2)
+    sink = RequestLog(flaky, metrics, flush_interval_s=0.05, max_write_attempts=3)
+    sink.start()
+    sink.record(chat_record("r1"))
+    _wait_for(lambda: len(flaky.rows) == 1)
+    sink.close()
+    assert counted(metrics, "written") == 1 and counted(metrics, "failed") == 0
+
+    metrics = Metrics()
+    sink = RequestLog(Flaky(failures=100), metrics, flush_interval_s=0.05, max_write_attempts=2)
+    sink.start()
+    for index in range(4):
+        sink.record(chat_record(f"r{index}"))
+    sink.close()
+    assert counted(metrics, "failed") == 4
+
+
+def test_records_from_many_threads_all_arrive(tmp_path):
+    sink = RequestLog(ParquetStore(str(tmp_path)), Metrics(), flush_interval_s=0.05, batch_size=50)
+    sink.start()
+
+    def send(prefix: str) -> None:
+        for index in range(200):
+            sink.record(chat_record(f"{prefix}-{index}"))
+
+    threads = [threading.Thread(target=send, args=(f"t{n}",)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sink.close()
+    ids = read_table(str(tmp_path), "requests").column("request_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 800
+
+
+def test_two_writers_share_a_root_without_clashing(tmp_path):
+    sinks = [RequestLog(ParquetStore(str(tmp_path)), Metrics()) for _ in range(2)]
+    for n, sink in enumerate(sinks):
+        for index in range(5):
+            sink.record(chat_record(f"w{n}-{index}"))
+    for sink in sinks:
+        sink.close()
+    assert _rows(tmp_path) == 10
+    assert not [p for p in tmp_path.rglob(".*")], "no temporary files are left behind"
+
+
+def test_planted_pii_never_reaches_storage(tmp_path):
+    sink = RequestLog(ParquetStore(str(tmp_path)), Metrics())  # scrubbed is the default
+    sink.record(chat_record("chat", content=PII_PROMPT, answer=f"sure, I will mail {PII['email']}"))
+    sink.record(chat_record("stream", content=PII_PROMPT, answer=f"your card {PII['card']} is noted", stream=True))
+    sink.record_feedback(FeedbackRecord("chat", time.time(), "support", "v1", 1.0, "good",
+                                        f"should have said call {PII['phone']}"))
+    sink.close()
+    stored = [read_table(str(tmp_path), "requests").to_pylist(), read_table(str(tmp_path), "feedback").to_pylist()]
+    text = repr(stored)
+    for secret in PII.values():
+        assert secret not in text
+    for placeholder in ("[EMAIL]", "[PHONE]", "[CARD]", "[NATIONAL_ID]", "[IP]", "[SECRET]"):
+        assert placeholder in text
+    raw = b"".join(p.read_bytes() for p in tmp_path.rglob("*.parquet"))
+    for secret in PII.values():
+        assert secret.encode() not in raw
+
+
+def test_feedback_table(tmp_path):
+    metrics = Metrics()
+    sink = RequestLog(ParquetStore(str(tmp_path)), metrics)
+    sink.record_feedback(FeedbackRecord("r1", 1_700_000_000.5, "support", "v1", 0.5, "good", "better: x"))
+    sink.record_feedback(FeedbackRecord("r2", 1_700_000_001.0, None, None, None, "bad", None))
+    sink.close()
+    rows = read_table(str(tmp_path), "feedback").to_pylist()
+    assert [(r["request_id"], r["route"], r["variant"], r["score"], r["label"], r["correction"]) for r in rows] == [
+        ("r1", "support", "v1", 0.5, "good", "better: x"), ("r2", None, None, None, "bad", None)]
+    assert counted(metrics, "written", kind="feedback") == 2
+
+
+def test_recent_requests_map_is_bounded():
+    sink = RequestLog(object(), Metrics(), recent_requests=3)
+    for index in range(5):
+        sink.record(chat_record(f"r{index}"))
+    assert sink.recent.get("r0") is None and sink.recent.get("r4") == ("support", "v1")
+    assert len(sink.recent._served) == 3
+
+
+def test_the_gateway_does_not_import_pyarrow_when_the_log_is_off(tmp_path):
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("routes:\n  r:\n    variants: [{name: base, weight: 1}]\n")
+    code = (
+        "import sys; sys.modules['pyarrow'] = None\n"  # any import of pyarrow now fails
+        "from service.app import create_app; from service.settings import Settings\n"
+        f"create_app(Settings(routes_file={str(routes)!r}, upstreams=['http://127.0.0.1:9']))\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.stdout.strip() == "ok", result.stderr
+
+
+def _rows(root: Path) -> int:
+    return sum(pq.read_metadata(p).num_rows for p in root.rglob("*.parquet") if not p.name.startswith("."))
+
+
+def _wait_for(condition, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
