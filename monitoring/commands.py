@@ -1,0 +1,148 @@
+"""Argument parsing and handlers for ``loragate drift`` and ``loragate monitor``.
+
+Imported by service/cli.py when it builds its parser, so this module stays light:
+pandas, pyarrow and Evidently are imported inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+
+
+def duration_s(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``1d`` -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 15m, 2h, 1d)")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def add_drift_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--request-log", required=True, help="request-log root: a directory or s3://bucket/prefix")
+    p.add_argument("--route", required=True)
+    p.add_argument("--variant", help="one variant (default: all of the route's traffic)")
+    current = p.add_argument_group("current window (default: the last --window)")
+    current.add_argument("--window", type=duration_s, default=3600.0, help="e.g. 1h (default)")
+    current.add_argument("--since", help="ISO time or unix seconds")
+    current.add_argument("--until", help="ISO time or unix seconds (default now)")
+    ref = p.add_argument_group("reference: a dataset file, or an earlier request-log window")
+    ref.add_argument("--reference", help="Parquet/CSV/JSONL, e.g. the adapter's training set")
+    ref.add_argument("--reference-since")
+    ref.add_argument("--reference-until")
+    ref.add_argument("--reference-window", type=duration_s,
+                     help="length of the window that ends where the current one starts (default: --window)")
+    p.add_argument("--prometheus", help="Prometheus URL: add per-variant latency, cost, error and fallback series")
+    p.add_argument("--prometheus-step", type=duration_s, default=60.0)
+    p.add_argument("--prometheus-rate-window", default="1m", help="PromQL range of rate() (>= 4 scrape intervals)")
+    p.add_argument("--out", type=Path, default=Path("drift-reports"), help="where the HTML and JSON go")
+    p.add_argument("--min-rows", type=int, default=30)
+    p.add_argument("--drift-share", type=float, default=0.5)
+    p.add_argument("--json", action="store_true", help="print the whole JSON summary")
+
+
+def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, required=True, help="monitor YAML (see docs/monitoring.md)")
+    p.add_argument("--once", action="store_true", help="run every check once and exit (1 when any drifted)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+
+
+def _windows(args):
+    from monitoring.sources import Window, utc
+
+    until = utc(args.until) if args.until else utc(time.time())
+    current = Window.between(args.since, until) if args.since else Window.last(args.window, end=until)
+    if args.reference_since:
+        reference = Window.between(args.reference_since, args.reference_until or current.start)
+    else:
+        length = args.reference_window or (current.end - current.start).total_seconds()
+        reference = Window.last(length, end=args.reference_until or current.start)
+    return current, reference
+
+
+def drift_command(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from monitoring.drift import DriftConfig, run_drift
+    from monitoring.sources import Prometheus, PrometheusError, RequestLog, load_reference
+
+    try:
+        current_window, ref_window = _windows(args)
+        log = RequestLog(args.request_log)
+        current = log.requests(current_window, args.route, args.variant)
+        reference = load_reference(args.reference) if args.reference else log.requests(ref_window, args.route, args.variant)
+        series = None
+        if args.prometheus:
+            prom = Prometheus(args.prometheus)
+
+            async def both():
+                return await asyncio.gather(*(prom.variant_series(args.route, args.variant, w, step_s=args.prometheus_step,
+                                                                  rate_window=args.prometheus_rate_window)
+                                              for w in (ref_window, current_window)))
+            try:
+                series = tuple(asyncio.run(both()))
+            except (PrometheusError, OSError) as exc:
+                print(f"loragate drift: Prometheus unavailable, going on without it: {exc}", file=sys.stderr)
+        result = run_drift(reference, current, route=args.route, variant=args.variant, out_dir=args.out,
+                           prometheus=series, config=DriftConfig(min_rows=args.min_rows, drift_share=args.drift_share))
+    except (OSError, ValueError) as exc:
+        print(f"loragate drift: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(Path(result.json_path).read_text())
+    else:
+        print(summary_text(result))
+    return EXIT_DRIFT if result.dataset_drift else EXIT_OK
+
+
+def summary_text(result) -> str:
+    lines = [f"route={result.route} variant={result.variant or '*'} status={result.status} "
+             f"reference_rows={result.reference_rows} current_rows={result.current_rows}"]
+    if result.reason:
+        lines.append(f"  {result.reason}")
+    if result.features:
+        lines.append(f"  drifted {len(result.drifted_features)}/{len(result.features)} features "
+                     f"(share {result.share:.2f}, dataset drift at >= {result.drift_share_threshold})")
+        for f in result.features:
+            op = "<" if f.test == "p_value" else ">"
+            lines.append(f"  {'DRIFT' if f.drifted else 'ok   '} {f.feature:<20} {f.method:<16} "
+                         f"{f.score:.4g} ({op} {f.threshold} drifts)")
+    for s in result.prometheus:
+        ratio = f"x{s.ratio:.2f}" if s.ratio is not None else "-"
+        lines.append(f"  prometheus {s.series:<22} ref={s.reference_mean} cur={s.current_mean} {ratio}")
+    if result.html_path:
+        lines.append(f"  report: {result.html_path}")
+    if result.json_path:
+        lines.append(f"  summary: {result.json_path}")
+    return "\n".join(lines)
+
+
+def monitor_command(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from pydantic import ValidationError
+
+    from monitoring.service import MonitorConfig, serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = MonitorConfig.load(args.config)
+    except (OSError, ValidationError, ValueError) as exc:
+        print(f"loragate monitor: bad config {args.config}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.host:
+        config.host = args.host
+    if args.port:
+        config.port = args.port
+    try:
+        return asyncio.run(serve(config, once=args.once))
+    except KeyboardInterrupt:
+        return EXIT_OK

@@ -1,0 +1,404 @@
+"""Drift of live traffic against a reference, as an Evidently 0.7 report and a typed result.
+
+Features per request: token counts, latency, TTFT, cost in micro-dollars (numerical); finish reason and
+fallback yes/no (categorical); length, word count and out-of-vocabulary share of the
+prompt and the response text (numerical descriptors, all computed offline).
+
+Statistical choices (see tests/unit/test_drift.py and bench/drift_fp_rate.py):
+
+- The method per column is chosen here from the smaller side's row count, not left to
+  Evidently (which looks at the reference only: a 50k-row reference against a 40-row
+  window would get a distance with no allowance for the small sample's noise, and a
+  500-row reference against 100k rows a p-value test that flags differences too small to
+  matter). Below ``large_sample_rows`` (1,000): two-sample K-S / chi-square, drift when
+  p < 0.05, so about 5% of unchanged columns are flagged per run by design. From 1,000
+  rows: normed Wasserstein / Jensen-Shannon distance, drift when > 0.1, an effect size
+  rather than a significance test.
+- Evidently's own ``chisquare`` is a goodness-of-fit test that takes the reference
+  frequencies as exact; with two samples of similar size it flags 10-12% of unchanged
+  columns at p < 0.05 (measured). Categorical columns get ``chi2_two_sample`` instead: the
+  chi-square test of independence on the 2 x k contingency table (scipy), registered
+  with Evidently as a custom stat test.
+- One flagged column is not an alarm: the dataset drifts when at least ``drift_share`` of
+  the columns drift, and triggers ask for K drifting runs in a row on top of that.
+- The out-of-vocabulary share of a reference row is computed leave-one-out (a word
+  counts as unknown when no *other* reference row has it), so the reference is not
+  scored against a vocabulary it built itself; otherwise every reference row would get
+  0 and any current window would look shifted.
+- Measured with bench/drift_fp_rate.py (50 pairs of same-distribution windows, 13
+  columns): 300 rows a side: 2.9% of columns flagged, some column in 26% of runs, dataset
+  drift 2% of runs at drift_share 0.3 and 0% at 0.5; 2,000 rows a side: 1.2% of columns,
+  dataset drift 0% at 0.3. Hence drift_share 0.5 by default and trigger policies that want
+  K runs in a row. Latency columns also move with the machine's load, not only the traffic.
+- Windows with fewer than ``min_rows`` rows give ``status="insufficient_data"``: no
+  report, no alarm.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
+
+from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+NUMERICAL = ("prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "cost_micro_usd")
+CATEGORICAL = ("finish_reason", "fallback")
+TEXT = ("prompt_text", "response_text")
+# Descriptor columns per text column: (name, kind). Length and word count come from
+# Evidently's TextLength and WordCount descriptors; the OOV share is ours.
+DESCRIPTORS = {
+    "prompt_text": ("prompt_length", "prompt_words", "prompt_oov_share"),
+    "response_text": ("response_length", "response_words", "response_oov_share"),
+}
+CHI2_TWO_SAMPLE = "chi2_two_sample"
+P_VALUE_METHODS = frozenset({
+    CHI2_TWO_SAMPLE, "ks", "chisquare", "z", "fisher_exact", "g_test", "mannw", "t_test", "anderson",
+    "cramer_von_mises", "epps_singleton", "empirical_mmd", "es",
+})
+_WORD = re.compile(r"[^\W\d_]+")
+
+
+class DriftConfig(BaseModel):
+    min_rows: int = Field(30, ge=2, description="fewer rows on either side: insufficient data")
+    drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted columns that makes dataset drift")
+    large_sample_rows: int = Field(1000, description="from this many rows (smaller side) use distances")
+    p_value_threshold: float = 0.05
+    distance_threshold: float = 0.1
+    # Overrides, e.g. {"latency_s": "psi"} / {"latency_s": 0.2}; a method here is used at every size.
+    per_column_method: dict[str, str] = Field(default_factory=dict)
+    per_column_threshold: dict[str, float] = Field(default_factory=dict)
+    text_descriptors: bool = True
+
+
+@dataclass(frozen=True)
+class FeatureDrift:
+    feature: str
+    kind: str  # "numerical" | "categorical"
+    method: str
+    score: float
+    threshold: float
+    drifted: bool
+    test: str  # "p_value": drift when score < threshold; "distance": when score > threshold
+
+    @staticmethod
+    def judge(method: str, score: float, threshold: float) -> tuple[bool, str]:
+        if method in P_VALUE_METHODS:
+            return score < threshold, "p_value"
+        return score > threshold, "distance"
+
+
+@dataclass(frozen=True)
+class SeriesComparison:
+    """A Prometheus series over the reference and the current window (informational, no test:
+    per-minute aggregates are autocorrelated and few, a p-value on them would overstate)."""
+
+    series: str
+    reference_mean: float | None
+    current_mean: float | None
+    ratio: float | None
+    reference_points: int
+    current_points: int
+
+
+@dataclass
+class DriftResult:
+    route: str
+    variant: str | None
+    status: str  # "ok" | "drift" | "insufficient_data"
+    reference_rows: int
+    current_rows: int
+    features: list[FeatureDrift] = field(default_factory=list)
+    drift_share_threshold: float = 0.5
+    reason: str | None = None
+    prometheus: list[SeriesComparison] = field(default_factory=list)
+    html_path: str | None = None
+    json_path: str | None = None
+    created_at: float = field(default_factory=time.time)
+    duration_s: float = 0.0
+
+    @property
+    def drifted_features(self) -> list[str]:
+        return [f.feature for f in self.features if f.drifted]
+
+    @property
+    def share(self) -> float:
+        return len(self.drifted_features) / len(self.features) if self.features else 0.0
+
+    @property
+    def dataset_drift(self) -> bool:
+        return self.status == "drift"
+
+    def feature(self, name: str) -> FeatureDrift:
+        return next(f for f in self.features if f.feature == name)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.update(drifted_features=self.drifted_features, drifted_count=len(self.drifted_features),
+                    share=self.share, dataset_drift=self.dataset_drift)
+        return data
+
+
+# --- features ----------------------------------------------------------------------------------
+
+def oov_shares(reference: Iterable[object], current: Iterable[object]) -> tuple[list[float], list[float]]:
+    """Share of each row's words that the reference vocabulary lacks.
+
+    Reference rows are scored leave-one-out: a word is unknown to a reference row when no
+    other reference row contains it (its document frequency is 1). Rows without words get NaN.
+    Vectorised with pandas (explode + value counts): 100k rows take well under a second.
+    """
+    import pandas as pd
+
+    def tokens(texts) -> "pd.Series":
+        series = pd.Series(list(texts), dtype="object")
+        series = series.where(series.map(lambda v: isinstance(v, str)), "")
+        return series.str.lower().str.findall(_WORD.pattern).explode()  # index: row number
+
+    ref_tokens, cur_tokens = tokens(reference), tokens(current)
+    ref_pairs = ref_tokens.dropna().reset_index().drop_duplicates()
+    doc_freq = ref_pairs.iloc[:, 1].value_counts()
+
+    def shares(toks: "pd.Series", minimum: int, rows: int) -> list[float]:
+        present = toks.dropna()
+        unknown = present.map(doc_freq).fillna(0).lt(minimum).astype("float64")
+        per_row = unknown.groupby(level=0).mean()
+        return per_row.reindex(range(rows)).tolist()
+
+    return shares(ref_tokens, 2, len(ref_tokens.index.unique())), shares(cur_tokens, 1, len(cur_tokens.index.unique()))
+
+
+def prepare(frame: "pd.DataFrame") -> "pd.DataFrame":
+    """Request-log (or reference) rows -> the feature frame (text kept for the descriptors)."""
+    import pandas as pd
+
+    out = pd.DataFrame(index=frame.index)
+    for column in NUMERICAL:
+        if column in frame:
+            out[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    if "cost_usd" in frame:
+        # In micro-dollars: Evidently norms the Wasserstein distance by max(std, 0.001), which
+        # would hide any shift in per-request costs of a few millionths of a dollar.
+        out["cost_micro_usd"] = pd.to_numeric(frame["cost_usd"], errors="coerce").astype("float64") * 1e6
+    if "finish_reason" in frame:
+        out["finish_reason"] = frame["finish_reason"].fillna("none").astype(str)
+    if "fallback" in frame:
+        out["fallback"] = frame["fallback"].map(lambda v: "yes" if isinstance(v, str) and v else "no")
+    for column in TEXT:
+        if column in frame and frame[column].notna().any():
+            out[column] = frame[column].where(frame[column].notna(), None)
+    return out.reset_index(drop=True)
+
+
+def _usable(ref: "pd.Series", cur: "pd.Series", min_rows: int) -> bool:
+    return int(ref.notna().sum()) >= min_rows and int(cur.notna().sum()) >= min_rows
+
+
+def choose_method(feature: str, kind: str, rows: int, config: DriftConfig) -> tuple[str, float]:
+    if feature in config.per_column_method:
+        method = config.per_column_method[feature]
+    elif rows >= config.large_sample_rows:
+        method = "wasserstein" if kind == "numerical" else "jensenshannon"
+    else:
+        method = "ks" if kind == "numerical" else CHI2_TWO_SAMPLE
+    default = config.p_value_threshold if method in P_VALUE_METHODS else config.distance_threshold
+    return method, config.per_column_threshold.get(feature, default)
+
+
+# --- the report --------------------------------------------------------------------------------
+
+def run_drift(reference: "pd.DataFrame", current: "pd.DataFrame", *, route: str, variant: str | None = None,
+              config: DriftConfig | None = None, out_dir: str | Path | None = None,
+              prometheus: tuple["pd.DataFrame", "pd.DataFrame"] | None = None, name: str | None = None) -> DriftResult:
+    """Compare ``current`` with ``reference`` (request-log or reference-dataset frames).
+
+    With ``out_dir`` the Evidently HTML report and a JSON summary are written there
+    (``<name>.html``, ``<name>.json``). ``prometheus`` is a pair of frames from
+    ``Prometheus.variant_series`` (reference window, current window).
+    """
+    config = config or DriftConfig()
+    started = time.perf_counter()
+    result = DriftResult(route=route, variant=variant, status="ok", reference_rows=len(reference),
+                         current_rows=len(current), drift_share_threshold=config.drift_share)
+    if prometheus is not None:
+        result.prometheus = compare_series(*prometheus)
+    stem = name or _stem(route, variant, result.created_at)
+    if len(reference) < config.min_rows or len(current) < config.min_rows:
+        result.status = "insufficient_data"
+        result.reason = (f"need at least {config.min_rows} rows on each side, have "
+                         f"{len(reference)} reference and {len(current)} current")
+        return _finish(result, out_dir, stem, None, started)
+
+    ref, cur = prepare(reference), prepare(current)
+    if config.text_descriptors:
+        for text, (_, _, oov) in DESCRIPTORS.items():
+            if text in ref and text in cur:
+                ref[oov], cur[oov] = oov_shares(ref[text], cur[text])
+    ref_ds, cur_ds, kinds = _datasets(ref, cur, config)
+    columns = []
+    for feature, kind in kinds.items():
+        r, c = ref_ds.as_dataframe()[feature], cur_ds.as_dataframe()[feature]
+        if _usable(r, c, config.min_rows):
+            columns.append((feature, kind, min(int(r.notna().sum()), int(c.notna().sum()))))
+    if not columns:
+        result.status = "insufficient_data"
+        result.reason = f"no feature has {config.min_rows} non-empty values on both sides"
+        return _finish(result, out_dir, stem, None, started)
+
+    from evidently import Report
+    from evidently.presets import DataDriftPreset
+
+    register_stattests()
+
+    methods = {f: choose_method(f, kind, rows, config) for f, kind, rows in columns}
+    preset = DataDriftPreset(
+        columns=[f for f, _, _ in columns], drift_share=config.drift_share,
+        per_column_method={f: m for f, (m, _) in methods.items()},
+        per_column_threshold={f: t for f, (_, t) in methods.items()},
+    )
+    snapshot = Report([preset]).run(current_data=cur_ds, reference_data=ref_ds)
+    scores = _value_drift_scores(snapshot.dict())
+    for feature, kind, _ in columns:
+        method, threshold = methods[feature]
+        score = scores.get(feature, math.nan)
+        drifted, test = FeatureDrift.judge(method, score, threshold)
+        result.features.append(FeatureDrift(feature, kind, method, float(score), float(threshold),
+                                            bool(drifted and math.isfinite(score)), test))
+    result.status = "drift" if result.share >= config.drift_share else "ok"
+    return _finish(result, out_dir, stem, snapshot, started)
+
+
+def register_stattests() -> None:
+    """Register ``chi2_two_sample`` with Evidently (idempotent)."""
+    from evidently.legacy.calculations.stattests import registry
+    from evidently.legacy.core import ColumnType
+
+    if CHI2_TWO_SAMPLE in registry._registered_stat_tests:
+        return
+
+    def chi2_two_sample(reference, current, feature_type, threshold):
+        import numpy as np
+        from scipy.stats import chi2_contingency
+
+        ref_counts, cur_counts = reference.value_counts(), current.value_counts()
+        keys = sorted(set(ref_counts.index) | set(cur_counts.index), key=str)
+        table = np.array([[ref_counts.get(k, 0) for k in keys], [cur_counts.get(k, 0) for k in keys]])
+        if len(keys) < 2:
+            return 1.0, False
+        p_value = float(chi2_contingency(table, correction=False)[1])
+        return p_value, p_value < threshold
+
+    registry.register_stattest(
+        registry.StatTest(name=CHI2_TWO_SAMPLE, display_name="chi-square two-sample p_value",
+                          allowed_feature_types=[ColumnType.Categorical]),
+        default_impl=chi2_two_sample,
+    )
+
+
+def _datasets(ref: "pd.DataFrame", cur: "pd.DataFrame", config: DriftConfig):
+    from evidently import DataDefinition, Dataset
+    from evidently.descriptors import TextLength, WordCount
+
+    kinds: dict[str, str] = {}
+    for column in NUMERICAL:
+        if column in ref and column in cur:
+            kinds[column] = "numerical"
+    for column in CATEGORICAL:
+        if column in ref and column in cur:
+            kinds[column] = "categorical"
+    text_columns, descriptors = [], []
+    if config.text_descriptors:
+        for text, (length, count, oov) in DESCRIPTORS.items():
+            if text in ref and text in cur:
+                text_columns.append(text)
+                descriptors += [TextLength(text, alias=length), WordCount(text, alias=count)]
+                kinds.update({length: "numerical", count: "numerical", oov: "numerical"})
+    plain_numerical = [c for c, k in kinds.items() if k == "numerical" and c in ref]
+
+    def dataset(frame):
+        frame = frame[[c for c in frame.columns if c in kinds or c in text_columns]]
+        definition = DataDefinition(
+            numerical_columns=[c for c in plain_numerical if c in frame],
+            categorical_columns=[c for c, k in kinds.items() if k == "categorical"],
+            text_columns=text_columns,
+        )
+        return Dataset.from_pandas(frame, data_definition=definition, descriptors=descriptors or None)
+
+    return dataset(ref), dataset(cur), kinds
+
+
+def _value_drift_scores(snapshot: dict) -> dict[str, float]:
+    scores = {}
+    for metric in snapshot.get("metrics", []):
+        config = metric.get("config", {})
+        if config.get("type", "").endswith(":ValueDrift"):
+            value = metric.get("value")
+            scores[config["column"]] = float(value) if value is not None else math.nan
+    return scores
+
+
+def compare_series(reference: "pd.DataFrame", current: "pd.DataFrame") -> list[SeriesComparison]:
+    out = []
+    for series in sorted(set(reference.columns) | set(current.columns)):
+        r = reference[series].dropna() if series in reference else reference.iloc[:0, :0]
+        c = current[series].dropna() if series in current else current.iloc[:0, :0]
+        r_mean = float(r.mean()) if len(r) else None
+        c_mean = float(c.mean()) if len(c) else None
+        ratio = c_mean / r_mean if r_mean and c_mean is not None else None
+        out.append(SeriesComparison(series, r_mean, c_mean, ratio, len(r), len(c)))
+    return out
+
+
+def _stem(route: str, variant: str | None, created_at: float) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created_at))
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{route}-{variant or 'all'}")
+    return f"drift-{safe}-{stamp}"
+
+
+def _finish(result: DriftResult, out_dir, stem: str, snapshot, started: float) -> DriftResult:
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        if snapshot is not None:
+            html = out / f"{stem}.html"
+            snapshot.save_html(str(html))
+            if result.prometheus:
+                _append_series_table(html, result.prometheus)
+            result.html_path = str(html)
+        result.json_path = str(out / f"{stem}.json")
+    result.duration_s = time.perf_counter() - started
+    if result.json_path:
+        Path(result.json_path).write_text(json.dumps(_finite(result.to_dict()), indent=2))
+    return result
+
+
+def _finite(value):
+    """JSON has no NaN: non-finite floats become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _append_series_table(html: Path, series: list[SeriesComparison]) -> None:
+    def cell(v):
+        return "" if v is None else f"{v:.6g}"
+
+    rows = "".join(
+        f"<tr><td>{s.series}</td><td>{cell(s.reference_mean)}</td><td>{cell(s.current_mean)}</td>"
+        f"<td>{cell(s.ratio)}</td><td>{s.reference_points}/{s.current_points}</td></tr>" for s in series)
+    table = ("<section style='font-family:sans-serif;margin:24px'><h3>Prometheus series (mean per step)</h3>"
+             "<table border=1 cellpadding=4><tr><th>series</th><th>reference</th><th>current</th>"
+             f"<th>ratio</th><th>points</th></tr>{rows}</table></section>")
+    text = html.read_text()
+    html.write_text(text.replace("</body>", table + "</body>", 1) if "</body>" in text else text + table)

@@ -1,0 +1,218 @@
+"""``loragate monitor``: drift checks on a schedule, retraining triggers, its own /metrics.
+
+One asyncio process: an aiohttp app serving ``/metrics`` (its own prometheus-client
+registry) and ``/healthz``, and a loop that runs every configured check each
+``interval_s``. The Evidently work runs in a worker thread so the endpoints stay live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+
+from monitoring.drift import DriftConfig, DriftResult, run_drift
+from monitoring.sources import Prometheus, RequestLog, Window, load_reference
+from monitoring.triggers import ActionConfig, Trigger, TriggerOutcome, TriggerPolicy, TriggerState
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from prometheus_client import CollectorRegistry
+
+log = logging.getLogger("loragate.monitor")
+
+
+class ReferenceConfig(BaseModel):
+    """A saved dataset (``path``) or an earlier request-log window (``window_s`` ending ``offset_s`` ago)."""
+
+    path: str | None = None
+    window_s: float | None = None
+    offset_s: float | None = None  # default: the reference window ends where the current one starts
+
+    @model_validator(mode="after")
+    def _one(self) -> "ReferenceConfig":
+        if (self.path is None) == (self.window_s is None):
+            raise ValueError("reference needs exactly one of path or window_s")
+        return self
+
+
+class CheckConfig(BaseModel):
+    route: str
+    variant: str | None = None
+    window_s: float = 3600
+    reference: ReferenceConfig
+    prometheus_step_s: float = 60
+    prometheus_rate_window: str = "1m"
+    policy: TriggerPolicy = Field(default_factory=TriggerPolicy)
+    actions: list[ActionConfig] = Field(default_factory=list)
+
+
+class MonitorConfig(BaseModel):
+    request_log: str
+    prometheus_url: str | None = None
+    output_dir: str = "drift-reports"
+    state_file: str = "monitor-state.json"
+    interval_s: float = 900
+    host: str = "127.0.0.1"
+    port: int = 9108
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+    checks: list[CheckConfig]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MonitorConfig":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+class MonitorMetrics:
+    def __init__(self, registry: "CollectorRegistry | None" = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        rv, r = ("route", "variant"), self.registry
+        self.share = Gauge("loragate_drift_share", "Share of drifted features in the last run.", rv, registry=r)
+        self.detected = Gauge("loragate_drift_detected", "1 when the last run found dataset drift.", rv, registry=r)
+        self.feature_score = Gauge(
+            "loragate_drift_feature_score",
+            "Drift score per feature in the last run (p-value or distance, see the JSON summary).",
+            (*rv, "feature"), registry=r)
+        self.last_run = Gauge("loragate_drift_last_run_timestamp_seconds",
+                              "When the last drift run finished (unix seconds).", rv, registry=r)
+        self.triggers = Counter("loragate_retraining_triggers", "Retraining trigger actions, by result.",
+                                (*rv, "action", "result"), registry=r)
+        self.runs = Counter("loragate_drift_runs", "Drift runs, by status (ok, drift, insufficient_data, error).",
+                            (*rv, "status"), registry=r)
+
+    def record(self, result: DriftResult) -> None:
+        labels = (result.route, result.variant or "")
+        self.runs.labels(*labels, result.status).inc()
+        self.last_run.labels(*labels).set(time.time())
+        if result.status == "insufficient_data":
+            return  # keep the last real figures; the run counter says what happened
+        self.share.labels(*labels).set(result.share)
+        self.detected.labels(*labels).set(1 if result.dataset_drift else 0)
+        for feature in result.features:
+            self.feature_score.labels(*labels, feature.feature).set(feature.score)
+
+    def record_outcome(self, route: str, variant: str | None, outcome: TriggerOutcome) -> None:
+        for item in outcome.actions:
+            self.triggers.labels(route, variant or "", item.action, "ok" if item.ok else "error").inc()
+
+
+@dataclass
+class CheckRun:
+    result: DriftResult
+    outcome: TriggerOutcome
+    current: "pd.DataFrame" = field(repr=False)
+
+
+class Monitor:
+    def __init__(self, config: MonitorConfig, *, metrics: MonitorMetrics | None = None, k8s_api: Any = None) -> None:
+        self.config = config
+        self.metrics = metrics or MonitorMetrics()
+        self.log = RequestLog(config.request_log)
+        self.prometheus = Prometheus(config.prometheus_url) if config.prometheus_url else None
+        self.state = TriggerState(config.state_file)
+        self.triggers = [
+            Trigger(c.route, c.variant, c.policy, [a.build(k8s_api) for a in c.actions], self.state)
+            for c in config.checks
+        ]
+        self._references: dict[str, "pd.DataFrame"] = {}
+        self.last_results: dict[str, dict] = {}
+
+    async def run_check(self, index: int, *, now: float | None = None) -> CheckRun:
+        check, trigger = self.config.checks[index], self.triggers[index]
+        now = time.time() if now is None else now
+        current_window = Window.last(check.window_s, end=now)
+        current = await asyncio.to_thread(self.log.requests, current_window, check.route, check.variant)
+        ref_cfg = check.reference
+        if ref_cfg.path is not None:
+            if ref_cfg.path not in self._references:
+                self._references[ref_cfg.path] = await asyncio.to_thread(load_reference, ref_cfg.path)
+            reference = self._references[ref_cfg.path]
+            ref_window = Window.last(check.window_s, end=current_window.start)  # for Prometheus only
+        else:
+            offset = ref_cfg.offset_s if ref_cfg.offset_s is not None else check.window_s
+            ref_window = Window.last(ref_cfg.window_s, end=now, offset_s=offset)
+            reference = await asyncio.to_thread(self.log.requests, ref_window, check.route, check.variant)
+        series = None
+        if self.prometheus is not None:
+            try:
+                series = await asyncio.gather(*(
+                    self.prometheus.variant_series(check.route, check.variant, w, step_s=check.prometheus_step_s,
+                                                   rate_window=check.prometheus_rate_window)
+                    for w in (ref_window, current_window)))
+            except Exception as exc:  # Prometheus down: the report goes on without its series
+                log.warning("prometheus query failed for %s: %s", trigger.key, exc)
+        result = await asyncio.to_thread(
+            run_drift, reference, current, route=check.route, variant=check.variant, config=self.config.drift,
+            out_dir=self.config.output_dir, prometheus=tuple(series) if series else None)
+        self.metrics.record(result)
+        # Feedback may be stored without route/variant (another replica served the request):
+        # take the window's feedback and join it to the current requests on request_id.
+        feedback = await asyncio.to_thread(self.log.feedback, Window.between(current_window.start, now + 60))
+        feedback = feedback[feedback["request_id"].isin(current["request_id"])]
+        outcome = await trigger.handle(result, requests=current, feedback=feedback, now=now)
+        self.metrics.record_outcome(check.route, check.variant, outcome)
+        self.last_results[trigger.key] = {"status": result.status, "share": result.share,
+                                          "finished": time.time(), "fired": outcome.decision.fire,
+                                          "report": result.html_path}
+        log.info("drift %s: %s share=%.2f fired=%s", trigger.key, result.status, result.share, outcome.decision.fire)
+        return CheckRun(result, outcome, current)
+
+    async def run_all(self, *, now: float | None = None) -> list[CheckRun]:
+        runs = []
+        for index, check in enumerate(self.config.checks):
+            try:
+                runs.append(await self.run_check(index, now=now))
+            except Exception:
+                log.exception("drift check %s/%s failed", check.route, check.variant)
+                self.metrics.runs.labels(check.route, check.variant or "", "error").inc()
+        return runs
+
+    async def loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            await self.run_all()
+            await asyncio.sleep(max(1.0, self.config.interval_s - (time.monotonic() - started)))
+
+
+def make_app(monitor: Monitor):
+    from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    async def metrics(_request):
+        return web.Response(body=generate_latest(monitor.metrics.registry),
+                            headers={"content-type": CONTENT_TYPE_LATEST})
+
+    async def healthz(_request):
+        return web.json_response({"status": "ok", "checks": monitor.last_results})
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def serve(config: MonitorConfig, *, once: bool = False) -> int:
+    monitor = Monitor(config)
+    if once:
+        runs = await monitor.run_all()
+        return 1 if any(r.result.dataset_drift for r in runs) else 0
+    from aiohttp import web
+
+    runner = web.AppRunner(make_app(monitor))
+    await runner.setup()
+    await web.TCPSite(runner, config.host, config.port).start()
+    log.info("loragate monitor on http://%s:%d (%d checks every %.0f s)",
+             config.host, config.port, len(config.checks), config.interval_s)
+    try:
+        await monitor.loop()
+    finally:
+        await runner.cleanup()
+    return 0

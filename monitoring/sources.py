@@ -1,0 +1,253 @@
+"""Where the monitor's data comes from: request-log windows, reference datasets, Prometheus.
+
+The request log is Parquet partitioned by day, written by the gateway:
+``<root>/requests/date=YYYY-MM-DD/*.parquet`` and ``<root>/feedback/date=YYYY-MM-DD/*.parquet``.
+``root`` is a local directory or any URL pyarrow's filesystems understand (``s3://bucket/prefix``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pandas and pyarrow are imported where they are used: the CLI stays light
+    import pandas as pd
+
+REQUEST_COLUMNS = (
+    "request_id", "timestamp", "route", "variant", "endpoint", "status", "stream", "fallback",
+    "latency_s", "ttft_s", "prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd",
+    "finish_reason", "prompt_text", "response_text",
+)
+FEEDBACK_COLUMNS = ("request_id", "timestamp", "route", "variant", "score", "label", "correction")
+
+
+def utc(value: datetime | float | int | str) -> datetime:
+    """A timezone-aware UTC datetime from a datetime, unix seconds or an ISO string."""
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=timezone.utc)
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+@dataclass(frozen=True)
+class Window:
+    start: datetime
+    end: datetime
+
+    @classmethod
+    def last(cls, seconds: float, *, end: datetime | float | None = None, offset_s: float = 0) -> "Window":
+        """The ``seconds`` before ``end`` (default now), moved back by ``offset_s``."""
+        stop = utc(end) if end is not None else datetime.now(timezone.utc)
+        stop -= timedelta(seconds=offset_s)
+        return cls(stop - timedelta(seconds=seconds), stop)
+
+    @classmethod
+    def between(cls, start, end) -> "Window":
+        return cls(utc(start), utc(end))
+
+    def days(self) -> list[date]:
+        day, last = self.start.date(), self.end.date()
+        out = []
+        while day <= last:
+            out.append(day)
+            day += timedelta(days=1)
+        return out
+
+
+class RequestLog:
+    """Reads windows of the gateway's request log (and feedback) into pandas frames."""
+
+    def __init__(self, root: str | Path) -> None:
+        from pyarrow import fs
+
+        root = str(root)
+        if "://" in root:
+            self._fs, self._root = fs.FileSystem.from_uri(root)
+        else:
+            self._fs, self._root = fs.LocalFileSystem(), str(Path(root).resolve())
+        self._root = self._root.rstrip("/")
+
+    def requests(self, window: Window, route: str | None = None, variant: str | None = None,
+                 *, columns: tuple[str, ...] = REQUEST_COLUMNS) -> "pd.DataFrame":
+        return self._read("requests", window, route, variant, columns)
+
+    def feedback(self, window: Window, route: str | None = None, variant: str | None = None) -> "pd.DataFrame":
+        return self._read("feedback", window, route, variant, FEEDBACK_COLUMNS)
+
+    def _files(self, kind: str, window: Window) -> list[str]:
+        from pyarrow import fs
+
+        files: list[str] = []
+        for day in window.days():
+            selector = fs.FileSelector(f"{self._root}/{kind}/date={day.isoformat()}", allow_not_found=True)
+            files += sorted(info.path for info in self._fs.get_file_info(selector)
+                            if info.type == fs.FileType.File and info.path.endswith(".parquet"))
+        return files
+
+    def _read(self, kind: str, window: Window, route: str | None, variant: str | None,
+              columns: tuple[str, ...]) -> "pd.DataFrame":
+        import pandas as pd
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        tables = []
+        for path in self._files(kind, window):
+            try:
+                table = pq.read_table(path, filesystem=self._fs)
+            except (OSError, pa.ArrowInvalid):
+                continue  # a file being written or a torn upload: the next run reads it
+            mask = None
+            for name, value in (("route", route), ("variant", variant)):
+                if value is not None and name in table.column_names:
+                    cond = pc.equal(table[name], value)
+                    mask = cond if mask is None else pc.and_(mask, cond)
+            if mask is not None:
+                table = table.filter(mask)
+            tables.append(table.select([c for c in columns if c in table.column_names]))
+        if not tables:
+            return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+        frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+        for column in columns:
+            if column not in frame:
+                frame[column] = None
+        stamps = pd.to_datetime(frame["timestamp"], utc=True)
+        frame["timestamp"] = stamps
+        keep = (stamps >= pd.Timestamp(window.start)) & (stamps < pd.Timestamp(window.end))
+        return frame.loc[keep, list(columns)].sort_values("timestamp").reset_index(drop=True)
+
+
+def load_reference(path: str | Path) -> "pd.DataFrame":
+    """A saved reference dataset: Parquet, CSV or JSON Lines.
+
+    Either request-log columns, or a training set: ``prompt``/``response`` (also
+    ``prompt_text``/``response_text``, ``completion``, ``input``/``output``), or chat
+    records ``{"messages": [...]}``: the last assistant turn is the response, the turns
+    before it the prompt, written as the request log writes chat prompts.
+    """
+    import pandas as pd
+
+    text = str(path)
+    suffix = text.rsplit(".", 1)[-1].lower()
+    if suffix == "parquet":
+        frame = pd.read_parquet(text)
+    elif suffix == "csv":
+        frame = pd.read_csv(text)
+    elif suffix in ("jsonl", "json", "ndjson"):
+        frame = pd.read_json(text, lines=True)
+    else:
+        raise ValueError(f"unknown reference format {path!r}: use .parquet, .csv or .jsonl")
+    if "messages" in frame and "prompt_text" not in frame:
+        pairs = [_chat_to_pair(messages) for messages in frame["messages"]]
+        frame["prompt_text"] = [p for p, _ in pairs]
+        frame["response_text"] = [r for _, r in pairs]
+    for target, names in (("prompt_text", ("prompt", "input", "question")),
+                          ("response_text", ("response", "completion", "output", "answer"))):
+        if target not in frame:
+            for name in names:
+                if name in frame:
+                    frame[target] = frame[name]
+                    break
+    return frame
+
+
+def _chat_to_pair(messages) -> tuple[str | None, str | None]:
+    """Chat record -> (prompt as the request log writes it: ``role: content`` lines, last answer)."""
+    if isinstance(messages, str):
+        messages = json.loads(messages)
+    if messages is None or (isinstance(messages, float) and math.isnan(messages)):
+        return None, None
+    messages = list(messages)
+    answer = None
+    if messages and messages[-1].get("role") == "assistant":
+        answer = messages.pop().get("content")
+    prompt = "\n".join(f"{m.get('role', '')}: {m.get('content') or ''}" for m in messages) or None
+    return prompt, answer
+
+
+# --- Prometheus ---------------------------------------------------------------------------------
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _selector(route: str, variant: str | None, extra: str = "") -> str:
+    parts = [f'route="{_label_value(route)}"']
+    if variant is not None:
+        parts.append(f'variant="{_label_value(variant)}"')
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}"
+
+
+def variant_queries(route: str, variant: str | None, rate_window: str = "1m") -> dict[str, str]:
+    """PromQL per series: latency quantiles, cost per request, error and fallback rates."""
+    sel = _selector(route, variant)
+    requests = f"sum(rate(loragate_requests_total{sel}[{rate_window}]))"
+    queries = {
+        f"latency_p{int(q * 100)}_s":
+            f"histogram_quantile({q}, sum by (le) (rate(loragate_request_duration_seconds_bucket{sel}[{rate_window}])))"
+        for q in (0.5, 0.95, 0.99)
+    }
+    errors = _selector(route, variant, 'status_class=~"5xx"')
+    queries.update({
+        "requests_per_s": requests,
+        "cost_per_request_usd": f"sum(rate(loragate_cost_usd_total{sel}[{rate_window}])) / {requests}",
+        "error_rate": f"(sum(rate(loragate_requests_total{errors}[{rate_window}])) or vector(0)) / {requests}",
+        "fallback_rate": f"(sum(rate(loragate_fallbacks_total{sel}[{rate_window}])) or vector(0)) / {requests}",
+    })
+    return queries
+
+
+class PrometheusError(RuntimeError):
+    pass
+
+
+class Prometheus:
+    """Range queries over Prometheus' HTTP API (aiohttp; nothing blocks the event loop)."""
+
+    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    async def query_range(self, query: str, window: Window, step_s: float = 60.0) -> list[tuple[dict, list[tuple[float, float]]]]:
+        import aiohttp
+
+        params = {"query": query, "start": f"{window.start.timestamp():.3f}",
+                  "end": f"{window.end.timestamp():.3f}", "step": f"{step_s:g}"}
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            async with session.get(f"{self.url}/api/v1/query_range", params=params) as resp:
+                body = await resp.json(content_type=None)
+        if body.get("status") != "success":
+            raise PrometheusError(f"{body.get('errorType')}: {body.get('error')} (query {query})")
+        return [(item["metric"], [(float(t), float(v)) for t, v in item["values"]])
+                for item in body["data"]["result"]]
+
+    async def variant_series(self, route: str, variant: str | None, window: Window, *,
+                             step_s: float = 60.0, rate_window: str = "1m") -> "pd.DataFrame":
+        """One row per step: latency p50/p95/p99, requests/s, cost per request, error and fallback rates.
+
+        Steps where a series has no value (no traffic, NaN from 0/0) are left empty.
+        """
+        import pandas as pd
+
+        queries = variant_queries(route, variant, rate_window)
+        results = await asyncio.gather(*(self.query_range(q, window, step_s) for q in queries.values()))
+        columns: dict[str, dict[float, float]] = {}
+        for name, result in zip(queries, results):
+            points: dict[float, float] = {}
+            for _, values in result[:1]:  # each query aggregates to one series
+                points = {t: v for t, v in values if math.isfinite(v)}
+            columns[name] = points
+        stamps = sorted({t for points in columns.values() for t in points})
+        frame = pd.DataFrame({name: [points.get(t) for t in stamps] for name, points in columns.items()},
+                             index=pd.to_datetime(stamps, unit="s", utc=True), dtype="float64")
+        frame.index.name = "timestamp"
+        return frame

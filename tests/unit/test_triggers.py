@@ -1,0 +1,242 @@
+"""Trigger policy, persisted state, webhook signing and retries, dataset export, Kubernetes Job."""
+
+import json
+
+import pandas as pd
+from aiohttp import web
+
+from monitoring.drift import DriftResult, FeatureDrift
+from monitoring.synthetic import requests_frame
+from monitoring.triggers import (
+    SIGNATURE_HEADER, ActionConfig, DatasetExportAction, Trigger, TriggerPolicy, TriggerState,
+    WebhookAction, sign, to_chat_records, verify_signature,
+)
+
+
+def result(share: float, status: str | None = None) -> DriftResult:
+    n = 10
+    features = [FeatureDrift(f"f{i}", "numerical", "ks", 0.001 if i < share * n else 0.9, 0.05, i < share * n,
+                             "p_value") for i in range(n)]
+    return DriftResult(route="support", variant="v1", status=status or ("drift" if share >= 0.5 else "ok"),
+                       reference_rows=100, current_rows=100, features=features)
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self):
+        self.calls = []
+
+    async def run(self, ctx):
+        from monitoring.triggers import ActionResult
+
+        self.calls.append(ctx)
+        return ActionResult(self.name, True)
+
+
+def trigger(tmp_path, **policy):
+    action = Recorder()
+    state = TriggerState(tmp_path / "state.json")
+    return Trigger("support", "v1", TriggerPolicy(**policy), [action], state), action
+
+
+async def test_fires_after_k_consecutive_runs_then_cools_down(tmp_path):
+    t, action = trigger(tmp_path, drift_share_above=0.3, consecutive_runs=3, cooldown_s=100)
+    fired = [(await t.handle(result(s), now=now)).decision.fire
+             for now, s in [(0, 0.5), (1, 0.5), (2, 0.1), (3, 0.5), (4, 0.5), (5, 0.5)]]
+    assert fired == [False, False, False, False, False, True]  # the 0.1 run broke the streak
+    assert len(action.calls) == 1
+    # Still drifting but inside the cool-down: counted, not fired.
+    outcomes = [await t.handle(result(0.6), now=now) for now in (10, 11, 12, 50)]
+    assert [o.decision.fire for o in outcomes] == [False] * 4
+    assert "cooling down" in outcomes[-1].decision.reason
+    assert (await t.handle(result(0.6), now=106)).decision.fire  # cool-down over, streak long enough
+    assert len(action.calls) == 2
+
+
+async def test_insufficient_data_neither_counts_nor_breaks_the_streak(tmp_path):
+    t, _ = trigger(tmp_path, consecutive_runs=2, cooldown_s=0)
+    assert not (await t.handle(result(0.6), now=0)).decision.fire
+    assert not (await t.handle(result(0.0, status="insufficient_data"), now=1)).decision.fire
+    assert (await t.handle(result(0.6), now=2)).decision.fire
+
+
+async def test_state_survives_a_restart(tmp_path):
+    t, _ = trigger(tmp_path, consecutive_runs=2, cooldown_s=1000)
+    await t.handle(result(0.6), now=0)
+    t2, action = trigger(tmp_path, consecutive_runs=2, cooldown_s=1000)  # a new process
+    assert (await t2.handle(result(0.6), now=1)).decision.fire
+    t3, _ = trigger(tmp_path, consecutive_runs=1, cooldown_s=1000)
+    assert not (await t3.handle(result(0.6), now=2)).decision.fire  # the cool-down was persisted
+    saved = json.loads((tmp_path / "state.json").read_text())["keys"]["support/v1"]
+    assert saved["fired"] == 1 and saved["last_fired"] == 1
+
+
+async def test_feedback_score_condition(tmp_path):
+    t, _ = trigger(tmp_path, drift_share_above=None, feedback_score_below=0.5, min_feedback=5, cooldown_s=0)
+    low = pd.DataFrame({"score": [0.1, 0.2, 0.3, 0.2, 0.4]})
+    assert not (await t.handle(result(0.0), feedback=low.iloc[:4], now=0)).decision.fire  # too few scores
+    assert (await t.handle(result(0.0), feedback=low, now=1)).decision.fire
+    both, _ = trigger(tmp_path / "b", drift_share_above=0.3, consecutive_runs=1, feedback_score_below=0.5,
+                      min_feedback=5, combine="all", cooldown_s=0)
+    assert not (await both.handle(result(0.6), feedback=low.assign(score=0.9), now=0)).decision.fire
+    assert (await both.handle(result(0.6), feedback=low, now=1)).decision.fire
+
+
+def test_signature_verifies_and_rejects_tampering():
+    body = b'{"route":"support"}'
+    header = sign(body, "s3cret")
+    assert header.startswith("sha256=") and len(header) == 7 + 64
+    assert verify_signature(body, "s3cret", header)
+    assert not verify_signature(body + b" ", "s3cret", header)
+    assert not verify_signature(body, "other", header)
+    assert not verify_signature(body, "s3cret", None)
+
+
+async def test_webhook_is_signed_and_retried():
+    received, statuses = [], [503, 500, 200]
+
+    async def hook(request):
+        body = await request.read()
+        received.append((body, request.headers.get(SIGNATURE_HEADER)))
+        return web.Response(status=statuses[len(received) - 1])
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        t = Trigger("support", "v1", TriggerPolicy(consecutive_runs=1),
+                    [WebhookAction(f"http://127.0.0.1:{port}/hook", "s3cret", backoff_s=0.01)],
+                    TriggerState(None))
+        outcome = await t.handle(result(0.6))
+    finally:
+        await runner.cleanup()
+    assert outcome.actions[0].ok, outcome.actions[0].detail
+    assert len(received) == 3
+    body, header = received[-1]
+    assert verify_signature(body, "s3cret", header)
+    payload = json.loads(body)
+    assert payload["route"] == "support" and payload["variant"] == "v1"
+    assert payload["summary"]["share"] == 0.6 and "report_location" in payload and "dataset_location" in payload
+
+
+async def test_webhook_gives_up_on_a_client_error():
+    async def hook(request):
+        return web.Response(status=401)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        action = WebhookAction(f"http://127.0.0.1:{port}/hook", "x", backoff_s=0.01)
+        t = Trigger("support", "v1", TriggerPolicy(consecutive_runs=1), [action], TriggerState(None))
+        outcome = await t.handle(result(0.6))
+    finally:
+        await runner.cleanup()
+    assert not outcome.actions[0].ok and outcome.actions[0].detail == "HTTP 401"
+
+
+def test_chat_records_prefer_corrections_and_scrub_them():
+    requests = pd.DataFrame({
+        "request_id": ["a", "b", "c", "d", "e"],
+        "timestamp": pd.to_datetime([1, 2, 3, 4, 5], unit="s", utc=True),
+        "status": [200, 200, 200, 502, 200],
+        "prompt_text": ["system: be brief\nuser: hi\nthere", "user: reset password", "plain prompt", "user: x", None],
+        "response_text": ["hello", "bad answer", "ok", None, "orphan"],
+    })
+    feedback = pd.DataFrame({
+        "request_id": ["b", "b", "c"],
+        "timestamp": pd.to_datetime([10, 11, 12], unit="s", utc=True),
+        "score": [0.0, 0.1, 0.0], "label": [None, "bad", "bad"],
+        "correction": [None, "Mail help@example.com to reset it.", None],
+    })
+    records = to_chat_records(requests, feedback, min_score=0.5)
+    assert records == [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi\nthere"},
+                      {"role": "assistant", "content": "hello"}]},
+        {"messages": [{"role": "user", "content": "reset password"},
+                      {"role": "assistant", "content": "Mail [EMAIL] to reset it."}]},
+    ]  # c: low score, no correction; d: failed; e: no prompt
+
+
+async def test_dataset_export_writes_well_formed_jsonl(tmp_path):
+    requests = requests_frame(50, seed=3)
+    requests["prompt_text"] = "user: " + requests["prompt_text"]
+    t = Trigger("support", "v1", TriggerPolicy(consecutive_runs=1), [DatasetExportAction(str(tmp_path / "ds"))],
+                TriggerState(None))
+    outcome = await t.handle(result(0.6), requests=requests)
+    assert outcome.actions[0].ok
+    files = list((tmp_path / "ds").glob("*.jsonl"))
+    lines = files[0].read_text().splitlines()
+    assert len(lines) == 50
+    for line in lines:
+        messages = json.loads(line)["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"]
+        assert all(isinstance(m["content"], str) and m["content"] for m in messages)
+
+
+class FakeBatchV1Api:
+    """Stands in for kubernetes.client.BatchV1Api: no cluster exists on this machine."""
+
+    def __init__(self):
+        self.created = []
+
+    def create_namespaced_job(self, namespace, body):
+        self.created.append((namespace, body))
+        return {"metadata": {"name": body["metadata"]["generateName"] + "abcde"}}
+
+
+JOB_TEMPLATE = """
+apiVersion: batch/v1
+kind: Job
+metadata: {}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+        - name: train
+          image: registry.example/loragate-train:1
+          args: ["--route", "${route}", "--variant", "${variant}", "--dataset", "${dataset}"]
+"""
+
+
+async def test_kubernetes_job_from_template_runs_after_the_dataset_export(tmp_path):
+    api = FakeBatchV1Api()
+    template = tmp_path / "job.yaml"
+    template.write_text(JOB_TEMPLATE)
+    actions = [ActionConfig(type="k8s_job", template=str(template), namespace="ml").build(api),
+               ActionConfig(type="dataset", location=str(tmp_path / "ds")).build()]
+    requests = requests_frame(40, seed=4)
+    t = Trigger("Support Bot", "v1", TriggerPolicy(consecutive_runs=1), actions, TriggerState(None))
+    outcome = await t.handle(result(0.6), requests=requests)
+    assert [a.action for a in outcome.actions] == ["dataset", "k8s_job"]
+    assert all(a.ok for a in outcome.actions), outcome.actions
+    namespace, body = api.created[0]
+    assert namespace == "ml" and body["metadata"]["generateName"] == "loragate-retrain-support-bot-"
+    args = body["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:4] == ["--route", "Support Bot", "--variant", "v1"] and args[5].endswith(".jsonl")
+    assert "ml/loragate-retrain-support-bot-abcde" in outcome.actions[1].detail
+
+
+async def test_a_failing_action_does_not_stop_the_others(tmp_path):
+    class Broken:
+        name = "k8s_job"
+
+        async def run(self, ctx):
+            raise RuntimeError("no cluster")
+
+    recorder = Recorder()
+    t = Trigger("support", "v1", TriggerPolicy(consecutive_runs=1), [Broken(), recorder], TriggerState(None))
+    outcome = await t.handle(result(0.6))
+    assert [(a.action, a.ok) for a in outcome.actions] == [("k8s_job", False), ("recorder", True)]
+    assert "no cluster" in outcome.actions[0].detail
