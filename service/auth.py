@@ -52,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from service.errors import GatewayError
 from service.metrics import Metrics
+from service.watched import WatchedFile
 
 log = logging.getLogger("loragate.auth")
 
@@ -169,18 +170,9 @@ class KeyStore:
     def __init__(self, path: Path | None = None, inline: str | None = None) -> None:
         self.path = path
         self._inline = parse_keys(inline, "LORAGATE_API_KEYS") if inline else []
-        self._stamp = self._read_stamp()
+        self._watched = WatchedFile(path)
         self.by_hash = index_keys([*self._inline, *self._load_file()])
         self.last_error: str | None = None
-
-    def _read_stamp(self) -> tuple[int, int] | None:
-        if self.path is None:
-            return None
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
 
     def _load_file(self) -> list[ApiKey]:
         if self.path is None:
@@ -193,10 +185,8 @@ class KeyStore:
 
     def reload_if_changed(self) -> bool:
         """True when new keys were loaded; raises KeysError on a bad file (the last good keys stay)."""
-        stamp = self._read_stamp()
-        if stamp is None or stamp == self._stamp:
+        if not self._watched.changed():
             return False
-        self._stamp = stamp
         try:
             self.by_hash = index_keys([*self._inline, *self._load_file()])
         except KeysError as exc:

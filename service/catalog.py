@@ -13,6 +13,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.watched import WatchedFile
+
 BASE = "base"  # the name of the implicit variant that serves the base model
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -209,23 +211,14 @@ class CatalogFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp = self._read_stamp()
+        self._watched = WatchedFile(path)
         self.current = load_catalog(path)
         self.last_error: str | None = None
 
-    def _read_stamp(self) -> tuple[int, int] | None:
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
-
     def reload_if_changed(self) -> bool:
         """Returns True when a new catalog was loaded; raises CatalogError on a bad file."""
-        stamp = self._read_stamp()
-        if stamp is None or stamp == self._stamp:
+        if not self._watched.changed():
             return False
-        self._stamp = stamp
         try:
             self.current = load_catalog(self.path)
         except CatalogError as exc:

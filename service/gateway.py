@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import aiohttp
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from service.auth import ANONYMOUS, AllowAll, Authenticator, Principal
+from service.body import parse_json_object, read_body
 from service.catalog import CatalogFile, Route, Timeouts, Variant
 from service.errors import GatewayError, error_response
 from service.metrics import Metrics, status_class
@@ -87,7 +88,7 @@ class Gateway:
         # 1. Who is calling (before the body is read), then read and check the request.
         try:
             principal = self.auth.authenticate(request.headers)
-            payload = _parse_payload(await _read_body(request, self.max_body_bytes), endpoint)
+            payload = _parse_payload(await read_body(request, self.max_body_bytes), endpoint)
             route, pinned = self._resolve_route(payload["model"], request)
         except GatewayError as exc:
             self.metrics.requests.labels("_unknown", "none", status_class(exc.status)).inc()
@@ -357,32 +358,8 @@ def _request_id(request: Request) -> str:
     return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise GatewayError(400, "invalid Content-Length header")
-        if int(declared) > limit:
-            raise GatewayError(413, f"request body is larger than {limit} bytes", code="request_too_large")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise GatewayError(413, f"request body is larger than {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise GatewayError(400, "client disconnected while sending the request") from None
-    return b"".join(chunks)
-
-
 def _parse_payload(body: bytes, endpoint: str) -> dict:
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise GatewayError(400, f"request body is not valid JSON: {exc.msg}", code="invalid_json") from None
-    if not isinstance(payload, dict):
-        raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
+    payload = parse_json_object(body)
     if not isinstance(payload.get("model"), str) or not payload["model"]:
         raise GatewayError(400, "`model` is required and must be a string", code="missing_model", param="model")
     if endpoint == "chat/completions":

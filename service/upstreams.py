@@ -19,7 +19,7 @@ import aiohttp
 import orjson
 
 from service.metrics import Metrics
-from service.resilience import STATE_NAMES, Admission, CircuitBreaker, Overloaded
+from service.resilience import Admission, CircuitBreaker, Overloaded
 
 REPLICA = "*"  # the adapter label of a replica-wide circuit
 

@@ -25,9 +25,9 @@ from collections.abc import Callable, Iterable, Mapping
 
 import orjson
 from fastapi import APIRouter, Request
-from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from service.body import parse_json_object, read_body
 from service.errors import GatewayError, error_response
 from service.metrics import Metrics
 from service.requestlog import FeedbackRecord, RequestLog
@@ -56,7 +56,7 @@ def feedback_router(
             if request_log is None:
                 raise GatewayError(404, "feedback is off: the request log is not configured (LORAGATE_REQUEST_LOG_URL)",
                                    code="feedback_disabled")
-            body = _parse(await _read(request))
+            body = _parse(await read_body(request, MAX_BODY_BYTES))
         except GatewayError as exc:
             return error_response(exc.status, exc.message, code=exc.code, param=exc.param,
                                   headers=getattr(exc, "headers", None) or None)
@@ -79,26 +79,8 @@ def feedback_router(
     return router
 
 
-async def _read(request: Request) -> bytes:
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise GatewayError(413, f"request body is larger than {MAX_BODY_BYTES} bytes", code="request_too_large")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise GatewayError(400, "client disconnected while sending the request") from None
-    return b"".join(chunks)
-
-
 def _parse(raw: bytes) -> dict:
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise GatewayError(400, f"request body is not valid JSON: {exc.msg}", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise GatewayError(400, "request body must be a JSON object", code="invalid_json")
+    body = parse_json_object(raw)
     for name in body:
         if name not in _FIELDS:
             raise GatewayError(400, f"unrecognized request argument: {name}", code="unknown_parameter", param=name)
