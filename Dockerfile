@@ -30,17 +30,24 @@ ENV PATH=/opt/loragate/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp
 RUN groupadd --system --gid 10001 loragate \
-    && useradd --system --uid 10001 --gid loragate --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin loragate
+    && useradd --system --uid 10001 --gid loragate --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin loragate \
+    && mkdir -p /var/lib/loragate/requestlog /var/lib/loragate/monitor \
+    && chown -R 10001:10001 /var/lib/loragate
+# (Owned by the loragate user so that named volumes mounted there start writable.)
 WORKDIR /app
 
 FROM runtime AS monitor
+# `loragate monitor --config monitor.yaml` (docs/monitoring.md): mount the config at
+# /etc/loragate/monitor.yaml. --host/--port override the config's, so /metrics and /healthz
+# are on 0.0.0.0:9108 (the chart and compose use the same). Reports and trigger state go
+# where the config says (output_dir, state_file): put them on a volume.
 COPY --from=build-monitor /opt/loragate /opt/loragate
 USER 10001:10001
-EXPOSE 9100
-HEALTHCHECK --interval=30s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/metrics' % os.environ.get('LORAGATE_MONITOR_PORT', '9100'), timeout=2)"]
+EXPOSE 9108
+HEALTHCHECK --interval=30s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=2)"]
 ENTRYPOINT ["loragate"]
-CMD ["monitor"]
+CMD ["monitor", "--config", "/etc/loragate/monitor.yaml", "--host", "0.0.0.0", "--port", "9108"]
 
 # The default target (last stage): the gateway. One uvicorn worker per container; scale with replicas.
 FROM runtime AS gateway

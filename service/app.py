@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -16,13 +17,13 @@ from starlette.responses import Response
 from service.api.admin import admin_router
 from service.api.feedback import feedback_router
 from service.api.health import health_router
-from service.api.openai import openai_router
+from service.api.openai import CompletionsFirst, openai_router
 from service.auth import authenticator_from_settings
 from service.catalog import CatalogError, CatalogFile, Timeouts
 from service.errors import error_response
 from service.gateway import Gateway
 from service.metrics import Metrics
-from service.requestlog import RequestLog
+from service.requestlog import RequestLog, parquet_store
 from service.settings import Settings
 from service.upstreams import Pool
 
@@ -87,6 +88,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
                 await asyncio.to_thread(request_log.close)
 
     app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan)
+    app.state.gateway = gateway
     app.state.pool = pool
     app.state.catalog = catalog
     app.state.metrics = metrics
@@ -99,21 +101,22 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     return app
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> CompletionsFirst:
     """Factory for uvicorn (``--factory``): settings from LORAGATE_* environment variables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return create_app(Settings())
+    app = create_app(Settings())
+    return CompletionsFirst(app, app.state.gateway)
 
 
 def _request_log(settings: Settings, metrics: Metrics) -> RequestLog | None:
     if not settings.request_log_url:
         return None
-    from service.logstore import ParquetStore
-
-    store = ParquetStore(settings.request_log_url, writer_id=settings.request_log_writer_id,
-                         s3_endpoint=settings.request_log_s3_endpoint, s3_region=settings.request_log_s3_region)
-    log.info("request log on: %s (text %s)", settings.request_log_url, settings.request_log_text)
-    return RequestLog(store, metrics, text_mode=settings.request_log_text,
+    store = functools.partial(parquet_store, settings.request_log_url, writer_id=settings.request_log_writer_id,
+                              s3_endpoint=settings.request_log_s3_endpoint, s3_region=settings.request_log_s3_region)
+    log.info("request log on: %s (text %s, converted in a %s)", settings.request_log_url,
+             settings.request_log_text, settings.request_log_convert)
+    # process: the store is built in the conversion process; thread: here, now (a bad URL fails fast)
+    return RequestLog(store, metrics, convert=settings.request_log_convert, text_mode=settings.request_log_text,
                       flush_interval_s=settings.request_log_flush_interval_s,
                       batch_size=settings.request_log_batch_size, queue_size=settings.request_log_queue_size,
                       recent_requests=settings.feedback_recent_requests)

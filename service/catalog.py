@@ -139,7 +139,7 @@ class Route(_Strict):
         chain: list[Variant] = []
         for name in self.fallback:
             variant = self.variant(name)
-            if variant is not None and variant != chosen and variant not in chain:
+            if variant is not None and name != chosen.name and all(v.name != name for v in chain):
                 chain.append(variant)
         return chain
 

@@ -6,10 +6,10 @@ Where a routing decision is made: ``Gateway.handle`` -> ``routing.choose_variant
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import re
 import time
-import uuid
 from dataclasses import dataclass
 
 import aiohttp
@@ -48,6 +48,7 @@ class Served:
     fallback: str | None
     first_chunk: bytes = b""  # streams: the first bytes, read before the client saw anything
     body: bytes = b""  # non-streaming answers: read whole before the client saw anything
+    usage: Usage | None = None  # ... and the usage found in it
 
 
 class Gateway:
@@ -65,12 +66,13 @@ class Gateway:
         rng: random.Random | None = None,
     ) -> None:
         self.request_log = request_log or NullRequestLog()
-        self.keeps_chunks = not isinstance(self.request_log, NullRequestLog)
+        self.keeps_log = not isinstance(self.request_log, NullRequestLog)
         self.catalog = catalog
         self.pool = pool
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.timeouts = timeouts
+        self._route_timeouts: dict[int, tuple[Route, Timeouts]] = {}
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self.auth = auth or AllowAll()
@@ -127,7 +129,7 @@ class Gateway:
             payload["stream_options"] = {**options, "include_usage": True}
 
         # 3. Forward, falling back along the route's chain before any byte is sent.
-        in_flight = self.metrics.in_flight.labels(route.name)
+        in_flight = self.metrics.route_in_flight(route.name)
         in_flight.inc()
         try:
             served = await self.open_with_fallback(
@@ -148,7 +150,7 @@ class Gateway:
         in_flight.dec()
         body = served.body
         status = served.response.status
-        self.finish(served, context, status, _usage_of(body) if status == 200 else None, None, body=body)
+        self.finish(served, context, status, served.usage, None, body=body)
         return Response(body, status_code=status, headers=headers, media_type="application/json")
 
     # --- steps ----------------------------------------------------------------
@@ -236,6 +238,7 @@ class Gateway:
                 request_id=request_id, is_adapter=not variant.is_base, timeout=timeout,
             )
             first_chunk = body = b""
+            usage = None
             if stream and response.status == 200:
                 # Read the first event before the client sees anything, so a slow or broken start falls back.
                 first_chunk = await response.content.readany()
@@ -243,8 +246,10 @@ class Gateway:
                     raise UpstreamFailure("stream_error", f"{replica.url}: stream ended or failed before any token")
             else:
                 body = await response.read()
-                if response.status == 200 and not _is_json_object(body):
-                    raise UpstreamFailure("malformed_response", f"{replica.url}: the answer is not a JSON object")
+                if response.status == 200:
+                    usage = _usage_of(body)  # also proves the answer is a JSON object
+                    if usage is None and not _is_json_object(body):
+                        raise UpstreamFailure("malformed_response", f"{replica.url}: the answer is not a JSON object")
         except UpstreamFailure as failure:
             self._abandon(replica, variant, response, failure.reason)
             raise
@@ -255,7 +260,7 @@ class Gateway:
             self._abandon(replica, variant, response, "disconnected")
             raise UpstreamFailure("disconnected", f"{replica.url}: {type(exc).__name__}") from None
         self.pool.report(replica, variant.adapter, None)
-        return Served(route, variant, replica, response, None, first_chunk, body)
+        return Served(route, variant, replica, response, None, first_chunk, body, usage)
 
     def _abandon(self, replica: Replica, variant: Variant, response: aiohttp.ClientResponse | None,
                  reason: str) -> None:
@@ -265,12 +270,20 @@ class Gateway:
         self.pool.report(replica, variant.adapter, reason)
 
     def _timeouts(self, route: Route) -> Timeouts:
+        """The route's timeouts over the gateway's defaults (cached per route object)."""
+        cached = self._route_timeouts.get(id(route))
+        if cached is not None and cached[0] is route:
+            return cached[1]
         own, default = route.timeouts, self.timeouts
-        return Timeouts(
+        merged = Timeouts(
             connect_s=own.connect_s or default.connect_s,
             first_token_s=own.first_token_s or default.first_token_s,
             total_s=own.total_s or default.total_s,
         )
+        if len(self._route_timeouts) > 1024:  # old catalogs' routes
+            self._route_timeouts.clear()
+        self._route_timeouts[id(route)] = (route, merged)
+        return merged
 
     def finish(
         self,
@@ -285,31 +298,32 @@ class Gateway:
     ) -> None:
         """Account for an answered request: metrics, cost, and the request log."""
         route, variant = served.route, served.variant
-        labels = (route.name, variant.name)
+        counted = self.metrics.variant(route.name, variant.name)
         finished = time.perf_counter()
         latency = finished - context.started
-        self.metrics.requests.labels(*labels, status_class(status)).inc()
-        self.metrics.request_duration.labels(*labels).observe(latency)
+        counted.count(status)
+        counted.duration.observe(latency)
         ttft = None if first_token_at is None else first_token_at - context.started
         if ttft is not None:
-            self.metrics.time_to_first_token.labels(*labels).observe(ttft)
+            counted.ttft.observe(ttft)
         prompt_tokens = usage.prompt_tokens if usage else 0
         completion_tokens = usage.completion_tokens if usage else 0
+        cost = route.pricing.cost(prompt_tokens, completion_tokens)
+        reference_cost = route.pricing.reference_cost(prompt_tokens, completion_tokens)
         if usage is not None:
-            self.metrics.record_usage(route, variant.name, prompt_tokens, completion_tokens)
+            counted.usage(prompt_tokens, completion_tokens, cost, reference_cost)
             if first_token_at is not None and completion_tokens > 1:
-                self.metrics.time_per_output_token.labels(*labels).observe(
-                    (finished - first_token_at) / (completion_tokens - 1))
+                counted.tpot.observe((finished - first_token_at) / (completion_tokens - 1))
         if status == 200:
             context.principal.charge(prompt_tokens + completion_tokens if usage else _requested_tokens(context.payload))
-        self.request_log.record(RequestRecord(
-            request_id=context.request_id, timestamp=context.arrived, route=route.name, variant=variant.name,
-            endpoint=context.endpoint, status=status, stream=chunks is not None, fallback=served.fallback,
-            latency_s=latency, ttft_s=ttft, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-            cost_usd=route.pricing.cost(prompt_tokens, completion_tokens),
-            reference_cost_usd=route.pricing.reference_cost(prompt_tokens, completion_tokens),
-            payload=context.payload, body=body, chunks=chunks or [],
-        ))
+        if self.keeps_log:
+            self.request_log.record(RequestRecord(
+                request_id=context.request_id, timestamp=context.arrived, route=route.name, variant=variant.name,
+                endpoint=context.endpoint, status=status, stream=chunks is not None, fallback=served.fallback,
+                latency_s=latency, ttft_s=ttft, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                cost_usd=cost, reference_cost_usd=reference_cost,
+                payload=context.payload, body=body, chunks=chunks or [],
+            ))
 
     async def continue_stream(self, served: Served, forwarded: list[bytes], context: "RequestContext",
                               reason: str) -> tuple[Served, int] | None:
@@ -355,7 +369,7 @@ class RequestContext:
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if given and _REQUEST_ID.match(given) else os.urandom(16).hex()
 
 
 def _parse_payload(body: bytes, endpoint: str) -> dict:

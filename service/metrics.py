@@ -121,6 +121,9 @@ class Metrics:
         self.feedback_score = Histogram(
             "loragate_feedback_score", "Scores given as feedback.", rv, buckets=SCORE_BUCKETS, registry=r)
 
+        self._variants: dict[tuple[str, str], VariantMetrics] = {}
+        self._route_in_flight: dict[str, object] = {}
+
     def set_rollout_weights(self, routes) -> None:
         self.rollout_weight.clear()
         for route in routes.values():
@@ -128,14 +131,19 @@ class Metrics:
             for variant in route.variants:
                 self.rollout_weight.labels(route.name, variant.name).set(variant.weight / total)
 
-    def record_usage(self, route, variant: str, prompt_tokens: int, completion_tokens: int) -> None:
-        labels = (route.name, variant)
-        if prompt_tokens:
-            self.prompt_tokens.labels(*labels).inc(prompt_tokens)
-        if completion_tokens:
-            self.completion_tokens.labels(*labels).inc(completion_tokens)
-        self.cost.labels(*labels).inc(route.pricing.cost(prompt_tokens, completion_tokens))
-        self.reference_cost.labels(*labels).inc(route.pricing.reference_cost(prompt_tokens, completion_tokens))
+    def route_in_flight(self, route: str):
+        found = self._route_in_flight.get(route)
+        if found is None:
+            found = self._route_in_flight[route] = self.in_flight.labels(route)
+        return found
+
+    def variant(self, route: str, variant: str) -> "VariantMetrics":
+        """The children of every per-(route, variant) metric, looked up once (labels() takes a lock)."""
+        key = (route, variant)
+        found = self._variants.get(key)
+        if found is None:
+            found = self._variants[key] = VariantMetrics(self, route, variant)
+        return found
 
     def exposition(self) -> bytes:
         directory = multiprocess_dir()
@@ -144,3 +152,35 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry, path=directory)
             return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+class VariantMetrics:
+    __slots__ = ("by_status", "_requests", "_labels", "duration", "ttft", "tpot", "prompt_tokens", "completion_tokens", "cost",
+                 "reference_cost")
+
+    def __init__(self, metrics: Metrics, route: str, variant: str) -> None:
+        labels = self._labels = (route, variant)
+        self._requests = metrics.requests
+        self.by_status = {c: metrics.requests.labels(*labels, c) for c in ("2xx", "4xx", "5xx")}
+        self.duration = metrics.request_duration.labels(*labels)
+        self.ttft = metrics.time_to_first_token.labels(*labels)
+        self.tpot = metrics.time_per_output_token.labels(*labels)
+        self.prompt_tokens = metrics.prompt_tokens.labels(*labels)
+        self.completion_tokens = metrics.completion_tokens.labels(*labels)
+        self.cost = metrics.cost.labels(*labels)
+        self.reference_cost = metrics.reference_cost.labels(*labels)
+
+    def count(self, status: int) -> None:
+        cls = status_class(status)
+        child = self.by_status.get(cls)
+        if child is None:
+            child = self.by_status[cls] = self._requests.labels(*self._labels, cls)
+        child.inc()
+
+    def usage(self, prompt_tokens: int, completion_tokens: int, cost: float, reference_cost: float) -> None:
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+        if completion_tokens:
+            self.completion_tokens.inc(completion_tokens)
+        self.cost.inc(cost)
+        self.reference_cost.inc(reference_cost)

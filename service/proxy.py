@@ -113,19 +113,27 @@ class SseRelay:
         return b""
 
     def _take_usage(self, complete: bytes) -> bytes:
-        kept = []
-        for event in complete.split(b"\n\n"):
-            if not event:
-                continue
-            if event.startswith(b"data: {") and b'"usage"' in event:
-                try:
-                    parsed = orjson.loads(event[6:])
-                except orjson.JSONDecodeError:
-                    parsed = None
-                usage = Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None
-                if usage is not None:
-                    self.usage = usage
-                    if self.hide_usage and not parsed.get("choices"):
-                        continue  # the usage-only chunk the client did not ask for
-            kept.append(event)
-        return b"\n\n".join(kept) + b"\n\n" if kept else b""
+        """Read the last usage in ``complete``; drop its event if it is the usage-only chunk to hide.
+
+        Only the event holding the last ``"usage"`` is parsed: inside JSON strings the quotes
+        are escaped, so the raw bytes ``"usage"`` can only be a key.
+        """
+        at = complete.rfind(b'"usage"')
+        start = complete.rfind(b"\n\n", 0, at)
+        start = 0 if start < 0 else start + 2
+        end = complete.find(b"\n\n", at)
+        end = len(complete) if end < 0 else end + 2
+        event = complete[start:end].rstrip(b"\n")
+        if not event.startswith(b"data: {"):
+            return complete
+        try:
+            parsed = orjson.loads(event[6:])
+        except orjson.JSONDecodeError:
+            return complete
+        usage = Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None
+        if usage is None:
+            return complete
+        self.usage = usage
+        if self.hide_usage and not parsed.get("choices"):
+            return complete[:start] + complete[end:]  # the usage-only chunk the client did not ask for
+        return complete

@@ -101,7 +101,7 @@ class RelayedStream(Response):
         finally:
             if released is not served:
                 gateway.release(served)
-            gateway.metrics.in_flight.labels(served.route.name).dec()
+            gateway.metrics.route_in_flight(served.route.name).dec()
             final = served
             usage = relay.usage
             if usage is not None and earlier_tokens:

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     request_log_flush_interval_s: float = Field(10.0, gt=0)
     request_log_batch_size: int = Field(1000, ge=1)
     request_log_queue_size: int = Field(10_000, ge=1)
+    # Where records become rows (answer parsing, scrubbing, Parquet encoding): "process" = one
+    # conversion process per gateway worker, off the event loop's GIL; "thread" = the writer thread.
+    request_log_convert: Literal["process", "thread"] = "process"
     # File names start with it; default: host-pid-random. Must be unique per writer process.
     request_log_writer_id: str | None = None
     # An S3-compatible endpoint (MinIO, moto, ...), e.g. http://minio:9000; unset = AWS.

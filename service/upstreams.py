@@ -73,6 +73,7 @@ class Pool:
     ) -> None:
         self.replicas = [Replica(url) for url in urls]
         self.metrics = metrics
+        self._in_flight_gauges = {r.url: metrics.upstream_in_flight.labels(r.url) for r in self.replicas}
         self.max_in_flight = max_in_flight
         self.admission = Admission(max_waiting, max_wait_s)
         self.circuit_failures = circuit_failures
@@ -153,24 +154,24 @@ class Pool:
             raise NoHealthyUpstream("no healthy upstream replica")
         now = time.monotonic()
 
-        def eligible() -> list[Replica]:
-            return [r for r in healthy if self._open_to(r, adapter)
-                    and (adapter is None or adapter in r.adapters
-                         or (path is not None and r.failed_adapters.get(adapter, 0) <= now))]
+        def loadable(r: Replica) -> bool:
+            return adapter is None or adapter in r.adapters or (
+                path is not None and r.failed_adapters.get(adapter, 0) <= now)
 
-        if not eligible():
-            if adapter is not None and not any(
-                    adapter in r.adapters or (path is not None and r.failed_adapters.get(adapter, 0) <= now)
-                    for r in healthy):
+        eligible = [r for r in healthy if self._open_to(r, adapter) and loadable(r)]
+        if not eligible:
+            if not any(loadable(r) for r in healthy):
                 raise AdapterUnavailable(
                     f"adapter {adapter!r} is not loaded on any healthy replica and cannot be loaded")
             raise CircuitOpen(f"circuit open for {adapter or 'the base model'} on every healthy replica")
-        await self.admission.wait_until(lambda: any(r.in_flight < self.max_in_flight for r in eligible()))
-        candidates = [r for r in eligible() if r.in_flight < self.max_in_flight]
+        candidates = [r for r in eligible if r.in_flight < self.max_in_flight]
+        if not candidates:
+            await self.admission.wait_until(lambda: any(r.in_flight < self.max_in_flight for r in eligible))
+            candidates = [r for r in eligible if r.in_flight < self.max_in_flight]
         holders = [r for r in candidates if adapter is None or adapter in r.adapters]
         replica = min(holders or candidates, key=lambda r: r.in_flight)
         replica.in_flight += 1
-        self.metrics.upstream_in_flight.labels(replica.url).inc()
+        self._in_flight_gauges[replica.url].inc()
         try:
             if adapter is not None and adapter not in replica.adapters:
                 await self.ensure_adapter(replica, adapter, path)
@@ -184,7 +185,7 @@ class Pool:
 
     def release(self, replica: Replica) -> None:
         replica.in_flight -= 1
-        self.metrics.upstream_in_flight.labels(replica.url).dec()
+        self._in_flight_gauges[replica.url].dec()
         self.admission.notify()
 
     def report(self, replica: Replica, adapter: str | None, failure: str | None) -> None:

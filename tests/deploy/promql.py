@@ -14,17 +14,6 @@ from tests.processes import ROOT
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
 RULES = ROOT / "deploy" / "prometheus" / "rules"
 
-# Metrics of components that are being built elsewhere: an expression that needs one of these
-# and returns nothing yet is reported as waiting on that component instead of failing.
-# (The gateway's circuit, request-log and feedback metrics have landed: they must return data.)
-PENDING = {
-    "loragate_drift_share": "monitor (loragate monitor)",
-    "loragate_drift_detected": "monitor (loragate monitor)",
-    "loragate_drift_feature_score": "monitor (loragate monitor)",
-    "loragate_drift_last_run_timestamp_seconds": "monitor (loragate monitor)",
-    "loragate_retraining_triggers_total": "monitor (loragate monitor)",
-}
-
 # Metric names (recorded series loragate:... excluded: the rules make them).
 _METRIC = re.compile(r"\b(loragate_[A-Za-z0-9_]+|vllm:[A-Za-z0-9_:]+|up(?=\s*\{))")
 
@@ -38,10 +27,6 @@ class Expression:
     @property
     def metrics(self) -> set[str]:
         return set(_METRIC.findall(strip_strings(self.expr)))
-
-    @property
-    def pending_on(self) -> set[str]:
-        return {PENDING[m] for m in self.metrics if m in PENDING}
 
 
 def strip_strings(expr: str) -> str:

@@ -12,6 +12,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from monitoring.service import MonitorConfig
 from service.catalog import parse_catalog
 from tests.deploy.tools import tool
 from tests.processes import ROOT
@@ -74,6 +75,12 @@ def test_values_match_the_schema(values_file):
     {"routes": [{"variants": [{"name": "v1", "weight": 1}]}]},
     {"auth": {"enabled": True, "existingSecret": ""}},
     {"metrics": {"prometheusOperator": "yes"}},
+    {"monitor": {"checks": [{"route": "support", "variant": "v1"}]}},  # no reference
+    {"monitor": {"checks": [{"route": "support", "reference": {"path": "a.jsonl", "window_s": 60}}]}},
+    {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60},
+                             "actions": [{"type": "webhook", "url": "https://x.example", "secret": "inline"}]}]}},
+    {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "dataset"}]}]}},
+    {"monitor": {"port": 0}},
 ])
 def test_schema_rejects_bad_values(bad):
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
@@ -205,8 +212,87 @@ def test_monitor_rbac_is_least_privilege(rendered):
          "verbs": ["get", "patch"]},
     ]
     assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
-    (monitor,) = [d for d in by_kind(documents, "Deployment") if d["metadata"]["name"] == "lg-loragate-monitor"]
-    assert monitor["spec"]["template"]["spec"]["containers"][0]["command"] == ["loragate", "monitor"]
+
+
+def _monitor(documents: list[dict]) -> tuple[dict, dict, MonitorConfig]:
+    (deployment,) = [d for d in by_kind(documents, "Deployment") if d["metadata"]["name"] == "lg-loragate-monitor"]
+    (configmap,) = [d for d in by_kind(documents, "ConfigMap") if d["metadata"]["name"] == "lg-loragate-monitor"]
+    return deployment, configmap, MonitorConfig.model_validate(yaml.safe_load(configmap["data"]["monitor.yaml"]))
+
+
+def test_monitor_runs_the_real_cli_with_its_rendered_config(rendered):
+    """The ConfigMap is a valid monitoring/service.py MonitorConfig and agrees with the pod, the
+    Service, the gateway's request log and the probes; the webhook key comes from a Secret."""
+    values, documents = rendered
+    values = values or {}
+    monitor_values = render_defaults()["monitor"] | values.get("monitor", {})
+    if not monitor_values["enabled"]:
+        assert not [d for d in documents if d["metadata"]["name"].startswith("lg-loragate-monitor")]
+        return
+    deployment, configmap, config = _monitor(documents)
+    spec = deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert container["command"] == ["loragate"]
+    assert container["args"] == ["monitor", "--config", "/etc/loragate/monitor.yaml"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts["/etc/loragate/monitor.yaml"]["subPath"] == "monitor.yaml"
+    assert config.host == "0.0.0.0" and config.port == monitor_values["port"]
+    assert [p["containerPort"] for p in container["ports"]] == [config.port]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    (service,) = [d for d in by_kind(documents, "Service") if d["metadata"]["name"] == "lg-loragate-monitor"]
+    assert service["spec"]["ports"][0]["port"] == config.port
+    assert config.prometheus_url == (monitor_values["prometheusUrl"] or None)
+    assert len(config.checks) == len(monitor_values["checks"])
+    # The request log the monitor reads is the one the gateways write.
+    (gateway,) = [d for d in by_kind(documents, "Deployment") if d["metadata"]["name"] == "lg-loragate-gateway"]
+    gateway_env = {e["name"]: e.get("value") for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if "LORAGATE_REQUEST_LOG_URL" in gateway_env:
+        assert config.request_log == gateway_env["LORAGATE_REQUEST_LOG_URL"]
+        if not config.request_log.startswith("s3://"):
+            assert mounts[config.request_log]["readOnly"] is True
+    # Reports and trigger state are on the data volume (the root filesystem is read-only).
+    data_dir = monitor_values["dataDir"]
+    assert mounts[data_dir]["name"] == "data"
+    assert config.output_dir.startswith(data_dir + "/") and config.state_file.startswith(data_dir + "/")
+    (data,) = [v for v in spec["volumes"] if v["name"] == "data"]
+    if monitor_values["persistence"].get("enabled", True):
+        claim = data["persistentVolumeClaim"]["claimName"]
+        if not monitor_values["persistence"].get("existingClaim"):
+            assert claim in {d["metadata"]["name"] for d in by_kind(documents, "PersistentVolumeClaim")}
+    else:
+        assert "emptyDir" in data
+    env = {e["name"]: e for e in container.get("env", [])}
+    for check in config.checks:
+        for action in check.actions:
+            if action.type == "webhook":
+                assert action.secret is None
+                assert env[action.secret_env]["valueFrom"]["secretKeyRef"]["name"]
+            if action.type == "k8s_job" and action.template.startswith("/etc/loragate/"):
+                assert mounts[action.template]["subPath"] in configmap["data"]
+                assert action.namespace == "llm"  # where the Role lets it create Jobs
+    # A new config rolls the pod (the monitor reads it at start).
+    assert deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}}]}}, "requestLog.enabled"),
+    ({"requestLog": {"enabled": True, "url": "s3://b/p"},
+      "monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [
+          {"type": "webhook", "url": "https://ci.example/hook", "secret_env": "LORAGATE_WEBHOOK_SECRET"}]}]}},
+     "webhookSecret.existingSecret"),
+    ({"requestLog": {"enabled": True, "url": "s3://b/p"},
+      "monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [
+          {"type": "k8s_job", "template": "/etc/loragate/retrain-job.yaml", "namespace": "llm"}]}]}},
+     "retrainJobTemplate"),
+    ({"requestLog": {"enabled": True, "url": "s3://b/p"}, "monitor": {"retrainJobTemplate": "kind: Job",
+      "checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [
+          {"type": "k8s_job", "template": "/etc/loragate/retrain-job.yaml", "namespace": "ml"}]}]}},
+     "release namespace"),
+])
+def test_monitor_config_mistakes_fail_the_render(values, message):
+    with pytest.raises(helm.HelmError, match=message):
+        render(values)
 
 
 def test_dashboards_network_policies_and_operator_resources(rendered):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from monitoring.service import MonitorConfig
 from tests.deploy.tools import tool
 from tests.processes import ROOT
 
@@ -69,7 +70,23 @@ def test_compose_file_is_valid_for_docker_compose():
     assert set(services) == {"vllm", "gateway", "monitor", "prometheus", "grafana"}
     assert services["gateway"]["build"]["target"] == "gateway"
     assert services["monitor"]["build"]["target"] == "monitor"
-    assert services["monitor"]["command"] == ["monitor"]
+    # The real monitor CLI with its config file, scraped where that config serves /metrics.
+    monitor = services["monitor"]
+    assert monitor["command"] == ["monitor", "--config", "/etc/loragate/monitor.yaml"]
+    (mount,) = [v for v in monitor["volumes"] if v["target"] == "/etc/loragate/monitor.yaml"]
+    config = MonitorConfig.load(mount["source"])
+    assert config.host == "0.0.0.0" and monitor["expose"] == [str(config.port)]
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
+    (job,) = [j for j in scrape if j["job_name"] == "loragate-monitor"]
+    assert job["static_configs"][0]["targets"] == [f"monitor:{config.port}"]
+    assert config.request_log == services["gateway"]["environment"]["LORAGATE_REQUEST_LOG_URL"]
+    data = {v["target"] for v in monitor["volumes"] if v["type"] == "volume"}
+    for path in (config.output_dir, config.state_file):
+        assert any(path.startswith(d + "/") for d in data), f"{path} is not on a volume (read-only root)"
+    for check in config.checks:
+        for action in check.actions:
+            if action.type == "webhook":
+                assert action.secret_env in monitor["environment"]
     gpu = services["vllm"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
     assert "--enable-lora" in services["vllm"]["command"]
@@ -83,6 +100,13 @@ def test_compose_file_is_valid_for_docker_compose():
                 assert os.path.exists(volume["source"]), volume["source"]
     grafana = {v["target"] for v in services["grafana"]["volumes"]}
     assert {"/etc/grafana/provisioning", "/var/lib/grafana/dashboards"} <= grafana
+
+
+def test_monitor_image_serves_the_port_the_deployments_use():
+    body = DOCKERFILE.read_text().split(" AS monitor\n", 1)[1].split("\nFROM ", 1)[0]
+    assert re.search(r"^EXPOSE 9108$", body, flags=re.M)
+    assert "127.0.0.1:9108/healthz" in body
+    assert 'CMD ["monitor", "--config", "/etc/loragate/monitor.yaml", "--host", "0.0.0.0", "--port", "9108"]' in body
 
 
 def test_compose_refuses_to_start_without_its_secrets():

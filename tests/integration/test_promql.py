@@ -1,17 +1,21 @@
 """Every PromQL expression of the dashboards and alert rules, evaluated by a real Prometheus that
 scrapes the real gateway and the real vLLM under test traffic.
 
+The drift series come from a real ``loragate monitor`` (scrape job ``loragate-monitor``) that
+checks one route/variant of the second gateway's request log against a small JSONL reference
+every two seconds, with a policy that fires its (dataset) retraining action on every run.
+
 Each expression must parse and return data. Alert expressions are evaluated with their
 comparisons turned into ``bool`` ones (so they return their series whether or not the threshold
 is crossed); where a label filter selects series that only exist after a failure (e.g. reloads
-with result="error"), the metrics the rule reads must exist. Expressions over metrics of
-components still being built are listed as waiting on that component, not failed.
+with result="error", failing retraining triggers), the metrics the rule reads must exist.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -23,7 +27,6 @@ import pytest
 import yaml
 
 from tests.deploy.promql import (
-    PENDING,
     RULES,
     Expression,
     boolify,
@@ -32,10 +35,13 @@ from tests.deploy.promql import (
     rule_expressions,
     substitute,
 )
-from tests.processes import start_gateway, start_prometheus
+from tests.processes import Service, free_port, start_gateway, start_prometheus, wait_http
 
 pytestmark = pytest.mark.integration
 HELLO = [{"role": "user", "content": "Tell me about the weather today."}]
+# The route/variant the monitor checks: the logging gateway gets MONITORED_REQUESTS of it.
+MONITORED = ("adapter", "a1")
+MONITORED_REQUESTS = 4
 
 
 def _query(prometheus: str, expr: str) -> dict:
@@ -92,7 +98,8 @@ def _send_traffic(gateway: str, logging_gateway: str) -> None:
     jobs += [("split", 100 + i, True) for i in range(8)]  # sticky users spread over v1 and v2
     jobs += [("lazy", 200, False), ("lazy", 201, True), ("broken", 300, False), ("broken", 301, True),
              ("no-such-route", 400, False)]
-    jobs += [("split", 500 + i, i % 2 == 0, logging_gateway) for i in range(8)]
+    jobs += [(MONITORED[0], 600 + i, i % 2 == 0, logging_gateway) for i in range(MONITORED_REQUESTS)]
+    jobs += [("split", 500 + i, i % 2 == 0, logging_gateway) for i in range(8)]  # last: feedback below
     with ThreadPoolExecutor(max_workers=6) as pool:
         request_ids = list(pool.map(lambda job: chat(*job), jobs))
     # Feedback (needs the request log): loragate_feedback_total{label}.
@@ -117,35 +124,105 @@ def _touch(path: Path) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
 
 
+def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: int) -> Path:
+    """``loragate monitor`` config: MONITORED against a small JSONL training-set stand-in, every 2 s;
+    every run with data fires the dataset export (so the trigger counter has a series)."""
+    reference = directory / "reference.jsonl"
+    topics = ["the invoice total", "a refund for order 42", "the delivery address", "my password reset"]
+    reference.write_text("".join(
+        json.dumps({"messages": [
+            {"role": "user", "content": f"Please help me with {topics[i % 4]}, ticket {i}."},
+            {"role": "assistant", "content": f"Sure, here is how to handle {topics[i % 4]}."}]}) + "\n"
+        for i in range(12)))
+    config = {
+        "request_log": str(request_log),
+        "prometheus_url": prometheus,
+        "output_dir": str(directory / "reports"),
+        "state_file": str(directory / "state.json"),
+        "interval_s": 2,
+        "port": port,
+        "drift": {"min_rows": 3},
+        "checks": [{
+            "route": MONITORED[0], "variant": MONITORED[1], "window_s": 900,
+            "reference": {"path": str(reference)},
+            "prometheus_step_s": 5,
+            "policy": {"drift_share_above": -1, "consecutive_runs": 1, "cooldown_s": 0},
+            "actions": [{"type": "dataset", "location": str(directory / "datasets")}],
+        }],
+    }
+    path = directory / "monitor.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _start_monitor(config: Path, port: int) -> Service:
+    log = config.parent / "monitor.log"
+    service = Service([sys.executable, "-m", "service.cli", "monitor", "--config", str(config)], log)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", service.process, 60, log)
+    except Exception:
+        service.stop()
+        raise
+    return service
+
+
+def _wait_for_monitor_run(port: int, timeout_s: float = 60) -> None:
+    """Until the monitor's own /metrics counts a finished drift run with data (ok or drift)."""
+    route, variant = MONITORED
+    wanted = [f'loragate_drift_runs_total{{route="{route}",status="{s}",variant="{variant}"}}' for s in ("ok", "drift")]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        if any(line.startswith(w) for line in text.splitlines() for w in wanted):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"no drift run with data for {route}/{variant} in {timeout_s}s:\n{text}")
+
+
 @pytest.fixture(scope="module")
 def prometheus(gateway, engine, tmp_path_factory) -> str:
-    """Prometheus scraping vLLM, the session gateway, and a second gateway (same engine, same routes)
-    with the request log on, for the request-log and feedback series."""
+    """Prometheus scraping vLLM, the session gateway, a second gateway (same engine, same routes)
+    with the request log on, for the request-log and feedback series, and a real ``loragate
+    monitor`` reading that request log, for the drift and retraining-trigger series."""
     directory = tmp_path_factory.mktemp("prometheus")
     routes = _routes_file(tmp_path_factory)
+    request_log = directory / "requestlog"
     logging_gateway, logging_url = start_gateway(
         routes, [engine], directory / "gateway-requestlog.log",
-        extra_env={"LORAGATE_REQUEST_LOG_URL": str(directory / "requestlog"),
+        extra_env={"LORAGATE_REQUEST_LOG_URL": str(request_log),
                    "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "1"})
-    service, url = start_prometheus({"loragate-gateway": [_host(gateway), _host(logging_url)], "vllm": [_host(engine)]},
+    monitor_port = free_port()
+    service, url = start_prometheus({"loragate-gateway": [_host(gateway), _host(logging_url)], "vllm": [_host(engine)],
+                                     "loragate-monitor": [f"127.0.0.1:{monitor_port}"]},
                                     directory, rule_files=_rules_for_test(directory), scrape_interval_s=1)
+    monitor = None
     try:
+        monitor_dir = directory / "monitor"
+        monitor_dir.mkdir()
+        monitor = _start_monitor(_monitor_config(monitor_dir, request_log, url, monitor_port), monitor_port)
         # Scraped at least once before the traffic, so rate() and increase() see it.
-        _wait_for(url, 'count(up{job=~"loragate-gateway|vllm"} == 1) == 3')
+        _wait_for(url, 'count(up{job=~"loragate-gateway|vllm|loragate-monitor"} == 1) == 4')
         _send_traffic(gateway, logging_url)
         _touch(routes)
         _wait_for(url, "loragate_catalog_reloads_total", timeout_s=15)
         _wait_for(url, "sum(increase(loragate_time_to_first_token_seconds_count[1m])) > 0")
         _wait_for(url, 'loragate_requestlog_records_total{result="written"}', timeout_s=15)
+        _wait_for_monitor_run(monitor_port)
+        _wait_for(url, 'loragate_drift_share{job="loragate-monitor"}', timeout_s=15)
+        # Two scrapes of the trigger counter, so increase() over it has data.
+        _wait_for(url, "count_over_time(loragate_retraining_triggers_total[1m]) > 1", timeout_s=15)
         time.sleep(3)  # a few more scrapes and rule evaluations
         yield url
     finally:
+        if monitor is not None:
+            monitor.stop()
         service.stop()
         logging_gateway.stop()
 
 
 def _evaluate(prometheus: str, item: Expression) -> tuple[str, str]:
-    """-> (outcome, detail); outcome is "ok", "waiting" or "failed"."""
+    """-> (outcome, detail); outcome is "ok" or "failed"."""
     if item.kind == "variable":
         expr = substitute(label_values_query(item.expr))
     elif item.kind == "alert":
@@ -161,11 +238,7 @@ def _evaluate(prometheus: str, item: Expression) -> tuple[str, str]:
         missing = [m for m in sorted(item.metrics) if not _query(prometheus, f'count({{__name__="{m}"}})')["data"]["result"]]
         if not missing:
             return "ok", "the metrics exist; the series its filter selects appear on failures only"
-        if all(m in PENDING for m in missing):
-            return "waiting", f"waiting on {', '.join(sorted(item.pending_on))}: no {missing}"
         return "failed", f"no data, missing metrics {missing}\n    {expr}"
-    if item.pending_on:
-        return "waiting", f"waiting on {', '.join(sorted(item.pending_on))}"
     return "failed", f"returns no data\n    {expr}"
 
 
@@ -173,11 +246,8 @@ def test_every_dashboard_and_rule_expression_returns_data(prometheus):
     expressions = dashboard_expressions() + rule_expressions()
     assert len(expressions) > 80
     results = {item: _evaluate(prometheus, item) for item in expressions}
-    waiting = sorted(f"{item.source}: {detail}" for item, (outcome, detail) in results.items() if outcome == "waiting")
     failed = sorted(f"{item.source}: {detail}" for item, (outcome, detail) in results.items() if outcome == "failed")
-    print(f"\n{len(expressions)} expressions: {len(expressions) - len(waiting) - len(failed)} return data, "
-          f"{len(waiting)} waiting on other components, {len(failed)} failed")
-    print("EXPRESSIONS WAITING ON A COMPONENT:\n  " + "\n  ".join(waiting))
+    print(f"\n{len(expressions)} expressions: {len(expressions) - len(failed)} return data, {len(failed)} failed")
     assert not failed, "\n".join(failed)
 
 
@@ -198,3 +268,16 @@ def test_fallback_and_vllm_series_come_from_the_real_processes(prometheus):
     assert fallbacks["data"]["result"], "the broken route should have fallen back"
     running = _query(prometheus, 'vllm:num_requests_running{job="vllm"}')
     assert running["data"]["result"] and running["data"]["result"][0]["metric"]["model_name"] == "base"
+
+
+def test_drift_series_come_from_the_real_monitor(prometheus):
+    """The drift dashboard's and rules' series are the monitor's: its scrape job, the checked
+    route/variant, a completed run, features, and a retraining action that succeeded."""
+    route, variant = MONITORED
+    labels = f'job="loragate-monitor", route="{route}", variant="{variant}"'
+    share = _query(prometheus, f"loragate_drift_share{{{labels}}}")["data"]["result"]
+    assert len(share) == 1 and 0 <= float(share[0]["value"][1]) <= 1
+    features = _query(prometheus, f"count(loragate_drift_feature_score{{{labels}}})")["data"]["result"]
+    assert features and int(features[0]["value"][1]) >= 2
+    triggers = _query(prometheus, f"loragate_retraining_triggers_total{{{labels}}}")["data"]["result"]
+    assert {(r["metric"]["action"], r["metric"]["result"]) for r in triggers} == {("dataset", "ok")}

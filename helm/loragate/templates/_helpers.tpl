@@ -118,3 +118,41 @@ envFrom:
 {{- define "loragate.requestLogClaim" -}}
 {{- if and .Values.requestLog.enabled (not .Values.requestLog.url) }}true{{ end }}
 {{- end }}
+
+{{/* The monitor's config file (monitoring/service.py MonitorConfig), rendered from monitor.* values. */}}
+{{- define "loragate.monitorConfig" -}}
+{{- $m := .Values.monitor }}
+{{- if and $m.checks (not .Values.requestLog.enabled) }}
+{{- fail "monitor.checks read the request log: set requestLog.enabled (with requestLog.url or requestLog.existingClaim)" }}
+{{- end }}
+{{- range $check := $m.checks }}
+{{- range $action := $check.actions | default list }}
+{{- if and (eq $action.type "webhook") (not $m.webhookSecret.existingSecret) }}
+{{- fail (printf "check %s: a webhook action needs monitor.webhookSecret.existingSecret" $check.route) }}
+{{- end }}
+{{- if and (eq $action.type "webhook") (ne $action.secret_env $m.webhookSecret.env) }}
+{{- fail (printf "check %s: webhook secret_env must be %s (monitor.webhookSecret.env)" $check.route $m.webhookSecret.env) }}
+{{- end }}
+{{- if and (eq $action.type "k8s_job") (ne ($action.namespace | default "default") $.Release.Namespace) }}
+{{- fail (printf "check %s: k8s_job namespace must be %s (the monitor's Role creates Jobs in the release namespace only)" $check.route $.Release.Namespace) }}
+{{- end }}
+{{- if and (eq $action.type "k8s_job") (eq (toString $action.template) "/etc/loragate/retrain-job.yaml") (not $m.retrainJobTemplate) }}
+{{- fail (printf "check %s: the k8s_job action uses /etc/loragate/retrain-job.yaml: set monitor.retrainJobTemplate" $check.route) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- $config := dict "request_log" (.Values.requestLog.url | default .Values.requestLog.mountPath)
+      "output_dir" (printf "%s/reports" $m.dataDir) "state_file" (printf "%s/state.json" $m.dataDir)
+      "interval_s" $m.intervalSeconds "host" "0.0.0.0" "port" $m.port "drift" $m.drift "checks" $m.checks }}
+{{- with $m.prometheusUrl }}
+{{- $_ := set $config "prometheus_url" . }}
+{{- end }}
+{{- toYaml $config }}
+{{- end }}
+
+{{/* The claim of the monitor's data directory ("" when it is an emptyDir). */}}
+{{- define "loragate.monitorClaim" -}}
+{{- with .Values.monitor.persistence }}
+{{- if .enabled }}{{ .existingClaim | default (printf "%s-monitor" (include "loragate.fullname" $)) }}{{ end }}
+{{- end }}
+{{- end }}
