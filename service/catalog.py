@@ -70,6 +70,12 @@ class Variant(_Strict):
     # Without it the adapter must already be registered on the replicas.
     path: str | None = None
     weight: float = Field(0.0, ge=0)
+    # Or another OpenAI-compatible endpoint outside the vLLM pool (e.g. the hosted API the
+    # adapters replace, as the last fallback): its base URL with /v1, the model name there,
+    # and the environment variable holding its API key (never the key itself).
+    endpoint: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -79,16 +85,25 @@ class Variant(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _path_needs_adapter(self) -> "Variant":
+    def _one_kind(self) -> "Variant":
         if self.path is not None and self.adapter is None:
             raise ValueError(f"variant {self.name!r} has a path but no adapter name")
-        if self.name == BASE and self.adapter is not None:
+        if self.name == BASE and (self.adapter is not None or self.endpoint is not None):
             raise ValueError(f"variant name {BASE!r} is reserved for the base model")
+        if self.endpoint is not None:
+            if self.adapter is not None:
+                raise ValueError(f"variant {self.name!r}: an endpoint variant takes `model`, not `adapter`")
+            if not self.model:
+                raise ValueError(f"variant {self.name!r}: an endpoint needs the `model` to ask it for")
+            if not self.endpoint.startswith(("http://", "https://")):
+                raise ValueError(f"variant {self.name!r}: endpoint must be an http(s) URL")
+        elif self.model is not None or self.api_key_env is not None:
+            raise ValueError(f"variant {self.name!r}: `model` and `api_key_env` go with an `endpoint`")
         return self
 
     @property
     def is_base(self) -> bool:
-        return self.adapter is None
+        return self.adapter is None and self.endpoint is None
 
 
 class Route(_Strict):
@@ -144,7 +159,7 @@ class Route(_Strict):
         return chain
 
     def upstream_model(self, variant: Variant) -> str:
-        return variant.adapter or self.base_model
+        return variant.model or variant.adapter or self.base_model
 
 
 class Catalog(_Strict):

@@ -193,7 +193,7 @@ class Gateway:
                     served.fallback = first_reason
                     return served
                 retry = (reason in _RETRYABLE and attempts < self.max_attempts and time.monotonic() < deadline
-                         and len(tried) < len(self.pool.replicas))
+                         and not variant.endpoint and len(tried) < len(self.pool.replicas))
                 if not retry:
                     break
                 self.metrics.retries.labels(route.name, reason).inc()
@@ -217,7 +217,10 @@ class Gateway:
         """One try of one variant on one replica; raises UpstreamFailure with a bounded reason."""
         assert self.session is not None
         try:
-            replica = await self.pool.acquire(variant.adapter, variant.path, exclude=tried)
+            if variant.endpoint:
+                replica = self.pool.acquire_endpoint(variant.endpoint)
+            else:
+                replica = await self.pool.acquire(variant.adapter, variant.path, exclude=tried)
         except NoHealthyUpstream as exc:
             raise UpstreamFailure("no_healthy_upstream", str(exc)) from None
         except CircuitOpen as exc:
@@ -234,8 +237,9 @@ class Gateway:
         response = None
         try:
             response = await open_upstream(
-                self.session, f"{replica.url}/v1/{endpoint}", orjson.dumps(payload),
-                request_id=request_id, is_adapter=not variant.is_base, timeout=timeout,
+                self.session, f"{replica.url}/{endpoint}" if replica.external else f"{replica.url}/v1/{endpoint}",
+                orjson.dumps(payload), request_id=request_id, is_adapter=variant.adapter is not None,
+                timeout=timeout, api_key=os.environ.get(variant.api_key_env) if variant.api_key_env else None,
             )
             first_chunk = body = b""
             usage = None

@@ -35,9 +35,6 @@ class Usage:
         return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
 
-_FORWARDED_HEADERS = ("authorization",)
-
-
 async def open_upstream(
     session: aiohttp.ClientSession,
     url: str,
@@ -46,6 +43,7 @@ async def open_upstream(
     request_id: str,
     is_adapter: bool,
     timeout: aiohttp.ClientTimeout | None = None,
+    api_key: str | None = None,
 ) -> aiohttp.ClientResponse:
     """POST ``body`` to ``url``; returns the response once its headers are in.
 
@@ -53,9 +51,12 @@ async def open_upstream(
     connection errors, timeouts, 5xx, 429, and 404 for an adapter model (the
     replica no longer holds it). Other 4xx are the client's and are returned.
     """
+    headers = {"content-type": "application/json", "x-request-id": request_id}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
     try:
         response = await session.post(
-            url, data=body, headers={"content-type": "application/json", "x-request-id": request_id},
+            url, data=body, headers=headers,
             **({} if timeout is None else {"timeout": timeout}),
         )
     except (asyncio.TimeoutError, TimeoutError):

@@ -54,6 +54,9 @@ class Replica:
     loading: dict[str, asyncio.Task] = field(default_factory=dict)
     # Circuit per adapter on this replica; REPLICA for the replica as a whole.
     circuits: dict[str, CircuitBreaker] = field(default_factory=dict)
+    # An OpenAI-compatible endpoint outside the pool (url is its base, /v1 included): never
+    # health-checked or loaded into; its circuit alone decides whether it is tried.
+    external: bool = False
 
 
 class Pool:
@@ -74,6 +77,7 @@ class Pool:
         self.replicas = [Replica(url) for url in urls]
         self.metrics = metrics
         self._in_flight_gauges = {r.url: metrics.upstream_in_flight.labels(r.url) for r in self.replicas}
+        self._endpoints: dict[str, Replica] = {}
         self.max_in_flight = max_in_flight
         self.admission = Admission(max_waiting, max_wait_s)
         self.circuit_failures = circuit_failures
@@ -135,7 +139,7 @@ class Pool:
     def circuits(self) -> list[dict]:
         return [
             {"upstream": r.url, "adapter": key, **breaker.snapshot()}
-            for r in self.replicas for key, breaker in sorted(r.circuits.items())
+            for r in [*self.replicas, *self._endpoints.values()] for key, breaker in sorted(r.circuits.items())
         ]
 
     # --- picking ------------------------------------------------------------
@@ -183,6 +187,20 @@ class Pool:
             self.circuit(replica, adapter).begin()
         return replica
 
+    def acquire_endpoint(self, url: str) -> Replica:
+        """The stand-in replica of an external endpoint, its in-flight count taken (release it too)."""
+        replica = self._endpoints.get(url)
+        if replica is None:
+            replica = self._endpoints[url] = Replica(url, healthy=True, external=True)
+            self._in_flight_gauges[url] = self.metrics.upstream_in_flight.labels(url)
+        circuit = self.circuit(replica, None)
+        if not circuit.available():
+            raise CircuitOpen(f"circuit open for the endpoint {url}")
+        replica.in_flight += 1
+        self._in_flight_gauges[url].inc()
+        circuit.begin()
+        return replica
+
     def release(self, replica: Replica) -> None:
         replica.in_flight -= 1
         self._in_flight_gauges[replica.url].dec()
@@ -198,7 +216,8 @@ class Pool:
             return
         if failure == "connect_error":
             replica_circuit.failure()
-            self.mark_failed(replica)
+            if not replica.external:
+                self.mark_failed(replica)
         elif adapter is not None:
             self.circuit(replica, adapter).failure()
             replica_circuit.probing = False

@@ -5,7 +5,7 @@ for the overhead benchmark (so that the proxies are what is measured).
 The requested model name selects the behaviour, so a route's variant picks a
 fault by its adapter name:
 
-  fail-500      answers 500            fail-429   answers 429
+  fail-500*     answers 500            fail-429   answers 429
   slow-<ms>     waits <ms> before the headers
   reset         closes the connection without an answer
   malformed     answers 200 with a body that is not JSON
@@ -62,7 +62,7 @@ def _usage_chunk(model: str, tokens: int) -> bytes:
 
 def make_app(chunks: int = 16) -> web.Application:
     loaded: set[str] = set()
-    stats = {"requests": 0, "loads": 0}
+    stats = {"requests": 0, "loads": 0, "last_authorization": None, "last_model": None}
 
     async def health(_request: web.Request) -> web.Response:
         return web.Response(text="")
@@ -86,9 +86,11 @@ def make_app(chunks: int = 16) -> web.Application:
         stats["requests"] += 1
         payload = orjson.loads(await request.read())
         model = payload.get("model", "base")
+        stats["last_authorization"] = request.headers.get("authorization")
+        stats["last_model"] = model
         chat = request.path.endswith("chat/completions")
         tokens = int(payload.get("max_tokens") or chunks)
-        if model == "fail-500":
+        if model.startswith("fail-500"):
             return web.json_response({"error": {"message": "stub failure", "code": 500}}, status=500)
         if model == "fail-429":
             return web.json_response({"error": {"message": "stub busy", "code": 429}}, status=429)

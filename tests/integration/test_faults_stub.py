@@ -68,9 +68,18 @@ def stubs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gateway(stubs, tmp_path_factory):
     directory = tmp_path_factory.mktemp("gw")
-    (directory / "routes.yaml").write_text(ROUTES)
+    # The second stub plays "another OpenAI-compatible endpoint" (a hosted API), outside the pool.
+    (directory / "routes.yaml").write_text(ROUTES + f"""
+  hosted-rescue:
+    base_model: fail-500-base
+    variants:
+      - {{name: v1, adapter: fail-500-adapter, path: /a, weight: 1}}
+      - {{name: hosted, endpoint: "{stubs[1]}/v1", model: hosted-model, api_key_env: TEST_HOSTED_KEY}}
+    fallback: [base, hosted]
+""")
     service, url = start_gateway(directory / "routes.yaml", stubs[:1], directory / "gateway.log",
-                                 extra_env={"LORAGATE_CIRCUIT_FAILURES": "3", "LORAGATE_CIRCUIT_OPEN_S": "30"})
+                                 extra_env={"LORAGATE_CIRCUIT_FAILURES": "3", "LORAGATE_CIRCUIT_OPEN_S": "30",
+                                            "TEST_HOSTED_KEY": "sk-hosted-test"})
     try:
         yield url
     finally:
@@ -146,6 +155,24 @@ def test_stream_that_cannot_be_continued_ends_with_an_error_event(gateway):
     client = openai.OpenAI(base_url=f"{gateway}/v1", api_key="x", max_retries=0)
     with pytest.raises(openai.APIError):
         list(client.chat.completions.create(model="no-rescue", messages=CHAT, max_tokens=8, stream=True))
+
+
+def test_last_fallback_is_another_openai_compatible_endpoint(gateway, stubs):
+    before = scrape(gateway)
+    response = httpx.post(f"{gateway}/v1/chat/completions", json={"model": "hosted-rescue", "messages": CHAT},
+                          timeout=10)
+    assert response.status_code == 200
+    assert response.headers["x-loragate-variant"] == "hosted"
+    assert response.headers["x-loragate-fallback"] == "upstream_5xx"
+    assert response.json()["model"] == "hosted-model"
+    seen = httpx.get(f"{stubs[1]}/stub/stats").json()
+    assert seen["last_model"] == "hosted-model"
+    assert seen["last_authorization"] == "Bearer sk-hosted-test"  # the key from the env var named in the route
+    after = scrape(gateway)
+    # The adapter failed, then the base model: two fallbacks, then the hosted endpoint answered.
+    assert delta(before, after, "loragate_fallbacks_total", route="hosted-rescue") == 2
+    assert delta(before, after, "loragate_requests_total", route="hosted-rescue", variant="hosted") == 1
+    assert "sk-hosted-test" not in scrape(gateway)
 
 
 def test_malformed_json_from_upstream_falls_back(gateway):

@@ -27,6 +27,20 @@ def test_good_catalog_parses_with_implicit_base_variant():
     assert parse_catalog(GOOD).adapters() == {"support-v1": "/adapters/v1", "support-v2": "/adapters/v2"}
 
 
+def test_endpoint_variant_names_its_model_and_is_not_base():
+    route = parse_catalog("""
+routes:
+  r:
+    variants:
+      - {name: v1, adapter: a1, weight: 1}
+      - {name: hosted, endpoint: "https://api.example.com/v1", model: gpt-x, api_key_env: HOSTED_KEY}
+    fallback: [base, hosted]
+""").routes["r"]
+    hosted = route.variant("hosted")
+    assert not hosted.is_base and route.upstream_model(hosted) == "gpt-x"
+    assert [v.name for v in route.fallback_chain(route.variant("v1"))] == ["base", "hosted"]
+
+
 def test_fallback_chain_skips_the_failed_variant():
     route = parse_catalog(GOOD).routes["support"]
     assert [v.name for v in route.fallback_chain(route.variant("v2"))] == ["v1", BASE]
@@ -56,6 +70,11 @@ def test_pricing_cost_per_1k_tokens():
         ("routes: {'r:x': {variants: [{name: a, adapter: x, weight: 1}]}}", "must match"),
         ("routes: {r: {variants: [{name: a, adapter: x, weight: 1}], colour: red}}", "Extra inputs"),
         ("routes: {r: {variants: [{name: base, adapter: x, weight: 1}]}}", "reserved"),
+        ("routes: {r: {variants: [{name: h, endpoint: 'https://api.example/v1', weight: 1}]}}", "needs the `model`"),
+        ("routes: {r: {variants: [{name: h, endpoint: 'ftp://x', model: m, weight: 1}]}}", "http(s) URL"),
+        ("routes: {r: {variants: [{name: h, endpoint: 'https://x/v1', adapter: a, model: m, weight: 1}]}}",
+         "not `adapter`"),
+        ("routes: {r: {variants: [{name: h, adapter: a, model: m, weight: 1}]}}", "go with an `endpoint`"),
     ],
 )
 def test_bad_catalogs_are_rejected_with_a_clear_message(text, message):
