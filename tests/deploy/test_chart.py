@@ -331,3 +331,31 @@ def test_notes_say_one_worker_per_pod():
     with helm.Chart.load(CHART) as chart:
         notes = chart.render(name="lg", namespace="llm")["loragate/templates/NOTES.txt"]
     assert "ONE uvicorn worker" in notes and "lg-loragate-gateway" in notes
+
+
+def test_every_loragate_setting_the_deployments_set_exists(rendered):
+    """A misspelt LORAGATE_* variable is silently ignored by pydantic-settings: catch it here."""
+    from service.settings import Settings
+
+    known = {f"LORAGATE_{name.upper()}" for name in Settings.model_fields}
+    _values, documents = rendered
+    for name, spec in pod_specs(documents):
+        for container in spec["containers"]:
+            for env in container.get("env", []):
+                if env["name"].startswith("LORAGATE_") and "gateway" in name:
+                    assert env["name"] in known, f"{name}: {env['name']} is not a gateway setting"
+
+
+def test_compose_and_dockerfile_set_only_real_gateway_settings():
+    import re
+
+    from service.settings import Settings
+
+    known = {f"LORAGATE_{name.upper()}" for name in Settings.model_fields}
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    gateway_env = compose["services"]["gateway"].get("environment", {})
+    names = set(gateway_env) if isinstance(gateway_env, dict) else {e.split("=")[0] for e in gateway_env}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    names |= set(re.findall(r"\b(LORAGATE_[A-Z_]+)=", dockerfile))
+    unknown = {n for n in names if n.startswith("LORAGATE_") and n not in known}
+    assert not unknown, unknown
