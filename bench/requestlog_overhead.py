@@ -13,12 +13,27 @@ noisy machine req/s swings with the neighbours, CPU per request does not, and at
 saturation the req/s ratio is the inverse of the CPU-per-request ratio. The target is
 judged on that ratio; both are printed.
 
+The logging gateway converts records (answer parsing, scrubbing, Parquet encoding) in
+its conversion process (LORAGATE_REQUEST_LOG_CONVERT=process, the default; --convert
+thread measures the old in-thread conversion). That process's CPU is not the gateway's:
+it is measured separately (CPU us per record it wrote) and printed, with the on/off ratio
+of the total (gateway + conversion process) CPU per request, so the whole cost is visible.
+The gateway's CPU in threads other than the event loop's (the writer thread, the pool's
+feeder and manager threads) is printed too: that is the log's direct cost there, besides
+the ~3.5 us record() spends pickling each record on the event loop. On a 2-core machine the
+conversion process has to share a CPU with the stub and wrk or with the gateway, and either
+way it perturbs the measurement (slower load generator, or a shared core), so the gateway's
+on/off ratio here includes that interference.
+
 After the sweep the logging gateway is stopped (SIGTERM) and its Parquet rows are
 counted against the requests it answered: the log must be complete, not just cheap.
 
 With --pin (default on machines with 2+ cores) the stub and wrk share CPU 0 and both
 gateways CPU 1, so a gateway's writer thread competes with its own event loop, as it
-would in a one-core pod.
+would in a one-core pod. The conversion process is moved to CPU 0 (next to the load
+generator, --child-cpu other, the default: a pod sized with CPU for it) or kept on the
+gateway's CPU 1 (--child-cpu same: a one-core pod, where its CPU comes out of the
+gateway's throughput).
 
 Run:  .venv/bin/python bench/requestlog_overhead.py [--duration 5] [--rounds 3] [--concurrency 32]
 """
@@ -90,7 +105,7 @@ def pinned(command: list[str], cpu: int | None) -> list[str]:
 
 
 def start_gateway(work: Path, name: str, upstream: str, cpu: int | None, log_url: str | None,
-                  text: str = "scrubbed") -> tuple[Service, str]:
+                  text: str = "scrubbed", convert: str = "process") -> tuple[Service, str]:
     port = free_port()
     env = {**os.environ, "LORAGATE_ROUTES_FILE": str(work / "routes.yaml"), "LORAGATE_UPSTREAMS": upstream,
            "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1"}
@@ -98,6 +113,7 @@ def start_gateway(work: Path, name: str, upstream: str, cpu: int | None, log_url
     if log_url:
         env["LORAGATE_REQUEST_LOG_URL"] = log_url
         env["LORAGATE_REQUEST_LOG_TEXT"] = text
+        env["LORAGATE_REQUEST_LOG_CONVERT"] = convert
     service = Service(pinned([sys.executable, "-m", "service.cli", "serve"], cpu), work / f"{name}.log", env)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/readyz", service.process, 60, work / f"{name}.log")
@@ -117,15 +133,50 @@ def wrk(url: str, script: Path, concurrency: int, duration: float, cpu: int | No
 
 def cpu_s(pid: int) -> float:
     """utime+stime of a process, all its threads (the writer thread included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
+
+
+def side_threads_cpu_s(pid: int) -> float:
+    """utime+stime of a process's threads other than the main one (the event loop's)."""
+    return sum(_stat_cpu_s(task / "stat") for task in Path(f"/proc/{pid}/task").iterdir() if task.name != str(pid))
+
+
+def _stat_cpu_s(stat: Path) -> float:
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except FileNotFoundError:  # a thread that ended
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def answered(url: str) -> float:
+    return metric_sum(url, "loragate_requests_total{", 'route="bench"')
+
+
+def written(url: str) -> float:
+    return metric_sum(url, "loragate_requestlog_records_total{", 'result="written"')
+
+
+def metric_sum(url: str, prefix: str, label: str) -> float:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         text = response.read().decode()
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("loragate_requests_total{") and 'route="bench"' in line)
+               if line.startswith(prefix) and label in line)
+
+
+def conversion_process(pid: int, timeout_s: float = 30) -> int:
+    """The gateway's request-log conversion process: its child started by multiprocessing's spawn."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
+                        b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                    return int(stat.parent.name)
+            except (OSError, ValueError):
+                continue
+        time.sleep(0.2)
+    raise RuntimeError(f"gateway {pid} started no conversion process")
 
 
 def main() -> int:
@@ -136,6 +187,11 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--text", choices=("full", "scrubbed", "none"), default="scrubbed",
                         help="LORAGATE_REQUEST_LOG_TEXT of the logging gateway")
+    parser.add_argument("--convert", choices=("process", "thread"), default="process",
+                        help="LORAGATE_REQUEST_LOG_CONVERT of the logging gateway")
+    parser.add_argument("--child-cpu", choices=("other", "same"), default="other",
+                        help="pinned: the conversion process on the load generator's CPU 0 (other) "
+                             "or on the gateway's CPU 1 (same)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -155,13 +211,20 @@ def main() -> int:
         off, off_url = start_gateway(work, "gateway-off", upstream, gateway_cpu, None)
         services.append(off)
         log_dir = work / "requestlog"
-        on, on_url = start_gateway(work, "gateway-on", upstream, gateway_cpu, str(log_dir), args.text)
+        on, on_url = start_gateway(work, "gateway-on", upstream, gateway_cpu, str(log_dir), args.text, args.convert)
         services.append(on)
         targets = {"off": off_url, "on": on_url}
         pids = {"off": off.process.pid, "on": on.process.pid}
+        child = conversion_process(on.process.pid) if args.convert == "process" else None
+        if child is not None and pin:
+            os.sched_setaffinity(child, {load_cpu if args.child_cpu == "other" else gateway_cpu})
+        placement = ("in the gateway's writer thread" if child is None else
+                     f"in the conversion process (pid {child}) on CPU(s) "
+                     f"{sorted(os.sched_getaffinity(child))}, gateway on CPU {gateway_cpu}, stub+wrk on CPU {load_cpu}"
+                     if pin else f"in the conversion process (pid {child}), unpinned")
 
         print(f"stub upstream, {CHUNKS} chunks; c={args.concurrency}; {args.duration:g}s x {args.rounds} rounds; "
-              f"pinned={pin}; text {args.text}")
+              f"pinned={pin}; text {args.text}; records converted {placement}")
         summary = []
         for stream in (False, True):
             script = work / f"wrk-{stream}.lua"
@@ -169,17 +232,25 @@ def main() -> int:
             script.write_text(WRK_SCRIPT % {"head": head, "tail": tail})
             results: dict[str, list[dict]] = {"off": [], "on": []}
             ratios, cpu_ratios = [], []
+            child_before = (cpu_s(child), written(on_url)) if child is not None else None
             for round_ in range(args.rounds):
                 order = ("off", "on") if round_ % 2 == 0 else ("on", "off")
                 for name in order:
                     wrk(targets[name], script, args.concurrency, 1, load_cpu)  # warmup
-                    before = cpu_s(pids[name])
+                    before, side_before = cpu_s(pids[name]), side_threads_cpu_s(pids[name])
                     result = wrk(targets[name], script, args.concurrency, args.duration, load_cpu)
                     result["cpu_us"] = (cpu_s(pids[name]) - before) / max(result["requests"], 1) * 1e6
+                    result["side_us"] = ((side_threads_cpu_s(pids[name]) - side_before)
+                                         / max(result["requests"], 1) * 1e6)
                     results[name].append(result)
                 ratios.append(results["on"][-1]["rps"] / results["off"][-1]["rps"])
                 cpu_ratios.append(results["off"][-1]["cpu_us"] / results["on"][-1]["cpu_us"])
             cell = "stream" if stream else "whole"
+            child_us = 0.0
+            if child_before is not None:  # CPU of the batches the child finished during this cell, per row
+                time.sleep(0.5)
+                child_cpu, rows_written = cpu_s(child) - child_before[0], written(on_url) - child_before[1]
+                child_us = child_cpu / max(rows_written, 1) * 1e6
             for name in ("off", "on"):
                 runs = results[name]
                 errors = sum(r["errors"] for r in runs)
@@ -187,12 +258,20 @@ def main() -> int:
                       f"(runs: {', '.join(format(r['rps'], '.0f') for r in runs)}), "
                       f"p50 {statistics.median(r['p50_us'] for r in runs) / 1000:.2f} ms, "
                       f"p99 {statistics.median(r['p99_us'] for r in runs) / 1000:.2f} ms, "
-                      f"CPU {statistics.median(r['cpu_us'] for r in runs):.0f} us/request, errors {errors}")
+                      f"CPU {statistics.median(r['cpu_us'] for r in runs):.0f} us/request "
+                      f"(threads besides the event loop's: {statistics.median(r['side_us'] for r in runs):.1f}), "
+                      f"errors {errors}")
             ratio, cpu_ratio = statistics.median(ratios), statistics.median(cpu_ratios)
             summary.append((cell, cpu_ratio))
             print(f"  {cell:6s} on/off req/s ratio: {ratio:.3f} (per round: {', '.join(f'{r:.3f}' for r in ratios)})")
-            print(f"  {cell:6s} on/off by CPU per request (req/s ratio at CPU saturation, robust to noisy "
+            print(f"  {cell:6s} on/off by gateway CPU per request (req/s ratio at CPU saturation, robust to noisy "
                   f"neighbours): {cpu_ratio:.3f} (per round: {', '.join(f'{r:.3f}' for r in cpu_ratios)})")
+            if child is not None:
+                off_us = statistics.median(r["cpu_us"] for r in results["off"])
+                on_us = statistics.median(r["cpu_us"] for r in results["on"])
+                print(f"  {cell:6s} conversion process: {child_us:.0f} us CPU per record; gateway + conversion "
+                      f"process {on_us + child_us:.0f} us/request vs {off_us:.0f} off: on/off by total CPU "
+                      f"{off_us / (on_us + child_us):.3f} (what a one-core pod would keep)")
 
         time.sleep(1)  # requests still in flight when wrk stopped
         served = answered(on_url)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -94,9 +95,61 @@ def _send_all(url: str, requests: list[tuple[str, dict]], concurrency: int = 1) 
 
 
 def _stop(service: Service) -> None:
-    """SIGTERM, as a Kubernetes pod gets; uvicorn shuts down gracefully, then re-raises the signal (-15)."""
+    """SIGTERM, as a Kubernetes pod gets; uvicorn shuts down gracefully, then re-raises the signal (-15).
+
+    Every process the gateway started (uvicorn workers, their request-log conversion processes)
+    must be gone afterwards: none is left behind as an orphan.
+    """
+    started = _descendants(service.process.pid)
     assert service.stop() in (0, -15), service.log.read_text()[-2000:]
     assert "Application shutdown complete" in service.log.read_text()
+    deadline = time.monotonic() + 5
+    while (left := [pid for pid in started if _alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in left]
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Children started by multiprocessing's spawn (not its resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
+                    b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _conversion_processes(pid: int, workers: int = 1) -> list[int]:
+    """The request log's conversion processes: spawned by the gateway, or by each of uvicorn's (spawned) workers."""
+    if workers == 1:
+        return _spawned_children(pid)
+    return [child for worker in _spawned_children(pid) for child in _spawned_children(worker)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_every_request_is_logged_through_a_burst_and_a_graceful_restart(stub, tmp_path):
@@ -104,6 +157,7 @@ def test_every_request_is_logged_through_a_burst_and_a_graceful_restart(stub, tm
     service, url = _gateway(tmp_path, stub, str(root), name="first")
     sent = _send_all(url, [_request(i) for i in range(40)])
     sent += _send_all(url, [_request(i) for i in range(500)], concurrency=500)  # the burst
+    assert len(_conversion_processes(service.process.pid)) == 1  # the default: rows made in a child
     metrics = scrape(url)
     assert sample_sum(metrics, "loragate_requestlog_records_total", result="dropped") == 0
     _stop(service)  # SIGTERM: the lifespan flushes everything queued
@@ -128,10 +182,12 @@ def test_every_request_is_logged_through_a_burst_and_a_graceful_restart(stub, tm
     assert support and all(r["variant"] == "v1" and r["cost_usd"] > 0 for r in support)
 
 
-def test_two_workers_write_into_one_directory(stub, tmp_path):
+@pytest.mark.parametrize("convert", ["process", "thread"])
+def test_two_workers_write_into_one_directory(stub, tmp_path, convert):
     root = tmp_path / "log"
-    service, url = _gateway(tmp_path, stub, str(root), LORAGATE_WORKERS="2")
+    service, url = _gateway(tmp_path, stub, str(root), LORAGATE_WORKERS="2", LORAGATE_REQUEST_LOG_CONVERT=convert)
     sent = _send_all(url, [_request(i) for i in range(200)], concurrency=50)
+    assert len(_conversion_processes(service.process.pid, workers=2)) == (2 if convert == "process" else 0)
     _stop(service)
     assert sorted(read_table(str(root), "requests").column("request_id").to_pylist()) == sorted(sent)
 

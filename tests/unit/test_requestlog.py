@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -16,6 +19,9 @@ import pytest
 from service.logstore import SCHEMAS, ParquetStore, read_table
 from service.metrics import Metrics
 from service.requestlog import FeedbackRecord, RequestLog, RequestRecord, prompt_of, request_row
+
+# Where records become rows: the writer thread, or the conversion process (the gateway's default).
+MODES = ("thread", "process")
 
 PII = {
     "email": "jane.doe@example.com",
@@ -56,6 +62,26 @@ def _sse(obj: dict) -> bytes:
 
 def counted(metrics: Metrics, result: str, kind: str = "requests") -> float:
     return metrics.registry.get_sample_value("loragate_requestlog_records_total", {"kind": kind, "result": result}) or 0
+
+
+def parquet_sink(root: Path, metrics: Metrics, convert: str, *, writer_id: str | None = None,
+                 **options) -> RequestLog:
+    """A RequestLog writing Parquet under ``root``; in process mode the store is built in the child."""
+    factory = functools.partial(ParquetStore, str(root), writer_id=writer_id)
+    return RequestLog(factory if convert == "process" else factory(), metrics, convert=convert, **options)
+
+
+class FlakyParquet:
+    """A ParquetStore whose first ``failures`` writes fail; module-level, so a child process can build one."""
+
+    def __init__(self, root: str, failures: int) -> None:
+        self.failures, self.store = failures, ParquetStore(root)
+
+    def write(self, table, rows):
+        if self.failures:
+            self.failures -= 1
+            raise OSError("store down")
+        return self.store.write(table, rows)
 
 
 # --- rows --------------------------------------------------------------------------
@@ -114,9 +140,10 @@ def test_text_modes(mode, expected):
 # --- the writer and the files ------------------------------------------------------------
 
 
-def test_every_record_reaches_parquet_with_the_documented_schema(tmp_path):
+@pytest.mark.parametrize("convert", MODES)
+def test_every_record_reaches_parquet_with_the_documented_schema(tmp_path, convert):
     metrics = Metrics()
-    sink = RequestLog(ParquetStore(str(tmp_path), writer_id="w1"), metrics, flush_interval_s=60, batch_size=1000)
+    sink = parquet_sink(tmp_path, metrics, convert, writer_id="w1", flush_interval_s=60, batch_size=1000)
     sink.start()
     for index in range(250):
         sink.record(chat_record(f"r{index}", stream=index % 2 == 0))
@@ -131,8 +158,9 @@ def test_every_record_reaches_parquet_with_the_documented_schema(tmp_path):
     assert counted(metrics, "written") == 250 and counted(metrics, "dropped") == 0
 
 
-def test_partitions_by_utc_day(tmp_path):
-    sink = RequestLog(ParquetStore(str(tmp_path), writer_id="w"), Metrics())
+@pytest.mark.parametrize("convert", MODES)
+def test_partitions_by_utc_day(tmp_path, convert):
+    sink = parquet_sink(tmp_path, Metrics(), convert, writer_id="w")  # never started: close writes
     sink.record(chat_record("late", timestamp=1_700_006_399.0))  # 2023-11-14 23:59:59 UTC
     sink.record(chat_record("early", timestamp=1_700_006_400.0))  # 2023-11-15 00:00:00 UTC
     sink.close()
@@ -143,9 +171,10 @@ def test_partitions_by_utc_day(tmp_path):
         "late": "2023-11-14", "early": "2023-11-15"}
 
 
-def test_record_never_blocks_and_a_full_queue_drops_and_counts(tmp_path):
+@pytest.mark.parametrize("convert", MODES)
+def test_record_never_blocks_and_a_full_queue_drops_and_counts(tmp_path, convert):
     metrics = Metrics()
-    sink = RequestLog(ParquetStore(str(tmp_path)), metrics, queue_size=3)  # writer not started: nothing drains
+    sink = parquet_sink(tmp_path, metrics, convert, queue_size=3)  # writer not started: nothing drains
     started = time.perf_counter()
     for index in range(10):
         sink.record(chat_record(f"r{index}"))
@@ -158,8 +187,9 @@ def test_record_never_blocks_and_a_full_queue_drops_and_counts(tmp_path):
     assert counted(metrics, "dropped") == 8
 
 
-def test_writes_every_batch_size_records_and_every_interval(tmp_path):
-    sink = RequestLog(ParquetStore(str(tmp_path)), Metrics(), flush_interval_s=60, batch_size=10)
+@pytest.mark.parametrize("convert", MODES)
+def test_writes_every_batch_size_records_and_every_interval(tmp_path, convert):
+    sink = parquet_sink(tmp_path, Metrics(), convert, flush_interval_s=60, batch_size=10)
     sink.start()
     for index in range(25):
         sink.record(chat_record(f"r{index}"))
@@ -170,7 +200,7 @@ def test_writes_every_batch_size_records_and_every_interval(tmp_path):
     assert _rows(tmp_path) == 25
 
     other = tmp_path / "interval"
-    sink = RequestLog(ParquetStore(str(other)), Metrics(), flush_interval_s=0.2, batch_size=1000)
+    sink = parquet_sink(other, Metrics(), convert, flush_interval_s=0.2, batch_size=1000)
     sink.start()
     sink.record(chat_record("lonely"))
     _wait_for(lambda: _rows(other) == 1)  # no close: the interval alone wrote it
@@ -206,8 +236,46 @@ def test_a_failed_write_is_retried_then_counted(tmp_path):
     assert counted(metrics, "failed") == 4
 
 
-def test_records_from_many_threads_all_arrive(tmp_path):
-    sink = RequestLog(ParquetStore(str(tmp_path)), Metrics(), flush_interval_s=0.05, batch_size=50)
+@pytest.mark.parametrize("convert", MODES)
+def test_a_failed_write_is_retried_then_counted_wherever_the_store_lives(tmp_path, convert):
+    def flaky(root: Path, failures: int):
+        factory = functools.partial(FlakyParquet, str(root), failures)
+        return factory if convert == "process" else factory()
+
+    metrics = Metrics()
+    sink = RequestLog(flaky(tmp_path / "a", 2), metrics, convert=convert, flush_interval_s=0.05, max_write_attempts=3)
+    sink.start()
+    sink.record(chat_record("r1"))
+    _wait_for(lambda: _rows(tmp_path / "a") == 1)
+    sink.close()
+    assert counted(metrics, "written") == 1 and counted(metrics, "failed") == 0
+
+    metrics = Metrics()
+    sink = RequestLog(flaky(tmp_path / "b", 100), metrics, convert=convert, flush_interval_s=0.05,
+                      max_write_attempts=2)
+    sink.start()
+    for index in range(4):
+        sink.record(chat_record(f"r{index}"))
+    sink.close()
+    assert counted(metrics, "failed") == 4 and counted(metrics, "written") == 0
+
+
+@pytest.mark.parametrize("convert", MODES)
+def test_an_unreadable_record_is_counted_and_the_rest_of_its_batch_written(tmp_path, convert):
+    metrics = Metrics()
+    sink = parquet_sink(tmp_path, metrics, convert)
+    broken = chat_record("broken")
+    broken.timestamp = "not a time"  # request_row raises on it
+    for record in (chat_record("r1"), broken, chat_record("r2")):
+        sink.record(record)
+    sink.close()
+    assert sorted(read_table(str(tmp_path), "requests").column("request_id").to_pylist()) == ["r1", "r2"]
+    assert counted(metrics, "written") == 2 and counted(metrics, "failed") == 1
+
+
+@pytest.mark.parametrize("convert", MODES)
+def test_records_from_many_threads_all_arrive(tmp_path, convert):
+    sink = parquet_sink(tmp_path, Metrics(), convert, flush_interval_s=0.05, batch_size=50)
     sink.start()
 
     def send(prefix: str) -> None:
@@ -224,8 +292,9 @@ def test_records_from_many_threads_all_arrive(tmp_path):
     assert len(ids) == len(set(ids)) == 800
 
 
-def test_two_writers_share_a_root_without_clashing(tmp_path):
-    sinks = [RequestLog(ParquetStore(str(tmp_path)), Metrics()) for _ in range(2)]
+@pytest.mark.parametrize("convert", MODES)
+def test_two_writers_share_a_root_without_clashing(tmp_path, convert):
+    sinks = [parquet_sink(tmp_path, Metrics(), convert) for _ in range(2)]
     for n, sink in enumerate(sinks):
         for index in range(5):
             sink.record(chat_record(f"w{n}-{index}"))
@@ -235,8 +304,9 @@ def test_two_writers_share_a_root_without_clashing(tmp_path):
     assert not [p for p in tmp_path.rglob(".*")], "no temporary files are left behind"
 
 
-def test_planted_pii_never_reaches_storage(tmp_path):
-    sink = RequestLog(ParquetStore(str(tmp_path)), Metrics())  # scrubbed is the default
+@pytest.mark.parametrize("convert", MODES)
+def test_planted_pii_never_reaches_storage(tmp_path, convert):
+    sink = parquet_sink(tmp_path, Metrics(), convert)  # scrubbed is the default
     sink.record(chat_record("chat", content=PII_PROMPT, answer=f"sure, I will mail {PII['email']}"))
     sink.record(chat_record("stream", content=PII_PROMPT, answer=f"your card {PII['card']} is noted", stream=True))
     sink.record_feedback(FeedbackRecord("chat", time.time(), "support", "v1", 1.0, "good",
@@ -253,9 +323,10 @@ def test_planted_pii_never_reaches_storage(tmp_path):
         assert secret.encode() not in raw
 
 
-def test_feedback_table(tmp_path):
+@pytest.mark.parametrize("convert", MODES)
+def test_feedback_table(tmp_path, convert):
     metrics = Metrics()
-    sink = RequestLog(ParquetStore(str(tmp_path)), metrics)
+    sink = parquet_sink(tmp_path, metrics, convert)
     sink.record_feedback(FeedbackRecord("r1", 1_700_000_000.5, "support", "v1", 0.5, "good", "better: x"))
     sink.record_feedback(FeedbackRecord("r2", 1_700_000_001.0, None, None, None, "bad", None))
     sink.close()
@@ -273,6 +344,78 @@ def test_recent_requests_map_is_bounded():
     assert len(sink.recent._served) == 3
 
 
+# --- the conversion process -------------------------------------------------------------
+
+
+def test_the_conversion_process_starts_with_the_writer_and_ends_with_close(tmp_path):
+    metrics = Metrics()
+    sink = parquet_sink(tmp_path, metrics, "process", flush_interval_s=0.1)
+    sink.start()
+    _wait_for(lambda: sink.child_pid() is not None)
+    child = sink.child_pid()
+    assert child != os.getpid() and _alive(child)
+    sink.record(chat_record("r1"))
+    sink.close()
+    assert not _alive(child)
+    assert _rows(tmp_path) == 1 and counted(metrics, "written") == 1
+
+
+def test_a_killed_conversion_process_is_replaced_and_its_batch_retried(tmp_path):
+    metrics = Metrics()
+    sink = parquet_sink(tmp_path, metrics, "process", flush_interval_s=0.1)
+    sink.start()
+    sink.record(chat_record("before"))
+    _wait_for(lambda: _rows(tmp_path) == 1)
+    first = sink.child_pid()
+    os.kill(first, signal.SIGKILL)
+    _wait_for(lambda: not _alive(first))
+    for index in range(5):
+        sink.record(chat_record(f"after-{index}"))
+    sink.close()
+    assert _rows(tmp_path) == 6
+    assert counted(metrics, "written") == 6 and counted(metrics, "failed") == 0
+
+
+def test_the_conversion_process_ignores_sigterm_and_dies_with_its_parent(tmp_path):
+    """A SIGTERM to the process group must not cost the last flush; a SIGKILLed gateway leaves no orphan."""
+    code = (
+        "import functools, sys, time\n"
+        "from pathlib import Path\n"
+        "from service.logstore import ParquetStore\n"
+        "from service.metrics import Metrics\n"
+        "from service.requestlog import FeedbackRecord, RequestLog\n"
+        "def written(n):\n"
+        f"    while len(list(Path({str(tmp_path)!r}).rglob('*.parquet'))) < n: time.sleep(0.05)\n"
+        "if __name__ == '__main__':\n"
+        f"    sink = RequestLog(functools.partial(ParquetStore, {str(tmp_path)!r}), Metrics(), convert='process',\n"
+        "                      flush_interval_s=0.1)\n"
+        "    sink.start()\n"
+        "    sink.record_feedback(FeedbackRecord('f1', time.time(), None, None, 1.0, 'good', None))\n"
+        "    written(1)\n"
+        "    print(sink.child_pid(), flush=True)\n"
+        "    sys.stdin.readline()\n"  # the test has sent the child a SIGTERM
+        "    sink.record_feedback(FeedbackRecord('f2', time.time(), None, None, 1.0, 'good', None))\n"
+        "    written(2)\n"
+        "    print('still writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(child, signal.SIGTERM)
+        parent.stdin.write("\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().strip() == "still writing"
+        assert _alive(child), "the conversion process leaves its ending to the gateway"
+        parent.kill()
+        parent.wait()
+        _wait_for(lambda: not _alive(child), timeout_s=10)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
 def test_the_gateway_does_not_import_pyarrow_when_the_log_is_off(tmp_path):
     routes = tmp_path / "routes.yaml"
     routes.write_text("routes:\n  r:\n    variants: [{name: base, weight: 1}]\n")
@@ -285,6 +428,14 @@ def test_the_gateway_does_not_import_pyarrow_when_the_log_is_off(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[2])
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an exited child waiting to be reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def _rows(root: Path) -> int:
