@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     add_monitor_arguments(p)
     p.set_defaults(run=_monitor)
 
+    p = commands.add_parser("rollout", help="a rollout's status, or promote / roll back by hand")
+    from monitoring.commands import add_rollout_arguments
+
+    add_rollout_arguments(p)
+    p.set_defaults(run=_rollout)
+
     args = parser.parse_args(argv)
     return args.run(args) or 0
 
@@ -78,6 +84,12 @@ def _monitor(args: argparse.Namespace) -> int:
     from monitoring.commands import monitor_command
 
     return monitor_command(args)
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    from monitoring.commands import rollout_command
+
+    return rollout_command(args)
 
 
 def _demo_model(args: argparse.Namespace) -> int:
@@ -132,9 +144,16 @@ def _serve(args: argparse.Namespace) -> int:
 def serve_from_env() -> int:
     # Settings are read before prometheus_client is imported: with several workers its
     # multiprocess mode must be switched on (PROMETHEUS_MULTIPROC_DIR) first.
+    from pydantic import ValidationError
+
     from service.settings import Settings
 
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        problems = "; ".join(f"LORAGATE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in exc.errors())
+        print(f"loragate: bad settings: {problems}", file=sys.stderr)
+        return 2
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="loragate-metrics-")
     try:

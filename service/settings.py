@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
 
+_LOG_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAGATE_", extra="ignore")
 
@@ -77,6 +80,14 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("request_log_url")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        # Checked here because the store itself is built in the conversion process, after start.
+        if value is not None and "://" in value and value.split("://", 1)[0] not in _LOG_SCHEMES:
+            raise ValueError(f"request_log_url: unsupported scheme in {value!r} (use a path, file://, s3://, gs://)")
+        return value
 
     # API keys (service/auth.py): off for local use, on in the Helm chart. LORAGATE_AUTH=on|off.
     auth: bool = False

@@ -163,6 +163,20 @@ def test_bad_routes_file_stops_the_gateway_with_a_clear_message(tmp_path: Path):
     assert "weight above 0" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("env, message", [({"LORAGATE_PORT": "abc"}, "LORAGATE_PORT"),
+                                          ({"LORAGATE_REQUEST_LOG_URL": "ftp://x"}, "unsupported scheme")])
+def test_bad_settings_stop_the_gateway_with_a_clear_message(tmp_path: Path, env, message):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config", str(tmp_path / "routes.yaml")],
+                            capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_metrics_add_up_across_worker_processes(stub, tmp_path: Path):
     (tmp_path / "routes.yaml").write_text(ROUTES)
     metrics_dir = tmp_path / "prom"
