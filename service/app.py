@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import contextlib
 import functools
 import logging
@@ -72,6 +73,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         if request_log is not None:
             request_log.start()
         await pool.check_all()
+        # Everything allocated so far (modules, app, catalog) lives as long as the process: keep it
+        # out of the garbage collector's scans, which otherwise walk it on every full collection.
+        gc.freeze()
         tasks = [
             asyncio.create_task(_every(settings.health_interval_s, pool.check_all)),
             asyncio.create_task(_every(settings.routes_reload_interval_s, lambda: _reload(catalog, metrics))),
