@@ -146,3 +146,66 @@ def monitor_command(args: argparse.Namespace) -> int:
         return asyncio.run(serve(config, once=args.once))
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("status", "promote", "rollback"),
+                   help="status: where each rollout is; promote/rollback: now, whatever the analysis says")
+    p.add_argument("--config", type=Path, required=True, help="the monitor YAML with its rollouts section")
+    p.add_argument("--route", help="the rollout's route (needed when several rollouts are configured)")
+    p.add_argument("--reason", default="manual", help="recorded in the rollout's history")
+    p.add_argument("--json", action="store_true", help="status as JSON")
+
+
+def rollout_command(args: argparse.Namespace) -> int:
+    """``loragate rollout status|promote|rollback``: a manual override of the monitor's rollouts.
+
+    It writes the same state file and routes source as the running monitor, which picks the
+    change up in its next round (its transitions counter does not count manual actions).
+    """
+    import asyncio
+    import json
+
+    from pydantic import ValidationError
+
+    from monitoring.rollout import RolloutController, RolloutError
+    from monitoring.service import MonitorConfig
+
+    try:
+        config = MonitorConfig.load(args.config)
+    except (OSError, ValidationError, ValueError) as exc:
+        print(f"loragate rollout: bad config {args.config}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if config.rollouts is None or not config.rollouts.canaries:
+        print(f"loragate rollout: {args.config} configures no rollouts", file=sys.stderr)
+        return EXIT_ERROR
+    controller = RolloutController(config.rollouts, None)
+    if args.action == "status":
+        status = controller.status()
+        if args.route:
+            status = {args.route: status.get(args.route, {"error": "no such rollout"})}
+        if args.json:
+            print(json.dumps(status, indent=2))
+        else:
+            for route, body in status.items():
+                line = (f"{route}: {body.get('state', '?')} canary={body.get('canary')} stable={body.get('stable')} "
+                        f"weight={body.get('weight', '-')}%")
+                analysis = body.get("last_analysis") or {}
+                if analysis:
+                    line += f" last analysis: {analysis.get('verdict')} ({analysis.get('reason')})"
+                if body.get("error"):
+                    line += f" error: {body['error']}"
+                print(line)
+        return EXIT_OK
+    routes = [spec.route for spec in config.rollouts.canaries]
+    route = args.route or (routes[0] if len(routes) == 1 else None)
+    if route is None:
+        print(f"loragate rollout: several rollouts ({', '.join(routes)}): pass --route", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        status = asyncio.run(controller.override(route, args.action, reason=args.reason))
+    except (RolloutError, OSError) as exc:
+        print(f"loragate rollout: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"{route}: {status.state}, {status.canary} at {status.weight:g}%, {status.stable} at {100 - status.weight:g}%")
+    return EXIT_OK

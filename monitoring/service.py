@@ -1,8 +1,10 @@
-"""``loragate monitor``: drift checks on a schedule, retraining triggers, its own /metrics.
+"""``loragate monitor``: drift checks on a schedule, retraining triggers, rollouts, its own /metrics.
 
 One asyncio process: an aiohttp app serving ``/metrics`` (its own prometheus-client
-registry) and ``/healthz``, and a loop that runs every configured check each
-``interval_s``. The Evidently work runs in a worker thread so the endpoints stay live.
+registry) and ``/healthz``, a loop that runs every configured check each
+``interval_s``, and (with a ``rollouts`` section) the rollout loop of monitoring/rollout.py,
+which analyses each canary on its own interval. The Evidently work runs in a worker thread
+so the endpoints and the rollouts stay live.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from monitoring.drift import DriftConfig, DriftResult, run_drift
+from monitoring.rollout import PrometheusAnalysis, RolloutController, RolloutMetrics, RolloutsConfig
 from monitoring.sources import Prometheus, RequestLog, Window, load_reference
 from monitoring.triggers import ActionConfig, Trigger, TriggerOutcome, TriggerPolicy, TriggerState
 
@@ -62,7 +65,14 @@ class MonitorConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 9108
     drift: DriftConfig = Field(default_factory=DriftConfig)
-    checks: list[CheckConfig]
+    checks: list[CheckConfig] = Field(default_factory=list)
+    rollouts: RolloutsConfig | None = None  # progressive delivery of adapter versions (monitoring/rollout.py)
+
+    @model_validator(mode="after")
+    def _rollouts_need_prometheus(self) -> "MonitorConfig":
+        if self.rollouts is not None and self.rollouts.canaries and not self.prometheus_url:
+            raise ValueError("rollouts analyse canaries from Prometheus: set prometheus_url")
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> "MonitorConfig":
@@ -112,7 +122,8 @@ class CheckRun:
 
 
 class Monitor:
-    def __init__(self, config: MonitorConfig, *, metrics: MonitorMetrics | None = None, k8s_api: Any = None) -> None:
+    def __init__(self, config: MonitorConfig, *, metrics: MonitorMetrics | None = None, k8s_api: Any = None,
+                 core_api: Any = None) -> None:
         self.config = config
         self.metrics = metrics or MonitorMetrics()
         self.log = RequestLog(config.request_log)
@@ -124,6 +135,12 @@ class Monitor:
         ]
         self._references: dict[str, "pd.DataFrame"] = {}
         self.last_results: dict[str, dict] = {}
+        # core_api: a CoreV1Api (or stand-in) for the routes ConfigMap; default: in-cluster config.
+        self.rollouts = None
+        if config.rollouts is not None and config.rollouts.canaries:
+            self.rollouts = RolloutController(
+                config.rollouts, PrometheusAnalysis(config.prometheus_url) if config.prometheus_url else None,
+                metrics=RolloutMetrics(self.metrics.registry), k8s_api=core_api)
 
     async def run_check(self, index: int, *, now: float | None = None) -> CheckRun:
         check, trigger = self.config.checks[index], self.triggers[index]
@@ -176,6 +193,12 @@ class Monitor:
         return runs
 
     async def loop(self) -> None:
+        loops = [self._drift_loop()]
+        if self.rollouts is not None:
+            loops.append(self.rollouts.loop())
+        await asyncio.gather(*loops)
+
+    async def _drift_loop(self) -> None:
         while True:
             started = time.monotonic()
             await self.run_all()
@@ -191,7 +214,10 @@ def make_app(monitor: Monitor):
                             headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def healthz(_request):
-        return web.json_response({"status": "ok", "checks": monitor.last_results})
+        body = {"status": "ok", "checks": monitor.last_results}
+        if monitor.rollouts is not None:
+            body["rollouts"] = monitor.rollouts.status()
+        return web.json_response(body)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
@@ -209,8 +235,9 @@ async def serve(config: MonitorConfig, *, once: bool = False) -> int:
     runner = web.AppRunner(make_app(monitor))
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
-    log.info("loragate monitor on http://%s:%d (%d checks every %.0f s)",
-             config.host, config.port, len(config.checks), config.interval_s)
+    log.info("loragate monitor on http://%s:%d (%d checks every %.0f s, %d rollouts)",
+             config.host, config.port, len(config.checks), config.interval_s,
+             len(config.rollouts.canaries) if config.rollouts else 0)
     try:
         await monitor.loop()
     finally:

@@ -290,6 +290,42 @@ def rollouts() -> dict:
         (_ratio_or_zero('label=~"bad|incorrect"', f'{r}, variant=~"${role}"', "route, variant",
                         metric="loragate_feedback_total"),
          f"{role}: {{{{route}}}} / {{{{variant}}}}") for role in ("stable", "canary")], unit="percentunit", w=8)
+
+    # The monitor's rollouts (monitoring/rollout.py): state machine, steps, decisions, analysis values.
+    rc = 'route=~"$route", canary=~"$canary"'
+    board.row("Rollout analysis (loragate monitor)")
+    board.panel("Rollout state", [(
+        f'sum by (route, canary) (loragate_rollout_state{{{rc}, state="progressing"}}'
+        f' or loragate_rollout_state{{{rc}, state="promoted"}} * 2'
+        f' or loragate_rollout_state{{{rc}, state="rolled_back"}} * 3)', "{{route}} / {{canary}}")],
+        kind="state-timeline", w=8,
+        mappings=[{"type": "value", "options": {"0": {"text": "-", "color": "transparent"},
+                                                "1": {"text": "progressing", "color": "blue"},
+                                                "2": {"text": "promoted", "color": "green"},
+                                                "3": {"text": "rolled back", "color": "red"}}}],
+        options={"showValue": "auto", "mergeValues": True},
+        description="progressing: stepping up on passing analyses; promoted: canary 100 %; "
+                    "rolled back: a failing analysis set the canary to 0 % (alert LoragateRolloutRolledBack).")
+    board.panel("Canary step (weight)", [(f"max by (route, canary) (loragate_rollout_step{{{rc}}})",
+                                          "{{route}} / {{canary}}")], unit="percent", w=8,
+                description="The canary weight the monitor wrote to the routes source.")
+    board.panel("Rollout decisions", [(
+        f"sum by (route, canary, action) (increase(loragate_rollout_transitions_total{{{rc}}}[{RATE}]))",
+        "{{route}} / {{canary}}: {{action}}")], stack=True, w=8,
+        description="step: a passing analysis moved the canary up; hold: inconclusive (too little canary "
+                    "traffic), failing below failure_limit, or Prometheus unreachable.")
+    for title, check, unit in (("Analysis: error-rate increase (canary - stable, 5xx)", "error_rate_increase",
+                                "percentunit"),
+                               ("Analysis: p95 latency ratio (canary / stable)", "latency_p95_ratio", "short"),
+                               ("Analysis: fallback rate of the canary", "fallback_rate", "percentunit"),
+                               ("Analysis: canary requests in the window", "canary_requests", "short")):
+        board.panel(title, [(f'max by (route, canary) (loragate_rollout_analysis{{{rc}, check="{check}"}})',
+                             "{{route}} / {{canary}}")], unit=unit, w=6,
+                    description="The value the last analysis measured; its threshold is in the monitor config.")
+    board.panel("Last analysis, every check", [(
+        f"max by (route, canary, check) (loragate_rollout_analysis{{{rc}}})",
+        "{{route}} / {{canary}}: {{check}}")], kind="table", w=24, h=6,
+        description="NaN: not measurable in the window (e.g. no stable traffic, or too few feedback scores).")
     return board.json()
 
 

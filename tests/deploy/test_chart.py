@@ -81,6 +81,10 @@ def test_values_match_the_schema(values_file):
                              "actions": [{"type": "webhook", "url": "https://x.example", "secret": "inline"}]}]}},
     {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "dataset"}]}]}},
     {"monitor": {"port": 0}},
+    {"monitor": {"rollouts": [{"route": "support", "canary": "v2"}]}},  # no stable
+    {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 250]}]}},
+    {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2",
+                               "thresholds": {"max_fallback_rat": 0.1}}]}},
 ])
 def test_schema_rejects_bad_values(bad):
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
@@ -273,6 +277,22 @@ def test_monitor_runs_the_real_cli_with_its_rendered_config(rendered):
                 assert action.namespace == "llm"  # where the Role lets it create Jobs
     # A new config rolls the pod (the monitor reads it at start).
     assert deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    # Rollouts patch the routes ConfigMap the gateways mount, in the release namespace, which the
+    # monitor's Role may get and patch; each rollout names a route and variants of the catalog.
+    rollouts = monitor_values.get("rollouts") or []
+    assert (config.rollouts is not None) is bool(rollouts)
+    if rollouts:
+        (routes_cm,) = [d for d in by_kind(documents, "ConfigMap") if d["metadata"]["name"] == "lg-loragate-routes"]
+        source = config.rollouts.configmap
+        assert (source.name, source.namespace, source.key) == ("lg-loragate-routes", "llm", "routes.yaml")
+        assert config.rollouts.routes_file is None and config.rollouts.state_file.startswith(data_dir + "/")
+        catalog = parse_catalog(routes_cm["data"][source.key])
+        for canary in config.rollouts.canaries:
+            route = catalog.routes[canary.route]
+            assert route.variant(canary.canary) and route.variant(canary.stable)
+        (role,) = [d for d in by_kind(documents, "Role") if d["metadata"]["name"] == "lg-loragate-monitor"]
+        assert {"resources": ["configmaps"], "resourceNames": ["lg-loragate-routes"], "verbs": ["get", "patch"],
+                "apiGroups": [""]} in role["rules"]
 
 
 @pytest.mark.parametrize("values, message", [
@@ -289,6 +309,8 @@ def test_monitor_runs_the_real_cli_with_its_rendered_config(rendered):
       "checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [
           {"type": "k8s_job", "template": "/etc/loragate/retrain-job.yaml", "namespace": "ml"}]}]}},
      "release namespace"),
+    ({"monitor": {"prometheusUrl": "", "rollouts": [{"route": "support", "stable": "v1", "canary": "v2"}]}},
+     "monitor.prometheusUrl"),
 ])
 def test_monitor_config_mistakes_fail_the_render(values, message):
     with pytest.raises(helm.HelmError, match=message):

@@ -52,7 +52,8 @@ def test_every_alert_has_a_unit_test_and_the_required_alerts_exist():
     alerts = {rule["alert"] for group in rule_groups() for rule in group["rules"] if "alert" in rule}
     assert {"LoragateHighErrorRate", "LoragateFallbackSpike", "LoragateLatencySLOBurnFast",
             "LoragateLatencySLOBurnSlow", "LoragateUpstreamDown", "LoragateCircuitOpen",
-            "LoragateDriftDetected", "LoragateRequestLogDrops"} <= alerts
+            "LoragateDriftDetected", "LoragateRequestLogDrops", "LoragateRolloutRolledBack",
+            "LoragateRolloutStuck"} <= alerts
     tested = set(re.findall(r"alertname: (\w+)", "".join(p.read_text() for p in (PROMETHEUS / "tests").glob("*.yml"))))
     untested = alerts - tested - {"LoragateLatencySLOBurnSlow", "LoragateAdapterLoadFailures",
                                   "LoragateEngineKVCacheFull", "LoragateRetrainingTriggerFailing"}
@@ -94,7 +95,9 @@ def test_dashboards_parse_and_every_panel_has_targets():
                                "loragate_time_per_output_token_seconds_bucket", "loragate_reference_cost_usd_total",
                                "loragate_fallbacks_total", "loragate_requests_in_flight", "loragate_upstream_healthy",
                                "loragate_adapter_loads_total", "histogram_quantile(0.99"]),
-    ("loragate-rollouts.json", ["loragate_rollout_weight", '$canary', '$stable']),
+    ("loragate-rollouts.json", ["loragate_rollout_weight", '$canary', '$stable', "loragate_rollout_state",
+                                "loragate_rollout_step", "loragate_rollout_transitions_total",
+                                'check="fallback_rate"', 'check="error_rate_increase"', 'check="latency_p95_ratio"']),
     ("loragate-drift.json", ["loragate_drift_share", "loragate_drift_detected", "loragate_drift_feature_score",
                              "loragate_retraining_triggers_total"]),
     ("loragate-vllm.json", ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",

@@ -3,7 +3,10 @@ scrapes the real gateway and the real vLLM under test traffic.
 
 The drift series come from a real ``loragate monitor`` (scrape job ``loragate-monitor``) that
 checks one route/variant of the second gateway's request log against a small JSONL reference
-every two seconds, with a policy that fires its (dataset) retraining action on every run.
+every two seconds, with a policy that fires its (dataset) retraining action on every run, and
+the rollout series from a rollout of the ``split`` route's v2 over v1 analysed every second. The
+monitor writes its weights to a copy of the routes file (the session gateway's own routes, which
+other tests rely on, are not moved).
 
 Each expression must parse and return data. Alert expressions are evaluated with their
 comparisons turned into ``bool`` ones (so they return their series whether or not the threshold
@@ -124,9 +127,10 @@ def _touch(path: Path) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
 
 
-def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: int) -> Path:
+def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: int, routes: Path) -> Path:
     """``loragate monitor`` config: MONITORED against a small JSONL training-set stand-in, every 2 s;
-    every run with data fires the dataset export (so the trigger counter has a series)."""
+    every run with data fires the dataset export (so the trigger counter has a series); and a
+    rollout of split/v2 over split/v1 analysed every second, on a copy of ``routes``."""
     reference = directory / "reference.jsonl"
     topics = ["the invoice total", "a refund for order 42", "the delivery address", "my password reset"]
     reference.write_text("".join(
@@ -134,6 +138,8 @@ def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: i
             {"role": "user", "content": f"Please help me with {topics[i % 4]}, ticket {i}."},
             {"role": "assistant", "content": f"Sure, here is how to handle {topics[i % 4]}."}]}) + "\n"
         for i in range(12)))
+    routes_copy = directory / "routes.yaml"
+    routes_copy.write_text(routes.read_text())
     config = {
         "request_log": str(request_log),
         "prometheus_url": prometheus,
@@ -149,6 +155,11 @@ def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: i
             "policy": {"drift_share_above": -1, "consecutive_runs": 1, "cooldown_s": 0},
             "actions": [{"type": "dataset", "location": str(directory / "datasets")}],
         }],
+        "rollouts": {
+            "routes_file": str(routes_copy),
+            "state_file": str(directory / "rollouts.json"),
+            "canaries": [{"route": "split", "stable": "v1", "canary": "v2", "interval_s": 1, "min_requests": 1}],
+        },
     }
     path = directory / "monitor.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -200,7 +211,8 @@ def prometheus(gateway, engine, tmp_path_factory) -> str:
     try:
         monitor_dir = directory / "monitor"
         monitor_dir.mkdir()
-        monitor = _start_monitor(_monitor_config(monitor_dir, request_log, url, monitor_port), monitor_port)
+        monitor = _start_monitor(_monitor_config(monitor_dir, request_log, url, monitor_port, routes),
+                                 monitor_port)
         # Scraped at least once before the traffic, so rate() and increase() see it.
         _wait_for(url, 'count(up{job=~"loragate-gateway|vllm|loragate-monitor"} == 1) == 4')
         _send_traffic(gateway, logging_url)
@@ -212,6 +224,9 @@ def prometheus(gateway, engine, tmp_path_factory) -> str:
         _wait_for(url, 'loragate_drift_share{job="loragate-monitor"}', timeout_s=15)
         # Two scrapes of the trigger counter, so increase() over it has data.
         _wait_for(url, "count_over_time(loragate_retraining_triggers_total[1m]) > 1", timeout_s=15)
+        # A rollout analysis of split (every second), and two scrapes of its decisions counter.
+        _wait_for(url, 'loragate_rollout_analysis{job="loragate-monitor", check="canary_requests"}', timeout_s=15)
+        _wait_for(url, "count_over_time(loragate_rollout_transitions_total[1m]) > 1", timeout_s=15)
         time.sleep(3)  # a few more scrapes and rule evaluations
         yield url
     finally:
@@ -281,3 +296,16 @@ def test_drift_series_come_from_the_real_monitor(prometheus):
     assert features and int(features[0]["value"][1]) >= 2
     triggers = _query(prometheus, f"loragate_retraining_triggers_total{{{labels}}}")["data"]["result"]
     assert {(r["metric"]["action"], r["metric"]["result"]) for r in triggers} == {("dataset", "ok")}
+
+
+def test_rollout_series_come_from_the_real_monitor(prometheus):
+    """The rollouts dashboard's and rules' monitor series: one state at a time, a step, analysis values."""
+    labels = 'job="loragate-monitor", route="split", canary="v2"'
+    states = _query(prometheus, f"loragate_rollout_state{{{labels}}}")["data"]["result"]
+    assert {r["metric"]["state"] for r in states} == {"progressing", "promoted", "rolled_back"}
+    assert sum(float(r["value"][1]) for r in states) == 1
+    step = _query(prometheus, f"loragate_rollout_step{{{labels}}}")["data"]["result"]
+    assert step and float(step[0]["value"][1]) in (0, 5, 25, 50, 100)
+    checks = _query(prometheus, f"loragate_rollout_analysis{{{labels}}}")["data"]["result"]
+    assert {r["metric"]["check"] for r in checks} == {"canary_requests", "error_rate_increase", "latency_p95_ratio",
+                                                      "fallback_rate", "feedback_score"}

@@ -147,6 +147,13 @@ envFrom:
 {{- with $m.prometheusUrl }}
 {{- $_ := set $config "prometheus_url" . }}
 {{- end }}
+{{- if $m.rollouts }}
+{{- if not $m.prometheusUrl }}
+{{- fail "monitor.rollouts analyse canaries from Prometheus: set monitor.prometheusUrl" }}
+{{- end }}
+{{- $source := dict "name" (include "loragate.routesConfigMap" .) "namespace" .Release.Namespace "key" "routes.yaml" }}
+{{- $_ := set $config "rollouts" (dict "configmap" $source "state_file" (printf "%s/rollouts.json" $m.dataDir) "canaries" $m.rollouts) }}
+{{- end }}
 {{- toYaml $config }}
 {{- end }}
 
