@@ -46,6 +46,8 @@ from typing import TYPE_CHECKING, Iterable
 
 from pydantic import BaseModel, Field
 
+from monitoring.jsonable import finite
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -375,19 +377,8 @@ def _finish(result: DriftResult, out_dir, stem: str, snapshot, started: float) -
         result.json_path = str(out / f"{stem}.json")
     result.duration_s = time.perf_counter() - started
     if result.json_path:
-        Path(result.json_path).write_text(json.dumps(_finite(result.to_dict()), indent=2))
+        Path(result.json_path).write_text(json.dumps(finite(result.to_dict()), indent=2))
     return result
-
-
-def _finite(value):
-    """JSON has no NaN: non-finite floats become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _append_series_table(html: Path, series: list[SeriesComparison]) -> None:

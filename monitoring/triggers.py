@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from monitoring.jsonable import finite
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -195,7 +197,7 @@ class WebhookAction:
     async def run(self, ctx: TriggerContext) -> ActionResult:
         import aiohttp
 
-        body = json.dumps(_finite(payload(ctx)), separators=(",", ":")).encode()
+        body = json.dumps(finite(payload(ctx)), separators=(",", ":")).encode()
         headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(body, self.secret)}
         detail = ""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
@@ -360,16 +362,6 @@ class KubernetesJobAction:
 
 def _dns(value: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", value.lower()).strip("-")[:40] or "route"
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 # --- the engine --------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from monitoring.sources import Prometheus, RequestLog, Window, load_reference, variant_queries
 from monitoring.synthetic import requests_frame
+from tests.local_http import serve
 
 T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z
 
@@ -95,23 +96,16 @@ async def test_prometheus_range_queries_over_http():
 
     app = web.Application()
     app.router.add_get("/api/v1/query_range", query_range)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with serve(app) as port:
         frame = await Prometheus(f"http://127.0.0.1:{port}").variant_series(
             "support", "v1", Window.between(T0, T0 + 60), step_s=60)
-    finally:
-        await runner.cleanup()
     assert len(seen) == 7 and seen[0]["step"] == "60"
     assert frame["requests_per_s"].tolist() == [2.0, 3.0]
     assert frame["latency_p95_s"].iloc[0] == 0.5 and pd.isna(frame["latency_p95_s"].iloc[1])
 
 
 async def test_monitor_check_metrics_and_trigger(tmp_path):
-    from monitoring.service import MonitorConfig, Monitor, make_app
+    from monitoring.service import Monitor, MonitorConfig, make_app
 
     now = T0 + 7200
     write_log(tmp_path / "log", pd.concat([

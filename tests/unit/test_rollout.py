@@ -19,11 +19,23 @@ from prometheus_client import generate_latest
 
 from monitoring.commands import rollout_command
 from monitoring.rollout import (
-    CanaryConfig, ConfigMapRef, Measurements, PrometheusAnalysis, RolloutController, RolloutError, RolloutMetrics,
-    RolloutsConfig, RoutesConfigMap, RoutesFile, analysis_queries, judge, set_weights,
+    CanaryConfig,
+    ConfigMapRef,
+    Measurements,
+    PrometheusAnalysis,
+    RolloutController,
+    RolloutError,
+    RolloutMetrics,
+    RolloutsConfig,
+    RoutesConfigMap,
+    RoutesFile,
+    analysis_queries,
+    judge,
+    set_weights,
 )
 from monitoring.service import Monitor, MonitorConfig
 from service.catalog import parse_catalog
+from tests.local_http import serve
 
 ROUTES = """\
 # The routes catalog (header comment: kept by rewrites).
@@ -368,15 +380,8 @@ async def test_prometheus_analysis_reads_instant_queries():
 
     app = web.Application()
     app.router.add_get("/api/v1/query", query)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with serve(app) as port:
         m = await PrometheusAnalysis(f"http://127.0.0.1:{port}").measure(spec(), 60)
-    finally:
-        await runner.cleanup()
     assert (m.canary_answered, m.canary_fallbacks, m.stable_answered, m.canary_errors) == (40, 10, 400, 0)
     assert m.canary_p95_s is None and m.stable_p95_s is None and m.canary_routed == 50
 

@@ -8,9 +8,18 @@ from aiohttp import web
 from monitoring.drift import DriftResult, FeatureDrift
 from monitoring.synthetic import requests_frame
 from monitoring.triggers import (
-    SIGNATURE_HEADER, ActionConfig, DatasetExportAction, Trigger, TriggerPolicy, TriggerState,
-    WebhookAction, sign, to_chat_records, verify_signature,
+    SIGNATURE_HEADER,
+    ActionConfig,
+    DatasetExportAction,
+    Trigger,
+    TriggerPolicy,
+    TriggerState,
+    WebhookAction,
+    sign,
+    to_chat_records,
+    verify_signature,
 )
+from tests.local_http import serve
 
 
 def result(share: float, status: str | None = None) -> DriftResult:
@@ -103,18 +112,11 @@ async def test_webhook_is_signed_and_retried():
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with serve(app) as port:
         t = Trigger("support", "v1", TriggerPolicy(consecutive_runs=1),
                     [WebhookAction(f"http://127.0.0.1:{port}/hook", "s3cret", backoff_s=0.01)],
                     TriggerState(None))
         outcome = await t.handle(result(0.6))
-    finally:
-        await runner.cleanup()
     assert outcome.actions[0].ok, outcome.actions[0].detail
     assert len(received) == 3
     body, header = received[-1]
@@ -130,17 +132,10 @@ async def test_webhook_gives_up_on_a_client_error():
 
     app = web.Application()
     app.router.add_post("/hook", hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with serve(app) as port:
         action = WebhookAction(f"http://127.0.0.1:{port}/hook", "x", backoff_s=0.01)
         t = Trigger("support", "v1", TriggerPolicy(consecutive_runs=1), [action], TriggerState(None))
         outcome = await t.handle(result(0.6))
-    finally:
-        await runner.cleanup()
     assert not outcome.actions[0].ok and outcome.actions[0].detail == "HTTP 401"
 
 
