@@ -158,7 +158,8 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(args.chunks), host=args.host, port=args.port, access_log=None, print=None)
+    web.run_app(make_app(args.chunks), host=args.host, port=args.port, access_log=None, print=None,
+                shutdown_timeout=1)
 
 
 if __name__ == "__main__":
