@@ -228,16 +228,10 @@ class CatalogFile:
         self.path = path
         self._watched = WatchedFile(path)
         self.current = load_catalog(path)
-        self.last_error: str | None = None
 
     def reload_if_changed(self) -> bool:
         """Returns True when a new catalog was loaded; raises CatalogError on a bad file."""
         if not self._watched.changed():
             return False
-        try:
-            self.current = load_catalog(self.path)
-        except CatalogError as exc:
-            self.last_error = str(exc)
-            raise
-        self.last_error = None
+        self.current = load_catalog(self.path)  # a CatalogError leaves the last good catalog in place
         return True

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import re
 import time
 from dataclasses import dataclass
 
@@ -18,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from service.auth import ANONYMOUS, AllowAll, Authenticator, Principal
-from service.body import parse_json_object, read_body
+from service.body import REQUEST_ID, parse_json_object, read_body
 from service.catalog import CatalogFile, Route, Timeouts, Variant
 from service.errors import GatewayError, error_response
 from service.metrics import Metrics, status_class
@@ -30,7 +29,6 @@ from service.resilience import Overloaded, backoff_s
 from service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
 PIN_HEADER = "x-loragate-variant"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _FAILURE_STATUS = {"timeout": 504, "no_healthy_upstream": 503, "circuit_open": 503}
 # Failures worth another replica of the same variant (the others move straight to the fallback chain).
 _RETRYABLE = frozenset({"connect_error", "disconnected", "upstream_5xx", "upstream_429", "upstream_error",
@@ -251,9 +249,11 @@ class Gateway:
             else:
                 body = await response.read()
                 if response.status == 200:
-                    usage = _usage_of(body)  # also proves the answer is a JSON object
-                    if usage is None and not _is_json_object(body):
-                        raise UpstreamFailure("malformed_response", f"{replica.url}: the answer is not a JSON object")
+                    try:
+                        usage = _answer_usage(body)
+                    except ValueError:
+                        raise UpstreamFailure("malformed_response",
+                                              f"{replica.url}: the answer is not a JSON object") from None
         except UpstreamFailure as failure:
             self._abandon(replica, variant, response, failure.reason)
             raise
@@ -388,7 +388,7 @@ class RequestContext:
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id")
-    return given if given and _REQUEST_ID.match(given) else os.urandom(16).hex()
+    return given if given and REQUEST_ID.match(given) else os.urandom(16).hex()
 
 
 def _parse_payload(body: bytes, endpoint: str) -> dict:
@@ -438,16 +438,12 @@ def _requested_tokens(payload: dict) -> int:
     return limit if isinstance(limit, int) and limit > 0 else 0
 
 
-def _is_json_object(body: bytes) -> bool:
-    try:
-        return isinstance(orjson.loads(body), dict)
-    except orjson.JSONDecodeError:
-        return False
-
-
-def _usage_of(body: bytes) -> Usage | None:
+def _answer_usage(body: bytes) -> Usage | None:
+    """The usage in a JSON answer (None when it has none); ValueError when it is not a JSON object."""
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return None
-    return Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None
+        raise ValueError("not JSON") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("not a JSON object")
+    return Usage.from_json(parsed.get("usage"))

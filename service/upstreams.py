@@ -48,7 +48,6 @@ class Replica:
     in_flight: int = 0
     # Adapter names the replica reports (or we loaded); refreshed by each health check.
     adapters: set[str] = field(default_factory=set)
-    base_models: set[str] = field(default_factory=set)
     # Adapter name -> monotonic time until which a failed load is not retried.
     failed_adapters: dict[str, float] = field(default_factory=dict)
     loading: dict[str, asyncio.Task] = field(default_factory=dict)
@@ -109,7 +108,6 @@ class Pool:
                 async with self.session.get(f"{replica.url}/v1/models", timeout=timeout) as resp:
                     models = orjson.loads(await resp.read()).get("data", []) if resp.status == 200 else None
                 if models is not None:
-                    replica.base_models = {m["id"] for m in models if m.get("parent") is None}
                     # Loads still in flight keep their claim; everything else follows the replica.
                     replica.adapters = {m["id"] for m in models if m.get("parent") is not None}
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError):

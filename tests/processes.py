@@ -93,6 +93,21 @@ def start_stub(log: Path, chunks: int = 16) -> tuple[Service, str]:
     return service, url
 
 
+def shipped_rules_every_second(directory: Path) -> list[Path]:
+    """Copies of the shipped rule files with group intervals dropped, so they evaluate every scrape here."""
+    import yaml
+
+    paths = []
+    for path in sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml")):
+        data = yaml.safe_load(path.read_text())
+        for group in data["groups"]:
+            group.pop("interval", None)
+        copy = directory / path.name
+        copy.write_text(yaml.safe_dump(data, sort_keys=False))
+        paths.append(copy)
+    return paths
+
+
 def start_prometheus(targets: dict[str, list[str]], directory: Path, *, rule_files: list[Path] = (),
                      scrape_interval_s: float = 1) -> tuple[Service, str]:
     """A real Prometheus (Debian package) scraping ``targets`` (job name -> ["host:port", ...])."""

@@ -19,7 +19,6 @@ endpoint answers 404: there is nowhere to keep the feedback.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 
@@ -27,7 +26,7 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.body import parse_json_object, read_body
+from service.body import REQUEST_ID, parse_json_object, read_body
 from service.errors import GatewayError, error_response
 from service.metrics import Metrics
 from service.requestlog import FeedbackRecord, RequestLog
@@ -35,7 +34,6 @@ from service.requestlog import FeedbackRecord, RequestLog
 MAX_BODY_BYTES = 65_536
 MAX_LABEL_CHARS = 64
 MAX_CORRECTION_CHARS = 16_384
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _FIELDS = ("request_id", "score", "label", "correction")
 
 
@@ -85,7 +83,7 @@ def _parse(raw: bytes) -> dict:
         if name not in _FIELDS:
             raise GatewayError(400, f"unrecognized request argument: {name}", code="unknown_parameter", param=name)
     request_id = body.get("request_id")
-    if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+    if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
         raise GatewayError(400, "`request_id` is required: the x-request-id of the answer (1-128 of A-Za-z0-9._:-)",
                            code="invalid_request_id", param="request_id")
     score = body.get("score")

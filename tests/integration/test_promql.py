@@ -30,7 +30,6 @@ import pytest
 import yaml
 
 from tests.deploy.promql import (
-    RULES,
     Expression,
     boolify,
     dashboard_expressions,
@@ -38,7 +37,7 @@ from tests.deploy.promql import (
     rule_expressions,
     substitute,
 )
-from tests.processes import Service, free_port, start_gateway, start_prometheus, wait_http
+from tests.processes import Service, free_port, shipped_rules_every_second, start_gateway, start_prometheus, wait_http
 
 pytestmark = pytest.mark.integration
 HELLO = [{"role": "user", "content": "Tell me about the weather today."}]
@@ -67,19 +66,6 @@ def _wait_for(prometheus: str, expr: str, timeout_s: float = 30) -> None:
 
 def _host(url: str) -> str:
     return urllib.parse.urlsplit(url).netloc
-
-
-def _rules_for_test(directory: Path) -> list[Path]:
-    """The shipped rule files with group intervals dropped, so they evaluate every second here."""
-    paths = []
-    for path in sorted(RULES.glob("*.yml")):
-        data = yaml.safe_load(path.read_text())
-        for group in data["groups"]:
-            group.pop("interval", None)
-        copy = directory / path.name
-        copy.write_text(yaml.safe_dump(data, sort_keys=False))
-        paths.append(copy)
-    return paths
 
 
 def _send_traffic(gateway: str, logging_gateway: str) -> None:
@@ -206,7 +192,7 @@ def prometheus(gateway, engine, tmp_path_factory) -> str:
     monitor_port = free_port()
     service, url = start_prometheus({"loragate-gateway": [_host(gateway), _host(logging_url)], "vllm": [_host(engine)],
                                      "loragate-monitor": [f"127.0.0.1:{monitor_port}"]},
-                                    directory, rule_files=_rules_for_test(directory), scrape_interval_s=1)
+                                    directory, rule_files=shipped_rules_every_second(directory), scrape_interval_s=1)
     monitor = None
     try:
         monitor_dir = directory / "monitor"

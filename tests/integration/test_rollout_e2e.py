@@ -24,7 +24,6 @@ import time
 import urllib.parse
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
@@ -32,7 +31,15 @@ import yaml
 
 from service.catalog import parse_catalog
 from tests.metrics_text import sample_sum, scrape
-from tests.processes import ROOT, Service, free_port, start_gateway, start_prometheus, start_stub, wait_http
+from tests.processes import (
+    Service,
+    free_port,
+    shipped_rules_every_second,
+    start_gateway,
+    start_prometheus,
+    start_stub,
+    wait_http,
+)
 
 pytestmark = pytest.mark.integration
 INTERVAL_S = 3.0
@@ -119,19 +126,6 @@ def _healthz(port: int) -> dict:
         return json.loads(resp.read())["rollouts"]
 
 
-def _rules_for_test(directory: Path) -> list[Path]:
-    """The shipped rule files with group intervals dropped, so they evaluate every second here."""
-    paths = []
-    for path in sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml")):
-        data = yaml.safe_load(path.read_text())
-        for group in data["groups"]:
-            group.pop("interval", None)
-        copy = directory / path.name
-        copy.write_text(yaml.safe_dump(data, sort_keys=False))
-        paths.append(copy)
-    return paths
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     directory = tmp_path_factory.mktemp("rollout-e2e")
@@ -146,7 +140,7 @@ def setup(tmp_path_factory):
         monitor_port = free_port()
         prometheus, prometheus_url = start_prometheus(
             {"loragate-gateway": [urllib.parse.urlsplit(url).netloc], "loragate-monitor": [f"127.0.0.1:{monitor_port}"]},
-            directory, rule_files=_rules_for_test(directory), scrape_interval_s=1)
+            directory, rule_files=shipped_rules_every_second(directory), scrape_interval_s=1)
         started.append(prometheus)
         canary = {"stable": "v1", "canary": "v2", "steps": STEPS, "interval_s": INTERVAL_S, "min_requests": 5}
         config = directory / "monitor.yaml"

@@ -16,9 +16,10 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
+from service.logrows import prompt_of, request_row
 from service.logstore import SCHEMAS, ParquetStore, read_table
 from service.metrics import Metrics
-from service.requestlog import FeedbackRecord, RequestLog, RequestRecord, prompt_of, request_row
+from service.requestlog import FeedbackRecord, RequestLog, RequestRecord
 
 # Where records become rows: the writer thread, or the conversion process (the gateway's default).
 MODES = ("thread", "process")

@@ -1,0 +1,175 @@
+"""Where rollout weights are written: the routes YAML the gateways reload, as a file or a ConfigMap.
+
+``set_weights`` changes only the weights of one route's variants and validates the result with the
+gateway's own catalog parser; both sources refuse a write when the routes changed since they were read.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import yaml
+
+from service.catalog import BASE, CatalogError, parse_catalog
+
+if TYPE_CHECKING:
+    from monitoring.rollout import ConfigMapRef
+
+
+class RolloutError(RuntimeError):
+    """A rollout cannot go on (route or variant missing, routes source unreadable or invalid)."""
+
+
+class RoutesConflict(RolloutError):
+    """The routes source changed between our read and our write."""
+
+
+
+def atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, path.stat().st_mode & 0o777)
+        except FileNotFoundError:
+            os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    text: str
+    version: Any  # what write() checks nothing changed since
+
+
+class RoutesSource(Protocol):
+    def read(self) -> Snapshot: ...
+    def write(self, text: str, version: Any) -> None: ...
+
+
+class RoutesFile:
+    """The routes YAML file: replaced atomically (the gateways' watcher sees a new mtime/size)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _version(self) -> tuple[int, int, int]:
+        stat = self.path.stat()
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    def read(self) -> Snapshot:
+        try:
+            version = self._version()
+            return Snapshot(self.path.read_text(), version)
+        except OSError as exc:
+            raise RolloutError(f"{self.path}: cannot read: {exc.strerror}") from None
+
+    def write(self, text: str, version: Any) -> None:
+        if self._version() != version:
+            raise RoutesConflict(f"{self.path} changed since it was read")
+        atomic_write(self.path, text)
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+class RoutesConfigMap:
+    """The routes ConfigMap, through the official client (CoreV1Api or a stand-in with its two methods).
+
+    The patch carries the resourceVersion that was read: Kubernetes refuses it (409) when someone
+    else changed the ConfigMap in between. The monitor's Role allows get and patch on it.
+    """
+
+    def __init__(self, ref: ConfigMapRef, api: Any = None) -> None:
+        self.ref, self._api = ref, api
+
+    def api(self):
+        if self._api is None:
+            from kubernetes import client, config
+
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()  # `loragate rollout` run from a workstation
+            self._api = client.CoreV1Api()
+        return self._api
+
+    def read(self) -> Snapshot:
+        found = self.api().read_namespaced_config_map(self.ref.name, self.ref.namespace)
+        text = (found.data or {}).get(self.ref.key)
+        if text is None:
+            raise RolloutError(f"configmap {self} has no key {self.ref.key!r}")
+        return Snapshot(text, found.metadata.resource_version)
+
+    def write(self, text: str, version: Any) -> None:
+        body = {"metadata": {"resourceVersion": version}, "data": {self.ref.key: text}}
+        try:
+            self.api().patch_namespaced_config_map(self.ref.name, self.ref.namespace, body)
+        except Exception as exc:
+            if getattr(exc, "status", None) == 409:
+                raise RoutesConflict(f"configmap {self} changed since it was read") from None
+            raise
+
+    def __str__(self) -> str:
+        return f"{self.ref.namespace}/{self.ref.name}"
+
+
+def _number(weight: float) -> float | int:
+    return int(weight) if float(weight).is_integer() else weight
+
+
+def _header(text: str) -> str:
+    """The comment lines at the top of a routes file (PyYAML drops comments; these are kept)."""
+    lines = []
+    for line in text.splitlines(keepends=True):
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "".join(lines)
+
+
+def set_weights(text: str, route: str, weights: dict[str, float], source: str = "<routes>") -> str:
+    """The routes YAML ``text`` with the weights of ``route``'s named variants replaced.
+
+    Every other route, variant and field stays as it was (comments other than the file's header
+    are lost: PyYAML does not keep them). The result is validated before it is returned.
+    """
+    try:
+        parse_catalog(text, source)
+    except CatalogError as exc:
+        raise RolloutError(f"the routes source is invalid now; not touching it: {exc}") from None
+    data = yaml.safe_load(text)
+    body = data["routes"].get(route)
+    if not isinstance(body, dict) or not isinstance(body.get("variants"), list):
+        raise RolloutError(f"{source}: no route {route!r}")
+    variants = body["variants"]
+    for name, weight in weights.items():
+        entry = next((v for v in variants if isinstance(v, dict) and v.get("name") == name), None)
+        if entry is None:
+            if name != BASE:
+                raise RolloutError(f"{source}: route {route!r} has no variant {name!r}")
+            entry = {"name": BASE}
+            variants.append(entry)
+        entry["weight"] = _number(weight)
+    new = _header(text) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
+    try:
+        parse_catalog(new, source)
+    except CatalogError as exc:
+        raise RolloutError(f"new weights would make the routes invalid: {exc}") from None
+    return new
+
+
+def current_weights(text: str, route: str) -> dict[str, float]:
+    found = parse_catalog(text).routes.get(route)
+    return {v.name: v.weight for v in found.variants} if found else {}
