@@ -14,6 +14,7 @@ RUN python -m venv /opt/loragate
 COPY pyproject.toml README* ./
 COPY service ./service
 COPY monitoring ./monitoring
+COPY loragate ./loragate
 
 FROM build AS build-gateway
 # Light deps only by default. The request log (LORAGATE_REQUEST_LOG_URL) needs pyarrow:

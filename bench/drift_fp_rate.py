@@ -15,8 +15,8 @@ from collections import Counter
 
 
 def measure(rows: int, pairs: int, shares=(0.2, 0.3, 0.4, 0.5)) -> dict:
-    from monitoring.drift import DriftConfig, run_drift
-    from monitoring.synthetic import requests_frame
+    from loragate.monitoring.drift import DriftConfig, run_drift
+    from loragate.monitoring.synthetic import requests_frame
 
     column_flags: Counter = Counter()
     share_values = []

@@ -21,8 +21,8 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    from monitoring.drift import run_drift
-    from monitoring.synthetic import requests_frame
+    from loragate.monitoring.drift import run_drift
+    from loragate.monitoring.synthetic import requests_frame
 
     print(f"import: {time.perf_counter() - started:.1f} s")
     with tempfile.TemporaryDirectory() as out:

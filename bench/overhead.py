@@ -2,7 +2,7 @@
 
 Starts three servers (one worker each, loopback): tests/stub_upstream.py (answers in
 microseconds, 16 SSE chunks when streaming), bench/baseline_proxy.py (FastAPI +
-aiohttp, forwards bytes) and the gateway (``python -m service.cli serve``; route
+aiohttp, forwards bytes) and the gateway (``python -m loragate serve``; route
 ``bench``: adapter variant 90% + base 10%, sticky key, pricing; metrics and usage
 counting on). Each cell (non-streaming / streaming x concurrency) runs the three
 targets back to back with wrk (1 s warmup, then a fixed duration), and the whole
@@ -162,7 +162,7 @@ def start_all(work: Path, pin: bool) -> tuple[Target, Target, Target]:
     port = free_port()
     routes = work / "routes.yaml"
     routes.write_text(ROUTES)
-    gateway = Service(pinned([sys.executable, "-m", "service.cli", "serve"], proxy_cpu), work / "gateway.log", {
+    gateway = Service(pinned([sys.executable, "-m", "loragate", "serve"], proxy_cpu), work / "gateway.log", {
         **env, "LORAGATE_ROUTES_FILE": str(routes), "LORAGATE_UPSTREAMS": stub_url,
         "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1"})
     gateway_url = f"http://127.0.0.1:{port}"

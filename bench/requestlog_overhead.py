@@ -114,7 +114,7 @@ def start_gateway(work: Path, name: str, upstream: str, cpu: int | None, log_url
         env["LORAGATE_REQUEST_LOG_URL"] = log_url
         env["LORAGATE_REQUEST_LOG_TEXT"] = text
         env["LORAGATE_REQUEST_LOG_CONVERT"] = convert
-    service = Service(pinned([sys.executable, "-m", "service.cli", "serve"], cpu), work / f"{name}.log", env)
+    service = Service(pinned([sys.executable, "-m", "loragate", "serve"], cpu), work / f"{name}.log", env)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/readyz", service.process, 60, work / f"{name}.log")
     return service, url

@@ -55,7 +55,7 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _windows(args):
-    from monitoring.sources import Window, utc
+    from loragate.monitoring.sources import Window, utc
 
     until = utc(args.until) if args.until else utc(time.time())
     current = Window.between(args.since, until) if args.since else Window.last(args.window, end=until)
@@ -70,8 +70,8 @@ def _windows(args):
 def drift_command(args: argparse.Namespace) -> int:
     import asyncio
 
-    from monitoring.drift import DriftConfig, run_drift
-    from monitoring.sources import Prometheus, PrometheusError, RequestLog, load_reference
+    from loragate.monitoring.drift import DriftConfig, run_drift
+    from loragate.monitoring.sources import Prometheus, PrometheusError, RequestLog, load_reference
 
     try:
         current_window, ref_window = _windows(args)
@@ -130,7 +130,7 @@ def monitor_command(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from monitoring.service import MonitorConfig, serve
+    from loragate.monitoring.service import MonitorConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -168,8 +168,8 @@ def rollout_command(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from monitoring.rollout import RolloutController, RolloutError
-    from monitoring.service import MonitorConfig
+    from loragate.monitoring.rollout import RolloutController, RolloutError
+    from loragate.monitoring.service import MonitorConfig
 
     try:
         config = MonitorConfig.load(args.config)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Iterable
 
 from pydantic import BaseModel, Field
 
-from monitoring.jsonable import finite
+from loragate.common.jsonable import finite
 
 if TYPE_CHECKING:
     import pandas as pd

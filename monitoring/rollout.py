@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from monitoring.routes_source import (
+from loragate.monitoring.routes_source import (
     RolloutError,
     RoutesConfigMap,
     RoutesConflict,
@@ -53,7 +53,7 @@ from monitoring.routes_source import (
     current_weights,
     set_weights,
 )
-from service.catalog import CatalogError
+from loragate.common.catalog import CatalogError
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry

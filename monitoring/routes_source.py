@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
-from service.catalog import BASE, CatalogError, parse_catalog
+from loragate.common.catalog import BASE, CatalogError, parse_catalog
 
 if TYPE_CHECKING:
-    from monitoring.rollout import ConfigMapRef
+    from loragate.monitoring.rollout import ConfigMapRef
 
 
 class RolloutError(RuntimeError):

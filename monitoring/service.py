@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
-from monitoring.drift import DriftConfig, DriftResult, run_drift
-from monitoring.rollout import PrometheusAnalysis, RolloutController, RolloutMetrics, RolloutsConfig
-from monitoring.sources import Prometheus, RequestLog, Window, load_reference
-from monitoring.triggers import ActionConfig, Trigger, TriggerOutcome, TriggerPolicy, TriggerState
+from loragate.monitoring.drift import DriftConfig, DriftResult, run_drift
+from loragate.monitoring.rollout import PrometheusAnalysis, RolloutController, RolloutMetrics, RolloutsConfig
+from loragate.monitoring.sources import Prometheus, RequestLog, Window, load_reference
+from loragate.monitoring.triggers import ActionConfig, Trigger, TriggerOutcome, TriggerPolicy, TriggerState
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from monitoring.jsonable import finite
+from loragate.common.jsonable import finite
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from monitoring.drift import DriftResult
+    from loragate.monitoring.drift import DriftResult
 
 log = logging.getLogger("loragate.monitor")
 SIGNATURE_HEADER = "x-loragate-signature"
@@ -228,7 +228,7 @@ def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = 
     import pandas as pd
 
     if scrub_text is None:
-        from service.scrub import scrub as scrub_text
+        from loragate.common.scrub import scrub as scrub_text
     frame = requests
     if "status" in frame:
         frame = frame[pd.to_numeric(frame["status"], errors="coerce") == 200]

@@ -15,18 +15,18 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from service.api.admin import admin_router
-from service.api.feedback import feedback_router
-from service.api.health import health_router
-from service.api.openai import CompletionsFirst, openai_router
-from service.auth import authenticator_from_settings
-from service.catalog import CatalogError, CatalogFile, Timeouts
-from service.errors import error_response
-from service.gateway import Gateway
-from service.metrics import Metrics
-from service.requestlog import RequestLog, parquet_store
-from service.settings import Settings
-from service.upstreams import Pool
+from loragate.service.api.admin import admin_router
+from loragate.service.api.feedback import feedback_router
+from loragate.service.api.health import health_router
+from loragate.service.api.openai import CompletionsFirst, openai_router
+from loragate.service.auth import authenticator_from_settings
+from loragate.common.catalog import CatalogError, CatalogFile, Timeouts
+from loragate.service.errors import error_response
+from loragate.service.gateway import Gateway
+from loragate.service.metrics import Metrics
+from loragate.service.requestlog import RequestLog, parquet_store
+from loragate.service.settings import Settings
+from loragate.service.upstreams import Pool
 
 log = logging.getLogger("loragate")
 

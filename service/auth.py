@@ -50,9 +50,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from service.errors import GatewayError
-from service.metrics import Metrics
-from service.watched import WatchedFile
+from loragate.service.errors import GatewayError
+from loragate.service.metrics import Metrics
+from loragate.common.watched import WatchedFile
 
 log = logging.getLogger("loragate.auth")
 

@@ -7,7 +7,7 @@ import re
 import orjson
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import GatewayError
+from loragate.service.errors import GatewayError
 
 # What a request id may look like (x-request-id from clients, request_id in feedback).
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

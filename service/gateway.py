@@ -16,17 +16,17 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.auth import ANONYMOUS, AllowAll, Authenticator, Principal
-from service.body import REQUEST_ID, parse_json_object, read_body
-from service.catalog import CatalogFile, Route, Timeouts, Variant
-from service.errors import GatewayError, error_response
-from service.metrics import Metrics, status_class
-from service.proxy import UpstreamFailure, Usage, open_upstream
-from service.relay import RelayedStream, continuation_payload
-from service.requestlog import NullRequestLog, RequestRecord, RequestSink
-from service.routing import PinError, choose_variant
-from service.resilience import Overloaded, backoff_s
-from service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
+from loragate.service.auth import ANONYMOUS, AllowAll, Authenticator, Principal
+from loragate.service.body import REQUEST_ID, parse_json_object, read_body
+from loragate.common.catalog import CatalogFile, Route, Timeouts, Variant
+from loragate.service.errors import GatewayError, error_response
+from loragate.service.metrics import Metrics, status_class
+from loragate.service.proxy import UpstreamFailure, Usage, open_upstream
+from loragate.service.relay import RelayedStream, continuation_payload
+from loragate.service.requestlog import NullRequestLog, RequestRecord, RequestSink
+from loragate.service.routing import PinError, choose_variant
+from loragate.service.resilience import Overloaded, backoff_s
+from loragate.service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
 PIN_HEADER = "x-loragate-variant"
 _FAILURE_STATUS = {"timeout": 504, "no_healthy_upstream": 503, "circuit_open": 503}

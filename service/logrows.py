@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from service.scrub import scrub
+from loragate.common.scrub import scrub
 
 if TYPE_CHECKING:
-    from service.requestlog import FeedbackRecord, RequestRecord
+    from loragate.service.requestlog import FeedbackRecord, RequestRecord
 
 TextMode = Literal["full", "scrubbed", "none"]
 

@@ -19,10 +19,10 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from service.proxy import SseRelay, Usage
+from loragate.service.proxy import SseRelay, Usage
 
 if TYPE_CHECKING:
-    from service.gateway import Gateway, RequestContext, Served
+    from loragate.service.gateway import Gateway, RequestContext, Served
 
 DONE = b"data: [DONE]\n\n"
 _ERROR_EVENT = b'data: {"error"'

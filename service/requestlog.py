@@ -39,8 +39,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from service.logrows import TextMode, feedback_row, request_row
-from service.scrub import scrub
+from loragate.service.logrows import TextMode, feedback_row, request_row
+from loragate.common.scrub import scrub
 
 log = logging.getLogger("loragate.requestlog")
 
@@ -167,7 +167,7 @@ def _pack(table: str, record: RequestRecord | FeedbackRecord) -> bytes:
 
 def parquet_store(url: str, **options: Any) -> Store:
     """A ParquetStore, importing pyarrow only where it is called (the conversion process)."""
-    from service.logstore import ParquetStore
+    from loragate.service.logstore import ParquetStore
 
     return ParquetStore(url, **options)
 

@@ -17,7 +17,7 @@ import math
 import random
 from dataclasses import dataclass
 
-from service.catalog import Route, Variant
+from loragate.common.catalog import Route, Variant
 
 
 class PinError(LookupError):

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
-from service.metrics import Metrics
-from service.resilience import Admission, CircuitBreaker, Overloaded
+from loragate.service.metrics import Metrics
+from loragate.service.resilience import Admission, CircuitBreaker, Overloaded
 
 REPLICA = "*"  # the adapter label of a replica-wide circuit
 

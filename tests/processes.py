@@ -74,7 +74,7 @@ def start_gateway(routes: Path, upstreams: list[str], log: Path, *, workers: int
         "LORAGATE_ROUTES_RELOAD_INTERVAL_S": "0.5",
         **(extra_env or {}),
     })
-    service = Service([sys.executable, "-m", "service.cli", "serve"], log, env)
+    service = Service([sys.executable, "-m", "loragate", "serve"], log, env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/healthz", service.process, 60, log)

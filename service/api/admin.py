@@ -9,9 +9,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import ORJSONResponse
 from starlette.responses import Response
 
-from service.auth import Authenticator
-from service.errors import GatewayError, error_response
-from service.upstreams import Pool
+from loragate.service.auth import Authenticator
+from loragate.service.errors import GatewayError, error_response
+from loragate.service.upstreams import Pool
 
 
 def admin_router(auth: Authenticator, pool: Pool) -> APIRouter:

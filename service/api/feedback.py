@@ -26,10 +26,10 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from service.body import REQUEST_ID, parse_json_object, read_body
-from service.errors import GatewayError, error_response
-from service.metrics import Metrics
-from service.requestlog import FeedbackRecord, RequestLog
+from loragate.service.body import REQUEST_ID, parse_json_object, read_body
+from loragate.service.errors import GatewayError, error_response
+from loragate.service.metrics import Metrics
+from loragate.service.requestlog import FeedbackRecord, RequestLog
 
 MAX_BODY_BYTES = 65_536
 MAX_LABEL_CHARS = 64

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 from fastapi.responses import ORJSONResponse
 from starlette.responses import Response
 
-from service.metrics import CONTENT_TYPE, Metrics
-from service.upstreams import Pool
+from loragate.service.metrics import CONTENT_TYPE, Metrics
+from loragate.service.upstreams import Pool
 
 
 def health_router(pool: Pool, metrics: Metrics) -> APIRouter:

@@ -10,9 +10,9 @@ from fastapi.responses import ORJSONResponse
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.catalog import CatalogFile
-from service.errors import GatewayError, error_response
-from service.gateway import Gateway
+from loragate.common.catalog import CatalogFile
+from loragate.service.errors import GatewayError, error_response
+from loragate.service.gateway import Gateway
 
 log = logging.getLogger("loragate")
 COMPLETION_PATHS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions"}

@@ -12,8 +12,8 @@ import helm_python as helm
 import pytest
 import yaml
 
-from monitoring.service import MonitorConfig
-from service.catalog import parse_catalog
+from loragate.monitoring.service import MonitorConfig
+from loragate.common.catalog import parse_catalog
 from tests.deploy.tools import tool
 from tests.processes import ROOT
 
@@ -357,7 +357,7 @@ def test_notes_say_one_worker_per_pod():
 
 def test_every_loragate_setting_the_deployments_set_exists(rendered):
     """A misspelt LORAGATE_* variable is silently ignored by pydantic-settings: catch it here."""
-    from service.settings import Settings
+    from loragate.service.settings import Settings
 
     known = {f"LORAGATE_{name.upper()}" for name in Settings.model_fields}
     _values, documents = rendered
@@ -371,7 +371,7 @@ def test_every_loragate_setting_the_deployments_set_exists(rendered):
 def test_compose_and_dockerfile_set_only_real_gateway_settings():
     import re
 
-    from service.settings import Settings
+    from loragate.service.settings import Settings
 
     known = {f"LORAGATE_{name.upper()}" for name in Settings.model_fields}
     compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())

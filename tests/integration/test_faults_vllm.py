@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from service.engine import engine_command, engine_env
+from loragate.service.engine import engine_command, engine_env
 from tests.metrics_text import sample_sum, scrape
 from tests.processes import Service, free_port, start_gateway, wait_http
 

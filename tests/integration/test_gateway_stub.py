@@ -157,7 +157,7 @@ def test_bad_routes_file_stops_the_gateway_with_a_clear_message(tmp_path: Path):
     import sys
 
     (tmp_path / "routes.yaml").write_text("routes: {r: {variants: [{name: a, weight: 0}]}}")
-    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config", str(tmp_path / "routes.yaml")],
+    result = subprocess.run([sys.executable, "-m", "loragate", "serve", "--config", str(tmp_path / "routes.yaml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "weight above 0" in result.stderr and "Traceback" not in result.stderr
@@ -171,7 +171,7 @@ def test_bad_settings_stop_the_gateway_with_a_clear_message(tmp_path: Path, env,
     import sys
 
     (tmp_path / "routes.yaml").write_text(ROUTES)
-    result = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--config", str(tmp_path / "routes.yaml")],
+    result = subprocess.run([sys.executable, "-m", "loragate", "serve", "--config", str(tmp_path / "routes.yaml")],
                             capture_output=True, text=True, timeout=60, env={**os.environ, **env})
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr

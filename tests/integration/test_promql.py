@@ -154,7 +154,7 @@ def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: i
 
 def _start_monitor(config: Path, port: int) -> Service:
     log = config.parent / "monitor.log"
-    service = Service([sys.executable, "-m", "service.cli", "monitor", "--config", str(config)], log)
+    service = Service([sys.executable, "-m", "loragate", "monitor", "--config", str(config)], log)
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", service.process, 60, log)
     except Exception:

@@ -29,7 +29,7 @@ import httpx
 import pytest
 import yaml
 
-from service.catalog import parse_catalog
+from loragate.common.catalog import parse_catalog
 from tests.metrics_text import sample_sum, scrape
 from tests.processes import (
     Service,
@@ -169,7 +169,7 @@ def test_rollouts_promote_a_healthy_canary_and_roll_back_a_failing_one(setup):
         _wait_query(prometheus, 'up{job="loragate-monitor"} == 0')  # the monitor is not started yet
         _wait_query(prometheus, 'sum(rate(loragate_requests_total{route="canary-bad",variant="v1"}[5s])) > 0')
         log = setup["directory"] / "monitor.log"
-        monitor = Service([sys.executable, "-m", "service.cli", "monitor", "--config", str(setup["config"])], log)
+        monitor = Service([sys.executable, "-m", "loragate", "monitor", "--config", str(setup["config"])], log)
         setup["services"].append(monitor)
         wait_http(f"http://127.0.0.1:{port}/healthz", monitor.process, 60, log)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from service.auth import (
+from loragate.service.auth import (
     ANONYMOUS,
     REJECTION_REASONS,
     AllowAll,
@@ -21,9 +21,9 @@ from service.auth import (
     parse_keys,
     presented_key,
 )
-from service.cli import main as cli_main
-from service.errors import GatewayError
-from service.metrics import Metrics
+from loragate.cli import main as cli_main
+from loragate.service.errors import GatewayError
+from loragate.service.metrics import Metrics
 
 ALICE, BOB, REVOKED = "lg-alice-secret", "lg-bob-secret", "lg-revoked-secret"
 

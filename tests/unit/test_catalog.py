@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from service.catalog import BASE, CatalogError, CatalogFile, parse_catalog
+from loragate.common.catalog import BASE, CatalogError, CatalogFile, parse_catalog
 
 GOOD = """
 routes:

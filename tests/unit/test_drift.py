@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from monitoring.drift import DriftConfig, FeatureDrift, oov_shares, run_drift
-from monitoring.synthetic import requests_frame
+from loragate.monitoring.drift import DriftConfig, FeatureDrift, oov_shares, run_drift
+from loragate.monitoring.synthetic import requests_frame
 
 PROMPT_FEATURES = {"prompt_tokens", "prompt_length", "prompt_words", "prompt_oov_share", "cost_micro_usd"}
 LATENCY_FEATURES = {"latency_s", "ttft_s"}

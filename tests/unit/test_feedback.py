@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from starlette.testclient import TestClient
 
-from service.app import create_app
-from service.logstore import read_table
-from service.metrics import Metrics
-from service.settings import Settings
+from loragate.service.app import create_app
+from loragate.service.logstore import read_table
+from loragate.service.metrics import Metrics
+from loragate.service.settings import Settings
 from tests.unit.test_requestlog import chat_record
 
 

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from monitoring.sources import Prometheus, RequestLog, Window, load_reference, variant_queries
-from monitoring.synthetic import requests_frame
+from loragate.monitoring.sources import Prometheus, RequestLog, Window, load_reference, variant_queries
+from loragate.monitoring.synthetic import requests_frame
 from tests.local_http import serve
 
 T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z
@@ -105,7 +105,7 @@ async def test_prometheus_range_queries_over_http():
 
 
 async def test_monitor_check_metrics_and_trigger(tmp_path):
-    from monitoring.service import Monitor, MonitorConfig, make_app
+    from loragate.monitoring.service import Monitor, MonitorConfig, make_app
 
     now = T0 + 7200
     write_log(tmp_path / "log", pd.concat([

@@ -16,10 +16,10 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from service.logrows import prompt_of, request_row
-from service.logstore import SCHEMAS, ParquetStore, read_table
-from service.metrics import Metrics
-from service.requestlog import FeedbackRecord, RequestLog, RequestRecord
+from loragate.service.logrows import prompt_of, request_row
+from loragate.service.logstore import SCHEMAS, ParquetStore, read_table
+from loragate.service.metrics import Metrics
+from loragate.service.requestlog import FeedbackRecord, RequestLog, RequestRecord
 
 # Where records become rows: the writer thread, or the conversion process (the gateway's default).
 MODES = ("thread", "process")
@@ -382,9 +382,9 @@ def test_the_conversion_process_ignores_sigterm_and_dies_with_its_parent(tmp_pat
     code = (
         "import functools, sys, time\n"
         "from pathlib import Path\n"
-        "from service.logstore import ParquetStore\n"
-        "from service.metrics import Metrics\n"
-        "from service.requestlog import FeedbackRecord, RequestLog\n"
+        "from loragate.service.logstore import ParquetStore\n"
+        "from loragate.service.metrics import Metrics\n"
+        "from loragate.service.requestlog import FeedbackRecord, RequestLog\n"
         "def written(n):\n"
         f"    while len(list(Path({str(tmp_path)!r}).rglob('*.parquet'))) < n: time.sleep(0.05)\n"
         "if __name__ == '__main__':\n"
@@ -422,7 +422,7 @@ def test_the_gateway_does_not_import_pyarrow_when_the_log_is_off(tmp_path):
     routes.write_text("routes:\n  r:\n    variants: [{name: base, weight: 1}]\n")
     code = (
         "import sys; sys.modules['pyarrow'] = None\n"  # any import of pyarrow now fails
-        "from service.app import create_app; from service.settings import Settings\n"
+        "from loragate.service.app import create_app; from loragate.service.settings import Settings\n"
         f"create_app(Settings(routes_file={str(routes)!r}, upstreams=['http://127.0.0.1:9']))\n"
         "print('ok')\n"
     )

@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from service.resilience import CLOSED, HALF_OPEN, OPEN, Admission, CircuitBreaker, Overloaded, backoff_s
+from loragate.service.resilience import CLOSED, HALF_OPEN, OPEN, Admission, CircuitBreaker, Overloaded, backoff_s
 
 
 class Clock:

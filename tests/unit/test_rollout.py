@@ -17,8 +17,8 @@ import yaml
 from aiohttp import web
 from prometheus_client import generate_latest
 
-from monitoring.commands import rollout_command
-from monitoring.rollout import (
+from loragate.monitoring.commands import rollout_command
+from loragate.monitoring.rollout import (
     CanaryConfig,
     ConfigMapRef,
     Measurements,
@@ -33,8 +33,8 @@ from monitoring.rollout import (
     judge,
     set_weights,
 )
-from monitoring.service import Monitor, MonitorConfig
-from service.catalog import parse_catalog
+from loragate.monitoring.service import Monitor, MonitorConfig
+from loragate.common.catalog import parse_catalog
 from tests.local_http import serve
 
 ROUTES = """\

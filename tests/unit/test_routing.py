@@ -4,8 +4,8 @@ from collections import Counter
 
 import pytest
 
-from service.catalog import parse_catalog
-from service.routing import PinError, choose_variant, sticky_variant
+from loragate.common.catalog import parse_catalog
+from loragate.service.routing import PinError, choose_variant, sticky_variant
 
 
 def route(w1: float, w2: float, allow_pin: bool = True):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.scrub import scrub
+from loragate.common.scrub import scrub
 
 PLANTED = [
     ("write to john.doe+list@example.co.uk today", "john.doe+list@example.co.uk", "[EMAIL]"),

@@ -1,6 +1,6 @@
 import orjson
 
-from service.proxy import SseRelay
+from loragate.service.proxy import SseRelay
 
 
 def event(body: dict) -> bytes:

@@ -5,9 +5,9 @@ import json
 import pandas as pd
 from aiohttp import web
 
-from monitoring.drift import DriftResult, FeatureDrift
-from monitoring.synthetic import requests_frame
-from monitoring.triggers import (
+from loragate.monitoring.drift import DriftResult, FeatureDrift
+from loragate.monitoring.synthetic import requests_frame
+from loragate.monitoring.triggers import (
     SIGNATURE_HEADER,
     ActionConfig,
     DatasetExportAction,
@@ -37,7 +37,7 @@ class Recorder:
         self.calls = []
 
     async def run(self, ctx):
-        from monitoring.triggers import ActionResult
+        from loragate.monitoring.triggers import ActionResult
 
         self.calls.append(ctx)
         return ActionResult(self.name, True)

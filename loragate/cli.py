@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_demo)
 
     p = commands.add_parser("drift", help="one drift report (HTML + JSON); exit 1 when the traffic drifted")
-    from monitoring.commands import add_drift_arguments, add_monitor_arguments  # light: no pandas/evidently
+    from loragate.monitoring.commands import add_drift_arguments, add_monitor_arguments  # light: no pandas/evidently
 
     add_drift_arguments(p)
     p.set_defaults(run=_drift)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_monitor)
 
     p = commands.add_parser("rollout", help="a rollout's status, or promote / roll back by hand")
-    from monitoring.commands import add_rollout_arguments
+    from loragate.monitoring.commands import add_rollout_arguments
 
     add_rollout_arguments(p)
     p.set_defaults(run=_rollout)
@@ -75,32 +75,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _drift(args: argparse.Namespace) -> int:
-    from monitoring.commands import drift_command
+    from loragate.monitoring.commands import drift_command
 
     return drift_command(args)
 
 
 def _monitor(args: argparse.Namespace) -> int:
-    from monitoring.commands import monitor_command
+    from loragate.monitoring.commands import monitor_command
 
     return monitor_command(args)
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    from monitoring.commands import rollout_command
+    from loragate.monitoring.commands import rollout_command
 
     return rollout_command(args)
 
 
 def _demo_model(args: argparse.Namespace) -> int:
-    from service.demo_model import build_demo_model
+    from loragate.service.demo_model import build_demo_model
 
     print(json.dumps(build_demo_model(args.dir, adapters=args.adapters), indent=2))
     return 0
 
 
 def _hash_key(args: argparse.Namespace) -> int:
-    from service.auth import ApiKey, hash_key, new_key
+    from loragate.service.auth import ApiKey, hash_key, new_key
 
     key = new_key()
     routes = "*" if args.routes.strip() == "*" else tuple(r.strip() for r in args.routes.split(",") if r.strip())
@@ -124,7 +124,7 @@ def _engine_adapters(model_dir: Path, given: list[str]) -> tuple[Path, dict[str,
 
 
 def _engine(args: argparse.Namespace) -> int:
-    from service.engine import engine_command, engine_env
+    from loragate.service.engine import engine_command, engine_env
 
     base, adapters = _engine_adapters(args.model_dir, args.adapter)
     command = engine_command(base, adapters, host=args.host, port=args.port)
@@ -146,7 +146,7 @@ def serve_from_env() -> int:
     # multiprocess mode must be switched on (PROMETHEUS_MULTIPROC_DIR) first.
     from pydantic import ValidationError
 
-    from service.settings import Settings
+    from loragate.service.settings import Settings
 
     try:
         settings = Settings()
@@ -157,11 +157,11 @@ def serve_from_env() -> int:
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="loragate-metrics-")
     try:
-        from service.catalog import CatalogError, load_catalog
+        from loragate.common.catalog import CatalogError, load_catalog
 
         load_catalog(settings.routes_file)  # a bad routes file stops here with a clear message
         if settings.auth:
-            from service.auth import KeyStore
+            from loragate.service.auth import KeyStore
 
             KeyStore(settings.api_keys_file, settings.api_keys)  # and so does a bad keys file
     except (CatalogError, ValueError) as exc:  # KeysError is a ValueError
@@ -170,7 +170,7 @@ def serve_from_env() -> int:
     import uvicorn
 
     uvicorn.run(
-        "service.app:app_from_env",
+        "loragate.service.app:app_from_env",
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -206,8 +206,8 @@ routes:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from service.demo_model import build_demo_model, demo_model_ready
-    from service.engine import engine_command, engine_env
+    from loragate.service.demo_model import build_demo_model, demo_model_ready
+    from loragate.service.engine import engine_command, engine_env
 
     for port in (args.port, args.engine_port):
         if not _port_free(port):

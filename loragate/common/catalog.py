@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from service.watched import WatchedFile
+from loragate.common.watched import WatchedFile
 
 BASE = "base"  # the name of the implicit variant that serves the base model
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

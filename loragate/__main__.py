@@ -1,0 +1,5 @@
+import sys
+
+from loragate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The shared floor: imported by the gateway and the monitor, imports neither."""
