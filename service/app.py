@@ -21,7 +21,7 @@ from loragate.service.api.health import health_router
 from loragate.service.api.openai import CompletionsFirst, openai_router
 from loragate.service.auth import authenticator_from_settings
 from loragate.common.catalog import CatalogError, CatalogFile, Timeouts
-from loragate.service.errors import error_response
+from loragate.service.errors import GatewayError, error_response, internal_error_response
 from loragate.service.gateway import Gateway
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, parquet_store
@@ -151,13 +151,12 @@ async def _every(interval: float, job) -> None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return error_response(GatewayError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
-        return error_response(400, f"invalid request: {exc.errors()[:3]}")
+        return error_response(GatewayError(400, f"invalid request: {exc.errors()[:3]}"))
 
     @app.exception_handler(Exception)
     async def unexpected_error(_request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(500, "internal error in the gateway", code="internal_error")
+        return internal_error_response(exc)

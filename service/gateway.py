@@ -92,14 +92,13 @@ class Gateway:
             route, pinned = self._resolve_route(payload["model"], request)
         except GatewayError as exc:
             self.metrics.requests.labels("_unknown", "none", status_class(exc.status)).inc()
-            return error_response(exc.status, exc.message, code=exc.code, param=exc.param,
-                                  headers={**headers, **exc.headers})
+            return error_response(exc, headers)
         headers["x-loragate-route"] = route.name
         try:
             principal.admit(route.name)  # the key's route allow-list and rate limits
         except GatewayError as exc:
             self.metrics.requests.labels(route.name, "none", status_class(exc.status)).inc()
-            return error_response(exc.status, exc.message, code=exc.code, headers={**headers, **exc.headers})
+            return error_response(exc, headers)
 
         # 2. Choose the variant: pin, sticky key, or weighted draw.
         try:
@@ -111,13 +110,13 @@ class Gateway:
             )
         except PinError as exc:
             self.metrics.requests.labels(route.name, "none", "4xx").inc()
-            return error_response(400, str(exc), code="invalid_variant", param="model", headers=headers)
+            return error_response(GatewayError(400, str(exc), code="invalid_variant", param="model"), headers)
 
         try:
             _check_limits(route, payload)
         except GatewayError as exc:
             self.metrics.requests.labels(route.name, "none", "4xx").inc()
-            return error_response(exc.status, exc.message, code=exc.code, param=exc.param, headers=headers)
+            return error_response(exc, headers)
 
         stream = payload.get("stream") is True
         client_wants_usage = False
@@ -135,7 +134,7 @@ class Gateway:
         except GatewayError as exc:
             in_flight.dec()
             self.metrics.requests.labels(route.name, choice.variant.name, status_class(exc.status)).inc()
-            return error_response(exc.status, exc.message, code=exc.code, headers={**headers, **exc.headers})
+            return error_response(exc, headers)
         headers["x-loragate-variant"] = served.variant.name
         if served.fallback:
             headers["x-loragate-fallback"] = served.fallback

@@ -21,7 +21,7 @@ def admin_router(auth: Authenticator, pool: Pool) -> APIRouter:
         try:
             auth.authorize_admin(request.headers)
         except GatewayError as exc:
-            return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
+            return error_response(exc)
         return None
 
     @router.get("/keys")

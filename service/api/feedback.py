@@ -56,15 +56,15 @@ def feedback_router(
                                    code="feedback_disabled")
             body = _parse(await read_body(request, MAX_BODY_BYTES))
         except GatewayError as exc:
-            return error_response(exc.status, exc.message, code=exc.code, param=exc.param,
-                                  headers=getattr(exc, "headers", None) or None)
+            return error_response(exc)
         served = request_log.recent.get(body["request_id"])
         route, variant = served if served else (None, None)
         record = FeedbackRecord(request_id=body["request_id"], timestamp=time.time(), route=route, variant=variant,
                                 score=body.get("score"), label=body.get("label"), correction=body.get("correction"))
         if not request_log.record_feedback(record):
-            return error_response(503, "the request log is busy; retry shortly", code="request_log_busy",
-                                  headers={"retry-after": "1"})
+            busy = GatewayError(503, "the request log is busy; retry shortly", code="request_log_busy",
+                                headers={"retry-after": "1"})
+            return error_response(busy)
         route_label, variant_label = route or "_unknown", variant or "none"
         label = record.label
         metrics.feedback.labels(route_label, variant_label,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 from fastapi import APIRouter, Request
@@ -11,10 +10,9 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from loragate.common.catalog import CatalogFile
-from loragate.service.errors import GatewayError, error_response
+from loragate.service.errors import GatewayError, error_response, internal_error_response
 from loragate.service.gateway import Gateway
 
-log = logging.getLogger("loragate")
 COMPLETION_PATHS = {"/v1/chat/completions": "chat/completions", "/v1/completions": "completions"}
 
 
@@ -35,7 +33,7 @@ def openai_router(gateway: Gateway, catalog: CatalogFile) -> APIRouter:
         try:
             principal = gateway.auth.authenticate(request.headers)
         except GatewayError as exc:
-            return error_response(exc.status, exc.message, code=exc.code, headers=exc.headers)
+            return error_response(exc)
         data = []
         for route in catalog.current.routes.values():
             if not principal.allows(route.name):
@@ -71,7 +69,6 @@ class CompletionsFirst:
             return
         try:
             response = await self.gateway.handle(Request(scope, receive), endpoint)
-        except Exception:
-            log.exception("unhandled error")
-            response = error_response(500, "internal error in the gateway", code="internal_error")
+        except Exception as exc:
+            response = internal_error_response(exc)
         await response(scope, receive, send)
