@@ -21,7 +21,8 @@ from loragate.service.body import REQUEST_ID, parse_json_object, read_body
 from loragate.common.catalog import CatalogFile, Route, Timeouts, Variant
 from loragate.service.errors import GatewayError, error_response
 from loragate.service.metrics import Metrics, status_class
-from loragate.service.proxy import UpstreamFailure, Usage, open_upstream
+from loragate.service.failures import FailureReason, UpstreamFailure
+from loragate.service.proxy import Usage, open_upstream
 from loragate.service.relay import RelayedStream, continuation_payload
 from loragate.service.requestlog import NullRequestLog, RequestRecord, RequestSink
 from loragate.service.routing import PinError, choose_variant
@@ -29,10 +30,6 @@ from loragate.service.resilience import Overloaded, backoff_s
 from loragate.service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
 PIN_HEADER = "x-loragate-variant"
-_FAILURE_STATUS = {"timeout": 504, "no_healthy_upstream": 503, "circuit_open": 503}
-# Failures worth another replica of the same variant (the others move straight to the fallback chain).
-_RETRYABLE = frozenset({"connect_error", "disconnected", "upstream_5xx", "upstream_429", "upstream_error",
-                        "stream_error", "malformed_response"})
 
 
 @dataclass(slots=True)
@@ -43,7 +40,7 @@ class Served:
     variant: Variant
     replica: Replica
     response: aiohttp.ClientResponse
-    fallback: str | None
+    fallback: str | None  # a FailureReason's value, or its ``midstream`` label
     first_chunk: bytes = b""  # streams: the first bytes, read before the client saw anything
     body: bytes = b""  # non-streaming answers: read whole before the client saw anything
     usage: Usage | None = None  # ... and the usage found in it
@@ -163,7 +160,7 @@ class Gateway:
 
     async def open_with_fallback(
         self, route: Route, candidates: list[Variant], payload: dict, endpoint: str, request_id: str, stream: bool,
-        *, first_reason: str | None = None,
+        *, first_reason: FailureReason | None = None,
     ) -> Served:
         """The first of ``candidates`` that answers, each tried on up to ``max_attempts`` replicas in all.
 
@@ -172,7 +169,7 @@ class Gateway:
         timeouts = self._timeouts(route)
         deadline = time.monotonic() + timeouts.total_s
         attempts = 0
-        reason, detail = "no_candidate", "no variant to try"
+        reason, detail = FailureReason.NO_CANDIDATE, "no variant to try"
         for index, variant in enumerate(candidates):
             tried: set[Replica] = set()
             while True:
@@ -187,9 +184,9 @@ class Gateway:
                 except UpstreamFailure as failure:
                     reason, detail = failure.reason, failure.detail
                 else:
-                    served.fallback = first_reason
+                    served.fallback = first_reason.value if first_reason else None
                     return served
-                retry = (reason in _RETRYABLE and attempts < self.max_attempts and time.monotonic() < deadline
+                retry = (reason.retryable and attempts < self.max_attempts and time.monotonic() < deadline
                          and not variant.endpoint and len(tried) < len(self.pool.replicas))
                 if not retry:
                     break
@@ -199,12 +196,12 @@ class Gateway:
                 self.metrics.fallbacks.labels(route.name, variant.name, reason).inc()
             first_reason = first_reason or reason
             if time.monotonic() >= deadline:
-                reason, detail = "timeout", "the request's total time ran out"
+                reason, detail = FailureReason.TIMEOUT, "the request's total time ran out"
                 break
         raise GatewayError(
-            _FAILURE_STATUS.get(reason, 502),
+            reason.status,
             f"no variant of route `{route.name}` could answer ({reason}: {detail})",
-            code=reason,
+            code=reason.value,
         )
 
     async def _attempt(
@@ -219,11 +216,11 @@ class Gateway:
             else:
                 replica = await self.pool.acquire(variant.adapter, variant.path, exclude=tried)
         except NoHealthyUpstream as exc:
-            raise UpstreamFailure("no_healthy_upstream", str(exc)) from None
+            raise UpstreamFailure(FailureReason.NO_HEALTHY_UPSTREAM, str(exc)) from None
         except CircuitOpen as exc:
-            raise UpstreamFailure("circuit_open", str(exc)) from None
+            raise UpstreamFailure(FailureReason.CIRCUIT_OPEN, str(exc)) from None
         except AdapterUnavailable as exc:
-            raise UpstreamFailure("adapter_unavailable", str(exc)) from None
+            raise UpstreamFailure(FailureReason.ADAPTER_UNAVAILABLE, str(exc)) from None
         tried.add(replica)
         payload["model"] = route.upstream_model(variant)
         timeout = aiohttp.ClientTimeout(
@@ -244,29 +241,30 @@ class Gateway:
                 # Read the first event before the client sees anything, so a slow or broken start falls back.
                 first_chunk = await response.content.readany()
                 if not first_chunk or first_chunk.startswith(b'data: {"error"'):
-                    raise UpstreamFailure("stream_error", f"{replica.url}: stream ended or failed before any token")
+                    raise UpstreamFailure(FailureReason.STREAM_ERROR,
+                                          f"{replica.url}: stream ended or failed before any token")
             else:
                 body = await response.read()
                 if response.status == 200:
                     try:
                         usage = _answer_usage(body)
                     except ValueError:
-                        raise UpstreamFailure("malformed_response",
+                        raise UpstreamFailure(FailureReason.MALFORMED_RESPONSE,
                                               f"{replica.url}: the answer is not a JSON object") from None
         except UpstreamFailure as failure:
             self._abandon(replica, variant, response, failure.reason)
             raise
         except (TimeoutError, asyncio.TimeoutError):
-            self._abandon(replica, variant, response, "timeout")
-            raise UpstreamFailure("timeout", f"{replica.url}: no first token in time") from None
+            self._abandon(replica, variant, response, FailureReason.TIMEOUT)
+            raise UpstreamFailure(FailureReason.TIMEOUT, f"{replica.url}: no first token in time") from None
         except aiohttp.ClientError as exc:
-            self._abandon(replica, variant, response, "disconnected")
-            raise UpstreamFailure("disconnected", f"{replica.url}: {type(exc).__name__}") from None
+            self._abandon(replica, variant, response, FailureReason.DISCONNECTED)
+            raise UpstreamFailure(FailureReason.DISCONNECTED, f"{replica.url}: {type(exc).__name__}") from None
         self.pool.report(replica, variant.adapter, None)
         return Served(route, variant, replica, response, None, first_chunk, body, usage)
 
     def _abandon(self, replica: Replica, variant: Variant, response: aiohttp.ClientResponse | None,
-                 reason: str) -> None:
+                 reason: FailureReason) -> None:
         if response is not None:
             response.release()
         self.pool.release(replica)
@@ -329,7 +327,7 @@ class Gateway:
             ))
 
     async def continue_stream(self, served: Served, forwarded: list[bytes], context: "RequestContext",
-                              reason: str) -> tuple[Served, int] | None:
+                              reason: FailureReason) -> tuple[Served, int] | None:
         """Mid-stream failover: resume a broken stream on the next fallback target from the text sent so far.
 
         Returns the new upstream and the number of tokens already streamed, or None when the
@@ -341,13 +339,13 @@ class Gateway:
         if continuation is None or not candidates:
             return None
         payload, tokens_so_far = continuation
-        self.metrics.fallbacks.labels(route.name, served.variant.name, f"midstream_{reason}").inc()
+        self.metrics.fallbacks.labels(route.name, served.variant.name, reason.midstream).inc()
         try:
             resumed = await self.open_with_fallback(route, candidates, payload, context.endpoint,
                                                     context.request_id, stream=True)
         except GatewayError:
             return None
-        resumed.fallback = f"midstream_{reason}"
+        resumed.fallback = reason.midstream
         return resumed, tokens_so_far
 
     def release(self, served: Served) -> None:

@@ -13,14 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-
-class UpstreamFailure(Exception):
-    """The upstream could not answer; nothing has been sent to the client yet, so another target may."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason  # bounded: used as a metric label and in x-loragate-fallback
-        self.detail = detail
+from loragate.service.failures import FailureReason, UpstreamFailure
 
 
 @dataclass(slots=True)
@@ -60,17 +53,18 @@ async def open_upstream(
             **({} if timeout is None else {"timeout": timeout}),
         )
     except (asyncio.TimeoutError, TimeoutError):
-        raise UpstreamFailure("timeout", f"{url}: no answer in time") from None
+        raise UpstreamFailure(FailureReason.TIMEOUT, f"{url}: no answer in time") from None
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamFailure("connect_error", f"{url}: cannot connect ({exc.os_error})") from None
+        raise UpstreamFailure(FailureReason.CONNECT_ERROR, f"{url}: cannot connect ({exc.os_error})") from None
     except aiohttp.ClientConnectionError as exc:  # e.g. the server closed the connection without an answer
-        raise UpstreamFailure("disconnected", f"{url}: {type(exc).__name__}") from None
+        raise UpstreamFailure(FailureReason.DISCONNECTED, f"{url}: {type(exc).__name__}") from None
     except aiohttp.ClientError as exc:
-        raise UpstreamFailure("upstream_error", f"{url}: {type(exc).__name__}") from None
+        raise UpstreamFailure(FailureReason.UPSTREAM_ERROR, f"{url}: {type(exc).__name__}") from None
     status = response.status
     if status >= 500 or status == 429 or (status == 404 and is_adapter):
         response.release()
-        reason = "upstream_5xx" if status >= 500 else "upstream_429" if status == 429 else "adapter_missing"
+        reason = (FailureReason.UPSTREAM_5XX if status >= 500 else FailureReason.UPSTREAM_429 if status == 429
+                  else FailureReason.ADAPTER_MISSING)
         raise UpstreamFailure(reason, f"{url}: HTTP {status}")
     return response
 

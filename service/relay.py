@@ -19,6 +19,7 @@ import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from loragate.service.failures import FailureReason
 from loragate.service.proxy import SseRelay, Usage
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ class RelayedStream(Response):
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             while True:
-                failure = None
+                failure: FailureReason | None = None
                 try:
                     chunk = served.first_chunk
                     chunks = served.response.content.iter_any()
@@ -60,7 +61,7 @@ class RelayedStream(Response):
                         if out:
                             cut = out.find(_ERROR_EVENT)
                             if cut >= 0:  # an error event mid-stream: keep what came before, then carry over
-                                out, failure = out[:cut], "error_event"
+                                out, failure = out[:cut], FailureReason.ERROR_EVENT
                             if rewrite is not None:
                                 out = out.replace(*rewrite)
                             if out:
@@ -78,9 +79,9 @@ class RelayedStream(Response):
                                 await send({"type": "http.response.body", "body": tail, "more_body": True})
                             break
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    failure = "timeout" if isinstance(exc, TimeoutError) else "disconnected"
+                    failure = FailureReason.TIMEOUT if isinstance(exc, TimeoutError) else FailureReason.DISCONNECTED
                 if failure is None and not _ended(forwarded):
-                    failure = "disconnected"  # closed without [DONE]: a cut, not an end
+                    failure = FailureReason.DISCONNECTED  # closed without [DONE]: a cut, not an end
                 if failure is None:
                     break
                 # The upstream broke after the client got tokens: carry the stream over.
@@ -166,7 +167,7 @@ def _ended(forwarded: list[bytes]) -> bool:
     return bool(forwarded) and forwarded[-1].endswith(DONE)
 
 
-def _error_event(reason: str) -> bytes:
+def _error_event(reason: FailureReason) -> bytes:
     error = {"error": {"message": f"the upstream stream broke ({reason}) and could not be continued",
                        "type": "upstream_error", "param": None, "code": "stream_interrupted"}}
     return b"data: " + orjson.dumps(error) + b"\n\n"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 
+from loragate.service.failures import FailureReason
 from loragate.service.metrics import Metrics
 from loragate.service.resilience import Admission, CircuitBreaker, Overloaded
 
@@ -204,7 +205,7 @@ class Pool:
         self._in_flight_gauges[replica.url].dec()
         self.admission.notify()
 
-    def report(self, replica: Replica, adapter: str | None, failure: str | None) -> None:
+    def report(self, replica: Replica, adapter: str | None, failure: FailureReason | None) -> None:
         """How a request went: None for success, else the failure reason. Feeds the circuits."""
         replica_circuit = self.circuit(replica, None)
         if failure is None:
@@ -212,14 +213,14 @@ class Pool:
             if adapter is not None:
                 self.circuit(replica, adapter).success()
             return
-        if failure == "connect_error":
+        if failure == FailureReason.CONNECT_ERROR:
             replica_circuit.failure()
             if not replica.external:
                 self.mark_failed(replica)
         elif adapter is not None:
             self.circuit(replica, adapter).failure()
             replica_circuit.probing = False
-            if failure == "adapter_missing":
+            if failure == FailureReason.ADAPTER_MISSING:
                 replica.adapters.discard(adapter)  # stale residency: reload it next time
         else:
             replica_circuit.failure()
