@@ -168,7 +168,8 @@ def rollout_command(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from loragate.monitoring.rollout import RolloutController, RolloutError
+    from loragate.monitoring.rollout.controller import RolloutController
+    from loragate.monitoring.rollout.errors import RolloutError
     from loragate.monitoring.service import MonitorConfig
 
     try:

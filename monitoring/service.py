@@ -2,7 +2,7 @@
 
 One asyncio process: an aiohttp app serving ``/metrics`` (its own prometheus-client
 registry) and ``/healthz``, a loop that runs every configured check each
-``interval_s``, and (with a ``rollouts`` section) the rollout loop of monitoring/rollout.py,
+``interval_s``, and (with a ``rollouts`` section) the rollout loop of monitoring/rollout/,
 which analyses each canary on its own interval. The Evidently work runs in a worker thread
 so the endpoints and the rollouts stay live.
 """
@@ -20,9 +20,15 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from loragate.monitoring.drift import DriftConfig, DriftResult, run_drift
-from loragate.monitoring.rollout import PrometheusAnalysis, RolloutController, RolloutMetrics, RolloutsConfig
+from loragate.monitoring.rollout.analysis import PrometheusAnalysis
+from loragate.monitoring.rollout.config import RolloutsConfig
+from loragate.monitoring.rollout.controller import RolloutController
+from loragate.monitoring.rollout.metrics import RolloutMetrics
 from loragate.monitoring.sources import Prometheus, RequestLog, Window, load_reference
-from loragate.monitoring.triggers import ActionConfig, Trigger, TriggerOutcome, TriggerPolicy, TriggerState
+from loragate.monitoring.triggers.config import ActionConfig
+from loragate.monitoring.triggers.engine import Trigger, TriggerOutcome
+from loragate.monitoring.triggers.policy import TriggerPolicy
+from loragate.monitoring.triggers.state import TriggerState
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -66,7 +72,7 @@ class MonitorConfig(BaseModel):
     port: int = 9108
     drift: DriftConfig = Field(default_factory=DriftConfig)
     checks: list[CheckConfig] = Field(default_factory=list)
-    rollouts: RolloutsConfig | None = None  # progressive delivery of adapter versions (monitoring/rollout.py)
+    rollouts: RolloutsConfig | None = None  # progressive delivery of adapter versions (monitoring/rollout/)
 
     @model_validator(mode="after")
     def _rollouts_need_prometheus(self) -> "MonitorConfig":

@@ -291,7 +291,7 @@ def rollouts() -> dict:
                         metric="loragate_feedback_total"),
          f"{role}: {{{{route}}}} / {{{{variant}}}}") for role in ("stable", "canary")], unit="percentunit", w=8)
 
-    # The monitor's rollouts (monitoring/rollout.py): state machine, steps, decisions, analysis values.
+    # The monitor's rollouts (monitoring/rollout/): state machine, steps, decisions, analysis values.
     rc = 'route=~"$route", canary=~"$canary"'
     board.row("Rollout analysis (loragate monitor)")
     board.panel("Rollout state", [(

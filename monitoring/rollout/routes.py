@@ -10,23 +10,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import yaml
 
 from loragate.common.catalog import BASE, CatalogError, parse_catalog
-
-if TYPE_CHECKING:
-    from loragate.monitoring.rollout import ConfigMapRef
-
-
-class RolloutError(RuntimeError):
-    """A rollout cannot go on (route or variant missing, routes source unreadable or invalid)."""
-
-
-class RoutesConflict(RolloutError):
-    """The routes source changed between our read and our write."""
-
+from loragate.monitoring.rollout.config import ConfigMapRef
+from loragate.monitoring.rollout.errors import RolloutError, RoutesConflict
 
 
 def atomic_write(path: Path, text: str) -> None:

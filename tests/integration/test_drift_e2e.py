@@ -26,9 +26,11 @@ import pytest
 from loragate.monitoring.drift import DriftConfig, run_drift
 from loragate.monitoring.sources import RequestLog, Window
 from loragate.monitoring.synthetic import COMMON_WORDS, NEW_WORDS
-from loragate.monitoring.triggers import (
-    SIGNATURE_HEADER, DatasetExportAction, Trigger, TriggerPolicy, TriggerState, WebhookAction, verify_signature,
-)
+from loragate.monitoring.triggers.dataset import DatasetExportAction
+from loragate.monitoring.triggers.engine import Trigger
+from loragate.monitoring.triggers.policy import TriggerPolicy
+from loragate.monitoring.triggers.state import TriggerState
+from loragate.monitoring.triggers.webhook import SIGNATURE_HEADER, WebhookAction, verify_signature
 from tests.processes import ROOT, start_gateway, start_prometheus
 
 pytestmark = pytest.mark.integration

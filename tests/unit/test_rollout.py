@@ -18,21 +18,13 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from loragate.monitoring.commands import rollout_command
-from loragate.monitoring.rollout import (
-    CanaryConfig,
-    ConfigMapRef,
-    Measurements,
-    PrometheusAnalysis,
-    RolloutController,
-    RolloutError,
-    RolloutMetrics,
-    RolloutsConfig,
-    RoutesConfigMap,
-    RoutesFile,
-    analysis_queries,
-    judge,
-    set_weights,
-)
+from loragate.monitoring.rollout.analysis import Measurements, PrometheusAnalysis, analysis_queries
+from loragate.monitoring.rollout.config import CanaryConfig, ConfigMapRef, RolloutsConfig
+from loragate.monitoring.rollout.controller import RolloutController
+from loragate.monitoring.rollout.errors import RolloutError
+from loragate.monitoring.rollout.judge import judge
+from loragate.monitoring.rollout.metrics import RolloutMetrics
+from loragate.monitoring.rollout.routes import RoutesConfigMap, RoutesFile, set_weights
 from loragate.monitoring.service import Monitor, MonitorConfig
 from loragate.common.catalog import parse_catalog
 from tests.local_http import serve

@@ -7,18 +7,13 @@ from aiohttp import web
 
 from loragate.monitoring.drift import DriftResult, FeatureDrift
 from loragate.monitoring.synthetic import requests_frame
-from loragate.monitoring.triggers import (
-    SIGNATURE_HEADER,
-    ActionConfig,
-    DatasetExportAction,
-    Trigger,
-    TriggerPolicy,
-    TriggerState,
-    WebhookAction,
-    sign,
-    to_chat_records,
-    verify_signature,
-)
+from loragate.monitoring.triggers.action import ActionResult
+from loragate.monitoring.triggers.config import ActionConfig
+from loragate.monitoring.triggers.dataset import DatasetExportAction, to_chat_records
+from loragate.monitoring.triggers.engine import Trigger
+from loragate.monitoring.triggers.policy import TriggerPolicy
+from loragate.monitoring.triggers.state import TriggerState
+from loragate.monitoring.triggers.webhook import SIGNATURE_HEADER, WebhookAction, sign, verify_signature
 from tests.local_http import serve
 
 
@@ -37,7 +32,6 @@ class Recorder:
         self.calls = []
 
     async def run(self, ctx):
-        from loragate.monitoring.triggers import ActionResult
 
         self.calls.append(ctx)
         return ActionResult(self.name, True)

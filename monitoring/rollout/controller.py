@@ -1,0 +1,222 @@
+"""The rollout state machine: starts each configured rollout, analyses it on its interval, moves the weights."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from loragate.common.catalog import CatalogError
+from loragate.monitoring.rollout.analysis import MetricsSource
+from loragate.monitoring.rollout.config import CanaryConfig, RolloutsConfig
+from loragate.monitoring.rollout.errors import RolloutError, RoutesConflict
+from loragate.monitoring.rollout.judge import Analysis, judge
+from loragate.monitoring.rollout.metrics import RolloutMetrics
+from loragate.monitoring.rollout.routes import RoutesConfigMap, RoutesFile, RoutesSource, current_weights, set_weights
+from loragate.monitoring.rollout.state import RolloutStatus, RolloutStore
+
+log = logging.getLogger("loragate.rollout")
+
+
+@dataclass
+class Transition:
+    route: str
+    action: str  # step, promote, rollback, hold
+    weight: float
+    reason: str
+    analysis: Analysis | None = None
+
+
+class RolloutController:
+    """Runs every configured rollout: starts it, analyses it on its interval, moves the weights."""
+
+    def __init__(self, config: RolloutsConfig, source: MetricsSource | None, *,
+                 metrics: RolloutMetrics | None = None, routes: RoutesSource | None = None, k8s_api: Any = None) -> None:
+        self.config = config
+        self.source = source
+        self.metrics = metrics or RolloutMetrics()
+        if routes is None:
+            routes = (RoutesFile(config.routes_file) if config.routes_file is not None
+                      else RoutesConfigMap(config.configmap, k8s_api))
+        self.routes = routes
+        self.store = RolloutStore(config.state_file)
+        self.errors: dict[str, str] = {}  # route -> last error, for /healthz
+        self._applied: set[str] = set()  # routes whose weights were checked since this process started
+        self._retry_at: dict[str, float] = {}  # a failing rollout is retried once per interval, not every round
+
+    def spec(self, route: str) -> CanaryConfig:
+        for spec in self.config.canaries:
+            if spec.route == route:
+                return spec
+        raise RolloutError(f"no rollout configured for route {route!r}")
+
+    # the weights
+
+    def _write_weights(self, spec: CanaryConfig, canary_weight: float) -> bool:
+        """Set the canary to ``canary_weight`` % and the stable to the rest; False when already so."""
+        wanted = {spec.canary: canary_weight, spec.stable: 100 - canary_weight}
+        for _ in range(3):
+            snapshot = self.routes.read()
+            try:
+                now = current_weights(snapshot.text, spec.route)
+            except CatalogError:
+                now = {}
+            if now and all(now.get(name) == weight for name, weight in wanted.items()):
+                return False
+            text = set_weights(snapshot.text, spec.route, wanted, str(self.routes))
+            try:
+                self.routes.write(text, snapshot.version)
+                return True
+            except RoutesConflict as exc:
+                log.info("rollout %s: %s; reading it again", spec.route, exc)
+        raise RolloutError(f"rollout {spec.route}: the routes source kept changing under us")
+
+    async def apply(self, spec: CanaryConfig, canary_weight: float) -> bool:
+        return await asyncio.to_thread(self._write_weights, spec, canary_weight)
+
+    # the state machine
+
+    async def tick(self, now: float | None = None) -> list[Transition]:
+        """One round: start new rollouts, analyse the ones that are due. Errors stay per rollout."""
+        now = time.time() if now is None else now
+        try:
+            statuses = self.store.load()
+        except RolloutError as exc:
+            log.error("%s", exc)
+            self.errors = {spec.route: str(exc) for spec in self.config.canaries}
+            return []
+        transitions = []
+        for spec in self.config.canaries:
+            status = statuses.get(spec.route)
+            if now < self._retry_at.get(spec.route, 0.0):
+                continue
+            try:
+                if status is None or (status.canary, status.stable) != (spec.canary, spec.stable):
+                    status, transition = await self._start(spec, status, now)
+                    transitions.append(transition)
+                elif status.state == "progressing":
+                    if spec.route not in self._applied:  # after a restart, or a crash between two writes
+                        if await self.apply(spec, status.weight):
+                            log.warning("rollout %s: weights re-applied from the state (%g%%)", spec.route, status.weight)
+                        self._applied.add(spec.route)
+                    if now - (status.last_analysis_at or status.step_started_at) >= spec.interval_s:
+                        status, transition = await self._analyse(spec, status, now)
+                        transitions.append(transition)
+                self.errors.pop(spec.route, None)
+                self._retry_at.pop(spec.route, None)
+            except Exception as exc:  # one broken rollout does not stop the others
+                log.error("rollout %s: %s (retried in %g s)", spec.route, exc, spec.interval_s)
+                self.errors[spec.route] = str(exc)
+                self._retry_at[spec.route] = now + spec.interval_s
+            if status is not None and (status.canary, status.stable) == (spec.canary, spec.stable):
+                self.metrics.show(status)
+        return transitions
+
+    async def _start(self, spec: CanaryConfig, old: RolloutStatus | None, now: float) -> tuple[RolloutStatus, Transition]:
+        weight = spec.steps[0]
+        status = RolloutStatus(route=spec.route, canary=spec.canary, stable=spec.stable, weight=weight,
+                               started_at=now, step_started_at=now)
+        await self.apply(spec, weight)
+        status.record("step", now, f"rollout of {spec.canary} over {spec.stable} started")
+        self.store.commit(status, old.revision if old else None)
+        self._applied.add(spec.route)
+        if old is not None:
+            self.metrics.forget(old.route, old.canary)
+        self.metrics.show(status)
+        self.metrics.record(spec.route, spec.canary, "step")
+        log.info("rollout %s: started, %s at %g%%", spec.route, spec.canary, weight)
+        return status, Transition(spec.route, "step", weight, "started")
+
+    async def _analyse(self, spec: CanaryConfig, status: RolloutStatus, now: float) -> tuple[RolloutStatus, Transition]:
+        window_s = min(max(now - status.step_started_at, 1.0), spec.max_window_s)
+        expected = status.revision
+        status = status.model_copy(deep=True)
+        status.last_analysis_at = now
+        try:
+            if self.source is None:
+                raise RolloutError("no prometheus_url: the canary cannot be analysed")
+            analysis = judge(spec, await self.source.measure(spec, window_s))
+        except Exception as exc:
+            reason = f"analysis failed: {exc}"
+            status.last_analysis = {"verdict": "error", "values": {}, "failed": [], "reason": reason}
+            status.record("hold", now, reason)
+            self.store.commit(status, expected)
+            self.metrics.record(spec.route, spec.canary, "hold")
+            log.warning("rollout %s: %s; holding", spec.route, reason)
+            return status, Transition(spec.route, "hold", status.weight, reason)
+
+        status.last_analysis = {**analysis.as_dict(), "at": now, "window_s": window_s}
+        action, reason = "hold", analysis.reason
+        target: float | None = None
+        if analysis.verdict == "fail":
+            status.failures += 1
+            if status.failures >= spec.failure_limit:
+                action, target = "rollback", 0.0
+            else:
+                reason = f"{reason} (failure {status.failures} of {spec.failure_limit})"
+        elif analysis.verdict == "pass":
+            status.failures = 0
+            following = status.step_index + 1
+            if following >= len(spec.steps) or spec.steps[following] >= 100:
+                action, target = "promote", 100.0
+            else:
+                action, target = "step", spec.steps[following]
+                status.step_index = following
+        if target is not None:
+            self.store.check(spec.route, expected)  # e.g. `loragate rollout promote` meanwhile: its weights win
+            await self.apply(spec, target)
+            status.weight, status.step_started_at = target, now
+            status.state = {"promote": "promoted", "rollback": "rolled_back"}.get(action, "progressing")
+        status.record(action, now, reason)
+        self.store.commit(status, expected)
+        self.metrics.record(spec.route, spec.canary, action, analysis)
+        log.info("rollout %s: %s -> %s at %g%% (%s)", spec.route, analysis.verdict, action, status.weight, reason)
+        return status, Transition(spec.route, action, status.weight, reason, analysis)
+
+    async def override(self, route: str, action: Literal["promote", "rollback"], *, reason: str = "manual",
+                       now: float | None = None) -> RolloutStatus:
+        """Promote or roll back now, whatever the analysis says (``loragate rollout promote|rollback``)."""
+        now = time.time() if now is None else now
+        spec = self.spec(route)
+        old = self.store.load().get(route)
+        if old is not None and (old.canary, old.stable) == (spec.canary, spec.stable):
+            status = old.model_copy(deep=True)
+        else:
+            status = RolloutStatus(route=route, canary=spec.canary, stable=spec.stable, started_at=now)
+        target = 100.0 if action == "promote" else 0.0
+        await self.apply(spec, target)
+        status.weight, status.step_started_at, status.failures = target, now, 0
+        status.state = "promoted" if action == "promote" else "rolled_back"
+        status.record(action, now, reason)
+        self.store.commit(status, old.revision if old else None)
+        self.metrics.show(status)
+        self.metrics.record(route, spec.canary, action)
+        return status
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        try:
+            statuses = self.store.load()
+        except RolloutError as exc:
+            return {spec.route: {"error": str(exc)} for spec in self.config.canaries}
+        out = {}
+        for spec in self.config.canaries:
+            found = statuses.get(spec.route)
+            if found is None or (found.canary, found.stable) != (spec.canary, spec.stable):
+                out[spec.route] = {"canary": spec.canary, "stable": spec.stable, "state": "pending"}
+            else:
+                out[spec.route] = {**found.model_dump(exclude={"history"}), "history": found.history[-10:]}
+            if spec.route in self.errors:
+                out[spec.route]["error"] = self.errors[spec.route]
+        return out
+
+    def sleep_s(self) -> float:
+        """How long the loop waits between rounds: a fraction of the shortest interval, 0.2-5 s."""
+        shortest = min((spec.interval_s for spec in self.config.canaries), default=5.0)
+        return min(5.0, max(0.2, shortest / 5))
+
+    async def loop(self) -> None:
+        while True:
+            await self.tick()
+            await asyncio.sleep(self.sleep_s())
