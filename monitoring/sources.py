@@ -8,6 +8,7 @@ The request log is Parquet partitioned by day, written by the gateway:
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -15,15 +16,15 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loragate.common import logschema
+from loragate.common.objectstore import S3Options, filesystem, is_local, open_input
+
 if TYPE_CHECKING:  # pandas and pyarrow are imported where they are used: the CLI stays light
     import pandas as pd
 
-REQUEST_COLUMNS = (
-    "request_id", "timestamp", "route", "variant", "endpoint", "status", "stream", "fallback",
-    "latency_s", "ttft_s", "prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd",
-    "finish_reason", "prompt_text", "response_text",
-)
-FEEDBACK_COLUMNS = ("request_id", "timestamp", "route", "variant", "score", "label", "correction")
+# The request log's columns, as the shared schema defines them (every schema version reads).
+REQUEST_COLUMNS = logschema.REQUEST_COLUMNS
+FEEDBACK_COLUMNS = logschema.FEEDBACK_COLUMNS
 
 
 def utc(value: datetime | float | int | str) -> datetime:
@@ -61,17 +62,14 @@ class Window:
 
 
 class RequestLog:
-    """Reads windows of the gateway's request log (and feedback) into pandas frames."""
+    """Reads windows of the gateway's request log (and feedback) into pandas frames.
 
-    def __init__(self, root: str | Path) -> None:
-        from pyarrow import fs
+    Files of every schema version read, in the current schema (logschema.conform); ``s3``
+    says where an ``s3://`` root lives (default: the environment, see common.objectstore).
+    """
 
-        root = str(root)
-        if "://" in root:
-            self._fs, self._root = fs.FileSystem.from_uri(root)
-        else:
-            self._fs, self._root = fs.LocalFileSystem(), str(Path(root).resolve())
-        self._root = self._root.rstrip("/")
+    def __init__(self, root: str | Path, s3: S3Options | None = None) -> None:
+        self._fs, self._root = filesystem(str(root), s3)
 
     def requests(self, window: Window, route: str | None = None, variant: str | None = None,
                  *, columns: tuple[str, ...] = REQUEST_COLUMNS) -> "pd.DataFrame":
@@ -100,7 +98,7 @@ class RequestLog:
         tables = []
         for path in self._files(kind, window):
             try:
-                table = pq.read_table(path, filesystem=self._fs)
+                table = logschema.conform(pq.read_table(path, filesystem=self._fs), kind)
             except (OSError, pa.ArrowInvalid):
                 continue  # a file being written or a torn upload: the next run reads it
             mask = None
@@ -123,8 +121,8 @@ class RequestLog:
         return frame.loc[keep, list(columns)].sort_values("timestamp").reset_index(drop=True)
 
 
-def load_reference(path: str | Path) -> "pd.DataFrame":
-    """A saved reference dataset: Parquet, CSV or JSON Lines.
+def load_reference(path: str | Path, s3: S3Options | None = None) -> "pd.DataFrame":
+    """A saved reference dataset: Parquet, CSV or JSON Lines, local or at a URL (``s3://``: see ``s3``).
 
     Either request-log columns, or a training set: ``prompt``/``response`` (also
     ``prompt_text``/``response_text``, ``completion``, ``input``/``output``), or chat
@@ -135,14 +133,16 @@ def load_reference(path: str | Path) -> "pd.DataFrame":
 
     text = str(path)
     suffix = text.rsplit(".", 1)[-1].lower()
-    if suffix == "parquet":
-        frame = pd.read_parquet(text)
-    elif suffix == "csv":
-        frame = pd.read_csv(text)
-    elif suffix in ("jsonl", "json", "ndjson"):
-        frame = pd.read_json(text, lines=True)
-    else:
+    readers = {"parquet": pd.read_parquet, "csv": pd.read_csv,
+               "jsonl": functools.partial(pd.read_json, lines=True)}
+    reader = readers.get({"json": "jsonl", "ndjson": "jsonl"}.get(suffix, suffix))
+    if reader is None:
         raise ValueError(f"unknown reference format {path!r}: use .parquet, .csv or .jsonl")
+    if is_local(text):
+        frame = reader(text.removeprefix("file://"))
+    else:  # through the same object-store settings as the request log
+        with open_input(text, s3) as file:
+            frame = reader(file)
     if "messages" in frame and "prompt_text" not in frame:
         pairs = [_chat_to_pair(messages) for messages in frame["messages"]]
         frame["prompt_text"] = [p for p, _ in pairs]
@@ -167,7 +167,7 @@ def _chat_to_pair(messages) -> tuple[str | None, str | None]:
     answer = None
     if messages and messages[-1].get("role") == "assistant":
         answer = messages.pop().get("content")
-    prompt = "\n".join(f"{m.get('role', '')}: {m.get('content') or ''}" for m in messages) or None
+    prompt = logschema.flat_prompt(messages) or None
     return prompt, answer
 
 

@@ -1,22 +1,55 @@
-"""Turning request-log records into table rows: the answer text parsed out, the text kept, scrubbed or dropped.
+"""Request-log records, and turning them into table rows: the answer text parsed out, the text kept, scrubbed or dropped.
 
-Runs on the writer side of the request log (service.requestlog), never on the request path.
+The gateway builds the records (service.gateway, service.api.feedback); the conversion runs on the
+writer side of the request log (service.requestlog), never on the request path. The rows follow
+the shared schema, loragate.common.logschema.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import orjson
 
+from loragate.common.logschema import CHAT_ENDPOINT, SCHEMA_VERSION, Turn, flat_prompt
+from loragate.common import sse
 from loragate.common.scrub import scrub
-
-if TYPE_CHECKING:
-    from loragate.service.requestlog import FeedbackRecord, RequestRecord
 
 TextMode = Literal["full", "scrubbed", "none"]
 
+
+@dataclass(slots=True)
+class RequestRecord:
+    request_id: str
+    timestamp: float  # unix seconds when the request arrived
+    route: str
+    variant: str
+    endpoint: str  # "chat/completions" or "completions"
+    status: int
+    stream: bool
+    fallback: str | None
+    latency_s: float
+    ttft_s: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    reference_cost_usd: float
+    payload: dict  # the request as the client sent it (model rewritten to the upstream's)
+    body: bytes | None = None  # a whole JSON answer
+    chunks: list[bytes] = field(default_factory=list)  # a streamed answer, SSE bytes as relayed
+
+
+@dataclass(slots=True)
+class FeedbackRecord:
+    request_id: str
+    timestamp: float  # unix seconds when the feedback arrived
+    route: str | None  # None: the request is not among the recent ones this process served
+    variant: str | None
+    score: float | None
+    label: str | None
+    correction: str | None
 
 
 def request_row(record: RequestRecord, text_mode: TextMode,
@@ -33,12 +66,12 @@ def request_row(record: RequestRecord, text_mode: TextMode,
     else:
         response_text, finish_reason = None, None
     if text_mode == "none":
-        prompt_text = response_text = None
+        turns = prompt_text = response_text = None
     elif text_mode == "scrubbed":
-        prompt_text = prompt_of(record.payload, record.endpoint, scrubber)
+        turns, prompt_text = prompt_of(record.payload, record.endpoint, scrubber)
         response_text = None if response_text is None else scrub(response_text)
     else:
-        prompt_text = prompt_of(record.payload, record.endpoint)
+        turns, prompt_text = prompt_of(record.payload, record.endpoint)
     return {
         "request_id": record.request_id,
         "timestamp": int(record.timestamp * 1000),
@@ -56,7 +89,9 @@ def request_row(record: RequestRecord, text_mode: TextMode,
         "reference_cost_usd": record.reference_cost_usd,
         "finish_reason": finish_reason,
         "prompt_text": prompt_text,
+        "prompt_messages": turns,
         "response_text": response_text,
+        "schema_version": SCHEMA_VERSION,
     }
 
 
@@ -69,6 +104,7 @@ def feedback_row(record: FeedbackRecord, text_mode: TextMode) -> dict[str, Any]:
         "score": record.score,
         "label": record.label if text_mode == "full" or record.label is None else scrub(record.label),
         "correction": keep_text(record.correction, text_mode),
+        "schema_version": SCHEMA_VERSION,
     }
 
 
@@ -78,26 +114,27 @@ def keep_text(text: str | None, mode: TextMode) -> str | None:
     return text if mode == "full" else scrub(text)
 
 
-def prompt_of(payload: dict, endpoint: str, clean: Callable[[str], str] = str) -> str | None:
-    """Chat: one ``role: content`` line per message. Completions: the prompt (a list joined by lines).
+def prompt_of(payload: dict, endpoint: str,
+              clean: Callable[[str], str] = str) -> tuple[list[Turn] | None, str | None]:
+    """(chat turns, flat prompt text): the turns are what readers use, the text is for drift features.
 
-    ``clean`` is applied to each message content / prompt string (the scrubber).
+    Chat: one ``{role, content}`` turn per message, and the text as ``flat_prompt`` writes it.
+    Completions: no turns; the prompt (a list joined by lines). ``clean`` is applied to each
+    message content / prompt string (the scrubber).
     """
-    if endpoint == "chat/completions":
+    if endpoint == CHAT_ENDPOINT:
         messages = payload.get("messages")
         if not isinstance(messages, list):
-            return None
-        lines = []
-        for message in messages:
-            if isinstance(message, dict):
-                lines.append(f"{message.get('role', '')}: {clean(_content_text(message.get('content')))}")
-        return "\n".join(lines)
+            return None, None
+        turns = [{"role": str(message.get("role") or ""), "content": clean(_content_text(message.get("content")))}
+                 for message in messages if isinstance(message, dict)]
+        return turns, flat_prompt(turns)
     prompt = payload.get("prompt")
     if isinstance(prompt, str):
-        return clean(prompt)
+        return None, clean(prompt)
     if isinstance(prompt, list) and all(isinstance(part, str) for part in prompt):
-        return "\n".join(clean(part) for part in prompt)
-    return None  # token ids: no text to keep
+        return None, "\n".join(clean(part) for part in prompt)
+    return None, None  # token ids: no text to keep
 
 
 def _content_text(content: object) -> str:
@@ -127,26 +164,16 @@ def _stream_answer(chunks: list[bytes]) -> tuple[str | None, str | None]:
     parts: list[str] = []
     finish_reason = None
     seen = False
-    for event in b"".join(chunks).split(b"\n\n"):
-        for line in event.split(b"\n"):
-            if not line.startswith(b"data:"):
+    for parsed in sse.json_objects(b"".join(chunks)):
+        choices = parsed.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                continue
-            try:
-                parsed = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                continue
-            choices = parsed.get("choices") if isinstance(parsed, dict) else None
-            for choice in choices or ():
-                if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                    continue
-                seen = True
-                delta = choice.get("delta")
-                text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                if isinstance(text, str):
-                    parts.append(text)
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
+            seen = True
+            delta = choice.get("delta")
+            text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+            if isinstance(text, str):
+                parts.append(text)
+            if choice.get("finish_reason"):
+                finish_reason = choice["finish_reason"]
     return ("".join(parts) if seen else None), finish_reason

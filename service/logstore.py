@@ -11,7 +11,9 @@ object store as one PUT of the final key. The writer id (host and pid by
 default) and the per-writer sequence keep names unique, so any number of gateway
 replicas and workers write into one root without coordinating.
 
-Imported only when the request log is on: pyarrow is an optional dependency.
+The columns are the shared schema's (loragate.common.logschema); the filesystem comes from
+loragate.common.objectstore. Imported only when the request log is on: pyarrow is an optional
+dependency.
 """
 
 from __future__ import annotations
@@ -23,44 +25,13 @@ import socket
 import uuid
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-TIMESTAMP = pa.timestamp("ms", tz="UTC")
-
-SCHEMAS: dict[str, pa.Schema] = {
-    "requests": pa.schema([
-        ("request_id", pa.string()),
-        ("timestamp", TIMESTAMP),
-        ("route", pa.string()),
-        ("variant", pa.string()),
-        ("endpoint", pa.string()),
-        ("status", pa.int32()),
-        ("stream", pa.bool_()),
-        ("fallback", pa.string()),
-        ("latency_s", pa.float64()),
-        ("ttft_s", pa.float64()),
-        ("prompt_tokens", pa.int64()),
-        ("completion_tokens", pa.int64()),
-        ("cost_usd", pa.float64()),
-        ("reference_cost_usd", pa.float64()),
-        ("finish_reason", pa.string()),
-        ("prompt_text", pa.string()),
-        ("response_text", pa.string()),
-    ]),
-    "feedback": pa.schema([
-        ("request_id", pa.string()),
-        ("timestamp", TIMESTAMP),
-        ("route", pa.string()),
-        ("variant", pa.string()),
-        ("score", pa.float64()),
-        ("label", pa.string()),
-        ("correction", pa.string()),
-    ]),
-}
+from loragate.common import logschema
+from loragate.common.objectstore import S3Options, filesystem
 
 
 def default_writer_id() -> str:
@@ -78,7 +49,7 @@ class ParquetStore:
         s3_region: str | None = None,
         compression: str = "zstd",
     ) -> None:
-        self.filesystem, self.root = _filesystem(url, s3_endpoint, s3_region)
+        self.filesystem, self.root = filesystem(url, S3Options.resolve(s3_endpoint, s3_region))
         self.local = isinstance(self.filesystem, pafs.LocalFileSystem)
         self.writer_id = re.sub(r"[^A-Za-z0-9.-]", "-", writer_id) if writer_id else default_writer_id()
         self.compression = compression
@@ -88,7 +59,7 @@ class ParquetStore:
 
     def write(self, table: str, rows: list[dict[str, Any]]) -> int:
         """One file per UTC day present in ``rows``; returns the number of files written."""
-        schema = SCHEMAS[table]
+        schema = logschema.arrow_schema(table)
         by_day: dict[str, list[dict[str, Any]]] = {}
         for row in rows:
             day = datetime.fromtimestamp(row["timestamp"] / 1000, timezone.utc).strftime("%Y-%m-%d")
@@ -113,30 +84,12 @@ class ParquetStore:
                 out.write(data)
 
 
-def _filesystem(url: str, s3_endpoint: str | None, s3_region: str | None) -> tuple[pafs.FileSystem, str]:
-    """A local path or file:// URL, or s3://bucket/prefix (credentials from the usual AWS environment)."""
-    parsed = urlparse(url)
-    if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else url
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path)).rstrip("/")
-    if parsed.scheme == "s3":
-        options: dict[str, Any] = {}
-        if s3_endpoint:
-            endpoint = urlparse(s3_endpoint)
-            options["endpoint_override"] = endpoint.netloc or endpoint.path
-            options["scheme"] = endpoint.scheme or "https"
-        if s3_region:
-            options["region"] = s3_region
-        return pafs.S3FileSystem(**options), f"{parsed.netloc}{parsed.path}".rstrip("/")
-    filesystem, path = pafs.FileSystem.from_uri(url)  # gs://, hdfs:// ...: whatever pyarrow knows
-    return filesystem, path.rstrip("/")
-
-
 def read_table(url: str, table: str, *, s3_endpoint: str | None = None, s3_region: str | None = None) -> pa.Table:
-    """Every row of ``table`` under ``url`` (tests, tools); the ``date`` partition column included."""
-    filesystem, root = _filesystem(url, s3_endpoint, s3_region)
+    """Every row of ``table`` under ``url`` in the current schema (tests, tools); the ``date`` partition
+    column included. Files of older schema versions read too (see logschema.conform)."""
     import pyarrow.dataset as ds
 
-    dataset = ds.dataset(f"{root}/{table}", filesystem=filesystem, format="parquet", partitioning="hive",
-                         schema=SCHEMAS[table].append(pa.field("date", pa.string())))
-    return dataset.to_table()
+    fs, root = filesystem(url, S3Options.resolve(s3_endpoint, s3_region))
+    dataset = ds.dataset(f"{root}/{table}", filesystem=fs, format="parquet", partitioning="hive",
+                         schema=logschema.arrow_schema(table).append(pa.field("date", pa.string())))
+    return logschema.conform(dataset.to_table(), table)

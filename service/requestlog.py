@@ -7,13 +7,14 @@ answer text, scrubbing, columnar encoding, upload) happens on the writer side.
 ``RequestLog`` is the real sink: ``record`` puts the record on a bounded queue
 and returns (a full queue drops the record and counts it); one writer thread
 batches the records every ``flush_interval_s`` or every ``batch_size`` records,
-and each batch is turned into rows (service.logrows) and handed to a store (service.logstore:
-Parquet, local or object store). Where that costly part runs is a setting: in
-one long-lived conversion process (``convert="process"``, the gateway's default:
-it keeps the parsing, scrubbing and encoding, 50-90 us a record, off the gateway's
-GIL) or in the writer thread itself (``"thread"``). ``close`` drains the queue,
-writes and ends the conversion process, so a graceful shutdown loses nothing; a
-crash loses at most what arrived since the last flush.
+and each batch is turned into rows (service.logrows, in the shared schema of
+loragate.common.logschema) and handed to a store (service.logstore: Parquet, local
+or object store). Where that costly part runs is a setting: in one long-lived
+conversion process (``convert="process"``, the gateway's default: it keeps the
+parsing, scrubbing and encoding, 50-90 us a record, off the gateway's GIL) or in
+the writer thread itself (``"thread"``). ``close`` drains the queue, writes and
+ends the conversion process, so a graceful shutdown loses nothing; a crash loses
+at most what arrived since the last flush.
 
 Feedback (POST /v1/feedback) rides the same queue and writer as a second table.
 This module does not import pyarrow: only the store does, and the app builds one
@@ -36,48 +37,17 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from loragate.service.logrows import TextMode, feedback_row, request_row
+from loragate.common.logschema import FEEDBACK, REQUESTS
 from loragate.common.scrub import scrub
+from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode, feedback_row, request_row
 
 log = logging.getLogger("loragate.requestlog")
 
-REQUESTS = "requests"
-FEEDBACK = "feedback"
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    request_id: str
-    timestamp: float  # unix seconds when the request arrived
-    route: str
-    variant: str
-    endpoint: str  # "chat/completions" or "completions"
-    status: int
-    stream: bool
-    fallback: str | None
-    latency_s: float
-    ttft_s: float | None
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    reference_cost_usd: float
-    payload: dict  # the request as the client sent it (model rewritten to the upstream's)
-    body: bytes | None = None  # a whole JSON answer
-    chunks: list[bytes] = field(default_factory=list)  # a streamed answer, SSE bytes as relayed
-
-
-@dataclass(slots=True)
-class FeedbackRecord:
-    request_id: str
-    timestamp: float  # unix seconds when the feedback arrived
-    route: str | None  # None: the request is not among the recent ones this process served
-    variant: str | None
-    score: float | None
-    label: str | None
-    correction: str | None
+# The records are defined beside their conversion (service.logrows); the gateway imports them from here.
+__all__ = ["FeedbackRecord", "NullRequestLog", "RecentRequests", "RequestLog", "RequestRecord", "RequestSink",
+           "Store", "parquet_store"]
 
 
 class RequestSink(Protocol):
