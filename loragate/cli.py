@@ -164,7 +164,11 @@ def serve_from_env() -> int:
             from loragate.service.auth import KeyStore
 
             KeyStore(settings.api_keys_file, settings.api_keys)  # and so does a bad keys file
-    except (CatalogError, ValueError) as exc:  # KeysError is a ValueError
+        from loragate.service.discovery import wait_until_resolved
+
+        # Host names in LORAGATE_UPSTREAMS (DNS discovery) must resolve, after a grace for a starting engine.
+        wait_until_resolved(settings.upstreams, settings.discovery_start_timeout_s)
+    except (CatalogError, ValueError, RuntimeError) as exc:  # KeysError: a ValueError; DiscoveryError: a RuntimeError
         print(f"loragate: {exc}", file=sys.stderr)
         return 2
     import uvicorn

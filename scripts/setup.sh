@@ -11,10 +11,12 @@ extras="engine-cpu"
 if [[ "${1:-}" == "--test" ]]; then
   extras="engine-cpu,monitor,checks,dev"
   # Prometheus (and promtool) from Debian: the tests start a real one.
-  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v wrk >/dev/null; then
+  # redis-server: the shared-limits tests start a real one.
+  if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v wrk >/dev/null \
+      || ! command -v redis-server >/dev/null; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus wrk >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus wrk redis-server >/dev/null
   fi
 fi
 

@@ -23,6 +23,7 @@ from loragate.service.auth import authenticator_from_settings
 from loragate.common.catalog import CatalogError, CatalogFile, Timeouts
 from loragate.service.errors import GatewayError, error_response, internal_error_response
 from loragate.service.gateway import Gateway
+from loragate.service.limits import RedisLimiter, limiter_from_settings
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, parquet_store
 from loragate.service.settings import Settings
@@ -46,7 +47,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         circuit_open_s=settings.circuit_open_s,
     )
     request_log = _request_log(settings, metrics)  # None when off: pyarrow is imported only when on
-    auth = authenticator_from_settings(settings, metrics)  # raises KeysError: fail fast on a bad keys file
+    # Per-key limits in this process, or shared through Redis (LORAGATE_LIMITS_URL); only used with auth on.
+    limiter = limiter_from_settings(settings, metrics) if settings.auth else None
+    auth = authenticator_from_settings(settings, metrics, limiter)  # raises KeysError: fail fast on a bad keys file
     gateway = Gateway(
         catalog, pool, metrics,
         max_body_bytes=settings.max_body_bytes,
@@ -72,12 +75,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
         gateway.bind(session)
         if request_log is not None:
             request_log.start()
-        await pool.check_all()
+        if isinstance(limiter, RedisLimiter):
+            await limiter.start()
+        await pool.start()  # raises DiscoveryError: a host name in LORAGATE_UPSTREAMS that does not resolve
         # Everything allocated so far (modules, app, catalog) lives as long as the process: keep it
         # out of the garbage collector's scans, which otherwise walk it on every full collection.
         gc.freeze()
         tasks = [
             asyncio.create_task(_every(settings.health_interval_s, pool.check_all)),
+            *([asyncio.create_task(_every(settings.health_interval_s, limiter.probe))]
+              if isinstance(limiter, RedisLimiter) else []),
             asyncio.create_task(_every(settings.routes_reload_interval_s, lambda: _reload(catalog, metrics))),
             asyncio.create_task(_every(settings.routes_reload_interval_s, auth.refresh)),
         ]
@@ -88,6 +95,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await session.close()
+            if isinstance(limiter, RedisLimiter):
+                await limiter.close()
             if request_log is not None:  # after the last request: write everything queued
                 await asyncio.to_thread(request_log.close)
 

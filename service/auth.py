@@ -24,13 +24,10 @@ cannot be used to guess a key byte by byte (that would need SHA-256 preimages).
 The admin token is compared with ``hmac.compare_digest`` over both digests, so
 not even its length shows.
 
-Limits are token buckets that refill continuously (a sliding minute): the
-bucket holds up to one minute's allowance and a request is admitted while the
-bucket has at least 1 left. Requests are taken on admission; tokens are charged
-after the answer with the real usage, so a large answer can leave the bucket in
-debt and the next request waits until it is paid back (``Retry-After``).
-The buckets live in the process: with ``--workers N`` each worker enforces the
-limits on its own share of the traffic.
+Limits are token buckets that refill continuously (a sliding minute), enforced by a
+limiter (service/limits.py): in this process, or shared by every gateway process through
+Redis (``LORAGATE_LIMITS_URL``). Requests are taken on admission; tokens are charged after
+the answer with the real usage (``Retry-After`` says when a refused key may retry).
 """
 
 from __future__ import annotations
@@ -42,8 +39,8 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -51,6 +48,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from loragate.service.errors import GatewayError
+from loragate.service.limits import Limiter, LocalLimiter, Refusal
 from loragate.service.metrics import Metrics
 from loragate.common.watched import WatchedFile
 
@@ -69,9 +67,13 @@ REJECTION_REASONS = (
     "route_forbidden",    # the key may not call this route
     "request_rate",       # over requests_per_minute
     "token_rate",         # over tokens_per_minute
+    "limiter_unavailable",  # a limited key while the shared limiter is unreachable and fails closed (503)
     "admin_forbidden",    # a user key on an admin endpoint, or admin endpoints disabled
     "admin_invalid",      # a missing or wrong token on an admin endpoint
 )
+
+
+_LIMIT_REASONS = frozenset({"request_rate", "token_rate", "limiter_unavailable"})
 
 
 class KeysError(ValueError):
@@ -199,61 +201,23 @@ class KeyStore:
         return sorted(self.by_hash.values(), key=lambda k: k.id)
 
 
-# --- limits -----------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Bucket:
-    """A token bucket holding up to ``per_minute``, refilled at ``per_minute / 60`` a second; may go into debt."""
-
-    per_minute: int
-    level: float
-    updated: float
-
-    def refill(self, now: float) -> None:
-        self.level = min(float(self.per_minute), self.level + (now - self.updated) * self.per_minute / 60.0)
-        self.updated = now
-
-    def wait_s(self, now: float) -> float:
-        """Seconds until at least 1 is available (0: available now)."""
-        self.refill(now)
-        return 0.0 if self.level >= 1 else (1 - self.level) * 60.0 / self.per_minute
-
-    def resize(self, per_minute: int, now: float) -> None:
-        self.refill(now)
-        self.per_minute = per_minute
-        self.level = min(self.level, float(per_minute))
-
-
-@dataclass(slots=True)
-class _Limits:
-    requests: Bucket | None
-    tokens: Bucket | None
-
-
-def _bucket(per_minute: int | None, old: Bucket | None, now: float) -> Bucket | None:
-    if per_minute is None:
-        return None
-    if old is None:
-        return Bucket(per_minute, float(per_minute), now)
-    if old.per_minute != per_minute:
-        old.resize(per_minute, now)
-    return old
-
-
 # --- who is calling ---------------------------------------------------------------
 
 
 class Principal:
-    """The caller of one request. ``admit`` before forwarding, ``charge`` after the answer."""
+    """The caller of one request. ``admit`` before forwarding, ``charge`` after the answer.
+
+    ``admit`` raises GatewayError when refused, and returns None when admitted, or an awaitable
+    to await (a shared limiter's round trip) that raises or returns None in the same way.
+    """
 
     key_id: str | None = None
 
     def allows(self, route: str) -> bool:
         return True
 
-    def admit(self, route: str) -> None:
-        pass
+    def admit(self, route: str) -> Awaitable[None] | None:
+        return None
 
     def charge(self, tokens: int) -> None:
         pass
@@ -265,9 +229,9 @@ ANONYMOUS = Principal()  # auth off: everything allowed, nothing counted
 @dataclass(slots=True, eq=False)
 class KeyPrincipal(Principal):
     key: ApiKey
-    limits: _Limits
+    limiter: Limiter
     reject: Callable[..., GatewayError]
-    clock: Callable[[], float] = field(repr=False)
+    limited: bool  # the key has a requests or tokens limit
 
     @property
     def key_id(self) -> str:  # type: ignore[override]
@@ -276,30 +240,37 @@ class KeyPrincipal(Principal):
     def allows(self, route: str) -> bool:
         return self.key.allows(route)
 
-    def admit(self, route: str) -> None:
+    def admit(self, route: str) -> Awaitable[None] | None:
         if not self.key.allows(route):
             raise self.reject("route_forbidden", 403, f"this API key may not use the model `{route}`",
                               code="model_not_allowed", key_id=self.key.id)
-        now = self.clock()
-        waits = [
-            (bucket.wait_s(now), reason)
-            for bucket, reason in ((self.limits.requests, "request_rate"), (self.limits.tokens, "token_rate"))
-            if bucket is not None
-        ]
-        wait, reason = max(waits, default=(0.0, ""))
-        if wait > 0:
-            what = "requests" if reason == "request_rate" else "tokens"
-            retry_after = max(1, math.ceil(wait))
-            raise self.reject(reason, 429, f"rate limit exceeded ({what} per minute); retry after {retry_after}s",
-                              code="rate_limit_exceeded", key_id=self.key.id,
-                              headers={"retry-after": str(retry_after)})
-        if self.limits.requests is not None:
-            self.limits.requests.level -= 1
+        if not self.limited:
+            return None
+        outcome = self.limiter.admit(self.key)
+        if outcome is None:
+            return None
+        if isinstance(outcome, Refusal):
+            raise self._refused(outcome)
+        return self._settle(outcome)
+
+    async def _settle(self, pending: Awaitable[Refusal | None]) -> None:
+        outcome = await pending
+        if outcome is not None:
+            raise self._refused(outcome)
+
+    def _refused(self, refusal: Refusal) -> GatewayError:
+        retry_after = max(1, math.ceil(refusal.wait_s))
+        headers = {"retry-after": str(retry_after)}
+        if refusal.reason == "limiter_unavailable":
+            return self.reject(refusal.reason, 503, "rate limits cannot be checked right now; retry after "
+                               f"{retry_after}s", code="limiter_unavailable", key_id=self.key.id, headers=headers)
+        what = "requests" if refusal.reason == "request_rate" else "tokens"
+        return self.reject(refusal.reason, 429, f"rate limit exceeded ({what} per minute); retry after {retry_after}s",
+                           code="rate_limit_exceeded", key_id=self.key.id, headers=headers)
 
     def charge(self, tokens: int) -> None:
-        if self.limits.tokens is not None and tokens > 0:
-            self.limits.tokens.refill(self.clock())
-            self.limits.tokens.level -= tokens
+        if self.limited and tokens > 0:
+            self.limiter.charge(self.key, tokens)
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -342,12 +313,12 @@ class Authenticator:
         admin_token: str | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        limiter: Limiter | None = None,
     ) -> None:
         self.store = store
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
         self.metrics = metrics
-        self.clock = clock
-        self._limits: dict[str, _Limits] = {}
+        self.limiter = limiter or LocalLimiter(clock)
         if metrics is not None and store is not None:
             for reason in REJECTION_REASONS:  # every series exists from the start, at 0
                 metrics.auth_rejections.labels(reason)
@@ -363,9 +334,7 @@ class Authenticator:
         """Reload the keys file if it changed (KeysError on a bad one); forget the buckets of removed keys."""
         if self.store is None or not self.store.reload_if_changed():
             return False
-        live = {key.id for key in self.store.by_hash.values()}
-        for key_id in [k for k in self._limits if k not in live]:
-            del self._limits[key_id]
+        self.limiter.forget(key.id for key in self.store.by_hash.values())
         return True
 
     async def refresh(self) -> None:
@@ -389,7 +358,8 @@ class Authenticator:
         if key.revoked:
             raise self._reject("revoked_key", 401, "this API key has been revoked", code="invalid_api_key",
                                key_id=key.id)
-        return KeyPrincipal(key, self._limits_of(key), self._reject, self.clock)
+        return KeyPrincipal(key, self.limiter, self._reject,
+                            key.requests_per_minute is not None or key.tokens_per_minute is not None)
 
     def authorize_admin(self, headers: Mapping[str, str]) -> None:
         presented = presented_key(headers)
@@ -423,20 +393,12 @@ class Authenticator:
             raise self._reject("invalid_key", 401, "invalid API key", code="invalid_api_key")
         return key
 
-    def _limits_of(self, key: ApiKey) -> _Limits:
-        now = self.clock()
-        old = self._limits.get(key.id)
-        limits = _Limits(
-            _bucket(key.requests_per_minute, old.requests if old else None, now),
-            _bucket(key.tokens_per_minute, old.tokens if old else None, now),
-        )
-        self._limits[key.id] = limits
-        return limits
-
     def _reject(self, reason: str, status: int, message: str, *, code: str, key_id: str | None = None,
                 headers: dict[str, str] | None = None) -> GatewayError:
         if self.metrics is not None:
             self.metrics.auth_rejections.labels(reason).inc()
+            if key_id is not None and reason in _LIMIT_REASONS:
+                self.metrics.limit_rejections.labels(key_id, reason).inc()
         # The key itself is never logged; unknown keys are logged at debug so a flood cannot fill the log.
         (log.info if key_id else log.debug)("auth rejected: %s (key id %s)", reason, key_id or "-")
         if status == 401:
@@ -444,7 +406,8 @@ class Authenticator:
         return GatewayError(status, message, code=code, headers=headers)
 
 
-def authenticator_from_settings(settings, metrics: Metrics | None = None) -> Authenticator:
+def authenticator_from_settings(settings, metrics: Metrics | None = None,
+                                limiter: Limiter | None = None) -> Authenticator:
     """Auth on: keys from ``api_keys_file`` and ``api_keys`` (KeysError on a bad file). Off: no key checks."""
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     if not settings.auth:
@@ -452,4 +415,4 @@ def authenticator_from_settings(settings, metrics: Metrics | None = None) -> Aut
     store = KeyStore(settings.api_keys_file, settings.api_keys)
     if not store.by_hash:
         log.warning("auth is on but no API keys are configured: every request will be refused")
-    return Authenticator(store, admin_token=admin_token, metrics=metrics)
+    return Authenticator(store, admin_token=admin_token, metrics=metrics, limiter=limiter)

@@ -92,7 +92,9 @@ class Gateway:
             return error_response(exc, headers)
         headers["x-loragate-route"] = route.name
         try:
-            principal.admit(route.name)  # the key's route allow-list and rate limits
+            pending = principal.admit(route.name)  # the key's route allow-list and rate limits
+            if pending is not None:  # a shared limiter's round trip (in-process limits decide at once)
+                await pending
         except GatewayError as exc:
             self.metrics.requests.labels(route.name, "none", status_class(exc.status)).inc()
             return error_response(exc, headers)

@@ -27,6 +27,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 # Feedback scores: 0-1 ratings and 1-5 stars land in distinct buckets. No negative bounds: with them
 # prometheus-client drops the _sum series, and the mean score is what dashboards want (thumbs down = 0).
 SCORE_BUCKETS = (0, 0.1, 0.25, 0.5, 0.75, 0.9, 1, 2, 3, 4, 5, 10)
@@ -105,6 +106,27 @@ class Metrics:
         self.auth_rejections = Counter(
             "loragate_auth_rejections", "Requests refused by auth, by reason (service.auth.REJECTION_REASONS).",
             ("reason",), registry=r)
+        # Limits (service/limits.py) and replica discovery (service/upstreams.py). key_id values come from
+        # the keys file (bounded by it); upstream values of discovery from LORAGATE_UPSTREAMS.
+        self.limit_rejections = Counter(
+            "loragate_limit_rejections", "Requests refused by a per-key limit, by key id and reason "
+            "(request_rate, token_rate, limiter_unavailable).", ("key_id", "reason"), registry=r)
+        self.limits_backend = Gauge(
+            "loragate_limits_backend", "Processes enforcing limits on each backend now (in_process, redis, "
+            "fallback: Redis unreachable and serving on in-process limits, refusing: unreachable, fail closed).",
+            ("backend",), multiprocess_mode="livesum", registry=r)
+        self.limits_backend_changes = Counter(
+            "loragate_limits_backend_changes", "Changes of the limits backend, by the backend changed to.",
+            ("backend",), registry=r)
+        self.limits_redis_duration = Histogram(
+            "loragate_limits_redis_duration_seconds", "Round trip of one limit check in Redis.",
+            buckets=REDIS_BUCKETS, registry=r)
+        self.upstream_discovered = Gauge(
+            "loragate_upstream_discovered_replicas", "Addresses the DNS name of an upstream entry resolves to now.",
+            ("upstream",), multiprocess_mode="mostrecent", registry=r)
+        self.upstream_discovery_errors = Counter(
+            "loragate_upstream_discovery_errors", "Failed DNS lookups of an upstream entry (the last addresses stay).",
+            ("upstream",), registry=r)
         self.api_keys_reloads = Counter(
             "loragate_api_keys_reloads", "API keys file reloads, by result (a failed one keeps the last good keys).",
             ("result",), registry=r)

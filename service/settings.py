@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -98,6 +99,29 @@ class Settings(BaseSettings):
     # Bearer token for /admin/*; without one, admin endpoints are closed while auth is on.
     admin_token: SecretStr | None = None
 
+    # Shared per-key limits (service/limits.py): redis://[:password@]host:port/db, rediss:// (TLS) or
+    # unix:///path.sock; unset = limits in each process. While Redis is unreachable the gateway serves on
+    # in-process limits (fail open) or, with limits_fail_closed, answers limited keys with 503.
+    limits_url: SecretStr | None = None
+    limits_fail_closed: bool = False
+    # One Redis round trip may take this long before Redis counts as unreachable.
+    limits_timeout_s: float = Field(0.5, gt=0)
+    # An upstream entry naming a host (DNS discovery, service/upstreams.py) must resolve within this
+    # long at start, else the gateway stops.
+    discovery_start_timeout_s: float = Field(30.0, ge=0)
+
+    @field_validator("limits_url", mode="before")
+    @classmethod
+    def _valid_limits_url(cls, value: object) -> object:
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str) or not value.strip():
+            return None
+        problem = limits_url_problem(value.strip())
+        if problem:
+            raise ValueError(f"not a usable Redis URL: {problem}")
+        return value.strip()
+
     @field_validator("api_keys_file", "api_keys", "admin_token", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -112,4 +136,29 @@ class Settings(BaseSettings):
             value = [str(url).rstrip("/") for url in value]
             if not value:
                 raise ValueError("at least one upstream URL is required")
+            for url in value:
+                parts = urlsplit(url)
+                if parts.scheme not in ("http", "https") or not parts.hostname:
+                    raise ValueError(f"upstream {url!r}: expected http(s)://host[:port]")
         return value
+
+
+def limits_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL (never quoting its password), or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return f"scheme must be redis://, rediss:// or unix://, not {parts.scheme + '://' if parts.scheme else 'none'}"
+    try:
+        port = parts.port
+    except ValueError:
+        return "the port must be a number from 1 to 65535"
+    if parts.scheme == "unix":
+        return None if parts.path else "unix:// needs the socket's path (unix:///run/redis.sock)"
+    if not parts.hostname:
+        return "no host (expected redis://host:6379/0)"
+    if port == 0:
+        return "the port must be a number from 1 to 65535"
+    db = parts.path.lstrip("/")
+    if db and not db.isdigit():
+        return f"the database after the host must be a number (redis://host:6379/0), not {db!r}"
+    return None

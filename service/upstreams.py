@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 
 from loragate.service.failures import FailureReason
+from loragate.service.discovery import DiscoveryError, parse_entry, resolve
 from loragate.service.metrics import Metrics
 from loragate.service.resilience import Admission, CircuitBreaker, Overloaded
 
@@ -57,6 +58,8 @@ class Replica:
     # An OpenAI-compatible endpoint outside the pool (url is its base, /v1 included): never
     # health-checked or loaded into; its circuit alone decides whether it is tried.
     external: bool = False
+    # Its address left the DNS answer: out of rotation, retired once its in-flight requests finish.
+    draining: bool = False
 
 
 class Pool:
@@ -74,9 +77,13 @@ class Pool:
         circuit_failures: int = 5,
         circuit_open_s: float = 10.0,
     ) -> None:
-        self.replicas = [Replica(url) for url in urls]
+        # Entries with an IP are replicas now; those with a host name get theirs from discover().
+        self.entries = [parse_entry(url) for url in urls]
+        self.replicas = [Replica(e.url) for e in self.entries if not e.discovered]
         self.metrics = metrics
         self._in_flight_gauges = {r.url: metrics.upstream_in_flight.labels(r.url) for r in self.replicas}
+        self._discovered: dict[str, set[str]] = {e.url: set() for e in self.entries if e.discovered}
+        self._draining: list[Replica] = []
         self._endpoints: dict[str, Replica] = {}
         self.max_in_flight = max_in_flight
         self.admission = Admission(max_waiting, max_wait_s)
@@ -96,8 +103,69 @@ class Pool:
 
     # --- health -------------------------------------------------------------
 
+    async def start(self) -> None:
+        """At start: every host name must resolve (DiscoveryError), then one health check of everything."""
+        await self.discover(strict=True)
+        await self.check_all()
+
     async def check_all(self) -> None:
+        """The health job: re-resolve host names, then check every replica (new ones before any traffic)."""
+        await self.discover()
         await asyncio.gather(*(self.check(r) for r in self.replicas))
+
+    # --- discovery ----------------------------------------------------------
+
+    async def discover(self, *, strict: bool = False) -> None:
+        """Replicas follow the addresses of each host-name entry. A new address joins unhealthy (the
+        health check that follows lets it in); a vanished one drains. A failed lookup keeps the last
+        addresses (strict: raises DiscoveryError)."""
+        entries = [e for e in self.entries if e.discovered]
+        if not entries:
+            return
+        answers = await asyncio.gather(*(resolve(e) for e in entries), return_exceptions=True)
+        for entry, answer in zip(entries, answers):
+            if isinstance(answer, DiscoveryError):
+                if strict:
+                    raise answer
+                self.metrics.upstream_discovery_errors.labels(entry.url).inc()
+                log.warning("%s; keeping its %d known replicas", answer, len(self._discovered[entry.url]))
+                continue
+            if isinstance(answer, BaseException):
+                raise answer
+            self._follow(entry.url, {entry.replica_url(address) for address in answer})
+        self._retire_drained()
+
+    def _follow(self, entry: str, urls: set[str]) -> None:
+        known = self._discovered[entry]
+        self._discovered[entry] = urls
+        self.metrics.upstream_discovered.labels(entry).set(len(urls))
+        taken = {r.url for r in self.replicas}
+        for url in sorted(urls - known):
+            if url in taken:
+                continue
+            back = next((r for r in self._draining if r.url == url), None)
+            if back is not None:  # came back before it drained: in rotation again
+                self._draining.remove(back)
+                back.draining = False
+                self.replicas.append(back)
+            else:
+                self.replicas.append(Replica(url))
+                self._in_flight_gauges[url] = self.metrics.upstream_in_flight.labels(url)
+            log.info("upstream %s: replica %s discovered", entry, url)
+        gone = known - urls - {u for e, found in self._discovered.items() if e != entry for u in found}
+        for replica in [r for r in self.replicas if r.url in gone]:
+            self.replicas.remove(replica)
+            replica.draining = True
+            self._draining.append(replica)
+            log.info("upstream %s: replica %s left DNS, draining %d requests", entry, replica.url,
+                     replica.in_flight)
+
+    def _retire_drained(self) -> None:
+        for replica in [r for r in self._draining if r.in_flight == 0]:
+            self._draining.remove(replica)
+            self.metrics.upstream_healthy.labels(replica.url).set(0)
+            self._in_flight_gauges.pop(replica.url, None)
+            log.info("upstream replica %s drained and removed", replica.url)
 
     async def check(self, replica: Replica) -> None:
         assert self.session is not None
@@ -170,7 +238,9 @@ class Pool:
         candidates = [r for r in eligible if r.in_flight < self.max_in_flight]
         if not candidates:
             await self.admission.wait_until(lambda: any(r.in_flight < self.max_in_flight for r in eligible))
-            candidates = [r for r in eligible if r.in_flight < self.max_in_flight]
+            candidates = [r for r in eligible if r.in_flight < self.max_in_flight and not r.draining]
+            if not candidates:
+                raise NoHealthyUpstream("the replicas with room left DNS while the request waited")
         holders = [r for r in candidates if adapter is None or adapter in r.adapters]
         replica = min(holders or candidates, key=lambda r: r.in_flight)
         replica.in_flight += 1
@@ -204,6 +274,8 @@ class Pool:
         replica.in_flight -= 1
         self._in_flight_gauges[replica.url].dec()
         self.admission.notify()
+        if replica.draining and replica.in_flight == 0:
+            self._retire_drained()
 
     def report(self, replica: Replica, adapter: str | None, failure: FailureReason | None) -> None:
         """How a request went: None for success, else the failure reason. Feeds the circuits."""
