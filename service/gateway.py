@@ -16,6 +16,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
+from loragate.common import sse
 from loragate.service.auth import ANONYMOUS, AllowAll, Authenticator, Principal
 from loragate.service.body import REQUEST_ID, parse_json_object, read_body
 from loragate.common.catalog import CatalogFile, Route, Timeouts, Variant
@@ -242,7 +243,7 @@ class Gateway:
             if stream and response.status == 200:
                 # Read the first event before the client sees anything, so a slow or broken start falls back.
                 first_chunk = await response.content.readany()
-                if not first_chunk or first_chunk.startswith(b'data: {"error"'):
+                if not first_chunk or sse.find_error_event(sse.normalize(first_chunk)) == 0:
                     raise UpstreamFailure(FailureReason.STREAM_ERROR,
                                           f"{replica.url}: stream ended or failed before any token")
             else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
+from loragate.common import sse
 from loragate.service.failures import FailureReason, UpstreamFailure
 
 
@@ -72,40 +73,31 @@ async def open_upstream(
 class SseRelay:
     """Splits an SSE byte stream into whole events, notes the usage, and hides the usage-only chunk if asked.
 
-    ``feed`` returns the bytes to forward now: every event completed by this
-    chunk, unchanged, so the client sees each token as soon as upstream sends it.
+    ``feed`` returns the bytes to forward now: every event completed by this chunk (line ends as
+    LF, see loragate.common.sse), so the client sees each token as soon as upstream sends it.
     """
 
-    __slots__ = ("_buffer", "hide_usage", "usage", "events")
+    __slots__ = ("_events", "hide_usage", "usage")
 
     def __init__(self, hide_usage: bool) -> None:
-        self._buffer = b""
+        self._events = sse.EventSplitter()
         self.hide_usage = hide_usage
         self.usage: Usage | None = None
-        self.events = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._buffer + chunk if self._buffer else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._buffer = data
-            return b""
-        complete, self._buffer = data[: end + 2], data[end + 2 :]
-        self.events += complete.count(b"\n\n")
+        complete = self._events.feed(chunk)
         if b'"usage"' not in complete:
             return complete
         return self._take_usage(complete)
 
     def drop_partial(self) -> None:
         """The upstream broke mid-event: forget the half event (a continuation starts afresh)."""
-        self._buffer = b""
+        self._events.drop_partial()
 
     def finish(self) -> bytes:
         """Whatever is left when upstream closes (an event without its blank line)."""
-        rest, self._buffer = self._buffer, b""
-        if rest.strip():
-            return self._take_usage(rest + b"\n\n")
-        return b""
+        rest = self._events.finish()
+        return self._take_usage(rest) if b'"usage"' in rest else rest
 
     def _take_usage(self, complete: bytes) -> bytes:
         """Read the last usage in ``complete``; drop its event if it is the usage-only chunk to hide.
@@ -118,11 +110,11 @@ class SseRelay:
         start = 0 if start < 0 else start + 2
         end = complete.find(b"\n\n", at)
         end = len(complete) if end < 0 else end + 2
-        event = complete[start:end].rstrip(b"\n")
-        if not event.startswith(b"data: {"):
+        data = sse.event_data(complete[start:end])
+        if not data or not data.startswith(b"{"):
             return complete
         try:
-            parsed = orjson.loads(event[6:])
+            parsed = orjson.loads(data)
         except orjson.JSONDecodeError:
             return complete
         usage = Usage.from_json(parsed.get("usage")) if isinstance(parsed, dict) else None

@@ -15,18 +15,18 @@ import time
 from typing import TYPE_CHECKING
 
 import aiohttp
-import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from loragate.common import sse
+from loragate.common.sse import DONE
+from loragate.service.errors import error_body
 from loragate.service.failures import FailureReason
 from loragate.service.proxy import SseRelay, Usage
 
 if TYPE_CHECKING:
     from loragate.service.gateway import Gateway, RequestContext, Served
 
-DONE = b"data: [DONE]\n\n"
-_ERROR_EVENT = b'data: {"error"'
 
 
 class RelayedStream(Response):
@@ -59,7 +59,7 @@ class RelayedStream(Response):
                     while True:
                         out = relay.feed(chunk) if chunk else b""
                         if out:
-                            cut = out.find(_ERROR_EVENT)
+                            cut = sse.find_error_event(out)
                             if cut >= 0:  # an error event mid-stream: keep what came before, then carry over
                                 out, failure = out[:cut], FailureReason.ERROR_EVENT
                             if rewrite is not None:
@@ -116,14 +116,11 @@ def continuation_payload(payload: dict, endpoint: str, forwarded: list[bytes]) -
     if payload.get("n") not in (None, 1):
         return None
     texts: list[str] = []
-    for event in b"".join(forwarded).split(b"\n\n"):
-        if not event.startswith(b"data: {"):
-            continue
-        try:
-            choices = orjson.loads(event[6:]).get("choices") or []
-        except (orjson.JSONDecodeError, AttributeError):
-            continue
-        for choice in choices:
+    for event in sse.json_objects(b"".join(forwarded)):
+        choices = event.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
+            if not isinstance(choice, dict):
+                continue
             piece = (choice.get("delta") or {}).get("content") if endpoint == "chat/completions" else choice.get("text")
             if piece:
                 texts.append(piece)
@@ -168,8 +165,7 @@ def _ended(forwarded: list[bytes]) -> bool:
 
 
 def _error_event(reason: FailureReason) -> bytes:
-    error = {"error": {"message": f"the upstream stream broke ({reason}) and could not be continued",
-                       "type": "upstream_error", "param": None, "code": "stream_interrupted"}}
-    return b"data: " + orjson.dumps(error) + b"\n\n"
+    return sse.encode(error_body(502, f"the upstream stream broke ({reason}) and could not be continued",
+                                 code="stream_interrupted"))
 
 

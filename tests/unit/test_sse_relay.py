@@ -17,7 +17,6 @@ def test_events_pass_through_whole_as_they_complete():
     stream = TOKEN + TOKEN
     assert relay.feed(stream[:10]) == b""  # half an event is held back
     assert relay.feed(stream[10:]) == stream
-    assert relay.events == 2
 
 
 def test_usage_chunk_is_read_and_hidden_unless_asked():
@@ -42,3 +41,15 @@ def test_trailing_event_without_blank_line_is_flushed():
     relay = SseRelay(hide_usage=True)
     assert relay.feed(TOKEN + b"data: [DONE]") == TOKEN
     assert relay.finish() == DONE
+
+
+def test_crlf_and_cr_line_ends_are_accepted_across_chunk_cuts():
+    crlf = TOKEN.replace(b"\n", b"\r\n") + USAGE.replace(b"\n", b"\r\n") + DONE.replace(b"\n", b"\r\n")
+    for cut in range(1, len(crlf)):  # every cut, including one between the CR and the LF of a line end
+        relay = SseRelay(hide_usage=True)
+        out = relay.feed(crlf[:cut]) + relay.feed(crlf[cut:]) + relay.finish()
+        assert out == TOKEN + DONE, cut
+        assert relay.usage.completion_tokens == 2
+    cr = (TOKEN + DONE).replace(b"\n", b"\r")
+    relay = SseRelay(hide_usage=False)
+    assert relay.feed(cr) + relay.finish() == TOKEN + DONE
