@@ -37,7 +37,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from loragate.common.logschema import FEEDBACK, REQUESTS
 from loragate.common.scrub import scrub
@@ -62,6 +62,7 @@ class NullRequestLog:
         return None
 
 
+@runtime_checkable
 class Store(Protocol):
     def write(self, table: str, rows: list[dict[str, Any]]) -> int:
         """Write ``rows`` of ``table`` ("requests" or "feedback") durably; returns the files written."""
@@ -231,12 +232,16 @@ class RequestLog:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.convert = convert
+        self.store: Store | None = None  # thread mode
+        self._store_factory: Callable[[], Store] | None = None  # process mode
         if convert == "process":
-            self.store = None
+            if not callable(store):
+                raise TypeError("convert='process' takes a callable that builds the Store in the child")
             self._store_factory = store
+        elif isinstance(store, Store) or not callable(store):
+            self.store = store
         else:
-            self.store = store() if callable(store) and not hasattr(store, "write") else store
-            self._store_factory = None
+            self.store = store()
         self.text_mode = text_mode
         self.flush_interval_s = flush_interval_s
         self.batch_size = batch_size
@@ -246,7 +251,7 @@ class RequestLog:
         self._pool: ProcessPoolExecutor | None = None
         # A deque, not a queue.Queue: append/popleft need no lock, and the writer polls it
         # every tick instead of being woken (a GIL hand-off) for every record.
-        self._queue: deque[tuple[str, RequestRecord | FeedbackRecord]] = deque()
+        self._queue: deque[tuple[str, RequestRecord | FeedbackRecord | bytes]] = deque()
         self._queue_size = queue_size
         self._tick_s = min(0.05, flush_interval_s)
         self._stop = threading.Event()
@@ -277,14 +282,15 @@ class RequestLog:
         if self._closed or len(self._queue) >= self._queue_size:
             self._counted[table, "dropped"].inc()
             return False
+        item: RequestRecord | FeedbackRecord | bytes = record
         if self._store_factory is not None:  # process mode: see _pack
             try:
-                record = _pack(table, record)
+                item = _pack(table, record)
             except Exception:
                 log.exception("request log: cannot pack a %s record", table)
                 self._counted[table, "failed"].inc()
                 return False
-        self._queue.append((table, record))
+        self._queue.append((table, item))
         return True
 
     # --- lifecycle ---
@@ -387,13 +393,14 @@ class RequestLog:
                     break
 
     def _write(self, table: str, records: list) -> tuple[int, int]:
-        if self.convert != "process":
+        if self.store is not None:  # thread mode
             return self._converter.write(self.store, table, records)
+        pool = self._ensure_pool()
         try:
-            written, unreadable, error = self._ensure_pool().submit(_child_write, table, records).result()
+            written, unreadable, error = pool.submit(_child_write, table, records).result()
         except BrokenProcessPool as exc:  # the child died (killed, out of memory): a new one, and retry
             log.error("request log: the conversion process died; starting a new one")
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
             raise _StoreError("conversion process died") from exc
         if error is not None:
@@ -402,6 +409,7 @@ class RequestLog:
 
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
+            assert self._store_factory is not None  # process mode
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_child_init, initargs=(self._store_factory, self.text_mode, os.getpid()))

@@ -81,7 +81,7 @@ def filesystem(location: str, s3: S3Options | None = None) -> tuple["pafs.FileSy
 def open_input(location: str, s3: S3Options | None = None) -> BinaryIO:
     """A readable binary file (seekable: Parquet readers need that)."""
     fs, path = filesystem(location, s3)
-    return fs.open_input_file(path)  # type: ignore[return-value]
+    return fs.open_input_file(path)
 
 
 def write_bytes(location: str, data: bytes, s3: S3Options | None = None) -> str:

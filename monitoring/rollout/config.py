@@ -22,7 +22,7 @@ class CanaryConfig(_Strict):
     route: str
     stable: str
     canary: str
-    steps: list[float] = Field(default_factory=lambda: [5, 25, 50, 100])
+    steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0])
     interval_s: float = Field(300, gt=0, description="time between two analyses (and the least time on a step)")
     min_requests: int = Field(50, ge=1, description="canary requests an analysis needs; fewer: hold")
     failure_limit: int = Field(1, ge=1, description="failing analyses in a row that roll back")

@@ -38,8 +38,11 @@ class RolloutController:
         self.source = source
         self.metrics = metrics or RolloutMetrics()
         if routes is None:
-            routes = (RoutesFile(config.routes_file) if config.routes_file is not None
-                      else RoutesConfigMap(config.configmap, k8s_api))
+            if config.routes_file is not None:
+                routes = RoutesFile(config.routes_file)
+            else:
+                assert config.configmap is not None  # RolloutsConfig: exactly one of the two
+                routes = RoutesConfigMap(config.configmap, k8s_api)
         self.routes = routes
         self.store = RolloutStore(config.state_file)
         self.errors: dict[str, str] = {}  # route -> last error, for /healthz
@@ -168,7 +171,8 @@ class RolloutController:
             self.store.check(spec.route, expected)  # e.g. `loragate rollout promote` meanwhile: its weights win
             await self.apply(spec, target)
             status.weight, status.step_started_at = target, now
-            status.state = {"promote": "promoted", "rollback": "rolled_back"}.get(action, "progressing")
+            status.state = ("promoted" if action == "promote" else
+                            "rolled_back" if action == "rollback" else "progressing")
         status.record(action, now, reason)
         self.store.commit(status, expected)
         self.metrics.record(spec.route, spec.canary, action, analysis)
@@ -200,7 +204,7 @@ class RolloutController:
             statuses = self.store.load()
         except RolloutError as exc:
             return {spec.route: {"error": str(exc)} for spec in self.config.canaries}
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
         for spec in self.config.canaries:
             found = statuses.get(spec.route)
             if found is None or (found.canary, found.stable) != (spec.canary, spec.stable):
