@@ -9,7 +9,6 @@ import asyncio
 import os
 import random
 import time
-from dataclasses import dataclass
 
 import aiohttp
 import orjson
@@ -17,11 +16,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from loragate.common import sse
-from loragate.service.auth import ANONYMOUS, AllowAll, Authenticator, Principal
+from loragate.service.auth import AllowAll, Authenticator
 from loragate.service.body import REQUEST_ID, parse_json_object, read_body
 from loragate.common.catalog import CatalogFile, Route, Timeouts, Variant
 from loragate.service.errors import GatewayError, error_response
 from loragate.service.metrics import Metrics, status_class
+from loragate.service.exchange import RequestContext, Served
 from loragate.service.failures import FailureReason, UpstreamFailure
 from loragate.service.proxy import Usage, open_upstream
 from loragate.service.relay import RelayedStream, continuation_payload
@@ -31,20 +31,6 @@ from loragate.service.resilience import Overloaded, backoff_s
 from loragate.service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
 PIN_HEADER = "x-loragate-variant"
-
-
-@dataclass(slots=True)
-class Served:
-    """What answered a request: the variant and replica, and why we are not on the first choice."""
-
-    route: Route
-    variant: Variant
-    replica: Replica
-    response: aiohttp.ClientResponse
-    fallback: str | None  # a FailureReason's value, or its ``midstream`` label
-    first_chunk: bytes = b""  # streams: the first bytes, read before the client saw anything
-    body: bytes = b""  # non-streaming answers: read whole before the client saw anything
-    usage: Usage | None = None  # ... and the usage found in it
 
 
 class Gateway:
@@ -292,7 +278,7 @@ class Gateway:
     def finish(
         self,
         served: Served,
-        context: "RequestContext",
+        context: RequestContext,
         status: int,
         usage: Usage | None,
         first_token_at: float | None,
@@ -329,7 +315,7 @@ class Gateway:
                 payload=context.payload, body=body, chunks=chunks or [],
             ))
 
-    async def continue_stream(self, served: Served, forwarded: list[bytes], context: "RequestContext",
+    async def continue_stream(self, served: Served, forwarded: list[bytes], context: RequestContext,
                               reason: FailureReason) -> tuple[Served, int] | None:
         """Mid-stream failover: resume a broken stream on the next fallback target from the text sent so far.
 
@@ -355,6 +341,19 @@ class Gateway:
         served.response.release()
         self.pool.release(served.replica)
 
+    # --- the stream relay's StreamOwner -----------------------------------------
+
+    def abandon_stream(self, served: Served, reason: FailureReason) -> None:
+        self.pool.report(served.replica, served.variant.adapter, reason)
+        self.release(served)
+
+    def end_stream(self, served: Served, context: RequestContext, usage: Usage | None,
+                   first_token_at: float | None, chunks: list[bytes], *, released: bool) -> None:
+        if not released:
+            self.release(served)
+        self.metrics.route_in_flight(served.route.name).dec()
+        self.finish(served, context, 200, usage, first_token_at, chunks=chunks)
+
 
 class JSONBytesResponse(Response):
     """An upstream's JSON answer passed on as the bytes it came in, with lower-case ASCII headers.
@@ -369,18 +368,6 @@ class JSONBytesResponse(Response):
         self.background = None
         self.raw_headers = [(name.encode(), value.encode()) for name, value in headers.items()]
         self.raw_headers += ((b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)))
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """What the stream relay and the accounting need to know about the request."""
-
-    endpoint: str
-    request_id: str
-    arrived: float  # wall clock, for the log
-    started: float  # perf counter, for durations
-    payload: dict
-    principal: Principal = ANONYMOUS  # charged with the tokens after the answer
 
 
 # --- request helpers ----------------------------------------------------------

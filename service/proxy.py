@@ -8,7 +8,9 @@ ask for one itself, drops that chunk before it reaches the client.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -27,6 +29,47 @@ class Usage:
         if not isinstance(usage, dict):
             return None
         return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+
+
+class UpstreamBody(Protocol):
+    def readany(self) -> Awaitable[bytes]: ...
+    def iter_any(self) -> AsyncIterator[bytes]: ...
+
+
+class UpstreamResponse(Protocol):
+    """What the gateway uses of an upstream's answer (aiohttp.ClientResponse has it)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def content(self) -> UpstreamBody: ...
+    def read(self) -> Awaitable[bytes]: ...
+    def release(self) -> Any: ...
+
+
+class Upstream(Protocol):
+    """The upstream call: POST ``body`` to ``url``, the answer once its headers are in (see open_upstream)."""
+
+    def __call__(self, url: str, body: bytes, *, request_id: str, is_adapter: bool,
+                 timeout: aiohttp.ClientTimeout | None = None, api_key: str | None = None,
+                 ) -> Awaitable[UpstreamResponse]: ...
+
+
+class HttpUpstream:
+    """The production Upstream: open_upstream over the aiohttp session the app's lifespan binds."""
+
+    def __init__(self) -> None:
+        self.session: aiohttp.ClientSession | None = None
+
+    def bind(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    def __call__(self, url: str, body: bytes, *, request_id: str, is_adapter: bool,
+                 timeout: aiohttp.ClientTimeout | None = None, api_key: str | None = None,
+                 ) -> Awaitable[UpstreamResponse]:
+        assert self.session is not None, "HttpUpstream used before bind()"
+        return open_upstream(self.session, url, body, request_id=request_id, is_adapter=is_adapter,
+                             timeout=timeout, api_key=api_key)
 
 
 async def open_upstream(
@@ -49,10 +92,8 @@ async def open_upstream(
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     try:
-        response = await session.post(
-            url, data=body, headers=headers,
-            **({} if timeout is None else {"timeout": timeout}),
-        )
+        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}  # None: the session's
+        response = await session.post(url, data=body, headers=headers, **options)
     except (asyncio.TimeoutError, TimeoutError):
         raise UpstreamFailure(FailureReason.TIMEOUT, f"{url}: no answer in time") from None
     except aiohttp.ClientConnectorError as exc:

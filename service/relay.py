@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import aiohttp
 from starlette.responses import Response
@@ -22,19 +22,32 @@ from loragate.common import sse
 from loragate.common.sse import DONE
 from loragate.service.errors import error_body
 from loragate.service.failures import FailureReason
+from loragate.service.exchange import RequestContext, Served
 from loragate.service.proxy import SseRelay, Usage
 
-if TYPE_CHECKING:
-    from loragate.service.gateway import Gateway, RequestContext, Served
+
+class StreamOwner(Protocol):
+    """What the relay asks of whoever opened the stream (the Gateway)."""
+
+    def abandon_stream(self, served: Served, reason: FailureReason) -> None:
+        """The upstream broke: count the failure against it and let it go."""
+
+    async def continue_stream(self, served: Served, forwarded: list[bytes], context: RequestContext,
+                              reason: FailureReason) -> tuple[Served, int] | None:
+        """A new upstream resuming from ``forwarded``, and the tokens streamed so far; None if impossible."""
+
+    def end_stream(self, served: Served, context: RequestContext, usage: Usage | None,
+                   first_token_at: float | None, chunks: list[bytes], *, released: bool) -> None:
+        """The stream is over (``served`` already let go when ``released``): release and account for it."""
 
 
 
 class RelayedStream(Response):
     """Relays an upstream SSE stream event by event, then accounts for it (tokens, cost, TTFT, TPOT)."""
 
-    def __init__(self, gateway: "Gateway", served: "Served", headers: dict[str, str], context: "RequestContext",
+    def __init__(self, owner: StreamOwner, served: Served, headers: dict[str, str], context: RequestContext,
                  hide_usage: bool) -> None:
-        self.gateway = gateway
+        self.owner = owner
         self.served = served
         self.context = context
         self.relay = SseRelay(hide_usage)
@@ -43,12 +56,12 @@ class RelayedStream(Response):
         self.init_headers({**headers, "content-type": "text/event-stream", "cache-control": "no-cache"})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gateway, served, relay = self.gateway, self.served, self.relay
+        owner, served, relay = self.owner, self.served, self.relay
         forwarded: list[bytes] = []
         earlier_tokens = 0  # streamed by parts that broke
         first_token_at: float | None = None
         rewrite: tuple[bytes, bytes] | None = None
-        released: "Served | None" = None
+        released: Served | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             while True:
@@ -85,11 +98,10 @@ class RelayedStream(Response):
                 if failure is None:
                     break
                 # The upstream broke after the client got tokens: carry the stream over.
-                gateway.pool.report(served.replica, served.variant.adapter, failure)
-                gateway.release(served)
+                owner.abandon_stream(served, failure)
                 released = served
                 relay.drop_partial()
-                resumed = await gateway.continue_stream(served, forwarded, self.context, failure)
+                resumed = await owner.continue_stream(served, forwarded, self.context, failure)
                 if resumed is None:
                     await send({"type": "http.response.body", "body": _error_event(failure) + DONE,
                                 "more_body": True})
@@ -100,15 +112,11 @@ class RelayedStream(Response):
         except OSError:
             pass  # the client went away; releasing the upstream response (below) aborts the generation
         finally:
-            if released is not served:
-                gateway.release(served)
-            gateway.metrics.route_in_flight(served.route.name).dec()
-            final = served
             usage = relay.usage
             if usage is not None and earlier_tokens:
                 # The continuation's prompt holds the earlier tokens; count them once, as output.
                 usage = Usage(max(0, usage.prompt_tokens - earlier_tokens), usage.completion_tokens + earlier_tokens)
-            gateway.finish(final, self.context, 200, usage, first_token_at, chunks=forwarded)
+            owner.end_stream(served, self.context, usage, first_token_at, forwarded, released=released is served)
 
 
 def continuation_payload(payload: dict, endpoint: str, forwarded: list[bytes]) -> tuple[dict, int] | None:

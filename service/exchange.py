@@ -1,0 +1,36 @@
+"""What the gateway, the stream relay and the accounting hand each other about one request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loragate.common.catalog import Route, Variant
+from loragate.service.auth import ANONYMOUS, Principal
+from loragate.service.proxy import UpstreamResponse, Usage
+from loragate.service.upstreams import Replica
+
+
+@dataclass(slots=True)
+class Served:
+    """What answered a request: the variant and replica, and why we are not on the first choice."""
+
+    route: Route
+    variant: Variant
+    replica: Replica
+    response: UpstreamResponse
+    fallback: str | None  # a FailureReason's value, or its ``midstream`` label
+    first_chunk: bytes = b""  # streams: the first bytes, read before the client saw anything
+    body: bytes = b""  # non-streaming answers: read whole before the client saw anything
+    usage: Usage | None = None  # ... and the usage found in it
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What the stream relay and the accounting need to know about the request."""
+
+    endpoint: str
+    request_id: str
+    arrived: float  # wall clock, for the log
+    started: float  # perf counter, for durations
+    payload: dict
+    principal: Principal = ANONYMOUS  # charged with the tokens after the answer
