@@ -1,4 +1,7 @@
-"""create_app(settings): wires catalog, upstream pool, metrics and routers; the lifespan owns the I/O."""
+"""create_app(settings): the served ASGI app; wires catalog, upstream pool, metrics and routers; the lifespan owns I/O.
+
+What it returns is exactly what uvicorn serves (``app_from_env``) and what in-process tests call.
+"""
 
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ from loragate.service.upstreams import Pool
 log = logging.getLogger("loragate")
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
+def create_app(settings: Settings, metrics: Metrics | None = None) -> CompletionsFirst:
     metrics = metrics or Metrics()
     catalog = CatalogFile(settings.routes_file)  # raises CatalogError: fail fast on a bad file
     pool = Pool(
@@ -111,14 +114,13 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     app.include_router(feedback_router(request_log, metrics, settings.feedback_labels, auth.authenticate))
     app.include_router(admin_router(auth, pool))
     _install_error_handlers(app)
-    return app
+    return CompletionsFirst(app, gateway)
 
 
 def app_from_env() -> CompletionsFirst:
     """Factory for uvicorn (``--factory``): settings from LORAGATE_* environment variables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(Settings())
-    return CompletionsFirst(app, app.state.gateway)
+    return create_app(Settings())
 
 
 def _request_log(settings: Settings, metrics: Metrics) -> RequestLog | None:
@@ -168,4 +170,4 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected_error(_request: Request, exc: Exception) -> Response:
-        return internal_error_response(exc)
+        return internal_error_response(exc)  # the front's 500 answer too

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import ORJSONResponse
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import State
+from starlette.types import Receive, Scope, Send
 
 from loragate.common.catalog import CatalogFile
 from loragate.service.errors import GatewayError, error_response, internal_error_response
@@ -51,16 +52,21 @@ def openai_router(gateway: Gateway, catalog: CatalogFile) -> APIRouter:
 
 
 class CompletionsFirst:
-    """ASGI front for the served app: POSTs to the two completion paths go straight to the gateway.
+    """The served ASGI app (what ``create_app`` returns): POSTs to the two completion paths go straight
+    to the gateway, everything else (lifespan included) to the FastAPI app.
 
-    Same handler as the FastAPI routes above (which stay for the OpenAPI schema and tests), minus
-    FastAPI's routing and dependency machinery: about 60 us a request, measured by bench/overhead.py.
-    Everything else, lifespan included, goes to the FastAPI app.
+    Same handler as the FastAPI routes above (which stay for the OpenAPI schema), minus FastAPI's
+    routing and dependency machinery: about 60 us a request, measured by bench/overhead.py.
     """
 
-    def __init__(self, app: ASGIApp, gateway: Gateway) -> None:
+    def __init__(self, app: FastAPI, gateway: Gateway) -> None:
         self.app = app
         self.gateway = gateway
+
+    @property
+    def state(self) -> State:
+        """The FastAPI app's state (gateway, pool, catalog, metrics, request_log)."""
+        return self.app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = COMPLETION_PATHS.get(scope["path"]) if scope["type"] == "http" else None
@@ -70,5 +76,5 @@ class CompletionsFirst:
         try:
             response = await self.gateway.handle(Request(scope, receive), endpoint)
         except Exception as exc:
-            response = internal_error_response(exc)
+            response = internal_error_response(exc)  # the FastAPI app's 500 handler too
         await response(scope, receive, send)
