@@ -21,10 +21,11 @@ from pydantic import BaseModel, Field, model_validator
 
 from loragate.monitoring.drift import DriftConfig, DriftResult, run_drift
 from loragate.monitoring.rollout.analysis import PrometheusAnalysis
+from loragate.monitoring.prometheus import Prometheus
 from loragate.monitoring.rollout.config import RolloutsConfig
 from loragate.monitoring.rollout.controller import RolloutController
 from loragate.monitoring.rollout.metrics import RolloutMetrics
-from loragate.monitoring.sources import Prometheus, RequestLog, Window, load_reference
+from loragate.monitoring.sources import RequestLog, Window, load_reference, variant_series
 from loragate.monitoring.triggers.config import ActionConfig
 from loragate.monitoring.triggers.engine import Trigger, TriggerOutcome
 from loragate.monitoring.triggers.policy import TriggerPolicy
@@ -145,7 +146,7 @@ class Monitor:
         self.rollouts = None
         if config.rollouts is not None and config.rollouts.canaries:
             self.rollouts = RolloutController(
-                config.rollouts, PrometheusAnalysis(config.prometheus_url) if config.prometheus_url else None,
+                config.rollouts, PrometheusAnalysis(self.prometheus) if self.prometheus is not None else None,
                 metrics=RolloutMetrics(self.metrics.registry), k8s_api=core_api)
 
     async def run_check(self, index: int, *, now: float | None = None) -> CheckRun:
@@ -167,8 +168,8 @@ class Monitor:
         if self.prometheus is not None:
             try:
                 series = await asyncio.gather(*(
-                    self.prometheus.variant_series(check.route, check.variant, w, step_s=check.prometheus_step_s,
-                                                   rate_window=check.prometheus_rate_window)
+                    variant_series(self.prometheus, check.route, check.variant, w, step_s=check.prometheus_step_s,
+                                   rate_window=check.prometheus_rate_window)
                     for w in (ref_window, current_window)))
             except Exception as exc:  # Prometheus down: the report goes on without its series
                 log.warning("prometheus query failed for %s: %s", trigger.key, exc)

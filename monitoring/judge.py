@@ -1,0 +1,418 @@
+"""The canary judge: tests that know their sample size, valid however often the rollout looks.
+
+Pure (numpy, scipy; no I/O). Each analysis compares the canary with the stable variant over the
+step's traffic so far, check by check, and each check answers **pass**, **fail** or
+**inconclusive** ("not enough data yet": the step holds, it never passes).
+
+Checks (each a difference canary minus stable, where bigger is worse):
+
+  error_rate     5xx share of the requests routed to each variant
+  fallback_rate  share of the requests routed to each variant that the fallback chain served
+  latency        the binned latency distributions (``loragate_request_duration_seconds`` buckets):
+                 at each bucket bound at or above ``floor_s``, the share of the canary's requests
+                 slower than it minus the stable's. The worst bound is the figure. With the
+                 gateway's coarse buckets (0.25, 0.5, 1, 2.5 s ...) a p95 read from them by linear
+                 interpolation moves far less than the latency does (x1.5 reads as x1.2), while
+                 the share of traffic that crossed a bound moves plainly; the p95s are still
+                 reported as figures. Requests faster than ``floor_s`` are fast enough whatever the
+                 canary does, so a millisecond shift never fails a canary
+  feedback       mean feedback score of the stable minus the canary's (scores in ``score_range``)
+
+The test. Each variant's share (or scaled mean) gets an **always-valid confidence sequence**:
+the set of rates ``p`` whose Beta-binomial mixture likelihood ratio
+``B(a+k, b+n-k) / B(a, b) / (p^k (1-p)^(n-k))`` stays below ``1/alpha`` (Robbins' method of
+mixtures). That ratio is a nonnegative supermartingale under the true ``p`` for any observations
+in [0, 1] (Bernoulli counts or bounded scores), so by Ville's inequality the true rate leaves the
+sequence with probability at most ``alpha`` *at any analysis ever*, however many times a holding
+step is analysed again. It is exact (no normal approximation), needs only the counts Prometheus
+has (successes and trials, or a sum and a count), and copes with zero errors: 0 of 20 has
+the interval [0, 0.26] at alpha 0.05, not [0, 0]. The interval of a difference is the canary's interval minus the stable's.
+
+Why always-valid intervals and not alpha spending: an inconclusive analysis holds the step and
+is repeated, so the number of looks is not known in advance, which alpha spending needs; the
+confidence sequence is valid for any number of looks, and costs about a log factor in width.
+
+Decisions, with ``min_effect`` the smallest regression that matters:
+
+* fail: the interval's lower bound is above 0 (a regression is shown) and the estimate is at
+  least ``min_effect`` (it is big enough to matter). A failure may come before ``min_samples``:
+  the interval is valid at every sample size.
+* pass: the upper bound is below ``min_effect`` (a regression that matters is ruled out), with at
+  least ``min_samples`` canary observations.
+* otherwise inconclusive. The analysis fails if any check fails, passes if every check passes.
+
+Error control (``alpha``, ``beta`` below):
+
+* a canary no worse than the stable is rolled back with probability at most ``alpha`` over the
+  whole rollout: the lower bounds use ``alpha / (steps x checks x 2 variants)``, and the latency
+  check splits its share again over its bucket bounds (Bonferroni over sequences that are each
+  valid at all times);
+* a canary worse by at least ``min_effect`` in some check passes a given step with probability at
+  most ``beta``: passing needs every check (and every latency bound) to pass, so the upper bounds
+  use ``beta / 2`` (canary and stable) without further splitting.
+
+Measured with bench/canary_judge.py (A/A false rollbacks, bad canaries caught before 50 %, the
+analyses a good canary needs). Assumes requests in one window are exchangeable between the two
+variants (the same traffic mix, split by weight); Prometheus' ``increase()`` extrapolates counts
+to the window's edges, so counts are real numbers, used as they are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.special import betaln, xlog1py, xlogy
+
+Decision = Literal["pass", "fail", "inconclusive"]
+CHECKS = ("error_rate", "fallback_rate", "latency", "feedback")
+RATE_PRIOR = (1.0, 30.0)  # mixing Beta for error and fallback shares (tightest near a few percent)
+SHARE_PRIOR = (1.0, 1.0)  # for latency shares and scaled feedback means (anywhere in [0, 1])
+_ITERATIONS = 50  # bisection steps: bounds to 2**-50
+
+
+# --- configuration (the ``judge`` section of a canary) -------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RateCheckConfig(_Strict):
+    min_effect: float = Field(0.02, gt=0, lt=1, description="smallest increase of the share that matters (0.02 = 2 points)")
+    min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
+
+
+class LatencyCheckConfig(_Strict):
+    min_effect: float = Field(0.1, gt=0, lt=1, description="smallest extra share of canary requests slower than a bound")
+    min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
+    floor_s: float = Field(0.25, ge=0, description="bucket bounds below this are not compared")
+
+
+class FeedbackCheckConfig(_Strict):
+    min_effect: float = Field(0.1, gt=0, description="smallest drop of the mean score that matters (score units)")
+    min_samples: int = Field(100, ge=1, description="canary scores before the check can pass")
+    score_range: tuple[float, float] = Field((0.0, 1.0), description="lowest and highest possible score")
+
+    @model_validator(mode="after")
+    def _range(self) -> "FeedbackCheckConfig":
+        low, high = self.score_range
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"score_range must be [lowest, highest] with lowest < highest: {list(self.score_range)}")
+        if self.min_effect >= high - low:
+            raise ValueError(f"min_effect {self.min_effect:g} must be below the score range's width {high - low:g}")
+        return self
+
+
+class JudgeConfig(_Strict):
+    alpha: float = Field(0.05, gt=0, lt=1, description="risk of rolling back a canary no worse than the stable, per rollout")
+    beta: float = Field(0.1, gt=0, lt=1, description="risk of passing a step with a canary worse by a min effect")
+    error_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
+    fallback_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
+    latency: LatencyCheckConfig | None = Field(default_factory=LatencyCheckConfig)
+    feedback: FeedbackCheckConfig | None = None  # on only when configured: a route without feedback would hold forever
+
+    @model_validator(mode="after")
+    def _some_check(self) -> "JudgeConfig":
+        if not self.enabled():
+            raise ValueError("the judge needs at least one check (error_rate, fallback_rate, latency, feedback)")
+        return self
+
+    def enabled(self) -> list[str]:
+        return [name for name in CHECKS if getattr(self, name) is not None]
+
+
+# --- the confidence sequence ---------------------------------------------------------------------
+
+def mean_bounds(successes: Any, trials: Any, alpha: Any, prior: tuple[float, float] = SHARE_PRIOR
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Always-valid bounds (lower, upper) for the mean of [0, 1] observations, from their sum and count.
+
+    Vectorised over numpy-broadcast arguments. Each bound alone holds at every count with
+    probability >= 1 - ``alpha``. No observations: (0, 1).
+    """
+    n = np.maximum(np.asarray(trials, dtype=float), 0.0)
+    k = np.clip(np.asarray(successes, dtype=float), 0.0, n)
+    k, n, alpha = np.broadcast_arrays(k, n, np.asarray(alpha, dtype=float))
+    a, b = prior
+    # log ratio(p) = betaln(a+k, b+n-k) - betaln(a, b) - k log p - (n-k) log(1-p); p is out when >= log(1/alpha)
+    threshold = np.log(1.0 / alpha) - (betaln(a + k, b + n - k) - betaln(a, b))
+
+    def outside(p: np.ndarray) -> np.ndarray:
+        return -xlogy(k, p) - xlog1py(n - k, -p) >= threshold
+
+    estimate = np.divide(k, n, out=np.full(n.shape, 0.5), where=n > 0)
+    lo, hi = np.zeros(n.shape), estimate.copy()  # lower bound in [0, estimate]: excluded below it
+    for _ in range(_ITERATIONS):
+        mid = (lo + hi) / 2
+        out = outside(mid)
+        lo, hi = np.where(out, mid, lo), np.where(out, hi, mid)
+    lower = np.where(k > 0, hi, 0.0)
+    lo, hi = estimate.copy(), np.ones(n.shape)  # upper bound in [estimate, 1]: excluded above it
+    for _ in range(_ITERATIONS):
+        mid = (lo + hi) / 2
+        out = outside(mid)
+        lo, hi = np.where(out, lo, mid), np.where(out, mid, hi)
+    upper = np.where(k < n, lo, 1.0)
+    empty = n <= 0
+    return np.where(empty, 0.0, lower), np.where(empty, 1.0, upper)
+
+
+def difference_bounds(canary_k: Any, canary_n: Any, stable_k: Any, stable_n: Any, alpha_fail: Any, alpha_pass: Any,
+                      prior: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(estimate, lower, upper) of canary share minus stable share: the lower bound at level
+    ``alpha_fail`` per variant, the upper at ``alpha_pass`` per variant."""
+    canary_low, _ = mean_bounds(canary_k, canary_n, alpha_fail, prior)
+    _, stable_high = mean_bounds(stable_k, stable_n, alpha_fail, prior)
+    _, canary_high = mean_bounds(canary_k, canary_n, alpha_pass, prior)
+    stable_low, _ = mean_bounds(stable_k, stable_n, alpha_pass, prior)
+    cn, sn = np.asarray(canary_n, dtype=float), np.asarray(stable_n, dtype=float)
+    estimate = (np.divide(canary_k, cn, out=np.zeros(np.broadcast(canary_k, cn).shape), where=cn > 0)
+                - np.divide(stable_k, sn, out=np.zeros(np.broadcast(stable_k, sn).shape), where=sn > 0))
+    return estimate, canary_low - stable_high, canary_high - stable_low
+
+
+def decide(estimate: Any, lower: Any, upper: Any, min_effect: Any, samples: Any, min_samples: Any) -> np.ndarray:
+    """The decision rule, vectorised: 2 fail, 1 pass, 0 inconclusive."""
+    fail = (np.asarray(lower) > 0) & (np.asarray(estimate) >= min_effect)
+    passed = (np.asarray(upper) < min_effect) & (np.asarray(samples) >= min_samples)
+    return np.where(fail, 2, np.where(passed, 1, 0))
+
+
+DECISIONS: tuple[Decision, Decision, Decision] = ("inconclusive", "pass", "fail")
+
+
+# --- the levels ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Levels:
+    """Per-sequence error levels: lower bounds at ``fail`` (``fail / bounds`` for each latency bound),
+    upper bounds at ``pass_``."""
+
+    fail: float
+    pass_: float
+
+    @classmethod
+    def of(cls, config: JudgeConfig, judged_steps: int) -> "Levels":
+        checks = len(config.enabled())
+        return cls(config.alpha / (max(1, judged_steps) * checks * 2), config.beta / 2)
+
+
+def judged_steps(steps: list[float]) -> int:
+    """How many steps are analysed: every step below 100 % (a pass at the last promotes), at least one."""
+    return max(1, sum(1 for s in steps if s < 100))
+
+
+# --- results ----------------------------------------------------------------------------------------
+
+@dataclass
+class CheckResult:
+    check: str
+    test: str
+    decision: Decision
+    estimate: float | None  # canary minus stable (feedback: stable minus canary), worse is bigger
+    lower: float | None
+    upper: float | None
+    min_effect: float
+    min_samples: int
+    samples: float  # the canary's observations
+    alpha_fail: float  # the level of the lower bound (per variant; per bucket bound for latency)
+    alpha_pass: float  # the level of the upper bound (per variant)
+    figures: dict[str, float | None] = field(default_factory=dict)
+    explanation: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class Verdict:
+    decision: Decision
+    checks: list[CheckResult]
+    explanation: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"decision": self.decision, "explanation": self.explanation,
+                "checks": {c.check: c.as_dict() for c in self.checks}}
+
+    def check(self, name: str) -> CheckResult | None:
+        return next((c for c in self.checks if c.check == name), None)
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _pp(value: float) -> str:
+    return f"{value * 100:+.2f} pp"
+
+
+def _explain(name: str, decision: Decision, estimate: float, lower: float, upper: float, min_effect: float,
+             samples: float, min_samples: int, fmt) -> str:
+    interval = f"{fmt(estimate)} [{fmt(lower)}, {fmt(upper)}]"
+    if decision == "fail":
+        return f"{name} {interval}: a regression (lower bound > 0) of at least {fmt(min_effect).lstrip('+')}: fail"
+    if decision == "pass":
+        return f"{name} {interval}: upper bound below the min effect {fmt(min_effect).lstrip('+')}: pass"
+    if samples < min_samples and upper < min_effect:
+        return f"{name} {interval}: {samples:.0f} of {min_samples} samples needed: not enough data yet"
+    return f"{name} {interval}: upper bound not below the min effect {fmt(min_effect).lstrip('+')}: not enough data yet"
+
+
+# --- the checks ----------------------------------------------------------------------------------------
+
+def compare_rates(check: str, canary_events: float, canary_n: float, stable_events: float, stable_n: float,
+                  config: RateCheckConfig, levels: Levels) -> CheckResult:
+    """A share of requests (5xx, fallbacks), canary against stable."""
+    estimate, lower, upper = (float(x) for x in difference_bounds(
+        canary_events, canary_n, stable_events, stable_n, levels.fail, levels.pass_, RATE_PRIOR))
+    decision = DECISIONS[int(decide(estimate, lower, upper, config.min_effect, canary_n, config.min_samples))]
+    figures = {"canary_rate": canary_events / canary_n if canary_n > 0 else None, "canary_events": canary_events,
+               "canary_n": canary_n, "stable_rate": stable_events / stable_n if stable_n > 0 else None,
+               "stable_events": stable_events, "stable_n": stable_n}
+    line = _explain(check, decision, estimate, lower, upper, config.min_effect, canary_n, config.min_samples, _pp)
+    line += f" (canary {canary_events:.0f}/{canary_n:.0f}, stable {stable_events:.0f}/{stable_n:.0f})"
+    return CheckResult(check, "difference of shares: Beta-binomial mixture confidence sequences (always valid)",
+                       decision, estimate, lower, upper, config.min_effect, config.min_samples, canary_n,
+                       levels.fail, levels.pass_, figures, line)
+
+
+def cumulative(buckets: Mapping[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted finite bucket bounds and their cumulative counts, plus the total (the +Inf bucket)."""
+    bounds = np.array(sorted(buckets), dtype=float)
+    counts = np.array([buckets[b] for b in sorted(buckets)], dtype=float)
+    counts = np.maximum.accumulate(np.maximum(counts, 0.0)) if counts.size else counts  # increase() can wobble
+    return bounds, counts
+
+
+def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None:
+    """Prometheus' histogram_quantile over {upper bound: cumulative count} (with +Inf); None without data."""
+    bounds, counts = cumulative(buckets)
+    if not counts.size or counts[-1] <= 0 or not math.isinf(bounds[-1]):
+        return None
+    rank = q * counts[-1]
+    i = int(np.searchsorted(counts, rank, side="left"))
+    if i >= len(bounds) - 1:
+        return float(bounds[-2]) if len(bounds) > 1 else None  # in the +Inf bucket: the highest finite bound
+    low_bound = 0.0 if i == 0 else float(bounds[i - 1])
+    low_count = 0.0 if i == 0 else float(counts[i - 1])
+    width = counts[i] - low_count
+    return float(low_bound + (bounds[i] - low_bound) * ((rank - low_count) / width if width > 0 else 1.0))
+
+
+def latency_shift(canary: Mapping[float, float], stable: Mapping[float, float], config: LatencyCheckConfig,
+                  levels: Levels) -> CheckResult:
+    """The binned latency distributions: at each bound >= floor_s, slower share canary minus stable."""
+    c_bounds, c_counts = cumulative(canary)
+    s_bounds, s_counts = cumulative(stable)
+    canary_n = float(c_counts[-1]) if c_counts.size and math.isinf(c_bounds[-1]) else 0.0
+    stable_n = float(s_counts[-1]) if s_counts.size and math.isinf(s_bounds[-1]) else 0.0
+    shared = [b for b in c_bounds if math.isfinite(b) and b >= config.floor_s and b in set(s_bounds)]
+    figures: dict[str, float | None] = {"canary_n": canary_n, "stable_n": stable_n,
+                                        "canary_p95_s": histogram_quantile(0.95, canary),
+                                        "stable_p95_s": histogram_quantile(0.95, stable)}
+    test = "slower share at each latency bucket bound: Beta-binomial mixture confidence sequences (always valid)"
+    if not shared:
+        line = f"latency: no bucket bound at or above {config.floor_s:g} s in both variants: not enough data yet"
+        return CheckResult("latency", test, "inconclusive", None, None, None, config.min_effect, config.min_samples,
+                           canary_n, levels.fail, levels.pass_, figures, line)
+    bounds = np.array(shared)
+    slower_c = canary_n - c_counts[np.searchsorted(c_bounds, bounds)]
+    slower_s = stable_n - s_counts[np.searchsorted(s_bounds, bounds)]
+    alpha_fail = levels.fail / len(bounds)
+    estimate, lower, upper = difference_bounds(slower_c, canary_n, slower_s, stable_n, alpha_fail, levels.pass_,
+                                               SHARE_PRIOR)
+    codes = decide(estimate, lower, upper, config.min_effect, canary_n, config.min_samples)
+    if (codes == 2).any():
+        decision: Decision = "fail"
+        worst = int(np.argmax(np.where(codes == 2, lower, -np.inf)))
+    else:
+        worst = int(np.argmax(upper))
+        decision = "pass" if (codes == 1).all() else "inconclusive"
+    bound = float(bounds[worst])
+    figures.update({"bound_s": bound,
+                    "canary_slower_share": float(slower_c[worst] / canary_n) if canary_n > 0 else None,
+                    "stable_slower_share": float(slower_s[worst] / stable_n) if stable_n > 0 else None})
+    line = _explain(f"latency share slower than {bound:g} s", decision, float(estimate[worst]), float(lower[worst]),
+                    float(upper[worst]), config.min_effect, canary_n, config.min_samples, _pp)
+    p95 = [figures["canary_p95_s"], figures["stable_p95_s"]]
+    if None not in p95:
+        line += f" (p95 {p95[0]:.3g} s vs {p95[1]:.3g} s)"
+    return CheckResult("latency", test, decision, float(estimate[worst]), float(lower[worst]), float(upper[worst]),
+                       config.min_effect, config.min_samples, canary_n, alpha_fail, levels.pass_, figures, line)
+
+
+def compare_feedback(canary_sum: float, canary_n: float, stable_sum: float, stable_n: float,
+                     config: FeedbackCheckConfig, levels: Levels) -> CheckResult:
+    """Mean feedback score, the stable's minus the canary's (a drop is worse), scores in score_range."""
+    low, high = config.score_range
+    width = high - low
+    figures = {"canary_mean": canary_sum / canary_n if canary_n > 0 else None, "canary_n": canary_n,
+               "stable_mean": stable_sum / stable_n if stable_n > 0 else None, "stable_n": stable_n}
+    test = "difference of mean scores: Beta-binomial mixture confidence sequences for bounded means (always valid)"
+    outside = [m for m in (figures["canary_mean"], figures["stable_mean"])
+               if m is not None and not low - 1e-9 <= m <= high + 1e-9]
+    if outside:
+        line = f"feedback: mean score {outside[0]:.3g} outside score_range [{low:g}, {high:g}]: not judged"
+        return CheckResult("feedback", test, "inconclusive", None, None, None, config.min_effect, config.min_samples,
+                           canary_n, levels.fail, levels.pass_, figures, line)
+    # Scaled to [0, 1]; "stable minus canary" is "canary's (1 - score) minus stable's".
+    c_bad, s_bad = canary_n - (canary_sum - low * canary_n) / width, stable_n - (stable_sum - low * stable_n) / width
+    estimate, lower, upper = (float(x) * width for x in difference_bounds(
+        c_bad, canary_n, s_bad, stable_n, levels.fail, levels.pass_, SHARE_PRIOR))
+    decision = DECISIONS[int(decide(estimate, lower, upper, config.min_effect, canary_n, config.min_samples))]
+    line = _explain("feedback drop", decision, estimate, lower, upper, config.min_effect, canary_n, config.min_samples,
+                    lambda v: f"{v:+.3f}")
+    if None not in (figures["canary_mean"], figures["stable_mean"]):
+        line += f" (mean {figures['canary_mean']:.3f} of {canary_n:.0f} vs {figures['stable_mean']:.3f} of {stable_n:.0f})"
+    return CheckResult("feedback", test, decision, estimate, lower, upper, config.min_effect, config.min_samples,
+                       canary_n, levels.fail, levels.pass_, figures, line)
+
+
+# --- one analysis ---------------------------------------------------------------------------------------
+
+@dataclass
+class Observed:
+    """What the judge needs over one window, per variant (counts may be real: ``increase()``)."""
+
+    canary_routed: float = 0.0  # requests routed to the canary: answered by it + moved to the fallback chain
+    canary_errors: float = 0.0
+    canary_fallbacks: float = 0.0
+    stable_routed: float = 0.0
+    stable_errors: float = 0.0
+    stable_fallbacks: float = 0.0
+    canary_latency: dict[float, float] = field(default_factory=dict)  # bucket upper bound -> cumulative count
+    stable_latency: dict[float, float] = field(default_factory=dict)
+    canary_feedback_sum: float = 0.0
+    canary_feedback_count: float = 0.0
+    stable_feedback_sum: float = 0.0
+    stable_feedback_count: float = 0.0
+
+
+def judge(config: JudgeConfig, observed: Observed, *, steps: int) -> Verdict:
+    """One analysis of the canary against the stable variant; ``steps``: how many steps the rollout
+    analyses (``judged_steps``), over which the rollback risk ``alpha`` is shared."""
+    levels = Levels.of(config, steps)
+    o = observed
+    results = []
+    if config.error_rate is not None:
+        results.append(compare_rates("error_rate", o.canary_errors, o.canary_routed, o.stable_errors, o.stable_routed,
+                                     config.error_rate, levels))
+    if config.fallback_rate is not None:
+        results.append(compare_rates("fallback_rate", o.canary_fallbacks, o.canary_routed, o.stable_fallbacks,
+                                     o.stable_routed, config.fallback_rate, levels))
+    if config.latency is not None:
+        results.append(latency_shift(o.canary_latency, o.stable_latency, config.latency, levels))
+    if config.feedback is not None:
+        results.append(compare_feedback(o.canary_feedback_sum, o.canary_feedback_count, o.stable_feedback_sum,
+                                        o.stable_feedback_count, config.feedback, levels))
+    failed = [r for r in results if r.decision == "fail"]
+    waiting = [r for r in results if r.decision == "inconclusive"]
+    if failed:
+        return Verdict("fail", results, "; ".join(r.explanation for r in failed))
+    if waiting:
+        return Verdict("inconclusive", results, "; ".join(r.explanation for r in waiting))
+    return Verdict("pass", results, f"{o.canary_routed:.0f} canary requests: every check rules out a regression "
+                                    f"that matters ({', '.join(r.check for r in results)})")
