@@ -71,7 +71,8 @@ def drift_command(args: argparse.Namespace) -> int:
     import asyncio
 
     from loragate.monitoring.drift import DriftConfig, run_drift
-    from loragate.monitoring.sources import Prometheus, PrometheusError, RequestLog, load_reference
+    from loragate.monitoring.prometheus import Prometheus, PrometheusError
+    from loragate.monitoring.sources import RequestLog, load_reference, variant_series
 
     try:
         current_window, ref_window = _windows(args)
@@ -83,8 +84,8 @@ def drift_command(args: argparse.Namespace) -> int:
             prom = Prometheus(args.prometheus)
 
             async def both():
-                return await asyncio.gather(*(prom.variant_series(args.route, args.variant, w, step_s=args.prometheus_step,
-                                                                  rate_window=args.prometheus_rate_window)
+                return await asyncio.gather(*(variant_series(prom, args.route, args.variant, w, step_s=args.prometheus_step,
+                                                             rate_window=args.prometheus_rate_window)
                                               for w in (ref_window, current_window)))
             try:
                 series = tuple(asyncio.run(both()))

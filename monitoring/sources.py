@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from loragate.common import logschema
 from loragate.common.objectstore import S3Options, filesystem, is_local, open_input
+from loragate.monitoring.prometheus import Prometheus, selector
 
 if TYPE_CHECKING:  # pandas and pyarrow are imported where they are used: the CLI stays light
     import pandas as pd
@@ -173,29 +174,16 @@ def _chat_to_pair(messages) -> tuple[str | None, str | None]:
 
 # --- Prometheus ---------------------------------------------------------------------------------
 
-def _label_value(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def _selector(route: str, variant: str | None, extra: str = "") -> str:
-    parts = [f'route="{_label_value(route)}"']
-    if variant is not None:
-        parts.append(f'variant="{_label_value(variant)}"')
-    if extra:
-        parts.append(extra)
-    return "{" + ",".join(parts) + "}"
-
-
 def variant_queries(route: str, variant: str | None, rate_window: str = "1m") -> dict[str, str]:
     """PromQL per series: latency quantiles, cost per request, error and fallback rates."""
-    sel = _selector(route, variant)
+    sel = selector({"route": route, "variant": variant})
     requests = f"sum(rate(loragate_requests_total{sel}[{rate_window}]))"
     queries = {
         f"latency_p{int(q * 100)}_s":
             f"histogram_quantile({q}, sum by (le) (rate(loragate_request_duration_seconds_bucket{sel}[{rate_window}])))"
         for q in (0.5, 0.95, 0.99)
     }
-    errors = _selector(route, variant, 'status_class=~"5xx"')
+    errors = selector({"route": route, "variant": variant}, 'status_class=~"5xx"')
     queries.update({
         "requests_per_s": requests,
         "cost_per_request_usd": f"sum(rate(loragate_cost_usd_total{sel}[{rate_window}])) / {requests}",
@@ -205,49 +193,27 @@ def variant_queries(route: str, variant: str | None, rate_window: str = "1m") ->
     return queries
 
 
-class PrometheusError(RuntimeError):
-    pass
+async def variant_series(prometheus: Prometheus, route: str, variant: str | None, window: Window, *,
+                         step_s: float = 60.0, rate_window: str = "1m") -> "pd.DataFrame":
+    """One row per step: latency p50/p95/p99, requests/s, cost per request, error and fallback rates.
 
+    Steps where a series has no value (no traffic, NaN from 0/0) are left empty.
+    """
+    import pandas as pd
 
-class Prometheus:
-    """Range queries over Prometheus' HTTP API (aiohttp; nothing blocks the event loop)."""
-
-    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-
-    async def query_range(self, query: str, window: Window, step_s: float = 60.0) -> list[tuple[dict, list[tuple[float, float]]]]:
-        import aiohttp
-
-        params = {"query": query, "start": f"{window.start.timestamp():.3f}",
-                  "end": f"{window.end.timestamp():.3f}", "step": f"{step_s:g}"}
-        timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            async with session.get(f"{self.url}/api/v1/query_range", params=params) as resp:
-                body = await resp.json(content_type=None)
-        if body.get("status") != "success":
-            raise PrometheusError(f"{body.get('errorType')}: {body.get('error')} (query {query})")
-        return [(item["metric"], [(float(t), float(v)) for t, v in item["values"]])
-                for item in body["data"]["result"]]
-
-    async def variant_series(self, route: str, variant: str | None, window: Window, *,
-                             step_s: float = 60.0, rate_window: str = "1m") -> "pd.DataFrame":
-        """One row per step: latency p50/p95/p99, requests/s, cost per request, error and fallback rates.
-
-        Steps where a series has no value (no traffic, NaN from 0/0) are left empty.
-        """
-        import pandas as pd
-
-        queries = variant_queries(route, variant, rate_window)
-        results = await asyncio.gather(*(self.query_range(q, window, step_s) for q in queries.values()))
-        columns: dict[str, dict[float, float]] = {}
-        for name, result in zip(queries, results):
-            points: dict[float, float] = {}
-            for _, values in result[:1]:  # each query aggregates to one series
-                points = {t: v for t, v in values if math.isfinite(v)}
-            columns[name] = points
-        stamps = sorted({t for points in columns.values() for t in points})
-        frame = pd.DataFrame({name: [points.get(t) for t in stamps] for name, points in columns.items()},
-                             index=pd.to_datetime(stamps, unit="s", utc=True), dtype="float64")
-        frame.index.name = "timestamp"
-        return frame
+    queries = variant_queries(route, variant, rate_window)
+    start, end = window.start.timestamp(), window.end.timestamp()
+    async with prometheus.session() as session:
+        results = await asyncio.gather(*(prometheus.query_range(q, start, end, step_s, session=session)
+                                         for q in queries.values()))
+    columns: dict[str, dict[float, float]] = {}
+    for name, result in zip(queries, results):
+        points: dict[float, float] = {}
+        for _, values in result[:1]:  # each query aggregates to one series
+            points = {t: v for t, v in values if math.isfinite(v)}
+        columns[name] = points
+    stamps = sorted({t for points in columns.values() for t in points})
+    frame = pd.DataFrame({name: [points.get(t) for t in stamps] for name, points in columns.items()},
+                         index=pd.to_datetime(stamps, unit="s", utc=True), dtype="float64")
+    frame.index.name = "timestamp"
+    return frame

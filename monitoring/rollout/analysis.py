@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from loragate.monitoring.prometheus import Prometheus, selector
 from loragate.monitoring.rollout.config import CanaryConfig
-from loragate.monitoring.rollout.errors import RolloutError
 
 
 @dataclass
@@ -35,16 +35,12 @@ class Measurements:
         return self.stable_answered + self.stable_fallbacks
 
 
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
 def analysis_queries(route: str, canary: str, stable: str, window_s: float) -> dict[str, str]:
     """PromQL for each field of Measurements over the last ``window_s`` (instant queries)."""
     window = f"{max(1, math.ceil(window_s))}s"
 
     def sel(variant: str, extra: str = "") -> str:
-        return f'{{route="{_label(route)}",variant="{_label(variant)}"{"," + extra if extra else ""}}}'
+        return selector({"route": route, "variant": variant}, extra)
 
     queries: dict[str, str] = {}
     for role, variant in (("canary", canary), ("stable", stable)):
@@ -64,27 +60,15 @@ class MetricsSource(Protocol):
 
 
 class PrometheusAnalysis:
-    """Measurements from instant queries over Prometheus' HTTP API (aiohttp)."""
+    """Measurements from instant queries over Prometheus' HTTP API (one query per field, concurrently)."""
 
-    def __init__(self, url: str, *, timeout_s: float = 30.0) -> None:
-        self.url, self.timeout_s = url.rstrip("/"), timeout_s
-
-    async def query(self, session, expr: str) -> float | None:
-        async with session.get(f"{self.url}/api/v1/query", params={"query": expr}) as resp:
-            body = await resp.json(content_type=None)
-        if body.get("status") != "success":
-            raise RolloutError(f"prometheus: {body.get('errorType')}: {body.get('error')} (query {expr})")
-        result = body["data"]["result"]
-        if not result:
-            return None
-        value = float(result[0]["value"][1])
-        return value if math.isfinite(value) else None
+    def __init__(self, prometheus: Prometheus) -> None:
+        self.prometheus = prometheus
 
     async def measure(self, config: CanaryConfig, window_s: float) -> Measurements:
-        import aiohttp
-
         queries = analysis_queries(config.route, config.canary, config.stable, window_s)
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
-            values = await asyncio.gather(*(self.query(session, q) for q in queries.values()))
+        async with self.prometheus.session() as session:
+            values = await asyncio.gather(*(self.prometheus.value(q, session=session) for q in queries.values()))
         found = dict(zip(queries, values))
-        return Measurements(**{k: (v if k.endswith("_p95_s") else (v or 0.0)) for k, v in found.items()})
+        counts = {k: v or 0.0 for k, v in found.items() if not k.endswith("_p95_s")}  # no series: none counted
+        return Measurements(**counts, canary_p95_s=found.get("canary_p95_s"), stable_p95_s=found.get("stable_p95_s"))

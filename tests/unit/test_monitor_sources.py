@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 from aiohttp import web
 
-from loragate.monitoring.sources import Prometheus, RequestLog, Window, load_reference, variant_queries
+from loragate.monitoring.prometheus import Prometheus, PrometheusError, label
+from loragate.monitoring.sources import RequestLog, Window, load_reference, variant_queries, variant_series
 from loragate.monitoring.synthetic import requests_frame
 from tests.local_http import serve
 
@@ -97,11 +98,24 @@ async def test_prometheus_range_queries_over_http():
     app = web.Application()
     app.router.add_get("/api/v1/query_range", query_range)
     async with serve(app) as port:
-        frame = await Prometheus(f"http://127.0.0.1:{port}").variant_series(
-            "support", "v1", Window.between(T0, T0 + 60), step_s=60)
+        frame = await variant_series(Prometheus(f"http://127.0.0.1:{port}"),
+                                     "support", "v1", Window.between(T0, T0 + 60), step_s=60)
     assert len(seen) == 7 and seen[0]["step"] == "60"
     assert frame["requests_per_s"].tolist() == [2.0, 3.0]
     assert frame["latency_p95_s"].iloc[0] == 0.5 and pd.isna(frame["latency_p95_s"].iloc[1])
+
+
+async def test_prometheus_refusal_is_a_typed_error_and_labels_are_escaped():
+    async def refuse(request):
+        return web.json_response({"status": "error", "errorType": "bad_data", "error": "parse error"}, status=400)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/query", refuse)
+    async with serve(app) as port:
+        with pytest.raises(PrometheusError, match="bad_data: parse error"):
+            await Prometheus(f"http://127.0.0.1:{port}").value("up")
+    assert label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    assert 'route="a\\"b"' in variant_queries('a"b', None)["requests_per_s"]
 
 
 async def test_monitor_check_metrics_and_trigger(tmp_path):

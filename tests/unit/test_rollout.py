@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from loragate.monitoring.commands import rollout_command
+from loragate.monitoring.prometheus import Prometheus
 from loragate.monitoring.rollout.analysis import Measurements, PrometheusAnalysis, analysis_queries
 from loragate.monitoring.rollout.config import CanaryConfig, ConfigMapRef, RolloutsConfig
 from loragate.monitoring.rollout.controller import RolloutController
@@ -373,7 +374,7 @@ async def test_prometheus_analysis_reads_instant_queries():
     app = web.Application()
     app.router.add_get("/api/v1/query", query)
     async with serve(app) as port:
-        m = await PrometheusAnalysis(f"http://127.0.0.1:{port}").measure(spec(), 60)
+        m = await PrometheusAnalysis(Prometheus(f"http://127.0.0.1:{port}")).measure(spec(), 60)
     assert (m.canary_answered, m.canary_fallbacks, m.stable_answered, m.canary_errors) == (40, 10, 400, 0)
     assert m.canary_p95_s is None and m.stable_p95_s is None and m.canary_routed == 50
 
