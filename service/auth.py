@@ -280,8 +280,8 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    value = headers.get("x-api-key")
-    return value.strip() if value and value.strip() else None
+    key = headers.get("x-api-key")
+    return key.strip() if key and key.strip() else None
 
 
 class AllowAll:

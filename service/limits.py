@@ -52,11 +52,14 @@ Outcome = Refusal | None
 
 
 class LimitedKey(Protocol):
-    """What a limiter needs of an API key (service.auth.ApiKey)."""
+    """What a limiter needs of an API key (service.auth.ApiKey, a frozen model: read-only)."""
 
-    id: str
-    requests_per_minute: int | None
-    tokens_per_minute: int | None
+    @property
+    def id(self) -> str: ...
+    @property
+    def requests_per_minute(self) -> int | None: ...
+    @property
+    def tokens_per_minute(self) -> int | None: ...
 
 
 class Limiter(Protocol):

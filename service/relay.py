@@ -67,7 +67,7 @@ class RelayedStream(Response):
             while True:
                 failure: FailureReason | None = None
                 try:
-                    chunk = served.first_chunk
+                    chunk: bytes | None = served.first_chunk
                     chunks = served.response.content.iter_any()
                     while True:
                         out = relay.feed(chunk) if chunk else b""

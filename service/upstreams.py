@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Set
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -215,7 +216,7 @@ class Pool:
         return (replica.healthy and self.circuit(replica, None).available()
                 and (adapter is None or self.circuit(replica, adapter).available()))
 
-    async def acquire(self, adapter: str | None, path: str | None, exclude: set[Replica] = frozenset()) -> Replica:
+    async def acquire(self, adapter: str | None, path: str | None, exclude: Set[Replica] = frozenset()) -> Replica:
         """A replica for ``adapter`` (None: the base model), adapter loaded, its in-flight count taken.
 
         The caller must ``release`` it, and ``report`` how the request went.
@@ -247,6 +248,8 @@ class Pool:
         self._in_flight_gauges[replica.url].inc()
         try:
             if adapter is not None and adapter not in replica.adapters:
+                if path is None:  # dropped from the replica while this request waited for room
+                    raise AdapterUnavailable(f"adapter {adapter!r} is no longer loaded on {replica.url}")
                 await self.ensure_adapter(replica, adapter, path)
         except BaseException:
             self.release(replica)
