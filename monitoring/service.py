@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
+from loragate.common.objectstore import S3Options
 from loragate.monitoring.drift import DriftConfig, DriftResult, run_drift
 from loragate.monitoring.rollout.analysis import PrometheusAnalysis
 from loragate.monitoring.prometheus import Prometheus
@@ -65,6 +66,10 @@ class CheckConfig(BaseModel):
 
 class MonitorConfig(BaseModel):
     request_log: str
+    # Where s3:// locations are (request log, reference datasets, dataset exports), as the gateway's
+    # LORAGATE_REQUEST_LOG_S3_ENDPOINT / _REGION (also read when these are unset); see common/objectstore.py.
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
     prometheus_url: str | None = None
     output_dir: str = "drift-reports"
     state_file: str = "monitor-state.json"
@@ -133,11 +138,12 @@ class Monitor:
                  core_api: Any = None) -> None:
         self.config = config
         self.metrics = metrics or MonitorMetrics()
-        self.log = RequestLog(config.request_log)
+        self.s3 = S3Options.resolve(config.s3_endpoint, config.s3_region)
+        self.log = RequestLog(config.request_log, self.s3)
         self.prometheus = Prometheus(config.prometheus_url) if config.prometheus_url else None
         self.state = TriggerState(config.state_file)
         self.triggers = [
-            Trigger(c.route, c.variant, c.policy, [a.build(k8s_api) for a in c.actions], self.state)
+            Trigger(c.route, c.variant, c.policy, [a.build(k8s_api, self.s3) for a in c.actions], self.state)
             for c in config.checks
         ]
         self._references: dict[str, "pd.DataFrame"] = {}
@@ -157,7 +163,7 @@ class Monitor:
         ref_cfg = check.reference
         if ref_cfg.path is not None:
             if ref_cfg.path not in self._references:
-                self._references[ref_cfg.path] = await asyncio.to_thread(load_reference, ref_cfg.path)
+                self._references[ref_cfg.path] = await asyncio.to_thread(load_reference, ref_cfg.path, self.s3)
             reference = self._references[ref_cfg.path]
             ref_window = Window.last(check.window_s, end=current_window.start)  # for Prometheus only
         else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from loragate.common.logschema import SCHEMA_VERSION
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -53,4 +55,8 @@ def requests_frame(n: int, *, seed: int = 0, route: str = "support", variant: st
         "cost_usd": cost, "reference_cost_usd": cost * 5,
         "finish_reason": np.where(rng.random(n) < 0.9, "stop", "length"),
         "prompt_text": prompts, "response_text": responses,
+        # One user turn per request, as the request log stores chat prompts (logschema v2); prompt_text
+        # stays the bare prompt, so the drift calibration above is unchanged.
+        "prompt_messages": [[{"role": "user", "content": prompt}] for prompt in prompts],
+        "schema_version": SCHEMA_VERSION,
     })

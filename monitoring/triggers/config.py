@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from loragate.common.objectstore import S3Options
 from loragate.monitoring.triggers.action import Action
 from loragate.monitoring.triggers.dataset import DatasetExportAction
 from loragate.monitoring.triggers.kube_job import KubernetesJobAction
@@ -25,7 +26,7 @@ class ActionConfig(BaseModel):
     template: str | None = None  # k8s_job: a file path or the YAML itself
     namespace: str = "default"
 
-    def build(self, k8s_api: Any = None) -> Action:
+    def build(self, k8s_api: Any = None, s3: S3Options | None = None) -> Action:
         if self.type == "webhook":
             secret = self.secret or (os.environ.get(self.secret_env, "") if self.secret_env else "")
             if not self.url or not secret:
@@ -34,7 +35,7 @@ class ActionConfig(BaseModel):
         if self.type == "dataset":
             if not self.location:
                 raise ValueError("a dataset action needs location")
-            return DatasetExportAction(self.location, min_score=self.min_score)
+            return DatasetExportAction(self.location, min_score=self.min_score, s3=s3)
         if not self.template:
             raise ValueError("a k8s_job action needs template")
         return KubernetesJobAction(self.template, self.namespace, api=k8s_api)

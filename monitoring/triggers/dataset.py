@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loragate.common.logschema import prompt_turns
+from loragate.common.objectstore import S3Options, write_bytes
 from loragate.monitoring.triggers.action import ActionResult, TriggerContext
 
 if TYPE_CHECKING:
@@ -23,6 +23,10 @@ def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = 
     logged answer and is scrubbed here, since it never went through the writer. Rows with
     a score below ``min_score`` and no correction are left out, as are failed requests and
     rows without text.
+
+    The prompt turns are the stored ones (logschema.prompt_turns), never parsed from the flat
+    text: a user message holding "\nassistant: ..." stays inside the user turn. Chat rows of
+    schema version 1 (flat text only) are left out; a text-completion prompt is one user turn.
     """
     import pandas as pd
 
@@ -36,39 +40,22 @@ def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = 
         frame = frame.merge(latest[["request_id", "score", "correction"]], on="request_id", how="left")
     records = []
     for row in frame.itertuples(index=False):
-        prompt = getattr(row, "prompt_text", None)
+        turns = prompt_turns(getattr(row, "schema_version", None), getattr(row, "endpoint", None),
+                             getattr(row, "prompt_messages", None), getattr(row, "prompt_text", None))
+        turns = [t for t in turns or () if t["role"] in _ROLES]
         correction = getattr(row, "correction", None)
         correction = correction if isinstance(correction, str) and correction.strip() else None
-        score = getattr(row, "score", None)
-        if correction is None and min_score is not None and _number(score) is not None and score < min_score:
+        score = _number(getattr(row, "score", None))
+        if correction is None and min_score is not None and score is not None and score < min_score:
             continue
         answer = scrub_text(correction) if correction else getattr(row, "response_text", None)
-        if not isinstance(prompt, str) or not prompt.strip() or not isinstance(answer, str) or not answer.strip():
+        if not any(t["content"].strip() for t in turns) or not isinstance(answer, str) or not answer.strip():
             continue
-        records.append({"messages": _prompt_messages(prompt) + [{"role": "assistant", "content": answer}]})
+        records.append({"messages": turns + [{"role": "assistant", "content": answer}]})
     return records
 
 
-_ROLE_LINE = re.compile(r"^(system|user|assistant|tool|developer): ?(.*)$")
-
-
-def _prompt_messages(prompt: str) -> list[dict]:
-    """The logged prompt back into chat turns.
-
-    The writer logs chat prompts as one ``role: content`` line per message (a line without
-    a role prefix continues the previous message); anything else is one user turn.
-    """
-    messages: list[dict] = []
-    for line in prompt.split("\n"):
-        match = _ROLE_LINE.match(line)
-        if match:
-            messages.append({"role": match[1], "content": match[2]})
-        elif messages:
-            messages[-1]["content"] += "\n" + line
-        else:
-            return [{"role": "user", "content": prompt}]
-    messages = [m for m in messages if m["role"] in ("system", "user", "assistant")]
-    return messages or [{"role": "user", "content": prompt}]
+_ROLES = ("system", "user", "assistant")  # the turns a chat fine-tuning set holds (tool turns are left out)
 
 
 def _number(value) -> float | None:
@@ -79,20 +66,10 @@ def _number(value) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def write_jsonl(records: list[dict], location: str) -> str:
-    """Write to a local path or an ``s3://``-style URL (pyarrow filesystems)."""
+def write_jsonl(records: list[dict], location: str, s3: S3Options | None = None) -> str:
+    """Write to a local path or an ``s3://``-style URL (loragate.common.objectstore)."""
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
-    if "://" in location and not location.startswith("file://"):
-        from pyarrow import fs
-
-        filesystem, path = fs.FileSystem.from_uri(location)
-        with filesystem.open_output_stream(path) as out:
-            out.write(data)
-    else:
-        path = Path(location.removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return location
+    return write_bytes(location, data, s3)
 
 
 class DatasetExportAction:
@@ -100,8 +77,10 @@ class DatasetExportAction:
 
     name = "dataset"
 
-    def __init__(self, location: str, *, min_score: float | None = None, max_rows: int = 50_000) -> None:
+    def __init__(self, location: str, *, min_score: float | None = None, max_rows: int = 50_000,
+                 s3: S3Options | None = None) -> None:
         self.location, self.min_score, self.max_rows = location.rstrip("/"), min_score, max_rows
+        self.s3 = s3
 
     async def run(self, ctx: TriggerContext) -> ActionResult:
         if ctx.requests is None or not len(ctx.requests):
@@ -109,6 +88,6 @@ class DatasetExportAction:
         requests = ctx.requests.tail(self.max_rows)
         records = await asyncio.to_thread(to_chat_records, requests, ctx.feedback, min_score=self.min_score)
         name = f"{ctx.route}-{ctx.variant or 'all'}-{ctx.run_id}.jsonl"
-        location = await asyncio.to_thread(write_jsonl, records, f"{self.location}/{name}")
+        location = await asyncio.to_thread(write_jsonl, records, f"{self.location}/{name}", self.s3)
         ctx.dataset_location = location
         return ActionResult(self.name, True, f"{len(records)} records -> {location}")

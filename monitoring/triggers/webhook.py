@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 from typing import Any
 
+from loragate.common import webhooks
 from loragate.common.jsonable import finite
 from loragate.monitoring.triggers.action import ActionResult, TriggerContext
-
-SIGNATURE_HEADER = "x-loragate-signature"
-
-
-def sign(body: bytes, secret: str | bytes) -> str:
-    key = secret.encode() if isinstance(secret, str) else secret
-    return "sha256=" + hmac.new(key, body, hashlib.sha256).hexdigest()
-
-
-def verify_signature(body: bytes, secret: str | bytes, header: str | None) -> bool:
-    return bool(header) and hmac.compare_digest(sign(body, secret), header)
 
 
 def payload(ctx: TriggerContext) -> dict[str, Any]:
@@ -41,13 +29,15 @@ def payload(ctx: TriggerContext) -> dict[str, Any]:
 
 
 class WebhookAction:
-    """POST the trigger as JSON, signed with HMAC-SHA256 over the raw body; retried with backoff
-    on connection errors, 429 and 5xx (4xx other than 429 is final)."""
+    """POST the trigger as JSON, signed as Standard Webhooks do (loragate.common.webhooks: one
+    webhook-id per event, each attempt signed with its own timestamp); retried with backoff on
+    connection errors, 429 and 5xx (4xx other than 429 is final)."""
 
     name = "webhook"
 
     def __init__(self, url: str, secret: str, *, attempts: int = 4, backoff_s: float = 0.5,
                  timeout_s: float = 10.0) -> None:
+        webhooks.secret_key(secret)  # a malformed whsec_ secret fails here, at configuration time
         self.url, self.secret = url, secret
         self.attempts, self.backoff_s, self.timeout_s = attempts, backoff_s, timeout_s
 
@@ -55,10 +45,12 @@ class WebhookAction:
         import aiohttp
 
         body = json.dumps(finite(payload(ctx)), separators=(",", ":")).encode()
-        headers = {"content-type": "application/json", SIGNATURE_HEADER: sign(body, self.secret)}
+        message_id = webhooks.new_message_id()  # the receiver's idempotency key: the same for every retry
         detail = ""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
             for attempt in range(self.attempts):
+                headers = {"content-type": "application/json",
+                           **webhooks.sign(self.secret, body, message_id=message_id)}
                 try:
                     async with session.post(self.url, data=body, headers=headers) as resp:
                         if resp.status < 300:

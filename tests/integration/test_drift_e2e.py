@@ -30,7 +30,8 @@ from loragate.monitoring.triggers.dataset import DatasetExportAction
 from loragate.monitoring.triggers.engine import Trigger
 from loragate.monitoring.triggers.policy import TriggerPolicy
 from loragate.monitoring.triggers.state import TriggerState
-from loragate.monitoring.triggers.webhook import SIGNATURE_HEADER, WebhookAction, verify_signature
+from loragate.common.webhooks import WebhookVerificationError, verify
+from loragate.monitoring.triggers.webhook import WebhookAction
 from tests.processes import ROOT, start_gateway, start_prometheus
 
 pytestmark = pytest.mark.integration
@@ -39,16 +40,16 @@ SECRET = "e2e-secret"
 
 
 class Receiver:
-    """A webhook endpoint in a thread that keeps every (body, signature) it gets."""
+    """A webhook endpoint in a thread that keeps every (body, headers) it gets."""
 
     def __init__(self) -> None:
-        self.received: list[tuple[bytes, str | None]] = []
+        self.received: list[tuple[bytes, dict[str, str]]] = []
         received = self.received
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                received.append((body, self.headers.get(SIGNATURE_HEADER)))
+                received.append((body, dict(self.headers.items())))
                 self.send_response(204)
                 self.end_headers()
 
@@ -223,8 +224,10 @@ async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(t
         receiver.close()
 
     assert len(receiver.received) == 1
-    body, signature = receiver.received[0]
-    assert verify_signature(body, SECRET, signature)
+    body, headers = receiver.received[0]
+    assert verify(SECRET, headers, body)
+    with pytest.raises(WebhookVerificationError, match="too old"):  # the same request replayed later
+        verify(SECRET, headers, body, now=int(headers["webhook-timestamp"]) + 3600)
     payload = json.loads(body)
     assert payload["route"] == "support" and payload["variant"] == "v1"
     assert payload["summary"]["status"] == "drift" and payload["report_location"].endswith(".html")
