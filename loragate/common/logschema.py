@@ -103,8 +103,8 @@ def prompt_turns(version: Any, endpoint: Any, messages: Any, text: Any) -> list[
     """
     if endpoint == COMPLETIONS_ENDPOINT:
         return [{"role": "user", "content": text}] if isinstance(text, str) else None
-    if _version(version) < 2 or messages is None:
-        return None
+    if _version(version) < 2 or messages is None or isinstance(messages, (str, bytes, float, Mapping)):
+        return None  # (a float: pandas' NaN for a missing value)
     turns = []
     for message in messages:
         if not isinstance(message, Mapping):
