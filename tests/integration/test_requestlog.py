@@ -280,6 +280,22 @@ def test_s3_storage_through_moto(stub, tmp_path, moto, monkeypatch):
     table = read_table("s3://loragate-logs/prod/eu", "requests", s3_endpoint=moto, s3_region="us-east-1")
     assert sorted(table.column("request_id").to_pylist()) == sorted(sent)
 
+    # The monitor reaches the same store through the gateway's own settings (loragate.common.objectstore):
+    # the log window, a reference dataset in the bucket, and the retraining export back into it.
+    monkeypatch.setenv("LORAGATE_REQUEST_LOG_S3_ENDPOINT", moto)
+    monkeypatch.setenv("LORAGATE_REQUEST_LOG_S3_REGION", "us-east-1")
+    from loragate.common.objectstore import S3Options
+    from loragate.monitoring.sources import RequestLog, Window, load_reference
+    from loragate.monitoring.triggers.dataset import write_jsonl
+
+    window = Window.between(time.time() - 600, time.time() + 60)
+    assert sorted(RequestLog("s3://loragate-logs/prod/eu").requests(window)["request_id"]) == sorted(sent)
+    s3.put_object(Bucket="loragate-logs", Key="ref/train.jsonl",
+                  Body=b'{"prompt": "hi", "response": "hello"}\n{"prompt": "bye", "response": "ciao"}\n')
+    assert list(load_reference("s3://loragate-logs/ref/train.jsonl")["prompt_text"]) == ["hi", "bye"]
+    write_jsonl([{"messages": []}], "s3://loragate-logs/datasets/a.jsonl", S3Options.resolve())
+    assert s3.get_object(Bucket="loragate-logs", Key="datasets/a.jsonl")["Body"].read() == b'{"messages": []}\n'
+
 
 def test_real_engine_answers_are_logged(engine, demo_model, tmp_path):
     """In front of real vLLM: the parsed text is what the client received, the counts are vLLM's."""
@@ -309,6 +325,8 @@ def test_real_engine_answers_are_logged(engine, demo_model, tmp_path):
     assert streamed["stream"] and streamed["ttft_s"] > 0 and streamed["completion_tokens"] == 6
     assert text["response_text"] == orjson.loads(answers[2][2])["choices"][0]["text"]
     assert whole["prompt_text"] == "user: Tell me a story" and text["prompt_text"] == "def main():"
+    assert whole["prompt_messages"] == [{"role": "user", "content": "Tell me a story"}]
+    assert text["prompt_messages"] is None and {r["schema_version"] for r in rows.values()} == {2}
     assert {r["finish_reason"] for r in rows.values()} == {"length"}
     assert (whole["variant"], text["variant"]) == ("a1", "base")
     assert whole["prompt_tokens"] > 0 and whole["completion_tokens"] == 6
