@@ -30,12 +30,15 @@ from loragate.service.limits import RedisLimiter, limiter_from_settings
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, parquet_store
 from loragate.service.settings import Settings
+from loragate.service.proxy import HttpUpstream, Upstream
 from loragate.service.upstreams import Pool
 
 log = logging.getLogger("loragate")
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> CompletionsFirst:
+def create_app(settings: Settings, metrics: Metrics | None = None, *,
+               upstream: Upstream | None = None) -> CompletionsFirst:
+    """The served app. ``upstream``: the call to the replicas (tests pass a scripted one); default HTTP."""
     metrics = metrics or Metrics()
     catalog = CatalogFile(settings.routes_file)  # raises CatalogError: fail fast on a bad file
     pool = Pool(
@@ -53,8 +56,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Completion
     # Per-key limits in this process, or shared through Redis (LORAGATE_LIMITS_URL); only used with auth on.
     limiter = limiter_from_settings(settings, metrics) if settings.auth else None
     auth = authenticator_from_settings(settings, metrics, limiter)  # raises KeysError: fail fast on a bad keys file
+    http_upstream = HttpUpstream()
     gateway = Gateway(
-        catalog, pool, metrics,
+        catalog, pool, metrics, upstream or http_upstream,
         max_body_bytes=settings.max_body_bytes,
         timeouts=Timeouts(connect_s=settings.connect_timeout_s, first_token_s=settings.first_token_timeout_s,
                           total_s=settings.total_timeout_s),
@@ -75,7 +79,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Completion
             skip_auto_headers=("User-Agent",),
         )
         pool.bind(session)
-        gateway.bind(session)
+        http_upstream.bind(session)
         if request_log is not None:
             request_log.start()
         if isinstance(limiter, RedisLimiter):

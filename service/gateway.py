@@ -23,7 +23,7 @@ from loragate.service.errors import GatewayError, error_response
 from loragate.service.metrics import Metrics, status_class
 from loragate.service.exchange import RequestContext, Served
 from loragate.service.failures import FailureReason, UpstreamFailure
-from loragate.service.proxy import Usage, open_upstream
+from loragate.service.proxy import Upstream, UpstreamResponse, Usage
 from loragate.service.relay import RelayedStream, continuation_payload
 from loragate.service.requestlog import NullRequestLog, RequestRecord, RequestSink
 from loragate.service.routing import PinError, choose_variant
@@ -39,6 +39,7 @@ class Gateway:
         catalog: CatalogFile,
         pool: Pool,
         metrics: Metrics,
+        upstream: Upstream,
         *,
         max_body_bytes: int,
         timeouts: Timeouts = Timeouts(connect_s=5, first_token_s=60, total_s=600),
@@ -58,10 +59,7 @@ class Gateway:
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self.auth = auth or AllowAll()
-        self.session: aiohttp.ClientSession | None = None
-
-    def bind(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+        self.upstream = upstream  # the call that sends a request to a replica (proxy.HttpUpstream in production)
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
@@ -107,7 +105,8 @@ class Gateway:
         stream = payload.get("stream") is True
         client_wants_usage = False
         if stream:
-            options = payload.get("stream_options") if isinstance(payload.get("stream_options"), dict) else {}
+            options = payload.get("stream_options")
+            options = options if isinstance(options, dict) else {}
             client_wants_usage = options.get("include_usage") is True
             payload["stream_options"] = {**options, "include_usage": True}
 
@@ -198,7 +197,6 @@ class Gateway:
         timeouts: Timeouts, deadline: float, tried: set[Replica],
     ) -> Served:
         """One try of one variant on one replica; raises UpstreamFailure with a bounded reason."""
-        assert self.session is not None
         try:
             if variant.endpoint:
                 replica = self.pool.acquire_endpoint(variant.endpoint)
@@ -219,8 +217,8 @@ class Gateway:
         )
         response = None
         try:
-            response = await open_upstream(
-                self.session, f"{replica.url}/{endpoint}" if replica.external else f"{replica.url}/v1/{endpoint}",
+            response = await self.upstream(
+                f"{replica.url}/{endpoint}" if replica.external else f"{replica.url}/v1/{endpoint}",
                 orjson.dumps(payload), request_id=request_id, is_adapter=variant.adapter is not None,
                 timeout=timeout, api_key=os.environ.get(variant.api_key_env) if variant.api_key_env else None,
             )
@@ -252,7 +250,7 @@ class Gateway:
         self.pool.report(replica, variant.adapter, None)
         return Served(route, variant, replica, response, None, first_chunk, body, usage)
 
-    def _abandon(self, replica: Replica, variant: Variant, response: aiohttp.ClientResponse | None,
+    def _abandon(self, replica: Replica, variant: Variant, response: UpstreamResponse | None,
                  reason: FailureReason) -> None:
         if response is not None:
             response.release()
