@@ -31,6 +31,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from loragate.common import logschema
+from loragate.common.atomicio import atomic_write
 from loragate.common.objectstore import S3Options, filesystem
 
 
@@ -74,11 +75,7 @@ class ParquetStore:
         now = datetime.now(timezone.utc)
         name = f"{self.writer_id}-{now:%Y%m%dT%H%M%S}{now.microsecond // 1000:03d}Z-{next(self._seq):06d}.parquet"
         if self.local:
-            self.filesystem.create_dir(directory, recursive=True)
-            temporary = f"{directory}/.{name}.tmp"
-            with self.filesystem.open_output_stream(temporary) as out:
-                out.write(data)
-            os.replace(temporary, f"{directory}/{name}")
+            atomic_write(f"{directory}/{name}", memoryview(data))  # readers skip dot-names: never a torn file
         else:
             with self.filesystem.open_output_stream(f"{directory}/{name}") as out:
                 out.write(data)

@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, data: str | bytes, *, mode: int | None = None) -> None:
-    """Replace ``path`` with ``data`` (str: UTF-8), making its folder if needed.
+def atomic_write(path: str | Path, data: str | bytes | memoryview, *, mode: int | None = None) -> None:
+    """Replace ``path`` with ``data`` (str: UTF-8; or any bytes-like), making its folder if needed.
 
     The new file keeps the permission bits of the one it replaces; a new file gets ``mode``
     (default 0o644 — ``mkstemp``'s 0o600 would hide it from the readers of shared files).

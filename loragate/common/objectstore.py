@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlparse
 
+from loragate.common.atomicio import atomic_write
+
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 
@@ -85,18 +87,11 @@ def open_input(location: str, s3: S3Options | None = None) -> BinaryIO:
 
 
 def write_bytes(location: str, data: bytes, s3: S3Options | None = None) -> str:
-    """Write ``data`` whole to ``location`` (local: parent folders made, written under a
-    dot-name and renamed into place; object store: one PUT). Returns ``location``."""
+    """Write ``data`` whole to ``location`` (local: parent folders made, replaced atomically by
+    ``atomicio.atomic_write``; object store: one PUT). Returns ``location``."""
     fs, path = filesystem(location, s3)
     if is_local(location):
-        directory, name = os.path.split(path)
-        os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f".{name}.tmp")
-        with open(temporary, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
+        atomic_write(path, data)
     else:
         with fs.open_output_stream(path) as out:
             out.write(data)

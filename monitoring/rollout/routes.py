@@ -6,35 +6,17 @@ gateway's own catalog parser; both sources refuse a write when the routes change
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
+from loragate.common.atomicio import atomic_write
 from loragate.common.catalog import BASE, CatalogError, parse_catalog
+from loragate.monitoring import kube
 from loragate.monitoring.rollout.config import ConfigMapRef
 from loragate.monitoring.rollout.errors import RolloutError, RoutesConflict
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.chmod(tmp, path.stat().st_mode & 0o777)
-        except FileNotFoundError:
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -86,13 +68,7 @@ class RoutesConfigMap:
 
     def api(self):
         if self._api is None:
-            from kubernetes import client, config
-
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()  # `loragate rollout` run from a workstation
-            self._api = client.CoreV1Api()
+            self._api = kube.core_v1()
         return self._api
 
     def read(self) -> Snapshot:

@@ -8,8 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
+from loragate.common.atomicio import atomic_write
 from loragate.monitoring.rollout.errors import RolloutError
-from loragate.monitoring.rollout.routes import atomic_write
 
 STATES = ("progressing", "promoted", "rolled_back")
 HISTORY = 50  # transitions kept per rollout in the state file

@@ -8,6 +8,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+from loragate.monitoring import kube
 from loragate.monitoring.triggers.action import ActionResult, TriggerContext
 
 
@@ -16,8 +17,8 @@ class KubernetesJobAction:
 
     The template is filled with ``string.Template`` (``${route}``, ``${variant}``, ``${run_id}``,
     ``${dataset}``, ``${report}``, ``${summary}``). ``api`` is a BatchV1Api or anything with
-    ``create_namespaced_job(namespace, body)``; by default one is built from the in-cluster
-    config (the monitor's service account).
+    ``create_namespaced_job(namespace, body)``; by default one from ``monitoring/kube.py``
+    (in-cluster config, else the kubeconfig).
     """
 
     name = "k8s_job"
@@ -42,10 +43,7 @@ class KubernetesJobAction:
 
     def api(self):
         if self._api is None:
-            from kubernetes import client, config
-
-            config.load_incluster_config()
-            self._api = client.BatchV1Api()
+            self._api = kube.batch_v1()
         return self._api
 
     async def run(self, ctx: TriggerContext) -> ActionResult:

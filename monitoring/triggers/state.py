@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from pydantic import BaseModel
+
+from loragate.common.atomicio import atomic_write
 
 log = logging.getLogger("loragate.monitor")
 
@@ -39,9 +39,4 @@ class TriggerState:
     def save(self) -> None:
         if not self.path:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps({"keys": {k: v.model_dump() for k, v in self.keys.items()}}, indent=2)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".trigger-state-")
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"keys": {k: v.model_dump() for k, v in self.keys.items()}}, indent=2))
