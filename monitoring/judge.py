@@ -61,7 +61,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -250,7 +250,7 @@ def _pp(value: float) -> str:
 
 
 def _explain(name: str, decision: Decision, estimate: float, lower: float, upper: float, min_effect: float,
-             samples: float, min_samples: int, fmt) -> str:
+             samples: float, min_samples: int, fmt: Callable[[float], str]) -> str:
     interval = f"{fmt(estimate)} [{fmt(lower)}, {fmt(upper)}]"
     if decision == "fail":
         return f"{name} {interval}: a regression (lower bound > 0) of at least {fmt(min_effect).lstrip('+')}: fail"

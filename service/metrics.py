@@ -12,6 +12,7 @@ import, each worker writes its samples to files there, and /metrics sums them.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess
+
+from loragate.common.catalog import Route
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -144,16 +147,16 @@ class Metrics:
             "loragate_feedback_score", "Scores given as feedback.", rv, buckets=SCORE_BUCKETS, registry=r)
 
         self._variants: dict[tuple[str, str], VariantMetrics] = {}
-        self._route_in_flight: dict[str, object] = {}
+        self._route_in_flight: dict[str, Gauge] = {}
 
-    def set_rollout_weights(self, routes) -> None:
+    def set_rollout_weights(self, routes: Mapping[str, Route]) -> None:
         self.rollout_weight.clear()
         for route in routes.values():
             total = sum(v.weight for v in route.variants) or 1.0
             for variant in route.variants:
                 self.rollout_weight.labels(route.name, variant.name).set(variant.weight / total)
 
-    def route_in_flight(self, route: str):
+    def route_in_flight(self, route: str) -> Gauge:
         found = self._route_in_flight.get(route)
         if found is None:
             found = self._route_in_flight[route] = self.in_flight.labels(route)

@@ -37,11 +37,14 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from loragate.common.logschema import FEEDBACK, REQUESTS
 from loragate.common.scrub import scrub
 from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode, feedback_row, request_row
+
+if TYPE_CHECKING:  # not at run time: the conversion process imports this module too
+    from loragate.service.metrics import Metrics
 
 log = logging.getLogger("loragate.requestlog")
 
@@ -220,7 +223,7 @@ class RequestLog:
     def __init__(
         self,
         store: Store | Callable[[], Store],
-        metrics,
+        metrics: Metrics,
         *,
         convert: Literal["thread", "process"] = "thread",
         text_mode: TextMode = "scrubbed",
