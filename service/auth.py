@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from loragate.service.errors import GatewayError
 from loragate.service.limits import Limiter, LocalLimiter, Refusal
 from loragate.service.metrics import Metrics
-from loragate.common.watched import WatchedFile
+from loragate.common.watched import ReloadingFile
 
 log = logging.getLogger("loragate.auth")
 
@@ -172,9 +172,15 @@ class KeyStore:
     def __init__(self, path: Path | None = None, inline: str | None = None) -> None:
         self.path = path
         self._inline = parse_keys(inline, "LORAGATE_API_KEYS") if inline else []
-        self._watched = WatchedFile(path)
-        self.by_hash = index_keys([*self._inline, *self._load_file()])
-        self.last_error: str | None = None
+        self._file = ReloadingFile(path, lambda: index_keys([*self._inline, *self._load_file()]))
+
+    @property
+    def by_hash(self) -> dict[str, ApiKey]:
+        return self._file.current
+
+    @property
+    def last_error(self) -> str | None:
+        return self._file.last_error
 
     def _load_file(self) -> list[ApiKey]:
         if self.path is None:
@@ -187,15 +193,7 @@ class KeyStore:
 
     def reload_if_changed(self) -> bool:
         """True when new keys were loaded; raises KeysError on a bad file (the last good keys stay)."""
-        if not self._watched.changed():
-            return False
-        try:
-            self.by_hash = index_keys([*self._inline, *self._load_file()])
-        except KeysError as exc:
-            self.last_error = str(exc)
-            raise
-        self.last_error = None
-        return True
+        return self._file.reload_if_changed()
 
     def keys(self) -> list[ApiKey]:
         return sorted(self.by_hash.values(), key=lambda k: k.id)

@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from loragate.common.watched import WatchedFile
+from loragate.common.watched import ReloadingFile
 
 BASE = "base"  # the name of the implicit variant that serves the base model
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -221,17 +221,8 @@ def load_catalog(path: Path) -> Catalog:
     return parse_catalog(text, str(path))
 
 
-class CatalogFile:
-    """The catalog from a file, reloaded when the file changes; a bad edit keeps the last good one."""
+class CatalogFile(ReloadingFile[Catalog]):
+    """The catalog from a file, reloaded when the file changes; a bad edit (CatalogError) keeps the last good one."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._watched = WatchedFile(path)
-        self.current = load_catalog(path)
-
-    def reload_if_changed(self) -> bool:
-        """Returns True when a new catalog was loaded; raises CatalogError on a bad file."""
-        if not self._watched.changed():
-            return False
-        self.current = load_catalog(self.path)  # a CatalogError leaves the last good catalog in place
-        return True
+        super().__init__(path, lambda: load_catalog(path))
