@@ -312,20 +312,31 @@ def rollouts() -> dict:
     board.panel("Rollout decisions", [(
         f"sum by (route, canary, action) (increase(loragate_rollout_transitions_total{{{rc}}}[{RATE}]))",
         "{{route}} / {{canary}}: {{action}}")], stack=True, w=8,
-        description="step: a passing analysis moved the canary up; hold: inconclusive (too little canary "
-                    "traffic), failing below failure_limit, or Prometheus unreachable.")
-    for title, check, unit in (("Analysis: error-rate increase (canary - stable, 5xx)", "error_rate_increase",
-                                "percentunit"),
-                               ("Analysis: p95 latency ratio (canary / stable)", "latency_p95_ratio", "short"),
-                               ("Analysis: fallback rate of the canary", "fallback_rate", "percentunit"),
-                               ("Analysis: canary requests in the window", "canary_requests", "short")):
-        board.panel(title, [(f'max by (route, canary) (loragate_rollout_analysis{{{rc}, check="{check}"}})',
-                             "{{route}} / {{canary}}")], unit=unit, w=6,
-                    description="The value the last analysis measured; its threshold is in the monitor config.")
-    board.panel("Last analysis, every check", [(
-        f"max by (route, canary, check) (loragate_rollout_analysis{{{rc}}})",
-        "{{route}} / {{canary}}: {{check}}")], kind="table", w=24, h=6,
-        description="NaN: not measurable in the window (e.g. no stable traffic, or too few feedback scores).")
+        description="step: a passing analysis moved the canary up; hold: inconclusive (not enough data yet "
+                    "to rule out a regression that matters), failing below failure_limit, or Prometheus unreachable.")
+    board.panel("Stalled rollouts (max_holds inconclusive analyses: held for good)", [(
+        f"max by (route, canary) (loragate_rollout_stalled{{{rc}}})", "{{route}} / {{canary}}")],
+        kind="stat", w=6, h=4, thresholds=[(None, "green"), (1, "red")],
+        description="A stalled rollout keeps its step and is never promoted; alert LoragateRolloutStalled. "
+                    "loragate rollout promote|rollback decides.")
+    board.panel("Decision per check (1 pass, 0 inconclusive, -1 fail)", [(
+        f"max by (route, canary, check) (loragate_rollout_decision{{{rc}}})", "{{route}} / {{canary}}: {{check}}")],
+        w=18, h=4, description="check=analysis is the whole analysis: it fails when any check fails and passes "
+                                "when every check passes (monitoring/judge.py).")
+    for title, check in (("5xx share, canary - stable", "error_rate"),
+                         ("Fallback share, canary - stable", "fallback_rate"),
+                         ("Latency: extra share of canary requests slower than a bucket bound", "latency")):
+        board.panel(f"Analysis: {title}", [
+            (f'max by (route, canary) (loragate_rollout_analysis{{{rc}, check="{check}", figure="{figure}"}})',
+             f"{{{{route}}}} / {{{{canary}}}}: {figure}") for figure in ("estimate", "lower", "upper", "min_effect")],
+            unit="percentunit", w=8,
+            description="The difference and its always-valid interval from the last analysis. Fail: lower > 0 "
+                        "and estimate >= min_effect; pass: upper < min_effect (with min_samples).")
+    board.panel("Last analysis, every check and figure", [(
+        f"max by (route, canary, check, figure) (loragate_rollout_analysis{{{rc}}})",
+        "{{route}} / {{canary}}: {{check}} {{figure}}")], kind="table", w=24, h=8,
+        description="estimate, interval (lower, upper), min_effect, samples (canary) and min_samples per check; "
+                    "NaN: not measurable in the window (e.g. no latency buckets at or above the floor).")
     return board.json()
 
 

@@ -1,74 +1,70 @@
-"""Measuring a canary: the PromQL over the gateway's counters, and its answers as Measurements."""
+"""Measuring a canary: the PromQL over the gateway's counters and histograms, its answers as the judge's Observed."""
 
 from __future__ import annotations
 
 import asyncio
 import math
-from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
+from loragate.monitoring.judge import Observed
 from loragate.monitoring.prometheus import Prometheus, selector
 from loragate.monitoring.rollout.config import CanaryConfig
 
-
-@dataclass
-class Measurements:
-    """Counts over the analysis window, from the gateway's counters."""
-
-    canary_answered: float = 0.0  # loragate_requests_total{variant=canary}
-    canary_errors: float = 0.0  # ... status_class="5xx"
-    canary_fallbacks: float = 0.0  # loragate_fallbacks_total{variant=canary}
-    stable_answered: float = 0.0
-    stable_errors: float = 0.0
-    stable_fallbacks: float = 0.0
-    canary_p95_s: float | None = None
-    stable_p95_s: float | None = None
-    feedback_count: float = 0.0
-    feedback_sum: float = 0.0
-
-    @property
-    def canary_routed(self) -> float:
-        return self.canary_answered + self.canary_fallbacks
-
-    @property
-    def stable_routed(self) -> float:
-        return self.stable_answered + self.stable_fallbacks
-
-
 def analysis_queries(route: str, canary: str, stable: str, window_s: float) -> dict[str, str]:
-    """PromQL for each field of Measurements over the last ``window_s`` (instant queries)."""
+    """PromQL for each field of Observed over the last ``window_s`` (instant queries).
+
+    Requests routed to a variant = answered by it (``loragate_requests_total``) + moved off it to the
+    fallback chain (``loragate_fallbacks_total``). ``<role>_latency`` answers one sample per bucket
+    (label ``le``, cumulative, +Inf included).
+    """
     window = f"{max(1, math.ceil(window_s))}s"
 
     def sel(variant: str, extra: str = "") -> str:
         return selector({"route": route, "variant": variant}, extra)
 
+    def increase(metric: str, variant: str, extra: str = "") -> str:
+        return f"sum(increase({metric}{sel(variant, extra)}[{window}]))"
+
     queries: dict[str, str] = {}
     for role, variant in (("canary", canary), ("stable", stable)):
-        queries[f"{role}_answered"] = f"sum(increase(loragate_requests_total{sel(variant)}[{window}]))"
-        errors = sel(variant, 'status_class="5xx"')
-        queries[f"{role}_errors"] = f"sum(increase(loragate_requests_total{errors}[{window}]))"
-        queries[f"{role}_fallbacks"] = f"sum(increase(loragate_fallbacks_total{sel(variant)}[{window}]))"
-        queries[f"{role}_p95_s"] = (f"histogram_quantile(0.95, sum by (le) "
-                                    f"(increase(loragate_request_duration_seconds_bucket{sel(variant)}[{window}])))")
-    queries["feedback_count"] = f"sum(increase(loragate_feedback_score_count{sel(canary)}[{window}]))"
-    queries["feedback_sum"] = f"sum(increase(loragate_feedback_score_sum{sel(canary)}[{window}]))"
+        answered = f"sum(increase(loragate_requests_total{sel(variant)}[{window}]))"
+        fallbacks = increase("loragate_fallbacks_total", variant)
+        queries[f"{role}_routed"] = f"({answered} or vector(0)) + ({fallbacks} or vector(0))"
+        queries[f"{role}_errors"] = increase("loragate_requests_total", variant, 'status_class="5xx"')
+        queries[f"{role}_fallbacks"] = fallbacks
+        queries[f"{role}_feedback_sum"] = increase("loragate_feedback_score_sum", variant)
+        queries[f"{role}_feedback_count"] = increase("loragate_feedback_score_count", variant)
+        queries[f"{role}_latency"] = (f"sum by (le) (increase(loragate_request_duration_seconds_bucket"
+                                      f"{sel(variant)}[{window}]))")
     return queries
 
 
+def buckets(result: list[dict[str, Any]]) -> dict[float, float]:
+    """{upper bound: cumulative count} from a ``sum by (le)`` vector (NaN counts dropped)."""
+    found = {}
+    for sample in result:
+        count = float(sample["value"][1])
+        if math.isfinite(count):
+            found[float(sample["metric"]["le"])] = count  # float("+Inf") is inf
+    return found
+
+
 class MetricsSource(Protocol):
-    async def measure(self, config: CanaryConfig, window_s: float) -> Measurements: ...
+    async def measure(self, config: CanaryConfig, window_s: float) -> Observed: ...
 
 
 class PrometheusAnalysis:
-    """Measurements from instant queries over Prometheus' HTTP API (one query per field, concurrently)."""
+    """Observed counts and buckets from instant queries over the monitor's Prometheus client, concurrently."""
 
     def __init__(self, prometheus: Prometheus) -> None:
         self.prometheus = prometheus
 
-    async def measure(self, config: CanaryConfig, window_s: float) -> Measurements:
+    async def measure(self, config: CanaryConfig, window_s: float) -> Observed:
         queries = analysis_queries(config.route, config.canary, config.stable, window_s)
         async with self.prometheus.session() as session:
-            values = await asyncio.gather(*(self.prometheus.value(q, session=session) for q in queries.values()))
-        found = dict(zip(queries, values))
-        counts = {k: v or 0.0 for k, v in found.items() if not k.endswith("_p95_s")}  # no series: none counted
-        return Measurements(**counts, canary_p95_s=found.get("canary_p95_s"), stable_p95_s=found.get("stable_p95_s"))
+            answers = await asyncio.gather(*(
+                self.prometheus.query(q, session=session) if name.endswith("_latency")
+                else self.prometheus.value(q, session=session) for name, q in queries.items()))
+        found = dict(zip(queries, answers))
+        return Observed(**{name: (buckets(value) if name.endswith("_latency") else value or 0.0)  # no series: 0
+                           for name, value in found.items()})

@@ -1,21 +1,16 @@
-"""The ``rollouts`` section of the monitor YAML: where the weights go, and each canary's steps and thresholds."""
+"""The ``rollouts`` section of the monitor YAML: where the weights go, and each canary's steps and judge."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from loragate.monitoring.judge import JudgeConfig
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class Thresholds(_Strict):
-    max_error_rate_increase: float = Field(0.01, ge=0, description="canary 5xx share minus stable 5xx share")
-    max_latency_p95_ratio: float = Field(1.5, gt=0, description="canary p95 / stable p95")
-    latency_floor_s: float = Field(0.1, ge=0, description="both p95 values are raised to this before dividing")
-    max_fallback_rate: float = Field(0.05, ge=0, le=1, description="share of canary traffic moved off it")
-    min_feedback_score: float | None = Field(None, description="mean canary feedback score must be at least this")
-    min_feedback: int = Field(20, ge=1, description="fewer canary scores: the feedback check is not judged")
 
 
 class CanaryConfig(_Strict):
@@ -24,10 +19,22 @@ class CanaryConfig(_Strict):
     canary: str
     steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0])
     interval_s: float = Field(300, gt=0, description="time between two analyses (and the least time on a step)")
-    min_requests: int = Field(50, ge=1, description="canary requests an analysis needs; fewer: hold")
     failure_limit: int = Field(1, ge=1, description="failing analyses in a row that roll back")
+    max_holds: int = Field(12, ge=1, description="inconclusive analyses in a row on one step before the rollout "
+                                                 "stalls: it keeps the step, alerts, and is never promoted")
     max_window_s: float = Field(3600, gt=0, description="longest analysis window (the step's traffic so far)")
-    thresholds: Thresholds = Field(default_factory=Thresholds)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _replaced(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = [key for key in ("thresholds", "min_requests") if key in data]
+            if old:
+                raise ValueError(f"{' and '.join(old)}: the threshold judge was replaced by the statistical judge; "
+                                 "set judge: {alpha, beta, error_rate/fallback_rate/latency/feedback: "
+                                 "{min_effect, min_samples}} (docs/monitoring.md)")
+        return data
 
     @field_validator("steps")
     @classmethod
@@ -44,6 +51,10 @@ class CanaryConfig(_Strict):
     def _two_variants(self) -> "CanaryConfig":
         if self.canary == self.stable:
             raise ValueError(f"canary and stable are both {self.canary!r}")
+        if self.max_holds * self.interval_s > self.max_window_s:
+            # The judge's intervals hold over a step's growing window; a window that slid would void them.
+            raise ValueError(f"max_holds x interval_s ({self.max_holds} x {self.interval_s:g} s) must fit in "
+                             f"max_window_s ({self.max_window_s:g} s): the analysis window is the whole step")
         return self
 
 

@@ -12,7 +12,8 @@ from loragate.common.catalog import CatalogError
 from loragate.monitoring.rollout.analysis import MetricsSource
 from loragate.monitoring.rollout.config import CanaryConfig, RolloutsConfig
 from loragate.monitoring.rollout.errors import RolloutError, RoutesConflict
-from loragate.monitoring.rollout.judge import Analysis, judge
+from loragate.monitoring.judge import Verdict
+from loragate.monitoring.rollout.judge import analyse
 from loragate.monitoring.rollout.metrics import RolloutMetrics
 from loragate.monitoring.rollout.routes import RoutesConfigMap, RoutesFile, RoutesSource, current_weights, set_weights
 from loragate.monitoring.rollout.state import RolloutStatus, RolloutStore
@@ -26,7 +27,7 @@ class Transition:
     action: str  # step, promote, rollback, hold
     weight: float
     reason: str
-    analysis: Analysis | None = None
+    analysis: Verdict | None = None
 
 
 class RolloutController:
@@ -104,7 +105,8 @@ class RolloutController:
                         if await self.apply(spec, status.weight):
                             log.warning("rollout %s: weights re-applied from the state (%g%%)", spec.route, status.weight)
                         self._applied.add(spec.route)
-                    if now - (status.last_analysis_at or status.step_started_at) >= spec.interval_s:
+                    due = now - (status.last_analysis_at or status.step_started_at) >= spec.interval_s
+                    if due and not status.stalled:  # a stalled rollout holds for good: a person decides
                         status, transition = await self._analyse(spec, status, now)
                         transitions.append(transition)
                 self.errors.pop(spec.route, None)
@@ -140,26 +142,28 @@ class RolloutController:
         try:
             if self.source is None:
                 raise RolloutError("no prometheus_url: the canary cannot be analysed")
-            analysis = judge(spec, await self.source.measure(spec, window_s))
+            verdict = analyse(spec, await self.source.measure(spec, window_s))
         except Exception as exc:
             reason = f"analysis failed: {exc}"
-            status.last_analysis = {"verdict": "error", "values": {}, "failed": [], "reason": reason}
+            status.last_analysis = {"verdict": "error", "reason": reason, "checks": {}, "at": now}
             status.record("hold", now, reason)
             self.store.commit(status, expected)
             self.metrics.record(spec.route, spec.canary, "hold")
             log.warning("rollout %s: %s; holding", spec.route, reason)
             return status, Transition(spec.route, "hold", status.weight, reason)
 
-        status.last_analysis = {**analysis.as_dict(), "at": now, "window_s": window_s}
-        action, reason = "hold", analysis.reason
+        explained = verdict.as_dict()
+        status.last_analysis = {"verdict": explained.pop("decision"), "reason": explained.pop("explanation"),
+                                **explained, "at": now, "window_s": window_s, "step": status.weight}
+        action, reason = "hold", verdict.explanation
         target: float | None = None
-        if analysis.verdict == "fail":
+        if verdict.decision == "fail":
             status.failures += 1
             if status.failures >= spec.failure_limit:
                 action, target = "rollback", 0.0
             else:
                 reason = f"{reason} (failure {status.failures} of {spec.failure_limit})"
-        elif analysis.verdict == "pass":
+        elif verdict.decision == "pass":
             status.failures = 0
             following = status.step_index + 1
             if following >= len(spec.steps) or spec.steps[following] >= 100:
@@ -170,14 +174,20 @@ class RolloutController:
         if target is not None:
             self.store.check(spec.route, expected)  # e.g. `loragate rollout promote` meanwhile: its weights win
             await self.apply(spec, target)
-            status.weight, status.step_started_at = target, now
+            status.weight, status.step_started_at, status.holds = target, now, 0
             status.state = ("promoted" if action == "promote" else
                             "rolled_back" if action == "rollback" else "progressing")
+        else:
+            status.holds += 1
+            if status.holds >= spec.max_holds:
+                status.stalled = True
+                reason = (f"{reason}; stalled after {status.holds} analyses on this step: held for good and never "
+                          f"promoted (loragate rollout promote|rollback decides)")
         status.record(action, now, reason)
         self.store.commit(status, expected)
-        self.metrics.record(spec.route, spec.canary, action, analysis)
-        log.info("rollout %s: %s -> %s at %g%% (%s)", spec.route, analysis.verdict, action, status.weight, reason)
-        return status, Transition(spec.route, action, status.weight, reason, analysis)
+        self.metrics.record(spec.route, spec.canary, action, verdict)
+        log.info("rollout %s: %s -> %s at %g%% (%s)", spec.route, verdict.decision, action, status.weight, reason)
+        return status, Transition(spec.route, action, status.weight, reason, verdict)
 
     async def override(self, route: str, action: Literal["promote", "rollback"], *, reason: str = "manual",
                        now: float | None = None) -> RolloutStatus:
@@ -191,7 +201,7 @@ class RolloutController:
             status = RolloutStatus(route=route, canary=spec.canary, stable=spec.stable, started_at=now)
         target = 100.0 if action == "promote" else 0.0
         await self.apply(spec, target)
-        status.weight, status.step_started_at, status.failures = target, now, 0
+        status.weight, status.step_started_at, status.failures, status.holds, status.stalled = target, now, 0, 0, False
         status.state = "promoted" if action == "promote" else "rolled_back"
         status.record(action, now, reason)
         self.store.commit(status, old.revision if old else None)

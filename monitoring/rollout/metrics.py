@@ -1,17 +1,20 @@
-"""The rollout series on the monitor's /metrics: step, state, transitions, last analysis values."""
+"""The rollout series on the monitor's /metrics: step, state, transitions, and the last analysis explained."""
 
 from __future__ import annotations
 
 import math
 from typing import TYPE_CHECKING
 
-from loragate.monitoring.rollout.judge import CHECKS, Analysis
+from loragate.monitoring.judge import CHECKS, Verdict
 from loragate.monitoring.rollout.state import STATES, RolloutStatus
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 ACTIONS = ("step", "promote", "rollback", "hold")
+FIGURES = ("estimate", "lower", "upper", "min_effect", "samples", "min_samples")
+DECISION_VALUES = {"pass": 1, "inconclusive": 0, "fail": -1}
+OVERALL = "analysis"  # the decision series of the whole analysis, beside one per check
 
 
 class RolloutMetrics:
@@ -24,12 +27,19 @@ class RolloutMetrics:
         self.state = Gauge("loragate_rollout_state",
                            "1 for the rollout's current state (progressing, promoted, rolled_back), else 0.",
                            (*rc, "state"), registry=r)
+        self.stalled = Gauge("loragate_rollout_stalled",
+                             "1 while a rollout holds its step for good: max_holds inconclusive analyses in a row.",
+                             rc, registry=r)
         self.transitions = Counter("loragate_rollout_transitions",
                                    "Rollout decisions by action (step, promote, rollback, hold).",
                                    (*rc, "action"), registry=r)
         self.analysis = Gauge("loragate_rollout_analysis",
-                              "Last measured value of each canary analysis check (NaN: not measurable).",
-                              (*rc, "check"), registry=r)
+                              "Last canary analysis, per check: the difference canary - stable (estimate), its "
+                              "interval (lower, upper), the min effect that matters, the canary's samples and the "
+                              "min samples (NaN: not measurable).", (*rc, "check", "figure"), registry=r)
+        self.decision = Gauge("loragate_rollout_decision",
+                              "Last canary analysis decision per check and for the whole analysis (check=analysis): "
+                              "1 pass, 0 inconclusive (hold), -1 fail.", (*rc, "check"), registry=r)
         self._shown: dict[str, str] = {}  # route -> canary whose series exist
 
     def show(self, status: RolloutStatus) -> None:
@@ -42,12 +52,15 @@ class RolloutMetrics:
                 self.transitions.labels(route, canary, action)
             self._shown[route] = canary
         self.step.labels(route, canary).set(status.weight)
+        self.stalled.labels(route, canary).set(1 if status.stalled and status.state == "progressing" else 0)
         for state in STATES:
             self.state.labels(route, canary, state).set(1 if status.state == state else 0)
 
     def forget(self, route: str, canary: str) -> None:
-        for metric, extra in ((self.step, [()]), (self.state, [(s,) for s in STATES]),
-                              (self.transitions, [(a,) for a in ACTIONS]), (self.analysis, [(c,) for c in CHECKS])):
+        for metric, extra in ((self.step, [()]), (self.stalled, [()]), (self.state, [(s,) for s in STATES]),
+                              (self.transitions, [(a,) for a in ACTIONS]),
+                              (self.analysis, [(c, f) for c in CHECKS for f in FIGURES]),
+                              (self.decision, [(c,) for c in (*CHECKS, OVERALL)])):
             for labels in extra:
                 try:
                     metric.remove(route, canary, *labels)
@@ -55,9 +68,13 @@ class RolloutMetrics:
                     pass
         self._shown.pop(route, None)
 
-    def record(self, route: str, canary: str, action: str, analysis: Analysis | None = None) -> None:
+    def record(self, route: str, canary: str, action: str, verdict: Verdict | None = None) -> None:
         self.transitions.labels(route, canary, action).inc()
-        if analysis is not None:
-            for check in CHECKS:
-                value = analysis.values.get(check)
-                self.analysis.labels(route, canary, check).set(math.nan if value is None else value)
+        if verdict is None:
+            return
+        self.decision.labels(route, canary, OVERALL).set(DECISION_VALUES[verdict.decision])
+        for result in verdict.checks:
+            self.decision.labels(route, canary, result.check).set(DECISION_VALUES[result.decision])
+            for figure in FIGURES:
+                value = getattr(result, figure)
+                self.analysis.labels(route, canary, result.check, figure).set(math.nan if value is None else value)

@@ -26,6 +26,8 @@ class RolloutStatus(BaseModel):
     step_started_at: float = 0.0
     last_analysis_at: float | None = None
     failures: int = 0  # failing analyses in a row
+    holds: int = 0  # analyses on this step that did not move it, in a row
+    stalled: bool = False  # max_holds reached: the step is held for good (no more analyses), never promoted
     revision: int = 0  # bumped on every saved change: a concurrent writer is noticed
     last_analysis: dict[str, Any] | None = None
     history: list[dict[str, Any]] = Field(default_factory=list)

@@ -144,7 +144,7 @@ def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: i
         "rollouts": {
             "routes_file": str(routes_copy),
             "state_file": str(directory / "rollouts.json"),
-            "canaries": [{"route": "split", "stable": "v1", "canary": "v2", "interval_s": 1, "min_requests": 1}],
+            "canaries": [{"route": "split", "stable": "v1", "canary": "v2", "interval_s": 1}],
         },
     }
     path = directory / "monitor.yaml"
@@ -211,7 +211,7 @@ def prometheus(gateway, engine, tmp_path_factory) -> str:
         # Two scrapes of the trigger counter, so increase() over it has data.
         _wait_for(url, "count_over_time(loragate_retraining_triggers_total[1m]) > 1", timeout_s=15)
         # A rollout analysis of split (every second), and two scrapes of its decisions counter.
-        _wait_for(url, 'loragate_rollout_analysis{job="loragate-monitor", check="canary_requests"}', timeout_s=15)
+        _wait_for(url, 'loragate_rollout_analysis{job="loragate-monitor", check="error_rate", figure="samples"}', timeout_s=15)
         _wait_for(url, "count_over_time(loragate_rollout_transitions_total[1m]) > 1", timeout_s=15)
         time.sleep(3)  # a few more scrapes and rule evaluations
         yield url
@@ -293,5 +293,8 @@ def test_rollout_series_come_from_the_real_monitor(prometheus):
     step = _query(prometheus, f"loragate_rollout_step{{{labels}}}")["data"]["result"]
     assert step and float(step[0]["value"][1]) in (0, 5, 25, 50, 100)
     checks = _query(prometheus, f"loragate_rollout_analysis{{{labels}}}")["data"]["result"]
-    assert {r["metric"]["check"] for r in checks} == {"canary_requests", "error_rate_increase", "latency_p95_ratio",
-                                                      "fallback_rate", "feedback_score"}
+    assert {r["metric"]["check"] for r in checks} == {"error_rate", "fallback_rate", "latency"}
+    assert {r["metric"]["figure"] for r in checks} == {"estimate", "lower", "upper", "min_effect", "samples",
+                                                       "min_samples"}
+    decisions = _query(prometheus, f"loragate_rollout_decision{{{labels}}}")["data"]["result"]
+    assert {r["metric"]["check"] for r in decisions} == {"analysis", "error_rate", "fallback_rate", "latency"}

@@ -1,8 +1,9 @@
 """Rollouts: canary analysis, the promote / roll-back state machine, the routes sources, the CLI.
 
-Prometheus is faked by a MetricsSource that returns programmed Measurements (the PromQL itself
+Prometheus is faked by a MetricsSource that returns programmed Observed counts (the PromQL itself
 runs against a real Prometheus in tests/integration/test_rollout_e2e.py); the routes ConfigMap
-by a stand-in for kubernetes.client.CoreV1Api: no cluster exists on this machine.
+by a stand-in for kubernetes.client.CoreV1Api: no cluster exists on this machine. The judge's
+statistics have their own tests (tests/unit/test_judge.py).
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from loragate.monitoring.commands import rollout_command
+from loragate.monitoring.judge import Observed
 from loragate.monitoring.prometheus import Prometheus
-from loragate.monitoring.rollout.analysis import Measurements, PrometheusAnalysis, analysis_queries
+from loragate.monitoring.rollout.analysis import PrometheusAnalysis, analysis_queries
 from loragate.monitoring.rollout.config import CanaryConfig, ConfigMapRef, RolloutsConfig
 from loragate.monitoring.rollout.controller import RolloutController
 from loragate.monitoring.rollout.errors import RolloutError
-from loragate.monitoring.rollout.judge import judge
+from loragate.monitoring.rollout.judge import analyse
 from loragate.monitoring.rollout.metrics import RolloutMetrics
 from loragate.monitoring.rollout.routes import RoutesConfigMap, RoutesFile, set_weights
 from loragate.monitoring.service import Monitor, MonitorConfig
@@ -44,15 +46,29 @@ routes:
     variants:
       - {name: base, weight: 1}
 """
-HEALTHY = Measurements(canary_answered=100, stable_answered=900, canary_p95_s=0.4, stable_p95_s=0.4)
-FAILING = Measurements(canary_answered=0, canary_fallbacks=100, stable_answered=900, stable_p95_s=0.4)
-QUIET = Measurements(canary_answered=3, stable_answered=50)
+
+
+def latency(n: float, slow: float = 0.0) -> dict[float, float]:
+    """Cumulative buckets: ``slow`` of ``n`` requests took 1-2.5 s, the rest under 0.1 s."""
+    return {0.1: n - slow, 0.25: n - slow, 1.0: n - slow, 2.5: n, math.inf: n}
+
+
+def observed(canary: float, stable: float, *, errors=(0, 0), fallbacks=(0, 0), slow=(0, 0)) -> Observed:
+    return Observed(canary_routed=canary, canary_errors=errors[0], canary_fallbacks=fallbacks[0],
+                    stable_routed=stable, stable_errors=errors[1], stable_fallbacks=fallbacks[1],
+                    canary_latency=latency(canary - fallbacks[0], slow[0]),
+                    stable_latency=latency(stable - fallbacks[1], slow[1]))
+
+
+HEALTHY = observed(2000, 8000, errors=(20, 80), slow=(100, 400))  # the same shares on both sides
+FAILING = observed(200, 8000, fallbacks=(100, 0))  # clients got the fallback's 200s
+QUIET = observed(3, 50)
 
 
 class FakePrometheus:
-    """A MetricsSource that answers each analysis with the next programmed Measurements."""
+    """A MetricsSource that answers each analysis with the next programmed Observed counts."""
 
-    def __init__(self, *answers: Measurements | Exception) -> None:
+    def __init__(self, *answers: Observed | Exception) -> None:
         self.answers = list(answers)
         self.windows: list[float] = []
 
@@ -66,7 +82,7 @@ class FakePrometheus:
 
 def spec(**overrides) -> CanaryConfig:
     return CanaryConfig(**{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 25, 50, 100],
-                           "interval_s": 60, "min_requests": 20, **overrides})
+                           "interval_s": 60, **overrides})
 
 
 def controller(tmp_path, source, *, routes=None, **spec_overrides) -> RolloutController:
@@ -87,49 +103,23 @@ def sample(c: RolloutController, name: str, **labels) -> float | None:
     return c.metrics.registry.get_sample_value(name, {"route": "support", "canary": "v2", **labels})
 
 
-# --- judging -----------------------------------------------------------------------------------
+# --- the rollout's judge -------------------------------------------------------------------------
 
-def test_judge_passes_a_healthy_canary_and_reports_every_check():
-    analysis = judge(spec(), HEALTHY)
-    assert analysis.verdict == "pass"
-    assert analysis.values == {"canary_requests": 100, "error_rate_increase": 0.0, "latency_p95_ratio": 1.0,
-                               "fallback_rate": 0.0, "feedback_score": None}
-
-
-def test_judge_fails_a_canary_hidden_by_the_fallback():
-    """Clients got 200s from the fallback; only the fallback rate shows the canary fails."""
-    analysis = judge(spec(), FAILING)
-    assert analysis.verdict == "fail" and analysis.failed == ["fallback_rate"]
-    assert analysis.values["fallback_rate"] == 1.0 and analysis.values["canary_requests"] == 100
-
-
-@pytest.mark.parametrize("measured, failed", [
-    (Measurements(canary_answered=100, canary_errors=5, stable_answered=900, stable_errors=9), ["error_rate_increase"]),
-    (Measurements(canary_answered=100, canary_errors=1, stable_answered=900, stable_errors=9), []),  # same rate
-    (Measurements(canary_answered=100, stable_answered=900, canary_p95_s=1.0, stable_p95_s=0.5), ["latency_p95_ratio"]),
-    # Under the floor (0.1 s) latency differences are noise: 0.004 vs 0.001 s is no regression.
-    (Measurements(canary_answered=100, stable_answered=900, canary_p95_s=0.004, stable_p95_s=0.001), []),
-    # No stable traffic: latency is not judged, errors are compared with 0.
-    (Measurements(canary_answered=100, canary_p95_s=3.0), []),
-    (Measurements(canary_answered=100, canary_errors=2), ["error_rate_increase"]),
-])
-def test_judge_thresholds(measured, failed):
-    analysis = judge(spec(), measured)
-    assert analysis.failed == failed and analysis.verdict == ("fail" if failed else "pass")
-
-
-def test_judge_feedback_only_when_configured_and_with_enough_scores():
-    thresholds = {"min_feedback_score": 0.6, "min_feedback": 10}
-    low = Measurements(canary_answered=100, feedback_count=20, feedback_sum=8)
-    assert judge(spec(thresholds=thresholds), low).failed == ["feedback_score"]
-    assert judge(spec(), low).verdict == "pass"  # no feedback threshold configured
-    few = Measurements(canary_answered=100, feedback_count=5, feedback_sum=0)
-    assert judge(spec(thresholds=thresholds), few).values["feedback_score"] is None
-
-
-def test_judge_is_inconclusive_with_too_little_canary_traffic():
-    analysis = judge(spec(), QUIET)
-    assert analysis.verdict == "inconclusive" and "3 canary requests, 20 needed" in analysis.reason
+def test_the_rollout_judges_with_its_canary_settings():
+    assert analyse(spec(), HEALTHY).decision == "pass"
+    failing = analyse(spec(), FAILING)
+    assert failing.decision == "fail" and [c.check for c in failing.checks if c.decision == "fail"] == ["fallback_rate"]
+    assert analyse(spec(), QUIET).decision == "inconclusive"
+    # A stricter min effect on errors and more samples: the same counts no longer pass.
+    strict = spec(judge={"error_rate": {"min_effect": 0.001}, "latency": {"min_samples": 5000}})
+    verdict = analyse(strict, HEALTHY)
+    assert verdict.decision == "inconclusive"
+    assert {c.check: c.decision for c in verdict.checks} == {
+        "error_rate": "inconclusive", "fallback_rate": "pass", "latency": "inconclusive"}
+    # alpha is shared over the steps the rollout analyses: fewer steps, wider share each.
+    two = analyse(spec(steps=[50, 100]), HEALTHY).check("error_rate")
+    three = analyse(spec(), HEALTHY).check("error_rate")
+    assert two.alpha_fail == pytest.approx(3 * three.alpha_fail)
 
 
 # --- the state machine -------------------------------------------------------------------------
@@ -154,8 +144,15 @@ async def test_passing_analyses_step_up_to_promotion(tmp_path):
     assert sample(c, "loragate_rollout_transitions_total", action="step") == 3
     assert sample(c, "loragate_rollout_transitions_total", action="promote") == 1
     assert sample(c, "loragate_rollout_transitions_total", action="rollback") == 0
-    assert sample(c, "loragate_rollout_analysis", check="latency_p95_ratio") == 1.0
-    assert math.isnan(sample(c, "loragate_rollout_analysis", check="feedback_score"))
+    assert sample(c, "loragate_rollout_decision", check="analysis") == 1
+    assert sample(c, "loragate_rollout_decision", check="latency") == 1
+    assert sample(c, "loragate_rollout_analysis", check="latency", figure="estimate") == 0.0
+    assert sample(c, "loragate_rollout_analysis", check="latency", figure="min_effect") == 0.1
+    assert sample(c, "loragate_rollout_analysis", check="error_rate", figure="samples") == 2000
+    assert sample(c, "loragate_rollout_analysis", check="feedback", figure="estimate") is None  # not configured
+    checks = status["last_analysis"]["checks"]
+    assert status["last_analysis"]["verdict"] == "pass" and set(checks) == {"error_rate", "fallback_rate", "latency"}
+    assert checks["error_rate"]["lower"] < 0 < checks["error_rate"]["upper"] < checks["error_rate"]["min_effect"]
 
 
 async def test_a_failing_analysis_rolls_back(tmp_path):
@@ -163,11 +160,13 @@ async def test_a_failing_analysis_rolls_back(tmp_path):
     await c.tick(now=0)
     await c.tick(now=60)  # pass: 25 %
     (transition,) = await c.tick(now=120)
-    assert transition.action == "rollback" and transition.analysis.failed == ["fallback_rate"]
+    assert transition.action == "rollback" and transition.analysis.check("fallback_rate").decision == "fail"
     assert weights(tmp_path)["v2"] == 0 and weights(tmp_path)["v1"] == 100
     assert c.status()["support"]["state"] == "rolled_back"
     assert sample(c, "loragate_rollout_state", state="rolled_back") == 1
-    assert sample(c, "loragate_rollout_analysis", check="fallback_rate") == 1.0
+    assert sample(c, "loragate_rollout_analysis", check="fallback_rate", figure="estimate") == 0.5
+    assert sample(c, "loragate_rollout_analysis", check="fallback_rate", figure="lower") > 0.02
+    assert sample(c, "loragate_rollout_decision", check="fallback_rate") == -1
     assert sample(c, "loragate_rollout_transitions_total", action="rollback") == 1
     assert await c.tick(now=500) == []  # rolled back stays rolled back
 
@@ -192,7 +191,24 @@ async def test_low_traffic_holds_the_step_and_the_window_grows(tmp_path):
     assert transition.action == "step" and weights(tmp_path)["v2"] == 25
     assert prometheus.windows == [60, 120, 180]  # the step's traffic so far
     assert sample(c, "loragate_rollout_transitions_total", action="hold") == 2
-    assert sample(c, "loragate_rollout_analysis", check="canary_requests") == 100
+    assert sample(c, "loragate_rollout_analysis", check="error_rate", figure="samples") == 2000
+
+
+async def test_a_rollout_that_never_gets_enough_data_stalls_and_is_never_promoted(tmp_path):
+    prometheus = FakePrometheus(QUIET, QUIET, QUIET, HEALTHY)
+    c = controller(tmp_path, prometheus, max_holds=3)
+    await c.tick(now=0)
+    for now in (60, 120, 180):
+        (transition,) = await c.tick(now=now)
+        assert transition.action == "hold"
+    assert "stalled after 3 analyses" in transition.reason
+    status = c.status()["support"]
+    assert status["stalled"] and status["state"] == "progressing" and weights(tmp_path)["v2"] == 5
+    assert sample(c, "loragate_rollout_stalled") == 1
+    assert await c.tick(now=240) == [] and await c.tick(now=600) == []  # no more analyses: healthy data waits
+    assert len(prometheus.windows) == 3 and weights(tmp_path)["v2"] == 5
+    await c.override("support", "rollback", reason="never got traffic", now=700)
+    assert sample(c, "loragate_rollout_stalled") == 0 and c.status()["support"]["stalled"] is False
 
 
 async def test_prometheus_errors_hold(tmp_path):
@@ -357,26 +373,37 @@ def test_analysis_queries_select_the_route_and_variants():
     assert queries["canary_errors"] == (
         'sum(increase(loragate_requests_total{route="support",variant="v2",status_class="5xx"}[60s]))')
     assert queries["canary_fallbacks"] == 'sum(increase(loragate_fallbacks_total{route="support",variant="v2"}[60s]))'
-    assert queries["stable_p95_s"].startswith("histogram_quantile(0.95, sum by (le) (increase(")
-    assert set(queries) == {f"{r}_{k}" for r in ("canary", "stable") for k in ("answered", "errors", "fallbacks", "p95_s")} | {
-        "feedback_count", "feedback_sum"}
+    assert queries["stable_routed"] == (
+        '(sum(increase(loragate_requests_total{route="support",variant="v1"}[60s])) or vector(0))'
+        ' + (sum(increase(loragate_fallbacks_total{route="support",variant="v1"}[60s])) or vector(0))')
+    assert queries["stable_latency"] == ('sum by (le) (increase(loragate_request_duration_seconds_bucket'
+                                         '{route="support",variant="v1"}[60s]))')
+    assert set(queries) == {f"{r}_{k}" for r in ("canary", "stable")
+                            for k in ("routed", "errors", "fallbacks", "latency", "feedback_sum", "feedback_count")}
 
 
-async def test_prometheus_analysis_reads_instant_queries():
-    answers = {"canary_answered": "40", "canary_fallbacks": "10", "stable_answered": "400", "canary_p95_s": "NaN"}
+async def test_prometheus_analysis_reads_counts_and_buckets():
+    answers = {"canary_routed": "50", "canary_fallbacks": "10", "stable_routed": "400", "canary_feedback_sum": "NaN"}
     queries = {q: answers.get(name) for name, q in analysis_queries("support", "v2", "v1", 60).items()}
+    latency = analysis_queries("support", "v2", "v1", 60)["canary_latency"]
+    buckets = [({"le": "0.25"}, "30"), ({"le": "1.0"}, "38.5"), ({"le": "+Inf"}, "40")]
 
     async def query(request):
-        value = queries[request.query["query"]]
-        result = [] if value is None else [{"metric": {}, "value": [0, value]}]
+        expr = request.query["query"]
+        if expr == latency:
+            result = [{"metric": labels, "value": [0, v]} for labels, v in buckets]
+        else:
+            value = queries[expr]
+            result = [] if value is None else [{"metric": {}, "value": [0, value]}]
         return web.json_response({"status": "success", "data": {"resultType": "vector", "result": result}})
 
     app = web.Application()
     app.router.add_get("/api/v1/query", query)
     async with serve(app) as port:
         m = await PrometheusAnalysis(Prometheus(f"http://127.0.0.1:{port}")).measure(spec(), 60)
-    assert (m.canary_answered, m.canary_fallbacks, m.stable_answered, m.canary_errors) == (40, 10, 400, 0)
-    assert m.canary_p95_s is None and m.stable_p95_s is None and m.canary_routed == 50
+    assert (m.canary_routed, m.canary_fallbacks, m.stable_routed, m.canary_errors) == (50, 10, 400, 0)
+    assert m.canary_feedback_sum == 0 and m.stable_latency == {}
+    assert m.canary_latency == {0.25: 30, 1.0: 38.5, math.inf: 40}
 
 
 # --- configuration, the monitor, the CLI ----------------------------------------------------------
@@ -386,7 +413,14 @@ async def test_prometheus_analysis_reads_instant_queries():
     ({"steps": [0, 50]}, "0 < w <= 100"),
     ({"steps": []}, "at least one"),
     ({"canary": "v1"}, "both 'v1'"),
-    ({"thresholds": {"max_fallback_rat": 0.1}}, "extra"),
+    ({"judge": {"fallback_rate": {"min_efect": 0.1}}}, "min_efect"),
+    ({"judge": {"latency": {"min_effect": 1.5}}}, "less than 1"),
+    ({"judge": {"alpha": 0}}, "alpha"),
+    ({"judge": {"feedback": {"score_range": [5, 1]}}}, "score_range"),
+    ({"judge": {"error_rate": None, "fallback_rate": None, "latency": None}}, "at least one check"),
+    ({"thresholds": {"max_fallback_rate": 0.1}}, "replaced by the statistical judge"),
+    ({"min_requests": 50}, "min_requests: the threshold judge was replaced"),
+    ({"max_holds": 20, "interval_s": 300, "max_window_s": 3600}, r"max_holds x interval_s \(20 x 300 s\)"),
 ])
 def test_bad_canary_configs_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
