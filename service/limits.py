@@ -9,8 +9,9 @@ waits until it is paid back (the wait is the ``Retry-After``).
 - ``LocalLimiter``: the buckets live in the process. With several workers or pods each one
   enforces the limits on its own share of the traffic.
 - ``RedisLimiter`` (``LORAGATE_LIMITS_URL=redis://...``): the same buckets in Redis, shared by every
-  gateway process. One atomic round trip per admission (a Lua script on Redis's clock), one per
-  charge (sent after the answer, not awaited by the request). Keys without limits never reach Redis.
+  gateway process, over service/resp.py. One atomic round trip per admission (a Lua script on
+  Redis's clock), one per charge (sent after the answer, not awaited by the request). Keys without
+  limits never reach Redis.
   When Redis cannot be reached it serves on its own LocalLimiter (fail open, the default) or refuses
   with 503 (``LORAGATE_LIMITS_FAIL_CLOSED=true``); each change of state is one log line and moves
   ``loragate_limits_backend``; ``probe`` (run every health interval) brings it back to Redis.
@@ -30,6 +31,10 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from loragate.service.metrics import Metrics
+from loragate.service.resp import RedisReplyError, RedisUnavailable, RespClient, encode
+
+# What "no answer from Redis" looks like: refused, reset, timed out, an error reply (LOADING, OOM, ...).
+_REDIS_ERRORS = (RedisUnavailable, RedisReplyError, OSError, asyncio.TimeoutError)
 
 log = logging.getLogger("loragate.limits")
 
@@ -213,23 +218,15 @@ class RedisLimiter:
         timeout_s: float = 0.5,
         prefix: str = REDIS_PREFIX,
     ) -> None:
-        from redis.asyncio import Redis
-        from redis.exceptions import RedisError
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        # One retry: a pooled connection that Redis closed (a restart) fails once, then reconnects.
-        self.client = Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                     retry=Retry(NoBackoff(), 1))
-        self.script = self.client.register_script(LUA_BUCKETS)
-        # What "no answer from Redis" looks like: refused, reset, timed out, a script or protocol error.
-        self._errors = (RedisError, OSError, asyncio.TimeoutError)
+        self.client = RespClient(url, timeout_s)
+        self._script = LUA_BUCKETS.encode()
+        self._sha = hashlib.sha1(self._script).hexdigest().encode()
         self.fallback = fallback or LocalLimiter()
         self.fail_closed = fail_closed
         self.retry_after_s = retry_after_s
         self.metrics = metrics
         self.prefix = prefix
-        self._keys: dict[str, str] = {}
+        self._keys: dict[str, bytes] = {}
         self._pending: set[asyncio.Task] = set()
         self._duration = metrics.limits_redis_duration
         self.backend = ""
@@ -262,8 +259,8 @@ class RedisLimiter:
         if self.backend == "redis":
             return
         try:
-            await self.client.ping()
-        except self._errors as exc:
+            await self.client.call("PING")
+        except _REDIS_ERRORS as exc:
             log.debug("limits: Redis still unreachable: %s", exc)
             return
         self._set_backend("redis", None)
@@ -271,8 +268,8 @@ class RedisLimiter:
     async def start(self) -> None:
         """A first PING so an unreachable Redis shows from the start (the gateway serves anyway)."""
         try:
-            await self.client.ping()
-        except self._errors as exc:
+            await self.client.call("PING")
+        except _REDIS_ERRORS as exc:
             self._went_down(exc)
 
     async def flush(self) -> None:
@@ -282,15 +279,26 @@ class RedisLimiter:
 
     async def close(self) -> None:
         await self.flush()
-        await self.client.aclose()
+        await self.client.close()
 
     # --- the interface ------------------------------------------------------------------
 
-    def _key(self, key_id: str) -> str:
+    def _key(self, key_id: str) -> bytes:
         found = self._keys.get(key_id)
         if found is None:
-            found = self._keys[key_id] = redis_key(key_id, self.prefix)
+            found = self._keys[key_id] = redis_key(key_id, self.prefix).encode()
         return found
+
+    async def run(self, key: LimitedKey, charge: int) -> list:
+        """One round trip of the bucket script: [reason, wait_ms]."""
+        args = (self._key(key.id), b"%d" % (key.requests_per_minute or 0), b"%d" % (key.tokens_per_minute or 0),
+                b"%d" % charge)
+        try:
+            return await self.client.execute(encode(b"EVALSHA", self._sha, b"1", *args))
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            return await self.client.execute(encode(b"EVAL", self._script, b"1", *args))  # caches it again
 
     def _down(self, key: LimitedKey) -> Outcome:
         if self.backend == "refusing":
@@ -305,9 +313,8 @@ class RedisLimiter:
     async def _admit(self, key: LimitedKey) -> Outcome:
         started = time.perf_counter()
         try:
-            reason, wait_ms = await self.script(
-                keys=(self._key(key.id),), args=(key.requests_per_minute or 0, key.tokens_per_minute or 0, 0))
-        except self._errors as exc:
+            reason, wait_ms = await self.run(key, 0)
+        except _REDIS_ERRORS as exc:
             self._went_down(exc)
             return self._down(key)
         self._duration.observe(time.perf_counter() - started)
@@ -325,8 +332,8 @@ class RedisLimiter:
 
     async def _charge(self, key: LimitedKey, tokens: int) -> None:
         try:
-            await self.script(keys=(self._key(key.id),), args=(0, key.tokens_per_minute or 0, tokens))
-        except self._errors as exc:
+            await self.run(key, tokens)
+        except _REDIS_ERRORS as exc:
             self._went_down(exc)
             self.fallback.charge(key, tokens)
 

@@ -11,19 +11,20 @@ from tests.processes import Service, free_port
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    def __init__(self, directory: Path, port: int | None = None, prefix: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server); "
                                "scripts/setup.sh --test does it")
         self.binary = binary
+        self.prefix = prefix  # e.g. ("taskset", "-c", "0") to pin it
         self.directory = directory
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.service: Service | None = None
 
     def start(self) -> "RedisServer":
-        self.service = Service([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        self.service = Service([*self.prefix, self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                 "--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "no"],
                                self.directory / "redis.log")
         deadline = time.monotonic() + 20

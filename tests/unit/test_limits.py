@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 
 from loragate.service.limits import LocalLimiter, RedisLimiter, Refusal, redis_key
 from loragate.service.metrics import Metrics
+from loragate.service.resp import RedisReplyError, RedisUnavailable, RespClient, encode, parse
 from loragate.service.settings import Settings
 from tests.processes import ROOT, free_port
 from tests.redis_server import RedisServer
@@ -35,7 +37,7 @@ async def limiter(redis_server):
     metrics = Metrics()
     shared = RedisLimiter(redis_server.url, metrics)
     await shared.start()
-    await shared.client.flushdb()
+    await shared.client.call("FLUSHDB")
     yield shared
     await shared.close()
 
@@ -89,7 +91,7 @@ async def test_a_lowered_limit_applies_at_once_without_a_reset(limiter: RedisLim
 
 async def test_state_expires_once_the_buckets_would_be_full(limiter: RedisLimiter) -> None:
     assert await limiter.admit(Key("frank", rpm=60)) is None  # 1 s to refill, kept 1 s + 1 s margin
-    ttl_ms = await limiter.client.pttl(redis_key("frank"))
+    ttl_ms = await limiter.client.call("PTTL", redis_key("frank"))
     assert 1000 < ttl_ms <= 2000
 
 
@@ -101,7 +103,7 @@ async def test_odd_key_ids_make_safe_distinct_redis_keys(limiter: RedisLimiter, 
     key = Key(key_id, rpm=1)
     assert await limiter.admit(key) is None
     assert (await limiter.admit(key)).reason == "request_rate"
-    assert await limiter.client.exists(name) == 1
+    assert await limiter.client.call("EXISTS", name) == 1
 
 
 async def test_unreachable_redis_fails_open_then_comes_back(tmp_path, caplog) -> None:
@@ -139,6 +141,54 @@ async def test_unreachable_redis_fails_closed_when_asked(tmp_path) -> None:
     assert backend(metrics) == "refusing"
     assert shared.admit(Key("hal", rpm=100)) == Refusal("limiter_unavailable", 5)
     await shared.close()
+
+
+async def test_a_flushed_script_cache_is_loaded_again(limiter: RedisLimiter) -> None:
+    await limiter.client.call("SCRIPT", "FLUSH")  # what a restarted Redis looks like
+    assert await limiter.admit(Key("jack", rpm=1)) is None
+    assert await limiter.client.call("SCRIPT", "EXISTS", limiter._sha) == [1]
+
+
+def test_resp_replies_parse_whole_or_not_at_all() -> None:
+    stream = b"+PONG\r\n:42\r\n$3\r\nabc\r\n$-1\r\n*2\r\n:0\r\n:1500\r\n-NOSCRIPT No matching script\r\n"
+    replies, position = [], 0
+    while (parsed := parse(stream, position)) is not None:
+        reply, position = parsed
+        replies.append(reply)
+    assert replies[:5] == [b"PONG", 42, b"abc", None, [0, 1500]]
+    assert isinstance(replies[5], RedisReplyError) and str(replies[5]).startswith("NOSCRIPT")
+    for cut in range(1, len(b"*2\r\n:0\r\n:1500\r\n")):  # any prefix of a reply is "not yet"
+        assert parse(b"*2\r\n:0\r\n:1500\r\n"[:cut], 0) is None
+    assert encode(b"GET", b"k") == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+
+
+async def test_pipelined_calls_get_their_own_replies(redis_server) -> None:
+    client = RespClient(redis_server.url)
+    try:
+        replies = await asyncio.gather(*(client.call("ECHO", f"n{i}") for i in range(200)))
+        assert replies == [f"n{i}".encode() for i in range(200)]
+        with pytest.raises(RedisReplyError):
+            await client.call("NOSUCHCOMMAND")
+        assert await client.call("PING") == b"PONG"  # the connection survives an error reply
+    finally:
+        await client.close()
+
+
+async def test_a_silent_server_times_out() -> None:
+    async def mute(reader, writer):
+        await asyncio.sleep(5)
+
+    server = await asyncio.start_server(mute, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = RespClient(f"redis://127.0.0.1:{port}/0", timeout_s=0.2)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RedisUnavailable, match="no reply"):
+            await client.call("PING")
+        assert asyncio.get_running_loop().time() - started < 1
+    finally:
+        await client.close()
+        server.close()
 
 
 @pytest.mark.parametrize("url, problem", [
