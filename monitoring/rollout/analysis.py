@@ -61,10 +61,12 @@ class PrometheusAnalysis:
 
     async def measure(self, config: CanaryConfig, window_s: float) -> Observed:
         queries = analysis_queries(config.route, config.canary, config.stable, window_s)
+        vectors = {name: q for name, q in queries.items() if name.endswith("_latency")}
+        numbers = {name: q for name, q in queries.items() if name not in vectors}
         async with self.prometheus.session() as session:
-            answers = await asyncio.gather(*(
-                self.prometheus.query(q, session=session) if name.endswith("_latency")
-                else self.prometheus.value(q, session=session) for name, q in queries.items()))
-        found = dict(zip(queries, answers))
-        return Observed(**{name: (buckets(value) if name.endswith("_latency") else value or 0.0)  # no series: 0
-                           for name, value in found.items()})
+            values, results = await asyncio.gather(
+                asyncio.gather(*(self.prometheus.value(q, session=session) for q in numbers.values())),
+                asyncio.gather(*(self.prometheus.query(q, session=session) for q in vectors.values())))
+        fields: dict[str, Any] = {name: value or 0.0 for name, value in zip(numbers, values)}  # no series: 0
+        fields.update({name: buckets(result) for name, result in zip(vectors, results)})
+        return Observed(**fields)
