@@ -131,7 +131,8 @@ def monitor_command(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from loragate.monitoring.service import MonitorConfig, serve
+    from loragate.monitoring.config import MonitorConfig
+    from loragate.monitoring.service import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -171,7 +172,7 @@ def rollout_command(args: argparse.Namespace) -> int:
 
     from loragate.monitoring.rollout.controller import RolloutController
     from loragate.monitoring.rollout.errors import RolloutError
-    from loragate.monitoring.service import MonitorConfig
+    from loragate.monitoring.config import MonitorConfig
 
     try:
         config = MonitorConfig.load(args.config)

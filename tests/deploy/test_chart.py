@@ -12,7 +12,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from loragate.monitoring.service import MonitorConfig
+from loragate.monitoring.config import MonitorConfig
 from loragate.common.catalog import parse_catalog
 from tests.deploy.tools import tool
 from tests.processes import ROOT

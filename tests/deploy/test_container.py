@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loragate.monitoring.service import MonitorConfig
+from loragate.monitoring.config import MonitorConfig
 from tests.deploy.tools import tool
 from tests.processes import ROOT
 

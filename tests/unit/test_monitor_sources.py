@@ -119,7 +119,8 @@ async def test_prometheus_refusal_is_a_typed_error_and_labels_are_escaped():
 
 
 async def test_monitor_check_metrics_and_trigger(tmp_path):
-    from loragate.monitoring.service import Monitor, MonitorConfig, make_app
+    from loragate.monitoring.config import MonitorConfig
+    from loragate.monitoring.service import Monitor, make_app
 
     now = T0 + 7200
     write_log(tmp_path / "log", pd.concat([

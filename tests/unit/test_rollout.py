@@ -28,7 +28,8 @@ from loragate.monitoring.rollout.errors import RolloutError
 from loragate.monitoring.rollout.judge import analyse
 from loragate.monitoring.rollout.metrics import RolloutMetrics
 from loragate.monitoring.rollout.routes import RoutesConfigMap, RoutesFile, set_weights
-from loragate.monitoring.service import Monitor, MonitorConfig
+from loragate.monitoring.config import MonitorConfig
+from loragate.monitoring.service import Monitor
 from loragate.common.catalog import parse_catalog
 from tests.local_http import serve
 

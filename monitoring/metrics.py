@@ -1,0 +1,47 @@
+"""The drift and trigger series on the monitor's /metrics (the rollout ones: rollout/metrics.py)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from loragate.monitoring.drift import DriftResult
+    from loragate.monitoring.triggers.engine import TriggerOutcome
+
+
+class MonitorMetrics:
+    def __init__(self, registry: "CollectorRegistry | None" = None) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = registry if registry is not None else CollectorRegistry()
+        rv, r = ("route", "variant"), self.registry
+        self.share = Gauge("loragate_drift_share", "Share of drifted features in the last run.", rv, registry=r)
+        self.detected = Gauge("loragate_drift_detected", "1 when the last run found dataset drift.", rv, registry=r)
+        self.feature_score = Gauge(
+            "loragate_drift_feature_score",
+            "Drift score per feature in the last run (p-value or distance, see the JSON summary).",
+            (*rv, "feature"), registry=r)
+        self.last_run = Gauge("loragate_drift_last_run_timestamp_seconds",
+                              "When the last drift run finished (unix seconds).", rv, registry=r)
+        self.triggers = Counter("loragate_retraining_triggers", "Retraining trigger actions, by result.",
+                                (*rv, "action", "result"), registry=r)
+        self.runs = Counter("loragate_drift_runs", "Drift runs, by status (ok, drift, insufficient_data, error).",
+                            (*rv, "status"), registry=r)
+
+    def record(self, result: DriftResult) -> None:
+        labels = (result.route, result.variant or "")
+        self.runs.labels(*labels, result.status).inc()
+        self.last_run.labels(*labels).set(time.time())
+        if result.status == "insufficient_data":
+            return  # keep the last real figures; the run counter says what happened
+        self.share.labels(*labels).set(result.share)
+        self.detected.labels(*labels).set(1 if result.dataset_drift else 0)
+        for feature in result.features:
+            self.feature_score.labels(*labels, feature.feature).set(feature.score)
+
+    def record_outcome(self, route: str, variant: str | None, outcome: TriggerOutcome) -> None:
+        for item in outcome.actions:
+            self.triggers.labels(route, variant or "", item.action, "ok" if item.ok else "error").inc()
