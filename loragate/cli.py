@@ -1,4 +1,5 @@
-"""The ``loragate`` command: demo-model, engine, serve, hash-key, and demo (all of it, locally)."""
+"""The ``loragate`` command: demo-model, engine, serve, hash-key, demo (all of it, locally), and the loop's
+adapters, train and evaluate."""
 
 from __future__ import annotations
 
@@ -70,8 +71,40 @@ def main(argv: list[str] | None = None) -> int:
     add_rollout_arguments(p)
     p.set_defaults(run=_rollout)
 
+    from loragate.pipeline.commands import add_adapters_arguments, add_evaluate_arguments, add_train_arguments
+
+    p = commands.add_parser("adapters", help="the adapter registry: list, show, retire, approve, register")
+    add_adapters_arguments(p)
+    p.set_defaults(run=_adapters)
+
+    p = commands.add_parser("train", help="LoRA fine-tune on a chat JSONL dataset; registers a candidate version")
+    add_train_arguments(p)
+    p.set_defaults(run=_train)
+
+    p = commands.add_parser("evaluate", help="the evaluation gate: candidate vs baseline on the real engine")
+    add_evaluate_arguments(p)
+    p.set_defaults(run=_evaluate)
+
     args = parser.parse_args(argv)
     return args.run(args) or 0
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    from loragate.pipeline.commands import adapters_command
+
+    return adapters_command(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from loragate.pipeline.commands import train_command
+
+    return train_command(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from loragate.pipeline.commands import evaluate_command
+
+    return evaluate_command(args)
 
 
 def _drift(args: argparse.Namespace) -> int:
