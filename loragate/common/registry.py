@@ -27,6 +27,8 @@ from typing import Any, Callable, Iterator, Literal
 
 from pydantic import BaseModel, Field
 
+from loragate.common.atomicio import atomic_write, fsync_dir
+
 CARD_FILE = "card.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -245,34 +247,6 @@ def verify(card: AdapterCard, directory: str | Path | None = None) -> None:
                                f"{expected[:16]}...: changed after registration; refusing to use it")
 
 
-# --- atomic files --------------------------------------------------------------------------------
-
-def write_atomic(path: str | Path, data: bytes) -> None:
-    """Temp file in the same directory, fsync, rename over the target, fsync the directory."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def card_json(card: AdapterCard) -> bytes:
     return (json.dumps(card.model_dump(mode="json"), indent=2, allow_nan=False) + "\n").encode()
 
@@ -288,7 +262,7 @@ def read_card(directory: str | Path) -> AdapterCard:
 
 
 def write_card(directory: str | Path, card: AdapterCard) -> None:
-    write_atomic(Path(directory) / CARD_FILE, card_json(card))
+    atomic_write(Path(directory) / CARD_FILE, card_json(card))
 
 
 @contextlib.contextmanager
@@ -407,7 +381,7 @@ class Registry:
                 _fsync_file(path)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging, target)  # atomic; fails if a concurrent writer won the name
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except BaseException:
             import shutil
 

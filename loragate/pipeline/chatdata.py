@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from loragate.common.atomicio import atomic_write
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -96,7 +98,7 @@ def split(rows: list[Row], held_out_share: float, seed: int) -> tuple[list[Row],
 
 def write_rows(rows: list[Row], path: Path) -> str:
     data = "".join(r.raw.rstrip("\n") + "\n" for r in rows).encode()
-    path.write_bytes(data)
+    atomic_write(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
