@@ -190,15 +190,8 @@ def rollout_command(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(status, indent=2))
         else:
-            for route, body in status.items():
-                line = (f"{route}: {body.get('state', '?')} canary={body.get('canary')} stable={body.get('stable')} "
-                        f"weight={body.get('weight', '-')}%")
-                analysis = body.get("last_analysis") or {}
-                if analysis:
-                    line += f" last analysis: {analysis.get('verdict')} ({analysis.get('reason')})"
-                if body.get("error"):
-                    line += f" error: {body['error']}"
-                print(line)
+            for name, body in status.items():
+                print("\n".join(controller.explain(name, body)))
         return EXIT_OK
     routes = [spec.route for spec in config.rollouts.canaries]
     route = args.route or (routes[0] if len(routes) == 1 else None)

@@ -216,9 +216,10 @@ class RedisLimiter:
         fail_closed: bool = False,
         retry_after_s: float = 5.0,
         timeout_s: float = 0.5,
+        password: str | None = None,
         prefix: str = REDIS_PREFIX,
     ) -> None:
-        self.client = RespClient(url, timeout_s)
+        self.client = RespClient(url, timeout_s, password)
         self._script = LUA_BUCKETS.encode()
         self._sha = hashlib.sha1(self._script).hexdigest().encode()
         self.fallback = fallback or LocalLimiter()
@@ -352,4 +353,5 @@ def limiter_from_settings(settings, metrics: Metrics, clock: Callable[[], float]
         return local
     return RedisLimiter(settings.limits_url.get_secret_value(), metrics, fallback=local,
                         fail_closed=settings.limits_fail_closed, retry_after_s=max(1.0, settings.health_interval_s),
-                        timeout_s=settings.limits_timeout_s)
+                        timeout_s=settings.limits_timeout_s,
+                        password=settings.limits_password.get_secret_value() if settings.limits_password else None)

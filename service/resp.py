@@ -146,7 +146,7 @@ class _Protocol(asyncio.Protocol):
 class RespClient:
     """Commands over one pipelined connection, made on first use and again after it is lost."""
 
-    def __init__(self, url: str, timeout_s: float = 0.5) -> None:
+    def __init__(self, url: str, timeout_s: float = 0.5, password: str | None = None) -> None:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         self.scheme = parts.scheme
@@ -155,8 +155,9 @@ class RespClient:
         db = parts.path.lstrip("/") if parts.scheme != "unix" else (query.get("db") or ["0"])[0]
         self.db = int(db or 0)
         self.username = unquote(parts.username) if parts.username else None
-        password = parts.password if parts.password is not None else (query.get("password") or [None])[0]
-        self.password = unquote(password) if password is not None else None
+        in_url = parts.password if parts.password is not None else (query.get("password") or [None])[0]
+        # The URL's password wins; else one given apart (e.g. from a Kubernetes Secret).
+        self.password = unquote(in_url) if in_url is not None else password
         self.timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future | None = None

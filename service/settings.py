@@ -103,6 +103,8 @@ class Settings(BaseSettings):
     # unix:///path.sock; unset = limits in each process. While Redis is unreachable the gateway serves on
     # in-process limits (fail open) or, with limits_fail_closed, answers limited keys with 503.
     limits_url: SecretStr | None = None
+    # The Redis password, when it is not in the URL (e.g. from a Kubernetes Secret).
+    limits_password: SecretStr | None = None
     limits_fail_closed: bool = False
     # One Redis round trip may take this long before Redis counts as unreachable.
     limits_timeout_s: float = Field(0.5, gt=0)
@@ -122,7 +124,7 @@ class Settings(BaseSettings):
             raise ValueError(f"not a usable Redis URL: {problem}")
         return value.strip()
 
-    @field_validator("api_keys_file", "api_keys", "admin_token", mode="before")
+    @field_validator("api_keys_file", "api_keys", "admin_token", "limits_password", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -81,6 +81,9 @@ def test_values_match_the_schema(values_file):
                              "actions": [{"type": "webhook", "url": "https://x.example", "secret": "inline"}]}]}},
     {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "dataset"}]}]}},
     {"monitor": {"port": 0}},
+    {"limits": {"redis": {"mode": "external"}}},  # no url
+    {"limits": {"redis": {"mode": "external", "url": "http://cache:6379"}}},
+    {"limits": {"redis": {"mode": "cluster"}}},
     {"monitor": {"rollouts": [{"route": "support", "canary": "v2"}]}},  # no stable
     {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 250]}]}},
     {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2",
@@ -160,12 +163,48 @@ def test_gateway_one_worker_probes_routes_and_auth(rendered):
     assert set(catalog.routes) == {route["name"] for route in given}  # a list: replaced, never merged
     engine_enabled = (values or {}).get("engine", {}).get("enabled", True)
     upstreams = env["LORAGATE_UPSTREAMS"]["value"].split(",")
-    if engine_enabled:
-        replicas = (values or {}).get("engine", {}).get("replicas", 1)
-        assert upstreams == [f"http://lg-loragate-engine-{i}.lg-loragate-engine.llm.svc:8000" for i in range(replicas)]
+    if engine_enabled:  # the headless Service: the gateways re-resolve it (DNS discovery), whatever the replicas
+        assert upstreams == ["http://lg-loragate-engine.llm.svc:8000"]
+        (headless,) = [d for d in by_kind(documents, "Service") if d["metadata"]["name"] == "lg-loragate-engine"]
+        assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
     # Scale by replicas: the HPA owns the count when enabled.
     hpa = by_kind(documents, "HorizontalPodAutoscaler")
     assert ("replicas" in gateway["spec"]) is (not hpa)
+
+
+def test_shared_limits_redis_only_the_gateways_reach(rendered):
+    values, documents = rendered
+    values = values or {}
+    (gateway,) = [d for d in by_kind(documents, "Deployment") if d["metadata"]["name"] == "lg-loragate-gateway"]
+    env = {e["name"]: e for e in gateway["spec"]["template"]["spec"]["containers"][0]["env"]}
+    redis = values.get("limits", {}).get("redis", {})
+    mode = redis.get("mode", "internal") if values.get("auth", {}).get("enabled", True) else "none"
+    statefulsets = [d for d in by_kind(documents, "StatefulSet") if d["metadata"]["name"] == "lg-loragate-redis"]
+    assert bool(statefulsets) is (mode == "internal")
+    if mode == "none":
+        assert not any(name.startswith("LORAGATE_LIMITS_") for name in env)
+        return
+    expected = redis["url"] if mode == "external" else "redis://lg-loragate-redis.llm.svc:6379/0"
+    assert env["LORAGATE_LIMITS_URL"]["value"] == expected
+    assert env["LORAGATE_LIMITS_FAIL_CLOSED"]["value"] == str(redis.get("failClosed", False)).lower()
+    secret = redis.get("passwordSecret", {}).get("name")
+    assert ("LORAGATE_LIMITS_PASSWORD" in env) is bool(secret)
+    if secret:
+        assert env["LORAGATE_LIMITS_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == secret
+    if mode == "internal" and values.get("networkPolicy", {}).get("enabled", True):
+        (policy,) = [d for d in by_kind(documents, "NetworkPolicy") if d["metadata"]["name"] == "lg-loragate-redis"]
+        (rule,) = policy["spec"]["ingress"]
+        assert rule["from"] == [{"podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "loragate", "app.kubernetes.io/instance": "lg",
+            "app.kubernetes.io/component": "gateway"}}}]
+
+
+def test_internal_redis_with_a_password_from_a_secret():
+    documents = render({"limits": {"redis": {"passwordSecret": {"name": "loragate-redis"}}}})
+    (redis,) = [d for d in by_kind(documents, "StatefulSet") if d["metadata"]["name"] == "lg-loragate-redis"]
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][-2:] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert container["env"][0]["valueFrom"]["secretKeyRef"] == {"name": "loragate-redis", "key": "password"}
 
 
 def render_defaults() -> dict:
@@ -175,7 +214,7 @@ def render_defaults() -> dict:
 
 def test_engine_runs_vllm_with_lora_on_gpus(rendered):
     values, documents = rendered
-    statefulsets = by_kind(documents, "StatefulSet")
+    statefulsets = [d for d in by_kind(documents, "StatefulSet") if d["metadata"]["name"] != "lg-loragate-redis"]
     if (values or {}).get("engine", {}).get("enabled", True) is False:
         assert not statefulsets
         return

@@ -46,17 +46,42 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ include "loragate.fullname" . }}-engine
 {{- end }}
 
-{{/* Comma-separated base URLs of the vLLM replicas: one per StatefulSet pod, or gateway.upstreams. */}}
+{{/* The vLLM replicas: the engine's headless Service, whose addresses the gateways re-resolve at every
+health interval (DNS discovery: scaling the engine needs no new release), or gateway.upstreams. */}}
 {{- define "loragate.upstreams" -}}
 {{- if .Values.engine.enabled }}
 {{- $engine := include "loragate.engineName" . }}
-{{- $urls := list }}
-{{- range $i := until (int .Values.engine.replicas) }}
-{{- $urls = append $urls (printf "http://%s-%d.%s.%s.svc:%d" $engine $i $engine $.Release.Namespace (int $.Values.engine.port)) }}
-{{- end }}
-{{- join "," $urls }}
+{{- printf "http://%s.%s.svc:%d" $engine .Release.Namespace (int .Values.engine.port) }}
 {{- else }}
 {{- required "gateway.upstreams must list vLLM URLs when engine.enabled is false" (join "," .Values.gateway.upstreams) }}
+{{- end }}
+{{- end }}
+
+{{/* Shared per-key limits: "internal" (a Redis in the release) or "external" when auth is on, else "". */}}
+{{- define "loragate.limitsRedis" -}}
+{{- if and .Values.auth.enabled (ne .Values.limits.redis.mode "none") }}{{ .Values.limits.redis.mode }}{{ end }}
+{{- end }}
+
+{{- define "loragate.redisName" -}}
+{{ include "loragate.fullname" . }}-redis
+{{- end }}
+
+{{/* The gateways' LORAGATE_LIMITS_* env (empty without shared limits). */}}
+{{- define "loragate.limitsEnv" -}}
+{{- $mode := include "loragate.limitsRedis" . }}
+{{- if $mode }}
+{{- $redis := .Values.limits.redis }}
+{{- if eq $mode "internal" }}
+- {name: LORAGATE_LIMITS_URL, value: {{ printf "redis://%s.%s.svc:6379/0" (include "loragate.redisName" .) .Release.Namespace | quote }}}
+{{- else }}
+- {name: LORAGATE_LIMITS_URL, value: {{ required "limits.redis.url is required when limits.redis.mode is external" $redis.url | quote }}}
+{{- end }}
+- {name: LORAGATE_LIMITS_FAIL_CLOSED, value: {{ $redis.failClosed | quote }}}
+{{- with $redis.passwordSecret.name }}
+- name: LORAGATE_LIMITS_PASSWORD
+  valueFrom:
+    secretKeyRef: {name: {{ . | quote }}, key: {{ $redis.passwordSecret.key | quote }}}
+{{- end }}
 {{- end }}
 {{- end }}
 
