@@ -225,6 +225,28 @@ class RolloutController:
                 out[spec.route]["error"] = self.errors[spec.route]
         return out
 
+    @staticmethod
+    def explain(route: str, body: dict[str, Any]) -> list[str]:
+        """``loragate rollout status`` lines for one entry of ``status()``: where it is, and its last
+        analysis check by check (decision, estimate, interval, min effect, samples)."""
+        line = (f"{route}: {body.get('state', '?')} canary={body.get('canary')} stable={body.get('stable')} "
+                f"weight={body.get('weight', '-')}%")
+        if body.get("stalled"):
+            line += f" STALLED after {body.get('holds')} inconclusive analyses (held; never promoted)"
+        if body.get("error"):
+            line += f" error: {body['error']}"
+        lines = [line]
+        analysis = body.get("last_analysis") or {}
+        if analysis:
+            window = analysis.get("window_s")
+            lines.append(f"  last analysis: {analysis.get('verdict')}"
+                         + (f" over {window:.0f} s at {analysis.get('step'):g}%" if window else "")
+                         + ("" if analysis.get("checks") else f" ({analysis.get('reason')})"))
+            for name, check in (analysis.get("checks") or {}).items():
+                samples = f"{check.get('samples') or 0:.0f} of min {check.get('min_samples')} samples"
+                lines.append(f"    {name:<13} {check.get('decision'):<12} {check.get('explanation')}; {samples}")
+        return lines
+
     def sleep_s(self) -> float:
         """How long the loop waits between rounds: a fraction of the shortest interval, 0.2-5 s."""
         shortest = min((spec.interval_s for spec in self.config.canaries), default=5.0)

@@ -504,3 +504,19 @@ async def test_a_manual_override_during_an_analysis_wins(tmp_path):
     assert c.status()["support"]["state"] == "rolled_back" and weights(tmp_path)["v2"] == 0
     await c.tick(now=200)
     assert sample(c, "loragate_rollout_state", state="rolled_back") == 1
+
+
+async def test_status_explains_the_last_analysis_check_by_check(tmp_path):
+    c = controller(tmp_path, FakePrometheus(QUIET))
+    await c.tick(now=0)
+    await c.tick(now=60)
+    body = c.status()["support"]
+    lines = c.explain("support", body)
+    assert lines[0] == "support: progressing canary=v2 stable=v1 weight=5.0%"
+    assert lines[1] == "  last analysis: inconclusive over 60 s at 5%"
+    error = next(line for line in lines if line.strip().startswith("error_rate"))
+    assert "inconclusive" in error and "not enough data yet" in error and "3 of min 200 samples" in error
+    assert "[" in error and "min effect 2.00 pp" in error  # the interval and the threshold
+    checks = body["last_analysis"]["checks"]  # the same in /healthz and `status --json`
+    assert checks["error_rate"]["upper"] > checks["error_rate"]["min_effect"] == 0.02
+    assert json.loads(json.dumps(body))["last_analysis"]["checks"]["latency"]["test"].startswith("slower share")
