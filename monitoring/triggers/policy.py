@@ -1,4 +1,4 @@
-"""When to fire: drift share above a threshold K runs in a row and/or low feedback, then a cool-down."""
+"""When to fire: drift (share above a threshold, or chosen signal groups) K runs in a row and/or low feedback, then a cool-down."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 class TriggerPolicy(BaseModel):
     drift_share_above: float | None = Field(0.3, description="a run counts when its drift share is above this")
+    # With groups set, a run counts when one of these signal groups drifted (its own verdict and
+    # threshold, see monitoring/drift.py), e.g. [inputs, outputs] for retraining, not latency noise;
+    # drift_share_above is then not used.
+    groups: list[Literal["inputs", "outputs", "operations"]] | None = Field(None, min_length=1)
     consecutive_runs: int = Field(2, ge=1, description="K: counting runs in a row needed to fire")
     feedback_score_below: float | None = Field(None, description="fire when the mean feedback score is below")
     min_feedback: int = Field(20, ge=1, description="fewer scored requests: the feedback condition is not judged")
@@ -43,9 +47,20 @@ def decide(policy: TriggerPolicy, state: KeyState, result: "DriftResult",
     """
     now = time.time() if now is None else now
     state.last_run = now
-    if result.status != "insufficient_data" and policy.drift_share_above is not None:
-        state.consecutive = state.consecutive + 1 if result.share > policy.drift_share_above else 0
-    drift_ok = policy.drift_share_above is not None and state.consecutive >= policy.consecutive_runs
+    drift_on = policy.groups is not None or policy.drift_share_above is not None
+    if policy.groups is not None:
+        verdicts = [g for g in result.groups if g.group in policy.groups]
+        judged = any(g.status != "insufficient_data" for g in verdicts)
+        counts = any(g.status == "drift" for g in verdicts)
+        measure = (f"drifted groups {','.join(result.drifted_groups) or 'none'} "
+                   f"({{}}/{policy.consecutive_runs} runs with {'/'.join(policy.groups)} drift)")
+    else:
+        judged = result.status != "insufficient_data"
+        counts = policy.drift_share_above is not None and result.share > policy.drift_share_above
+        measure = f"drift share {result.share:.2f} ({{}}/{policy.consecutive_runs} runs above {policy.drift_share_above})"
+    if judged and drift_on:
+        state.consecutive = state.consecutive + 1 if counts else 0
+    drift_ok = drift_on and state.consecutive >= policy.consecutive_runs
 
     feedback_ok, feedback_note = False, ""
     if policy.feedback_score_below is not None and feedback_scores is not None:
@@ -55,11 +70,10 @@ def decide(policy: TriggerPolicy, state: KeyState, result: "DriftResult",
             feedback_ok = mean < policy.feedback_score_below
             feedback_note = f"feedback mean {mean:.3f} over {len(scores)}"
 
-    conditions = [c for c, on in ((drift_ok, policy.drift_share_above is not None),
+    conditions = [c for c, on in ((drift_ok, drift_on),
                                   (feedback_ok, policy.feedback_score_below is not None)) if on]
     wanted = bool(conditions) and (all(conditions) if policy.combine == "all" else any(conditions))
-    reason = (f"drift share {result.share:.2f} ({state.consecutive}/{policy.consecutive_runs} runs above "
-              f"{policy.drift_share_above})" + (f"; {feedback_note}" if feedback_note else ""))
+    reason = measure.format(state.consecutive) + (f"; {feedback_note}" if feedback_note else "")
     decision = Decision(False, reason, drift_ok, feedback_ok, state.consecutive)
     if not wanted:
         return decision
