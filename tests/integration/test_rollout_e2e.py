@@ -1,23 +1,30 @@
 """Rollouts end to end on real parts: a real gateway in front of a STUB upstream (tests/stub_upstream.py,
 not vLLM: its adapter names choose its behaviour), a real Prometheus scraping the gateway and the
 monitor every second with the shipped alert rules, and a real ``loragate monitor`` whose rollouts
-rewrite the routes file the gateway watches.
+rewrite the routes file the gateway watches, judged by the statistical judge (monitoring/judge.py)
+with min effects sized for a short test.
 
-Two rollouts run side by side, on two routes of one routes file, under a bounded background load:
+Four rollouts run side by side, on four routes of one routes file, under a bounded background load:
 
-* A, ``canary-ok``: the canary adapter is healthy -> 5 -> 25 -> 50 -> promoted (canary 100 %),
-  and the gateway's loragate_rollout_weight follows each step;
-* B, ``canary-bad``: the canary adapter is ``fail-500``. The gateway falls back to the base model,
-  so clients only ever see 200s; the analysis sees the canary's fallbacks and rolls back within
-  one or two analysis intervals (canary 0 %), and LoragateRolloutRolledBack fires.
+* ``canary-ok``: the canary adapter is healthy -> 10 -> 50 -> promoted (canary 100 %) once every
+  check rules out a regression, and the gateway's loragate_rollout_weight follows each step;
+* ``canary-bad``: the canary adapter is ``fail-500``. The gateway falls back to the base model, so
+  clients only ever see 200s; the fallback_rate check fails the canary: rolled back (0 %), and
+  LoragateRolloutRolledBack fires;
+* ``canary-slow``: the canary adapter answers after 400 ms (the stable in milliseconds): the
+  latency check fails it, rolled back;
+* ``canary-quiet``: healthy, but the route gets a trickle: too few canary requests to rule anything
+  out, so every analysis holds; after max_holds it stalls (held for good, never promoted) and
+  LoragateRolloutStalled fires.
 
-A third route is never touched.
+A fifth route is never touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -43,9 +50,13 @@ from tests.processes import (
 
 pytestmark = pytest.mark.integration
 INTERVAL_S = 3.0
-STEPS = [5, 25, 50, 100]
+STEPS = [10, 50, 100]
+QUIET_HOLDS = 4
+# Min effects for a short test on a stub (the defaults are sized for production traffic).
+JUDGE = {"error_rate": {"min_effect": 0.1, "min_samples": 30}, "fallback_rate": {"min_effect": 0.1, "min_samples": 30},
+         "latency": {"min_effect": 0.2, "min_samples": 30, "floor_s": 0.25}}
 ROUTES = """\
-# Rollout e2e routes (the monitor rewrites the weights of canary-ok and canary-bad).
+# Rollout e2e routes (the monitor rewrites the weights of the canary-* routes).
 routes:
   canary-ok:
     variants:
@@ -57,22 +68,35 @@ routes:
       - {name: v1, adapter: good-v1, path: /adapters/good-v1, weight: 100}
       - {name: v2, adapter: fail-500-v2, path: /adapters/fail-500-v2, weight: 0}
     fallback: [base]
+  canary-slow:
+    variants:
+      - {name: v1, adapter: good-v1, path: /adapters/good-v1, weight: 100}
+      - {name: v2, adapter: slow-400, path: /adapters/slow-400, weight: 0}
+    fallback: [base]
+  canary-quiet:
+    variants:
+      - {name: v1, adapter: good-v1, path: /adapters/good-v1, weight: 100}
+      - {name: v2, adapter: good-v2, path: /adapters/good-v2, weight: 0}
+    fallback: [base]
   bystander:
     sticky_key: x-user-id
     variants:
       - {name: base, weight: 1}
     pricing: {prompt_per_1k: 0.001}
 """
+CANARIES = ("canary-ok", "canary-bad", "canary-slow", "canary-quiet")
+FINAL = {"canary-ok": "promoted", "canary-bad": "rolled_back", "canary-slow": "rolled_back", "canary-quiet": "stalled"}
 
 
 class LoadLoop:
-    """Chat requests to the gateway on loopback from a background thread, ``concurrency`` at a time,
-    until stopped, ``max_requests`` were sent or ``max_s`` passed. Counts statuses per route."""
+    """Chat requests to the gateway on loopback from a background thread, ``concurrency`` at a time
+    (each worker pausing ``pause_s`` between two), until stopped, ``max_requests`` were sent or
+    ``max_s`` passed. Counts statuses per route."""
 
-    def __init__(self, url: str, routes: list[str], *, concurrency: int = 8, max_requests: int = 30_000,
-                 max_s: float = 75) -> None:
+    def __init__(self, url: str, routes: list[str], *, concurrency: int = 8, max_requests: int = 40_000,
+                 max_s: float = 150, pause_s: float = 0.0) -> None:
         assert urllib.parse.urlsplit(url).hostname == "127.0.0.1"
-        self.url, self.routes, self.concurrency = url, routes, concurrency
+        self.url, self.routes, self.concurrency, self.pause_s = url, routes, concurrency, pause_s
         self.max_requests, self.max_s = max_requests, max_s
         self.statuses: Counter[tuple[str, int]] = Counter()
         self.sent = 0
@@ -100,6 +124,8 @@ class LoadLoop:
                     self.statuses[(route, resp.status_code)] += 1
                 except httpx.HTTPError:
                     self.statuses[(route, 0)] += 1
+                if self.pause_s:
+                    await asyncio.sleep(self.pause_s)
 
         async with httpx.AsyncClient(timeout=10) as client:
             await asyncio.gather(*(worker(client, i) for i in range(self.concurrency)))
@@ -142,7 +168,7 @@ def setup(tmp_path_factory):
             {"loragate-gateway": [urllib.parse.urlsplit(url).netloc], "loragate-monitor": [f"127.0.0.1:{monitor_port}"]},
             directory, rule_files=shipped_rules_every_second(directory), scrape_interval_s=1)
         started.append(prometheus)
-        canary = {"stable": "v1", "canary": "v2", "steps": STEPS, "interval_s": INTERVAL_S, "min_requests": 5}
+        canary = {"stable": "v1", "canary": "v2", "steps": STEPS, "interval_s": INTERVAL_S, "judge": JUDGE}
         config = directory / "monitor.yaml"
         config.write_text(yaml.safe_dump({
             "request_log": str(directory / "requestlog"),  # no drift checks here: only rollouts
@@ -151,7 +177,8 @@ def setup(tmp_path_factory):
             "interval_s": 600,
             "port": monitor_port,
             "rollouts": {"routes_file": str(routes), "state_file": str(directory / "rollouts.json"),
-                         "canaries": [{"route": "canary-ok", **canary}, {"route": "canary-bad", **canary}]},
+                         "canaries": [{"route": route, **canary, **({"max_holds": QUIET_HOLDS} if route == "canary-quiet"
+                                                                     else {})} for route in CANARIES]},
         }, sort_keys=False))
         yield {"directory": directory, "routes": routes, "url": url, "prometheus": prometheus_url,
                "config": config, "monitor_port": monitor_port, "services": started}
@@ -160,10 +187,15 @@ def setup(tmp_path_factory):
             service.stop()
 
 
-def test_rollouts_promote_a_healthy_canary_and_roll_back_a_failing_one(setup):
+def _state(body: dict) -> str:
+    return "stalled" if body.get("stalled") else body.get("state", "?")
+
+
+def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_one(setup):
     url, port, prometheus = setup["url"], setup["monitor_port"], setup["prometheus"]
     begun = time.monotonic()
-    with LoadLoop(url, ["canary-ok", "canary-bad", "bystander"]) as load:
+    with LoadLoop(url, ["canary-ok", "canary-bad", "canary-slow", "bystander"]) as load, \
+            LoadLoop(url, ["canary-quiet"], concurrency=1, pause_s=1.0) as trickle:
         # Traffic flows, and Prometheus has scraped it (its first scrapes come a few seconds after
         # it starts), before the rollouts start.
         _wait_query(prometheus, 'up{job="loragate-monitor"} == 0')  # the monitor is not started yet
@@ -174,8 +206,8 @@ def test_rollouts_promote_a_healthy_canary_and_roll_back_a_failing_one(setup):
         wait_http(f"http://127.0.0.1:{port}/healthz", monitor.process, 60, log)
 
         # The gateway's own view of the canary weights while the rollouts run.
-        seen: dict[str, list[float]] = {"canary-ok": [], "canary-bad": []}
-        deadline = time.monotonic() + 12 * INTERVAL_S
+        seen: dict[str, list[float]] = {route: [] for route in CANARIES}
+        deadline = time.monotonic() + 30 * INTERVAL_S
         status = {}
         while time.monotonic() < deadline:
             text = scrape(url)
@@ -184,30 +216,47 @@ def test_rollouts_promote_a_healthy_canary_and_roll_back_a_failing_one(setup):
                 if not values or values[-1] != weight:
                     values.append(weight)
             status = _healthz(port)
-            if (status["canary-ok"].get("state"), status["canary-bad"].get("state")) == ("promoted", "rolled_back") \
-                    and seen["canary-ok"][-1] == 1.0 and seen["canary-bad"][-1] == 0.0:
+            if {route: _state(status[route]) for route in CANARIES} == FINAL \
+                    and [seen[r][-1] for r in CANARIES] == [1.0, 0.0, 0.0, 0.1]:
                 break
             time.sleep(0.2)
-        sent_during_rollouts = load.sent
+        sent_during_rollouts = load.sent + trickle.sent
 
-    ok, bad = status["canary-ok"], status["canary-bad"]
-    assert ok["state"] == "promoted", json.dumps(ok, indent=1) + log.read_text()[-3000:]
-    assert bad["state"] == "rolled_back", json.dumps(bad, indent=1) + log.read_text()[-3000:]
+    states = {route: _state(status[route]) for route in CANARIES}
+    assert states == FINAL, json.dumps(status, indent=1) + log.read_text()[-3000:]
+    ok, bad, slow, quiet = (status[route] for route in CANARIES)
 
-    # A: every step in order (holds for too little traffic allowed), then promotion.
+    # ok: every step in order (holds while the data is not enough yet), then promotion; every check
+    # of the last analysis ruled out a regression that matters.
     moves = [(h["action"], h["weight"]) for h in ok["history"] if h["action"] != "hold"]
-    assert moves == [("step", 5), ("step", 25), ("step", 50), ("promote", 100)], ok["history"]
-    # The gateway reloaded the routes file at each step: its canary weight went 0.05 -> 0.25 -> 0.5 -> 1.
-    assert [w for w in seen["canary-ok"] if w] == [0.05, 0.25, 0.5, 1.0], seen
+    assert moves == [("step", 10), ("step", 50), ("promote", 100)], ok["history"]
+    assert [w for w in seen["canary-ok"] if w] == [0.1, 0.5, 1.0], seen  # the gateway reloaded at each step
+    last = ok["last_analysis"]
+    assert last["verdict"] == "pass" and {c["decision"] for c in last["checks"].values()} == {"pass"}
+    for check in last["checks"].values():
+        assert check["samples"] >= check["min_samples"] and check["upper"] < check["min_effect"], check
 
-    # B: rolled back on a failing analysis within two analysis intervals of its start.
+    # bad: rolled back on the fallback rate within three analyses of its start (the first, over a window
+    # of a few scrapes, may hold: a handful of failures is not yet proof); clients only saw 200s.
     (started,) = [h["at"] for h in bad["history"] if h["action"] == "step"]
     (rolled_back,) = [h for h in bad["history"] if h["action"] == "rollback"]
-    assert rolled_back["at"] - started <= 2 * INTERVAL_S + 1.5, bad["history"]
-    assert "fallback_rate" in bad["last_analysis"]["failed"] and bad["last_analysis"]["values"]["fallback_rate"] > 0.5
-    assert seen["canary-bad"][-1] == 0.0 and 0.05 in seen["canary-bad"], seen
-    # The fallback hid the failing canary from the clients: they only saw 200s.
-    assert {status for (route, status) in load.statuses if route == "canary-bad"} == {200}, load.statuses
+    assert len(bad["history"]) <= 4 and rolled_back["at"] - started <= 4 * INTERVAL_S + 3, bad["history"]
+    fallback = bad["last_analysis"]["checks"]["fallback_rate"]
+    assert fallback["decision"] == "fail" and fallback["lower"] > 0 and fallback["estimate"] > 0.5, fallback
+    assert seen["canary-bad"][-1] == 0.0 and 0.1 in seen["canary-bad"], seen
+    assert {code for (route, code) in load.statuses if route == "canary-bad"} == {200}, load.statuses
+
+    # slow: rolled back on latency (the share of requests slower than 0.25 s), not on errors.
+    checks = slow["last_analysis"]["checks"]
+    assert checks["latency"]["decision"] == "fail" and checks["latency"]["figures"]["bound_s"] >= 0.25, checks
+    assert checks["latency"]["figures"]["canary_slower_share"] > 0.9 and checks["error_rate"]["decision"] != "fail"
+    assert "rollback" in [h["action"] for h in slow["history"]]
+
+    # quiet: never enough data: only holds, then stalled at its first step; never promoted.
+    assert [h["action"] for h in quiet["history"]] == ["step"] + ["hold"] * QUIET_HOLDS, quiet["history"]
+    assert quiet["state"] == "progressing" and quiet["weight"] == 10 and seen["canary-quiet"][-1] == 0.1
+    assert quiet["last_analysis"]["verdict"] == "inconclusive"
+    assert all(c["samples"] < c["min_samples"] for c in quiet["last_analysis"]["checks"].values())
 
     # The routes file: valid, the canaries' weights moved, the bystander untouched.
     text = setup["routes"].read_text()
@@ -215,15 +264,29 @@ def test_rollouts_promote_a_healthy_canary_and_roll_back_a_failing_one(setup):
     catalog = parse_catalog(text)
     assert {v.name: v.weight for v in catalog.routes["canary-ok"].variants} == {"v1": 0, "v2": 100, "base": 0}
     assert {v.name: v.weight for v in catalog.routes["canary-bad"].variants} == {"v1": 100, "v2": 0, "base": 0}
+    assert {v.name: v.weight for v in catalog.routes["canary-quiet"].variants} == {"v1": 90, "v2": 10, "base": 0}
     assert yaml.safe_load(text)["routes"]["bystander"] == yaml.safe_load(ROUTES)["routes"]["bystander"]
 
-    # Prometheus has the monitor's rollout series, and the rolled-back rollout's alert fires.
-    firing = _wait_query(prometheus, 'ALERTS{alertname="LoragateRolloutRolledBack", alertstate="firing"}')
-    assert [(a["metric"]["route"], a["metric"]["canary"]) for a in firing] == [("canary-bad", "v2")]
+    # `loragate rollout status` explains each last analysis check by check.
+    out = subprocess.run([sys.executable, "-m", "loragate", "rollout", "status", "--config", str(setup["config"])],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "canary-quiet: progressing" in out.stdout and "STALLED after 4 inconclusive analyses" in out.stdout
+    assert "fallback_rate fail" in " ".join(out.stdout.split()), out.stdout
+
+    # Prometheus has the monitor's rollout series, the decisions and intervals, and the alerts fire.
+    firing = _wait_query(prometheus, 'ALERTS{alertname="LoragateRolloutRolledBack", alertstate="firing"}', 2)
+    assert sorted(a["metric"]["route"] for a in firing) == ["canary-bad", "canary-slow"]
+    stalled = _wait_query(prometheus, 'ALERTS{alertname="LoragateRolloutStalled", alertstate="firing"}')
+    assert [(a["metric"]["route"], a["metric"]["canary"]) for a in stalled] == [("canary-quiet", "v2")]
     _wait_query(prometheus, 'loragate_rollout_state{route="canary-ok", state="promoted"} == 1')
     _wait_query(prometheus, 'loragate_rollout_step{route="canary-bad"} == 0')
-    transitions = _wait_query(prometheus, 'loragate_rollout_transitions_total{action=~"promote|rollback"} > 0', 2)
+    _wait_query(prometheus, 'loragate_rollout_decision{route="canary-bad", check="fallback_rate"} == -1')
+    _wait_query(prometheus, 'loragate_rollout_analysis{route="canary-bad", check="fallback_rate", figure="lower"} > 0')
+    _wait_query(prometheus, 'loragate_rollout_decision{route="canary-ok", check="analysis"} == 1')
+    transitions = _wait_query(prometheus, 'loragate_rollout_transitions_total{action=~"promote|rollback"} > 0', 3)
     assert {(t["metric"]["route"], t["metric"]["action"]) for t in transitions} == {
-        ("canary-ok", "promote"), ("canary-bad", "rollback")}
+        ("canary-ok", "promote"), ("canary-bad", "rollback"), ("canary-slow", "rollback")}
     print(f"\nrollouts done in {time.monotonic() - begun:.1f} s with {sent_during_rollouts} requests; "
-          f"A history {moves}; B rolled back {rolled_back['at'] - started:.1f} s after its start")
+          f"ok history {moves} after {len(ok['history']) - 1} analyses; bad rolled back "
+          f"{rolled_back['at'] - started:.1f} s after its start")
