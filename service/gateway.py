@@ -155,6 +155,7 @@ class Gateway:
         Nothing has reached the client while this runs, so every failure here is invisible to it.
         """
         timeouts = self._timeouts(route)
+        assert timeouts.total_s is not None  # the gateway's own default is always set
         deadline = time.monotonic() + timeouts.total_s
         attempts = 0
         reason, detail = FailureReason.NO_CANDIDATE, "no variant to try"
