@@ -54,7 +54,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
     )
     request_log = _request_log(settings, metrics)  # None when off: pyarrow is imported only when on
     # Per-key limits in this process, or shared through Redis (LORAGATE_LIMITS_URL); only used with auth on.
-    limiter = limiter_from_settings(settings, metrics) if settings.auth else None
+    limiter = limiter_from_settings(settings, metrics, shared=settings.auth)  # auth off: nothing to share
     auth = authenticator_from_settings(settings, metrics, limiter)  # raises KeysError: fail fast on a bad keys file
     http_upstream = HttpUpstream()
     gateway = Gateway(

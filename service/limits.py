@@ -345,11 +345,13 @@ class RedisLimiter:
             del self._keys[key_id]
 
 
-def limiter_from_settings(settings, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> Limiter:
-    """Redis when ``limits_url`` is set, else in this process."""
+def limiter_from_settings(settings, metrics: Metrics, *, shared: bool = True,
+                          clock: Callable[[], float] = time.monotonic) -> Limiter:
+    """Redis when ``limits_url`` is set (and ``shared``), else in this process."""
     local = LocalLimiter(clock)
-    if not settings.limits_url:
-        metrics.limits_backend.labels("in_process").set(1)
+    if not settings.limits_url or not shared:
+        for name in BACKENDS:  # every series exists, so alerts on the others read 0, not "no data"
+            metrics.limits_backend.labels(name).set(1 if name == "in_process" else 0)
         return local
     return RedisLimiter(settings.limits_url.get_secret_value(), metrics, fallback=local,
                         fail_closed=settings.limits_fail_closed, retry_after_s=max(1.0, settings.health_interval_s),

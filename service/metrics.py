@@ -125,7 +125,8 @@ class Metrics:
             "loragate_limits_redis_duration_seconds", "Round trip of one limit check in Redis.",
             buckets=REDIS_BUCKETS, registry=r)
         self.upstream_discovered = Gauge(
-            "loragate_upstream_discovered_replicas", "Addresses the DNS name of an upstream entry resolves to now.",
+            "loragate_upstream_discovered_replicas",
+            "Replicas an upstream entry stands for now: the addresses its host name resolves to (1 for an IP).",
             ("upstream",), multiprocess_mode="mostrecent", registry=r)
         self.upstream_discovery_errors = Counter(
             "loragate_upstream_discovery_errors", "Failed DNS lookups of an upstream entry (the last addresses stay).",

@@ -85,6 +85,10 @@ class Pool:
         self._in_flight_gauges = {r.url: metrics.upstream_in_flight.labels(r.url) for r in self.replicas}
         self._discovered: dict[str, set[str]] = {e.url: set() for e in self.entries if e.discovered}
         self._draining: list[Replica] = []
+        for entry in self.entries:  # every series from the start: an IP entry is one replica, never fails
+            metrics.upstream_discovery_errors.labels(entry.url)
+            if not entry.discovered:
+                metrics.upstream_discovered.labels(entry.url).set(1)
         self._endpoints: dict[str, Replica] = {}
         self.max_in_flight = max_in_flight
         self.admission = Admission(max_waiting, max_wait_s)
@@ -164,8 +168,17 @@ class Pool:
     def _retire_drained(self) -> None:
         for replica in [r for r in self._draining if r.in_flight == 0]:
             self._draining.remove(replica)
-            self.metrics.upstream_healthy.labels(replica.url).set(0)
             self._in_flight_gauges.pop(replica.url, None)
+            # Its series go (a 0 would read as a replica down); with --workers N the multiprocess files keep
+            # the last value until the gateway restarts.
+            for gauge, labels in ((self.metrics.upstream_healthy, [(replica.url,)]),
+                                  (self.metrics.upstream_in_flight, [(replica.url,)]),
+                                  (self.metrics.circuit_state, [(replica.url, key) for key in replica.circuits])):
+                for label_values in labels:
+                    try:
+                        gauge.remove(*label_values)
+                    except KeyError:
+                        pass
             log.info("upstream replica %s drained and removed", replica.url)
 
     async def check(self, replica: Replica) -> None:
@@ -182,6 +195,8 @@ class Pool:
                     replica.adapters = {m["id"] for m in models if m.get("parent") is not None}
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError):
             healthy = False
+        if replica.draining:  # it left DNS while being checked: its series are gone, keep them so
+            return
         if healthy != replica.healthy:
             log.info("upstream %s is now %s", replica.url, "healthy" if healthy else "unhealthy")
         replica.healthy = healthy

@@ -242,6 +242,24 @@ def gateway() -> dict:
     board.panel("Auth rejections by reason", [(
         f"sum by (reason) (rate(loragate_auth_rejections_total[{RATE}])) or vector(0)", "{{reason}}")],
         unit="reqps", w=8, h=6)
+
+    board.row("Limits and replica discovery")
+    board.panel("Limits backend (gateway processes)", [
+        ("sum by (backend) (loragate_limits_backend)", "{{backend}}")], w=6, stack=True,
+        description="Where each gateway process enforces per-key limits: redis (shared), in_process (no Redis "
+                    "configured), fallback (Redis unreachable: per-process limits), refusing (unreachable, fail closed).")
+    board.panel("Redis round trip p50 / p95 / p99",
+                _quantiles("loragate_limits_redis_duration_seconds", ""), unit="s", w=6,
+                description="One limit check in Redis, as the gateway sees it (no data without LORAGATE_LIMITS_URL).")
+    board.panel("Limit rejections by key id (top 10)", [(
+        f"topk(10, sum by (key_id, reason) (rate(loragate_limit_rejections_total[{RATE}]))) or vector(0)",
+        "{{key_id}}: {{reason}}")], unit="reqps", w=6,
+        description="Requests refused by a key's requests/tokens per minute (key ids from the keys file, never keys).")
+    board.panel("Replicas per upstream entry", [
+        ("max by (upstream) (loragate_upstream_discovered_replicas)", "{{upstream}}"),
+        (f"sum by (upstream) (increase(loragate_upstream_discovery_errors_total[{RATE}]))", "lookup errors {{upstream}}"),
+    ], w=6, description="Addresses each LORAGATE_UPSTREAMS entry resolves to (a host name is re-resolved at every "
+                         "health interval; an IP is one replica), and failed lookups (the last addresses stay).")
     return board.json()
 
 
