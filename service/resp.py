@@ -155,12 +155,12 @@ class RespClient:
         db = parts.path.lstrip("/") if parts.scheme != "unix" else (query.get("db") or ["0"])[0]
         self.db = int(db or 0)
         self.username = unquote(parts.username) if parts.username else None
-        in_url = parts.password if parts.password is not None else (query.get("password") or [None])[0]
+        in_url = parts.password if parts.password is not None else next(iter(query.get("password", [])), None)
         # The URL's password wins; else one given apart (e.g. from a Kubernetes Secret).
         self.password = unquote(in_url) if in_url is not None else password
         self.timeout_s = timeout_s
         self._protocol: _Protocol | None = None
-        self._connecting: asyncio.Future | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
@@ -171,7 +171,7 @@ class RespClient:
             else:
                 tls = ssl.create_default_context() if self.scheme == "rediss" else None
                 connecting = loop.create_connection(factory, self.host, self.port, ssl=tls)
-            _transport, protocol = await asyncio.wait_for(connecting, self.timeout_s)
+            transport, protocol = await asyncio.wait_for(connecting, self.timeout_s)
         except (OSError, asyncio.TimeoutError) as exc:
             raise RedisUnavailable(f"cannot connect to Redis: {exc or type(exc).__name__}") from None
         setup = []
@@ -183,7 +183,7 @@ class RespClient:
             setup.append(protocol.send(encode(b"SELECT", str(self.db).encode())))
         for reply in await asyncio.gather(*setup, return_exceptions=True):
             if isinstance(reply, Exception):
-                protocol.transport.abort()
+                transport.abort()
                 raise RedisUnavailable(f"Redis refused the connection setup: {reply}")
         return protocol
 
@@ -194,12 +194,12 @@ class RespClient:
         if self._connecting is None:  # one connect, however many callers wait for it
             self._connecting = asyncio.ensure_future(self._connect())
         try:
-            protocol = await asyncio.shield(self._connecting)
+            connected = await asyncio.shield(self._connecting)
         finally:
             if self._connecting is not None and self._connecting.done():
                 self._connecting = None
-        self._protocol = protocol
-        return protocol
+        self._protocol = connected
+        return connected
 
     async def execute(self, command: bytes) -> object:
         """Send an encoded command; its reply (RedisReplyError for an error reply)."""
