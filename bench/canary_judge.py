@@ -10,7 +10,9 @@ inconclusive -> hold; ``--max-holds`` holds on one step -> stalled (hold and ale
 Traffic: 5xx 1 %, fallbacks 0 %, latency lognormal (median 0.6 s, sigma 0.5: p95 1.37 s) binned
 into the gateway's own buckets (service/metrics.py LATENCY_BUCKETS), thumbs-up/down feedback on
 ``--feedback-share`` of the requests with mean 0.8. Bad canaries change one thing: 5xx 4 %,
-fallbacks 3 %, every latency x1.5 (p95 x1.5), mean feedback 0.6.
+fallbacks 3 %, every latency x1.5 (p95 x1.5), mean feedback 0.6. One more canary is worse by
+less than the min effect (5xx 1 % -> 2 %): what the judge does with a regression it was told
+does not matter.
 
 Printed per scenario and judge: rolled back (A/A: false rollbacks), caught before 50 % weight
 (rolled back at 5 or 25 %), promoted, stalled, and the analyses a good canary needs to be
@@ -52,6 +54,7 @@ SCENARIOS = {
     "fallback 0% -> 3%": {"fallback": 0.03},
     "p95 latency x1.5": {"latency_scale": 1.5},
     "mean feedback 0.8 -> 0.6": {"feedback": 0.6},
+    "5xx 1% -> 2% (under min effect)": {"error": 0.02},  # a regression the judge is told does not matter
 }
 MEDIAN_S, SIGMA = 0.6, 0.5
 
@@ -252,18 +255,18 @@ def main() -> None:
 
     print(f"{args.rollouts} rollouts per row, {args.requests} canary requests per analysis, steps {STEPS}, "
           f"max {args.max_holds} holds per step, feedback on {args.feedback_share:.0%} of requests")
-    header = (f"{'scenario':<26} {'judge':<12} {'rolled back':>11} {'caught <50%':>11} {'promoted':>9} {'stalled':>8} "
-              f"{'analyses to promote (median/p90)':>34}")
+    header = (f"{'scenario':<32} {'judge':<12} {'rolled back':>11} {'caught <50%':>11} {'promoted':>9} {'stalled':>8} "
+              f"{'analyses (median)':>17} {'to promote (median/p90)':>24}")
     print(header)
     print("-" * len(header))
     for row in rows:
         to_promote = ("-" if row["analyses_to_promote_median"] is None else
                       f"{row['analyses_to_promote_median']:.0f} / {row['analyses_to_promote_p90']:.0f}")
-        print(f"{row['scenario']:<26} {row['judge']:<12} {pct(row['rolled_back']):>11} {pct(row['caught_before_50']):>11} "
-              f"{pct(row['promoted']):>9} {pct(row['stalled']):>8} {to_promote:>34}")
+        print(f"{row['scenario']:<32} {row['judge']:<12} {pct(row['rolled_back']):>11} {pct(row['caught_before_50']):>11} "
+              f"{pct(row['promoted']):>9} {pct(row['stalled']):>8} {row['analyses_median']:>17.0f} {to_promote:>24}")
     stat = {row["scenario"]: row for row in rows if row["judge"] == "statistical"}
     targets = {"A/A false rollbacks <= 5%": stat["A/A (canary = stable)"]["rolled_back"] <= 0.05}
-    for name in list(SCENARIOS)[1:]:
+    for name in list(SCENARIOS)[1:5]:
         targets[f"{name} caught before 50% >= 90%"] = stat[name]["caught_before_50"] >= 0.90
     print()
     for target, met in targets.items():

@@ -25,8 +25,9 @@ mixtures). That ratio is a nonnegative supermartingale under the true ``p`` for 
 in [0, 1] (Bernoulli counts or bounded scores), so by Ville's inequality the true rate leaves the
 sequence with probability at most ``alpha`` *at any analysis ever*, however many times a holding
 step is analysed again. It is exact (no normal approximation), needs only the counts Prometheus
-has (successes and trials, or a sum and a count), and copes with zero errors: 0 of 20 has
-the interval [0, 0.26] at alpha 0.05, not [0, 0]. The interval of a difference is the canary's interval minus the stable's.
+has (successes and trials, or a sum and a count), and copes with zero errors: 0 errors in
+20 requests has the interval [0, 0.16] at alpha 0.05 (with RATE_PRIOR), not [0, 0]. The
+interval of a difference is the canary's interval minus the stable's.
 
 Why always-valid intervals and not alpha spending: an inconclusive analysis holds the step and
 is repeated, so the number of looks is not known in advance, which alpha spending needs; the
@@ -52,7 +53,7 @@ Error control (``alpha``, ``beta`` below):
   use ``beta / 2`` (canary and stable) without further splitting.
 
 Measured with bench/canary_judge.py (A/A false rollbacks, bad canaries caught before 50 %, the
-analyses a good canary needs). Assumes requests in one window are exchangeable between the two
+analyses a good canary needs); the figures are in docs/monitoring.md. Assumes requests in one window are exchangeable between the two
 variants (the same traffic mix, split by weight); Prometheus' ``increase()`` extrapolates counts
 to the window's edges, so counts are real numbers, used as they are.
 """
