@@ -295,11 +295,14 @@ class RedisLimiter:
         args = (self._key(key.id), b"%d" % (key.requests_per_minute or 0), b"%d" % (key.tokens_per_minute or 0),
                 b"%d" % charge)
         try:
-            return await self.client.execute(encode(b"EVALSHA", self._sha, b"1", *args))
+            reply = await self.client.execute(encode(b"EVALSHA", self._sha, b"1", *args))
         except RedisReplyError as exc:
             if not str(exc).startswith("NOSCRIPT"):
                 raise
-            return await self.client.execute(encode(b"EVAL", self._script, b"1", *args))  # caches it again
+            reply = await self.client.execute(encode(b"EVAL", self._script, b"1", *args))  # caches it again
+        if not isinstance(reply, list):
+            raise RedisReplyError(f"the bucket script answered {reply!r}, not a list")
+        return reply
 
     def _down(self, key: LimitedKey) -> Outcome:
         if self.backend == "refusing":
