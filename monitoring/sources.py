@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loragate.common import logschema
 from loragate.common.objectstore import S3Options, filesystem, is_local, open_input
@@ -50,7 +50,7 @@ class Window:
         return cls(stop - timedelta(seconds=seconds), stop)
 
     @classmethod
-    def between(cls, start, end) -> "Window":
+    def between(cls, start: datetime | float | int | str, end: datetime | float | int | str) -> "Window":
         return cls(utc(start), utc(end))
 
     def days(self) -> list[date]:
@@ -158,7 +158,7 @@ def load_reference(path: str | Path, s3: S3Options | None = None) -> "pd.DataFra
     return frame
 
 
-def _chat_to_pair(messages) -> tuple[str | None, str | None]:
+def _chat_to_pair(messages: Any) -> tuple[str | None, str | None]:
     """Chat record -> (prompt as the request log writes it: ``role: content`` lines, last answer)."""
     if isinstance(messages, str):
         messages = json.loads(messages)

@@ -10,7 +10,7 @@ import gc
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from fastapi import FastAPI, Request
@@ -154,7 +154,7 @@ async def _reload(catalog: CatalogFile, metrics: Metrics) -> None:
         log.info("routes reloaded: %s", ", ".join(catalog.current.routes))
 
 
-async def _every(interval: float, job) -> None:
+async def _every(interval: float, job: Callable[[], Awaitable[object]]) -> None:
     while True:
         await asyncio.sleep(interval)
         try:

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from loragate.service.errors import GatewayError
 from loragate.service.limits import Limiter, LocalLimiter, Refusal
 from loragate.service.metrics import Metrics
+from loragate.service.settings import Settings
 from loragate.common.watched import ReloadingFile
 
 log = logging.getLogger("loragate.auth")
@@ -404,7 +405,7 @@ class Authenticator:
         return GatewayError(status, message, code=code, headers=headers)
 
 
-def authenticator_from_settings(settings, metrics: Metrics | None = None,
+def authenticator_from_settings(settings: Settings, metrics: Metrics | None = None,
                                 limiter: Limiter | None = None) -> Authenticator:
     """Auth on: keys from ``api_keys_file`` and ``api_keys`` (KeysError on a bad file). Off: no key checks."""
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None

@@ -11,6 +11,10 @@ import glob
 import json
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -27,7 +31,7 @@ def _corpus_files(limit: int = 400) -> list[str]:
     return [f for f in (stdlib + licenses) if Path(f).is_file()][:limit]
 
 
-def _build_tokenizer(out: Path, vocab_size: int):
+def _build_tokenizer(out: Path, vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -32,6 +32,7 @@ from typing import NamedTuple, Protocol
 
 from loragate.service.metrics import Metrics
 from loragate.service.resp import RedisReplyError, RedisUnavailable, RespClient, encode
+from loragate.service.settings import Settings
 
 # What "no answer from Redis" looks like: refused, reset, timed out, an error reply (LOADING, OOM, ...).
 _REDIS_ERRORS = (RedisUnavailable, RedisReplyError, OSError, asyncio.TimeoutError)
@@ -348,7 +349,7 @@ class RedisLimiter:
             del self._keys[key_id]
 
 
-def limiter_from_settings(settings, metrics: Metrics, *, shared: bool = True,
+def limiter_from_settings(settings: Settings, metrics: Metrics, *, shared: bool = True,
                           clock: Callable[[], float] = time.monotonic) -> Limiter:
     """Redis when ``limits_url`` is set (and ``shared``), else in this process."""
     local = LocalLimiter(clock)

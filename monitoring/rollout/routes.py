@@ -66,7 +66,7 @@ class RoutesConfigMap:
     def __init__(self, ref: ConfigMapRef, api: Any = None) -> None:
         self.ref, self._api = ref, api
 
-    def api(self):
+    def api(self) -> Any:
         if self._api is None:
             self._api = kube.core_v1()
         return self._api

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from loragate.common.logschema import prompt_turns
 from loragate.common.objectstore import S3Options, write_bytes
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = None, *,
-                    min_score: float | None = None, scrub_text=None) -> list[dict]:
+                    min_score: float | None = None, scrub_text: Callable[[str], str] | None = None) -> list[dict]:
     """Request-log rows (already scrubbed by the writer) -> ``{"messages": [...]}`` records.
 
     Feedback is joined on request_id (the latest per request); a correction replaces the
@@ -31,7 +32,8 @@ def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = 
     import pandas as pd
 
     if scrub_text is None:
-        from loragate.common.scrub import scrub as scrub_text
+        from loragate.common.scrub import scrub
+        scrub_text = scrub
     frame = requests
     if "status" in frame:
         frame = frame[pd.to_numeric(frame["status"], errors="coerce") == 200]
@@ -58,7 +60,7 @@ def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = 
 _ROLES = ("system", "user", "assistant")  # the turns a chat fine-tuning set holds (tool turns are left out)
 
 
-def _number(value) -> float | None:
+def _number(value: Any) -> float | None:
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -41,7 +41,7 @@ class KubernetesJobAction:
                                               "loragate.io/route": _dns(ctx.route)})
         return body
 
-    def api(self):
+    def api(self) -> Any:
         if self._api is None:
             self._api = kube.batch_v1()
         return self._api
