@@ -11,13 +11,15 @@ from tests.processes import Service, free_port
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None, prefix: tuple[str, ...] = ()) -> None:
+    def __init__(self, directory: Path, port: int | None = None, prefix: tuple[str, ...] = (),
+                 args: tuple[str, ...] = ()) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server); "
                                "scripts/setup.sh --test does it")
         self.binary = binary
         self.prefix = prefix  # e.g. ("taskset", "-c", "0") to pin it
+        self.args = args  # more redis-server options, e.g. ("--requirepass", "...")
         self.directory = directory
         self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -25,7 +27,7 @@ class RedisServer:
 
     def start(self) -> "RedisServer":
         self.service = Service([*self.prefix, self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "no"],
+                                "--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "no", *self.args],
                                self.directory / "redis.log")
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -34,7 +36,7 @@ class RedisServer:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
                     sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
+                    if sock.recv(64)[:1] in (b"+", b"-"):  # PONG, or NOAUTH with a password: it answers
                         return self
             except OSError:
                 pass

@@ -191,6 +191,46 @@ async def test_a_silent_server_times_out() -> None:
         server.close()
 
 
+async def test_a_password_from_the_url_or_given_apart(tmp_path) -> None:
+    server = RedisServer(tmp_path, args=("--requirepass", "p@ss/word")).start()
+    try:
+        for client in (RespClient(f"redis://:p%40ss%2Fword@127.0.0.1:{server.port}/3"),
+                       RespClient(f"redis://127.0.0.1:{server.port}/3", password="p@ss/word")):
+            assert await client.call("PING") == b"PONG"
+            await client.call("SET", "k", "v")  # in database 3
+            await client.close()
+        wrong = RespClient(f"redis://127.0.0.1:{server.port}/0", password="nope")
+        with pytest.raises(RedisUnavailable, match="setup"):
+            await wrong.call("PING")
+        await wrong.close()
+        other_db = RespClient(f"redis://127.0.0.1:{server.port}/0", password="p@ss/word")
+        assert await other_db.call("EXISTS", "k") == 0
+        await other_db.close()
+    finally:
+        server.stop()
+
+
+async def test_limited_keys_get_503_while_the_shared_limiter_fails_closed(tmp_path) -> None:
+    from loragate.service.auth import Authenticator, KeyStore, hash_key
+    from loragate.service.errors import GatewayError
+
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(f'keys:\n  - {{id: "team-a", sha256: "{hash_key("lg-a")}", requests_per_minute: 5}}\n'
+                    f'  - {{id: "team-b", sha256: "{hash_key("lg-b")}"}}\n')
+    metrics = Metrics()
+    shared = RedisLimiter(f"redis://127.0.0.1:{free_port()}/0", metrics, fail_closed=True, retry_after_s=2)
+    await shared.start()
+    auth = Authenticator(KeyStore(keys), metrics=metrics, limiter=shared)
+    with pytest.raises(GatewayError) as refused:
+        auth.authenticate({"authorization": "Bearer lg-a"}).admit("any")
+    assert (refused.value.status, refused.value.code, refused.value.headers["retry-after"]) == (
+        503, "limiter_unavailable", "2")
+    assert auth.authenticate({"authorization": "Bearer lg-b"}).admit("any") is None  # no limits: not affected
+    assert metrics.registry.get_sample_value(
+        "loragate_limit_rejections_total", {"key_id": "team-a", "reason": "limiter_unavailable"}) == 1
+    await shared.close()
+
+
 @pytest.mark.parametrize("url, problem", [
     ("http://cache:6379", "scheme must be redis://"),
     ("redis://cache:notaport/0", "port must be a number"),
