@@ -87,7 +87,7 @@ def test_values_match_the_schema(values_file):
     {"monitor": {"rollouts": [{"route": "support", "canary": "v2"}]}},  # no stable
     {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 250]}]}},
     {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2",
-                               "thresholds": {"max_fallback_rat": 0.1}}]}},
+                               "judge": {"error_rate": {"min_efect": 0.02}}}]}},  # typo: rejected
 ])
 def test_schema_rejects_bad_values(bad):
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
