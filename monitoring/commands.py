@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
@@ -24,18 +25,35 @@ def duration_s(text: str) -> float:
     return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
 
 
+_UNIX = re.compile(r"^\s*\d+(?:\.\d*)?\s*$")
+
+
+def moment(text: str) -> datetime:
+    """``1764550000``, ``1764550000.25`` (unix seconds) or an ISO time (``2026-12-01T00:00:00Z``;
+    without a zone: UTC) -> an aware UTC datetime."""
+    try:
+        if _UNIX.match(text):
+            return datetime.fromtimestamp(float(text), tz=timezone.utc)
+        value = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except (ValueError, OverflowError, OSError):
+        raise argparse.ArgumentTypeError(
+            f"not a time: {text!r} (unix seconds like 1764550000 or 1764550000.5, or ISO like 2026-12-01T08:00:00Z)"
+        ) from None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
 def add_drift_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-log", required=True, help="request-log root: a directory or s3://bucket/prefix")
     p.add_argument("--route", required=True)
     p.add_argument("--variant", help="one variant (default: all of the route's traffic)")
     current = p.add_argument_group("current window (default: the last --window)")
     current.add_argument("--window", type=duration_s, default=3600.0, help="e.g. 1h (default)")
-    current.add_argument("--since", help="ISO time or unix seconds")
-    current.add_argument("--until", help="ISO time or unix seconds (default now)")
+    current.add_argument("--since", type=moment, help="ISO time or unix seconds (e.g. 1764550000.5)")
+    current.add_argument("--until", type=moment, help="ISO time or unix seconds (default now)")
     ref = p.add_argument_group("reference: a dataset file, or an earlier request-log window")
     ref.add_argument("--reference", help="Parquet/CSV/JSONL, e.g. the adapter's training set")
-    ref.add_argument("--reference-since")
-    ref.add_argument("--reference-until")
+    ref.add_argument("--reference-since", type=moment, help="ISO time or unix seconds")
+    ref.add_argument("--reference-until", type=moment, help="ISO time or unix seconds (default: --since)")
     ref.add_argument("--reference-window", type=duration_s,
                      help="length of the window that ends where the current one starts (default: --window)")
     p.add_argument("--prometheus", help="Prometheus URL: add per-variant latency, cost, error and fallback series")
@@ -110,11 +128,20 @@ def summary_text(result) -> str:
         lines.append(f"  {result.reason}")
     if result.features:
         lines.append(f"  drifted {len(result.drifted_features)}/{len(result.features)} features "
-                     f"(share {result.share:.2f}, dataset drift at >= {result.drift_share_threshold})")
-        for f in result.features:
-            op = "<" if f.test == "p_value" else ">"
-            lines.append(f"  {'DRIFT' if f.drifted else 'ok   '} {f.feature:<20} {f.method:<16} "
-                         f"{f.score:.4g} ({op} {f.threshold} drifts)")
+                     f"(share {result.share:.2f}); drifted groups: {', '.join(result.drifted_groups) or 'none'}")
+        for group in result.groups:
+            lines.append(f"  [{group.group}] {group.status}: {group.reason}")
+            for f in result.features:
+                if f.group == group.group:
+                    op = "<" if f.test == "p_value" else ">"
+                    lines.append(f"    {'DRIFT' if f.drifted else 'ok   '} {f.feature:<20} {f.method:<17} "
+                                 f"{f.score:.4g} ({op} {f.threshold:.4g} drifts)")
+        for c in result.content:
+            words = ", ".join(t.term for t in c.current_terms[:8]) or "-"
+            lines.append(f"  {c.column}: ROC AUC {c.auc:.3f}; current window more often has: {words}")
+            lines.append(f"    reference more often has: {', '.join(t.term for t in c.reference_terms[:8]) or '-'}")
+            for example in c.current_examples:
+                lines.append(f"    current e.g.: {example[:120]}")
     for s in result.prometheus:
         ratio = f"x{s.ratio:.2f}" if s.ratio is not None else "-"
         lines.append(f"  prometheus {s.series:<22} ref={s.reference_mean} cur={s.current_mean} {ratio}")
@@ -199,9 +226,9 @@ def rollout_command(args: argparse.Namespace) -> int:
         print(f"loragate rollout: several rollouts ({', '.join(routes)}): pass --route", file=sys.stderr)
         return EXIT_ERROR
     try:
-        status = asyncio.run(controller.override(route, args.action, reason=args.reason))
+        done = asyncio.run(controller.override(route, args.action, reason=args.reason))
     except (RolloutError, OSError) as exc:
         print(f"loragate rollout: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    print(f"{route}: {status.state}, {status.canary} at {status.weight:g}%, {status.stable} at {100 - status.weight:g}%")
+    print(f"{route}: {done.state}, {done.canary} at {done.weight:g}%, {done.stable} at {100 - done.weight:g}%")
     return EXIT_OK

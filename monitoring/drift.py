@@ -1,8 +1,15 @@
 """Drift of live traffic against a reference, as an Evidently 0.7 report and a typed result.
 
-Features per request: token counts, latency, TTFT, cost in micro-dollars (numerical); finish reason and
-fallback yes/no (categorical); length, word count and out-of-vocabulary share of the
-prompt and the response text (numerical descriptors, all computed offline).
+Features per request: token counts, latency, TTFT, cost in micro-dollars (numerical); finish reason,
+fallback yes/no, status class, refusal yes/no and the prompt's script (categorical); length, word
+count and out-of-vocabulary share of the prompt and the response text (numerical descriptors),
+and the content of both texts (a TF-IDF domain classifier, monitoring/textdrift.py), all offline.
+
+Verdicts per signal group, each with its own features and threshold (``GROUPS``):
+inputs (what users send), outputs (what the adapter answers), operations (latency, TTFT, cost,
+fallbacks, errors). A group drifts when one of its decisive features drifts (the text content:
+a change of topic is drift by itself) or when at least its ``drift_share`` of its features
+drift. The run's status is ``drift`` when any group drifted; triggers can ask for one group.
 
 Statistical choices (see tests/unit/test_drift.py and bench/drift_fp_rate.py):
 
@@ -19,8 +26,10 @@ Statistical choices (see tests/unit/test_drift.py and bench/drift_fp_rate.py):
   columns at p < 0.05 (measured). Categorical columns get ``chi2_two_sample`` instead: the
   chi-square test of independence on the 2 x k contingency table (scipy), registered
   with Evidently as a custom stat test.
-- One flagged column is not an alarm: the dataset drifts when at least ``drift_share`` of
-  the columns drift, and triggers ask for K drifting runs in a row on top of that.
+- One flagged column is not an alarm: a group drifts when at least ``drift_share`` of its
+  columns drift (or a decisive one does), and triggers ask for K drifting runs in a row on top.
+  The text-content test is conservative by construction (alpha 0.01 and an AUC floor):
+  bench/drift_topics.py measures its false-positive and detection rates on real questions.
 - The out-of-vocabulary share of a reference row is computed leave-one-out (a word
   counts as unknown when no *other* reference row has it), so the reference is not
   scored against a vocabulary it built itself; otherwise every reference row would get
@@ -40,20 +49,32 @@ import json
 import math
 import re
 import time
+from html import escape
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from loragate.common.jsonable import finite
+from loragate.monitoring.textdrift import ContentDrift, content_drift
 
 if TYPE_CHECKING:
     import pandas as pd
 
 NUMERICAL = ("prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "cost_micro_usd")
-CATEGORICAL = ("finish_reason", "fallback")
+CATEGORICAL = ("finish_reason", "fallback", "status_class", "prompt_script", "response_refusal")
 TEXT = ("prompt_text", "response_text")
+CONTENT = {"prompt_text": "prompt_content", "response_text": "response_content"}  # text -> content feature
+GroupName = Literal["inputs", "outputs", "operations"]
+# The signal groups: (features, decisive features: one of them drifting makes the group drift).
+GROUPS: dict[GroupName, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "inputs": (("prompt_content", "prompt_tokens", "prompt_length", "prompt_words", "prompt_oov_share",
+                "prompt_script"), ("prompt_content",)),
+    "outputs": (("response_content", "completion_tokens", "response_length", "response_words",
+                 "response_oov_share", "finish_reason", "response_refusal"), ("response_content",)),
+    "operations": (("latency_s", "ttft_s", "cost_micro_usd", "fallback", "status_class"), ()),
+}
 # Descriptor columns per text column: (name, kind). Length and word count come from
 # Evidently's TextLength and WordCount descriptors; the OOV share is ours.
 DESCRIPTORS = {
@@ -66,11 +87,35 @@ P_VALUE_METHODS = frozenset({
     "cramer_von_mises", "epps_singleton", "empirical_mmd", "es",
 })
 _WORD = re.compile(r"[^\W\d_]+")
+# A cheap language signal: the script most of a prompt's letters are written in.
+SCRIPTS = {
+    "latin": "A-Za-z\u00c0-\u024f", "cyrillic": "\u0400-\u04ff", "greek": "\u0370-\u03ff",
+    "arabic": "\u0600-\u06ff", "hebrew": "\u0590-\u05ff", "devanagari": "\u0900-\u097f",
+    "cjk": "\u3040-\u30ff\u4e00-\u9fff", "hangul": "\uac00-\ud7af",
+}
+_REFUSAL = re.compile(
+    r"^\W*(?:i(?:'|\u2019)?m sorry|i am sorry|sorry,|i can(?:not|(?:'|\u2019)?t)|i won(?:'|\u2019)?t|"
+    r"i(?:'|\u2019)?m (?:not able|unable)|i am (?:not able|unable)|as an ai)", re.IGNORECASE)
+
+
+class GroupConfig(BaseModel):
+    features: list[str] | None = Field(None, description="default: the group's features in GROUPS")
+    decisive: list[str] | None = Field(None, description="features whose drift alone is the group's drift")
+    drift_share: float | None = Field(None, gt=0, le=1, description="default: DriftConfig.drift_share")
 
 
 class DriftConfig(BaseModel):
     min_rows: int = Field(30, ge=2, description="fewer rows on either side: insufficient data")
-    drift_share: float = Field(0.5, gt=0, le=1, description="share of drifted columns that makes dataset drift")
+    drift_share: float = Field(0.5, gt=0, le=1, description="share of a group's drifted columns that makes it drift")
+    groups: dict[GroupName, GroupConfig] = Field(default_factory=dict, description="per-group overrides")
+    # Text content (monitoring/textdrift.py): domain classifier on TF-IDF, drift when its
+    # held-out ROC AUC is above max(content_min_auc, the critical AUC at content_alpha).
+    text_content: bool = True
+    content_alpha: float = Field(0.01, gt=0, lt=0.5)
+    content_min_auc: float = Field(0.55, ge=0.5, lt=1)
+    content_max_rows: int = Field(5000, ge=30, description="rows sampled per side for the classifier")
+    top_terms: int = Field(10, ge=0, description="terms per side in the report")
+    text_examples: int = Field(3, ge=0, description="example rows per side in the report (0: none)")
     large_sample_rows: int = Field(1000, description="from this many rows (smaller side) use distances")
     p_value_threshold: float = 0.05
     distance_threshold: float = 0.1
@@ -79,16 +124,37 @@ class DriftConfig(BaseModel):
     per_column_threshold: dict[str, float] = Field(default_factory=dict)
     text_descriptors: bool = True
 
+    @field_validator("groups")
+    @classmethod
+    def _known_features(cls, groups: dict[str, GroupConfig]) -> dict[str, GroupConfig]:
+        known = {f for features, _ in GROUPS.values() for f in features}
+        for name, group in groups.items():
+            for attr in ("features", "decisive"):
+                unknown = sorted(set(getattr(group, attr) or ()) - known)
+                if unknown:
+                    raise ValueError(f"groups.{name}.{attr}: unknown features {unknown} (known: {sorted(known)})")
+        return groups
+
+    def group(self, name: GroupName) -> tuple[tuple[str, ...], tuple[str, ...], float]:
+        """(features, decisive features, drift share) of one group, overrides applied."""
+        features, decisive = GROUPS[name]
+        override = self.groups.get(name) or GroupConfig()
+        return (tuple(override.features if override.features is not None else features),
+                tuple(override.decisive if override.decisive is not None else decisive),
+                override.drift_share if override.drift_share is not None else self.drift_share)
+
 
 @dataclass(frozen=True)
 class FeatureDrift:
     feature: str
-    kind: str  # "numerical" | "categorical"
+    kind: str  # "numerical" | "categorical" | "text"
     method: str
     score: float
     threshold: float
     drifted: bool
     test: str  # "p_value": drift when score < threshold; "distance": when score > threshold
+    group: str = ""  # inputs | outputs | operations
+    p_value: float | None = None  # the text-content test's p-value (its score is the ROC AUC)
 
     @staticmethod
     def judge(method: str, score: float, threshold: float) -> tuple[bool, str]:
@@ -111,6 +177,17 @@ class SeriesComparison:
 
 
 @dataclass
+class GroupVerdict:
+    group: str
+    status: str  # "ok" | "drift" | "insufficient_data"
+    features: list[str]
+    drifted_features: list[str]
+    share: float
+    drift_share_threshold: float
+    reason: str
+
+
+@dataclass
 class DriftResult:
     route: str
     variant: str | None
@@ -118,6 +195,8 @@ class DriftResult:
     reference_rows: int
     current_rows: int
     features: list[FeatureDrift] = field(default_factory=list)
+    groups: list[GroupVerdict] = field(default_factory=list)
+    content: list[ContentDrift] = field(default_factory=list)  # what changed in the texts
     drift_share_threshold: float = 0.5
     reason: str | None = None
     prometheus: list[SeriesComparison] = field(default_factory=list)
@@ -138,13 +217,20 @@ class DriftResult:
     def dataset_drift(self) -> bool:
         return self.status == "drift"
 
+    @property
+    def drifted_groups(self) -> list[str]:
+        return [g.group for g in self.groups if g.status == "drift"]
+
     def feature(self, name: str) -> FeatureDrift:
         return next(f for f in self.features if f.feature == name)
+
+    def group(self, name: str) -> GroupVerdict | None:
+        return next((g for g in self.groups if g.group == name), None)
 
     def to_dict(self) -> dict:
         data = asdict(self)
         data.update(drifted_features=self.drifted_features, drifted_count=len(self.drifted_features),
-                    share=self.share, dataset_drift=self.dataset_drift)
+                    share=self.share, dataset_drift=self.dataset_drift, drifted_groups=self.drifted_groups)
         return data
 
 
@@ -193,10 +279,30 @@ def prepare(frame: "pd.DataFrame") -> "pd.DataFrame":
         out["finish_reason"] = frame["finish_reason"].fillna("none").astype(str)
     if "fallback" in frame:
         out["fallback"] = frame["fallback"].map(lambda v: "yes" if isinstance(v, str) and v else "no")
+    if "status" in frame and frame["status"].notna().any():
+        status = pd.to_numeric(frame["status"], errors="coerce")
+        out["status_class"] = (status // 100).map(lambda v: f"{int(v)}xx" if v == v else "none")
     for column in TEXT:
         if column in frame and frame[column].notna().any():
             out[column] = frame[column].where(frame[column].notna(), None)
+    if "prompt_text" in out:
+        out["prompt_script"] = scripts(out["prompt_text"])
+    if "response_text" in out:
+        text = out["response_text"]
+        out["response_refusal"] = text.where(text.map(lambda v: isinstance(v, str)), "").str[:200].str.contains(
+            _REFUSAL).map({True: "yes", False: "no"})
     return out.reset_index(drop=True)
+
+
+def scripts(texts: "pd.Series") -> "pd.Series":
+    """The script most of each text's letters are in (``SCRIPTS``), ``other`` or ``none``."""
+    import pandas as pd
+
+    text = texts.where(texts.map(lambda v: isinstance(v, str)), "")
+    counts = pd.DataFrame({name: text.str.count(f"[{chars}]") for name, chars in SCRIPTS.items()})
+    letters = text.str.count(_WORD.pattern)
+    best = counts.idxmax(axis=1).where(counts.max(axis=1) > 0, "other")
+    return best.where(letters > 0, "none")
 
 
 def _usable(ref: "pd.Series", cur: "pd.Series", min_rows: int) -> bool:
@@ -243,38 +349,74 @@ def run_drift(reference: "pd.DataFrame", current: "pd.DataFrame", *, route: str,
         for text, (_, _, oov) in DESCRIPTORS.items():
             if text in ref and text in cur:
                 ref[oov], cur[oov] = oov_shares(ref[text], cur[text])
+    content = {}
+    if config.text_content:
+        for text, feature in CONTENT.items():
+            if text in ref and text in cur:
+                found = content_drift(
+                    ref[text].tolist(), cur[text].tolist(), column=text, alpha=config.content_alpha,
+                    min_auc=config.content_min_auc, max_rows=config.content_max_rows,
+                    min_rows=config.min_rows, top_terms=config.top_terms, examples=config.text_examples)
+                if found is not None:
+                    content[feature] = found
     ref_ds, cur_ds, kinds = _datasets(ref, cur, config)
     columns = []
     for feature, kind in kinds.items():
         r, c = ref_ds.as_dataframe()[feature], cur_ds.as_dataframe()[feature]
         if _usable(r, c, config.min_rows):
             columns.append((feature, kind, min(int(r.notna().sum()), int(c.notna().sum()))))
-    if not columns:
+    if not columns and not content:
         result.status = "insufficient_data"
         result.reason = f"no feature has {config.min_rows} non-empty values on both sides"
         return _finish(result, out_dir, stem, None, started)
 
-    from evidently import Report
-    from evidently.presets import DataDriftPreset
-
-    register_stattests()
-
     methods = {f: choose_method(f, kind, rows, config) for f, kind, rows in columns}
-    preset = DataDriftPreset(
-        columns=[f for f, _, _ in columns], drift_share=config.drift_share,
-        per_column_method={f: m for f, (m, _) in methods.items()},
-        per_column_threshold={f: t for f, (_, t) in methods.items()},
-    )
-    snapshot = Report([preset]).run(current_data=cur_ds, reference_data=ref_ds)
-    scores = _value_drift_scores(snapshot.dict())
+    snapshot, scores = None, {}
+    if columns:
+        from evidently import Report
+        from evidently.presets import DataDriftPreset
+
+        register_stattests()
+        preset = DataDriftPreset(
+            columns=[f for f, _, _ in columns], drift_share=config.drift_share,
+            per_column_method={f: m for f, (m, _) in methods.items()},
+            per_column_threshold={f: t for f, (_, t) in methods.items()},
+        )
+        snapshot = Report([preset]).run(current_data=cur_ds, reference_data=ref_ds)
+        scores = _value_drift_scores(snapshot.dict())
+    group_of = {f: name for name in GROUPS for f in config.group(name)[0]}
+    for feature, found in content.items():
+        result.features.append(FeatureDrift(feature, "text", "domain_classifier", found.auc, found.threshold,
+                                            found.drifted, "distance", group_of.get(feature, ""), found.p_value))
+    result.content = list(content.values())
     for feature, kind, _ in columns:
         method, threshold = methods[feature]
         score = scores.get(feature, math.nan)
         drifted, test = FeatureDrift.judge(method, score, threshold)
         result.features.append(FeatureDrift(feature, kind, method, float(score), float(threshold),
-                                            bool(drifted and math.isfinite(score)), test))
-    result.status = "drift" if result.share >= config.drift_share else "ok"
+                                            bool(drifted and math.isfinite(score)), test, group_of.get(feature, "")))
+    result.groups = [judge_group(name, result.features, config) for name in GROUPS]
+    result.status = "drift" if result.drifted_groups else "ok"
     return _finish(result, out_dir, stem, snapshot, started)
+
+
+def judge_group(name: GroupName, features: list[FeatureDrift], config: DriftConfig) -> GroupVerdict:
+    """One group's verdict: a decisive feature drifted, or at least its drift share of its features."""
+    members, decisive, share_threshold = config.group(name)
+    measured = [f for f in features if f.feature in members]
+    drifted = [f.feature for f in measured if f.drifted]
+    share = len(drifted) / len(measured) if measured else 0.0
+    if not measured:
+        return GroupVerdict(name, "insufficient_data", [], [], 0.0, share_threshold,
+                            "none of its features could be measured")
+    deciding = [f for f in drifted if f in decisive]
+    if deciding:
+        status, reason = "drift", f"{', '.join(deciding)} drifted"
+    elif share >= share_threshold:
+        status, reason = "drift", f"{len(drifted)}/{len(measured)} features drifted (>= {share_threshold:g})"
+    else:
+        status, reason = "ok", f"{len(drifted)}/{len(measured)} features drifted (< {share_threshold:g})"
+    return GroupVerdict(name, status, [f.feature for f in measured], drifted, share, share_threshold, reason)
 
 
 def register_stattests() -> None:
@@ -368,9 +510,13 @@ def _finish(result: DriftResult, out_dir, stem: str, snapshot, started: float) -
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if snapshot is not None:
+        if snapshot is not None or result.content:
             html = out / f"{stem}.html"
-            snapshot.save_html(str(html))
+            if snapshot is not None:
+                snapshot.save_html(str(html))
+            else:
+                html.write_text("<html><body></body></html>")
+            _append_section(html, _groups_section(result) + _content_section(result.content))
             if result.prometheus:
                 _append_series_table(html, result.prometheus)
             result.html_path = str(html)
@@ -391,5 +537,43 @@ def _append_series_table(html: Path, series: list[SeriesComparison]) -> None:
     table = ("<section style='font-family:sans-serif;margin:24px'><h3>Prometheus series (mean per step)</h3>"
              "<table border=1 cellpadding=4><tr><th>series</th><th>reference</th><th>current</th>"
              f"<th>ratio</th><th>points</th></tr>{rows}</table></section>")
+    _append_section(html, table)
+
+
+def _append_section(html: Path, section: str) -> None:
     text = html.read_text()
-    html.write_text(text.replace("</body>", table + "</body>", 1) if "</body>" in text else text + table)
+    html.write_text(text.replace("</body>", section + "</body>", 1) if "</body>" in text else text + section)
+
+
+def _groups_section(result: DriftResult) -> str:
+    rows = "".join(
+        f"<tr><td>{g.group}</td><td><b>{g.status}</b></td><td>{escape(g.reason)}</td>"
+        f"<td>{escape(', '.join(g.drifted_features)) or '-'}</td></tr>" for g in result.groups)
+    return ("<section style='font-family:sans-serif;margin:24px'><h3>Verdict per signal group</h3>"
+            "<table border=1 cellpadding=4><tr><th>group</th><th>status</th><th>why</th><th>drifted</th></tr>"
+            f"{rows}</table></section>")
+
+
+def _content_section(content: list[ContentDrift]) -> str:
+    parts = []
+    for c in content:
+        def terms(items):
+            return "".join(f"<tr><td>{escape(t.term)}</td><td>{t.weight:+.2f}</td><td>{t.reference_share:.1%}</td>"
+                           f"<td>{t.current_share:.1%}</td></tr>" for t in items)
+
+        def examples(items):
+            return "".join(f"<li>{escape(e)}</li>" for e in items)
+
+        head = "<tr><th>term</th><th>weight</th><th>reference rows</th><th>current rows</th></tr>"
+        parts.append(
+            f"<h3>Text content: {c.column} ({'DRIFT' if c.drifted else 'no drift'})</h3>"
+            f"<p>Domain classifier (TF-IDF, logistic regression, cross-validated): ROC AUC {c.auc:.3f}, "
+            f"drift above {c.threshold:.3f}; p-value {c.p_value:.3g}; {c.reference_rows} reference and "
+            f"{c.current_rows} current rows.</p>"
+            f"<h4>Terms most typical of the current window</h4><table border=1 cellpadding=4>{head}"
+            f"{terms(c.current_terms)}</table>"
+            f"<h4>Terms most typical of the reference</h4><table border=1 cellpadding=4>{head}"
+            f"{terms(c.reference_terms)}</table>"
+            f"<h4>Current rows most unlike the reference</h4><ul>{examples(c.current_examples)}</ul>"
+            f"<h4>Reference rows most unlike the current window</h4><ul>{examples(c.reference_examples)}</ul>")
+    return f"<section style='font-family:sans-serif;margin:24px'>{''.join(parts)}</section>" if parts else ""

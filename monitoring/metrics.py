@@ -19,7 +19,9 @@ class MonitorMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         rv, r = ("route", "variant"), self.registry
         self.share = Gauge("loragate_drift_share", "Share of drifted features in the last run.", rv, registry=r)
-        self.detected = Gauge("loragate_drift_detected", "1 when the last run found dataset drift.", rv, registry=r)
+        self.detected = Gauge("loragate_drift_detected",
+                              "1 when the last run found drift in the signal group (inputs, outputs, operations).",
+                              (*rv, "group"), registry=r)
         self.feature_score = Gauge(
             "loragate_drift_feature_score",
             "Drift score per feature in the last run (p-value or distance, see the JSON summary).",
@@ -38,7 +40,9 @@ class MonitorMetrics:
         if result.status == "insufficient_data":
             return  # keep the last real figures; the run counter says what happened
         self.share.labels(*labels).set(result.share)
-        self.detected.labels(*labels).set(1 if result.dataset_drift else 0)
+        for group in result.groups:
+            if group.status != "insufficient_data":
+                self.detected.labels(*labels, group.group).set(1 if group.status == "drift" else 0)
         for feature in result.features:
             self.feature_score.labels(*labels, feature.feature).set(feature.score)
 

@@ -370,11 +370,20 @@ def drift() -> dict:
          query_variable("variant", "Variant", 'label_values(loragate_drift_share{route=~"$route"}, variant)')],
     )
     board.row("Drift")
-    board.panel("Drift detected", [(f"max by (route, variant) (loragate_drift_detected{{{rv}}})",
-                                    "{{route}} / {{variant}}")], kind="state-timeline",
+    board.panel("Drift detected per signal group", [(
+        f"max by (route, variant, group) (loragate_drift_detected{{{rv}}})", "{{route}} / {{variant}}: {{group}}")],
+                kind="state-timeline",
                 mappings=[{"type": "value", "options": {"0": {"text": "no drift", "color": "green"},
                                                         "1": {"text": "drift", "color": "red"}}}],
-                options={"showValue": "never", "mergeValues": True})
+                options={"showValue": "never", "mergeValues": True},
+                description="inputs: what users send (prompt content, length, script, tokens); outputs: what the "
+                            "adapter answers (content, length, finish reason, refusals); operations: latency, TTFT, "
+                            "cost, fallbacks, errors. Each group has its own features and threshold.")
+    board.panel("Text content drift (ROC AUC of the domain classifier)", [(
+        f'max by (route, variant, feature) (loragate_drift_feature_score{{{rv}, feature=~".*_content"}})',
+        "{{route}} / {{variant}}: {{feature}}")], decimals=3, w=12,
+        description="0.5: the classifier cannot tell the current window from the reference; 1: it always can "
+                    "(a change of topic). The report names the words and rows that tell them apart.")
     board.panel("Share of drifted features", [(f"max by (route, variant) (loragate_drift_share{{{rv}}})",
                                                "{{route}} / {{variant}}")], unit="percentunit")
     board.panel("Feature drift scores", [(f"max by (route, variant, feature) (loragate_drift_feature_score{{{rv}}})",

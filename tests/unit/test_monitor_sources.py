@@ -147,7 +147,7 @@ async def test_monitor_check_metrics_and_trigger(tmp_path):
     async with TestClient(TestServer(make_app(monitor))) as client:
         text = await (await client.get("/metrics")).text()
         health = await (await client.get("/healthz")).json()
-    assert 'loragate_drift_detected{route="support",variant="v1"} 1.0' in text
+    assert 'loragate_drift_detected{group="inputs",route="support",variant="v1"} 1.0' in text
     assert 'loragate_drift_share{route="support",variant="v1"}' in text
     assert 'loragate_drift_feature_score{feature="prompt_words",route="support",variant="v1"}' in text
     assert 'loragate_drift_last_run_timestamp_seconds{route="support",variant="v1"}' in text
