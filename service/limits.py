@@ -229,7 +229,7 @@ class RedisLimiter:
         self.metrics = metrics
         self.prefix = prefix
         self._keys: dict[str, bytes] = {}
-        self._pending: set[asyncio.Task] = set()
+        self._pending: set[asyncio.Future] = set()
         self._duration = metrics.limits_redis_duration
         self.backend = ""
         self._set_backend("redis", None)
@@ -291,10 +291,13 @@ class RedisLimiter:
             found = self._keys[key_id] = redis_key(key_id, self.prefix).encode()
         return found
 
+    def _args(self, key: LimitedKey, charge: int) -> tuple[bytes, ...]:
+        return (self._key(key.id), b"%d" % (key.requests_per_minute or 0), b"%d" % (key.tokens_per_minute or 0),
+                b"%d" % charge)
+
     async def run(self, key: LimitedKey, charge: int) -> list:
         """One round trip of the bucket script: [reason, wait_ms]."""
-        args = (self._key(key.id), b"%d" % (key.requests_per_minute or 0), b"%d" % (key.tokens_per_minute or 0),
-                b"%d" % charge)
+        args = self._args(key, charge)
         try:
             reply = await self.client.execute(encode(b"EVALSHA", self._sha, b"1", *args))
         except RedisReplyError as exc:
@@ -331,16 +334,32 @@ class RedisLimiter:
         if self.backend != "redis":
             self.fallback.charge(key, tokens)
             return
-        task = asyncio.ensure_future(self._charge(key, tokens))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
+        # Sent without a task or a waiting coroutine: the reply is only checked for errors.
+        self._send_charge(key, tokens, encode(b"EVALSHA", self._sha, b"1", *self._args(key, tokens)))
 
-    async def _charge(self, key: LimitedKey, tokens: int) -> None:
+    def _send_charge(self, key: LimitedKey, tokens: int, command: bytes) -> None:
         try:
-            await self.run(key, tokens)
+            future = self.client.send(command)
         except _REDIS_ERRORS as exc:
-            self._went_down(exc)
-            self.fallback.charge(key, tokens)
+            self._charge_failed(key, tokens, exc)
+            return
+        self._pending.add(future)
+        future.add_done_callback(lambda done: self._charged(key, tokens, done))
+
+    def _charged(self, key: LimitedKey, tokens: int, done: asyncio.Future) -> None:
+        self._pending.discard(done)
+        error = done.exception() if not done.cancelled() else RedisUnavailable("cancelled")
+        if error is None and isinstance(reply := done.result(), RedisReplyError):
+            if str(reply).startswith("NOSCRIPT"):
+                self._send_charge(key, tokens, encode(b"EVAL", self._script, b"1", *self._args(key, tokens)))
+                return
+            error = reply
+        if error is not None:
+            self._charge_failed(key, tokens, error)
+
+    def _charge_failed(self, key: LimitedKey, tokens: int, error: BaseException) -> None:
+        self._went_down(error)
+        self.fallback.charge(key, tokens)
 
     def forget(self, live_ids: Iterable[str]) -> None:
         live = set(live_ids)

@@ -201,6 +201,14 @@ class RespClient:
         self._protocol = connected
         return connected
 
+    def send(self, command: bytes) -> asyncio.Future:
+        """Send now on the open connection (RedisUnavailable without one); the future gets the reply, an
+        error reply included as a RedisReplyError value. For replies nobody awaits."""
+        protocol = self._protocol
+        if protocol is None or protocol.lost is not None:
+            raise RedisUnavailable("not connected to Redis")
+        return protocol.send(command)
+
     async def execute(self, command: bytes) -> object:
         """Send an encoded command; its reply (RedisReplyError for an error reply)."""
         protocol = self._protocol
