@@ -99,7 +99,13 @@ class Engine:
         return True
 
     async def unload(self, name: str) -> None:
-        await self._json("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+        """Best effort: an engine that is gone has nothing loaded."""
+        import aiohttp
+
+        try:
+            await self._json("POST", "/v1/unload_lora_adapter", {"lora_name": name})
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            pass
 
     async def answer_nll(self, model: str, example: Example) -> float:
         """Summed negative log-likelihood of the answer tokens given the prompt."""
@@ -128,18 +134,24 @@ class Engine:
 
 async def score(engine: Engine, model: str, rows: list[Row], examples: list[Example], *, generate_tokens: int,
                 concurrency: int) -> Scored:
+    """NLL of every reference answer, one request at a time; then greedy answers for F1, concurrently.
+
+    One at a time: vLLM 0.32 maps LoRA slots per request, not per prompt token, when it computes
+    prompt logprobs (vllm-project/vllm#16668); with two requests in one batch the CPU engine
+    crashes, with one the mapping broadcasts correctly.
+    """
+    nll = [await engine.answer_nll(model, example) for example in examples]
+    if generate_tokens <= 0:
+        return Scored(nll, [len(e.answer_ids) for e in examples], [])
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(row: Row, example: Example) -> tuple[float, float]:
+    async def f1(row: Row, example: Example) -> float:
         async with limit:
-            nll = await engine.answer_nll(model, example)
-            if generate_tokens <= 0:
-                return nll, float("nan")
             text = await engine.generate(model, example, min(generate_tokens, len(example.answer_ids)))
-            return nll, token_f1(text, row.answer)
+            return token_f1(text, row.answer)
 
-    results = await asyncio.gather(*(one(r, e) for r, e in zip(rows, examples)))
-    return Scored([n for n, _ in results], [len(e.answer_ids) for e in examples], [f for _, f in results])
+    f1s = await asyncio.gather(*(f1(r, e) for r, e in zip(rows, examples)))
+    return Scored(nll, [len(e.answer_ids) for e in examples], list(f1s))
 
 
 def _encode(path: str, encoder: Encoder) -> tuple[list[Row], list[Example], str]:
@@ -154,8 +166,7 @@ def _encode(path: str, encoder: Encoder) -> tuple[list[Row], list[Example], str]
 
 
 def _mean(values: list[float]) -> float | None:
-    finite = [v for v in values if v == v]
-    return round(sum(finite) / len(finite), 4) if finite else None
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def _card(directory: str, role: str) -> tuple[Path, AdapterCard]:
@@ -225,8 +236,8 @@ async def _compare(config: GateConfig, cand: AdapterCard, base: AdapterCard, row
             await _check_engine_base(engine, cand)
             loaded = [m.served_name for m in (cand, base)
                       if await engine.ensure_loaded(m.served_name, m.artifact.location)]
-        except aiohttp.ClientError as exc:
-            raise EvaluateError(f"engine {config.engine} unreachable: {exc}") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise EvaluateError(f"engine {config.engine} unreachable: {type(exc).__name__}: {exc}") from None
         try:
             scored = {}
             for card in (cand, base):
@@ -239,8 +250,8 @@ async def _compare(config: GateConfig, cand: AdapterCard, base: AdapterCard, row
                 reg_scores = [await score(engine, c.served_name, regression[0], regression[1], generate_tokens=0,
                                           concurrency=config.concurrency) for c in (cand, base)]
                 reg = _bootstrap(config, *reg_scores)
-        except aiohttp.ClientError as exc:
-            raise EvaluateError(f"engine {config.engine} failed while scoring: {exc}") from None
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise EvaluateError(f"engine {config.engine} failed while scoring: {type(exc).__name__}: {exc}") from None
         finally:
             for name in loaded:
                 if name != cand.served_name or not config.keep_loaded:
