@@ -53,6 +53,7 @@ class MonitorConfig(BaseModel):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     checks: list[CheckConfig] = Field(default_factory=list)
     rollouts: RolloutsConfig | None = None  # progressive delivery of adapter versions (monitoring/rollout/)
+    adapter_registry: str | None = None  # adapter cards (loragate.common.registry): loragate_adapter_info
 
     @model_validator(mode="after")
     def _rollouts_need_prometheus(self) -> "MonitorConfig":

@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from loragate.common.objectstore import S3Options
+from loragate.common.registry import AdapterInfoCollector, Registry
 from loragate.monitoring.check import CheckRun, DriftCheck, References
 from loragate.monitoring.config import MonitorConfig
 from loragate.monitoring.metrics import MonitorMetrics
@@ -48,6 +49,8 @@ class Monitor:
                        out_dir=config.output_dir, metrics=self.metrics)
             for c, t in zip(config.checks, self.triggers)
         ]
+        if config.adapter_registry:
+            self.metrics.registry.register(AdapterInfoCollector(Registry(config.adapter_registry)))
         self.last_results: dict[str, dict] = {}
         # core_api: a CoreV1Api (or stand-in) for the routes ConfigMap; default: in-cluster config.
         self.rollouts = None

@@ -7,7 +7,7 @@ training run), the evaluation gate's results and the version's state with its hi
 The card pins the sha256 of the weights and of the adapter config; ``verify`` recomputes them
 and refuses a mismatch, so an adapter changed after registration is never promoted or served.
 State changes follow ``TRANSITIONS``; a rejected version never moves again. Writes are atomic
-(temp file, fsync, rename) and read-modify-write is serialised by a lock file per version.
+(loragate.common.atomicio) and read-modify-write is serialised by a lock file per version.
 
 Local directories only for now (``file://`` accepted); ``s3://`` is refused with a clear error.
 """
@@ -366,6 +366,7 @@ class Registry:
         source = Path(files_from)
         staging = Path(tempfile.mkdtemp(dir=self.root, prefix=f".staging-{card.name}-{card.version}-"))
         try:
+            staging.chmod(0o755)  # mkdtemp's 0o700 would hide the adapter from an engine running as another user
             for name in (CONFIG_FILE, WEIGHTS_FILE, *extra_files):
                 if (source / name).is_file():
                     (staging / name).write_bytes((source / name).read_bytes())

@@ -226,3 +226,14 @@ def test_adapters_cli(registered):
     assert card.state == "retired" and card.history[-1].by == "alice" and card.history[-1].reason == "superseded"
     missing = cli("show", "support/v9")
     assert missing.returncode == 1 and "no adapter card" in missing.stderr
+
+
+def test_monitor_exposes_adapter_info(registered, tmp_path):
+    from loragate.monitoring.config import MonitorConfig
+    from loragate.monitoring.service import Monitor
+
+    registry, _ = registered
+    monitor = Monitor(MonitorConfig(request_log=str(tmp_path / "log"), state_file=str(tmp_path / "state.json"),
+                                    adapter_registry=registry.location))
+    text = generate_latest(monitor.metrics.registry).decode()
+    assert 'loragate_adapter_info{base="base",name="support",state="candidate",version="v2"} 1.0' in text
