@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, cast
 
 from loragate.service.metrics import Metrics
 from loragate.service.resp import RedisReplyError, RedisUnavailable, RespClient, encode
@@ -295,19 +295,6 @@ class RedisLimiter:
         return (self._key(key.id), b"%d" % (key.requests_per_minute or 0), b"%d" % (key.tokens_per_minute or 0),
                 b"%d" % charge)
 
-    async def run(self, key: LimitedKey, charge: int) -> list:
-        """One round trip of the bucket script: [reason, wait_ms]."""
-        args = self._args(key, charge)
-        try:
-            reply = await self.client.execute(encode(b"EVALSHA", self._sha, b"1", *args))
-        except RedisReplyError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-            reply = await self.client.execute(encode(b"EVAL", self._script, b"1", *args))  # caches it again
-        if not isinstance(reply, list):
-            raise RedisReplyError(f"the bucket script answered {reply!r}, not a list")
-        return reply
-
     def _down(self, key: LimitedKey) -> Outcome:
         if self.backend == "refusing":
             return Refusal("limiter_unavailable", self.retry_after_s)
@@ -321,11 +308,17 @@ class RedisLimiter:
     async def _admit(self, key: LimitedKey) -> Outcome:
         started = time.perf_counter()
         try:
-            reason, wait_ms = await self.run(key, 0)
+            reply = await self.client.request(encode(b"EVALSHA", self._sha, b"1", *self._args(key, 0)))
+            if isinstance(reply, RedisReplyError):
+                if not str(reply).startswith("NOSCRIPT"):
+                    raise reply
+                # A restarted Redis lost its script cache: EVAL caches it again.
+                reply = await self.client.execute(encode(b"EVAL", self._script, b"1", *self._args(key, 0)))
         except _REDIS_ERRORS as exc:
             self._went_down(exc)
             return self._down(key)
         self._duration.observe(time.perf_counter() - started)
+        reason, wait_ms = cast(list, reply)  # the script's {reason, wait_ms}
         return None if reason == 0 else Refusal(_REASONS[reason], wait_ms / 1000)
 
     def charge(self, key: LimitedKey, tokens: int) -> None:
@@ -338,11 +331,7 @@ class RedisLimiter:
         self._send_charge(key, tokens, encode(b"EVALSHA", self._sha, b"1", *self._args(key, tokens)))
 
     def _send_charge(self, key: LimitedKey, tokens: int, command: bytes) -> None:
-        try:
-            future = self.client.send(command)
-        except _REDIS_ERRORS as exc:
-            self._charge_failed(key, tokens, exc)
-            return
+        future = asyncio.ensure_future(self.client.request(command))  # the reply's future itself when connected
         self._pending.add(future)
         future.add_done_callback(lambda done: self._charged(key, tokens, done))
 

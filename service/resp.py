@@ -17,6 +17,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Awaitable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 
@@ -201,20 +202,20 @@ class RespClient:
         self._protocol = connected
         return connected
 
-    def send(self, command: bytes) -> asyncio.Future:
-        """Send now on the open connection (RedisUnavailable without one); the future gets the reply, an
-        error reply included as a RedisReplyError value. For replies nobody awaits."""
+    def request(self, command: bytes) -> Awaitable[object]:
+        """Send an encoded command: its reply, an error reply as a RedisReplyError value. On an open
+        connection this is the reply's future itself (no coroutine); else it connects first."""
         protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            raise RedisUnavailable("not connected to Redis")
-        return protocol.send(command)
+        if protocol is not None and protocol.lost is None:
+            return protocol.send(command)
+        return self._connect_and_send(command)
+
+    async def _connect_and_send(self, command: bytes) -> object:
+        return await (await self.connection()).send(command)
 
     async def execute(self, command: bytes) -> object:
-        """Send an encoded command; its reply (RedisReplyError for an error reply)."""
-        protocol = self._protocol
-        if protocol is None or protocol.lost is not None:
-            protocol = await self.connection()
-        reply = await protocol.send(command)
+        """Send an encoded command; its reply (raises RedisReplyError for an error reply)."""
+        reply = await self.request(command)
         if isinstance(reply, RedisReplyError):
             raise reply
         return reply
