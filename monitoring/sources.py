@@ -73,8 +73,10 @@ class RequestLog:
         self._fs, self._root = filesystem(str(root), s3)
 
     def requests(self, window: Window, route: str | None = None, variant: str | None = None,
-                 *, columns: tuple[str, ...] = REQUEST_COLUMNS) -> "pd.DataFrame":
-        return self._read("requests", window, route, variant, columns)
+                 *, columns: tuple[str, ...] = REQUEST_COLUMNS,
+                 role: str | None = logschema.PRIMARY) -> "pd.DataFrame":
+        """The answers clients got (``role`` primary); ``role=None``: shadow answers too (monitoring/shadow.py)."""
+        return self._read("requests", window, route, variant, columns, role)
 
     def feedback(self, window: Window, route: str | None = None, variant: str | None = None) -> "pd.DataFrame":
         return self._read("feedback", window, route, variant, FEEDBACK_COLUMNS)
@@ -90,7 +92,7 @@ class RequestLog:
         return files
 
     def _read(self, kind: str, window: Window, route: str | None, variant: str | None,
-              columns: tuple[str, ...]) -> "pd.DataFrame":
+              columns: tuple[str, ...], role: str | None = None) -> "pd.DataFrame":
         import pandas as pd
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -103,7 +105,7 @@ class RequestLog:
             except (OSError, pa.ArrowInvalid):
                 continue  # a file being written or a torn upload: the next run reads it
             mask = None
-            for name, value in (("route", route), ("variant", variant)):
+            for name, value in (("route", route), ("variant", variant), ("role", role)):
                 if value is not None and name in table.column_names:
                     cond = pc.equal(table[name], value)
                     mask = cond if mask is None else pc.and_(mask, cond)

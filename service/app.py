@@ -101,6 +101,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await gateway.shadows.close()  # shadow copies still running: cancelled (the clients have their answers)
             await session.close()
             if isinstance(limiter, RedisLimiter):
                 await limiter.close()

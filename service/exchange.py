@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from loragate.common.catalog import Route, Variant
 from loragate.service.auth import ANONYMOUS, Principal
 from loragate.service.proxy import UpstreamResponse, Usage
 from loragate.service.upstreams import Replica
+
+if TYPE_CHECKING:
+    from loragate.service.shadow import ShadowHandle
 
 
 @dataclass(slots=True)
@@ -34,3 +38,4 @@ class RequestContext:
     started: float  # perf counter, for durations
     payload: dict
     principal: Principal = ANONYMOUS  # charged with the tokens after the answer
+    shadow: "ShadowHandle | None" = None  # its shadow copy, told when the primary is done (service/shadow.py)

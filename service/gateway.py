@@ -27,6 +27,7 @@ from loragate.service.proxy import Upstream, UpstreamResponse, Usage
 from loragate.service.relay import RelayedStream, continuation_payload
 from loragate.service.requestlog import NullRequestLog, RequestRecord, RequestSink
 from loragate.service.routing import PinError, choose_variant
+from loragate.service.shadow import ShadowMetrics, Shadows
 from loragate.service.resilience import Overloaded, backoff_s
 from loragate.service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
@@ -47,6 +48,7 @@ class Gateway:
         request_log: RequestSink | None = None,
         auth: Authenticator | AllowAll | None = None,
         rng: random.Random | None = None,
+        shadows: Shadows | None = None,
     ) -> None:
         self.request_log = request_log or NullRequestLog()
         self.keeps_log = not isinstance(self.request_log, NullRequestLog)
@@ -60,6 +62,9 @@ class Gateway:
         self.rng = rng or random.Random()
         self.auth = auth or AllowAll()
         self.upstream = upstream  # the call that sends a request to a replica (proxy.HttpUpstream in production)
+        # Routes with a `shadow`: a sampled copy of each request answered in the dark (service/shadow.py).
+        self.shadows = shadows or Shadows(pool, upstream, ShadowMetrics(metrics.registry),
+                                          self.request_log if self.keeps_log else None, self._timeouts)
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         started = time.perf_counter()
@@ -102,6 +107,9 @@ class Gateway:
             self.metrics.requests.labels(route.name, "none", "4xx").inc()
             return error_response(exc, headers)
 
+        # The shadow copy (sampled routes only) starts now, beside the primary, and never touches its answer.
+        shadow = self.shadows.start(route, choice.variant, payload, endpoint, request_id) if route.shadow else None
+
         stream = payload.get("stream") is True
         client_wants_usage = False
         if stream:
@@ -119,13 +127,15 @@ class Gateway:
         except GatewayError as exc:
             in_flight.dec()
             self.metrics.requests.labels(route.name, choice.variant.name, status_class(exc.status)).inc()
+            if shadow is not None:
+                shadow.primary_done()
             return error_response(exc, headers)
         headers["x-loragate-variant"] = served.variant.name
         if served.fallback:
             headers["x-loragate-fallback"] = served.fallback
 
         # 4. Relay the answer and account for it.
-        context = RequestContext(endpoint, request_id, arrived, started, payload, principal)
+        context = RequestContext(endpoint, request_id, arrived, started, payload, principal, shadow)
         if stream and served.response.status == 200:
             return RelayedStream(self, served, headers, context, hide_usage=not client_wants_usage)
         self.release(served)
@@ -305,6 +315,8 @@ class Gateway:
                 counted.tpot.observe((finished - first_token_at) / (completion_tokens - 1))
         if status == 200:
             context.principal.charge(prompt_tokens + completion_tokens if usage else _requested_tokens(context.payload))
+        if context.shadow is not None:
+            context.shadow.primary_done()  # from now on the shadow has its deadline_s
         if self.keeps_log:
             self.request_log.record(RequestRecord(
                 request_id=context.request_id, timestamp=context.arrived, route=route.name, variant=variant.name,

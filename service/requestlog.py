@@ -39,7 +39,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from loragate.common.logschema import FEEDBACK, REQUESTS
+from loragate.common.logschema import FEEDBACK, PRIMARY, REQUESTS
 from loragate.common.scrub import scrub
 from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode, feedback_row, request_row
 
@@ -274,7 +274,8 @@ class RequestLog:
     # --- the request path ---
 
     def record(self, record: RequestRecord) -> None:
-        self.recent.add(record.request_id, record.route, record.variant)
+        if record.role == PRIMARY:  # feedback is about the answer the client got, never a shadow's
+            self.recent.add(record.request_id, record.route, record.variant)
         self._put(REQUESTS, record)
 
     def record_feedback(self, record: FeedbackRecord) -> bool:

@@ -106,6 +106,19 @@ class Variant(_Strict):
         return self.adapter is None and self.endpoint is None
 
 
+class Shadow(_Strict):
+    """A copy of a share of the route's requests, sent to ``variant`` in the dark (service/shadow.py).
+
+    The client only ever gets the primary answer; the shadow answer goes to the request log,
+    paired with the primary by request id, for the monitor to compare (monitoring/shadow.py).
+    """
+
+    variant: str
+    percent: float = Field(10.0, ge=0, le=100)  # share of the route's requests that are copied
+    max_in_flight: int = Field(8, ge=1)  # shadow requests of this route at once; more are dropped
+    deadline_s: float = Field(30.0, gt=0)  # how long a shadow may run on after its primary finished
+
+
 class Route(_Strict):
     name: str
     base_model: str = "base"
@@ -118,6 +131,7 @@ class Route(_Strict):
     pricing: Pricing = Pricing()
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
+    shadow: Shadow | None = None
 
     @field_validator("sticky_key")
     @classmethod
@@ -144,7 +158,19 @@ class Route(_Strict):
         unknown = [f for f in self.fallback if f not in names]
         if unknown:
             raise ValueError(f"fallback names unknown variants: {unknown} (known: {names})")
+        if self.shadow is not None:
+            self._check_shadow(self.shadow, names)
         return self
+
+    def _check_shadow(self, shadow: Shadow, names: list[str]) -> None:
+        """The shadow must exist and must not be the route's primary (the variant with the most weight)."""
+        if shadow.variant not in names:
+            raise ValueError(f"shadow.variant: unknown variant {shadow.variant!r} (known: {names})")
+        top = max(v.weight for v in self.variants)
+        primaries = [v.name for v in self.variants if v.weight == top]
+        if shadow.variant in primaries:
+            raise ValueError(f"shadow.variant: {shadow.variant!r} is the route's primary variant (weight {top:g}); "
+                             "a shadow must be another variant (weight 0, or a canary's smaller share)")
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)

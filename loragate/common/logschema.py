@@ -9,6 +9,10 @@ a list of ``{role, content}`` per message, content scrubbed by the writer. The f
 completions) stays for the drift features only: nothing may parse turns back out of
 it, since a message's content can itself hold a newline and ``assistant: ...``.
 
+Rows also carry ``role``: ``primary`` (the answer the client got) or ``shadow`` (a copy of the
+request answered in the dark by the route's shadow variant, service/shadow.py, under the same
+``request_id`` as its primary). Files written before the column existed read as ``primary``.
+
 Version 1 had only ``prompt_text``. :func:`prompt_turns` therefore gives no turns
 for a version-1 chat row (its turn boundaries cannot be told from the text); a
 text-completion prompt, of any version, is one user turn.
@@ -35,11 +39,14 @@ TABLES = (REQUESTS, FEEDBACK)
 CHAT_ENDPOINT = "chat/completions"
 COMPLETIONS_ENDPOINT = "completions"
 
+PRIMARY = "primary"  # requests.role: the answer the client got
+SHADOW = "shadow"  # ... a shadow variant's answer to a copy of the same request (never sent to anyone)
+
 # Column names in file order. Types: see arrow_schema.
 REQUEST_COLUMNS = (
     "request_id", "timestamp", "route", "variant", "endpoint", "status", "stream", "fallback",
     "latency_s", "ttft_s", "prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd",
-    "finish_reason", "prompt_text", "prompt_messages", "response_text", "schema_version",
+    "finish_reason", "prompt_text", "prompt_messages", "response_text", "schema_version", "role",
 )
 FEEDBACK_COLUMNS = ("request_id", "timestamp", "route", "variant", "score", "label", "correction",
                     "schema_version")
@@ -61,7 +68,7 @@ def arrow_schema(table: str) -> "pa.Schema":
         "completion_tokens": pa.int64(), "cost_usd": pa.float64(), "reference_cost_usd": pa.float64(),
         "finish_reason": pa.string(), "prompt_text": pa.string(), "prompt_messages": turns,
         "response_text": pa.string(), "score": pa.float64(), "label": pa.string(), "correction": pa.string(),
-        "schema_version": pa.int32(),
+        "schema_version": pa.int32(), "role": pa.string(),
     }
     return pa.schema([(name, types[name]) for name in COLUMNS[table]])
 
@@ -69,7 +76,7 @@ def arrow_schema(table: str) -> "pa.Schema":
 def conform(data: "pa.Table", table: str) -> "pa.Table":
     """A table read from a file of any version, in the current schema.
 
-    Missing columns come back empty, a missing or empty ``schema_version`` as 1; columns this
+    Missing columns come back empty, a missing or empty ``schema_version`` as 1, ``role`` as primary; columns this
     version does not know (a newer writer's, the ``date`` partition) are kept after ours.
     """
     import pyarrow as pa
@@ -84,6 +91,8 @@ def conform(data: "pa.Table", table: str) -> "pa.Table":
             column = pa.nulls(data.num_rows, field.type)
         if field.name == "schema_version":
             column = pc.fill_null(column, LEGACY_VERSION)
+        elif field.name == "role":
+            column = pc.fill_null(column, PRIMARY)
         columns.append(column)
     extra = [name for name in data.column_names if name not in schema.names]
     return pa.Table.from_arrays(columns + [data[name] for name in extra],

@@ -1,0 +1,254 @@
+"""Shadow traffic in-process (service/shadow.py): the served app with the replicas' call scripted.
+
+The client's answer must never change, slow down or fail because of a shadow; shadows are
+sampled, bounded, dropped when the gateway is loaded, cancelled past their deadline, never
+charged to the key and counted only in their own series.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import httpx
+import pytest
+
+from loragate.common.catalog import CatalogError, CatalogFile
+from loragate.service.app import create_app
+from loragate.service.auth import Principal
+from loragate.service.logrows import request_row
+from loragate.service.metrics import Metrics
+from loragate.service.settings import Settings
+from tests.unit.test_gateway_core import Call, Scripted, answer, sample, stream, stream_events
+
+ONE_REPLICA = ["http://10.0.0.1:8000"]
+ROUTES = """
+routes:
+  chat:
+    variants:
+      - {{name: v1, adapter: a1, path: /a/a1, weight: 1}}
+      - {{name: v2, adapter: a2, path: /a/a2, weight: 0}}
+    shadow: {{variant: v2, percent: {percent}, max_in_flight: {max_in_flight}, deadline_s: {deadline_s}}}
+"""
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10}
+
+
+class Charges:
+    """An authenticator whose one principal records what it is charged."""
+
+    def __init__(self) -> None:
+        self.charged: list[int] = []
+        outer = self
+
+        class Recording(Principal):
+            def charge(self, tokens: int) -> None:
+                outer.charged.append(tokens)
+
+        self.principal = Recording()
+
+    def authenticate(self, headers) -> Principal:
+        return self.principal
+
+
+class ListLog:
+    def __init__(self) -> None:
+        self.records = []
+
+    def record(self, record) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def build(tmp_path):
+    built = []
+
+    def make(answer_of, *, percent=100, max_in_flight=8, deadline_s=30, replicas=ONE_REPLICA, **settings):
+        routes = tmp_path / "routes.yaml"
+        routes.write_text(ROUTES.format(percent=percent, max_in_flight=max_in_flight, deadline_s=deadline_s))
+        metrics = Metrics()
+        upstream = Scripted(answer_of)
+        app = create_app(Settings(routes_file=routes, upstreams=replicas, **settings), metrics, upstream=upstream)
+        gateway = app.state.gateway
+        gateway.shadows.rng = random.Random(7)
+        log = ListLog()
+        gateway.request_log = gateway.shadows.request_log = log
+        gateway.keeps_log = True
+        for replica in app.state.pool.replicas:
+            replica.healthy = True
+            replica.adapters = {"a1", "a2"}
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway")
+        built.append(app)
+        return client, metrics, upstream, gateway, log
+
+    yield make
+    for app in built:  # nothing leaked: every replica slot given back
+        assert all(r.in_flight == 0 for r in app.state.pool.replicas)
+
+
+async def settle(gateway, timeout_s: float = 2.0) -> None:
+    """Wait for the background shadows to end."""
+    async with asyncio.timeout(timeout_s):
+        while gateway.shadows._tasks:
+            await asyncio.sleep(0.005)
+
+
+def by_adapter(texts: dict[str, str]):
+    def answer_of(call: Call):
+        text = texts[call.model]
+        if call.payload.get("stream"):
+            return stream(f"id-{call.model}", [text], (3, 1))
+        return answer(text, completion=len(text.split()))
+    return answer_of
+
+
+async def test_primary_answer_unchanged_shadow_logged_paired_never_charged_and_counted_apart(build):
+    client, metrics, upstream, gateway, log = build(by_adapter({"a1": "primary answer", "a2": "shadow says other"}))
+    charges = Charges()
+    gateway.auth = charges
+    plain = await client.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": "r" * 32})
+    streamed = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    await settle(gateway)
+
+    assert plain.status_code == 200 and plain.headers["x-loragate-variant"] == "v1"
+    assert plain.content == answer("primary answer", completion=2).parts[0]  # byte for byte
+    texts = [e["choices"][0]["delta"].get("content") for e in stream_events(streamed.text)
+             if isinstance(e, dict) and e.get("choices")]
+    assert "".join(t for t in texts if t) == "primary answer"
+    # The shadow copies: the shadow's adapter, never streamed, no stream_options, their own upstream id.
+    shadow_calls = [c for c in upstream.calls if c.model == "a2"]
+    assert len(shadow_calls) == 2 and all("stream" not in c.payload and "stream_options" not in c.payload
+                                          for c in shadow_calls)
+    # Charged once per request (the primaries' tokens), never for the shadows.
+    assert charges.charged == [3 + 2, 3 + 1]
+    # Client-facing series know nothing of v2; its own series have both.
+    assert sample(metrics, "loragate_requests_total", route="chat", variant="v2", status_class="2xx") == 0
+    assert sample(metrics, "loragate_requests_total", route="chat", variant="v1", status_class="2xx") == 2
+    assert sample(metrics, "loragate_completion_tokens_total", route="chat", variant="v2") == 0
+    assert sample(metrics, "loragate_shadow_requests_total", route="chat", variant="v2", status_class="2xx") == 2
+    assert sample(metrics, "loragate_shadow_completion_tokens_total", route="chat", variant="v2") == 6
+    assert sample(metrics, "loragate_shadow_request_duration_seconds_count", route="chat", variant="v2") == 2
+    assert sample(metrics, "loragate_shadow_requests_in_flight", route="chat") == 0
+    # The log: each shadow row under its primary's request id, role shadow, its own answer.
+    rows = [request_row(r, "full") for r in log.records]
+    assert sorted((r["role"], r["variant"]) for r in rows) == [("primary", "v1")] * 2 + [("shadow", "v2")] * 2
+    first = [r for r in rows if r["request_id"] == "r" * 32]
+    assert {r["role"]: r["response_text"] for r in first} == {"primary": "primary answer",
+                                                              "shadow": "shadow says other"}
+
+
+async def test_sampled_share_follows_percent(build):
+    client, metrics, upstream, gateway, _log = build(by_adapter({"a1": "a", "a2": "b"}), percent=25)
+    for _ in range(200):
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        await asyncio.sleep(0)  # the scripted upstream never suspends: let the loop run the shadows, as a server's does
+    await settle(gateway)
+    shadows = sum(1 for c in upstream.calls if c.model == "a2")
+    assert 30 <= shadows <= 70  # binomial(200, 0.25): mean 50, sd 6.1
+    assert sample(metrics, "loragate_shadow_requests_total", route="chat", variant="v2", status_class="2xx") == shadows
+
+
+async def test_max_in_flight_drops_and_deadline_cancels_without_touching_the_primary(build):
+    release = asyncio.Event()
+
+    async def slow_shadow(call: Call):
+        if call.model == "a2":
+            await release.wait()  # never set: the deadline cancels it
+        return answer("ok")
+
+    client, metrics, upstream, gateway, log = build(slow_shadow, max_in_flight=2, deadline_s=0.2,
+                                                    max_in_flight_per_upstream=64)
+    answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=CHAT) for _ in range(5)))
+    assert [a.status_code for a in answers] == [200] * 5  # the primaries did not wait for their shadows
+    assert sum(1 for c in upstream.calls if c.model == "a2") == 2
+    assert sample(metrics, "loragate_shadow_dropped_total", route="chat", variant="v2", reason="max_in_flight") == 3
+    await settle(gateway)
+    assert sample(metrics, "loragate_shadow_dropped_total", route="chat", variant="v2", reason="deadline") == 2
+    assert sample(metrics, "loragate_shadow_requests_total", route="chat", variant="v2", status_class="2xx") == 0
+    assert all(r.role == "primary" for r in log.records) and len(log.records) == 5  # no row for a cancelled shadow
+
+
+async def test_shadow_dropped_when_the_replicas_are_loaded_and_primary_served(build):
+    release = asyncio.Event()
+
+    async def held(call: Call):
+        await release.wait()
+        return answer("ok")
+
+    # One replica, 3 slots: a shadow never takes the last free one (nor a slot when someone waits).
+    client, metrics, upstream, gateway, _log = build(held, max_in_flight_per_upstream=3)
+    first = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+    await asyncio.sleep(0.05)  # primary + shadow: 2 slots
+    second = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+    await asyncio.sleep(0.05)  # its shadow dropped (one slot left), its primary takes it
+    third = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
+    await asyncio.sleep(0.05)  # its shadow dropped; its primary waits for room (admission)
+    assert gateway.pool.admission.waiting == 1
+    release.set()
+    assert [r.status_code for r in await asyncio.gather(first, second, third)] == [200] * 3
+    await settle(gateway)
+    assert sample(metrics, "loragate_shadow_dropped_total", route="chat", variant="v2", reason="overloaded") == 2
+    assert sum(1 for c in upstream.calls if c.model == "a2") == 1
+
+
+async def test_failing_shadow_never_fails_the_primary_nor_feeds_its_circuits(build):
+    from loragate.service.failures import FailureReason, UpstreamFailure
+
+    def answer_of(call: Call):
+        if call.model == "a2":
+            raise UpstreamFailure(FailureReason.UPSTREAM_5XX, "scripted 500")
+        return answer("fine")
+
+    client, metrics, upstream, gateway, log = build(answer_of, circuit_failures=2)
+    for _ in range(6):
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        await asyncio.sleep(0)
+    await settle(gateway)
+    assert sample(metrics, "loragate_shadow_requests_total", route="chat", variant="v2", status_class="5xx") == 6
+    assert all(r.circuits.get("a2") is None or r.circuits["a2"].state == 0 for r in gateway.pool.replicas)
+    assert sum(1 for c in upstream.calls if c.model == "a2") == 6  # no retries, no fallback for shadows
+    assert sample(metrics, "loragate_fallbacks_total", route="chat", variant="v1", reason="upstream_5xx") == 0
+
+
+async def test_shadow_skipped_when_the_request_is_pinned_to_it(build):
+    client, metrics, upstream, gateway, _log = build(by_adapter({"a1": "a", "a2": "b"}))
+    assert (await client.post("/v1/chat/completions", json={**CHAT, "model": "chat:v2"})).status_code == 200
+    await settle(gateway)
+    assert [c.model for c in upstream.calls] == ["a2"]
+    assert sample(metrics, "loragate_shadow_dropped_total", route="chat", variant="v2", reason="same_variant") == 1
+
+
+GOOD = """
+routes:
+  chat:
+    variants:
+      - {name: v1, adapter: a1, weight: 90}
+      - {name: v2, adapter: a2, weight: 10}
+      - {name: v3, adapter: a3, weight: 0}
+    shadow: {variant: v3, percent: 10, max_in_flight: 8}
+"""
+
+
+@pytest.mark.parametrize("shadow, field, words", [
+    ("{variant: v9, percent: 10}", "shadow.variant", "unknown variant 'v9'"),
+    ("{variant: v3, percent: 101}", "shadow.percent", "less than or equal to 100"),
+    ("{variant: v3, percent: -5}", "shadow.percent", "greater than or equal to 0"),
+    ("{variant: v1, percent: 10}", "shadow.variant", "'v1' is the route's primary variant"),
+    ("{variant: v3, max_in_flight: 0}", "shadow.max_in_flight", "greater than or equal to 1"),
+])
+def test_bad_shadow_refused_naming_the_field_last_good_catalog_kept(tmp_path, shadow, field, words):
+    path = tmp_path / "routes.yaml"
+    path.write_text(GOOD)
+    catalog = CatalogFile(path)
+    assert catalog.current.routes["chat"].shadow.variant == "v3"
+    path.write_text(GOOD.replace("{variant: v3, percent: 10, max_in_flight: 8}", shadow) + "\n")
+    with pytest.raises(CatalogError) as error:
+        catalog.reload_if_changed()
+    assert field in str(error.value) and words in str(error.value)
+    assert catalog.current.routes["chat"].shadow.variant == "v3"  # still serving the last good one
+
+
+def test_shadow_of_the_only_weighted_variant_refused(tmp_path):
+    from loragate.common.catalog import parse_catalog
+
+    with pytest.raises(CatalogError, match=r"shadow\.variant: 'v1' is the route's primary"):
+        parse_catalog("routes:\n  r:\n    variants: [{name: v1, adapter: a1, weight: 1}]\n    shadow: {variant: v1}\n")
