@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     add_rollout_arguments(p)
     p.set_defaults(run=_rollout)
 
+    p = commands.add_parser("shadow", help="shadow traffic: compare shadow answers with the primary's (report)")
+    from loragate.monitoring.shadow import add_shadow_arguments
+
+    add_shadow_arguments(p)
+    p.set_defaults(run=_shadow)
+
     from loragate.pipeline.commands import add_adapters_arguments, add_evaluate_arguments, add_train_arguments
 
     p = commands.add_parser("adapters", help="the adapter registry: list, show, retire, approve, register")
@@ -123,6 +129,12 @@ def _rollout(args: argparse.Namespace) -> int:
     from loragate.monitoring.commands import rollout_command
 
     return rollout_command(args)
+
+
+def _shadow(args: argparse.Namespace) -> int:
+    from loragate.monitoring.shadow import shadow_command
+
+    return shadow_command(args)
 
 
 def _demo_model(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from loragate.monitoring.drift import DriftConfig
 from loragate.monitoring.rollout.config import RolloutsConfig
+from loragate.monitoring.shadow import ShadowsConfig
 from loragate.monitoring.triggers.config import ActionConfig
 from loragate.monitoring.triggers.policy import TriggerPolicy
 
@@ -53,6 +54,7 @@ class MonitorConfig(BaseModel):
     drift: DriftConfig = Field(default_factory=DriftConfig)
     checks: list[CheckConfig] = Field(default_factory=list)
     rollouts: RolloutsConfig | None = None  # progressive delivery of adapter versions (monitoring/rollout/)
+    shadows: ShadowsConfig | None = None  # shadow answers vs the primary's, on a schedule (monitoring/shadow.py)
     adapter_registry: str | None = None  # adapter cards (loragate.common.registry): loragate_adapter_info
 
     @model_validator(mode="after")

@@ -22,7 +22,9 @@ from loragate.monitoring.metrics import MonitorMetrics
 from loragate.monitoring.prometheus import Prometheus
 from loragate.monitoring.rollout.analysis import PrometheusAnalysis
 from loragate.monitoring.rollout.controller import RolloutController
+from loragate.monitoring.rollout.config import CanaryConfig
 from loragate.monitoring.rollout.metrics import RolloutMetrics
+from loragate.monitoring.shadow import GateResult, ShadowComparisonMetrics, gate, report
 from loragate.monitoring.sources import RequestLog
 from loragate.monitoring.triggers.engine import Trigger
 from loragate.monitoring.triggers.state import TriggerState
@@ -57,7 +59,9 @@ class Monitor:
         if config.rollouts is not None and config.rollouts.canaries:
             self.rollouts = RolloutController(
                 config.rollouts, PrometheusAnalysis(self.prometheus) if self.prometheus is not None else None,
-                metrics=RolloutMetrics(self.metrics.registry), k8s_api=core_api)
+                metrics=RolloutMetrics(self.metrics.registry), k8s_api=core_api, shadow_gate=self.shadow_gate)
+        self.shadow_metrics = ShadowComparisonMetrics(self.metrics.registry)
+        self.last_shadows: list[dict] = []
 
     async def run_check(self, index: int, *, now: float | None = None) -> CheckRun:
         run = await self.checks[index].run(now=now)
@@ -74,11 +78,49 @@ class Monitor:
                 self.metrics.runs.labels(check.route, check.variant or "", "error").inc()
         return runs
 
+    async def compare_shadows(self, *, now: float | None = None) -> list[dict]:
+        """Every shadow variant's comparison over the configured window; the gauges and /healthz get them."""
+        from loragate.monitoring.sources import Window
+
+        shadows = self.config.shadows
+        assert shadows is not None
+        now = time.time() if now is None else now
+        window = Window.last(shadows.window_s, end=now)
+        found = []
+        for route in shadows.routes or [None]:
+            found += await asyncio.to_thread(report, self.log, window, route)
+        for comparison in found:
+            self.shadow_metrics.record(comparison, now)
+        self.last_shadows = [c.as_dict() for c in found]
+        return self.last_shadows
+
+    async def shadow_gate(self, spec: CanaryConfig) -> GateResult:
+        """A rollout's shadow_gate: its canary's shadow answers against its stable variant's."""
+        from loragate.monitoring.sources import Window
+
+        assert spec.shadow_gate is not None
+        window = Window.last(spec.shadow_gate.window_s)
+        comparisons = await asyncio.to_thread(report, self.log, window, spec.route, spec.canary, spec.stable)
+        result = gate(comparisons[0], spec.shadow_gate)
+        self.shadow_metrics.record(result.comparison, time.time())
+        return result
+
     async def loop(self) -> None:
         loops = [self._drift_loop()]
         if self.rollouts is not None:
             loops.append(self.rollouts.loop())
+        if self.config.shadows is not None:
+            loops.append(self._shadow_loop())
         await asyncio.gather(*loops)
+
+    async def _shadow_loop(self) -> None:
+        assert self.config.shadows is not None
+        while True:
+            try:
+                await self.compare_shadows()
+            except Exception:
+                log.exception("shadow comparison failed")
+            await asyncio.sleep(self.config.shadows.interval_s)
 
     async def _drift_loop(self) -> None:
         while True:
@@ -99,6 +141,8 @@ def make_app(monitor: Monitor):
         body = {"status": "ok", "checks": monitor.last_results}
         if monitor.rollouts is not None:
             body["rollouts"] = monitor.rollouts.status()
+        if monitor.config.shadows is not None:
+            body["shadows"] = monitor.last_shadows
         return web.json_response(body)
 
     app = web.Application()

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loragate.monitoring.judge import JudgeConfig
+from loragate.monitoring.shadow import ShadowGate
 
 
 class _Strict(BaseModel):
@@ -24,6 +25,8 @@ class CanaryConfig(_Strict):
                                                  "stalls: it keeps the step, alerts, and is never promoted")
     max_window_s: float = Field(3600, gt=0, description="longest analysis window (the step's traffic so far)")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    # The canary's shadow answers (monitoring/shadow.py) must pass this before its first step.
+    shadow_gate: ShadowGate | None = None
 
     @model_validator(mode="before")
     @classmethod

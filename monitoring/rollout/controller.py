@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from loragate.common.catalog import CatalogError
@@ -34,9 +35,11 @@ class RolloutController:
     """Runs every configured rollout: starts it, analyses it on its interval, moves the weights."""
 
     def __init__(self, config: RolloutsConfig, source: MetricsSource | None, *,
-                 metrics: RolloutMetrics | None = None, routes: RoutesSource | None = None, k8s_api: Any = None) -> None:
+                 metrics: RolloutMetrics | None = None, routes: RoutesSource | None = None, k8s_api: Any = None,
+                 shadow_gate: Callable[[CanaryConfig], Awaitable[Any]] | None = None) -> None:
         self.config = config
         self.source = source
+        self.shadow_gate = shadow_gate  # spec -> monitoring.shadow.GateResult, for specs with a shadow_gate
         self.metrics = metrics or RolloutMetrics()
         if routes is None:
             if config.routes_file is not None:
@@ -120,6 +123,12 @@ class RolloutController:
         return transitions
 
     async def _start(self, spec: CanaryConfig, old: RolloutStatus | None, now: float) -> tuple[RolloutStatus, Transition]:
+        if spec.shadow_gate is not None:  # not started (and retried every interval) until the shadow passes
+            if self.shadow_gate is None:
+                raise RolloutError("shadow_gate set but the monitor reads no request log to judge it")
+            result = await self.shadow_gate(spec)
+            if result.decision != "pass":
+                raise RolloutError(f"waiting for the shadow gate: {result.decision} ({result.explanation})")
         weight = spec.steps[0]
         status = RolloutStatus(route=spec.route, canary=spec.canary, stable=spec.stable, weight=weight,
                                started_at=now, step_started_at=now)

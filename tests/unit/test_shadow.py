@@ -252,3 +252,88 @@ def test_shadow_of_the_only_weighted_variant_refused(tmp_path):
 
     with pytest.raises(CatalogError, match=r"shadow\.variant: 'v1' is the route's primary"):
         parse_catalog("routes:\n  r:\n    variants: [{name: v1, adapter: a1, weight: 1}]\n    shadow: {variant: v1}\n")
+
+
+# --- the monitor's comparison (monitoring/shadow.py) and the gate before a canary ---------------
+
+def log_frame(rows: list[dict]):
+    import pandas as pd
+
+    base = {"route": "chat", "endpoint": "chat/completions", "status": 200, "latency_s": 0.1,
+            "completion_tokens": 4, "prompt_text": "user: q"}
+    frame = pd.DataFrame([{**base, **row} for row in rows])
+    frame["timestamp"] = pd.to_datetime(range(len(frame)), unit="s", utc=True)
+    return frame
+
+
+def test_comparison_pairs_by_request_id_against_the_noise_floor():
+    from loragate.monitoring.shadow import compare, token_f1
+
+    rows = []
+    for i in range(10):
+        prompt = f"user: question {i % 5}"  # each prompt twice: 5 repeat pairs for the floor
+        rows.append({"request_id": f"r{i}", "role": "primary", "variant": "v1", "prompt_text": prompt,
+                     "response_text": f"the answer to {i % 5} is yes"})
+        rows.append({"request_id": f"r{i}", "role": "shadow", "variant": "v2", "prompt_text": prompt,
+                     "latency_s": 0.3, "completion_tokens": 2, "status": 500 if i == 0 else 200,
+                     "response_text": None if i == 0 else ("the answer to 1 is yes" if i == 1 else "no idea")})
+    rows.append({"request_id": "lonely", "role": "shadow", "variant": "v2", "response_text": "x"})  # no primary
+    got = compare(log_frame(rows), "chat", "v2")
+    assert (got.primary, got.pairs, got.answered_pairs) == ("v1", 10, 9)
+    assert got.shadow_error_rate == pytest.approx(0.1) and got.primary_error_rate == 0
+    assert got.error_rate_delta == pytest.approx(0.1)
+    assert got.latency_ratio == pytest.approx(3.0) and got.length_ratio == pytest.approx(0.5)
+    assert got.identical_rate == pytest.approx(1 / 9)
+    expected = (1 + 8 * token_f1("the answer to 2 is yes", "no idea")) / 9
+    assert got.similarity == pytest.approx(expected)
+    assert (got.noise_floor.pairs, got.noise_floor.similarity, got.noise_floor.identical_rate) == (5, 1.0, 1.0)
+    assert got.below_floor is True
+
+
+def test_gate_needs_pairs_then_judges_errors_latency_similarity():
+    from loragate.monitoring.shadow import NoiseFloor, ShadowComparison, ShadowGate, gate
+
+    def comparison(pairs, delta=0.0, latency=1.0, similarity=0.8):
+        return ShadowComparison("chat", "v2", "v1", pairs, pairs, 0.01, 0.01 + delta, delta, latency, 1.0,
+                                similarity, 0.1, NoiseFloor(0, None, None))
+
+    config = ShadowGate(min_pairs=50, max_error_rate_delta=0.02, max_latency_ratio=1.5, min_similarity=0.5)
+    assert gate(comparison(49), config).decision == "insufficient_data"
+    assert gate(comparison(50), config).decision == "pass"
+    failed = gate(comparison(60, delta=0.05, latency=2.0, similarity=0.2), config)
+    assert failed.decision == "fail"
+    assert all(word in failed.explanation for word in ("error rate", "latency ratio 2.00", "similarity 0.200"))
+
+
+async def test_rollout_waits_for_the_shadow_gate_before_its_first_step(tmp_path):
+    from loragate.monitoring.rollout.config import RolloutsConfig
+    from loragate.monitoring.rollout.controller import RolloutController
+    from loragate.monitoring.shadow import GateResult
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(GOOD)
+    config = RolloutsConfig.model_validate({
+        "routes_file": str(routes), "state_file": str(tmp_path / "state.json"),
+        "canaries": [{"route": "chat", "stable": "v1", "canary": "v3", "interval_s": 60,
+                      "shadow_gate": {"min_pairs": 10}}]})
+    decisions = ["insufficient_data", "fail", "pass"]
+    asked = []
+
+    async def shadow_gate(spec):
+        asked.append(spec.canary)
+        return GateResult(decisions.pop(0), "scripted", None)
+
+    controller = RolloutController(config, None, shadow_gate=shadow_gate)
+    assert await controller.tick(now=1000) == [] and "insufficient_data" in controller.errors["chat"]
+    assert await controller.tick(now=1030) == []  # retried once per interval, not every round
+    assert await controller.tick(now=1061) == [] and "fail" in controller.errors["chat"]
+    assert parse_weights(routes.read_text()) == {"v1": 90, "v2": 10, "v3": 0}  # not started
+    started = await controller.tick(now=1122)
+    assert [t.action for t in started] == ["step"] and asked == ["v3"] * 3
+    assert parse_weights(routes.read_text()) == {"v1": 95, "v2": 10, "v3": 5}  # the first step, shadow still valid
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    from loragate.common.catalog import parse_catalog
+
+    return {v.name: v.weight for v in parse_catalog(text).routes["chat"].variants if v.name != "base"}
