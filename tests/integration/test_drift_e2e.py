@@ -1,16 +1,20 @@
 """Drift end to end on real parts: vLLM (CPU) -> gateway (request log on) -> Parquet + Prometheus
--> ``loragate drift`` and the retraining trigger (signed webhook, JSONL dataset).
+-> ``loragate drift``, ``loragate monitor`` and the retraining trigger (signed webhook, JSONL dataset).
 
-Traffic comes in three phases: short everyday prompts (A, the reference), long prompts
-with a vocabulary A never used (B), short prompts again (C). B against A must be flagged
-and fire the trigger once; a second look during the cool-down fires nothing; C against A
-is the same shape and fires nothing.
+The prompts are real human-written questions (chatterbot-corpus, monitoring/topics.py). Traffic
+comes in three phases: coding/AI questions (A, the reference), trivia/psychology/small-talk
+questions of the same word counts (B: a change of topic, not of length), coding/AI questions
+again (C). B against A must be flagged as input drift and fire the trigger once; a second look
+during the cool-down fires nothing; C against A is the same population and fires nothing.
+A running ``loragate monitor`` (scraped by Prometheus) sees the same change of topic on a
+second route against a training-set reference, and fires its webhook once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import subprocess
 import sys
@@ -25,14 +29,14 @@ import pytest
 
 from loragate.monitoring.drift import DriftConfig, run_drift
 from loragate.monitoring.sources import RequestLog, Window
-from loragate.monitoring.synthetic import COMMON_WORDS, NEW_WORDS
+from loragate.monitoring.topics import window
 from loragate.monitoring.triggers.dataset import DatasetExportAction
 from loragate.monitoring.triggers.engine import Trigger
 from loragate.monitoring.triggers.policy import TriggerPolicy
 from loragate.monitoring.triggers.state import TriggerState
 from loragate.common.webhooks import WebhookVerificationError, verify
 from loragate.monitoring.triggers.webhook import WebhookAction
-from tests.processes import ROOT, start_gateway, start_prometheus
+from tests.processes import ROOT, Service, free_port, start_gateway, start_prometheus, wait_http
 
 pytestmark = pytest.mark.integration
 PER_PHASE = 60
@@ -64,22 +68,17 @@ class Receiver:
         self.server.shutdown()
 
 
-def short_prompt(rng: random.Random) -> str:
-    return " ".join(rng.choice(COMMON_WORDS) for _ in range(rng.randint(3, 8)))
+PHASES = {"A": 0.0, "B": 1.0, "C": 0.0}  # share of the window on the other topic
 
 
-def long_prompt(rng: random.Random) -> str:
-    return " ".join(rng.choice(NEW_WORDS if rng.random() < 0.5 else COMMON_WORDS) for _ in range(rng.randint(35, 50)))
-
-
-async def send(url: str, prompts: list[str], seed: int) -> list[str]:
+async def send(url: str, prompts: list[str], seed: int, model: str = "support") -> list[str]:
     """Chat requests (half streamed), 4 at a time; returns the x-request-id of each."""
     rng = random.Random(seed)
     semaphore = asyncio.Semaphore(4)
     ids: list[str] = []
 
     async def one(client: httpx.AsyncClient, prompt: str) -> None:
-        body = {"model": "support", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
                 "temperature": 0}
         if rng.random() < 0.5:
             body.update(stream=True, stream_options={"include_usage": True})
@@ -125,25 +124,29 @@ routes:
   support:
     variants: [{name: v1, adapter: a1, weight: 1}]
     pricing: {prompt_per_1k: 0.001, completion_per_1k: 0.002}
+  assist:
+    variants: [{name: v1, adapter: a1, weight: 1}]
 """)
     logdir = directory / "requestlog"
     gateway, url = start_gateway(routes, [engine], directory / "gateway.log", extra_env={
         "LORAGATE_REQUEST_LOG_URL": str(logdir), "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5"})
     prometheus = None
     try:
-        prometheus, prom_url = start_prometheus({"gateway": [url.removeprefix("http://")]}, directory)
-        rng = random.Random(42)
-        asyncio.run(send(url, [short_prompt(rng) for _ in range(6)], seed=0))  # warm-up, not in any window
+        monitor_port = free_port()  # test_monitor_* starts it; Prometheus scrapes it from the start
+        prometheus, prom_url = start_prometheus({"gateway": [url.removeprefix("http://")],
+                                                 "monitor": [f"127.0.0.1:{monitor_port}"]}, directory)
+        asyncio.run(send(url, window(6, seed=41), seed=0))  # warm-up, not in any window
         # Prometheus' first scrapes come a few seconds after it starts: the windows must be scraped.
         wait_prometheus(prom_url, 'sum(loragate_requests_total{route="support"})', 6)
         time.sleep(1.5)
         marks = [time.time()]
         ids = {}
-        for phase, make in (("A", short_prompt), ("B", long_prompt), ("C", short_prompt)):
-            ids[phase] = asyncio.run(send(url, [make(rng) for _ in range(PER_PHASE)], seed=ord(phase)))
+        for phase, shifted in PHASES.items():
+            prompts = window(PER_PHASE, seed=ord(phase), shifted=shifted)
+            ids[phase] = asyncio.run(send(url, prompts, seed=ord(phase)))
             time.sleep(1.5)  # one window's requests all arrive before the next mark
             marks.append(time.time())
-        # A correction for a few long-prompt answers: the dataset export must prefer it.
+        # A correction for a few answers of phase B: the dataset export must prefer it.
         with httpx.Client(timeout=10) as client:
             for request_id in ids["B"][:3]:
                 resp = client.post(f"{url}/v1/feedback", json={"request_id": request_id, "score": 0.0,
@@ -154,44 +157,51 @@ routes:
         wait_prometheus(prom_url, 'sum(loragate_requests_total{route="support"})', 6 + 3 * PER_PHASE)
         windows = {p: Window.between(marks[i], marks[i + 1]) for i, p in enumerate("ABC")}
         yield {"log": log, "logdir": logdir, "windows": windows, "prometheus": prom_url, "dir": directory,
-               "ids": ids}
+               "ids": ids, "url": url, "monitor_port": monitor_port}
     finally:
         if prometheus is not None:
             prometheus.stop()
         gateway.stop()
 
 
-def drift_cli(t, reference: str, current: str, out) -> subprocess.CompletedProcess:
+def drift_cli(t, reference: str, current: str, out, *, unix: bool = False) -> subprocess.CompletedProcess:
     ref, cur = t["windows"][reference], t["windows"][current]
+
+    def at(moment) -> str:  # fractional unix seconds or ISO: the command takes both
+        return f"{moment.timestamp():.3f}" if unix else moment.isoformat()
+
     return subprocess.run(
         [sys.executable, "-m", "loragate", "drift", "--request-log", str(t["logdir"]), "--route", "support",
-         "--variant", "v1", "--reference-since", ref.start.isoformat(), "--reference-until", ref.end.isoformat(),
-         "--since", cur.start.isoformat(), "--until", cur.end.isoformat(), "--prometheus", t["prometheus"],
+         "--variant", "v1", "--reference-since", at(ref.start), "--reference-until", at(ref.end),
+         "--since", at(cur.start), "--until", at(cur.end), "--prometheus", t["prometheus"],
          "--prometheus-step", "2s", "--prometheus-rate-window", "10s", "--out", str(out), "--json"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_flags_long_prompts_with_new_vocabulary(traffic, tmp_path):
-    proc = drift_cli(traffic, "A", "B", tmp_path)
+def test_cli_flags_a_change_of_topic_as_input_drift(traffic, tmp_path):
+    proc = drift_cli(traffic, "A", "B", tmp_path, unix=True)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout)
     assert summary["status"] == "drift" and summary["current_rows"] == PER_PHASE
-    drifted = set(summary["drifted_features"])
-    assert {"prompt_tokens", "prompt_length", "prompt_words", "prompt_oov_share"} <= drifted, summary
+    groups = {g["group"]: g for g in summary["groups"]}
+    assert groups["inputs"]["status"] == "drift" and groups["inputs"]["reason"] == "prompt_content drifted", groups
     by_name = {f["feature"]: f for f in summary["features"]}
-    assert by_name["prompt_tokens"]["method"] == "ks" and by_name["prompt_tokens"]["score"] < 0.05
-    assert not by_name["fallback"]["drifted"]
+    assert by_name["prompt_content"]["method"] == "domain_classifier" and by_name["prompt_content"]["score"] > 0.8
+    assert not by_name["prompt_words"]["drifted"]  # same word counts: only the content tells
+    assert by_name["prompt_tokens"]["method"] == "ks" and not by_name["fallback"]["drifted"]
+    content = next(c for c in summary["content"] if c["column"] == "prompt_text")
+    assert content["current_terms"] and content["current_examples"] and content["reference_examples"]
     series = {s["series"]: s for s in summary["prometheus"]}
     assert series["latency_p95_s"]["current_points"] > 0 and series["requests_per_s"]["current_mean"] > 0
     assert (tmp_path / summary["html_path"].split("/")[-1]).exists()
 
 
-def test_cli_same_shape_is_not_drift(traffic, tmp_path):
+def test_cli_same_population_is_no_input_drift(traffic, tmp_path):
     proc = drift_cli(traffic, "A", "C", tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = json.loads(proc.stdout)
-    assert summary["status"] == "ok"
-    assert not {"prompt_length", "prompt_words", "prompt_oov_share"} & set(summary["drifted_features"])
+    assert proc.returncode == (1 if summary["drifted_groups"] else 0), proc.stdout + proc.stderr
+    assert "inputs" not in summary["drifted_groups"], summary["groups"]
+    assert not {"prompt_content", "prompt_length", "prompt_words", "prompt_oov_share"} & set(summary["drifted_features"])
 
 
 async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(traffic, tmp_path):
@@ -201,7 +211,7 @@ async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(t
     same = log.requests(windows["C"], "support", "v1")
     feedback = log.feedback(Window.between(windows["B"].start, time.time() + 60))
     receiver = Receiver()
-    policy = TriggerPolicy(drift_share_above=0.4, consecutive_runs=1, cooldown_s=3600)
+    policy = TriggerPolicy(groups=["inputs"], consecutive_runs=1, cooldown_s=3600)
     try:
         def make_trigger(name: str) -> Trigger:
             actions = [WebhookAction(receiver.url, SECRET, backoff_s=0.1),
@@ -218,7 +228,7 @@ async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(t
         calm = make_trigger("same-shape")
         same_result = run_drift(reference, same, route="support", variant="v1", out_dir=tmp_path / "reports",
                                 config=DriftConfig())
-        assert same_result.status == "ok", same_result.to_dict()
+        assert same_result.group("inputs").status == "ok", same_result.to_dict()
         assert not (await calm.handle(same_result, requests=same)).decision.fire
     finally:
         receiver.close()
@@ -231,6 +241,8 @@ async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(t
     payload = json.loads(body)
     assert payload["route"] == "support" and payload["variant"] == "v1"
     assert payload["summary"]["status"] == "drift" and payload["report_location"].endswith(".html")
+    assert payload["reason"].startswith("drifted groups inputs")
+    assert "inputs" in json.loads(open(payload["summary_location"]).read())["drifted_groups"]
     dataset = payload["dataset_location"]
     lines = open(dataset).read().splitlines()
     assert len(lines) == PER_PHASE
@@ -241,3 +253,73 @@ async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(t
         assert all(isinstance(m["content"], str) for m in record["messages"])
     answers = [r["messages"][-1]["content"] for r in records]
     assert answers.count("A corrected answer.") == 3
+
+
+def healthz(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def wait_run(port: int, after: float, timeout_s: float = 180) -> dict:
+    """The monitor's first check result that started after ``after`` (its JSON summary)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        check = healthz(port)["checks"].get("assist/v1")
+        if check and check.get("report") and check["finished"] > after:
+            summary = json.loads(open(check["report"].removesuffix(".html") + ".json").read())
+            if summary["created_at"] > after:
+                return summary
+        time.sleep(0.5)
+    raise AssertionError(f"no monitor run after {after}: {healthz(port)}")
+
+
+def test_monitor_flags_a_change_of_topic_as_input_drift_and_fires_once(traffic, tmp_path):
+    """``loragate monitor`` against a training set of coding/AI questions: those questions are
+    quiet, trivia and small talk are input drift, the webhook fires once (cool-down)."""
+    port, receiver = traffic["monitor_port"], Receiver()
+    training = tmp_path / "train.jsonl"  # chat records without answers: the reference's prompts only
+    training.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
+                                for p in window(300, seed=7)))
+    config = tmp_path / "monitor.yaml"
+    config.write_text(json.dumps({
+        "request_log": str(traffic["logdir"]), "output_dir": str(tmp_path / "reports"),
+        "state_file": str(tmp_path / "state.json"), "interval_s": 1, "port": port,
+        "checks": [{"route": "assist", "variant": "v1", "window_s": 45, "reference": {"path": str(training)},
+                    "policy": {"groups": ["inputs"], "consecutive_runs": 1, "cooldown_s": 3600},
+                    "actions": [{"type": "webhook", "url": receiver.url, "secret_env": "E2E_WEBHOOK_SECRET",
+                                 "backoff_s": 0.1}]}],
+    }))
+    monitor = Service([sys.executable, "-m", "loragate", "monitor", "--config", str(config)], tmp_path / "monitor.log",
+                      env={**os.environ, "E2E_WEBHOOK_SECRET": SECRET})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", monitor.process, 120, tmp_path / "monitor.log")
+        asyncio.run(send(traffic["url"], window(PER_PHASE, seed=71), seed=71, model="assist"))
+        time.sleep(1.5)  # flushed to the log
+        same = wait_run(port, wait_run(port, time.time())["created_at"])  # a run that read the log after it
+        assert same["current_rows"] == PER_PHASE, same
+        groups = {g["group"]: g["status"] for g in same["groups"]}
+        assert groups["inputs"] == "ok", same["groups"]
+        assert receiver.received == []
+
+        asyncio.run(send(traffic["url"], window(PER_PHASE, seed=72, shifted=1.0), seed=72, model="assist"))
+        deadline = time.monotonic() + 180
+        while not receiver.received and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(receiver.received) == 1, open(tmp_path / "monitor.log").read()[-3000:]
+        wait_run(port, time.time())  # later runs during the cool-down fire nothing
+        wait_run(port, time.time())
+        wait_prometheus(traffic["prometheus"], 'loragate_drift_detected{route="assist",group="inputs"}', 1)
+        wait_prometheus(traffic["prometheus"],
+                        'loragate_retraining_triggers_total{route="assist",action="webhook",result="ok"}', 1)
+    finally:
+        monitor.stop()
+        receiver.close()
+    assert len(receiver.received) == 1
+    body, headers = receiver.received[0]
+    assert verify(SECRET, headers, body)
+    payload = json.loads(body)
+    assert payload["route"] == "assist" and payload["reason"].startswith("drifted groups inputs")
+    summary = json.loads(open(payload["summary_location"]).read())  # the whole JSON summary
+    assert "inputs" in summary["drifted_groups"]
+    content = next(c for c in summary["content"] if c["column"] == "prompt_text")
+    assert content["drifted"] and content["current_terms"]
