@@ -1,5 +1,5 @@
 """The ``loragate`` command: demo-model, engine, serve, hash-key, demo (all of it, locally), and the loop's
-adapters, train and evaluate."""
+adapters, train, evaluate and pipeline."""
 
 from __future__ import annotations
 
@@ -77,7 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     add_shadow_arguments(p)
     p.set_defaults(run=_shadow)
 
-    from loragate.pipeline.commands import add_adapters_arguments, add_evaluate_arguments, add_train_arguments
+    from loragate.pipeline.commands import (
+        add_adapters_arguments,
+        add_evaluate_arguments,
+        add_pipeline_arguments,
+        add_train_arguments,
+    )
 
     p = commands.add_parser("adapters", help="the adapter registry: list, show, retire, approve, register")
     add_adapters_arguments(p)
@@ -90,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("evaluate", help="the evaluation gate: candidate vs baseline on the real engine")
     add_evaluate_arguments(p)
     p.set_defaults(run=_evaluate)
+
+    p = commands.add_parser("pipeline", help="train -> evaluate -> approval for one route, resumable")
+    add_pipeline_arguments(p)
+    p.set_defaults(run=_pipeline)
 
     args = parser.parse_args(argv)
     return args.run(args) or 0
@@ -111,6 +120,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from loragate.pipeline.commands import evaluate_command
 
     return evaluate_command(args)
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from loragate.pipeline.commands import pipeline_command
+
+    return pipeline_command(args)
 
 
 def _drift(args: argparse.Namespace) -> int:

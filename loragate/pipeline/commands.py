@@ -168,6 +168,51 @@ def evaluate_command(args: argparse.Namespace) -> int:
     return 0 if evaluation.verdict == "pass" else 1
 
 
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", required=True)
+    p = actions.add_parser("run", help="train -> evaluate -> approval for one route; resumes a stopped run")
+    p.add_argument("--state-file", required=True, help="the run's step records (JSON); also its lock")
+    for flag in ("route", "dataset", "base-model", "registry", "name", "version", "stable", "engine"):
+        p.add_argument(f"--{flag}", help="needed for a new run (a resumed one reads them from the state file)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--require-approval", action="store_true", help="wait for `loragate adapters approve`")
+    p.add_argument("--train-arg", action="append", default=[], help="extra `loragate train` argument (repeat)")
+    p.add_argument("--evaluate-arg", action="append", default=[], help="extra `loragate evaluate` argument")
+    p = actions.add_parser("status", help="the run's steps as JSON")
+    p.add_argument("--state-file", required=True)
+
+
+def pipeline_command(args: argparse.Namespace) -> int:
+    """Exit 0 ready, 1 rejected, 2 failed or bad input, 3 waiting for approval, 4 another run holds the route."""
+    from pydantic import ValidationError
+
+    from loragate.pipeline.run import Pipeline, PipelineBusy, PipelineSpec, status
+
+    try:
+        if args.action == "status":
+            print(json.dumps(status(args.state_file), indent=2))
+            return 0
+        fields = {k: getattr(args, k) for k in ("route", "dataset", "base_model", "registry", "name", "version",
+                                                "stable", "engine")}
+        spec = None
+        if any(v is not None for v in fields.values()):
+            spec = PipelineSpec(**fields, seed=args.seed, train_args=args.train_arg, evaluate_args=args.evaluate_arg,
+                                require_approval=args.require_approval)
+        outcome = Pipeline(args.state_file, spec).run()
+    except PipelineBusy as exc:
+        print(f"loragate: {exc}", file=sys.stderr)
+        return 4
+    except ValidationError as exc:
+        missing = ", ".join("--" + str(e["loc"][0]).replace("_", "-") for e in exc.errors())
+        print(f"loragate: pipeline run needs {missing}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
+        print(f"loragate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(status(args.state_file)))
+    return {"ready": 0, "rejected": 1, "failed": 2, "waiting_approval": 3}.get(outcome, 2)
+
+
 def _user() -> str:
     try:
         return getpass.getuser()

@@ -7,16 +7,22 @@ excludes zero. Bad candidates: weights changed after registration are refused be
 a worse adapter is rejected by the gate and can never be approved or routed to. Bad input to
 training fails fast with a clear message and leaves the registry untouched.
 
+The resumable pipeline (train -> evaluate -> approval) is killed mid-training and run again: the
+interrupted step runs again, no finished step repeats, one pipeline per route.
+
 Training and the CLI run in child processes: torch stays out of the test process.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -186,3 +192,50 @@ def test_bad_training_input_fails_fast_and_writes_nothing(loop, tmp_path):
     for result in (no_rows, mismatch, unwritable, exists):
         assert "Traceback" not in result.stderr
     assert sorted(p.relative_to(registry) for p in registry.rglob("*")) == before  # nothing half-written
+
+
+def test_pipeline_resumes_after_a_kill_and_never_repeats_a_step(loop, engine, tmp_path):
+    registry = loop["registry"]
+    state = tmp_path / "pipeline-support.json"
+    args = ["pipeline", "run", "--state-file", str(state), "--route", "support", "--dataset", str(loop["dataset"]),
+            "--base-model", loop["base"], "--registry", str(registry), "--name", "support", "--version", "v5",
+            "--stable", str(registry / "support" / "v1"), "--engine", engine, "--seed", "3", "--require-approval",
+            "--train-arg=--max-steps=8", f"--train-arg=--lr={DEMO_LR}", "--evaluate-arg=--generate-tokens=0"]
+    first = subprocess.Popen([sys.executable, "-m", "loragate", *args], cwd=ROOT, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if state.exists() and json.loads(state.read_text())["steps"]["train"]["status"] == "running":
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the pipeline never started training")
+        busy = loragate(*args)  # one pipeline per route
+        assert busy.returncode == 4 and "is running" in busy.stderr, busy.stderr
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the monitor (and its training child) die mid-training
+        first.wait()
+    assert not (registry / "support" / "v5").exists()
+
+    resumed = loragate(*args, timeout=900)
+    assert resumed.returncode == 3, resumed.stderr  # passed the gate, waits for a human
+    after = json.loads(state.read_text())
+    assert after["outcome"] == "waiting_approval"
+    assert after["steps"]["train"]["status"] == "done" and after["steps"]["train"]["attempts"] == 2
+    assert after["steps"]["evaluate"] == {**after["steps"]["evaluate"], "status": "done", "attempts": 1,
+                                          "detail": "pass"}
+    assert not list(registry.glob(".train-support-v5-*"))  # the killed run's work directory is gone
+    card = read_card(registry / "support" / "v5")
+    assert card.state == "candidate" and card.verdict == "pass" and len(card.evaluations) == 1
+
+    assert loragate("adapters", "approve", "support/v5", "--registry", str(registry)).returncode == 0
+    done = loragate(*args)
+    assert done.returncode == 0, done.stderr
+    final = json.loads(state.read_text())
+    assert final["outcome"] == "ready" and final["steps"]["approval"]["status"] == "done"
+    for step in ("train", "evaluate"):  # finished steps were not run again
+        assert final["steps"][step] == after["steps"][step]
+    assert len(read_card(registry / "support" / "v5").evaluations) == 1
+    again = loragate(*args)
+    assert again.returncode == 0 and json.loads(state.read_text()) == final
