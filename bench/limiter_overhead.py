@@ -62,9 +62,9 @@ def main() -> int:
     from tests.redis_server import RedisServer
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--limits-python", type=Path, help="an interpreter with `limits` and `redis` installed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "limiter_overhead.json")
@@ -115,7 +115,8 @@ def main() -> int:
         rounds = []
         for index in range(args.rounds):
             cells = {}
-            for name, (url, service) in gateways.items():
+            order = list(gateways.items())
+            for name, (url, service) in order if index % 2 == 0 else order[::-1]:  # ABBA: drift cancels
                 run_wrk(url, script, CONNECTIONS, args.warmup, side_cpu)
                 cpu_before = tree_cpu_s(service.process.pid)
                 redis_before = tree_cpu_s(redis.service.process.pid)
