@@ -1,18 +1,24 @@
 """Shadow traffic: a sampled share of a route's requests is also answered, in the dark, by its shadow variant.
 
-The client only ever gets the primary answer. A shadow copy is sent in a background task once
-the primary variant is chosen: never streamed (the whole answer is read, even when the client
-streams), never retried, never falling back, never charged to the caller's key and never
-counted in the client-facing series. It is dropped, before anything is sent, when:
+The client only ever gets the primary answer. Once the primary variant is chosen, ``percent`` % of
+a route's requests get a shadow copy: a background task that sends the copy when the primary's
+answer is complete, never streamed (the whole answer is read, even when the client streams),
+never retried, never falling back, never charged to the caller's key and never counted in the
+client-facing series.
 
-* ``not_sampled`` is not counted: only ``percent`` % of the route's requests are copied;
+Why after the primary and not beside it: a copy running at the same time shares the engine's
+batches with its own primary, and vLLM's output depends on the batch (floating-point sums in
+another order): on the demo engine a concurrent copy changed 1 of 4 greedy primary answers. Sent
+after, the shadow can never slow down or change its own primary; it only adds load, which the
+drops below keep bounded. A shadow is dropped, before anything is sent, when:
+
 * ``same_variant``: the primary chosen for this request is the shadow variant itself;
-* ``max_in_flight``: the route already has ``max_in_flight`` shadows running;
+* ``max_in_flight``: the route already has ``max_in_flight`` shadows waiting or running;
 * ``overloaded``: requests wait for room (admission), or no replica would keep a free slot;
 * ``unavailable``: no healthy replica with closed circuits for the shadow variant (a shadow never
   claims a half-open circuit's probe, and its failures never feed the circuits);
 
-and cancelled (``deadline``) when it runs ``deadline_s`` past the end of its primary. Its answer
+and cancelled (``deadline``) when it is not done ``deadline_s`` after its primary finished. Its answer
 goes to the request log with ``role=shadow`` under the primary's request id (logschema), where
 the monitor pairs the two (monitoring/shadow.py).
 """
@@ -64,17 +70,19 @@ class ShadowMetrics:
 
 
 class ShadowHandle:
-    """One running shadow; ``primary_done`` starts its deadline."""
+    """One shadow; ``primary_done`` lets it go, and starts its deadline."""
 
-    __slots__ = ("task", "deadline_s", "_timer")
+    __slots__ = ("task", "deadline_s", "released", "_timer")
 
-    def __init__(self, task: asyncio.Task, deadline_s: float) -> None:
-        self.task = task
+    def __init__(self, deadline_s: float) -> None:
+        self.task: asyncio.Task | None = None
         self.deadline_s = deadline_s
+        self.released = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None
 
     def primary_done(self) -> None:
-        if self._timer is None and not self.task.done():
+        self.released.set()
+        if self._timer is None and self.task is not None and not self.task.done():
             self._timer = asyncio.get_running_loop().call_later(self.deadline_s, self.task.cancel)
 
 
@@ -104,18 +112,15 @@ class Shadows:
             return self._drop(route, variant, "same_variant")
         if self.in_flight.get(route.name, 0) >= shadow.max_in_flight:
             return self._drop(route, variant, "max_in_flight")
-        try:
-            self._room(variant)
-        except _Dropped as dropped:
-            return self._drop(route, variant, dropped.reason)
         copy = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
         copy["model"] = route.upstream_model(variant)
         self.in_flight[route.name] = self.in_flight.get(route.name, 0) + 1
         self.metrics.in_flight.labels(route.name).inc()
-        task = asyncio.create_task(self._run(route, variant, copy, endpoint, request_id))
+        handle = ShadowHandle(shadow.deadline_s)
+        handle.task = task = asyncio.create_task(self._run(route, variant, copy, endpoint, request_id, handle))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return ShadowHandle(task, shadow.deadline_s)
+        return handle
 
     def _drop(self, route: Route, variant: Variant, reason: str) -> None:
         self.metrics.dropped.labels(route.name, variant.name, reason).inc()
@@ -152,16 +157,27 @@ class Shadows:
             return self.pool.acquire_endpoint(variant.endpoint)
         return await self.pool.acquire(variant.adapter, variant.path, exclude=excluded)
 
-    async def _run(self, route: Route, variant: Variant, payload: dict, endpoint: str, request_id: str) -> None:
-        started = time.perf_counter()
+    async def _run(self, route: Route, variant: Variant, payload: dict, endpoint: str, request_id: str,
+                   handle: ShadowHandle) -> None:
         arrived = time.time()
         status, body, usage = 0, b"", None
         replica: Replica | None = None
         try:
             try:
+                # Until the primary is done (bounded: a primary that never reports ends its shadow).
+                async with asyncio.timeout(self.timeouts(route).total_s):
+                    await handle.released.wait()
+            except TimeoutError:
+                self._drop(route, variant, "deadline")
+                return
+            except asyncio.CancelledError:
+                self._drop(route, variant, "deadline")
+                raise
+            started = time.perf_counter()
+            try:
                 replica = await self._acquire(variant)
                 status, body, usage = await self._ask(route, variant, replica, payload, endpoint, request_id)
-            except _Dropped as dropped:  # the room went between start and now
+            except _Dropped as dropped:  # no room for it now
                 self._drop(route, variant, dropped.reason)
                 return
             except UpstreamFailure as failure:

@@ -170,24 +170,47 @@ async def test_max_in_flight_drops_and_deadline_cancels_without_touching_the_pri
 async def test_shadow_dropped_when_the_replicas_are_loaded_and_primary_served(build):
     release = asyncio.Event()
 
-    async def held(call: Call):
-        await release.wait()
+    async def answer_of(call: Call):
+        if call.payload["messages"][0]["content"] == "hold":
+            await release.wait()
         return answer("ok")
 
-    # One replica, 3 slots: a shadow never takes the last free one (nor a slot when someone waits).
-    client, metrics, upstream, gateway, _log = build(held, max_in_flight_per_upstream=3)
-    first = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-    await asyncio.sleep(0.05)  # primary + shadow: 2 slots
-    second = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-    await asyncio.sleep(0.05)  # its shadow dropped (one slot left), its primary takes it
-    third = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
-    await asyncio.sleep(0.05)  # its shadow dropped; its primary waits for room (admission)
+    # One replica, 3 slots: two held primaries take 2; a quick request takes the last one and is
+    # answered, but its shadow (sent after it) finds one free slot only, and a shadow never takes the last.
+    client, metrics, upstream, gateway, _log = build(answer_of, max_in_flight_per_upstream=3)
+    hold = {**CHAT, "messages": [{"role": "user", "content": "hold"}]}
+    held = [asyncio.create_task(client.post("/v1/chat/completions", json=hold)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    quick = await client.post("/v1/chat/completions", json=CHAT)
+    assert quick.status_code == 200
+    await asyncio.sleep(0.05)
+    assert sample(metrics, "loragate_shadow_dropped_total", route="chat", variant="v2", reason="overloaded") == 1
+    # Requests waiting for room (admission): a shadow never queues beside them.
+    waiting = [asyncio.create_task(client.post("/v1/chat/completions", json=hold)) for _ in range(2)]
+    await asyncio.sleep(0.05)
     assert gateway.pool.admission.waiting == 1
     release.set()
-    assert [r.status_code for r in await asyncio.gather(first, second, third)] == [200] * 3
+    assert [r.status_code for r in await asyncio.gather(*held, *waiting)] == [200] * 4
     await settle(gateway)
-    assert sample(metrics, "loragate_shadow_dropped_total", route="chat", variant="v2", reason="overloaded") == 2
-    assert sum(1 for c in upstream.calls if c.model == "a2") == 1
+    assert sum(1 for c in upstream.calls if c.model == "a2") + sample(
+        metrics, "loragate_shadow_dropped_total", route="chat", variant="v2", reason="overloaded") == 5
+    assert sample(metrics, "loragate_shadow_requests_total", route="chat", variant="v2", status_class="2xx") == sum(
+        1 for c in upstream.calls if c.model == "a2")
+
+
+async def test_shadow_is_sent_only_after_its_primary_answered(build):
+    order = []
+
+    async def answer_of(call: Call):
+        order.append(call.model)
+        await asyncio.sleep(0.02)
+        order.append(f"{call.model} done")
+        return answer("ok")
+
+    client, _metrics, _upstream, gateway, _log = build(answer_of)
+    assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    await settle(gateway)
+    assert order == ["a1", "a1 done", "a2", "a2 done"]  # never in the engine beside its own primary
 
 
 async def test_failing_shadow_never_fails_the_primary_nor_feeds_its_circuits(build):
