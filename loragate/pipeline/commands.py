@@ -171,7 +171,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", required=True)
     p = actions.add_parser("run", help="train -> evaluate -> approval for one route; resumes a stopped run")
-    p.add_argument("--state-file", required=True, help="the run's step records (JSON); also its lock")
+    p.add_argument("--state-file", required=True,
+                   help="the run's step records (JSON); runs of one route share its directory (and a lock)")
     for flag in ("route", "dataset", "base-model", "registry", "name", "version", "stable", "engine"):
         p.add_argument(f"--{flag}", help="needed for a new run (a resumed one reads them from the state file)")
     p.add_argument("--seed", type=int, default=0)
@@ -186,6 +187,7 @@ def pipeline_command(args: argparse.Namespace) -> int:
     """Exit 0 ready, 1 rejected, 2 failed or bad input, 3 waiting for approval, 4 another run holds the route."""
     from pydantic import ValidationError
 
+    from loragate.common.registry import RegistryError
     from loragate.pipeline.run import Pipeline, PipelineBusy, PipelineSpec, status
 
     try:
@@ -206,7 +208,7 @@ def pipeline_command(args: argparse.Namespace) -> int:
         missing = ", ".join("--" + str(e["loc"][0]).replace("_", "-") for e in exc.errors())
         print(f"loragate: pipeline run needs {missing}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RegistryError) as exc:
         print(f"loragate: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(status(args.state_file)))

@@ -5,7 +5,8 @@ the caller) and its record (status, start, end, detail) is written atomically to
 before and after it runs. A run started again after a crash skips finished steps and settles an
 interrupted one from what it left behind: a training whose version is in the registry is done
 (registration is one rename), an evaluation recorded in the card is done; otherwise the step runs
-again. A lock file per state file keeps a second pipeline for the same route out.
+again. A lock file per route (in the state file's directory) keeps a second pipeline for the same
+route out, whichever state file it uses.
 
 The outcome is ``ready`` (passed, approved if approval is required), ``waiting_approval``,
 ``rejected`` (the gate failed it or refused its files) or ``failed`` (bad input, engine down).
@@ -26,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from loragate.common.atomicio import atomic_write
-from loragate.common.registry import Registry, RegistryError, read_card
+from loragate.common.registry import Registry, RegistryError, check_name, read_card
 
 Status = Literal["pending", "running", "done", "failed"]
 STEPS = ("train", "evaluate", "approval")
@@ -84,7 +85,8 @@ class Pipeline:
 
     def run(self) -> str:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        # One lock per route in the state directory: runs of one route (one state file each) never overlap.
+        with open(self.path.parent / f".{check_name('route', self.state.spec.route)}.pipeline.lock", "a") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

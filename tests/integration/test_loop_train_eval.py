@@ -211,8 +211,10 @@ def test_pipeline_resumes_after_a_kill_and_never_repeats_a_step(loop, engine, tm
             time.sleep(0.05)
         else:
             pytest.fail("the pipeline never started training")
-        busy = loragate(*args)  # one pipeline per route
+        other = tmp_path / "pipeline-support-2.json"  # another run for the same route: refused while one runs
+        busy = loragate(*[other if a == str(state) else "v6" if a == "v5" else a for a in map(str, args)])
         assert busy.returncode == 4 and "is running" in busy.stderr, busy.stderr
+        assert not other.exists()
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the monitor (and its training child) die mid-training
         first.wait()
