@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(run=_rollout)
 
     p = commands.add_parser("shadow", help="shadow traffic: compare shadow answers with the primary's (report)")
-    from loragate.monitoring.shadow import add_shadow_arguments
+    from loragate.monitoring.shadowcli import add_shadow_arguments
 
     add_shadow_arguments(p)
     p.set_defaults(run=_shadow)
@@ -147,7 +147,7 @@ def _rollout(args: argparse.Namespace) -> int:
 
 
 def _shadow(args: argparse.Namespace) -> int:
-    from loragate.monitoring.shadow import shadow_command
+    from loragate.monitoring.shadowcli import shadow_command
 
     return shadow_command(args)
 

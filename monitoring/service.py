@@ -87,7 +87,8 @@ class Monitor:
         now = time.time() if now is None else now
         window = Window.last(shadows.window_s, end=now)
         found = []
-        for route in shadows.routes or [None]:
+        routes: list[str | None] = [*shadows.routes] if shadows.routes else [None]
+        for route in routes:
             found += await asyncio.to_thread(report, self.log, window, route)
         for comparison in found:
             self.shadow_metrics.record(comparison, now)
@@ -138,7 +139,7 @@ def make_app(monitor: Monitor):
                             headers={"content-type": CONTENT_TYPE_LATEST})
 
     async def healthz(_request):
-        body = {"status": "ok", "checks": monitor.last_results}
+        body: dict[str, Any] = {"status": "ok", "checks": monitor.last_results}
         if monitor.rollouts is not None:
             body["rollouts"] = monitor.rollouts.status()
         if monitor.config.shadows is not None:

@@ -17,13 +17,11 @@ with sampling it is the similarity sampling alone explains. A shadow under the f
 differently from what the stable variant would; with no repeats in the window the floor is unknown.
 
 ``gate`` turns a comparison into pass / fail / insufficient_data for a ``shadow_gate`` before a
-canary starts (monitoring/rollout/); ``loragate shadow report`` prints the comparison.
+canary starts (monitoring/rollout/); ``loragate shadow report`` (monitoring/shadowcli.py) prints it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import statistics
 from collections import Counter
@@ -206,16 +204,16 @@ def gate(comparison: ShadowComparison, config: ShadowGate) -> GateResult:
     if config.max_latency_ratio is not None and c.latency_ratio is not None and c.latency_ratio > config.max_latency_ratio:
         failures.append(f"latency ratio {c.latency_ratio:.2f} > {config.max_latency_ratio:g}")
     if config.min_similarity is not None and (c.similarity is None or c.similarity < config.min_similarity):
-        failures.append(f"similarity {_fmt(c.similarity)} < {config.min_similarity:g}")
+        failures.append(f"similarity {fmt(c.similarity)} < {config.min_similarity:g}")
     if config.min_length_ratio is not None and (c.length_ratio is None or c.length_ratio < config.min_length_ratio):
-        failures.append(f"length ratio {_fmt(c.length_ratio)} < {config.min_length_ratio:g}")
+        failures.append(f"length ratio {fmt(c.length_ratio)} < {config.min_length_ratio:g}")
     if failures:
         return GateResult("fail", "; ".join(failures), c)
-    return GateResult("pass", f"{c.pairs} pairs: error delta {_fmt(c.error_rate_delta)}, latency ratio "
-                              f"{_fmt(c.latency_ratio)}, similarity {_fmt(c.similarity)}", c)
+    return GateResult("pass", f"{c.pairs} pairs: error delta {fmt(c.error_rate_delta)}, latency ratio "
+                              f"{fmt(c.latency_ratio)}, similarity {fmt(c.similarity)}", c)
 
 
-def _fmt(value: float | None) -> str:
+def fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
@@ -263,55 +261,3 @@ class ShadowComparisonMetrics:
                              (self.floor_identical.labels(*labels), c.noise_floor.identical_rate)):
             if value is not None:
                 gauge.set(value)
-
-
-# --- loragate shadow report ----------------------------------------------------------------
-
-
-def add_shadow_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="shadow_command", required=True)
-    r = sub.add_parser("report", help="compare each shadow variant's answers with the primary's (request log)")
-    r.add_argument("--request-log", required=True, help="the request log root (directory or s3:// URL)")
-    r.add_argument("--route", help="only this route")
-    r.add_argument("--variant", help="only this shadow variant (with --route)")
-    r.add_argument("--primary", help="the variant to compare with (default: the one answering most pairs)")
-    r.add_argument("--window", default="1h", help="how far back (e.g. 30m, 1h, 1d)")
-    r.add_argument("--min-pairs", type=int, help="gate: exit 1 unless it passes (with the --max-*/--min-* options)")
-    r.add_argument("--max-error-rate-delta", type=float, default=0.02)
-    r.add_argument("--max-latency-ratio", type=float, default=2.0)
-    r.add_argument("--min-similarity", type=float)
-    r.add_argument("--json", action="store_true", help="print JSON")
-
-
-def shadow_command(args: argparse.Namespace) -> int:
-    from loragate.monitoring.commands import duration_s
-    from loragate.monitoring.sources import RequestLog, Window
-
-    comparisons = report(RequestLog(args.request_log), Window.last(duration_s(args.window)), args.route,
-                         args.variant, args.primary)
-    results = []
-    if args.min_pairs is not None:
-        config = ShadowGate(min_pairs=args.min_pairs, max_error_rate_delta=args.max_error_rate_delta,
-                            max_latency_ratio=args.max_latency_ratio, min_similarity=args.min_similarity)
-        results = [gate(c, config) for c in comparisons]
-    if args.json:
-        print(json.dumps([{**c.as_dict(), **({"gate": {"decision": g.decision, "explanation": g.explanation}}
-                                             if results else {})}
-                          for c, g in zip(comparisons, results or [None] * len(comparisons))], indent=2))
-    else:
-        if not comparisons:
-            print("no shadow answers in the window")
-        for index, c in enumerate(comparisons):
-            floor = c.noise_floor
-            print(f"{c.route}: shadow {c.variant} vs {c.primary}: {c.pairs} pairs ({c.answered_pairs} answered)")
-            print(f"  error rate   {_fmt(c.shadow_error_rate)} vs {_fmt(c.primary_error_rate)} "
-                  f"(delta {_fmt(c.error_rate_delta)})")
-            print(f"  latency x{_fmt(c.latency_ratio)}  length x{_fmt(c.length_ratio)}")
-            print(f"  similarity   {_fmt(c.similarity)} (identical {_fmt(c.identical_rate)}); noise floor "
-                  f"{_fmt(floor.similarity)} (identical {_fmt(floor.identical_rate)}, {floor.pairs} repeat pairs)"
-                  + ("; BELOW the floor" if c.below_floor else ""))
-            if results:
-                print(f"  gate: {results[index].decision} ({results[index].explanation})")
-    if results and any(r.decision != "pass" for r in results):
-        return 1
-    return 0 if comparisons or not results else 1

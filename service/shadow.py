@@ -30,6 +30,7 @@ import os
 import random
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -42,13 +43,16 @@ from loragate.service.proxy import Upstream, Usage
 from loragate.service.requestlog import RequestRecord, RequestSink
 from loragate.service.upstreams import Pool, Replica
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
 DROP_REASONS = ("same_variant", "max_in_flight", "overloaded", "unavailable", "deadline")
 
 
 class ShadowMetrics:
     """The loragate_shadow_* series: apart from the client-facing ones, so a shadow never moves those."""
 
-    def __init__(self, registry) -> None:  # a prometheus_client CollectorRegistry (the gateway's)
+    def __init__(self, registry: "CollectorRegistry") -> None:  # the gateway's
         from prometheus_client import Counter, Gauge, Histogram
 
         rv = ("route", "variant")
@@ -109,9 +113,11 @@ class Shadows:
         variant = route.variant(shadow.variant)
         assert variant is not None  # the catalog checks it
         if variant.name == chosen.name:
-            return self._drop(route, variant, "same_variant")
+            self._drop(route, variant, "same_variant")
+            return None
         if self.in_flight.get(route.name, 0) >= shadow.max_in_flight:
-            return self._drop(route, variant, "max_in_flight")
+            self._drop(route, variant, "max_in_flight")
+            return None
         copy = {k: v for k, v in payload.items() if k not in ("stream", "stream_options")}
         copy["model"] = route.upstream_model(variant)
         self.in_flight[route.name] = self.in_flight.get(route.name, 0) + 1

@@ -355,6 +355,36 @@ def rollouts() -> dict:
         "{{route}} / {{canary}}: {{check}} {{figure}}")], kind="table", w=24, h=8,
         description="estimate, interval (lower, upper), min_effect, samples (canary) and min_samples per check; "
                     "NaN: not measurable in the window (e.g. no latency buckets at or above the floor).")
+
+    # Shadow traffic (service/shadow.py, monitoring/shadow.py): a variant answering copies in the dark.
+    board.row("Shadow traffic (before a canary)")
+    board.panel("Shadow requests by status", [(
+        f"sum by (route, variant, status_class) (rate(loragate_shadow_requests_total{{{r}}}[{RATE}]))",
+        "{{route}} / {{variant}} {{status_class}}")], unit="reqps", w=8,
+        description="Copies answered by the shadow variant (never sent to a client, never in loragate_requests_total).")
+    board.panel("Shadow drops by reason", [(
+        f"sum by (route, variant, reason) (rate(loragate_shadow_dropped_total{{{r}}}[{RATE}]))",
+        "{{route}} / {{variant}} {{reason}}")], unit="reqps", w=8, stack=True,
+        description="same_variant: the request's own variant; max_in_flight; overloaded: requests waiting or no "
+                    "free slot; unavailable: no closed circuit; deadline: cancelled deadline_s after its primary.")
+    board.panel("Shadow latency p95", [(
+        f"histogram_quantile(0.95, sum by (le, route, variant) "
+        f"(rate(loragate_shadow_request_duration_seconds_bucket{{{r}}}[{RATE}])))",
+        "shadow: {{route}} / {{variant}}")], unit="s", w=8,
+        description="Whole answers (shadows are never streamed); compare with the latency ratio below.")
+    board.panel("Shadow vs primary: similarity and the noise floor", [
+        (f"max by (route, variant, primary) (loragate_shadow_similarity_ratio{{{r}}})",
+         "similarity: {{route}} / {{variant}} vs {{primary}}"),
+        (f"max by (route, variant, primary) (loragate_shadow_noise_floor_similarity_ratio{{{r}}})",
+         "noise floor: {{primary}} vs itself")], unit="percentunit", w=12,
+        description="Mean token-overlap F1 of the paired answers (loragate monitor, shadows section); the floor is "
+                    "the primary variant with itself on repeated prompts. Below the floor: the shadow answers "
+                    "differently from what the stable variant would.")
+    board.panel("Shadow vs primary: error share, latency and length ratios", [
+        (f"max by (route, variant, role) (loragate_shadow_error_ratio{{{r}}})", "errors {{role}}: {{route}} / {{variant}}"),
+        (f"max by (route, variant) (loragate_shadow_latency_ratio{{{r}}})", "latency ratio: {{route}} / {{variant}}"),
+        (f"max by (route, variant) (loragate_shadow_length_ratio{{{r}}})", "length ratio: {{route}} / {{variant}}")],
+        w=12, description="Over the pairs of the monitor's window; ratios are shadow / primary (1 = the same).")
     return board.json()
 
 

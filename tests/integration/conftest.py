@@ -72,6 +72,11 @@ routes:
     variants: [{{name: v3, adapter: a3, path: "{adapters['a3']}", weight: 1}}]
   broken:
     variants: [{{name: bad, adapter: broken-adapter, path: "{directory}/no-such-adapter", weight: 1}}]
+  shadowed:
+    variants:
+      - {{name: v1, adapter: a1, weight: 1}}
+      - {{name: v2, adapter: a2, weight: 0}}
+    shadow: {{variant: v2, percent: 100, max_in_flight: 4}}
 """)
     service, url = start_gateway(routes, [engine], directory / "gateway.log")
     try:

@@ -88,6 +88,10 @@ def _send_traffic(gateway: str, logging_gateway: str) -> None:
     jobs += [("lazy", 200, False), ("lazy", 201, True), ("broken", 300, False), ("broken", 301, True),
              ("no-such-route", 400, False)]
     jobs += [(MONITORED[0], 600 + i, i % 2 == 0, logging_gateway) for i in range(MONITORED_REQUESTS)]
+    # Shadow traffic (a2 shadows a1): the gateway series, a same_variant drop (pinned to the shadow), and
+    # logged pairs with repeated prompts (the noise floor) for the monitor's shadow comparison.
+    jobs += [("shadowed", 700 + i, i % 2 == 0) for i in range(4)] + [("shadowed:v2", 710, False)]
+    jobs += [("shadowed", 720 + i, i % 2 == 0, logging_gateway) for i in range(6)]
     jobs += [("split", 500 + i, i % 2 == 0, logging_gateway) for i in range(8)]  # last: feedback below
     with ThreadPoolExecutor(max_workers=6) as pool:
         request_ids = list(pool.map(lambda job: chat(*job), jobs))
@@ -146,6 +150,7 @@ def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: i
             "state_file": str(directory / "rollouts.json"),
             "canaries": [{"route": "split", "stable": "v1", "canary": "v2", "interval_s": 1}],
         },
+        "shadows": {"interval_s": 1, "window_s": 900},
     }
     path = directory / "monitor.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -213,6 +218,7 @@ def prometheus(gateway, engine, tmp_path_factory) -> str:
         # A rollout analysis of split (every second), and two scrapes of its decisions counter.
         _wait_for(url, 'loragate_rollout_analysis{job="loragate-monitor", check="error_rate", figure="samples"}', timeout_s=15)
         _wait_for(url, "count_over_time(loragate_rollout_transitions_total[1m]) > 1", timeout_s=15)
+        _wait_for(url, 'loragate_shadow_noise_floor_similarity_ratio{job="loragate-monitor"}', timeout_s=15)
         time.sleep(3)  # a few more scrapes and rule evaluations
         yield url
     finally:
