@@ -8,6 +8,7 @@ charged to the key and counted only in their own series.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 
 import httpx
@@ -360,3 +361,35 @@ def parse_weights(text: str) -> dict[str, float]:
     from loragate.common.catalog import parse_catalog
 
     return {v.name: v.weight for v in parse_catalog(text).routes["chat"].variants if v.name != "base"}
+
+
+async def test_logged_pairs_read_back_and_reported_by_the_cli(build, tmp_path, capsys):
+    """Through the real Parquet store: the role column round-trips; files without it read as primary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from loragate.cli import main as cli
+    from loragate.common.logschema import conform
+    from loragate.service.requestlog import parquet_store
+
+    texts = {"a1": "the answer is yes", "a2": "the answer is no"}
+    client, _metrics, _upstream, gateway, log = build(by_adapter(texts))
+    for _ in range(3):
+        assert (await client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+        await asyncio.sleep(0)
+    await settle(gateway)
+    root = tmp_path / "requestlog"
+    parquet_store(str(root)).write("requests", [request_row(r, "full") for r in log.records])
+
+    assert cli(["shadow", "report", "--request-log", str(root), "--json", "--min-pairs", "3",
+                "--min-similarity", "0.5"]) == 0
+    [report] = json.loads(capsys.readouterr().out)
+    assert (report["route"], report["variant"], report["primary"], report["pairs"]) == ("chat", "v2", "v1", 3)
+    assert report["similarity"] == pytest.approx(0.75) and report["identical_rate"] == 0
+    assert report["noise_floor"]["pairs"] == 1 and report["below_floor"] is True
+    assert report["gate"]["decision"] == "pass"
+    assert cli(["shadow", "report", "--request-log", str(root), "--min-pairs", "4"]) == 1  # not enough pairs yet
+
+    old = pa.table({"request_id": ["x"], "status": [200]})  # a file from before the column
+    pq.write_table(old, tmp_path / "old.parquet")
+    assert conform(pq.read_table(tmp_path / "old.parquet"), "requests")["role"].to_pylist() == ["primary"]
