@@ -96,7 +96,7 @@ def main() -> None:
     pools = {topic: len(prompts(topic)) for topic in TOPICS}
     print(f"pools (distinct prompts): {pools}")
     cells = []
-    for rows in args.rows:
+    for rows in args.rows if args.pairs else []:  # --pairs 0: the timing only
         for shift in args.shifts:
             cell = pairs_run(rows, shift, args.pairs)
             cells.append(cell)
