@@ -217,9 +217,11 @@ def serve_from_env() -> int:
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="loragate-metrics-")
     try:
+        from loragate.common.cardcheck import CardCheck
         from loragate.common.catalog import CatalogError, load_catalog
 
-        load_catalog(settings.routes_file)  # a bad routes file stops here with a clear message
+        # A bad routes file (or a variant whose registry card refuses it) stops here with a clear message.
+        load_catalog(settings.routes_file, CardCheck())
         if settings.auth:
             from loragate.service.auth import KeyStore
 

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loragate.common.watched import ReloadingFile
+
+if TYPE_CHECKING:
+    from loragate.common.cardcheck import CardCheck
 
 BASE = "base"  # the name of the implicit variant that serves the base model
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -69,6 +73,9 @@ class Variant(_Strict):
     # Where the replica can load the adapter from (a directory or URI it understands).
     # Without it the adapter must already be registered on the replicas.
     path: str | None = None
+    # The version's registry card (a directory with card.json; loragate/common/cardcheck.py). Without it a
+    # local ``path`` holding a card.json is checked the same way.
+    card: str | None = None
     weight: float = Field(0.0, ge=0)
     # Or another OpenAI-compatible endpoint outside the vLLM pool (e.g. the hosted API the
     # adapters replace, as the last fallback): its base URL with /v1, the model name there,
@@ -88,6 +95,8 @@ class Variant(_Strict):
     def _one_kind(self) -> "Variant":
         if self.path is not None and self.adapter is None:
             raise ValueError(f"variant {self.name!r} has a path but no adapter name")
+        if self.card is not None and self.adapter is None:
+            raise ValueError(f"variant {self.name!r}: a card goes with an adapter")
         if self.name == BASE and (self.adapter is not None or self.endpoint is not None):
             raise ValueError(f"variant name {BASE!r} is reserved for the base model")
         if self.endpoint is not None:
@@ -239,16 +248,24 @@ def parse_catalog(text: str, source: str = "<routes>") -> Catalog:
         raise CatalogError(f"{source}: {problems}") from None
 
 
-def load_catalog(path: Path) -> Catalog:
+def load_catalog(path: Path, cards: "CardCheck | None" = None) -> Catalog:
+    """The catalog in ``path``; with ``cards``, checked against the variants' registry cards."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_catalog(text, str(path))
+    catalog = parse_catalog(text, str(path))
+    return cards.apply(catalog, str(path)) if cards is not None else catalog
 
 
 class CatalogFile(ReloadingFile[Catalog]):
-    """The catalog from a file, reloaded when the file changes; a bad edit (CatalogError) keeps the last good one."""
+    """The catalog from a file, reloaded when the file changes; a bad edit (CatalogError) keeps the last good one.
+
+    Variants with a registry card are checked against it on every load (loragate/common/cardcheck.py).
+    """
 
     def __init__(self, path: Path) -> None:
-        super().__init__(path, lambda: load_catalog(path))
+        from loragate.common.cardcheck import CardCheck  # it imports this module
+
+        cards = CardCheck()
+        super().__init__(path, lambda: load_catalog(path, cards))
