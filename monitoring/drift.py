@@ -569,7 +569,8 @@ def _content_section(content: list[ContentDrift]) -> str:
         head = "<tr><th>term</th><th>weight</th><th>reference rows</th><th>current rows</th></tr>"
         parts.append(
             f"<h3>Text content: {c.column} ({'DRIFT' if c.drifted else 'no drift'})</h3>"
-            f"<p>Domain classifier (TF-IDF, logistic regression, cross-validated): ROC AUC {c.auc:.3f}, "
+            f"<p>Domain classifier (TF-IDF, logistic regression fitted on one half of the rows, scored on the "
+            f"other): held-out ROC AUC {c.auc:.3f}, "
             f"drift above {c.threshold:.3f}; p-value {c.p_value:.3g}; {c.reference_rows} reference and "
             f"{c.current_rows} current rows.</p>"
             f"<h4>Terms most typical of the current window</h4><table border=1 cellpadding=4>{head}"
