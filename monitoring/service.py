@@ -27,6 +27,7 @@ from loragate.monitoring.rollout.metrics import RolloutMetrics
 from loragate.monitoring.shadow import GateResult, ShadowComparisonMetrics, gate, report
 from loragate.monitoring.sources import RequestLog
 from loragate.monitoring.triggers.engine import Trigger
+from loragate.monitoring.triggers.pipeline import PipelineAction, PipelineMetrics
 from loragate.monitoring.triggers.state import TriggerState
 
 log = logging.getLogger("loragate.monitor")
@@ -41,8 +42,17 @@ class Monitor:
         self.log = RequestLog(config.request_log, self.s3)
         self.prometheus = Prometheus(config.prometheus_url) if config.prometheus_url else None
         self.state = TriggerState(config.state_file)
+        # core_api: a CoreV1Api (or stand-in) for the routes ConfigMap; default: in-cluster config.
+        self.rollouts = None
+        if config.rollouts is not None:
+            self.rollouts = RolloutController(
+                config.rollouts, PrometheusAnalysis(self.prometheus) if self.prometheus is not None else None,
+                metrics=RolloutMetrics(self.metrics.registry), k8s_api=core_api, shadow_gate=self.shadow_gate)
+        pipeline_metrics = PipelineMetrics(self.metrics.registry)
         self.triggers = [
-            Trigger(c.route, c.variant, c.policy, [a.build(k8s_api, self.s3) for a in c.actions], self.state)
+            Trigger(c.route, c.variant, c.policy,
+                    [a.build(k8s_api, self.s3, rollouts=self.rollouts, pipeline_metrics=pipeline_metrics)
+                     for a in c.actions], self.state)
             for c in config.checks
         ]
         references = References(self.s3)
@@ -54,12 +64,6 @@ class Monitor:
         if config.adapter_registry:
             self.metrics.registry.register(AdapterInfoCollector(Registry(config.adapter_registry)))
         self.last_results: dict[str, dict] = {}
-        # core_api: a CoreV1Api (or stand-in) for the routes ConfigMap; default: in-cluster config.
-        self.rollouts = None
-        if config.rollouts is not None and config.rollouts.canaries:
-            self.rollouts = RolloutController(
-                config.rollouts, PrometheusAnalysis(self.prometheus) if self.prometheus is not None else None,
-                metrics=RolloutMetrics(self.metrics.registry), k8s_api=core_api, shadow_gate=self.shadow_gate)
         self.shadow_metrics = ShadowComparisonMetrics(self.metrics.registry)
         self.last_shadows: list[dict] = []
 
@@ -106,7 +110,12 @@ class Monitor:
         self.shadow_metrics.record(result.comparison, time.time())
         return result
 
+    def pipelines(self) -> list[PipelineAction]:
+        return [a for t in self.triggers for a in t.actions if isinstance(a, PipelineAction)]
+
     async def loop(self) -> None:
+        for action in self.pipelines():
+            action.resume()  # unfinished runs of a stopped monitor go on where they were
         loops = [self._drift_loop()]
         if self.rollouts is not None:
             loops.append(self.rollouts.loop())
@@ -144,6 +153,10 @@ def make_app(monitor: Monitor):
             body["rollouts"] = monitor.rollouts.status()
         if monitor.config.shadows is not None:
             body["shadows"] = monitor.last_shadows
+        runs = [r for action in monitor.pipelines() for r in action.records()]
+        if runs:
+            body["pipelines"] = [{"route": r.route, "version": f"{r.name}/{r.version}", "outcome": r.outcome,
+                                  "steps": {k: v.status for k, v in r.steps.items()}} for r in runs]
         return web.json_response(body)
 
     app = web.Application()

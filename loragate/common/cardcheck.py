@@ -18,8 +18,8 @@ mtime), so a reload of an unchanged catalog re-reads only the small card files.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from loragate.common.catalog import Catalog, CatalogError, Route, Variant
 from loragate.common.registry import (
     CARD_FILE,
     CONFIG_FILE,
@@ -35,6 +35,11 @@ from loragate.common.registry import (
 _Stamp = tuple[int, int, int]
 
 
+# The catalog's objects are typed Any here: loragate.common.catalog imports this module, not the other way round.
+class CardRefused(ValueError):
+    """A card refuses its variant; load_catalog turns it into a CatalogError."""
+
+
 def _stamp(path: Path) -> _Stamp | None:
     try:
         st = path.stat()
@@ -43,7 +48,7 @@ def _stamp(path: Path) -> _Stamp | None:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def card_dir(variant: Variant) -> Path | None:
+def card_dir(variant: Any) -> Path | None:
     """Where the variant's card is: ``card`` if set, else ``path`` when it is a local directory with a card."""
     if variant.card is not None:
         return Path(variant.card.removeprefix("file://"))
@@ -60,7 +65,7 @@ class CardCheck:
     def __init__(self) -> None:
         self._verified: dict[tuple, str | None] = {}  # key -> None (matches) or the mismatch message
 
-    def apply(self, catalog: Catalog, source: str = "<routes>") -> Catalog:
+    def apply(self, catalog: Any, source: str = "<routes>") -> Any:
         """The catalog to serve; raises CatalogError naming the field when a card refuses a variant."""
         routes = {}
         for name, route in catalog.routes.items():
@@ -69,7 +74,7 @@ class CardCheck:
             return catalog
         return catalog.model_copy(update={"routes": routes})
 
-    def _route(self, route: Route, source: str) -> Route:
+    def _route(self, route: Any, source: str) -> Any:
         reachable = {v.name for v in route.variants if v.weight > 0} | set(route.fallback)
         if route.shadow is not None:
             reachable.add(route.shadow.variant)
@@ -83,7 +88,7 @@ class CardCheck:
             self._verify(card, variant, directory, field)
             if card.state not in SERVING_STATES:
                 if variant.name in reachable:
-                    raise CatalogError(
+                    raise CardRefused(
                         f"{field}: variant {variant.name!r} ({card.ref}) is {card.state}, not in a serving state "
                         f"({', '.join(sorted(SERVING_STATES))}); it cannot get traffic (weight {variant.weight:g}"
                         f"{', shadow' if route.shadow and route.shadow.variant == variant.name else ''}"
@@ -98,9 +103,9 @@ class CardCheck:
         try:
             return read_card(directory)
         except RegistryError as exc:
-            raise CatalogError(f"{field}: {exc}") from None
+            raise CardRefused(f"{field}: {exc}") from None
 
-    def _verify(self, card: AdapterCard, variant: Variant, directory: Path, field: str) -> None:
+    def _verify(self, card: AdapterCard, variant: Any, directory: Path, field: str) -> None:
         # The files the engine loads: the variant's path when this machine sees it, else the card's directory.
         files = directory
         if variant.path and Path(variant.path.removeprefix("file://")).is_dir():
@@ -118,4 +123,4 @@ class CardCheck:
                 self._verified = {key: self._verified[key]}
         problem = self._verified[key]
         if problem is not None:
-            raise CatalogError(f"{field}: {problem}")
+            raise CardRefused(f"{field}: {problem}")

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from loragate.common.cardcheck import CardCheck, CardRefused
 from loragate.common.watched import ReloadingFile
-
-if TYPE_CHECKING:
-    from loragate.common.cardcheck import CardCheck
 
 BASE = "base"  # the name of the implicit variant that serves the base model
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -248,14 +245,19 @@ def parse_catalog(text: str, source: str = "<routes>") -> Catalog:
         raise CatalogError(f"{source}: {problems}") from None
 
 
-def load_catalog(path: Path, cards: "CardCheck | None" = None) -> Catalog:
+def load_catalog(path: Path, cards: CardCheck | None = None) -> Catalog:
     """The catalog in ``path``; with ``cards``, checked against the variants' registry cards."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read: {exc.strerror}") from None
     catalog = parse_catalog(text, str(path))
-    return cards.apply(catalog, str(path)) if cards is not None else catalog
+    if cards is None:
+        return catalog
+    try:
+        return cards.apply(catalog, str(path))
+    except CardRefused as exc:
+        raise CatalogError(str(exc)) from None
 
 
 class CatalogFile(ReloadingFile[Catalog]):
@@ -265,7 +267,5 @@ class CatalogFile(ReloadingFile[Catalog]):
     """
 
     def __init__(self, path: Path) -> None:
-        from loragate.common.cardcheck import CardCheck  # it imports this module
-
         cards = CardCheck()
         super().__init__(path, lambda: load_catalog(path, cards))

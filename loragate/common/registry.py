@@ -144,6 +144,15 @@ class Approval(BaseModel):
     note: str = ""
 
 
+class Event(BaseModel):
+    """A step done for this version outside training and evaluation (the monitor's pipeline action)."""
+
+    step: str  # e.g. pipeline, load, route, rollout
+    result: str  # ok, failed, waiting, ...
+    at: float
+    detail: str = ""
+
+
 class AdapterCard(BaseModel):
     schema_version: int = SCHEMA_VERSION
     name: str
@@ -156,6 +165,7 @@ class AdapterCard(BaseModel):
     training: TrainingRun | None = None
     evaluations: list[Evaluation] = Field(default_factory=list)
     approval: Approval | None = None
+    events: list[Event] = Field(default_factory=list)
     state: State = "candidate"
     history: list[StateChange] = Field(default_factory=list)
 
@@ -408,6 +418,11 @@ class Registry:
             apply_transition(card, to, by=by, reason=reason)
 
         return self.update(directory, change)
+
+    def record(self, directory: str | Path, step: str, result: str, detail: str = "") -> AdapterCard:
+        """Append an event (a deployment step) to the version's card."""
+        return self.update(directory, lambda card: card.events.append(
+            Event(step=step, result=result, at=time.time(), detail=detail[:500])))
 
     def approve(self, directory: str | Path, *, by: str, note: str = "") -> AdapterCard:
         def change(card: AdapterCard) -> None:

@@ -27,6 +27,9 @@ class CanaryConfig(_Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     # The canary's shadow answers (monitoring/shadow.py) must pass this before its first step.
     shadow_gate: ShadowGate | None = None
+    # Registry card directories of the two versions: their states follow the rollout (monitoring/rollout/cards.py).
+    canary_card: str | None = None
+    stable_card: str | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -10,13 +10,21 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from loragate.common.catalog import CatalogError
+from loragate.monitoring.rollout import cards
 from loragate.monitoring.rollout.analysis import MetricsSource
 from loragate.monitoring.rollout.config import CanaryConfig, RolloutsConfig
 from loragate.monitoring.rollout.errors import RolloutError, RoutesConflict
 from loragate.monitoring.judge import Verdict
 from loragate.monitoring.rollout.judge import analyse
 from loragate.monitoring.rollout.metrics import RolloutMetrics
-from loragate.monitoring.rollout.routes import RoutesConfigMap, RoutesFile, RoutesSource, current_weights, set_weights
+from loragate.monitoring.rollout.routes import (
+    RoutesConfigMap,
+    RoutesFile,
+    RoutesSource,
+    add_variant,
+    current_weights,
+    set_weights,
+)
 from loragate.monitoring.rollout.state import RolloutStatus, RolloutStore
 
 log = logging.getLogger("loragate.rollout")
@@ -53,11 +61,40 @@ class RolloutController:
         self._applied: set[str] = set()  # routes whose weights were checked since this process started
         self._retry_at: dict[str, float] = {}  # a failing rollout is retried once per interval, not every round
 
+    def specs(self, statuses: dict[str, RolloutStatus] | None = None) -> list[CanaryConfig]:
+        """The config file's rollouts, and those added at run time (kept in the state file); a run-time
+        rollout replaces the config's for its route."""
+        if statuses is None:
+            try:
+                statuses = self.store.load()
+            except RolloutError:
+                statuses = {}
+        found = {spec.route: spec for spec in self.config.canaries}
+        for route, status in statuses.items():
+            if status.spec is not None:
+                found[route] = CanaryConfig.model_validate(status.spec)
+        return list(found.values())
+
     def spec(self, route: str) -> CanaryConfig:
-        for spec in self.config.canaries:
+        for spec in self.specs():
             if spec.route == route:
                 return spec
         raise RolloutError(f"no rollout configured for route {route!r}")
+
+    async def add(self, spec: CanaryConfig, now: float | None = None) -> RolloutStatus:
+        """Start a rollout at run time (the pipeline action); persisted, so a restart resumes it.
+
+        Refused while another rollout of the route is progressing. Starting it again (same canary
+        and stable, e.g. after a crash between the start and the caller's record) returns it as it is.
+        """
+        now = time.time() if now is None else now
+        old = self.store.load().get(spec.route)
+        if old is not None and (old.canary, old.stable) == (spec.canary, spec.stable):
+            return old
+        if old is not None and old.state == "progressing":
+            raise RolloutError(f"rollout {spec.route}: {old.canary} over {old.stable} is still progressing")
+        status, _ = await self._start(spec, old, now, runtime=True)
+        return status
 
     # the weights
 
@@ -83,6 +120,23 @@ class RolloutController:
     async def apply(self, spec: CanaryConfig, canary_weight: float) -> bool:
         return await asyncio.to_thread(self._write_weights, spec, canary_weight)
 
+    def _write_variant(self, route: str, entry: dict[str, Any]) -> bool:
+        for _ in range(3):
+            snapshot = self.routes.read()
+            text = add_variant(snapshot.text, route, entry, str(self.routes))
+            if text == snapshot.text:
+                return False
+            try:
+                self.routes.write(text, snapshot.version)
+                return True
+            except RoutesConflict as exc:
+                log.info("route %s: %s; reading it again", route, exc)
+        raise RolloutError(f"route {route}: the routes source kept changing under us")
+
+    async def add_variant(self, route: str, entry: dict[str, Any]) -> bool:
+        """Add a variant (weight 0) to a route in the routes source; False when it is already there."""
+        return await asyncio.to_thread(self._write_variant, route, entry)
+
     # the state machine
 
     async def tick(self, now: float | None = None) -> list[Transition]:
@@ -95,7 +149,7 @@ class RolloutController:
             self.errors = {spec.route: str(exc) for spec in self.config.canaries}
             return []
         transitions = []
-        for spec in self.config.canaries:
+        for spec in self.specs(statuses):
             status = statuses.get(spec.route)
             if now < self._retry_at.get(spec.route, 0.0):
                 continue
@@ -122,7 +176,8 @@ class RolloutController:
                 self.metrics.show(status)
         return transitions
 
-    async def _start(self, spec: CanaryConfig, old: RolloutStatus | None, now: float) -> tuple[RolloutStatus, Transition]:
+    async def _start(self, spec: CanaryConfig, old: RolloutStatus | None, now: float,
+                     runtime: bool = False) -> tuple[RolloutStatus, Transition]:
         if spec.shadow_gate is not None:  # not started (and retried every interval) until the shadow passes
             if self.shadow_gate is None:
                 raise RolloutError("shadow_gate set but the monitor reads no request log to judge it")
@@ -131,7 +186,9 @@ class RolloutController:
                 raise RolloutError(f"waiting for the shadow gate: {result.decision} ({result.explanation})")
         weight = spec.steps[0]
         status = RolloutStatus(route=spec.route, canary=spec.canary, stable=spec.stable, weight=weight,
-                               started_at=now, step_started_at=now)
+                               started_at=now, step_started_at=now,
+                               spec=spec.model_dump(mode="json") if runtime else None)
+        await asyncio.to_thread(cards.follow, spec, "start")  # the canary's card first: the gateway checks it
         await self.apply(spec, weight)
         status.record("step", now, f"rollout of {spec.canary} over {spec.stable} started")
         self.store.commit(status, old.revision if old else None)
@@ -194,6 +251,8 @@ class RolloutController:
                           f"promoted (loragate rollout promote|rollback decides)")
         status.record(action, now, reason)
         self.store.commit(status, expected)
+        if action in ("promote", "rollback"):
+            await asyncio.to_thread(cards.follow, spec, action)
         self.metrics.record(spec.route, spec.canary, action, verdict)
         log.info("rollout %s: %s -> %s at %g%% (%s)", spec.route, verdict.decision, action, status.weight, reason)
         return status, Transition(spec.route, action, status.weight, reason, verdict)
@@ -208,12 +267,15 @@ class RolloutController:
             status = old.model_copy(deep=True)
         else:
             status = RolloutStatus(route=route, canary=spec.canary, stable=spec.stable, started_at=now)
+        if action == "promote":
+            await asyncio.to_thread(cards.follow, spec, "start")  # a canary card it never reached
         target = 100.0 if action == "promote" else 0.0
         await self.apply(spec, target)
         status.weight, status.step_started_at, status.failures, status.holds, status.stalled = target, now, 0, 0, False
         status.state = "promoted" if action == "promote" else "rolled_back"
         status.record(action, now, reason)
         self.store.commit(status, old.revision if old else None)
+        await asyncio.to_thread(cards.follow, spec, action)
         self.metrics.show(status)
         self.metrics.record(route, spec.canary, action)
         return status
@@ -224,7 +286,7 @@ class RolloutController:
         except RolloutError as exc:
             return {spec.route: {"error": str(exc)} for spec in self.config.canaries}
         out: dict[str, dict[str, Any]] = {}
-        for spec in self.config.canaries:
+        for spec in self.specs(statuses):
             found = statuses.get(spec.route)
             if found is None or (found.canary, found.stable) != (spec.canary, spec.stable):
                 out[spec.route] = {"canary": spec.canary, "stable": spec.stable, "state": "pending"}
@@ -258,7 +320,7 @@ class RolloutController:
 
     def sleep_s(self) -> float:
         """How long the loop waits between rounds: a fraction of the shortest interval, 0.2-5 s."""
-        shortest = min((spec.interval_s for spec in self.config.canaries), default=5.0)
+        shortest = min((spec.interval_s for spec in self.specs()), default=5.0)
         return min(5.0, max(0.2, shortest / 5))
 
     async def loop(self) -> None:

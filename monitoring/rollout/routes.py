@@ -136,6 +136,35 @@ def set_weights(text: str, route: str, weights: dict[str, float], source: str = 
     return new
 
 
+def add_variant(text: str, route: str, entry: dict[str, Any], source: str = "<routes>") -> str:
+    """The routes YAML ``text`` with ``entry`` (a variant mapping, weight 0) added to ``route``.
+
+    Adding a variant that is already there with the same fields is a no-op (a replayed step);
+    the same name with other fields is refused. The result is validated before it is returned.
+    """
+    try:
+        parse_catalog(text, source)
+    except CatalogError as exc:
+        raise RolloutError(f"the routes source is invalid now; not touching it: {exc}") from None
+    data = yaml.safe_load(text)
+    body = data["routes"].get(route)
+    if not isinstance(body, dict) or not isinstance(body.get("variants"), list):
+        raise RolloutError(f"{source}: no route {route!r}")
+    entry = {**entry, "weight": 0}
+    found = next((v for v in body["variants"] if isinstance(v, dict) and v.get("name") == entry["name"]), None)
+    if found is not None:
+        if {k: v for k, v in found.items() if k != "weight"} != {k: v for k, v in entry.items() if k != "weight"}:
+            raise RolloutError(f"{source}: route {route!r} already has another variant named {entry['name']!r}")
+        return text
+    body["variants"].append(entry)
+    new = _header(text) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
+    try:
+        parse_catalog(new, source)
+    except CatalogError as exc:
+        raise RolloutError(f"adding variant {entry['name']!r} would make the routes invalid: {exc}") from None
+    return new
+
+
 def current_weights(text: str, route: str) -> dict[str, float]:
     found = parse_catalog(text).routes.get(route)
     return {v.name: v.weight for v in found.variants} if found else {}

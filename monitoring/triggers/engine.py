@@ -34,7 +34,7 @@ class Trigger:
     def __init__(self, route: str, variant: str | None, policy: TriggerPolicy, actions: list[Action],
                  state: TriggerState) -> None:
         self.route, self.variant, self.policy, self.state = route, variant, policy, state
-        order = {"dataset": 0}
+        order = {"dataset": 0, "pipeline": 2}  # the export first, the pipeline (which reads it) last
         self.actions = sorted(actions, key=lambda a: order.get(a.name, 1))
 
     @property
