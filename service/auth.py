@@ -316,6 +316,7 @@ class Authenticator:
     ) -> None:
         self.store = store
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
+        self._digests: dict[str, str] = {}  # presented key -> its SHA-256 hex (see _digest)
         self.metrics = metrics
         self.limiter = limiter or LocalLimiter(clock)
         if metrics is not None and store is not None:
@@ -387,10 +388,25 @@ class Authenticator:
             raise self._reject("missing_key", 401,
                                "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
                                code="invalid_api_key")
-        key = self.store.by_hash.get(hash_key(presented)) if len(presented) <= _MAX_KEY_CHARS else None
+        key = self.store.by_hash.get(self._digest(presented)) if len(presented) <= _MAX_KEY_CHARS else None
         if key is None:
             raise self._reject("invalid_key", 401, "invalid API key", code="invalid_api_key")
         return key
+
+    def _digest(self, presented: str) -> str:
+        """hash_key(presented), remembered for the last few keys presented: a client sends the same key every time.
+
+        Only the digest is remembered, never the verdict: the lookup in the current keys runs on every
+        request, so a key revoked or removed by a reload is refused at once. Bounded (cleared when full),
+        so keys sprayed by a guesser cost memory only up to the bound.
+        """
+        digests = self._digests
+        digest = digests.get(presented)
+        if digest is None:
+            if len(digests) >= 1024:
+                digests.clear()
+            digest = digests[presented] = hash_key(presented)
+        return digest
 
     def _reject(self, reason: str, status: int, message: str, *, code: str, key_id: str | None = None,
                 headers: dict[str, str] | None = None) -> GatewayError:

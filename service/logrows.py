@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import re
+
 import orjson
 
 from loragate.common.logschema import CHAT_ENDPOINT, PRIMARY, SCHEMA_VERSION, Turn, flat_prompt
@@ -185,6 +187,7 @@ def _stream_answer(chunks: list[bytes]) -> tuple[str | None, str | None]:
 
 _DONE = b"\n\ndata: [DONE]"
 _NEXT = b"\n\ndata: "
+_OBJECT_COMMA = re.compile(rb"\}[ \t\n\r]*,[ \t\n\r]*\{")
 
 
 def _simple_stream_objects(stream: bytes) -> list[dict] | None:
@@ -205,6 +208,16 @@ def _simple_stream_objects(stream: bytes) -> list[dict] | None:
     # Every LF belongs to an event separator, and every event after the first opens an object.
     if body.count(b"\n") != 2 * (len(parts) - 1) or body.count(b"\n\ndata: {") != len(parts) - 1:
         return None
+    # One parse of all the events as one array when every "},{" (JSON whitespace allowed) in it is one we put
+    # between two events: then each event is exactly one element, and parses alone to the same object.
+    joined = b"[" + b",".join(parts) + b"]"
+    if len(_OBJECT_COMMA.findall(joined)) == len(parts) - 1:
+        try:
+            objects = orjson.loads(joined)
+        except orjson.JSONDecodeError:
+            objects = None
+        if objects is not None and len(objects) == len(parts) and all(type(o) is dict for o in objects):
+            return objects
     try:
         return [orjson.loads(part) for part in parts]
     except orjson.JSONDecodeError:

@@ -62,8 +62,12 @@ class ParquetStore:
         """One file per UTC day present in ``rows``; returns the number of files written."""
         schema = logschema.arrow_schema(table)
         by_day: dict[str, list[dict[str, Any]]] = {}
+        days: dict[int, str] = {}  # days since the epoch -> its UTC date, worked out once per batch
         for row in rows:
-            day = datetime.fromtimestamp(row["timestamp"] / 1000, timezone.utc).strftime("%Y-%m-%d")
+            number = row["timestamp"] // 86_400_000
+            day = days.get(number)
+            if day is None:
+                day = days[number] = datetime.fromtimestamp(number * 86_400, timezone.utc).strftime("%Y-%m-%d")
             by_day.setdefault(day, []).append(row)
         for day, day_rows in sorted(by_day.items()):
             buffer = pa.BufferOutputStream()

@@ -1,0 +1,299 @@
+"""What each gateway feature costs in CPU per request: featureless proxy, plain, keys, log, keys+log, in ONE run.
+
+Starts the STUB upstream (tests/stub_upstream.py, 16 SSE chunks) and five proxies, one
+worker each, all on the same CPU (stub and wrk on the other):
+
+  baseline   bench/baseline_proxy.py: FastAPI + aiohttp, forwards bytes, no features
+  plain      loragate: routing (two variants, sticky key x-user-id), metrics, usage, pricing
+  keys       plain + API keys (LORAGATE_AUTH=on, one key, no limits)
+  log        plain + the request log (Parquet, text scrubbed, conversion process)
+  all        keys + log (+ sticky routing, as every loragate target here)
+
+Every target gets the same requests: ``Authorization: Bearer <key>``, a sticky user id,
+and a user message with an e-mail address, a phone number and an order number that
+changes with every request (so the scrubber's cache only helps with the system prompt).
+
+CPU per request is utime+stime of the proxy's whole process tree (the request log's
+conversion process included), read from /proc before and after each measured wrk run.
+For the log targets the conversion runs in batches (every 1000 rows, or every 2 s here
+instead of the default 10 s, so that the waits stay short; smaller batches cost more per
+row, if anything): before each CPU reading the bench waits until the log's Parquet files
+hold a row for every request the gateway answered (loragate_requests_total, read once
+per reading from every loragate target alike), so the rows a run produced are paid for
+inside its window. Every target's window is the run plus the same 3 s tail, so each
+pays its own idle costs (timers, the log's writer ticks) for as long as the others. Ratios are taken within a round (targets measured back to back), medians
+over rounds. After the sweep the log targets are stopped and their Parquet rows counted
+against the requests they answered: the log must be complete.
+
+Run:  .venv/bin/python bench/features_overhead.py [--duration 5] [--rounds 3] [--targets ...]
+Profile: --keep-running prints the pids and waits; then e.g.
+  py-spy record -r 500 -d 8 --nonblocking -o gw.svg -p <pid>     (and the conversion child's pid)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.overhead import CHUNKS, ROUTES, pinned, tree_cpu_s  # noqa: E402
+from tests.processes import Service, free_port, wait_http  # noqa: E402
+
+KEY = "lg-benchbenchbenchbenchbenchbenchbenchbench0"
+TARGETS = ("baseline", "plain", "keys", "log", "all")
+FLUSH_S = 2  # the log targets' flush interval (default 10 s; batches still reach 1000 rows at c=32)
+TAIL_S = 3.0  # after each measured run every target gets this long (the log one to write its rows) before the reading
+FEATURE_LIMIT = 1.15  # all / plain CPU per request
+BASELINE_LIMIT = 0.80  # plain / baseline CPU per request, JSON
+
+WRK_SCRIPT = """\
+local head = [[%(head)s]]
+local tail = [[%(tail)s]]
+local n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/v1/chat/completions",
+    {["Content-Type"] = "application/json", ["Authorization"] = "Bearer %(key)s",
+     ["x-user-id"] = "user-" .. (n %% 100)}, head .. n .. tail)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"errors":%%d,"non2xx":%%d,"p50_us":%%d,"p99_us":%%d}\\n',
+    summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def body(stream: bool) -> str:
+    return json.dumps({
+        "model": "bench",
+        "messages": [{"role": "system", "content": "You are a helpful support assistant."},
+                     {"role": "user", "content": "I'm jane.doe@example.com, call me on +44 20 7946 0958: "
+                                                 "my order #@ORDER@ has not arrived yet, what can I do?"}],
+        "max_tokens": CHUNKS, "temperature": 0, "stream": stream,
+    })
+
+
+def metric_sum(url: str, prefix: str, label: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(prefix) and label in line)
+
+
+def settled(url: str, log_dir: Path | None, timeout_s: float = 60) -> None:
+    """Wait until the request log (if any) has a row on disk for every request answered so far.
+
+    The gateway is asked once (/metrics: every target pays one scrape); then only the disk is polled.
+    """
+    time.sleep(0.2)  # requests still in flight when wrk stopped
+    answered = metric_sum(url, "loragate_requests_total{", 'route="bench"')
+    deadline = time.monotonic() + timeout_s
+    while log_dir is not None and log_rows(log_dir) < answered:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}: the request log did not catch up within {timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
+def start(name: str, work: Path, upstream: str, cpu: int | None) -> tuple[Service, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    if name == "baseline":
+        command = [sys.executable, "-m", "uvicorn", "bench.baseline_proxy:app", "--host", "127.0.0.1",
+                   "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
+                   "--log-level", "warning"]
+        env["BASELINE_UPSTREAM"] = upstream
+        ready = f"{url}/health"
+    else:
+        command = [sys.executable, "-m", "loragate", "serve"]
+        env.update({"LORAGATE_ROUTES_FILE": str(work / "routes.yaml"), "LORAGATE_UPSTREAMS": upstream,
+                    "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1"})
+        if name in ("keys", "all"):
+            env["LORAGATE_AUTH"] = "on"
+            env["LORAGATE_API_KEYS"] = json.dumps({"keys": [{"id": "bench", "sha256": _sha(KEY)}]})
+        if name in ("log", "all"):
+            env["LORAGATE_REQUEST_LOG_URL"] = str(work / f"log-{name}")
+            env["LORAGATE_REQUEST_LOG_TEXT"] = "scrubbed"
+            env["LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S"] = str(FLUSH_S)
+        ready = f"{url}/readyz"
+    service = Service(pinned(command, cpu), work / f"{name}.log", env)
+    wait_http(ready, service.process, 60, work / f"{name}.log")
+    return service, url
+
+
+def _sha(key: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def wrk(url: str, script: Path, connections: int, duration: float, cpu: int | None) -> dict:
+    command = pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s", "--latency",
+                      "-s", str(script), url], cpu)
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    match = re.search(r"WRKJSON (\{.*\})", out)
+    if not match:
+        raise RuntimeError(f"wrk printed no summary:\n{out}")
+    return json.loads(match.group(1))
+
+
+def measure(name: str, url: str, pid: int, script: Path, connections: int, duration: float,
+            wrk_cpu: int | None, work: Path) -> dict:
+    log_dir = work / f"log-{name}" if name in ("log", "all") else None
+    wrk(url, script, connections, 1, wrk_cpu)  # warmup
+    if name != "baseline":
+        settled(url, log_dir)
+    before = tree_cpu_s(pid)
+    result = wrk(url, script, connections, duration, wrk_cpu)
+    ended = time.monotonic()
+    if name != "baseline":
+        settled(url, log_dir)
+    time.sleep(max(0.0, ended + TAIL_S - time.monotonic()))  # every target's window is as long
+    cpu = tree_cpu_s(pid) - before
+    requests = result["requests"]
+    return {"rps": requests / (result["duration_us"] / 1e6), "cpu_us_per_req": cpu * 1e6 / max(requests, 1),
+            "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000, "requests": requests,
+            "errors": result["errors"] + result["non2xx"]}
+
+
+def log_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.read_metadata(p).num_rows for p in path.rglob("*.parquet"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--modes", nargs="+", choices=("json", "sse"), default=["json", "sse"])
+    parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
+    parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--keep-running", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "features_overhead.json")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    load_cpu, proxy_cpu = (0, 1) if pin else (None, None)
+
+    work = Path(tempfile.mkdtemp(prefix="loragate-bench-features-"))
+    (work / "routes.yaml").write_text(ROUTES)
+    scripts = {}
+    for mode in args.modes:
+        head, tail = body(mode == "sse").split("@ORDER@")
+        scripts[mode] = work / f"{mode}.lua"
+        scripts[mode].write_text(WRK_SCRIPT % {"head": head, "tail": tail, "key": KEY})
+
+    stub_port = free_port()
+    stub = Service(pinned([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(stub_port),
+                           "--chunks", str(CHUNKS)], load_cpu), work / "stub.log")
+    services: dict[str, tuple[Service, str]] = {}
+    raw: dict[str, list[dict]] = {}
+    completeness = {}
+    try:
+        upstream = f"http://127.0.0.1:{stub_port}"
+        wait_http(f"{upstream}/health", stub.process, 30, work / "stub.log")
+        for name in args.targets:
+            services[name] = start(name, work, upstream, proxy_cpu)
+        print(f"targets {', '.join(args.targets)}; pinning: "
+              f"{'stub+wrk on CPU 0, proxies (and their children) on CPU 1' if pin else 'off'}; logs in {work}",
+              flush=True)
+        if args.keep_running:
+            print({name: (url, service.process.pid) for name, (service, url) in services.items()}, flush=True)
+            input("press Enter to measure ")
+        cells = [(mode, c) for mode in args.modes for c in args.concurrency]
+        for round_no in range(args.rounds):
+            for mode, c in cells:
+                order = args.targets if round_no % 2 == 0 else list(reversed(args.targets))
+                for name in order:
+                    service, url = services[name]
+                    cell = measure(name, url, service.process.pid, scripts[mode], c, args.duration, load_cpu, work)
+                    raw.setdefault(f"{mode}|c{c}|{name}", []).append(cell)
+                    print(f"round {round_no + 1}/{args.rounds} {mode:4s} c={c:<3d} {name:9s} {cell['rps']:8.0f} req/s  "
+                          f"cpu {cell['cpu_us_per_req']:6.0f} us/req  p50 {cell['p50_ms']:6.2f} ms  "
+                          f"errors {cell['errors']}", flush=True)
+        time.sleep(1.0)
+        for name in ("log", "all"):
+            if name in services:
+                service, url = services[name]
+                settled(url, work / f"log-{name}")
+                answered = metric_sum(url, "loragate_requests_total{", 'route="bench"')
+                service.stop()
+                rows = log_rows(work / f"log-{name}")
+                completeness[name] = {"answered": answered, "rows": rows, "complete": rows == answered}
+    finally:
+        for service, _url in services.values():
+            service.stop()
+        stub.stop()
+
+    results = {key: {k: statistics.median(c[k] for c in cells) for k in ("rps", "cpu_us_per_req", "p50_ms", "p99_ms")}
+               | {"errors": sum(c["errors"] for c in cells)} for key, cells in raw.items()}
+
+    def ratio(mode: str, c: int, top: str, bottom: str) -> float | None:
+        a, b = raw.get(f"{mode}|c{c}|{top}"), raw.get(f"{mode}|c{c}|{bottom}")
+        if not a or not b:
+            return None
+        return statistics.median(x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in zip(a, b))
+
+    print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each; CPU us/request of the proxy's process tree")
+    names = [n for n in TARGETS if n in args.targets]
+    print(f"{'cell':10s} " + " ".join(f"{n:>16s}" for n in names))
+    for mode, c in cells:
+        row = [results[f"{mode}|c{c}|{n}"] for n in names]
+        print(f"{mode + ' c=' + str(c):10s} " + " ".join(f"{r['cpu_us_per_req']:6.0f} {r['rps']:6.0f}/s  " for r in row))
+    print("\nCPU per request ratios (per-round, median)")
+    ratios, verdicts = {}, {}
+    for mode, c in cells:
+        cell = f"{mode}|c{c}"
+        ratios[cell] = {f"{top}/{bottom}": ratio(mode, c, top, bottom)
+                        for top, bottom in (("plain", "baseline"), ("keys", "plain"), ("log", "plain"),
+                                            ("all", "plain"))}
+        line = "  ".join(f"{k} {v:.3f}" for k, v in ratios[cell].items() if v is not None)
+        if ratios[cell]["all/plain"] is not None:
+            verdicts[f"{cell}|all/plain<={FEATURE_LIMIT}"] = ratios[cell]["all/plain"] <= FEATURE_LIMIT
+        pb = ratios[cell]["plain/baseline"]
+        if pb is not None:
+            verdicts[f"{cell}|plain/baseline<={BASELINE_LIMIT if mode == 'json' else 1.0}"] = \
+                pb <= (BASELINE_LIMIT if mode == "json" else 1.0)
+        print(f"  {mode:4s} c={c:<3d} {line}")
+    for name, comp in completeness.items():
+        print(f"log completeness ({name}): {comp['rows']} rows for {comp['answered']:.0f} requests answered "
+              f"({'complete' if comp['complete'] else 'MISMATCH'})")
+    print("verdicts: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in verdicts.items()))
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
+                    "loadavg": os.getloadavg()},
+        "settings": {"duration_s": args.duration, "rounds": args.rounds, "concurrency": args.concurrency,
+                     "modes": args.modes, "stream_chunks": CHUNKS, "pinned": pin, "targets": args.targets},
+        "results": results, "ratios": ratios, "verdicts": verdicts, "log_completeness": completeness,
+        "rounds": raw,
+    }, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(verdicts.values()) and all(c["complete"] for c in completeness.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The request log's and auth's fast paths give exactly what the plain paths give.
+
+scrub_many (service/logscrub.py) == scrub text by text; the conversion process's batch
+conversion == request_row record by record; the simple-stream parse == sse.json_objects;
+the remembered key digest never outlives a reload that revokes or removes the key.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import orjson
+
+from loragate.common import sse
+from loragate.common.scrub import scrub
+from loragate.service.auth import Authenticator, KeyStore, hash_key
+from loragate.service.errors import GatewayError
+from loragate.service.logrows import _simple_stream_objects, request_row
+from loragate.service.logscrub import scrub_many
+from loragate.service.requestlog import Converter, RequestRecord
+from tests.unit.test_requestlog import PII_PROMPT, chat_record
+from tests.unit.test_scrub import KEPT, PLANTED
+
+
+def corpus() -> list[str]:
+    base = [text for text, *_ in PLANTED] + list(KEPT) + [PII_PROMPT]
+    rnd = random.Random(7)
+    # Digits, separators, Unicode digits/spaces and case-folding letters (Kelvin sign, long s) at random,
+    # and planted texts glued together: where a batch gate that were too narrow would show.
+    alphabet = "0123456789 -.:+()@abcXYZ_/=#%\n\t\u00a0\u0660\u0661\u212aK\u017fs"
+    noise = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 60))) for _ in range(3000)]
+    glued = [" ".join(rnd.choice(base) for _ in range(3)) for _ in range(500)]
+    return base + noise + glued
+
+
+def test_scrub_many_is_scrub_text_by_text() -> None:
+    texts = corpus()
+    assert scrub_many(texts) == [scrub(text) for text in texts]
+    assert scrub_many([]) == []
+    assert scrub_many(["\ud800 me@example.com"]) == [scrub("\ud800 me@example.com")]  # not UTF-8: text by text
+
+
+def test_batch_conversion_gives_the_record_by_record_rows() -> None:
+    texts = corpus()[:400]
+    records = [chat_record(f"r{i}", content=text, answer=texts[-1 - i], stream=i % 2 == 1)
+               for i, text in enumerate(texts)]
+    broken = chat_record("broken")
+    broken.timestamp = "not a time"  # request_row raises on it
+    completion = RequestRecord(
+        request_id="c1", timestamp=1_700_000_000.0, route="r", variant="v", endpoint="completions", status=200,
+        stream=False, fallback=None, latency_s=0.1, ttft_s=None, prompt_tokens=1, completion_tokens=1, cost_usd=0,
+        reference_cost_usd=0, payload={"prompt": ["call +44 20 7946 0958", PII_PROMPT]},
+        body=orjson.dumps({"choices": [{"index": 0, "text": PII_PROMPT, "finish_reason": "stop"}]}))
+    records += [broken, completion]
+    rows, unreadable = Converter("scrubbed", scrub_many).rows("requests", records)
+    assert unreadable == 1
+    assert rows == [request_row(record, "scrubbed") for record in records if record is not broken]
+    assert "[EMAIL]" in rows[-1]["prompt_text"] and "[PHONE]" in rows[-1]["prompt_text"]
+
+
+def test_simple_stream_parse_matches_the_general_one() -> None:
+    event = b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
+    streams = [event * 3 + b"data: [DONE]\n\n", event, event * 2 + b"\n"]
+    for stream in streams:
+        assert _simple_stream_objects(stream) == list(sse.json_objects(stream))
+    # Anything unusual goes to the general parser: CRLF, comments, multi-line data, bad JSON, [DONE] only.
+    # Events that are not JSON alone but would be as one array: never taken as objects.
+    forged = b'data: {"a":"x}\n\ndata: {"}\n\ndata: {"c":1},{"d":2}\n\n'
+    assert _simple_stream_objects(forged) is None and list(sse.json_objects(forged)) == []
+    for odd in (event.replace(b"\n", b"\r\n"), b": ping\n\n" + event, b"data: {\ndata: }\n\n" + event,
+                event + b"data: {oops\n\n", b"data: [DONE]\n\n", event + b"\n" + event):
+        assert _simple_stream_objects(odd) is None
+
+
+def test_a_remembered_key_digest_does_not_survive_a_revoking_reload(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.yaml"
+    alice, bob = "lg-alice-secret", "lg-bob-secret"
+    keys.write_text(f'keys:\n  - {{id: alice, sha256: "{hash_key(alice)}"}}\n'
+                    f'  - {{id: bob, sha256: "{hash_key(bob)}"}}\n')
+    auth = Authenticator(KeyStore(keys))
+    for _ in range(3):  # digests remembered now
+        assert auth.authenticate({"authorization": f"Bearer {alice}"}).key_id == "alice"
+        assert auth.authenticate({"authorization": f"Bearer {bob}"}).key_id == "bob"
+    keys.write_text(f'keys:\n  - {{id: bob, sha256: "{hash_key(bob)}", revoked: true}}\n')
+    os.utime(keys, ns=(1, 1))
+    assert auth.reload_if_changed()
+    for key, message in ((alice, "invalid API key"), (bob, "this API key has been revoked")):
+        try:
+            auth.authenticate({"authorization": f"Bearer {key}"})
+        except GatewayError as exc:
+            assert exc.message == message
+        else:
+            raise AssertionError(f"{key} still accepted after the reload")
