@@ -1,0 +1,203 @@
+"""The closed loop, unattended, on real parts: the vLLM CPU engine, a real gateway, a real Prometheus
+and a real ``loragate monitor``.
+
+v1 (the demo adapter a1, registered stable) serves the route ``support`` through its registry
+directory. The traffic changes topic (trivia and small talk instead of the coding questions of the
+reference) and users correct the answers with license passages (the new thing to learn). The
+monitor flags input drift, its dataset action exports the window (corrections in place of the
+answers), its pipeline action trains v2 from v1 (tiny demo model, --lr 3e-2, 40 steps), the gate
+compares it with v1 on the held-out split and passes it, then v2 is loaded on the engine, added to
+the route at weight 0 and canaried through every step by the rollout controller (judged from
+Prometheus) until it is promoted. The test asserts each step's record (pipeline state, the
+monitor's run record, the card) and the final weights, and prints the time of each stage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from loragate.common.registry import read_card
+from loragate.monitoring.topics import window
+from tests.integration.test_loop_train_eval import DEMO_LR, LICENSES
+from tests.integration.test_rollout_e2e import LoadLoop
+from tests.processes import ROOT, Service, free_port, start_gateway, start_prometheus, wait_http
+
+pytestmark = pytest.mark.integration
+ROWS = 80  # shifted requests, each corrected by a user
+STEPS = [25, 50]
+JUDGE = {"error_rate": {"min_effect": 0.1, "min_samples": 20}, "fallback_rate": {"min_effect": 0.1, "min_samples": 20},
+         "latency": {"min_effect": 0.5, "min_samples": 20, "floor_s": 1.0}}
+
+
+def passages(count: int, seed: int = 0, words: int = 32) -> list[str]:
+    """License text from the disk, ``words`` words each: the answers users correct to."""
+    found = []
+    for name in LICENSES:
+        text = Path("/usr/share/common-licenses", name).read_text(errors="replace").split()
+        found += [" ".join(text[i:i + words]) for i in range(0, len(text) - words, words)]
+    random.Random(seed).shuffle(found)
+    return found[:count]
+
+
+async def corrected_traffic(url: str, prompts: list[str], corrections: list[str]) -> None:
+    semaphore = asyncio.Semaphore(4)
+
+    async def one(client: httpx.AsyncClient, prompt: str, correction: str) -> None:
+        async with semaphore:
+            resp = await client.post(f"{url}/v1/chat/completions", json={
+                "model": "support", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
+                "temperature": 0})
+            assert resp.status_code == 200, resp.text
+            assert resp.headers["x-loragate-variant"] == "v1"
+            fb = await client.post(f"{url}/v1/feedback", json={"request_id": resp.headers["x-request-id"],
+                                                               "score": 1.0, "correction": correction})
+            assert fb.status_code in (200, 202, 204), fb.text
+
+    async with httpx.AsyncClient(timeout=60) as client:
+        await asyncio.gather(*(one(client, p, c) for p, c in zip(prompts, corrections)))
+
+
+def healthz(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).json()
+
+
+def wait_for(what: str, check, timeout_s: float, logs: list[Path], every_s: float = 0.5):
+    """Until ``check()`` returns something; on time-out the tails of the logs (globs allowed) in the error."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every_s)
+    files = [f for p in logs for f in sorted(p.parent.glob(p.name))]
+    tails = "\n".join(f"--- {p}\n{p.read_text()[-2500:]}" for p in files)
+    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+
+
+def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
+    t0 = time.time()
+    registry, pipelines = tmp_path / "registry", tmp_path / "pipelines"
+    done = subprocess.run([sys.executable, "-m", "loragate", "adapters", "register", demo_model["adapters"]["a1"],
+                           "--registry", str(registry), "--name", "support", "--version", "v1", "--base-model",
+                           demo_model["base"], "--state", "stable"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    v1 = registry / "support" / "v1"
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(f"routes:\n  support:\n    variants:\n"
+                      f"      - {{name: v1, adapter: support-v1, path: '{v1}', weight: 100}}\n")
+    logdir = tmp_path / "requestlog"
+    gateway, url = start_gateway(routes, [engine], tmp_path / "gateway.log", extra_env={
+        "LORAGATE_REQUEST_LOG_URL": str(logdir), "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5"})
+    monitor_port = free_port()
+    prometheus = monitor = None
+    logs = [tmp_path / "monitor.log", tmp_path / "gateway.log", pipelines / "*.log"]
+    try:
+        prometheus, prom_url = start_prometheus({"gateway": [url.removeprefix("http://")],
+                                                 "monitor": [f"127.0.0.1:{monitor_port}"]}, tmp_path)
+        # The traffic shifts to a new topic; users correct every answer with a license passage.
+        asyncio.run(corrected_traffic(url, window(ROWS, seed=72, shifted=1.0), passages(ROWS)))
+        time.sleep(1.5)  # the request log and the feedback are flushed
+        t_traffic = time.time()
+
+        reference = tmp_path / "reference.jsonl"  # what v1 was made for: coding/AI questions
+        reference.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
+                                     for p in window(300, seed=7)))
+        config = tmp_path / "monitor.yaml"
+        config.write_text(json.dumps({
+            "request_log": str(logdir), "output_dir": str(tmp_path / "reports"), "prometheus_url": prom_url,
+            "state_file": str(tmp_path / "triggers.json"), "interval_s": 1, "port": monitor_port,
+            "adapter_registry": str(registry),
+            "checks": [{"route": "support", "variant": "v1", "window_s": 600, "reference": {"path": str(reference)},
+                        "policy": {"groups": ["inputs"], "consecutive_runs": 1, "cooldown_s": 3600},
+                        "actions": [
+                            {"type": "dataset", "location": str(tmp_path / "datasets")},
+                            {"type": "pipeline", "pipeline": {
+                                "registry": str(registry), "base_model": demo_model["base"],
+                                "state_dir": str(pipelines), "engines": [engine], "seed": 7,
+                                "train_args": [f"--lr={DEMO_LR}", "--epochs=20", "--max-steps=40",
+                                               "--held-out-share=0.25"],
+                                "rollout": {"steps": STEPS, "interval_s": 3, "judge": JUDGE}}}]}],
+            "rollouts": {"routes_file": str(routes), "state_file": str(tmp_path / "rollouts.json")},
+        }))
+        monitor = Service([sys.executable, "-m", "loragate", "monitor", "--config", str(config)],
+                          tmp_path / "monitor.log")
+        wait_http(f"http://127.0.0.1:{monitor_port}/healthz", monitor.process, 120, tmp_path / "monitor.log")
+
+        # Drift -> dataset -> pipeline run (train, gate) -> load -> route -> rollout started.
+        def rollout_started():
+            runs = healthz(monitor_port).get("pipelines") or []
+            if runs and runs[0]["outcome"] in ("rejected", "failed"):
+                raise AssertionError(f"pipeline ended {runs[0]}\n{(tmp_path / 'monitor.log').read_text()[-3000:]}\n"
+                                     + "".join(p.read_text()[-3000:] for p in pipelines.glob("*.log")))
+            return runs[0] if runs and runs[0]["outcome"] == "deployed" else None
+
+        run = wait_for("the pipeline to deploy v2", rollout_started, 420, logs, every_s=1)
+        version = run["version"].split("/")[1]
+        with LoadLoop(url, ["support"], concurrency=4, max_s=240) as load:
+            def promoted():
+                status = healthz(monitor_port).get("rollouts", {}).get("support", {})
+                if status.get("state") == "rolled_back":
+                    raise AssertionError(f"rolled back: {status}")
+                return status if status.get("state") == "promoted" else None
+
+            status = wait_for("the canary to be promoted", promoted, 240, logs)
+        t_end = time.time()
+        assert load.statuses[("support", 200)] > 0 and not [k for k in load.statuses if k[1] != 200], load.statuses
+
+        # --- the records ------------------------------------------------------------------------
+        moves = [(h["action"], h["weight"]) for h in status["history"] if h["action"] != "hold"]  # holds: data short
+        assert moves == [("step", 25), ("step", 50), ("promote", 100)], status["history"]
+        v2 = registry / "support" / version
+        card = read_card(v2)
+        assert card.parent == "support/v1" and card.state == "stable"
+        assert [h.state for h in card.history] == ["candidate", "canary", "stable"]
+        assert [(e.step, e.result) for e in card.events] == [("pipeline", "ok"), ("load", "ok"), ("route", "ok"),
+                                                            ("rollout", "ok")]
+        gate = card.evaluations[-1]
+        assert gate.verdict == "pass" and gate.ci_high <= gate.margin and gate.baseline == "support/v1"
+        assert card.data is not None and card.data.rows == ROWS and card.training is not None
+        assert card.training.steps == 40
+        exported = Path(card.data.location).read_text()
+        assert exported.count("\n") == ROWS and passages(1)[0].split()[0] in exported  # the corrections
+        assert read_card(v1).state == "retired"
+        # the final weights: v2 has everything; v1 (retired, weight 0) is left out of what the gateway serves
+        text = routes.read_text()
+        assert f"name: {version}" in text and f"card: {v2}" in text
+        served = {httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        ).headers["x-loragate-variant"] for _ in range(4)}
+        assert served == {version}
+
+        # --- the stage timings ------------------------------------------------------------------
+        state = json.loads(next(pipelines.glob("support-*[0-9].json")).read_text())
+        record = json.loads(next(pipelines.glob("*.monitor.json")).read_text())
+        dataset_at = Path(card.data.location).stat().st_mtime
+        timings = {
+            "traffic (80 corrected requests)": t_traffic - t0,
+            "drift flagged + export (from monitor start)": dataset_at - t_traffic,
+            "train": state["steps"]["train"]["finished"] - state["steps"]["train"]["started"],
+            "evaluate": state["steps"]["evaluate"]["finished"] - state["steps"]["evaluate"]["started"],
+            "load": record["steps"]["load"]["finished"] - record["steps"]["load"]["started"],
+            "route + rollout start": record["steps"]["rollout"]["finished"] - record["steps"]["route"]["started"],
+            "canary to promotion": status["history"][-1]["at"] - status["history"][0]["at"],
+            "total": t_end - t0,
+        }
+        print("\nloop scenario stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+        print(f"held-out NLL/token: v1 {gate.baseline_nll:.3f}, v2 {gate.candidate_nll:.3f}, "
+              f"delta {gate.delta:.3f} [{gate.ci_low:.3f}, {gate.ci_high:.3f}], {gate.examples} rows; "
+              f"training {card.training.tokens_per_s:.0f} tokens/s")
+    finally:
+        if monitor is not None:
+            monitor.stop()
+        if prometheus is not None:
+            prometheus.stop()
+        gateway.stop()
