@@ -194,6 +194,17 @@ async def test_approval_then_restart_resumes_without_repeating_steps(world, engi
     assert again.resume() == []  # nothing left to resume
 
 
+def test_monitor_config_needs_rollouts_and_prometheus_for_a_pipeline():
+    from loragate.monitoring.config import MonitorConfig
+
+    check = {"route": "support", "reference": {"path": "ref.jsonl"}, "actions": [
+        {"type": "dataset", "location": "/tmp/x"},
+        {"type": "pipeline", "pipeline": {"registry": "r", "base_model": "b", "state_dir": "s", "engines": ["http://e"]}}]}
+    with pytest.raises(ValueError, match=r"checks\.0\.actions\.1: a pipeline action .* needs a rollouts section"):
+        MonitorConfig(request_log="log", prometheus_url="http://p", checks=[check])
+    MonitorConfig(request_log="log", prometheus_url="http://p", checks=[check], rollouts={"routes_file": "r.yaml"})
+
+
 def test_config_names_the_bad_field():
     with pytest.raises(ValueError, match="pipeline action needs its pipeline: block"):
         ActionConfig(type="pipeline").build()
