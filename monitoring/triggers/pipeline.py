@@ -8,6 +8,7 @@ Steps, after the dataset action exported the window:
    step. Exit 3 (waiting for approval) and 4 (another run holds the route) are retried every
    ``approval_poll_s``; 1 (rejected by the gate) and 2 (failed) end the run, the route untouched.
 2. ``load``: ``POST /v1/load_lora_adapter`` on every engine replica (already loaded counts as done).
+   Here and before step 3 the files are verified against the card: a mismatch rejects the version.
 3. ``route``: the version is added to the route with weight 0 (the rollout controller's routes
    source), ``card:`` naming its registry card (the gateway checks it).
 4. ``rollout``: a rollout of the version over the route's stable variant is added to the rollout
@@ -33,7 +34,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from loragate.common.atomicio import atomic_write
 from loragate.common.catalog import CatalogError, parse_catalog
-from loragate.common.registry import AdapterCard, Registry, RegistryError, check_name
+from loragate.common.registry import (
+    AdapterCard,
+    CardMismatch,
+    Registry,
+    RegistryError,
+    check_name,
+    read_card,
+    verify,
+)
 from loragate.monitoring.triggers.action import ActionResult, TriggerContext
 
 if TYPE_CHECKING:
@@ -249,9 +258,25 @@ class PipelineAction:
                             record.route, record.name, record.version)
             await asyncio.sleep(self.settings.approval_poll_s)  # approval, or the route's lock held elsewhere
 
+    async def _check_card(self, record: RunRecord) -> str | None:
+        """The version's files against its card, before anything serves them; a mismatch rejects it for good."""
+        try:
+            await asyncio.to_thread(verify, read_card(record.card), record.card)
+        except CardMismatch as exc:
+            try:
+                Registry(self.settings.registry).transition(record.card, "rejected", by="loragate-pipeline",
+                                                            reason=str(exc))
+            except RegistryError as again:
+                log.error("pipeline %s: cannot reject %s: %s", record.route, record.card, again)
+            return str(exc)
+        return None
+
     async def _load(self, record: RunRecord) -> tuple[str | None, str]:
         import httpx
 
+        mismatch = await self._check_card(record)
+        if mismatch:
+            return "rejected", mismatch
         served = f"{record.name}-{record.version}"
         async with httpx.AsyncClient(timeout=self.settings.load_timeout_s) as client:
             for engine in self.settings.engines:
@@ -263,6 +288,9 @@ class PipelineAction:
 
     async def _route(self, record: RunRecord) -> tuple[str | None, str]:
         assert self.rollouts is not None
+        mismatch = await self._check_card(record)
+        if mismatch:
+            return "rejected", mismatch
         entry = {"name": record.version, "adapter": f"{record.name}-{record.version}", "path": record.card,
                  "card": record.card}
         added = await self.rollouts.add_variant(record.route, entry)

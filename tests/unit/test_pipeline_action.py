@@ -194,6 +194,28 @@ async def test_approval_then_restart_resumes_without_repeating_steps(world, engi
     assert again.resume() == []  # nothing left to resume
 
 
+async def test_weights_changed_after_the_gate_are_rejected_before_loading(world, engines, monkeypatch):
+    urls, calls = engines
+    wait = world["tmp"] / "wait"
+    wait.write_text("")
+    monkeypatch.setenv("STUB_WAIT", str(wait))
+    before = (world["tmp"] / "routes.yaml").read_text()
+    action = make_action(world, urls, make_controller(world), require_approval=True)
+    await action.run(context(world))
+    v2 = world["registry"].directory("support", "r42")
+    for _ in range(100):
+        await asyncio.sleep(0.05)
+        if action.records()[0].outcome == "waiting_approval":
+            break
+    world["registry"].approve(v2, by="test")
+    (v2 / "adapter_model.safetensors").write_bytes(b"changed after the gate")
+    wait.unlink()
+    record = await action.tasks["support"]
+    assert record.outcome == "rejected" and "changed after registration" in record.steps["load"].detail
+    assert calls == [] and (world["tmp"] / "routes.yaml").read_text() == before
+    assert read_card(v2).state == "rejected"
+
+
 def test_monitor_config_needs_rollouts_and_prometheus_for_a_pipeline():
     from loragate.monitoring.config import MonitorConfig
 
