@@ -115,6 +115,7 @@ def drift_command(args: argparse.Namespace) -> int:
         print(f"loragate drift: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if args.json:
+        assert result.json_path is not None  # written: --out always has a value
         print(Path(result.json_path).read_text())
     else:
         print(summary_text(result))
