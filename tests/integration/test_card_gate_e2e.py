@@ -36,21 +36,22 @@ def ask(url: str, model: str) -> tuple[int, dict, str]:
 
 
 def write_routes(path, v1, v2=None, v2_weight=0) -> None:
-    text = f"routes:\n  support:\n    variants:\n      - {{name: v1, adapter: support-v1, path: '{v1}', weight: 100}}\n"
+    text = f"routes:\n  support:\n    variants:\n      - {{name: v1, adapter: cardgate-v1, path: '{v1}', weight: 100}}\n"
     if v2 is not None:
-        text += f"      - {{name: v2, adapter: support-v2, card: '{v2}', path: '{v2}', weight: {v2_weight}}}\n"
+        text += f"      - {{name: v2, adapter: cardgate-v2, card: '{v2}', path: '{v2}', weight: {v2_weight}}}\n"
     path.write_text(text)
     os.utime(path, ns=(time.time_ns(), time.time_ns()))
 
 
 def test_gateway_refuses_cards_that_do_not_allow_traffic(engine, demo_model, tmp_path):
+    # Its own adapter names: on the shared engine a name stays bound to the path it was first loaded from.
     registry = tmp_path / "registry"
     adapters, base = demo_model["adapters"], demo_model["base"]
-    loragate("adapters", "register", adapters["a1"], "--registry", str(registry), "--name", "support",
+    loragate("adapters", "register", adapters["a1"], "--registry", str(registry), "--name", "cardgate",
              "--version", "v1", "--base-model", base, "--state", "stable")
-    loragate("adapters", "register", adapters["a2"], "--registry", str(registry), "--name", "support",
+    loragate("adapters", "register", adapters["a2"], "--registry", str(registry), "--name", "cardgate",
              "--version", "v2", "--base-model", base, "--state", "candidate")
-    v1, v2 = registry / "support" / "v1", registry / "support" / "v2"
+    v1, v2 = registry / "cardgate" / "v1", registry / "cardgate" / "v2"
     routes = tmp_path / "routes.yaml"
     write_routes(routes, v1)
     log = tmp_path / "gateway.log"
@@ -81,6 +82,6 @@ def test_gateway_refuses_cards_that_do_not_allow_traffic(engine, demo_model, tmp
         deadline = time.monotonic() + 20
         while "changed after registration" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.3)
-        assert "variants.0.path: support/v1: the weights" in log.read_text()
+        assert "variants.0.path: cardgate/v1: the weights" in log.read_text()
     finally:
         service.stop()

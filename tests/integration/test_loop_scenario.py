@@ -8,24 +8,30 @@ monitor flags input drift, its dataset action exports the window (corrections in
 answers), its pipeline action trains v2 from v1 (tiny demo model, --lr 3e-2, 40 steps), the gate
 compares it with v1 on the held-out split and passes it, then v2 is loaded on the engine, added to
 the route at weight 0 and canaried through every step by the rollout controller (judged from
-Prometheus) until it is promoted. The test asserts each step's record (pipeline state, the
-monitor's run record, the card) and the final weights, and prints the time of each stage.
+Prometheus) until it is promoted. The monitor is restarted twice on the way: while it trains and
+between two canary steps; nothing is repeated or lost. The test asserts each step's record
+(pipeline state, the monitor's run record, the card) and the final weights, and prints the time of
+each stage. A second test: the candidate's weights change after the gate and the approval; it is
+refused before loading and rejected, and v1 keeps serving everything.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Iterator
 
 import httpx
 import pytest
 
-from loragate.common.registry import read_card
+from loragate.common.registry import Registry, read_card
 from loragate.monitoring.topics import window
 from tests.integration.test_loop_train_eval import DEMO_LR, LICENSES
 from tests.integration.test_rollout_e2e import LoadLoop
@@ -83,23 +89,28 @@ def wait_for(what: str, check, timeout_s: float, logs: list[Path], every_s: floa
     raise AssertionError(f"timed out waiting for {what}\n{tails}")
 
 
-def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
+@contextlib.contextmanager
+def loop_world(engine: str, demo_model: dict, tmp_path: Path, name: str = "loop",
+               **pipeline: object) -> Iterator[SimpleNamespace]:
+    """NAME/v1 registered stable and serving route ``support`` through a gateway (request log on),
+    Prometheus scraping it and the monitor, the shifted and corrected traffic sent, then the monitor
+    started with a dataset and a pipeline action (``pipeline`` adds to its settings). Tests sharing
+    the engine use different names: an adapter name on the engine stays bound to its first path."""
     t0 = time.time()
     registry, pipelines = tmp_path / "registry", tmp_path / "pipelines"
     done = subprocess.run([sys.executable, "-m", "loragate", "adapters", "register", demo_model["adapters"]["a1"],
-                           "--registry", str(registry), "--name", "support", "--version", "v1", "--base-model",
+                           "--registry", str(registry), "--name", name, "--version", "v1", "--base-model",
                            demo_model["base"], "--state", "stable"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    v1 = registry / "support" / "v1"
+    v1 = registry / name / "v1"
     routes = tmp_path / "routes.yaml"
     routes.write_text(f"routes:\n  support:\n    variants:\n"
-                      f"      - {{name: v1, adapter: support-v1, path: '{v1}', weight: 100}}\n")
+                      f"      - {{name: v1, adapter: {name}-v1, path: '{v1}', weight: 100}}\n")
     logdir = tmp_path / "requestlog"
     gateway, url = start_gateway(routes, [engine], tmp_path / "gateway.log", extra_env={
         "LORAGATE_REQUEST_LOG_URL": str(logdir), "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5"})
     monitor_port = free_port()
     prometheus = monitor = None
-    logs = [tmp_path / "monitor.log", tmp_path / "gateway.log", pipelines / "*.log"]
     try:
         prometheus, prom_url = start_prometheus({"gateway": [url.removeprefix("http://")],
                                                  "monitor": [f"127.0.0.1:{monitor_port}"]}, tmp_path)
@@ -122,17 +133,58 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
                             {"type": "dataset", "location": str(tmp_path / "datasets")},
                             {"type": "pipeline", "pipeline": {
                                 "registry": str(registry), "base_model": demo_model["base"],
-                                "state_dir": str(pipelines), "engines": [engine], "seed": 7,
+                                "state_dir": str(pipelines), "engines": [engine], "seed": 7, "name": name,
                                 "train_args": [f"--lr={DEMO_LR}", "--epochs=20", "--max-steps=40",
                                                "--held-out-share=0.25"],
-                                "rollout": {"steps": STEPS, "interval_s": 3, "judge": JUDGE}}}]}],
+                                "rollout": {"steps": STEPS, "interval_s": 3, "judge": JUDGE}, **pipeline}}]}],
             "rollouts": {"routes_file": str(routes), "state_file": str(tmp_path / "rollouts.json")},
         }))
-        monitor = Service([sys.executable, "-m", "loragate", "monitor", "--config", str(config)],
-                          tmp_path / "monitor.log")
-        wait_http(f"http://127.0.0.1:{monitor_port}/healthz", monitor.process, 120, tmp_path / "monitor.log")
+        def start_monitor() -> Service:
+            started = Service([sys.executable, "-m", "loragate", "monitor", "--config", str(config)],
+                              tmp_path / "monitor.log")
+            wait_http(f"http://127.0.0.1:{monitor_port}/healthz", started.process, 120, tmp_path / "monitor.log")
+            return started
 
-        # Drift -> dataset -> pipeline run (train, gate) -> load -> route -> rollout started.
+        def restart_monitor() -> None:
+            """Stop the monitor (SIGTERM to its process group: its pipeline children too) and start it again."""
+            nonlocal monitor
+            assert monitor is not None
+            monitor.stop()
+            monitor = None
+            monitor = start_monitor()
+
+        monitor = start_monitor()
+        yield SimpleNamespace(restart_monitor=restart_monitor, t0=t0, t_traffic=t_traffic, registry=registry, pipelines=pipelines, v1=v1,
+                              routes=routes, url=url, monitor_port=monitor_port,
+                              logs=[tmp_path / "monitor.log", tmp_path / "gateway.log", pipelines / "*.log"])
+    finally:
+        if monitor is not None:
+            monitor.stop()
+        if prometheus is not None:
+            prometheus.stop()
+        gateway.stop()
+
+
+def served_variants(url: str, requests: int = 4) -> set[str]:
+    return {httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    ).headers["x-loragate-variant"] for _ in range(requests)}
+
+
+def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
+    with loop_world(engine, demo_model, tmp_path) as w:
+        t0, t_traffic, registry, pipelines, v1 = w.t0, w.t_traffic, w.registry, w.pipelines, w.v1
+        routes, url, monitor_port, logs = w.routes, w.url, w.monitor_port, w.logs
+
+        # Drift -> dataset -> pipeline run (train, gate): the monitor is restarted while it trains.
+        def training():
+            states = [json.loads(p.read_text()) for p in pipelines.glob("support-*[0-9].json")]
+            return states and states[0]["steps"]["train"]["status"] == "running"
+
+        wait_for("training to start", training, 240, logs, every_s=0.2)
+        time.sleep(2)
+        w.restart_monitor()
+        # -> load -> route -> rollout started.
         def rollout_started():
             runs = healthz(monitor_port).get("pipelines") or []
             if runs and runs[0]["outcome"] in ("rejected", "failed"):
@@ -149,6 +201,12 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
                     raise AssertionError(f"rolled back: {status}")
                 return status if status.get("state") == "promoted" else None
 
+            def second_step():
+                status = promoted() or healthz(monitor_port).get("rollouts", {}).get("support", {})
+                return status.get("weight", 0) >= 50
+
+            wait_for("the canary's second step", second_step, 240, logs)
+            w.restart_monitor()  # in the middle of the canary
             status = wait_for("the canary to be promoted", promoted, 240, logs)
         t_end = time.time()
         assert load.statuses[("support", 200)] > 0 and not [k for k in load.statuses if k[1] != 200], load.statuses
@@ -156,14 +214,15 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
         # --- the records ------------------------------------------------------------------------
         moves = [(h["action"], h["weight"]) for h in status["history"] if h["action"] != "hold"]  # holds: data short
         assert moves == [("step", 25), ("step", 50), ("promote", 100)], status["history"]
-        v2 = registry / "support" / version
+        v2 = registry / "loop" / version
         card = read_card(v2)
-        assert card.parent == "support/v1" and card.state == "stable"
+        assert card.parent == "loop/v1" and card.state == "stable"
         assert [h.state for h in card.history] == ["candidate", "canary", "stable"]
         assert [(e.step, e.result) for e in card.events] == [("pipeline", "ok"), ("load", "ok"), ("route", "ok"),
                                                             ("rollout", "ok")]
+        assert len(card.evaluations) == 1  # nothing repeated after the restarts
         gate = card.evaluations[-1]
-        assert gate.verdict == "pass" and gate.ci_high <= gate.margin and gate.baseline == "support/v1"
+        assert gate.verdict == "pass" and gate.ci_high <= gate.margin and gate.baseline == "loop/v1"
         assert card.data is not None and card.data.rows == ROWS and card.training is not None
         assert card.training.steps == 40
         exported = Path(card.data.location).read_text()
@@ -172,14 +231,15 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
         # the final weights: v2 has everything; v1 (retired, weight 0) is left out of what the gateway serves
         text = routes.read_text()
         assert f"name: {version}" in text and f"card: {v2}" in text
-        served = {httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-            "model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-        ).headers["x-loragate-variant"] for _ in range(4)}
-        assert served == {version}
+        # the gateway reloads the routes file every 0.5 s: then only v2 answers
+        wait_for("the gateway to serve v2 only", lambda: served_variants(url) == {version}, 20, logs)
 
         # --- the stage timings ------------------------------------------------------------------
         state = json.loads(next(pipelines.glob("support-*[0-9].json")).read_text())
         record = json.loads(next(pipelines.glob("*.monitor.json")).read_text())
+        assert state["steps"]["evaluate"]["attempts"] == 1 and state["steps"]["train"]["attempts"] in (1, 2)
+        assert record["outcome"] == "deployed"
+        print(f"train attempts {state['steps']['train']['attempts']} (monitor restarted while it trained)")
         dataset_at = Path(card.data.location).stat().st_mtime
         timings = {
             "traffic (80 corrected requests)": t_traffic - t0,
@@ -195,9 +255,33 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
         print(f"held-out NLL/token: v1 {gate.baseline_nll:.3f}, v2 {gate.candidate_nll:.3f}, "
               f"delta {gate.delta:.3f} [{gate.ci_low:.3f}, {gate.ci_high:.3f}], {gate.examples} rows; "
               f"training {card.training.tokens_per_s:.0f} tokens/s")
-    finally:
-        if monitor is not None:
-            monitor.stop()
-        if prometheus is not None:
-            prometheus.stop()
-        gateway.stop()
+
+
+def test_weights_changed_after_the_gate_are_refused_and_v1_keeps_serving(engine, demo_model, tmp_path):
+    """The same loop with a human approval; the candidate's weights change after the gate passed it
+    and after it was approved: the pipeline refuses to load it (sha256), rejects it, and nothing a
+    client sees changes."""
+    with loop_world(engine, demo_model, tmp_path, name="guarded", require_approval=True, approval_poll_s=2) as w:
+        before = w.routes.read_text()
+
+        def outcome(*wanted):
+            runs = healthz(w.monitor_port).get("pipelines") or []
+            return runs[0] if runs and runs[0]["outcome"] in wanted else None
+
+        run = wait_for("the gate to pass", lambda: outcome("waiting_approval", "failed", "rejected"), 420, w.logs)
+        assert run["outcome"] == "waiting_approval", run
+        v2 = w.registry / run["version"]
+        Registry(w.registry).approve(v2, by="test")
+        weights = v2 / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-8] + b"\x00" * 8)
+        run = wait_for("the pipeline to end", lambda: outcome("deployed", "failed", "rejected"), 60, w.logs)
+        assert run["outcome"] == "rejected" and run["steps"]["load"] == "failed", run
+        card = read_card(v2)
+        assert card.state == "rejected" and "changed after registration" in card.history[-1].reason
+        assert [(e.step, e.result) for e in card.events] == [("pipeline", "waiting"), ("pipeline", "ok"),
+                                                            ("load", "rejected")]
+        assert w.routes.read_text() == before and healthz(w.monitor_port)["rollouts"] == {}
+        models = {m["id"] for m in httpx.get(f"{engine}/v1/models", timeout=10).json()["data"]}
+        assert card.served_name not in models
+        assert served_variants(w.url, 6) == {"v1"}
+        assert read_card(w.v1).state == "stable"
