@@ -12,6 +12,13 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from loragate.monitoring.drift import DriftResult
+    from loragate.monitoring.sources import Window
 
 EXIT_OK, EXIT_DRIFT, EXIT_ERROR = 0, 1, 2
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -72,7 +79,7 @@ def add_monitor_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int)
 
 
-def _windows(args):
+def _windows(args: argparse.Namespace) -> tuple[Window, Window]:
     from loragate.monitoring.sources import Window, utc
 
     until = utc(args.until) if args.until else utc(time.time())
@@ -101,7 +108,7 @@ def drift_command(args: argparse.Namespace) -> int:
         if args.prometheus:
             prom = Prometheus(args.prometheus)
 
-            async def both():
+            async def both() -> list[pd.DataFrame]:
                 return await asyncio.gather(*(variant_series(prom, args.route, args.variant, w, step_s=args.prometheus_step,
                                                              rate_window=args.prometheus_rate_window)
                                               for w in (ref_window, current_window)))
@@ -122,7 +129,7 @@ def drift_command(args: argparse.Namespace) -> int:
     return EXIT_DRIFT if result.dataset_drift else EXIT_OK
 
 
-def summary_text(result) -> str:
+def summary_text(result: DriftResult) -> str:
     lines = [f"route={result.route} variant={result.variant or '*'} status={result.status} "
              f"reference_rows={result.reference_rows} current_rows={result.current_rows}"]
     if result.reason:

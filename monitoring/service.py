@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loragate.common.objectstore import S3Options
 from loragate.common.registry import AdapterInfoCollector, Registry
@@ -29,6 +29,9 @@ from loragate.monitoring.sources import RequestLog
 from loragate.monitoring.triggers.engine import Trigger
 from loragate.monitoring.triggers.pipeline import PipelineAction, PipelineMetrics
 from loragate.monitoring.triggers.state import TriggerState
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("loragate.monitor")
 
@@ -139,15 +142,15 @@ class Monitor:
             await asyncio.sleep(max(1.0, self.config.interval_s - (time.monotonic() - started)))
 
 
-def make_app(monitor: Monitor):
+def make_app(monitor: Monitor) -> web.Application:
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    async def metrics(_request):
+    async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(monitor.metrics.registry),
                             headers={"content-type": CONTENT_TYPE_LATEST})
 
-    async def healthz(_request):
+    async def healthz(_request: web.Request) -> web.Response:
         body: dict[str, Any] = {"status": "ok", "checks": monitor.last_results}
         if monitor.rollouts is not None:
             body["rollouts"] = monitor.rollouts.status()
