@@ -214,10 +214,14 @@ def rollout_command(args: argparse.Namespace) -> int:
     except (OSError, ValidationError, ValueError) as exc:
         print(f"loragate rollout: bad config {args.config}: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    if config.rollouts is None or not config.rollouts.canaries:
+    if config.rollouts is None:
         print(f"loragate rollout: {args.config} configures no rollouts", file=sys.stderr)
         return EXIT_ERROR
     controller = RolloutController(config.rollouts, None)
+    specs = controller.specs()  # the config's and those the pipeline action started (in the state file)
+    if not specs:
+        print(f"loragate rollout: {args.config} configures no rollouts and none was started", file=sys.stderr)
+        return EXIT_ERROR
     if args.action == "status":
         status = controller.status()
         if args.route:
@@ -228,7 +232,7 @@ def rollout_command(args: argparse.Namespace) -> int:
             for name, body in status.items():
                 print("\n".join(controller.explain(name, body)))
         return EXIT_OK
-    routes = [spec.route for spec in config.rollouts.canaries]
+    routes = [spec.route for spec in specs]
     route = args.route or (routes[0] if len(routes) == 1 else None)
     if route is None:
         print(f"loragate rollout: several rollouts ({', '.join(routes)}): pass --route", file=sys.stderr)

@@ -144,6 +144,24 @@ async def test_trigger_to_canary_then_promotion_moves_the_cards(world, engines):
     assert [h.state for h in read_card(v2).history] == ["candidate", "canary", "stable"]
 
 
+async def test_rollout_cli_sees_a_rollout_the_pipeline_started(world, engines, capsys):
+    import argparse
+
+    from loragate.monitoring.commands import rollout_command
+
+    urls, _ = engines
+    action = make_action(world, urls, make_controller(world))
+    await action.run(context(world))
+    await action.tasks["support"]
+    config = world["tmp"] / "monitor.json"
+    config.write_text(json.dumps({"request_log": "log", "rollouts": {
+        "routes_file": str(world["tmp"] / "routes.yaml"), "state_file": str(world["tmp"] / "rollouts.json")}}))
+    args = argparse.Namespace(config=str(config), action="rollback", route=None, reason="by hand", json=False)
+    assert await asyncio.to_thread(rollout_command, args) == 0
+    assert "support: rolled_back, r42 at 0%" in capsys.readouterr().out
+    assert read_card(world["registry"].directory("support", "r42")).state == "rejected"
+
+
 async def test_rollback_rejects_the_card_and_v1_serves_everything(world, engines):
     urls, _ = engines
     controller = make_controller(world)
