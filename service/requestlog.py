@@ -11,7 +11,8 @@ and each batch is turned into rows (service.logrows, in the shared schema of
 loragate.common.logschema) and handed to a store (service.logstore: Parquet, local
 or object store). Where that costly part runs is a setting: in one long-lived
 conversion process (``convert="process"``, the gateway's default: it keeps the
-parsing, scrubbing and encoding, 50-90 us a record, off the gateway's GIL) or in
+parsing, scrubbing and encoding, 35-70 us a record, off the gateway's GIL; every text of a
+batch is scrubbed in one call, service.logscrub) or in
 the writer thread itself (``"thread"``). ``close`` drains the queue, writes and
 ends the conversion process, so a graceful shutdown loses nothing; a crash loses
 at most what arrived since the last flush.
