@@ -152,6 +152,13 @@ class PipelineAction:
         for record in self._records():
             if record.route == route and record.outcome in ("running", "waiting_approval"):
                 return f"a pipeline for route {route} is unfinished ({self._path(record)})"
+        if self.rollouts is not None:
+            try:
+                rollout = self.rollouts.store.load().get(route)
+            except Exception as exc:  # an unreadable rollout state: no new version until it is fixed
+                return f"rollout state unreadable: {exc}"
+            if rollout is not None and rollout.state == "progressing":
+                return f"a rollout of {rollout.canary} over {rollout.stable} on route {route} is progressing"
         return None
 
     def _new_run(self, ctx: TriggerContext) -> RunRecord:

@@ -122,6 +122,8 @@ async def test_trigger_to_canary_then_promotion_moves_the_cards(world, engines):
     assert result.ok, result.detail
     assert not (await action.run(context(world))).ok  # one run per route
     record = await action.tasks["support"]
+    refused = await action.run(context(world))
+    assert not refused.ok and "rollout of r42 over v1 on route support is progressing" in refused.detail
     assert record.outcome == "deployed", record.steps
     assert [s.status for s in record.steps.values()] == ["done"] * 4
     # loaded on both replicas under NAME-VERSION from the registry directory
