@@ -175,7 +175,8 @@ class PipelineAction:
                 "--base-model", s.base_model, "--registry", s.registry, "--name", name, "--version", version,
                 "--stable", str(stable_dir), "--engine", s.evaluation_engine or s.engines[0], "--seed", str(s.seed),
                 *(["--require-approval"] if s.require_approval else []),
-                *[f"--train-arg={a}" for a in s.train_args], *[f"--evaluate-arg={a}" for a in s.evaluate_args]]
+                *[f"--train-arg={a}" for a in (*_lineage(ctx), *s.train_args)],
+                *[f"--evaluate-arg={a}" for a in s.evaluate_args]]
         return RunRecord(route=ctx.route, run_id=ctx.run_id, name=name, version=version,
                          card=str(registry.directory(name, version)), stable_card=str(stable_dir),
                          stable_variant=stable_variant, state_file=str(state_file), args=args)
@@ -355,3 +356,14 @@ def _stable_card(registry: Registry, name: str) -> AdapterCard:
         raise RegistryError(f"no stable version of {name!r} in {registry.location}: register one "
                             "(`loragate adapters register --state stable`) to train from")
     return max(stable, key=lambda c: max((h.at for h in c.history if h.state == "stable"), default=0.0))
+
+
+def _lineage(ctx: TriggerContext) -> list[str]:
+    """``loragate train`` flags that put the trigger behind this run into the card (data.trigger)."""
+    trigger: dict[str, Any] = {"run_id": ctx.run_id, "route": ctx.route, "variant": ctx.variant,
+                               "dataset": ctx.dataset_location}
+    if ctx.decision is not None:
+        trigger["reason"] = ctx.decision.reason
+    if ctx.result is not None:
+        trigger["report"] = ctx.result.json_path or ctx.result.html_path
+    return [f"--trigger={json.dumps(trigger)}"]

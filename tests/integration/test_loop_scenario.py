@@ -224,6 +224,8 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
         gate = card.evaluations[-1]
         assert gate.verdict == "pass" and gate.ci_high <= gate.margin and gate.baseline == "loop/v1"
         assert card.data is not None and card.data.rows == ROWS and card.training is not None
+        assert card.data.trigger is not None and "drift" in card.data.trigger["reason"].lower(), card.data.trigger
+        assert card.data.trigger["report"] and Path(card.data.trigger["report"]).is_file()
         assert card.training.steps == 40
         exported = Path(card.data.location).read_text()
         assert exported.count("\n") == ROWS and passages(1)[0].split()[0] in exported  # the corrections

@@ -130,6 +130,8 @@ async def test_trigger_to_canary_then_promotion_moves_the_cards(world, engines):
     assert [(i, b["lora_name"]) for i, b in calls] == [(0, "support-r42"), (1, "support-r42")]
     v2 = world["registry"].directory("support", "r42")
     assert calls[0][1]["lora_path"] == str(v2)
+    run_args = json.loads((world["tmp"] / "calls.jsonl").read_text().splitlines()[0])
+    assert any(a.startswith("--train-arg=--trigger=") and '"run_id": "42"' in a for a in run_args)
     # the route: v2 added with its card, at the first step; its card is canary
     assert weights(world) == {"v1": 90, "r42": 10, "base": 0}
     card = read_card(v2)
