@@ -128,12 +128,24 @@ def set_weights(text: str, route: str, weights: dict[str, float], source: str = 
             entry = {"name": BASE}
             variants.append(entry)
         entry["weight"] = _number(weight)
+    _end_shadow_of_primary(body, variants)
     new = _header(text) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
     try:
         parse_catalog(new, source)
     except CatalogError as exc:
         raise RolloutError(f"new weights would make the routes invalid: {exc}") from None
     return new
+
+
+def _end_shadow_of_primary(body: dict[str, Any], variants: list[Any]) -> None:
+    """A shadow whose variant now has the most weight is serving for real: its dark stage is over."""
+    shadow = body.get("shadow")
+    if not isinstance(shadow, dict):
+        return
+    weights = {v.get("name"): float(v.get("weight", 0) or 0) for v in variants if isinstance(v, dict)}
+    top = max(weights.values(), default=0.0)
+    if top > 0 and weights.get(shadow.get("variant")) == top:
+        del body["shadow"]
 
 
 def add_variant(text: str, route: str, entry: dict[str, Any], source: str = "<routes>") -> str:

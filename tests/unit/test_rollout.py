@@ -520,3 +520,12 @@ async def test_status_explains_the_last_analysis_check_by_check(tmp_path):
     checks = body["last_analysis"]["checks"]  # the same in /healthz and `status --json`
     assert checks["error_rate"]["upper"] > checks["error_rate"]["min_effect"] == 0.02
     assert json.loads(json.dumps(body))["last_analysis"]["checks"]["latency"]["test"].startswith("slower share")
+
+
+def test_a_shadowed_canary_that_becomes_primary_ends_its_shadow_stage():
+    shadowed = ROUTES.replace("    fallback: [v1, base]\n", "    fallback: [v1, base]\n    shadow: {variant: v2, percent: 10}\n")
+    still_small = yaml.safe_load(set_weights(shadowed, "support", {"v1": 75, "v2": 25}))["routes"]["support"]
+    assert still_small["shadow"]["variant"] == "v2"  # a canary's smaller share keeps its shadow copies
+    half = yaml.safe_load(set_weights(shadowed, "support", {"v1": 50, "v2": 50}))["routes"]["support"]
+    assert "shadow" not in half  # v2 is now a primary: the catalog would refuse it as a shadow
+    assert [(v["name"], v["weight"]) for v in half["variants"]] == [("v1", 50), ("v2", 50)]
