@@ -241,6 +241,7 @@ async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(t
     payload = json.loads(body)
     assert payload["route"] == "support" and payload["variant"] == "v1"
     assert payload["summary"]["status"] == "drift" and payload["report_location"].endswith(".html")
+    assert "inputs" in payload["summary"]["drifted_groups"]
     assert payload["reason"].startswith("drifted groups inputs")
     assert "inputs" in json.loads(open(payload["summary_location"]).read())["drifted_groups"]
     dataset = payload["dataset_location"]
