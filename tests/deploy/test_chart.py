@@ -88,6 +88,12 @@ def test_values_match_the_schema(values_file):
     {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 250]}]}},
     {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2",
                                "judge": {"error_rate": {"min_efect": 0.02}}}]}},  # typo: rejected
+    {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "pipeline"}]}]}},
+    {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "pipeline",
+        "pipeline": {"registry": "/r", "base_model": "/m", "state_dir": "/s", "engines": ["http://e:8000"],
+                     "rollout": {"canary": "v9"}}}]}]}},  # set by the pipeline
+    {"monitor": {"training": {"enabled": True, "registry": {"existingClaim": ""}}}},
+    {"monitor": {"training": {"gpus": 1}}},  # typo: rejected
 ])
 def test_schema_rejects_bad_values(bad):
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
@@ -249,8 +255,10 @@ def test_monitor_rbac_is_least_privilege(rendered):
         assert not roles and not by_kind(documents, "RoleBinding")
         return
     (role,) = roles
+    training = (values or {}).get("monitor", {}).get("training", {}).get("enabled", False)
+    job_verbs = ["create", "get", "list", "watch"] if training else ["create"]  # follows its training Jobs
     assert role["rules"] == [
-        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["create"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": job_verbs},
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["lg-loragate-routes"],
          "verbs": ["get", "patch"]},
     ]
@@ -319,8 +327,9 @@ def test_monitor_runs_the_real_cli_with_its_rendered_config(rendered):
     # Rollouts patch the routes ConfigMap the gateways mount, in the release namespace, which the
     # monitor's Role may get and patch; each rollout names a route and variants of the catalog.
     rollouts = monitor_values.get("rollouts") or []
-    assert (config.rollouts is not None) is bool(rollouts)
-    if rollouts:
+    pipelines = [a for c in config.checks for a in c.actions if a.type == "pipeline"]  # add rollouts at run time
+    assert (config.rollouts is not None) is bool(rollouts or pipelines)
+    if rollouts or pipelines:
         (routes_cm,) = [d for d in by_kind(documents, "ConfigMap") if d["metadata"]["name"] == "lg-loragate-routes"]
         source = config.rollouts.configmap
         assert (source.name, source.namespace, source.key) == ("lg-loragate-routes", "llm", "routes.yaml")
@@ -350,6 +359,14 @@ def test_monitor_runs_the_real_cli_with_its_rendered_config(rendered):
      "release namespace"),
     ({"monitor": {"prometheusUrl": "", "rollouts": [{"route": "support", "stable": "v1", "canary": "v2"}]}},
      "monitor.prometheusUrl"),
+    ({"requestLog": {"enabled": True, "url": "s3://b/p"}, "monitor": {
+      "checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [
+          {"type": "k8s_job", "template": "/etc/loragate/training-job.yaml", "namespace": "llm"}]}]}},
+     "monitor.training.enabled"),
+    ({"requestLog": {"enabled": True, "url": "s3://b/p"}, "monitor": {"prometheusUrl": "",
+      "checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "pipeline", "pipeline": {
+          "registry": "/r", "base_model": "/m", "state_dir": "/s", "engines": ["http://e:8000"]}}]}]}},
+     "check support: a pipeline action .* monitor.prometheusUrl"),
 ])
 def test_monitor_config_mistakes_fail_the_render(values, message):
     with pytest.raises(helm.HelmError, match=message):
@@ -420,3 +437,88 @@ def test_compose_and_dockerfile_set_only_real_gateway_settings():
     names |= set(re.findall(r"\b(LORAGATE_[A-Z_]+)=", dockerfile))
     unknown = {n for n in names if n.startswith("LORAGATE_") and n not in known}
     assert not unknown, unknown
+
+
+def test_training_job_template_runs_the_pipeline_on_a_gpu_with_the_monitor_image(tmp_path):
+    """monitor.training: the Job template in the monitor's ConfigMap, filled by the real k8s_job action
+    the rendered config builds, is a strictly valid batch/v1 Job: the monitor's image, `loragate
+    pipeline run` for the trigger's route/run/dataset, one GPU, the registry claim at the registry path
+    (also in the monitor, and read-only in the engine, where the gate loads the candidate from)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from loragate.monitoring.triggers.kube_job import KubernetesJobAction
+
+    values = _values(CHART / "ci" / "training-values.yaml")
+    training = values["monitor"]["training"]
+    documents = render(values)
+    deployment, configmap, config = _monitor(documents)
+    assert config.adapter_registry == "/registry"
+    (check,) = [c for c in config.checks if c.route == "support"]
+    job_action = check.actions[1]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[job_action.template]["subPath"] == "training-job.yaml" and "training-job.yaml" in configmap["data"]
+    assert mounts["/registry"]["name"] == "registry" and not mounts["/registry"].get("readOnly")
+
+    created = []
+    api = SimpleNamespace(create_namespaced_job=lambda ns, body: created.append((ns, body)) or body)
+    # The file the action reads in the pod is this ConfigMap key (mounted by subPath).
+    action = KubernetesJobAction(configmap["data"]["training-job.yaml"], job_action.namespace, api=api)
+    ctx = SimpleNamespace(route="support", variant="v1", run_id="20261201024500",
+                          dataset_location="/registry/datasets/support-20261201024500.jsonl",
+                          result=SimpleNamespace(html_path="/r.html", json_path="/r.json"))
+    assert asyncio.run(action.run(ctx)).ok
+    ((namespace, job),) = created
+    assert namespace == "llm" and job["kind"] == "Job" and job["apiVersion"] == "batch/v1"
+    assert job["metadata"]["generateName"] == "lg-loragate-train-"
+    assert job["metadata"]["labels"]["loragate.io/route"] == "support"
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**job, "metadata": {**job["metadata"], "name": "lg-loragate-train-x",
+                                                        "namespace": "llm"}}))
+    for version in ("1.30.0", "1.37.0"):
+        result = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (train,) = pod["containers"]
+    assert train["image"] == container["image"]  # the monitor's image
+    assert train["securityContext"]["readOnlyRootFilesystem"] is True
+    assert train["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["nodeSelector"] == training["nodeSelector"]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert train["command"] == ["loragate"]
+    assert train["args"] == [
+        "pipeline", "run", "--state-file=/registry/pipelines/support-20261201024500.json", "--route=support",
+        "--dataset=/registry/datasets/support-20261201024500.jsonl", "--base-model=/models/llama-3.1-8b-instruct",
+        "--registry=/registry", "--name=support", "--version=r20261201024500", "--stable=/registry/support/v1",
+        "--engine=http://lg-loragate-engine-0.lg-loragate-engine.llm.svc:8000", "--train-arg=--epochs=2"]
+    # The same command line parses with the real CLI.
+    import argparse
+
+    from loragate.pipeline.commands import add_pipeline_arguments
+
+    parser = argparse.ArgumentParser(prog="loragate")
+    add_pipeline_arguments(parser.add_subparsers(dest="command").add_parser("pipeline"))
+    parsed = parser.parse_args(train["args"])
+    assert (parsed.route, parsed.version, parsed.train_arg) == ("support", "r20261201024500", ["--epochs=2"])
+    job_mounts = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}
+    claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
+    assert claims[job_mounts["/registry"]] == "loragate-registry" and claims[job_mounts["/models"]] == "loragate-models"
+    assert job_mounts["/tmp"] == "tmp"
+    # The dataset the monitor exports lands on the registry claim the Job mounts.
+    assert check.actions[0].location.startswith("/registry/")
+
+    (engine,) = [d for d in by_kind(documents, "StatefulSet") if d["metadata"]["name"] == "lg-loragate-engine"]
+    engine_spec = engine["spec"]["template"]["spec"]
+    vllm_mounts = {m["mountPath"]: m for m in engine_spec["containers"][0]["volumeMounts"]}
+    assert vllm_mounts["/registry"]["readOnly"] is True
+    (registry,) = [v for v in engine_spec["volumes"] if v["name"] == vllm_mounts["/registry"]["name"]]
+    assert registry["persistentVolumeClaim"] == {"claimName": "loragate-registry", "readOnly": True}
+    # Without training: no template, no registry anywhere.
+    default = render()
+    _, default_cm, default_config = _monitor(default)
+    assert "training-job.yaml" not in default_cm["data"] and default_config.adapter_registry is None

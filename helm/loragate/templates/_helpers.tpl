@@ -150,6 +150,7 @@ envFrom:
 {{- if and $m.checks (not .Values.requestLog.enabled) }}
 {{- fail "monitor.checks read the request log: set requestLog.enabled (with requestLog.url or requestLog.existingClaim)" }}
 {{- end }}
+{{- $pipelines := list }}
 {{- range $check := $m.checks }}
 {{- range $action := $check.actions | default list }}
 {{- if and (eq $action.type "webhook") (not $m.webhookSecret.existingSecret) }}
@@ -160,6 +161,12 @@ envFrom:
 {{- end }}
 {{- if and (eq $action.type "k8s_job") (ne ($action.namespace | default "default") $.Release.Namespace) }}
 {{- fail (printf "check %s: k8s_job namespace must be %s (the monitor's Role creates Jobs in the release namespace only)" $check.route $.Release.Namespace) }}
+{{- end }}
+{{- if and (eq $action.type "k8s_job") (eq (toString $action.template) "/etc/loragate/training-job.yaml") (not $m.training.enabled) }}
+{{- fail (printf "check %s: the k8s_job action uses /etc/loragate/training-job.yaml: set monitor.training.enabled" $check.route) }}
+{{- end }}
+{{- if eq $action.type "pipeline" }}
+{{- $pipelines = append $pipelines $check.route }}
 {{- end }}
 {{- if and (eq $action.type "k8s_job") (eq (toString $action.template) "/etc/loragate/retrain-job.yaml") (not $m.retrainJobTemplate) }}
 {{- fail (printf "check %s: the k8s_job action uses /etc/loragate/retrain-job.yaml: set monitor.retrainJobTemplate" $check.route) }}
@@ -172,12 +179,18 @@ envFrom:
 {{- with $m.prometheusUrl }}
 {{- $_ := set $config "prometheus_url" . }}
 {{- end }}
-{{- if $m.rollouts }}
+{{- with (include "loragate.adapterRegistry" .) }}
+{{- $_ := set $config "adapter_registry" . }}
+{{- end }}
+{{- if and $pipelines (not $m.prometheusUrl) }}
+{{- fail (printf "check %s: a pipeline action rolls the new version out (canary analysis from Prometheus): set monitor.prometheusUrl" (first $pipelines)) }}
+{{- end }}
+{{- if or $m.rollouts $pipelines }}
 {{- if not $m.prometheusUrl }}
 {{- fail "monitor.rollouts analyse canaries from Prometheus: set monitor.prometheusUrl" }}
 {{- end }}
 {{- $source := dict "name" (include "loragate.routesConfigMap" .) "namespace" .Release.Namespace "key" "routes.yaml" }}
-{{- $_ := set $config "rollouts" (dict "configmap" $source "state_file" (printf "%s/rollouts.json" $m.dataDir) "canaries" $m.rollouts) }}
+{{- $_ := set $config "rollouts" (dict "configmap" $source "state_file" (printf "%s/rollouts.json" $m.dataDir) "canaries" ($m.rollouts | default list)) }}
 {{- end }}
 {{- toYaml $config }}
 {{- end }}
@@ -187,4 +200,104 @@ envFrom:
 {{- with .Values.monitor.persistence }}
 {{- if .enabled }}{{ .existingClaim | default (printf "%s-monitor" (include "loragate.fullname" $)) }}{{ end }}
 {{- end }}
+{{- end }}
+
+{{/* The adapter registry the monitor reads cards from ("" when none). */}}
+{{- define "loragate.adapterRegistry" -}}
+{{- $m := .Values.monitor }}
+{{- $m.adapterRegistry | default (ternary $m.training.registry.mountPath "" $m.training.enabled) }}
+{{- end }}
+
+{{/* The training Job template (batch/v1) for k8s_job actions: `loragate pipeline run` (train -> gate)
+with the monitor's image on a GPU node; ${route}, ${run_id}, ${dataset} are filled by the monitor. */}}
+{{- define "loragate.trainingJob" -}}
+{{- $t := .Values.monitor.training }}
+{{- $reg := $t.registry.mountPath }}
+{{- $image := $t.image.repository | default .Values.image.monitor.repository }}
+{{- $tag := $t.image.tag | default .Values.image.monitor.tag | default .Chart.AppVersion }}
+{{- $engine := printf "%s-engine" (include "loragate.fullname" .) }}
+{{- $evaluation := $t.evaluationEngine | default (printf "http://%s-0.%s.%s.svc:%v" $engine $engine .Release.Namespace .Values.engine.port) }}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  generateName: {{ include "loragate.fullname" . }}-train-
+  labels:
+    {{- include "loragate.componentLabels" (list . "training") | nindent 4 }}
+spec:
+  backoffLimit: {{ $t.backoffLimit }}
+  activeDeadlineSeconds: {{ $t.activeDeadlineSeconds }}
+  ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
+  template:
+    metadata:
+      labels:
+        {{- include "loragate.componentLabels" (list . "training") | nindent 8 }}
+    spec:
+      restartPolicy: Never
+      automountServiceAccountToken: false
+      {{- with .Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- include "loragate.podSecurityContext" . | nindent 8 }}
+      containers:
+        - name: train
+          image: "{{ $image }}:{{ $tag }}"
+          imagePullPolicy: {{ .Values.image.pullPolicy }}
+          command: ["loragate"]
+          args:
+            - pipeline
+            - run
+            - --state-file={{ $reg }}/pipelines/${route}-${run_id}.json
+            - --route=${route}
+            - --dataset=${dataset}
+            - --base-model={{ $t.baseModel }}
+            - --registry={{ $reg }}
+            - --name=${route}
+            - --version=r${run_id}
+            - --stable={{ $reg }}/${route}/{{ $t.stable }}
+            - --engine={{ $evaluation }}
+            {{- range $t.extraArgs }}
+            - {{ . | quote }}
+            {{- end }}
+          env:
+            - {name: HOME, value: /tmp}
+            - {name: HF_HOME, value: /tmp/hf}
+            {{- range $key, $value := $t.env }}
+            - {name: {{ $key }}, value: {{ $value | quote }}}
+            {{- end }}
+          resources:
+            {{- toYaml $t.resources | nindent 12 }}
+          securityContext:
+            {{- include "loragate.containerSecurityContext" . | nindent 12 }}
+          volumeMounts:
+            - {name: registry, mountPath: {{ $reg }}}
+            {{- if $t.models.existingClaim }}
+            - {name: models, mountPath: {{ $t.models.mountPath }}, readOnly: true}
+            {{- end }}
+            - {name: tmp, mountPath: /tmp}
+      volumes:
+        - name: registry
+          persistentVolumeClaim:
+            claimName: {{ $t.registry.existingClaim }}
+        {{- if $t.models.existingClaim }}
+        - name: models
+          persistentVolumeClaim:
+            claimName: {{ $t.models.existingClaim }}
+            readOnly: true
+        {{- end }}
+        - name: tmp
+          emptyDir: {sizeLimit: 20Gi}
+      {{- with $t.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $t.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $t.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
 {{- end }}
