@@ -2,6 +2,8 @@
 # loragate images. Two targets, both small and non-root:
 #   docker build --target gateway -t loragate-gateway .   (light deps only: pip install .; see GATEWAY_EXTRAS)
 #   docker build --target monitor -t loragate-monitor .   (pip install .[monitor]: Evidently, pandas, pyarrow)
+#   docker build --target monitor --build-arg MONITOR_EXTRAS=monitor,train -t loragate-trainer .
+#     (the same image able to run `loragate train|pipeline run`, the chart's training Job: adds torch/peft)
 # The vLLM engine runs from the official vllm/vllm-openai image; it is not built here.
 # No secrets are baked in: API keys and the admin token come from the environment at run time.
 
@@ -23,7 +25,8 @@ ARG GATEWAY_EXTRAS=""
 RUN /opt/loragate/bin/pip install --no-cache-dir ".${GATEWAY_EXTRAS:+[$GATEWAY_EXTRAS]}"
 
 FROM build AS build-monitor
-RUN /opt/loragate/bin/pip install --no-cache-dir ".[monitor]"
+ARG MONITOR_EXTRAS="monitor"
+RUN /opt/loragate/bin/pip install --no-cache-dir ".[${MONITOR_EXTRAS}]"
 
 FROM python:3.11-slim-bookworm AS runtime
 ENV PATH=/opt/loragate/bin:$PATH \

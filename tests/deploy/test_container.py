@@ -38,7 +38,9 @@ def test_dockerfile_targets_run_as_non_root_with_healthchecks():
     gateway = text.split(" AS build-gateway\n", 1)[1].split("\nFROM ", 1)[0]
     assert 'ARG GATEWAY_EXTRAS=""' in gateway, "the gateway image gets the light deps only by default"
     assert 'pip install --no-cache-dir ".${GATEWAY_EXTRAS:+[$GATEWAY_EXTRAS]}"' in gateway
-    assert 'pip install --no-cache-dir ".[monitor]"' in text
+    monitor = text.split(" AS build-monitor\n", 1)[1].split("\nFROM ", 1)[0]
+    assert 'ARG MONITOR_EXTRAS="monitor"' in monitor, "the monitor image: Evidently etc., no torch by default"
+    assert 'pip install --no-cache-dir ".[${MONITOR_EXTRAS}]"' in monitor
     assert not re.search(r"(?i)(password|secret|token|api_key)\s*=", text)
     ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
     assert ignore[0] == "*", "the build context is an allow-list"
