@@ -4,6 +4,7 @@ adapters, train, evaluate and pipeline."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 DEMO_DIR = Path(".demo")
@@ -59,23 +61,23 @@ def main(argv: list[str] | None = None) -> int:
     from loragate.monitoring.commands import add_drift_arguments, add_monitor_arguments  # light: no pandas/evidently
 
     add_drift_arguments(p)
-    p.set_defaults(run=_drift)
+    p.set_defaults(run=_lazy("loragate.monitoring.commands", "drift_command"))
 
     p = commands.add_parser("monitor", help="the drift monitor: scheduled checks, retraining triggers, /metrics")
     add_monitor_arguments(p)
-    p.set_defaults(run=_monitor)
+    p.set_defaults(run=_lazy("loragate.monitoring.commands", "monitor_command"))
 
     p = commands.add_parser("rollout", help="a rollout's status, or promote / roll back by hand")
     from loragate.monitoring.commands import add_rollout_arguments
 
     add_rollout_arguments(p)
-    p.set_defaults(run=_rollout)
+    p.set_defaults(run=_lazy("loragate.monitoring.commands", "rollout_command"))
 
     p = commands.add_parser("shadow", help="shadow traffic: compare shadow answers with the primary's (report)")
     from loragate.monitoring.shadowcli import add_shadow_arguments
 
     add_shadow_arguments(p)
-    p.set_defaults(run=_shadow)
+    p.set_defaults(run=_lazy("loragate.monitoring.shadowcli", "shadow_command"))
 
     from loragate.pipeline.commands import (
         add_adapters_arguments,
@@ -86,70 +88,31 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("adapters", help="the adapter registry: list, show, retire, approve, register")
     add_adapters_arguments(p)
-    p.set_defaults(run=_adapters)
+    p.set_defaults(run=_lazy("loragate.pipeline.commands", "adapters_command"))
 
     p = commands.add_parser("train", help="LoRA fine-tune on a chat JSONL dataset; registers a candidate version")
     add_train_arguments(p)
-    p.set_defaults(run=_train)
+    p.set_defaults(run=_lazy("loragate.pipeline.commands", "train_command"))
 
     p = commands.add_parser("evaluate", help="the evaluation gate: candidate vs baseline on the real engine")
     add_evaluate_arguments(p)
-    p.set_defaults(run=_evaluate)
+    p.set_defaults(run=_lazy("loragate.pipeline.commands", "evaluate_command"))
 
     p = commands.add_parser("pipeline", help="train -> evaluate -> approval for one route, resumable")
     add_pipeline_arguments(p)
-    p.set_defaults(run=_pipeline)
+    p.set_defaults(run=_lazy("loragate.pipeline.commands", "pipeline_command"))
 
     args = parser.parse_args(argv)
     return args.run(args) or 0
 
 
-def _adapters(args: argparse.Namespace) -> int:
-    from loragate.pipeline.commands import adapters_command
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The command ``name`` of ``module``, imported when it runs: `loragate serve` loads no pandas or torch."""
+    def run(args: argparse.Namespace) -> int:
+        command: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
+        return command(args)
 
-    return adapters_command(args)
-
-
-def _train(args: argparse.Namespace) -> int:
-    from loragate.pipeline.commands import train_command
-
-    return train_command(args)
-
-
-def _evaluate(args: argparse.Namespace) -> int:
-    from loragate.pipeline.commands import evaluate_command
-
-    return evaluate_command(args)
-
-
-def _pipeline(args: argparse.Namespace) -> int:
-    from loragate.pipeline.commands import pipeline_command
-
-    return pipeline_command(args)
-
-
-def _drift(args: argparse.Namespace) -> int:
-    from loragate.monitoring.commands import drift_command
-
-    return drift_command(args)
-
-
-def _monitor(args: argparse.Namespace) -> int:
-    from loragate.monitoring.commands import monitor_command
-
-    return monitor_command(args)
-
-
-def _rollout(args: argparse.Namespace) -> int:
-    from loragate.monitoring.commands import rollout_command
-
-    return rollout_command(args)
-
-
-def _shadow(args: argparse.Namespace) -> int:
-    from loragate.monitoring.shadowcli import shadow_command
-
-    return shadow_command(args)
+    return run
 
 
 def _demo_model(args: argparse.Namespace) -> int:

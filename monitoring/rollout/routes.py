@@ -111,14 +111,7 @@ def set_weights(text: str, route: str, weights: dict[str, float], source: str = 
     Every other route, variant and field stays as it was (comments other than the file's header
     are lost: PyYAML does not keep them). The result is validated before it is returned.
     """
-    try:
-        parse_catalog(text, source)
-    except CatalogError as exc:
-        raise RolloutError(f"the routes source is invalid now; not touching it: {exc}") from None
-    data = yaml.safe_load(text)
-    body = data["routes"].get(route)
-    if not isinstance(body, dict) or not isinstance(body.get("variants"), list):
-        raise RolloutError(f"{source}: no route {route!r}")
+    data, body = _route_body(text, route, source)
     variants = body["variants"]
     for name, weight in weights.items():
         entry = next((v for v in variants if isinstance(v, dict) and v.get("name") == name), None)
@@ -129,11 +122,29 @@ def set_weights(text: str, route: str, weights: dict[str, float], source: str = 
             variants.append(entry)
         entry["weight"] = _number(weight)
     _end_shadow_of_primary(body, variants)
+    return _dump_checked(text, data, source, "new weights")
+
+
+def _route_body(text: str, route: str, source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The parsed routes YAML and ``route``'s mapping in it, refusing a source that is invalid now."""
+    try:
+        parse_catalog(text, source)
+    except CatalogError as exc:
+        raise RolloutError(f"the routes source is invalid now; not touching it: {exc}") from None
+    data = yaml.safe_load(text)
+    body = data["routes"].get(route)
+    if not isinstance(body, dict) or not isinstance(body.get("variants"), list):
+        raise RolloutError(f"{source}: no route {route!r}")
+    return data, body
+
+
+def _dump_checked(text: str, data: dict[str, Any], source: str, change: str) -> str:
+    """``data`` as routes YAML under ``text``'s header, validated before anyone writes it."""
     new = _header(text) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
     try:
         parse_catalog(new, source)
     except CatalogError as exc:
-        raise RolloutError(f"new weights would make the routes invalid: {exc}") from None
+        raise RolloutError(f"{change} would make the routes invalid: {exc}") from None
     return new
 
 
@@ -154,14 +165,7 @@ def add_variant(text: str, route: str, entry: dict[str, Any], source: str = "<ro
     Adding a variant that is already there with the same fields is a no-op (a replayed step);
     the same name with other fields is refused. The result is validated before it is returned.
     """
-    try:
-        parse_catalog(text, source)
-    except CatalogError as exc:
-        raise RolloutError(f"the routes source is invalid now; not touching it: {exc}") from None
-    data = yaml.safe_load(text)
-    body = data["routes"].get(route)
-    if not isinstance(body, dict) or not isinstance(body.get("variants"), list):
-        raise RolloutError(f"{source}: no route {route!r}")
+    data, body = _route_body(text, route, source)
     entry = {**entry, "weight": 0}
     found = next((v for v in body["variants"] if isinstance(v, dict) and v.get("name") == entry["name"]), None)
     if found is not None:
@@ -169,12 +173,7 @@ def add_variant(text: str, route: str, entry: dict[str, Any], source: str = "<ro
             raise RolloutError(f"{source}: route {route!r} already has another variant named {entry['name']!r}")
         return text
     body["variants"].append(entry)
-    new = _header(text) + yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=120)
-    try:
-        parse_catalog(new, source)
-    except CatalogError as exc:
-        raise RolloutError(f"adding variant {entry['name']!r} would make the routes invalid: {exc}") from None
-    return new
+    return _dump_checked(text, data, source, f"adding variant {entry['name']!r}")
 
 
 def current_weights(text: str, route: str) -> dict[str, float]:
