@@ -42,20 +42,12 @@ init = function(args)
     {["Content-Type"] = "application/json", ["Authorization"] = "Bearer %(key)s"}, body)
 end
 request = function() return req end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,"write":%%d,"status":%%d,' ..
-    '"timeout":%%d,"p50_us":%%d,"p90_us":%%d,"p99_us":%%d,"mean_us":%%.1f,"max_us":%%d}\\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max))
-end
 """
 
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from bench.overhead import pinned, run_wrk, tree_cpu_s
+    from bench.overhead import WRK_DONE, pinned, run_wrk, tree_cpu_s
     from loragate.service.auth import hash_key, new_key
     from loragate.service.limits import LUA_BUCKETS
     from tests.processes import Service, free_port, wait_http
@@ -84,7 +76,7 @@ def main() -> int:
     body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "My order has not arrived."}],
                        "max_tokens": 16})
     script = work / "bench.lua"
-    script.write_text(WRK_SCRIPT % {"body": body, "key": key})
+    script.write_text((WRK_SCRIPT + WRK_DONE) % {"body": body, "key": key})
 
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
     services: list = []

@@ -61,6 +61,18 @@ routes:
       reference_completion_per_1k: 0.0006
 """
 
+# What every wrk run prints at its end: one JSON line that run_wrk reads.
+WRK_DONE = """\
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,"write":%%d,"status":%%d,' ..
+    '"timeout":%%d,"p50_us":%%d,"p90_us":%%d,"p99_us":%%d,"mean_us":%%.1f,"max_us":%%d}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max))
+end
+"""
+
 # One pre-formatted request per sticky user, cycled: wrk spends no time building requests.
 WRK_SCRIPT = """\
 local body = [[%(body)s]]
@@ -77,15 +89,7 @@ request = function()
   i = i %% users + 1
   return reqs[i]
 end
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRKJSON {"requests":%%d,"duration_us":%%d,"connect":%%d,"read":%%d,"write":%%d,"status":%%d,' ..
-    '"timeout":%%d,"p50_us":%%d,"p90_us":%%d,"p99_us":%%d,"mean_us":%%.1f,"max_us":%%d}\\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean, latency.max))
-end
-"""
+""" + WRK_DONE
 
 
 def request_body(stream: bool) -> bytes:
