@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Iterable, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
+from loragate.common.atomicio import atomic_write
 from loragate.common.jsonable import finite
 from loragate.monitoring.textdrift import ContentDrift, content_drift
 
@@ -514,44 +515,56 @@ def _finish(result: DriftResult, out_dir, stem: str, snapshot, started: float) -
         out.mkdir(parents=True, exist_ok=True)
         if snapshot is not None or result.content:
             html = out / f"{stem}.html"
-            if snapshot is not None:
-                snapshot.save_html(str(html))
-            else:
-                html.write_text("<html><body></body></html>")
-            _append_section(html, _groups_section(result) + _content_section(result.content))
+            sections = _groups_section(result) + _content_section(result.content)
             if result.prometheus:
-                _append_series_table(html, result.prometheus)
+                sections += _series_section(result.prometheus)
+            _write_html(html, snapshot, sections)
             result.html_path = str(html)
         result.json_path = str(out / f"{stem}.json")
     result.duration_s = time.perf_counter() - started
     if result.json_path:
-        Path(result.json_path).write_text(json.dumps(finite(result.to_dict()), indent=2))
+        atomic_write(Path(result.json_path), json.dumps(finite(result.to_dict()), indent=2))
     return result
 
 
-def _append_series_table(html: Path, series: list[SeriesComparison]) -> None:
+def _write_html(html: Path, snapshot, sections: str) -> None:
+    """Evidently's report with loragate's own sections on top (its verdict, not Evidently's pooled
+    dataset banner, is the one that counts), written whole: a reader never sees half a report."""
+    text = "<html><body></body></html>"
+    if snapshot is not None:
+        scratch = html.with_name(html.name + ".evidently.tmp")
+        try:
+            snapshot.save_html(str(scratch))
+            text = scratch.read_text()
+        finally:
+            scratch.unlink(missing_ok=True)
+    body = re.search(r"<body[^>]*>", text)
+    at = body.end() if body else 0
+    atomic_write(html, text[:at] + sections + text[at:])
+
+
+def _series_section(series: list[SeriesComparison]) -> str:
     def cell(v):
         return "" if v is None else f"{v:.6g}"
 
     rows = "".join(
         f"<tr><td>{s.series}</td><td>{cell(s.reference_mean)}</td><td>{cell(s.current_mean)}</td>"
         f"<td>{cell(s.ratio)}</td><td>{s.reference_points}/{s.current_points}</td></tr>" for s in series)
-    table = ("<section style='font-family:sans-serif;margin:24px'><h3>Prometheus series (mean per step)</h3>"
-             "<table border=1 cellpadding=4><tr><th>series</th><th>reference</th><th>current</th>"
-             f"<th>ratio</th><th>points</th></tr>{rows}</table></section>")
-    _append_section(html, table)
-
-
-def _append_section(html: Path, section: str) -> None:
-    text = html.read_text()
-    html.write_text(text.replace("</body>", section + "</body>", 1) if "</body>" in text else text + section)
+    return ("<section style='font-family:sans-serif;margin:24px'><h3>Prometheus series (mean per step)</h3>"
+            "<table border=1 cellpadding=4><tr><th>series</th><th>reference</th><th>current</th>"
+            f"<th>ratio</th><th>points</th></tr>{rows}</table></section>")
 
 
 def _groups_section(result: DriftResult) -> str:
     rows = "".join(
         f"<tr><td>{g.group}</td><td><b>{g.status}</b></td><td>{escape(g.reason)}</td>"
         f"<td>{escape(', '.join(g.drifted_features)) or '-'}</td></tr>" for g in result.groups)
-    return ("<section style='font-family:sans-serif;margin:24px'><h3>Verdict per signal group</h3>"
+    drifted = ", ".join(g.group for g in result.groups if g.status == "drift")
+    verdict = f"drift in {drifted}" if drifted else "no drift"
+    return ("<section style='font-family:sans-serif;margin:24px'>"
+            f"<h2>loragate verdict: {escape(verdict)}</h2>"
+            "<p>Per signal group, below; Evidently's pooled &quot;Dataset Drift&quot; banner further down "
+            "counts every column alike and is not the verdict.</p><h3>Verdict per signal group</h3>"
             "<table border=1 cellpadding=4><tr><th>group</th><th>status</th><th>why</th><th>drifted</th></tr>"
             f"{rows}</table></section>")
 
