@@ -26,6 +26,7 @@ class Served:
     first_chunk: bytes = b""  # streams: the first bytes, read before the client saw anything
     body: bytes = b""  # non-streaming answers: read whole before the client saw anything
     usage: Usage | None = None  # ... and the usage found in it
+    sent: bytes = b""  # the request as sent to this upstream (JSON), for the request log
 
 
 @dataclass(slots=True)
@@ -37,5 +38,6 @@ class RequestContext:
     arrived: float  # wall clock, for the log
     started: float  # perf counter, for durations
     payload: dict
+    sent: bytes = b""  # the payload as sent upstream (the served exchange's ``Served.sent``): what the log keeps
     principal: Principal = ANONYMOUS  # charged with the tokens after the answer
     shadow: "ShadowHandle | None" = None  # its shadow copy, told when the primary is done (service/shadow.py)

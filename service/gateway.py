@@ -135,7 +135,7 @@ class Gateway:
             headers["x-loragate-fallback"] = served.fallback
 
         # 4. Relay the answer and account for it.
-        context = RequestContext(endpoint, request_id, arrived, started, payload, principal, shadow)
+        context = RequestContext(endpoint, request_id, arrived, started, payload, served.sent, principal, shadow)
         if stream and served.response.status == 200:
             return RelayedStream(self, served, headers, context, hide_usage=not client_wants_usage)
         self.release(served)
@@ -227,10 +227,11 @@ class Gateway:
             sock_read=timeouts.first_token_s if stream else None,
         )
         response = None
+        sent = orjson.dumps(payload)
         try:
             response = await self.upstream(
                 f"{replica.url}/{endpoint}" if replica.external else f"{replica.url}/v1/{endpoint}",
-                orjson.dumps(payload), request_id=request_id, is_adapter=variant.adapter is not None,
+                sent, request_id=request_id, is_adapter=variant.adapter is not None,
                 timeout=timeout, api_key=os.environ.get(variant.api_key_env) if variant.api_key_env else None,
             )
             first_chunk = body = b""
@@ -259,7 +260,7 @@ class Gateway:
             self._abandon(replica, variant, response, FailureReason.DISCONNECTED)
             raise UpstreamFailure(FailureReason.DISCONNECTED, f"{replica.url}: {type(exc).__name__}") from None
         self.pool.report(replica, variant.adapter, None)
-        return Served(route, variant, replica, response, None, first_chunk, body, usage)
+        return Served(route, variant, replica, response, None, first_chunk, body, usage, sent)
 
     def _abandon(self, replica: Replica, variant: Variant, response: UpstreamResponse | None,
                  reason: FailureReason) -> None:
@@ -323,7 +324,7 @@ class Gateway:
                 endpoint=context.endpoint, status=status, stream=chunks is not None, fallback=served.fallback,
                 latency_s=latency, ttft_s=ttft, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                 cost_usd=cost, reference_cost_usd=reference_cost,
-                payload=context.payload, body=body, chunks=chunks or [],
+                payload=context.sent, answer=body if chunks is None else b"".join(chunks),
             ))
 
     async def continue_stream(self, served: Served, forwarded: list[bytes], context: RequestContext,

@@ -8,8 +8,7 @@ the shared schema, loragate.common.logschema.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import re
 
@@ -22,15 +21,21 @@ from loragate.common.scrub import scrub
 TextMode = Literal["full", "scrubbed", "none"]
 
 
-@dataclass(slots=True)
-class RequestRecord:
+class RequestRecord(NamedTuple):
+    """One answered request as the gateway hands it to the log: plain values and bytes only.
+
+    Nothing in it for the cyclic GC to walk while it waits for its batch (a dict payload and a
+    list of chunks held until the next flush made every collection of the gateway dearer), and
+    a batch of them pickles as plain tuples in one call.
+    """
+
     request_id: str
     timestamp: float  # unix seconds when the request arrived
     route: str
     variant: str
     endpoint: str  # "chat/completions" or "completions"
     status: int
-    stream: bool
+    stream: bool  # True: ``answer`` is the SSE stream as relayed
     fallback: str | None
     latency_s: float
     ttft_s: float | None
@@ -38,14 +43,12 @@ class RequestRecord:
     completion_tokens: int
     cost_usd: float
     reference_cost_usd: float
-    payload: dict  # the request as the client sent it (model rewritten to the upstream's)
-    body: bytes | None = None  # a whole JSON answer
-    chunks: list[bytes] = field(default_factory=list)  # a streamed answer, SSE bytes as relayed
+    payload: bytes  # the request as sent upstream (JSON: the client's, model rewritten to the upstream's)
+    answer: bytes | None = None  # the answer's bytes: a whole JSON body, or the SSE events relayed
     role: str = PRIMARY  # or SHADOW: the shadow variant's answer to a copy (service/shadow.py)
 
 
-@dataclass(slots=True)
-class FeedbackRecord:
+class FeedbackRecord(NamedTuple):
     request_id: str
     timestamp: float  # unix seconds when the feedback arrived
     route: str | None  # None: the request is not among the recent ones this process served
@@ -62,19 +65,14 @@ def request_row(record: RequestRecord, text_mode: TextMode,
     Prompts are scrubbed message by message: with a caching ``scrubber`` a system prompt
     or the earlier turns of a conversation, sent again with every request, cost once.
     """
-    if record.chunks:
-        response_text, finish_reason = _stream_answer(record.chunks)
-    elif record.body is not None and record.status == 200:
-        response_text, finish_reason = _body_answer(record.body)
-    else:
-        response_text, finish_reason = None, None
+    response_text, finish_reason = answer_of(record)
     if text_mode == "none":
         turns = prompt_text = response_text = None
     elif text_mode == "scrubbed":
-        turns, prompt_text = prompt_of(record.payload, record.endpoint, scrubber)
+        turns, prompt_text = prompt_of(orjson.loads(record.payload), record.endpoint, scrubber)
         response_text = None if response_text is None else scrub(response_text)
     else:
-        turns, prompt_text = prompt_of(record.payload, record.endpoint)
+        turns, prompt_text = prompt_of(orjson.loads(record.payload), record.endpoint)
     return {
         "request_id": record.request_id,
         "timestamp": int(record.timestamp * 1000),
@@ -97,6 +95,15 @@ def request_row(record: RequestRecord, text_mode: TextMode,
         "schema_version": SCHEMA_VERSION,
         "role": record.role,
     }
+
+
+def answer_of(record: RequestRecord) -> tuple[str | None, str | None]:
+    """(answer text, finish reason) of choice 0: from the SSE events of a stream, or a 200's JSON body."""
+    if record.stream:
+        return _stream_answer(record.answer) if record.answer else (None, None)
+    if record.answer is not None and record.status == 200:
+        return _body_answer(record.answer)
+    return None, None
 
 
 def feedback_row(record: FeedbackRecord, text_mode: TextMode) -> dict[str, Any]:
@@ -163,12 +170,11 @@ def _body_answer(body: bytes) -> tuple[str | None, str | None]:
     return (text if isinstance(text, str) else None), choice.get("finish_reason")
 
 
-def _stream_answer(chunks: list[bytes]) -> tuple[str | None, str | None]:
+def _stream_answer(stream: bytes) -> tuple[str | None, str | None]:
     """Concatenate the deltas (chat) or texts (completions) of choice 0; its last finish_reason."""
     parts: list[str] = []
     finish_reason = None
     seen = False
-    stream = b"".join(chunks)
     objects = _simple_stream_objects(stream)
     for parsed in sse.json_objects(stream) if objects is None else objects:
         choices = parsed.get("choices")

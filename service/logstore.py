@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -38,6 +39,9 @@ from loragate.common.objectstore import S3Options, filesystem
 def default_writer_id() -> str:
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "host"
     return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+_DAY_MS = 86_400_000
 
 
 class ParquetStore:
@@ -58,22 +62,20 @@ class ParquetStore:
         if self.local:
             self.filesystem.create_dir(self.root, recursive=True)
 
-    def write(self, table: str, rows: list[dict[str, Any]]) -> int:
-        """One file per UTC day present in ``rows``; returns the number of files written."""
-        schema = logschema.arrow_schema(table)
-        by_day: dict[str, list[dict[str, Any]]] = {}
-        days: dict[int, str] = {}  # days since the epoch -> its UTC date, worked out once per batch
-        for row in rows:
-            number = row["timestamp"] // 86_400_000
-            day = days.get(number)
-            if day is None:
-                day = days[number] = datetime.fromtimestamp(number * 86_400, timezone.utc).strftime("%Y-%m-%d")
-            by_day.setdefault(day, []).append(row)
-        for day, day_rows in sorted(by_day.items()):
+    def write(self, table: str, rows: pa.Table | list[dict[str, Any]]) -> int:
+        """Write ``rows`` (a table in the schema, or row dicts): one file per UTC day present; returns the files."""
+        data = rows if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=logschema.arrow_schema(table))
+        if data.num_rows == 0:
+            return 0
+        days = pc.divide(pc.cast(data["timestamp"], pa.int64()), pa.scalar(_DAY_MS, pa.int64()))  # >= 0: floor
+        numbers = sorted(pc.unique(days).to_pylist())
+        for number in numbers:
+            day_rows = data if len(numbers) == 1 else data.filter(pc.equal(days, pa.scalar(number, pa.int64())))
             buffer = pa.BufferOutputStream()
-            pq.write_table(pa.Table.from_pylist(day_rows, schema=schema), buffer, compression=self.compression)
+            pq.write_table(day_rows, buffer, compression=self.compression)
+            day = datetime.fromtimestamp(number * 86_400, timezone.utc).strftime("%Y-%m-%d")
             self._put(f"{self.root}/{table}/date={day}", buffer.getvalue())
-        return len(by_day)
+        return len(numbers)
 
     def _put(self, directory: str, data: pa.Buffer) -> None:
         now = datetime.now(timezone.utc)

@@ -1,19 +1,19 @@
 """The request log: one record per answered request, written off the request path.
 
-The gateway hands each finished request to ``record`` as a RequestRecord with the
-raw request payload and the raw answer bytes; everything costly (parsing the
-answer text, scrubbing, columnar encoding, upload) happens on the writer side.
+The gateway hands each finished request to ``record`` as a RequestRecord (a tuple of plain
+values with the request and the answer as the bytes that went over the wire); everything
+costly (parsing, scrubbing, columnar encoding, upload) happens on the writer side.
 
 ``RequestLog`` is the real sink: ``record`` puts the record on a bounded queue
 and returns (a full queue drops the record and counts it); one writer thread
 batches the records every ``flush_interval_s`` or every ``batch_size`` records,
-and each batch is turned into rows (service.logrows, in the shared schema of
-loragate.common.logschema) and handed to a store (service.logstore: Parquet, local
-or object store). Where that costly part runs is a setting: in one long-lived
-conversion process (``convert="process"``, the gateway's default: it keeps the
-parsing, scrubbing and encoding, 35-70 us a record, off the gateway's GIL; every text of a
-batch is scrubbed in one call, service.logscrub) or in
-the writer thread itself (``"thread"``). ``close`` drains the queue, writes and
+and each batch is turned into one Arrow table column by column (service.logbatch; the
+reference, record by record, is service.logrows; the shared schema is loragate.common.logschema)
+and handed to a store (service.logstore: Parquet, local or object store). Where that costly
+part runs is a setting: in one long-lived conversion process (``convert="process"``, the
+gateway's default: it keeps the parsing, scrubbing and encoding off the gateway's GIL; every
+text of a batch is scrubbed in one call, service.logscrub) or in the writer thread itself
+(``"thread"``). ``close`` drains the queue, writes and
 ends the conversion process, so a graceful shutdown loses nothing; a crash loses
 at most what arrived since the last flush.
 
@@ -24,11 +24,9 @@ only when the log is on (in process mode, only in the conversion process).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import multiprocessing
-import operator
 import os
 import pickle
 import signal
@@ -40,9 +38,9 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
-from loragate.common.logschema import CHAT_ENDPOINT, FEEDBACK, PRIMARY, REQUESTS, flat_prompt
+from loragate.common.logschema import FEEDBACK, PRIMARY, REQUESTS
 from loragate.common.scrub import scrub
-from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode, feedback_row, prompt_of, request_row
+from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode, feedback_row, request_row
 
 if TYPE_CHECKING:  # not at run time: the conversion process imports this module too
     from loragate.service.metrics import Metrics
@@ -68,8 +66,9 @@ class NullRequestLog:
 
 @runtime_checkable
 class Store(Protocol):
-    def write(self, table: str, rows: list[dict[str, Any]]) -> int:
-        """Write ``rows`` of ``table`` ("requests" or "feedback") durably; returns the files written."""
+    def write(self, table: str, rows: Any) -> int:
+        """Write ``rows`` of ``table`` ("requests" or "feedback") durably: a pa.Table in the table's schema
+        (the requests, service.logbatch) or a list of row dicts; returns the files written."""
 
 
 # --- recent requests, for feedback ---------------------------------------------------
@@ -95,19 +94,35 @@ class RecentRequests:
 
 
 class Converter:
-    """Records -> rows with one scrub cache; used by the writer thread or by the conversion process."""
+    """Records -> a table for the store, with one scrub cache; used by the writer thread or the conversion process.
 
-    def __init__(self, text_mode: TextMode, batch_scrub: Callable[[list[str]], list[str]] | None = None) -> None:
+    A requests batch is built column by column (service.logbatch); a batch that path cannot take
+    (a record that does not parse, say) is converted record by record instead, each unreadable
+    record logged and skipped. Imports pyarrow when first used: only where the store lives.
+    """
+
+    def __init__(self, text_mode: TextMode) -> None:
         self.text_mode = text_mode
         self._scrub_cached = functools.lru_cache(maxsize=4096)(scrub)
-        # Texts -> scrubbed texts, a whole batch at a time (service.logscrub, in the conversion process).
-        self._batch_scrub = batch_scrub
         self._scrubbed: OrderedDict[str, str] = OrderedDict()  # the batch path's cache (system prompts)
 
-    def rows(self, table: str, records: list) -> tuple[list[dict[str, Any]], int]:
-        """The rows, and how many records could not be read (each is logged and skipped, the rest kept)."""
-        if table == REQUESTS and self.text_mode == "scrubbed" and self._batch_scrub is not None:
-            return self._scrubbed_rows(records)
+    def write(self, store: Store, table: str, records: list) -> tuple[int, int]:
+        """(rows written, records unreadable); a store error propagates (the caller retries)."""
+        data, unreadable = self.convert(table, records)
+        written = len(data)
+        if written:
+            store.write(table, data)
+        return written, unreadable
+
+    def convert(self, table: str, records: list) -> tuple[Any, int]:
+        """(a pa.Table or a list of row dicts, records unreadable)."""
+        if table == REQUESTS and records:
+            from loragate.service.logbatch import requests_table  # pyarrow: where the store is
+
+            try:
+                return requests_table(records, self.text_mode, self._clean_all), 0
+            except Exception as exc:  # one odd record: the batch goes record by record, skipping the unreadable
+                log.debug("request log: a batch converted record by record (%s: %s)", type(exc).__name__, exc)
         rows, unreadable = [], 0
         for record in records:
             try:
@@ -120,57 +135,15 @@ class Converter:
                 unreadable += 1
         return rows, unreadable
 
-    def _scrubbed_rows(self, records: list) -> tuple[list[dict[str, Any]], int]:
-        """``request_row(record, "scrubbed")`` for each record, with every text of the batch scrubbed in one call.
+    def _clean_all(self, texts: list[str]) -> dict[str, str]:
+        """Distinct texts -> scrubbed, the ones not cached scrubbed in one call (service.logscrub)."""
+        from loragate.service.logscrub import scrub_many  # pyarrow: where the store is
 
-        The rows are built with the text as sent, then each prompt part and answer is swapped
-        for its scrubbed form: the same values as the record-by-record path.
-        """
-        full: list[tuple[RequestRecord, dict[str, Any]]] = []
-        texts: dict[str, None] = {}  # in order, once each
-
-        def collect(text: str) -> str:
-            texts[text] = None
-            return text
-
-        unreadable = 0
-        for record in records:
-            try:
-                row = request_row(record, "full")
-                if record.endpoint == CHAT_ENDPOINT:  # the texts to scrub are the turns' contents
-                    for turn in row["prompt_messages"] or ():
-                        texts[turn["content"]] = None
-                else:  # a prompt, or the parts of one
-                    prompt_of(record.payload, record.endpoint, collect)
-            except Exception:  # a record we cannot read must not cost the batch
-                log.exception("request log: cannot convert a %s record", REQUESTS)
-                unreadable += 1
-                continue
-            if row["response_text"] is not None:
-                texts[row["response_text"]] = None
-            full.append((record, row))
-        clean = self._scrub_all(list(texts))
-        rows = []
-        for record, row in full:
-            # What prompt_of(payload, endpoint, scrubber) gives, from the turns already parsed out.
-            turns = row["prompt_messages"]
-            if turns is not None:
-                turns = [{"role": turn["role"], "content": clean[turn["content"]]} for turn in turns]
-                row["prompt_messages"], row["prompt_text"] = turns, flat_prompt(turns)
-            elif record.endpoint != CHAT_ENDPOINT:
-                row["prompt_text"] = prompt_of(record.payload, record.endpoint, clean.__getitem__)[1]
-            if row["response_text"] is not None:
-                row["response_text"] = clean[row["response_text"]]
-            rows.append(row)
-        return rows, unreadable
-
-    def _scrub_all(self, texts: list[str]) -> dict[str, str]:
         cache = self._scrubbed
         clean = {text: cache[text] for text in texts if text in cache}
         todo = [text for text in texts if text not in clean]
         if todo:
-            assert self._batch_scrub is not None
-            for text, scrubbed in zip(todo, self._batch_scrub(todo)):
+            for text, scrubbed in zip(todo, scrub_many(todo)):
                 clean[text] = scrubbed
                 if len(text) <= 8192:  # the cache holds at most ~32 MB
                     cache[text] = scrubbed
@@ -178,29 +151,17 @@ class Converter:
                 cache.popitem(last=False)
         return clean
 
-    def write(self, store: Store, table: str, records: list) -> tuple[int, int]:
-        """(rows written, records unreadable); a store error propagates (the caller retries)."""
-        rows, unreadable = self.rows(table, records)
-        if rows:
-            store.write(table, rows)
-        return len(rows), unreadable
-
     def _scrub(self, text: str) -> str:
         return self._scrub_cached(text) if len(text) <= 8192 else scrub(text)  # the cache holds at most ~32 MB
 
 
-# In process mode a record is pickled as soon as it is recorded (~2 us), as the tuple of its
-# fields (a slots dataclass pickles through a Python __getstate__, ~3x slower). The queue then
-# holds bytes, which the cyclic GC never scans: records kept alive until the next batch as
-# objects (the payload dict, the chunk list) were promoted through the GC generations and made
-# every collection of the gateway dearer (~+10 us a request, measured), more than the pickling.
+# In process mode a batch crosses to the conversion process as one pickle of plain tuples (records are
+# NamedTuples of plain values: no per-record pickling on the request path, one C-level call a batch).
 _RECORD_TYPES = {REQUESTS: RequestRecord, FEEDBACK: FeedbackRecord}
-_FIELDS = {table: operator.attrgetter(*(f.name for f in dataclasses.fields(kind)))
-           for table, kind in _RECORD_TYPES.items()}
 
 
-def _pack(table: str, record: RequestRecord | FeedbackRecord) -> bytes:
-    return pickle.dumps(_FIELDS[table](record), protocol=pickle.HIGHEST_PROTOCOL)
+def _pack(records: list) -> bytes:
+    return pickle.dumps([tuple(record) for record in records], protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def parquet_store(url: str, **options: Any) -> Store:
@@ -227,9 +188,7 @@ def _child_init(store_factory: Callable[[], Store], text_mode: TextMode, parent_
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="loragate-parent-watch",
                      daemon=True).start()
-    from loragate.service.logscrub import scrub_many  # pyarrow: the conversion process only
-
-    _child.converter = Converter(text_mode, scrub_many)
+    _child.converter = Converter(text_mode)
     _child.store = store_factory()
 
 
@@ -244,20 +203,18 @@ def _child_ping() -> int:
     return os.getpid()
 
 
-def _child_write(table: str, packed: list[bytes]) -> tuple[int, int, str | None]:
+def _child_write(table: str, packed: bytes) -> tuple[int, int, str | None]:
     """(rows written, records unreadable, store error or None): runs in the conversion process."""
-    kind, records, unpacked_not = _RECORD_TYPES[table], [], 0
-    for blob in packed:
-        try:
-            records.append(kind(*pickle.loads(blob)))
-        except Exception:
-            log.exception("request log: cannot unpack a %s record", table)
-            unpacked_not += 1
+    kind = _RECORD_TYPES[table]
+    try:
+        records = [kind(*fields) for fields in pickle.loads(packed)]
+    except Exception as exc:
+        return 0, 0, f"cannot unpack a {table} batch: {type(exc).__name__}: {exc}"
     try:
         written, unreadable = _child.converter.write(_child.store, table, records)
     except Exception as exc:  # sent back as text: any exception type, picklable or not
         return 0, 0, f"{type(exc).__name__}: {exc}"
-    return written, unreadable + unpacked_not, None
+    return written, unreadable, None
 
 
 class _StoreError(Exception):
@@ -320,7 +277,7 @@ class RequestLog:
         self._pool: ProcessPoolExecutor | None = None
         # A deque, not a queue.Queue: append/popleft need no lock, and the writer polls it
         # every tick instead of being woken (a GIL hand-off) for every record.
-        self._queue: deque[tuple[str, RequestRecord | FeedbackRecord | bytes]] = deque()
+        self._queue: deque[tuple[str, RequestRecord | FeedbackRecord]] = deque()
         self._queue_size = queue_size
         # Each tick wakes the writer (~0.15 ms CPU on a busy host, measured): 4 a second keep an idle gateway
         # cheap, and at the ~5k records a second one worker can answer a tick still gathers < queue_size.
@@ -335,7 +292,7 @@ class RequestLog:
             for kind in (REQUESTS, FEEDBACK) for result in ("written", "dropped", "failed")
         }
         self._depth = metrics.requestlog_queue_depth
-        # Records (packed, in process mode), not yet rows.
+        # Records, not yet rows.
         self._pending: dict[str, list] = {REQUESTS: [], FEEDBACK: []}
         self._retry: list[tuple[str, list, int]] = []  # (table, records, attempts so far)
 
@@ -354,15 +311,7 @@ class RequestLog:
         if self._closed or len(self._queue) >= self._queue_size:
             self._counted[table, "dropped"].inc()
             return False
-        item: RequestRecord | FeedbackRecord | bytes = record
-        if self._store_factory is not None:  # process mode: see _pack
-            try:
-                item = _pack(table, record)
-            except Exception:
-                log.exception("request log: cannot pack a %s record", table)
-                self._counted[table, "failed"].inc()
-                return False
-        self._queue.append((table, item))
+        self._queue.append((table, record))
         return True
 
     # --- lifecycle ---
@@ -469,7 +418,7 @@ class RequestLog:
             return self._converter.write(self.store, table, records)
         pool = self._ensure_pool()
         try:
-            written, unreadable, error = pool.submit(_child_write, table, records).result()
+            written, unreadable, error = pool.submit(_child_write, table, _pack(records)).result()
         except BrokenProcessPool as exc:  # the child died (killed, out of memory): a new one, and retry
             log.error("request log: the conversion process died; starting a new one")
             pool.shutdown(wait=False, cancel_futures=True)

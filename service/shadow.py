@@ -243,7 +243,7 @@ class Shadows:
                 endpoint=endpoint, status=status, stream=False, fallback=None, latency_s=latency, ttft_s=None,
                 prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost,
                 reference_cost_usd=route.pricing.reference_cost(prompt, completion),
-                payload=payload, body=body, role=SHADOW))
+                payload=orjson.dumps(payload), answer=body, role=SHADOW))
 
     async def close(self) -> None:
         """Cancel the shadows still running (shutdown)."""

@@ -12,6 +12,10 @@ import random
 from pathlib import Path
 
 import orjson
+import pyarrow as pa
+import pytest
+
+from loragate.common.logschema import arrow_schema
 
 from loragate.common import sse
 from loragate.common.scrub import scrub
@@ -19,6 +23,7 @@ from loragate.service.auth import Authenticator, KeyStore, hash_key
 from loragate.service.errors import GatewayError
 from loragate.service.logrows import _simple_stream_objects, request_row
 from loragate.service.logscrub import scrub_many
+from loragate.service.logbatch import requests_table
 from loragate.service.requestlog import Converter, RequestRecord
 from tests.unit.test_requestlog import PII_PROMPT, chat_record
 from tests.unit.test_scrub import KEPT, PLANTED
@@ -42,22 +47,34 @@ def test_scrub_many_is_scrub_text_by_text() -> None:
     assert scrub_many(["\ud800 me@example.com"]) == [scrub("\ud800 me@example.com")]  # not UTF-8: text by text
 
 
-def test_batch_conversion_gives_the_record_by_record_rows() -> None:
+@pytest.mark.parametrize("mode", ["scrubbed", "full", "none"])
+def test_batch_conversion_gives_the_record_by_record_rows(mode) -> None:
     texts = corpus()[:400]
     records = [chat_record(f"r{i}", content=text, answer=texts[-1 - i], stream=i % 2 == 1)
                for i, text in enumerate(texts)]
-    broken = chat_record("broken")
-    broken.timestamp = "not a time"  # request_row raises on it
     completion = RequestRecord(
         request_id="c1", timestamp=1_700_000_000.0, route="r", variant="v", endpoint="completions", status=200,
         stream=False, fallback=None, latency_s=0.1, ttft_s=None, prompt_tokens=1, completion_tokens=1, cost_usd=0,
-        reference_cost_usd=0, payload={"prompt": ["call +44 20 7946 0958", PII_PROMPT]},
-        body=orjson.dumps({"choices": [{"index": 0, "text": PII_PROMPT, "finish_reason": "stop"}]}))
-    records += [broken, completion]
-    rows, unreadable = Converter("scrubbed", scrub_many).rows("requests", records)
-    assert unreadable == 1
-    assert rows == [request_row(record, "scrubbed") for record in records if record is not broken]
-    assert "[EMAIL]" in rows[-1]["prompt_text"] and "[PHONE]" in rows[-1]["prompt_text"]
+        reference_cost_usd=0, payload=orjson.dumps({"prompt": ["call +44 20 7946 0958", PII_PROMPT]}),
+        answer=orjson.dumps({"choices": [{"index": 0, "text": PII_PROMPT, "finish_reason": "stop"}]}))
+    odd = [completion,
+           completion._replace(request_id="c2", payload=orjson.dumps({"prompt": "one " + PII_PROMPT})),
+           completion._replace(request_id="c3", payload=orjson.dumps({"prompt": [1, 2]}), answer=None, status=502),
+           chat_record("m1")._replace(payload=orjson.dumps({"messages": "not a list"})),
+           chat_record("m2")._replace(payload=orjson.dumps({"messages": []})),
+           chat_record("m3")._replace(payload=orjson.dumps({"messages": [7, {"content": [{"text": "a"}, {"x": 1}]}]})),
+           chat_record("s1", stream=True)._replace(answer=b""),
+           chat_record("s2", stream=True)._replace(answer=b"data: {\"choices\": [{\"index\": 1}]}\r\n\r\n")]
+    records += odd
+    expected = [request_row(record, mode) for record in records]
+    table = requests_table(records, mode, Converter(mode)._clean_all)
+    assert table.schema == arrow_schema("requests")
+    assert table.to_pylist() == pa.Table.from_pylist(expected, schema=arrow_schema("requests")).to_pylist()
+    assert mode != "scrubbed" or "[EMAIL]" in table.column("prompt_text")[400].as_py()
+    # A batch the columnar path cannot take goes record by record, the unreadable record skipped and counted.
+    broken = chat_record("broken")._replace(timestamp="not a time")  # request_row raises on it
+    rows, unreadable = Converter(mode).convert("requests", records + [broken])
+    assert unreadable == 1 and rows == expected
 
 
 def test_simple_stream_parse_matches_the_general_one() -> None:

@@ -29,7 +29,7 @@ def _chat(request_id: str, messages: list[dict], answer: str, timestamp: float) 
     return RequestRecord(request_id=request_id, timestamp=timestamp, route="support", variant="v1",
                          endpoint="chat/completions", status=200, stream=False, fallback=None, latency_s=0.2,
                          ttft_s=None, prompt_tokens=9, completion_tokens=4, cost_usd=0.0, reference_cost_usd=0.0,
-                         payload={"model": "a1", "messages": messages}, body=body)
+                         payload=json.dumps({"model": "a1", "messages": messages}).encode(), answer=body)
 
 
 async def test_a_turn_forged_inside_a_user_message_stays_in_the_user_turn(tmp_path):
