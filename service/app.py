@@ -26,6 +26,7 @@ from loragate.service.auth import authenticator_from_settings
 from loragate.common.catalog import CatalogError, CatalogFile, Timeouts
 from loragate.service.errors import GatewayError, error_response, internal_error_response
 from loragate.service.gateway import Gateway
+from loragate.service.httpclient import HttpClient
 from loragate.service.limits import RedisLimiter, limiter_from_settings
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, parquet_store
@@ -79,7 +80,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
             skip_auto_headers=("User-Agent",),
         )
         pool.bind(session)
-        http_upstream.bind(session)
+        # The request path to plain http:// replicas: the lean client (timeouts default as the session's).
+        client = HttpClient(session.timeout) if settings.upstream_client == "lean" else None
+        http_upstream.bind(session, client)
         if request_log is not None:
             request_log.start()
         if isinstance(limiter, RedisLimiter):
@@ -103,6 +106,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
             await asyncio.gather(*tasks, return_exceptions=True)
             await gateway.shadows.close()  # shadow copies still running: cancelled (the clients have their answers)
             await session.close()
+            if client is not None:
+                await client.close()
             if isinstance(limiter, RedisLimiter):
                 await limiter.close()
             if request_log is not None:  # after the last request: write everything queued

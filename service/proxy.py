@@ -17,6 +17,7 @@ import orjson
 
 from loragate.common import sse
 from loragate.service.failures import FailureReason, UpstreamFailure
+from loragate.service.httpclient import HttpClient, UpstreamConnectError
 
 
 @dataclass(slots=True)
@@ -56,24 +57,31 @@ class Upstream(Protocol):
 
 
 class HttpUpstream:
-    """The production Upstream: open_upstream over the aiohttp session the app's lifespan binds."""
+    """The production Upstream: open_upstream over the clients the app's lifespan binds.
+
+    Plain http:// (the replicas) goes through the lean client when one is bound (service/httpclient.py),
+    anything else (https:// hosted endpoints) through the aiohttp session.
+    """
 
     def __init__(self) -> None:
         self.session: aiohttp.ClientSession | None = None
+        self.client: HttpClient | None = None
 
-    def bind(self, session: aiohttp.ClientSession) -> None:
+    def bind(self, session: aiohttp.ClientSession, client: HttpClient | None = None) -> None:
         self.session = session
+        self.client = client
 
     def __call__(self, url: str, body: bytes, *, request_id: str, is_adapter: bool,
                  timeout: aiohttp.ClientTimeout | None = None, api_key: str | None = None,
                  ) -> Awaitable[UpstreamResponse]:
-        assert self.session is not None, "HttpUpstream used before bind()"
-        return open_upstream(self.session, url, body, request_id=request_id, is_adapter=is_adapter,
+        client = self.client if self.client is not None and url.startswith("http://") else self.session
+        assert client is not None, "HttpUpstream used before bind()"
+        return open_upstream(client, url, body, request_id=request_id, is_adapter=is_adapter,
                              timeout=timeout, api_key=api_key)
 
 
 async def open_upstream(
-    session: aiohttp.ClientSession,
+    session: aiohttp.ClientSession | HttpClient,
     url: str,
     body: bytes,
     *,
@@ -81,22 +89,26 @@ async def open_upstream(
     is_adapter: bool,
     timeout: aiohttp.ClientTimeout | None = None,
     api_key: str | None = None,
-) -> aiohttp.ClientResponse:
-    """POST ``body`` to ``url``; returns the response once its headers are in.
+) -> UpstreamResponse:
+    """POST ``body`` to ``url`` through ``session`` (aiohttp's or the lean client); the response once its headers are in.
 
     Raises UpstreamFailure for answers another target might do better on:
     connection errors, timeouts, 5xx, 429, and 404 for an adapter model (the
     replica no longer holds it). Other 4xx are the client's and are returned.
     """
-    headers = {"content-type": "application/json", "x-request-id": request_id}
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
+    response: UpstreamResponse
     try:
-        options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}  # None: the session's
-        response = await session.post(url, data=body, headers=headers, **options)
+        if isinstance(session, HttpClient):
+            response = await session.post(url, body, request_id=request_id, api_key=api_key, timeout=timeout)
+        else:
+            headers = {"content-type": "application/json", "x-request-id": request_id}
+            if api_key:
+                headers["authorization"] = f"Bearer {api_key}"
+            options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}  # None: the session's
+            response = await session.post(url, data=body, headers=headers, **options)
     except (asyncio.TimeoutError, TimeoutError):
         raise UpstreamFailure(FailureReason.TIMEOUT, f"{url}: no answer in time") from None
-    except aiohttp.ClientConnectorError as exc:
+    except (aiohttp.ClientConnectorError, UpstreamConnectError) as exc:
         raise UpstreamFailure(FailureReason.CONNECT_ERROR, f"{url}: cannot connect ({exc.os_error})") from None
     except aiohttp.ClientConnectionError as exc:  # e.g. the server closed the connection without an answer
         raise UpstreamFailure(FailureReason.DISCONNECTED, f"{url}: {type(exc).__name__}") from None

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_in_flight_per_upstream: int = 256
     max_waiting: int = 512
     max_wait_s: float = 10.0
+    # The HTTP client of the request path to plain http:// replicas: "lean" (service/httpclient.py, less CPU
+    # per request) or "aiohttp". https:// endpoints, health checks and adapter loads always use aiohttp.
+    upstream_client: Literal["lean", "aiohttp"] = "lean"
     # Circuit breakers (per replica, and per adapter on a replica).
     circuit_failures: int = 5
     circuit_open_s: float = 10.0
