@@ -45,6 +45,8 @@ IP = "[IP]"
 SECRET = "[SECRET]"
 
 _NOT_DIGITS = str.maketrans("", "", "0123456789")
+_NON_DIGIT = re.compile(r"\D")
+_SPACE = re.compile(r"\s")
 _LONG_RUN = re.compile(r"[A-Za-z0-9+/_-]{32}")
 _SIX_DIGITS = re.compile(r"\d\d\s?\d\d\s?\d\d")
 # A superset of the national-id keywords below: a cheap test before the costly pattern.
@@ -91,7 +93,7 @@ def _luhn_ok(digits: str) -> bool:
 def _card(match: re.Match[str]) -> str:
     """The longest Luhn-valid card number at the start of the run; what follows it is kept."""
     text = match.group()
-    digits = re.sub(r"\D", "", text)
+    digits = _NON_DIGIT.sub("", text)
     for length in range(min(len(digits), 19), 12, -1):
         if _luhn_ok(digits[:length]):
             end = [i for i, char in enumerate(text) if char.isdigit()][length - 1] + 1
@@ -100,7 +102,7 @@ def _card(match: re.Match[str]) -> str:
 
 
 def _iban(match: re.Match[str]) -> str:
-    compact = re.sub(r"\s", "", match.group()).upper()
+    compact = _SPACE.sub("", match.group()).upper()
     rearranged = compact[4:] + compact[:4]
     number = "".join(str(int(char, 36)) for char in rearranged)
     return IBAN if int(number) % 97 == 1 else match.group()
@@ -122,14 +124,14 @@ def _ipv4(match: re.Match[str]) -> str:
 
 
 def _international_phone(match: re.Match[str]) -> str:
-    digits = re.sub(r"\D", "", match.group())
+    digits = _NON_DIGIT.sub("", match.group())
     if match.group().startswith("00"):
         digits = digits[2:]
     return PHONE if 8 <= len(digits) <= 15 else match.group()
 
 
 def _national_phone(match: re.Match[str]) -> str:
-    digits = re.sub(r"\D", "", match.group())
+    digits = _NON_DIGIT.sub("", match.group())
     return PHONE if 10 <= len(digits) <= 11 else match.group()
 
 
