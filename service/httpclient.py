@@ -156,6 +156,8 @@ class HttpClient:
         try:
             async with asyncio.timeout_at(limit):
                 await loop.create_connection(lambda: connection, target.host, target.port)
+        except TimeoutError:
+            raise  # sock_connect or total ran out (TimeoutError is an OSError: not a refusal)
         except OSError as exc:
             raise UpstreamConnectError(target.host, target.port, exc) from None
         return connection

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -299,3 +300,20 @@ async def test_timeouts(client: HttpClient) -> None:
                                 timeout=aiohttp.ClientTimeout(total=0.2))
         assert failure.value.reason == FailureReason.TIMEOUT
         assert not client.idle.get(response_key(url.removesuffix("/v1/chat/completions"))), "none kept"
+
+
+async def test_connect_timeout_is_a_timeout_not_a_refusal(client: HttpClient) -> None:
+    with socket.socket() as listener, contextlib.ExitStack() as stack:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)  # never accepts: once its queue is full, further connection attempts go unanswered
+        port = listener.getsockname()[1]
+        for _ in range(3):
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        started = time.perf_counter()
+        with pytest.raises(UpstreamFailure) as failure:
+            await open_upstream(client, f"http://127.0.0.1:{port}/v1/completions", b"{}", request_id="a",
+                                is_adapter=False, timeout=aiohttp.ClientTimeout(total=5, sock_connect=0.2))
+        assert failure.value.reason == FailureReason.TIMEOUT and time.perf_counter() - started < 1
