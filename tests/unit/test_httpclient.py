@@ -317,3 +317,23 @@ async def test_connect_timeout_is_a_timeout_not_a_refusal(client: HttpClient) ->
             await open_upstream(client, f"http://127.0.0.1:{port}/v1/completions", b"{}", request_id="a",
                                 is_adapter=False, timeout=aiohttp.ClientTimeout(total=5, sock_connect=0.2))
         assert failure.value.reason == FailureReason.TIMEOUT and time.perf_counter() - started < 1
+
+
+async def test_https_goes_through_the_aiohttp_session(client: HttpClient) -> None:
+    class Recording:
+        def __init__(self) -> None:
+            self.urls: list[str] = []
+
+        async def post(self, url: str, **_options: object) -> None:
+            self.urls.append(url)
+            raise aiohttp.ClientConnectionError("recorded")
+
+    session, upstream = Recording(), HttpUpstream()
+    upstream.bind(session, client)  # type: ignore[arg-type]
+    with pytest.raises(UpstreamFailure):
+        await upstream("https://api.example.com/v1/chat/completions", b"{}", request_id="a", is_adapter=False)
+    with pytest.raises(UpstreamFailure) as failure:  # plain http: the lean client (nothing listens there)
+        await upstream(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", request_id="b",
+                       is_adapter=False)
+    assert session.urls == ["https://api.example.com/v1/chat/completions"]
+    assert failure.value.reason == FailureReason.CONNECT_ERROR
