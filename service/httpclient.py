@@ -102,15 +102,17 @@ class HttpClient:
         connection = self._idle_connection(target.key, now)
         if connection is not None:
             try:
-                return await self._exchange(loop, connection, target, message, deadline, timeout.sock_read, url)
+                return await self._exchange(loop, connection, message, deadline, timeout.sock_read, url)
             except _NoAnswer:
-                # The kept-alive connection was closed under us (the server's idle timeout racing this request)
-                # before a single byte of an answer: the replica did not take the request, so sending it again
-                # on a fresh connection cannot run it twice. Once only.
+                # The kept-alive connection was closed under us (typically the server's idle timeout racing this
+                # request) before a single byte of an answer. This POST is safe to send again although POST is not
+                # idempotent: nothing was answered, and a completion changes nothing on the replica beyond the
+                # compute (at worst a generation nobody saw is repeated). Once only, on a fresh connection; a
+                # fresh connection that drops the request is the replica's answer (ServerDisconnectedError).
                 pass
         connect_s = min((s for s in (timeout.sock_connect, timeout.connect) if s is not None), default=None)
         connection = await self._connect(loop, target, connect_s, deadline)
-        return await self._exchange(loop, connection, target, message, deadline, timeout.sock_read, url)
+        return await self._exchange(loop, connection, message, deadline, timeout.sock_read, url)
 
     async def close(self) -> None:
         """Close the idle connections; those in use close when their answers are released."""
@@ -162,8 +164,8 @@ class HttpClient:
             raise UpstreamConnectError(target.host, target.port, exc) from None
         return connection
 
-    async def _exchange(self, loop: asyncio.AbstractEventLoop, connection: _Connection, target: _Target,
-                        message: bytes, deadline: float | None, sock_read: float | None, url: str) -> Response:
+    async def _exchange(self, loop: asyncio.AbstractEventLoop, connection: _Connection, message: bytes,
+                        deadline: float | None, sock_read: float | None, url: str) -> Response:
         response = Response(connection, url)
         connection.response = response
         if deadline is not None:
