@@ -121,15 +121,15 @@ def scrub_many(texts: list[str]) -> list[str]:
     if not out:
         return out
     try:
-        column: pa.Array | None = pa.array(out, pa.string())
+        every = pa.array(out, pa.string())
     except (pa.ArrowException, UnicodeError):  # e.g. a lone surrogate: not UTF-8, text by text then
         return [rules.scrub(text) for text in out]
     # Only the texts some gate lets through can change: work on those (``live``: their indexes in ``out``).
-    live = pc.indices_nonzero(pc.match_substring_regex(column, _ANY_GATE)).to_pylist()
+    live = pc.indices_nonzero(pc.match_substring_regex(every, _ANY_GATE)).to_pylist()
     if not live:
         return out
     current = [out[i] for i in live]
-    column = column.take(live)
+    column: pa.Array | None = every.take(live)
     # Facts are taken from the original texts, before any replacement, as scrub takes them.
     facts: list[_Facts | None] = [None] * len(current)
     for run, run_gate in zip(_RUNS, _RUN_GATES):

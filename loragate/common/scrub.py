@@ -35,6 +35,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
+from typing import Protocol
 
 EMAIL = "[EMAIL]"
 PHONE = "[PHONE]"
@@ -71,7 +72,22 @@ class _Facts:
         self.six_digits = self.digits >= 6 and _SIX_DIGITS.search(text) is not None
 
 
-_Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], str], Callable[[_Facts], bool]]
+class Facts(Protocol):
+    """What a rule's condition may ask of a text (_Facts here; the batch scrubber has its own, lazy)."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def lower(self) -> str: ...
+    @property
+    def digits(self) -> int: ...
+    @property
+    def long_run(self) -> bool: ...
+    @property
+    def six_digits(self) -> bool: ...
+
+
+_Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], str], Callable[[Facts], bool]]
 
 
 def _always(placeholder: str) -> Callable[[re.Match[str]], str]:
