@@ -15,8 +15,8 @@ changes with every request (so the scrubber's cache only helps with the system p
 
 CPU per request is utime+stime of the proxy's whole process tree (the request log's
 conversion process included), read from /proc before and after each measured wrk run.
-For the log targets the conversion runs in batches (every 1000 rows, or every 2 s here
-instead of the default 10 s, so that the waits stay short; smaller batches cost more per
+For the log targets the conversion runs in batches (every 5000 rows, the default, or every 2 s
+here instead of the default 10 s, so that the waits stay short; smaller batches cost more per
 row, if anything): before each CPU reading the bench waits until the log's Parquet files
 hold a row for every request the gateway answered (loragate_requests_total, read once
 per reading from every loragate target alike), so the rows a run produced are paid for

@@ -56,8 +56,10 @@ class Settings(BaseSettings):
     # Prompt/answer text in the log: full, scrubbed (personal data and secrets replaced), none.
     request_log_text: Literal["full", "scrubbed", "none"] = "scrubbed"
     request_log_flush_interval_s: float = Field(10.0, gt=0)
-    request_log_batch_size: int = Field(1000, ge=1)
-    request_log_queue_size: int = Field(10_000, ge=1)
+    # Records per written batch (a file per batch and day): each batch has a fixed cost (regex compiles,
+    # a Parquet file, an fsync), ~2 us a record at 5000 against ~9 at 1000 (measured).
+    request_log_batch_size: int = Field(5000, ge=1)
+    request_log_queue_size: int = Field(20_000, ge=1)
     # Where records become rows (answer parsing, scrubbing, Parquet encoding): "process" = one
     # conversion process per gateway worker, off the event loop's GIL; "thread" = the writer thread.
     request_log_convert: Literal["process", "thread"] = "process"
