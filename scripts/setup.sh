@@ -9,7 +9,7 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 
 extras="engine-cpu"
 if [[ "${1:-}" == "--test" ]]; then
-  extras="engine-cpu,train,monitor,checks,dev"
+  extras="engine-cpu,train,monitor,requestlog,checks,dev"
   # Prometheus (and promtool) from Debian: the tests start a real one.
   # redis-server: the shared-limits tests start a real one.
   if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v wrk >/dev/null \

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import msgspec
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from loragate.common.logschema import CHAT_ENDPOINT, REQUESTS, SCHEMA_VERSION, arrow_schema
-from loragate.service.logrows import RequestRecord, TextMode, _content_text, answer_of
+from loragate.service.logrows import RequestRecord, TextMode, _content_text, _simple_stream_parts, answer_of
 
 _SCHEMA = arrow_schema(REQUESTS)
 _TURN = _SCHEMA.field("prompt_messages").type.value_type  # struct<role, content>
@@ -33,7 +34,8 @@ def requests_table(records: Sequence[RequestRecord], text_mode: TextMode, clean_
     count = len(records)
     (request_id, timestamp, route, variant, endpoint, status, stream, fallback, latency_s, ttft_s, prompt_tokens,
      completion_tokens, cost_usd, reference_cost_usd, payload, _answer, role) = zip(*records)
-    answers = [answer_of(record) for record in records]
+    answers = [(stream_answer(record.answer) if record.stream and record.answer else None) or answer_of(record)
+               for record in records]
     response = [text for text, _ in answers]
     if text_mode == "none":
         prompt_text, response_column = pa.nulls(count, pa.string()), pa.nulls(count, pa.string())
@@ -123,3 +125,64 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
                        for prompt in prompts]
     prompt_text = pc.coalesce(pc.binary_join(lines, "\n"), pa.array(completion_text, pa.string()))
     return prompt_text, turns, pa.array(response, pa.string())
+
+
+# --- streamed answers: only the fields the log keeps, decoded into typed structs -------------------
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Event(msgspec.Struct):
+    choices: list[_Choice] | None = None
+
+
+_EVENT = msgspec.json.Decoder(_Event)
+
+
+def stream_answer(stream: bytes) -> tuple[str | None, str | None] | None:
+    """logrows.answer_of's (text, finish reason) of a stream; None when only the general parse can say.
+
+    Each event is decoded straight into the few typed fields the log keeps (msgspec skips the rest
+    in C), about 3x cheaper than building every event as dicts. Whatever the types do not describe
+    exactly as logrows reads it falls back (returns None): an event that is not one ``data: {...}``
+    line, a null index or choice, a delta that is not an object, a text that is not a string, a
+    finish reason that is not a string, JSON orjson would reject (invalid UTF-8 is the one case
+    msgspec lets through in fields it skips, so the stream is checked for it first).
+    """
+    parts = _simple_stream_parts(stream)
+    if parts is None or not (stream.isascii() or _utf8(stream)):
+        return None
+    pieces: list[str] = []
+    finish_reason = None
+    seen = False
+    try:
+        for part in parts:
+            choices = _EVENT.decode(part).choices
+            for choice in choices or ():
+                if choice.index != 0:
+                    continue
+                seen = True
+                text = choice.delta.content if choice.delta is not None else choice.text
+                if text is not None:
+                    pieces.append(text)
+                if choice.finish_reason:
+                    finish_reason = choice.finish_reason
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return ("".join(pieces) if seen else None), finish_reason
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
-import re
-
 import orjson
 
 from loragate.common.logschema import CHAT_ENDPOINT, PRIMARY, SCHEMA_VERSION, Turn, flat_prompt
@@ -193,15 +191,12 @@ def _stream_answer(stream: bytes) -> tuple[str | None, str | None]:
 
 _DONE = b"\n\ndata: [DONE]"
 _NEXT = b"\n\ndata: "
-_OBJECT_COMMA = re.compile(rb"\}[ \t\n\r]*,[ \t\n\r]*\{")
 
 
-def _simple_stream_objects(stream: bytes) -> list[dict] | None:
-    """The JSON objects of a stream whose every event is one ``data: {...}`` line (what vLLM sends), else None.
+def _simple_stream_parts(stream: bytes) -> list[bytes] | None:
+    """The JSON texts of a stream whose every event is one ``data: {...}`` line (what vLLM sends), else None.
 
-    The same objects as ``sse.json_objects`` for such a stream, found with a few C-level byte
-    scans and one orjson call per event instead of a Python generator per event; anything
-    else (CR line ends, comments, multi-line data, bad JSON) returns None for the general path.
+    A few C-level byte scans; anything else (CR line ends, comments, multi-line data) returns None.
     """
     if b"\r" in stream:
         return None
@@ -214,17 +209,17 @@ def _simple_stream_objects(stream: bytes) -> list[dict] | None:
     # Every LF belongs to an event separator, and every event after the first opens an object.
     if body.count(b"\n") != 2 * (len(parts) - 1) or body.count(b"\n\ndata: {") != len(parts) - 1:
         return None
-    # One parse of all the events as one array when every "},{" (JSON whitespace allowed) in it is one we put
-    # between two events: then each event is exactly one element, and parses alone to the same object.
-    joined = b"[" + b",".join(parts) + b"]"
-    if len(_OBJECT_COMMA.findall(joined)) == len(parts) - 1:
-        try:
-            objects = orjson.loads(joined)
-        except orjson.JSONDecodeError:
-            objects = None
-        if objects is not None and len(objects) == len(parts) and all(type(o) is dict for o in objects):
-            return objects
+    return parts
+
+
+def _simple_stream_objects(stream: bytes) -> list[dict] | None:
+    """The JSON objects of a simple stream (see _simple_stream_parts), the same as ``sse.json_objects``
+    gives, with one orjson call per event instead of a Python generator per event; None otherwise
+    (bad JSON included) for the general path."""
+    parts = _simple_stream_parts(stream)
+    if parts is None:
+        return None
     try:
-        return [orjson.loads(part) for part in parts]
+        return [orjson.loads(part) for part in parts]  # each opens with "{": a dict
     except orjson.JSONDecodeError:
         return None

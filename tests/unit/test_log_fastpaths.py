@@ -21,9 +21,9 @@ from loragate.common import sse
 from loragate.common.scrub import scrub
 from loragate.service.auth import Authenticator, KeyStore, hash_key
 from loragate.service.errors import GatewayError
-from loragate.service.logrows import _simple_stream_objects, request_row
+from loragate.service.logrows import _simple_stream_objects, _stream_answer, request_row
 from loragate.service.logscrub import scrub_many
-from loragate.service.logbatch import requests_table
+from loragate.service.logbatch import requests_table, stream_answer
 from loragate.service.requestlog import Converter, RequestRecord
 from tests.unit.test_requestlog import PII_PROMPT, chat_record
 from tests.unit.test_scrub import KEPT, PLANTED
@@ -75,6 +75,58 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode) -> None:
     broken = chat_record("broken")._replace(timestamp="not a time")  # request_row raises on it
     rows, unreadable = Converter(mode).convert("requests", records + [broken])
     assert unreadable == 1 and rows == expected
+
+
+def random_streams(count: int) -> list[bytes]:
+    """SSE streams of chat and completion events, most well-formed, many with one thing out of the ordinary."""
+    rnd = random.Random(11)
+    values = [None, 0, 1, "0", 0.0, True, "", "stop", "x\u00e9", [], {}, "\U0001F600"]
+
+    def choice() -> bytes:
+        if usual:  # what vLLM sends
+            return (b'{"index":0,"delta":{"content":' + orjson.dumps(rnd.choice(["a", " b", "\u00fc", "\U0001F600"]))
+                    + b'},"logprobs":null,"finish_reason":' + orjson.dumps(rnd.choice([None, "stop", "length"])) + b"}")
+        fields = []
+        if rnd.random() < 0.8:
+            fields.append(b'"index":' + (b"0" if rnd.random() < 0.7 else orjson.dumps(rnd.choice(values))))
+        if rnd.random() < 0.7:
+            delta = rnd.choice([b"{}", b"null", b'"x"', b'{"role":"assistant"}',
+                                b'{"content":' + orjson.dumps(rnd.choice(["a", "b c", "", None, 5, "\u00fc"])) + b"}"])
+            fields.append(b'"delta":' + delta)
+        if rnd.random() < 0.3:
+            fields.append(b'"text":' + orjson.dumps(rnd.choice(["t", None, 3, ""])))
+        if rnd.random() < 0.5:
+            fields.append(b'"finish_reason":' + orjson.dumps(rnd.choice(values)))
+        if rnd.random() < 0.05:
+            fields.append(b'"index":1')  # a duplicate key: the last one counts
+        return b"{" + b",".join(fields) + b"}"
+
+    def event() -> bytes:
+        head = b'{"id":"c-1","object":"chat.completion.chunk","created":1,"model":"m",'
+        choices = b"[" + b",".join(choice() for _ in range(rnd.choice([0, 1, 1, 1, 2]))) + b"]"
+        body = head + b'"choices":' + (choices if rnd.random() < 0.95 else rnd.choice([b"null", b"{}", b"[null]"])) + b"}"
+        if rnd.random() < 0.03:
+            body = body.replace(b'"m"', rnd.choice([b'"\xff"', b'"\\ud800"', b'"\\q"', b"01", b'"\\ud83d\\ude00"']))
+        return b"data: " + body + b"\n\n"
+
+    streams = []
+    for _ in range(count):
+        usual = rnd.random() < 0.5
+        stream = b"".join(event() for _ in range(rnd.randint(1, 6)))
+        stream += rnd.choice([b"data: [DONE]\n\n", b"", b"data: {oops\n\n"])
+        if rnd.random() < 0.05:
+            stream = stream.replace(b"\n", b"\r\n")
+        streams.append(stream)
+    return streams
+
+
+def test_typed_stream_decoding_gives_the_general_parse_or_steps_aside() -> None:
+    streams = random_streams(3000)
+    decoded = [stream_answer(stream) for stream in streams]
+    for stream, answer in zip(streams, decoded):
+        assert answer is None or answer == _stream_answer(stream), stream
+    assert sum(answer is not None for answer in decoded) > 750  # the typed path takes the usual streams
+    assert sum(answer is None for answer in decoded) > 300  # and steps aside for the odd ones
 
 
 def test_simple_stream_parse_matches_the_general_one() -> None:
