@@ -166,18 +166,26 @@ def measure(name: str, url: str, pid: int, script: Path, connections: int, durat
     wrk(url, script, connections, 1, wrk_cpu)  # warmup
     if name != "baseline":
         settled(url, log_dir)
-    before, own_before = tree_cpu_s(pid), own_cpu_s(pid)
+    before, own_before, steal_before = tree_cpu_s(pid), own_cpu_s(pid), steal_ticks()
+    started = time.monotonic()
     result = wrk(url, script, connections, duration, wrk_cpu)
     ended = time.monotonic()
     if name != "baseline":
         settled(url, log_dir)
     time.sleep(max(0.0, ended + TAIL_S - time.monotonic()))  # every target's window is as long
     cpu, own = tree_cpu_s(pid) - before, own_cpu_s(pid) - own_before
+    steal = (steal_ticks() - steal_before) / os.sysconf("SC_CLK_TCK") / ((os.cpu_count() or 1) * (time.monotonic() - started))
     requests = result["requests"]
     return {"rps": requests / (result["duration_us"] / 1e6), "cpu_us_per_req": cpu * 1e6 / max(requests, 1),
             "children_us_per_req": (cpu - own) * 1e6 / max(requests, 1),
             "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000, "requests": requests,
-            "errors": result["errors"] + result["non2xx"]}
+            "errors": result["errors"] + result["non2xx"], "steal": steal}
+
+
+def steal_ticks() -> int:
+    """Ticks the hypervisor gave to other guests (/proc/stat "steal", all CPUs): CPU time a process is
+    charged for while it did not run. Reported, so that a noisy run can be told from a slow gateway."""
+    return int(Path("/proc/stat").read_text().split("\n", 1)[0].split()[8])
 
 
 def own_cpu_s(pid: int) -> float:
@@ -245,7 +253,7 @@ def main() -> int:
                     print(f"round {round_no + 1}/{args.rounds} {mode:4s} c={c:<3d} {name:9s} {cell['rps']:8.0f} req/s  "
                           f"cpu {cell['cpu_us_per_req']:6.0f} us/req (children {cell['children_us_per_req']:4.0f})  "
                           f"p50 {cell['p50_ms']:6.2f} ms  "
-                          f"errors {cell['errors']}", flush=True)
+                          f"errors {cell['errors']}  steal {cell['steal']:.0%}", flush=True)
         time.sleep(1.0)
         for name in ("log", "all"):
             if name in services:
@@ -269,6 +277,13 @@ def main() -> int:
             return None
         return statistics.median(x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in zip(a, b))
 
+    def floor_ratio(mode: str, c: int, top: str, bottom: str) -> float | None:
+        """Lowest CPU per request of each over the rounds, divided: interference (steal, neighbours) only adds."""
+        a, b = raw.get(f"{mode}|c{c}|{top}"), raw.get(f"{mode}|c{c}|{bottom}")
+        if not a or not b:
+            return None
+        return min(x["cpu_us_per_req"] for x in a) / min(y["cpu_us_per_req"] for y in b)
+
     print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each; CPU us/request of the proxy's process tree")
     names = [n for n in TARGETS if n in args.targets]
     print(f"{'cell':10s} " + " ".join(f"{n:>16s}" for n in names))
@@ -276,13 +291,16 @@ def main() -> int:
         row = [results[f"{mode}|c{c}|{n}"] for n in names]
         print(f"{mode + ' c=' + str(c):10s} " + " ".join(f"{r['cpu_us_per_req']:6.0f} {r['rps']:6.0f}/s  " for r in row))
     print("\nCPU per request ratios (per-round, median)")
-    ratios, verdicts = {}, {}
+    ratios, floors, verdicts = {}, {}, {}
     for mode, c in cells:
         cell = f"{mode}|c{c}"
         ratios[cell] = {f"{top}/{bottom}": ratio(mode, c, top, bottom)
                         for top, bottom in (("plain", "baseline"), ("keys", "plain"), ("log", "plain"),
                                             ("all", "plain"))}
+        floors[cell] = {f"{top}/{bottom}": floor_ratio(mode, c, top, bottom)
+                        for top, bottom in (("plain", "baseline"), ("all", "plain"))}
         line = "  ".join(f"{k} {v:.3f}" for k, v in ratios[cell].items() if v is not None)
+        line += "   (lowest/lowest: " + "  ".join(f"{k} {v:.3f}" for k, v in floors[cell].items() if v is not None) + ")"
         if ratios[cell]["all/plain"] is not None:
             verdicts[f"{cell}|all/plain<={FEATURE_LIMIT}"] = ratios[cell]["all/plain"] <= FEATURE_LIMIT
         pb = ratios[cell]["plain/baseline"]
@@ -293,6 +311,8 @@ def main() -> int:
     for name, comp in completeness.items():
         print(f"log completeness ({name}): {comp['rows']} rows for {comp['answered']:.0f} requests answered "
               f"({'complete' if comp['complete'] else 'MISMATCH'})")
+    print(f"hypervisor steal during the measured runs: median {statistics.median(c['steal'] for cs in raw.values() for c in cs):.0%}"
+          " of the machine (charged to whatever ran: above a few % the ratios are noisy)")
     print("verdicts: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in verdicts.items()))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -302,7 +322,8 @@ def main() -> int:
                     "loadavg": os.getloadavg()},
         "settings": {"duration_s": args.duration, "rounds": args.rounds, "concurrency": args.concurrency,
                      "modes": args.modes, "stream_chunks": CHUNKS, "pinned": pin, "targets": args.targets},
-        "results": results, "ratios": ratios, "verdicts": verdicts, "log_completeness": completeness,
+        "results": results, "ratios": ratios, "lowest_ratios": floors, "verdicts": verdicts,
+        "steal_median": statistics.median(c["steal"] for cells in raw.values() for c in cells), "log_completeness": completeness,
         "rounds": raw,
     }, indent=1) + "\n")
     print(f"wrote {args.out}")
