@@ -180,9 +180,10 @@ class Shadows:
                 self._drop(route, variant, "deadline")
                 raise
             started = time.perf_counter()
+            sent = orjson.dumps(payload)  # what is asked is what is logged
             try:
                 replica = await self._acquire(variant)
-                status, body, usage = await self._ask(route, variant, replica, payload, endpoint, request_id)
+                status, body, usage = await self._ask(route, variant, replica, sent, endpoint, request_id)
             except _Dropped as dropped:  # no room for it now
                 self._drop(route, variant, dropped.reason)
                 return
@@ -195,20 +196,20 @@ class Shadows:
                 raise
             except Exception:  # no healthy replica left, an adapter that would not load, ...
                 status = 503
-            self._account(route, variant, request_id, arrived, started, endpoint, payload, status, body, usage)
+            self._account(route, variant, request_id, arrived, started, endpoint, sent, status, body, usage)
         finally:
             if replica is not None:
                 self.pool.release(replica)
             self.in_flight[route.name] -= 1
             self.metrics.in_flight.labels(route.name).dec()
 
-    async def _ask(self, route: Route, variant: Variant, replica: Replica, payload: dict, endpoint: str,
+    async def _ask(self, route: Route, variant: Variant, replica: Replica, sent: bytes, endpoint: str,
                    request_id: str) -> tuple[int, bytes, Usage | None]:
         timeouts = self.timeouts(route)
         timeout = aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s)
         url = f"{replica.url}/{endpoint}" if replica.external else f"{replica.url}/v1/{endpoint}"
         response = await self.upstream(
-            url, orjson.dumps(payload), request_id=f"{request_id}-shadow",  # its own id upstream: both may run at once
+            url, sent, request_id=f"{request_id}-shadow",  # its own id upstream: both may run at once
             is_adapter=variant.adapter is not None, timeout=timeout,
             api_key=os.environ.get(variant.api_key_env) if variant.api_key_env else None)
         try:
@@ -225,7 +226,7 @@ class Shadows:
         return response.status, body, usage
 
     def _account(self, route: Route, variant: Variant, request_id: str, arrived: float, started: float,
-                 endpoint: str, payload: dict, status: int, body: bytes, usage: Usage | None) -> None:
+                 endpoint: str, sent: bytes, status: int, body: bytes, usage: Usage | None) -> None:
         latency = time.perf_counter() - started
         labels = (route.name, variant.name)
         self.metrics.requests.labels(*labels, status_class(status)).inc()
@@ -243,7 +244,7 @@ class Shadows:
                 endpoint=endpoint, status=status, stream=False, fallback=None, latency_s=latency, ttft_s=None,
                 prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost,
                 reference_cost_usd=route.pricing.reference_cost(prompt, completion),
-                payload=orjson.dumps(payload), answer=body, role=SHADOW))
+                payload=sent, answer=body, role=SHADOW))
 
     async def close(self) -> None:
         """Cancel the shadows still running (shutdown)."""
