@@ -15,6 +15,8 @@ it on the PII corpus). Rules without a gate (the keyword-gated secrets) run as i
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -76,7 +78,7 @@ _RUN_GATES = ["|".join(f"(?:{_GATES[index]})" for index in run) for run in _RUNS
 # RE2's leftmost-first matching finds exactly the matches Python's backtracking finds. Their ``applies``
 # condition is implied by the gate. The e-mail rule (its gate is a necessary condition of "@" in the text).
 _RE2_RULES = {8: rules.EMAIL}
-assert all(rules._RULES[index][0].flags == 32 for index in _RE2_RULES)  # re.UNICODE only: no re.I
+assert not any(rules._RULES[index][0].flags & re.IGNORECASE for index in _RE2_RULES)
 
 class _Facts:
     """scrub's facts about an original text, each found when a rule first asks: only texts a gate let through."""
@@ -136,21 +138,24 @@ def scrub_many(texts: list[str]) -> list[str]:
         if column is None:  # the texts as they are now, after the rules before this run
             column = pa.array(current, pa.string())
         # A text outside the run's gate, and not changed by a rule of this run since, passes none of its gates.
-        passed = pc.indices_nonzero(pc.match_substring_regex(column, run_gate)).to_pylist()
+        run_column: pa.Array = column
+        passed = pc.indices_nonzero(pc.match_substring_regex(run_column, run_gate)).to_pylist()
         changed: set[int] = set()
+
+        def now(indexes: list[int]) -> pa.Array:
+            """The texts at ``indexes`` as they are now (the run's column while this run changed nothing)."""
+            return run_column.take(indexes) if not changed else pa.array([current[j] for j in indexes], pa.string())
+
         for index in run:
             candidates = sorted(changed.union(passed)) if changed else passed
             if not candidates:
                 break
             if len(run) > 1:  # this rule's own gate, on the candidates as they are now
-                subset = (column.take(candidates) if not changed
-                          else pa.array([current[j] for j in candidates], pa.string()))
                 candidates = [candidates[k] for k in
-                              pc.indices_nonzero(pc.match_substring_regex(subset, _GATES[index])).to_pylist()]
+                              pc.indices_nonzero(pc.match_substring_regex(now(candidates), _GATES[index])).to_pylist()]
             if index in _RE2_RULES:
-                subset = column.take(candidates) if not changed else pa.array([current[j] for j in candidates],
-                                                                              pa.string())
-                replaced = pc.replace_substring_regex(subset, rules._RULES[index][0].pattern, _RE2_RULES[index])
+                replaced = pc.replace_substring_regex(now(candidates), rules._RULES[index][0].pattern,
+                                                      _RE2_RULES[index])
                 for j, text in zip(candidates, replaced.to_pylist()):
                     if text != current[j]:
                         current[j] = text
