@@ -22,9 +22,9 @@ TextMode = Literal["full", "scrubbed", "none"]
 class RequestRecord(NamedTuple):
     """One answered request as the gateway hands it to the log: plain values and bytes only.
 
-    Nothing in it for the cyclic GC to walk while it waits for its batch (a dict payload and a
-    list of chunks held until the next flush made every collection of the gateway dearer), and
-    a batch of them pickles as plain tuples in one call.
+    No dict payload or list of chunks (held until the next flush, they made every collection of
+    the gateway dearer): the log queues the record as a plain tuple, which the cyclic GC stops
+    tracking, and a batch of them pickles in one call (service/requestlog.py).
     """
 
     request_id: str
