@@ -377,12 +377,16 @@ class Response:
         waiter = self.waiter = self.connection.loop.create_future()  # type: ignore[union-attr]
         return waiter
 
-    def wake(self) -> None:
+    def wake(self, error: BaseException | None = None) -> None:
+        """The waiting reader goes on (or gets ``error``)."""
         waiter = self.waiter
         if waiter is not None:
             self.waiter = None
             if not waiter.done():
-                waiter.set_result(None)
+                if error is None:
+                    waiter.set_result(None)
+                else:
+                    waiter.set_exception(error)
 
     def finish(self) -> None:
         self.complete = True
@@ -402,11 +406,7 @@ class Response:
             if connection.response is self:
                 connection.response = None
             connection.close()
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            if not waiter.done():
-                waiter.set_exception(error)
+        self.wake(error)
 
     def time_out(self) -> None:
         self.total_timer = None
