@@ -13,7 +13,7 @@ and handed to a store (service.logstore: Parquet, local or object store). Where 
 part runs is a setting: in one long-lived conversion process (``convert="process"``, the
 gateway's default: it keeps the parsing, scrubbing and encoding off the gateway's GIL; every
 text of a batch is scrubbed in one call, service.logscrub) or in the writer thread itself
-(``"thread"``). ``close`` drains the queue, writes and
+(``"thread"``); service.logconvert holds both the conversion and the process's entry points. ``close`` drains the queue, writes and
 ends the conversion process, so a graceful shutdown loses nothing; a crash loses
 at most what arrived since the last flush.
 
@@ -24,26 +24,24 @@ only when the log is on (in process mode, only in the conversion process).
 
 from __future__ import annotations
 
-import functools
-import gc
 import logging
 import multiprocessing
 import os
-import pickle
-import signal
 import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from loragate.common.logschema import FEEDBACK, PRIMARY, REQUESTS
-from loragate.common.scrub import scrub
-from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode, feedback_row, request_row
+from loragate.service.logconvert import (
+    Converter, Store, child_init, child_ping, child_write, pack, records_of,
+)
+from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode
 
-if TYPE_CHECKING:  # not at run time: the conversion process imports this module too
+if TYPE_CHECKING:  # for the annotation only
     from loragate.service.metrics import Metrics
 
 log = logging.getLogger("loragate.requestlog")
@@ -63,13 +61,6 @@ class NullRequestLog:
 
     def record(self, record: RequestRecord) -> None:
         return None
-
-
-@runtime_checkable
-class Store(Protocol):
-    def write(self, table: str, rows: Any) -> int:
-        """Write ``rows`` of ``table`` ("requests" or "feedback") durably: a pa.Table in the table's schema
-        (the requests, service.logbatch) or a list of row dicts; returns the files written."""
 
 
 # --- recent requests, for feedback ---------------------------------------------------
@@ -97,134 +88,11 @@ class RecentRequests:
         return self._served.get(request_id)
 
 
-# --- turning a batch of records into rows and writing them ------------------------------
-
-
-class Converter:
-    """Records -> a table for the store, with one scrub cache; used by the writer thread or the conversion process.
-
-    A requests batch is built column by column (service.logbatch); a batch that path cannot take
-    (a record that does not parse, say) is converted record by record instead, each unreadable
-    record logged and skipped. Imports pyarrow when first used: only where the store lives.
-    """
-
-    def __init__(self, text_mode: TextMode) -> None:
-        self.text_mode = text_mode
-        self._scrub_cached = functools.lru_cache(maxsize=4096)(scrub)
-        self._scrubbed: OrderedDict[str, str] = OrderedDict()  # the batch path's cache (system prompts)
-
-    def write(self, store: Store, table: str, records: list) -> tuple[int, int]:
-        """(rows written, records unreadable); a store error propagates (the caller retries)."""
-        data, unreadable = self.convert(table, records)
-        written = len(data)
-        if written:
-            store.write(table, data)
-        return written, unreadable
-
-    def convert(self, table: str, records: list) -> tuple[Any, int]:
-        """(a pa.Table or a list of row dicts, records unreadable)."""
-        if table == REQUESTS and records:
-            from loragate.service.logbatch import requests_table  # pyarrow: where the store is
-
-            try:
-                return requests_table(records, self.text_mode, self._clean_all), 0
-            except Exception as exc:  # one odd record: the batch goes record by record, skipping the unreadable
-                log.debug("request log: a batch converted record by record (%s: %s)", type(exc).__name__, exc)
-        rows, unreadable = [], 0
-        for record in records:
-            try:
-                if table == REQUESTS:
-                    rows.append(request_row(record, self.text_mode, self._scrub))
-                else:
-                    rows.append(feedback_row(record, self.text_mode))
-            except Exception:  # a record we cannot read must not cost the batch
-                log.exception("request log: cannot convert a %s record", table)
-                unreadable += 1
-        return rows, unreadable
-
-    def _clean_all(self, texts: list[str]) -> dict[str, str]:
-        """Distinct texts -> scrubbed, the ones not cached scrubbed in one call (service.logscrub)."""
-        from loragate.service.logscrub import scrub_many  # pyarrow: where the store is
-
-        cache = self._scrubbed
-        clean = {text: cache[text] for text in texts if text in cache}
-        todo = [text for text in texts if text not in clean]
-        if todo:
-            for text, scrubbed in zip(todo, scrub_many(todo)):
-                clean[text] = scrubbed
-                if len(text) <= 8192:  # the cache holds at most ~32 MB
-                    cache[text] = scrubbed
-            while len(cache) > 4096:
-                cache.popitem(last=False)
-        return clean
-
-    def _scrub(self, text: str) -> str:
-        return self._scrub_cached(text) if len(text) <= 8192 else scrub(text)  # the cache holds at most ~32 MB
-
-
-# Records wait for their batch as plain tuples (see RequestLog._put); in process mode a batch crosses to
-# the conversion process as one pickle of them (no per-record pickling on the request path).
-_RECORD_TYPES = {REQUESTS: RequestRecord, FEEDBACK: FeedbackRecord}
-
-
-def _pack(records: list[tuple]) -> bytes:
-    return pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
-
-
 def parquet_store(url: str, **options: Any) -> Store:
     """A ParquetStore, importing pyarrow only where it is called (the conversion process)."""
     from loragate.service.logstore import ParquetStore
 
     return ParquetStore(url, **options)
-
-
-class _Child:
-    """State of the conversion process (one per pool, built by ``_child_init``)."""
-
-    store: Store
-    converter: Converter
-
-
-_child = _Child()  # lives in the conversion process only; the gateway's process never sets it
-
-
-def _child_init(store_factory: Callable[[], Store], text_mode: TextMode, parent_pid: int) -> None:
-    # The gateway decides when this process ends: a SIGTERM sent to the whole process group
-    # (a terminal, systemd, `kill -- -pgid`) must not kill it before the gateway's last flush.
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="loragate-parent-watch",
-                     daemon=True).start()
-    _child.converter = Converter(text_mode)
-    _child.store = store_factory()
-    gc.freeze()  # what start-up loaded is never garbage: later collections skip it
-
-
-def _exit_with_parent(parent_pid: int) -> None:
-    """A gateway killed hard (SIGKILL, OOM) cannot shut the pool down: do not outlive it."""
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(0)
-
-
-def _child_ping() -> int:
-    return os.getpid()
-
-
-def _child_write(table: str, packed: bytes) -> tuple[int, int, str | None]:
-    """(rows written, records unreadable, store error or None): runs in the conversion process."""
-    kind = _RECORD_TYPES[table]
-    # A batch makes ~100 objects a record (parsed requests and answers) that reference counting frees: the
-    # cyclic GC walking them meanwhile was a quarter of a streamed record's cost (measured). Off for the batch.
-    gc.disable()
-    try:
-        records = [kind(*fields) for fields in pickle.loads(packed)]
-        written, unreadable = _child.converter.write(_child.store, table, records)
-    except Exception as exc:  # sent back as text: any exception type, picklable or not
-        return 0, 0, f"{type(exc).__name__}: {exc}"
-    finally:
-        gc.enable()
-    return written, unreadable, None
 
 
 class _StoreError(Exception):
@@ -336,7 +204,7 @@ class RequestLog:
         if self._thread is None:
             if self.convert == "process":
                 # The child starts now, not with the first batch; a store it cannot build is logged now.
-                self._ensure_pool().submit(_child_ping).add_done_callback(_log_start_failure)
+                self._ensure_pool().submit(child_ping).add_done_callback(_log_start_failure)
             self._thread = threading.Thread(target=self._run, name="loragate-requestlog", daemon=True)
             self._thread.start()
 
@@ -428,11 +296,10 @@ class RequestLog:
 
     def _write(self, table: str, records: list) -> tuple[int, int]:
         if self.store is not None:  # thread mode
-            kind = _RECORD_TYPES[table]
-            return self._converter.write(self.store, table, [kind(*fields) for fields in records])
+            return self._converter.write(self.store, table, records_of(table, records))
         pool = self._ensure_pool()
         try:
-            written, unreadable, error = pool.submit(_child_write, table, _pack(records)).result()
+            written, unreadable, error = pool.submit(child_write, table, pack(records)).result()
         except BrokenProcessPool as exc:  # the child died (killed, out of memory): a new one, and retry
             log.error("request log: the conversion process died; starting a new one")
             pool.shutdown(wait=False, cancel_futures=True)
@@ -447,7 +314,7 @@ class RequestLog:
             assert self._store_factory is not None  # process mode
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_child_init, initargs=(self._store_factory, self.text_mode, os.getpid()))
+                initializer=child_init, initargs=(self._store_factory, self.text_mode, os.getpid()))
         return self._pool
 
     def _shutdown_pool(self) -> None:

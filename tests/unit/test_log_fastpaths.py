@@ -24,7 +24,8 @@ from loragate.service.errors import GatewayError
 from loragate.service.logrows import _simple_stream_objects, _stream_answer, request_row
 from loragate.service.logscrub import scrub_many
 from loragate.service.logbatch import requests_table, stream_answer
-from loragate.service.requestlog import Converter, RequestRecord
+from loragate.service.logconvert import Converter
+from loragate.service.requestlog import RequestRecord
 from tests.unit.test_requestlog import PII_PROMPT, chat_record
 from tests.unit.test_scrub import KEPT, PLANTED
 

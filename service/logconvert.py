@@ -1,0 +1,160 @@
+"""Records -> what the request log's store writes, and the conversion process that does it.
+
+``Converter`` turns a batch of records into a table (service.logbatch, column by column) or,
+for a batch that path cannot take, rows record by record (service.logrows); it runs in the
+request log's writer thread or, by default, in one long-lived conversion process whose entry
+points are the ``_child_*`` functions below (service.requestlog starts and feeds it).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import os
+import pickle
+import signal
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from loragate.common.logschema import FEEDBACK, REQUESTS
+from loragate.common.scrub import scrub
+from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode, feedback_row, request_row
+
+log = logging.getLogger("loragate.requestlog")
+
+
+@runtime_checkable
+class Store(Protocol):
+    def write(self, table: str, rows: Any) -> int:
+        """Write ``rows`` of ``table`` ("requests" or "feedback") durably: a pa.Table in the table's schema
+        (the requests, service.logbatch) or a list of row dicts; returns the files written."""
+
+
+
+class Converter:
+    """Records -> a table for the store, with one scrub cache; used by the writer thread or the conversion process.
+
+    A requests batch is built column by column (service.logbatch); a batch that path cannot take
+    (a record that does not parse, say) is converted record by record instead, each unreadable
+    record logged and skipped. Imports pyarrow when first used: only where the store lives.
+    """
+
+    def __init__(self, text_mode: TextMode) -> None:
+        self.text_mode = text_mode
+        self._scrub_cached = functools.lru_cache(maxsize=4096)(scrub)
+        self._scrubbed: OrderedDict[str, str] = OrderedDict()  # the batch path's cache (system prompts)
+
+    def write(self, store: Store, table: str, records: list) -> tuple[int, int]:
+        """(rows written, records unreadable); a store error propagates (the caller retries)."""
+        data, unreadable = self.convert(table, records)
+        written = len(data)
+        if written:
+            store.write(table, data)
+        return written, unreadable
+
+    def convert(self, table: str, records: list) -> tuple[Any, int]:
+        """(a pa.Table or a list of row dicts, records unreadable)."""
+        if table == REQUESTS and records:
+            from loragate.service.logbatch import requests_table  # pyarrow: where the store is
+
+            try:
+                return requests_table(records, self.text_mode, self._clean_all), 0
+            except Exception as exc:  # one odd record: the batch goes record by record, skipping the unreadable
+                log.debug("request log: a batch converted record by record (%s: %s)", type(exc).__name__, exc)
+        rows, unreadable = [], 0
+        for record in records:
+            try:
+                if table == REQUESTS:
+                    rows.append(request_row(record, self.text_mode, self._scrub))
+                else:
+                    rows.append(feedback_row(record, self.text_mode))
+            except Exception:  # a record we cannot read must not cost the batch
+                log.exception("request log: cannot convert a %s record", table)
+                unreadable += 1
+        return rows, unreadable
+
+    def _clean_all(self, texts: list[str]) -> dict[str, str]:
+        """Distinct texts -> scrubbed, the ones not cached scrubbed in one call (service.logscrub)."""
+        from loragate.service.logscrub import scrub_many  # pyarrow: where the store is
+
+        cache = self._scrubbed
+        clean = {text: cache[text] for text in texts if text in cache}
+        todo = [text for text in texts if text not in clean]
+        if todo:
+            for text, scrubbed in zip(todo, scrub_many(todo)):
+                clean[text] = scrubbed
+                if len(text) <= 8192:  # the cache holds at most ~32 MB
+                    cache[text] = scrubbed
+            while len(cache) > 4096:
+                cache.popitem(last=False)
+        return clean
+
+    def _scrub(self, text: str) -> str:
+        return self._scrub_cached(text) if len(text) <= 8192 else scrub(text)  # the cache holds at most ~32 MB
+
+
+# Records wait for their batch as plain tuples (see RequestLog._put); in process mode a batch crosses to
+# the conversion process as one pickle of them (no per-record pickling on the request path).
+_RECORD_TYPES = {REQUESTS: RequestRecord, FEEDBACK: FeedbackRecord}
+
+
+def pack(records: list[tuple]) -> bytes:
+    return pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def records_of(table: str, queued: list[tuple]) -> list:
+    """The records of ``table`` back from the plain tuples they were queued as."""
+    kind = _RECORD_TYPES[table]
+    return [kind(*fields) for fields in queued]
+
+
+class _Child:
+    """State of the conversion process (one per pool, built by ``child_init``)."""
+
+    store: Store
+    converter: Converter
+
+
+_child = _Child()  # lives in the conversion process only; the gateway's process never sets it
+
+
+def child_init(store_factory: Callable[[], Store], text_mode: TextMode, parent_pid: int) -> None:
+    # The gateway decides when this process ends: a SIGTERM sent to the whole process group
+    # (a terminal, systemd, `kill -- -pgid`) must not kill it before the gateway's last flush.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="loragate-parent-watch",
+                     daemon=True).start()
+    _child.converter = Converter(text_mode)
+    _child.store = store_factory()
+    gc.freeze()  # what start-up loaded is never garbage: later collections skip it
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A gateway killed hard (SIGKILL, OOM) cannot shut the pool down: do not outlive it."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(0)
+
+
+def child_ping() -> int:
+    return os.getpid()
+
+
+def child_write(table: str, packed: bytes) -> tuple[int, int, str | None]:
+    """(rows written, records unreadable, store error or None): runs in the conversion process."""
+    # A batch makes ~100 objects a record (parsed requests and answers) that reference counting frees: the
+    # cyclic GC walking them meanwhile was a quarter of a streamed record's cost (measured). Off for the batch.
+    gc.disable()
+    try:
+        records = records_of(table, pickle.loads(packed))
+        written, unreadable = _child.converter.write(_child.store, table, records)
+    except Exception as exc:  # sent back as text: any exception type, picklable or not
+        return 0, 0, f"{type(exc).__name__}: {exc}"
+    finally:
+        gc.enable()
+    return written, unreadable, None
