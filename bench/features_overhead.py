@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.overhead import CHUNKS, ROUTES, pinned, tree_cpu_s  # noqa: E402
+from bench.overhead import CHUNKS, ROUTES, can_pin, pinned, tree_cpu_s, wrk_missing  # noqa: E402
 from tests.processes import Service, free_port, wait_http  # noqa: E402
 
 KEY = "lg-benchbenchbenchbenchbenchbenchbenchbench0"
@@ -211,10 +211,9 @@ def main() -> int:
     parser.add_argument("--keep-running", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "features_overhead.json")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+    if wrk_missing():
         return 2
-    pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    pin = can_pin(args.no_pin)
     load_cpu, proxy_cpu = (0, 1) if pin else (None, None)
 
     work = Path(tempfile.mkdtemp(prefix="loragate-bench-features-"))

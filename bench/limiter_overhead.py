@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ request = function() return req end
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from bench.overhead import WRK_DONE, pinned, run_wrk, tree_cpu_s
+    from bench.overhead import WRK_DONE, can_pin, pinned, run_wrk, tree_cpu_s, wrk_missing
     from loragate.service.auth import hash_key, new_key
     from loragate.service.limits import LUA_BUCKETS
     from tests.processes import Service, free_port, wait_http
@@ -61,10 +60,9 @@ def main() -> int:
     parser.add_argument("--limits-python", type=Path, help="an interpreter with `limits` and `redis` installed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "limiter_overhead.json")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+    if wrk_missing():
         return 2
-    pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    pin = can_pin(args.no_pin)
     side_cpu, gateway_cpu = (0, 1) if pin else (None, None)
 
     work = Path(tempfile.mkdtemp(prefix="loragate-limiter-bench-"))

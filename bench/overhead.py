@@ -133,6 +133,19 @@ def tree_cpu_s(pid: int) -> float:
     return total / CLK_TCK
 
 
+def wrk_missing() -> bool:
+    """True (and says how to install it) when wrk is not on the PATH."""
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+        return True
+    return False
+
+
+def can_pin(no_pin: bool) -> bool:
+    """Pin the load (CPU 0) and the process under test (CPU 1) apart: 2+ CPUs, taskset, and not ``--no-pin``."""
+    return not no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+
+
 def pinned(command: list[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *command] if cpu is not None else command
 
@@ -293,10 +306,9 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
     parser.add_argument("--keep-running", action="store_true", help="pause after the checks with the servers up (prints urls and pids), e.g. to profile")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+    if wrk_missing():
         return 2
-    pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    pin = can_pin(args.no_pin)
     wrk_cpu = 0 if pin else None
 
     work = Path(tempfile.mkdtemp(prefix="loragate-bench-"))

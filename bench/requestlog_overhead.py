@@ -56,6 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.overhead import can_pin, pinned, wrk_missing  # noqa: E402
 from tests.processes import Service, free_port, wait_http  # noqa: E402
 
 TARGET_RATIO = 0.90  # logging on keeps at least 90% of the req/s of logging off
@@ -98,10 +99,6 @@ def body(stream: bool, order: str = "4521") -> str:
                                                  f"my order #{order} has not arrived yet, what can I do?"}],
         "max_tokens": CHUNKS, "temperature": 0, "stream": stream,
     })
-
-
-def pinned(command: list[str], cpu: int | None) -> list[str]:
-    return ["taskset", "-c", str(cpu), *command] if cpu is not None else command
 
 
 def start_gateway(work: Path, name: str, upstream: str, cpu: int | None, log_url: str | None,
@@ -193,10 +190,9 @@ def main() -> int:
                         help="pinned: the conversion process on the load generator's CPU 0 (other) "
                              "or on the gateway's CPU 1 (same)")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+    if wrk_missing():
         return 2
-    pin = not args.no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
+    pin = can_pin(args.no_pin)
     load_cpu, gateway_cpu = (0, 1) if pin else (None, None)
 
     work = Path(tempfile.mkdtemp(prefix="loragate-bench-log-"))

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ SHADOW = "    shadow: {variant: v2, percent: 100, max_in_flight: 64}\n"
 
 def main() -> int:
     sys.path.insert(0, str(ROOT))
-    from bench.overhead import WRK_SCRIPT, pinned, request_body, run_wrk, tree_cpu_s
+    from bench.overhead import WRK_SCRIPT, can_pin, pinned, request_body, run_wrk, tree_cpu_s, wrk_missing
     from tests.metrics_text import sample_sum, scrape
     from tests.processes import Service, free_port, wait_http
 
@@ -51,10 +50,9 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "shadow_overhead.json")
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("wrk is not installed: apt-get install -y wrk", file=sys.stderr)
+    if wrk_missing():
         return 2
-    pin = not args.no_pin and (os.cpu_count() or 1) >= 2
+    pin = can_pin(args.no_pin)
     side_cpu, gateway_cpu = (0, 1) if pin else (None, None)
 
     work = Path(tempfile.mkdtemp(prefix="loragate-shadow-bench-"))
