@@ -3,7 +3,7 @@
 ``Converter`` turns a batch of records into a table (service.logbatch, column by column) or,
 for a batch that path cannot take, rows record by record (service.logrows); it runs in the
 request log's writer thread or, by default, in one long-lived conversion process whose entry
-points are the ``_child_*`` functions below (service.requestlog starts and feeds it).
+points are the ``child_*`` functions below (service.requestlog starts and feeds it).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ class Store(Protocol):
     def write(self, table: str, rows: Any) -> int:
         """Write ``rows`` of ``table`` ("requests" or "feedback") durably: a pa.Table in the table's schema
         (the requests, service.logbatch) or a list of row dicts; returns the files written."""
-
 
 
 class Converter:
