@@ -95,7 +95,7 @@ class _Facts:
     @property
     def digits(self) -> int:  # ASCII digits, as scrub counts them
         if self._digits is None:
-            self._digits = sum(map(self.text.count, "0123456789"))  # str.translate's count, 5x faster
+            self._digits = rules.ascii_digits(self.text)
         return self._digits
 
     @property

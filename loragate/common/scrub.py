@@ -45,7 +45,6 @@ NATIONAL_ID = "[NATIONAL_ID]"
 IP = "[IP]"
 SECRET = "[SECRET]"
 
-_NOT_DIGITS = str.maketrans("", "", "0123456789")
 _NON_DIGIT = re.compile(r"\D")
 _SPACE = re.compile(r"\s")
 _LONG_RUN = re.compile(r"[A-Za-z0-9+/_-]{32}")
@@ -67,9 +66,20 @@ class _Facts:
     def __init__(self, text: str) -> None:
         self.text = text
         self.lower = text.lower()
-        self.digits = len(text) - len(text.translate(_NOT_DIGITS))
+        self.digits = ascii_digits(text)
         self.long_run = _LONG_RUN.search(text) is not None
         self.six_digits = self.digits >= 6 and _SIX_DIGITS.search(text) is not None
+
+
+def ascii_digits(text: str) -> int:
+    """How many of 0-9 ``text`` holds, in one C pass over its UTF-8 (no byte of a multi-byte character is ASCII)."""
+    data = text.encode("utf-8", "surrogatepass")
+    return len(data) - len(data.translate(None, b"0123456789"))
+
+
+def _digit_count(text: str) -> int:
+    """How many characters of ``text`` Python's ``\\d`` matches (any Unicode decimal digit)."""
+    return ascii_digits(text) if text.isascii() else len(_NON_DIGIT.sub("", text))
 
 
 class Facts(Protocol):
@@ -140,15 +150,14 @@ def _ipv4(match: re.Match[str]) -> str:
 
 
 def _international_phone(match: re.Match[str]) -> str:
-    digits = _NON_DIGIT.sub("", match.group())
-    if match.group().startswith("00"):
-        digits = digits[2:]
-    return PHONE if 8 <= len(digits) <= 15 else match.group()
+    number = match.group()
+    digits = _digit_count(number) - (2 if number.startswith("00") else 0)  # "00": the prefix, not the number
+    return PHONE if 8 <= digits <= 15 else number
 
 
 def _national_phone(match: re.Match[str]) -> str:
-    digits = _NON_DIGIT.sub("", match.group())
-    return PHONE if 10 <= len(digits) <= 11 else match.group()
+    number = match.group()
+    return PHONE if 10 <= _digit_count(number) <= 11 else number
 
 
 def _base64_secret(match: re.Match[str]) -> str:
