@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     request_log_s3_endpoint: str | None = None
     request_log_s3_region: str | None = None
     # POST /v1/feedback: labels counted by name in loragate_feedback_total (others count as "other"),
-    # and how many recent request ids are remembered to attach route and variant to feedback.
+    # and how many recent request ids are remembered (at least; at most twice as many) to attach route and
+    # variant to feedback.
     feedback_labels: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["good", "bad", "neutral", "correct", "incorrect"])
     feedback_recent_requests: int = Field(100_000, ge=1)

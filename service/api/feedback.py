@@ -7,7 +7,8 @@ log (table ``feedback``) and counted in ``loragate_feedback_total{route,variant,
 and ``loragate_feedback_score{route,variant}``.
 
 An id this process does not remember (served by another replica or worker, or
-longer ago than the last ``feedback_recent_requests`` requests) is still
+longer ago than the last ``feedback_recent_requests`` requests, of which it keeps
+at least that many and at most twice as many) is still
 accepted: it is stored with null route and variant (the request log has them:
 join on request_id) and counted under route ``_unknown``, variant ``none``.
 A 404 would make clients' feedback depend on which replica the load balancer

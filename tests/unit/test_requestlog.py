@@ -344,12 +344,16 @@ def test_feedback_table(tmp_path, convert):
     assert counted(metrics, "written", kind="feedback") == 2
 
 
-def test_recent_requests_map_is_bounded():
+def test_recent_requests_map_keeps_the_last_capacity_and_is_bounded():
     sink = RequestLog(object(), Metrics(), recent_requests=3)
-    for index in range(5):
+    held = []
+    for index in range(10):
         sink.record(chat_record(f"r{index}"))
-    assert sink.recent.get("r0") is None and sink.recent.get("r4") == ("support", "v1")
-    assert len(sink.recent._served) == 3
+        held.append(len(sink.recent))
+        # the last 3 are always there
+        assert all(sink.recent.get(f"r{last}") == ("support", "v1") for last in range(max(0, index - 2), index + 1))
+    assert max(held) <= 6
+    assert sink.recent.get("r0") is None and sink.recent.get("r5") is None  # older ones are let go
 
 
 # --- the conversion process -------------------------------------------------------------
