@@ -317,6 +317,7 @@ class Authenticator:
         self.store = store
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
         self._digests: dict[str, str] = {}  # presented key -> its SHA-256 hex (see _digest)
+        self._principals: dict[str, KeyPrincipal] = {}  # key id -> the principal of that ApiKey object
         self.metrics = metrics
         self.limiter = limiter or LocalLimiter(clock)
         if metrics is not None and store is not None:
@@ -358,8 +359,15 @@ class Authenticator:
         if key.revoked:
             raise self._reject("revoked_key", 401, "this API key has been revoked", code="invalid_api_key",
                                key_id=key.id)
-        return KeyPrincipal(key, self.limiter, self._reject,
-                            key.requests_per_minute is not None or key.tokens_per_minute is not None)
+        # One principal per key, not one per request: it holds nothing of the request. A reload makes new
+        # ApiKey objects, and so new principals.
+        principal = self._principals.get(key.id)
+        if principal is None or principal.key is not key:
+            if len(self._principals) >= 4096:
+                self._principals.clear()
+            principal = self._principals[key.id] = KeyPrincipal(
+                key, self.limiter, self._reject, key.requests_per_minute is not None or key.tokens_per_minute is not None)
+        return principal
 
     def authorize_admin(self, headers: Mapping[str, str]) -> None:
         presented = presented_key(headers)
