@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import marshal
 import os
-import pickle
 import signal
 import threading
 import time
@@ -97,12 +97,14 @@ class Converter:
 
 
 # Records wait for their batch as plain tuples (see RequestLog._put); in process mode a batch crosses to
-# the conversion process as one pickle of them (no per-record pickling on the request path).
+# the conversion process as one marshal of them (no per-record work on the request path). Records hold
+# plain values only (str, bytes, numbers, None, JSON values), which marshal writes about twice as fast
+# as pickle (no memo), and both processes run the same Python.
 _RECORD_TYPES = {REQUESTS: RequestRecord, FEEDBACK: FeedbackRecord}
 
 
 def pack(records: list[tuple]) -> bytes:
-    return pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
+    return marshal.dumps(records)
 
 
 def records_of(table: str, queued: list[tuple]) -> list:
@@ -150,7 +152,7 @@ def child_write(table: str, packed: bytes) -> tuple[int, int, str | None]:
     # cyclic GC walking them meanwhile was a quarter of a streamed record's cost (measured). Off for the batch.
     gc.disable()
     try:
-        records = records_of(table, pickle.loads(packed))
+        records = records_of(table, marshal.loads(packed))
         written, unreadable = _child.converter.write(_child.store, table, records)
     except Exception as exc:  # sent back as text: any exception type, picklable or not
         return 0, 0, f"{type(exc).__name__}: {exc}"

@@ -24,7 +24,7 @@ class RequestRecord(NamedTuple):
 
     No dict payload or list of chunks (held until the next flush, they made every collection of
     the gateway dearer): the log queues the record as a plain tuple, which the cyclic GC stops
-    tracking, and a batch of them pickles in one call (service/requestlog.py).
+    tracking, and a batch of them is marshalled in one call (service/logconvert.py).
     """
 
     request_id: str
