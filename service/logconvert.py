@@ -109,8 +109,8 @@ def pack(records: list[tuple]) -> bytes:
 
 def records_of(table: str, queued: list[tuple]) -> list:
     """The records of ``table`` back from the plain tuples they were queued as."""
-    kind = _RECORD_TYPES[table]
-    return [kind(*fields) for fields in queued]
+    kind, make = _RECORD_TYPES[table], tuple.__new__  # the NamedTuple's fields as they are, without its __new__
+    return [make(kind, fields) for fields in queued]
 
 
 class _Child:
