@@ -206,8 +206,9 @@ def _simple_stream_parts(stream: bytes) -> list[bytes] | None:
     if not body.startswith(b"data: {"):
         return None
     parts = body[6:].split(_NEXT)
-    # Every LF belongs to an event separator, and every event after the first opens an object.
-    if body.count(b"\n") != 2 * (len(parts) - 1) or body.count(b"\n\ndata: {") != len(parts) - 1:
+    # Every LF belongs to an event separator (found by memchr: bytes.count of one byte is a plain loop, 2x
+    # dearer), and every event after the first opens an object.
+    if b"\n" in b"".join(parts) or body.count(b"\n\ndata: {") != len(parts) - 1:
         return None
     return parts
 
