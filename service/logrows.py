@@ -189,26 +189,28 @@ def _stream_answer(stream: bytes) -> tuple[str | None, str | None]:
     return ("".join(parts) if seen else None), finish_reason
 
 
-_DONE = b"\n\ndata: [DONE]"
 _NEXT = b"\n\ndata: "
 
 
 def _simple_stream_parts(stream: bytes) -> list[bytes] | None:
     """The JSON texts of a stream whose every event is one ``data: {...}`` line (what vLLM sends), else None.
 
-    A few C-level byte scans; anything else (CR line ends, comments, multi-line data) returns None.
+    A few C-level byte scans, and one split of the stream as it is (no copy of it first); anything else
+    (CR line ends, comments, multi-line data) returns None.
     """
-    if b"\r" in stream:
+    # bytes.find, not ``in``: the same memchr, without ``in``'s buffer protocol round trip (2-3x dearer here).
+    if stream.find(b"\r") >= 0 or not stream.startswith(b"data: {"):
         return None
-    body = stream.rstrip(b"\n")
-    if body.endswith(_DONE):
-        body = body[:-len(_DONE)]
-    if not body.startswith(b"data: {"):
-        return None
-    parts = body[6:].split(_NEXT)
+    parts = stream.split(_NEXT)
+    last = parts[-1].rstrip(b"\n")
+    if last == b"[DONE]":  # not the first part: that one opens with "data: {"
+        parts.pop()
+    else:
+        parts[-1] = last
+    parts[0] = parts[0][6:]
     # Every LF belongs to an event separator (found by memchr: bytes.count of one byte is a plain loop, 2x
     # dearer), and every event after the first opens an object.
-    if b"\n" in b"".join(parts) or body.count(b"\n\ndata: {") != len(parts) - 1:
+    if b"".join(parts).find(b"\n") >= 0 or stream.count(b"\n\ndata: {") != len(parts) - 1:
         return None
     return parts
 
