@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from loragate.common.logschema import FEEDBACK, REQUESTS
 from loragate.common.scrub import scrub
 from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode, feedback_row, request_row
+from loragate.service.logspool import Spooled, SpoolUnreadable, mapped
 
 log = logging.getLogger("loragate.requestlog")
 
@@ -146,14 +147,24 @@ def child_ping() -> int:
     return os.getpid()
 
 
-def child_write(table: str, packed: bytes) -> tuple[int, int, str | None]:
-    """(rows written, records unreadable, store error or None): runs in the conversion process."""
+def child_write(table: str, packed: bytes | Spooled) -> tuple[int, int, str | None]:
+    """(rows written, records unreadable, store error or None): runs in the conversion process.
+
+    ``packed`` is the marshalled batch, or where it is spooled (service.logspool); a spooled batch this
+    process cannot map raises SpoolUnreadable, for the gateway to send the bytes instead.
+    """
     # A batch makes ~100 objects a record (parsed requests and answers) that reference counting frees: the
     # cyclic GC walking them meanwhile was a quarter of a streamed record's cost (measured). Off for the batch.
     gc.disable()
     try:
-        records = records_of(table, marshal.loads(packed))
-        written, unreadable = _child.converter.write(_child.store, table, records)
+        if isinstance(packed, Spooled):
+            with mapped(packed) as view:
+                queued = marshal.loads(view)
+        else:
+            queued = marshal.loads(packed)
+        written, unreadable = _child.converter.write(_child.store, table, records_of(table, queued))
+    except SpoolUnreadable:
+        raise
     except Exception as exc:  # sent back as text: any exception type, picklable or not
         return 0, 0, f"{type(exc).__name__}: {exc}"
     finally:

@@ -31,15 +31,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from loragate.common.logschema import FEEDBACK, PRIMARY, REQUESTS
+from loragate.service import logspool
 from loragate.service.logconvert import (
     Converter, Store, child_init, child_ping, child_write, pack, records_of,
 )
 from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode
+from loragate.service.logspool import Spooled, SpoolUnreadable
 
 if TYPE_CHECKING:  # for the annotation only
     from loragate.service.metrics import Metrics
@@ -145,6 +148,7 @@ class RequestLog:
         recent_requests: int = 100_000,
         max_write_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
+        spool: Callable[[bytes], AbstractContextManager[Spooled | None]] = logspool.spool,
     ) -> None:
         self.convert = convert
         self.store: Store | None = None  # thread mode
@@ -164,6 +168,8 @@ class RequestLog:
         self.recent = RecentRequests(recent_requests)
         self._converter = Converter(text_mode)
         self._pool: ProcessPoolExecutor | None = None
+        self._spool = spool  # how a batch reaches the conversion process (service.logspool)
+        self._spooling = True  # until the conversion process says it cannot map a spooled batch
         # A deque, not a queue.Queue: append/popleft need no lock, and the writer polls it
         # every tick instead of being woken (a GIL hand-off) for every record.
         self._queues: dict[str, deque[tuple]] = {REQUESTS: deque(), FEEDBACK: deque()}  # the records' fields
@@ -310,7 +316,7 @@ class RequestLog:
             return self._converter.write(self.store, table, records_of(table, records))
         pool = self._ensure_pool()
         try:
-            written, unreadable, error = pool.submit(child_write, table, pack(records)).result()
+            written, unreadable, error = self._convert_in_child(pool, table, pack(records))
         except BrokenProcessPool as exc:  # the child died (killed, out of memory): a new one, and retry
             log.error("request log: the conversion process died; starting a new one")
             pool.shutdown(wait=False, cancel_futures=True)
@@ -319,6 +325,19 @@ class RequestLog:
         if error is not None:
             raise _StoreError(error)
         return written, unreadable
+
+    def _convert_in_child(self, pool: ProcessPoolExecutor, table: str, packed: bytes) -> tuple[int, int, str | None]:
+        """child_write, the batch spooled (service.logspool) where it can be, else through the pool's pipe."""
+        if self._spooling:
+            with self._spool(packed) as spooled:
+                if spooled is not None:
+                    try:
+                        return pool.submit(child_write, table, spooled).result()
+                    except SpoolUnreadable as exc:
+                        log.warning("request log: the conversion process cannot map spooled batches (%s); "
+                                    "sending them through its pipe from now on", exc)
+                        self._spooling = False
+        return pool.submit(child_write, table, packed).result()
 
     def _ensure_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:

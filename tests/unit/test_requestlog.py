@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import marshal
 import os
 import re
 import signal
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from loragate.common.logschema import SCHEMA_VERSION, arrow_schema
+from loragate.service import logspool
 from loragate.service.logrows import prompt_of, request_row
 from loragate.service.logstore import ParquetStore, read_table
 from loragate.service.metrics import Metrics
@@ -388,6 +391,52 @@ def test_a_killed_conversion_process_is_replaced_and_its_batch_retried(tmp_path)
     sink.close()
     assert _rows(tmp_path) == 6
     assert counted(metrics, "written") == 6 and counted(metrics, "failed") == 0
+
+
+def test_batches_reach_the_conversion_process_spooled_or_else_through_its_pipe(tmp_path):
+    """Spooled (a memfd the child maps) where it works; no memfd, or one the child cannot map: the pipe."""
+    shipped = []
+
+    def spool_noting(packed):  # the real spool, noting what it handed over
+        with logspool.spool(packed) as spooled:
+            shipped.append(spooled)
+            yield spooled
+
+    @contextlib.contextmanager
+    def no_memfd(packed):
+        shipped.append(None)
+        yield None
+
+    @contextlib.contextmanager
+    def unmappable(packed):  # a descriptor the child cannot open
+        shipped.append("bad")
+        yield logspool.Spooled(os.getpid(), 1_000_000)
+
+    for name, spool in (("spooled", contextlib.contextmanager(spool_noting)), ("piped", no_memfd),
+                        ("fallback", unmappable)):
+        metrics = Metrics()
+        sink = parquet_sink(tmp_path / name, metrics, "process", flush_interval_s=0.1, spool=spool)
+        sink.start()
+        for index in range(3):
+            sink.record(chat_record(f"{name}-{index}", stream=index == 1))
+        _wait_for(lambda: counted(metrics, "written") == 3)
+        sink.record(chat_record(f"{name}-late"))
+        sink.close()
+        assert _rows(tmp_path / name) == 4 and counted(metrics, "failed") == 0, name
+    assert isinstance(shipped[0], logspool.Spooled)  # Linux: the real spool works here
+    # After the child could not map one, the log stops spooling: the second batch is not offered to the spool.
+    assert shipped.count("bad") == 1
+
+
+def test_a_spooled_batch_maps_back_to_its_bytes():
+    packed = marshal.dumps([("a", 1.5, None, b"\x00" * 100_000)])
+    with logspool.spool(packed) as spooled:
+        assert spooled is not None and spooled.pid == os.getpid()
+        with logspool.mapped(spooled) as view:
+            assert marshal.loads(view) == marshal.loads(packed)
+    with pytest.raises(logspool.SpoolUnreadable):  # closed with the block
+        with logspool.mapped(spooled):
+            pass
 
 
 def test_the_conversion_process_ignores_sigterm_and_dies_with_its_parent(tmp_path):
