@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
@@ -46,7 +45,6 @@ class Converter:
     def __init__(self, text_mode: TextMode) -> None:
         self.text_mode = text_mode
         self._scrub_cached = functools.lru_cache(maxsize=4096)(scrub)
-        self._scrubbed: OrderedDict[str, str] = OrderedDict()  # the batch path's cache (system prompts)
 
     def write(self, store: Store, table: str, records: list) -> tuple[int, int]:
         """(rows written, records unreadable); a store error propagates (the caller retries)."""
@@ -78,20 +76,15 @@ class Converter:
         return rows, unreadable
 
     def _clean_all(self, texts: list[str]) -> dict[str, str]:
-        """Distinct texts -> scrubbed, the ones not cached scrubbed in one call (service.logscrub)."""
+        """Distinct texts -> scrubbed, all in one call (service.logscrub).
+
+        No cache across batches: a batch holds each distinct text once already, and a text that recurs
+        in every batch (a system prompt) costs one scrub a batch. A cache paid for every unique text
+        (most of them) and kept nothing: a 5000-record batch turned its 4096 entries over whole.
+        """
         from loragate.service.logscrub import scrub_many  # pyarrow: where the store is
 
-        cache = self._scrubbed
-        clean = {text: cache[text] for text in texts if text in cache}
-        todo = [text for text in texts if text not in clean]
-        if todo:
-            for text, scrubbed in zip(todo, scrub_many(todo)):
-                clean[text] = scrubbed
-                if len(text) <= 8192:  # the cache holds at most ~32 MB
-                    cache[text] = scrubbed
-            while len(cache) > 4096:
-                cache.popitem(last=False)
-        return clean
+        return dict(zip(texts, scrub_many(texts)))
 
     def _scrub(self, text: str) -> str:
         return self._scrub_cached(text) if len(text) <= 8192 else scrub(text)  # the cache holds at most ~32 MB
