@@ -72,7 +72,9 @@ class ParquetStore:
         for number in numbers:
             day_rows = data if len(numbers) == 1 else data.filter(pc.equal(days, pa.scalar(number, pa.int64())))
             buffer = pa.BufferOutputStream()
-            pq.write_table(day_rows, buffer, compression=self.compression)
+            repeating = [name for name in day_rows.column_names if name not in logschema.DISTINCT_COLUMNS]
+            pq.write_table(day_rows, buffer, compression=self.compression, use_dictionary=repeating,
+                           write_statistics=repeating)
             day = datetime.fromtimestamp(number * 86_400, timezone.utc).strftime("%Y-%m-%d")
             self._put(f"{self.root}/{table}/date={day}", buffer.getvalue())
         return len(numbers)

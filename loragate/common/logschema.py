@@ -51,6 +51,9 @@ REQUEST_COLUMNS = (
 FEEDBACK_COLUMNS = ("request_id", "timestamp", "route", "variant", "score", "label", "correction",
                     "schema_version")
 COLUMNS = {REQUESTS: REQUEST_COLUMNS, FEEDBACK: FEEDBACK_COLUMNS}
+# Free text and ids: (nearly) every value distinct. Parquet writers skip a dictionary and min/max statistics
+# for these (both useless here, and a quarter of the write's cost).
+DISTINCT_COLUMNS = frozenset({"request_id", "prompt_text", "prompt_messages", "response_text", "correction"})
 
 Turn = dict[str, str]  # {"role": ..., "content": ...}
 
