@@ -80,8 +80,18 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
     no_turns: list[bool] = []  # the record has no turns (a null list): completions, or messages not a list
     prompts: list[str | list[str] | None] = []  # completions: the prompt, or its parts
     for kind, body in zip(endpoint, payload):
-        request = orjson.loads(body)
         prompt: str | list[str] | None = None
+        if kind == CHAT_ENDPOINT:
+            typed = _chat_messages(body)
+            if typed is not _UNTYPED:
+                for turn in typed or ():
+                    roles.append(turn.role or "")
+                    contents.append(turn.content or "")
+                no_turns.append(typed is None)
+                offsets.append(len(roles))
+                prompts.append(None)
+                continue
+        request = orjson.loads(body)
         if kind == CHAT_ENDPOINT:
             messages = request.get("messages")
             if isinstance(messages, list):
@@ -125,6 +135,34 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
                        for prompt in prompts]
     prompt_text = pc.coalesce(pc.binary_join(lines, "\n"), pa.array(completion_text, pa.string()))
     return prompt_text, turns, pa.array(response, pa.string())
+
+
+# --- chat requests: the messages' roles and plain-text contents, decoded into typed structs -------
+
+class _Message(msgspec.Struct, gc=False):
+    role: str | None = None
+    content: str | None = None  # content parts (a list) fall back to the general parse
+
+
+class _ChatRequest(msgspec.Struct, gc=False):
+    messages: list[_Message] | None = None
+
+
+_CHAT_REQUEST = msgspec.json.Decoder(_ChatRequest)
+_UNTYPED = object()  # _chat_messages: only the general parse can say
+
+
+def _chat_messages(body: bytes) -> list[_Message] | None | object:
+    """A chat request's messages (None: no list of them), decoded skipping every other field; _UNTYPED when
+    the types do not describe them exactly as _texts reads them (a message that is not an object, a role
+    that is not a string, content parts) or the JSON is not valid UTF-8 (see stream_answer). The payload
+    is the gateway's own orjson output, which the two decoders read alike."""
+    if not (body.isascii() or _utf8(body)):
+        return _UNTYPED
+    try:
+        return _CHAT_REQUEST.decode(body).messages
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _UNTYPED
 
 
 # --- streamed answers: only the fields the log keeps, decoded into typed structs -------------------

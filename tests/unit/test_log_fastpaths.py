@@ -64,6 +64,8 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode) -> None:
            chat_record("m1")._replace(payload=orjson.dumps({"messages": "not a list"})),
            chat_record("m2")._replace(payload=orjson.dumps({"messages": []})),
            chat_record("m3")._replace(payload=orjson.dumps({"messages": [7, {"content": [{"text": "a"}, {"x": 1}]}]})),
+           chat_record("m4")._replace(payload=b'{"model":"a1","messages":[{"role":"user","content":"caf\xc3\xa9"}]}'),
+           *(chat_record(f"p{index}")._replace(payload=payload) for index, payload in enumerate(random_chat_payloads(300))),
            chat_record("s1", stream=True)._replace(answer=b""),
            chat_record("s2", stream=True)._replace(answer=b"data: {\"choices\": [{\"index\": 1}]}\r\n\r\n")]
     records += odd
@@ -76,6 +78,40 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode) -> None:
     broken = chat_record("broken")._replace(timestamp="not a time")  # request_row raises on it
     rows, unreadable = Converter(mode).convert("requests", records + [broken])
     assert unreadable == 1 and rows == expected
+    # Not UTF-8 in a field the typed decoding skips: unreadable, as record by record (orjson), not logged.
+    not_utf8 = chat_record("u1")._replace(payload=b'{"model":"a\xff","messages":[{"role":"user","content":"x"}]}')
+    rows, unreadable = Converter(mode).convert("requests", records + [not_utf8])
+    if mode == "none":  # the request is not read: logged without its text
+        assert unreadable == 0 and rows.column("request_id").to_pylist()[-1] == "u1"
+        assert rows.num_rows == len(records) + 1
+    else:
+        assert unreadable == 1 and rows == expected
+
+
+def random_chat_payloads(count: int) -> list[bytes]:
+    """Chat requests whose messages are what the typed decoding reads, or one thing out of the ordinary."""
+    rnd = random.Random(5)
+    odd = [None, 0, 7, "", "user", "caf\u00e9", [], {}, [{"type": "text", "text": "a"}], True]
+
+    def message() -> object:
+        if rnd.random() < 0.1:
+            return rnd.choice([7, "text", None, []])  # not an object
+        fields = {}
+        if rnd.random() < 0.9:
+            fields["role"] = rnd.choice(["user", "system", "assistant"]) if rnd.random() < 0.8 else rnd.choice(odd)
+        if rnd.random() < 0.9:
+            fields["content"] = rnd.choice(["hi", "call +1 555 123 4567", ""]) if rnd.random() < 0.8 else rnd.choice(odd)
+        if rnd.random() < 0.2:
+            fields["name"] = "x"
+        return fields
+
+    payloads = []
+    for _ in range(count):
+        request: dict = {"model": "a1", "max_tokens": 5}
+        if rnd.random() < 0.9:
+            request["messages"] = [message() for _ in range(rnd.randint(0, 3))] if rnd.random() < 0.9 else rnd.choice(odd)
+        payloads.append(orjson.dumps(request))
+    return payloads
 
 
 def random_streams(count: int) -> list[bytes]:
