@@ -44,12 +44,20 @@ def spool(packed: bytes) -> Iterator[Spooled | None]:
         yield None
         return
     try:
-        view = memoryview(packed)
-        while view:
-            view = view[os.write(fd, view):]
-        yield Spooled(os.getpid(), fd)
+        yield Spooled(os.getpid(), fd) if _write_all(fd, packed) else None
     finally:
         os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> bool:
+    """False when the memfd cannot take it all (no memory for its pages, say): then the pipe does."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -428,7 +428,7 @@ def test_batches_reach_the_conversion_process_spooled_or_else_through_its_pipe(t
     assert shipped.count("bad") == 1
 
 
-def test_a_spooled_batch_maps_back_to_its_bytes():
+def test_a_spooled_batch_maps_back_to_its_bytes(monkeypatch):
     packed = marshal.dumps([("a", 1.5, None, b"\x00" * 100_000)])
     with logspool.spool(packed) as spooled:
         assert spooled is not None and spooled.pid == os.getpid()
@@ -437,6 +437,13 @@ def test_a_spooled_batch_maps_back_to_its_bytes():
     with pytest.raises(logspool.SpoolUnreadable):  # closed with the block
         with logspool.mapped(spooled):
             pass
+
+    def no_room(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(logspool.os, "write", no_room)
+    with logspool.spool(packed) as spooled:  # a memfd that cannot take the batch: the pipe, not an error
+        assert spooled is None
 
 
 def test_the_conversion_process_ignores_sigterm_and_dies_with_its_parent(tmp_path):
