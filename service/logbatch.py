@@ -83,7 +83,7 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
         prompt: str | list[str] | None = None
         if kind == CHAT_ENDPOINT:
             typed = _chat_messages(body)
-            if typed is not _UNTYPED:
+            if not isinstance(typed, _Untyped):
                 for turn in typed or ():
                     roles.append(turn.role or "")
                     contents.append(turn.content or "")
@@ -149,10 +149,16 @@ class _ChatRequest(msgspec.Struct, gc=False):
 
 
 _CHAT_REQUEST = msgspec.json.Decoder(_ChatRequest)
-_UNTYPED = object()  # _chat_messages: only the general parse can say
 
 
-def _chat_messages(body: bytes) -> list[_Message] | None | object:
+class _Untyped:
+    """_chat_messages: only the general parse can say."""
+
+
+_UNTYPED = _Untyped()
+
+
+def _chat_messages(body: bytes) -> list[_Message] | None | _Untyped:
     """A chat request's messages (None: no list of them), decoded skipping every other field; _UNTYPED when
     the types do not describe them exactly as _texts reads them (a message that is not an object, a role
     that is not a string, content parts) or the JSON is not valid UTF-8 (see stream_answer). The payload
