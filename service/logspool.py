@@ -10,9 +10,9 @@ record.
 
 A memfd has no name on any filesystem: nothing is left behind when the gateway dies, and no
 ``/tmp`` or ``/dev/shm`` size limit applies (its pages count to the pod's memory, as the bytes
-did). Where there is no memfd (not Linux) ``spool`` returns None, and where the conversion process
-cannot open it (``/proc`` not readable) ``mapped`` raises SpoolUnreadable: the caller then sends
-the bytes through the pipe.
+did). Where there is no memfd (not Linux) or it cannot take the whole batch, ``spool`` gives None,
+and where the conversion process cannot open it (``/proc`` not readable) ``mapped`` raises
+SpoolUnreadable: the caller then sends the bytes through the pipe.
 """
 
 from __future__ import annotations
