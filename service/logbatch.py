@@ -201,7 +201,9 @@ def stream_answer(stream: bytes) -> tuple[str | None, str | None] | None:
     exactly as logrows reads it falls back (returns None): an event that is not one ``data: {...}``
     line, a null index or choice, a delta that is not an object, a text that is not a string, a
     finish reason that is not a string, JSON orjson would reject (invalid UTF-8 is the one case
-    msgspec lets through in fields it skips, so the stream is checked for it first).
+    msgspec lets through in fields it skips that a real upstream could send, so the stream is checked
+    for it first). Not checked, as no upstream writes it: a number beyond a double's range (``1e400``)
+    in a field the log skips; orjson rejects its event, msgspec skips the number and keeps the text.
     """
     parts = _simple_stream_parts(stream)
     if parts is None or not (stream.isascii() or _utf8(stream)):
