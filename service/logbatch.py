@@ -34,8 +34,9 @@ def requests_table(records: Sequence[RequestRecord], text_mode: TextMode, clean_
     count = len(records)
     (request_id, timestamp, route, variant, endpoint, status, stream, fallback, latency_s, ttft_s, prompt_tokens,
      completion_tokens, cost_usd, reference_cost_usd, payload, _answer, role) = zip(*records)
-    answers = [(stream_answer(record.answer) if record.stream and record.answer else None) or answer_of(record)
-               for record in records]
+    answers = [((stream_answer(record.answer) if record.stream else
+                 body_answer(record.answer) if record.status == 200 else None) if record.answer else None)
+               or answer_of(record) for record in records]
     response = [text for text, _ in answers]
     if text_mode == "none":
         prompt_text, response_column = pa.nulls(count, pa.string()), pa.nulls(count, pa.string())
@@ -226,6 +227,45 @@ def stream_answer(stream: bytes) -> tuple[str | None, str | None] | None:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     return ("".join(pieces) if seen else None), finish_reason
+
+
+# --- whole answers (200, not streamed): choice 0's text and finish reason, typed like the stream events --
+
+class _AnswerMessage(msgspec.Struct, gc=False):
+    content: str | None = None
+
+
+class _BodyChoice(msgspec.Struct, gc=False):
+    message: _AnswerMessage | None = None
+    text: str | None = None
+    finish_reason: str | None = None
+
+
+class _Body(msgspec.Struct, gc=False):
+    choices: list[_BodyChoice]
+
+
+_BODY = msgspec.json.Decoder(_Body)
+
+
+def body_answer(body: bytes) -> tuple[str | None, str | None] | None:
+    """logrows.answer_of's (text, finish reason) of a whole JSON answer; None when only the general parse can say.
+
+    Decoded straight into the fields the log keeps, as stream_answer decodes events, and with the same
+    fallbacks: whatever the types do not describe as logrows reads it (no ``choices`` list, a choice or
+    message that is not an object, a text or finish reason that is not a string, content parts) or
+    bytes that are not UTF-8. The one input it reads unlike orjson is stream_answer's (``1e400``).
+    """
+    if not (body.isascii() or _utf8(body)):
+        return None
+    try:
+        choices = _BODY.decode(body).choices
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    if not choices:
+        return None, None
+    choice = choices[0]
+    return (choice.message.content if choice.message is not None else choice.text), choice.finish_reason
 
 
 def _utf8(data: bytes) -> bool:

@@ -21,9 +21,9 @@ from loragate.common import sse
 from loragate.common.scrub import scrub
 from loragate.service.auth import Authenticator, KeyStore, hash_key
 from loragate.service.errors import GatewayError
-from loragate.service.logrows import _simple_stream_objects, _stream_answer, request_row
+from loragate.service.logrows import _body_answer, _simple_stream_objects, _stream_answer, request_row
 from loragate.service.logscrub import scrub_many
-from loragate.service.logbatch import requests_table, stream_answer
+from loragate.service.logbatch import body_answer, requests_table, stream_answer
 from loragate.service.logconvert import Converter
 from loragate.service.requestlog import RequestRecord
 from tests.unit.test_requestlog import PII_PROMPT, chat_record
@@ -200,6 +200,43 @@ def test_typed_stream_decoding_gives_the_general_parse_or_steps_aside() -> None:
     for stream, answer in zip(streams, decoded):
         assert answer is None or answer == _stream_answer(stream), stream
     assert sum(answer is not None for answer in decoded) > 750  # the typed path takes the usual streams
+    assert sum(answer is None for answer in decoded) > 300  # and steps aside for the odd ones
+
+
+def random_bodies(count: int) -> list[bytes]:
+    """Whole JSON answers, most as vLLM writes them, many with one thing out of the ordinary."""
+    rnd = random.Random(13)
+    values = [None, 0, 1, "0", 0.0, True, "", "stop", "x\u00e9", [], {}, [{"type": "text", "text": "a"}]]
+    bodies = []
+    for _ in range(count):
+        choices = []
+        for _ in range(rnd.choice([0, 1, 1, 1, 2])):
+            if rnd.random() < 0.5:  # what vLLM sends
+                choices.append({"index": 0, "message": {"role": "assistant", "content": rnd.choice(["a", "\u00fc b"])},
+                                "logprobs": None, "finish_reason": rnd.choice(["stop", "length"])})
+                continue
+            choice: dict = {}
+            for key in ("message", "text", "finish_reason", "index"):
+                if rnd.random() < 0.6:
+                    choice[key] = rnd.choice(values + [{"content": rnd.choice(values)}, {"role": "assistant"}])
+            choices.append(choice if rnd.random() < 0.95 else rnd.choice([None, 3, "x"]))
+        answer: object = {"id": "c-1", "object": "chat.completion", "model": "m", "choices": choices,
+                          "usage": {"prompt_tokens": 1}}
+        if rnd.random() < 0.05:
+            answer = rnd.choice([[], {"choices": None}, {"id": "x"}, "text"])
+        body = orjson.dumps(answer)
+        if rnd.random() < 0.03:
+            body = body.replace(b'"m"', rnd.choice([b'"\xff"', b'"\\ud800"', b"01", b'"\\ud83d\\ude00"']))
+        bodies.append(body)
+    return bodies
+
+
+def test_typed_body_decoding_gives_the_general_parse_or_steps_aside() -> None:
+    bodies = random_bodies(3000)
+    decoded = [body_answer(body) for body in bodies]
+    for body, answer in zip(bodies, decoded):
+        assert answer is None or answer == _body_answer(body), body
+    assert sum(answer is not None for answer in decoded) > 1000  # the typed path takes the usual answers
     assert sum(answer is None for answer in decoded) > 300  # and steps aside for the odd ones
 
 
