@@ -148,7 +148,7 @@ class RequestLog:
         recent_requests: int = 100_000,
         max_write_attempts: int = 3,
         clock: Callable[[], float] = time.monotonic,
-        spool: Callable[[bytes], AbstractContextManager[Spooled | None]] = logspool.spool,
+        spool: Callable[[bytes], AbstractContextManager[Spooled | None]] | None = None,
     ) -> None:
         self.convert = convert
         self.store: Store | None = None  # thread mode
@@ -168,7 +168,7 @@ class RequestLog:
         self.recent = RecentRequests(recent_requests)
         self._converter = Converter(text_mode)
         self._pool: ProcessPoolExecutor | None = None
-        self._spool = spool  # how a batch reaches the conversion process (service.logspool)
+        self._spool = spool or logspool.Spool()  # how a batch reaches the conversion process (service.logspool)
         self._spooling = True  # until the conversion process says it cannot map a spooled batch
         # A deque, not a queue.Queue: append/popleft need no lock, and the writer polls it
         # every tick instead of being woken (a GIL hand-off) for every record.
@@ -357,3 +357,5 @@ class RequestLog:
         if self._pool is not None:
             self._pool.shutdown(wait=True)  # the last batch was written: the child exits now
             self._pool = None
+        if isinstance(self._spool, logspool.Spool):
+            self._spool.close()

@@ -397,8 +397,10 @@ def test_batches_reach_the_conversion_process_spooled_or_else_through_its_pipe(t
     """Spooled (a memfd the child maps) where it works; no memfd, or one the child cannot map: the pipe."""
     shipped = []
 
+    real = logspool.Spool()
+
     def spool_noting(packed):  # the real spool, noting what it handed over
-        with logspool.spool(packed) as spooled:
+        with real(packed) as spooled:
             shipped.append(spooled)
             yield spooled
 
@@ -410,7 +412,7 @@ def test_batches_reach_the_conversion_process_spooled_or_else_through_its_pipe(t
     @contextlib.contextmanager
     def unmappable(packed):  # a descriptor the child cannot open
         shipped.append("bad")
-        yield logspool.Spooled(os.getpid(), 1_000_000)
+        yield logspool.Spooled(os.getpid(), 1_000_000, len(packed))
 
     for name, spool in (("spooled", contextlib.contextmanager(spool_noting)), ("piped", no_memfd),
                         ("fallback", unmappable)):
@@ -429,21 +431,37 @@ def test_batches_reach_the_conversion_process_spooled_or_else_through_its_pipe(t
 
 
 def test_a_spooled_batch_maps_back_to_its_bytes(monkeypatch):
-    packed = marshal.dumps([("a", 1.5, None, b"\x00" * 100_000)])
-    with logspool.spool(packed) as spooled:
-        assert spooled is not None and spooled.pid == os.getpid()
-        with logspool.mapped(spooled) as view:
-            assert marshal.loads(view) == marshal.loads(packed)
-    with pytest.raises(logspool.SpoolUnreadable):  # closed with the block
+    big = marshal.dumps([("a", 1.5, None, b"\x00" * 500_000)])
+    small = marshal.dumps([("b", 2.5, "x", b"\x01" * 1000)])
+    spool = logspool.Spool()
+    fds = set()
+    for packed in (small, big, small, big):  # one memfd, rewritten: each batch maps back to its own bytes
+        with spool(packed) as spooled:
+            assert spooled is not None and spooled.pid == os.getpid() and spooled.size == len(packed)
+            fds.add(spooled.fd)
+            with logspool.mapped(spooled) as view:
+                assert len(view) == len(packed) and marshal.loads(view) == marshal.loads(packed)
+    assert len(fds) == 1
+    assert os.fstat(fds.pop()).st_size == len(big)  # a smaller batch under a quarter of it shrinks it
+    with spool(small):
+        assert os.fstat(spooled.fd).st_size == len(small)
+    spool.close()
+    with pytest.raises(logspool.SpoolUnreadable):  # closed
         with logspool.mapped(spooled):
             pass
 
-    def no_room(fd, data):
+    def no_room(fd, data, offset):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(logspool.os, "write", no_room)
-    with logspool.spool(packed) as spooled:  # a memfd that cannot take the batch: the pipe, not an error
+    monkeypatch.setattr(logspool.os, "pwrite", no_room)
+    with spool(small) as spooled:  # a memfd that cannot take the batch: the pipe, not an error
         assert spooled is None
+    monkeypatch.undo()
+    with spool(small) as spooled:  # and the next batch a new memfd
+        assert spooled is not None
+        with logspool.mapped(spooled) as view:
+            assert marshal.loads(view) == marshal.loads(small)
+    spool.close()
 
 
 def test_the_conversion_process_ignores_sigterm_and_dies_with_its_parent(tmp_path):
