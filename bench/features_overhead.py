@@ -21,8 +21,8 @@ row, if anything): before each CPU reading the bench waits until the log's Parqu
 hold a row for every request the gateway answered (loragate_requests_total, read once
 per reading from every loragate target alike), so the rows a run produced are paid for
 inside its window. Every target's window is the run plus the same 3 s tail, so each
-pays its own idle costs (timers, the log's writer ticks) for as long as the others. Ratios are taken within a round (targets measured back to back), medians
-over rounds. After the sweep the log targets are stopped and their Parquet rows counted
+pays its own idle costs (timers, the log's writer ticks) for as long as the others. Ratios are taken within a round
+(baseline, plain and all measured back to back, in alternating order), medians over rounds. After the sweep the log targets are stopped and their Parquet rows counted
 against the requests they answered: the log must be complete.
 
 Run:  .venv/bin/python bench/features_overhead.py [--duration 5] [--rounds 3] [--targets ...]
@@ -54,6 +54,9 @@ from tests.processes import Service, free_port, wait_http  # noqa: E402
 
 KEY = "lg-benchbenchbenchbenchbenchbenchbenchbench0"
 TARGETS = ("baseline", "plain", "keys", "log", "all")
+# Within a round, the targets of the two verdicts' ratios (plain/baseline, all/plain) are measured back to
+# back, in either direction: on a shared VM the CPU a request costs drifts over tens of seconds.
+MEASURE_ORDER = ("keys", "baseline", "plain", "all", "log")
 FLUSH_S = 2  # the log targets' flush interval (default 10 s; batches still reach 1000 rows at c=32)
 TAIL_S = 3.0  # after each measured run every target gets this long (the log one to write its rows) before the reading
 FEATURE_LIMIT = 1.15  # all / plain CPU per request
@@ -244,7 +247,8 @@ def main() -> int:
         cells = [(mode, c) for mode in args.modes for c in args.concurrency]
         for round_no in range(args.rounds):
             for mode, c in cells:
-                order = args.targets if round_no % 2 == 0 else list(reversed(args.targets))
+                measured = [name for name in MEASURE_ORDER if name in args.targets]
+                order = measured if round_no % 2 == 0 else list(reversed(measured))
                 for name in order:
                     service, url = services[name]
                     cell = measure(name, url, service.process.pid, scripts[mode], c, args.duration, load_cpu, work)
