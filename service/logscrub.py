@@ -16,7 +16,6 @@ it on the PII corpus). Rules without a gate (the keyword-gated secrets) run as i
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -80,81 +79,6 @@ _RUN_GATES = ["|".join(f"(?:{_GATES[index]})" for index in run) for run in _RUNS
 # condition is implied by the gate. The e-mail rule (its gate is a necessary condition of "@" in the text).
 _RE2_RULES = {8: rules.EMAIL}
 assert not any(rules._RULES[index][0].flags & re.IGNORECASE for index in _RE2_RULES)
-
-
-def _ascii_class(python_class: str) -> str:
-    """The ASCII characters Python's ``python_class`` (e.g. ``\\s``) matches in a str, as the inside of an RE2 class."""
-    codes = [code for code in range(128) if re.fullmatch(python_class, chr(code))]
-    runs: list[list[int]] = []
-    for code in codes:
-        if runs and runs[-1][1] == code - 1:
-            runs[-1][1] = code
-        else:
-            runs.append([code, code])
-    return "".join(rf"\x{{{low:02x}}}" + (rf"-\x{{{high:02x}}}" if high > low else "") for low, high in runs)
-
-
-_W, _D_ASCII, _S_ASCII = (_ascii_class(c) for c in (r"\w", r"\d", r"\s"))
-
-
-class _SpanRule:
-    """A rule whose matches RE2 finds in ASCII texts, their replacements decided in Python.
-
-    For rules of one shape: ``(?<![X])`` on the first character, then a body without lookarounds,
-    then ``(?!\\d)``. RE2 cannot look around, so the lookbehind becomes a group ``b`` (the start of
-    the text, or one character outside X) and the lookahead a group ``a`` (a non-digit, or the end).
-    RE2's leftmost-first search then finds the match Python's backtracking finds first: ``b`` starts
-    one character before the match (at 0 the start of the text is tried first, as Python tries the
-    match at 0 before the one at 1), and ``a`` is tested where the lookahead was. Where the match is:
-    at 0 (``b`` empty), at the end (``a`` empty), or else where ``b + m + a`` first occurs: any
-    occurrence is a place where the rule matches, and none can be left of the leftmost match.
-    After a match the search goes on in the rest of the text, where a match cannot open (the
-    character before it, the previous match's last, is a digit, which X always holds).
-    Only ASCII texts: on them Python's ``\\d``, ``\\s`` and ``\\w`` are the ASCII classes above.
-    """
-
-    def __init__(self, not_before: str, body: str, replace: Callable[[str], str]) -> None:
-        tail = f"(?P<m>{body})(?P<a>[^{_D_ASCII}]|$)"
-        self.first = f"(?P<b>^|[^{not_before}]){tail}"
-        self.next = f"(?P<b>[^{not_before}]){tail}"  # in the rest of a text after a match: never at its start
-        self.replace = replace
-
-    def sub(self, texts: list[str]) -> list[str]:
-        """``[pattern.sub(replace, text) for text in texts]`` (ASCII texts), one RE2 pass per match."""
-        pieces: list[list[str]] = [[] for _ in texts]
-        todo, rest, pattern = list(range(len(texts))), texts, self.first
-        while todo:
-            found = pc.extract_regex(pa.array(rest, pa.string()), pattern).flatten()
-            next_todo, next_rest = [], []
-            for j, text, before, number, after in zip(todo, rest, *(column.to_pylist() for column in found)):
-                if number is None:
-                    pieces[j].append(text)
-                    continue
-                if not after:
-                    start = len(text) - len(number)
-                elif not before:
-                    start = 0
-                else:
-                    start = text.find(before + number + after) + 1
-                end = start + len(number)
-                pieces[j] += (text[:start], self.replace(number))
-                if end < len(text):
-                    next_todo.append(j)
-                    next_rest.append(text[end:])
-            todo, rest, pattern = next_todo, next_rest, self.next
-        return ["".join(parts) for parts in pieces]
-
-
-_S_SEP = f"[{_S_ASCII}.-]"  # [\s.-]
-# The phone rules of loragate.common.scrub, written for _SpanRule (tests/unit/test_log_fastpaths.py fuzzes them).
-_SPAN_RULES = {
-    18: _SpanRule(_W + "+", rf"(?:\+|00)[{_D_ASCII}]{{1,3}}(?:{_S_SEP}?\(?[{_D_ASCII}]{{1,4}}\)?){{1,5}}{_S_SEP}?"
-                            rf"[{_D_ASCII}]{{2,4}}", rules.international_phone),
-    19: _SpanRule(_W + ")", rf"(?:\([{_D_ASCII}]{{3}}\)[{_S_ASCII}]?|[{_D_ASCII}]{{3}}{_S_SEP})[{_D_ASCII}]{{3}}{_S_SEP}"
-                            rf"[{_D_ASCII}]{{4}}", lambda _number: rules.PHONE),
-    20: _SpanRule(_W, rf"0[{_D_ASCII}]{{2,4}}[{_S_ASCII}-]?[{_D_ASCII}]{{3,4}}[{_S_ASCII}-]?[{_D_ASCII}]{{3,4}}",
-                  rules.national_phone),
-}
 
 class _Facts:
     """scrub's facts about an original text, each found when a rule first asks: only texts a gate let through."""
@@ -238,25 +162,14 @@ def scrub_many(texts: list[str]) -> list[str]:
                         changed.add(j)
                 continue
             pattern, replace, applies = rules._RULES[index]
-            span_rule = _SPAN_RULES.get(index)
-            by_re2: list[int] = []  # ASCII texts for span_rule
             for j in candidates:
                 fact = facts[j]
                 if fact is None:
                     fact = facts[j] = _Facts(texts[live[j]])
                 if applies(fact):
                     text = current[j]
-                    if span_rule is not None and text.isascii():
-                        by_re2.append(j)
-                        continue
                     new = pattern.sub(replace, text)
                     if new != text:
-                        current[j] = new
-                        changed.add(j)
-            if by_re2:
-                assert span_rule is not None
-                for j, new in zip(by_re2, span_rule.sub([current[j] for j in by_re2])):
-                    if new != current[j]:
                         current[j] = new
                         changed.add(j)
         if changed:

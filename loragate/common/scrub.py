@@ -149,23 +149,15 @@ def _ipv4(match: re.Match[str]) -> str:
     return IP if all(int(part) <= 255 for part in match.group().split(".")) else match.group()
 
 
-def international_phone(number: str) -> str:
-    """A match of the international phone rule -> its replacement."""
+def _international_phone(match: re.Match[str]) -> str:
+    number = match.group()
     digits = _digit_count(number) - (2 if number.startswith("00") else 0)  # "00": the prefix, not the number
     return PHONE if 8 <= digits <= 15 else number
 
 
-def national_phone(number: str) -> str:
-    """A match of the national (trunk-prefixed) phone rule -> its replacement."""
-    return PHONE if 10 <= _digit_count(number) <= 11 else number
-
-
-def _international_phone(match: re.Match[str]) -> str:
-    return international_phone(match.group())
-
-
 def _national_phone(match: re.Match[str]) -> str:
-    return national_phone(match.group())
+    number = match.group()
+    return PHONE if 10 <= _digit_count(number) <= 11 else number
 
 
 def _base64_secret(match: re.Match[str]) -> str:
