@@ -231,12 +231,8 @@ def stream_answer(stream: bytes) -> tuple[str | None, str | None] | None:
 
 # --- whole answers (200, not streamed): choice 0's text and finish reason, typed like the stream events --
 
-class _AnswerMessage(msgspec.Struct, gc=False):
-    content: str | None = None
-
-
 class _BodyChoice(msgspec.Struct, gc=False):
-    message: _AnswerMessage | None = None
+    message: _Message | None = None  # the chat request's message type: role and content
     text: str | None = None
     finish_reason: str | None = None
 

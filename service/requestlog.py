@@ -172,9 +172,7 @@ class RequestLog:
         self._spooling = True  # until the conversion process says it cannot map a spooled batch
         # A deque, not a queue.Queue: append/popleft need no lock, and the writer polls it
         # every tick instead of being woken (a GIL hand-off) for every record.
-        self._requests: deque[tuple] = deque()  # the records' fields
-        self._feedback: deque[tuple] = deque()
-        self._queues = {REQUESTS: self._requests, FEEDBACK: self._feedback}
+        self._queues: dict[str, deque[tuple]] = {REQUESTS: deque(), FEEDBACK: deque()}  # the records' fields
         self._queue_size = queue_size
         # Each tick wakes the writer (~0.15 ms CPU on a busy host, measured): 4 a second keep an idle gateway
         # cheap, and at the ~5k records a second one worker can answer a tick still gathers < queue_size.
@@ -198,11 +196,7 @@ class RequestLog:
     def record(self, record: RequestRecord) -> None:
         if record.role == PRIMARY:  # feedback is about the answer the client got, never a shadow's
             self.recent.add(record.request_id, record.route, record.variant)
-        # _put, inlined: this runs for every request.
-        if self._closed or len(self._requests) + len(self._feedback) >= self._queue_size:
-            self._counted[REQUESTS, "dropped"].inc()
-            return
-        self._requests.append(tuple(record))
+        self._put(REQUESTS, record)
 
     def record_feedback(self, record: FeedbackRecord) -> bool:
         """False when the record was dropped (queue full or log closed)."""

@@ -157,13 +157,18 @@ def random_streams(count: int) -> list[bytes]:
     return streams
 
 
+def assert_typed_path_agrees(typed, general, inputs: list[bytes], taken: int, stepped_aside: int) -> None:
+    """``typed`` gives ``general``'s answer or None (steps aside), taking more than ``taken`` of ``inputs``
+    (the usual ones) and stepping aside for more than ``stepped_aside`` (the odd ones)."""
+    decoded = [typed(data) for data in inputs]
+    for data, answer in zip(inputs, decoded):
+        assert answer is None or answer == general(data), data
+    assert sum(answer is not None for answer in decoded) > taken
+    assert sum(answer is None for answer in decoded) > stepped_aside
+
+
 def test_typed_stream_decoding_gives_the_general_parse_or_steps_aside() -> None:
-    streams = random_streams(3000)
-    decoded = [stream_answer(stream) for stream in streams]
-    for stream, answer in zip(streams, decoded):
-        assert answer is None or answer == _stream_answer(stream), stream
-    assert sum(answer is not None for answer in decoded) > 750  # the typed path takes the usual streams
-    assert sum(answer is None for answer in decoded) > 300  # and steps aside for the odd ones
+    assert_typed_path_agrees(stream_answer, _stream_answer, random_streams(3000), taken=750, stepped_aside=300)
 
 
 def random_bodies(count: int) -> list[bytes]:
@@ -195,12 +200,7 @@ def random_bodies(count: int) -> list[bytes]:
 
 
 def test_typed_body_decoding_gives_the_general_parse_or_steps_aside() -> None:
-    bodies = random_bodies(3000)
-    decoded = [body_answer(body) for body in bodies]
-    for body, answer in zip(bodies, decoded):
-        assert answer is None or answer == _body_answer(body), body
-    assert sum(answer is not None for answer in decoded) > 1000  # the typed path takes the usual answers
-    assert sum(answer is None for answer in decoded) > 300  # and steps aside for the odd ones
+    assert_typed_path_agrees(body_answer, _body_answer, random_bodies(3000), taken=1000, stepped_aside=300)
 
 
 def test_simple_stream_parse_matches_the_general_one() -> None:

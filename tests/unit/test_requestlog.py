@@ -443,8 +443,8 @@ def test_a_spooled_batch_maps_back_to_its_bytes(monkeypatch):
                 assert len(view) == len(packed) and marshal.loads(view) == marshal.loads(packed)
     assert len(fds) == 1
     assert os.fstat(fds.pop()).st_size == len(big)  # a smaller batch under a quarter of it shrinks it
-    with spool(small):
-        assert os.fstat(spooled.fd).st_size == len(small)
+    with spool(small) as spooled:
+        assert spooled is not None and os.fstat(spooled.fd).st_size == len(small)
     spool.close()
     with pytest.raises(logspool.SpoolUnreadable):  # closed
         with logspool.mapped(spooled):
