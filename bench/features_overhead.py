@@ -22,7 +22,8 @@ hold a row for every request the gateway answered (loragate_requests_total, read
 per reading from every loragate target alike), so the rows a run produced are paid for
 inside its window. Every target's window is the run plus the same 3 s tail, so each
 pays its own idle costs (timers, the log's writer ticks) for as long as the others. Ratios are taken within a round
-(baseline, plain and all measured back to back, in alternating order), medians over rounds. After the sweep the log targets are stopped and their Parquet rows counted
+(baseline, plain and all measured back to back, in alternating order), medians over rounds, each
+with a 90% bootstrap interval over the rounds (this VM's noise moves one round's ratio by tens of %). After the sweep the log targets are stopped and their Parquet rows counted
 against the requests they answered: the log must be complete.
 
 Run:  .venv/bin/python bench/features_overhead.py [--duration 5] [--rounds 3] [--targets ...]
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
 import shutil
 import statistics
@@ -280,6 +282,16 @@ def main() -> int:
             return None
         return statistics.median(x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in zip(a, b))
 
+    def ratio_interval(mode: str, c: int, top: str, bottom: str) -> tuple[float, float] | None:
+        """A 90% bootstrap interval of ``ratio`` (rounds resampled): how far this run's verdict can be trusted."""
+        a, b = raw.get(f"{mode}|c{c}|{top}"), raw.get(f"{mode}|c{c}|{bottom}")
+        if not a or not b:
+            return None
+        per_round = [x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in zip(a, b)]
+        draw = random.Random(0)
+        medians = sorted(statistics.median(draw.choices(per_round, k=len(per_round))) for _ in range(2000))
+        return medians[100], medians[1899]
+
     def floor_ratio(mode: str, c: int, top: str, bottom: str) -> float | None:
         """Lowest CPU per request of each over the rounds, divided: interference (steal, neighbours) only adds."""
         a, b = raw.get(f"{mode}|c{c}|{top}"), raw.get(f"{mode}|c{c}|{bottom}")
@@ -294,7 +306,7 @@ def main() -> int:
         row = [results[f"{mode}|c{c}|{n}"] for n in names]
         print(f"{mode + ' c=' + str(c):10s} " + " ".join(f"{r['cpu_us_per_req']:6.0f} {r['rps']:6.0f}/s  " for r in row))
     print("\nCPU per request ratios (per-round, median)")
-    ratios, floors, verdicts = {}, {}, {}
+    ratios, floors, intervals, verdicts = {}, {}, {}, {}
     for mode, c in cells:
         cell = f"{mode}|c{c}"
         ratios[cell] = {f"{top}/{bottom}": ratio(mode, c, top, bottom)
@@ -302,7 +314,11 @@ def main() -> int:
                                             ("all", "plain"))}
         floors[cell] = {f"{top}/{bottom}": floor_ratio(mode, c, top, bottom)
                         for top, bottom in (("plain", "baseline"), ("all", "plain"))}
+        intervals[cell] = {f"{top}/{bottom}": ratio_interval(mode, c, top, bottom)
+                           for top, bottom in (("plain", "baseline"), ("all", "plain"))}
         line = "  ".join(f"{k} {v:.3f}" for k, v in ratios[cell].items() if v is not None)
+        line += "   (90% interval: " + "  ".join(f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in
+                                           ((k, v) for k, v in intervals[cell].items() if v is not None)) + ")"
         line += "   (lowest/lowest: " + "  ".join(f"{k} {v:.3f}" for k, v in floors[cell].items() if v is not None) + ")"
         if ratios[cell]["all/plain"] is not None:
             verdicts[f"{cell}|all/plain<={FEATURE_LIMIT}"] = ratios[cell]["all/plain"] <= FEATURE_LIMIT
@@ -325,7 +341,8 @@ def main() -> int:
                     "loadavg": os.getloadavg()},
         "settings": {"duration_s": args.duration, "rounds": args.rounds, "concurrency": args.concurrency,
                      "modes": args.modes, "stream_chunks": CHUNKS, "pinned": pin, "targets": args.targets},
-        "results": results, "ratios": ratios, "lowest_ratios": floors, "verdicts": verdicts,
+        "results": results, "ratios": ratios, "ratio_intervals_90": intervals, "lowest_ratios": floors,
+        "verdicts": verdicts,
         "steal_median": statistics.median(c["steal"] for cells in raw.values() for c in cells), "log_completeness": completeness,
         "rounds": raw,
     }, indent=1) + "\n")
