@@ -21,9 +21,10 @@ row, if anything): before each CPU reading the bench waits until the log's Parqu
 hold a row for every request the gateway answered (loragate_requests_total, read once
 per reading from every loragate target alike), so the rows a run produced are paid for
 inside its window. Every target's window is the run plus the same 3 s tail, so each
-pays its own idle costs (timers, the log's writer ticks) for as long as the others. Ratios are taken within a round
-(baseline, plain and all measured back to back, in alternating order), medians over rounds, each
-with a 90% bootstrap interval over the rounds (this VM's noise moves one round's ratio by tens of %). After the sweep the log targets are stopped and their Parquet rows counted
+pays its own idle costs (timers, the log's writer ticks) for as long as the others. Ratios are
+taken within a round (baseline, plain and all measured back to back, in alternating order), medians
+over rounds, each with a 90% bootstrap interval over the rounds (this VM's noise moves one round's
+ratio by tens of %). After the sweep the log targets are stopped and their Parquet rows counted
 against the requests they answered: the log must be complete.
 
 Run:  .venv/bin/python bench/features_overhead.py [--duration 5] [--rounds 3] [--targets ...]
@@ -276,20 +277,24 @@ def main() -> int:
     results = {key: {k: statistics.median(c[k] for c in cells) for k in ("rps", "cpu_us_per_req", "children_us_per_req", "p50_ms", "p99_ms")}
                | {"errors": sum(c["errors"] for c in cells)} for key, cells in raw.items()}
 
-    def ratio(mode: str, c: int, top: str, bottom: str) -> float | None:
+    def per_round(mode: str, c: int, top: str, bottom: str) -> list[float] | None:
+        """``top``'s CPU per request over ``bottom``'s, round by round (measured back to back)."""
         a, b = raw.get(f"{mode}|c{c}|{top}"), raw.get(f"{mode}|c{c}|{bottom}")
         if not a or not b:
             return None
-        return statistics.median(x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in zip(a, b))
+        return [x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in zip(a, b)]
+
+    def ratio(mode: str, c: int, top: str, bottom: str) -> float | None:
+        ratios = per_round(mode, c, top, bottom)
+        return None if ratios is None else statistics.median(ratios)
 
     def ratio_interval(mode: str, c: int, top: str, bottom: str) -> tuple[float, float] | None:
         """A 90% bootstrap interval of ``ratio`` (rounds resampled): how far this run's verdict can be trusted."""
-        a, b = raw.get(f"{mode}|c{c}|{top}"), raw.get(f"{mode}|c{c}|{bottom}")
-        if not a or not b:
+        ratios = per_round(mode, c, top, bottom)
+        if ratios is None:
             return None
-        per_round = [x["cpu_us_per_req"] / y["cpu_us_per_req"] for x, y in zip(a, b)]
         draw = random.Random(0)
-        medians = sorted(statistics.median(draw.choices(per_round, k=len(per_round))) for _ in range(2000))
+        medians = sorted(statistics.median(draw.choices(ratios, k=len(ratios))) for _ in range(2000))
         return medians[100], medians[1899]
 
     def floor_ratio(mode: str, c: int, top: str, bottom: str) -> float | None:
@@ -317,8 +322,8 @@ def main() -> int:
         intervals[cell] = {f"{top}/{bottom}": ratio_interval(mode, c, top, bottom)
                            for top, bottom in (("plain", "baseline"), ("all", "plain"))}
         line = "  ".join(f"{k} {v:.3f}" for k, v in ratios[cell].items() if v is not None)
-        line += "   (90% interval: " + "  ".join(f"{k} {lo:.2f}-{hi:.2f}" for k, (lo, hi) in
-                                           ((k, v) for k, v in intervals[cell].items() if v is not None)) + ")"
+        line += "   (90% interval: " + "  ".join(f"{k} {v[0]:.2f}-{v[1]:.2f}"
+                                           for k, v in intervals[cell].items() if v is not None) + ")"
         line += "   (lowest/lowest: " + "  ".join(f"{k} {v:.3f}" for k, v in floors[cell].items() if v is not None) + ")"
         if ratios[cell]["all/plain"] is not None:
             verdicts[f"{cell}|all/plain<={FEATURE_LIMIT}"] = ratios[cell]["all/plain"] <= FEATURE_LIMIT
