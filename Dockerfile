@@ -12,8 +12,14 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
+# A C compiler and PCRE2's headers build the scrubber's native rules (setup.py); the runtime image needs only
+# libpcre2-8, which the slim image already has. (Debian bookworm's versions, pinned by the base image's release.)
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libpcre2-dev \
+    && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/loragate
-COPY pyproject.toml README* ./
+COPY pyproject.toml setup.py README* ./
 COPY service ./service
 COPY monitoring ./monitoring
 COPY loragate ./loragate

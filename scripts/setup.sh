@@ -7,6 +7,14 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "loragate needs Python 3.11"'
 
+# A C compiler and PCRE2's headers build the scrubber's native rules (loragate/common/_scrubnative.c, setup.py);
+# without them the package installs with the Python rules alone (same output, several times slower).
+if ! command -v gcc >/dev/null || [[ ! -f /usr/include/pcre2.h ]]; then
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends gcc libc6-dev libpcre2-dev >/dev/null
+fi
+
 extras="engine-cpu"
 if [[ "${1:-}" == "--test" ]]; then
   extras="engine-cpu,train,monitor,requestlog,checks,dev"

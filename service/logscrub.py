@@ -1,5 +1,8 @@
 """Scrub a whole batch of texts at once: the same output as ``loragate.common.scrub.scrub``, text by text.
 
+ASCII texts go to the native scrubber where it is built (loragate.common.scrub.native_scrubber); the
+rest, below, is how the Python rules take the other texts (or all of them, without the native build).
+
 Runs in the request log's conversion process (it imports pyarrow). ``scrub`` tries every rule
 its cheap facts allow on each text, and most of those tries find nothing: a Python regex with a
 lookbehind scans every position of the text. Here each costly rule is first run as a *gate*
@@ -69,7 +72,7 @@ _ANY_GATE = "|".join(f"(?:{gate})" for gate in _GATES.values())  # a text no gat
 
 # The rules in runs of neighbours, each run with one gate for all of it: most texts pass no gate of a run
 # (secrets, opaque runs, checksummed numbers and ids, addresses), and one RE2 pass then skips the whole run.
-_RUNS = [range(0, 8), range(8, 9), range(9, 18), range(18, 21)]
+_RUNS = [range(8), range(8, 9), range(9, 18), range(18, 21)]
 assert [index for run in _RUNS for index in run] == list(range(len(rules._RULES)))
 _RUN_GATES = ["|".join(f"(?:{_GATES[index]})" for index in run) for run in _RUNS]
 
@@ -83,7 +86,7 @@ assert not any(rules._RULES[index][0].flags & re.IGNORECASE for index in _RE2_RU
 class _Facts:
     """scrub's facts about an original text, each found when a rule first asks: only texts a gate let through."""
 
-    __slots__ = ("text", "_digits", "_long_run", "_lower", "_six_digits")
+    __slots__ = ("_digits", "_long_run", "_lower", "_six_digits", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -118,7 +121,26 @@ class _Facts:
 
 
 def scrub_many(texts: list[str]) -> list[str]:
-    """``[scrub(text) for text in texts]``, computed a rule at a time over the whole batch."""
+    """``[scrub(text) for text in texts]``: the native scrubber's where it takes the text, else gated (below)."""
+    native = rules.native_scrubber()
+    if native is None:
+        return _scrub_gated(texts)
+    out: list[str] = []
+    rest: list[int] = []  # what the native scrubber left to Python (non-ASCII texts)
+    for text in texts:
+        scrubbed = native.scrub(text) if text.isascii() else None
+        if scrubbed is None:
+            rest.append(len(out))
+            scrubbed = text
+        out.append(scrubbed)
+    if rest:
+        for i, scrubbed in zip(rest, _scrub_gated([texts[i] for i in rest])):
+            out[i] = scrubbed
+    return out
+
+
+def _scrub_gated(texts: list[str]) -> list[str]:
+    """``[scrub(text) for text in texts]`` with Python's rules, computed a rule at a time over the whole batch."""
     out = list(texts)
     if not out:
         return out
@@ -161,14 +183,14 @@ def scrub_many(texts: list[str]) -> list[str]:
                         current[j] = text
                         changed.add(j)
                 continue
-            pattern, replace, applies = rules._RULES[index]
+            pattern, replacement, holds = rules._SUBS[index]
             for j in candidates:
                 fact = facts[j]
                 if fact is None:
                     fact = facts[j] = _Facts(texts[live[j]])
-                if applies(fact):
+                if holds(fact):
                     text = current[j]
-                    new = pattern.sub(replace, text)
+                    new = pattern.sub(replacement, text)
                     if new != text:
                         current[j] = new
                         changed.add(j)

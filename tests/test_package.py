@@ -49,10 +49,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     # Build from a snapshot, not in place: an in-tree build keeps build/lib between runs (a deleted module
     # would still ship) and would race other builds of the same tree.
     src = tmp_path_factory.mktemp("src")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(ROOT / name, src / name)
     for folder in FOLDERS:
-        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
     dist = tmp_path_factory.mktemp("dist")
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
@@ -98,6 +98,8 @@ def test_wheel_ships_every_module(built: Built) -> None:
     packages = sorted({m.rsplit("/", 1)[0].replace("/", ".") for m in missing})
     assert not missing, (f"not in the wheel: {_repo_paths(chr(10).join(missing))}\n"
                          f"add {packages} to [tool.setuptools] packages in pyproject.toml")
+    # The scrubber's native rules, compiled for this platform (setup.py; scripts/setup.sh installs what it needs).
+    assert [m for m in shipped if re.fullmatch(r"loragate/common/_scrubnative\.cpython-311-.+\.so", m)], shipped
 
 
 def test_layer_contracts_hold(built: Built) -> None:
@@ -128,6 +130,6 @@ def test_types_check(built: Built) -> None:
     output = _repo_paths(result.stdout + result.stderr)
     # It checked the shipped copy, every module of it (not an installed or editable loragate elsewhere).
     checked = re.search(r"(?:in|checked) (\d+) source files?", output)
-    shipped = list((built.unpacked / "loragate").rglob("*.py"))
+    shipped = [path for path in (built.unpacked / "loragate").rglob("*.py*") if path.suffix in (".py", ".pyi")]
     assert checked and int(checked.group(1)) == len(shipped), output
     assert result.returncode == 0, output

@@ -28,6 +28,10 @@ What is caught:
 - ``[PHONE]``: international numbers (``+`` or ``00`` prefix, 8-15 digits),
   North American ``(555) 123-4567`` / ``555-123-4567``, and trunk-prefixed
   national numbers (``020 7946 0958``, ``0151 234 5678``).
+
+Where the package was built with a C compiler and PCRE2 (setup.py), ASCII texts go through the same
+rules compiled by PCRE2 (``_scrubnative.c``, about 10x fewer instructions); other texts, and whatever
+that path cannot decide, through Python's re. Both give the same output (tests/unit/test_scrub.py).
 """
 
 from __future__ import annotations
@@ -35,7 +39,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
-from typing import Protocol
+from types import ModuleType
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+if TYPE_CHECKING:
+    from loragate.common._scrubnative import Scrubber
 
 EMAIL = "[EMAIL]"
 PHONE = "[PHONE]"
@@ -61,7 +69,7 @@ class _Facts:
     colons, so a rule skipped on these facts could not have matched.
     """
 
-    __slots__ = ("text", "lower", "digits", "long_run", "six_digits")
+    __slots__ = ("digits", "long_run", "lower", "six_digits", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -97,11 +105,62 @@ class Facts(Protocol):
     def six_digits(self) -> bool: ...
 
 
-_Rule = tuple[re.Pattern[str], Callable[[re.Match[str]], str], Callable[[Facts], bool]]
+class Need(NamedTuple):
+    """A rule's necessary condition, on facts of the original text: the rule runs only where all of it holds.
+
+    Data rather than code, so that the native scrubber (_scrubnative.c) tests the same condition.
+    """
+
+    digits: int = 0  # at least this many ASCII digits
+    # One of these holds (no condition when all three are empty): a substring of the text, a substring
+    # of the lowercased text, a character occurring at least so many times.
+    any_of: tuple[str, ...] = ()
+    any_of_lower: tuple[str, ...] = ()
+    repeated: tuple[str, int] | None = None
+    long_run: bool = False  # _LONG_RUN occurs
+    six_digits: bool = False  # _SIX_DIGITS occurs
+    id_keyword: bool = False  # _ID_KEYWORDS occurs in the lowercased text
+
+    def holds(self, facts: Facts) -> bool:
+        if self.digits and facts.digits < self.digits:
+            return False
+        if (self.any_of or self.any_of_lower or self.repeated) and not (
+                any(part in facts.text for part in self.any_of)
+                or any(part in facts.lower for part in self.any_of_lower)
+                or (self.repeated is not None and facts.text.count(self.repeated[0]) >= self.repeated[1])):
+            return False
+        return ((not self.long_run or facts.long_run) and (not self.six_digits or facts.six_digits)
+                and (not self.id_keyword or _ID_KEYWORDS.search(facts.lower) is not None))
 
 
-def _always(placeholder: str) -> Callable[[re.Match[str]], str]:
-    return lambda _match: placeholder
+class KeepPrefix(NamedTuple):
+    """Replace a match by its group ``prefix`` and the placeholder: ``Bearer abc`` -> ``Bearer [SECRET]``."""
+
+    placeholder: str
+
+
+# How a rule replaces a match: a placeholder, KeepPrefix, or a function of the matched text.
+Replacement = str | KeepPrefix | Callable[[str], str]
+
+
+class Rule(NamedTuple):
+    pattern: re.Pattern[str]
+    replacement: Replacement
+    need: Need
+
+    def sub(self, text: str) -> str:
+        return self.pattern.sub(_sub_argument(self.replacement), text)
+
+
+def _sub_argument(replacement: Replacement) -> str | Callable[[re.Match[str]], str]:
+    """What re.sub takes for ``replacement``: a template for the fixed ones (no backslash in a placeholder)."""
+    if isinstance(replacement, KeepPrefix):
+        assert "\\" not in replacement.placeholder
+        return r"\g<prefix>" + replacement.placeholder
+    if isinstance(replacement, str):
+        assert "\\" not in replacement
+        return replacement
+    return lambda match: replacement(match.group())
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -116,9 +175,8 @@ def _luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _card(match: re.Match[str]) -> str:
+def _card(text: str) -> str:
     """The longest Luhn-valid card number at the start of the run; what follows it is kept."""
-    text = match.group()
     digits = _NON_DIGIT.sub("", text)
     for length in range(min(len(digits), 19), 12, -1):
         if _luhn_ok(digits[:length]):
@@ -127,15 +185,14 @@ def _card(match: re.Match[str]) -> str:
     return text
 
 
-def _iban(match: re.Match[str]) -> str:
-    compact = _SPACE.sub("", match.group()).upper()
+def _iban(text: str) -> str:
+    compact = _SPACE.sub("", text).upper()
     rearranged = compact[4:] + compact[:4]
     number = "".join(str(int(char, 36)) for char in rearranged)
-    return IBAN if int(number) % 97 == 1 else match.group()
+    return IBAN if int(number) % 97 == 1 else text
 
 
-def _ipv6(match: re.Match[str]) -> str:
-    candidate = match.group()
+def _ipv6(candidate: str) -> str:
     if candidate.count(":") < 3 and not re.search(r"[0-9A-Fa-f]{3}", candidate):
         return candidate  # "1::2" is a valid address but far more often a slice or a ratio
     try:
@@ -145,100 +202,158 @@ def _ipv6(match: re.Match[str]) -> str:
     return IP
 
 
-def _ipv4(match: re.Match[str]) -> str:
-    return IP if all(int(part) <= 255 for part in match.group().split(".")) else match.group()
+def _ipv4(address: str) -> str:
+    return IP if all(int(part) <= 255 for part in address.split(".")) else address
 
 
-def _international_phone(match: re.Match[str]) -> str:
-    number = match.group()
+def _international_phone(number: str) -> str:
     digits = _digit_count(number) - (2 if number.startswith("00") else 0)  # "00": the prefix, not the number
     return PHONE if 8 <= digits <= 15 else number
 
 
-def _national_phone(match: re.Match[str]) -> str:
-    number = match.group()
+def _national_phone(number: str) -> str:
     return PHONE if 10 <= _digit_count(number) <= 11 else number
 
 
-def _base64_secret(match: re.Match[str]) -> str:
-    text = match.group()
+def _base64_secret(text: str) -> str:
     mixed = (any(c.isdigit() for c in text) and any(c.isupper() for c in text)
              and any(c.islower() for c in text))
     return SECRET if mixed else text
 
 
-def _keep_prefix(placeholder: str) -> Callable[[re.Match[str]], str]:
-    """``Bearer abc`` -> ``Bearer [SECRET]``: the keyword stays, it helps reading the log."""
-    return lambda match: match.group("prefix") + placeholder
-
-
-_RULES: list[_Rule] = [
+_RULES: list[Rule] = [
     # --- secrets ---
-    (re.compile(r"(?P<prefix>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{16,}", re.I), _keep_prefix(SECRET),
-     lambda t: "bearer" in t.lower or "basic" in t.lower),
-    (re.compile(r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)"
-                r"[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]{6,}", re.I), _keep_prefix(SECRET),
-     lambda t: any(k in t.lower for k in ("pass", "pwd", "secret", "key", "token", "auth"))),
-    (re.compile(r"\b(?:sk|lg)-[A-Za-z0-9_-]{16,}"), _always(SECRET),
-     lambda t: "sk-" in t.text or "lg-" in t.text),  # lg-: loragate's own keys
-    (re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}\b"), _always(SECRET),
-     lambda t: any(k in t.text for k in ("AKIA", "ASIA", "AGPA", "AIDA", "AROA"))),
-    (re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"), _always(SECRET),
-     lambda t: any(k in t.text for k in ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"))),
-    (re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), _always(SECRET),
-     lambda t: "xox" in t.text),
-    (re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), _always(SECRET),
-     lambda t: "AIza" in t.text),
-    (re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), _always(SECRET),
-     lambda t: "eyJ" in t.text),
+    Rule(re.compile(r"(?P<prefix>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{16,}", re.IGNORECASE), KeepPrefix(SECRET),
+         Need(any_of_lower=("bearer", "basic"))),
+    Rule(re.compile(r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)"
+                    r"[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]{6,}", re.IGNORECASE), KeepPrefix(SECRET),
+         Need(any_of_lower=("pass", "pwd", "secret", "key", "token", "auth"))),
+    Rule(re.compile(r"\b(?:sk|lg)-[A-Za-z0-9_-]{16,}"), SECRET,
+         Need(any_of=("sk-", "lg-"))),  # lg-: loragate's own keys
+    Rule(re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}\b"), SECRET,
+         Need(any_of=("AKIA", "ASIA", "AGPA", "AIDA", "AROA"))),
+    Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"), SECRET,
+         Need(any_of=("ghp_", "gho_", "ghu_", "ghs_", "ghr_"))),
+    Rule(re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), SECRET, Need(any_of=("xox",))),
+    Rule(re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), SECRET, Need(any_of=("AIza",))),
+    Rule(re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), SECRET,
+         Need(any_of=("eyJ",))),
     # --- e-mail before the digit rules: local parts hold digits ---
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), _always(EMAIL),
-     lambda t: "@" in t.text),
+    Rule(re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), EMAIL,
+         Need(any_of=("@",))),
     # --- long opaque runs: hex digests and keys, base64 blobs ---
-    (re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}(?![A-Za-z0-9])"), _always(SECRET),
-     lambda t: t.long_run),
-    (re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{40,}={0,2}"), _base64_secret,
-     lambda t: t.long_run),
+    Rule(re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}(?![A-Za-z0-9])"), SECRET, Need(long_run=True)),
+    Rule(re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{40,}={0,2}"), _base64_secret, Need(long_run=True)),
     # --- checksummed numbers ---
-    (re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4})?\b"), _iban,
-     lambda t: t.digits >= 2),
-    (re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])"), _card,
-     lambda t: t.digits >= 13),
+    Rule(re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4})?\b"), _iban,
+         Need(digits=2)),
+    Rule(re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])"), _card, Need(digits=13)),
     # --- national ids ---
-    (re.compile(r"\d(?<![\d-]\d)\d\d(?<!000|666)(?<!9\d\d)([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])"),
-     _always(NATIONAL_ID),
-     lambda t: t.digits >= 9),
-    (re.compile(r"[A-CEGHJ-PR-TW-Z](?<!\w[A-Z])[A-CEGHJ-NPR-TW-Z](?<!BG|GB|NK|KN|TN|NT|ZZ)"
-                r"\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b",
-                re.I), _always(NATIONAL_ID),
-     lambda t: t.six_digits),
-    (re.compile(r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|"
-                r"tax[\s_-]?id|tin|ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)"
-                r"(?:\s*(?:number|no\.?|num|#))?\s*(?:is\s+)?[:#]?\s*)(?=[A-Z]*\d)[A-Z0-9][A-Z0-9./-]{3,}(?:\s\d[\d./-]{2,})*",
-                re.I),
-     _keep_prefix(NATIONAL_ID),
-     lambda t: t.digits >= 1 and _ID_KEYWORDS.search(t.lower) is not None),
+    Rule(re.compile(r"\d(?<![\d-]\d)\d\d(?<!000|666)(?<!9\d\d)([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])"),
+         NATIONAL_ID, Need(digits=9)),
+    Rule(re.compile(r"[A-CEGHJ-PR-TW-Z](?<!\w[A-Z])[A-CEGHJ-NPR-TW-Z](?<!BG|GB|NK|KN|TN|NT|ZZ)"
+                    r"\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", re.IGNORECASE), NATIONAL_ID, Need(six_digits=True)),
+    Rule(re.compile(r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|"
+                    r"tax[\s_-]?id|tin|ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)"
+                    r"(?:\s*(?:number|no\.?|num|#))?\s*(?:is\s+)?[:#]?\s*)(?=[A-Z]*\d)[A-Z0-9][A-Z0-9./-]{3,}"
+                    r"(?:\s\d[\d./-]{2,})*", re.IGNORECASE),
+         KeepPrefix(NATIONAL_ID), Need(digits=1, id_keyword=True)),
     # --- network addresses ---
-    (re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w+)?"
-                r"(?![\w:])"), _ipv6,
-     lambda t: "::" in t.text or t.text.count(":") >= 7),
-    (re.compile(r"\d(?<![\d.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)"), _ipv4,
-     lambda t: t.digits >= 4 and t.text.count(".") >= 3),
+    Rule(re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w+)?"
+                    r"(?![\w:])"), _ipv6, Need(any_of=("::",), repeated=(":", 7))),
+    Rule(re.compile(r"\d(?<![\d.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)"), _ipv4,
+         Need(digits=4, repeated=(".", 3))),
     # --- phone numbers ---
-    (re.compile(r"(?:\+(?<![\w+]\+)|00(?<![\w+]00))\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){1,5}[\s.-]?\d{2,4}(?!\d)"),
-     _international_phone,
-     lambda t: t.digits >= 8 and ("+" in t.text or "00" in t.text)),
-    (re.compile(r"(?:\((?<![\w)]\()\d{3}\)\s?|\d(?<![\w)]\d)\d\d[\s.-])\d{3}[\s.-]\d{4}(?!\d)"), _always(PHONE),
-     lambda t: t.digits >= 10),
-    (re.compile(r"0(?<!\w0)\d{2,4}[\s-]?\d{3,4}[\s-]?\d{3,4}(?!\d)"), _national_phone,
-     lambda t: t.digits >= 10),
+    Rule(re.compile(r"(?:\+(?<![\w+]\+)|00(?<![\w+]00))\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){1,5}[\s.-]?\d{2,4}(?!\d)"),
+         _international_phone, Need(digits=8, any_of=("+", "00"))),
+    Rule(re.compile(r"(?:\((?<![\w)]\()\d{3}\)\s?|\d(?<![\w)]\d)\d\d[\s.-])\d{3}[\s.-]\d{4}(?!\d)"), PHONE,
+         Need(digits=10)),
+    Rule(re.compile(r"0(?<!\w0)\d{2,4}[\s-]?\d{3,4}[\s-]?\d{3,4}(?!\d)"), _national_phone, Need(digits=10)),
 ]
+# re.sub's argument for each rule, made once.
+_SUBS = [(rule.pattern, _sub_argument(rule.replacement), rule.need.holds) for rule in _RULES]
+
+
+def _python_scrub(text: str) -> str:
+    facts = _Facts(text)
+    for pattern, replacement, holds in _SUBS:
+        if holds(facts):
+            text = pattern.sub(replacement, text)
+    return text
 
 
 def scrub(text: str) -> str:
     """``text`` with every match of the rules above replaced by its placeholder."""
-    facts = _Facts(text)
-    for pattern, replace, applies in _RULES:
-        if applies(facts):
-            text = pattern.sub(replace, text)
-    return text
+    if _NATIVE is not None and text.isascii():  # the same rules in C (the end of this module)
+        scrubbed = _NATIVE.scrub(text)
+        if scrubbed is not None:
+            return scrubbed
+    return _python_scrub(text)
+
+
+# --- the native scrubber ----------------------------------------------------------------------------------
+
+_PY_SPACE = r"\t-\r\x1c-\x20"  # Python's \s on ASCII (str.isspace): PCRE2's \s lacks \x1c-\x1f
+
+
+def pcre2_pattern(pattern: str) -> str:
+    """``pattern`` (Python re syntax) as PCRE2 reads it with Python's meaning on ASCII text: ``\\s`` spelt out.
+
+    The only other escapes the rules use (\\d, \\w, \\b, \\1, \\(, \\., ...) mean the same in both on ASCII.
+    """
+    out, in_class, i = [], False, 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "\\":
+            escape = pattern[i + 1]
+            if escape in "SDWBAZ":
+                raise ValueError(f"no PCRE2 translation for \\{escape} in {pattern!r}")
+            out.append(_PY_SPACE if escape == "s" and in_class else f"[{_PY_SPACE}]" if escape == "s"
+                       else pattern[i:i + 2])
+            i += 2
+            continue
+        if char == "[" and not in_class:
+            in_class = True
+        elif char == "]" and in_class:
+            in_class = False
+        out.append(char)
+        i += 1
+    return "".join(out)
+
+
+def _native_rule(native: ModuleType, rule: Rule) -> tuple:
+    """The tuple _scrubnative.Scrubber takes for ``rule``."""
+    replacement, need = rule.replacement, rule.need
+    kind, placeholder, prefix_group, call = native.CALL, "", 0, replacement
+    if isinstance(replacement, KeepPrefix):
+        kind, placeholder, prefix_group = native.PREFIX, replacement.placeholder, rule.pattern.groupindex["prefix"]
+    elif isinstance(replacement, str):
+        kind, placeholder = native.CONST, replacement
+    elif replacement is _international_phone:  # these three are written in C as well
+        kind, placeholder = native.INTL_PHONE, PHONE
+    elif replacement is _national_phone:
+        kind, placeholder = native.NAT_PHONE, PHONE
+    elif replacement is _ipv4:
+        kind, placeholder = native.IPV4, IP
+    count_char, count_min = need.repeated or ("", 0)
+    return (pcre2_pattern(rule.pattern.pattern), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
+            prefix_group, call, need.digits, need.any_of, need.any_of_lower, count_char, count_min,
+            need.long_run, need.six_digits, need.id_keyword)
+
+
+def _native_scrubber() -> Scrubber | None:
+    """The rules compiled, where the package was built with them (a C compiler and PCRE2's headers: setup.py)."""
+    try:
+        from loragate.common import _scrubnative
+    except ImportError:  # the Python rules do all the work then
+        return None
+    return _scrubnative.Scrubber(tuple(_native_rule(_scrubnative, rule) for rule in _RULES),
+                                 pcre2_pattern(_SIX_DIGITS.pattern), pcre2_pattern(_ID_KEYWORDS.pattern))
+
+
+_NATIVE = _native_scrubber()
+
+
+def native_scrubber() -> Scrubber | None:
+    """The rules compiled for ASCII texts (its ``scrub`` returns None where Python must decide), if built."""
+    return _NATIVE

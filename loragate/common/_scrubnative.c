@@ -1,0 +1,437 @@
+/* The scrubber's rules, run in C with PCRE2 (JIT) on ASCII texts: loragate.common.scrub builds one
+ * Scrubber from its rules and uses it for every ASCII text; other texts stay with Python's re.
+ *
+ * Exact by construction on ASCII: PCRE2 is a backtracking engine with Python's leftmost-first
+ * semantics, and on ASCII text Python's \d, \w, \b and re.IGNORECASE are PCRE2's (the patterns
+ * arrive with Python's \s spelt out: it also matches \x1c-\x1f). The facts that decide which rules
+ * run are computed here as scrub.Need describes them. Whatever this code cannot decide (a non-ASCII
+ * result, a PCRE2 resource limit, an empty match) makes scrub() return None: the caller then runs
+ * the Python rules on that text. tests/unit/test_scrub.py compares both on the PII corpus and on
+ * generated texts.
+ */
+#define PY_SSIZE_T_CLEAN
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <Python.h>
+#include <pcre2.h>
+#include <string.h>
+
+/* How a rule replaces a match (scrub.py's native_kind). */
+enum { K_CONST, K_PREFIX, K_INTL_PHONE, K_NAT_PHONE, K_IPV4, K_CALL };
+
+typedef struct {
+    const char *s;
+    Py_ssize_t n;
+} span_t;
+
+typedef struct {
+    pcre2_code *code;
+    int jit;
+    int kind;
+    span_t placeholder;
+    uint32_t prefix_group;
+    PyObject *call; /* borrowed from the spec the Scrubber keeps */
+    /* the need */
+    Py_ssize_t min_digits;
+    int n_any, n_any_lower;
+    span_t *any, *any_lower;
+    char count_char;
+    Py_ssize_t count_min; /* 0: no count test */
+    int long_run, six_digits, id_keyword;
+} rule_t;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *spec; /* keeps every string and callable the rules point into */
+    int n;
+    rule_t *rules;
+    pcre2_code *six_digits, *id_keywords;
+    pcre2_match_data *match_data;
+    int busy; /* match_data in use (a callback ran Python that scrubs too): take a fresh one */
+} Scrubber;
+
+/* --- building ------------------------------------------------------------------------------ */
+
+static pcre2_code *compile(PyObject *pattern, int caseless, int *jit) {
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(pattern, &n);
+    if (s == NULL) return NULL;
+    int error;
+    PCRE2_SIZE offset;
+    pcre2_code *code = pcre2_compile((PCRE2_SPTR)s, (PCRE2_SIZE)n, caseless ? PCRE2_CASELESS : 0, &error,
+                                     &offset, NULL);
+    if (code == NULL) {
+        PCRE2_UCHAR message[256];
+        pcre2_get_error_message(error, message, sizeof message);
+        PyErr_Format(PyExc_ValueError, "pcre2 cannot compile %R at %zu: %s", pattern, (size_t)offset, message);
+        return NULL;
+    }
+    int ok = pcre2_jit_compile(code, PCRE2_JIT_COMPLETE) == 0;
+    if (jit != NULL) *jit = ok;
+    return code;
+}
+
+static int ascii_span(PyObject *text, span_t *out) {
+    if (!PyUnicode_Check(text) || !PyUnicode_IS_ASCII(text)) {
+        PyErr_Format(PyExc_ValueError, "expected an ASCII str, got %R", text);
+        return -1;
+    }
+    out->s = PyUnicode_AsUTF8AndSize(text, &out->n);
+    return out->s == NULL ? -1 : 0;
+}
+
+static int spans(PyObject *strings, span_t **out, int *count) {
+    if (!PyTuple_Check(strings)) {
+        PyErr_SetString(PyExc_TypeError, "expected a tuple of str");
+        return -1;
+    }
+    *count = (int)PyTuple_GET_SIZE(strings);
+    *out = PyMem_Calloc(*count ? *count : 1, sizeof(span_t));
+    if (*out == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < *count; i++)
+        if (ascii_span(PyTuple_GET_ITEM(strings, i), &(*out)[i]) < 0) return -1;
+    return 0;
+}
+
+static void Scrubber_dealloc(Scrubber *self) {
+    for (int i = 0; self->rules != NULL && i < self->n; i++) {
+        pcre2_code_free(self->rules[i].code);
+        PyMem_Free(self->rules[i].any);
+        PyMem_Free(self->rules[i].any_lower);
+    }
+    PyMem_Free(self->rules);
+    pcre2_code_free(self->six_digits);
+    pcre2_code_free(self->id_keywords);
+    pcre2_match_data_free(self->match_data);
+    Py_XDECREF(self->spec);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Scrubber(rules, six_digits, id_keywords): rules is a tuple of
+ * (pattern, caseless, kind, placeholder, prefix_group, call,
+ *  min_digits, any, any_lower, count_char, count_min, long_run, six_digits, id_keyword). */
+static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
+    PyObject *rules, *six_digits, *id_keywords;
+    if (!PyArg_ParseTuple(args, "O!UU", &PyTuple_Type, &rules, &six_digits, &id_keywords)) return -1;
+    if (self->spec != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Scrubber is initialised once");
+        return -1;
+    }
+    self->spec = Py_NewRef(args);
+    self->n = (int)PyTuple_GET_SIZE(rules);
+    self->rules = PyMem_Calloc(self->n ? self->n : 1, sizeof(rule_t));
+    self->match_data = pcre2_match_data_create(32, NULL);
+    if (self->rules == NULL || self->match_data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    if ((self->six_digits = compile(six_digits, 0, NULL)) == NULL) return -1;
+    if ((self->id_keywords = compile(id_keywords, 0, NULL)) == NULL) return -1;
+    for (int i = 0; i < self->n; i++) {
+        rule_t *r = &self->rules[i];
+        PyObject *pattern, *placeholder, *call, *any, *any_lower, *count_char;
+        int caseless;
+        unsigned int prefix_group;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(rules, i), "UpiUIOnO!O!Unppp", &pattern, &caseless, &r->kind,
+                              &placeholder, &prefix_group, &call, &r->min_digits, &PyTuple_Type, &any,
+                              &PyTuple_Type, &any_lower, &count_char, &r->count_min, &r->long_run,
+                              &r->six_digits, &r->id_keyword))
+            return -1;
+        if (r->kind < K_CONST || r->kind > K_CALL || (r->kind == K_CALL && !PyCallable_Check(call))) {
+            PyErr_Format(PyExc_ValueError, "rule %d: bad kind %d or callable", i, r->kind);
+            return -1;
+        }
+        r->prefix_group = prefix_group;
+        r->call = call;
+        span_t c;
+        if (ascii_span(placeholder, &r->placeholder) < 0 || ascii_span(count_char, &c) < 0) return -1;
+        r->count_char = c.n ? c.s[0] : 0;
+        if (spans(any, &r->any, &r->n_any) < 0 || spans(any_lower, &r->any_lower, &r->n_any_lower) < 0) return -1;
+        if ((r->code = compile(pattern, caseless, &r->jit)) == NULL) return -1;
+    }
+    return 0;
+}
+
+/* --- scrubbing ----------------------------------------------------------------------------- */
+
+typedef struct {
+    char *s;
+    Py_ssize_t n, cap;
+} buf_t;
+
+static int put(buf_t *b, const char *s, Py_ssize_t n) {
+    if (b->n + n > b->cap) {
+        Py_ssize_t cap = (b->n + n) * 2 + 64;
+        char *grown = PyMem_Realloc(b->s, cap);
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        b->s = grown;
+        b->cap = cap;
+    }
+    memcpy(b->s + b->n, s, n);
+    b->n += n;
+    return 0;
+}
+
+static Py_ssize_t count_digits(const char *s, Py_ssize_t n) {
+    Py_ssize_t d = 0;
+    for (Py_ssize_t i = 0; i < n; i++) d += (unsigned char)(s[i] - '0') < 10;
+    return d;
+}
+
+/* Whether needle occurs in haystack: memchr to each candidate first byte (glibc's memmem sets up a
+ * two-way search per call, which cost more than all of a short text's matching). */
+static int contains(const char *haystack, Py_ssize_t n, const span_t *needle) {
+    if (needle->n == 0) return 1;
+    const char *p = haystack, *end = haystack + n - needle->n + 1;
+    while (p < end && (p = memchr(p, needle->s[0], end - p)) != NULL) {
+        if (memcmp(p, needle->s, needle->n) == 0) return 1;
+        p++;
+    }
+    return 0;
+}
+
+static int run_char(char c) { /* scrub._LONG_RUN's class: [A-Za-z0-9+/_-] */
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '+' || c == '/' ||
+           c == '_' || c == '-';
+}
+
+/* The facts about the original text that the rules' needs ask for, each found when first asked. */
+typedef struct {
+    const char *s;
+    Py_ssize_t n, digits;
+    char *lower; /* owned */
+    int long_run, six_digits, id_keyword; /* -1: not found yet */
+} facts_t;
+
+static int matches(pcre2_code *code, const char *s, Py_ssize_t n, pcre2_match_data *md) {
+    int rc = pcre2_match(code, (PCRE2_SPTR)s, n, 0, 0, md, NULL);
+    return rc >= 0 ? 1 : rc == PCRE2_ERROR_NOMATCH ? 0 : -1;
+}
+
+static const char *lower_of(facts_t *f) {
+    if (f->lower == NULL) {
+        f->lower = PyMem_Malloc(f->n ? f->n : 1);
+        if (f->lower == NULL) return NULL;
+        for (Py_ssize_t i = 0; i < f->n; i++) {
+            char c = f->s[i];
+            f->lower[i] = (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+        }
+    }
+    return f->lower;
+}
+
+/* 1 when the rule may change the text (scrub.Need.holds), 0 when not, -1 on a failure (fall back). */
+static int needed(Scrubber *self, const rule_t *r, facts_t *f, pcre2_match_data *md) {
+    if (f->digits < r->min_digits) return 0;
+    if (r->n_any || r->n_any_lower || r->count_min) {
+        int any = 0;
+        for (int i = 0; !any && i < r->n_any; i++) any = contains(f->s, f->n, &r->any[i]);
+        if (!any && r->n_any_lower) {
+            const char *lower = lower_of(f);
+            if (lower == NULL) return -1;
+            for (int i = 0; !any && i < r->n_any_lower; i++)
+                any = contains(lower, f->n, &r->any_lower[i]);
+        }
+        if (!any && r->count_min) {
+            Py_ssize_t count = 0;
+            for (Py_ssize_t i = 0; i < f->n; i++) count += f->s[i] == r->count_char;
+            any = count >= r->count_min;
+        }
+        if (!any) return 0;
+    }
+    if (r->long_run) {
+        if (f->long_run < 0) {
+            Py_ssize_t run = 0;
+            f->long_run = 0;
+            for (Py_ssize_t i = 0; i < f->n && !f->long_run; i++) {
+                run = run_char(f->s[i]) ? run + 1 : 0;
+                f->long_run = run >= 32;
+            }
+        }
+        if (!f->long_run) return 0;
+    }
+    if (r->six_digits) {
+        if (f->six_digits < 0) f->six_digits = f->digits >= 6 ? matches(self->six_digits, f->s, f->n, md) : 0;
+        if (f->six_digits <= 0) return f->six_digits;
+    }
+    if (r->id_keyword) {
+        if (f->id_keyword < 0) {
+            const char *lower = lower_of(f);
+            if (lower == NULL) return -1;
+            f->id_keyword = matches(self->id_keywords, lower, f->n, md);
+        }
+        if (f->id_keyword <= 0) return f->id_keyword;
+    }
+    return 1;
+}
+
+/* Append the replacement of match [start, end) of s. 1 done, 0 fall back, -1 a Python error. */
+static int replace(const rule_t *r, const char *s, PCRE2_SIZE *ov, buf_t *out) {
+    const char *m = s + ov[0];
+    Py_ssize_t n = (Py_ssize_t)(ov[1] - ov[0]);
+    switch (r->kind) {
+    case K_CONST:
+        return put(out, r->placeholder.s, r->placeholder.n) < 0 ? -1 : 1;
+    case K_PREFIX: {
+        PCRE2_SIZE a = ov[2 * r->prefix_group], b = ov[2 * r->prefix_group + 1];
+        if (a == PCRE2_UNSET || b < a) return 0;
+        if (put(out, s + a, (Py_ssize_t)(b - a)) < 0) return -1;
+        return put(out, r->placeholder.s, r->placeholder.n) < 0 ? -1 : 1;
+    }
+    case K_INTL_PHONE:
+    case K_NAT_PHONE: { /* scrub._international_phone / _national_phone */
+        Py_ssize_t digits = count_digits(m, n);
+        int ok;
+        if (r->kind == K_INTL_PHONE) {
+            if (n >= 2 && m[0] == '0' && m[1] == '0') digits -= 2;
+            ok = digits >= 8 && digits <= 15;
+        } else {
+            ok = digits >= 10 && digits <= 11;
+        }
+        return (ok ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
+    }
+    case K_IPV4: { /* scrub._ipv4: every dot-separated part <= 255 */
+        int ok = 1, value = 0, seen = 0;
+        for (Py_ssize_t i = 0; i <= n && ok; i++) {
+            if (i == n || m[i] == '.') {
+                ok = seen && value <= 255;
+                value = seen = 0;
+            } else if ((unsigned char)(m[i] - '0') < 10) {
+                value = value * 10 + (m[i] - '0');
+                if (value > 100000) value = 100000;
+                seen = 1;
+            } else {
+                return 0; /* not digits and dots: let Python decide */
+            }
+        }
+        return (ok ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
+    }
+    default: { /* K_CALL: the Python function of the matched text */
+        PyObject *matched = PyUnicode_FromStringAndSize(m, n);
+        if (matched == NULL) return -1;
+        PyObject *result = PyObject_CallOneArg(r->call, matched);
+        Py_DECREF(matched);
+        if (result == NULL) return -1;
+        int done = 0;
+        if (PyUnicode_Check(result) && PyUnicode_IS_ASCII(result)) {
+            Py_ssize_t rn;
+            const char *rs = PyUnicode_AsUTF8AndSize(result, &rn);
+            done = rs == NULL ? -1 : put(out, rs, rn) < 0 ? -1 : 1;
+        }
+        Py_DECREF(result);
+        return done;
+    }
+    }
+}
+
+/* One rule over the text in cur (re.sub): the result in next, *changed set when it differs. */
+static int substitute(const rule_t *r, const buf_t *cur, buf_t *next, pcre2_match_data *md, int *changed) {
+    PCRE2_SIZE start = 0, last = 0;
+    next->n = 0;
+    *changed = 0;
+    while (start <= (PCRE2_SIZE)cur->n) {
+        int rc = r->jit ? pcre2_jit_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, NULL)
+                        : pcre2_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, NULL);
+        if (rc == PCRE2_ERROR_NOMATCH) break;
+        if (rc < 0) return 0; /* a resource limit: Python decides */
+        PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
+        if (ov[1] <= ov[0]) return 0; /* an empty match: none of the rules has one; Python decides */
+        if (put(next, cur->s + last, (Py_ssize_t)(ov[0] - last)) < 0) return -1;
+        Py_ssize_t at = next->n;
+        int done = replace(r, cur->s, ov, next);
+        if (done <= 0) return done;
+        if (next->n - at != (Py_ssize_t)(ov[1] - ov[0]) || memcmp(next->s + at, cur->s + ov[0], ov[1] - ov[0]))
+            *changed = 1;
+        last = start = ov[1];
+    }
+    if (*changed && put(next, cur->s + last, cur->n - (Py_ssize_t)last) < 0) return -1;
+    return 1;
+}
+
+static PyObject *Scrubber_scrub(Scrubber *self, PyObject *text) {
+    if (!PyUnicode_Check(text)) {
+        PyErr_SetString(PyExc_TypeError, "scrub() takes a str");
+        return NULL;
+    }
+    if (!PyUnicode_IS_ASCII(text)) Py_RETURN_NONE;
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(text, &n);
+    if (s == NULL) return NULL;
+    pcre2_match_data *md = self->match_data;
+    if (self->busy) {
+        md = pcre2_match_data_create(32, NULL);
+        if (md == NULL) return PyErr_NoMemory();
+    } else {
+        self->busy = 1;
+    }
+    facts_t f = {s, n, count_digits(s, n), NULL, -1, -1, -1};
+    buf_t a = {0}, b = {0};
+    buf_t cur = {(char *)s, n, 0}; /* the text as the rules so far left it (s itself until one changed it) */
+    PyObject *result = NULL;
+    int outcome = 1;
+    for (int i = 0; i < self->n && outcome == 1; i++) {
+        const rule_t *r = &self->rules[i];
+        outcome = needed(self, r, &f, md);
+        if (outcome != 1) {
+            outcome = outcome == 0 ? 1 : 0;
+            continue;
+        }
+        buf_t *next = cur.s == a.s && a.s != NULL ? &b : &a;
+        int changed;
+        outcome = substitute(r, &cur, next, md, &changed);
+        if (outcome == 1 && changed) cur = *next;
+    }
+    if (outcome == 1)
+        result = cur.s == s ? Py_NewRef(text) : PyUnicode_FromStringAndSize(cur.s, cur.n);
+    else if (outcome == 0)
+        result = Py_NewRef(Py_None);
+    PyMem_Free(a.s);
+    PyMem_Free(b.s);
+    PyMem_Free(f.lower);
+    if (md != self->match_data)
+        pcre2_match_data_free(md);
+    else
+        self->busy = 0;
+    return result;
+}
+
+static PyMethodDef Scrubber_methods[] = {
+    {"scrub", (PyCFunction)Scrubber_scrub, METH_O,
+     "The text scrubbed, or None when the Python rules must decide (a non-ASCII text, a PCRE2 limit)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject ScrubberType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "loragate.common._scrubnative.Scrubber",
+    .tp_basicsize = sizeof(Scrubber),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "scrub.py's rules compiled with PCRE2, for ASCII texts.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Scrubber_init,
+    .tp_dealloc = (destructor)Scrubber_dealloc,
+    .tp_methods = Scrubber_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_scrubnative", "scrub.py's rules in C (PCRE2), for ASCII texts.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__scrubnative(void) {
+    if (PyType_Ready(&ScrubberType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Scrubber", (PyObject *)&ScrubberType) < 0 ||
+        PyModule_AddIntConstant(m, "CONST", K_CONST) < 0 || PyModule_AddIntConstant(m, "PREFIX", K_PREFIX) < 0 ||
+        PyModule_AddIntConstant(m, "INTL_PHONE", K_INTL_PHONE) < 0 ||
+        PyModule_AddIntConstant(m, "NAT_PHONE", K_NAT_PHONE) < 0 || PyModule_AddIntConstant(m, "IPV4", K_IPV4) < 0 ||
+        PyModule_AddIntConstant(m, "CALL", K_CALL) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,0 +1,11 @@
+# The C module loragate/common/_scrubnative.c (built by setup.py where PCRE2's headers are there).
+CONST: int
+PREFIX: int
+INTL_PHONE: int
+NAT_PHONE: int
+IPV4: int
+CALL: int
+
+class Scrubber:
+    def __init__(self, rules: tuple[tuple[object, ...], ...], six_digits: str, id_keywords: str, /) -> None: ...
+    def scrub(self, text: str, /) -> str | None: ...
