@@ -187,6 +187,7 @@ static Py_ssize_t count_digits(const char *s, Py_ssize_t n) {
  * two-way search per call, which cost more than all of a short text's matching). */
 static int contains(const char *haystack, Py_ssize_t n, const span_t *needle) {
     if (needle->n == 0) return 1;
+    if (needle->n > n) return 0;
     const char *p = haystack, *end = haystack + n - needle->n + 1;
     while (p < end && (p = memchr(p, needle->s[0], end - p)) != NULL) {
         if (memcmp(p, needle->s, needle->n) == 0) return 1;

@@ -1,0 +1,101 @@
+"""How fast the request log's scrubber is: the native rules (PCRE2, C) against Python's re, in one run.
+
+Three ways to scrub the same texts, each giving the same output (checked here on every text):
+
+  python   loragate.common.scrub's rules with Python's re, text by text (the baseline: what scrub did before)
+  gated    service.logscrub's batch path: RE2 gates over the whole batch in Arrow, Python's re where a gate
+           lets a text through (what the conversion process did before the native rules)
+  native   the rules compiled with PCRE2 (loragate/common/_scrubnative.c), text by text
+
+on two corpora: the short support message of bench/features_overhead.py (an e-mail address, a phone
+number, an order number that changes), and long prompts (about 4 KB: a pasted support thread with a
+few personal details among ordinary text, numbers, dates and versions). CPU time (process_time) per text,
+the best of --repeats runs; ratios to ``python`` and to ``gated``, measured in the same run.
+
+Run:  .venv/bin/python bench/scrub_speed.py [--texts 2000] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loragate.common import scrub as rules  # noqa: E402
+from loragate.service import logscrub  # noqa: E402
+
+SHORT = "I'm jane.doe@example.com, call me on +44 20 7946 0958: my order #{n} has not arrived yet, what can I do?"
+FILLER = [
+    "Thanks for getting back to me so quickly.", "We upgraded to version 3.11.7 on 2024-01-15 at 12:30.",
+    "The dashboard shows 1,234 requests per minute and a p99 of 250 ms.", "Ticket {n} was reopened twice.",
+    "I tried clearing the cache and restarting the service, as the docs suggest.",
+    "Our plan is the Team tier, 25 seats, billed yearly.", "Error code E-4021 appears in the logs (see below).",
+    "The export finished, but rows 100-250 are missing from the CSV file.", "Can you escalate this, please?",
+    "It worked fine until last Tuesday; nothing changed on our side.", "Regards, the operations team",
+]
+DETAILS = ["You can reach me at sam.lee{n}@example.org.", "My direct line is +1 415 555 {n:04d}.",
+           "Card on file ends 4242, the invoice id is INV-{n}.", "Server 10.0.{a}.{b} returned 502."]
+
+
+def long_text(rng: random.Random, n: int) -> str:
+    parts: list[str] = []
+    while sum(len(p) + 1 for p in parts) < 4000:
+        pool = DETAILS if rng.random() < 0.06 else FILLER
+        parts.append(rng.choice(pool).format(n=n % 10000, a=rng.randint(0, 255), b=rng.randint(0, 255)))
+    return " ".join(parts)
+
+
+def per_text_us(scrub_all: Callable[[list[str]], list[str]], texts: list[str], repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.process_time()
+        scrub_all(texts)
+        best = min(best, time.process_time() - started)
+    return best / len(texts) * 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--texts", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "scrub_speed.json")
+    args = parser.parse_args()
+    native = rules.native_scrubber()
+    if native is None:
+        print("the native scrubber is not built (scripts/setup.sh installs gcc and libpcre2-dev)", file=sys.stderr)
+        return 1
+    rng = random.Random(7)
+    corpora = {"short": [SHORT.format(n=1_000_000 + i) for i in range(args.texts)],
+               "long": [long_text(rng, i) for i in range(max(50, args.texts // 20))]}
+    ways: dict[str, Callable[[list[str]], list[str]]] = {
+        "python": lambda texts: [rules._python_scrub(text) for text in texts],
+        "gated": logscrub._scrub_gated,
+        "native": lambda texts: [native.scrub(text) for text in texts],  # type: ignore[misc]
+    }
+    results: dict[str, dict] = {}
+    for corpus, texts in corpora.items():
+        expected = ways["python"](texts)
+        assert all(ways[way](texts) == expected for way in ways), f"{corpus}: the ways disagree"
+        changed = sum(a != b for a, b in zip(texts, expected))
+        us = {way: per_text_us(scrub_all, texts, args.repeats) for way, scrub_all in ways.items()}
+        results[corpus] = {"texts": len(texts), "mean_chars": round(sum(map(len, texts)) / len(texts)),
+                           "changed": changed, "us_per_text": {k: round(v, 2) for k, v in us.items()},
+                           "native_vs_python": round(us["native"] / us["python"], 3),
+                           "native_vs_gated": round(us["native"] / us["gated"], 3)}
+        print(f"{corpus:>5} ({len(texts)} texts, {results[corpus]['mean_chars']} chars, {changed} changed): "
+              + "  ".join(f"{way} {value:8.2f} us" for way, value in us.items())
+              + f"  | native/python {us['native'] / us['python']:.3f}  native/gated {us['native'] / us['gated']:.3f}")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
