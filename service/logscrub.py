@@ -72,7 +72,7 @@ _ANY_GATE = "|".join(f"(?:{gate})" for gate in _GATES.values())  # a text no gat
 
 # The rules in runs of neighbours, each run with one gate for all of it: most texts pass no gate of a run
 # (secrets, opaque runs, checksummed numbers and ids, addresses), and one RE2 pass then skips the whole run.
-_RUNS = [range(8), range(8, 9), range(9, 18), range(18, 21)]
+_RUNS = [range(0, 8), range(8, 9), range(9, 18), range(18, 21)]
 assert [index for run in _RUNS for index in run] == list(range(len(rules._RULES)))
 _RUN_GATES = ["|".join(f"(?:{_GATES[index]})" for index in run) for run in _RUNS]
 
@@ -86,7 +86,7 @@ assert not any(rules._RULES[index][0].flags & re.IGNORECASE for index in _RE2_RU
 class _Facts:
     """scrub's facts about an original text, each found when a rule first asks: only texts a gate let through."""
 
-    __slots__ = ("_digits", "_long_run", "_lower", "_six_digits", "text")
+    __slots__ = ("text", "_digits", "_long_run", "_lower", "_six_digits")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -128,7 +128,7 @@ def scrub_many(texts: list[str]) -> list[str]:
     out: list[str] = []
     rest: list[int] = []  # what the native scrubber left to Python (non-ASCII texts)
     for text in texts:
-        scrubbed = native.scrub(text) if text.isascii() else None
+        scrubbed = native.scrub(text)
         if scrubbed is None:
             rest.append(len(out))
             scrubbed = text

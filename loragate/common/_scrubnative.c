@@ -377,10 +377,11 @@ static PyObject *Scrubber_scrub(Scrubber *self, PyObject *text) {
     int outcome = 1;
     for (int i = 0; i < self->n && outcome == 1; i++) {
         const rule_t *r = &self->rules[i];
-        outcome = needed(self, r, &f, md);
-        if (outcome != 1) {
-            outcome = outcome == 0 ? 1 : 0;
-            continue;
+        int need = needed(self, r, &f, md);
+        if (need == 0) continue;
+        if (need < 0) {
+            outcome = 0; /* a fact PCRE2 could not decide: Python decides */
+            break;
         }
         buf_t *next = cur.s == a.s && a.s != NULL ? &b : &a;
         int changed;

@@ -69,7 +69,7 @@ class _Facts:
     colons, so a rule skipped on these facts could not have matched.
     """
 
-    __slots__ = ("digits", "long_run", "lower", "six_digits", "text")
+    __slots__ = ("text", "lower", "digits", "long_run", "six_digits")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -147,9 +147,6 @@ class Rule(NamedTuple):
     pattern: re.Pattern[str]
     replacement: Replacement
     need: Need
-
-    def sub(self, text: str) -> str:
-        return self.pattern.sub(_sub_argument(self.replacement), text)
 
 
 def _sub_argument(replacement: Replacement) -> str | Callable[[re.Match[str]], str]:
@@ -284,7 +281,7 @@ def _python_scrub(text: str) -> str:
 
 def scrub(text: str) -> str:
     """``text`` with every match of the rules above replaced by its placeholder."""
-    if _NATIVE is not None and text.isascii():  # the same rules in C (the end of this module)
+    if _NATIVE is not None:  # the same rules in C (the end of this module), for ASCII texts
         scrubbed = _NATIVE.scrub(text)
         if scrubbed is not None:
             return scrubbed
