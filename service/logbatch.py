@@ -3,9 +3,10 @@
 The conversion process's hot loop (service/requestlog.py). The values are exactly those of
 ``pa.Table.from_pylist([request_row(r, mode) for r in records])`` (service/logrows.py is the
 reference, record by record; tests/unit/test_log_fastpaths.py checks the two agree), without a
-dict per row: the scalar fields go to Arrow as columns, each request and answer is parsed once
-in Python (orjson), every text of the batch is cleaned in one call (the scrubber, with its
-cache), and the flat prompt text is joined by Arrow kernels.
+dict per row: the scalar fields go to Arrow as columns, each request and answer is read once
+(in C, service/_lognative.c, which leaves what it cannot decide exactly to the reference's orjson
+path), every text of the batch is cleaned in one call (the scrubber), and the flat prompt text is
+joined by Arrow kernels.
 
 Anything this cannot take raises; the caller then converts the batch record by record.
 """
@@ -14,13 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import msgspec
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from loragate.common.logschema import CHAT_ENDPOINT, REQUESTS, SCHEMA_VERSION, arrow_schema
-from loragate.service.logrows import RequestRecord, TextMode, _content_text, _simple_stream_parts, answer_of
+from loragate.service.logrows import RequestRecord, TextMode, _content_text, answer_of
+
+try:  # the C reader, built by setup.py where a C compiler is; without it every record takes the orjson path
+    from loragate.service import _lognative
+except ImportError:  # pragma: no cover - the tests require it built
+    _lognative = None  # type: ignore[assignment]
+native = _lognative
 
 _SCHEMA = arrow_schema(REQUESTS)
 _TURN = _SCHEMA.field("prompt_messages").type.value_type  # struct<role, content>
@@ -82,13 +88,10 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
     prompts: list[str | list[str] | None] = []  # completions: the prompt, or its parts
     for kind, body in zip(endpoint, payload):
         prompt: str | list[str] | None = None
-        if kind == CHAT_ENDPOINT:
-            typed = _chat_messages(body)
-            if not isinstance(typed, _Untyped):
-                for turn in typed or ():
-                    roles.append(turn.role or "")
-                    contents.append(turn.content or "")
-                no_turns.append(typed is None)
+        if kind == CHAT_ENDPOINT and native is not None:
+            has_turns = native.chat_turns(body, roles, contents)  # appends this request's roles and contents
+            if has_turns is not None:
+                no_turns.append(not has_turns)
                 offsets.append(len(roles))
                 prompts.append(None)
                 continue
@@ -138,135 +141,11 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
     return prompt_text, turns, pa.array(response, pa.string())
 
 
-# --- chat requests: the messages' roles and plain-text contents, decoded into typed structs -------
+# --- answers: (text, finish reason) of choice 0, or None where only logrows.answer_of can say ------------
 
-class _Message(msgspec.Struct, gc=False):
-    role: str | None = None
-    content: str | None = None  # content parts (a list) fall back to the general parse
-
-
-class _ChatRequest(msgspec.Struct, gc=False):
-    messages: list[_Message] | None = None
+def _undecided(data: bytes) -> None:
+    return None
 
 
-_CHAT_REQUEST = msgspec.json.Decoder(_ChatRequest)
-
-
-class _Untyped:
-    """_chat_messages: only the general parse can say."""
-
-
-_UNTYPED = _Untyped()
-
-
-def _chat_messages(body: bytes) -> list[_Message] | None | _Untyped:
-    """A chat request's messages (None: no list of them), decoded skipping every other field; _UNTYPED when
-    the types do not describe them exactly as _texts reads them (a message that is not an object, a role
-    that is not a string, content parts) or the JSON is not valid UTF-8 (see stream_answer). The payload
-    is the gateway's own orjson output, which the two decoders read alike."""
-    if not (body.isascii() or _utf8(body)):
-        return _UNTYPED
-    try:
-        return _CHAT_REQUEST.decode(body).messages
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return _UNTYPED
-
-
-# --- streamed answers: only the fields the log keeps, decoded into typed structs -------------------
-# Untracked by the cyclic GC (gc=False: they hold strings, numbers and each other, never a cycle): 25% cheaper
-# to decode.
-
-class _Delta(msgspec.Struct, gc=False):
-    content: str | None = None
-
-
-class _Choice(msgspec.Struct, gc=False):
-    index: int = 0
-    delta: _Delta | None = None
-    text: str | None = None
-    finish_reason: str | None = None
-
-
-class _Event(msgspec.Struct, gc=False):
-    choices: list[_Choice] | None = None
-
-
-_EVENT = msgspec.json.Decoder(_Event)
-
-
-def stream_answer(stream: bytes) -> tuple[str | None, str | None] | None:
-    """logrows.answer_of's (text, finish reason) of a stream; None when only the general parse can say.
-
-    Each event is decoded straight into the few typed fields the log keeps (msgspec skips the rest
-    in C), about 3x cheaper than building every event as dicts. Whatever the types do not describe
-    exactly as logrows reads it falls back (returns None): an event that is not one ``data: {...}``
-    line, a null index or choice, a delta that is not an object, a text that is not a string, a
-    finish reason that is not a string, JSON orjson would reject (invalid UTF-8 is the one case
-    msgspec lets through in fields it skips that a real upstream could send, so the stream is checked
-    for it first). Not checked, as no upstream writes it: a number beyond a double's range (``1e400``)
-    in a field the log skips; orjson rejects its event, msgspec skips the number and keeps the text.
-    """
-    parts = _simple_stream_parts(stream)
-    if parts is None or not (stream.isascii() or _utf8(stream)):
-        return None
-    pieces: list[str] = []
-    finish_reason = None
-    seen = False
-    try:
-        for part in parts:
-            choices = _EVENT.decode(part).choices
-            for choice in choices or ():
-                if choice.index != 0:
-                    continue
-                seen = True
-                text = choice.delta.content if choice.delta is not None else choice.text
-                if text is not None:
-                    pieces.append(text)
-                if choice.finish_reason:
-                    finish_reason = choice.finish_reason
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return ("".join(pieces) if seen else None), finish_reason
-
-
-# --- whole answers (200, not streamed): choice 0's text and finish reason, typed like the stream events --
-
-class _BodyChoice(msgspec.Struct, gc=False):
-    message: _Message | None = None  # the chat request's message type: role and content
-    text: str | None = None
-    finish_reason: str | None = None
-
-
-class _Body(msgspec.Struct, gc=False):
-    choices: list[_BodyChoice]
-
-
-_BODY = msgspec.json.Decoder(_Body)
-
-
-def body_answer(body: bytes) -> tuple[str | None, str | None] | None:
-    """logrows.answer_of's (text, finish reason) of a whole JSON answer; None when only the general parse can say.
-
-    Decoded straight into the fields the log keeps, as stream_answer decodes events, and with the same
-    fallbacks: whatever the types do not describe as logrows reads it (no ``choices`` list, a choice or
-    message that is not an object, a text or finish reason that is not a string, content parts) or
-    bytes that are not UTF-8. The one input it reads unlike orjson is stream_answer's (``1e400``).
-    """
-    if not (body.isascii() or _utf8(body)):
-        return None
-    try:
-        choices = _BODY.decode(body).choices
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    if not choices:
-        return None, None
-    choice = choices[0]
-    return (choice.message.content if choice.message is not None else choice.text), choice.finish_reason
-
-
-def _utf8(data: bytes) -> bool:
-    try:
-        data.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
+stream_answer = native.stream_answer if native is not None else _undecided
+body_answer = native.body_answer if native is not None else _undecided

@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     adapter_failure_ttl_s: float = 30.0
 
     # Request log (service/requestlog.py): a directory or s3://bucket/prefix; unset = off.
-    # Needs pyarrow and msgspec (pip install 'loragate[requestlog]'). S3 credentials: the usual AWS_* environment.
+    # Needs pyarrow (pip install 'loragate[requestlog]'). S3 credentials: the usual AWS_* environment.
     request_log_url: str | None = None
     # Prompt/answer text in the log: full, scrubbed (personal data and secrets replaced), none.
     request_log_text: Literal["full", "scrubbed", "none"] = "scrubbed"

@@ -98,8 +98,10 @@ def test_wheel_ships_every_module(built: Built) -> None:
     packages = sorted({m.rsplit("/", 1)[0].replace("/", ".") for m in missing})
     assert not missing, (f"not in the wheel: {_repo_paths(chr(10).join(missing))}\n"
                          f"add {packages} to [tool.setuptools] packages in pyproject.toml")
-    # The scrubber's native rules, compiled for this platform (setup.py; scripts/setup.sh installs what it needs).
-    assert [m for m in shipped if re.fullmatch(r"loragate/common/_scrubnative\.cpython-311-.+\.so", m)], shipped
+    # The C modules, compiled for this platform (setup.py; scripts/setup.sh installs what they need): the
+    # scrubber's native rules and the request log's JSON reading.
+    for module in (r"loragate/common/_scrubnative", r"loragate/service/_lognative"):
+        assert [m for m in shipped if re.fullmatch(module + r"\.cpython-311-.+\.so", m)], (module, shipped)
 
 
 def test_layer_contracts_hold(built: Built) -> None:
