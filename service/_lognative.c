@@ -679,23 +679,20 @@ static int chat_member(reader_t *r, const str_t *key, void *ctx) {
     return chat->has_messages ? each_element(r, chat_message, chat) : skip_value(r); /* else: no turns */
 }
 
-static PyObject *chat_turns(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "chat_turns(body, roles: list, contents: list)");
-        return NULL;
-    }
+/* True, False (no list of messages) or None (nothing appended: the reference must decide); NULL: an error. */
+static PyObject *read_chat(PyObject *body, PyObject *roles, PyObject *contents) {
     Py_buffer view;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
-    chat_t chat = {args[1], args[2], 0, 0};
-    Py_ssize_t roles_before = PyList_GET_SIZE(chat.roles), contents_before = PyList_GET_SIZE(chat.contents);
+    if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0) return NULL;
+    chat_t chat = {roles, contents, 0, 0};
+    Py_ssize_t roles_before = PyList_GET_SIZE(roles), contents_before = PyList_GET_SIZE(contents);
     int status = read_document(view.buf, view.len, chat_member, &chat);
     PyBuffer_Release(&view);
     if (status == OK) return PyBool_FromLong(chat.has_messages);
     /* nothing of this request stays in the lists */
     PyObject *error_type, *error_value, *error_tb;
     PyErr_Fetch(&error_type, &error_value, &error_tb);
-    if (PyList_SetSlice(chat.roles, roles_before, PyList_GET_SIZE(chat.roles), NULL) < 0 ||
-        PyList_SetSlice(chat.contents, contents_before, PyList_GET_SIZE(chat.contents), NULL) < 0) {
+    if (PyList_SetSlice(roles, roles_before, PyList_GET_SIZE(roles), NULL) < 0 ||
+        PyList_SetSlice(contents, contents_before, PyList_GET_SIZE(contents), NULL) < 0) {
         Py_XDECREF(error_type);
         Py_XDECREF(error_value);
         Py_XDECREF(error_tb);
@@ -708,6 +705,123 @@ static PyObject *chat_turns(PyObject *module, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 }
 
+static PyObject *chat_turns(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "chat_turns(body, roles: list, contents: list)");
+        return NULL;
+    }
+    return read_chat(args[0], args[1], args[2]);
+}
+
+/* --- a whole batch: one call for its turns, one for its answers ---------------------------------- */
+
+static int append_steal(PyObject *list, PyObject *item) { return append(list, item) == OK ? 0 : -1; }
+
+/* read_turns(endpoints, payloads, roles, contents, offsets, no_turns, general): every request's turns appended
+ * to roles and contents, and after each request the turns so far to offsets and whether it had none to
+ * no_turns. A chat request this reader cannot decide, and every other request, goes to general(index),
+ * which appends that request's turns itself and says whether it has a list of them. */
+static PyObject *read_turns(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 7 || !PyList_CheckExact(args[2]) || !PyList_CheckExact(args[3]) || !PyList_CheckExact(args[4]) ||
+        !PyList_CheckExact(args[5])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "read_turns(endpoints, payloads, roles: list, contents: list, offsets: list, no_turns: list, "
+                        "general)");
+        return NULL;
+    }
+    PyObject *endpoints = PySequence_Fast(args[0], "endpoints"), *payloads = PySequence_Fast(args[1], "payloads");
+    PyObject *roles = args[2], *contents = args[3], *offsets = args[4], *no_turns = args[5], *general = args[6];
+    PyObject *result = NULL;
+    if (endpoints == NULL || payloads == NULL) goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(endpoints);
+    if (PySequence_Fast_GET_SIZE(payloads) != count) {
+        PyErr_SetString(PyExc_ValueError, "endpoints and payloads differ in length");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *endpoint = PySequence_Fast_GET_ITEM(endpoints, i), *has = NULL;
+        if (PyUnicode_Check(endpoint) && PyUnicode_CompareWithASCIIString(endpoint, "chat/completions") == 0) {
+            has = read_chat(PySequence_Fast_GET_ITEM(payloads, i), roles, contents);
+            if (has == NULL) goto done;
+        }
+        if (has == NULL || has == Py_None) {
+            Py_XDECREF(has);
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL) goto done;
+            has = PyObject_CallOneArg(general, index);
+            Py_DECREF(index);
+            if (has == NULL) goto done;
+        }
+        int truth = PyObject_IsTrue(has);
+        Py_DECREF(has);
+        if (truth < 0 || append_steal(no_turns, PyBool_FromLong(!truth)) < 0 ||
+            append_steal(offsets, PyLong_FromSsize_t(PyList_GET_SIZE(roles))) < 0)
+            goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(endpoints);
+    Py_XDECREF(payloads);
+    return result;
+}
+
+/* read_answers(streams, statuses, answers, general) -> (texts, finish reasons): logrows.answer_of's per record.
+ * A non-empty answer of a stream or of a 200 is read here; what this reader cannot decide, and every other
+ * record, goes to general(index), which returns the (text, finish reason) pair. */
+static PyObject *read_answers(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "read_answers(streams, statuses, answers, general)");
+        return NULL;
+    }
+    PyObject *streams = PySequence_Fast(args[0], "streams"), *statuses = PySequence_Fast(args[1], "statuses");
+    PyObject *answers = PySequence_Fast(args[2], "answers"), *general = args[3];
+    PyObject *texts = NULL, *reasons = NULL, *result = NULL;
+    if (streams == NULL || statuses == NULL || answers == NULL) goto done;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(answers);
+    if (PySequence_Fast_GET_SIZE(streams) != count || PySequence_Fast_GET_SIZE(statuses) != count) {
+        PyErr_SetString(PyExc_ValueError, "streams, statuses and answers differ in length");
+        goto done;
+    }
+    if ((texts = PyList_New(count)) == NULL || (reasons = PyList_New(count)) == NULL) goto done;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *answer = PySequence_Fast_GET_ITEM(answers, i), *pair = NULL;
+        if (PyBytes_Check(answer) && PyBytes_GET_SIZE(answer) > 0) {
+            int stream = PyObject_IsTrue(PySequence_Fast_GET_ITEM(streams, i));
+            if (stream < 0) goto done;
+            PyObject *status = PySequence_Fast_GET_ITEM(statuses, i);
+            int overflow = 0;
+            if (stream || (PyLong_CheckExact(status) && PyLong_AsLongAndOverflow(status, &overflow) == 200)) {
+                pair = stream ? stream_answer(module, answer) : body_answer(module, answer);
+                if (pair == NULL) goto done;
+            }
+        }
+        if (pair == NULL || pair == Py_None) {
+            Py_XDECREF(pair);
+            PyObject *index = PyLong_FromSsize_t(i);
+            if (index == NULL) goto done;
+            pair = PyObject_CallOneArg(general, index);
+            Py_DECREF(index);
+            if (pair == NULL) goto done;
+            if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+                Py_DECREF(pair);
+                PyErr_SetString(PyExc_TypeError, "general(index) must return a (text, finish reason) pair");
+                goto done;
+            }
+        }
+        PyList_SET_ITEM(texts, i, Py_NewRef(PyTuple_GET_ITEM(pair, 0)));
+        PyList_SET_ITEM(reasons, i, Py_NewRef(PyTuple_GET_ITEM(pair, 1)));
+        Py_DECREF(pair);
+    }
+    result = PyTuple_Pack(2, texts, reasons);
+done:
+    Py_XDECREF(streams);
+    Py_XDECREF(statuses);
+    Py_XDECREF(answers);
+    Py_XDECREF(texts);
+    Py_XDECREF(reasons);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"stream_answer", stream_answer, METH_O,
      "(text, finish reason) of choice 0 of an SSE stream, as logrows reads it; None: the reference must decide."},
@@ -717,6 +831,11 @@ static PyMethodDef methods[] = {
     {"chat_turns", (PyCFunction)(void (*)(void))chat_turns, METH_FASTCALL,
      "Appends a chat request's roles and contents (as logrows.prompt_of reads them) to the two lists: True, or "
      "False when it has no list of messages; None (nothing appended): the reference must decide."},
+    {"read_turns", (PyCFunction)(void (*)(void))read_turns, METH_FASTCALL,
+     "A batch's chat turns (see chat_turns), each request's end in offsets and whether it had none in no_turns; "
+     "general(index) reads what this cannot."},
+    {"read_answers", (PyCFunction)(void (*)(void))read_answers, METH_FASTCALL,
+     "A batch's (texts, finish reasons), as logrows.answer_of reads them; general(index) reads what this cannot."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -40,10 +40,7 @@ def requests_table(records: Sequence[RequestRecord], text_mode: TextMode, clean_
     count = len(records)
     (request_id, timestamp, route, variant, endpoint, status, stream, fallback, latency_s, ttft_s, prompt_tokens,
      completion_tokens, cost_usd, reference_cost_usd, payload, _answer, role) = zip(*records)
-    answers = [((stream_answer(record.answer) if record.stream else
-                 body_answer(record.answer) if record.status == 200 else None) if record.answer else None)
-               or answer_of(record) for record in records]
-    response = [text for text, _ in answers]
+    response, finish_reason = _answers(records, stream, status, _answer)
     if text_mode == "none":
         prompt_text, response_column = pa.nulls(count, pa.string()), pa.nulls(count, pa.string())
         prompt_messages = pa.nulls(count, _SCHEMA.field("prompt_messages").type)
@@ -65,7 +62,7 @@ def requests_table(records: Sequence[RequestRecord], text_mode: TextMode, clean_
         "completion_tokens": completion_tokens,
         "cost_usd": cost_usd,
         "reference_cost_usd": reference_cost_usd,
-        "finish_reason": [reason for _, reason in answers],
+        "finish_reason": finish_reason,
         "prompt_text": prompt_text,
         "prompt_messages": prompt_messages,
         "response_text": response_column,
@@ -78,6 +75,18 @@ def requests_table(records: Sequence[RequestRecord], text_mode: TextMode, clean_
         schema=_SCHEMA)
 
 
+def _answers(records: Sequence[RequestRecord], stream: Sequence[bool], status: Sequence[int],
+             answer: Sequence[bytes | None]) -> tuple[list[str | None], list[str | None]]:
+    """The (answer text, finish reason) columns: each record's as logrows.answer_of reads it."""
+    def general(index: int) -> tuple[str | None, str | None]:
+        return answer_of(records[index])
+
+    if native is not None:  # reads what it can decide exactly, and asks general for the rest
+        return native.read_answers(stream, status, answer, general)
+    pairs = [general(index) for index in range(len(records))]
+    return [text for text, _ in pairs], [reason for _, reason in pairs]
+
+
 def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str | None],
            clean_all: CleanAll | None) -> tuple[pa.Array, pa.Array, pa.Array]:
     """(prompt_text, prompt_messages, response_text) columns, every text cleaned in one ``clean_all`` call."""
@@ -85,46 +94,43 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
     contents: list[str] = []
     offsets = [0]  # of each record's turns in roles/contents
     no_turns: list[bool] = []  # the record has no turns (a null list): completions, or messages not a list
-    prompts: list[str | list[str] | None] = []  # completions: the prompt, or its parts
-    for kind, body in zip(endpoint, payload):
-        prompt: str | list[str] | None = None
-        if kind == CHAT_ENDPOINT and native is not None:
-            has_turns = native.chat_turns(body, roles, contents)  # appends this request's roles and contents
-            if has_turns is not None:
-                no_turns.append(not has_turns)
-                offsets.append(len(roles))
-                prompts.append(None)
-                continue
-        request = orjson.loads(body)
-        if kind == CHAT_ENDPOINT:
+    prompts: dict[int, str | list[str]] = {}  # completions: record -> the prompt, or its parts
+
+    def general(index: int) -> bool:
+        """Appends request ``index``'s turns as logrows.prompt_of reads them (orjson); whether it has a list."""
+        request = orjson.loads(payload[index])
+        if endpoint[index] == CHAT_ENDPOINT:
             messages = request.get("messages")
-            if isinstance(messages, list):
-                for message in messages:
-                    if isinstance(message, dict):
-                        roles.append(str(message.get("role") or ""))
-                        contents.append(_content_text(message.get("content")))
-            no_turns.append(not isinstance(messages, list))
-        else:
-            no_turns.append(True)
-            given = request.get("prompt")
-            if isinstance(given, str) or (isinstance(given, list) and all(isinstance(part, str) for part in given)):
-                prompt = given
-        offsets.append(len(roles))
-        prompts.append(prompt)
+            if not isinstance(messages, list):
+                return False
+            for message in messages:
+                if isinstance(message, dict):
+                    roles.append(str(message.get("role") or ""))
+                    contents.append(_content_text(message.get("content")))
+            return True
+        given = request.get("prompt")
+        if isinstance(given, str) or (isinstance(given, list) and all(isinstance(part, str) for part in given)):
+            prompts[index] = given
+        return False
+
+    if native is not None:  # reads the chat requests it can decide exactly, and asks general for the rest
+        native.read_turns(endpoint, payload, roles, contents, offsets, no_turns, general)
+    else:
+        for index in range(len(payload)):
+            no_turns.append(not general(index))
+            offsets.append(len(roles))
 
     if clean_all is not None:
         texts = dict.fromkeys(contents)
-        for prompt in prompts:
-            if isinstance(prompt, str):
-                texts[prompt] = None
-            elif prompt is not None:
-                texts.update(dict.fromkeys(prompt))
-        texts.update(dict.fromkeys(text for text in response if text is not None))
+        for prompt in prompts.values():
+            texts.update(dict.fromkeys([prompt] if isinstance(prompt, str) else prompt))
+        texts.update(dict.fromkeys(response))
+        texts.pop(None, None)
         clean = clean_all(list(texts))
-        contents = [clean[text] for text in contents]
-        response = [None if text is None else clean[text] for text in response]
-        prompts = [None if prompt is None else clean[prompt] if isinstance(prompt, str)
-                   else [clean[part] for part in prompt] for prompt in prompts]
+        contents = list(map(clean.__getitem__, contents))
+        response = list(map(clean.get, response))  # None stays None
+        prompts = {index: clean[prompt] if isinstance(prompt, str) else [clean[part] for part in prompt]
+                   for index, prompt in prompts.items()}
 
     role_column = pa.array(roles, pa.string())
     content_column = pa.array(contents, pa.string())
@@ -135,17 +141,10 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
     # flat_prompt: one "role: content" line per turn; completions: the prompt, its parts joined by lines.
     lines = pa.ListArray.from_arrays(offset_column, pc.binary_join_element_wise(role_column, content_column, ": "),
                                      mask=null_lists)
-    completion_text = [prompt if prompt is None or isinstance(prompt, str) else "\n".join(prompt)
-                       for prompt in prompts]
-    prompt_text = pc.coalesce(pc.binary_join(lines, "\n"), pa.array(completion_text, pa.string()))
+    prompt_text = pc.binary_join(lines, "\n")
+    if prompts:
+        completion_text: list[str | None] = [None] * len(payload)
+        for index, prompt in prompts.items():
+            completion_text[index] = prompt if isinstance(prompt, str) else "\n".join(prompt)
+        prompt_text = pc.coalesce(prompt_text, pa.array(completion_text, pa.string()))
     return prompt_text, turns, pa.array(response, pa.string())
-
-
-# --- answers: (text, finish reason) of choice 0, or None where only logrows.answer_of can say ------------
-
-def _undecided(data: bytes) -> None:
-    return None
-
-
-stream_answer = native.stream_answer if native is not None else _undecided
-body_answer = native.body_answer if native is not None else _undecided

@@ -86,14 +86,14 @@ assert not any(rules._RULES[index][0].flags & re.IGNORECASE for index in _RE2_RU
 class _Facts:
     """scrub's facts about an original text, each found when a rule first asks: only texts a gate let through."""
 
-    __slots__ = ("text", "_digits", "_long_run", "_lower", "_six_digits")
+    __slots__ = ("text", "_digits", "_long_run", "_lower", "_ni_shape")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self._digits: int | None = None
         self._long_run: bool | None = None
         self._lower: str | None = None
-        self._six_digits: bool | None = None
+        self._ni_shape: bool | None = None
 
     @property
     def digits(self) -> int:  # ASCII digits, as scrub counts them
@@ -114,10 +114,10 @@ class _Facts:
         return self._lower
 
     @property
-    def six_digits(self) -> bool:
-        if self._six_digits is None:
-            self._six_digits = self.digits >= 6 and rules._SIX_DIGITS.search(self.text) is not None
-        return self._six_digits
+    def ni_shape(self) -> bool:
+        if self._ni_shape is None:
+            self._ni_shape = self.digits >= 6 and rules._NI_SHAPE.search(self.text) is not None
+        return self._ni_shape
 
 
 def scrub_many(texts: list[str]) -> list[str]:

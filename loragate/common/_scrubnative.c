@@ -36,7 +36,7 @@ typedef struct {
     span_t *any, *any_lower;
     char count_char;
     Py_ssize_t count_min; /* 0: no count test */
-    int long_run, six_digits, id_keyword;
+    int long_run, ni_shape, id_keyword;
 } rule_t;
 
 typedef struct {
@@ -44,7 +44,7 @@ typedef struct {
     PyObject *spec; /* keeps every string and callable the rules point into */
     int n;
     rule_t *rules;
-    pcre2_code *six_digits, *id_keywords;
+    pcre2_code *ni_shape, *id_keywords;
     pcre2_match_data *match_data;
     int busy; /* match_data in use (a callback ran Python that scrubs too): take a fresh one */
 } Scrubber;
@@ -102,19 +102,19 @@ static void Scrubber_dealloc(Scrubber *self) {
         PyMem_Free(self->rules[i].any_lower);
     }
     PyMem_Free(self->rules);
-    pcre2_code_free(self->six_digits);
+    pcre2_code_free(self->ni_shape);
     pcre2_code_free(self->id_keywords);
     pcre2_match_data_free(self->match_data);
     Py_XDECREF(self->spec);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Scrubber(rules, six_digits, id_keywords): rules is a tuple of
+/* Scrubber(rules, ni_shape, id_keywords): rules is a tuple of
  * (pattern, caseless, kind, placeholder, prefix_group, call,
- *  min_digits, any, any_lower, count_char, count_min, long_run, six_digits, id_keyword). */
+ *  min_digits, any, any_lower, count_char, count_min, long_run, ni_shape, id_keyword). */
 static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
-    PyObject *rules, *six_digits, *id_keywords;
-    if (!PyArg_ParseTuple(args, "O!UU", &PyTuple_Type, &rules, &six_digits, &id_keywords)) return -1;
+    PyObject *rules, *ni_shape, *id_keywords;
+    if (!PyArg_ParseTuple(args, "O!UU", &PyTuple_Type, &rules, &ni_shape, &id_keywords)) return -1;
     if (self->spec != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Scrubber is initialised once");
         return -1;
@@ -127,7 +127,7 @@ static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
         PyErr_NoMemory();
         return -1;
     }
-    if ((self->six_digits = compile(six_digits, 0, NULL)) == NULL) return -1;
+    if ((self->ni_shape = compile(ni_shape, 0, NULL)) == NULL) return -1;
     if ((self->id_keywords = compile(id_keywords, 0, NULL)) == NULL) return -1;
     for (int i = 0; i < self->n; i++) {
         rule_t *r = &self->rules[i];
@@ -137,7 +137,7 @@ static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(rules, i), "UpiUIOnO!O!Unppp", &pattern, &caseless, &r->kind,
                               &placeholder, &prefix_group, &call, &r->min_digits, &PyTuple_Type, &any,
                               &PyTuple_Type, &any_lower, &count_char, &r->count_min, &r->long_run,
-                              &r->six_digits, &r->id_keyword))
+                              &r->ni_shape, &r->id_keyword))
             return -1;
         if (r->kind < K_CONST || r->kind > K_CALL || (r->kind == K_CALL && !PyCallable_Check(call))) {
             PyErr_Format(PyExc_ValueError, "rule %d: bad kind %d or callable", i, r->kind);
@@ -206,7 +206,7 @@ typedef struct {
     const char *s;
     Py_ssize_t n, digits;
     char *lower; /* owned */
-    int long_run, six_digits, id_keyword; /* -1: not found yet */
+    int long_run, ni_shape, id_keyword; /* -1: not found yet */
 } facts_t;
 
 static int matches(pcre2_code *code, const char *s, Py_ssize_t n, pcre2_match_data *md) {
@@ -256,9 +256,9 @@ static int needed(Scrubber *self, const rule_t *r, facts_t *f, pcre2_match_data 
         }
         if (!f->long_run) return 0;
     }
-    if (r->six_digits) {
-        if (f->six_digits < 0) f->six_digits = f->digits >= 6 ? matches(self->six_digits, f->s, f->n, md) : 0;
-        if (f->six_digits <= 0) return f->six_digits;
+    if (r->ni_shape) {
+        if (f->ni_shape < 0) f->ni_shape = f->digits >= 6 ? matches(self->ni_shape, f->s, f->n, md) : 0;
+        if (f->ni_shape <= 0) return f->ni_shape;
     }
     if (r->id_keyword) {
         if (f->id_keyword < 0) {

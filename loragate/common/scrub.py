@@ -56,7 +56,9 @@ SECRET = "[SECRET]"
 _NON_DIGIT = re.compile(r"\D")
 _SPACE = re.compile(r"\s")
 _LONG_RUN = re.compile(r"[A-Za-z0-9+/_-]{32}")
-_SIX_DIGITS = re.compile(r"\d\d\s?\d\d\s?\d\d")
+# Two letters, then six digits in pairs: the shape the UK NI rule needs (its letter classes, case-folded, are
+# within these; no replacement puts a letter before digits, as every placeholder ends with "]").
+_NI_SHAPE = re.compile(r"[A-Za-z][A-Za-z]\s?\d\d\s?\d\d\s?\d\d", re.IGNORECASE)
 # A superset of the national-id keywords below: a cheap test before the costly pattern.
 _ID_KEYWORDS = re.compile(r"passport|national|identity|id[\s_-]?card|tax|tin|ssn|sin|nino|dni|nie|nif|cpf|"
                           r"aadhaar|pesel|bsn|personnummer|steuer")
@@ -69,14 +71,14 @@ class _Facts:
     colons, so a rule skipped on these facts could not have matched.
     """
 
-    __slots__ = ("text", "lower", "digits", "long_run", "six_digits")
+    __slots__ = ("text", "lower", "digits", "long_run", "ni_shape")
 
     def __init__(self, text: str) -> None:
         self.text = text
         self.lower = text.lower()
         self.digits = ascii_digits(text)
         self.long_run = _LONG_RUN.search(text) is not None
-        self.six_digits = self.digits >= 6 and _SIX_DIGITS.search(text) is not None
+        self.ni_shape = self.digits >= 6 and _NI_SHAPE.search(text) is not None
 
 
 def ascii_digits(text: str) -> int:
@@ -102,7 +104,7 @@ class Facts(Protocol):
     @property
     def long_run(self) -> bool: ...
     @property
-    def six_digits(self) -> bool: ...
+    def ni_shape(self) -> bool: ...
 
 
 class Need(NamedTuple):
@@ -118,7 +120,7 @@ class Need(NamedTuple):
     any_of_lower: tuple[str, ...] = ()
     repeated: tuple[str, int] | None = None
     long_run: bool = False  # _LONG_RUN occurs
-    six_digits: bool = False  # _SIX_DIGITS occurs
+    ni_shape: bool = False  # _NI_SHAPE occurs (and 6 ASCII digits)
     id_keyword: bool = False  # _ID_KEYWORDS occurs in the lowercased text
 
     def holds(self, facts: Facts) -> bool:
@@ -129,7 +131,7 @@ class Need(NamedTuple):
                 or any(part in facts.lower for part in self.any_of_lower)
                 or (self.repeated is not None and facts.text.count(self.repeated[0]) >= self.repeated[1])):
             return False
-        return ((not self.long_run or facts.long_run) and (not self.six_digits or facts.six_digits)
+        return ((not self.long_run or facts.long_run) and (not self.ni_shape or facts.ni_shape)
                 and (not self.id_keyword or _ID_KEYWORDS.search(facts.lower) is not None))
 
 
@@ -249,7 +251,7 @@ _RULES: list[Rule] = [
     Rule(re.compile(r"\d(?<![\d-]\d)\d\d(?<!000|666)(?<!9\d\d)([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])"),
          NATIONAL_ID, Need(digits=9)),
     Rule(re.compile(r"[A-CEGHJ-PR-TW-Z](?<!\w[A-Z])[A-CEGHJ-NPR-TW-Z](?<!BG|GB|NK|KN|TN|NT|ZZ)"
-                    r"\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", re.IGNORECASE), NATIONAL_ID, Need(six_digits=True)),
+                    r"\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", re.IGNORECASE), NATIONAL_ID, Need(ni_shape=True)),
     Rule(re.compile(r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|"
                     r"tax[\s_-]?id|tin|ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)"
                     r"(?:\s*(?:number|no\.?|num|#))?\s*(?:is\s+)?[:#]?\s*)(?=[A-Z]*\d)[A-Z0-9][A-Z0-9./-]{3,}"
@@ -335,7 +337,7 @@ def _native_rule(native: ModuleType, rule: Rule) -> tuple:
     count_char, count_min = need.repeated or ("", 0)
     return (pcre2_pattern(rule.pattern.pattern), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
             prefix_group, call, need.digits, need.any_of, need.any_of_lower, count_char, count_min,
-            need.long_run, need.six_digits, need.id_keyword)
+            need.long_run, need.ni_shape, need.id_keyword)
 
 
 def _native_scrubber() -> Scrubber | None:
@@ -345,7 +347,7 @@ def _native_scrubber() -> Scrubber | None:
     except ImportError:  # the Python rules do all the work then
         return None
     return _scrubnative.Scrubber(tuple(_native_rule(_scrubnative, rule) for rule in _RULES),
-                                 pcre2_pattern(_SIX_DIGITS.pattern), pcre2_pattern(_ID_KEYWORDS.pattern))
+                                 pcre2_pattern(_NI_SHAPE.pattern), pcre2_pattern(_ID_KEYWORDS.pattern))
 
 
 _NATIVE = _native_scrubber()

@@ -23,7 +23,9 @@ from loragate.service.auth import Authenticator, KeyStore, hash_key
 from loragate.service.errors import GatewayError
 from loragate.service.logrows import _body_answer, _simple_stream_objects, _stream_answer, request_row
 from loragate.service.logscrub import scrub_many
-from loragate.service.logbatch import body_answer, requests_table, stream_answer
+from loragate.service._lognative import body_answer, stream_answer
+from loragate.service import logbatch
+from loragate.service.logbatch import requests_table
 from loragate.service.logconvert import Converter
 from loragate.service.requestlog import RequestRecord
 from tests.unit.test_requestlog import PII_PROMPT, chat_record
@@ -48,8 +50,11 @@ def test_scrub_many_is_scrub_text_by_text() -> None:
     assert scrub_many(["\ud800 me@example.com"]) == [scrub("\ud800 me@example.com")]  # not UTF-8: text by text
 
 
+@pytest.mark.parametrize("reader", ["c", "python"])
 @pytest.mark.parametrize("mode", ["scrubbed", "full", "none"])
-def test_batch_conversion_gives_the_record_by_record_rows(mode) -> None:
+def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypatch) -> None:
+    if reader == "python":  # an install without the C reader (service/_lognative.c): the orjson path alone
+        monkeypatch.setattr(logbatch, "native", None)
     texts = corpus()[:400]
     records = [chat_record(f"r{i}", content=text, answer=texts[-1 - i], stream=i % 2 == 1)
                for i, text in enumerate(texts)]
