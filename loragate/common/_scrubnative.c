@@ -44,7 +44,7 @@ typedef struct {
     PyObject *spec; /* keeps every string and callable the rules point into */
     int n;
     rule_t *rules;
-    pcre2_code *ni_shape, *id_keywords;
+    pcre2_code *id_keywords;
     pcre2_match_data *match_data;
     int busy; /* match_data in use (a callback ran Python that scrubs too): take a fresh one */
 } Scrubber;
@@ -102,19 +102,18 @@ static void Scrubber_dealloc(Scrubber *self) {
         PyMem_Free(self->rules[i].any_lower);
     }
     PyMem_Free(self->rules);
-    pcre2_code_free(self->ni_shape);
     pcre2_code_free(self->id_keywords);
     pcre2_match_data_free(self->match_data);
     Py_XDECREF(self->spec);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Scrubber(rules, ni_shape, id_keywords): rules is a tuple of
+/* Scrubber(rules, id_keywords): rules is a tuple of
  * (pattern, caseless, kind, placeholder, prefix_group, call,
  *  min_digits, any, any_lower, count_char, count_min, long_run, ni_shape, id_keyword). */
 static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
-    PyObject *rules, *ni_shape, *id_keywords;
-    if (!PyArg_ParseTuple(args, "O!UU", &PyTuple_Type, &rules, &ni_shape, &id_keywords)) return -1;
+    PyObject *rules, *id_keywords;
+    if (!PyArg_ParseTuple(args, "O!U", &PyTuple_Type, &rules, &id_keywords)) return -1;
     if (self->spec != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Scrubber is initialised once");
         return -1;
@@ -127,7 +126,6 @@ static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
         PyErr_NoMemory();
         return -1;
     }
-    if ((self->ni_shape = compile(ni_shape, 0, NULL)) == NULL) return -1;
     if ((self->id_keywords = compile(id_keywords, 0, NULL)) == NULL) return -1;
     for (int i = 0; i < self->n; i++) {
         rule_t *r = &self->rules[i];
@@ -201,6 +199,27 @@ static int run_char(char c) { /* scrub._LONG_RUN's class: [A-Za-z0-9+/_-] */
            c == '_' || c == '-';
 }
 
+static int space_char(char c) { return (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x20); } /* Python's \s */
+static int digit_char(char c) { return c >= '0' && c <= '9'; }
+static int letter_char(char c) { return (c | 0x20) >= 'a' && (c | 0x20) <= 'z'; }
+
+/* scrub._NI_SHAPE on ASCII: two letters, then three digit pairs, each after an optional \s. Each \s? is
+ * decided by the next byte alone (a space is never a digit), so one pass without backtracking. */
+static int ni_shape(const char *s, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i + 8 <= n; i++) {
+        if (!letter_char(s[i]) || !letter_char(s[i + 1])) continue;
+        Py_ssize_t j = i + 2;
+        int ok = 1;
+        for (int pair = 0; pair < 3 && ok; pair++) {
+            if (j < n && space_char(s[j])) j++;
+            ok = j + 2 <= n && digit_char(s[j]) && digit_char(s[j + 1]);
+            j += 2;
+        }
+        if (ok) return 1;
+    }
+    return 0;
+}
+
 /* The facts about the original text that the rules' needs ask for, each found when first asked. */
 typedef struct {
     const char *s;
@@ -257,7 +276,7 @@ static int needed(Scrubber *self, const rule_t *r, facts_t *f, pcre2_match_data 
         if (!f->long_run) return 0;
     }
     if (r->ni_shape) {
-        if (f->ni_shape < 0) f->ni_shape = f->digits >= 6 ? matches(self->ni_shape, f->s, f->n, md) : 0;
+        if (f->ni_shape < 0) f->ni_shape = f->digits >= 6 && ni_shape(f->s, f->n);
         if (f->ni_shape <= 0) return f->ni_shape;
     }
     if (r->id_keyword) {

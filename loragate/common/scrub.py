@@ -347,7 +347,7 @@ def _native_scrubber() -> Scrubber | None:
     except ImportError:  # the Python rules do all the work then
         return None
     return _scrubnative.Scrubber(tuple(_native_rule(_scrubnative, rule) for rule in _RULES),
-                                 pcre2_pattern(_NI_SHAPE.pattern), pcre2_pattern(_ID_KEYWORDS.pattern))
+                                 pcre2_pattern(_ID_KEYWORDS.pattern))  # _NI_SHAPE is written in C
 
 
 _NATIVE = _native_scrubber()
