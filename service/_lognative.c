@@ -10,6 +10,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 
 typedef const unsigned char *cur_t;
@@ -115,13 +116,32 @@ static void init_plain(void) {
     for (int c = 0x20; c < 0x80; c++) PLAIN[c] = c != '"' && c != '\\';
 }
 
+/* Past the bytes a string holds as they are: 8 at a time where the CPU is little-endian. A byte is special
+ * when it is a quote, a backslash, below 0x20 or above 0x7F; the lowest flagged byte of a word is always a
+ * special one (a borrow only carries upwards), so the word is left at the first special byte. */
+static cur_t skip_plain(cur_t p, cur_t end) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    const uint64_t ones = 0x0101010101010101ULL, highs = 0x8080808080808080ULL;
+    while (end - p >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        uint64_t quote = v ^ (ones * '"'), backslash = v ^ (ones * '\\');
+        uint64_t special = (((quote - ones) & ~quote) | ((backslash - ones) & ~backslash) | (v - ones * 0x20) | v) & highs;
+        if (special) return p + (__builtin_ctzll(special) >> 3);
+        p += 8;
+    }
+#endif
+    while (p < end && PLAIN[*p]) p++;
+    return p;
+}
+
 /* At an opening quote: checks the string as orjson would (no raw control characters, valid escapes,
  * surrogates in pairs, valid UTF-8) and moves past its closing quote. */
 static int read_string(reader_t *r, str_t *out) {
     cur_t p = r->p + 1, end = r->end;
     int escaped = 0;
     while (p < end) {
-        while (p < end && PLAIN[*p]) p++; /* the common bytes, one table look-up each */
+        p = skip_plain(p, end);
         if (p >= end) break;
         unsigned c = *p;
         if (c == '"') {

@@ -241,3 +241,18 @@ def test_typical_upstream_answers_are_read_natively() -> None:
 
 def test_the_batch_uses_it() -> None:
     assert logbatch.native is native
+
+
+def test_every_special_byte_is_seen_wherever_it_falls_in_a_word() -> None:
+    # Strings are scanned 8 bytes at a time: an escape, a quote, a control byte or a non-ASCII character at
+    # each offset of a word, and at the end of the string, must read as the reference reads it.
+    for special in ('\\"', "\\\\", "\\n", "\\u00e9", "\u00e9", "\U0001f600", "\x7f", "\x01", "\x1f"):
+        for before in range(0, 18):
+            for after in (0, 1, 7, 8, 9):
+                text = "a" * before + special + "b" * after
+                body = ('{"choices":[{"message":{"content":"' + text + '"},"finish_reason":"stop"}]}').encode()
+                got = native.body_answer(body)
+                if not _parses(body):
+                    assert got is None, body
+                    continue
+                assert got == _body_answer(body), body
