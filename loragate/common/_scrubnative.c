@@ -13,6 +13,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <Python.h>
 #include <pcre2.h>
+#include <stdint.h>
 #include <string.h>
 
 /* How a rule replaces a match (scrub.py's native_kind). */
@@ -44,7 +45,9 @@ typedef struct {
     PyObject *spec; /* keeps every string and callable the rules point into */
     int n;
     rule_t *rules;
-    pcre2_code *id_keywords;
+    span_t *id_words; /* scrub._ID_WORDS (id cards are written in id_keyword) */
+    int n_id_words;
+    uint64_t id_pairs[1024]; /* the first two bytes of each word, and "id": a bit each of 65536 */
     pcre2_match_data *match_data;
     int busy; /* match_data in use (a callback ran Python that scrubs too): take a fresh one */
 } Scrubber;
@@ -102,18 +105,18 @@ static void Scrubber_dealloc(Scrubber *self) {
         PyMem_Free(self->rules[i].any_lower);
     }
     PyMem_Free(self->rules);
-    pcre2_code_free(self->id_keywords);
+    PyMem_Free(self->id_words);
     pcre2_match_data_free(self->match_data);
     Py_XDECREF(self->spec);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Scrubber(rules, id_keywords): rules is a tuple of
+/* Scrubber(rules, id_words): rules is a tuple of
  * (pattern, caseless, kind, placeholder, prefix_group, call,
  *  min_digits, any, any_lower, count_char, count_min, long_run, ni_shape, id_keyword). */
 static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
-    PyObject *rules, *id_keywords;
-    if (!PyArg_ParseTuple(args, "O!U", &PyTuple_Type, &rules, &id_keywords)) return -1;
+    PyObject *rules, *id_words;
+    if (!PyArg_ParseTuple(args, "O!O!", &PyTuple_Type, &rules, &PyTuple_Type, &id_words)) return -1;
     if (self->spec != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Scrubber is initialised once");
         return -1;
@@ -126,7 +129,16 @@ static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
         PyErr_NoMemory();
         return -1;
     }
-    if ((self->id_keywords = compile(id_keywords, 0, NULL)) == NULL) return -1;
+    if (spans(id_words, &self->id_words, &self->n_id_words) < 0) return -1;
+    for (int i = 0; i <= self->n_id_words; i++) {
+        const char *word = i < self->n_id_words ? self->id_words[i].s : "id";
+        if (i < self->n_id_words && self->id_words[i].n < 2) {
+            PyErr_SetString(PyExc_ValueError, "id words are at least two characters long");
+            return -1;
+        }
+        unsigned pair = (unsigned)(unsigned char)word[0] << 8 | (unsigned char)word[1];
+        self->id_pairs[pair >> 6] |= (uint64_t)1 << (pair & 63);
+    }
     for (int i = 0; i < self->n; i++) {
         rule_t *r = &self->rules[i];
         PyObject *pattern, *placeholder, *call, *any, *any_lower, *count_char;
@@ -203,19 +215,44 @@ static int space_char(char c) { return (c >= '\t' && c <= '\r') || (c >= 0x1c &&
 static int digit_char(char c) { return c >= '0' && c <= '9'; }
 static int letter_char(char c) { return (c | 0x20) >= 'a' && (c | 0x20) <= 'z'; }
 
-/* scrub._NI_SHAPE on ASCII: two letters, then three digit pairs, each after an optional \s. Each \s? is
- * decided by the next byte alone (a space is never a digit), so one pass without backtracking. */
+/* Whether scrub._NI_SHAPE starts at i: two letters, then three digit pairs, each after an optional \s. Each
+ * \s? is decided by the next byte alone (a space is never a digit): no backtracking. */
+static int ni_shape_at(const char *s, Py_ssize_t n, Py_ssize_t i) {
+    if (!letter_char(s[i]) || !letter_char(s[i + 1])) return 0;
+    Py_ssize_t j = i + 2;
+    for (int pair = 0; pair < 3; pair++) {
+        if (j < n && space_char(s[j])) j++;
+        if (j + 2 > n || !digit_char(s[j]) || !digit_char(s[j + 1])) return 0;
+        j += 2;
+    }
+    return 1;
+}
+
+/* scrub._NI_SHAPE on ASCII, found from its first digit pair (rarer in text than letter pairs): the two
+ * letters end right before it, or one \s before it. */
 static int ni_shape(const char *s, Py_ssize_t n) {
-    for (Py_ssize_t i = 0; i + 8 <= n; i++) {
-        if (!letter_char(s[i]) || !letter_char(s[i + 1])) continue;
-        Py_ssize_t j = i + 2;
-        int ok = 1;
-        for (int pair = 0; pair < 3 && ok; pair++) {
-            if (j < n && space_char(s[j])) j++;
-            ok = j + 2 <= n && digit_char(s[j]) && digit_char(s[j + 1]);
-            j += 2;
+    for (Py_ssize_t j = 2; j + 1 < n; j++) {
+        if (!digit_char(s[j]) || !digit_char(s[j + 1])) continue;
+        if (ni_shape_at(s, n, j - 2) || (j >= 3 && space_char(s[j - 1]) && ni_shape_at(s, n, j - 3))) return 1;
+    }
+    return 0;
+}
+
+/* scrub._ID_KEYWORDS in the lowercased text: one of the words, or "id", an optional separator, "card" (a
+ * separator is never "c": no backtracking). Only where the words' first two bytes are is anything compared. */
+static int id_keyword(const Scrubber *self, const char *lower, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i + 1 < n; i++) {
+        unsigned pair = (unsigned)(unsigned char)lower[i] << 8 | (unsigned char)lower[i + 1];
+        if (!(self->id_pairs[pair >> 6] >> (pair & 63) & 1)) continue;
+        for (int w = 0; w < self->n_id_words; w++) {
+            const span_t *word = &self->id_words[w];
+            if (word->n <= n - i && memcmp(lower + i, word->s, word->n) == 0) return 1;
         }
-        if (ok) return 1;
+        if (lower[i] == 'i' && lower[i + 1] == 'd') {
+            Py_ssize_t j = i + 2;
+            if (j < n && (space_char(lower[j]) || lower[j] == '_' || lower[j] == '-')) j++;
+            if (n - j >= 4 && memcmp(lower + j, "card", 4) == 0) return 1;
+        }
     }
     return 0;
 }
@@ -227,11 +264,6 @@ typedef struct {
     char *lower; /* owned */
     int long_run, ni_shape, id_keyword; /* -1: not found yet */
 } facts_t;
-
-static int matches(pcre2_code *code, const char *s, Py_ssize_t n, pcre2_match_data *md) {
-    int rc = pcre2_match(code, (PCRE2_SPTR)s, n, 0, 0, md, NULL);
-    return rc >= 0 ? 1 : rc == PCRE2_ERROR_NOMATCH ? 0 : -1;
-}
 
 static const char *lower_of(facts_t *f) {
     if (f->lower == NULL) {
@@ -283,7 +315,7 @@ static int needed(Scrubber *self, const rule_t *r, facts_t *f, pcre2_match_data 
         if (f->id_keyword < 0) {
             const char *lower = lower_of(f);
             if (lower == NULL) return -1;
-            f->id_keyword = matches(self->id_keywords, lower, f->n, md);
+            f->id_keyword = id_keyword(self, lower, f->n);
         }
         if (f->id_keyword <= 0) return f->id_keyword;
     }

@@ -59,9 +59,11 @@ _LONG_RUN = re.compile(r"[A-Za-z0-9+/_-]{32}")
 # Two letters, then six digits in pairs: the shape the UK NI rule needs (its letter classes, case-folded, are
 # within these; no replacement puts a letter before digits, as every placeholder ends with "]").
 _NI_SHAPE = re.compile(r"[A-Za-z][A-Za-z]\s?\d\d\s?\d\d\s?\d\d", re.IGNORECASE)
-# A superset of the national-id keywords below: a cheap test before the costly pattern.
-_ID_KEYWORDS = re.compile(r"passport|national|identity|id[\s_-]?card|tax|tin|ssn|sin|nino|dni|nie|nif|cpf|"
-                          r"aadhaar|pesel|bsn|personnummer|steuer")
+# A superset of the national-id keywords below: a cheap test before the costly pattern (the native scrubber
+# looks for the words, and for id cards as written here, in C).
+_ID_WORDS = ("passport", "national", "identity", "tax", "tin", "ssn", "sin", "nino", "dni", "nie", "nif", "cpf",
+             "aadhaar", "pesel", "bsn", "personnummer", "steuer")
+_ID_KEYWORDS = re.compile("|".join(_ID_WORDS) + r"|id[\s_-]?card")
 
 
 class _Facts:
@@ -347,7 +349,7 @@ def _native_scrubber() -> Scrubber | None:
     except ImportError:  # the Python rules do all the work then
         return None
     return _scrubnative.Scrubber(tuple(_native_rule(_scrubnative, rule) for rule in _RULES),
-                                 pcre2_pattern(_ID_KEYWORDS.pattern))  # _NI_SHAPE is written in C
+                                 _ID_WORDS)  # _NI_SHAPE and _ID_KEYWORDS are written in C
 
 
 _NATIVE = _native_scrubber()
