@@ -124,11 +124,10 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
         texts = dict.fromkeys(contents)
         for prompt in prompts.values():
             texts.update(dict.fromkeys([prompt] if isinstance(prompt, str) else prompt))
-        texts.update(dict.fromkeys(response))
-        texts.pop(None, None)
+        texts.update(dict.fromkeys(text for text in response if text is not None))
         clean = clean_all(list(texts))
-        contents = list(map(clean.__getitem__, contents))
-        response = list(map(clean.get, response))  # None stays None
+        contents = [clean[text] for text in contents]
+        response = [None if text is None else clean[text] for text in response]
         prompts = {index: clean[prompt] if isinstance(prompt, str) else [clean[part] for part in prompt]
                    for index, prompt in prompts.items()}
 
