@@ -303,63 +303,48 @@ static int skip_value(reader_t *r);
 static int skip_member(reader_t *r, const str_t *key, void *ctx) { return skip_value(r); }
 static int skip_element(reader_t *r, Py_ssize_t index, void *ctx) { return skip_value(r); }
 
+/* Moves past c, and the whitespace after it, when the reader is at c. */
+static int at(reader_t *r, unsigned char c) {
+    if (r->p >= r->end || *r->p != c) return 0;
+    r->p++;
+    skip_ws(r);
+    return 1;
+}
+
 /* At '{': calls on_member for each member with the reader at its value, which the callback reads. */
 static int each_member(reader_t *r, member_fn on_member, void *ctx) {
     if (++r->depth > MAX_DEPTH) return GIVE_UP;
-    r->p++;
-    skip_ws(r);
-    if (r->p < r->end && *r->p == '}') {
-        r->p++;
-        r->depth--;
-        return OK;
-    }
-    for (;;) {
-        str_t key;
-        if (r->p >= r->end || *r->p != '"') return GIVE_UP;
-        TRY(read_string(r, &key));
-        if (key.escaped) return GIVE_UP; /* it may spell a key the log reads: left to the reference */
-        TRY(expect(r, ':'));
-        TRY(on_member(r, &key, ctx));
-        skip_ws(r);
-        if (r->p < r->end && *r->p == ',') {
-            r->p++;
+    at(r, '{');
+    if (!at(r, '}')) {
+        do {
+            str_t key;
+            if (r->p >= r->end || *r->p != '"') return GIVE_UP;
+            TRY(read_string(r, &key));
+            if (key.escaped) return GIVE_UP; /* it may spell a key the log reads: left to the reference */
+            TRY(expect(r, ':'));
+            TRY(on_member(r, &key, ctx));
             skip_ws(r);
-            continue;
-        }
-        if (r->p < r->end && *r->p == '}') {
-            r->p++;
-            r->depth--;
-            return OK;
-        }
-        return GIVE_UP;
+        } while (at(r, ','));
+        if (!at(r, '}')) return GIVE_UP;
     }
+    r->depth--;
+    return OK;
 }
 
 /* At '[': calls on_element for each element with the reader at it. */
 static int each_element(reader_t *r, element_fn on_element, void *ctx) {
     if (++r->depth > MAX_DEPTH) return GIVE_UP;
-    r->p++;
-    skip_ws(r);
-    if (r->p < r->end && *r->p == ']') {
-        r->p++;
-        r->depth--;
-        return OK;
-    }
-    for (Py_ssize_t index = 0;; index++) {
-        TRY(on_element(r, index, ctx));
-        skip_ws(r);
-        if (r->p < r->end && *r->p == ',') {
-            r->p++;
+    at(r, '[');
+    if (!at(r, ']')) {
+        Py_ssize_t index = 0;
+        do {
+            TRY(on_element(r, index++, ctx));
             skip_ws(r);
-            continue;
-        }
-        if (r->p < r->end && *r->p == ']') {
-            r->p++;
-            r->depth--;
-            return OK;
-        }
-        return GIVE_UP;
+        } while (at(r, ','));
+        if (!at(r, ']')) return GIVE_UP;
     }
+    r->depth--;
+    return OK;
 }
 
 static int skip_value(reader_t *r) {
@@ -425,6 +410,12 @@ static int delta_member(reader_t *r, const str_t *key, void *ctx) {
     return skip_value(r);
 }
 
+/* A stream choice's delta or a body choice's message: its "content" is read when it is an object. */
+static int content_holder(reader_t *r, choice_t *c) {
+    c->delta_is_object = kind_at(r) == V_OBJECT;
+    return c->delta_is_object ? each_member(r, delta_member, c) : skip_value(r);
+}
+
 static int choice_member(reader_t *r, const str_t *key, void *ctx) {
     choice_t *c = ctx;
     if (str_is(key, "index")) {
@@ -436,8 +427,7 @@ static int choice_member(reader_t *r, const str_t *key, void *ctx) {
     }
     if (str_is(key, "delta")) {
         if (!first_time(&c->seen, 2)) return GIVE_UP;
-        c->delta_is_object = kind_at(r) == V_OBJECT;
-        return c->delta_is_object ? each_member(r, delta_member, c) : skip_value(r);
+        return content_holder(r, c);
     }
     if (str_is(key, "text")) {
         if (!first_time(&c->seen, 4)) return GIVE_UP;
@@ -548,8 +538,7 @@ static int body_choice_member(reader_t *r, const str_t *key, void *ctx) {
     choice_t *c = ctx;
     if (str_is(key, "message")) {
         if (!first_time(&c->seen, 2)) return GIVE_UP;
-        c->delta_is_object = kind_at(r) == V_OBJECT;
-        return c->delta_is_object ? each_member(r, delta_member, c) : skip_value(r);
+        return content_holder(r, c);
     }
     if (str_is(key, "text")) {
         if (!first_time(&c->seen, 4)) return GIVE_UP;
