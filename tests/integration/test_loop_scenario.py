@@ -165,6 +165,21 @@ def loop_world(engine: str, demo_model: dict, tmp_path: Path, name: str = "loop"
         gateway.stop()
 
 
+def training_evidence(registry: Path) -> str:
+    """What a rejected candidate was trained on and how its loss moved: the dataset's first rows, how
+    many answers are users' corrections, and the loss log (for a failure that does not repeat)."""
+    out = []
+    for log in registry.glob("*/*/train_log.jsonl"):
+        losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+        out.append(f"--- {log}: losses {losses}")
+    for dataset in (registry.parent / "datasets").glob("*.jsonl"):
+        rows = [json.loads(line) for line in dataset.read_text().splitlines()]
+        known = set(passages(ROWS))
+        corrected = sum(row["messages"][-1]["content"] in known for row in rows)
+        out.append(f"--- {dataset}: {len(rows)} rows, {corrected} answers are corrections; first rows {rows[:3]}")
+    return "\n" + "\n".join(out)
+
+
 def served_variants(url: str, requests: int = 4) -> set[str]:
     return {httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
         "model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -189,7 +204,8 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
             runs = healthz(monitor_port).get("pipelines") or []
             if runs and runs[0]["outcome"] in ("rejected", "failed"):
                 raise AssertionError(f"pipeline ended {runs[0]}\n{(tmp_path / 'monitor.log').read_text()[-3000:]}\n"
-                                     + "".join(p.read_text()[-3000:] for p in pipelines.glob("*.log")))
+                                     + "".join(p.read_text()[-3000:] for p in pipelines.glob("*.log"))
+                                     + training_evidence(registry))
             return runs[0] if runs and runs[0]["outcome"] == "deployed" else None
 
         run = wait_for("the pipeline to deploy v2", rollout_started, 420, logs, every_s=1)
@@ -228,7 +244,8 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
         assert card.data.trigger["report"] and Path(card.data.trigger["report"]).is_file()
         assert card.training.steps == 40
         exported = Path(card.data.location).read_text()
-        assert exported.count("\n") == ROWS and passages(1)[0].split()[0] in exported  # the corrections
+        exported_answers = [json.loads(line)["messages"][-1]["content"] for line in exported.splitlines()]
+        assert len(exported_answers) == ROWS and set(exported_answers) == set(passages(ROWS))  # the corrections
         assert read_card(v1).state == "retired"
         # the final weights: v2 has everything; v1 (retired, weight 0) is left out of what the gateway serves
         text = routes.read_text()
