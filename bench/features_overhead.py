@@ -14,21 +14,21 @@ and a user message with an e-mail address, a phone number and an order number th
 changes with every request (so the scrubber's cache only helps with the system prompt).
 
 CPU per request is utime+stime of the proxy's whole process tree (the request log's
-conversion process included), read from /proc. A round of one cell (mode, concurrency) runs
-every target in SLICES: ``--slice`` seconds of wrk on each target in turn (the order reversed
-every other pass) until each had ``--duration`` seconds, then waits until every log target's
-Parquet files hold a row for every request it answered (loragate_requests_total, read from every
-loragate target alike) and a 3 s tail, and reads each target's CPU once: CPU over the whole round
-/ requests answered. So the log targets pay for every row they converted wherever it happened,
-and the hypervisor's drift (on this VM the CPU a request costs moves by tens of % over tens of
-seconds) falls on all targets alike instead of on whichever ran in a bad minute. A target is
-loaded for a fifth of the round: the idle CPU it spent while the others ran (timers, the log's
-writer ticks; each target's idle rate is measured once, all idle together, before the rounds)
-is subtracted, so CPU per request is what it costs under sustained load. For the log targets the conversion runs in batches (every 5000 rows, the
-default, or every 2 s here instead of the default 10 s; smaller batches cost more per row, if
-anything). Ratios are per round, medians over rounds, each with a 90% bootstrap interval over
-the rounds. After the sweep the log targets are stopped and their Parquet rows counted against
-the requests they answered: the log must be complete.
+conversion process included), read from /proc before and after each measured wrk run. For the
+log targets the conversion runs in batches (every 5000 rows, the default, or every 2 s here
+instead of the default 10 s, so that the waits stay short; smaller batches cost more per row, if
+anything): after the run the bench waits until the log's Parquet files hold a row for every
+request the gateway answered (loragate_requests_total, read once per reading from every loragate
+target alike), so the rows a run produced are paid for inside its window. That wait has no
+load: each target's idle CPU rate (timers, the log's writer ticks; measured once, all targets
+idle together, before the rounds) times the part of the window without load is subtracted, so
+CPU per request is what a request costs under sustained load, and a target is not charged for
+waiting longer. One target runs at a time (with its children: a gateway and its conversion
+process, as deployed). Ratios are taken within a round (baseline, plain and all measured back to
+back, in alternating order), medians over rounds, each with a 90% bootstrap interval over the
+rounds (this VM's noise moves one round's ratio by tens of %). After the sweep the log targets
+are stopped and their Parquet rows counted against the requests they answered: the log must be
+complete.
 
 The proxies' CPU never idles (``--idle-spinner``, on where pinning is): a SCHED_IDLE busy
 loop on CPU 1 takes the CPU whenever no proxy thread wants it, the user-space form of the
@@ -73,10 +73,10 @@ from tests.processes import Service, free_port, wait_http  # noqa: E402
 
 KEY = "lg-benchbenchbenchbenchbenchbenchbenchbench0"
 TARGETS = ("baseline", "plain", "keys", "log", "all")
-# The slices' order; every other pass runs it backwards.
+# Within a round, the targets of the two verdicts' ratios (plain/baseline, all/plain) are measured back to
+# back, in either direction: on a shared VM the CPU a request costs drifts over tens of seconds.
 MEASURE_ORDER = ("keys", "baseline", "plain", "all", "log")
 FLUSH_S = 2  # the log targets' flush interval (default 10 s; batches still reach 1000 rows at c=32)
-TAIL_S = 3.0  # after a round's slices every target gets this long (the log ones to write their rows) before the reading
 IDLE_S = 20.0  # how long every target's idle CPU is measured, all at once, before the rounds (/proc: 10 ms ticks)
 BASELINE_VERDICT_CONNECTIONS = 32  # plain/baseline is judged where the issue measured it
 FEATURE_LIMIT = 1.15  # all / plain CPU per request
@@ -183,44 +183,29 @@ def wrk(url: str, script: Path, connections: int, duration: float, cpu: int | No
     return json.loads(match.group(1))
 
 
-def measure_round(targets: dict[str, tuple[str, int]], script: Path, connections: int, duration: float,
-                  slice_s: float, wrk_cpu: int | None, work: Path,
-                  idle_cpu_s_per_s: dict[str, float]) -> dict[str, dict]:
-    """One round of one cell: every target (name -> (url, pid)) in alternating slices of wrk, then one
-    CPU reading each over the same window (see the module's docstring)."""
-    names = list(targets)
-    passes = max(1, round(duration / slice_s))
-    for name in names:
-        url, _pid = targets[name]
-        wrk(url, script, connections, 1, wrk_cpu)  # warmup
-        if name != "baseline":
-            settled(url, log_dir_of(name, work))
-    before = {name: (tree_cpu_s(pid), own_cpu_s(pid)) for name, (_url, pid) in targets.items()}
-    steal_before, started = steal_ticks(), time.monotonic()
-    runs: dict[str, list[dict]] = {name: [] for name in names}
-    for number in range(passes):
-        for name in (names if number % 2 == 0 else names[::-1]):
-            runs[name].append(wrk(targets[name][0], script, connections, slice_s, wrk_cpu))
-    ended = time.monotonic()
-    for name in names:
-        if name != "baseline":
-            settled(targets[name][0], log_dir_of(name, work))
-    time.sleep(max(0.0, ended + TAIL_S - time.monotonic()))
+def measure(name: str, url: str, pid: int, script: Path, connections: int, duration: float,
+            wrk_cpu: int | None, work: Path, idle_cpu_s_per_s: float) -> dict:
+    """One target, one cell: wrk for ``duration``, then until its log (if any) holds every answered
+    request; CPU over that window less the idle CPU of the part without load (see the docstring)."""
+    log_dir = log_dir_of(name, work)
+    wrk(url, script, connections, 1, wrk_cpu)  # warmup
+    if name != "baseline":
+        settled(url, log_dir)
+    before, own_before, steal_before = tree_cpu_s(pid), own_cpu_s(pid), steal_ticks()
+    started = time.monotonic()
+    result = wrk(url, script, connections, duration, wrk_cpu)
+    if name != "baseline":
+        settled(url, log_dir)
+    cpu, own = tree_cpu_s(pid) - before, own_cpu_s(pid) - own_before
     window = time.monotonic() - started
     steal = (steal_ticks() - steal_before) / os.sysconf("SC_CLK_TCK") / ((os.cpu_count() or 1) * window)
-    cells = {}
-    for name, (_url, pid) in targets.items():
-        cpu, own = tree_cpu_s(pid) - before[name][0], own_cpu_s(pid) - before[name][1]
-        requests = sum(r["requests"] for r in runs[name])
-        seconds = sum(r["duration_us"] for r in runs[name]) / 1e6
-        unloaded = idle_cpu_s_per_s[name] * max(0.0, window - seconds)  # its idle costs while the others ran
-        cells[name] = {"rps": requests / seconds, "cpu_us_per_req": (cpu - unloaded) * 1e6 / max(requests, 1),
-                       "idle_subtracted_us_per_req": unloaded * 1e6 / max(requests, 1),
-                       "children_us_per_req": (cpu - own) * 1e6 / max(requests, 1),
-                       "p50_ms": statistics.median(r["p50_us"] for r in runs[name]) / 1000,
-                       "p99_ms": max(r["p99_us"] for r in runs[name]) / 1000, "requests": requests,
-                       "errors": sum(r["errors"] + r["non2xx"] for r in runs[name]), "steal": steal}
-    return cells
+    requests, seconds = result["requests"], result["duration_us"] / 1e6
+    unloaded = idle_cpu_s_per_s * max(0.0, window - seconds)  # timers and ticks while its rows were written
+    return {"rps": requests / seconds, "cpu_us_per_req": (cpu - unloaded) * 1e6 / max(requests, 1),
+            "idle_subtracted_us_per_req": unloaded * 1e6 / max(requests, 1),
+            "children_us_per_req": (cpu - own) * 1e6 / max(requests, 1),
+            "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000, "requests": requests,
+            "errors": result["errors"] + result["non2xx"], "steal": steal}
 
 
 def idle_rates(targets: dict[str, int], seconds: float) -> dict[str, float]:
@@ -274,7 +259,6 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--modes", nargs="+", choices=("json", "sse"), default=["json", "sse"])
     parser.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS))
-    parser.add_argument("--slice", type=float, default=1.0, help="seconds of wrk per target per pass")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--no-idle-spinner", action="store_true", help="let the proxies' CPU idle (see above)")
     parser.add_argument("--keep-running", action="store_true")
@@ -321,10 +305,10 @@ def main() -> int:
             print("idle CPU (ms/s): " + ", ".join(f"{n} {v * 1e3:.2f}" for n, v in idle.items()), flush=True)
             for round_no in range(args.rounds):
                 for mode, c in cells:
-                    targets = {name: (services[name][1], pids[name]) for name in measured}
-                    round_cells = measure_round(targets, scripts[mode], c, args.duration, args.slice, load_cpu, work,
-                                                idle)
-                    for name, cell in round_cells.items():
+                    for name in (measured if round_no % 2 == 0 else measured[::-1]):
+                        service, url = services[name]
+                        cell = measure(name, url, pids[name], scripts[mode], c, args.duration, load_cpu, work,
+                                       idle[name])
                         raw.setdefault(f"{mode}|c{c}|{name}", []).append(cell)
                         print(f"round {round_no + 1}/{args.rounds} {mode:4s} c={c:<3d} {name:9s} {cell['rps']:8.0f} req/s  "
                               f"cpu {cell['cpu_us_per_req']:6.0f} us/req (children {cell['children_us_per_req']:4.0f}, "
@@ -417,7 +401,7 @@ def main() -> int:
                     "loadavg": os.getloadavg()},
         "settings": {"duration_s": args.duration, "rounds": args.rounds, "concurrency": args.concurrency,
                      "modes": args.modes, "stream_chunks": CHUNKS, "pinned": pin, "targets": args.targets,
-                     "slice_s": args.slice, "idle_spinner": spin_cpu is not None},
+                     "idle_spinner": spin_cpu is not None},
         "results": results, "ratios": ratios, "ratio_intervals_90": intervals, "lowest_ratios": floors,
         "verdicts": verdicts, "idle_cpu_ms_per_s": {n: v * 1e3 for n, v in idle.items()},
         "steal_median": statistics.median(c["steal"] for cells in raw.values() for c in cells), "log_completeness": completeness,
