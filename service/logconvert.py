@@ -124,6 +124,11 @@ def child_init(store_factory: Callable[[], Store], text_mode: TextMode, parent_p
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="loragate-parent-watch",
                      daemon=True).start()
+    import pyarrow as pa
+
+    # The C library's allocator, not Arrow's default (mimalloc): mimalloc gave the pages of every batch back
+    # to the kernel and faulted them in again for the next, 10-17 us of system time a row (measured under load).
+    pa.set_memory_pool(pa.system_memory_pool())
     _child.converter = Converter(text_mode)
     _child.store = store_factory()
     gc.freeze()  # what start-up loaded is never garbage: later collections skip it

@@ -375,6 +375,23 @@ def test_the_conversion_process_starts_with_the_writer_and_ends_with_close(tmp_p
     assert _rows(tmp_path) == 1 and counted(metrics, "written") == 1
 
 
+def _arrow_allocator() -> str:
+    import pyarrow as pa
+
+    return pa.default_memory_pool().backend_name
+
+
+def test_the_conversion_process_allocates_arrow_memory_with_the_c_library(tmp_path):
+    """Not mimalloc (Arrow's default, what this test process has): under load it returned every batch's
+    pages to the kernel and faulted them in again for the next (see child_init)."""
+    sink = parquet_sink(tmp_path, Metrics(), "process", flush_interval_s=0.1)
+    sink.start()
+    try:
+        assert sink._ensure_pool().submit(_arrow_allocator).result(timeout=60) == "system"
+    finally:
+        sink.close()
+
+
 def test_a_killed_conversion_process_is_replaced_and_its_batch_retried(tmp_path):
     metrics = Metrics()
     sink = parquet_sink(tmp_path, metrics, "process", flush_interval_s=0.1)
