@@ -30,7 +30,7 @@ rounds (this VM's noise moves one round's ratio by tens of %). After the sweep t
 are stopped and their Parquet rows counted against the requests they answered: the log must be
 complete.
 
-The proxies' CPU never idles (``--idle-spinner``, on where pinning is): a SCHED_IDLE busy
+The proxies' CPU never idles (on where pinning is; ``--no-idle-spinner`` turns it off): a SCHED_IDLE busy
 loop on CPU 1 takes the CPU whenever no proxy thread wants it, the user-space form of the
 kernel's ``idle=poll``. Without it, at c=1 every request wakes an idle virtual CPU and the
 hypervisor's exit and wake-up costs (up to several times the request's own work, and as
@@ -306,8 +306,7 @@ def main() -> int:
             for round_no in range(args.rounds):
                 for mode, c in cells:
                     for name in (measured if round_no % 2 == 0 else measured[::-1]):
-                        service, url = services[name]
-                        cell = measure(name, url, pids[name], scripts[mode], c, args.duration, load_cpu, work,
+                        cell = measure(name, services[name][1], pids[name], scripts[mode], c, args.duration, load_cpu, work,
                                        idle[name])
                         raw.setdefault(f"{mode}|c{c}|{name}", []).append(cell)
                         print(f"round {round_no + 1}/{args.rounds} {mode:4s} c={c:<3d} {name:9s} {cell['rps']:8.0f} req/s  "
@@ -319,10 +318,11 @@ def main() -> int:
         for name in ("log", "all"):
             if name in services:
                 service, url = services[name]
-                settled(url, work / f"log-{name}")
+                log_dir = work / f"log-{name}"
+                settled(url, log_dir)
                 answered = answered_2xx(url)
                 service.stop()
-                rows = log_rows(work / f"log-{name}")
+                rows = log_rows(log_dir)
                 completeness[name] = {"answered": answered, "rows": rows, "complete": rows == answered}
     finally:
         for service, _url in services.values():

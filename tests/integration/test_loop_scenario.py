@@ -168,13 +168,12 @@ def loop_world(engine: str, demo_model: dict, tmp_path: Path, name: str = "loop"
 def training_evidence(registry: Path) -> str:
     """What a rejected candidate was trained on and how its loss moved: the dataset's first rows, how
     many answers are users' corrections, and the loss log (for a failure that does not repeat)."""
-    out = []
+    out, known = [], set(passages(ROWS))
     for log in registry.glob("*/*/train_log.jsonl"):
         losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
         out.append(f"--- {log}: losses {losses}")
     for dataset in (registry.parent / "datasets").glob("*.jsonl"):
         rows = [json.loads(line) for line in dataset.read_text().splitlines()]
-        known = set(passages(ROWS))
         corrected = sum(row["messages"][-1]["content"] in known for row in rows)
         out.append(f"--- {dataset}: {len(rows)} rows, {corrected} answers are corrections; first rows {rows[:3]}")
     return "\n" + "\n".join(out)
