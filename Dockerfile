@@ -13,7 +13,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # A C compiler and PCRE2's headers build the C modules (setup.py: the scrubber's rules, the request log's JSON
-# reading); the runtime image needs only libpcre2-8, which the slim image already has. (Debian bookworm's versions, pinned by the base image's release.)
+# reading and its queue); the runtime image needs only libpcre2-8, which the slim image already has. (Debian bookworm's versions, pinned by the base image's release.)
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev libpcre2-dev \

@@ -1,9 +1,10 @@
-"""The compiled parts, both for the request log's conversion process:
+"""The compiled parts, all for the request log:
 
-- the scrubber's rules in C (PCRE2), loragate.common._scrubnative;
-- the answers' and chat requests' JSON read in C, loragate.service._lognative.
+- the scrubber's rules in C (PCRE2), loragate.common._scrubnative (conversion process);
+- the answers' and chat requests' JSON read in C, loragate.service._lognative (conversion process);
+- the queue of records waiting for their batch, kept marshalled, loragate.service._logqueue (gateway).
 
-Both optional: without a C compiler (or PCRE2's headers, Debian: libpcre2-dev) the package installs
+All optional: without a C compiler (or PCRE2's headers, Debian: libpcre2-dev) the package installs
 without them and the log takes the Python paths alone (same output, slower).
 Everything else is configured in pyproject.toml.
 """
@@ -13,4 +14,6 @@ from setuptools import Extension, setup
 setup(ext_modules=[Extension("loragate.common._scrubnative", ["loragate/common/_scrubnative.c"],
                              libraries=["pcre2-8"], extra_compile_args=["-O2"], optional=True),
                    Extension("loragate.service._lognative", ["service/_lognative.c"], extra_compile_args=["-O2"],
+                             optional=True),
+                   Extension("loragate.service._logqueue", ["service/_logqueue.c"], extra_compile_args=["-O2"],
                              optional=True)])

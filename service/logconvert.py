@@ -90,19 +90,14 @@ class Converter:
         return self._scrub_cached(text) if len(text) <= 8192 else scrub(text)  # the cache holds at most ~32 MB
 
 
-# Records wait for their batch as plain tuples (see RequestLog._put); in process mode a batch crosses to
-# the conversion process as one marshal of them (no per-record work on the request path). Records hold
-# plain values only (str, bytes, numbers, None, JSON values), which marshal writes about twice as fast
-# as pickle (no memo), and both processes run the same Python.
+# A batch is one marshal of its records' fields (service.logqueue marshals each record as it is queued),
+# which crosses to the conversion process as it is. Records hold plain values only (str, bytes, numbers,
+# None), which marshal writes about twice as fast as pickle (no memo), and both processes run the same Python.
 _RECORD_TYPES = {REQUESTS: RequestRecord, FEEDBACK: FeedbackRecord}
 
 
-def pack(records: list[tuple]) -> bytes:
-    return marshal.dumps(records)
-
-
 def records_of(table: str, queued: list[tuple]) -> list:
-    """The records of ``table`` back from the plain tuples they were queued as."""
+    """The records of ``table`` back from the plain tuples a batch unmarshals to."""
     kind, make = _RECORD_TYPES[table], tuple.__new__  # the NamedTuple's fields as they are, without its __new__
     return [make(kind, fields) for fields in queued]
 

@@ -22,9 +22,8 @@ TextMode = Literal["full", "scrubbed", "none"]
 class RequestRecord(NamedTuple):
     """One answered request as the gateway hands it to the log: plain values and bytes only.
 
-    No dict payload or list of chunks (held until the next flush, they made every collection of
-    the gateway dearer): the log queues the record as a plain tuple, which the cyclic GC stops
-    tracking, and a batch of them is marshalled in one call (service/logconvert.py).
+    No dict payload or list of chunks: the log marshals the record as it is queued (service/logqueue.py),
+    and a batch crosses to the conversion process as those bytes (service/logconvert.py).
     """
 
     request_id: str

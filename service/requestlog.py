@@ -25,11 +25,11 @@ only when the log is on (in process mode, only in the conversion process).
 from __future__ import annotations
 
 import logging
+import marshal
 import multiprocessing
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,9 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from loragate.common.logschema import FEEDBACK, PRIMARY, REQUESTS
 from loragate.service import logspool
-from loragate.service.logconvert import (
-    Converter, Store, child_init, child_ping, child_write, pack, records_of,
-)
+from loragate.service.logconvert import Converter, Store, child_init, child_ping, child_write, records_of
+from loragate.service.logqueue import record_queue
 from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode
 from loragate.service.logspool import Spooled, SpoolUnreadable
 
@@ -170,9 +169,9 @@ class RequestLog:
         self._pool: ProcessPoolExecutor | None = None
         self._spool = spool or logspool.Spool()  # how a batch reaches the conversion process (service.logspool)
         self._spooling = True  # until the conversion process says it cannot map a spooled batch
-        # A deque, not a queue.Queue: append/popleft need no lock, and the writer polls it
+        # Records marshalled as they come (service.logqueue), taken a batch at a time; the writer polls them
         # every tick instead of being woken (a GIL hand-off) for every record.
-        self._queues: dict[str, deque[tuple]] = {REQUESTS: deque(), FEEDBACK: deque()}  # the records' fields
+        self._queues = {REQUESTS: record_queue(), FEEDBACK: record_queue()}
         self._queue_size = queue_size
         # Each tick wakes the writer (~0.15 ms CPU on a busy host, measured): 4 a second keep an idle gateway
         # cheap, and at the ~5k records a second one worker can answer a tick still gathers < queue_size.
@@ -187,9 +186,7 @@ class RequestLog:
             for kind in (REQUESTS, FEEDBACK) for result in ("written", "dropped", "failed")
         }
         self._depth = metrics.requestlog_queue_depth
-        # Records, not yet rows.
-        self._pending: dict[str, list] = {REQUESTS: [], FEEDBACK: []}
-        self._retry: list[tuple[str, list, int]] = []  # (table, records, attempts so far)
+        self._retry: list[tuple[str, int, bytes, int]] = []  # (table, records, the batch, attempts so far)
 
     # --- the request path ---
 
@@ -206,10 +203,12 @@ class RequestLog:
         if self._closed or self._queued() >= self._queue_size:
             self._counted[table, "dropped"].inc()
             return False
-        # As a plain tuple of plain values: the cyclic GC untracks it at its first collection, so the records
-        # waiting for their batch never make a collection dearer (a NamedTuple stays tracked: ~+5 us a
-        # request in py-spy, at the line that allocated it).
-        self._queues[table].append(tuple(record))
+        try:
+            self._queues[table].append(record)
+        except ValueError:  # a value marshal cannot write (a bug where the record is built): the record only
+            log.exception("request log: cannot queue a %s record", table)
+            self._counted[table, "failed"].inc()
+            return False
         return True
 
     def _queued(self) -> int:
@@ -231,7 +230,6 @@ class RequestLog:
             return
         self._closed = True
         if self._thread is None:  # never started: write what was queued from here
-            self._drain_into_pending()
             self._flush(final=True)
             self._shutdown_pool()
             return
@@ -257,16 +255,11 @@ class RequestLog:
         next_flush = self._clock() + self.flush_interval_s
         while True:
             stopping = self._stop.wait(self._tick_s)
-            while True:  # whole batches as soon as they are there
-                waiting = sum(len(records) for records in self._pending.values())
-                self._drain_into_pending(limit=max(0, self.batch_size - waiting))
-                if sum(len(records) for records in self._pending.values()) < self.batch_size:
-                    break
-                self._flush(final=False)
+            if any(len(queue) >= self.batch_size for queue in self._queues.values()):
+                self._flush(final=False, whole_batches=True)  # as soon as they are there
                 next_flush = self._clock() + self.flush_interval_s
             self._depth.set(self._queued())
             if stopping:
-                self._drain_into_pending()
                 self._flush(final=True)
                 self._depth.set(0)
                 return
@@ -274,49 +267,52 @@ class RequestLog:
                 self._flush(final=False)
                 next_flush = self._clock() + self.flush_interval_s
 
-    def _drain_into_pending(self, limit: int | None = None) -> None:
-        """Move up to ``limit`` queued records (all of them by default) into the pending batches."""
+    def _flush(self, *, final: bool, whole_batches: bool = False) -> None:
+        """Write the batches that failed before, then the queued records, ``batch_size`` at a time (only whole
+        batches when ``whole_batches``). A batch that fails is retried at the next flush (the final one: at
+        once) and stops this one: the rest waits in the queue, whose bound then drops what comes.
+        """
+        retry, self._retry = self._retry, []
+        for table, count, batch, attempts in retry:
+            self._write_batch(table, count, batch, attempts, final=final)
+        if self._retry and not final:
+            return
+        least = self.batch_size if whole_batches else 1
         for table, queue in self._queues.items():
-            count = len(queue) if limit is None else min(len(queue), limit)
-            take = queue.popleft  # only this thread takes; the event loop only appends
-            self._pending[table].extend(take() for _ in range(count))
-            if limit is not None:
-                limit -= count
+            while len(queue) >= least:
+                count = min(len(queue), self.batch_size)
+                if not self._write_batch(table, count, queue.take(count), 0, final=final):
+                    return
 
-    def _flush(self, *, final: bool) -> None:
-        """Write the pending records; a failed batch is retried at the next flush (on the final one, at once)."""
-        batches = self._retry + [(table, records, 0) for table, records in self._pending.items() if records]
-        self._retry = []
-        self._pending = {REQUESTS: [], FEEDBACK: []}
-        for table, records, attempts in batches:
-            while True:
-                try:
-                    written, unreadable = self._write(table, records)
-                except Exception as exc:
-                    attempts += 1
-                    if attempts >= self.max_write_attempts:
-                        log.error("request log: %d %s records lost after %d attempts: %s",
-                                  len(records), table, attempts, exc)
-                        self._counted[table, "failed"].inc(len(records))
-                        break
-                    log.warning("request log: writing %d %s records failed (attempt %d), will retry: %s",
-                                len(records), table, attempts, exc)
-                    if not final:
-                        self._retry.append((table, records, attempts))
-                        break
-                    time.sleep(0.5)
-                else:
-                    self._counted[table, "written"].inc(written)
-                    if unreadable:
-                        self._counted[table, "failed"].inc(unreadable)
-                    break
+    def _write_batch(self, table: str, count: int, batch: bytes, attempts: int, *, final: bool) -> bool:
+        """Write one batch, retrying it (or counting it lost); False when it waits for the next flush."""
+        while True:
+            try:
+                written, unreadable = self._write(table, batch)
+            except Exception as exc:
+                attempts += 1
+                if attempts >= self.max_write_attempts:
+                    log.error("request log: %d %s records lost after %d attempts: %s", count, table, attempts, exc)
+                    self._counted[table, "failed"].inc(count)
+                    return True
+                log.warning("request log: writing %d %s records failed (attempt %d), will retry: %s",
+                            count, table, attempts, exc)
+                if not final:
+                    self._retry.append((table, count, batch, attempts))
+                    return False
+                time.sleep(0.5)
+            else:
+                self._counted[table, "written"].inc(written)
+                if unreadable:
+                    self._counted[table, "failed"].inc(unreadable)
+                return True
 
-    def _write(self, table: str, records: list) -> tuple[int, int]:
+    def _write(self, table: str, batch: bytes) -> tuple[int, int]:
         if self.store is not None:  # thread mode
-            return self._converter.write(self.store, table, records_of(table, records))
+            return self._converter.write(self.store, table, records_of(table, marshal.loads(batch)))
         pool = self._ensure_pool()
         try:
-            written, unreadable, error = self._convert_in_child(pool, table, pack(records))
+            written, unreadable, error = self._convert_in_child(pool, table, batch)
         except BrokenProcessPool as exc:  # the child died (killed, out of memory): a new one, and retry
             log.error("request log: the conversion process died; starting a new one")
             pool.shutdown(wait=False, cancel_futures=True)
