@@ -268,21 +268,25 @@ class RequestLog:
                 next_flush = self._clock() + self.flush_interval_s
 
     def _flush(self, *, final: bool, whole_batches: bool = False) -> None:
-        """Write the batches that failed before, then the queued records, ``batch_size`` at a time (only whole
-        batches when ``whole_batches``). A batch that fails is retried at the next flush (the final one: at
-        once) and stops this one: the rest waits in the queue, whose bound then drops what comes.
+        """Write the batches that failed before, then the records queued when the flush began, ``batch_size``
+        at a time (only whole batches when ``whole_batches``). Records that come meanwhile wait for the next
+        flush: taking them too, a batch of the few that came while the last was written, had the conversion
+        process pay a batch's fixed cost for every few records at low load. A batch that fails is retried at
+        the next flush (the final one: at once) and stops this one: the rest waits in the queue, whose bound
+        then drops what comes.
         """
         retry, self._retry = self._retry, []
         for table, count, batch, attempts in retry:
             self._write_batch(table, count, batch, attempts, final=final)
         if self._retry and not final:
             return
-        least = self.batch_size if whole_batches else 1
         for table, queue in self._queues.items():
-            while len(queue) >= least:
-                count = min(len(queue), self.batch_size)
+            left = len(queue)
+            while left >= (self.batch_size if whole_batches else 1):
+                count = min(left, self.batch_size)
                 if not self._write_batch(table, count, queue.take(count), 0, final=final):
                     return
+                left -= count
 
     def _write_batch(self, table: str, count: int, batch: bytes, attempts: int, *, final: bool) -> bool:
         """Write one batch, retrying it (or counting it lost); False when it waits for the next flush."""

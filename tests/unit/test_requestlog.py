@@ -552,3 +552,33 @@ def _wait_for(condition, timeout_s: float = 10) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+class _ArrivalsWhileWriting:
+    """A store that, while it writes a batch, has the gateway queue one more record (at most ``limit``)."""
+
+    def __init__(self, root: str, limit: int) -> None:
+        self.store, self.limit, self.batches = ParquetStore(root), limit, []
+        self.sink: RequestLog | None = None
+
+    def write(self, table, rows):
+        self.batches.append(len(rows))
+        if len(self.batches) <= self.limit:
+            self.sink.record(chat_record(f"arrived-{len(self.batches)}"))
+        return self.store.write(table, rows)
+
+
+def test_a_flush_writes_what_was_queued_when_it_began_and_leaves_what_came_meanwhile(tmp_path):
+    # Taking what came while a batch was written too made, at low load, a stream of batches of a few
+    # records each, every one paying a batch's fixed cost in the conversion process.
+    store = _ArrivalsWhileWriting(str(tmp_path), limit=50)
+    metrics = Metrics()
+    sink = store.sink = RequestLog(store, metrics, convert="thread", batch_size=2)
+    for index in range(5):
+        sink.record(chat_record(f"r{index}"))
+    sink._flush(final=False)
+    assert store.batches == [2, 2, 1]  # the 5 queued, batch_size at a time; the 3 that came meanwhile wait
+    assert counted(metrics, "written") == 5 and len(sink._queues["requests"]) == 3
+    sink._flush(final=False, whole_batches=True)
+    assert store.batches[3:] == [2]  # one whole batch of those 3; the one left and the one that came wait
+    assert len(sink._queues["requests"]) == 2
