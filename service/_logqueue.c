@@ -95,6 +95,71 @@ static int put_value(Queue *q, PyObject *value) {
     return put_marshalled(q, value);
 }
 
+/* Bytes ``value`` takes when this file writes it itself; -1 for the values marshal writes. */
+static Py_ssize_t own_size(PyObject *value) {
+    if (value == Py_None || value == Py_True || value == Py_False) return 1;
+    if (PyUnicode_CheckExact(value) && PyUnicode_IS_ASCII(value)) return 5 + PyUnicode_GET_LENGTH(value);
+    if (PyBytes_CheckExact(value)) return 5 + PyBytes_GET_SIZE(value);
+    if (PyFloat_CheckExact(value)) return 9;
+    if (PyLong_CheckExact(value)) {
+        int overflow;
+        long long number = PyLong_AsLongLongAndOverflow(value, &overflow);
+        if (!overflow && number >= INT32_MIN && number <= INT32_MAX) return 5;
+        PyErr_Clear();
+    }
+    return -1;
+}
+
+static unsigned char *le32(unsigned char *out, char type, uint32_t value) {
+    out[0] = (unsigned char)type;
+    out[1] = value & 0xff;
+    out[2] = (value >> 8) & 0xff;
+    out[3] = (value >> 16) & 0xff;
+    out[4] = (value >> 24) & 0xff;
+    return out + 5;
+}
+
+/* The common record, every field one this file writes and none over 2 GiB: its size known first, one
+ * reservation and plain stores. 0 written, 1 not such a record (nothing written), -1 error. */
+static int put_plain_record(Queue *q, PyObject *record) {
+    Py_ssize_t fields = PyTuple_GET_SIZE(record), size = 5;
+    for (Py_ssize_t i = 0; i < fields; i++) {
+        Py_ssize_t own = own_size(PyTuple_GET_ITEM(record, i));
+        if (own < 0 || own > INT32_MAX) return 1;
+        size += own;
+    }
+    if (reserve(q, size) < 0) return -1;
+    unsigned char *out = le32((unsigned char *)q->data + q->len, '(', (uint32_t)fields);
+    for (Py_ssize_t i = 0; i < fields; i++) {
+        PyObject *value = PyTuple_GET_ITEM(record, i);
+        if (value == Py_None) {
+            *out++ = 'N';
+        } else if (value == Py_True) {
+            *out++ = 'T';
+        } else if (value == Py_False) {
+            *out++ = 'F';
+        } else if (PyUnicode_CheckExact(value)) { /* ASCII: own_size said so */
+            Py_ssize_t n = PyUnicode_GET_LENGTH(value);
+            out = le32(out, 'u', (uint32_t)n);
+            memcpy(out, PyUnicode_1BYTE_DATA(value), n);
+            out += n;
+        } else if (PyBytes_CheckExact(value)) {
+            Py_ssize_t n = PyBytes_GET_SIZE(value);
+            out = le32(out, 's', (uint32_t)n);
+            memcpy(out, PyBytes_AS_STRING(value), n);
+            out += n;
+        } else if (PyFloat_CheckExact(value)) {
+            *out++ = 'g';
+            if (PyFloat_Pack8(PyFloat_AS_DOUBLE(value), (char *)out, 1) < 0) return -1;
+            out += 8;
+        } else { /* an int of 32 bits: own_size said so */
+            out = le32(out, 'i', (uint32_t)(int32_t)PyLong_AsLongLong(value));
+        }
+    }
+    q->len = (char *)out - q->data;
+    return 0;
+}
+
 static PyObject *queue_append(Queue *q, PyObject *record) {
     if (!PyTuple_Check(record)) {
         PyErr_Format(PyExc_TypeError, "a request log record is a tuple, not %.100s", Py_TYPE(record)->tp_name);
@@ -108,6 +173,12 @@ static PyObject *queue_append(Queue *q, PyObject *record) {
         q->ends_cap = cap;
     }
     Py_ssize_t start = q->len, fields = PyTuple_GET_SIZE(record);
+    int plain = put_plain_record(q, record);
+    if (plain < 0) goto undo;
+    if (plain == 0) {
+        q->ends[q->count++] = q->len;
+        Py_RETURN_NONE;
+    }
     if (put_le32(q, '(', (uint32_t)fields) < 0) goto undo;
     for (Py_ssize_t i = 0; i < fields; i++)
         if (put_value(q, PyTuple_GET_ITEM(record, i)) < 0) goto undo;
