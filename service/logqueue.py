@@ -22,7 +22,8 @@ MARSHAL_VERSION = 2  # no back-references: each record's bytes stand alone, so a
 
 class RecordQueue(Protocol):
     def append(self, record: tuple, /) -> None:
-        """Queue ``record`` (plain values only); a value marshal cannot write raises ValueError, queuing nothing."""
+        """Queue ``record`` (plain values only). A value marshal cannot write raises ValueError, queuing nothing
+        (the C queue, at once; the Python one when ``take`` marshals the batch)."""
 
     def take(self, limit: int, /) -> bytes:
         """The first min(limit, len) records, removed: marshal.dumps(list of them, 2)."""
