@@ -230,7 +230,10 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
         moves = [(h["action"], h["weight"]) for h in status["history"] if h["action"] != "hold"]  # holds: data short
         assert moves == [("step", 25), ("step", 50), ("promote", 100)], status["history"]
         v2 = registry / "loop" / version
-        card = read_card(v2)
+        # The rollout's state is committed first and the cards follow it (monitoring/rollout/controller.py: a
+        # commit refused by a concurrent `loragate rollout` must not move them), so they may lag a moment.
+        card = wait_for("the cards to follow the promotion", lambda: read_card(v1).state == "retired"
+                        and (c := read_card(v2)).state == "stable" and c, 30, logs)
         assert card.parent == "loop/v1" and card.state == "stable"
         assert [h.state for h in card.history] == ["candidate", "canary", "stable"]
         assert [(e.step, e.result) for e in card.events] == [("pipeline", "ok"), ("load", "ok"), ("route", "ok"),
