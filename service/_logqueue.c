@@ -41,73 +41,21 @@ static int reserve(Queue *q, Py_ssize_t more) {
     return 0;
 }
 
-static int put(Queue *q, const void *bytes, Py_ssize_t n) {
-    if (reserve(q, n) < 0) return -1;
-    memcpy(q->data + q->len, bytes, n);
-    q->len += n;
-    return 0;
-}
-
-static int put_le32(Queue *q, char type, uint32_t value) {
-    unsigned char head[5] = {(unsigned char)type, value & 0xff, (value >> 8) & 0xff, (value >> 16) & 0xff,
-                             (value >> 24) & 0xff};
-    return put(q, head, 5);
-}
-
-static int put_sized(Queue *q, char type, const char *bytes, Py_ssize_t n) {
-    if (n > INT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "request log record: a value over 2 GiB");
-        return -1;
-    }
-    if (reserve(q, 5 + n) < 0) return -1;
-    put_le32(q, type, (uint32_t)n);
-    return put(q, bytes, n);
-}
-
-/* What marshal writes for ``value`` (version 2), for the values this file does not write itself. */
-static int put_marshalled(Queue *q, PyObject *value) {
-    PyObject *bytes = PyMarshal_WriteObjectToString(value, MARSHAL_VERSION);
-    if (bytes == NULL) return -1;
-    int result = put(q, PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
-    Py_DECREF(bytes);
-    return result;
-}
-
-static int put_value(Queue *q, PyObject *value) {
-    if (value == Py_None) return put(q, "N", 1);
-    if (value == Py_True) return put(q, "T", 1);
-    if (value == Py_False) return put(q, "F", 1);
-    if (PyUnicode_CheckExact(value) && PyUnicode_IS_ASCII(value))
-        return put_sized(q, 'u', (const char *)PyUnicode_1BYTE_DATA(value), PyUnicode_GET_LENGTH(value));
-    if (PyBytes_CheckExact(value)) return put_sized(q, 's', PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
-    if (PyFloat_CheckExact(value)) {
-        unsigned char packed[9] = {'g'};
-        if (PyFloat_Pack8(PyFloat_AS_DOUBLE(value), (char *)packed + 1, 1) < 0) return -1;
-        return put(q, packed, 9);
-    }
-    if (PyLong_CheckExact(value)) {
-        int overflow;
-        long long number = PyLong_AsLongLongAndOverflow(value, &overflow);
-        if (number == -1 && PyErr_Occurred()) return -1;
-        if (!overflow && number >= INT32_MIN && number <= INT32_MAX)
-            return put_le32(q, 'i', (uint32_t)(int32_t)number);
-    }
-    return put_marshalled(q, value);
-}
-
-/* Bytes ``value`` takes when this file writes it itself; -1 for the values marshal writes. */
+/* Bytes ``value`` takes when this file writes it itself; -1 for the values marshal writes (any other type,
+ * a non-ASCII str, an int over 32 bits, a str or bytes over 2 GiB, which marshal refuses). */
 static Py_ssize_t own_size(PyObject *value) {
+    Py_ssize_t n = -1;
     if (value == Py_None || value == Py_True || value == Py_False) return 1;
-    if (PyUnicode_CheckExact(value) && PyUnicode_IS_ASCII(value)) return 5 + PyUnicode_GET_LENGTH(value);
-    if (PyBytes_CheckExact(value)) return 5 + PyBytes_GET_SIZE(value);
     if (PyFloat_CheckExact(value)) return 9;
-    if (PyLong_CheckExact(value)) {
+    if (PyUnicode_CheckExact(value) && PyUnicode_IS_ASCII(value)) n = PyUnicode_GET_LENGTH(value);
+    else if (PyBytes_CheckExact(value)) n = PyBytes_GET_SIZE(value);
+    else if (PyLong_CheckExact(value)) {
         int overflow;
         long long number = PyLong_AsLongLongAndOverflow(value, &overflow);
         if (!overflow && number >= INT32_MIN && number <= INT32_MAX) return 5;
         PyErr_Clear();
     }
-    return -1;
+    return n >= 0 && n <= INT32_MAX ? 5 + n : -1;
 }
 
 static unsigned char *le32(unsigned char *out, char type, uint32_t value) {
@@ -119,47 +67,32 @@ static unsigned char *le32(unsigned char *out, char type, uint32_t value) {
     return out + 5;
 }
 
-/* The common record, every field one this file writes and none over 2 GiB: its size known first, one
- * reservation and plain stores. 0 written, 1 not such a record (nothing written), -1 error. */
-static int put_plain_record(Queue *q, PyObject *record) {
-    Py_ssize_t fields = PyTuple_GET_SIZE(record), size = 5;
-    for (Py_ssize_t i = 0; i < fields; i++) {
-        Py_ssize_t own = own_size(PyTuple_GET_ITEM(record, i));
-        if (own < 0 || own > INT32_MAX) return 1;
-        size += own;
-    }
-    if (reserve(q, size) < 0) return -1;
-    unsigned char *out = le32((unsigned char *)q->data + q->len, '(', (uint32_t)fields);
-    for (Py_ssize_t i = 0; i < fields; i++) {
-        PyObject *value = PyTuple_GET_ITEM(record, i);
-        if (value == Py_None) {
-            *out++ = 'N';
-        } else if (value == Py_True) {
-            *out++ = 'T';
-        } else if (value == Py_False) {
-            *out++ = 'F';
-        } else if (PyUnicode_CheckExact(value)) { /* ASCII: own_size said so */
-            Py_ssize_t n = PyUnicode_GET_LENGTH(value);
-            out = le32(out, 'u', (uint32_t)n);
-            memcpy(out, PyUnicode_1BYTE_DATA(value), n);
-            out += n;
-        } else if (PyBytes_CheckExact(value)) {
-            Py_ssize_t n = PyBytes_GET_SIZE(value);
-            out = le32(out, 's', (uint32_t)n);
-            memcpy(out, PyBytes_AS_STRING(value), n);
-            out += n;
-        } else if (PyFloat_CheckExact(value)) {
-            *out++ = 'g';
-            if (PyFloat_Pack8(PyFloat_AS_DOUBLE(value), (char *)out, 1) < 0) return -1;
-            out += 8;
-        } else { /* an int of 32 bits: own_size said so */
-            out = le32(out, 'i', (uint32_t)(int32_t)PyLong_AsLongLong(value));
-        }
-    }
-    q->len = (char *)out - q->data;
-    return 0;
+static unsigned char *put_bytes(unsigned char *out, char type, const void *bytes, Py_ssize_t n) {
+    out = le32(out, type, (uint32_t)n);
+    memcpy(out, bytes, n);
+    return out + n;
 }
 
+/* Writes a value own_size measured; NULL on error (a float PyFloat_Pack8 cannot write). */
+static unsigned char *put_own(unsigned char *out, PyObject *value) {
+    if (value == Py_None) *out++ = 'N';
+    else if (value == Py_True) *out++ = 'T';
+    else if (value == Py_False) *out++ = 'F';
+    else if (PyUnicode_CheckExact(value))
+        out = put_bytes(out, 'u', PyUnicode_1BYTE_DATA(value), PyUnicode_GET_LENGTH(value));
+    else if (PyBytes_CheckExact(value))
+        out = put_bytes(out, 's', PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value));
+    else if (PyFloat_CheckExact(value)) {
+        *out++ = 'g';
+        if (PyFloat_Pack8(PyFloat_AS_DOUBLE(value), (char *)out, 1) < 0) return NULL;
+        out += 8;
+    } else /* an int of 32 bits */
+        out = le32(out, 'i', (uint32_t)(int32_t)PyLong_AsLongLong(value));
+    return out;
+}
+
+/* A record is measured first, then written with one reservation, so nothing of one that fails stays behind.
+ * Its fields this file does not write are marshalled while measuring (rare: the gateway's records hold none). */
 static PyObject *queue_append(Queue *q, PyObject *record) {
     if (!PyTuple_Check(record)) {
         PyErr_Format(PyExc_TypeError, "a request log record is a tuple, not %.100s", Py_TYPE(record)->tp_name);
@@ -172,21 +105,43 @@ static PyObject *queue_append(Queue *q, PyObject *record) {
         q->ends = ends;
         q->ends_cap = cap;
     }
-    Py_ssize_t start = q->len, fields = PyTuple_GET_SIZE(record);
-    int plain = put_plain_record(q, record);
-    if (plain < 0) goto undo;
-    if (plain == 0) {
-        q->ends[q->count++] = q->len;
-        Py_RETURN_NONE;
+    Py_ssize_t fields = PyTuple_GET_SIZE(record), size = 5;
+    PyObject **marshalled = NULL; /* per field: marshal's bytes, or NULL where this file writes it */
+    PyObject *result = NULL;
+    for (Py_ssize_t i = 0; i < fields; i++) {
+        PyObject *value = PyTuple_GET_ITEM(record, i);
+        Py_ssize_t own = own_size(value);
+        if (own >= 0) {
+            size += own;
+            continue;
+        }
+        if (marshalled == NULL && (marshalled = PyMem_Calloc(fields, sizeof(PyObject *))) == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        if ((marshalled[i] = PyMarshal_WriteObjectToString(value, MARSHAL_VERSION)) == NULL) goto done;
+        size += PyBytes_GET_SIZE(marshalled[i]);
     }
-    if (put_le32(q, '(', (uint32_t)fields) < 0) goto undo;
-    for (Py_ssize_t i = 0; i < fields; i++)
-        if (put_value(q, PyTuple_GET_ITEM(record, i)) < 0) goto undo;
+    if (reserve(q, size) < 0) goto done;
+    unsigned char *out = le32((unsigned char *)q->data + q->len, '(', (uint32_t)fields);
+    for (Py_ssize_t i = 0; i < fields; i++) {
+        PyObject *bytes = marshalled ? marshalled[i] : NULL;
+        if (bytes != NULL) {
+            memcpy(out, PyBytes_AS_STRING(bytes), PyBytes_GET_SIZE(bytes));
+            out += PyBytes_GET_SIZE(bytes);
+        } else if ((out = put_own(out, PyTuple_GET_ITEM(record, i))) == NULL) {
+            goto done;
+        }
+    }
+    q->len = (char *)out - q->data;
     q->ends[q->count++] = q->len;
-    Py_RETURN_NONE;
-undo: /* nothing of a record that cannot be written stays behind */
-    q->len = start;
-    return NULL;
+    result = Py_NewRef(Py_None);
+done:
+    if (marshalled != NULL) {
+        for (Py_ssize_t i = 0; i < fields; i++) Py_XDECREF(marshalled[i]);
+        PyMem_Free(marshalled);
+    }
+    return result;
 }
 
 static PyObject *queue_take(Queue *q, PyObject *arg) {
