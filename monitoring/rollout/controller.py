@@ -166,6 +166,10 @@ class RolloutController:
                     if due and not status.stalled:  # a stalled rollout holds for good: a person decides
                         status, transition = await self._analyse(spec, status, now)
                         transitions.append(transition)
+                elif spec.route not in self._applied:  # promoted or rolled back before this process started
+                    # the state is committed before the cards move: finish a move a crash cut short (idempotent)
+                    await asyncio.to_thread(cards.follow, spec, "promote" if status.state == "promoted" else "rollback")
+                    self._applied.add(spec.route)
                 self.errors.pop(spec.route, None)
                 self._retry_at.pop(spec.route, None)
             except Exception as exc:  # one broken rollout does not stop the others

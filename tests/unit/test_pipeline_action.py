@@ -148,6 +148,44 @@ async def test_trigger_to_canary_then_promotion_moves_the_cards(world, engines):
     assert [h.state for h in read_card(v2).history] == ["candidate", "canary", "stable"]
 
 
+@pytest.mark.parametrize("action, canary_state, v1_state", [("promote", "stable", "retired"),
+                                                             ("rollback", "rejected", "stable")])
+async def test_a_monitor_restarted_after_a_crash_before_the_cards_moved_moves_them(
+        world, engines, monkeypatch, action, canary_state, v1_state):
+    """The rollout's end is committed before its cards move; a crash in between leaves the cards behind,
+    and the next monitor's first round moves them (once: a later round changes nothing)."""
+    from loragate.monitoring.rollout import cards
+
+    urls, _ = engines
+    first = make_controller(world)
+    pipeline = make_action(world, urls, first)
+    await pipeline.run(context(world))
+    assert (await pipeline.tasks["support"]).outcome == "deployed"
+    v2 = world["registry"].directory("support", "r42")
+    assert read_card(v2).state == "canary"
+    real_follow = cards.follow
+
+    def crash_on_the_end(spec, step, by="loragate-rollout"):
+        if step == action:
+            raise SystemExit("the monitor died here")
+        return real_follow(spec, step, by)
+
+    monkeypatch.setattr(cards, "follow", crash_on_the_end)
+    with pytest.raises(SystemExit):
+        await first.override("support", action, reason="test")
+    assert first.status()["support"]["state"] == ("promoted" if action == "promote" else "rolled_back")
+    assert read_card(v2).state == "canary"  # the gap: committed, cards not moved
+    monkeypatch.setattr(cards, "follow", real_follow)
+
+    restarted = make_controller(world)
+    assert await restarted.tick() == []
+    assert read_card(v2).state == canary_state and read_card(world["v1"]).state == v1_state
+    history = [h.state for h in read_card(v2).history]
+    assert history == ["candidate", "canary", canary_state]
+    await restarted.tick()
+    assert [h.state for h in read_card(v2).history] == history
+
+
 async def test_rollout_cli_sees_a_rollout_the_pipeline_started(world, engines, capsys):
     import argparse
 
