@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from loragate.common.logschema import CHAT_ENDPOINT, REQUESTS, SCHEMA_VERSION, arrow_schema
-from loragate.service.logrows import RequestRecord, TextMode, _content_text, answer_of
+from loragate.service.logrows import RequestRecord, TextMode, _content_text, answer_of, as_record
 
 try:  # the C reader, built by setup.py where a C compiler is; without it every record takes the orjson path
     from loragate.service import _lognative
@@ -35,8 +35,9 @@ _TURN = _SCHEMA.field("prompt_messages").type.value_type  # struct<role, content
 CleanAll = Callable[[list[str]], dict[str, str]]
 
 
-def requests_table(records: Sequence[RequestRecord], text_mode: TextMode, clean_all: CleanAll | None) -> pa.Table:
-    """The requests table of ``records`` (``clean_all`` is used in "scrubbed" mode only)."""
+def requests_table(records: Sequence[tuple], text_mode: TextMode, clean_all: CleanAll | None) -> pa.Table:
+    """The requests table of ``records``, each a RequestRecord's fields in its order (a RequestRecord, or the
+    plain tuple a queued batch unmarshals to); ``clean_all`` is used in "scrubbed" mode only."""
     count = len(records)
     (request_id, timestamp, route, variant, endpoint, status, stream, fallback, latency_s, ttft_s, prompt_tokens,
      completion_tokens, cost_usd, reference_cost_usd, payload, _answer, role) = zip(*records)
@@ -49,7 +50,9 @@ def requests_table(records: Sequence[RequestRecord], text_mode: TextMode, clean_
             endpoint, payload, response, clean_all if text_mode == "scrubbed" else None)
     columns = {
         "request_id": request_id,
-        "timestamp": [int(seconds * 1000) for seconds in timestamp],
+        # int(seconds * 1000): the same float product, truncated toward zero by the cast (one kernel, not a loop)
+        "timestamp": pc.cast(pc.multiply(pa.array(timestamp, pa.float64()), 1000.0), pa.int64(),
+                             safe=False).cast(_SCHEMA.field("timestamp").type),
         "route": route,
         "variant": variant,
         "endpoint": endpoint,
@@ -75,11 +78,11 @@ def requests_table(records: Sequence[RequestRecord], text_mode: TextMode, clean_
         schema=_SCHEMA)
 
 
-def _answers(records: Sequence[RequestRecord], stream: Sequence[bool], status: Sequence[int],
+def _answers(records: Sequence[tuple], stream: Sequence[bool], status: Sequence[int],
              answer: Sequence[bytes | None]) -> tuple[list[str | None], list[str | None]]:
     """The (answer text, finish reason) columns: each record's as logrows.answer_of reads it."""
     def general(index: int) -> tuple[str | None, str | None]:
-        return answer_of(records[index])
+        return answer_of(as_record(RequestRecord, records[index]))
 
     if native is not None:  # reads what it can decide exactly, and asks general for the rest
         return native.read_answers(stream, status, answer, general)

@@ -8,7 +8,7 @@ the shared schema, loragate.common.logschema.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import orjson
 
@@ -17,6 +17,7 @@ from loragate.common import sse
 from loragate.common.scrub import scrub
 
 TextMode = Literal["full", "scrubbed", "none"]
+Record = TypeVar("Record", bound=tuple)
 
 
 class RequestRecord(NamedTuple):
@@ -53,6 +54,11 @@ class FeedbackRecord(NamedTuple):
     score: float | None
     label: str | None
     correction: str | None
+
+
+def as_record(kind: type[Record], fields: tuple) -> Record:
+    """The NamedTuple ``kind`` of a record's fields, as they are (without the NamedTuple's own __new__)."""
+    return fields if type(fields) is kind else tuple.__new__(kind, fields)  # type: ignore[return-value]
 
 
 def request_row(record: RequestRecord, text_mode: TextMode,

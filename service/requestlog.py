@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from loragate.common.logschema import FEEDBACK, PRIMARY, REQUESTS
 from loragate.service import logspool
-from loragate.service.logconvert import Converter, Store, child_init, child_ping, child_write, records_of
+from loragate.service.logconvert import Converter, Store, child_init, child_ping, child_write
 from loragate.service.logqueue import record_queue
 from loragate.service.logrows import FeedbackRecord, RequestRecord, TextMode
 from loragate.service.logspool import Spooled, SpoolUnreadable
@@ -313,7 +313,7 @@ class RequestLog:
 
     def _write(self, table: str, batch: bytes) -> tuple[int, int]:
         if self.store is not None:  # thread mode
-            return self._converter.write(self.store, table, records_of(table, marshal.loads(batch)))
+            return self._converter.write(self.store, table, marshal.loads(batch))
         pool = self._ensure_pool()
         try:
             written, unreadable, error = self._convert_in_child(pool, table, batch)

@@ -56,7 +56,9 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypa
     if reader == "python":  # an install without the C reader (service/_lognative.c): the orjson path alone
         monkeypatch.setattr(logbatch, "native", None)
     texts = corpus()[:400]
-    records = [chat_record(f"r{i}", content=text, answer=texts[-1 - i], stream=i % 2 == 1)
+    # Timestamps whose milliseconds are a float product to truncate (int(t * 1000)), before and after 1970.
+    stamps = [1_700_000_000.0 + i * 0.0013337 if i % 5 else -1.0015 * i for i in range(len(texts))]
+    records = [chat_record(f"r{i}", content=text, answer=texts[-1 - i], stream=i % 2 == 1, timestamp=stamps[i])
                for i, text in enumerate(texts)]
     completion = RequestRecord(
         request_id="c1", timestamp=1_700_000_000.0, route="r", variant="v", endpoint="completions", status=200,
@@ -79,9 +81,13 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypa
     assert table.schema == arrow_schema("requests")
     assert table.to_pylist() == pa.Table.from_pylist(expected, schema=arrow_schema("requests")).to_pylist()
     assert mode != "scrubbed" or "[EMAIL]" in table.column("prompt_text")[400].as_py()
+    # The plain tuples a queued batch unmarshals to (service/logconvert.py) give the same table.
+    assert requests_table([tuple(record) for record in records], mode, Converter(mode)._clean_all).equals(table)
     # A batch the columnar path cannot take goes record by record, the unreadable record skipped and counted.
     broken = chat_record("broken")._replace(timestamp="not a time")  # request_row raises on it
     rows, unreadable = Converter(mode).convert("requests", records + [broken])
+    assert unreadable == 1 and rows == expected
+    rows, unreadable = Converter(mode).convert("requests", [tuple(record) for record in records + [broken]])
     assert unreadable == 1 and rows == expected
     # Not UTF-8 in a field the typed decoding skips: unreadable, as record by record (orjson), not logged.
     not_utf8 = chat_record("u1")._replace(payload=b'{"model":"a\xff","messages":[{"role":"user","content":"x"}]}')
