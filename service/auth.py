@@ -274,13 +274,17 @@ class KeyPrincipal(Principal):
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
     """The key from ``Authorization: Bearer <key>``, else ``x-api-key``; None when absent."""
-    authorization = headers.get("authorization")
+    key = bearer(headers.get("authorization")) or headers.get("x-api-key")
+    return key.strip() if key and key.strip() else None
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header; None for another scheme or none."""
     if authorization:
         scheme, _, value = authorization.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             return value.strip()
-    key = headers.get("x-api-key")
-    return key.strip() if key and key.strip() else None
+    return None
 
 
 class AllowAll:
@@ -318,6 +322,9 @@ class Authenticator:
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
         self._digests: dict[str, str] = {}  # presented key -> its SHA-256 hex (see _digest)
         self._principals: dict[str, KeyPrincipal] = {}  # key id -> the principal of that ApiKey object
+        # Authorization header -> the principal it was admitted as, for the keys in _admitted_keys only
+        self._admitted: dict[str, KeyPrincipal] = {}
+        self._admitted_keys: dict[str, ApiKey] | None = None
         self.metrics = metrics
         self.limiter = limiter or LocalLimiter(clock)
         if metrics is not None and store is not None:
@@ -353,8 +360,29 @@ class Authenticator:
             log.info("API keys reloaded: %d keys (ids: %s)", len(self.keys()), ", ".join(k.id for k in self.keys()))
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
+        """The caller's principal; raises GatewayError (401) for a missing, unknown or revoked key.
+
+        A client sends the same ``Authorization`` header with every request: the principal it was
+        admitted as is remembered, for the keys loaded now only. A reload loads new keys (a new dict),
+        and everything remembered is forgotten at the next request: a key revoked or removed by a reload
+        is refused at once. Refusals are never remembered; bounded (cleared when full).
+        """
         if self.store is None:
             return ANONYMOUS
+        keys = self.store.by_hash
+        if keys is not self._admitted_keys:
+            self._admitted, self._admitted_keys = {}, keys
+        authorization = headers.get("authorization")
+        principal = self._admitted.get(authorization) if authorization is not None else None
+        if principal is None:
+            principal = self._principal(headers)
+            if authorization is not None and bearer(authorization) is not None:  # the key came from this header
+                if len(self._admitted) >= 1024:
+                    self._admitted.clear()
+                self._admitted[authorization] = principal
+        return principal
+
+    def _principal(self, headers: Mapping[str, str]) -> KeyPrincipal:
         key = self._lookup(headers)
         if key.revoked:
             raise self._reject("revoked_key", 401, "this API key has been revoked", code="invalid_api_key",
@@ -404,9 +432,8 @@ class Authenticator:
     def _digest(self, presented: str) -> str:
         """hash_key(presented), remembered for the last few keys presented: a client sends the same key every time.
 
-        Only the digest is remembered, never the verdict: the lookup in the current keys runs on every
-        request, so a key revoked or removed by a reload is refused at once. Bounded (cleared when full),
-        so keys sprayed by a guesser cost memory only up to the bound.
+        The digest depends on the key alone, so it is kept across reloads (the verdict is not: see
+        authenticate). Bounded (cleared when full), so keys sprayed by a guesser cost memory only up to the bound.
         """
         digests = self._digests
         digest = digests.get(presented)

@@ -2,7 +2,7 @@
 
 scrub_many (service/logscrub.py) == scrub text by text; the conversion process's batch
 conversion == request_row record by record; the simple-stream parse == sse.json_objects;
-the remembered key digest never outlives a reload that revokes or removes the key.
+the remembered key (its digest, its principal) never outlives a reload that revokes or removes it.
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ def test_simple_stream_parse_matches_the_general_one() -> None:
         assert _simple_stream_objects(odd) is None
 
 
-def test_a_remembered_key_digest_does_not_survive_a_revoking_reload(tmp_path: Path) -> None:
+def test_a_remembered_key_does_not_survive_a_revoking_reload(tmp_path: Path) -> None:
     keys = tmp_path / "keys.yaml"
     alice, bob = "lg-alice-secret", "lg-bob-secret"
     keys.write_text(f'keys:\n  - {{id: alice, sha256: "{hash_key(alice)}"}}\n'
@@ -247,3 +247,20 @@ def test_a_remembered_key_digest_does_not_survive_a_revoking_reload(tmp_path: Pa
             assert exc.message == message
         else:
             raise AssertionError(f"{key} still accepted after the reload")
+
+
+def test_a_remembered_principal_is_that_of_its_authorization_header_only(tmp_path: Path) -> None:
+    """A Bearer header is remembered with its principal; another scheme's header never is (the key came from
+    x-api-key), so the same Basic header with another x-api-key is judged on that key."""
+    alice = "lg-alice-secret"
+    auth = Authenticator(KeyStore(None, f'keys:\n  - {{id: alice, sha256: "{hash_key(alice)}"}}\n'))
+    for _ in range(2):
+        assert auth.authenticate({"authorization": "Basic Zm9v", "x-api-key": alice}).key_id == "alice"
+        with pytest.raises(GatewayError, match="invalid API key"):
+            auth.authenticate({"authorization": "Basic Zm9v", "x-api-key": "lg-mallory"})
+        with pytest.raises(GatewayError, match="missing API key"):
+            auth.authenticate({"authorization": "Basic Zm9v"})
+        assert auth.authenticate({"authorization": f"Bearer {alice}", "x-api-key": "lg-mallory"}).key_id == "alice"
+        with pytest.raises(GatewayError, match="invalid API key"):
+            auth.authenticate({"authorization": "Bearer lg-mallory"})
+    assert list(auth._admitted) == [f"Bearer {alice}"]
