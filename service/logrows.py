@@ -58,7 +58,7 @@ class FeedbackRecord(NamedTuple):
 
 def as_record(kind: type[Record], fields: tuple) -> Record:
     """The NamedTuple ``kind`` of a record's fields, as they are (without the NamedTuple's own __new__)."""
-    return fields if type(fields) is kind else tuple.__new__(kind, fields)  # type: ignore[return-value]
+    return fields if type(fields) is kind else tuple.__new__(kind, fields)
 
 
 def request_row(record: RequestRecord, text_mode: TextMode,
