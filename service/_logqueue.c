@@ -1,7 +1,8 @@
 /* The request log's queue in C: records waiting for their batch, each written at once as the bytes that
  * marshal.dumps(record, 2) gives, into one growing buffer (service/logqueue.py has the Python twin and says
  * why). ``take(limit)`` hands the first ``limit`` records over as one marshalled list: the batch, as
- * marshal.loads reads it in the conversion process.
+ * marshal.loads reads it in the conversion process; there ``read_columns`` reads it back one column a field
+ * instead, where it can (below).
  *
  * The formats written here (marshal version 2, no references): None "N", True "T", False "F", an int that
  * fits 32 bits "i" + 4 bytes, a float "g" + 8 bytes, bytes "s" + length + data, an ASCII str "u" + length +
@@ -213,8 +214,280 @@ static PyTypeObject QueueType = {
     .tp_new = PyType_GenericNew,
 };
 
+/* --- a batch read back as columns --------------------------------------------------------------------
+ *
+ * read_columns(batch, spec): a batch ``take`` gave (a marshalled list of equal tuples) as one column a field,
+ * without a tuple a record: what the conversion process turns into Arrow. ``spec`` has a letter a field, and
+ * "?" after the letter of a field that may be None:
+ *   A  str    -> (validity, offsets, data, null count): an Arrow string array's buffers (int32 offsets)
+ *   F  float  -> (validity, values, null count): float64 (an int of 32 bits is taken as its float)
+ *   I  int    -> (validity, values, null count): int64 (32-bit ints only)
+ *   S  str    -> a list (a value equal to the one before is the same object: routes and variants repeat)
+ *   i  int, b bool, y bytes -> a list
+ * validity is None when no value is None. Anything else (another type, an int over 32 bits, a str that is not
+ * UTF-8, such as a lone surrogate, a record of another length, bytes that end early) returns None and no
+ * exception: the caller unmarshals the batch instead. */
+
+typedef struct {
+    const unsigned char *p, *end;
+} cursor_t;
+
+static int read_u32(cursor_t *c, uint32_t *out) {
+    if (c->end - c->p < 4) return -1;
+    *out = (uint32_t)c->p[0] | (uint32_t)c->p[1] << 8 | (uint32_t)c->p[2] << 16 | (uint32_t)c->p[3] << 24;
+    c->p += 4;
+    return 0;
+}
+
+/* A "u" or "s" value's bytes: its length read, the cursor moved past them. */
+static int read_sized(cursor_t *c, const unsigned char **data, uint32_t *n) {
+    if (read_u32(c, n) < 0 || (Py_ssize_t)*n > c->end - c->p) return -1;
+    *data = c->p;
+    c->p += *n;
+    return 0;
+}
+
+static int is_utf8(const unsigned char *s, Py_ssize_t n) {
+    for (Py_ssize_t i = 0; i < n;) {
+        unsigned char c = s[i];
+        if (c < 0x80) {
+            i++;
+            continue;
+        }
+        unsigned lo = 0x80, hi = 0xBF;
+        int len;
+        if (c >= 0xC2 && c <= 0xDF) len = 2;
+        else if (c >= 0xE0 && c <= 0xEF) {
+            len = 3;
+            if (c == 0xE0) lo = 0xA0;
+            if (c == 0xED) hi = 0x9F; /* no surrogates */
+        } else if (c >= 0xF0 && c <= 0xF4) {
+            len = 4;
+            if (c == 0xF0) lo = 0x90;
+            if (c == 0xF4) hi = 0x8F;
+        } else return 0;
+        if (n - i < len || s[i + 1] < lo || s[i + 1] > hi) return 0;
+        for (int k = 2; k < len; k++)
+            if (s[i + k] < 0x80 || s[i + k] > 0xBF) return 0;
+        i += len;
+    }
+    return 1;
+}
+
+typedef struct {
+    char kind;
+    int nullable;
+    Py_ssize_t nulls;
+    PyObject *validity, *values, *list; /* validity and values: bytes; list: the list kinds' */
+    unsigned char *bits;                /* validity's bytes, all set until a None clears one */
+    int32_t *offsets;                   /* A: values holds the offsets; the characters go to chars */
+    char *chars;
+    Py_ssize_t chars_len, chars_cap;
+    PyObject *last;                     /* S: the value before, borrowed from list */
+    const unsigned char *last_data;
+    uint32_t last_n;
+} column_t;
+
+static void column_clear(column_t *col) {
+    Py_CLEAR(col->validity);
+    Py_CLEAR(col->values);
+    Py_CLEAR(col->list);
+    PyMem_Free(col->chars);
+    col->chars = NULL;
+}
+
+/* 0: read; 1: give up; -1: an error (memory) */
+static int read_value(cursor_t *c, column_t *col, Py_ssize_t row) {
+    if (c->p >= c->end) return 1;
+    unsigned char type = *c->p++;
+    if (type == 'N') {
+        if (!col->nullable) return 1;
+        col->nulls++;
+        if (col->bits != NULL) col->bits[row >> 3] &= (unsigned char)~(1u << (row & 7));
+        switch (col->kind) {
+        case 'A': col->offsets[row + 1] = (int32_t)col->chars_len; return 0;
+        case 'F': ((double *)PyBytes_AS_STRING(col->values))[row] = 0.0; return 0;
+        case 'I': ((int64_t *)PyBytes_AS_STRING(col->values))[row] = 0; return 0;
+        default: PyList_SET_ITEM(col->list, row, Py_NewRef(Py_None)); col->last = NULL; return 0;
+        }
+    }
+    uint32_t n;
+    const unsigned char *data;
+    switch (col->kind) {
+    case 'A':
+        if (type != 'u' || read_sized(c, &data, &n) < 0 || !is_utf8(data, n)) return 1;
+        if (col->chars_len + (Py_ssize_t)n > INT32_MAX) return 1;
+        if (col->chars_len + (Py_ssize_t)n > col->chars_cap) {
+            Py_ssize_t cap = col->chars_cap ? col->chars_cap : 65536;
+            while (cap < col->chars_len + (Py_ssize_t)n) cap *= 2;
+            char *chars = PyMem_Realloc(col->chars, cap);
+            if (chars == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            col->chars = chars;
+            col->chars_cap = cap;
+        }
+        memcpy(col->chars + col->chars_len, data, n);
+        col->chars_len += n;
+        col->offsets[row + 1] = (int32_t)col->chars_len;
+        return 0;
+    case 'F':
+    case 'I': {
+        double number;
+        int64_t whole = 0;
+        if (type == 'i') {
+            uint32_t bits;
+            if (read_u32(c, &bits) < 0) return 1;
+            whole = (int32_t)bits;
+            number = (double)whole;
+        } else if (type == 'g' && col->kind == 'F') {
+            if (c->end - c->p < 8) return 1;
+            number = PyFloat_Unpack8((const char *)c->p, 1);
+            if (number == -1.0 && PyErr_Occurred()) return -1;
+            c->p += 8;
+        } else return 1;
+        if (col->kind == 'F') ((double *)PyBytes_AS_STRING(col->values))[row] = number;
+        else ((int64_t *)PyBytes_AS_STRING(col->values))[row] = whole;
+        return 0;
+    }
+    case 'S': {
+        if (type != 'u' || read_sized(c, &data, &n) < 0) return 1;
+        PyObject *value;
+        if (col->last != NULL && n == col->last_n && memcmp(data, col->last_data, n) == 0) {
+            value = Py_NewRef(col->last);
+        } else if ((value = PyUnicode_DecodeUTF8((const char *)data, n, "surrogatepass")) == NULL) {
+            return -1;
+        }
+        PyList_SET_ITEM(col->list, row, value);
+        col->last = value;
+        col->last_data = data;
+        col->last_n = n;
+        return 0;
+    }
+    case 'i': {
+        uint32_t bits;
+        if (type != 'i' || read_u32(c, &bits) < 0) return 1;
+        PyObject *value = PyLong_FromLong((int32_t)bits);
+        if (value == NULL) return -1;
+        PyList_SET_ITEM(col->list, row, value);
+        return 0;
+    }
+    case 'b':
+        if (type != 'T' && type != 'F') return 1;
+        PyList_SET_ITEM(col->list, row, Py_NewRef(type == 'T' ? Py_True : Py_False));
+        return 0;
+    case 'y': {
+        if (type != 's' || read_sized(c, &data, &n) < 0) return 1;
+        PyObject *value = PyBytes_FromStringAndSize((const char *)data, n);
+        if (value == NULL) return -1;
+        PyList_SET_ITEM(col->list, row, value);
+        return 0;
+    }
+    }
+    return 1;
+}
+
+/* The column's value for Python, built once every row is read. */
+static PyObject *column_result(column_t *col) {
+    PyObject *validity = col->nulls ? col->validity : Py_None;
+    switch (col->kind) {
+    case 'A': {
+        PyObject *chars = PyBytes_FromStringAndSize(col->chars ? col->chars : "", col->chars_len);
+        if (chars == NULL) return NULL;
+        PyObject *out = Py_BuildValue("(OOOn)", validity, col->values, chars, col->nulls);
+        Py_DECREF(chars);
+        return out;
+    }
+    case 'F':
+    case 'I': return Py_BuildValue("(OOn)", validity, col->values, col->nulls);
+    default: return Py_NewRef(col->list);
+    }
+}
+
+static PyObject *read_columns(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "read_columns(batch, spec: str)");
+        return NULL;
+    }
+    Py_ssize_t spec_len;
+    const char *spec = PyUnicode_AsUTF8AndSize(args[1], &spec_len);
+    if (spec == NULL) return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) return NULL;
+    cursor_t c = {view.buf, (const unsigned char *)view.buf + view.len};
+    column_t columns[64];
+    int fields = 0;
+    PyObject *result = NULL;
+    int status = 1;
+    for (Py_ssize_t i = 0; i < spec_len; i++) {
+        if (spec[i] == '?' && fields > 0) {
+            columns[fields - 1].nullable = 1;
+            continue;
+        }
+        if (fields == 64 || strchr("AFISiby", spec[i]) == NULL) {
+            PyErr_Format(PyExc_ValueError, "read_columns: bad spec %R", args[1]);
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        columns[fields++] = (column_t){.kind = spec[i]};
+    }
+    uint32_t rows;
+    if (c.p >= c.end || *c.p++ != '[' || read_u32(&c, &rows) < 0 || rows > (uint32_t)(c.end - c.p)) goto done;
+    for (int f = 0; f < fields; f++) { /* every row takes at least a byte: rows is bounded by the batch's size */
+        column_t *col = &columns[f];
+        status = -1;
+        if (col->kind == 'A' || col->kind == 'F' || col->kind == 'I') {
+            Py_ssize_t width = col->kind == 'A' ? 4 : 8, count = col->kind == 'A' ? (Py_ssize_t)rows + 1 : rows;
+            if ((col->values = PyBytes_FromStringAndSize(NULL, width * count)) == NULL) goto done;
+            if (col->kind == 'A') (col->offsets = (int32_t *)PyBytes_AS_STRING(col->values))[0] = 0;
+            if (col->nullable) {
+                if ((col->validity = PyBytes_FromStringAndSize(NULL, ((Py_ssize_t)rows + 7) / 8)) == NULL) goto done;
+                col->bits = (unsigned char *)PyBytes_AS_STRING(col->validity);
+                memset(col->bits, 0xff, ((Py_ssize_t)rows + 7) / 8);
+            }
+        } else if ((col->list = PyList_New(rows)) == NULL) goto done;
+    }
+    status = 1;
+    for (Py_ssize_t row = 0; row < (Py_ssize_t)rows; row++) {
+        uint32_t n;
+        if (c.p >= c.end || *c.p++ != '(' || read_u32(&c, &n) < 0 || n != (uint32_t)fields) {
+            status = 1;
+            goto done;
+        }
+        for (int f = 0; f < fields; f++) {
+            if ((status = read_value(&c, &columns[f], row)) != 0) goto done; /* a list's unset items: NULL, freed */
+        }
+    }
+    status = c.p == c.end ? 0 : 1;
+    if (status == 0) {
+        if ((result = PyList_New(fields)) == NULL) goto done;
+        for (int f = 0; f < fields; f++) {
+            PyObject *column = column_result(&columns[f]);
+            if (column == NULL) {
+                Py_CLEAR(result);
+                goto done;
+            }
+            PyList_SET_ITEM(result, f, column);
+        }
+    }
+done:
+    for (int f = 0; f < fields; f++) column_clear(&columns[f]);
+    PyBuffer_Release(&view);
+    if (result == NULL && status > 0) Py_RETURN_NONE; /* gave up: the caller unmarshals */
+    return result;
+}
+
+static PyMethodDef module_methods[] = {
+    {"read_columns", (PyCFunction)(void (*)(void))read_columns, METH_FASTCALL,
+     "read_columns(batch, spec): a batch take() gave, as one column a field (see the source); None where it "
+     "cannot: the caller unmarshals the batch."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "_logqueue", "The request log's queue in C (records kept marshalled).", -1, NULL,
+    PyModuleDef_HEAD_INIT, "_logqueue", "The request log's queue in C (records kept marshalled).", -1,
+    module_methods,
 };
 
 PyMODINIT_FUNC PyInit__logqueue(void) {

@@ -6,13 +6,15 @@ reference, record by record; tests/unit/test_log_fastpaths.py checks the two agr
 dict per row: the scalar fields go to Arrow as columns, each request and answer is read once
 (in C, service/_lognative.c, which leaves what it cannot decide exactly to the reference's orjson
 path), every text of the batch is cleaned in one call (the scrubber), and the flat prompt text is
-joined by Arrow kernels.
+joined by Arrow kernels. A batch as it crossed from the gateway (marshalled records) is read straight
+into those columns by the queue's C reader (``batch_table``), without a tuple a record.
 
 Anything this cannot take raises; the caller then converts the batch record by record.
 """
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Sequence
 
 import orjson
@@ -27,6 +29,10 @@ try:  # the C reader, built by setup.py where a C compiler is; without it every 
 except ImportError:  # pragma: no cover - the tests require it built
     _lognative = None  # type: ignore[assignment]
 native = _lognative
+try:  # the queue's own reader of its batches (service/_logqueue.c); without it a batch is unmarshalled
+    from loragate.service._logqueue import read_columns
+except ImportError:  # pragma: no cover - the tests require it built
+    read_columns = None  # type: ignore[assignment]
 
 _SCHEMA = arrow_schema(REQUESTS)
 _TURN = _SCHEMA.field("prompt_messages").type.value_type  # struct<role, content>
@@ -38,20 +44,61 @@ CleanAll = Callable[[list[str]], dict[str, str]]
 def requests_table(records: Sequence[tuple], text_mode: TextMode, clean_all: CleanAll | None) -> pa.Table:
     """The requests table of ``records``, each a RequestRecord's fields in its order (a RequestRecord, or the
     plain tuple a queued batch unmarshals to); ``clean_all`` is used in "scrubbed" mode only."""
-    count = len(records)
+    return _table(list(zip(*records)), len(records), lambda index: as_record(RequestRecord, records[index]),
+                  text_mode, clean_all)
+
+
+# read_columns' letter for each RequestRecord field (service/_logqueue.c): Arrow buffers for the columns only
+# Arrow reads (A str, F float, I int), lists for those the answer and turn readers take too (S str, i int,
+# b bool, y bytes); "?": may be None.
+BATCH_SPEC = "AFSSSibS?FF?IIFFyy?S"
+_BATCH_TYPES = {"A": pa.string(), "F": pa.float64(), "I": pa.int64()}
+_BATCH_KINDS = [letter for letter in BATCH_SPEC if letter != "?"]
+assert len(_BATCH_KINDS) == len(RequestRecord._fields)
+
+
+def batch_table(batch: bytes | mmap.mmap, text_mode: TextMode, clean_all: CleanAll | None) -> pa.Table | None:
+    """The requests table of a queued batch as it crossed (service/logqueue.py: a marshalled list of records),
+    read straight into columns, without a tuple a record (the C reader); None where the reader cannot (not
+    built, or a value it does not read): the caller unmarshals the records for ``requests_table``."""
+    if read_columns is None:
+        return None
+    found = read_columns(batch, BATCH_SPEC)
+    if found is None:
+        return None
+    count = len(found[_BATCH_KINDS.index("y")])  # the payloads: a list
+    columns = [pa.Array.from_buffers(_BATCH_TYPES[kind], count,
+                                     [None if found[index][0] is None else pa.py_buffer(found[index][0]),
+                                      *(pa.py_buffer(buffer) for buffer in found[index][1:-1])],
+                                     null_count=found[index][-1])
+               if kind in _BATCH_TYPES else found[index] for index, kind in enumerate(_BATCH_KINDS)]
+
+    def record_at(index: int) -> RequestRecord:
+        return tuple.__new__(RequestRecord, [column[index] if isinstance(column, list) else column[index].as_py()
+                                             for column in columns])
+
+    return _table(columns, count, record_at, text_mode, clean_all)
+
+
+def _table(fields: list, count: int, record_at: Callable[[int], RequestRecord], text_mode: TextMode,
+           clean_all: CleanAll | None) -> pa.Table:
+    """The table of one column a RequestRecord field (each a sequence, or an Arrow array of the Arrow-only ones);
+    ``record_at(index)`` is the record, for the reference's reading of what the C readers leave to it."""
     (request_id, timestamp, route, variant, endpoint, status, stream, fallback, latency_s, ttft_s, prompt_tokens,
-     completion_tokens, cost_usd, reference_cost_usd, payload, _answer, role) = zip(*records)
-    response, finish_reason = _answers(records, stream, status, _answer)
+     completion_tokens, cost_usd, reference_cost_usd, payload, _answer, role) = fields
+    response, finish_reason = _answers(record_at, stream, status, _answer)
     if text_mode == "none":
         prompt_text, response_column = pa.nulls(count, pa.string()), pa.nulls(count, pa.string())
         prompt_messages = pa.nulls(count, _SCHEMA.field("prompt_messages").type)
     else:
         prompt_text, prompt_messages, response_column = _texts(
             endpoint, payload, response, clean_all if text_mode == "scrubbed" else None)
+    if not isinstance(timestamp, pa.Array):
+        timestamp = pa.array(timestamp, pa.float64())
     columns = {
         "request_id": request_id,
         # int(seconds * 1000): the same float product, truncated toward zero by the cast (one kernel, not a loop)
-        "timestamp": pc.cast(pc.multiply(pa.array(timestamp, pa.float64()), 1000.0), pa.int64(),
+        "timestamp": pc.cast(pc.multiply(timestamp, 1000.0), pa.int64(),
                              safe=False).cast(_SCHEMA.field("timestamp").type),
         "route": route,
         "variant": variant,
@@ -78,15 +125,15 @@ def requests_table(records: Sequence[tuple], text_mode: TextMode, clean_all: Cle
         schema=_SCHEMA)
 
 
-def _answers(records: Sequence[tuple], stream: Sequence[bool], status: Sequence[int],
+def _answers(record_at: Callable[[int], RequestRecord], stream: Sequence[bool], status: Sequence[int],
              answer: Sequence[bytes | None]) -> tuple[list[str | None], list[str | None]]:
     """The (answer text, finish reason) columns: each record's as logrows.answer_of reads it."""
     def general(index: int) -> tuple[str | None, str | None]:
-        return answer_of(as_record(RequestRecord, records[index]))
+        return answer_of(record_at(index))
 
     if native is not None:  # reads what it can decide exactly, and asks general for the rest
         return native.read_answers(stream, status, answer, general)
-    pairs = [general(index) for index in range(len(records))]
+    pairs = [general(index) for index in range(len(answer))]
     return [text for text, _ in pairs], [reason for _, reason in pairs]
 
 

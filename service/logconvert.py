@@ -12,6 +12,7 @@ import functools
 import gc
 import logging
 import marshal
+import mmap
 import os
 import signal
 import threading
@@ -53,6 +54,23 @@ class Converter:
         if written:
             store.write(table, data)
         return written, unreadable
+
+    def write_batch(self, store: Store, table: str, batch: bytes | mmap.mmap) -> tuple[int, int]:
+        """``write`` for a batch as it crossed (the marshalled list of its records, service/logqueue.py): a
+        requests batch is read straight into columns where the C reader can, else unmarshalled."""
+        data = None
+        if table == REQUESTS:
+            from loragate.service.logbatch import batch_table  # pyarrow: where the store is
+
+            try:
+                data = batch_table(batch, self.text_mode, self._clean_all)
+            except Exception as exc:  # the columnar path again, and then record by record, from the records
+                log.debug("request log: a batch read from its records (%s: %s)", type(exc).__name__, exc)
+        if data is None:
+            return self.write(store, table, marshal.loads(batch))
+        if len(data):
+            store.write(table, data)
+        return len(data), 0
 
     def convert(self, table: str, records: list[tuple]) -> tuple[Any, int]:
         """(a pa.Table or a list of row dicts, records unreadable).
@@ -148,10 +166,9 @@ def child_write(table: str, packed: bytes | Spooled) -> tuple[int, int, str | No
     try:
         if isinstance(packed, Spooled):
             with mapped(packed) as view:
-                queued = marshal.loads(view)
+                written, unreadable = _child.converter.write_batch(_child.store, table, view)
         else:
-            queued = marshal.loads(packed)
-        written, unreadable = _child.converter.write(_child.store, table, queued)
+            written, unreadable = _child.converter.write_batch(_child.store, table, packed)
     except SpoolUnreadable:
         raise
     except Exception as exc:  # sent back as text: any exception type, picklable or not

@@ -25,7 +25,6 @@ only when the log is on (in process mode, only in the conversion process).
 from __future__ import annotations
 
 import logging
-import marshal
 import multiprocessing
 import os
 import threading
@@ -313,7 +312,7 @@ class RequestLog:
 
     def _write(self, table: str, batch: bytes) -> tuple[int, int]:
         if self.store is not None:  # thread mode
-            return self._converter.write(self.store, table, marshal.loads(batch))
+            return self._converter.write_batch(self.store, table, batch)
         pool = self._ensure_pool()
         try:
             written, unreadable, error = self._convert_in_child(pool, table, batch)

@@ -25,8 +25,9 @@ from loragate.service.logrows import _body_answer, _simple_stream_objects, _stre
 from loragate.service.logscrub import scrub_many
 from loragate.service._lognative import body_answer, stream_answer
 from loragate.service import logbatch
-from loragate.service.logbatch import requests_table
+from loragate.service.logbatch import batch_table, requests_table
 from loragate.service.logconvert import Converter
+from loragate.service._logqueue import RecordQueue as NativeRecordQueue
 from loragate.service.requestlog import RequestRecord
 from tests.unit.test_requestlog import PII_PROMPT, chat_record
 from tests.unit.test_scrub import KEPT, PLANTED
@@ -50,11 +51,8 @@ def test_scrub_many_is_scrub_text_by_text() -> None:
     assert scrub_many(["\ud800 me@example.com"]) == [scrub("\ud800 me@example.com")]  # not UTF-8: text by text
 
 
-@pytest.mark.parametrize("reader", ["c", "python"])
-@pytest.mark.parametrize("mode", ["scrubbed", "full", "none"])
-def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypatch) -> None:
-    if reader == "python":  # an install without the C reader (service/_lognative.c): the orjson path alone
-        monkeypatch.setattr(logbatch, "native", None)
+def batch_records() -> list[RequestRecord]:
+    """A batch of the PII corpus in chat requests and answers, JSON and streamed, and records out of the ordinary."""
     texts = corpus()[:400]
     # Timestamps whose milliseconds are a float product to truncate (int(t * 1000)), before and after 1970.
     stamps = [1_700_000_000.0 + i * 0.0013337 if i % 5 else -1.0015 * i for i in range(len(texts))]
@@ -75,7 +73,15 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypa
            *(chat_record(f"p{index}")._replace(payload=payload) for index, payload in enumerate(random_chat_payloads(300))),
            chat_record("s1", stream=True)._replace(answer=b""),
            chat_record("s2", stream=True)._replace(answer=b"data: {\"choices\": [{\"index\": 1}]}\r\n\r\n")]
-    records += odd
+    return records + odd
+
+
+@pytest.mark.parametrize("reader", ["c", "python"])
+@pytest.mark.parametrize("mode", ["scrubbed", "full", "none"])
+def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypatch) -> None:
+    if reader == "python":  # an install without the C reader (service/_lognative.c): the orjson path alone
+        monkeypatch.setattr(logbatch, "native", None)
+    records = batch_records()
     expected = [request_row(record, mode) for record in records]
     table = requests_table(records, mode, Converter(mode)._clean_all)
     assert table.schema == arrow_schema("requests")
@@ -97,6 +103,38 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypa
         assert rows.num_rows == len(records) + 1
     else:
         assert unreadable == 1 and rows == expected
+
+
+@pytest.mark.parametrize("mode", ["scrubbed", "full", "none"])
+def test_a_queued_batch_read_as_columns_gives_the_record_by_record_rows(mode) -> None:
+    """The conversion process's path: the batch's bytes read straight into columns (service/_logqueue.c)."""
+    records = batch_records()
+    queue = NativeRecordQueue()
+    for record in records:
+        queue.append(record)
+    batch = queue.take(len(records))
+    table = batch_table(batch, mode, Converter(mode)._clean_all)
+    assert table is not None and table.equals(requests_table(records, mode, Converter(mode)._clean_all))
+    store = TablesStore()
+    assert Converter(mode).write_batch(store, "requests", batch) == (len(records), 0)
+    assert store.tables[0].equals(table)
+    # A record the column reader does not read (a str timestamp): the records are unmarshalled, the batch goes
+    # record by record, and the one unreadable record is skipped.
+    for record in (records[0], chat_record("broken")._replace(timestamp="not a time")):
+        queue.append(record)
+    odd = queue.take(2)
+    assert batch_table(odd, mode, None) is None
+    assert Converter(mode).write_batch(store, "requests", odd) == (1, 1)
+    assert store.tables[-1] == [request_row(records[0], mode)]
+
+
+class TablesStore:
+    def __init__(self) -> None:
+        self.tables: list = []
+
+    def write(self, table: str, rows) -> int:
+        self.tables.append(rows)
+        return 1
 
 
 def random_chat_payloads(count: int) -> list[bytes]:
