@@ -10,8 +10,14 @@ ParquetStore, scrubbed text), two ways:
            the C reader does, and the reference the C reader must equal)
   c        the C reader (service/_lognative.c) for answers and chat turns, orjson for what it declines
 
-The two tables are checked equal. CPU time (process_time) per record, the best of --repeats batches;
-the ratio c / orjson is measured in the same run.
+and the batch as it reaches the conversion process (the marshalled records the queue hands over,
+service/logqueue.py), through Converter.write_batch, with the C readers, two ways:
+
+  unmarshalled  marshal.loads: a tuple a record, then the columns from them
+  columns       the queue's C reader (service/_logqueue.c read_columns): the columns straight from the bytes
+
+The tables are checked equal. CPU time (process_time) per record, the best of --repeats batches;
+the ratios c / orjson and columns / unmarshalled are measured in the same run.
 
 Run:  .venv/bin/python bench/logconvert_speed.py [--records 5000] [--repeats 5]
 """
@@ -31,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402
 
 from loragate.service import logbatch  # noqa: E402
+from loragate.service._logqueue import RecordQueue, read_columns  # noqa: E402
 from loragate.service.logconvert import Converter  # noqa: E402
 from loragate.service.logrows import RequestRecord  # noqa: E402
 from loragate.service.logstore import ParquetStore  # noqa: E402
@@ -76,6 +83,24 @@ def per_record_us(batches: list[list[RequestRecord]], reader: object, folder: st
     return best / len(batches[0]) * 1e6
 
 
+def batch_us(batches: list[list[RequestRecord]], columns: bool, folder: str) -> float:
+    """write_batch of each batch's queued bytes: read into columns by the C reader, or unmarshalled."""
+    logbatch.read_columns = read_columns if columns else None  # type: ignore[assignment]
+    converter, store = Converter("scrubbed"), ParquetStore(folder)
+    best = float("inf")
+    for records_ in batches:
+        queue = RecordQueue()
+        for record in records_:
+            queue.append(record)
+        batch = queue.take(len(records_))
+        started = time.process_time()
+        written, unreadable = converter.write_batch(store, "requests", batch)
+        best = min(best, time.process_time() - started)
+        assert written == len(records_) and unreadable == 0
+    logbatch.read_columns = read_columns
+    return best / len(batches[0]) * 1e6
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=5000)
@@ -96,14 +121,25 @@ def main() -> int:
             expected = converter.convert("requests", batches[0])[0]
             logbatch.native = c_reader
             assert converter.convert("requests", batches[0])[0].equals(expected), f"{kind}: the readers disagree"
+            queue = RecordQueue()
+            for record in batches[0]:
+                queue.append(record)
+            assert logbatch.batch_table(queue.take(args.records), "scrubbed", converter._clean_all).equals(expected), \
+                f"{kind}: the column reader disagrees"
             us = {"orjson": per_record_us(batches, None, f"{folder}/{kind}-orjson"),
-                  "c": per_record_us(batches, c_reader, f"{folder}/{kind}-c")}
+                  "c": per_record_us(batches, c_reader, f"{folder}/{kind}-c"),
+                  "batch_unmarshalled": batch_us(batches, False, f"{folder}/{kind}-unmarshalled"),
+                  "batch_columns": batch_us(batches, True, f"{folder}/{kind}-columns")}
             logbatch.native = c_reader
             results[kind] = {"records": args.records, "answer_bytes": len(batches[0][0].answer or b""),
                              "us_per_record": {k: round(v, 2) for k, v in us.items()},
-                             "c_vs_orjson": round(us["c"] / us["orjson"], 3)}
+                             "c_vs_orjson": round(us["c"] / us["orjson"], 3),
+                             "columns_vs_unmarshalled": round(us["batch_columns"] / us["batch_unmarshalled"], 3)}
             print(f"{kind:>4} ({args.records} records, answers of {results[kind]['answer_bytes']} bytes): "
                   f"orjson {us['orjson']:7.2f} us  c {us['c']:7.2f} us per record  | c/orjson {us['c'] / us['orjson']:.3f}")
+            print(f"{'':>4} a queued batch: unmarshalled {us['batch_unmarshalled']:7.2f} us  columns "
+                  f"{us['batch_columns']:7.2f} us per record  | columns/unmarshalled "
+                  f"{us['batch_columns'] / us['batch_unmarshalled']:.3f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
