@@ -44,8 +44,7 @@ CleanAll = Callable[[list[str]], dict[str, str]]
 def requests_table(records: Sequence[tuple], text_mode: TextMode, clean_all: CleanAll | None) -> pa.Table:
     """The requests table of ``records``, each a RequestRecord's fields in its order (a RequestRecord, or the
     plain tuple a queued batch unmarshals to); ``clean_all`` is used in "scrubbed" mode only."""
-    return _table(list(zip(*records)), len(records), lambda index: as_record(RequestRecord, records[index]),
-                  text_mode, clean_all)
+    return _table(list(zip(*records)), lambda index: as_record(RequestRecord, records[index]), text_mode, clean_all)
 
 
 # read_columns' letter for each RequestRecord field (service/_logqueue.c): Arrow buffers for the columns only
@@ -66,26 +65,31 @@ def batch_table(batch: bytes | mmap.mmap, text_mode: TextMode, clean_all: CleanA
     found = read_columns(batch, BATCH_SPEC)
     if found is None:
         return None
-    count = len(found[_BATCH_KINDS.index("y")])  # the payloads: a list
-    columns = [pa.Array.from_buffers(_BATCH_TYPES[kind], count,
-                                     [None if found[index][0] is None else pa.py_buffer(found[index][0]),
-                                      *(pa.py_buffer(buffer) for buffer in found[index][1:-1])],
-                                     null_count=found[index][-1])
-               if kind in _BATCH_TYPES else found[index] for index, kind in enumerate(_BATCH_KINDS)]
+    count = len(found[RequestRecord._fields.index("payload")])  # a list
+    columns = [_arrow(_BATCH_TYPES[kind], count, *column) if kind in _BATCH_TYPES else column
+               for kind, column in zip(_BATCH_KINDS, found)]
 
     def record_at(index: int) -> RequestRecord:
         return tuple.__new__(RequestRecord, [column[index] if isinstance(column, list) else column[index].as_py()
                                              for column in columns])
 
-    return _table(columns, count, record_at, text_mode, clean_all)
+    return _table(columns, record_at, text_mode, clean_all)
 
 
-def _table(fields: list, count: int, record_at: Callable[[int], RequestRecord], text_mode: TextMode,
+def _arrow(kind: pa.DataType, count: int, validity: bytes | None, *buffers_and_nulls: bytes | int) -> pa.Array:
+    """An array of read_columns' buffers: (validity, [offsets,] values, null count)."""
+    *buffers, nulls = buffers_and_nulls
+    arrow_buffers = [None if validity is None else pa.py_buffer(validity), *map(pa.py_buffer, buffers)]
+    return pa.Array.from_buffers(kind, count, arrow_buffers, null_count=nulls)
+
+
+def _table(fields: list, record_at: Callable[[int], RequestRecord], text_mode: TextMode,
            clean_all: CleanAll | None) -> pa.Table:
     """The table of one column a RequestRecord field (each a sequence, or an Arrow array of the Arrow-only ones);
     ``record_at(index)`` is the record, for the reference's reading of what the C readers leave to it."""
     (request_id, timestamp, route, variant, endpoint, status, stream, fallback, latency_s, ttft_s, prompt_tokens,
      completion_tokens, cost_usd, reference_cost_usd, payload, _answer, role) = fields
+    count = len(payload)
     response, finish_reason = _answers(record_at, stream, status, _answer)
     if text_mode == "none":
         prompt_text, response_column = pa.nulls(count, pa.string()), pa.nulls(count, pa.string())

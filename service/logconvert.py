@@ -49,28 +49,25 @@ class Converter:
 
     def write(self, store: Store, table: str, records: list[tuple]) -> tuple[int, int]:
         """(rows written, records unreadable); a store error propagates (the caller retries)."""
-        data, unreadable = self.convert(table, records)
-        written = len(data)
-        if written:
-            store.write(table, data)
-        return written, unreadable
+        return _stored(store, table, *self.convert(table, records))
 
     def write_batch(self, store: Store, table: str, batch: bytes | mmap.mmap) -> tuple[int, int]:
-        """``write`` for a batch as it crossed (the marshalled list of its records, service/logqueue.py): a
-        requests batch is read straight into columns where the C reader can, else unmarshalled."""
-        data = None
+        """``write`` for a batch as it crossed (the marshalled list of its records, service/logqueue.py)."""
+        return _stored(store, table, *self.convert_batch(table, batch))
+
+    def convert_batch(self, table: str, batch: bytes | mmap.mmap) -> tuple[Any, int]:
+        """``convert`` for a batch as it crossed: a requests batch is read straight into columns where the C
+        reader can, else unmarshalled."""
         if table == REQUESTS:
             from loragate.service.logbatch import batch_table  # pyarrow: where the store is
 
             try:
                 data = batch_table(batch, self.text_mode, self._clean_all)
+                if data is not None:
+                    return data, 0
             except Exception as exc:  # the columnar path again, and then record by record, from the records
                 log.debug("request log: a batch read from its records (%s: %s)", type(exc).__name__, exc)
-        if data is None:
-            return self.write(store, table, marshal.loads(batch))
-        if len(data):
-            store.write(table, data)
-        return len(data), 0
+        return self.convert(table, marshal.loads(batch))
 
     def convert(self, table: str, records: list[tuple]) -> tuple[Any, int]:
         """(a pa.Table or a list of row dicts, records unreadable).
@@ -110,6 +107,13 @@ class Converter:
 
     def _scrub(self, text: str) -> str:
         return self._scrub_cached(text) if len(text) <= 8192 else scrub(text)  # the cache holds at most ~32 MB
+
+
+def _stored(store: Store, table: str, data: Any, unreadable: int) -> tuple[int, int]:
+    """Writes the converted rows (if any): (rows written, records unreadable)."""
+    if len(data):
+        store.write(table, data)
+    return len(data), unreadable
 
 
 class _Child:
