@@ -47,7 +47,7 @@ request = function() return req end
 def main() -> int:
     sys.path.insert(0, str(ROOT))
     from bench.overhead import WRK_DONE, can_pin, pinned, run_wrk, tree_cpu_s, wrk_missing
-    from loragate.service.auth import hash_key, new_key
+    from loragate.service.apikeys import hash_key, new_key
     from loragate.service.limits import LUA_BUCKETS
     from tests.processes import Service, free_port, wait_http
     from tests.redis_server import RedisServer

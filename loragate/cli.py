@@ -123,7 +123,7 @@ def _demo_model(args: argparse.Namespace) -> int:
 
 
 def _hash_key(args: argparse.Namespace) -> int:
-    from loragate.service.auth import ApiKey, hash_key, new_key
+    from loragate.service.apikeys import ApiKey, hash_key, new_key
 
     key = new_key()
     routes = "*" if args.routes.strip() == "*" else tuple(r.strip() for r in args.routes.split(",") if r.strip())
@@ -186,7 +186,7 @@ def serve_from_env() -> int:
         # A bad routes file (or a variant whose registry card refuses it) stops here with a clear message.
         load_catalog(settings.routes_file, CardCheck())
         if settings.auth:
-            from loragate.service.auth import KeyStore
+            from loragate.service.apikeys import KeyStore
 
             KeyStore(settings.api_keys_file, settings.api_keys)  # and so does a bad keys file
         from loragate.service.discovery import wait_until_resolved

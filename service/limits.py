@@ -58,7 +58,7 @@ Outcome = Refusal | None
 
 
 class LimitedKey(Protocol):
-    """What a limiter needs of an API key (service.auth.ApiKey, a frozen model: read-only)."""
+    """What a limiter needs of an API key (service.apikeys.ApiKey, a frozen model: read-only)."""
 
     @property
     def id(self) -> str: ...

@@ -96,7 +96,8 @@ class Settings(BaseSettings):
             raise ValueError(f"request_log_url: unsupported scheme in {value!r} (use a path, file://, s3://, gs://)")
         return value
 
-    # API keys (service/auth.py): off for local use, on in the Helm chart. LORAGATE_AUTH=on|off.
+    # API keys (service/auth.py; the keys file: service/apikeys.py): off for local use, on in the Helm chart.
+    # LORAGATE_AUTH=on|off.
     auth: bool = False
     # YAML keys file (hashes, routes, limits, revoked), reloaded like the routes file.
     api_keys_file: Path | None = None

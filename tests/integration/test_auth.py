@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from loragate.service.auth import hash_key, new_key
+from loragate.service.apikeys import hash_key, new_key
 from tests.metrics_text import sample_sum, scrape
 from tests.processes import start_gateway, start_stub
 

@@ -8,19 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from loragate.service.auth import (
-    ANONYMOUS,
-    REJECTION_REASONS,
-    AllowAll,
-    ApiKey,
-    Authenticator,
-    KeysError,
-    KeyStore,
-    hash_key,
-    new_key,
-    parse_keys,
-    presented_key,
-)
+from loragate.service.apikeys import ApiKey, KeysError, KeyStore, hash_key, new_key, parse_keys
+from loragate.service.auth import ANONYMOUS, REJECTION_REASONS, AllowAll, Authenticator, presented_key
 from loragate.cli import main as cli_main
 from loragate.service.errors import GatewayError
 from loragate.service.metrics import Metrics

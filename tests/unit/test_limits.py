@@ -211,7 +211,8 @@ async def test_a_password_from_the_url_or_given_apart(tmp_path) -> None:
 
 
 async def test_limited_keys_get_503_while_the_shared_limiter_fails_closed(tmp_path) -> None:
-    from loragate.service.auth import Authenticator, KeyStore, hash_key
+    from loragate.service.apikeys import KeyStore, hash_key
+    from loragate.service.auth import Authenticator
     from loragate.service.errors import GatewayError
 
     keys = tmp_path / "keys.yaml"

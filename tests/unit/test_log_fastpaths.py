@@ -19,7 +19,8 @@ from loragate.common.logschema import arrow_schema
 
 from loragate.common import sse
 from loragate.common.scrub import scrub
-from loragate.service.auth import Authenticator, KeyStore, hash_key
+from loragate.service.apikeys import KeyStore, hash_key
+from loragate.service.auth import Authenticator
 from loragate.service.errors import GatewayError
 from loragate.service.logrows import _body_answer, _simple_stream_objects, _stream_answer, request_row
 from loragate.service.logscrub import scrub_many
