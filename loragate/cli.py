@@ -276,12 +276,15 @@ def _demo(args: argparse.Namespace) -> int:
         engine.wait(timeout=30)
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now. SO_REUSEADDR as servers bind (uvicorn, vLLM): a port
+    that only connections in TIME_WAIT still hold (a server stopped a moment ago) is free; a listener is not."""
     import socket
 
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True
