@@ -1,7 +1,7 @@
 """Drift end to end on real parts: vLLM (CPU) -> gateway (request log on) -> Parquet + Prometheus
 -> ``loragate drift``, ``loragate monitor`` and the retraining trigger (signed webhook, JSONL dataset).
 
-The prompts are real human-written questions (chatterbot-corpus, monitoring/topics.py). Traffic
+The prompts are real human-written questions (chatterbot-corpus, tests/topics.py). Traffic
 comes in three phases: coding/AI questions (A, the reference), trivia/psychology/small-talk
 questions of the same word counts (B: a change of topic, not of length), coding/AI questions
 again (C). B against A must be flagged as input drift and fire the trigger once; a second look
@@ -29,7 +29,7 @@ import pytest
 
 from loragate.monitoring.drift import DriftConfig, run_drift
 from loragate.monitoring.sources import RequestLog, Window
-from loragate.monitoring.topics import window
+from tests.topics import window
 from loragate.monitoring.triggers.dataset import DatasetExportAction
 from loragate.monitoring.triggers.engine import Trigger
 from loragate.monitoring.triggers.policy import TriggerPolicy

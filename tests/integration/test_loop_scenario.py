@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from loragate.common.registry import Registry, read_card
-from loragate.monitoring.topics import window
+from tests.topics import window
 from tests.integration.test_loop_train_eval import DEMO_LR, LICENSES
 from tests.integration.test_rollout_e2e import LoadLoop
 from tests.processes import ROOT, Service, free_port, start_gateway, start_prometheus, wait_http
