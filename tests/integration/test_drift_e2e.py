@@ -201,7 +201,8 @@ def test_cli_same_population_is_no_input_drift(traffic, tmp_path):
     summary = json.loads(proc.stdout)
     assert proc.returncode == (1 if summary["drifted_groups"] else 0), proc.stdout + proc.stderr
     assert "inputs" not in summary["drifted_groups"], summary["groups"]
-    assert not {"prompt_content", "prompt_length", "prompt_words", "prompt_oov_share"} & set(summary["drifted_features"])
+    prompt_features = {"prompt_content", "prompt_length", "prompt_words", "prompt_oov_share"}
+    assert not prompt_features & set(summary["drifted_features"])
 
 
 async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(traffic, tmp_path):

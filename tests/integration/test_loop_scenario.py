@@ -154,8 +154,8 @@ def loop_world(engine: str, demo_model: dict, tmp_path: Path, name: str = "loop"
             monitor = start_monitor()
 
         monitor = start_monitor()
-        yield SimpleNamespace(restart_monitor=restart_monitor, t0=t0, t_traffic=t_traffic, registry=registry, pipelines=pipelines, v1=v1,
-                              routes=routes, url=url, monitor_port=monitor_port,
+        yield SimpleNamespace(restart_monitor=restart_monitor, t0=t0, t_traffic=t_traffic, registry=registry,
+                              pipelines=pipelines, v1=v1, routes=routes, url=url, monitor_port=monitor_port,
                               logs=[tmp_path / "monitor.log", tmp_path / "gateway.log", pipelines / "*.log"])
     finally:
         if monitor is not None:
