@@ -17,6 +17,11 @@ from tests.unit.test_gateway_core import CHAT, Scripted, answer, gateway, stream
 __all__ = ["gateway"]  # the fixture, used below
 
 
+def fastapi_app(client):
+    """The FastAPI app inside the served front the fixture's client talks to (create_app(...).app)."""
+    return client._transport.app.app
+
+
 class CountingMiddleware:
     """Pure ASGI middleware: counts the requests it saw and the body messages each answer sent."""
 
@@ -42,11 +47,11 @@ class CountingMiddleware:
 async def test_a_user_middleware_runs_for_a_streamed_completion_and_the_stream_stays_a_stream(gateway):
     upstream = Scripted(lambda call: stream("c1", ["Hel", "lo", " there"], (4, 3)))
     client, _metrics, _pool = gateway(upstream)
-    app = client._transport.app
+    app = fastapi_app(client)
     seen: list[tuple[str, list[int]]] = []
-    app.app.add_middleware(CountingMiddleware, seen=seen)
+    app.add_middleware(CountingMiddleware, seen=seen)
 
-    @app.app.middleware("http")
+    @app.middleware("http")
     async def tag(request: Request, call_next):
         response = await call_next(request)
         response.headers["x-tenant"] = request.headers.get("x-tenant", "none")
@@ -68,7 +73,7 @@ async def test_a_user_middleware_runs_for_plain_completions_and_other_routes(gat
     upstream = Scripted(lambda call: answer("hi"))
     client, _metrics, _pool = gateway(upstream)
     seen: list[tuple[str, list[int]]] = []
-    client._transport.app.app.add_middleware(CountingMiddleware, seen=seen)
+    fastapi_app(client).add_middleware(CountingMiddleware, seen=seen)
     chat = await client.post("/v1/chat/completions", json=CHAT)
     completion = await client.post("/v1/completions", json={"model": "chain", "prompt": "hi", "max_tokens": 4})
     models = await client.get("/v1/models")
@@ -81,7 +86,7 @@ async def test_a_middleware_can_refuse_a_completion_before_the_gateway_sees_it(g
     upstream = Scripted(lambda call: answer())
     client, _metrics, _pool = gateway(upstream)
 
-    @client._transport.app.app.middleware("http")
+    @fastapi_app(client).middleware("http")
     async def tenant_required(request: Request, call_next):
         if "x-tenant" not in request.headers:
             return JSONResponse({"error": {"message": "x-tenant required", "type": "invalid_request_error",
@@ -99,7 +104,7 @@ async def test_gateway_errors_keep_their_openai_shape_through_the_middleware(gat
     upstream = Scripted(lambda call: answer())
     client, _metrics, _pool = gateway(upstream)
     seen: list[tuple[str, list[int]]] = []
-    client._transport.app.app.add_middleware(CountingMiddleware, seen=seen)
+    fastapi_app(client).add_middleware(CountingMiddleware, seen=seen)
     bad_json = await client.post("/v1/chat/completions", content=b"{not json",
                                  headers={"content-type": "application/json"})
     unknown = await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
