@@ -588,8 +588,9 @@ def test_keda_scaled_objects_match_kedas_schema_and_scale_what_the_chart_renders
     assert engine_triggers["queue-depth"]["metadata"]["threshold"] == "2.5"  # the values file's, as a string
     assert engine_triggers["queue-depth"]["metricType"] == "AverageValue"  # per replica
     assert engine_triggers["kv-cache-usage"]["metricType"] == "Value"  # a mean share, not per replica
-    assert {t["metadata"]["serverAddress"] for t in scaled["gateway"]["spec"]["triggers"] if t["type"] == "prometheus"} \
-        == {"http://prometheus.monitoring.svc:9090"}
+    gateway_servers = {t["metadata"]["serverAddress"] for t in scaled["gateway"]["spec"]["triggers"]
+                       if t["type"] == "prometheus"}
+    assert gateway_servers == {"http://prometheus.monitoring.svc:9090"}
 
 
 def test_keda_queries_are_valid_promql(tmp_path):
