@@ -10,13 +10,18 @@ two windows, so every flag is a false positive.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/synthetic.py, tests/topics.py: the test fixtures
 
 
 def measure(rows: int, pairs: int, shares=(0.2, 0.3, 0.4, 0.5)) -> dict:
     from loragate.monitoring.drift import DriftConfig, run_drift
-    from loragate.monitoring.synthetic import requests_frame
+    from tests.synthetic import requests_frame
 
     column_flags: Counter = Counter()
     share_values = []

@@ -10,8 +10,13 @@ rows a side in under 30 s on the 2-core reference machine.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/synthetic.py, tests/topics.py: the test fixtures
 
 
 def main() -> None:
@@ -22,7 +27,7 @@ def main() -> None:
 
     started = time.perf_counter()
     from loragate.monitoring.drift import run_drift
-    from loragate.monitoring.synthetic import requests_frame
+    from tests.synthetic import requests_frame
 
     print(f"import: {time.perf_counter() - started:.1f} s")
     with tempfile.TemporaryDirectory() as out:

@@ -4,7 +4,7 @@
                                  [--out bench/results/drift_topics.json]
 
 Text: the English ChatterBot corpus (PyPI chatterbot-corpus, the dev extra), human-written
-dialogs by topic (loragate.monitoring.topics). Reference windows are questions about coding,
+dialogs by topic (tests/topics.py). Reference windows are questions about coding,
 AI and computers; a current window has a share ``shift`` of trivia, psychology and small-talk
 questions instead, each drawn with the word count of the question it replaces, so lengths
 do not change. Shift 0 is two independent windows of one population: every flag is a false
@@ -23,17 +23,21 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # tests/synthetic.py, tests/topics.py: the test fixtures
 
 
 def pairs_run(rows: int, shift: float, pairs: int) -> dict:
     import pandas as pd
 
     from loragate.monitoring.drift import run_drift
-    from loragate.monitoring.topics import window
+    from tests.topics import window
 
     inputs = content = 0
     aucs, flagged = [], Counter()
@@ -62,8 +66,8 @@ def pairs_run(rows: int, shift: float, pairs: int) -> dict:
 
 def time_report(rows: int) -> dict:
     from loragate.monitoring.drift import DriftConfig, run_drift
-    from loragate.monitoring.synthetic import requests_frame
-    from loragate.monitoring.topics import window
+    from tests.synthetic import requests_frame
+    from tests.topics import window
 
     reference = requests_frame(rows, seed=1)
     current = requests_frame(rows, seed=2)
@@ -91,7 +95,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 
-    from loragate.monitoring.topics import TOPICS, prompts
+    from tests.topics import TOPICS, prompts
 
     pools = {topic: len(prompts(topic)) for topic in TOPICS}
     print(f"pools (distinct prompts): {pools}")

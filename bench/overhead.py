@@ -304,7 +304,8 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin (default: stub and wrk on CPU 0, the proxy under test on CPU 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
-    parser.add_argument("--keep-running", action="store_true", help="pause after the checks with the servers up (prints urls and pids), e.g. to profile")
+    parser.add_argument("--keep-running", action="store_true",
+                        help="pause after the checks with the servers up (prints urls and pids), e.g. to profile")
     args = parser.parse_args()
     if wrk_missing():
         return 2
@@ -337,7 +338,8 @@ def main() -> int:
                     print(f"round {round_no + 1}/{args.rounds} {key:24s} {cell['rps']:9.0f} req/s  "
                           f"p50 {cell['p50_ms']:6.2f} ms  p99 {cell['p99_ms']:6.2f} ms  "
                           f"cpu {cell['cpu_us_per_req']:6.0f} us/req  errors {cell['errors']}"
-                          + (f"  counted {cell['gateway_counted_2xx']:.0f} tokens {cell['gateway_completion_tokens']:.0f}"
+                          + (f"  counted {cell['gateway_counted_2xx']:.0f}"
+                             f" tokens {cell['gateway_completion_tokens']:.0f}"
                              if "counts_match" in cell else ""), flush=True)
     finally:
         for target in reversed(targets):

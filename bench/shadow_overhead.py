@@ -109,7 +109,8 @@ def main() -> int:
             rounds.append(cells)
             print(f"round {index + 1}: " + "; ".join(
                 f"{mode} p50 off {cells[f'{mode}|off']['p50_ms']:.3f} ms, on {cells[f'{mode}|on']['p50_ms']:.3f} ms "
-                f"(delta {cells[f'{mode}|p50_delta_ms']:+.3f}), cpu/req off {cells[f'{mode}|off']['cpu_us_per_req']:.0f}"
+                f"(delta {cells[f'{mode}|p50_delta_ms']:+.3f}),"
+                f" cpu/req off {cells[f'{mode}|off']['cpu_us_per_req']:.0f}"
                 f" on {cells[f'{mode}|on']['cpu_us_per_req']:.0f} us" for mode in ("plain", "stream")), flush=True)
         time.sleep(1)  # the last shadows finish
         answered, shadows, dropped = shadowed(gateways["on"][0])

@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tpm", type=int, help="tokens per minute")
     p.set_defaults(run=_hash_key)
 
+    p = commands.add_parser("config-reference", help="every LORAGATE_* setting: default and meaning (Markdown)")
+    p.add_argument("--out", type=Path, help="write it here (docs/configuration.md) instead of printing it")
+    p.set_defaults(run=_config_reference)
+
     p = commands.add_parser("demo", help="build the demo model if missing, start vLLM and the gateway")
     p.add_argument("--dir", type=Path, default=DEMO_DIR)
     p.add_argument("--port", type=int, default=8080)
@@ -132,6 +136,21 @@ def _hash_key(args: argparse.Namespace) -> int:
     print(f"# the key: give it to its holder; it is shown once and never stored\n{key}\n")
     print("# the entry for the keys file (LORAGATE_API_KEYS_FILE), under `keys:`")
     print(f"  - {json.dumps(entry.model_dump(exclude_none=True))}")
+    return 0
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from loragate.service.configdoc import UndocumentedError, render
+
+    try:
+        text = render()
+    except UndocumentedError as exc:
+        print(f"loragate: {exc}", file=sys.stderr)
+        return 1
+    if args.out:
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -263,7 +282,8 @@ def _demo(args: argparse.Namespace) -> int:
         print(
             f"\nloragate is up: http://127.0.0.1:{args.port}  (Ctrl-C stops it)\n\n"
             f"  curl -s localhost:{args.port}/v1/chat/completions -H 'content-type: application/json' \\\n"
-            f"    -H 'x-user-id: alice' -d '{{\"model\":\"support\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}],\"max_tokens\":16}}' -i\n"
+            f"    -H 'x-user-id: alice' -i -d '{{\"model\":\"support\",\"max_tokens\":16,\n"
+            f"    \"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'\n"
             f"  curl -s localhost:{args.port}/v1/models\n"
             f"  curl -s localhost:{args.port}/metrics | grep loragate_\n",
             flush=True,
@@ -276,12 +296,15 @@ def _demo(args: argparse.Namespace) -> int:
         engine.wait(timeout=30)
 
 
-def _port_free(port: int) -> bool:
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now. SO_REUSEADDR as servers bind (uvicorn, vLLM): a port
+    that only connections in TIME_WAIT still hold (a server stopped a moment ago) is free; a listener is not."""
     import socket
 
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((host, port))
         except OSError:
             return False
     return True

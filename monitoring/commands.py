@@ -1,6 +1,6 @@
 """Argument parsing and handlers for ``loragate drift`` and ``loragate monitor``.
 
-Imported by service/cli.py when it builds its parser, so this module stays light:
+Imported by loragate/cli.py when it builds its parser, so this module stays light:
 pandas, pyarrow and Evidently are imported inside the handlers.
 """
 
@@ -103,13 +103,15 @@ def drift_command(args: argparse.Namespace) -> int:
         current_window, ref_window = _windows(args)
         log = RequestLog(args.request_log)
         current = log.requests(current_window, args.route, args.variant)
-        reference = load_reference(args.reference) if args.reference else log.requests(ref_window, args.route, args.variant)
+        reference = (load_reference(args.reference) if args.reference
+                     else log.requests(ref_window, args.route, args.variant))
         series = None
         if args.prometheus:
             prom = Prometheus(args.prometheus)
 
             async def both() -> list[pd.DataFrame]:
-                return await asyncio.gather(*(variant_series(prom, args.route, args.variant, w, step_s=args.prometheus_step,
+                return await asyncio.gather(*(variant_series(prom, args.route, args.variant, w,
+                                                             step_s=args.prometheus_step,
                                                              rate_window=args.prometheus_rate_window)
                                               for w in (ref_window, current_window)))
             try:

@@ -114,7 +114,8 @@ def compare(frame: "pd.DataFrame", route: str, variant: str, primary: str | None
     if len(ok):
         p_lat = statistics.median(ok["latency_s_p"].astype(float))
         latency_ratio = statistics.median(ok["latency_s_s"].astype(float)) / p_lat if p_lat > 0 else None
-        p_tok, s_tok = float(ok["completion_tokens_p"].fillna(0).sum()), float(ok["completion_tokens_s"].fillna(0).sum())
+        p_tok = float(ok["completion_tokens_p"].fillna(0).sum())
+        s_tok = float(ok["completion_tokens_s"].fillna(0).sum())
         if p_tok > 0:
             length_ratio = s_tok / p_tok
     if len(texts):
@@ -201,7 +202,8 @@ def gate(comparison: ShadowComparison, config: ShadowGate) -> GateResult:
     if c.error_rate_delta is not None and c.error_rate_delta > config.max_error_rate_delta:
         failures.append(f"error rate {c.shadow_error_rate:.3f} vs {c.primary_error_rate:.3f} "
                         f"(delta > {config.max_error_rate_delta:g})")
-    if config.max_latency_ratio is not None and c.latency_ratio is not None and c.latency_ratio > config.max_latency_ratio:
+    if (config.max_latency_ratio is not None and c.latency_ratio is not None
+            and c.latency_ratio > config.max_latency_ratio):
         failures.append(f"latency ratio {c.latency_ratio:.2f} > {config.max_latency_ratio:g}")
     if config.min_similarity is not None and (c.similarity is None or c.similarity < config.min_similarity):
         failures.append(f"similarity {fmt(c.similarity)} < {config.min_similarity:g}")

@@ -39,7 +39,10 @@ log = logging.getLogger("loragate")
 
 def create_app(settings: Settings, metrics: Metrics | None = None, *,
                upstream: Upstream | None = None) -> CompletionsFirst:
-    """The served app. ``upstream``: the call to the replicas (tests pass a scripted one); default HTTP."""
+    """The served app. ``upstream``: the call to the replicas (tests pass a scripted one); default HTTP.
+
+    Extend its ``.app`` (the FastAPI app): routers, exception handlers, middleware; middleware added there
+    runs for completions too (see CompletionsFirst)."""
     metrics = metrics or Metrics()
     catalog = CatalogFile(settings.routes_file)  # raises CatalogError: fail fast on a bad file
     pool = Pool(

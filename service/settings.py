@@ -21,11 +21,16 @@ class Settings(BaseSettings):
     # Comma-separated base URLs of the vLLM replicas (OpenAI API), e.g. http://vllm-0:8000
     upstreams: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["http://127.0.0.1:18000"])
 
+    # The address the gateway listens on (0.0.0.0: every interface, as in a container).
     host: str = "127.0.0.1"
+    # The port the gateway listens on.
     port: int = 8080
+    # Worker processes (uvicorn); more than one switches the metrics to multiprocess mode.
     workers: int = 1
 
+    # A request body larger than this is refused with 413.
     max_body_bytes: int = 1_048_576
+    # Time allowed to connect to a replica (then the next replica, or the fallback chain).
     connect_timeout_s: float = 5.0
     # Streams: time allowed until the first event, and the longest silence between events.
     first_token_timeout_s: float = 60.0
@@ -35,17 +40,23 @@ class Settings(BaseSettings):
     max_attempts: int = 4
     # Admission control: requests in flight per replica, and the bounded wait for a free slot.
     max_in_flight_per_upstream: int = 256
+    # Requests that may wait for a free slot at once; more are refused at once with 503 and Retry-After.
     max_waiting: int = 512
+    # The longest a request waits for a free slot before a 503 with Retry-After.
     max_wait_s: float = 10.0
     # The HTTP client of the request path to plain http:// replicas: "lean" (service/httpclient.py, less CPU
     # per request) or "aiohttp". https:// endpoints, health checks and adapter loads always use aiohttp.
     upstream_client: Literal["lean", "aiohttp"] = "lean"
-    # Circuit breakers (per replica, and per adapter on a replica).
+    # Circuit breakers (per replica, and per adapter on a replica): consecutive failures that open one.
     circuit_failures: int = 5
+    # How long an open circuit stays open before one probe request is let through.
     circuit_open_s: float = 10.0
 
+    # Seconds between health checks of every replica (GET /health and the adapters it holds, GET /v1/models).
     health_interval_s: float = 5.0
+    # A health check slower than this counts as failed.
     health_timeout_s: float = 2.0
+    # Seconds between checks of the routes file (and the keys file) for changes.
     routes_reload_interval_s: float = 2.0
     # An adapter that failed to load is not retried on that replica for this long.
     adapter_failure_ttl_s: float = 30.0
@@ -55,10 +66,12 @@ class Settings(BaseSettings):
     request_log_url: str | None = None
     # Prompt/answer text in the log: full, scrubbed (personal data and secrets replaced), none.
     request_log_text: Literal["full", "scrubbed", "none"] = "scrubbed"
+    # Seconds after which a batch is written even if it is not full.
     request_log_flush_interval_s: float = Field(10.0, gt=0)
     # Records per written batch (a file per batch and day): each batch has a fixed cost (regex compiles,
     # a Parquet file, an fsync), ~2 us a record at 5000 against ~9 at 1000 (measured).
     request_log_batch_size: int = Field(5000, ge=1)
+    # Records waiting to be written at most; past it records are dropped and counted (never blocking a request).
     request_log_queue_size: int = Field(20_000, ge=1)
     # Where records become rows (answer parsing, scrubbing, Parquet encoding): "process" = one
     # conversion process per gateway worker, off the event loop's GIL; "thread" = the writer thread.
@@ -67,12 +80,14 @@ class Settings(BaseSettings):
     request_log_writer_id: str | None = None
     # An S3-compatible endpoint (MinIO, moto, ...), e.g. http://minio:9000; unset = AWS.
     request_log_s3_endpoint: str | None = None
+    # The S3 region; unset = AWS_REGION or AWS_DEFAULT_REGION.
     request_log_s3_region: str | None = None
     # POST /v1/feedback: labels counted by name in loragate_feedback_total (others count as "other"),
     # and how many recent request ids are remembered (at least; at most twice as many) to attach route and
     # variant to feedback.
     feedback_labels: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["good", "bad", "neutral", "correct", "incorrect"])
+    # Recent request ids remembered for feedback (see above).
     feedback_recent_requests: int = Field(100_000, ge=1)
 
     @field_validator("feedback_labels", mode="before")
@@ -112,6 +127,7 @@ class Settings(BaseSettings):
     limits_url: SecretStr | None = None
     # The Redis password, when it is not in the URL (e.g. from a Kubernetes Secret).
     limits_password: SecretStr | None = None
+    # While Redis is unreachable: answer limited keys with 503 instead of serving on in-process limits.
     limits_fail_closed: bool = False
     # One Redis round trip may take this long before Redis counts as unreachable.
     limits_timeout_s: float = Field(0.5, gt=0)

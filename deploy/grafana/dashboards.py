@@ -152,7 +152,8 @@ def gateway() -> dict:
         f" - sum(increase(loragate_cost_usd_total{{{rv}}}[$__range]))", "saved")],
         unit="currencyUSD", kind="stat", w=4, h=4, decimals=2)
     board.panel("Requests by route and variant",
-                [(f"sum by (route, variant) (rate(loragate_requests_total{{{rv}}}[{RATE}]))", "{{route}} / {{variant}}")],
+                [(f"sum by (route, variant) (rate(loragate_requests_total{{{rv}}}[{RATE}]))",
+                  "{{route}} / {{variant}}")],
                 unit="reqps", stack=True)
     board.panel("Responses by status class",
                 [(f"sum by (status_class) (rate(loragate_requests_total{{{rv}}}[{RATE}]))", "{{status_class}}")],
@@ -164,7 +165,8 @@ def gateway() -> dict:
                 [(f"sum by (route, variant, reason) (rate(loragate_fallbacks_total{{{rv}}}[{RATE}]))",
                   "{{route}} / {{variant}}: {{reason}}")],
                 unit="reqps", stack=True,
-                description="Requests moved off their variant before any byte was sent (then served by the fallback chain).")
+                description="Requests moved off their variant before any byte was sent "
+                            "(then served by the fallback chain).")
 
     board.row("Latency")
     board.panel("Request duration p50 / p95 / p99",
@@ -180,7 +182,8 @@ def gateway() -> dict:
 
     board.row("Tokens and cost")
     board.panel("Tokens per second", [
-        (f"sum by (route, variant) (rate(loragate_prompt_tokens_total{{{rv}}}[{RATE}]))", "prompt {{route}} / {{variant}}"),
+        (f"sum by (route, variant) (rate(loragate_prompt_tokens_total{{{rv}}}[{RATE}]))",
+         "prompt {{route}} / {{variant}}"),
         (f"sum by (route, variant) (rate(loragate_completion_tokens_total{{{rv}}}[{RATE}]))",
          "completion {{route}} / {{variant}}"),
     ], unit="short")
@@ -206,21 +209,24 @@ def gateway() -> dict:
                 mappings=[{"type": "value", "options": {"0": {"text": "down", "color": "red"},
                                                         "1": {"text": "up", "color": "green"}}}],
                 options={"showValue": "never", "mergeValues": True})
-    board.panel("Circuit breakers", [("max by (upstream, adapter) (loragate_circuit_state)", "{{upstream}} {{adapter}}")],
+    board.panel("Circuit breakers",
+                [("max by (upstream, adapter) (loragate_circuit_state)", "{{upstream}} {{adapter}}")],
                 kind="state-timeline",
                 mappings=[{"type": "value", "options": {"0": {"text": "closed", "color": "green"},
                                                         "1": {"text": "half-open", "color": "orange"},
                                                         "2": {"text": "open", "color": "red"}}}],
                 options={"showValue": "never", "mergeValues": True})
     board.panel("Adapter loads by result",
-                [(f"sum by (adapter, result) (increase(loragate_adapter_loads_total[{RATE}]))", "{{adapter}} {{result}}")],
+                [(f"sum by (adapter, result) (increase(loragate_adapter_loads_total[{RATE}]))",
+                  "{{adapter}} {{result}}")],
                 stack=True)
     board.panel("Adapter load duration p95",
                 _quantiles("loragate_adapter_load_duration_seconds", "", "adapter", "{{adapter}}")[1:2], unit="s")
 
     board.row("Catalog, request log and feedback")
     board.panel("Routes file reloads",
-                [(f"sum by (result) (increase(loragate_catalog_reloads_total[{RATE}]))", "{{result}}")], w=6, stack=True)
+                [(f"sum by (result) (increase(loragate_catalog_reloads_total[{RATE}]))", "{{result}}")],
+                w=6, stack=True)
     board.panel("Request log records",
                 [(f"sum by (result) (rate(loragate_requestlog_records_total[{RATE}]))", "{{result}}")],
                 unit="ops", w=6, stack=True)
@@ -247,7 +253,8 @@ def gateway() -> dict:
     board.panel("Limits backend (gateway processes)", [
         ("sum by (backend) (loragate_limits_backend)", "{{backend}}")], w=6, stack=True,
         description="Where each gateway process enforces per-key limits: redis (shared), in_process (no Redis "
-                    "configured), fallback (Redis unreachable: per-process limits), refusing (unreachable, fail closed).")
+                    "configured), fallback (Redis unreachable: per-process limits), refusing (unreachable, "
+                    "fail closed).")
     board.panel("Redis round trip p50 / p95 / p99",
                 _quantiles("loragate_limits_redis_duration_seconds", ""), unit="s", w=6,
                 description="One limit check in Redis, as the gateway sees it (no data without LORAGATE_LIMITS_URL).")
@@ -257,7 +264,8 @@ def gateway() -> dict:
         description="Requests refused by a key's requests/tokens per minute (key ids from the keys file, never keys).")
     board.panel("Replicas per upstream entry", [
         ("max by (upstream) (loragate_upstream_discovered_replicas)", "{{upstream}}"),
-        (f"sum by (upstream) (increase(loragate_upstream_discovery_errors_total[{RATE}]))", "lookup errors {{upstream}}"),
+        (f"sum by (upstream) (increase(loragate_upstream_discovery_errors_total[{RATE}]))",
+         "lookup errors {{upstream}}"),
     ], w=6, description="Addresses each LORAGATE_UPSTREAMS entry resolves to (a host name is re-resolved at every "
                          "health interval; an IP is one replica), and failed lookups (the last addresses stay).")
     return board.json()
@@ -381,7 +389,8 @@ def rollouts() -> dict:
                     "the primary variant with itself on repeated prompts. Below the floor: the shadow answers "
                     "differently from what the stable variant would.")
     board.panel("Shadow vs primary: error share, latency and length ratios", [
-        (f"max by (route, variant, role) (loragate_shadow_error_ratio{{{r}}})", "errors {{role}}: {{route}} / {{variant}}"),
+        (f"max by (route, variant, role) (loragate_shadow_error_ratio{{{r}}})",
+         "errors {{role}}: {{route}} / {{variant}}"),
         (f"max by (route, variant) (loragate_shadow_latency_ratio{{{r}}})", "latency ratio: {{route}} / {{variant}}"),
         (f"max by (route, variant) (loragate_shadow_length_ratio{{{r}}})", "length ratio: {{route}} / {{variant}}")],
         w=12, description="Over the pairs of the monitor's window; ratios are shadow / primary (1 = the same).")
@@ -442,7 +451,8 @@ def engine() -> dict:
         "model's name, adapter traffic included: per-adapter figures are on the gateway dashboard.",
         [datasource_variable(),
          query_variable("model_name", "Model", "label_values(vllm:num_requests_running, model_name)"),
-         query_variable("instance", "Replica", 'label_values(vllm:num_requests_running{model_name=~"$model_name"}, instance)')],
+         query_variable("instance", "Replica",
+                        'label_values(vllm:num_requests_running{model_name=~"$model_name"}, instance)')],
     )
     board.row("Load")
     board.panel("Requests running", [(f"sum by (instance) (vllm:num_requests_running{{{sel}}})", "{{instance}}")], w=8)

@@ -57,6 +57,10 @@ class CompletionsFirst:
 
     Same handler as the FastAPI routes above (which stay for the OpenAPI schema), minus FastAPI's
     routing and dependency machinery: about 60 us a request, measured by bench/overhead.py.
+
+    The FastAPI app (``.app``) is the one to extend. Once middleware is added to it (``add_middleware``,
+    ``@app.middleware("http")``), completions go through it as well, so the middleware runs for every
+    request; without any, the shortcut costs one list check (bench/middleware_overhead.py).
     """
 
     def __init__(self, app: FastAPI, gateway: Gateway) -> None:
@@ -70,7 +74,7 @@ class CompletionsFirst:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         endpoint = COMPLETION_PATHS.get(scope["path"]) if scope["type"] == "http" else None
-        if endpoint is None or scope["method"] != "POST":
+        if endpoint is None or scope["method"] != "POST" or self.app.user_middleware:
             await self.app(scope, receive, send)
             return
         try:

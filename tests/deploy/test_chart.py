@@ -5,6 +5,7 @@ Helm's defaults (no monitoring.coreos.com/v1)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -21,8 +22,9 @@ CHART = ROOT / "helm" / "loragate"
 VALUES_FILES = [None, *sorted((CHART / "ci").glob("*-values.yaml"))]
 IDS = ["default", *(p.name.removesuffix("-values.yaml") for p in VALUES_FILES[1:])]
 # Custom resources the Kubernetes schemas do not know; kubernetes-validate skips them with a
-# warning, so they are checked here by structure and their rules by promtool (test_monitoring.py).
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
+# warning, so they are checked here by structure and their rules by promtool (test_monitoring.py);
+# KEDA's ScaledObject against a JSON schema of the fields the chart uses (schemas/, from KEDA's reference).
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
 
 
 def _values(path: Path | None) -> dict | None:
@@ -94,6 +96,10 @@ def test_values_match_the_schema(values_file):
                      "rollout": {"canary": "v9"}}}]}]}},  # set by the pipeline
     {"monitor": {"training": {"enabled": True, "registry": {"existingClaim": ""}}}},
     {"monitor": {"training": {"gpus": 1}}},  # typo: rejected
+    {"engine": {"keda": {"enabled": "yes"}}},
+    {"engine": {"keda": {"kvCacheUsage": 80}}},  # a share, 0-1
+    {"gateway": {"keda": {"minReplicas": 0}}},
+    {"gateway": {"keda": {"inFlightPerPod": 10}}},  # typo: rejected
 ])
 def test_schema_rejects_bad_values(bad):
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
@@ -173,8 +179,9 @@ def test_gateway_one_worker_probes_routes_and_auth(rendered):
         assert upstreams == ["http://lg-loragate-engine.llm.svc:8000"]
         (headless,) = [d for d in by_kind(documents, "Service") if d["metadata"]["name"] == "lg-loragate-engine"]
         assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
-    # Scale by replicas: the HPA owns the count when enabled.
-    hpa = by_kind(documents, "HorizontalPodAutoscaler")
+    # Scale by replicas: the HPA (or KEDA's ScaledObject) owns the count when enabled.
+    hpa = by_kind(documents, "HorizontalPodAutoscaler") + [
+        d for d in by_kind(documents, "ScaledObject") if d["spec"]["scaleTargetRef"]["kind"] == "Deployment"]
     assert ("replicas" in gateway["spec"]) is (not hpa)
 
 
@@ -522,3 +529,96 @@ def test_training_job_template_runs_the_pipeline_on_a_gpu_with_the_monitor_image
     default = render()
     _, default_cm, default_config = _monitor(default)
     assert "training-job.yaml" not in default_cm["data"] and default_config.adapter_registry is None
+
+
+# --- KEDA autoscaling -------------------------------------------------------------------------------
+
+KEDA_SCHEMA = Path(__file__).parent / "schemas" / "keda-scaledobject.schema.json"
+KEDA_VALUES = CHART / "ci" / "keda-values.yaml"
+# What each component exports (vLLM 0.32's /metrics, service/metrics.py): the queries must name these.
+EXPORTED = {"engine": {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"},
+            "gateway": {"loragate_requests_in_flight"}}
+
+
+def _keda_validator():
+    import json
+
+    import jsonschema
+
+    schema = json.loads(KEDA_SCHEMA.read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_keda_is_off_offline_by_default_and_the_replicas_stay_the_charts():
+    """engine.keda=auto renders only where keda.sh/v1alpha1 is served (offline Helm: not); the gateway's is off."""
+    documents = render()
+    assert not by_kind(documents, "ScaledObject")
+    assert [h["spec"]["scaleTargetRef"]["name"] for h in by_kind(documents, "HorizontalPodAutoscaler")] == [
+        "lg-loragate-gateway"]
+    engine = next(d for d in by_kind(documents, "StatefulSet") if d["metadata"]["name"] == "lg-loragate-engine")
+    assert engine["spec"]["replicas"] == 1
+
+
+def test_keda_scaled_objects_match_kedas_schema_and_scale_what_the_chart_renders():
+    documents = render(_values(KEDA_VALUES))
+    scaled = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in by_kind(documents, "ScaledObject")}
+    assert set(scaled) == {"engine", "gateway"}
+    validator = _keda_validator()
+    targets = {(d["kind"], d["metadata"]["name"]): d for d in documents if d["kind"] in ("Deployment", "StatefulSet")}
+    for component, scaled_object in scaled.items():
+        errors = [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(scaled_object)]
+        assert not errors, (component, errors)
+        spec = scaled_object["spec"]
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+        ref = spec["scaleTargetRef"]
+        target = targets[(ref["kind"], ref["name"])]  # the chart's own workload, in the same namespace
+        assert target["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        assert "replicas" not in target["spec"]  # else every helm upgrade would undo KEDA's count
+        for trigger in spec["triggers"]:
+            if trigger["type"] == "cpu":  # KEDA refuses a CPU trigger on containers without a CPU request
+                assert all(c["resources"]["requests"]["cpu"] for c in target["spec"]["template"]["spec"]["containers"])
+        queries = [t["metadata"]["query"] for t in spec["triggers"] if t["type"] == "prometheus"]
+        named = {m for q in queries for m in re.findall(r"[a-z_:]+(?=\{)", q)}
+        assert named == EXPORTED[component], queries
+        assert all('namespace="llm"' in q for q in queries)  # this release's pods only
+    # KEDA makes its own HPA for the gateway: the chart's CPU HPA would fight it.
+    assert not by_kind(documents, "HorizontalPodAutoscaler")
+    engine_triggers = {t["name"]: t for t in scaled["engine"]["spec"]["triggers"]}
+    assert engine_triggers["queue-depth"]["metadata"]["threshold"] == "2.5"  # the values file's, as a string
+    assert engine_triggers["queue-depth"]["metricType"] == "AverageValue"  # per replica
+    assert engine_triggers["kv-cache-usage"]["metricType"] == "Value"  # a mean share, not per replica
+    gateway_servers = {t["metadata"]["serverAddress"] for t in scaled["gateway"]["spec"]["triggers"]
+                       if t["type"] == "prometheus"}
+    assert gateway_servers == {"http://prometheus.monitoring.svc:9090"}
+
+
+def test_keda_queries_are_valid_promql(tmp_path):
+    documents = render(_values(KEDA_VALUES))
+    queries = [t["metadata"]["query"] for d in by_kind(documents, "ScaledObject")
+               for t in d["spec"]["triggers"] if t["type"] == "prometheus"]
+    rules = {"groups": [{"name": "keda", "rules": [{"record": f"keda:query{i}", "expr": q}
+                                                   for i, q in enumerate(queries)]}]}
+    (tmp_path / "keda.yml").write_text(yaml.safe_dump(rules))
+    result = subprocess.run([tool("promtool"), "check", "rules", str(tmp_path / "keda.yml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and f"{len(queries)} rules found" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("mistake", [
+    lambda so: so["spec"]["triggers"][0]["metadata"].update(threshold=4),  # a number: the CRD wants strings
+    lambda so: so["spec"].update(minReplicas=so["spec"].pop("minReplicaCount")),  # HPA's name, not KEDA's
+    lambda so: so["spec"]["triggers"][0]["metadata"].pop("serverAddress"),
+    lambda so: so["spec"]["triggers"].append({"type": "cpu", "metricType": "Value", "metadata": {"value": "70"}}),
+    lambda so: so["spec"]["triggers"][0].update(metricType="Average"),
+    lambda so: so.update(apiVersion="keda.sh/v1"),
+], ids=["numeric-threshold", "hpa-field-name", "no-server", "cpu-value", "bad-metric-type", "bad-version"])
+def test_the_keda_schema_catches_the_mistakes_it_is_for(mistake):
+    import copy
+
+    (scaled_object, *_) = by_kind(render(_values(KEDA_VALUES)), "ScaledObject")
+    validator = _keda_validator()
+    assert not list(validator.iter_errors(scaled_object))
+    broken = copy.deepcopy(scaled_object)
+    mistake(broken)
+    assert list(validator.iter_errors(broken))

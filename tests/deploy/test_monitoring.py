@@ -13,6 +13,7 @@ from tests.deploy.tools import tool
 from tests.processes import ROOT
 
 PROMETHEUS = ROOT / "deploy" / "prometheus"
+BOARDS = {"loragate-gateway.json", "loragate-rollouts.json", "loragate-drift.json", "loragate-vllm.json"}
 
 
 def _run(*command: str) -> str:
@@ -32,7 +33,7 @@ def test_generated_files_are_up_to_date():
 def test_chart_dashboards_equal_deploy_grafana():
     chart = {p.name: p.read_bytes() for p in (ROOT / "helm" / "loragate" / "dashboards").glob("*.json")}
     assert chart == {p.name: p.read_bytes() for p in DASHBOARDS.glob("*.json")}
-    assert set(chart) == {"loragate-gateway.json", "loragate-rollouts.json", "loragate-drift.json", "loragate-vllm.json"}
+    assert set(chart) == BOARDS
 
 
 def test_promtool_check_rules():
@@ -71,7 +72,7 @@ def test_promtool_check_config():
 
 def test_dashboards_parse_and_every_panel_has_targets():
     boards = dashboards()
-    assert set(boards) == {"loragate-gateway.json", "loragate-rollouts.json", "loragate-drift.json", "loragate-vllm.json"}
+    assert set(boards) == BOARDS
     assert len({b["uid"] for b in boards.values()}) == len(boards)
     for name, board in boards.items():
         variables = {v["name"] for v in board["templating"]["list"]}
@@ -91,7 +92,8 @@ def test_dashboards_parse_and_every_panel_has_targets():
 
 
 @pytest.mark.parametrize("board, needles", [
-    ("loragate-gateway.json", ["loragate_request_duration_seconds_bucket", "loragate_time_to_first_token_seconds_bucket",
+    ("loragate-gateway.json", ["loragate_request_duration_seconds_bucket",
+                               "loragate_time_to_first_token_seconds_bucket",
                                "loragate_time_per_output_token_seconds_bucket", "loragate_reference_cost_usd_total",
                                "loragate_fallbacks_total", "loragate_requests_in_flight", "loragate_upstream_healthy",
                                "loragate_adapter_loads_total", "histogram_quantile(0.99"]),

@@ -36,7 +36,8 @@ def ask(url: str, model: str) -> tuple[int, dict, str]:
 
 
 def write_routes(path, v1, v2=None, v2_weight=0) -> None:
-    text = f"routes:\n  support:\n    variants:\n      - {{name: v1, adapter: cardgate-v1, path: '{v1}', weight: 100}}\n"
+    text = ("routes:\n  support:\n    variants:\n"
+            f"      - {{name: v1, adapter: cardgate-v1, path: '{v1}', weight: 100}}\n")
     if v2 is not None:
         text += f"      - {{name: v2, adapter: cardgate-v2, card: '{v2}', path: '{v2}', weight: {v2_weight}}}\n"
     path.write_text(text)

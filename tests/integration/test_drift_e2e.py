@@ -1,7 +1,7 @@
 """Drift end to end on real parts: vLLM (CPU) -> gateway (request log on) -> Parquet + Prometheus
 -> ``loragate drift``, ``loragate monitor`` and the retraining trigger (signed webhook, JSONL dataset).
 
-The prompts are real human-written questions (chatterbot-corpus, monitoring/topics.py). Traffic
+The prompts are real human-written questions (chatterbot-corpus, tests/topics.py). Traffic
 comes in three phases: coding/AI questions (A, the reference), trivia/psychology/small-talk
 questions of the same word counts (B: a change of topic, not of length), coding/AI questions
 again (C). B against A must be flagged as input drift and fire the trigger once; a second look
@@ -29,7 +29,7 @@ import pytest
 
 from loragate.monitoring.drift import DriftConfig, run_drift
 from loragate.monitoring.sources import RequestLog, Window
-from loragate.monitoring.topics import window
+from tests.topics import window
 from loragate.monitoring.triggers.dataset import DatasetExportAction
 from loragate.monitoring.triggers.engine import Trigger
 from loragate.monitoring.triggers.policy import TriggerPolicy
@@ -201,7 +201,8 @@ def test_cli_same_population_is_no_input_drift(traffic, tmp_path):
     summary = json.loads(proc.stdout)
     assert proc.returncode == (1 if summary["drifted_groups"] else 0), proc.stdout + proc.stderr
     assert "inputs" not in summary["drifted_groups"], summary["groups"]
-    assert not {"prompt_content", "prompt_length", "prompt_words", "prompt_oov_share"} & set(summary["drifted_features"])
+    prompt_features = {"prompt_content", "prompt_length", "prompt_words", "prompt_oov_share"}
+    assert not prompt_features & set(summary["drifted_features"])
 
 
 async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(traffic, tmp_path):

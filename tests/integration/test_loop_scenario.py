@@ -32,7 +32,7 @@ import httpx
 import pytest
 
 from loragate.common.registry import Registry, read_card
-from loragate.monitoring.topics import window
+from tests.topics import window
 from tests.integration.test_loop_train_eval import DEMO_LR, LICENSES
 from tests.integration.test_rollout_e2e import LoadLoop
 from tests.processes import ROOT, Service, free_port, start_gateway, start_prometheus, wait_http
@@ -154,8 +154,8 @@ def loop_world(engine: str, demo_model: dict, tmp_path: Path, name: str = "loop"
             monitor = start_monitor()
 
         monitor = start_monitor()
-        yield SimpleNamespace(restart_monitor=restart_monitor, t0=t0, t_traffic=t_traffic, registry=registry, pipelines=pipelines, v1=v1,
-                              routes=routes, url=url, monitor_port=monitor_port,
+        yield SimpleNamespace(restart_monitor=restart_monitor, t0=t0, t_traffic=t_traffic, registry=registry,
+                              pipelines=pipelines, v1=v1, routes=routes, url=url, monitor_port=monitor_port,
                               logs=[tmp_path / "monitor.log", tmp_path / "gateway.log", pipelines / "*.log"])
     finally:
         if monitor is not None:

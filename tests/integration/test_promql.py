@@ -216,7 +216,8 @@ def prometheus(gateway, engine, tmp_path_factory) -> str:
         # Two scrapes of the trigger counter, so increase() over it has data.
         _wait_for(url, "count_over_time(loragate_retraining_triggers_total[1m]) > 1", timeout_s=15)
         # A rollout analysis of split (every second), and two scrapes of its decisions counter.
-        _wait_for(url, 'loragate_rollout_analysis{job="loragate-monitor", check="error_rate", figure="samples"}', timeout_s=15)
+        _wait_for(url, 'loragate_rollout_analysis{job="loragate-monitor", check="error_rate", figure="samples"}',
+                  timeout_s=15)
         _wait_for(url, "count_over_time(loragate_rollout_transitions_total[1m]) > 1", timeout_s=15)
         _wait_for(url, 'loragate_shadow_noise_floor_similarity_ratio{job="loragate-monitor"}', timeout_s=15)
         time.sleep(3)  # a few more scrapes and rule evaluations
@@ -242,7 +243,8 @@ def _evaluate(prometheus: str, item: Expression) -> tuple[str, str]:
     if answer["data"]["result"]:
         return "ok", ""
     if item.kind == "alert":
-        missing = [m for m in sorted(item.metrics) if not _query(prometheus, f'count({{__name__="{m}"}})')["data"]["result"]]
+        missing = [m for m in sorted(item.metrics)
+                   if not _query(prometheus, f'count({{__name__="{m}"}})')["data"]["result"]]
         if not missing:
             return "ok", "the metrics exist; the series its filter selects appear on failures only"
         return "failed", f"no data, missing metrics {missing}\n    {expr}"

@@ -9,9 +9,9 @@ import pytest
 
 from loragate.monitoring.commands import moment, summary_text
 from loragate.monitoring.drift import DriftConfig, FeatureDrift, oov_shares, run_drift
-from loragate.monitoring.synthetic import requests_frame
+from tests.synthetic import requests_frame
 from loragate.monitoring.textdrift import content_drift
-from loragate.monitoring.topics import prompts, window
+from tests.topics import prompts, window
 from loragate.monitoring.triggers.policy import TriggerPolicy, decide
 from loragate.monitoring.triggers.state import KeyState
 
@@ -22,6 +22,7 @@ UNSHIFTED = {"completion_tokens", "finish_reason", "fallback", "response_length"
              "response_oov_share", "response_content", "response_refusal", "status_class", "prompt_script"}
 
 
+@pytest.mark.slow  # 20 drift reports, ~20 s
 def test_same_distribution_false_positive_rate_is_low():
     # 20 pairs of independent windows from one distribution (bench/drift_fp_rate.py runs 50
     # and bigger windows). Each p-value test flags ~5% of unchanged columns by design;

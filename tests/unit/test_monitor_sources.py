@@ -10,7 +10,7 @@ from aiohttp import web
 
 from loragate.monitoring.prometheus import Prometheus, PrometheusError, label
 from loragate.monitoring.sources import RequestLog, Window, load_reference, variant_queries, variant_series
-from loragate.monitoring.synthetic import requests_frame
+from tests.synthetic import requests_frame
 from tests.local_http import serve
 
 T0 = 1_750_000_000.0  # 2025-06-15T15:06:40Z

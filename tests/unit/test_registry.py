@@ -217,7 +217,8 @@ def test_adapters_cli(registered):
     assert listed.returncode == 0, listed.stderr
     assert "support" in listed.stdout and "v2" in listed.stdout and "candidate" in listed.stdout
     shown = cli("show", "support/v2")
-    assert shown.returncode == 0 and json.loads(shown.stdout)["artifact"]["sha256"] == read_card(directory).artifact.sha256
+    assert shown.returncode == 0
+    assert json.loads(shown.stdout)["artifact"]["sha256"] == read_card(directory).artifact.sha256
     refused = cli("approve", "support/v2", "--by", "alice")
     assert refused.returncode == 1 and "gate has not run" in refused.stderr and "Traceback" not in refused.stderr
     retired = cli("retire", "support/v2", "--by", "alice", "--reason", "superseded")

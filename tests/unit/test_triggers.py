@@ -6,7 +6,7 @@ import pandas as pd
 from aiohttp import web
 
 from loragate.monitoring.drift import DriftResult, FeatureDrift
-from loragate.monitoring.synthetic import requests_frame
+from tests.synthetic import requests_frame
 from loragate.monitoring.triggers.action import ActionResult
 from loragate.monitoring.triggers.config import ActionConfig
 from loragate.monitoring.triggers.dataset import DatasetExportAction, to_chat_records

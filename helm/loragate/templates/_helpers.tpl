@@ -301,3 +301,14 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
 {{- end }}
+
+{{/* "true" when a component's KEDA ScaledObject is rendered: (list $ .Values.<component>.keda).
+"auto" renders it where the cluster serves keda.sh/v1alpha1; true/false force it. */}}
+{{- define "loragate.keda" -}}
+{{- $root := index . 0 }}
+{{- $mode := (index . 1).enabled }}
+{{- if eq (toString $mode) "auto" }}
+{{- if $root.Capabilities.APIVersions.Has "keda.sh/v1alpha1" }}true{{ end }}
+{{- else if $mode }}true
+{{- end }}
+{{- end }}

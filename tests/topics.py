@@ -2,7 +2,7 @@
 
 The text is the English ChatterBot corpus (PyPI ``chatterbot-corpus``, BSD, in the ``dev``
 extra): human-written dialogs by topic. The user side of each dialog (its 1st, 3rd, ...
-turns) is a prompt. Two populations, as in issue 9: ``tech`` (coding, AI, computers) and
+turns) is a prompt. Two populations: ``tech`` (coding, AI, computers) and
 ``everyday`` (trivia, psychology, small talk, emotions). The pools are small (a few hundred
 distinct prompts each): windows larger than a pool repeat prompts, as real traffic does.
 """
