@@ -3,18 +3,18 @@
 The records are what bench/features_overhead.py sends through the gateway (a chat request with a system
 prompt and a support message holding an e-mail address, a phone number and an order number that changes;
 the answer a whole JSON body, or an SSE stream of 16 chunks, a usage event and [DONE]). A batch is
-converted and written the way the conversion process does it (service.logconvert.Converter.write into a
+converted and written the way the conversion process does it (service.requestlog.convert.Converter.write into a
 ParquetStore, scrubbed text), two ways:
 
-  orjson   every request and answer parsed by orjson (service.logrows' reading; what an install without
+  orjson   every request and answer parsed by orjson (service.requestlog.rows' reading; what an install without
            the C reader does, and the reference the C reader must equal)
-  c        the C reader (service/_lognative.c) for answers and chat turns, orjson for what it declines
+  c        the C reader (service/requestlog/_lognative.c) for answers and chat turns, orjson for what it declines
 
 and the batch as it reaches the conversion process (the marshalled records the queue hands over,
-service/logqueue.py), through Converter.write_batch, with the C readers, two ways:
+service/requestlog/queue.py), through Converter.write_batch, with the C readers, two ways:
 
   unmarshalled  marshal.loads: a tuple a record, then the columns from them
-  columns       the queue's C reader (service/_logqueue.c read_columns): the columns straight from the bytes
+  columns       the queue's C reader (service/requestlog/_logqueue.c read_columns): the columns straight from the bytes
 
 The tables are checked equal. CPU time (process_time) per record, the best of --repeats batches;
 the ratios c / orjson and columns / unmarshalled are measured in the same run.
@@ -37,10 +37,10 @@ sys.path.insert(0, str(ROOT))
 import orjson  # noqa: E402
 
 from loragate.service import logbatch  # noqa: E402
-from loragate.service._logqueue import RecordQueue, read_columns  # noqa: E402
-from loragate.service.logconvert import Converter  # noqa: E402
-from loragate.service.logrows import RequestRecord  # noqa: E402
-from loragate.service.logstore import ParquetStore  # noqa: E402
+from loragate.service.requestlog._logqueue import RecordQueue, read_columns  # noqa: E402
+from loragate.service.requestlog.convert import Converter  # noqa: E402
+from loragate.service.requestlog.rows import RequestRecord  # noqa: E402
+from loragate.service.requestlog.store import ParquetStore  # noqa: E402
 
 SYSTEM = "You are a helpful support assistant."
 MESSAGE = "I'm jane.doe@example.com, call me on +44 20 7946 0958: my order #{n} has not arrived yet, what can I do?"

@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
-from loragate.service.logstore import read_table
+from loragate.service.requestlog.store import read_table
 from tests.metrics_text import sample_sum, scrape
 from tests.processes import Service, free_port, start_gateway, start_stub, wait_http
 

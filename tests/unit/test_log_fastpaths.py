@@ -22,13 +22,13 @@ from loragate.common.scrub import scrub
 from loragate.service.apikeys import KeyStore, hash_key
 from loragate.service.auth import Authenticator
 from loragate.service.errors import GatewayError
-from loragate.service.logrows import _body_answer, _simple_stream_objects, _stream_answer, request_row
+from loragate.service.requestlog.rows import _body_answer, _simple_stream_objects, _stream_answer, request_row
 from loragate.service.logscrub import scrub_many
-from loragate.service._lognative import body_answer, stream_answer
-from loragate.service import logbatch
-from loragate.service.logbatch import batch_table, requests_table
-from loragate.service.logconvert import Converter
-from loragate.service._logqueue import RecordQueue as NativeRecordQueue
+from loragate.service.requestlog._lognative import body_answer, stream_answer
+from loragate.service.requestlog import columns as logbatch
+from loragate.service.requestlog.columns import requests_table
+from loragate.service.requestlog.convert import Converter
+from loragate.service.requestlog._logqueue import RecordQueue as NativeRecordQueue
 from loragate.service.requestlog import RequestRecord
 from tests.unit.test_requestlog import PII_PROMPT, chat_record
 from tests.unit.test_scrub import KEPT, PLANTED
@@ -80,7 +80,7 @@ def batch_records() -> list[RequestRecord]:
 @pytest.mark.parametrize("reader", ["c", "python"])
 @pytest.mark.parametrize("mode", ["scrubbed", "full", "none"])
 def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypatch) -> None:
-    if reader == "python":  # an install without the C reader (service/_lognative.c): the orjson path alone
+    if reader == "python":  # an install without the C reader (service/requestlog/_lognative.c): the orjson path alone
         monkeypatch.setattr(logbatch, "native", None)
     records = batch_records()
     expected = [request_row(record, mode) for record in records]
@@ -88,7 +88,7 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypa
     assert table.schema == arrow_schema("requests")
     assert table.to_pylist() == pa.Table.from_pylist(expected, schema=arrow_schema("requests")).to_pylist()
     assert mode != "scrubbed" or "[EMAIL]" in table.column("prompt_text")[400].as_py()
-    # The plain tuples a queued batch unmarshals to (service/logconvert.py) give the same table.
+    # The plain tuples a queued batch unmarshals to (service/requestlog/convert.py) give the same table.
     assert requests_table([tuple(record) for record in records], mode, Converter(mode)._clean_all).equals(table)
     # A batch the columnar path cannot take goes record by record, the unreadable record skipped and counted.
     broken = chat_record("broken")._replace(timestamp="not a time")  # request_row raises on it
@@ -107,24 +107,22 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypa
 
 
 @pytest.mark.parametrize("mode", ["scrubbed", "full", "none"])
-def test_a_queued_batch_read_as_columns_gives_the_record_by_record_rows(mode) -> None:
-    """The conversion process's path: the batch's bytes read straight into columns (service/_logqueue.c)."""
+def test_a_queued_batch_gives_the_record_by_record_rows(mode) -> None:
+    """The conversion process's path: the batch's bytes (service/requestlog/_logqueue.c) unmarshalled, then columns."""
     records = batch_records()
     queue = NativeRecordQueue()
     for record in records:
         queue.append(record)
     batch = queue.take(len(records))
-    table = batch_table(batch, mode, Converter(mode)._clean_all)
-    assert table is not None and table.equals(requests_table(records, mode, Converter(mode)._clean_all))
+    table = requests_table(records, mode, Converter(mode)._clean_all)
     store = TablesStore()
     assert Converter(mode).write_batch(store, "requests", batch) == (len(records), 0)
     assert store.tables[0].equals(table)
-    # A record the column reader does not read (a str timestamp): the records are unmarshalled, the batch goes
-    # record by record, and the one unreadable record is skipped.
+    # A record the columnar path does not take (a str timestamp): the batch goes record by record, and the one
+    # unreadable record is skipped.
     for record in (records[0], chat_record("broken")._replace(timestamp="not a time")):
         queue.append(record)
     odd = queue.take(2)
-    assert batch_table(odd, mode, None) is None
     assert Converter(mode).write_batch(store, "requests", odd) == (1, 1)
     assert store.tables[-1] == [request_row(records[0], mode)]
 

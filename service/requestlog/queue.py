@@ -1,7 +1,7 @@
 """The request log's queue: records waiting for their batch, kept as the bytes the batch will cross in.
 
-A batch reaches the conversion process as one marshal of its records (service.logconvert). The C
-queue (service/_logqueue.c) marshals each record when it is queued, into one growing buffer, and
+A batch reaches the conversion process as one marshal of its records (service.requestlog.convert). The C
+queue (service/requestlog/_logqueue.c) marshals each record when it is queued, into one growing buffer, and
 ``take`` hands a batch over as those bytes: the request's objects (its payload and answer bytes)
 are freed with the request instead of living until their batch is written, and the writer thread
 has nothing left to pack. Holding the records as tuples until the flush and marshalling them there
@@ -47,7 +47,7 @@ class PyRecordQueue:
 
 
 try:  # built by setup.py where a C compiler is
-    from loragate.service._logqueue import RecordQueue as NativeRecordQueue
+    from loragate.service.requestlog._logqueue import RecordQueue as NativeRecordQueue
 except ImportError:  # pragma: no cover - the tests require it built
     NativeRecordQueue = None  # type: ignore[assignment,misc]
 
