@@ -48,6 +48,20 @@ class Converter:
         self.text_mode = text_mode
         self._scrub_texts = scrub_texts or default_scrub_texts
 
+    def warm_up(self) -> None:
+        """Imports and compiles what converting takes (pyarrow's kernels, the scrubber's rules) before the first
+        batch, so that a batch's time bound (service.requestlog.sink) measures converting, not starting."""
+        from loragate.service.requestlog.columns import requests_table
+        from loragate.service.requestlog.records import RequestRecord
+
+        record = RequestRecord(request_id="warm-up", timestamp=0.0, route="r", variant="v",
+                               endpoint="chat/completions", status=200, stream=False, fallback=None, latency_s=0.0,
+                               ttft_s=None, prompt_tokens=0, completion_tokens=0, cost_usd=0.0,
+                               reference_cost_usd=0.0,
+                               payload=b'{"messages":[{"role":"user","content":"mail me at a@b.example"}]}',
+                               answer=b'{"choices":[{"message":{"content":"ok"},"finish_reason":"stop"}]}')
+        requests_table([record], self.text_mode, self._clean_all)
+
     def write(self, store: Store, table: str, records: list[tuple]) -> tuple[int, int]:
         """(rows written, records unreadable); a store error propagates (the caller retries)."""
         return _stored(store, table, *self.convert(table, records))

@@ -34,6 +34,7 @@ from loragate.service.requestlog.spool import Spooled, SpoolUnreadable, mapped
 log = logging.getLogger("loragate.requestlog")
 
 _PR_SET_PDEATHSIG = 1
+_POLL_S = 0.1  # a waiting call looks at its cutoff this often
 STORING = -1  # ``at`` while the store writes the converted batch (not any one record's fault)
 
 
@@ -57,12 +58,14 @@ class ConversionProcess:
     """The gateway's handle on one conversion child.
 
     ``store_factory`` builds the Store in the child (picklable); ``scrub_texts`` (picklable, default the
-    scrubber) scrubs text there. Call from one thread; start it from a thread that outlives it (the log's
+    scrubber) scrubs text there; no call waits past ``cutoff()``. Call from one thread; start it from a thread that outlives it (the log's
     writer thread): the child's PR_SET_PDEATHSIG fires when that thread ends.
     """
 
     def __init__(self, store_factory: Callable[[], Store], text_mode: TextMode,
-                 scrub_texts: ScrubTexts | None = None) -> None:
+                 scrub_texts: ScrubTexts | None = None,
+                 cutoff: Callable[[], float] = lambda: float("inf")) -> None:
+        self._cutoff = cutoff  # time.monotonic() past which no call waits any longer (a shutdown's deadline)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         code = "from loragate.service.requestlog.process import child_main; child_main()"
@@ -92,10 +95,12 @@ class ConversionProcess:
         deadline = time.monotonic() + bound_s
         at: int | None = None
         while True:
-            left = deadline - time.monotonic()
+            left = min(deadline, self._cutoff()) - time.monotonic()
             try:
-                if left <= 0 or not self._receive.poll(left):
+                if left <= 0:
                     raise Stalled(bound_s, at)
+                if not self._receive.poll(min(left, _POLL_S)):
+                    continue
                 kind, value = self._receive.recv()
             except (EOFError, OSError):
                 raise Died("the conversion process ended") from None
@@ -191,7 +196,9 @@ def child_main() -> None:
         # The C library's allocator, not Arrow's default (mimalloc): mimalloc gave the pages of every batch back to
         # the kernel and faulted them in again for the next: 12-19 us of system time a row, 2-6 with glibc.
         pa.set_memory_pool(pa.system_memory_pool())
-        child = _Child(store_factory(), Converter(text_mode, scrub_texts), answer)
+        converter = Converter(text_mode, scrub_texts)
+        child = _Child(store_factory(), converter, answer)
+        converter.warm_up()
     except EOFError:
         return
     except Exception:

@@ -302,6 +302,7 @@ class RequestLog:
             written, unreadable = self._converter.write_batch(self.store, table, batch)
             return written, 0, unreadable
         bound = self._bound(len(batch))
+        self._cut(bound)  # no new process past close's deadline
         process = self._ensure_process()
         started = time.monotonic()
         try:
@@ -320,8 +321,8 @@ class RequestLog:
         progress for ``bound``) is withheld its text, the process replaced and the batch tried again."""
         withheld: set[int] = set()
         while True:
-            process = self._ensure_process()
             bound_now = self._cut(bound)
+            process = self._ensure_process()
             try:
                 written, unreadable, ids = process.call(bound_now, "write_guarded", table, batch, sorted(withheld),
                                                         idle=True)
@@ -391,7 +392,8 @@ class RequestLog:
     def _ensure_process(self) -> ConversionProcess:
         if self._process is None:
             assert self._store_factory is not None  # process mode
-            process = ConversionProcess(self._store_factory, self.text_mode, self._scrub_texts)
+            process = ConversionProcess(self._store_factory, self.text_mode, self._scrub_texts,
+                                        cutoff=lambda: float("inf") if self._deadline is None else self._deadline)
             try:
                 process.call(min(_START_TIMEOUT_S, max(self._time_left(), 0.0)), "ping")
             except Exception:

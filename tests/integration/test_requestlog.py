@@ -125,13 +125,13 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _spawned_children(pid: int) -> list[int]:
-    """Children started by multiprocessing's spawn (not its resource tracker)."""
+def _children_running(pid: int, marker: bytes) -> list[int]:
+    """Children of ``pid`` whose command line holds ``marker``."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
-                    b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                    marker in (stat.parent / "cmdline").read_bytes():
                 found.append(int(stat.parent.name))
         except (OSError, ValueError):
             continue
@@ -139,10 +139,12 @@ def _spawned_children(pid: int) -> list[int]:
 
 
 def _conversion_processes(pid: int, workers: int = 1) -> list[int]:
-    """The request log's conversion processes: spawned by the gateway, or by each of uvicorn's (spawned) workers."""
+    """The request log's conversion processes (service/requestlog/process.py): started by the gateway, or by each
+    of uvicorn's workers (spawned by multiprocessing)."""
     if workers == 1:
-        return _spawned_children(pid)
-    return [child for worker in _spawned_children(pid) for child in _spawned_children(worker)]
+        return _children_running(pid, b"child_main")
+    return [child for worker in _children_running(pid, b"spawn_main")
+            for child in _children_running(worker, b"child_main")]
 
 
 def _alive(pid: int) -> bool:
