@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     request_log_convert: Literal["process", "thread"] = "process"
     # A batch the conversion process has not written in 5x the time its size takes, and at least this long, is
     # written again record by record, the text of a record that stalls it withheld (never stored unscrubbed).
-    request_log_stall_floor_s: float = Field(5.0, gt=0)
+    request_log_stall_floor_s: float = Field(2.0, gt=0)
     # Graceful shutdown: the log's last flush and the conversion process's end take at most this long.
     request_log_close_timeout_s: float = Field(30.0, gt=0)
     # File names start with it; default: host-pid-random. Must be unique per writer process.

@@ -112,7 +112,7 @@ class RequestLog:
         spool: Callable[[bytes], AbstractContextManager[Spooled | None]] | None = None,
         scrub_texts: ScrubTexts | None = None,
         stall_factor: float = 5.0,
-        stall_floor_s: float = 5.0,
+        stall_floor_s: float = 2.0,
         close_timeout_s: float = 30.0,
     ) -> None:
         self.convert = convert
@@ -217,6 +217,7 @@ class RequestLog:
     # --- the writer thread ---
 
     def _run(self) -> None:
+        next_flush = self._clock() + self.flush_interval_s  # the process's start does not delay the first flush
         try:
             if self.convert == "process":
                 # Started here, not with the first batch (a store it cannot build is logged now), and from this
@@ -225,12 +226,11 @@ class RequestLog:
                     self._ensure_process()
                 except Exception as exc:
                     log.error("request log: the conversion process did not start: %s", exc)
-            self._loop()
+            self._loop(next_flush)
         finally:
             self._end_process()
 
-    def _loop(self) -> None:
-        next_flush = self._clock() + self.flush_interval_s
+    def _loop(self, next_flush: float) -> None:
         while True:
             stopping = self._stop.wait(self._tick_s)
             if any(len(queue) >= self.batch_size for queue in self._queues.values()):
@@ -318,31 +318,39 @@ class RequestLog:
 
     def _write_guarded(self, table: str, batch: bytes, bound: float) -> tuple[int, int, int]:
         """A batch that stalled the conversion process, record by record; each record that stalls it again (no
-        progress for ``bound``) is withheld its text, the process replaced and the batch tried again."""
+        progress for ``bound``) is withheld its text, the process replaced and the batch tried again. A spare
+        process warms up meanwhile, so that a second stall does not wait for a new one to start."""
         withheld: set[int] = set()
-        while True:
-            bound_now = self._cut(bound)
-            process = self._ensure_process()
-            try:
-                written, unreadable, ids = process.call(bound_now, "write_guarded", table, batch, sorted(withheld),
-                                                        idle=True)
-            except Stalled as stalled:
-                self._replace_process()
-                self._out_of_time_if_cut(bound)
-                if stalled.at is None or stalled.at == STORING:
-                    raise _StoreError(f"the conversion process stalled {'storing' if stalled.at else 'starting'} "
-                                      "a batch") from None
-                if len(withheld) >= _MAX_WITHHELD:
-                    withheld.update(range(stalled.at, batch_length(batch)))
-                else:
-                    withheld.add(stalled.at)
-                continue
-            except (Died, ChildError) as exc:
-                raise _StoreError(str(exc)) from exc
-            for request_id in ids:
-                log.error("request log: request %s written with its text withheld: converting it stalled the "
-                          "conversion process (> %.1fs)", request_id, bound)
-            return written - len(ids), len(ids), unreadable
+        spare: ConversionProcess | None = self._spawn()
+        try:
+            while True:
+                bound_now = self._cut(bound)
+                process = self._ensure_process()
+                try:
+                    written, unreadable, ids = process.call(bound_now, "write_guarded", table, batch,
+                                                            sorted(withheld), idle=True)
+                except Stalled as stalled:
+                    self._replace_process()
+                    self._out_of_time_if_cut(bound)
+                    if stalled.at is None or stalled.at == STORING:
+                        raise _StoreError(f"the conversion process stalled {'storing' if stalled.at else 'starting'}"
+                                          " a batch") from None
+                    if len(withheld) >= _MAX_WITHHELD:
+                        withheld.update(range(stalled.at, batch_length(batch)))
+                    else:
+                        withheld.add(stalled.at)
+                    if spare is not None:
+                        self._process, spare = self._ready(spare), self._spawn()
+                    continue
+                except (Died, ChildError) as exc:
+                    raise _StoreError(str(exc)) from exc
+                for request_id in ids:
+                    log.error("request log: request %s written with its text withheld: converting it stalled the "
+                              "conversion process (> %.1fs)", request_id, bound)
+                return written - len(ids), len(ids), unreadable
+        finally:
+            if spare is not None:
+                spare.kill()
 
     def _call_spooled(self, process: ConversionProcess, bound: float, table: str, batch: bytes) -> tuple[int, int]:
         """The child's ``write``, the batch spooled (service.requestlog.spool) where it can be, else piped."""
@@ -391,16 +399,23 @@ class RequestLog:
 
     def _ensure_process(self) -> ConversionProcess:
         if self._process is None:
-            assert self._store_factory is not None  # process mode
-            process = ConversionProcess(self._store_factory, self.text_mode, self._scrub_texts,
-                                        cutoff=lambda: float("inf") if self._deadline is None else self._deadline)
-            try:
-                process.call(min(_START_TIMEOUT_S, max(self._time_left(), 0.0)), "ping")
-            except Exception:
-                process.kill()
-                raise
-            self._process = process
+            self._process = self._ready(self._spawn())
         return self._process
+
+    def _spawn(self) -> ConversionProcess:
+        """A new conversion process, starting (not waited for: see _ready)."""
+        assert self._store_factory is not None  # process mode
+        return ConversionProcess(self._store_factory, self.text_mode, self._scrub_texts,
+                                 cutoff=lambda: float("inf") if self._deadline is None else self._deadline)
+
+    def _ready(self, process: ConversionProcess) -> ConversionProcess:
+        """``process`` once it has started (imported pyarrow, built its store, warmed up); killed if it cannot."""
+        try:
+            process.call(min(_START_TIMEOUT_S, max(self._time_left(), 0.0)), "ping")
+        except BaseException:
+            process.kill()
+            raise
+        return process
 
     def _replace_process(self) -> None:
         """Kills the conversion process; the next batch starts another."""
