@@ -58,8 +58,9 @@ class ConversionProcess:
     """The gateway's handle on one conversion child.
 
     ``store_factory`` builds the Store in the child (picklable); ``scrub_texts`` (picklable, default the
-    scrubber) scrubs text there; no call waits past ``cutoff()``. Call from one thread; start it from a thread that outlives it (the log's
-    writer thread): the child's PR_SET_PDEATHSIG fires when that thread ends.
+    scrubber) scrubs text there; no call waits past ``cutoff()``. Call from one thread; start it from a
+    thread that outlives it (the log's writer thread): the child's PR_SET_PDEATHSIG fires when that thread
+    ends.
     """
 
     def __init__(self, store_factory: Callable[[], Store], text_mode: TextMode,
