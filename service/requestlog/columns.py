@@ -13,7 +13,7 @@ Anything this cannot take raises; the caller then converts the batch record by r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 import pyarrow as pa
@@ -42,7 +42,7 @@ def requests_table(records: Sequence[tuple], text_mode: TextMode, clean_all: Cle
                   text_mode, clean_all)
 
 
-def _table(fields: dict[str, Sequence], record_at: Callable[[int], RequestRecord], text_mode: TextMode,
+def _table(fields: Mapping[str, Sequence], record_at: Callable[[int], RequestRecord], text_mode: TextMode,
            clean_all: CleanAll | None) -> pa.Table:
     """The table of one column a RequestRecord field, by name; ``record_at(index)`` is the record, for the
     reference's reading of what the C readers leave to it."""

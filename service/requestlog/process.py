@@ -175,7 +175,9 @@ class _Child:
         return len(rows), unreadable, ids
 
     def call(self, name: str, args: tuple) -> Any:
-        return {"ping": self.ping, "write": self.write, "write_guarded": self.write_guarded}[name](*args)
+        calls: dict[str, Callable[..., Any]] = {"ping": self.ping, "write": self.write,
+                                                "write_guarded": self.write_guarded}
+        return calls[name](*args)
 
     def _at(self, index: int) -> None:
         self.answer.send(("at", index))
