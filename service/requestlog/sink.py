@@ -287,7 +287,7 @@ class RequestLog:
                 if not final:
                     self._retry.append((table, count, batch, attempts))
                     return False
-                time.sleep(min(0.5, self._time_left()))
+                time.sleep(max(0.0, min(0.5, self._time_left())))
             else:
                 self._counted[table, "written"].inc(written)
                 if withheld:
