@@ -17,12 +17,11 @@ import pytest
 
 from loragate.common.logschema import arrow_schema
 
-from loragate.common import sse
 from loragate.common.scrub import scrub
 from loragate.service.apikeys import KeyStore, hash_key
 from loragate.service.auth import Authenticator
 from loragate.service.errors import GatewayError
-from loragate.service.requestlog.rows import _body_answer, _simple_stream_objects, _stream_answer, request_row
+from loragate.service.requestlog.rows import _body_answer, _stream_answer, request_row
 from loragate.service.logscrub import scrub_many
 from loragate.service.requestlog._lognative import body_answer, stream_answer
 from loragate.service.requestlog import columns as logbatch
@@ -249,20 +248,6 @@ def random_bodies(count: int) -> list[bytes]:
 
 def test_typed_body_decoding_gives_the_general_parse_or_steps_aside() -> None:
     assert_typed_path_agrees(body_answer, _body_answer, random_bodies(3000), taken=1000, stepped_aside=300)
-
-
-def test_simple_stream_parse_matches_the_general_one() -> None:
-    event = b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
-    streams = [event * 3 + b"data: [DONE]\n\n", event, event * 2 + b"\n"]
-    for stream in streams:
-        assert _simple_stream_objects(stream) == list(sse.json_objects(stream))
-    # Anything unusual goes to the general parser: CRLF, comments, multi-line data, bad JSON, [DONE] only.
-    # Events that are not JSON alone but would be as one array: never taken as objects.
-    forged = b'data: {"a":"x}\n\ndata: {"}\n\ndata: {"c":1},{"d":2}\n\n'
-    assert _simple_stream_objects(forged) is None and list(sse.json_objects(forged)) == []
-    for odd in (event.replace(b"\n", b"\r\n"), b": ping\n\n" + event, b"data: {\ndata: }\n\n" + event,
-                event + b"data: {oops\n\n", b"data: [DONE]\n\n", event + b"\n" + event):
-        assert _simple_stream_objects(odd) is None
 
 
 def test_a_remembered_key_does_not_survive_a_revoking_reload(tmp_path: Path) -> None:
