@@ -286,3 +286,24 @@ def test_a_remembered_principal_is_that_of_its_authorization_header_only(tmp_pat
         with pytest.raises(GatewayError, match="invalid API key"):
             auth.authenticate({"authorization": "Bearer lg-mallory"})
     assert list(auth._admitted) == [f"Bearer {alice}"]
+
+
+def test_every_reader_takes_a_records_fields_by_name() -> None:
+    """One definition of the fields (service/requestlog/records.py): each field the schema shares goes to the
+    column of its name on every path, and a record of another width is refused, not read shifted."""
+    from loragate.service.requestlog.records import columns_of
+
+    record = chat_record("by-name", stream=True)._replace(
+        route="route-x", variant="variant-y", status=200, fallback="timeout", latency_s=1.25, ttft_s=0.75,
+        prompt_tokens=11, completion_tokens=13, cost_usd=0.5, reference_cost_usd=2.5, role="shadow")
+    shared = [name for name in RequestRecord._fields if name in arrow_schema("requests").names and name != "timestamp"]
+    assert len(shared) >= 14
+    columnar = requests_table([tuple(record)], "scrubbed", Converter("scrubbed")._clean_all).to_pylist()[0]
+    reference = request_row(record, "scrubbed")
+    for name in shared:
+        assert columnar[name] == reference[name] == getattr(record, name), name
+    assert columns_of(RequestRecord, [record])["payload"] == (record.payload,)
+    with pytest.raises(ValueError):
+        columns_of(RequestRecord, [tuple(record)[:-1]])
+    rows, unreadable = Converter("scrubbed").convert("requests", [tuple(record)[:-1]])
+    assert unreadable == 1 and rows == []
