@@ -21,9 +21,14 @@ from pathlib import Path
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog
 from loragate.service.requestlog.store import ParquetStore, read_table
-from tests.unit.test_requestlog import PII, PII_PROMPT, chat_record, counted
+from tests.unit.test_requestlog import PII, PII_PROMPT, _alive, chat_record, counted
+from tests.unit.test_requestlog import _wait_for as _wait_briefly
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _wait_for(condition, timeout_s: float = 60) -> None:  # a conversion process starts in seconds when loaded
+    _wait_briefly(condition, timeout_s)
 
 
 def stalling_scrub(texts: list[str]) -> list[str]:
@@ -38,20 +43,6 @@ def stalling_scrub(texts: list[str]) -> list[str]:
 def stalling_sink(root: Path, metrics: Metrics, **options) -> RequestLog:
     return RequestLog(functools.partial(ParquetStore, str(root)), metrics, convert="process",
                       scrub_texts=stalling_scrub, **{"flush_interval_s": 0.2, "stall_floor_s": 1.0, **options})
-
-
-def _wait_for(condition, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_stalled_batch_is_written_with_the_stalling_text_withheld_and_later_records_flow(tmp_path, caplog):
