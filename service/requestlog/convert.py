@@ -19,6 +19,7 @@ from collections.abc import Callable, Collection
 from typing import Any, Protocol, runtime_checkable
 
 from loragate.common.logschema import REQUESTS
+from loragate.service.requestlog.queue import batch_count
 from loragate.service.requestlog.records import FeedbackRecord, RequestRecord, TextMode, as_record
 from loragate.service.requestlog.rows import feedback_row, request_row
 
@@ -68,6 +69,7 @@ class Converter:
 
     def write_batch(self, store: Store, table: str, batch: bytes | mmap.mmap) -> tuple[int, int]:
         """``write`` for a batch as it crossed (the marshalled list of its records, service.requestlog.queue)."""
+        batch_count(batch)  # a corrupt count is refused before marshal reserves room for it
         return _stored(store, table, *self.convert(table, marshal.loads(batch)))
 
     def convert(self, table: str, records: list[tuple]) -> tuple[Any, int]:

@@ -14,6 +14,7 @@ for an install without a C compiler; both give the same bytes (tests/unit/test_l
 from __future__ import annotations
 
 import marshal
+import mmap
 from collections import deque
 from typing import Protocol
 
@@ -50,6 +51,18 @@ try:  # built by setup.py where a C compiler is
     from loragate.service.requestlog._logqueue import RecordQueue as NativeRecordQueue
 except ImportError:  # pragma: no cover - the tests require it built
     NativeRecordQueue = None  # type: ignore[assignment,misc]
+
+
+def batch_count(batch: bytes | memoryview | mmap.mmap) -> int:
+    """The records in a batch ``take`` gave (a marshalled list: "[" and a little-endian 32-bit count); ValueError
+    for bytes that cannot be one. Each record takes at least 5 bytes (a tuple's "(" and its count), so a count
+    past that is corrupt: refused before marshal reserves room for it."""
+    if len(batch) < 5 or batch[0] != ord("["):
+        raise ValueError("not a request-log batch")
+    count = int.from_bytes(batch[1:5], "little")
+    if count > (len(batch) - 5) // 5:
+        raise ValueError(f"a corrupt request-log batch: {count} records in {len(batch)} bytes")
+    return count
 
 
 def record_queue() -> RecordQueue:

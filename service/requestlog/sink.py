@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from loragate.common.logschema import FEEDBACK, PRIMARY, REQUESTS
 from loragate.service.requestlog.convert import Converter, ScrubTexts, Store
 from loragate.service.requestlog.process import STORING, ChildError, ConversionProcess, Died, Stalled
-from loragate.service.requestlog.queue import record_queue
+from loragate.service.requestlog.queue import batch_count, record_queue
 from loragate.service.requestlog.records import FeedbackRecord, RequestRecord, TextMode
 from loragate.service.requestlog.spool import Spool, Spooled, SpoolUnreadable
 
@@ -336,7 +336,7 @@ class RequestLog:
                         raise _StoreError(f"the conversion process stalled {'storing' if stalled.at else 'starting'}"
                                           " a batch") from None
                     if len(withheld) >= _MAX_WITHHELD:
-                        withheld.update(range(stalled.at, batch_length(batch)))
+                        withheld.update(range(stalled.at, batch_count(batch)))
                     else:
                         withheld.add(stalled.at)
                     if spare is not None:
@@ -429,8 +429,3 @@ class RequestLog:
             self._process = None
         if isinstance(self._spool, Spool):
             self._spool.close()
-
-
-def batch_length(batch: bytes) -> int:
-    """Records in a queued batch (a marshalled list: "[" and a little-endian 32-bit count)."""
-    return int.from_bytes(batch[1:5], "little")

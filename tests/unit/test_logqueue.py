@@ -125,3 +125,19 @@ def test_a_record_that_cannot_be_queued_is_counted_failed_and_the_request_path_g
     sink.close()
     assert counted(metrics, "failed") == 1 and counted(metrics, "written") == 2
     assert sorted(read_table(str(tmp_path), "requests").column("request_id").to_pylist()) == ["r1", "r3"]
+
+
+def test_a_corrupt_batch_count_is_refused_before_anything_is_reserved():
+    from loragate.service.requestlog.convert import Converter
+
+    queue = NativeRecordQueue()
+    for index in range(3):
+        queue.append(("r", index, b""))
+    batch = queue.take(3)
+    assert logqueue.batch_count(batch) == 3 and logqueue.batch_count(marshal.dumps([], 2)) == 0
+    corrupt = b"[" + (2**31 - 1).to_bytes(4, "little") + batch[5:]  # marshal would reserve 16 GiB of slots
+    for broken in (corrupt, b"", b"[\x01", b"(" + batch[1:]):
+        with pytest.raises(ValueError):
+            logqueue.batch_count(broken)
+    with pytest.raises(ValueError):
+        Converter("none").write_batch(object(), "feedback", corrupt)
