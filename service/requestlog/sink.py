@@ -309,7 +309,7 @@ class RequestLog:
             written, unreadable = self._call_spooled(process, bound, table, batch)
         except Stalled as stalled:
             self._replace_process()
-            self._out_of_time_if_cut(bound)
+            self._out_of_time_if_cut()
             log.error("request log: a batch of %d bytes was not written within %.1fs (%s); the conversion process "
                       "was replaced and the batch is written record by record", len(batch), bound, stalled)
             return self._write_guarded(table, batch, bound)
@@ -331,10 +331,10 @@ class RequestLog:
                                                             sorted(withheld), idle=True)
                 except Stalled as stalled:
                     self._replace_process()
-                    self._out_of_time_if_cut(bound)
-                    if stalled.at is None or stalled.at == STORING:
-                        raise _StoreError(f"the conversion process stalled {'storing' if stalled.at else 'starting'}"
-                                          " a batch") from None
+                    self._out_of_time_if_cut()
+                    if stalled.at is None or stalled.at == STORING or stalled.at in withheld:
+                        # Not any record's text: the store, the start, or a record that stalls without its text.
+                        raise _StoreError(f"the conversion process stalled (at {stalled.at}) on a batch") from None
                     if len(withheld) >= _MAX_WITHHELD:
                         withheld.update(range(stalled.at, batch_count(batch)))
                     else:
@@ -392,7 +392,7 @@ class RequestLog:
             raise _OutOfTime
         return min(bound, left)
 
-    def _out_of_time_if_cut(self, bound: float) -> None:
+    def _out_of_time_if_cut(self) -> None:
         """After a stall: _OutOfTime if it was close's deadline, not the batch's bound, that ran out."""
         if self._time_left() <= 0:
             raise _OutOfTime
