@@ -66,8 +66,9 @@ class Settings(BaseSettings):
     # A batch the conversion process has not written in 5x the time its size takes, and at least this long, is
     # written again record by record, the text of a record that stalls it withheld (never stored unscrubbed).
     request_log_stall_floor_s: float = Field(2.0, gt=0)
-    # Graceful shutdown: the log's last flush and the conversion process's end take at most this long.
-    request_log_close_timeout_s: float = Field(30.0, gt=0)
+    # Graceful shutdown: the log's last flush and the conversion process's end take at most this long (after the
+    # up to 30 s for requests in flight: 40 s in all, the Helm chart's terminationGracePeriodSeconds).
+    request_log_close_timeout_s: float = Field(10.0, gt=0)
     # File names start with it; default: host-pid-random. Must be unique per writer process.
     request_log_writer_id: str | None = None
     # An S3-compatible endpoint (MinIO, moto, ...), e.g. http://minio:9000; unset = AWS.

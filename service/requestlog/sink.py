@@ -113,7 +113,7 @@ class RequestLog:
         scrub_texts: ScrubTexts | None = None,
         stall_factor: float = 5.0,
         stall_floor_s: float = 2.0,
-        close_timeout_s: float = 30.0,
+        close_timeout_s: float = 10.0,
     ) -> None:
         self.convert = convert
         self.store: Store | None = None  # thread mode
