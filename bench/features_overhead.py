@@ -28,7 +28,7 @@ process, as deployed). Ratios are taken within a round (baseline, plain and all 
 back, in alternating order), medians over rounds, each with a 90% bootstrap interval over the
 rounds (this VM's noise moves one round's ratio by tens of %). After the sweep the log targets
 are stopped and their Parquet rows counted against the requests they answered: the log must be
-complete.
+complete, and no record's text withheld (no batch of ordinary requests may look stalled).
 
 The proxies' CPU never idles (on where pinning is; ``--no-idle-spinner`` turns it off): a SCHED_IDLE busy
 loop on CPU 1 takes the CPU whenever no proxy thread wants it, the user-space form of the
@@ -321,9 +321,12 @@ def main() -> int:
                 log_dir = work / f"log-{name}"
                 settled(url, log_dir)
                 answered = answered_2xx(url)
+                # Ordinary requests never stall the log's conversion (service/requestlog/sink.py): none withheld.
+                withheld = metric_sum(url, "loragate_requestlog_records_total{", 'result="text_withheld"')
                 service.stop()
                 rows = log_rows(log_dir)
-                completeness[name] = {"answered": answered, "rows": rows, "complete": rows == answered}
+                completeness[name] = {"answered": answered, "rows": rows, "text_withheld": withheld,
+                                      "complete": rows == answered and withheld == 0}
     finally:
         for service, _url in services.values():
             service.stop()
@@ -388,8 +391,8 @@ def main() -> int:
                 pb <= (BASELINE_LIMIT if mode == "json" else 1.0)
         print(f"  {mode:4s} c={c:<3d} {line}")
     for name, comp in completeness.items():
-        print(f"log completeness ({name}): {comp['rows']} rows for {comp['answered']:.0f} requests answered "
-              f"({'complete' if comp['complete'] else 'MISMATCH'})")
+        print(f"log completeness ({name}): {comp['rows']} rows for {comp['answered']:.0f} requests answered, "
+              f"{comp['text_withheld']:.0f} with text withheld ({'complete' if comp['complete'] else 'MISMATCH'})")
     print(f"hypervisor steal during the measured runs: median {statistics.median(c['steal'] for cs in raw.values() for c in cs):.0%}"
           " of the machine (charged to whatever ran: above a few % the ratios are noisy)")
     print("verdicts: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in verdicts.items()))

@@ -3,21 +3,19 @@
 The records are what bench/features_overhead.py sends through the gateway (a chat request with a system
 prompt and a support message holding an e-mail address, a phone number and an order number that changes;
 the answer a whole JSON body, or an SSE stream of 16 chunks, a usage event and [DONE]). A batch is
-converted and written the way the conversion process does it (service.logconvert.Converter.write into a
+converted and written the way the conversion process does it (service.requestlog.convert.Converter into a
 ParquetStore, scrubbed text), two ways:
 
-  orjson   every request and answer parsed by orjson (service.logrows' reading; what an install without
-           the C reader does, and the reference the C reader must equal)
-  c        the C reader (service/_lognative.c) for answers and chat turns, orjson for what it declines
+  orjson   every request and answer parsed by orjson (service.requestlog.rows' reading; what an install
+           without the C reader does, and the reference the C reader must equal)
+  c        the C reader (service/requestlog/_lognative.c) for answers and chat turns, orjson for what it declines
 
 and the batch as it reaches the conversion process (the marshalled records the queue hands over,
-service/logqueue.py), through Converter.write_batch, with the C readers, two ways:
-
-  unmarshalled  marshal.loads: a tuple a record, then the columns from them
-  columns       the queue's C reader (service/_logqueue.c read_columns): the columns straight from the bytes
+service/requestlog/queue.py) through Converter.write_batch (unmarshalled, then the columns, with the C reader):
+what the conversion process pays a record in all.
 
 The tables are checked equal. CPU time (process_time) per record, the best of --repeats batches;
-the ratios c / orjson and columns / unmarshalled are measured in the same run.
+the ratio c / orjson is measured in the same run.
 
 Run:  .venv/bin/python bench/logconvert_speed.py [--records 5000] [--repeats 5]
 """
@@ -36,11 +34,11 @@ sys.path.insert(0, str(ROOT))
 
 import orjson  # noqa: E402
 
-from loragate.service import logbatch  # noqa: E402
-from loragate.service._logqueue import RecordQueue, read_columns  # noqa: E402
-from loragate.service.logconvert import Converter  # noqa: E402
-from loragate.service.logrows import RequestRecord  # noqa: E402
-from loragate.service.logstore import ParquetStore  # noqa: E402
+from loragate.service.requestlog import columns as logbatch  # noqa: E402
+from loragate.service.requestlog._logqueue import RecordQueue  # noqa: E402
+from loragate.service.requestlog.convert import Converter  # noqa: E402
+from loragate.service.requestlog.records import RequestRecord  # noqa: E402
+from loragate.service.requestlog.store import ParquetStore  # noqa: E402
 
 SYSTEM = "You are a helpful support assistant."
 MESSAGE = "I'm jane.doe@example.com, call me on +44 20 7946 0958: my order #{n} has not arrived yet, what can I do?"
@@ -83,9 +81,8 @@ def per_record_us(batches: list[list[RequestRecord]], reader: object, folder: st
     return best / len(batches[0]) * 1e6
 
 
-def batch_us(batches: list[list[RequestRecord]], columns: bool, folder: str) -> float:
-    """write_batch of each batch's queued bytes: read into columns by the C reader, or unmarshalled."""
-    logbatch.read_columns = read_columns if columns else None  # type: ignore[assignment]
+def batch_us(batches: list[list[RequestRecord]], folder: str) -> float:
+    """write_batch of each batch's queued bytes (unmarshalled, then columns), as the conversion process does."""
     converter, store = Converter("scrubbed"), ParquetStore(folder)
     best = float("inf")
     for records_ in batches:
@@ -97,7 +94,6 @@ def batch_us(batches: list[list[RequestRecord]], columns: bool, folder: str) -> 
         written, unreadable = converter.write_batch(store, "requests", batch)
         best = min(best, time.process_time() - started)
         assert written == len(records_) and unreadable == 0
-    logbatch.read_columns = read_columns
     return best / len(batches[0]) * 1e6
 
 
@@ -121,25 +117,17 @@ def main() -> int:
             expected = converter.convert("requests", batches[0])[0]
             logbatch.native = c_reader
             assert converter.convert("requests", batches[0])[0].equals(expected), f"{kind}: the readers disagree"
-            queue = RecordQueue()
-            for record in batches[0]:
-                queue.append(record)
-            assert logbatch.batch_table(queue.take(args.records), "scrubbed", converter._clean_all).equals(expected), \
-                f"{kind}: the column reader disagrees"
             us = {"orjson": per_record_us(batches, None, f"{folder}/{kind}-orjson"),
                   "c": per_record_us(batches, c_reader, f"{folder}/{kind}-c"),
-                  "batch_unmarshalled": batch_us(batches, False, f"{folder}/{kind}-unmarshalled"),
-                  "batch_columns": batch_us(batches, True, f"{folder}/{kind}-columns")}
+                  "queued_batch": batch_us(batches, f"{folder}/{kind}-queued")}
             logbatch.native = c_reader
             results[kind] = {"records": args.records, "answer_bytes": len(batches[0][0].answer or b""),
                              "us_per_record": {k: round(v, 2) for k, v in us.items()},
-                             "c_vs_orjson": round(us["c"] / us["orjson"], 3),
-                             "columns_vs_unmarshalled": round(us["batch_columns"] / us["batch_unmarshalled"], 3)}
+                             "c_vs_orjson": round(us["c"] / us["orjson"], 3)}
             print(f"{kind:>4} ({args.records} records, answers of {results[kind]['answer_bytes']} bytes): "
-                  f"orjson {us['orjson']:7.2f} us  c {us['c']:7.2f} us per record  | c/orjson {us['c'] / us['orjson']:.3f}")
-            print(f"{'':>4} a queued batch: unmarshalled {us['batch_unmarshalled']:7.2f} us  columns "
-                  f"{us['batch_columns']:7.2f} us per record  | columns/unmarshalled "
-                  f"{us['batch_columns'] / us['batch_unmarshalled']:.3f}")
+                  f"orjson {us['orjson']:7.2f} us  c {us['c']:7.2f} us per record  | c/orjson "
+                  f"{us['c'] / us['orjson']:.3f}")
+            print(f"{'':>4} a queued batch (unmarshalled, then columns): {us['queued_batch']:7.2f} us per record")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -8,8 +8,8 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 "$PYTHON" -c 'import sys; assert sys.version_info[:2] == (3, 11), "loragate needs Python 3.11"'
 
 # A C compiler and PCRE2's headers build the C modules (setup.py): the scrubber's rules
-# (loragate/common/_scrubnative.c), the request log's JSON reading (service/_lognative.c) and its queue
-# (service/_logqueue.c). Without them the package installs with the Python paths alone (same output, slower).
+# (loragate/common/_scrubnative.c), the request log's JSON reading (service/requestlog/_lognative.c) and its queue
+# (service/requestlog/_logqueue.c). Without them the package installs with the Python paths alone (same output, slower).
 if ! command -v gcc >/dev/null || [[ ! -f /usr/include/pcre2.h ]]; then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq

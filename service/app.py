@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from loragate.service.api.admin import admin_router
-from loragate.service.api.feedback import feedback_router
+from loragate.service.api.feedback import RecentRequests, feedback_router
 from loragate.service.api.health import health_router
 from loragate.service.api.openai import CompletionsFirst, openai_router
 from loragate.service.auth import authenticator_from_settings
@@ -147,7 +147,9 @@ def _request_log(settings: Settings, metrics: Metrics) -> RequestLog | None:
     return RequestLog(store, metrics, convert=settings.request_log_convert, text_mode=settings.request_log_text,
                       flush_interval_s=settings.request_log_flush_interval_s,
                       batch_size=settings.request_log_batch_size, queue_size=settings.request_log_queue_size,
-                      recent_requests=settings.feedback_recent_requests)
+                      recent=RecentRequests(settings.feedback_recent_requests),
+                      stall_floor_s=settings.request_log_stall_floor_s,
+                      close_timeout_s=settings.request_log_close_timeout_s)
 
 
 async def _reload(catalog: CatalogFile, metrics: Metrics) -> None:

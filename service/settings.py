@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     # An adapter that failed to load is not retried on that replica for this long.
     adapter_failure_ttl_s: float = 30.0
 
-    # Request log (service/requestlog.py): a directory or s3://bucket/prefix; unset = off.
+    # Request log (service/requestlog/sink.py): a directory or s3://bucket/prefix; unset = off.
     # Needs pyarrow (pip install 'loragate[requestlog]'). S3 credentials: the usual AWS_* environment.
     request_log_url: str | None = None
     # Prompt/answer text in the log: full, scrubbed (personal data and secrets replaced), none.
@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     # Where records become rows (answer parsing, scrubbing, Parquet encoding): "process" = one
     # conversion process per gateway worker, off the event loop's GIL; "thread" = the writer thread.
     request_log_convert: Literal["process", "thread"] = "process"
+    # A batch the conversion process has not written in 5x the time its size takes, and at least this long, is
+    # written again record by record, the text of a record that stalls it withheld (never stored unscrubbed).
+    request_log_stall_floor_s: float = Field(2.0, gt=0)
+    # Graceful shutdown: the log's last flush and the conversion process's end take at most this long (after the
+    # up to 30 s for requests in flight: 40 s in all, the Helm chart's terminationGracePeriodSeconds).
+    request_log_close_timeout_s: float = Field(10.0, gt=0)
     # File names start with it; default: host-pid-random. Must be unique per writer process.
     request_log_writer_id: str | None = None
     # An S3-compatible endpoint (MinIO, moto, ...), e.g. http://minio:9000; unset = AWS.

@@ -100,7 +100,8 @@ def test_wheel_ships_every_module(built: Built) -> None:
                          f"add {packages} to [tool.setuptools] packages in pyproject.toml")
     # The C modules, compiled for this platform (setup.py; scripts/setup.sh installs what they need): the
     # scrubber's native rules, the request log's JSON reading and its queue.
-    for module in (r"loragate/common/_scrubnative", r"loragate/service/_lognative", r"loragate/service/_logqueue"):
+    for module in (r"loragate/common/_scrubnative", r"loragate/service/requestlog/_lognative",
+                   r"loragate/service/requestlog/_logqueue"):
         assert [m for m in shipped if re.fullmatch(module + r"\.cpython-311-.+\.so", m)], (module, shipped)
 
 

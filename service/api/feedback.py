@@ -38,6 +38,40 @@ MAX_CORRECTION_CHARS = 16_384
 _FIELDS = ("request_id", "score", "label", "correction")
 
 
+class RecentRequests:
+    """request id -> (route, variant) of at least the last ``capacity`` requests this process answered.
+
+    Filled by the request log (RequestLog(recent=...)) as each primary answer is logged; read here.
+    Two plain dicts, the current one and the one before: when the current one holds ``capacity``
+    ids it becomes the one before and the oldest ``capacity`` are dropped at once (so at most
+    2 x ``capacity`` are held). An OrderedDict evicting one id per request cost twice as much.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._current: dict[str, tuple[str, str]] = {}
+        self._before: dict[str, tuple[str, str]] = {}
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def add(self, request_id: str, route: str, variant: str) -> None:
+        pair = self._pairs.get((route, variant))  # one tuple per pair, not one per request for the GC to visit
+        if pair is None:
+            if len(self._pairs) > 4096:
+                self._pairs.clear()
+            pair = self._pairs[route, variant] = (route, variant)
+        current = self._current
+        current[request_id] = pair
+        if len(current) >= self.capacity:
+            self._before, self._current = current, {}
+
+    def get(self, request_id: str) -> tuple[str, str] | None:
+        served = self._current.get(request_id)
+        return served if served is not None else self._before.get(request_id)
+
+    def __len__(self) -> int:
+        return len(self._current) + len(self._before)
+
+
 def feedback_router(
     request_log: RequestLog | None,
     metrics: Metrics,
@@ -58,7 +92,7 @@ def feedback_router(
             body = _parse(await read_body(request, MAX_BODY_BYTES))
         except GatewayError as exc:
             return error_response(exc)
-        served = request_log.recent.get(body["request_id"])
+        served = request_log.recent.get(body["request_id"]) if request_log.recent is not None else None
         route, variant = served if served else (None, None)
         record = FeedbackRecord(request_id=body["request_id"], timestamp=time.time(), route=route, variant=variant,
                                 score=body.get("score"), label=body.get("label"), correction=body.get("correction"))

@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 import pytest
 
-from loragate.service.logstore import read_table
+from loragate.service.requestlog.store import read_table
 from tests.metrics_text import sample_sum, scrape
 from tests.processes import Service, free_port, start_gateway, start_stub, wait_http
 
@@ -125,13 +125,13 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _spawned_children(pid: int) -> list[int]:
-    """Children started by multiprocessing's spawn (not its resource tracker)."""
+def _children_running(pid: int, marker: bytes) -> list[int]:
+    """Children of ``pid`` whose command line holds ``marker``."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
-                    b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                    marker in (stat.parent / "cmdline").read_bytes():
                 found.append(int(stat.parent.name))
         except (OSError, ValueError):
             continue
@@ -139,10 +139,12 @@ def _spawned_children(pid: int) -> list[int]:
 
 
 def _conversion_processes(pid: int, workers: int = 1) -> list[int]:
-    """The request log's conversion processes: spawned by the gateway, or by each of uvicorn's (spawned) workers."""
+    """The request log's conversion processes (service/requestlog/process.py): started by the gateway, or by each
+    of uvicorn's workers (spawned by multiprocessing)."""
     if workers == 1:
-        return _spawned_children(pid)
-    return [child for worker in _spawned_children(pid) for child in _spawned_children(worker)]
+        return _children_running(pid, b"child_main")
+    return [child for worker in _children_running(pid, b"spawn_main")
+            for child in _children_running(worker, b"child_main")]
 
 
 def _alive(pid: int) -> bool:
@@ -330,3 +332,53 @@ def test_real_engine_answers_are_logged(engine, demo_model, tmp_path):
     assert {r["finish_reason"] for r in rows.values()} == {"length"}
     assert (whole["variant"], text["variant"]) == ("a1", "base")
     assert whole["prompt_tokens"] > 0 and whole["completion_tokens"] == 6
+
+
+def test_a_hostile_prompt_cannot_stop_the_log(stub, tmp_path):
+    """The issue's reproduction, on the real gateway and its real conversion process: a keyword then 200,000
+    spaces (a scrubber that backtracks on it would take about a day), then ordinary requests. Every record is in
+    the Parquet log within two flush intervals, the hostile one with its text scrubbed or withheld (never as
+    sent), and a graceful shutdown right after finishes within its bound."""
+    root = tmp_path / "log"
+    flush_s, close_s = 10.0, 10.0
+    service, url = _gateway(tmp_path, stub, str(root), LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S=str(flush_s),
+                            LORAGATE_REQUEST_LOG_CLOSE_TIMEOUT_S=str(close_s))  # the stall floor: its default
+    try:
+        hostile = "passport" + " " * 200_000 + "x1"
+        started = time.monotonic()
+        hostile_id = _send_all(url, [("chat/completions", {"model": "support", "max_tokens": 4,
+                                                           "messages": [{"role": "user", "content": hostile}]})])
+        ordinary = _send_all(url, [_request(index, text=f"ordinary {index}") for index in range(5)])
+        sent = hostile_id + ordinary
+        while time.monotonic() - started < 2 * flush_s:
+            found = _logged(root)
+            if set(sent) <= set(found):
+                break
+            time.sleep(0.25)
+        took = time.monotonic() - started
+        found = _logged(root)
+        print(f"all {len(sent)} records logged {took:.1f}s after the hostile request was sent")
+        assert set(sent) <= set(found), (took, sorted(set(sent) - set(found)), service.log.read_text()[-3000:])
+        text = found[hostile_id[0]]
+        assert text is None or (hostile not in text and len(text) < len(hostile) + 100)  # withheld, or scrubbed
+        assert all(found[request_id] and "ordinary" in found[request_id] for request_id in ordinary)
+        metrics = scrape(url)
+        withheld = sample_sum(metrics, "loragate_requestlog_records_total", result="text_withheld")
+        assert withheld == (1 if text is None else 0)
+        if text is None:  # the watchdog, not the scrubber, kept the log going: it says which request
+            assert hostile_id[0] in service.log.read_text()
+    except BaseException:
+        service.stop()
+        raise
+    stopping = time.monotonic()
+    _stop(service)
+    print(f"graceful shutdown: {time.monotonic() - stopping:.1f}s")
+    assert time.monotonic() - stopping < close_s + 5  # the log's bound, and uvicorn's own few seconds
+
+
+def _logged(root: Path) -> dict[str, str | None]:
+    """request id -> prompt text of every request in the log so far."""
+    if not any(root.rglob("*.parquet")):
+        return {}
+    table = read_table(str(root), "requests")
+    return dict(zip(table.column("request_id").to_pylist(), table.column("prompt_text").to_pylist()))

@@ -6,7 +6,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from loragate.service.app import create_app
-from loragate.service.logstore import read_table
+from loragate.service.requestlog.store import read_table
 from loragate.service.metrics import Metrics
 from loragate.service.settings import Settings
 from tests.unit.test_requestlog import chat_record

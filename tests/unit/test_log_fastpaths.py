@@ -17,18 +17,17 @@ import pytest
 
 from loragate.common.logschema import arrow_schema
 
-from loragate.common import sse
 from loragate.common.scrub import scrub
 from loragate.service.apikeys import KeyStore, hash_key
 from loragate.service.auth import Authenticator
 from loragate.service.errors import GatewayError
-from loragate.service.logrows import _body_answer, _simple_stream_objects, _stream_answer, request_row
+from loragate.service.requestlog.rows import _body_answer, _stream_answer, request_row
 from loragate.service.logscrub import scrub_many
-from loragate.service._lognative import body_answer, stream_answer
-from loragate.service import logbatch
-from loragate.service.logbatch import batch_table, requests_table
-from loragate.service.logconvert import Converter
-from loragate.service._logqueue import RecordQueue as NativeRecordQueue
+from loragate.service.requestlog._lognative import body_answer, stream_answer
+from loragate.service.requestlog import columns as logbatch
+from loragate.service.requestlog.columns import requests_table
+from loragate.service.requestlog.convert import Converter
+from loragate.service.requestlog._logqueue import RecordQueue as NativeRecordQueue
 from loragate.service.requestlog import RequestRecord
 from tests.unit.test_requestlog import PII_PROMPT, chat_record
 from tests.unit.test_scrub import KEPT, PLANTED
@@ -80,7 +79,7 @@ def batch_records() -> list[RequestRecord]:
 @pytest.mark.parametrize("reader", ["c", "python"])
 @pytest.mark.parametrize("mode", ["scrubbed", "full", "none"])
 def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypatch) -> None:
-    if reader == "python":  # an install without the C reader (service/_lognative.c): the orjson path alone
+    if reader == "python":  # an install without the C reader (service/requestlog/_lognative.c): the orjson path alone
         monkeypatch.setattr(logbatch, "native", None)
     records = batch_records()
     expected = [request_row(record, mode) for record in records]
@@ -88,7 +87,7 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypa
     assert table.schema == arrow_schema("requests")
     assert table.to_pylist() == pa.Table.from_pylist(expected, schema=arrow_schema("requests")).to_pylist()
     assert mode != "scrubbed" or "[EMAIL]" in table.column("prompt_text")[400].as_py()
-    # The plain tuples a queued batch unmarshals to (service/logconvert.py) give the same table.
+    # The plain tuples a queued batch unmarshals to (service/requestlog/convert.py) give the same table.
     assert requests_table([tuple(record) for record in records], mode, Converter(mode)._clean_all).equals(table)
     # A batch the columnar path cannot take goes record by record, the unreadable record skipped and counted.
     broken = chat_record("broken")._replace(timestamp="not a time")  # request_row raises on it
@@ -107,24 +106,22 @@ def test_batch_conversion_gives_the_record_by_record_rows(mode, reader, monkeypa
 
 
 @pytest.mark.parametrize("mode", ["scrubbed", "full", "none"])
-def test_a_queued_batch_read_as_columns_gives_the_record_by_record_rows(mode) -> None:
-    """The conversion process's path: the batch's bytes read straight into columns (service/_logqueue.c)."""
+def test_a_queued_batch_gives_the_record_by_record_rows(mode) -> None:
+    """The conversion process's path: the batch's bytes (service/requestlog/_logqueue.c) unmarshalled, then columns."""
     records = batch_records()
     queue = NativeRecordQueue()
     for record in records:
         queue.append(record)
     batch = queue.take(len(records))
-    table = batch_table(batch, mode, Converter(mode)._clean_all)
-    assert table is not None and table.equals(requests_table(records, mode, Converter(mode)._clean_all))
+    table = requests_table(records, mode, Converter(mode)._clean_all)
     store = TablesStore()
     assert Converter(mode).write_batch(store, "requests", batch) == (len(records), 0)
     assert store.tables[0].equals(table)
-    # A record the column reader does not read (a str timestamp): the records are unmarshalled, the batch goes
-    # record by record, and the one unreadable record is skipped.
+    # A record the columnar path does not take (a str timestamp): the batch goes record by record, and the one
+    # unreadable record is skipped.
     for record in (records[0], chat_record("broken")._replace(timestamp="not a time")):
         queue.append(record)
     odd = queue.take(2)
-    assert batch_table(odd, mode, None) is None
     assert Converter(mode).write_batch(store, "requests", odd) == (1, 1)
     assert store.tables[-1] == [request_row(records[0], mode)]
 
@@ -253,20 +250,6 @@ def test_typed_body_decoding_gives_the_general_parse_or_steps_aside() -> None:
     assert_typed_path_agrees(body_answer, _body_answer, random_bodies(3000), taken=1000, stepped_aside=300)
 
 
-def test_simple_stream_parse_matches_the_general_one() -> None:
-    event = b'data: {"choices": [{"index": 0, "delta": {"content": "a"}}]}\n\n'
-    streams = [event * 3 + b"data: [DONE]\n\n", event, event * 2 + b"\n"]
-    for stream in streams:
-        assert _simple_stream_objects(stream) == list(sse.json_objects(stream))
-    # Anything unusual goes to the general parser: CRLF, comments, multi-line data, bad JSON, [DONE] only.
-    # Events that are not JSON alone but would be as one array: never taken as objects.
-    forged = b'data: {"a":"x}\n\ndata: {"}\n\ndata: {"c":1},{"d":2}\n\n'
-    assert _simple_stream_objects(forged) is None and list(sse.json_objects(forged)) == []
-    for odd in (event.replace(b"\n", b"\r\n"), b": ping\n\n" + event, b"data: {\ndata: }\n\n" + event,
-                event + b"data: {oops\n\n", b"data: [DONE]\n\n", event + b"\n" + event):
-        assert _simple_stream_objects(odd) is None
-
-
 def test_a_remembered_key_does_not_survive_a_revoking_reload(tmp_path: Path) -> None:
     keys = tmp_path / "keys.yaml"
     alice, bob = "lg-alice-secret", "lg-bob-secret"
@@ -303,3 +286,24 @@ def test_a_remembered_principal_is_that_of_its_authorization_header_only(tmp_pat
         with pytest.raises(GatewayError, match="invalid API key"):
             auth.authenticate({"authorization": "Bearer lg-mallory"})
     assert list(auth._admitted) == [f"Bearer {alice}"]
+
+
+def test_every_reader_takes_a_records_fields_by_name() -> None:
+    """One definition of the fields (service/requestlog/records.py): each field the schema shares goes to the
+    column of its name on every path, and a record of another width is refused, not read shifted."""
+    from loragate.service.requestlog.records import columns_of
+
+    record = chat_record("by-name", stream=True)._replace(
+        route="route-x", variant="variant-y", status=200, fallback="timeout", latency_s=1.25, ttft_s=0.75,
+        prompt_tokens=11, completion_tokens=13, cost_usd=0.5, reference_cost_usd=2.5, role="shadow")
+    shared = [name for name in RequestRecord._fields if name in arrow_schema("requests").names and name != "timestamp"]
+    assert len(shared) >= 14
+    columnar = requests_table([tuple(record)], "scrubbed", Converter("scrubbed")._clean_all).to_pylist()[0]
+    reference = request_row(record, "scrubbed")
+    for name in shared:
+        assert columnar[name] == reference[name] == getattr(record, name), name
+    assert columns_of(RequestRecord, [record])["payload"] == (record.payload,)
+    with pytest.raises(ValueError):
+        columns_of(RequestRecord, [tuple(record)[:-1]])
+    rows, unreadable = Converter("scrubbed").convert("requests", [tuple(record)[:-1]])
+    assert unreadable == 1 and rows == []

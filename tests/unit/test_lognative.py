@@ -1,4 +1,4 @@
-"""The request log's JSON reading in C (service/_lognative.c) against the reference, service.logrows.
+"""The request log's JSON reading in C (service/requestlog/_lognative.c) against the reference, service.requestlog.rows.
 
 Generated inputs (seeded) cover what the C code must read exactly or leave to the reference: escapes,
 surrogates, non-ASCII, keys given twice, odd types in every field the log reads, numbers orjson
@@ -14,10 +14,10 @@ import orjson
 import pytest
 
 from loragate.common.logschema import CHAT_ENDPOINT
-from loragate.service import logbatch
-from loragate.service.logrows import _body_answer, _stream_answer, prompt_of
+from loragate.service.requestlog import columns as logbatch
+from loragate.service.requestlog.rows import _body_answer, _stream_answer, prompt_of
 
-from loragate.service import _lognative as native  # must be built (setup.py): a missing module fails
+from loragate.service.requestlog import _lognative as native  # must be built (setup.py): a missing module fails
 
 CASES = 4000
 

@@ -1,8 +1,8 @@
-"""The request log's queue (service/logqueue.py, service/_logqueue.c): records kept marshalled until their batch.
+"""The request log's queue (service/requestlog/queue.py, _logqueue.c): records kept marshalled until their batch.
 
 Both queues must give, for any records of plain values, exactly the bytes ``marshal.dumps(records, 2)``
 gives (the conversion process reads a batch with marshal.loads), in the order they came, ``limit``
-at a time. ``read_columns`` reads such a batch back one column a field, or gives up (None).
+at a time.
 """
 
 from __future__ import annotations
@@ -10,14 +10,12 @@ from __future__ import annotations
 import marshal
 import math
 import random
-import struct
 
 import pytest
 
-from loragate.service import logqueue
-from loragate.service._logqueue import RecordQueue as NativeRecordQueue  # must be built (setup.py)
-from loragate.service._logqueue import read_columns
-from loragate.service.logqueue import PyRecordQueue
+from loragate.service.requestlog import queue as logqueue
+from loragate.service.requestlog._logqueue import RecordQueue as NativeRecordQueue  # must be built (setup.py)
+from loragate.service.requestlog.queue import PyRecordQueue
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog
 
@@ -116,7 +114,7 @@ def test_the_gateway_uses_the_c_queue():
 
 
 def test_a_record_that_cannot_be_queued_is_counted_failed_and_the_request_path_goes_on(tmp_path):
-    from loragate.service.logstore import ParquetStore, read_table
+    from loragate.service.requestlog.store import ParquetStore, read_table
     from tests.unit.test_requestlog import chat_record, counted
 
     metrics = Metrics()
@@ -129,90 +127,17 @@ def test_a_record_that_cannot_be_queued_is_counted_failed_and_the_request_path_g
     assert sorted(read_table(str(tmp_path), "requests").column("request_id").to_pylist()) == ["r1", "r3"]
 
 
-# --- a batch read back as columns (read_columns) ----------------------------------------------------------
+def test_a_corrupt_batch_count_is_refused_before_anything_is_reserved():
+    from loragate.service.requestlog.convert import Converter
 
-SPEC = "AFISibyA?F?I?S?y?"
-KINDS = [letter for letter in SPEC if letter != "?"]
-NULLABLE = [SPEC[i + 1:i + 2] == "?" for i, letter in enumerate(SPEC) if letter != "?"]
-
-
-def column_value(draw: random.Random, kind: str, nullable: bool) -> object:
-    if nullable and draw.random() < 0.2:
-        return None
-    if kind in "AS":  # ASCII, non-ASCII and astral; S also repeats (the reader shares a value equal to the one before)
-        return draw.choice(["", "support", "v1", "日本", "\U0001F600x", "é" * draw.randrange(5),
-                            "".join(chr(draw.randrange(32, 127)) for _ in range(draw.randrange(40)))])
-    if kind == "F":  # a float, or an int of 32 bits (taken as its float)
-        return draw.choice([0.0, -0.0, 1.5, math.inf, -math.inf, 1e-300, draw.random() * 1e9, 0, -(2**31), 2**31 - 1])
-    if kind in "Ii":
-        return draw.choice([0, 1, -1, 2**31 - 1, -(2**31), draw.randrange(-10**6, 10**6)])
-    if kind == "b":
-        return draw.random() < 0.5
-    return bytes(draw.randrange(256) for _ in range(draw.randrange(0, 50)))
-
-
-def decoded(column: object, kind: str, count: int) -> list:
-    """A column read_columns gave, as the list of values it stands for (its buffers read with struct)."""
-    if kind not in "AFI":
-        return column  # type: ignore[return-value]
-    validity, *buffers, nulls = column  # type: ignore[misc]
-    valid = [validity is None or bool(validity[i // 8] >> (i % 8) & 1) for i in range(count)]
-    assert nulls == valid.count(False)
-    if kind == "A":
-        offsets, chars = struct.unpack(f"<{count + 1}i", buffers[0]), buffers[1]
-        values: list = [chars[offsets[i]:offsets[i + 1]].decode() for i in range(count)]
-    else:
-        values = list(struct.unpack(f"<{count}{'d' if kind == 'F' else 'q'}", buffers[0]))
-    return [value if ok else None for value, ok in zip(values, valid)]
-
-
-@pytest.mark.parametrize("make", QUEUES)
-@pytest.mark.parametrize("seed", [4, 5])
-def test_a_batch_read_as_columns_holds_every_field_of_every_record(make, seed):
-    draw = random.Random(seed)
-    rows = [tuple(column_value(draw, kind, nullable) for kind, nullable in zip(KINDS, NULLABLE)) for _ in range(300)]
-    queue = make()
-    for row in rows:
-        queue.append(row)
-    columns = read_columns(queue.take(len(rows)), SPEC)
-    assert columns is not None and len(columns) == len(KINDS)
-    for index, (kind, column) in enumerate(zip(KINDS, columns)):
-        expected = [row[index] if kind not in "FI" or row[index] is None else
-                    (float(row[index]) if kind == "F" else row[index]) for row in rows]
-        assert same(decoded(column, kind, len(rows)), expected), (index, kind)
-    shared = columns[KINDS.index("S")]
-    assert any(a is b for a, b in zip(shared, shared[1:]) if a is not None)  # repeats are one object
-    empty = read_columns(make().take(10), SPEC)
-    assert empty is not None and [decoded(column, kind, 0) for kind, column in zip(KINDS, empty)] == [[]] * len(KINDS)
-
-
-@pytest.mark.parametrize("odd", [
-    ("x", "1.0", 1, "s", 1, True, b"", None, None, None, None, None),  # a str where a float goes
-    (None, 1.0, 1, "s", 1, True, b"", None, None, None, None, None),  # None where none may be
-    ("x", 1.0, 2**31, "s", 1, True, b"", None, None, None, None, None),  # an int over 32 bits
-    ("x", 1.0, 1, "s", 1, 1, b"", None, None, None, None, None),  # an int where a bool goes
-    ("\udc80", 1.0, 1, "s", 1, True, b"", None, None, None, None, None),  # not UTF-8 (Arrow's strings must be)
-    ("x", 1.0, 1, "s", 1, True, b""),  # a record of another length
-    ("x", 1.0, 1, "s", 1, True, "not bytes", None, None, None, None, None),
-    ("x", 1.5, 1, "s", 1, True, b"", None, None, 2.5, None, None),  # a float in an int column
-])
-def test_read_columns_gives_up_on_what_it_does_not_read(odd):
-    good = ("x", 1.0, 1, "s\udc80", 1, False, b"y", None, None, None, None, None)  # S keeps a lone surrogate
     queue = NativeRecordQueue()
-    queue.append(good)
-    assert read_columns(queue.take(1), SPEC)[KINDS.index("S")] == ["s\udc80"]
-    queue.append(good)
-    queue.append(odd)
-    assert read_columns(queue.take(2), SPEC) is None
-
-
-def test_read_columns_gives_up_on_bytes_that_are_not_a_whole_batch():
-    queue = NativeRecordQueue()
-    for _ in range(3):
-        queue.append(("x", 1.0, 1, "s", 1, True, b"y", None, None, None, None, None))
+    for index in range(3):
+        queue.append(("r", index, b""))
     batch = queue.take(3)
-    assert read_columns(batch, SPEC) is not None
-    for broken in (batch[:-1], batch + b"N", b"", b"(" + batch[1:], batch[:5], b"[\xff\xff\xff\x7f"):
-        assert read_columns(broken, SPEC) is None, broken
-    with pytest.raises(ValueError, match="bad spec"):
-        read_columns(batch, "AQ")
+    assert logqueue.batch_count(batch) == 3 and logqueue.batch_count(marshal.dumps([], 2)) == 0
+    corrupt = b"[" + (2**31 - 1).to_bytes(4, "little") + batch[5:]  # marshal would reserve 16 GiB of slots
+    for broken in (corrupt, b"", b"[\x01", b"(" + batch[1:]):
+        with pytest.raises(ValueError):
+            logqueue.batch_count(broken)
+    with pytest.raises(ValueError):
+        Converter("none").write_batch(object(), "feedback", corrupt)

@@ -15,7 +15,7 @@ from loragate.monitoring.triggers.dataset import DatasetExportAction
 from loragate.monitoring.triggers.engine import Trigger
 from loragate.monitoring.triggers.policy import TriggerPolicy
 from loragate.monitoring.triggers.state import TriggerState
-from loragate.service.logstore import ParquetStore, read_table
+from loragate.service.requestlog.store import ParquetStore, read_table
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, RequestRecord
 from tests.unit.test_triggers import result

@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from loragate.common.logschema import SCHEMA_VERSION, arrow_schema
-from loragate.service import logspool
-from loragate.service.logrows import prompt_of, request_row
-from loragate.service.logstore import ParquetStore, read_table
+from loragate.service.requestlog import spool as logspool
+from loragate.service.requestlog.rows import prompt_of, request_row
+from loragate.service.requestlog.store import ParquetStore, read_table
+from loragate.service.api.feedback import RecentRequests
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import FeedbackRecord, RequestLog, RequestRecord
 
@@ -348,7 +349,7 @@ def test_feedback_table(tmp_path, convert):
 
 
 def test_recent_requests_map_keeps_the_last_capacity_and_is_bounded():
-    sink = RequestLog(object(), Metrics(), recent_requests=3)
+    sink = RequestLog(object(), Metrics(), recent=RecentRequests(3))
     held = []
     for index in range(10):
         sink.record(chat_record(f"r{index}"))
@@ -375,19 +376,14 @@ def test_the_conversion_process_starts_with_the_writer_and_ends_with_close(tmp_p
     assert _rows(tmp_path) == 1 and counted(metrics, "written") == 1
 
 
-def _arrow_allocator() -> str:
-    import pyarrow as pa
-
-    return pa.default_memory_pool().backend_name
-
-
 def test_the_conversion_process_allocates_arrow_memory_with_the_c_library(tmp_path):
     """Not mimalloc (Arrow's default, what this test process has): under load it returned every batch's
-    pages to the kernel and faulted them in again for the next (see child_init)."""
+    pages to the kernel and faulted them in again for the next (see child_main)."""
     sink = parquet_sink(tmp_path, Metrics(), "process", flush_interval_s=0.1)
     sink.start()
     try:
-        assert sink._ensure_pool().submit(_arrow_allocator).result(timeout=60) == "system"
+        _wait_for(lambda: sink.child_pid() is not None, timeout_s=60)
+        assert sink._ensure_process().call(60, "ping")["arrow_memory_pool"] == "system"
     finally:
         sink.close()
 
@@ -486,7 +482,7 @@ def test_the_conversion_process_ignores_sigterm_and_dies_with_its_parent(tmp_pat
     code = (
         "import functools, sys, time\n"
         "from pathlib import Path\n"
-        "from loragate.service.logstore import ParquetStore\n"
+        "from loragate.service.requestlog.store import ParquetStore\n"
         "from loragate.service.metrics import Metrics\n"
         "from loragate.service.requestlog import FeedbackRecord, RequestLog\n"
         "def written(n):\n"

@@ -17,7 +17,7 @@ import pytest
 from loragate.common.catalog import CatalogError, CatalogFile
 from loragate.service.app import create_app
 from loragate.service.auth import Principal
-from loragate.service.logrows import request_row
+from loragate.service.requestlog.rows import request_row
 from loragate.service.metrics import Metrics
 from loragate.service.settings import Settings
 from tests.unit.test_gateway_core import Call, Scripted, answer, sample, stream, stream_events

@@ -1,7 +1,7 @@
 """The request log's queue: records waiting for their batch, kept as the bytes the batch will cross in.
 
-A batch reaches the conversion process as one marshal of its records (service.logconvert). The C
-queue (service/_logqueue.c) marshals each record when it is queued, into one growing buffer, and
+A batch reaches the conversion process as one marshal of its records (service.requestlog.convert). The C
+queue (service/requestlog/_logqueue.c) marshals each record when it is queued, into one growing buffer, and
 ``take`` hands a batch over as those bytes: the request's objects (its payload and answer bytes)
 are freed with the request instead of living until their batch is written, and the writer thread
 has nothing left to pack. Holding the records as tuples until the flush and marshalling them there
@@ -14,6 +14,7 @@ for an install without a C compiler; both give the same bytes (tests/unit/test_l
 from __future__ import annotations
 
 import marshal
+import mmap
 from collections import deque
 from typing import Protocol
 
@@ -47,9 +48,21 @@ class PyRecordQueue:
 
 
 try:  # built by setup.py where a C compiler is
-    from loragate.service._logqueue import RecordQueue as NativeRecordQueue
+    from loragate.service.requestlog._logqueue import RecordQueue as NativeRecordQueue
 except ImportError:  # pragma: no cover - the tests require it built
     NativeRecordQueue = None  # type: ignore[assignment,misc]
+
+
+def batch_count(batch: bytes | memoryview | mmap.mmap) -> int:
+    """The records in a batch ``take`` gave (a marshalled list: "[" and a little-endian 32-bit count); ValueError
+    for bytes that cannot be one. Each record takes at least 5 bytes (a tuple's "(" and its count), so a count
+    past that is corrupt: refused before marshal reserves room for it."""
+    if len(batch) < 5 or batch[0] != ord("["):
+        raise ValueError("not a request-log batch")
+    count = int.from_bytes(batch[1:5], "little")
+    if count > (len(batch) - 5) // 5:
+        raise ValueError(f"a corrupt request-log batch: {count} records in {len(batch)} bytes")
+    return count
 
 
 def record_queue() -> RecordQueue:

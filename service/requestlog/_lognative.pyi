@@ -1,4 +1,4 @@
-# The C module service/_lognative.c (built by setup.py where a C compiler is).
+# The C module service/requestlog/_lognative.c (built by setup.py where a C compiler is).
 from collections.abc import Callable, Sequence
 
 def stream_answer(stream: bytes, /) -> tuple[str | None, str | None] | None: ...

@@ -1,8 +1,8 @@
-/* The request log's JSON reading in C: loragate.service.logbatch's fast paths for the answers (a whole
+/* The request log's JSON reading in C: loragate.service.requestlog.columns's fast paths for the answers (a whole
  * JSON body, an SSE stream) and a chat request's turns.
  *
  * Each function reads the bytes once, validating them as strictly as orjson does, and keeps only the
- * fields the log keeps, with the meaning service.logrows (the reference, orjson and Python) gives them.
+ * fields the log keeps, with the meaning service.requestlog.rows (the reference, orjson and Python) gives them.
  * Whatever it cannot decide exactly (invalid JSON, a key written with escapes, a key given twice, a
  * number orjson might read as infinity, a type the reference would turn into something odd) makes it
  * return None: the caller then takes the reference path for that record. tests/unit/test_lognative.py
@@ -36,6 +36,7 @@ typedef struct {
 } buf_t;
 
 static int buf_add(buf_t *b, const void *s, Py_ssize_t n) {
+    if (n <= 0) return OK; /* nothing to copy: b->data and s may be NULL (memcpy with NULL is undefined) */
     if (b->len + n > b->cap) {
         Py_ssize_t cap = b->cap ? b->cap : 256;
         while (cap < b->len + n) cap *= 2;
@@ -521,8 +522,10 @@ static PyObject *stream_answer(PyObject *module, PyObject *data) {
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
     stream_t stream = {0};
     int status = read_stream(view.buf, view.len, &stream);
+    /* finish points into the buffer: read it before the buffer is released */
+    PyObject *result = answer(status, &stream.text, stream.seen, &stream.finish, stream.has_finish);
     PyBuffer_Release(&view);
-    return answer(status, &stream.text, stream.seen, &stream.finish, stream.has_finish);
+    return result;
 }
 
 /* --- whole answers: logrows._body_answer -------------------------------------------------------- */
@@ -575,13 +578,15 @@ static PyObject *body_answer(PyObject *module, PyObject *data) {
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) return NULL;
     body_t body = {0};
     int status = read_document(view.buf, view.len, body_member, &body);
-    PyBuffer_Release(&view);
     buf_t text = {0};
     choice_t *c = &body.first;
     const str_t *chosen = c->delta_is_object ? &c->delta_content : &c->text;
     int has_text = body.choices && (c->delta_is_object ? c->has_delta_content : c->has_text);
+    /* the strings found point into the buffer: read them all before it is released */
     if (status == OK && has_text) status = decode_into(&text, chosen);
-    return answer(status, &text, has_text, &c->finish, body.choices && c->has_finish);
+    PyObject *result = answer(status, &text, has_text, &c->finish, body.choices && c->has_finish);
+    PyBuffer_Release(&view);
+    return result;
 }
 
 /* --- a chat request's turns: logrows.prompt_of's (role, content) per message --------------------- */
@@ -694,7 +699,7 @@ static PyObject *read_chat(PyObject *body, PyObject *roles, PyObject *contents) 
     if (PyObject_GetBuffer(body, &view, PyBUF_SIMPLE) < 0) return NULL;
     chat_t chat = {roles, contents, 0, 0};
     Py_ssize_t roles_before = PyList_GET_SIZE(roles), contents_before = PyList_GET_SIZE(contents);
-    int status = read_document(view.buf, view.len, chat_member, &chat);
+    int status = read_document(view.buf, view.len, chat_member, &chat); /* copies what it keeps */
     PyBuffer_Release(&view);
     if (status == OK) return PyBool_FromLong(chat.has_messages);
     /* nothing of this request stays in the lists */
@@ -738,7 +743,8 @@ static PyObject *read_turns(PyObject *module, PyObject *const *args, Py_ssize_t 
                         "general)");
         return NULL;
     }
-    PyObject *endpoints = PySequence_Fast(args[0], "endpoints"), *payloads = PySequence_Fast(args[1], "payloads");
+    /* Tuples (copies where lists were given): general(index) runs Python code that may change the caller's lists. */
+    PyObject *endpoints = PySequence_Tuple(args[0]), *payloads = PySequence_Tuple(args[1]);
     PyObject *roles = args[2], *contents = args[3], *offsets = args[4], *no_turns = args[5], *general = args[6];
     PyObject *result = NULL;
     if (endpoints == NULL || payloads == NULL) goto done;
@@ -782,8 +788,9 @@ static PyObject *read_answers(PyObject *module, PyObject *const *args, Py_ssize_
         PyErr_SetString(PyExc_TypeError, "read_answers(streams, statuses, answers, general)");
         return NULL;
     }
-    PyObject *streams = PySequence_Fast(args[0], "streams"), *statuses = PySequence_Fast(args[1], "statuses");
-    PyObject *answers = PySequence_Fast(args[2], "answers"), *general = args[3];
+    /* Tuples (copies where lists were given): general(index) runs Python code that may change the caller's lists. */
+    PyObject *streams = PySequence_Tuple(args[0]), *statuses = PySequence_Tuple(args[1]);
+    PyObject *answers = PySequence_Tuple(args[2]), *general = args[3];
     PyObject *texts = NULL, *reasons = NULL, *result = NULL;
     if (streams == NULL || statuses == NULL || answers == NULL) goto done;
     Py_ssize_t count = PySequence_Fast_GET_SIZE(answers);

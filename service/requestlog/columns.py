@@ -1,39 +1,33 @@
 """A batch of request records -> one Arrow table of the requests log, built column by column.
 
-The conversion process's hot loop (service/requestlog.py). The values are exactly those of
-``pa.Table.from_pylist([request_row(r, mode) for r in records])`` (service/logrows.py is the
+The conversion process's hot loop (service/requestlog/convert.py). The values are exactly those of
+``pa.Table.from_pylist([request_row(r, mode) for r in records])`` (service/requestlog/rows.py is the
 reference, record by record; tests/unit/test_log_fastpaths.py checks the two agree), without a
 dict per row: the scalar fields go to Arrow as columns, each request and answer is read once
-(in C, service/_lognative.c, which leaves what it cannot decide exactly to the reference's orjson
+(in C, service/requestlog/_lognative.c, which leaves what it cannot decide exactly to the reference's orjson
 path), every text of the batch is cleaned in one call (the scrubber), and the flat prompt text is
-joined by Arrow kernels. A batch as it crossed from the gateway (marshalled records) is read straight
-into those columns by the queue's C reader (``batch_table``), without a tuple a record.
+joined by Arrow kernels. The record's fields are taken by name (service.requestlog.records.columns_of).
 
 Anything this cannot take raises; the caller then converts the batch record by record.
 """
 
 from __future__ import annotations
 
-import mmap
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from loragate.common.logschema import CHAT_ENDPOINT, REQUESTS, SCHEMA_VERSION, arrow_schema
-from loragate.service.logrows import RequestRecord, TextMode, _content_text, answer_of, as_record
+from loragate.service.requestlog.records import RequestRecord, TextMode, as_record, columns_of
+from loragate.service.requestlog.rows import _content_text, answer_of
 
 try:  # the C reader, built by setup.py where a C compiler is; without it every record takes the orjson path
-    from loragate.service import _lognative
+    from loragate.service.requestlog import _lognative
 except ImportError:  # pragma: no cover - the tests require it built
     _lognative = None  # type: ignore[assignment]
 native = _lognative
-try:  # the queue's own reader of its batches (service/_logqueue.c); without it a batch is unmarshalled
-    from loragate.service._logqueue import read_columns
-except ImportError:  # pragma: no cover - the tests require it built
-    read_columns = None  # type: ignore[assignment]
-
 _SCHEMA = arrow_schema(REQUESTS)
 _TURN = _SCHEMA.field("prompt_messages").type.value_type  # struct<role, content>
 
@@ -44,85 +38,36 @@ CleanAll = Callable[[list[str]], dict[str, str]]
 def requests_table(records: Sequence[tuple], text_mode: TextMode, clean_all: CleanAll | None) -> pa.Table:
     """The requests table of ``records``, each a RequestRecord's fields in its order (a RequestRecord, or the
     plain tuple a queued batch unmarshals to); ``clean_all`` is used in "scrubbed" mode only."""
-    return _table(list(zip(*records)), lambda index: as_record(RequestRecord, records[index]), text_mode, clean_all)
+    return _table(columns_of(RequestRecord, records), lambda index: as_record(RequestRecord, records[index]),
+                  text_mode, clean_all)
 
 
-# read_columns' letter for each RequestRecord field (service/_logqueue.c): Arrow buffers for the columns only
-# Arrow reads (A str, F float, I int), lists for those the answer and turn readers take too (S str, i int,
-# b bool, y bytes); "?": may be None.
-BATCH_SPEC = "AFSSSibS?FF?IIFFyy?S"
-_BATCH_TYPES = {"A": pa.string(), "F": pa.float64(), "I": pa.int64()}
-_BATCH_KINDS = [letter for letter in BATCH_SPEC if letter != "?"]
-assert len(_BATCH_KINDS) == len(RequestRecord._fields)
-
-
-def batch_table(batch: bytes | mmap.mmap, text_mode: TextMode, clean_all: CleanAll | None) -> pa.Table | None:
-    """The requests table of a queued batch as it crossed (service/logqueue.py: a marshalled list of records),
-    read straight into columns, without a tuple a record (the C reader); None where the reader cannot (not
-    built, or a value it does not read): the caller unmarshals the records for ``requests_table``."""
-    if read_columns is None:
-        return None
-    found = read_columns(batch, BATCH_SPEC)
-    if found is None:
-        return None
-    count = len(found[RequestRecord._fields.index("payload")])  # a list
-    columns = [_arrow(_BATCH_TYPES[kind], count, *column) if kind in _BATCH_TYPES else column
-               for kind, column in zip(_BATCH_KINDS, found)]
-
-    def record_at(index: int) -> RequestRecord:
-        return tuple.__new__(RequestRecord, [column[index] if isinstance(column, list) else column[index].as_py()
-                                             for column in columns])
-
-    return _table(columns, record_at, text_mode, clean_all)
-
-
-def _arrow(kind: pa.DataType, count: int, validity: bytes | None, *buffers_and_nulls: bytes | int) -> pa.Array:
-    """An array of read_columns' buffers: (validity, [offsets,] values, null count)."""
-    *buffers, nulls = buffers_and_nulls
-    arrow_buffers = [None if validity is None else pa.py_buffer(validity), *map(pa.py_buffer, buffers)]
-    return pa.Array.from_buffers(kind, count, arrow_buffers, null_count=nulls)
-
-
-def _table(fields: list, record_at: Callable[[int], RequestRecord], text_mode: TextMode,
+def _table(fields: Mapping[str, Sequence], record_at: Callable[[int], RequestRecord], text_mode: TextMode,
            clean_all: CleanAll | None) -> pa.Table:
-    """The table of one column a RequestRecord field (each a sequence, or an Arrow array of the Arrow-only ones);
-    ``record_at(index)`` is the record, for the reference's reading of what the C readers leave to it."""
-    (request_id, timestamp, route, variant, endpoint, status, stream, fallback, latency_s, ttft_s, prompt_tokens,
-     completion_tokens, cost_usd, reference_cost_usd, payload, _answer, role) = fields
+    """The table of one column a RequestRecord field, by name; ``record_at(index)`` is the record, for the
+    reference's reading of what the C readers leave to it."""
+    payload, endpoint = fields["payload"], fields["endpoint"]
     count = len(payload)
-    response, finish_reason = _answers(record_at, stream, status, _answer)
+    response, finish_reason = _answers(record_at, fields["stream"], fields["status"], fields["answer"])
     if text_mode == "none":
         prompt_text, response_column = pa.nulls(count, pa.string()), pa.nulls(count, pa.string())
         prompt_messages = pa.nulls(count, _SCHEMA.field("prompt_messages").type)
     else:
         prompt_text, prompt_messages, response_column = _texts(
             endpoint, payload, response, clean_all if text_mode == "scrubbed" else None)
-    if not isinstance(timestamp, pa.Array):
-        timestamp = pa.array(timestamp, pa.float64())
-    columns = {
-        "request_id": request_id,
+    timestamp = pa.array(fields["timestamp"], pa.float64())
+    # The record's fields the schema has under the same name go as they are (request_id, route, ... role).
+    columns: dict[str, object] = {name: fields[name] for name in _SCHEMA.names if name in fields}
+    columns.update({
         # int(seconds * 1000): the same float product, truncated toward zero by the cast (one kernel, not a loop)
         "timestamp": pc.cast(pc.multiply(timestamp, 1000.0), pa.int64(),
                              safe=False).cast(_SCHEMA.field("timestamp").type),
-        "route": route,
-        "variant": variant,
-        "endpoint": endpoint,
-        "status": status,
-        "stream": stream,
-        "fallback": fallback,
-        "latency_s": latency_s,
-        "ttft_s": ttft_s,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "cost_usd": cost_usd,
-        "reference_cost_usd": reference_cost_usd,
         "finish_reason": finish_reason,
         "prompt_text": prompt_text,
         "prompt_messages": prompt_messages,
         "response_text": response_column,
         "schema_version": pa.array([SCHEMA_VERSION] * count, pa.int32()),
-        "role": role,
-    }
+    })
     return pa.Table.from_arrays(
         [value if isinstance(value, pa.Array) else pa.array(value, field.type)
          for field, value in zip(_SCHEMA, (columns[name] for name in _SCHEMA.names))],

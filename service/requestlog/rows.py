@@ -1,64 +1,21 @@
-"""Request-log records, and turning them into table rows: the answer text parsed out, the text kept, scrubbed or dropped.
+"""Request-log records -> table rows, record by record: the reference every fast path must equal.
 
-The gateway builds the records (service.gateway, service.api.feedback); the conversion runs on the
-writer side of the request log (service.requestlog), never on the request path. The rows follow
-the shared schema, loragate.common.logschema.
+The answer text parsed out, the text kept, scrubbed or dropped. The records are defined in
+service.requestlog.records; the conversion runs on the writer side of the log, never on the request path.
+The rows follow the shared schema, loragate.common.logschema.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, TypeVar
+from typing import Any
 
 import orjson
 
-from loragate.common.logschema import CHAT_ENDPOINT, PRIMARY, SCHEMA_VERSION, Turn, flat_prompt
+from loragate.common.logschema import CHAT_ENDPOINT, SCHEMA_VERSION, Turn, flat_prompt
 from loragate.common import sse
 from loragate.common.scrub import scrub
-
-TextMode = Literal["full", "scrubbed", "none"]
-Record = TypeVar("Record", bound=tuple)
-
-
-class RequestRecord(NamedTuple):
-    """One answered request as the gateway hands it to the log: plain values and bytes only.
-
-    No dict payload or list of chunks: the log marshals the record as it is queued (service/logqueue.py),
-    and a batch crosses to the conversion process as those bytes (service/logconvert.py).
-    """
-
-    request_id: str
-    timestamp: float  # unix seconds when the request arrived
-    route: str
-    variant: str
-    endpoint: str  # "chat/completions" or "completions"
-    status: int
-    stream: bool  # True: ``answer`` is the SSE stream as relayed
-    fallback: str | None
-    latency_s: float
-    ttft_s: float | None
-    prompt_tokens: int
-    completion_tokens: int
-    cost_usd: float
-    reference_cost_usd: float
-    payload: bytes  # the request as sent upstream (JSON: the client's, model rewritten to the upstream's)
-    answer: bytes | None = None  # the answer's bytes: a whole JSON body, or the SSE events relayed
-    role: str = PRIMARY  # or SHADOW: the shadow variant's answer to a copy (service/shadow.py)
-
-
-class FeedbackRecord(NamedTuple):
-    request_id: str
-    timestamp: float  # unix seconds when the feedback arrived
-    route: str | None  # None: the request is not among the recent ones this process served
-    variant: str | None
-    score: float | None
-    label: str | None
-    correction: str | None
-
-
-def as_record(kind: type[Record], fields: tuple) -> Record:
-    """The NamedTuple ``kind`` of a record's fields, as they are (without the NamedTuple's own __new__)."""
-    return fields if type(fields) is kind else tuple.__new__(kind, fields)
+from loragate.service.requestlog.records import FeedbackRecord, RequestRecord, TextMode
 
 
 def request_row(record: RequestRecord, text_mode: TextMode,
@@ -73,7 +30,7 @@ def request_row(record: RequestRecord, text_mode: TextMode,
         turns = prompt_text = response_text = None
     elif text_mode == "scrubbed":
         turns, prompt_text = prompt_of(orjson.loads(record.payload), record.endpoint, scrubber)
-        response_text = None if response_text is None else scrub(response_text)
+        response_text = None if response_text is None else scrubber(response_text)
     else:
         turns, prompt_text = prompt_of(orjson.loads(record.payload), record.endpoint)
     return {
@@ -109,23 +66,25 @@ def answer_of(record: RequestRecord) -> tuple[str | None, str | None]:
     return None, None
 
 
-def feedback_row(record: FeedbackRecord, text_mode: TextMode) -> dict[str, Any]:
+def feedback_row(record: FeedbackRecord, text_mode: TextMode,
+                 scrubber: Callable[[str], str] = scrub) -> dict[str, Any]:
     return {
         "request_id": record.request_id,
         "timestamp": int(record.timestamp * 1000),
         "route": record.route,
         "variant": record.variant,
         "score": record.score,
-        "label": record.label if text_mode == "full" or record.label is None else scrub(record.label),
-        "correction": keep_text(record.correction, text_mode),
+        # The label is kept in "none" mode too (a short word from the client, not the conversation).
+        "label": record.label if text_mode == "full" or record.label is None else scrubber(record.label),
+        "correction": keep_text(record.correction, text_mode, scrubber),
         "schema_version": SCHEMA_VERSION,
     }
 
 
-def keep_text(text: str | None, mode: TextMode) -> str | None:
+def keep_text(text: str | None, mode: TextMode, scrubber: Callable[[str], str] = scrub) -> str | None:
     if text is None or mode == "none":
         return None
-    return text if mode == "full" else scrub(text)
+    return text if mode == "full" else scrubber(text)
 
 
 def prompt_of(payload: dict, endpoint: str,
@@ -178,8 +137,7 @@ def _stream_answer(stream: bytes) -> tuple[str | None, str | None]:
     parts: list[str] = []
     finish_reason = None
     seen = False
-    objects = _simple_stream_objects(stream)
-    for parsed in sse.json_objects(stream) if objects is None else objects:
+    for parsed in sse.json_objects(stream):
         choices = parsed.get("choices")
         for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
@@ -192,42 +150,3 @@ def _stream_answer(stream: bytes) -> tuple[str | None, str | None]:
             if choice.get("finish_reason"):
                 finish_reason = choice["finish_reason"]
     return ("".join(parts) if seen else None), finish_reason
-
-
-_NEXT = b"\n\ndata: "
-
-
-def _simple_stream_parts(stream: bytes) -> list[bytes] | None:
-    """The JSON texts of a stream whose every event is one ``data: {...}`` line (what vLLM sends), else None.
-
-    A few C-level byte scans, and one split of the stream as it is (no copy of it first); anything else
-    (CR line ends, comments, multi-line data) returns None.
-    """
-    # bytes.find, not ``in``: the same memchr, without ``in``'s buffer protocol round trip (2-3x dearer here).
-    if stream.find(b"\r") >= 0 or not stream.startswith(b"data: {"):
-        return None
-    parts = stream.split(_NEXT)
-    last = parts[-1].rstrip(b"\n")
-    if last == b"[DONE]":  # not the first part: that one opens with "data: {"
-        parts.pop()
-    else:
-        parts[-1] = last
-    parts[0] = parts[0][6:]
-    # Every LF belongs to an event separator (found by memchr: bytes.count of one byte is a plain loop, 2x
-    # dearer), and every event after the first opens an object.
-    if b"".join(parts).find(b"\n") >= 0 or stream.count(b"\n\ndata: {") != len(parts) - 1:
-        return None
-    return parts
-
-
-def _simple_stream_objects(stream: bytes) -> list[dict] | None:
-    """The JSON objects of a simple stream (see _simple_stream_parts), the same as ``sse.json_objects``
-    gives, with one orjson call per event instead of a Python generator per event; None otherwise
-    (bad JSON included) for the general path."""
-    parts = _simple_stream_parts(stream)
-    if parts is None:
-        return None
-    try:
-        return [orjson.loads(part) for part in parts]  # each opens with "{": a dict
-    except orjson.JSONDecodeError:
-        return None

@@ -1,12 +1,12 @@
 """A request-log batch handed to the conversion process in an anonymous memory file, not through its pipe.
 
-Through the ProcessPoolExecutor's pipe a batch is pickled once more, written and read in 64 KiB
-pieces (a context switch each, the gateway's threads waking for the GIL in between) and copied
+Through a pipe (as through a ProcessPoolExecutor's, once) a batch is pickled once more, written and read
+in 64 KiB pieces (a context switch each, the gateway's threads waking for the GIL in between) and copied
 about four times on its way; a batch of 5000 streamed answers is ~15 MB. Here the writer thread
 copies it once into a memfd (the same one for every batch: see Spool) and the conversion process
-maps that file (through ``/proc/<gateway pid>/fd/<fd>``) and unmarshals straight from the mapping. Measured on 5000-record
-batches of streamed answers: 45 -> 35 us of the conversion process and 7 -> 5 us of the gateway per
-record.
+maps that file (through ``/proc/<gateway pid>/fd/<fd>``) and unmarshals straight from the mapping.
+Measured on 5000-record batches of streamed answers: 45 -> 35 us of the conversion process and 7 -> 5 us
+of the gateway per record.
 
 A memfd has no name on any filesystem: nothing is left behind when the gateway dies, and no
 ``/tmp`` or ``/dev/shm`` size limit applies (its pages count to the pod's memory, as the bytes
