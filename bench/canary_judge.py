@@ -43,11 +43,15 @@ from loragate.monitoring.judge import (
     difference_bounds,
     judge,
     judged_steps,
+    tail_bound_index,
+    tail_decide,
 )
 
+MEDIAN_S, SIGMA = 0.6, 0.5
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)  # service/metrics.py
 STEPS = [5, 25, 50, 100]
-GOOD = {"error": 0.01, "fallback": 0.0, "latency_scale": 1.0, "feedback": 0.8}
+GOOD = {"error": 0.01, "fallback": 0.0, "latency_scale": 1.0, "feedback": 0.8, "tail_share": 0.0, "tail_scale": 1.0,
+        "sigma": SIGMA}
 SCENARIOS = {
     "A/A (canary = stable)": {},
     "5xx 1% -> 4%": {"error": 0.04},
@@ -55,14 +59,20 @@ SCENARIOS = {
     "p95 latency x1.5": {"latency_scale": 1.5},
     "mean feedback 0.8 -> 0.6": {"feedback": 0.6},
     "5xx 1% -> 2% (under min effect)": {"error": 0.02},  # a regression the judge is told does not matter
+    "8% of requests x4 slower (tail)": {"tail_share": 0.08, "tail_scale": 4.0},
 }
-MEDIAN_S, SIGMA = 0.6, 0.5
 
 
-def bucket_probabilities(scale: float) -> np.ndarray:
-    """P(latency in each bucket, +Inf last) for lognormal(MEDIAN_S * scale, SIGMA)."""
-    cdf = norm.cdf((np.log(np.array(BUCKETS)) - math.log(MEDIAN_S * scale)) / SIGMA)
-    return np.diff(np.concatenate([[0.0], cdf, [1.0]]))
+def bucket_probabilities(scale: float, tail_share: float = 0.0, tail_scale: float = 1.0, sigma: float = SIGMA
+                         ) -> np.ndarray:
+    """P(latency in each bucket, +Inf last) for lognormal(MEDIAN_S * scale, SIGMA), with ``tail_share`` of the
+    requests ``tail_scale`` times slower still."""
+
+    def cdf(factor: float) -> np.ndarray:
+        return norm.cdf((np.log(np.array(BUCKETS)) - math.log(MEDIAN_S * scale * factor)) / sigma)
+
+    mixed = (1 - tail_share) * cdf(1.0) + tail_share * cdf(tail_scale)
+    return np.diff(np.concatenate([[0.0], mixed, [1.0]]))
 
 
 class Traffic:
@@ -70,7 +80,8 @@ class Traffic:
 
     def __init__(self, rng: np.random.Generator, rollouts: int, truth: dict, feedback_share: float) -> None:
         self.rng, self.truth, self.feedback_share = rng, truth, feedback_share
-        self.probabilities = bucket_probabilities(truth["latency_scale"])
+        self.probabilities = bucket_probabilities(truth["latency_scale"], truth["tail_share"], truth["tail_scale"],
+                                                  truth["sigma"])
         self.reset(np.ones(rollouts, dtype=bool))
         self.rollouts = rollouts
 
@@ -115,11 +126,29 @@ def statistical_decisions(config: JudgeConfig, canary: Traffic, stable: Traffic)
                                      levels.fail / judged.sum(), levels.pass_, SHARE_PRIOR)
     per_bound = decide(est, low, up, lat.min_effect, canary.n[:, None], lat.min_samples)
     codes.append(np.where((per_bound == 2).any(axis=1), 2, np.where((per_bound == 1).all(axis=1), 1, 0)))
+    tail = config.latency_tail
+    if tail is not None:
+        compared = np.array([b >= tail.floor_s for b in BUCKETS])
+        c_below, s_below = canary.cumulative()[:, :-1][:, compared], stable.cumulative()[:, :-1][:, compared]
+        max_share = np.full(s_below.shape, np.inf)  # the share that matters at each chosen bound; inf: not chosen
+        for q, limit in tail.max_shares().items():  # ascending: the higher quantile's bound wins a tie
+            index = tail_bound_index(s_below, stable.n, q)
+            rows = np.flatnonzero(index >= 0)
+            max_share[rows, index[rows]] = limit
+        chosen = np.isfinite(max_share)
+        per_bound, *_ = tail_decide(canary.n[:, None] - c_below, canary.n[:, None], stable.n[:, None] - s_below,
+                                    stable.n[:, None], np.where(chosen, max_share, 2.0), tail.min_ratio,
+                                    levels.fail / compared.sum(),
+                                    levels.pass_, tail.min_samples)
+        per_bound = np.where(chosen, per_bound, 1)
+        codes.append(np.where(~chosen.any(axis=1), 0, np.where((per_bound == 2).any(axis=1), 2,
+                                                               np.where((per_bound == 1).all(axis=1), 1, 0))))
     fb = config.feedback
-    c_bad, s_bad = canary.scores - canary.score_sum, stable.scores - stable.score_sum
-    est, low, up = difference_bounds(c_bad, canary.scores, s_bad, stable.scores, levels.fail, levels.pass_,
-                                     SHARE_PRIOR)
-    codes.append(decide(est, low, up, fb.min_effect, canary.scores, fb.min_samples))
+    if fb is not None:
+        c_bad, s_bad = canary.scores - canary.score_sum, stable.scores - stable.score_sum
+        est, low, up = difference_bounds(c_bad, canary.scores, s_bad, stable.scores, levels.fail, levels.pass_,
+                                         SHARE_PRIOR)
+        codes.append(decide(est, low, up, fb.min_effect, canary.scores, fb.min_samples))
     codes = np.stack(codes)
     return np.where((codes == 2).any(axis=0), 2, np.where((codes == 1).all(axis=0), 1, 0))
 
@@ -171,8 +200,9 @@ def threshold_decisions(canary: Traffic, stable: Traffic, *, min_requests: int =
 def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig, args, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     r = args.rollouts
-    canary = Traffic(rng, r, {**GOOD, **truth_change}, args.feedback_share)
-    stable = Traffic(rng, r, GOOD, args.feedback_share)
+    good = {**GOOD, "sigma": args.sigma}
+    canary = Traffic(rng, r, {**good, **truth_change}, args.feedback_share)
+    stable = Traffic(rng, r, good, args.feedback_share)
     step = np.zeros(r, dtype=int)
     holds = np.zeros(r, dtype=int)
     analyses = np.zeros(r, dtype=int)
@@ -234,6 +264,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--alpha", type=float, help="judge alpha (default: the judge's)")
     parser.add_argument("--beta", type=float, help="judge beta (default: the judge's)")
+    parser.add_argument("--sigma", type=float, default=SIGMA, help="the latency lognormal's sigma (median 0.6 s)")
+    parser.add_argument("--no-tail", action="store_true", help="without the latency_tail check (the judge before it)")
     for check in ("error_rate", "fallback_rate", "latency", "feedback"):
         parser.add_argument(f"--{check.replace('_', '-')}-effect", type=float, help=f"{check} min_effect")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "canary_judge.json")
@@ -242,6 +274,10 @@ def main() -> None:
     for check in ("error_rate", "fallback_rate", "latency", "feedback"):
         effect = getattr(args, f"{check}_effect")
         knobs[check] = {} if effect is None else {"min_effect": effect}
+    if args.feedback_share <= 0:
+        knobs["feedback"] = None  # the judge's defaults: no feedback check
+    if args.no_tail:
+        knobs["latency_tail"] = None
     config = JudgeConfig.model_validate(knobs)  # the judge's defaults, feedback switched on
     began = time.perf_counter()
     rows = []

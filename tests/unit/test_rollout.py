@@ -116,7 +116,7 @@ def test_the_rollout_judges_with_its_canary_settings():
     verdict = analyse(strict, HEALTHY)
     assert verdict.decision == "inconclusive"
     assert {c.check: c.decision for c in verdict.checks} == {
-        "error_rate": "inconclusive", "fallback_rate": "pass", "latency": "inconclusive"}
+        "error_rate": "inconclusive", "fallback_rate": "pass", "latency": "inconclusive", "latency_tail": "pass"}
     # alpha is shared over the steps the rollout analyses: fewer steps, wider share each.
     two = analyse(spec(steps=[50, 100]), HEALTHY).check("error_rate")
     three = analyse(spec(), HEALTHY).check("error_rate")
@@ -152,7 +152,8 @@ async def test_passing_analyses_step_up_to_promotion(tmp_path):
     assert sample(c, "loragate_rollout_analysis", check="error_rate", figure="samples") == 2000
     assert sample(c, "loragate_rollout_analysis", check="feedback", figure="estimate") is None  # not configured
     checks = status["last_analysis"]["checks"]
-    assert status["last_analysis"]["verdict"] == "pass" and set(checks) == {"error_rate", "fallback_rate", "latency"}
+    assert status["last_analysis"]["verdict"] == "pass" and set(checks) == {"error_rate", "fallback_rate", "latency",
+                                                                                  "latency_tail"}
     assert checks["error_rate"]["lower"] < 0 < checks["error_rate"]["upper"] < checks["error_rate"]["min_effect"]
 
 
@@ -418,7 +419,8 @@ async def test_prometheus_analysis_reads_counts_and_buckets():
     ({"judge": {"latency": {"min_effect": 1.5}}}, "less than 1"),
     ({"judge": {"alpha": 0}}, "alpha"),
     ({"judge": {"feedback": {"score_range": [5, 1]}}}, "score_range"),
-    ({"judge": {"error_rate": None, "fallback_rate": None, "latency": None}}, "at least one check"),
+    ({"judge": {"error_rate": None, "fallback_rate": None, "latency": None, "latency_tail": None}},
+     "at least one check"),
     ({"thresholds": {"max_fallback_rate": 0.1}}, "replaced by the statistical judge"),
     ({"min_requests": 50}, "min_requests: the threshold judge was replaced"),
     ({"max_holds": 20, "interval_s": 300, "max_window_s": 3600}, r"max_holds x interval_s \(20 x 300 s\)"),
