@@ -33,23 +33,14 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
-from loragate.monitoring.judge import (
-    RATE_PRIOR,
-    SHARE_PRIOR,
-    JudgeConfig,
-    Levels,
-    Observed,
-    decide,
-    difference_bounds,
-    judge,
-    judged_steps,
-    tail_bound_index,
-    tail_decide,
-)
+from loragate.monitoring.judge import Counts, JudgeConfig, Observed, judge, judge_many, judged_steps
+from loragate.monitoring.rollout.config import CanaryConfig
+from loragate.monitoring.rollout.plan import RouteTraffic, plan
 
 MEDIAN_S, SIGMA = 0.6, 0.5
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)  # service/metrics.py
 STEPS = [5, 25, 50, 100]
+INTERVAL_S = 300
 GOOD = {"error": 0.01, "fallback": 0.0, "latency_scale": 1.0, "feedback": 0.8, "tail_share": 0.0, "tail_scale": 1.0,
         "sigma": SIGMA}
 SCENARIOS = {
@@ -60,6 +51,7 @@ SCENARIOS = {
     "mean feedback 0.8 -> 0.6": {"feedback": 0.6},
     "5xx 1% -> 2% (under min effect)": {"error": 0.02},  # a regression the judge is told does not matter
     "8% of requests x4 slower (tail)": {"tail_share": 0.08, "tail_scale": 4.0},
+    "better canary (5xx 0.5%, latency x0.8)": {"error": 0.005, "latency_scale": 0.8},
 }
 
 
@@ -109,48 +101,14 @@ class Traffic:
         return np.cumsum(self.buckets, axis=1)  # at BUCKETS..., +Inf
 
 
+def counts(traffic: "Traffic") -> Counts:
+    return Counts(n=traffic.n, errors=traffic.errors, fallbacks=traffic.fallbacks,
+                  below=traffic.cumulative()[:, :-1], feedback_count=traffic.scores, feedback_sum=traffic.score_sum)
+
+
 def statistical_decisions(config: JudgeConfig, canary: Traffic, stable: Traffic) -> np.ndarray:
     """monitoring/judge.py's decision for every rollout at once: 2 fail, 1 pass, 0 inconclusive."""
-    levels = Levels.of(config, judged_steps(STEPS))
-    codes = []
-    for name, c_k, s_k in (("error_rate", canary.errors, stable.errors),
-                           ("fallback_rate", canary.fallbacks, stable.fallbacks)):
-        spec = getattr(config, name)
-        est, low, up = difference_bounds(c_k, canary.n, s_k, stable.n, levels.fail, levels.pass_, RATE_PRIOR)
-        codes.append(decide(est, low, up, spec.min_effect, canary.n, spec.min_samples))
-    lat = config.latency
-    judged = np.array([b >= lat.floor_s for b in BUCKETS])
-    c_slower = canary.n[:, None] - canary.cumulative()[:, :-1][:, judged]
-    s_slower = stable.n[:, None] - stable.cumulative()[:, :-1][:, judged]
-    est, low, up = difference_bounds(c_slower, canary.n[:, None], s_slower, stable.n[:, None],
-                                     levels.fail / judged.sum(), levels.pass_, SHARE_PRIOR)
-    per_bound = decide(est, low, up, lat.min_effect, canary.n[:, None], lat.min_samples)
-    codes.append(np.where((per_bound == 2).any(axis=1), 2, np.where((per_bound == 1).all(axis=1), 1, 0)))
-    tail = config.latency_tail
-    if tail is not None:
-        compared = np.array([b >= tail.floor_s for b in BUCKETS])
-        c_below, s_below = canary.cumulative()[:, :-1][:, compared], stable.cumulative()[:, :-1][:, compared]
-        max_share = np.full(s_below.shape, np.inf)  # the share that matters at each chosen bound; inf: not chosen
-        for q, limit in tail.max_shares().items():  # ascending: the higher quantile's bound wins a tie
-            index = tail_bound_index(s_below, stable.n, q)
-            rows = np.flatnonzero(index >= 0)
-            max_share[rows, index[rows]] = limit
-        chosen = np.isfinite(max_share)
-        per_bound, *_ = tail_decide(canary.n[:, None] - c_below, canary.n[:, None], stable.n[:, None] - s_below,
-                                    stable.n[:, None], np.where(chosen, max_share, 2.0), tail.min_ratio,
-                                    levels.fail / compared.sum(),
-                                    levels.pass_, tail.min_samples)
-        per_bound = np.where(chosen, per_bound, 1)
-        codes.append(np.where(~chosen.any(axis=1), 0, np.where((per_bound == 2).any(axis=1), 2,
-                                                               np.where((per_bound == 1).all(axis=1), 1, 0))))
-    fb = config.feedback
-    if fb is not None:
-        c_bad, s_bad = canary.scores - canary.score_sum, stable.scores - stable.score_sum
-        est, low, up = difference_bounds(c_bad, canary.scores, s_bad, stable.scores, levels.fail, levels.pass_,
-                                         SHARE_PRIOR)
-        codes.append(decide(est, low, up, fb.min_effect, canary.scores, fb.min_samples))
-    codes = np.stack(codes)
-    return np.where((codes == 2).any(axis=0), 2, np.where((codes == 1).all(axis=0), 1, 0))
+    return judge_many(config, (counts(canary), counts(stable)), BUCKETS, steps=judged_steps(STEPS))["analysis"]
 
 
 def observed(canary: Traffic, stable: Traffic, i: int) -> Observed:
@@ -197,7 +155,10 @@ def threshold_decisions(canary: Traffic, stable: Traffic, *, min_requests: int =
     return np.where(routed < min_requests, 0, np.where(fail, 2, 1))
 
 
-def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig, args, seed: int) -> dict:
+def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig, args, seed: int,
+             route_rps: float | None = None) -> dict:
+    """Rollouts of one scenario. ``route_rps``: the canary gets its weight's share of a route of that many
+    requests a second (per analysis: rps x INTERVAL_S x weight); else ``--requests`` at every step."""
     rng = np.random.default_rng(seed)
     r = args.rollouts
     good = {**GOOD, "sigma": args.sigma}
@@ -212,9 +173,10 @@ def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig
     while (outcome == "progressing").any():
         live = outcome == "progressing"
         weight = np.array([STEPS[s] for s in step], dtype=float)
-        new = np.where(live, args.requests, 0)
-        canary.add(new)
-        stable.add(np.where(live, np.rint(args.requests * (100 - weight) / weight), 0).astype(int))
+        per_analysis = (np.rint(route_rps * INTERVAL_S * weight / 100).astype(int) if route_rps is not None
+                        else np.full(r, args.requests))
+        canary.add(np.where(live, per_analysis, 0))
+        stable.add(np.where(live, np.rint(per_analysis * (100 - weight) / weight), 0).astype(int))
         analyses += live
         if judge_kind == "statistical":
             codes = statistical_decisions(config, canary, stable)
@@ -254,6 +216,24 @@ def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig
     return result
 
 
+def plan_against_simulation(config: JudgeConfig, args, route_rps: float, seed: int) -> dict:
+    """The plan's predicted analyses to promote an A/A canary, next to simulated rollouts on that route."""
+    spec = CanaryConfig(route="bench", stable="stable", canary="canary", steps=STEPS, interval_s=INTERVAL_S,
+                        max_holds=args.max_holds, max_window_s=max(3600, args.max_holds * INTERVAL_S), judge=config)
+    below = np.cumsum(bucket_probabilities(1.0, sigma=args.sigma))[:-1]
+    traffic = RouteTraffic(route_rps, GOOD["error"], GOOD["fallback"], dict(zip(BUCKETS, below)),
+                           feedback_per_request=args.feedback_share, feedback_mean=GOOD["feedback"], window_s=3600)
+    planned = plan(spec, traffic)
+    simulated = simulate(f"A/A at {route_rps:g} req/s", {}, "statistical", config, args, seed, route_rps=route_rps)
+    median = simulated["analyses_to_promote_median"]
+    return {"route_rps": route_rps, "canary_per_analysis_at_first_step": route_rps * INTERVAL_S * STEPS[0] / 100,
+            "plan_analyses": planned.analyses, "plan_feasible": planned.feasible, "plan_tight": planned.tight,
+            "plan_steps": [{"weight": s.weight, "samples": s.samples, "analyses": s.analyses,
+                            "bottleneck": s.bottleneck} for s in planned.steps],
+            "suggestions": planned.suggestions, "simulated": simulated,
+            "ratio": planned.analyses / median if planned.analyses and median else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rollouts", type=int, default=500)
@@ -265,6 +245,8 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, help="judge alpha (default: the judge's)")
     parser.add_argument("--beta", type=float, help="judge beta (default: the judge's)")
     parser.add_argument("--sigma", type=float, default=SIGMA, help="the latency lognormal's sigma (median 0.6 s)")
+    parser.add_argument("--plan-rps", type=float, nargs="*", default=[20.0, 6.67, 2.67],
+                        help="route rates (req/s) whose plan is checked against simulated A/A rollouts")
     parser.add_argument("--no-tail", action="store_true", help="without the latency_tail check (the judge before it)")
     for check in ("error_rate", "fallback_rate", "latency", "feedback"):
         parser.add_argument(f"--{check.replace('_', '-')}-effect", type=float, help=f"{check} min_effect")
@@ -284,6 +266,10 @@ def main() -> None:
     for index, (name, change) in enumerate(SCENARIOS.items()):
         for kind in ("statistical", "threshold"):
             rows.append(simulate(name, change, kind, config, args, args.seed * 1000 + index))
+    small = simulate("A/A, small route (40 canary requests per analysis at every step)", {}, "statistical", config,
+                     argparse.Namespace(**{**vars(args), "requests": 40}), args.seed * 1000 + 99)
+    plans = [plan_against_simulation(config, args, rps, args.seed * 1000 + 200 + i)
+             for i, rps in enumerate(args.plan_rps)]
     elapsed = time.perf_counter() - began
 
     def pct(v):
@@ -304,6 +290,28 @@ def main() -> None:
     targets = {"A/A false rollbacks <= 5%": stat["A/A (canary = stable)"]["rolled_back"] <= 0.05}
     for name in list(SCENARIOS)[1:5]:
         targets[f"{name} caught before 50% >= 90%"] = stat[name]["caught_before_50"] >= 0.90
+    targets["8% of requests x4 slower (tail) rolled back >= 90%"] = stat["8% of requests x4 slower (tail)"][
+        "rolled_back"] >= 0.90
+    better = "better canary (5xx 0.5%, latency x0.8)"
+    targets[f"{better} promoted >= 95%"] = stat[better]["promoted"] >= 0.95
+    print(f"\n{small['scenario']}: promoted {pct(small['promoted'])}, stalled {pct(small['stalled'])}, "
+          f"rolled back {pct(small['rolled_back'])}")
+    print(f"\nthe plan (monitoring/rollout/plan.py) against simulated A/A rollouts, a route of N req/s, "
+          f"an analysis every {INTERVAL_S} s:")
+    for row in plans:
+        sim = row["simulated"]
+        print(f"  {row['route_rps']:5.2f} req/s ({row['canary_per_analysis_at_first_step']:.0f} canary requests an "
+              f"analysis at {STEPS[0]}%): plan {row['plan_analyses']} analyses "
+              f"({'feasible' if row['plan_feasible'] else 'CANNOT FINISH'}); simulated median "
+              f"{sim['analyses_to_promote_median']} (promoted {pct(sim['promoted'])}, stalled {pct(sim['stalled'])})"
+              + (f"; plan / simulated {row['ratio']:.2f}" if row["ratio"] is not None else ""))
+        for line in row["suggestions"]:
+            print(f"      feasible with: {line}")
+        if row["plan_feasible"]:
+            targets[f"plan within 30% of simulated A/A at {row['route_rps']:g} req/s"] = (
+                row["ratio"] is not None and abs(row["ratio"] - 1) <= 0.3)
+        else:
+            targets[f"plan flags {row['route_rps']:g} req/s and the simulation stalls >= 50%"] = sim["stalled"] >= 0.5
     print()
     for target, met in targets.items():
         print(f"{'met ' if met else 'MISSED'} {target}")
@@ -316,7 +324,7 @@ def main() -> None:
                      "max_holds": args.max_holds, "feedback_share": args.feedback_share, "seed": args.seed,
                      "traffic": {**GOOD, "latency_median_s": MEDIAN_S, "latency_sigma": SIGMA},
                      "judge": config.model_dump()},
-        "rows": rows, "targets": targets, "cross_check_mismatches": mismatches, "elapsed_s": round(elapsed, 1),
+        "rows": rows, "small_route": small, "plans": plans, "targets": targets, "cross_check_mismatches": mismatches, "elapsed_s": round(elapsed, 1),
     }, indent=2) + "\n")
 
 

@@ -549,3 +549,77 @@ def judge(config: JudgeConfig, observed: Observed, *, steps: int) -> Verdict:
         return Verdict("inconclusive", results, "; ".join(r.explanation for r in waiting))
     return Verdict("pass", results, f"{o.canary_routed:.0f} canary requests: every check rules out a regression "
                                     f"that matters ({', '.join(r.check for r in results)})")
+
+
+# --- many analyses at once (the bench's simulated rollouts, the rollout plan) -------------------------
+
+@dataclass
+class Counts:
+    """One variant's counts over many analyses at once (arrays over leading axes), for ``judge_many``."""
+
+    n: np.ndarray  # requests routed
+    errors: np.ndarray
+    fallbacks: np.ndarray
+    below: np.ndarray  # (..., len(bounds)): requests at or below each finite bucket bound, cumulative
+    feedback_count: np.ndarray
+    feedback_sum: np.ndarray
+
+
+def judge_many(config: JudgeConfig, counts: tuple[Counts, Counts], bounds: tuple[float, ...], *, steps: int
+               ) -> dict[str, np.ndarray]:
+    """``judge()``'s decisions over arrays of (canary, stable) counts: {check: codes} (2 fail, 1 pass,
+    0 inconclusive), and ``"analysis"`` for the whole. The same rules as ``judge()`` (bench/canary_judge.py
+    cross-checks them on every run); ``bounds`` are the finite bucket bounds, the same for both variants."""
+    canary, stable = counts
+    levels = Levels.of(config, steps)
+    codes: dict[str, np.ndarray] = {}
+    for name, c_k, s_k in (("error_rate", canary.errors, stable.errors),
+                           ("fallback_rate", canary.fallbacks, stable.fallbacks)):
+        spec = getattr(config, name)
+        if spec is not None:
+            est, low, up = difference_bounds(c_k, canary.n, s_k, stable.n, levels.fail, levels.pass_, RATE_PRIOR)
+            codes[name] = decide(est, low, up, spec.min_effect, canary.n, spec.min_samples)
+    c_n, s_n = np.asarray(canary.n, dtype=float)[..., None], np.asarray(stable.n, dtype=float)[..., None]
+    latency = config.latency
+    if latency is not None:
+        compared = np.array([b >= latency.floor_s for b in bounds], dtype=bool)
+        if not compared.any():
+            codes["latency"] = np.zeros(np.shape(canary.n), dtype=int)
+        else:
+            est, low, up = difference_bounds(c_n - canary.below[..., compared], c_n, s_n - stable.below[..., compared],
+                                             s_n, levels.fail / compared.sum(), levels.pass_, SHARE_PRIOR)
+            per_bound = decide(est, low, up, latency.min_effect, c_n, latency.min_samples)
+            codes["latency"] = np.where((per_bound == 2).any(-1), 2, np.where((per_bound == 1).all(-1), 1, 0))
+    tail = config.latency_tail
+    if tail is not None and not any(b >= tail.floor_s for b in bounds):
+        codes["latency_tail"] = np.zeros(np.shape(canary.n), dtype=int)
+    elif tail is not None:
+        compared = np.array([b >= tail.floor_s for b in bounds])
+        c_below, s_below = canary.below[..., compared], stable.below[..., compared]
+        max_share = np.full(s_below.shape, np.inf)  # the share that matters at each chosen bound; inf: not chosen
+        for q, limit in tail.max_shares().items():  # ascending: the higher quantile's bound wins a tie
+            index = tail_bound_index(s_below, stable.n, q)
+            picked = np.expand_dims(index, -1) == np.arange(s_below.shape[-1])
+            max_share = np.where(picked, limit, max_share)
+        chosen = np.isfinite(max_share)
+        per_bound, *_ = tail_decide(c_n - c_below, c_n, s_n - s_below, s_n, np.where(chosen, max_share, 2.0),
+                                    tail.min_ratio, levels.fail / max(1, compared.sum()), levels.pass_,
+                                    tail.min_samples)
+        per_bound = np.where(chosen, per_bound, 1)
+        codes["latency_tail"] = np.where(~chosen.any(-1), 0, np.where((per_bound == 2).any(-1), 2,
+                                                                      np.where((per_bound == 1).all(-1), 1, 0)))
+    feedback = config.feedback
+    if feedback is not None:
+        low_score, high_score = feedback.score_range
+        width = high_score - low_score
+
+        def bad(c: Counts) -> np.ndarray:  # scaled to [0, 1], "1 - score"
+            return c.feedback_count - (c.feedback_sum - low_score * c.feedback_count) / width
+
+        est, low, up = difference_bounds(bad(canary), canary.feedback_count, bad(stable), stable.feedback_count,
+                                         levels.fail, levels.pass_, SHARE_PRIOR)
+        codes["feedback"] = decide(est * width, low * width, up * width, feedback.min_effect, canary.feedback_count,
+                                   feedback.min_samples)
+    every = np.stack(list(codes.values()))
+    codes["analysis"] = np.where((every == 2).any(0), 2, np.where((every == 1).all(0), 1, 0))
+    return codes

@@ -1,0 +1,225 @@
+"""A rollout's plan before it starts: how many requests and how much time each step needs to pass.
+
+From the route's recent traffic (its request rate, 5xx and fallback shares, latency histogram and
+feedback, read from Prometheus), the plan asks the judge itself (``judge_many``) when an A/A canary
+(one exactly like the stable) would pass each check at each step, with the rollout's min effects,
+min samples and alpha: the expected counts at ``n`` canary requests (and ``n x (100 - w) / w`` stable
+ones at weight ``w``) are judged for a grid of ``n``, and the first ``n`` where every check passes is
+the step's need. A step that needs more than ``max_holds`` analyses stalls before it passes: the
+rollout cannot finish, and the plan says which setting would let it (a longer interval, larger
+min effects, fewer steps).
+
+The prediction is the median rollout's: half of the A/A rollouts need more (bench/canary_judge.py
+measures the spread), and a canary that is worse or better than the stable needs a different
+number (a clear regression fails sooner). Pure: the traffic comes in as ``RouteTraffic``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from loragate.monitoring.judge import CHECKS, Counts, JudgeConfig, Observed, judge_many, judged_steps
+from loragate.monitoring.rollout.config import CanaryConfig
+
+GRID = np.unique(np.rint(np.geomspace(1, 1e7, 600)))  # canary requests tried, ~2.7 % apart
+TIGHT = 0.75  # a step needing more than this share of max_holds is flagged: a slower half of rollouts may stall
+EFFECT_FACTORS = (1.5, 2.0, 3.0, 5.0)
+
+
+@dataclass
+class RouteTraffic:
+    """What the route carried lately (all its variants): rate, shares, latency shape, feedback."""
+
+    requests_per_s: float
+    error_rate: float = 0.0
+    fallback_rate: float = 0.0
+    latency: dict[float, float] = field(default_factory=dict)  # finite bucket bound -> share at or below it
+    feedback_per_request: float = 0.0
+    feedback_mean: float | None = None
+    window_s: float = 0.0
+
+    @classmethod
+    def from_observed(cls, observed: Observed, window_s: float) -> "RouteTraffic":
+        """From a whole-route measurement over ``window_s`` (the ``stable_*`` fields of ``observed``)."""
+        o, n = observed, observed.stable_routed
+        total = o.stable_latency.get(math.inf, 0.0)
+        latency = {b: c / total for b, c in sorted(o.stable_latency.items()) if math.isfinite(b)} if total > 0 else {}
+        return cls(requests_per_s=n / window_s if window_s > 0 else 0.0,
+                   error_rate=o.stable_errors / n if n > 0 else 0.0,
+                   fallback_rate=o.stable_fallbacks / n if n > 0 else 0.0, latency=latency,
+                   feedback_per_request=o.stable_feedback_count / n if n > 0 else 0.0,
+                   feedback_mean=(o.stable_feedback_sum / o.stable_feedback_count if o.stable_feedback_count > 0
+                                  else None), window_s=window_s)
+
+    def expected(self, n: np.ndarray) -> Counts:
+        """The expected counts of ``n`` requests of a variant that behaves like the route."""
+        n = np.asarray(n, dtype=float)
+        shares = np.array(list(self.latency.values()), dtype=float)
+        scored = n * self.feedback_per_request
+        return Counts(n=n, errors=n * self.error_rate, fallbacks=n * self.fallback_rate,
+                      below=n[..., None] * shares, feedback_count=scored,
+                      feedback_sum=scored * (self.feedback_mean or 0.0))
+
+
+@dataclass
+class StepPlan:
+    weight: float
+    canary_per_analysis: float
+    samples: float | None  # canary requests for every check to pass (None: not within 10 million)
+    analyses: int | None  # analyses (intervals) for that
+    seconds: float | None
+    bottleneck: str | None  # the check that needs the most
+    per_check: dict[str, float | None]  # canary requests each check needs
+
+
+@dataclass
+class Plan:
+    route: str
+    canary: str
+    feasible: bool  # every step passes within max_holds analyses (for the median A/A canary)
+    tight: bool  # some step needs more than TIGHT x max_holds: a slower half may stall
+    steps: list[StepPlan]
+    analyses: int | None  # to promote, all steps
+    promote_s: float | None
+    interval_s: float
+    max_holds: int
+    traffic: dict[str, Any]
+    suggestions: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        t = self.traffic
+        head = (f"{self.route}: plan for {self.canary}: route traffic {t['requests_per_s']:.3g} req/s "
+                f"(5xx {100 * t['error_rate']:.2f}%, fallbacks {100 * t['fallback_rate']:.2f}%, over "
+                f"{t['window_s']:.0f} s); an analysis every {self.interval_s:g} s, at most {self.max_holds} per step")
+        lines = [head]
+        for step in self.steps:
+            if step.samples is None:
+                lines.append(f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; "
+                             f"{step.bottleneck} never passes (no data for it?)")
+                continue
+            over = step.analyses is not None and step.analyses > self.max_holds
+            lines.append(f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; needs "
+                         f"{step.samples:.0f} ({step.bottleneck}): {step.analyses} analyses, {_duration(step.seconds)}"
+                         + (f"  > max_holds {self.max_holds}: STALLS" if over else ""))
+        if self.feasible:
+            lines.append(f"  an A/A canary is promoted after ~{self.analyses} analyses, ~{_duration(self.promote_s)}"
+                         + (" (tight: a slower half of rollouts may stall)" if self.tight else ""))
+        else:
+            lines.append("  CANNOT FINISH: a step needs more analyses than max_holds; it would stall")
+        lines += [f"  feasible with: {s}" for s in self.suggestions]
+        return lines
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "never"
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.0f} min"
+
+
+def needs(judge: JudgeConfig, steps: list[float], weight: float, traffic: RouteTraffic) -> dict[str, float | None]:
+    """Canary requests each check (and ``"analysis"``: all of them) needs to pass an A/A canary at ``weight``."""
+    canary = traffic.expected(GRID)
+    stable = traffic.expected(GRID * (100 - weight) / weight)
+    codes = judge_many(judge, (canary, stable), tuple(traffic.latency), steps=judged_steps(steps))
+    found: dict[str, float | None] = {}
+    for name, decided in codes.items():
+        passed = np.flatnonzero(decided == 1)
+        found[name] = float(GRID[passed[0]]) if passed.size else None
+    return found
+
+
+def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True) -> Plan:
+    """The plan of ``spec``'s rollout over ``traffic``, with the settings that would make it feasible."""
+    rate = traffic.requests_per_s
+    step_plans = []
+    for weight in (w for w in spec.steps if w < 100) if any(w < 100 for w in spec.steps) else spec.steps[:1]:
+        per_analysis = rate * spec.interval_s * weight / 100
+        need = needs(spec.judge, spec.steps, weight, traffic)
+        samples = need.pop("analysis")
+        bottleneck = max(need, key=lambda c: math.inf if need[c] is None else need[c]) if need else "latency"
+        analyses = None if samples is None or per_analysis <= 0 else max(1, math.ceil(samples / per_analysis))
+        step_plans.append(StepPlan(weight, per_analysis, samples, analyses,
+                                   None if analyses is None else analyses * spec.interval_s, bottleneck, need))
+    counts = [s.analyses for s in step_plans]
+    feasible = all(a is not None and a <= spec.max_holds for a in counts)
+    total = sum(a for a in counts if a is not None) if all(a is not None for a in counts) else None
+    result = Plan(spec.route, spec.canary, feasible, feasible and any(a > TIGHT * spec.max_holds for a in counts
+                                                                        if a is not None),
+                  step_plans, total, None if total is None else total * spec.interval_s, spec.interval_s,
+                  spec.max_holds, {k: v for k, v in asdict(traffic).items() if k != "latency"})
+    if suggest and not (feasible and not result.tight):
+        result.suggestions = suggestions(spec, traffic, result)
+    return result
+
+
+def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan) -> list[str]:
+    """Settings that make the rollout feasible, each changing one thing: the interval, the min effects, the steps."""
+    found = []
+    if traffic.requests_per_s <= 0:
+        return ["no traffic on the route over the lookback: nothing to judge a canary with"]
+    if all(s.samples is not None for s in current.steps):
+        interval = max(s.samples / (traffic.requests_per_s * s.weight / 100) / (TIGHT * spec.max_holds)
+                       for s in current.steps)
+        interval = 60 * math.ceil(interval / 60)
+        window = max(spec.max_window_s, spec.max_holds * interval)
+        found.append(f"interval_s: {interval:g}" + (f" (and max_window_s: {window:g})" if window > spec.max_window_s
+                                                    else ""))
+    for factor in EFFECT_FACTORS:
+        judge = scaled(spec.judge, factor)
+        if judge is None:
+            break
+        candidate = plan(spec.model_copy(update={"judge": judge}), traffic, suggest=False)
+        if candidate.feasible and not candidate.tight:
+            found.append(f"min effects x{factor:g}: {effects(judge)}")
+            break
+    judged = [w for w in spec.steps if w < 100]
+    last = [100.0] if 100 in spec.steps else []
+    for keep in range(len(judged) - 1, 0, -1):
+        options = []
+        for subset in combinations(judged, keep):
+            candidate = plan(spec.model_copy(update={"steps": [*subset, *last]}), traffic, suggest=False)
+            if candidate.feasible and not candidate.tight:
+                options.append((candidate.promote_s or 0.0, [*subset, *last]))
+        if options:
+            found.append(f"steps: {min(options)[1]}")
+            break
+    return found
+
+
+def scaled(judge: JudgeConfig, factor: float) -> JudgeConfig | None:
+    """The judge with every min effect ``factor`` times larger (the tail's min_ratio too); None when one
+    would leave its range."""
+    update: dict[str, Any] = {}
+    for name in ("error_rate", "fallback_rate", "latency"):
+        check = getattr(judge, name)
+        if check is not None:
+            if check.min_effect * factor >= 1:
+                return None
+            update[name] = check.model_copy(update={"min_effect": check.min_effect * factor})
+    if judge.latency_tail is not None:
+        update["latency_tail"] = judge.latency_tail.model_copy(
+            update={"min_ratio": judge.latency_tail.min_ratio * factor})
+    if judge.feedback is not None:
+        low, high = judge.feedback.score_range
+        if judge.feedback.min_effect * factor >= high - low:
+            return None
+        update["feedback"] = judge.feedback.model_copy(update={"min_effect": judge.feedback.min_effect * factor})
+    return judge.model_copy(update=update)
+
+
+def effects(judge: JudgeConfig) -> str:
+    parts = []
+    for name in CHECKS:
+        check = getattr(judge, name)
+        if check is not None:
+            value = check.min_ratio if name == "latency_tail" else check.min_effect
+            parts.append(f"{name}.{'min_ratio' if name == 'latency_tail' else 'min_effect'}={value:.3g}")
+    return ", ".join(parts)
