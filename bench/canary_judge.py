@@ -306,7 +306,7 @@ def main() -> None:
               f"{sim['analyses_to_promote_median']} (promoted {pct(sim['promoted'])}, stalled {pct(sim['stalled'])})"
               + (f"; plan / simulated {row['ratio']:.2f}" if row["ratio"] is not None else ""))
         for line in row["suggestions"]:
-            print(f"      feasible with: {line}")
+            print(f"      feasible with: {line['change']}")
         if row["plan_feasible"]:
             targets[f"plan within 30% of simulated A/A at {row['route_rps']:g} req/s"] = (
                 row["ratio"] is not None and abs(row["ratio"] - 1) <= 0.3)

@@ -24,6 +24,7 @@ class CanaryConfig(_Strict):
     max_holds: int = Field(12, ge=1, description="inconclusive analyses in a row on one step before the rollout "
                                                  "stalls: it keeps the step, alerts, and is never promoted")
     max_window_s: float = Field(3600, gt=0, description="longest analysis window (the step's traffic so far)")
+    plan_lookback_s: float = Field(3600, gt=0, description="the route's recent traffic the plan at the start reads")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     # The canary's shadow answers (monitoring/shadow.py) must pass this before its first step.
     shadow_gate: ShadowGate | None = None

@@ -17,6 +17,7 @@ from loragate.monitoring.rollout.errors import RolloutError, RoutesConflict
 from loragate.monitoring.judge import Verdict
 from loragate.monitoring.rollout.judge import analyse
 from loragate.monitoring.rollout.metrics import RolloutMetrics
+from loragate.monitoring.rollout.plan import plan
 from loragate.monitoring.rollout.routes import (
     RoutesConfigMap,
     RoutesFile,
@@ -192,9 +193,12 @@ class RolloutController:
         status = RolloutStatus(route=spec.route, canary=spec.canary, stable=spec.stable, weight=weight,
                                started_at=now, step_started_at=now,
                                spec=spec.model_dump(mode="json") if runtime else None)
+        status.plan = await self._plan(spec)
         await asyncio.to_thread(cards.follow, spec, "start")  # the canary's card first: the gateway checks it
         await self.apply(spec, weight)
         status.record("step", now, f"rollout of {spec.canary} over {spec.stable} started")
+        if status.plan is not None and status.plan.get("feasible") is False:
+            status.record("plan", now, "; ".join(status.plan["lines"][1:]))
         self.store.commit(status, old.revision if old else None)
         self._applied.add(spec.route)
         if old is not None:
@@ -203,6 +207,22 @@ class RolloutController:
         self.metrics.record(spec.route, spec.canary, "step")
         log.info("rollout %s: started, %s at %g%%", spec.route, spec.canary, weight)
         return status, Transition(spec.route, "step", weight, "started")
+
+    async def _plan(self, spec: CanaryConfig) -> dict[str, Any] | None:
+        """The rollout's plan from the route's recent traffic (None when the source cannot tell); a plan
+        that cannot be made never stops the start."""
+        traffic_of = getattr(self.source, "traffic", None)
+        if traffic_of is None:
+            return None
+        try:
+            made = await asyncio.to_thread(plan, spec, await traffic_of(spec.route, spec.plan_lookback_s))
+        except Exception as exc:  # Prometheus down: the rollout starts, its analyses will hold and say why
+            log.warning("rollout %s: no plan: %s", spec.route, exc)
+            return {"error": f"no plan: {exc}"}
+        body = {**made.as_dict(), "lines": made.lines()}
+        if not made.feasible:
+            log.warning("rollout %s: %s", spec.route, " | ".join(body["lines"]))
+        return body
 
     async def _analyse(self, spec: CanaryConfig, status: RolloutStatus, now: float) -> tuple[RolloutStatus, Transition]:
         window_s = min(max(now - status.step_started_at, 1.0), spec.max_window_s)
@@ -311,6 +331,11 @@ class RolloutController:
         if body.get("error"):
             line += f" error: {body['error']}"
         lines = [line]
+        made = body.get("plan") or {}
+        if made.get("error"):
+            lines.append(f"  plan: {made['error']}")
+        elif made and (body.get("state") == "progressing" or not made.get("feasible")):
+            lines += [f"  {text}" for text in made.get("lines", [])[1:]]
         analysis = body.get("last_analysis") or {}
         if analysis:
             window = analysis.get("window_s")

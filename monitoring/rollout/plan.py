@@ -89,7 +89,9 @@ class Plan:
     interval_s: float
     max_holds: int
     traffic: dict[str, Any]
-    suggestions: list[str] = field(default_factory=list)
+    # Each a change of one setting that makes the rollout feasible: {"change": what to set, "update": the
+    # CanaryConfig fields that change, JSON (CanaryConfig.model_validate({**spec.model_dump(), **update}))}
+    suggestions: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,7 +116,7 @@ class Plan:
                          + (" (tight: a slower half of rollouts may stall)" if self.tight else ""))
         else:
             lines.append("  CANNOT FINISH: a step needs more analyses than max_holds; it would stall")
-        lines += [f"  feasible with: {s}" for s in self.suggestions]
+        lines += [f"  feasible with: {s['change']}" for s in self.suggestions]
         return lines
 
 
@@ -160,25 +162,28 @@ def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True) -> 
     return result
 
 
-def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan) -> list[str]:
+def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan) -> list[dict[str, Any]]:
     """Settings that make the rollout feasible, each changing one thing: the interval, the min effects, the steps."""
-    found = []
+    found: list[dict[str, Any]] = []
     if traffic.requests_per_s <= 0:
-        return ["no traffic on the route over the lookback: nothing to judge a canary with"]
+        return [{"change": "none: no traffic on the route over the lookback, nothing to judge a canary with",
+                 "update": {}}]
     if all(s.samples is not None for s in current.steps):
         interval = max(s.samples / (traffic.requests_per_s * s.weight / 100) / (TIGHT * spec.max_holds)
                        for s in current.steps)
         interval = 60 * math.ceil(interval / 60)
         window = max(spec.max_window_s, spec.max_holds * interval)
-        found.append(f"interval_s: {interval:g}" + (f" (and max_window_s: {window:g})" if window > spec.max_window_s
-                                                    else ""))
+        found.append({"change": f"interval_s: {interval:g}" + (f" (and max_window_s: {window:g})"
+                                                               if window > spec.max_window_s else ""),
+                      "update": {"interval_s": interval, "max_window_s": window}})
     for factor in EFFECT_FACTORS:
         judge = scaled(spec.judge, factor)
         if judge is None:
             break
         candidate = plan(spec.model_copy(update={"judge": judge}), traffic, suggest=False)
         if candidate.feasible and not candidate.tight:
-            found.append(f"min effects x{factor:g}: {effects(judge)}")
+            found.append({"change": f"min effects x{factor:g}: {effects(judge)}",
+                          "update": {"judge": judge.model_dump(mode="json")}})
             break
     judged = [w for w in spec.steps if w < 100]
     last = [100.0] if 100 in spec.steps else []
@@ -189,7 +194,8 @@ def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan) -> lis
             if candidate.feasible and not candidate.tight:
                 options.append((candidate.promote_s or 0.0, [*subset, *last]))
         if options:
-            found.append(f"steps: {min(options)[1]}")
+            steps = min(options)[1]
+            found.append({"change": f"steps: {[float(w) for w in steps]}", "update": {"steps": steps}})
             break
     return found
 
