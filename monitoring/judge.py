@@ -16,6 +16,10 @@ Checks (each a difference canary minus stable, where bigger is worse):
                  the share of traffic that crossed a bound moves plainly; the p95s are still
                  reported as figures. Requests faster than ``floor_s`` are fast enough whatever the
                  canary does, so a millisecond shift never fails a canary
+  latency_tail   the slowest few percent, which ``latency``'s min effect cannot see: at the bucket
+                 bounds of the stable's own p95 and p99, the canary's share of slower requests against
+                 ``min_ratio`` x the stable's 5 % / 1 % (fail also when shown ``min_ratio`` x the
+                 stable's own share there); see ``latency_tail``
   feedback       mean feedback score of the stable minus the canary's (scores in ``score_range``)
 
 The test. Each variant's share (or scaled mean) gets an **always-valid confidence sequence**:
@@ -50,7 +54,8 @@ Error control (``alpha``, ``beta`` below):
   valid at all times);
 * a canary worse by at least ``min_effect`` in some check passes a given step with probability at
   most ``beta``: passing needs every check (and every latency bound) to pass, so the upper bounds
-  use ``beta / 2`` (canary and stable) without further splitting.
+  use ``beta / 2`` (canary and stable) without further splitting. The tail check's bounds are chosen
+  from the stable's data, so its lower bounds are split over every bound the choice may fall on.
 
 Measured with bench/canary_judge.py (A/A false rollbacks, bad canaries caught before 50 %, the
 analyses a good canary needs); the figures are in docs/monitoring.md. Assumes requests in one window are exchangeable between the two

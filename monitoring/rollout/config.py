@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loragate.monitoring.judge import JudgeConfig
+from loragate.monitoring.probe import ProbeConfig
 from loragate.monitoring.shadow import ShadowGate
 
 
@@ -28,6 +29,9 @@ class CanaryConfig(_Strict):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     # The canary's shadow answers (monitoring/shadow.py) must pass this before its first step.
     shadow_gate: ShadowGate | None = None
+    # Ask the engines whether the canary's adapter is applied at all, at the start and at every analysis
+    # (monitoring/probe.py); one that answers as the base model is rolled back (and its card rejected).
+    probe: ProbeConfig | None = None
     # Registry card directories of the two versions: their states follow the rollout (monitoring/rollout/cards.py).
     canary_card: str | None = None
     stable_card: str | None = None

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from loragate.common.catalog import CatalogError
+from loragate.common.catalog import CatalogError, parse_catalog
+from loragate.monitoring.probe import AdapterProbe, ProbeResult
 from loragate.monitoring.rollout import cards
 from loragate.monitoring.rollout.analysis import MetricsSource
 from loragate.monitoring.rollout.config import CanaryConfig, RolloutsConfig
@@ -45,8 +46,10 @@ class RolloutController:
 
     def __init__(self, config: RolloutsConfig, source: MetricsSource | None, *,
                  metrics: RolloutMetrics | None = None, routes: RoutesSource | None = None, k8s_api: Any = None,
-                 shadow_gate: Callable[[CanaryConfig], Awaitable[Any]] | None = None) -> None:
+                 shadow_gate: Callable[[CanaryConfig], Awaitable[Any]] | None = None,
+                 prober: AdapterProbe | None = None) -> None:
         self.config = config
+        self.prober = prober or AdapterProbe()  # for the rollouts with a probe section
         self.source = source
         self.shadow_gate = shadow_gate  # spec -> monitoring.shadow.GateResult, for specs with a shadow_gate
         self.metrics = metrics or RolloutMetrics()
@@ -189,10 +192,18 @@ class RolloutController:
             result = await self.shadow_gate(spec)
             if result.decision != "pass":
                 raise RolloutError(f"waiting for the shadow gate: {result.decision} ({result.explanation})")
+        probe = await self._probe(spec)
+        if probe is not None and probe.result == "error":  # retried every interval, like the shadow gate
+            raise RolloutError(f"waiting for the adapter probe: {probe.explanation}")
         weight = spec.steps[0]
         status = RolloutStatus(route=spec.route, canary=spec.canary, stable=spec.stable, weight=weight,
                                started_at=now, step_started_at=now,
                                spec=spec.model_dump(mode="json") if runtime else None)
+        if probe is not None and probe.result == "not_applied":
+            if old is not None:
+                self.metrics.forget(old.route, old.canary)
+            self._applied.add(spec.route)
+            return await self._refuse(spec, status, old.revision if old else None, now, probe)
         status.plan = await self._plan(spec)
         await asyncio.to_thread(cards.follow, spec, "start")  # the canary's card first: the gateway checks it
         await self.apply(spec, weight)
@@ -207,6 +218,41 @@ class RolloutController:
         self.metrics.record(spec.route, spec.canary, "step")
         log.info("rollout %s: started, %s at %g%%", spec.route, spec.canary, weight)
         return status, Transition(spec.route, "step", weight, "started")
+
+    async def _probe(self, spec: CanaryConfig) -> ProbeResult | None:
+        """Ask the engines whether the canary's adapter is applied; None without a probe section, or when the
+        canary is no adapter (the base model, an endpoint)."""
+        if spec.probe is None:
+            return None
+        snapshot = await asyncio.to_thread(self.routes.read)
+        route = parse_catalog(snapshot.text).routes.get(spec.route)
+        variant = next((v for v in route.variants if v.name == spec.canary), None) if route is not None else None
+        if route is None or variant is None or variant.adapter is None:
+            return None
+        result = await self.prober.probe(spec.probe, base_model=route.base_model, adapter=variant.adapter,
+                                         path=variant.path)
+        self.metrics.probed(spec.route, spec.canary, [e.result for e in result.engines])
+        if result.result != "applied":
+            log.warning("rollout %s: adapter probe of %s: %s (%s)", spec.route, spec.canary, result.result,
+                        result.explanation)
+        return result
+
+    async def _refuse(self, spec: CanaryConfig, status: RolloutStatus, expected: int | None, now: float,
+                      probe: ProbeResult) -> tuple[RolloutStatus, Transition]:
+        """The canary's adapter is not applied: no traffic to it (weight 0, state rolled_back, card rejected)."""
+        reason = f"adapter not applied, variant refused traffic: {probe.explanation}"
+        self.store.check(spec.route, expected)
+        await self.apply(spec, 0.0)
+        status.weight, status.state, status.step_started_at, status.holds = 0.0, "rolled_back", now, 0
+        status.last_analysis = {"verdict": "fail", "reason": reason, "checks": {}, "at": now,
+                                "probe": probe.as_dict()}
+        status.record("rollback", now, reason)
+        self.store.commit(status, expected)
+        await asyncio.to_thread(cards.follow, spec, "rollback")
+        self.metrics.show(status)
+        self.metrics.record(spec.route, spec.canary, "rollback")
+        log.error("rollout %s: %s", spec.route, reason)
+        return status, Transition(spec.route, "rollback", 0.0, reason)
 
     async def _plan(self, spec: CanaryConfig) -> dict[str, Any] | None:
         """The rollout's plan from the route's recent traffic (None when the source cannot tell); a plan
@@ -229,6 +275,13 @@ class RolloutController:
         expected = status.revision
         status = status.model_copy(deep=True)
         status.last_analysis_at = now
+        try:
+            probe = await self._probe(spec)
+        except Exception as exc:  # a probe that cannot run does not stop the analysis
+            log.warning("rollout %s: adapter probe failed: %s", spec.route, exc)
+            probe = None
+        if probe is not None and probe.result == "not_applied":
+            return await self._refuse(spec, status, expected, now, probe)
         try:
             if self.source is None:
                 raise RolloutError("no prometheus_url: the canary cannot be analysed")

@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from loragate.monitoring.judge import CHECKS, Verdict
+from loragate.monitoring.probe import RESULTS as PROBE_RESULTS
 from loragate.monitoring.rollout.state import STATES, RolloutStatus
 
 if TYPE_CHECKING:
@@ -45,6 +46,10 @@ class RolloutMetrics:
                                    "within max_holds analyses, 0 when the rollout cannot finish.", rc, registry=r)
         self.plan_seconds = Gauge("loragate_rollout_plan_promote_seconds",
                                   "The plan's time to promote a canary like the stable (NaN: never).", rc, registry=r)
+        self.probes = Counter("loragate_adapter_probe",
+                              "Adapter probes by result, one per engine asked: applied, not_applied (the engine "
+                              "answers the adapter's name as the base model), error.",
+                              ("route", "variant", "result"), registry=r)
         self._shown: dict[str, str] = {}  # route -> canary whose series exist
 
     def show(self, status: RolloutStatus) -> None:
@@ -78,6 +83,12 @@ class RolloutMetrics:
                 except KeyError:
                     pass
         self._shown.pop(route, None)
+
+    def probed(self, route: str, variant: str, results: list[str]) -> None:
+        for result in PROBE_RESULTS:  # every result has a series from the first probe: increase() sees the first
+            self.probes.labels(route, variant, result)
+        for result in results:
+            self.probes.labels(route, variant, result).inc()
 
     def record(self, route: str, canary: str, action: str, verdict: Verdict | None = None) -> None:
         self.transitions.labels(route, canary, action).inc()

@@ -54,7 +54,8 @@ STEPS = [10, 50, 100]
 QUIET_HOLDS = 4
 # Min effects for a short test on a stub (the defaults are sized for production traffic).
 JUDGE = {"error_rate": {"min_effect": 0.1, "min_samples": 30}, "fallback_rate": {"min_effect": 0.1, "min_samples": 30},
-         "latency": {"min_effect": 0.2, "min_samples": 30, "floor_s": 0.25}}
+         "latency": {"min_effect": 0.2, "min_samples": 30, "floor_s": 0.25},
+         "latency_tail": {"min_ratio": 10, "min_samples": 30, "floor_s": 0.25}}
 ROUTES = """\
 # Rollout e2e routes (the monitor rewrites the weights of the canary-* routes).
 routes:
