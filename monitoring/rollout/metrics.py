@@ -85,8 +85,8 @@ class RolloutMetrics:
         self._shown.pop(route, None)
 
     def probed(self, route: str, variant: str, results: list[str]) -> None:
-        for result in PROBE_RESULTS:  # every result has a series from the first probe: increase() sees the first
-            self.probes.labels(route, variant, result)
+        for known in PROBE_RESULTS:  # every result has a series from the first probe: increase() sees the first
+            self.probes.labels(route, variant, known)
         for result in results:
             self.probes.labels(route, variant, result).inc()
 

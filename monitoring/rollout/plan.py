@@ -120,6 +120,10 @@ class Plan:
         return lines
 
 
+def _or_inf(value: float | None) -> float:
+    return math.inf if value is None else value
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "never"
@@ -146,7 +150,7 @@ def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True) -> 
         per_analysis = rate * spec.interval_s * weight / 100
         need = needs(spec.judge, spec.steps, weight, traffic)
         samples = need.pop("analysis")
-        bottleneck = max(need, key=lambda c: math.inf if need[c] is None else need[c]) if need else "latency"
+        bottleneck = max(need, key=lambda c: _or_inf(need[c])) if need else None
         analyses = None if samples is None or per_analysis <= 0 else max(1, math.ceil(samples / per_analysis))
         step_plans.append(StepPlan(weight, per_analysis, samples, analyses,
                                    None if analyses is None else analyses * spec.interval_s, bottleneck, need))
@@ -169,7 +173,7 @@ def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan) -> lis
         return [{"change": "none: no traffic on the route over the lookback, nothing to judge a canary with",
                  "update": {}}]
     if all(s.samples is not None for s in current.steps):
-        interval = max(s.samples / (traffic.requests_per_s * s.weight / 100) / (TIGHT * spec.max_holds)
+        interval = max(_or_inf(s.samples) / (traffic.requests_per_s * s.weight / 100) / (TIGHT * spec.max_holds)
                        for s in current.steps)
         interval = 60 * math.ceil(interval / 60)
         window = max(spec.max_window_s, spec.max_holds * interval)

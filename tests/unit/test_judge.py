@@ -14,12 +14,14 @@ from pydantic import ValidationError
 from scipy.stats import norm
 
 from loragate.monitoring.judge import (
+    Counts,
     FeedbackCheckConfig,
     JudgeConfig,
     Levels,
     Observed,
     histogram_quantile,
     judge,
+    judge_many,
     mean_bounds,
     tail_bound_index,
     tail_decide,
@@ -255,3 +257,39 @@ def test_histogram_quantile_follows_prometheus():
 def test_bad_judge_settings_are_refused_with_the_field_named(bad, message):
     with pytest.raises(ValidationError, match=message):
         JudgeConfig.model_validate(bad)
+
+
+def test_judge_many_is_judges_rule():
+    """judge_many (the bench's simulated rollouts, the rollout plan) decides as judge() does, check by check,
+    on random counts around the decision boundaries (feedback on, several sample sizes and tails)."""
+    rng = np.random.default_rng(11)
+    config = JudgeConfig(feedback={"min_effect": 0.1, "min_samples": 50})
+    rows = 60
+    c_n, s_n = rng.integers(20, 3000, rows).astype(float), rng.integers(20, 20000, rows).astype(float)
+    probabilities = np.diff(np.concatenate([[0.0], np.array(list(lognormal_buckets(1, 0.6).values()))]))
+    slow = np.diff(np.concatenate([[0.0], np.array(list(lognormal_buckets(1, 0.6, tail=(0.1, 4)).values()))]))
+    c_buckets = np.array([rng.multinomial(n, slow if i % 3 == 0 else probabilities)
+                          for i, n in enumerate(c_n.astype(int))])
+    s_buckets = np.array([rng.multinomial(n, probabilities) for n in s_n.astype(int)])
+    c_errors = rng.binomial(c_n.astype(int), rng.choice([0.01, 0.04], rows))
+    s_errors = rng.binomial(s_n.astype(int), 0.01)
+    c_scores, s_scores = rng.binomial(c_n.astype(int), 0.5), rng.binomial(s_n.astype(int), 0.5)
+    c_sum, s_sum = rng.binomial(c_scores, rng.choice([0.8, 0.65], rows)), rng.binomial(s_scores, 0.8)
+    canary = Counts(c_n, c_errors, np.zeros(rows), np.cumsum(c_buckets, 1)[:, :-1], c_scores, c_sum)
+    stable = Counts(s_n, s_errors, np.zeros(rows), np.cumsum(s_buckets, 1)[:, :-1], s_scores, s_sum)
+    many = judge_many(config, (canary, stable), BOUNDS, steps=3)
+    codes = {"inconclusive": 0, "pass": 1, "fail": 2}
+    seen = set()
+    for i in range(rows):
+        bounds = [*BOUNDS, math.inf]
+        verdict = judge(config, Observed(
+            canary_routed=c_n[i], canary_errors=c_errors[i], stable_routed=s_n[i], stable_errors=s_errors[i],
+            canary_latency=dict(zip(bounds, np.cumsum(c_buckets[i]))),
+            stable_latency=dict(zip(bounds, np.cumsum(s_buckets[i]))),
+            canary_feedback_sum=c_sum[i], canary_feedback_count=c_scores[i],
+            stable_feedback_sum=s_sum[i], stable_feedback_count=s_scores[i]), steps=3)
+        for check in verdict.checks:
+            assert codes[check.decision] == many[check.check][i], (i, check.check, check.explanation)
+            seen.add((check.check, check.decision))
+        assert codes[verdict.decision] == many["analysis"][i]
+    assert {("latency_tail", "fail"), ("latency_tail", "pass"), ("error_rate", "fail")} <= seen
