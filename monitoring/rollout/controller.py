@@ -64,6 +64,8 @@ class RolloutController:
         self.errors: dict[str, str] = {}  # route -> last error, for /healthz
         self._applied: set[str] = set()  # routes whose weights were checked since this process started
         self._retry_at: dict[str, float] = {}  # a failing rollout is retried once per interval, not every round
+        # route -> the plan being made for a rollout that just started (off the loop: it must not hold the others)
+        self._planning: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
 
     def specs(self, statuses: dict[str, RolloutStatus] | None = None) -> list[CanaryConfig]:
         """The config file's rollouts, and those added at run time (kept in the state file); a run-time
@@ -166,6 +168,10 @@ class RolloutController:
                         if await self.apply(spec, status.weight):
                             log.warning("rollout %s: weights re-applied from the state (%g%%)", spec.route, status.weight)
                         self._applied.add(spec.route)
+                    planning = self._planning.get(spec.route)
+                    if planning is not None and planning.done():
+                        status = self._record_plan(spec, status, planning.result(), now)
+                        del self._planning[spec.route]
                     due = now - (status.last_analysis_at or status.step_started_at) >= spec.interval_s
                     if due and not status.stalled:  # a stalled rollout holds for good: a person decides
                         status, transition = await self._analyse(spec, status, now)
@@ -204,18 +210,17 @@ class RolloutController:
                 self.metrics.forget(old.route, old.canary)
             self._applied.add(spec.route)
             return await self._refuse(spec, status, old.revision if old else None, now, probe)
-        status.plan = await self._plan(spec)
         await asyncio.to_thread(cards.follow, spec, "start")  # the canary's card first: the gateway checks it
         await self.apply(spec, weight)
         status.record("step", now, f"rollout of {spec.canary} over {spec.stable} started")
-        if status.plan is not None and status.plan.get("feasible") is False:
-            status.record("plan", now, "; ".join(status.plan["lines"][1:]))
         self.store.commit(status, old.revision if old else None)
         self._applied.add(spec.route)
         if old is not None:
             self.metrics.forget(old.route, old.canary)
         self.metrics.show(status)
         self.metrics.record(spec.route, spec.canary, "step")
+        if getattr(self.source, "traffic", None) is not None:
+            self._planning[spec.route] = asyncio.create_task(self._plan(spec))
         log.info("rollout %s: started, %s at %g%%", spec.route, spec.canary, weight)
         return status, Transition(spec.route, "step", weight, "started")
 
@@ -253,6 +258,19 @@ class RolloutController:
         self.metrics.record(spec.route, spec.canary, "rollback")
         log.error("rollout %s: %s", spec.route, reason)
         return status, Transition(spec.route, "rollback", 0.0, reason)
+
+    def _record_plan(self, spec: CanaryConfig, status: RolloutStatus, made: dict[str, Any] | None,
+                     now: float) -> RolloutStatus:
+        """Keep the plan in the rollout's status; one that cannot finish is a history entry too (and an alert)."""
+        if made is None:
+            return status
+        expected = status.revision
+        status = status.model_copy(deep=True)
+        status.plan = made
+        if made.get("feasible") is False:
+            status.record("plan", now, "; ".join(made["lines"][1:]))
+        self.store.commit(status, expected)
+        return status
 
     async def _plan(self, spec: CanaryConfig) -> dict[str, Any] | None:
         """The rollout's plan from the route's recent traffic (None when the source cannot tell); a plan

@@ -26,7 +26,8 @@ import numpy as np
 from loragate.monitoring.judge import CHECKS, Counts, JudgeConfig, Observed, judge_many, judged_steps
 from loragate.monitoring.rollout.config import CanaryConfig
 
-GRID = np.unique(np.rint(np.geomspace(1, 1e7, 600)))  # canary requests tried, ~2.7 % apart
+COARSE = np.unique(np.rint(np.geomspace(1, 1e7, 100)))  # canary requests tried first, ~18 % apart ...
+FINE = 16  # ... then this many more just below each check's first pass (~1 % apart)
 TIGHT = 0.75  # a step needing more than this share of max_holds is flagged: a slower half of rollouts may stall
 EFFECT_FACTORS = (1.5, 2.0, 3.0, 5.0)
 
@@ -131,24 +132,40 @@ def _duration(seconds: float | None) -> str:
 
 
 def needs(judge: JudgeConfig, steps: list[float], weight: float, traffic: RouteTraffic) -> dict[str, float | None]:
-    """Canary requests each check (and ``"analysis"``: all of them) needs to pass an A/A canary at ``weight``."""
-    canary = traffic.expected(GRID)
-    stable = traffic.expected(GRID * (100 - weight) / weight)
+    """Canary requests each check (and ``"analysis"``: all of them) needs to pass an A/A canary at ``weight``:
+    the judge over a coarse grid of sizes, then again over a fine grid just below each first pass."""
+    coarse = _judged(judge, steps, weight, traffic, COARSE)
+    fine = [np.linspace(COARSE[i - 1], COARSE[i], FINE + 1)[1:-1] for i in set(coarse.values()) if i is not None and i]
+    sizes = np.unique(np.concatenate([COARSE, *fine])) if fine else COARSE
+    first = _judged(judge, steps, weight, traffic, sizes)
+    return {name: None if i is None else float(sizes[i]) for name, i in first.items()}
+
+
+def _judged(judge: JudgeConfig, steps: list[float], weight: float, traffic: RouteTraffic, sizes: np.ndarray
+            ) -> dict[str, int | None]:
+    """For each check, the index of the first size in ``sizes`` at which the expected counts pass."""
+    canary, stable = traffic.expected(sizes), traffic.expected(sizes * (100 - weight) / weight)
     codes = judge_many(judge, (canary, stable), tuple(traffic.latency), steps=judged_steps(steps))
-    found: dict[str, float | None] = {}
+    found: dict[str, int | None] = {}
     for name, decided in codes.items():
         passed = np.flatnonzero(decided == 1)
-        found[name] = float(GRID[passed[0]]) if passed.size else None
+        found[name] = int(passed[0]) if passed.size else None
     return found
 
 
-def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True) -> Plan:
-    """The plan of ``spec``'s rollout over ``traffic``, with the settings that would make it feasible."""
+def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True,
+         memo: dict[tuple[str, int, float], dict[str, float | None]] | None = None) -> Plan:
+    """The plan of ``spec``'s rollout over ``traffic``, with the settings that would make it feasible.
+    ``memo`` keeps each step's needs across the plans of one suggestion search (same traffic)."""
+    memo = {} if memo is None else memo
     rate = traffic.requests_per_s
     step_plans = []
     for weight in (w for w in spec.steps if w < 100) if any(w < 100 for w in spec.steps) else spec.steps[:1]:
         per_analysis = rate * spec.interval_s * weight / 100
-        need = needs(spec.judge, spec.steps, weight, traffic)
+        key = (spec.judge.model_dump_json(), judged_steps(spec.steps), weight)
+        if key not in memo:
+            memo[key] = needs(spec.judge, spec.steps, weight, traffic)
+        need = dict(memo[key])
         samples = need.pop("analysis")
         bottleneck = max(need, key=lambda c: _or_inf(need[c])) if need else None
         analyses = None if samples is None or per_analysis <= 0 else max(1, math.ceil(samples / per_analysis))
@@ -162,11 +179,12 @@ def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True) -> 
                   step_plans, total, None if total is None else total * spec.interval_s, spec.interval_s,
                   spec.max_holds, {k: v for k, v in asdict(traffic).items() if k != "latency"})
     if suggest and not (feasible and not result.tight):
-        result.suggestions = suggestions(spec, traffic, result)
+        result.suggestions = suggestions(spec, traffic, result, memo)
     return result
 
 
-def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan) -> list[dict[str, Any]]:
+def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan,
+                memo: dict[tuple[str, int, float], dict[str, float | None]]) -> list[dict[str, Any]]:
     """Settings that make the rollout feasible, each changing one thing: the interval, the min effects, the steps."""
     found: list[dict[str, Any]] = []
     if traffic.requests_per_s <= 0:
@@ -184,7 +202,7 @@ def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan) -> lis
         judge = scaled(spec.judge, factor)
         if judge is None:
             break
-        candidate = plan(spec.model_copy(update={"judge": judge}), traffic, suggest=False)
+        candidate = plan(spec.model_copy(update={"judge": judge}), traffic, suggest=False, memo=memo)
         if candidate.feasible and not candidate.tight:
             found.append({"change": f"min effects x{factor:g}: {effects(judge)}",
                           "update": {"judge": judge.model_dump(mode="json")}})
@@ -194,7 +212,7 @@ def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan) -> lis
     for keep in range(len(judged) - 1, 0, -1):
         options = []
         for subset in combinations(judged, keep):
-            candidate = plan(spec.model_copy(update={"steps": [*subset, *last]}), traffic, suggest=False)
+            candidate = plan(spec.model_copy(update={"steps": [*subset, *last]}), traffic, suggest=False, memo=memo)
             if candidate.feasible and not candidate.tight:
                 options.append((candidate.promote_s or 0.0, [*subset, *last]))
         if options:

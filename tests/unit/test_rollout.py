@@ -593,9 +593,17 @@ class PlannedPrometheus(FakePrometheus):
         return self.route_traffic
 
 
+async def started_and_planned(c: RolloutController) -> None:
+    """The start, then the next round once the plan (made off the loop) is done: it is recorded there."""
+    await c.tick(now=1000)
+    assert c.status()["support"]["weight"] == 5 and c.status()["support"].get("plan") is None  # the start waits for no plan
+    await c._planning["support"]
+    assert await c.tick(now=1001) == []  # not an analysis: the interval has not passed
+
+
 async def test_a_rollout_that_cannot_finish_is_flagged_at_its_start(tmp_path):
     c = controller(tmp_path, PlannedPrometheus(route_traffic(2.67), QUIET), interval_s=300)
-    await c.tick(now=1000)
+    await started_and_planned(c)
     status = c.status()["support"]
     assert status["plan"]["feasible"] is False and status["weight"] == 5  # flagged, not stopped
     assert status["history"][-1]["action"] == "plan" and "STALLS" in status["history"][-1]["reason"]
@@ -605,7 +613,7 @@ async def test_a_rollout_that_cannot_finish_is_flagged_at_its_start(tmp_path):
     assert "CANNOT FINISH" in text and "feasible with: interval_s" in text
     (tmp_path / "busy").mkdir()
     busy = controller(tmp_path / "busy", PlannedPrometheus(route_traffic(20), QUIET), interval_s=300)
-    await busy.tick(now=1000)
+    await started_and_planned(busy)
     assert busy.status()["support"]["plan"]["feasible"] is True
     assert sample(busy, "loragate_rollout_plan_feasible") == 1
     assert sample(busy, "loragate_rollout_plan_promote_seconds") == busy.status()["support"]["plan"]["promote_s"]
@@ -616,8 +624,8 @@ async def test_a_plan_that_cannot_be_made_does_not_stop_the_start(tmp_path):
         async def traffic(self, route, window_s):
             raise OSError("connection refused")
 
-    c = controller(tmp_path, Down(route_traffic(20), QUIET))
-    await c.tick(now=1000)
+    c = controller(tmp_path, Down(route_traffic(20), QUIET), interval_s=300)
+    await started_and_planned(c)
     status = c.status()["support"]
     assert status["weight"] == 5 and "connection refused" in status["plan"]["error"]
     assert "plan: no plan: connection refused" in "\n".join(c.explain("support", status))
