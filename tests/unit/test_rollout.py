@@ -596,7 +596,8 @@ class PlannedPrometheus(FakePrometheus):
 async def started_and_planned(c: RolloutController) -> None:
     """The start, then the next round once the plan (made off the loop) is done: it is recorded there."""
     await c.tick(now=1000)
-    assert c.status()["support"]["weight"] == 5 and c.status()["support"].get("plan") is None  # the start waits for no plan
+    started = c.status()["support"]
+    assert started["weight"] == 5 and started.get("plan") is None  # the start waits for no plan
     await c._planning["support"]
     assert await c.tick(now=1001) == []  # not an analysis: the interval has not passed
 
