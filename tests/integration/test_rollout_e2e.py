@@ -218,7 +218,8 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
                     values.append(weight)
             status = _healthz(port)
             if {route: _state(status[route]) for route in CANARIES} == FINAL \
-                    and [seen[r][-1] for r in CANARIES] == [1.0, 0.0, 0.0, 0.1]:
+                    and [seen[r][-1] for r in CANARIES] == [1.0, 0.0, 0.0, 0.1] \
+                    and status["canary-quiet"].get("plan") is not None:  # made off the loop: may come late
                 break
             time.sleep(0.2)
         sent_during_rollouts = load.sent + trickle.sent
@@ -254,9 +255,11 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
     assert "rollback" in [h["action"] for h in slow["history"]]
 
     # quiet: never enough data: only holds, then stalled at its first step; never promoted.
-    # A plan entry follows the start where the route's recent traffic cannot finish the rollout (the quiet one).
+    # The plan, from the route's traffic in the real Prometheus, says the quiet rollout cannot finish (a history
+    # entry when it was recorded; it is made off the loop, so analyses may come before it).
     assert quiet["plan"]["feasible"] is False, quiet["plan"]
-    assert [h["action"] for h in quiet["history"]] == ["step", "plan"] + ["hold"] * QUIET_HOLDS, quiet["history"]
+    actions = [h["action"] for h in quiet["history"]]
+    assert [a for a in actions if a != "plan"] == ["step"] + ["hold"] * QUIET_HOLDS and "plan" in actions, actions
     assert quiet["state"] == "progressing" and quiet["weight"] == 10 and seen["canary-quiet"][-1] == 0.1
     assert quiet["last_analysis"]["verdict"] == "inconclusive"
     assert all(c["samples"] < c["min_samples"] for c in quiet["last_analysis"]["checks"].values())
