@@ -10,9 +10,19 @@ inconclusive -> hold; ``--max-holds`` holds on one step -> stalled (hold and ale
 Traffic: 5xx 1 %, fallbacks 0 %, latency lognormal (median 0.6 s, sigma 0.5: p95 1.37 s) binned
 into the gateway's own buckets (service/metrics.py LATENCY_BUCKETS), thumbs-up/down feedback on
 ``--feedback-share`` of the requests with mean 0.8. Bad canaries change one thing: 5xx 4 %,
-fallbacks 3 %, every latency x1.5 (p95 x1.5), mean feedback 0.6. One more canary is worse by
-less than the min effect (5xx 1 % -> 2 %): what the judge does with a regression it was told
-does not matter.
+fallbacks 3 %, every latency x1.5 (p95 x1.5), mean feedback 0.6, or 8 % of its requests 4x
+slower (a slow tail: p99 ~1.9 s -> ~4 s; also judged without the latency_tail check, the judge
+before it). One more canary is worse by less than the min effect (5xx 1 % -> 2 %): what the judge
+does with a regression it was told does not matter; and one is better than the stable (5xx 0.5 %,
+latency x0.8): it must be promoted. A small route: 40 canary requests an analysis at every step.
+
+The plan (monitoring/rollout/plan.py) against simulation: for routes of ``--plan-rps`` requests a
+second (the canary gets its weight's share: rps x 300 s x weight an analysis), the plan's predicted
+analyses to promote an A/A canary next to the median of simulated A/A rollouts (target: within
+30 %), and, where the plan says the rollout cannot finish, the share of simulated rollouts that
+stall (target: at least half). ``--sigma`` changes the latency's spread (a heavier tail),
+``--feedback-share 0`` turns the feedback check off (the judge's own defaults), ``--no-tail`` the
+tail check.
 
 Printed per scenario and judge: rolled back (A/A: false rollbacks), caught before 50 % weight
 (rolled back at 5 or 25 %), promoted, stalled, and the analyses a good canary needs to be

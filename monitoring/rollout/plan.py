@@ -109,8 +109,9 @@ class Plan:
                              f"{step.bottleneck} never passes (no data for it?)")
                 continue
             over = step.analyses is not None and step.analyses > self.max_holds
+            count = f"{step.analyses} analys{'is' if step.analyses == 1 else 'es'}"
             lines.append(f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; needs "
-                         f"{step.samples:.0f} ({step.bottleneck}): {step.analyses} analyses, {_duration(step.seconds)}"
+                         f"{step.samples:.0f} ({step.bottleneck}): {count}, {_duration(step.seconds)}"
                          + (f"  > max_holds {self.max_holds}: STALLS" if over else ""))
         if self.feasible:
             lines.append(f"  an A/A canary is promoted after ~{self.analyses} analyses, ~{_duration(self.promote_s)}"
