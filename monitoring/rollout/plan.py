@@ -9,8 +9,9 @@ the step's need. A step that needs more than ``max_holds`` analyses stalls befor
 rollout cannot finish, and the plan says which setting would let it (a longer interval, larger
 min effects, fewer steps).
 
-The prediction is the median rollout's: half of the A/A rollouts need more (bench/canary_judge.py
-measures the spread), and a canary that is worse or better than the stable needs a different
+The time to promote is the median rollout's; feasibility is judged on a slow one (the canary
+``SLOW_Z`` standard deviations unlucky in every figure at once: about 1 rollout in 10 needs more;
+bench/canary_judge.py measures both against simulated rollouts), and a canary that is worse or better than the stable needs a different
 number (a clear regression fails sooner). Pure: the traffic comes in as ``RouteTraffic``.
 """
 
@@ -28,7 +29,7 @@ from loragate.monitoring.rollout.config import CanaryConfig
 
 COARSE = np.unique(np.rint(np.geomspace(1, 1e7, 100)))  # canary requests tried first, ~18 % apart ...
 FINE = 16  # ... then this many more just below each check's first pass (~1 % apart)
-TIGHT = 0.75  # a step needing more than this share of max_holds is flagged: a slower half of rollouts may stall
+SLOW_Z = 1.28  # the slow rollout the plan must fit: the canary this many standard deviations unlucky (~1 in 10)
 EFFECT_FACTORS = (1.5, 2.0, 3.0, 5.0)
 
 
@@ -66,24 +67,51 @@ class RouteTraffic:
                       below=n[..., None] * shares, feedback_count=scored,
                       feedback_sum=scored * (self.feedback_mean or 0.0))
 
+    def unlucky(self, n: np.ndarray, stable_n: np.ndarray, z: float, score_range: tuple[float, float] = (0.0, 1.0)
+                ) -> Counts:
+        """The counts of an A/A canary ``z`` standard deviations of its difference with the stable (of
+        ``stable_n`` requests) worse than expected in every figure at once: what a slow rollout sees."""
+        counts = self.expected(n)
+        n = counts.n
+        reach = n + n ** 2 / np.maximum(np.asarray(stable_n, dtype=float), 1.0)  # n^2 x Var(share difference) / p(1-p)
+
+        def worse(count: np.ndarray, share: Any, total: np.ndarray, sign: float) -> np.ndarray:
+            share = np.asarray(share, dtype=float)
+            spread = z * np.sqrt(share * (1 - share) * (reach[..., None] if share.ndim else reach))
+            return np.clip(count + sign * spread, 0, total)
+
+        shares = np.array(list(self.latency.values()), dtype=float)
+        low, high = score_range
+        mean = self.feedback_mean if self.feedback_mean is not None else low
+        scaled = min(max((mean - low) / (high - low), 0.0), 1.0)
+        scored = counts.feedback_count
+        spread = z * np.sqrt(scaled * (1 - scaled) * (scored + scored ** 2 / np.maximum(
+            np.asarray(stable_n, dtype=float) * self.feedback_per_request, 1.0))) * (high - low)
+        return Counts(n=n, errors=worse(counts.errors, self.error_rate, n, 1.0),
+                      fallbacks=worse(counts.fallbacks, self.fallback_rate, n, 1.0),
+                      below=worse(counts.below, shares, n[..., None], -1.0) if shares.size else counts.below,
+                      feedback_count=scored,
+                      feedback_sum=np.clip(counts.feedback_sum - spread, low * scored, high * scored))
+
 
 @dataclass
 class StepPlan:
     weight: float
     canary_per_analysis: float
-    samples: float | None  # canary requests for every check to pass (None: not within 10 million)
+    samples: float | None  # canary requests for every check to pass, median rollout (None: not within 10 million)
     analyses: int | None  # analyses (intervals) for that
     seconds: float | None
     bottleneck: str | None  # the check that needs the most
     per_check: dict[str, float | None]  # canary requests each check needs
+    slow_samples: float | None  # the same for a slow rollout (~1 in 10 needs more)
+    slow_analyses: int | None
 
 
 @dataclass
 class Plan:
     route: str
     canary: str
-    feasible: bool  # every step passes within max_holds analyses (for the median A/A canary)
-    tight: bool  # some step needs more than TIGHT x max_holds: a slower half may stall
+    feasible: bool  # every step passes within max_holds analyses, for a slow A/A rollout (~1 in 10 is slower)
     steps: list[StepPlan]
     analyses: int | None  # to promote, all steps
     promote_s: float | None
@@ -108,16 +136,18 @@ class Plan:
                 lines.append(f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; "
                              f"{step.bottleneck} never passes (no data for it?)")
                 continue
-            over = step.analyses is not None and step.analyses > self.max_holds
+            slow = step.slow_analyses
+            over = slow is None or slow > self.max_holds
             count = f"{step.analyses} analys{'is' if step.analyses == 1 else 'es'}"
             lines.append(f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; needs "
-                         f"{step.samples:.0f} ({step.bottleneck}): {count}, {_duration(step.seconds)}"
-                         + (f"  > max_holds {self.max_holds}: STALLS" if over else ""))
+                         f"{step.samples:.0f} ({step.bottleneck}): {count}, {_duration(step.seconds)}; "
+                         f"1 in 10 rollouts {'never' if slow is None else f'> {slow}'}"
+                         + (f" > max_holds {self.max_holds}: STALLS" if over else ""))
         if self.feasible:
-            lines.append(f"  an A/A canary is promoted after ~{self.analyses} analyses, ~{_duration(self.promote_s)}"
-                         + (" (tight: a slower half of rollouts may stall)" if self.tight else ""))
+            lines.append(f"  an A/A canary is promoted after ~{self.analyses} analyses, ~{_duration(self.promote_s)}")
         else:
-            lines.append("  CANNOT FINISH: a step needs more analyses than max_holds; it would stall")
+            lines.append("  CANNOT FINISH: a step needs more analyses than max_holds in 1 rollout of 10 or more; "
+                         "those stall")
         lines += [f"  feasible with: {s['change']}" for s in self.suggestions]
         return lines
 
@@ -132,20 +162,25 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.0f} min"
 
 
-def needs(judge: JudgeConfig, steps: list[float], weight: float, traffic: RouteTraffic) -> dict[str, float | None]:
-    """Canary requests each check (and ``"analysis"``: all of them) needs to pass an A/A canary at ``weight``:
-    the judge over a coarse grid of sizes, then again over a fine grid just below each first pass."""
-    coarse = _judged(judge, steps, weight, traffic, COARSE)
+def needs(judge: JudgeConfig, steps: list[float], weight: float, traffic: RouteTraffic, z: float = 0.0
+          ) -> dict[str, float | None]:
+    """Canary requests each check (and ``"analysis"``: all of them) needs to pass an A/A canary at ``weight``
+    (``z``: one that many standard deviations unlucky): the judge over a coarse grid of sizes, then again over
+    a fine grid just below each first pass."""
+    coarse = _judged(judge, steps, weight, traffic, COARSE, z)
     fine = [np.linspace(COARSE[i - 1], COARSE[i], FINE + 1)[1:-1] for i in set(coarse.values()) if i is not None and i]
     sizes = np.unique(np.concatenate([COARSE, *fine])) if fine else COARSE
-    first = _judged(judge, steps, weight, traffic, sizes)
+    first = _judged(judge, steps, weight, traffic, sizes, z)
     return {name: None if i is None else float(sizes[i]) for name, i in first.items()}
 
 
-def _judged(judge: JudgeConfig, steps: list[float], weight: float, traffic: RouteTraffic, sizes: np.ndarray
-            ) -> dict[str, int | None]:
+def _judged(judge: JudgeConfig, steps: list[float], weight: float, traffic: RouteTraffic, sizes: np.ndarray,
+            z: float) -> dict[str, int | None]:
     """For each check, the index of the first size in ``sizes`` at which the expected counts pass."""
-    canary, stable = traffic.expected(sizes), traffic.expected(sizes * (100 - weight) / weight)
+    stable_sizes = sizes * (100 - weight) / weight
+    score_range = judge.feedback.score_range if judge.feedback is not None else (0.0, 1.0)
+    canary = traffic.unlucky(sizes, stable_sizes, z, score_range) if z else traffic.expected(sizes)
+    stable = traffic.expected(stable_sizes)
     codes = judge_many(judge, (canary, stable), tuple(traffic.latency), steps=judged_steps(steps))
     found: dict[str, int | None] = {}
     for name, decided in codes.items():
@@ -155,7 +190,7 @@ def _judged(judge: JudgeConfig, steps: list[float], weight: float, traffic: Rout
 
 
 def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True,
-         memo: dict[tuple[str, int, float], dict[str, float | None]] | None = None) -> Plan:
+         memo: dict[tuple[str, int, float, float], dict[str, float | None]] | None = None) -> Plan:
     """The plan of ``spec``'s rollout over ``traffic``, with the settings that would make it feasible.
     ``memo`` keeps each step's needs across the plans of one suggestion search (same traffic)."""
     memo = {} if memo is None else memo
@@ -163,36 +198,40 @@ def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True,
     step_plans = []
     for weight in (w for w in spec.steps if w < 100) if any(w < 100 for w in spec.steps) else spec.steps[:1]:
         per_analysis = rate * spec.interval_s * weight / 100
-        key = (spec.judge.model_dump_json(), judged_steps(spec.steps), weight)
-        if key not in memo:
-            memo[key] = needs(spec.judge, spec.steps, weight, traffic)
-        need = dict(memo[key])
-        samples = need.pop("analysis")
+        found = []
+        for z in (0.0, SLOW_Z):
+            key = (spec.judge.model_dump_json(), judged_steps(spec.steps), weight, z)
+            if key not in memo:
+                memo[key] = needs(spec.judge, spec.steps, weight, traffic, z)
+            found.append(memo[key])
+        need = dict(found[0])
+        samples, slow = need.pop("analysis"), found[1]["analysis"]
         bottleneck = max(need, key=lambda c: _or_inf(need[c])) if need else None
-        analyses = None if samples is None or per_analysis <= 0 else max(1, math.ceil(samples / per_analysis))
+        analyses, slow_analyses = (None if x is None or per_analysis <= 0 else max(1, math.ceil(x / per_analysis))
+                                   for x in (samples, slow))
         step_plans.append(StepPlan(weight, per_analysis, samples, analyses,
-                                   None if analyses is None else analyses * spec.interval_s, bottleneck, need))
+                                   None if analyses is None else analyses * spec.interval_s, bottleneck, need,
+                                   slow, slow_analyses))
     counts = [s.analyses for s in step_plans]
-    feasible = all(a is not None and a <= spec.max_holds for a in counts)
+    feasible = all(s.slow_analyses is not None and s.slow_analyses <= spec.max_holds for s in step_plans)
     total = sum(a for a in counts if a is not None) if all(a is not None for a in counts) else None
-    result = Plan(spec.route, spec.canary, feasible, feasible and any(a > TIGHT * spec.max_holds for a in counts
-                                                                        if a is not None),
-                  step_plans, total, None if total is None else total * spec.interval_s, spec.interval_s,
+    result = Plan(spec.route, spec.canary, feasible, step_plans, total,
+                  None if total is None else total * spec.interval_s, spec.interval_s,
                   spec.max_holds, {k: v for k, v in asdict(traffic).items() if k != "latency"})
-    if suggest and not (feasible and not result.tight):
+    if suggest and not feasible:
         result.suggestions = suggestions(spec, traffic, result, memo)
     return result
 
 
 def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan,
-                memo: dict[tuple[str, int, float], dict[str, float | None]]) -> list[dict[str, Any]]:
+                memo: dict[tuple[str, int, float, float], dict[str, float | None]]) -> list[dict[str, Any]]:
     """Settings that make the rollout feasible, each changing one thing: the interval, the min effects, the steps."""
     found: list[dict[str, Any]] = []
     if traffic.requests_per_s <= 0:
         return [{"change": "none: no traffic on the route over the lookback, nothing to judge a canary with",
                  "update": {}}]
-    if all(s.samples is not None for s in current.steps):
-        interval = max(_or_inf(s.samples) / (traffic.requests_per_s * s.weight / 100) / (TIGHT * spec.max_holds)
+    if all(s.slow_samples is not None for s in current.steps):
+        interval = max(_or_inf(s.slow_samples) / (traffic.requests_per_s * s.weight / 100) / spec.max_holds
                        for s in current.steps)
         interval = 60 * math.ceil(interval / 60)
         window = max(spec.max_window_s, spec.max_holds * interval)
@@ -204,7 +243,7 @@ def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan,
         if judge is None:
             break
         candidate = plan(spec.model_copy(update={"judge": judge}), traffic, suggest=False, memo=memo)
-        if candidate.feasible and not candidate.tight:
+        if candidate.feasible:
             found.append({"change": f"min effects x{factor:g}: {effects(judge)}",
                           "update": {"judge": judge.model_dump(mode="json")}})
             break
@@ -214,7 +253,7 @@ def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan,
         options = []
         for subset in combinations(judged, keep):
             candidate = plan(spec.model_copy(update={"steps": [*subset, *last]}), traffic, suggest=False, memo=memo)
-            if candidate.feasible and not candidate.tight:
+            if candidate.feasible:
                 options.append((candidate.promote_s or 0.0, [*subset, *last]))
         if options:
             steps = min(options)[1]

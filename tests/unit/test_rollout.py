@@ -552,13 +552,17 @@ def test_the_plan_says_what_each_step_needs_and_flags_a_route_too_small_to_finis
     first = busy.steps[0]
     assert first.canary_per_analysis == pytest.approx(300) and first.analyses == math.ceil(first.samples / 300)
     assert first.samples >= 200 and first.bottleneck in first.per_check  # min_samples at least
+    assert first.slow_samples > first.samples  # a slow rollout (1 in 10) needs more: feasibility is judged on it
+    # The slow rollout decides: a route where the median rollout fits max_holds but a slow one does not is flagged.
+    edge = plan(spec(interval_s=300), route_traffic(4))
+    assert all(s.analyses <= 12 for s in edge.steps) and not edge.feasible
     assert busy.promote_s == busy.analyses * 300
     # 40 canary requests an analysis at 5 % (2.67 req/s): the first step needs more than 12 analyses.
     small = plan(spec(interval_s=300), route_traffic(2.67))
     assert not small.feasible and small.steps[0].analyses > 12
     assert any("CANNOT FINISH" in line for line in small.lines())
     changes = [s["change"].split(":")[0] for s in small.suggestions]
-    assert changes == ["interval_s", "min effects x1.5", "steps"]
+    assert changes == ["interval_s", "min effects x2", "steps"]
     for suggestion in small.suggestions:  # each suggested setting makes it feasible
         fixed = CanaryConfig.model_validate({**spec(interval_s=300).model_dump(), **suggestion["update"]})
         assert plan(fixed, route_traffic(2.67)).feasible, suggestion["change"]
@@ -673,13 +677,13 @@ def test_rollout_cli_plan(tmp_path, capsys, monkeypatch):
 
     async def traffic(self, route, window_s):  # PrometheusAnalysis.traffic's PromQL is tested above
         asked.append((route, window_s))
-        return route_traffic(2.67 if len(asked) == 1 else 20)
+        return route_traffic(2.67 if len(asked) == 1 else 100)
 
     monkeypatch.setattr(PrometheusAnalysis, "traffic", traffic)
     capsys.readouterr()
     assert rollout_command(SimpleNamespace(action="plan", **args)) == 1  # 1: a rollout cannot finish
     out = capsys.readouterr().out
-    assert "support: plan for v2" in out and "CANNOT FINISH" in out and "feasible with: interval_s: 540" in out
+    assert "support: plan for v2" in out and "CANNOT FINISH" in out and "feasible with: interval_s: 720" in out
     assert rollout_command(SimpleNamespace(action="plan", **{**args, "json": True})) == 0
     assert json.loads(capsys.readouterr().out)["support"]["feasible"] is True
     assert asked == [("support", 600), ("support", 600)]
