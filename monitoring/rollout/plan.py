@@ -5,14 +5,15 @@ feedback, read from Prometheus), the plan asks the judge itself (``judge_many``)
 (one exactly like the stable) would pass each check at each step, with the rollout's min effects,
 min samples and alpha: the expected counts at ``n`` canary requests (and ``n x (100 - w) / w`` stable
 ones at weight ``w``) are judged for a grid of ``n``, and the first ``n`` where every check passes is
-the step's need. A step that needs more than ``max_holds`` analyses stalls before it passes: the
-rollout cannot finish, and the plan says which setting would let it (a longer interval, larger
-min effects, fewer steps).
+the step's need. A step that needs more than ``max_holds`` analyses (in a slow rollout) stalls
+before it passes: the rollout cannot finish, and the plan says which setting would let it (a
+longer interval, larger min effects, fewer steps).
 
 The time to promote is the median rollout's; feasibility is judged on a slow one (the canary
 ``SLOW_Z`` standard deviations unlucky in every figure at once: about 1 rollout in 10 needs more;
-bench/canary_judge.py measures both against simulated rollouts), and a canary that is worse or better than the stable needs a different
-number (a clear regression fails sooner). Pure: the traffic comes in as ``RouteTraffic``.
+bench/canary_judge.py measures both against simulated rollouts), and a canary that is worse or
+better than the stable needs a different number (a clear regression fails sooner). Pure: the
+traffic comes in as ``RouteTraffic``.
 """
 
 from __future__ import annotations
