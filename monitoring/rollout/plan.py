@@ -142,7 +142,7 @@ class Plan:
             count = f"{step.analyses} analys{'is' if step.analyses == 1 else 'es'}"
             lines.append(f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; needs "
                          f"{step.samples:.0f} ({step.bottleneck}): {count}, {_duration(step.seconds)}; "
-                         f"1 in 10 rollouts {'never' if slow is None else f'> {slow}'}"
+                         f"a slow rollout (1 in 10) {'never' if slow is None else slow}"
                          + (f" > max_holds {self.max_holds}: STALLS" if over else ""))
         if self.feasible:
             lines.append(f"  an A/A canary is promoted after ~{self.analyses} analyses, ~{_duration(self.promote_s)}")
