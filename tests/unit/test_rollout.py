@@ -554,7 +554,7 @@ def test_the_plan_says_what_each_step_needs_and_flags_a_route_too_small_to_finis
     assert first.samples >= 200 and first.bottleneck in first.per_check  # min_samples at least
     assert first.slow_samples > first.samples  # a slow rollout (1 in 10) needs more: feasibility is judged on it
     # The slow rollout decides: a route where the median rollout fits max_holds but a slow one does not is flagged.
-    edge = plan(spec(interval_s=300), route_traffic(4))
+    edge = plan(spec(interval_s=300), route_traffic(4), suggest=False)
     assert all(s.analyses <= 12 for s in edge.steps) and not edge.feasible
     assert busy.promote_s == busy.analyses * 300
     # 40 canary requests an analysis at 5 % (2.67 req/s): the first step needs more than 12 analyses.
@@ -567,8 +567,8 @@ def test_the_plan_says_what_each_step_needs_and_flags_a_route_too_small_to_finis
         fixed = CanaryConfig.model_validate({**spec(interval_s=300).model_dump(), **suggestion["update"]})
         assert plan(fixed, route_traffic(2.67)).feasible, suggestion["change"]
     # A route without traffic cannot be planned for; a judge with feedback on a route without it never passes.
-    assert not plan(spec(), route_traffic(0)).feasible
-    silent = plan(spec(interval_s=300, judge={"feedback": {}}), route_traffic(20))
+    assert not plan(spec(), route_traffic(0), suggest=False).feasible
+    silent = plan(spec(interval_s=300, judge={"feedback": {}}), route_traffic(20), suggest=False)
     assert not silent.feasible and silent.steps[0].samples is None and silent.steps[0].bottleneck == "feedback"
 
 
