@@ -10,9 +10,19 @@ inconclusive -> hold; ``--max-holds`` holds on one step -> stalled (hold and ale
 Traffic: 5xx 1 %, fallbacks 0 %, latency lognormal (median 0.6 s, sigma 0.5: p95 1.37 s) binned
 into the gateway's own buckets (service/metrics.py LATENCY_BUCKETS), thumbs-up/down feedback on
 ``--feedback-share`` of the requests with mean 0.8. Bad canaries change one thing: 5xx 4 %,
-fallbacks 3 %, every latency x1.5 (p95 x1.5), mean feedback 0.6. One more canary is worse by
-less than the min effect (5xx 1 % -> 2 %): what the judge does with a regression it was told
-does not matter.
+fallbacks 3 %, every latency x1.5 (p95 x1.5), mean feedback 0.6, or 8 % of its requests 4x
+slower (a slow tail: p99 ~1.9 s -> ~4 s; also judged without the latency_tail check, the judge
+before it). One more canary is worse by less than the min effect (5xx 1 % -> 2 %): what the judge
+does with a regression it was told does not matter; and one is better than the stable (5xx 0.5 %,
+latency x0.8): it must be promoted. A small route: 40 canary requests an analysis at every step.
+
+The plan (monitoring/rollout/plan.py) against simulation: for routes of ``--plan-rps`` requests a
+second (the canary gets its weight's share: rps x 300 s x weight an analysis), the plan's predicted
+analyses to promote an A/A canary next to the median of simulated A/A rollouts (target: within
+30 %), and, where the plan says the rollout cannot finish, the share of simulated rollouts that
+stall (target: at least half). ``--sigma`` changes the latency's spread (a heavier tail),
+``--feedback-share 0`` turns the feedback check off (the judge's own defaults), ``--no-tail`` the
+tail check.
 
 Printed per scenario and judge: rolled back (A/A: false rollbacks), caught before 50 % weight
 (rolled back at 5 or 25 %), promoted, stalled, and the analyses a good canary needs to be
@@ -33,21 +43,16 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
-from loragate.monitoring.judge import (
-    RATE_PRIOR,
-    SHARE_PRIOR,
-    JudgeConfig,
-    Levels,
-    Observed,
-    decide,
-    difference_bounds,
-    judge,
-    judged_steps,
-)
+from loragate.monitoring.judge import Counts, JudgeConfig, Observed, judge, judge_many, judged_steps
+from loragate.monitoring.rollout.config import CanaryConfig
+from loragate.monitoring.rollout.plan import RouteTraffic, plan
 
+MEDIAN_S, SIGMA = 0.6, 0.5
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)  # service/metrics.py
 STEPS = [5, 25, 50, 100]
-GOOD = {"error": 0.01, "fallback": 0.0, "latency_scale": 1.0, "feedback": 0.8}
+INTERVAL_S = 300
+GOOD = {"error": 0.01, "fallback": 0.0, "latency_scale": 1.0, "feedback": 0.8, "tail_share": 0.0, "tail_scale": 1.0,
+        "sigma": SIGMA}
 SCENARIOS = {
     "A/A (canary = stable)": {},
     "5xx 1% -> 4%": {"error": 0.04},
@@ -55,14 +60,21 @@ SCENARIOS = {
     "p95 latency x1.5": {"latency_scale": 1.5},
     "mean feedback 0.8 -> 0.6": {"feedback": 0.6},
     "5xx 1% -> 2% (under min effect)": {"error": 0.02},  # a regression the judge is told does not matter
+    "8% of requests x4 slower (tail)": {"tail_share": 0.08, "tail_scale": 4.0},
+    "better canary (5xx 0.5%, latency x0.8)": {"error": 0.005, "latency_scale": 0.8},
 }
-MEDIAN_S, SIGMA = 0.6, 0.5
 
 
-def bucket_probabilities(scale: float) -> np.ndarray:
-    """P(latency in each bucket, +Inf last) for lognormal(MEDIAN_S * scale, SIGMA)."""
-    cdf = norm.cdf((np.log(np.array(BUCKETS)) - math.log(MEDIAN_S * scale)) / SIGMA)
-    return np.diff(np.concatenate([[0.0], cdf, [1.0]]))
+def bucket_probabilities(scale: float, tail_share: float = 0.0, tail_scale: float = 1.0, sigma: float = SIGMA
+                         ) -> np.ndarray:
+    """P(latency in each bucket, +Inf last) for lognormal(MEDIAN_S * scale, SIGMA), with ``tail_share`` of the
+    requests ``tail_scale`` times slower still."""
+
+    def cdf(factor: float) -> np.ndarray:
+        return norm.cdf((np.log(np.array(BUCKETS)) - math.log(MEDIAN_S * scale * factor)) / sigma)
+
+    mixed = (1 - tail_share) * cdf(1.0) + tail_share * cdf(tail_scale)
+    return np.diff(np.concatenate([[0.0], mixed, [1.0]]))
 
 
 class Traffic:
@@ -70,7 +82,8 @@ class Traffic:
 
     def __init__(self, rng: np.random.Generator, rollouts: int, truth: dict, feedback_share: float) -> None:
         self.rng, self.truth, self.feedback_share = rng, truth, feedback_share
-        self.probabilities = bucket_probabilities(truth["latency_scale"])
+        self.probabilities = bucket_probabilities(truth["latency_scale"], truth["tail_share"], truth["tail_scale"],
+                                                  truth["sigma"])
         self.reset(np.ones(rollouts, dtype=bool))
         self.rollouts = rollouts
 
@@ -98,30 +111,14 @@ class Traffic:
         return np.cumsum(self.buckets, axis=1)  # at BUCKETS..., +Inf
 
 
-def statistical_decisions(config: JudgeConfig, canary: Traffic, stable: Traffic) -> np.ndarray:
+def counts(traffic: "Traffic") -> Counts:
+    return Counts(n=traffic.n, errors=traffic.errors, fallbacks=traffic.fallbacks,
+                  below=traffic.cumulative()[:, :-1], feedback_count=traffic.scores, feedback_sum=traffic.score_sum)
+
+
+def statistical_decisions(config: JudgeConfig, canary: Traffic, stable: Traffic, steps: list[float]) -> np.ndarray:
     """monitoring/judge.py's decision for every rollout at once: 2 fail, 1 pass, 0 inconclusive."""
-    levels = Levels.of(config, judged_steps(STEPS))
-    codes = []
-    for name, c_k, s_k in (("error_rate", canary.errors, stable.errors),
-                           ("fallback_rate", canary.fallbacks, stable.fallbacks)):
-        spec = getattr(config, name)
-        est, low, up = difference_bounds(c_k, canary.n, s_k, stable.n, levels.fail, levels.pass_, RATE_PRIOR)
-        codes.append(decide(est, low, up, spec.min_effect, canary.n, spec.min_samples))
-    lat = config.latency
-    judged = np.array([b >= lat.floor_s for b in BUCKETS])
-    c_slower = canary.n[:, None] - canary.cumulative()[:, :-1][:, judged]
-    s_slower = stable.n[:, None] - stable.cumulative()[:, :-1][:, judged]
-    est, low, up = difference_bounds(c_slower, canary.n[:, None], s_slower, stable.n[:, None],
-                                     levels.fail / judged.sum(), levels.pass_, SHARE_PRIOR)
-    per_bound = decide(est, low, up, lat.min_effect, canary.n[:, None], lat.min_samples)
-    codes.append(np.where((per_bound == 2).any(axis=1), 2, np.where((per_bound == 1).all(axis=1), 1, 0)))
-    fb = config.feedback
-    c_bad, s_bad = canary.scores - canary.score_sum, stable.scores - stable.score_sum
-    est, low, up = difference_bounds(c_bad, canary.scores, s_bad, stable.scores, levels.fail, levels.pass_,
-                                     SHARE_PRIOR)
-    codes.append(decide(est, low, up, fb.min_effect, canary.scores, fb.min_samples))
-    codes = np.stack(codes)
-    return np.where((codes == 2).any(axis=0), 2, np.where((codes == 1).all(axis=0), 1, 0))
+    return judge_many(config, (counts(canary), counts(stable)), BUCKETS, steps=judged_steps(steps))["analysis"]
 
 
 def observed(canary: Traffic, stable: Traffic, i: int) -> Observed:
@@ -168,11 +165,15 @@ def threshold_decisions(canary: Traffic, stable: Traffic, *, min_requests: int =
     return np.where(routed < min_requests, 0, np.where(fail, 2, 1))
 
 
-def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig, args, seed: int) -> dict:
+def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig, args, seed: int,
+             route_rps: float | None = None, steps: list[float] = STEPS, interval_s: float = INTERVAL_S) -> dict:
+    """Rollouts of one scenario. ``route_rps``: the canary gets its weight's share of a route of that many
+    requests a second (per analysis: rps x INTERVAL_S x weight); else ``--requests`` at every step."""
     rng = np.random.default_rng(seed)
     r = args.rollouts
-    canary = Traffic(rng, r, {**GOOD, **truth_change}, args.feedback_share)
-    stable = Traffic(rng, r, GOOD, args.feedback_share)
+    good = {**GOOD, "sigma": args.sigma}
+    canary = Traffic(rng, r, {**good, **truth_change}, args.feedback_share)
+    stable = Traffic(rng, r, good, args.feedback_share)
     step = np.zeros(r, dtype=int)
     holds = np.zeros(r, dtype=int)
     analyses = np.zeros(r, dtype=int)
@@ -181,15 +182,16 @@ def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig
     checked = mismatches = 0
     while (outcome == "progressing").any():
         live = outcome == "progressing"
-        weight = np.array([STEPS[s] for s in step], dtype=float)
-        new = np.where(live, args.requests, 0)
-        canary.add(new)
-        stable.add(np.where(live, np.rint(args.requests * (100 - weight) / weight), 0).astype(int))
+        weight = np.array([steps[s] for s in step], dtype=float)
+        per_analysis = (np.rint(route_rps * interval_s * weight / 100).astype(int) if route_rps is not None
+                        else np.full(r, args.requests))
+        canary.add(np.where(live, per_analysis, 0))
+        stable.add(np.where(live, np.rint(per_analysis * (100 - weight) / weight), 0).astype(int))
         analyses += live
         if judge_kind == "statistical":
-            codes = statistical_decisions(config, canary, stable)
+            codes = statistical_decisions(config, canary, stable, steps)
             for i in np.flatnonzero(live)[: args.cross_check]:  # the vectorised rule is judge()'s rule
-                verdict = judge(config, observed(canary, stable, i), steps=judged_steps(STEPS))
+                verdict = judge(config, observed(canary, stable, i), steps=judged_steps(steps))
                 checked += 1
                 mismatches += {"inconclusive": 0, "pass": 1, "fail": 2}[verdict.decision] != codes[i]
         else:
@@ -198,7 +200,8 @@ def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig
         outcome[fail] = "rolled_back"
         rolled_back_at[fail] = step[fail]
         following = step + 1
-        promote = passed & ((following >= len(STEPS)) | (np.array(STEPS + [100])[np.minimum(following, len(STEPS))] >= 100))
+        promote = passed & ((following >= len(steps))
+                            | (np.array([*steps, 100])[np.minimum(following, len(steps))] >= 100))
         outcome[promote] = "promoted"
         moved = passed & ~promote
         step[moved] += 1
@@ -224,6 +227,32 @@ def simulate(name: str, truth_change: dict, judge_kind: str, config: JudgeConfig
     return result
 
 
+def plan_against_simulation(config: JudgeConfig, args, route_rps: float, seed: int) -> dict:
+    """The plan's predicted analyses to promote an A/A canary, next to simulated rollouts on that route."""
+    spec = CanaryConfig(route="bench", stable="stable", canary="canary", steps=STEPS, interval_s=INTERVAL_S,
+                        max_holds=args.max_holds, max_window_s=max(3600, args.max_holds * INTERVAL_S), judge=config)
+    below = np.cumsum(bucket_probabilities(1.0, sigma=args.sigma))[:-1]
+    traffic = RouteTraffic(route_rps, GOOD["error"], GOOD["fallback"], dict(zip(BUCKETS, below)),
+                           feedback_per_request=args.feedback_share, feedback_mean=GOOD["feedback"], window_s=3600)
+    planned = plan(spec, traffic)
+    simulated = simulate(f"A/A at {route_rps:g} req/s", {}, "statistical", config, args, seed, route_rps=route_rps)
+    median = simulated["analyses_to_promote_median"]
+    fixed = []  # each setting the plan suggests, simulated: does the rollout then finish?
+    for number, suggestion in enumerate(planned.suggestions):
+        changed = CanaryConfig.model_validate({**spec.model_dump(), **suggestion["update"]})
+        run = simulate(f"A/A at {route_rps:g} req/s with {suggestion['change']}", {}, "statistical", changed.judge,
+                       args, seed + 50 + number, route_rps=route_rps, steps=changed.steps,
+                       interval_s=changed.interval_s)
+        fixed.append({"change": suggestion["change"], "planned_analyses": plan(changed, traffic).analyses,
+                      "simulated": run})
+    return {"route_rps": route_rps, "canary_per_analysis_at_first_step": route_rps * INTERVAL_S * STEPS[0] / 100,
+            "plan_analyses": planned.analyses, "plan_feasible": planned.feasible,
+            "plan_steps": [{"weight": s.weight, "samples": s.samples, "analyses": s.analyses,
+                            "slow_analyses": s.slow_analyses, "bottleneck": s.bottleneck} for s in planned.steps],
+            "suggestions": planned.suggestions, "simulated": simulated, "suggestions_simulated": fixed,
+            "ratio": planned.analyses / median if planned.analyses and median else None}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rollouts", type=int, default=500)
@@ -234,6 +263,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--alpha", type=float, help="judge alpha (default: the judge's)")
     parser.add_argument("--beta", type=float, help="judge beta (default: the judge's)")
+    parser.add_argument("--sigma", type=float, default=SIGMA, help="the latency lognormal's sigma (median 0.6 s)")
+    parser.add_argument("--plan-rps", type=float, nargs="*", default=[20.0, 6.67, 4.0, 2.67],
+                        help="route rates (req/s) whose plan is checked against simulated A/A rollouts")
+    parser.add_argument("--no-tail", action="store_true", help="without the latency_tail check (the judge before it)")
     for check in ("error_rate", "fallback_rate", "latency", "feedback"):
         parser.add_argument(f"--{check.replace('_', '-')}-effect", type=float, help=f"{check} min_effect")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "canary_judge.json")
@@ -242,12 +275,24 @@ def main() -> None:
     for check in ("error_rate", "fallback_rate", "latency", "feedback"):
         effect = getattr(args, f"{check}_effect")
         knobs[check] = {} if effect is None else {"min_effect": effect}
+    if args.feedback_share <= 0:
+        knobs["feedback"] = None  # the judge's defaults: no feedback check
+    if args.no_tail:
+        knobs["latency_tail"] = None
     config = JudgeConfig.model_validate(knobs)  # the judge's defaults, feedback switched on
     began = time.perf_counter()
     rows = []
     for index, (name, change) in enumerate(SCENARIOS.items()):
         for kind in ("statistical", "threshold"):
             rows.append(simulate(name, change, kind, config, args, args.seed * 1000 + index))
+    tail = "8% of requests x4 slower (tail)"
+    blind = simulate(tail, SCENARIOS[tail], "statistical", config.model_copy(update={"latency_tail": None}), args,
+                     args.seed * 1000 + list(SCENARIOS).index(tail))
+    rows.insert([r["scenario"] for r in rows].index(tail) + 1, {**blind, "judge": "stat., no tail"})
+    small = simulate("A/A, small route (40 canary requests per analysis at every step)", {}, "statistical", config,
+                     argparse.Namespace(**{**vars(args), "requests": 40}), args.seed * 1000 + 99)
+    plans = [plan_against_simulation(config, args, rps, args.seed * 1000 + 200 + i)
+             for i, rps in enumerate(args.plan_rps)]
     elapsed = time.perf_counter() - began
 
     def pct(v):
@@ -255,19 +300,49 @@ def main() -> None:
 
     print(f"{args.rollouts} rollouts per row, {args.requests} canary requests per analysis, steps {STEPS}, "
           f"max {args.max_holds} holds per step, feedback on {args.feedback_share:.0%} of requests")
-    header = (f"{'scenario':<32} {'judge':<12} {'rolled back':>11} {'caught <50%':>11} {'promoted':>9} {'stalled':>8} "
+    header = (f"{'scenario':<40} {'judge':<14} {'rolled back':>11} {'caught <50%':>11} {'promoted':>9} {'stalled':>8} "
               f"{'analyses (median)':>17} {'to promote (median/p90)':>24}")
     print(header)
     print("-" * len(header))
     for row in rows:
         to_promote = ("-" if row["analyses_to_promote_median"] is None else
                       f"{row['analyses_to_promote_median']:.0f} / {row['analyses_to_promote_p90']:.0f}")
-        print(f"{row['scenario']:<32} {row['judge']:<12} {pct(row['rolled_back']):>11} {pct(row['caught_before_50']):>11} "
+        print(f"{row['scenario']:<40} {row['judge']:<14} {pct(row['rolled_back']):>11} "
+              f"{pct(row['caught_before_50']):>11} "
               f"{pct(row['promoted']):>9} {pct(row['stalled']):>8} {row['analyses_median']:>17.0f} {to_promote:>24}")
     stat = {row["scenario"]: row for row in rows if row["judge"] == "statistical"}
+    # the statistical rows are cross-checked against judge(); so is the row without the tail check
     targets = {"A/A false rollbacks <= 5%": stat["A/A (canary = stable)"]["rolled_back"] <= 0.05}
     for name in list(SCENARIOS)[1:5]:
         targets[f"{name} caught before 50% >= 90%"] = stat[name]["caught_before_50"] >= 0.90
+    targets["8% of requests x4 slower (tail) rolled back >= 90%"] = stat["8% of requests x4 slower (tail)"][
+        "rolled_back"] >= 0.90
+    better = "better canary (5xx 0.5%, latency x0.8)"
+    targets[f"{better} promoted >= 95%"] = stat[better]["promoted"] >= 0.95
+    print(f"\n{small['scenario']}: promoted {pct(small['promoted'])}, stalled {pct(small['stalled'])}, "
+          f"rolled back {pct(small['rolled_back'])}")
+    print(f"\nthe plan (monitoring/rollout/plan.py) against simulated A/A rollouts, a route of N req/s, "
+          f"an analysis every {INTERVAL_S} s:")
+    for row in plans:
+        base = row["simulated"]
+        print(f"  {row['route_rps']:5.2f} req/s ({row['canary_per_analysis_at_first_step']:.0f} canary requests an "
+              f"analysis at {STEPS[0]}%): plan {row['plan_analyses']} analyses "
+              f"({'feasible' if row['plan_feasible'] else 'CANNOT FINISH'}); simulated median "
+              f"{base['analyses_to_promote_median']} (promoted {pct(base['promoted'])}, stalled {pct(base['stalled'])})"
+              + (f"; plan / simulated {row['ratio']:.2f}" if row["ratio"] is not None else ""))
+        for fix in row["suggestions_simulated"]:
+            sim = fix["simulated"]
+            print(f"      feasible with: {fix['change']}: plan {fix['planned_analyses']} analyses; simulated: "
+                  f"promoted {pct(sim['promoted'])}, stalled {pct(sim['stalled'])}, median "
+                  f"{sim['analyses_to_promote_median']} analyses")
+            targets[f"{row['route_rps']:g} req/s with {fix['change'].split(':')[0]}: simulated stalls <= 15%"] = (
+                sim["stalled"] <= 0.15)
+        if row["plan_feasible"]:  # feasible: about 1 rollout in 10 or fewer stalls
+            targets[f"plan within 30% of simulated A/A at {row['route_rps']:g} req/s"] = (
+                row["ratio"] is not None and abs(row["ratio"] - 1) <= 0.3)
+            targets[f"plan feasible at {row['route_rps']:g} req/s: simulated stalls <= 15%"] = base["stalled"] <= 0.15
+        else:  # cannot finish: 1 rollout in 10 or more stalls
+            targets[f"plan flags {row['route_rps']:g} req/s: simulated stalls >= 10%"] = base["stalled"] >= 0.10
     print()
     for target, met in targets.items():
         print(f"{'met ' if met else 'MISSED'} {target}")
@@ -280,7 +355,8 @@ def main() -> None:
                      "max_holds": args.max_holds, "feedback_share": args.feedback_share, "seed": args.seed,
                      "traffic": {**GOOD, "latency_median_s": MEDIAN_S, "latency_sigma": SIGMA},
                      "judge": config.model_dump()},
-        "rows": rows, "targets": targets, "cross_check_mismatches": mismatches, "elapsed_s": round(elapsed, 1),
+        "rows": rows, "small_route": small, "plans": plans, "targets": targets, "cross_check_mismatches": mismatches,
+        "elapsed_s": round(elapsed, 1),
     }, indent=2) + "\n")
 
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     add_monitor_arguments(p)
     p.set_defaults(run=_lazy("loragate.monitoring.commands", "monitor_command"))
 
-    p = commands.add_parser("rollout", help="a rollout's status, or promote / roll back by hand")
+    p = commands.add_parser("rollout", help="a rollout's status or plan, or promote / roll back by hand")
     from loragate.monitoring.commands import add_rollout_arguments
 
     add_rollout_arguments(p)

@@ -12,7 +12,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -188,12 +188,50 @@ def monitor_command(args: argparse.Namespace) -> int:
 
 
 def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("status", "promote", "rollback"),
-                   help="status: where each rollout is; promote/rollback: now, whatever the analysis says")
+    p.add_argument("action", choices=("status", "plan", "promote", "rollback"),
+                   help="status: where each rollout is; plan: what each step needs, from the route's recent "
+                        "traffic (exit 1 when a rollout cannot finish within max_holds); promote/rollback: now, "
+                        "whatever the analysis says")
     p.add_argument("--config", type=Path, required=True, help="the monitor YAML with its rollouts section")
     p.add_argument("--route", help="the rollout's route (needed when several rollouts are configured)")
     p.add_argument("--reason", default="manual", help="recorded in the rollout's history")
-    p.add_argument("--json", action="store_true", help="status as JSON")
+    p.add_argument("--json", action="store_true", help="status or plan as JSON")
+    p.add_argument("--lookback", type=float, help="plan: seconds of the route's traffic to read (default: the "
+                                                  "rollout's plan_lookback_s)")
+
+
+def _plan_command(args: argparse.Namespace, config: Any, specs: list[Any]) -> int:
+    """``loragate rollout plan``: each rollout's plan from its route's recent traffic in Prometheus."""
+    import asyncio
+    import json
+
+    from loragate.monitoring.prometheus import Prometheus
+    from loragate.monitoring.rollout.analysis import PrometheusAnalysis
+    from loragate.monitoring.rollout.plan import plan
+
+    if not specs:
+        print(f"loragate rollout: no rollout for route {args.route!r}", file=sys.stderr)
+        return EXIT_ERROR
+    if not config.prometheus_url:
+        print("loragate rollout plan: the config has no prometheus_url to read the route's traffic from",
+              file=sys.stderr)
+        return EXIT_ERROR
+    source = PrometheusAnalysis(Prometheus(config.prometheus_url))
+    lookback = getattr(args, "lookback", None)
+    plans = []
+    for spec in specs:
+        try:
+            traffic = asyncio.run(source.traffic(spec.route, lookback or spec.plan_lookback_s))
+        except (OSError, RuntimeError, ValueError) as exc:
+            print(f"loragate rollout plan: {spec.route}: cannot read its traffic: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        plans.append(plan(spec, traffic))
+    if args.json:
+        print(json.dumps({p.route: p.as_dict() for p in plans}, indent=2))
+    else:
+        for made in plans:
+            print("\n".join(made.lines()))
+    return EXIT_OK if all(p.feasible for p in plans) else EXIT_DRIFT
 
 
 def rollout_command(args: argparse.Namespace) -> int:
@@ -224,6 +262,8 @@ def rollout_command(args: argparse.Namespace) -> int:
     if not specs:
         print(f"loragate rollout: {args.config} configures no rollouts and none was started", file=sys.stderr)
         return EXIT_ERROR
+    if args.action == "plan":
+        return _plan_command(args, config, [s for s in specs if args.route in (None, s.route)])
     if args.action == "status":
         status = controller.status()
         if args.route:

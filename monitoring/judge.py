@@ -16,6 +16,10 @@ Checks (each a difference canary minus stable, where bigger is worse):
                  the share of traffic that crossed a bound moves plainly; the p95s are still
                  reported as figures. Requests faster than ``floor_s`` are fast enough whatever the
                  canary does, so a millisecond shift never fails a canary
+  latency_tail   the slowest few percent, which ``latency``'s min effect cannot see: at the bucket
+                 bounds of the stable's own p95 and p99, the canary's share of slower requests against
+                 ``min_ratio`` x the stable's 5 % / 1 % (fail also when shown ``min_ratio`` x the
+                 stable's own share there); see ``latency_tail``
   feedback       mean feedback score of the stable minus the canary's (scores in ``score_range``)
 
 The test. Each variant's share (or scaled mean) gets an **always-valid confidence sequence**:
@@ -50,7 +54,8 @@ Error control (``alpha``, ``beta`` below):
   valid at all times);
 * a canary worse by at least ``min_effect`` in some check passes a given step with probability at
   most ``beta``: passing needs every check (and every latency bound) to pass, so the upper bounds
-  use ``beta / 2`` (canary and stable) without further splitting.
+  use ``beta / 2`` (canary and stable) without further splitting. The tail check's bounds are chosen
+  from the stable's data, so its lower bounds are split over every bound the choice may fall on.
 
 Measured with bench/canary_judge.py (A/A false rollbacks, bad canaries caught before 50 %, the
 analyses a good canary needs); the figures are in docs/monitoring.md. Assumes requests in one window are exchangeable between the two
@@ -65,11 +70,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from scipy.special import betaln, xlog1py, xlogy
 
 Decision = Literal["pass", "fail", "inconclusive"]
-CHECKS = ("error_rate", "fallback_rate", "latency", "feedback")
+CHECKS = ("error_rate", "fallback_rate", "latency", "latency_tail", "feedback")
 RATE_PRIOR = (1.0, 30.0)  # mixing Beta for error and fallback shares (tightest near a few percent)
 SHARE_PRIOR = (1.0, 1.0)  # for latency shares and scaled feedback means (anywhere in [0, 1])
 _ITERATIONS = 50  # bisection steps: bounds to 2**-50
@@ -90,6 +95,26 @@ class LatencyCheckConfig(_Strict):
     min_effect: float = Field(0.1, gt=0, lt=1, description="smallest extra share of canary requests slower than a bound")
     min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
     floor_s: float = Field(0.25, ge=0, description="bucket bounds below this are not compared")
+
+
+class LatencyTailCheckConfig(_Strict):
+    quantiles: tuple[float, ...] = Field((0.95, 0.99), min_length=1,
+                                         description="the stable's quantiles whose bucket bounds are compared")
+    min_ratio: float = Field(2.0, gt=1, description="the canary's share slower than the stable's q bound that matters, "
+                                                    "as a multiple of the stable's 1 - q there (2: p98 above p99)")
+    min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
+    floor_s: float = Field(0.25, ge=0, description="bucket bounds below this are not compared")
+
+    @field_validator("quantiles")
+    @classmethod
+    def _quantiles(cls, quantiles: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0.5 <= q < 1 for q in quantiles):
+            raise ValueError(f"tail quantiles must be in [0.5, 1): {list(quantiles)}")
+        return tuple(sorted(set(quantiles)))
+
+    def max_shares(self) -> dict[float, float]:
+        """The canary's share slower than each quantile's bound that matters: min_ratio x (1 - q)."""
+        return {q: min(1.0, self.min_ratio * (1 - q)) for q in self.quantiles}
 
 
 class FeedbackCheckConfig(_Strict):
@@ -113,12 +138,14 @@ class JudgeConfig(_Strict):
     error_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
     fallback_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
     latency: LatencyCheckConfig | None = Field(default_factory=LatencyCheckConfig)
+    latency_tail: LatencyTailCheckConfig | None = Field(default_factory=LatencyTailCheckConfig)
     feedback: FeedbackCheckConfig | None = None  # on only when configured: a route without feedback would hold forever
 
     @model_validator(mode="after")
     def _some_check(self) -> "JudgeConfig":
         if not self.enabled():
-            raise ValueError("the judge needs at least one check (error_rate, fallback_rate, latency, feedback)")
+            raise ValueError("the judge needs at least one check (error_rate, fallback_rate, latency, latency_tail, "
+                             "feedback)")
         return self
 
     def enabled(self) -> list[str]:
@@ -345,6 +372,114 @@ def latency_shift(canary: Mapping[float, float], stable: Mapping[float, float], 
                        config.min_effect, config.min_samples, canary_n, alpha_fail, levels.pass_, figures, line)
 
 
+def tail_bound_index(stable_below: Any, stable_n: Any, q: float) -> np.ndarray:
+    """Which compared bound is the stable's ``q``-quantile bound: the first with at least ``q`` of the
+    stable's requests at or below it (vectorised over leading axes; ``stable_below[..., j]`` counts the
+    stable's requests at or below bound j). -1 where there is none (no data, or the quantile lies
+    above every compared bound)."""
+    below = np.asarray(stable_below, dtype=float)
+    n = np.asarray(stable_n, dtype=float)[..., None]
+    reached = (below >= q * n - 1e-9) & (n > 0)
+    return np.where(reached.any(axis=-1), np.argmax(reached, axis=-1), -1)
+
+
+def tail_bounds(stable_below: np.ndarray, stable_n: float, config: LatencyTailCheckConfig
+                ) -> dict[int, tuple[float, float]]:
+    """The compared bounds each tail quantile picks: {bound index: (quantile, max canary share)}; two
+    quantiles on one bound keep the higher quantile (the smaller share)."""
+    chosen: dict[int, tuple[float, float]] = {}
+    if not stable_below.size or stable_n <= 0:
+        return chosen
+    for q, limit in config.max_shares().items():  # ascending quantiles: the higher one overwrites
+        index = int(tail_bound_index(stable_below, stable_n, q))
+        if index >= 0:
+            chosen[index] = (q, limit)
+    return chosen
+
+
+def tail_decide(slower_c: Any, canary_n: Any, slower_s: Any, stable_n: Any, max_share: Any, min_ratio: float,
+                alpha_fail: Any, alpha_pass: Any, min_samples: Any) -> tuple[np.ndarray, ...]:
+    """The tail rule, vectorised: (codes 2 fail / 1 pass / 0 inconclusive, canary share, its lower and
+    upper bound, the lower bound of canary minus stable)."""
+    low, _ = mean_bounds(slower_c, canary_n, alpha_fail, RATE_PRIOR)
+    _, stable_high = mean_bounds(slower_s, stable_n, alpha_fail, RATE_PRIOR)
+    _, high = mean_bounds(slower_c, canary_n, alpha_pass, RATE_PRIOR)
+    shown = low - stable_high
+    n = np.asarray(canary_n, dtype=float)
+    share = np.divide(slower_c, n, out=np.zeros(np.broadcast(slower_c, n).shape), where=n > 0)
+    # worse than the stable, and either above the share that matters or shown min_ratio x the stable's own share
+    fail = (shown > 0) & ((share >= max_share) | (low > min_ratio * stable_high))
+    passed = (high < max_share) & (n >= min_samples)
+    return np.where(fail, 2, np.where(passed, 1, 0)), share, low, high, shown
+
+
+def latency_tail(canary: Mapping[float, float], stable: Mapping[float, float], config: LatencyTailCheckConfig,
+                 levels: Levels) -> CheckResult:
+    """The slowest few percent: the canary's share of requests slower than the stable's own high-quantile
+    bucket bounds (p95, p99), against ``min_ratio`` x the share the stable has there (``1 - q``).
+
+    At the stable's q bound B (the first bound with at least q of the stable's requests at or below it):
+    fail when the canary's share slower than B is shown above the stable's (the lower bound of the
+    difference > 0) and is at least ``min_ratio x (1 - q)`` (2 % at p99: the canary's p98 is slower than
+    the stable's p99); pass when the canary's share's upper bound is below ``min_ratio x (1 - q)``. The
+    bounds are chosen from the stable's data, so the rollback risk is split over every bound the choice
+    could fall on (each bound >= floor_s): the guarantee holds whichever bound each analysis picks."""
+    c_bounds, c_counts = cumulative(canary)
+    s_bounds, s_counts = cumulative(stable)
+    canary_n = float(c_counts[-1]) if c_counts.size and math.isinf(c_bounds[-1]) else 0.0
+    stable_n = float(s_counts[-1]) if s_counts.size and math.isinf(s_bounds[-1]) else 0.0
+    shared = np.array([b for b in c_bounds if math.isfinite(b) and b >= config.floor_s and b in set(s_bounds)])
+    figures: dict[str, float | None] = {"canary_n": canary_n, "stable_n": stable_n,
+                                        "canary_p99_s": histogram_quantile(0.99, canary),
+                                        "stable_p99_s": histogram_quantile(0.99, stable)}
+    test = ("share slower than the stable's p95/p99 bucket bounds against min_ratio x (1 - q): Beta-binomial "
+            "mixture confidence sequences (always valid)")
+    chosen = tail_bounds(s_counts[np.searchsorted(s_bounds, shared)] if shared.size else np.zeros(0), stable_n,
+                         config)
+    if not chosen:
+        line = (f"latency tail: no bucket bound at or above {config.floor_s:g} s holds the stable's "
+                f"p{100 * config.quantiles[0]:g}: not enough data yet")
+        return CheckResult("latency_tail", test, "inconclusive", None, None, None, min(config.max_shares().values()),
+                           config.min_samples, canary_n, levels.fail, levels.pass_, figures, line)
+    indices = np.array(sorted(chosen))
+    bounds = shared[indices]
+    max_share = np.array([chosen[i][1] for i in indices])
+    slower_c = canary_n - c_counts[np.searchsorted(c_bounds, bounds)]
+    slower_s = stable_n - s_counts[np.searchsorted(s_bounds, bounds)]
+    alpha_fail = levels.fail / len(shared)
+    codes, share, low, high, shown = tail_decide(slower_c, canary_n, slower_s, stable_n, max_share, config.min_ratio,
+                                                 alpha_fail, levels.pass_, config.min_samples)
+    if (codes == 2).any():
+        decision: Decision = "fail"
+        worst = int(np.argmax(np.where(codes == 2, share - max_share, -np.inf)))
+    else:
+        worst = int(np.argmax(high - max_share))
+        decision = "pass" if (codes == 1).all() else "inconclusive"
+    bound, limit, q = float(bounds[worst]), float(max_share[worst]), chosen[int(indices[worst])][0]
+    s_share = float(slower_s[worst] / stable_n)
+    figures.update({"bound_s": bound, "quantile": q, "canary_slower_share": float(share[worst]),
+                    "stable_slower_share": s_share, "difference_lower": float(shown[worst]),
+                    "ratio": float(share[worst]) / s_share if s_share > 0 else None})
+    head = (f"latency tail: {100 * share[worst]:.2f}% [{100 * low[worst]:.2f}%, {100 * high[worst]:.2f}%] of the "
+            f"canary slower than {bound:g} s, the stable's p{100 * q:g} bound (stable {100 * s_share:.2f}%)")
+    if decision == "fail":
+        if share[worst] >= limit:
+            line = f"{head}: shown above the stable's and at least {100 * limit:g}%: fail"
+        else:
+            line = f"{head}: shown above {config.min_ratio:g}x the stable's share: fail"
+    elif decision == "pass":
+        line = f"{head}: upper bound below {100 * limit:g}%: pass"
+    elif canary_n < config.min_samples and high[worst] < limit:
+        line = f"{head}: {canary_n:.0f} of {config.min_samples} samples needed: not enough data yet"
+    else:
+        line = f"{head}: upper bound not below {100 * limit:g}%: not enough data yet"
+    p99 = [figures["canary_p99_s"], figures["stable_p99_s"]]
+    if None not in p99:
+        line += f" (p99 {p99[0]:.3g} s vs {p99[1]:.3g} s)"
+    return CheckResult("latency_tail", test, decision, float(share[worst]), float(low[worst]), float(high[worst]),
+                       limit, config.min_samples, canary_n, alpha_fail, levels.pass_, figures, line)
+
+
 def compare_feedback(canary_sum: float, canary_n: float, stable_sum: float, stable_n: float,
                      config: FeedbackCheckConfig, levels: Levels) -> CheckResult:
     """Mean feedback score, the stable's minus the canary's (a drop is worse), scores in score_range."""
@@ -406,6 +541,8 @@ def judge(config: JudgeConfig, observed: Observed, *, steps: int) -> Verdict:
                                      o.stable_routed, config.fallback_rate, levels))
     if config.latency is not None:
         results.append(latency_shift(o.canary_latency, o.stable_latency, config.latency, levels))
+    if config.latency_tail is not None:
+        results.append(latency_tail(o.canary_latency, o.stable_latency, config.latency_tail, levels))
     if config.feedback is not None:
         results.append(compare_feedback(o.canary_feedback_sum, o.canary_feedback_count, o.stable_feedback_sum,
                                         o.stable_feedback_count, config.feedback, levels))
@@ -417,3 +554,77 @@ def judge(config: JudgeConfig, observed: Observed, *, steps: int) -> Verdict:
         return Verdict("inconclusive", results, "; ".join(r.explanation for r in waiting))
     return Verdict("pass", results, f"{o.canary_routed:.0f} canary requests: every check rules out a regression "
                                     f"that matters ({', '.join(r.check for r in results)})")
+
+
+# --- many analyses at once (the bench's simulated rollouts, the rollout plan) -------------------------
+
+@dataclass
+class Counts:
+    """One variant's counts over many analyses at once (arrays over leading axes), for ``judge_many``."""
+
+    n: np.ndarray  # requests routed
+    errors: np.ndarray
+    fallbacks: np.ndarray
+    below: np.ndarray  # (..., len(bounds)): requests at or below each finite bucket bound, cumulative
+    feedback_count: np.ndarray
+    feedback_sum: np.ndarray
+
+
+def judge_many(config: JudgeConfig, counts: tuple[Counts, Counts], bounds: tuple[float, ...], *, steps: int
+               ) -> dict[str, np.ndarray]:
+    """``judge()``'s decisions over arrays of (canary, stable) counts: {check: codes} (2 fail, 1 pass,
+    0 inconclusive), and ``"analysis"`` for the whole. The same rules as ``judge()`` (bench/canary_judge.py
+    cross-checks them on every run); ``bounds`` are the finite bucket bounds, the same for both variants."""
+    canary, stable = counts
+    levels = Levels.of(config, steps)
+    codes: dict[str, np.ndarray] = {}
+    for name, c_k, s_k in (("error_rate", canary.errors, stable.errors),
+                           ("fallback_rate", canary.fallbacks, stable.fallbacks)):
+        spec = getattr(config, name)
+        if spec is not None:
+            est, low, up = difference_bounds(c_k, canary.n, s_k, stable.n, levels.fail, levels.pass_, RATE_PRIOR)
+            codes[name] = decide(est, low, up, spec.min_effect, canary.n, spec.min_samples)
+    c_n, s_n = np.asarray(canary.n, dtype=float)[..., None], np.asarray(stable.n, dtype=float)[..., None]
+    latency = config.latency
+    if latency is not None:
+        compared = np.array([b >= latency.floor_s for b in bounds], dtype=bool)
+        if not compared.any():
+            codes["latency"] = np.zeros(np.shape(canary.n), dtype=int)
+        else:
+            est, low, up = difference_bounds(c_n - canary.below[..., compared], c_n, s_n - stable.below[..., compared],
+                                             s_n, levels.fail / compared.sum(), levels.pass_, SHARE_PRIOR)
+            per_bound = decide(est, low, up, latency.min_effect, c_n, latency.min_samples)
+            codes["latency"] = np.where((per_bound == 2).any(-1), 2, np.where((per_bound == 1).all(-1), 1, 0))
+    tail = config.latency_tail
+    if tail is not None and not any(b >= tail.floor_s for b in bounds):
+        codes["latency_tail"] = np.zeros(np.shape(canary.n), dtype=int)
+    elif tail is not None:
+        compared = np.array([b >= tail.floor_s for b in bounds])
+        c_below, s_below = canary.below[..., compared], stable.below[..., compared]
+        max_share = np.full(s_below.shape, np.inf)  # the share that matters at each chosen bound; inf: not chosen
+        for q, limit in tail.max_shares().items():  # ascending: the higher quantile's bound wins a tie
+            index = tail_bound_index(s_below, stable.n, q)
+            picked = np.expand_dims(index, -1) == np.arange(s_below.shape[-1])
+            max_share = np.where(picked, limit, max_share)
+        chosen = np.isfinite(max_share)
+        per_bound, *_ = tail_decide(c_n - c_below, c_n, s_n - s_below, s_n, np.where(chosen, max_share, 2.0),
+                                    tail.min_ratio, levels.fail / max(1, compared.sum()), levels.pass_,
+                                    tail.min_samples)
+        per_bound = np.where(chosen, per_bound, 1)
+        codes["latency_tail"] = np.where(~chosen.any(-1), 0, np.where((per_bound == 2).any(-1), 2,
+                                                                      np.where((per_bound == 1).all(-1), 1, 0)))
+    feedback = config.feedback
+    if feedback is not None:
+        low_score, high_score = feedback.score_range
+        width = high_score - low_score
+
+        def bad(c: Counts) -> np.ndarray:  # scaled to [0, 1], "1 - score"
+            return c.feedback_count - (c.feedback_sum - low_score * c.feedback_count) / width
+
+        est, low, up = difference_bounds(bad(canary), canary.feedback_count, bad(stable), stable.feedback_count,
+                                         levels.fail, levels.pass_, SHARE_PRIOR)
+        codes["feedback"] = decide(est * width, low * width, up * width, feedback.min_effect, canary.feedback_count,
+                                   feedback.min_samples)
+    every = np.stack(list(codes.values()))
+    codes["analysis"] = np.where((every == 2).any(0), 2, np.where((every == 1).all(0), 1, 0))
+    return codes

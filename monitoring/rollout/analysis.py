@@ -9,9 +9,12 @@ from typing import Any, Protocol
 from loragate.monitoring.judge import Observed
 from loragate.monitoring.prometheus import Prometheus, selector
 from loragate.monitoring.rollout.config import CanaryConfig
+from loragate.monitoring.rollout.plan import RouteTraffic
 
-def analysis_queries(route: str, canary: str, stable: str, window_s: float) -> dict[str, str]:
-    """PromQL for each field of Observed over the last ``window_s`` (instant queries).
+
+def analysis_queries(route: str, canary: str | None, stable: str | None, window_s: float) -> dict[str, str]:
+    """PromQL for each field of Observed over the last ``window_s`` (instant queries); a variant of None
+    stands for the whole route (every variant).
 
     Requests routed to a variant = answered by it (``loragate_requests_total``) + moved off it to the
     fallback chain (``loragate_fallbacks_total``). ``<role>_latency`` answers one sample per bucket
@@ -19,10 +22,10 @@ def analysis_queries(route: str, canary: str, stable: str, window_s: float) -> d
     """
     window = f"{max(1, math.ceil(window_s))}s"
 
-    def sel(variant: str, extra: str = "") -> str:
+    def sel(variant: str | None, extra: str = "") -> str:
         return selector({"route": route, "variant": variant}, extra)
 
-    def increase(metric: str, variant: str, extra: str = "") -> str:
+    def increase(metric: str, variant: str | None, extra: str = "") -> str:
         return f"sum(increase({metric}{sel(variant, extra)}[{window}]))"
 
     queries: dict[str, str] = {}
@@ -52,6 +55,8 @@ def buckets(result: list[dict[str, Any]]) -> dict[float, float]:
 class MetricsSource(Protocol):
     async def measure(self, config: CanaryConfig, window_s: float) -> Observed: ...
 
+    # and, where the source can tell (PrometheusAnalysis): ``async traffic(route, window_s) -> RouteTraffic``
+
 
 class PrometheusAnalysis:
     """Observed counts and buckets from instant queries over the monitor's Prometheus client, concurrently."""
@@ -60,7 +65,15 @@ class PrometheusAnalysis:
         self.prometheus = prometheus
 
     async def measure(self, config: CanaryConfig, window_s: float) -> Observed:
-        queries = analysis_queries(config.route, config.canary, config.stable, window_s)
+        return await self._observe(analysis_queries(config.route, config.canary, config.stable, window_s))
+
+    async def traffic(self, route: str, window_s: float) -> RouteTraffic:
+        """The whole route's traffic over the last ``window_s``, for the rollout plan."""
+        queries = analysis_queries(route, None, None, window_s)
+        observed = await self._observe({name: q for name, q in queries.items() if name.startswith("stable_")})
+        return RouteTraffic.from_observed(observed, window_s)
+
+    async def _observe(self, queries: dict[str, str]) -> Observed:
         vectors = {name: q for name, q in queries.items() if name.endswith("_latency")}
         numbers = {name: q for name, q in queries.items() if name not in vectors}
         async with self.prometheus.session() as session:

@@ -7,6 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from loragate.monitoring.judge import JudgeConfig
+from loragate.monitoring.probe import ProbeConfig
 from loragate.monitoring.shadow import ShadowGate
 
 
@@ -24,9 +25,13 @@ class CanaryConfig(_Strict):
     max_holds: int = Field(12, ge=1, description="inconclusive analyses in a row on one step before the rollout "
                                                  "stalls: it keeps the step, alerts, and is never promoted")
     max_window_s: float = Field(3600, gt=0, description="longest analysis window (the step's traffic so far)")
+    plan_lookback_s: float = Field(3600, gt=0, description="the route's recent traffic the plan at the start reads")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     # The canary's shadow answers (monitoring/shadow.py) must pass this before its first step.
     shadow_gate: ShadowGate | None = None
+    # Ask the engines whether the canary's adapter is applied at all, at the start and at every analysis
+    # (monitoring/probe.py); one that answers as the base model is rolled back (and its card rejected).
+    probe: ProbeConfig | None = None
     # Registry card directories of the two versions: their states follow the rollout (monitoring/rollout/cards.py).
     canary_card: str | None = None
     stable_card: str | None = None

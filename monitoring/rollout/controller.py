@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from loragate.common.catalog import CatalogError
+from loragate.common.catalog import CatalogError, parse_catalog
+from loragate.monitoring.probe import AdapterProbe, ProbeResult
 from loragate.monitoring.rollout import cards
 from loragate.monitoring.rollout.analysis import MetricsSource
 from loragate.monitoring.rollout.config import CanaryConfig, RolloutsConfig
@@ -17,6 +18,7 @@ from loragate.monitoring.rollout.errors import RolloutError, RoutesConflict
 from loragate.monitoring.judge import Verdict
 from loragate.monitoring.rollout.judge import analyse
 from loragate.monitoring.rollout.metrics import RolloutMetrics
+from loragate.monitoring.rollout.plan import plan
 from loragate.monitoring.rollout.routes import (
     RoutesConfigMap,
     RoutesFile,
@@ -44,8 +46,10 @@ class RolloutController:
 
     def __init__(self, config: RolloutsConfig, source: MetricsSource | None, *,
                  metrics: RolloutMetrics | None = None, routes: RoutesSource | None = None, k8s_api: Any = None,
-                 shadow_gate: Callable[[CanaryConfig], Awaitable[Any]] | None = None) -> None:
+                 shadow_gate: Callable[[CanaryConfig], Awaitable[Any]] | None = None,
+                 prober: AdapterProbe | None = None) -> None:
         self.config = config
+        self.prober = prober or AdapterProbe()  # for the rollouts with a probe section
         self.source = source
         self.shadow_gate = shadow_gate  # spec -> monitoring.shadow.GateResult, for specs with a shadow_gate
         self.metrics = metrics or RolloutMetrics()
@@ -60,6 +64,8 @@ class RolloutController:
         self.errors: dict[str, str] = {}  # route -> last error, for /healthz
         self._applied: set[str] = set()  # routes whose weights were checked since this process started
         self._retry_at: dict[str, float] = {}  # a failing rollout is retried once per interval, not every round
+        # route -> the plan being made for a rollout that just started (off the loop: it must not hold the others)
+        self._planning: dict[str, asyncio.Task[dict[str, Any] | None]] = {}
 
     def specs(self, statuses: dict[str, RolloutStatus] | None = None) -> list[CanaryConfig]:
         """The config file's rollouts, and those added at run time (kept in the state file); a run-time
@@ -162,6 +168,10 @@ class RolloutController:
                         if await self.apply(spec, status.weight):
                             log.warning("rollout %s: weights re-applied from the state (%g%%)", spec.route, status.weight)
                         self._applied.add(spec.route)
+                    planning = self._planning.get(spec.route)
+                    if planning is not None and planning.done():
+                        status = self._record_plan(spec, status, planning.result(), now)
+                        del self._planning[spec.route]
                     due = now - (status.last_analysis_at or status.step_started_at) >= spec.interval_s
                     if due and not status.stalled:  # a stalled rollout holds for good: a person decides
                         status, transition = await self._analyse(spec, status, now)
@@ -188,10 +198,18 @@ class RolloutController:
             result = await self.shadow_gate(spec)
             if result.decision != "pass":
                 raise RolloutError(f"waiting for the shadow gate: {result.decision} ({result.explanation})")
+        probe = await self._probe(spec)
+        if probe is not None and probe.result == "error":  # retried every interval, like the shadow gate
+            raise RolloutError(f"waiting for the adapter probe: {probe.explanation}")
         weight = spec.steps[0]
         status = RolloutStatus(route=spec.route, canary=spec.canary, stable=spec.stable, weight=weight,
                                started_at=now, step_started_at=now,
                                spec=spec.model_dump(mode="json") if runtime else None)
+        if probe is not None and probe.result == "not_applied":
+            if old is not None:
+                self.metrics.forget(old.route, old.canary)
+            self._applied.add(spec.route)
+            return await self._refuse(spec, status, old.revision if old else None, now, probe)
         await asyncio.to_thread(cards.follow, spec, "start")  # the canary's card first: the gateway checks it
         await self.apply(spec, weight)
         status.record("step", now, f"rollout of {spec.canary} over {spec.stable} started")
@@ -201,14 +219,87 @@ class RolloutController:
             self.metrics.forget(old.route, old.canary)
         self.metrics.show(status)
         self.metrics.record(spec.route, spec.canary, "step")
+        if getattr(self.source, "traffic", None) is not None:
+            self._planning[spec.route] = asyncio.create_task(self._plan(spec))
         log.info("rollout %s: started, %s at %g%%", spec.route, spec.canary, weight)
         return status, Transition(spec.route, "step", weight, "started")
+
+    async def _probe(self, spec: CanaryConfig) -> ProbeResult | None:
+        """Ask the engines whether the canary's adapter is applied; None without a probe section, or when the
+        canary is no adapter (the base model, an endpoint)."""
+        if spec.probe is None:
+            return None
+        snapshot = await asyncio.to_thread(self.routes.read)
+        route = parse_catalog(snapshot.text).routes.get(spec.route)
+        variant = next((v for v in route.variants if v.name == spec.canary), None) if route is not None else None
+        if route is None or variant is None or variant.adapter is None:
+            return None
+        result = await self.prober.probe(spec.probe, base_model=route.base_model, adapter=variant.adapter,
+                                         path=variant.path)
+        self.metrics.probed(spec.route, spec.canary, [e.result for e in result.engines])
+        if result.result != "applied":
+            log.warning("rollout %s: adapter probe of %s: %s (%s)", spec.route, spec.canary, result.result,
+                        result.explanation)
+        return result
+
+    async def _refuse(self, spec: CanaryConfig, status: RolloutStatus, expected: int | None, now: float,
+                      probe: ProbeResult) -> tuple[RolloutStatus, Transition]:
+        """The canary's adapter is not applied: no traffic to it (weight 0, state rolled_back, card rejected)."""
+        reason = f"adapter not applied, variant refused traffic: {probe.explanation}"
+        self.store.check(spec.route, expected)
+        await self.apply(spec, 0.0)
+        status.weight, status.state, status.step_started_at, status.holds = 0.0, "rolled_back", now, 0
+        status.last_analysis = {"verdict": "fail", "reason": reason, "checks": {}, "at": now,
+                                "probe": probe.as_dict()}
+        status.record("rollback", now, reason)
+        self.store.commit(status, expected)
+        await asyncio.to_thread(cards.follow, spec, "rollback")
+        self.metrics.show(status)
+        self.metrics.record(spec.route, spec.canary, "rollback")
+        log.error("rollout %s: %s", spec.route, reason)
+        return status, Transition(spec.route, "rollback", 0.0, reason)
+
+    def _record_plan(self, spec: CanaryConfig, status: RolloutStatus, made: dict[str, Any] | None,
+                     now: float) -> RolloutStatus:
+        """Keep the plan in the rollout's status; one that cannot finish is a history entry too (and an alert)."""
+        if made is None:
+            return status
+        expected = status.revision
+        status = status.model_copy(deep=True)
+        status.plan = made
+        if made.get("feasible") is False:
+            status.record("plan", now, "; ".join(made["lines"][1:]))
+        self.store.commit(status, expected)
+        return status
+
+    async def _plan(self, spec: CanaryConfig) -> dict[str, Any] | None:
+        """The rollout's plan from the route's recent traffic (None when the source cannot tell); a plan
+        that cannot be made never stops the start."""
+        traffic_of = getattr(self.source, "traffic", None)
+        if traffic_of is None:
+            return None
+        try:
+            made = await asyncio.to_thread(plan, spec, await traffic_of(spec.route, spec.plan_lookback_s))
+        except Exception as exc:  # Prometheus down: the rollout starts, its analyses will hold and say why
+            log.warning("rollout %s: no plan: %s", spec.route, exc)
+            return {"error": f"no plan: {exc}"}
+        body = {**made.as_dict(), "lines": made.lines()}
+        if not made.feasible:
+            log.warning("rollout %s: %s", spec.route, " | ".join(body["lines"]))
+        return body
 
     async def _analyse(self, spec: CanaryConfig, status: RolloutStatus, now: float) -> tuple[RolloutStatus, Transition]:
         window_s = min(max(now - status.step_started_at, 1.0), spec.max_window_s)
         expected = status.revision
         status = status.model_copy(deep=True)
         status.last_analysis_at = now
+        try:
+            probe = await self._probe(spec)
+        except Exception as exc:  # a probe that cannot run does not stop the analysis
+            log.warning("rollout %s: adapter probe failed: %s", spec.route, exc)
+            probe = None
+        if probe is not None and probe.result == "not_applied":
+            return await self._refuse(spec, status, expected, now, probe)
         try:
             if self.source is None:
                 raise RolloutError("no prometheus_url: the canary cannot be analysed")
@@ -311,6 +402,11 @@ class RolloutController:
         if body.get("error"):
             line += f" error: {body['error']}"
         lines = [line]
+        made = body.get("plan") or {}
+        if made.get("error"):
+            lines.append(f"  plan: {made['error']}")
+        elif made and (body.get("state") == "progressing" or not made.get("feasible")):
+            lines += [f"  {text}" for text in made.get("lines", [])[1:]]
         analysis = body.get("last_analysis") or {}
         if analysis:
             window = analysis.get("window_s")

@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from loragate.monitoring.judge import CHECKS, Verdict
+from loragate.monitoring.probe import RESULTS as PROBE_RESULTS
 from loragate.monitoring.rollout.state import STATES, RolloutStatus
 
 if TYPE_CHECKING:
@@ -40,6 +41,15 @@ class RolloutMetrics:
         self.decision = Gauge("loragate_rollout_decision",
                               "Last canary analysis decision per check and for the whole analysis (check=analysis): "
                               "1 pass, 0 inconclusive (hold), -1 fail.", (*rc, "check"), registry=r)
+        self.plan_feasible = Gauge("loragate_rollout_plan_feasible",
+                                   "1 when the plan made at the rollout's start says an A/A canary passes every step "
+                                   "within max_holds analyses, 0 when the rollout cannot finish.", rc, registry=r)
+        self.plan_seconds = Gauge("loragate_rollout_plan_promote_seconds",
+                                  "The plan's time to promote a canary like the stable (NaN: never).", rc, registry=r)
+        self.probes = Counter("loragate_adapter_probe",
+                              "Adapter probes by result, one per engine asked: applied, not_applied (the engine "
+                              "answers the adapter's name as the base model), error.",
+                              ("route", "variant", "result"), registry=r)
         self._shown: dict[str, str] = {}  # route -> canary whose series exist
 
     def show(self, status: RolloutStatus) -> None:
@@ -55,9 +65,15 @@ class RolloutMetrics:
         self.stalled.labels(route, canary).set(1 if status.stalled and status.state == "progressing" else 0)
         for state in STATES:
             self.state.labels(route, canary, state).set(1 if status.state == state else 0)
+        made = status.plan or {}
+        if "feasible" in made:
+            self.plan_feasible.labels(route, canary).set(1 if made["feasible"] else 0)
+            seconds = made.get("promote_s") if made["feasible"] else None
+            self.plan_seconds.labels(route, canary).set(math.nan if seconds is None else seconds)
 
     def forget(self, route: str, canary: str) -> None:
-        for metric, extra in ((self.step, [()]), (self.stalled, [()]), (self.state, [(s,) for s in STATES]),
+        for metric, extra in ((self.step, [()]), (self.stalled, [()]), (self.plan_feasible, [()]),
+                              (self.plan_seconds, [()]), (self.state, [(s,) for s in STATES]),
                               (self.transitions, [(a,) for a in ACTIONS]),
                               (self.analysis, [(c, f) for c in CHECKS for f in FIGURES]),
                               (self.decision, [(c,) for c in (*CHECKS, OVERALL)])):
@@ -67,6 +83,12 @@ class RolloutMetrics:
                 except KeyError:
                     pass
         self._shown.pop(route, None)
+
+    def probed(self, route: str, variant: str, results: list[str]) -> None:
+        for known in PROBE_RESULTS:  # every result has a series from the first probe: increase() sees the first
+            self.probes.labels(route, variant, known)
+        for result in results:
+            self.probes.labels(route, variant, result).inc()
 
     def record(self, route: str, canary: str, action: str, verdict: Verdict | None = None) -> None:
         self.transitions.labels(route, canary, action).inc()

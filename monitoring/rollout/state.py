@@ -30,6 +30,9 @@ class RolloutStatus(BaseModel):
     stalled: bool = False  # max_holds reached: the step is held for good (no more analyses), never promoted
     revision: int = 0  # bumped on every saved change: a concurrent writer is noticed
     last_analysis: dict[str, Any] | None = None
+    # The plan made at the start from the route's recent traffic (monitoring/rollout/plan.py: Plan.as_dict(),
+    # with its "lines"), or {"error": ...} when the traffic could not be read; None before plans existed.
+    plan: dict[str, Any] | None = None
     # A rollout added at run time (RolloutController.add, e.g. by the pipeline action): its CanaryConfig,
     # kept here so a restarted monitor resumes it; None for the rollouts of the config file.
     spec: dict[str, Any] | None = None

@@ -54,7 +54,8 @@ STEPS = [10, 50, 100]
 QUIET_HOLDS = 4
 # Min effects for a short test on a stub (the defaults are sized for production traffic).
 JUDGE = {"error_rate": {"min_effect": 0.1, "min_samples": 30}, "fallback_rate": {"min_effect": 0.1, "min_samples": 30},
-         "latency": {"min_effect": 0.2, "min_samples": 30, "floor_s": 0.25}}
+         "latency": {"min_effect": 0.2, "min_samples": 30, "floor_s": 0.25},
+         "latency_tail": {"min_ratio": 10, "min_samples": 30, "floor_s": 0.25}}
 ROUTES = """\
 # Rollout e2e routes (the monitor rewrites the weights of the canary-* routes).
 routes:
@@ -217,7 +218,8 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
                     values.append(weight)
             status = _healthz(port)
             if {route: _state(status[route]) for route in CANARIES} == FINAL \
-                    and [seen[r][-1] for r in CANARIES] == [1.0, 0.0, 0.0, 0.1]:
+                    and [seen[r][-1] for r in CANARIES] == [1.0, 0.0, 0.0, 0.1] \
+                    and status["canary-quiet"].get("plan") is not None:  # made off the loop: may come late
                 break
             time.sleep(0.2)
         sent_during_rollouts = load.sent + trickle.sent
@@ -228,7 +230,7 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
 
     # ok: every step in order (holds while the data is not enough yet), then promotion; every check
     # of the last analysis ruled out a regression that matters.
-    moves = [(h["action"], h["weight"]) for h in ok["history"] if h["action"] != "hold"]
+    moves = [(h["action"], h["weight"]) for h in ok["history"] if h["action"] not in ("hold", "plan")]
     assert moves == [("step", 10), ("step", 50), ("promote", 100)], ok["history"]
     assert [w for w in seen["canary-ok"] if w] == [0.1, 0.5, 1.0], seen  # the gateway reloaded at each step
     last = ok["last_analysis"]
@@ -240,7 +242,7 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
     # of a few scrapes, may hold: a handful of failures is not yet proof); clients only saw 200s.
     (started,) = [h["at"] for h in bad["history"] if h["action"] == "step"]
     (rolled_back,) = [h for h in bad["history"] if h["action"] == "rollback"]
-    assert len(bad["history"]) <= 4 and rolled_back["at"] - started <= 4 * INTERVAL_S + 3, bad["history"]
+    assert len([h for h in bad["history"] if h["action"] != "plan"]) <= 4 and rolled_back["at"] - started <= 4 * INTERVAL_S + 3, bad["history"]
     fallback = bad["last_analysis"]["checks"]["fallback_rate"]
     assert fallback["decision"] == "fail" and fallback["lower"] > 0 and fallback["estimate"] > 0.5, fallback
     assert seen["canary-bad"][-1] == 0.0 and 0.1 in seen["canary-bad"], seen
@@ -253,7 +255,11 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
     assert "rollback" in [h["action"] for h in slow["history"]]
 
     # quiet: never enough data: only holds, then stalled at its first step; never promoted.
-    assert [h["action"] for h in quiet["history"]] == ["step"] + ["hold"] * QUIET_HOLDS, quiet["history"]
+    # The plan, from the route's traffic in the real Prometheus, says the quiet rollout cannot finish (a history
+    # entry when it was recorded; it is made off the loop, so analyses may come before it).
+    assert quiet["plan"]["feasible"] is False, quiet["plan"]
+    actions = [h["action"] for h in quiet["history"]]
+    assert [a for a in actions if a != "plan"] == ["step"] + ["hold"] * QUIET_HOLDS and "plan" in actions, actions
     assert quiet["state"] == "progressing" and quiet["weight"] == 10 and seen["canary-quiet"][-1] == 0.1
     assert quiet["last_analysis"]["verdict"] == "inconclusive"
     assert all(c["samples"] < c["min_samples"] for c in quiet["last_analysis"]["checks"].values())

@@ -14,22 +14,33 @@ from pydantic import ValidationError
 from scipy.stats import norm
 
 from loragate.monitoring.judge import (
+    Counts,
     FeedbackCheckConfig,
     JudgeConfig,
     Levels,
     Observed,
     histogram_quantile,
     judge,
+    judge_many,
     mean_bounds,
+    tail_bound_index,
+    tail_decide,
 )
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)  # the gateway's buckets
 
 
-def lognormal_buckets(n: float, median_s: float, sigma: float = 0.5) -> dict[float, float]:
-    """Expected cumulative bucket counts of n lognormal latencies (the +Inf bucket included)."""
-    cdf = norm.cdf((np.log(BOUNDS) - math.log(median_s)) / sigma)
-    return {**{b: float(n * c) for b, c in zip(BOUNDS, cdf)}, math.inf: float(n)}
+def lognormal_buckets(n: float, median_s: float, sigma: float = 0.5, tail: tuple[float, float] = (0.0, 1.0)
+                      ) -> dict[float, float]:
+    """Expected cumulative bucket counts of n lognormal latencies (the +Inf bucket included); ``tail``:
+    (share, factor) of the requests that are ``factor`` times slower."""
+    share, factor = tail
+
+    def cdf(median: float) -> np.ndarray:
+        return norm.cdf((np.log(BOUNDS) - math.log(median)) / sigma)
+
+    mixed = (1 - share) * cdf(median_s) + share * cdf(median_s * factor)
+    return {**{b: float(n * c) for b, c in zip(BOUNDS, mixed)}, math.inf: float(n)}
 
 
 def traffic(canary_n: float, stable_n: float, *, errors=(0.01, 0.01), fallbacks=(0.0, 0.0),
@@ -76,7 +87,8 @@ def test_a_clearly_bad_canary_fails_and_says_why():
 
 def test_a_canary_like_the_stable_passes_with_enough_data():
     verdict = judge(JudgeConfig(), traffic(3000, 10_000), steps=3)
-    assert decisions(verdict) == {"error_rate": "pass", "fallback_rate": "pass", "latency": "pass"}
+    assert decisions(verdict) == {"error_rate": "pass", "fallback_rate": "pass", "latency": "pass",
+                                  "latency_tail": "pass"}
     assert verdict.decision == "pass" and "every check rules out a regression" in verdict.explanation
     # ... and not with little data: the same shares from 100 requests hold.
     assert judge(JudgeConfig(), traffic(100, 1000), steps=3).decision == "inconclusive"
@@ -97,6 +109,75 @@ def test_latency_compares_the_bucketed_distributions():
     # No buckets at all (no answered requests): nothing to compare, never a pass.
     empty = judge(JudgeConfig(), Observed(canary_routed=500, stable_routed=500), steps=3).check("latency")
     assert empty.decision == "inconclusive"
+
+
+def test_a_slow_tail_fails_the_tail_check_where_the_whole_distribution_check_cannot_see_it():
+    """8 % of the canary's requests 4x slower (p99 ~2 s -> ~4 s): the shares above each bound move by
+    at most ~4 points (under latency's 10-point min effect), but above the stable's p99 bound (2.5 s)
+    the canary has ~3.9 % of its requests against the stable's 0.2 %."""
+    slow = Observed(canary_routed=300, stable_routed=5700, canary_latency=lognormal_buckets(300, 0.6, tail=(0.08, 4)),
+                    stable_latency=lognormal_buckets(5700, 0.6))
+    verdict = judge(JudgeConfig(), slow, steps=3)
+    tail = verdict.check("latency_tail")
+    assert verdict.decision == "fail" and tail.decision == "fail"
+    assert verdict.check("latency").decision != "fail"
+    assert tail.figures["bound_s"] == 2.5 and tail.figures["quantile"] == 0.99
+    assert tail.estimate == pytest.approx(0.039, abs=0.003) and tail.figures["stable_slower_share"] < 0.003
+    assert "the stable's p99 bound" in tail.explanation and "fail" in tail.explanation
+    # Without the tail check (the judge before it), the same canary is only held.
+    blind = judge(JudgeConfig(latency_tail=None), slow, steps=3)
+    assert blind.decision == "inconclusive"
+
+
+def test_the_tail_check_passes_a_canary_like_the_stable_and_needs_samples_to_do_so():
+    config = JudgeConfig()
+    same = Observed(canary_routed=2000, stable_routed=6000, canary_latency=lognormal_buckets(2000, 0.6),
+                    stable_latency=lognormal_buckets(6000, 0.6))
+    tail = judge(config, same, steps=3).check("latency_tail")
+    assert tail.decision == "pass" and tail.upper < tail.min_effect == pytest.approx(0.02)
+    few = Observed(canary_routed=150, stable_routed=6000, canary_latency=lognormal_buckets(150, 0.6),
+                   stable_latency=lognormal_buckets(6000, 0.6))
+    assert judge(config, few, steps=3).check("latency_tail").decision == "inconclusive"
+    # A canary faster in its tail is no regression however much data there is.
+    faster = Observed(canary_routed=3000, stable_routed=3000, canary_latency=lognormal_buckets(3000, 0.4),
+                      stable_latency=lognormal_buckets(3000, 0.6, tail=(0.05, 4)))
+    assert judge(config, faster, steps=3).check("latency_tail").decision == "pass"
+    # No stable data: no bound to compare at.
+    alone = Observed(canary_routed=500, canary_latency=lognormal_buckets(500, 0.6))
+    assert judge(config, alone, steps=3).check("latency_tail").decision == "inconclusive"
+
+
+def test_the_tail_bound_is_the_stables_own_quantile_bound():
+    below = np.array([[10, 50, 94, 96, 100], [10, 50, 94, 96, 99], [0, 0, 0, 0, 0]], dtype=float)
+    n = np.array([100, 100, 0])
+    assert tail_bound_index(below, n, 0.95).tolist() == [3, 3, -1]
+    assert tail_bound_index(below, n, 0.99).tolist() == [4, 4, -1]
+    assert tail_bound_index(below[:1], np.array([110]), 0.99).tolist() == [-1]  # beyond the last bound: none
+
+
+def test_the_tail_rule_keeps_its_rollback_risk_however_often_it_looks():
+    """A/A at a heavy tail: 2000 rollouts of one step, 25 looks each, the bound re-chosen from the stable's
+    data at every look; the tail rule at level alpha (split over the 10 bounds it may choose) rolls back
+    at most alpha of them."""
+    rng = np.random.default_rng(3)
+    rollouts, looks, alpha = 2000, 25, 0.05
+    probabilities = np.diff(np.concatenate([[0.0], np.array(list(lognormal_buckets(1, 0.6, sigma=0.9).values()))]))
+    compared = np.array([b >= 0.25 for b in BOUNDS])
+    canary, stable = np.zeros((rollouts, len(probabilities))), np.zeros((rollouts, len(probabilities)))
+    failed = np.zeros(rollouts, dtype=bool)
+    for _ in range(looks):
+        canary += rng.multinomial(60, probabilities, size=rollouts)
+        stable += rng.multinomial(60, probabilities, size=rollouts)
+        c_below, s_below = np.cumsum(canary, 1)[:, :-1][:, compared], np.cumsum(stable, 1)[:, :-1][:, compared]
+        c_n, s_n = canary.sum(1), stable.sum(1)
+        for q, limit in ((0.95, 0.1), (0.99, 0.02)):
+            index = tail_bound_index(s_below, s_n, q)
+            rows = np.flatnonzero(index >= 0)
+            codes, *_ = tail_decide(c_n[rows] - c_below[rows, index[rows]], c_n[rows],
+                                    s_n[rows] - s_below[rows, index[rows]], s_n[rows], limit, 2.0,
+                                    alpha / compared.sum(), 0.05, 200)
+            failed[rows[codes == 2]] = True
+    assert failed.mean() <= alpha
 
 
 def test_a_real_regression_smaller_than_the_min_effect_does_not_fail():
@@ -170,9 +251,45 @@ def test_histogram_quantile_follows_prometheus():
     ({"latency": {"min_samples": 0}}, "min_samples"),
     ({"feedback": {"score_range": [1, 1]}}, "score_range must be"),
     ({"feedback": {"min_effect": 2}}, "below the score range's width"),
-    ({"error_rate": None, "fallback_rate": None, "latency": None}, "at least one check"),
+    ({"error_rate": None, "fallback_rate": None, "latency": None, "latency_tail": None}, "at least one check"),
     ({"latency": {"floor": 0.1}}, "floor"),
 ])
 def test_bad_judge_settings_are_refused_with_the_field_named(bad, message):
     with pytest.raises(ValidationError, match=message):
         JudgeConfig.model_validate(bad)
+
+
+def test_judge_many_is_judges_rule():
+    """judge_many (the bench's simulated rollouts, the rollout plan) decides as judge() does, check by check,
+    on random counts around the decision boundaries (feedback on, several sample sizes and tails)."""
+    rng = np.random.default_rng(11)
+    config = JudgeConfig(feedback={"min_effect": 0.1, "min_samples": 50})
+    rows = 60
+    c_n, s_n = rng.integers(20, 3000, rows).astype(float), rng.integers(20, 20000, rows).astype(float)
+    probabilities = np.diff(np.concatenate([[0.0], np.array(list(lognormal_buckets(1, 0.6).values()))]))
+    slow = np.diff(np.concatenate([[0.0], np.array(list(lognormal_buckets(1, 0.6, tail=(0.1, 4)).values()))]))
+    c_buckets = np.array([rng.multinomial(n, slow if i % 3 == 0 else probabilities)
+                          for i, n in enumerate(c_n.astype(int))])
+    s_buckets = np.array([rng.multinomial(n, probabilities) for n in s_n.astype(int)])
+    c_errors = rng.binomial(c_n.astype(int), rng.choice([0.01, 0.04], rows))
+    s_errors = rng.binomial(s_n.astype(int), 0.01)
+    c_scores, s_scores = rng.binomial(c_n.astype(int), 0.5), rng.binomial(s_n.astype(int), 0.5)
+    c_sum, s_sum = rng.binomial(c_scores, rng.choice([0.8, 0.65], rows)), rng.binomial(s_scores, 0.8)
+    canary = Counts(c_n, c_errors, np.zeros(rows), np.cumsum(c_buckets, 1)[:, :-1], c_scores, c_sum)
+    stable = Counts(s_n, s_errors, np.zeros(rows), np.cumsum(s_buckets, 1)[:, :-1], s_scores, s_sum)
+    many = judge_many(config, (canary, stable), BOUNDS, steps=3)
+    codes = {"inconclusive": 0, "pass": 1, "fail": 2}
+    seen = set()
+    for i in range(rows):
+        bounds = [*BOUNDS, math.inf]
+        verdict = judge(config, Observed(
+            canary_routed=c_n[i], canary_errors=c_errors[i], stable_routed=s_n[i], stable_errors=s_errors[i],
+            canary_latency=dict(zip(bounds, np.cumsum(c_buckets[i]))),
+            stable_latency=dict(zip(bounds, np.cumsum(s_buckets[i]))),
+            canary_feedback_sum=c_sum[i], canary_feedback_count=c_scores[i],
+            stable_feedback_sum=s_sum[i], stable_feedback_count=s_scores[i]), steps=3)
+        for check in verdict.checks:
+            assert codes[check.decision] == many[check.check][i], (i, check.check, check.explanation)
+            seen.add((check.check, check.decision))
+        assert codes[verdict.decision] == many["analysis"][i]
+    assert {("latency_tail", "fail"), ("latency_tail", "pass"), ("error_rate", "fail")} <= seen

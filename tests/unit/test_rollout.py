@@ -13,10 +13,12 @@ import math
 import os
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import yaml
 from aiohttp import web
 from prometheus_client import generate_latest
+from scipy.stats import norm
 
 from loragate.monitoring.commands import rollout_command
 from loragate.monitoring.judge import Observed
@@ -27,6 +29,7 @@ from loragate.monitoring.rollout.controller import RolloutController
 from loragate.monitoring.rollout.errors import RolloutError
 from loragate.monitoring.rollout.judge import analyse
 from loragate.monitoring.rollout.metrics import RolloutMetrics
+from loragate.monitoring.rollout.plan import RouteTraffic, plan
 from loragate.monitoring.rollout.routes import RoutesConfigMap, RoutesFile, set_weights
 from loragate.monitoring.config import MonitorConfig
 from loragate.monitoring.service import Monitor
@@ -116,7 +119,7 @@ def test_the_rollout_judges_with_its_canary_settings():
     verdict = analyse(strict, HEALTHY)
     assert verdict.decision == "inconclusive"
     assert {c.check: c.decision for c in verdict.checks} == {
-        "error_rate": "inconclusive", "fallback_rate": "pass", "latency": "inconclusive"}
+        "error_rate": "inconclusive", "fallback_rate": "pass", "latency": "inconclusive", "latency_tail": "pass"}
     # alpha is shared over the steps the rollout analyses: fewer steps, wider share each.
     two = analyse(spec(steps=[50, 100]), HEALTHY).check("error_rate")
     three = analyse(spec(), HEALTHY).check("error_rate")
@@ -152,7 +155,8 @@ async def test_passing_analyses_step_up_to_promotion(tmp_path):
     assert sample(c, "loragate_rollout_analysis", check="error_rate", figure="samples") == 2000
     assert sample(c, "loragate_rollout_analysis", check="feedback", figure="estimate") is None  # not configured
     checks = status["last_analysis"]["checks"]
-    assert status["last_analysis"]["verdict"] == "pass" and set(checks) == {"error_rate", "fallback_rate", "latency"}
+    assert status["last_analysis"]["verdict"] == "pass" and set(checks) == {"error_rate", "fallback_rate", "latency",
+                                                                                  "latency_tail"}
     assert checks["error_rate"]["lower"] < 0 < checks["error_rate"]["upper"] < checks["error_rate"]["min_effect"]
 
 
@@ -418,7 +422,8 @@ async def test_prometheus_analysis_reads_counts_and_buckets():
     ({"judge": {"latency": {"min_effect": 1.5}}}, "less than 1"),
     ({"judge": {"alpha": 0}}, "alpha"),
     ({"judge": {"feedback": {"score_range": [5, 1]}}}, "score_range"),
-    ({"judge": {"error_rate": None, "fallback_rate": None, "latency": None}}, "at least one check"),
+    ({"judge": {"error_rate": None, "fallback_rate": None, "latency": None, "latency_tail": None}},
+     "at least one check"),
     ({"thresholds": {"max_fallback_rate": 0.1}}, "replaced by the statistical judge"),
     ({"min_requests": 50}, "min_requests: the threshold judge was replaced"),
     ({"max_holds": 20, "interval_s": 300, "max_window_s": 3600}, r"max_holds x interval_s \(20 x 300 s\)"),
@@ -529,3 +534,156 @@ def test_a_shadowed_canary_that_becomes_primary_ends_its_shadow_stage():
     half = yaml.safe_load(set_weights(shadowed, "support", {"v1": 50, "v2": 50}))["routes"]["support"]
     assert "shadow" not in half  # v2 is now a primary: the catalog would refuse it as a shadow
     assert [(v["name"], v["weight"]) for v in half["variants"]] == [("v1", 50), ("v2", 50)]
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+def route_traffic(rps: float) -> RouteTraffic:
+    """A route of ``rps`` requests a second: 1 % 5xx, no fallbacks, lognormal latency (median 0.6 s, sigma 0.5)."""
+    bounds = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+    below = norm.cdf((np.log(bounds) - math.log(0.6)) / 0.5)
+    return RouteTraffic(rps, 0.01, 0.0, dict(zip(bounds, below)), window_s=3600)
+
+
+def test_the_plan_says_what_each_step_needs_and_flags_a_route_too_small_to_finish():
+    busy = plan(spec(interval_s=300), route_traffic(20))
+    assert busy.feasible and not busy.suggestions
+    assert [s.weight for s in busy.steps] == [5, 25, 50]  # the 100 % step is not analysed
+    first = busy.steps[0]
+    assert first.canary_per_analysis == pytest.approx(300) and first.analyses == math.ceil(first.samples / 300)
+    assert first.samples >= 200 and first.bottleneck in first.per_check  # min_samples at least
+    assert first.slow_samples > first.samples  # a slow rollout (1 in 10) needs more: feasibility is judged on it
+    # The slow rollout decides: a route where the median rollout fits max_holds but a slow one does not is flagged.
+    edge = plan(spec(interval_s=300), route_traffic(4), suggest=False)
+    assert all(s.analyses <= 12 for s in edge.steps) and not edge.feasible
+    assert busy.promote_s == busy.analyses * 300
+    # 40 canary requests an analysis at 5 % (2.67 req/s): the first step needs more than 12 analyses.
+    small = plan(spec(interval_s=300), route_traffic(2.67))
+    assert not small.feasible and small.steps[0].analyses > 12
+    assert any("CANNOT FINISH" in line for line in small.lines())
+    changes = [s["change"].split(":")[0] for s in small.suggestions]
+    assert changes == ["interval_s", "min effects x2", "steps"]
+    for suggestion in small.suggestions:  # each suggested setting makes it feasible
+        fixed = CanaryConfig.model_validate({**spec(interval_s=300).model_dump(), **suggestion["update"]})
+        assert plan(fixed, route_traffic(2.67)).feasible, suggestion["change"]
+    # A route without traffic cannot be planned for; a judge with feedback on a route without it never passes.
+    assert not plan(spec(), route_traffic(0), suggest=False).feasible
+    silent = plan(spec(interval_s=300, judge={"feedback": {}}), route_traffic(20), suggest=False)
+    assert not silent.feasible and silent.steps[0].samples is None and silent.steps[0].bottleneck == "feedback"
+
+
+def test_the_plans_need_is_the_judges_own_rule():
+    """At the planned sample size the judge passes the expected counts; a little below it, it does not."""
+    traffic, weight = route_traffic(20), 25
+    need = plan(spec(interval_s=300), traffic).steps[1].samples
+    for n, decision in ((need, "pass"), (need * 0.9, "inconclusive")):
+        c, s = traffic.expected(np.array(n)), traffic.expected(np.array(n * (100 - weight) / weight))
+        cumulative = {**{b: float(c.below[i]) for i, b in enumerate(traffic.latency)}, math.inf: float(n)}
+        stable = {**{b: float(s.below[i]) for i, b in enumerate(traffic.latency)}, math.inf: float(s.n)}
+        verdict = analyse(spec(interval_s=300), Observed(
+            canary_routed=n, canary_errors=float(c.errors), stable_routed=float(s.n), stable_errors=float(s.errors),
+            canary_latency=cumulative, stable_latency=stable))
+        assert verdict.decision == decision
+
+
+class PlannedPrometheus(FakePrometheus):
+    """A source that also tells the route's recent traffic, as PrometheusAnalysis does."""
+
+    def __init__(self, traffic: RouteTraffic, *answers) -> None:
+        super().__init__(*answers)
+        self.route_traffic = traffic
+
+    async def traffic(self, route, window_s):
+        return self.route_traffic
+
+
+async def started_and_planned(c: RolloutController) -> None:
+    """The start, then the next round once the plan (made off the loop) is done: it is recorded there."""
+    await c.tick(now=1000)
+    started = c.status()["support"]
+    assert started["weight"] == 5 and started.get("plan") is None  # the start waits for no plan
+    await c._planning["support"]
+    assert await c.tick(now=1001) == []  # not an analysis: the interval has not passed
+
+
+async def test_a_rollout_that_cannot_finish_is_flagged_at_its_start(tmp_path):
+    c = controller(tmp_path, PlannedPrometheus(route_traffic(2.67), QUIET), interval_s=300)
+    await started_and_planned(c)
+    status = c.status()["support"]
+    assert status["plan"]["feasible"] is False and status["weight"] == 5  # flagged, not stopped
+    assert status["history"][-1]["action"] == "plan" and "STALLS" in status["history"][-1]["reason"]
+    assert sample(c, "loragate_rollout_plan_feasible") == 0
+    assert math.isnan(sample(c, "loragate_rollout_plan_promote_seconds"))
+    text = "\n".join(c.explain("support", status))
+    assert "CANNOT FINISH" in text and "feasible with: interval_s" in text
+    (tmp_path / "busy").mkdir()
+    busy = controller(tmp_path / "busy", PlannedPrometheus(route_traffic(20), QUIET), interval_s=300)
+    await started_and_planned(busy)
+    assert busy.status()["support"]["plan"]["feasible"] is True
+    assert sample(busy, "loragate_rollout_plan_feasible") == 1
+    assert sample(busy, "loragate_rollout_plan_promote_seconds") == busy.status()["support"]["plan"]["promote_s"]
+
+
+async def test_a_plan_that_cannot_be_made_does_not_stop_the_start(tmp_path):
+    class Down(PlannedPrometheus):
+        async def traffic(self, route, window_s):
+            raise OSError("connection refused")
+
+    c = controller(tmp_path, Down(route_traffic(20), QUIET), interval_s=300)
+    await started_and_planned(c)
+    status = c.status()["support"]
+    assert status["weight"] == 5 and "connection refused" in status["plan"]["error"]
+    assert "plan: no plan: connection refused" in "\n".join(c.explain("support", status))
+
+
+async def test_prometheus_analysis_reads_the_whole_routes_traffic():
+    seen = []
+
+    async def query(request):
+        expr = request.query["query"]
+        seen.append(expr)
+        if "bucket" in expr:
+            result = [{"metric": {"le": le}, "value": [0, v]} for le, v in (("0.5", "600"), ("1.0", "900"),
+                                                                            ("+Inf", "1000"))]
+        elif "feedback" in expr:
+            result = []
+        elif "5xx" in expr:
+            result = [{"metric": {}, "value": [0, "10"]}]
+        else:
+            result = [{"metric": {}, "value": [0, "1000" if "requests" in expr else "0"]}]
+        return web.json_response({"status": "success", "data": {"resultType": "vector", "result": result}})
+
+    app = web.Application()
+    app.router.add_get("/api/v1/query", query)
+    async with serve(app) as port:
+        traffic = await PrometheusAnalysis(Prometheus(f"http://127.0.0.1:{port}")).traffic("support", 500)
+    assert all('route="support"' in q and "variant" not in q for q in seen) and len(seen) == 6
+    assert traffic.requests_per_s == pytest.approx(2.0) and traffic.error_rate == pytest.approx(0.01)
+    assert traffic.latency == {0.5: 0.6, 1.0: 0.9} and traffic.feedback_mean is None
+
+
+def test_rollout_cli_plan(tmp_path, capsys, monkeypatch):
+    (tmp_path / "routes.yaml").write_text(ROUTES)
+    config = tmp_path / "monitor.yaml"
+    config.write_text(yaml.safe_dump({
+        "request_log": str(tmp_path / "rl"), "prometheus_url": "http://127.0.0.1:9",
+        "rollouts": {"routes_file": str(tmp_path / "routes.yaml"), "state_file": str(tmp_path / "rollouts.json"),
+                     "canaries": [spec().model_dump()]}}))
+    args = {"config": config, "route": None, "reason": "manual", "json": False, "lookback": 600}
+    assert rollout_command(SimpleNamespace(action="plan", **args)) == 2  # nothing listens on :9
+    assert "cannot read its traffic" in capsys.readouterr().err
+    assert rollout_command(SimpleNamespace(action="plan", **{**args, "route": "nope"})) == 2
+    asked = []
+
+    async def traffic(self, route, window_s):  # PrometheusAnalysis.traffic's PromQL is tested above
+        asked.append((route, window_s))
+        return route_traffic(2.67 if len(asked) == 1 else 100)
+
+    monkeypatch.setattr(PrometheusAnalysis, "traffic", traffic)
+    capsys.readouterr()
+    assert rollout_command(SimpleNamespace(action="plan", **args)) == 1  # 1: a rollout cannot finish
+    out = capsys.readouterr().out
+    assert "support: plan for v2" in out and "CANNOT FINISH" in out and "feasible with: interval_s: 720" in out
+    assert rollout_command(SimpleNamespace(action="plan", **{**args, "json": True})) == 0
+    assert json.loads(capsys.readouterr().out)["support"]["feasible"] is True
+    assert asked == [("support", 600), ("support", 600)]

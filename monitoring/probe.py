@@ -1,0 +1,177 @@
+"""Is the adapter applied? A few fixed prompts to the adapter and to the base model, token logprobs compared.
+
+vLLM has served base-model output for requests that named an adapter (vllm#55193, vllm#34186): the
+answers are well-formed, fast and error-free, so no canary check can tell; two variants that are both
+the base model in fact pass every comparison. The probe asks each engine directly, for each fixed
+prompt, a greedy completion (temperature 0, a few tokens, ``logprobs``) once naming the adapter and
+once naming the base model. A LoRA adapter that is applied moves the logits, so the chosen tokens'
+logprobs differ; the same tokens with the same logprobs (within ``tolerance``) for every prompt mean
+the engine answered the adapter's name with the base model: **not_applied**.
+
+Why the engines and not the gateway (a ``route:variant`` pin): the gateway's fallback chain answers
+a failing adapter with the base model, which would read as "not applied" (or hide an error), and the
+gateway chooses the replica, while the fault is one engine's (one adapter slot); each engine is
+asked here, by its own URL, with the adapter loaded there first when the route gives its path (as
+the gateway loads adapters on demand).
+
+What it cannot see: an adapter applied but wrong (another version under the same name: give each
+version its own name), or one whose effect on these few prompts' first tokens is below ``tolerance``
+(a zero or near-zero adapter is exactly what it reports). Results: ``applied``, ``not_applied``,
+``error`` (the engine did not answer both asks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Result = Literal["applied", "not_applied", "error"]
+RESULTS: tuple[Result, ...] = ("applied", "not_applied", "error")
+PROMPTS = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning")
+MAX_BODY = 1 << 20  # a completion of a few tokens with logprobs is a few KB
+
+
+class ProbeConfig(BaseModel):
+    """The ``probe`` section of a canary: which engines to ask, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+    engines: list[str] = Field(min_length=1, description="each vLLM engine's base URL (http://host:8000)")
+    prompts: list[str] = Field(default_factory=lambda: list(PROMPTS), min_length=1)
+    max_tokens: int = Field(4, ge=1, le=64)
+    tolerance: float = Field(1e-4, ge=0, description="logprob differences up to this are 'the same'")
+    timeout_s: float = Field(30, gt=0)
+    load: bool = Field(True, description="load the adapter on an engine that lacks it (from the route's path)")
+    api_key_env: str | None = Field(None, description="environment variable holding the engines' API key")
+
+
+@dataclass
+class Answer:
+    tokens: list[str]
+    logprobs: list[float]
+
+
+@dataclass
+class EngineProbe:
+    engine: str
+    result: Result
+    max_difference: float | None = None  # largest logprob difference over the prompts (inf: other tokens)
+    explanation: str = ""
+
+
+@dataclass
+class ProbeResult:
+    adapter: str
+    base_model: str
+    engines: list[EngineProbe] = field(default_factory=list)
+
+    @property
+    def result(self) -> Result:
+        """not_applied when any engine answers as the base model; error when none answered; else applied."""
+        found = {e.result for e in self.engines}
+        if "not_applied" in found:
+            return "not_applied"
+        return "applied" if "applied" in found else "error"
+
+    @property
+    def explanation(self) -> str:
+        return "; ".join(f"{e.engine}: {e.explanation}" for e in self.engines)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"result": self.result, **asdict(self)}
+
+
+def difference(base: Answer, adapted: Answer) -> float:
+    """Largest |logprob difference| over the tokens; inf when the chosen tokens differ."""
+    if base.tokens != adapted.tokens or len(base.logprobs) != len(adapted.logprobs):
+        return math.inf
+    return max((abs(a - b) for a, b in zip(base.logprobs, adapted.logprobs)), default=0.0)
+
+
+def parse_answer(body: Any) -> Answer:
+    """The first choice's tokens and their logprobs from an OpenAI completions answer with ``logprobs``."""
+    try:
+        logprobs = body["choices"][0]["logprobs"]
+        tokens, values = logprobs["tokens"], logprobs["token_logprobs"]
+        if not (isinstance(tokens, list) and isinstance(values, list) and len(tokens) == len(values)):
+            raise TypeError("tokens and token_logprobs must be lists of one length")
+        return Answer([str(t) for t in tokens], [float(v) if v is not None else math.nan for v in values])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ValueError(f"no token logprobs in the answer ({exc})") from None
+
+
+class AdapterProbe:
+    """Asks engines over HTTP (aiohttp); one instance serves every rollout."""
+
+    async def probe(self, config: ProbeConfig, *, base_model: str, adapter: str, path: str | None = None
+                    ) -> ProbeResult:
+        import aiohttp
+
+        headers = {}
+        if config.api_key_env and os.environ.get(config.api_key_env):
+            headers["Authorization"] = f"Bearer {os.environ[config.api_key_env]}"
+        result = ProbeResult(adapter, base_model)
+        timeout = aiohttp.ClientTimeout(total=config.timeout_s)
+        async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+            result.engines = list(await asyncio.gather(*(
+                self._engine(session, url.rstrip("/"), config, base_model, adapter, path) for url in config.engines)))
+        return result
+
+    async def _engine(self, session: Any, url: str, config: ProbeConfig, base_model: str, adapter: str,
+                      path: str | None) -> EngineProbe:
+        try:
+            if config.load and path is not None and adapter not in await self._models(session, url):
+                await self._post(session, f"{url}/v1/load_lora_adapter", {"lora_name": adapter, "lora_path": path},
+                                 expect_json=False)
+            worst = 0.0
+            for prompt in config.prompts:
+                base, adapted = await asyncio.gather(self._complete(session, url, base_model, prompt, config),
+                                                     self._complete(session, url, adapter, prompt, config))
+                worst = max(worst, difference(base, adapted))
+        except Exception as exc:  # unreachable, refused, not a completion: this engine says nothing
+            return EngineProbe(url, "error", None, f"probe failed: {type(exc).__name__}: {exc}"[:300])
+        if worst <= config.tolerance:
+            return EngineProbe(url, "not_applied", worst,
+                               f"{adapter} answers exactly as {base_model} on {len(config.prompts)} prompts "
+                               f"(logprobs within {config.tolerance:g}): the adapter is not applied")
+        shown = "other tokens" if math.isinf(worst) else f"logprobs differ by up to {worst:.3g}"
+        return EngineProbe(url, "applied", worst, f"{adapter} differs from {base_model} ({shown}): applied")
+
+    async def _models(self, session: Any, url: str) -> set[str]:
+        body = await self._get(session, f"{url}/v1/models")
+        return {str(m.get("id")) for m in body.get("data", []) if isinstance(m, dict)}
+
+    async def _complete(self, session: Any, url: str, model: str, prompt: str, config: ProbeConfig) -> Answer:
+        body = await self._post(session, f"{url}/v1/completions",
+                                {"model": model, "prompt": prompt, "max_tokens": config.max_tokens,
+                                 "temperature": 0, "logprobs": 1, "seed": 0})
+        return parse_answer(body)
+
+    async def _get(self, session: Any, url: str) -> Any:
+        async with session.get(url) as resp:
+            return _decoded(resp.status, await resp.content.read(MAX_BODY + 1), url)
+
+    async def _post(self, session: Any, url: str, payload: dict[str, Any], expect_json: bool = True) -> Any:
+        async with session.post(url, json=payload) as resp:
+            raw = await resp.content.read(MAX_BODY + 1)
+            if not expect_json:
+                if resp.status >= 400:
+                    raise RuntimeError(f"{url}: HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace')}")
+                return None
+            return _decoded(resp.status, raw, url)
+
+
+def _decoded(status: int, raw: bytes, url: str) -> Any:
+    if len(raw) > MAX_BODY:
+        raise RuntimeError(f"{url}: answer larger than {MAX_BODY} bytes")
+    if status >= 400:
+        raise RuntimeError(f"{url}: HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
+    body = json.loads(raw)
+    if not isinstance(body, dict):
+        raise ValueError(f"{url}: answer is not a JSON object")
+    return body
