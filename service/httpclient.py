@@ -10,7 +10,7 @@ errors are loragate's own (service/transport.py):
   closed before the head      Disconnected
   closed in the middle        IncompleteAnswer; also bytes that stop being HTTP mid-body
   not an answer we accept     MalformedAnswer: a bad status line, a status outside 100-599, 101, a header field
-                              over FIELD_MAX bytes, a head over HEAD_MAX, more than HEADERS_MAX fields, a
+                              over FIELD_MAX bytes, a head over HEAD_MAX (so at most some 16000 fields), a
                               transfer coding other than chunked (we send no TE: the server must not use one)
   total time ran out          TransportTimeout (the whole exchange, reading the body included)
   read gap ran out            ReadTimeout (a TransportTimeout)
@@ -41,7 +41,6 @@ PAUSE_AT = 256 * 1024  # a stream's unread bytes past which reading from the soc
 KEEPALIVE_S = 15.0  # an idle connection older than this is closed rather than reused (as aiohttp's connector)
 FIELD_MAX = 8190  # the longest status line or header field line (aiohttp's max_line_size / max_field_size)
 HEAD_MAX = 64 * 1024  # the longest head (status line and header section), also a trailer section's bound
-HEADERS_MAX = 128  # the most header (and trailer) fields of one answer
 
 
 class _Target:
@@ -134,7 +133,8 @@ class HttpClient:
         return None
 
     def _put_back(self, connection: _Connection) -> None:
-        if self.closed or not connection.reusable():
+        """A connection whose answer just ended whole (reading again, see on_message_complete)."""
+        if self.closed:
             connection.close()
             return
         connection.idle_since = connection.loop.time()
@@ -161,8 +161,8 @@ class HttpClient:
 
     async def _exchange(self, loop: asyncio.AbstractEventLoop, connection: _Connection, message: bytes,
                         deadline: float | None, read_s: float | None) -> Response:
-        response = Response(connection)
-        connection.start(response)
+        response = connection.response = Response(connection)
+        connection.in_head = True
         if deadline is not None:
             response.total_timer = loop.call_at(deadline, response.time_out)
         if read_s is not None:
@@ -188,7 +188,7 @@ class _Connection(asyncio.Protocol):
     """
 
     __slots__ = ("client", "key", "loop", "transport", "parser", "response", "closed", "reused", "keep_alive",
-                 "idle_since", "in_head", "head", "line_start", "began", "fields", "codings", "unparsed")
+                 "idle_since", "in_head", "head", "line_start", "codings", "unparsed")
 
     def __init__(self, client: HttpClient, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
@@ -204,19 +204,8 @@ class _Connection(asyncio.Protocol):
         self.in_head = False  # before the answer's blank line: bytes go to ``head``, not to the parser
         self.head = bytearray()
         self.line_start = 0  # where the head's last line begins
-        self.began = False  # the parser began a message for the current request (a second one is unexpected)
-        self.fields = 0
         self.codings: list[bytes] | None = None
         self.unparsed = 0  # bytes fed since the parser last gave body bytes (bounds a trailer section)
-
-    def start(self, response: Response) -> None:
-        """A new request on this connection: ``response`` gets what comes back."""
-        self.response = response
-        self.in_head = True
-        self.began = False
-        self.fields = 0
-        self.codings = None
-        self.unparsed = 0
 
     def reusable(self) -> bool:
         transport = self.transport
@@ -243,9 +232,15 @@ class _Connection(asyncio.Protocol):
         if response.read_timer is not None:
             response.last_read = self.loop.time()
         if self.in_head:
-            data = self._read_head(data, response)  # type: ignore[assignment]
-            if data is None:
-                return
+            # The usual head: whole in this read, no line possibly over FIELD_MAX, a final (2xx-5xx) status (the
+            # parser checks it is one). Anything else goes the long way.
+            end = data.find(b"\r\n\r\n", 0, FIELD_MAX)
+            if end > 9 and 50 <= data[9] <= 53 and not self.head:
+                self.in_head = False
+            else:
+                data = self._read_head(data, response)  # type: ignore[assignment]
+                if data is None:
+                    return
         else:
             self.unparsed += len(data)
         try:
@@ -357,14 +352,10 @@ class _Connection(asyncio.Protocol):
     # --- httptools callbacks ---
 
     def on_message_begin(self) -> None:
-        if self.began:  # a second answer to one request, or bytes after the answer: nobody asked for them
+        if self.response.complete:  # type: ignore[union-attr]  # bytes after the answer: nobody asked for them
             raise ValueError("bytes after the answer")
-        self.began = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.fields += 1
-        if self.fields > HEADERS_MAX:
-            raise ValueError(f"more than {HEADERS_MAX} header fields")
         size = len(name)
         if size == 14 or size == 17:  # content-length, transfer-encoding: the body does not run until the close
             lowered = name.lower()
@@ -412,6 +403,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()  # here: after this callback llhttp resets its flags
+        self.unparsed = 0
+        self.codings = None
         response = self.response
         assert response is not None
         if response.paused:  # the answer is whole: the reader's pace no longer holds the socket

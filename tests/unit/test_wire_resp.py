@@ -207,7 +207,7 @@ def test_client_against_scripted_servers(name: str, script: Script, expected: ob
                     outcome = type(exc)
                 assert outcome == expected or (isinstance(expected, type) and isinstance(outcome, type)
                                                and issubclass(outcome, expected)), f"{name}: {outcome!r}"
-                assert time.perf_counter() - started < 0.5
+                assert time.perf_counter() - started < 1.0  # the timeout is 0.15 s; a loaded machine
                 await asyncio.sleep(0.2 if name != "silence" else 0.9)  # what the script still sends arrives
                 # Every later command gets its own reply: none shifted by what came before.
                 for attempt in range(3):
