@@ -84,7 +84,8 @@ class RespReader:
     def gets(self) -> object:
         buffer, position, stack = self.buffer, self.position, self.stack
         while True:
-            end = buffer.find(b"\r\n", max(position, self.searched))
+            searched = self.searched
+            end = buffer.find(b"\r\n", searched if searched > position else position)
             if end < 0:
                 if len(buffer) - position > MAX_LINE:
                     raise RespProtocolError(f"a reply line over {MAX_LINE} bytes")
@@ -93,7 +94,8 @@ class RespReader:
                 return False
             kind = buffer[position]
             if kind == 58:  # :
-                value: object = _integer(buffer[position + 1:end])
+                line = buffer[position + 1:end]
+                value: object = int(line) if line.isdigit() and end - position < 20 else _integer(line)
                 after = end + 2
             elif kind == 36:  # $
                 size = _integer(buffer[position + 1:end])
@@ -112,7 +114,8 @@ class RespReader:
                         raise RespProtocolError("a bulk string does not end in CRLF where its length says")
                     value = bytes(buffer[end + 2:after - 2])
             elif kind == 42:  # *
-                count = _integer(buffer[position + 1:end])
+                line = buffer[position + 1:end]
+                count = int(line) if line.isdigit() and end - position < 20 else _integer(line)
                 after = end + 2
                 if count > 0:
                     if len(stack) >= MAX_DEPTH:
