@@ -343,8 +343,10 @@ def main() -> int:
         cells = [(stream, c) for stream in (False, True) for c in args.concurrency]
         raw: dict[str, list[dict]] = {}
         for round_no in range(args.rounds):
+            # The gateway and the gateway at --compare-ref swap places every other round (ABBA): drift cancels.
+            order = targets if round_no % 2 == 0 else (*targets[:2], *reversed(targets[2:]))
             for stream, c in cells:
-                for target in targets:
+                for target in order:
                     key = f"{'stream' if stream else 'plain'}|c{c}|{target.name}"
                     cell = measure(target, scripts[stream], c, args.duration, args.warmup, wrk_cpu)
                     raw.setdefault(key, []).append(cell)
