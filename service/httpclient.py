@@ -304,12 +304,14 @@ class _Connection(asyncio.Protocol):
             end = data.find(b"\r\n\r\n", start)
             if end < 0:
                 if len(data) > HEAD_MAX:
-                    return self._malformed(response, f"the answer's head is over {HEAD_MAX} bytes")
+                    self._malformed(response, f"the answer's head is over {HEAD_MAX} bytes")
+                    return None
                 newline = data.rfind(b"\n", start)
                 if newline >= 0:
                     self.line_start = newline + 1
                 if len(data) - self.line_start > FIELD_MAX:
-                    return self._malformed(response, f"a header field is over {FIELD_MAX} bytes")
+                    self._malformed(response, f"a header field is over {FIELD_MAX} bytes")
+                    return None
                 if data.count(b"\n", start) != data.count(b"\r\n", max(0, start - 1)):
                     break  # a line ending in a bare LF: the parser (strict) says what is wrong with it
                 if data is not buffer:
@@ -317,19 +319,23 @@ class _Connection(asyncio.Protocol):
                 return None
             size = end + 4
             if size > HEAD_MAX:
-                return self._malformed(response, f"the answer's head is over {HEAD_MAX} bytes")
+                self._malformed(response, f"the answer's head is over {HEAD_MAX} bytes")
+                return None
             if size > FIELD_MAX and max(map(len, data[:end].split(b"\r\n"))) > FIELD_MAX:
-                return self._malformed(response, f"a header field is over {FIELD_MAX} bytes")
+                self._malformed(response, f"a header field is over {FIELD_MAX} bytes")
+                return None
             status = _status(data)
             if status is not None:
                 if not 100 <= status <= 599:
-                    return self._malformed(response, f"status {status} is not an HTTP status")
+                    self._malformed(response, f"status {status} is not an HTTP status")
+                    return None
                 if status < 200:
                     if status == 101:
-                        return self._malformed(response, "101: the server switched protocols")
+                        self._malformed(response, "101: the server switched protocols")
+                        return None
                     rest = data[size:]  # an informational answer (no body): the real one follows
                     buffer.clear()
-                    data = rest  # type: ignore[assignment]
+                    data = rest
                     start = self.line_start = 0
                     continue
             break

@@ -128,7 +128,7 @@ def _aiohttp_error(exc: BaseException) -> TransportError:
     if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError)):
         return TransportTimeout(str(exc) or "no answer in time")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return ConnectFailed(exc.host, exc.port, exc.os_error)
+        return ConnectFailed(exc.host, exc.port or 0, exc.os_error)
     if isinstance(exc, aiohttp.ClientPayloadError):
         return IncompleteAnswer(str(exc))
     if isinstance(exc, aiohttp.ClientConnectionError):
