@@ -4,7 +4,9 @@ A ``Script`` is what the server does with one request: a list of steps, each byt
 or one of the actions CLOSE (close after what was written), RESET (an RST: SO_LINGER 0), KEEP (wait for the next
 request on the connection; the default at the end of a script). ``StallWatch`` measures the event loop's longest
 busy stretch: the thread CPU time between two ticks of a 1 ms ticker, so a loaded machine (another process on the
-core) does not count, only work done on this loop's thread.
+core) does not count, only work done on this loop's thread. ``ParserWatch`` measures the longest single call of a
+protocol's ``data_received`` (the parser's own stall, whatever else the test process does): the suites hold that
+one to 10 ms and the loop's to a generous bound (first-time imports and the test's own servers run there too).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import gc
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 CLOSE, RESET, KEEP = "close", "reset", "keep"
 Step = bytes | float | str
@@ -123,3 +125,23 @@ class StallWatch:
         assert self._task is not None
         self._task.cancel()
         gc.callbacks.remove(self._gc)
+
+
+@contextlib.contextmanager
+def parser_watch(protocol: type) -> Iterator[list[float]]:
+    """While inside: ``[longest]``, the thread CPU time of the longest ``protocol.data_received`` call."""
+    original = protocol.data_received
+    longest = [0.0]
+
+    def timed(self: object, data: bytes) -> None:
+        started = time.thread_time()
+        try:
+            original(self, data)
+        finally:
+            longest[0] = max(longest[0], time.thread_time() - started)
+
+    protocol.data_received = timed
+    try:
+        yield longest
+    finally:
+        protocol.data_received = original
