@@ -57,6 +57,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--compare-ref", metavar="REF",
+                        help="also measure the Redis-limited gateway at this git ref (e.g. main) in the same rounds")
+    parser.add_argument("--reader-rounds", type=int, default=5, help="rounds of the reply-reader comparison")
     parser.add_argument("--limits-python", type=Path, help="an interpreter with `limits` and `redis` installed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "limiter_overhead.json")
     args = parser.parse_args()
@@ -88,9 +91,17 @@ def main() -> int:
         stub_url = f"http://127.0.0.1:{port}"
         wait_http(f"{stub_url}/health", stub.process, 30, work / "stub.log")
         gateways = {}
-        for name, extra in (("in_process", {}), ("redis", {"LORAGATE_LIMITS_URL": redis.url})):
+        variants: list[tuple[str, dict, list[str]]] = [
+            ("in_process", {}, [sys.executable, "-m", "loragate", "serve"]),
+            ("redis", {"LORAGATE_LIMITS_URL": redis.url}, [sys.executable, "-m", "loragate", "serve"])]
+        if args.compare_ref:  # the Redis-limited gateway at another git ref (e.g. main), in the same rounds
+            from bench.gitref import command, overlay
+            pkg = overlay(args.compare_ref, work / "ref")
+            variants.append((f"redis@{args.compare_ref}", {"LORAGATE_LIMITS_URL": redis.url, "PYTHONPATH": str(pkg)},
+                             command(pkg, ["serve"])))
+        for name, extra, argv in variants:
             port = free_port()
-            service = Service(pinned([sys.executable, "-m", "loragate", "serve"], gateway_cpu),
+            service = Service(pinned(argv, gateway_cpu),
                               work / f"gateway-{name}.log", {
                                   **env, "LORAGATE_ROUTES_FILE": str(work / "routes.yaml"),
                                   "LORAGATE_UPSTREAMS": stub_url, "LORAGATE_PORT": str(port),
@@ -120,11 +131,16 @@ def main() -> int:
                                "redis_cpu_us_per_req": redis_cpu * 1e6 / max(requests, 1),
                                "requests": requests, "errors": errors}
             cells["cpu_ratio"] = cells["redis"]["cpu_us_per_req"] / cells["in_process"]["cpu_us_per_req"]
+            if args.compare_ref:
+                other = cells[f"redis@{args.compare_ref}"]["cpu_us_per_req"]
+                cells["cpu_ratio_vs_ref"] = cells["redis"]["cpu_us_per_req"] / other
+                cells["cpu_us_delta_vs_ref"] = cells["redis"]["cpu_us_per_req"] - other
             rounds.append(cells)
             print(f"round {index + 1}: in-process {cells['in_process']['cpu_us_per_req']:.0f} us/req "
                   f"({cells['in_process']['rps']:.0f} req/s), redis {cells['redis']['cpu_us_per_req']:.0f} us/req "
                   f"({cells['redis']['rps']:.0f} req/s), ratio {cells['cpu_ratio']:.3f}", flush=True)
         check_backends(gateways)
+        readers = reader_costs(redis.url, LUA_BUCKETS, args.reader_rounds, args.compare_ref or "main")
         client = compare_clients(args.limits_python, redis.url, LUA_BUCKETS, work) if args.limits_python else None
     finally:
         for service in reversed(services):
@@ -132,15 +148,20 @@ def main() -> int:
 
     summary = {name: {k: statistics.median(r[name][k] for r in rounds)
                       for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "redis_cpu_us_per_req")}
-               for name in ("in_process", "redis")}
+               for name in gateways}
     ratio = statistics.median(r["cpu_ratio"] for r in rounds)
-    errors = sum(r[name]["errors"] for r in rounds for name in ("in_process", "redis"))
+    errors = sum(r[name]["errors"] for r in rounds for name in gateways)
+    vs_ref = ({"cpu_ratio_median": statistics.median(r["cpu_ratio_vs_ref"] for r in rounds),
+               "cpu_us_delta_median": statistics.median(r["cpu_us_delta_vs_ref"] for r in rounds)}
+              if args.compare_ref else None)
     report = {
         "what": "gateway CPU per request, Redis limiter vs in-process limiter, c=32, stub upstream, one worker",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "pinned": pin},
         "duration_s": args.duration, "rounds": rounds, "median": summary, "cpu_ratio_median": ratio,
         "target_ratio_max": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO, "errors": errors,
         "client_check_cost": client,
+        "compare_ref": args.compare_ref, "redis_vs_ref": vs_ref,
+        "reply_readers": readers,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
@@ -148,9 +169,71 @@ def main() -> int:
           f"redis {summary['redis']['cpu_us_per_req']:.0f} us (+ redis-server "
           f"{summary['redis']['redis_cpu_us_per_req']:.0f} us); ratio {ratio:.3f} (target <= {TARGET_RATIO}); "
           f"errors {errors}; written {args.out}")
+    if vs_ref:
+        print(f"Redis-limited gateway, this checkout over {args.compare_ref}: CPU/request ratio "
+              f"{vs_ref['cpu_ratio_median']:.3f} ({vs_ref['cpu_us_delta_median']:+.1f} us)")
+    print("reply readers, client CPU per admission check (median of rounds): "
+          + ", ".join(f"{k} {v:.2f} us" for k, v in readers["median_us"].items())
+          + "; ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in readers["ratios"].items()))
     if client:
         print("client CPU per check: " + ", ".join(f"{k} {v:.1f} us" for k, v in client.items()))
     return 0 if errors == 0 else 1
+
+
+def reader_costs(url: str, lua: str, rounds: int, ref: str, checks: int = 8000,
+                 concurrency: int = 32) -> dict:
+    """Client CPU (this process) per admission check (EVALSHA of the limiter's script, c=32) through RespClient
+    with each reply reader, in the same rounds (order reversed every other round): RespReader (this checkout),
+    hiredis.Reader (C, what redis-py uses) and the recursive parser of ``ref`` (its whole resp.py)."""
+    import asyncio
+
+    import hiredis
+
+    from bench.gitref import module_at
+    from loragate.service import resp
+
+    old = module_at(ref, "service/resp.py", "resp_at_ref")
+
+    def hiredis_reader() -> hiredis.Reader:
+        return hiredis.Reader(protocolError=resp.RespProtocolError, replyError=resp.RedisReplyError)
+
+    clients = {"resp_reader": lambda: resp.RespClient(url, reader=resp.RespReader),
+               "hiredis_reader": lambda: resp.RespClient(url, reader=hiredis_reader),
+               f"{ref}_parse": lambda: old.RespClient(url)}
+
+    async def timed(client: object, command: bytes) -> float:
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                reply = await client.request(command)  # type: ignore[attr-defined]
+                assert isinstance(reply, list) and reply[0] == 0, reply
+
+        await asyncio.gather(*(worker(200 // concurrency + 1) for _ in range(concurrency)))  # warm
+        started = time.process_time()
+        await asyncio.gather(*(worker(checks // concurrency) for _ in range(concurrency)))
+        return (time.process_time() - started) * 1e6 / (checks // concurrency * concurrency)
+
+    async def run() -> dict[str, list[float]]:
+        made = {name: make() for name, make in clients.items()}
+        sha = await made["resp_reader"].call("SCRIPT", "LOAD", lua)
+        command = resp.encode(b"EVALSHA", sha, b"1", b"bench:reader", b"1000000000", b"1000000000000", b"0")
+        costs: dict[str, list[float]] = {name: [] for name in made}
+        for index in range(rounds):
+            order = list(made.items())
+            for name, client in order if index % 2 == 0 else order[::-1]:
+                costs[name].append(await timed(client, command))
+        for client in made.values():
+            await client.close()  # type: ignore[attr-defined]
+        return costs
+
+    costs = asyncio.run(run())
+    median = {name: statistics.median(values) for name, values in costs.items()}
+    per_round = {
+        "resp_reader_over_hiredis": [a / b for a, b in zip(costs["resp_reader"], costs["hiredis_reader"])],
+        f"resp_reader_over_{ref}": [a / b for a, b in zip(costs["resp_reader"], costs[f"{ref}_parse"])],
+    }
+    return {"what": "client CPU per admission check (us), c=32, real redis-server", "checks": checks,
+            "rounds_us": costs, "median_us": median,
+            "ratios": {k: statistics.median(v) for k, v in per_round.items()}, "ratios_rounds": per_round}
 
 
 def check_backends(gateways: dict) -> None:
@@ -159,7 +242,8 @@ def check_backends(gateways: dict) -> None:
 
     for name, (url, _service) in gateways.items():
         text = urllib.request.urlopen(f"{url}/metrics", timeout=10).read().decode()
-        assert f'loragate_limits_backend{{backend="{name}"}} 1.0' in text, f"{name} gateway is not on {name}"
+        backend = name.split("@")[0]  # redis@REF: the same backend at another git ref
+        assert f'loragate_limits_backend{{backend="{backend}"}} 1.0' in text, f"{name} gateway is not on {backend}"
 
 
 def compare_clients(python: Path, url: str, lua: str, work: Path) -> dict[str, float]:

@@ -157,7 +157,7 @@ class Target:
     service: Service
 
 
-def start_all(work: Path, pin: bool) -> tuple[Target, Target, Target]:
+def start_all(work: Path, pin: bool, ref: str | None = None) -> tuple[Target, ...]:
     stub_cpu, proxy_cpu = (0, 1) if pin else (None, None)
     env = dict(os.environ)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
@@ -184,8 +184,20 @@ def start_all(work: Path, pin: bool) -> tuple[Target, Target, Target]:
         "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1"})
     gateway_url = f"http://127.0.0.1:{port}"
     wait_http(f"{gateway_url}/readyz", gateway.process, 60, work / "gateway.log")
-    return Target("stub", stub_url, stub), Target("baseline", baseline_url, baseline), \
-        Target("gateway", gateway_url, gateway)
+    targets = (Target("stub", stub_url, stub), Target("baseline", baseline_url, baseline),
+               Target("gateway", gateway_url, gateway))
+    if ref is None:
+        return targets
+    # The same gateway at another git ref (e.g. main), in the same run: what this checkout's changes cost.
+    from bench.gitref import command, overlay
+    pkg = overlay(ref, work / "ref")
+    port = free_port()
+    other = Service(pinned(command(pkg, ["serve"]), proxy_cpu), work / "gateway-ref.log", {
+        **env, "LORAGATE_ROUTES_FILE": str(routes), "LORAGATE_UPSTREAMS": stub_url,
+        "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1", "PYTHONPATH": str(pkg)})
+    other_url = f"http://127.0.0.1:{port}"
+    wait_http(f"{other_url}/readyz", other.process, 60, work / "gateway-ref.log")
+    return (*targets, Target(f"gateway@{ref}", other_url, other))
 
 
 # --- correctness checks before measuring ---------------------------------------------
@@ -304,6 +316,8 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true",
                         help="do not pin (default: stub and wrk on CPU 0, the proxy under test on CPU 1)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
+    parser.add_argument("--compare-ref", metavar="REF",
+                        help="also measure the gateway at this git ref (e.g. main) in the same rounds")
     parser.add_argument("--keep-running", action="store_true",
                         help="pause after the checks with the servers up (prints urls and pids), e.g. to profile")
     args = parser.parse_args()
@@ -318,7 +332,7 @@ def main() -> int:
         scripts[stream] = work / f"{'stream' if stream else 'plain'}.lua"
         scripts[stream].write_text(WRK_SCRIPT % {"body": request_body(stream).decode(), "users": 100})
 
-    targets = start_all(work, pin)
+    targets = start_all(work, pin, args.compare_ref)
     try:
         for target in targets:
             check_target(target)
@@ -330,8 +344,10 @@ def main() -> int:
         cells = [(stream, c) for stream in (False, True) for c in args.concurrency]
         raw: dict[str, list[dict]] = {}
         for round_no in range(args.rounds):
+            # The gateway and the gateway at --compare-ref swap places every other round (ABBA): drift cancels.
+            order = targets if round_no % 2 == 0 else (*targets[:2], *reversed(targets[2:]))
             for stream, c in cells:
-                for target in targets:
+                for target in order:
                     key = f"{'stream' if stream else 'plain'}|c{c}|{target.name}"
                     cell = measure(target, scripts[stream], c, args.duration, args.warmup, wrk_cpu)
                     raw.setdefault(key, []).append(cell)
@@ -357,6 +373,13 @@ def main() -> int:
             "p50_delta_ms": statistics.median(deltas), "p50_delta_ms_rounds": deltas,
             "cpu_ratio": statistics.median(g["cpu_us_per_req"] / b["cpu_us_per_req"] for g, b in zip(gw, bl)),
         }
+        if args.compare_ref:
+            other = raw[f"{mode}|c{c}|gateway@{args.compare_ref}"]
+            comparisons[f"{mode}|c{c}|vs {args.compare_ref}"] = {
+                "cpu_ratio": statistics.median(g["cpu_us_per_req"] / o["cpu_us_per_req"] for g, o in zip(gw, other)),
+                "cpu_us_delta": statistics.median(g["cpu_us_per_req"] - o["cpu_us_per_req"] for g, o in zip(gw, other)),
+                "rps_ratio": statistics.median(g["rps"] / o["rps"] for g, o in zip(gw, other)),
+            }
 
     print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each (after {args.warmup:g} s warmup), "
           f"pinning {'on' if pin else 'off'}\n")
@@ -364,7 +387,7 @@ def main() -> int:
           f"{'CPU us/req':>11s} {'errors':>7s}")
     for stream, c in cells:
         mode = "stream" if stream else "plain"
-        for name in ("stub", "baseline", "gateway"):
+        for name in [t.name for t in targets]:
             r = results[f"{mode}|c{c}|{name}"]
             print(f"{mode:7s} {c:3d} {name:9s} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
                   f"{r['cpu_us_per_req']:11.0f} {r['errors']:7d}")
@@ -372,6 +395,10 @@ def main() -> int:
           f"p50 delta at c=1 <= {TARGET_P50_DELTA_MS} ms")
     verdicts = {}
     for key, comp in comparisons.items():
+        if "|vs " in key:
+            print(f"  {key:16s} this checkout over {args.compare_ref}: CPU/req ratio {comp['cpu_ratio']:.3f} "
+                  f"({comp['cpu_us_delta']:+.1f} us/req), req/s ratio {comp['rps_ratio']:.3f}")
+            continue
         ok_ratio = comp["rps_ratio"] >= TARGET_RATIO
         line = f"  {key:10s} req/s ratio {comp['rps_ratio']:.2f} [{'PASS' if ok_ratio else 'FAIL'}]"
         verdicts[f"{key}|rps_ratio"] = ok_ratio
@@ -389,6 +416,7 @@ def main() -> int:
     args.out.write_text(json.dumps({
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+        "compare_ref": args.compare_ref,
         "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
                      "concurrency": args.concurrency, "stream_chunks": CHUNKS, "pinned": pin, "wrk_threads": 1},
         "targets": {"rps_ratio_min": TARGET_RATIO, "p50_delta_ms_max_at_c1": TARGET_P50_DELTA_MS},

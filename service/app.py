@@ -27,6 +27,7 @@ from loragate.common.catalog import CatalogError, CatalogFile, Timeouts
 from loragate.service.errors import GatewayError, error_response, internal_error_response
 from loragate.service.gateway import Gateway
 from loragate.service.httpclient import HttpClient
+from loragate.service.transport import Timeout
 from loragate.service.limits import RedisLimiter, limiter_from_settings
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, parquet_store
@@ -84,7 +85,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
         )
         pool.bind(session)
         # The request path to plain http:// replicas: the lean client (timeouts default as the session's).
-        client = HttpClient(session.timeout) if settings.upstream_client == "lean" else None
+        client = (HttpClient(Timeout(total=settings.total_timeout_s, connect=settings.connect_timeout_s))
+                  if settings.upstream_client == "lean" else None)
         http_upstream.bind(session, client)
         if request_log is not None:
             request_log.start()

@@ -10,7 +10,6 @@ import os
 import random
 import time
 
-import aiohttp
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,6 +28,7 @@ from loragate.service.relay import RelayedStream, continuation_payload
 from loragate.service.requestlog import NullRequestLog, RequestRecord, RequestSink
 from loragate.service.routing import PinError, choose_variant
 from loragate.service.shadow import ShadowMetrics, Shadows
+from loragate.service.transport import Timeout, TransportError
 from loragate.service.resilience import Overloaded, backoff_s
 from loragate.service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
@@ -222,10 +222,10 @@ class Gateway:
             raise UpstreamFailure(FailureReason.ADAPTER_UNAVAILABLE, str(exc)) from None
         tried.add(replica)
         payload["model"] = route.upstream_model(variant)
-        timeout = aiohttp.ClientTimeout(
+        timeout = Timeout(
             total=max(0.001, deadline - time.monotonic()),
-            sock_connect=timeouts.connect_s,
-            sock_read=timeouts.first_token_s if stream else None,
+            connect=timeouts.connect_s,
+            read=timeouts.first_token_s if stream else None,
         )
         response = None
         sent = orjson.dumps(payload)
@@ -257,7 +257,7 @@ class Gateway:
         except (TimeoutError, asyncio.TimeoutError):
             self._abandon(replica, variant, response, FailureReason.TIMEOUT)
             raise UpstreamFailure(FailureReason.TIMEOUT, f"{replica.url}: no first token in time") from None
-        except aiohttp.ClientError as exc:
+        except TransportError as exc:
             self._abandon(replica, variant, response, FailureReason.DISCONNECTED)
             raise UpstreamFailure(FailureReason.DISCONNECTED, f"{replica.url}: {type(exc).__name__}") from None
         self.pool.report(replica, variant.adapter, None)

@@ -17,7 +17,9 @@ import orjson
 
 from loragate.common import sse
 from loragate.service.failures import FailureReason, UpstreamFailure
-from loragate.service.httpclient import HttpClient, UpstreamConnectError
+from loragate.service.httpclient import HttpClient
+from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer, Timeout,
+                                        TransportError, TransportTimeout)
 
 
 @dataclass(slots=True)
@@ -38,7 +40,7 @@ class UpstreamBody(Protocol):
 
 
 class UpstreamResponse(Protocol):
-    """What the gateway uses of an upstream's answer (aiohttp.ClientResponse has it)."""
+    """What the gateway uses of an upstream's answer; reading it raises service/transport.py's errors."""
 
     @property
     def status(self) -> int: ...
@@ -52,7 +54,7 @@ class Upstream(Protocol):
     """The upstream call: POST ``body`` to ``url``, the answer once its headers are in (see open_upstream)."""
 
     def __call__(self, url: str, body: bytes, *, request_id: str, is_adapter: bool,
-                 timeout: aiohttp.ClientTimeout | None = None, api_key: str | None = None,
+                 timeout: Timeout | None = None, api_key: str | None = None,
                  ) -> Awaitable[UpstreamResponse]: ...
 
 
@@ -72,7 +74,7 @@ class HttpUpstream:
         self.client = client
 
     def __call__(self, url: str, body: bytes, *, request_id: str, is_adapter: bool,
-                 timeout: aiohttp.ClientTimeout | None = None, api_key: str | None = None,
+                 timeout: Timeout | None = None, api_key: str | None = None,
                  ) -> Awaitable[UpstreamResponse]:
         client = self.client if self.client is not None and url.startswith("http://") else self.session
         assert client is not None, "HttpUpstream used before bind()"
@@ -87,7 +89,7 @@ async def open_upstream(
     *,
     request_id: str,
     is_adapter: bool,
-    timeout: aiohttp.ClientTimeout | None = None,
+    timeout: Timeout | None = None,
     api_key: str | None = None,
 ) -> UpstreamResponse:
     """POST ``body`` to ``url`` through ``session`` (aiohttp's or the lean client); the response once its headers are in.
@@ -95,25 +97,22 @@ async def open_upstream(
     Raises UpstreamFailure for answers another target might do better on:
     connection errors, timeouts, 5xx, 429, and 404 for an adapter model (the
     replica no longer holds it). Other 4xx are the client's and are returned.
+    Reading the answer raises only service/transport.py's errors, whichever client it came through.
     """
     response: UpstreamResponse
     try:
         if isinstance(session, HttpClient):
             response = await session.post(url, body, request_id=request_id, api_key=api_key, timeout=timeout)
         else:
-            headers = {"content-type": "application/json", "x-request-id": request_id}
-            if api_key:
-                headers["authorization"] = f"Bearer {api_key}"
-            options: dict[str, Any] = {} if timeout is None else {"timeout": timeout}  # None: the session's
-            response = await session.post(url, data=body, headers=headers, **options)
-    except (asyncio.TimeoutError, TimeoutError):
+            response = await _aiohttp_post(session, url, body, request_id, timeout, api_key)
+    except TransportTimeout:
         raise UpstreamFailure(FailureReason.TIMEOUT, f"{url}: no answer in time") from None
-    except (aiohttp.ClientConnectorError, UpstreamConnectError) as exc:
+    except ConnectFailed as exc:
         raise UpstreamFailure(FailureReason.CONNECT_ERROR, f"{url}: cannot connect ({exc.os_error})") from None
-    except aiohttp.ClientConnectionError as exc:  # e.g. the server closed the connection without an answer
+    except Disconnected as exc:  # e.g. the server closed the connection without an answer
         raise UpstreamFailure(FailureReason.DISCONNECTED, f"{url}: {type(exc).__name__}") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamFailure(FailureReason.UPSTREAM_ERROR, f"{url}: {type(exc).__name__}") from None
+    except TransportError as exc:
+        raise UpstreamFailure(FailureReason.UPSTREAM_ERROR, f"{url}: {type(exc).__name__}: {exc}") from None
     status = response.status
     if status >= 500 or status == 429 or (status == 404 and is_adapter):
         response.release()
@@ -121,6 +120,82 @@ async def open_upstream(
                   else FailureReason.ADAPTER_MISSING)
         raise UpstreamFailure(reason, f"{url}: HTTP {status}")
     return response
+
+
+# --- aiohttp's edge: its timeouts and errors in service/transport.py's terms, in one place ---
+
+def _aiohttp_error(exc: BaseException) -> TransportError:
+    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError)):
+        return TransportTimeout(str(exc) or "no answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ConnectFailed(exc.host, exc.port or 0, exc.os_error)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return IncompleteAnswer(str(exc))
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return Disconnected(str(exc) or type(exc).__name__)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return MalformedAnswer(str(exc))
+    return TransportError(f"{type(exc).__name__}: {exc}")
+
+
+_AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError)
+
+
+async def _aiohttp_post(session: aiohttp.ClientSession, url: str, body: bytes, request_id: str,
+                        timeout: Timeout | None, api_key: str | None) -> AiohttpAnswer:
+    headers = {"content-type": "application/json", "x-request-id": request_id}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    options: dict[str, Any] = {} if timeout is None else {  # None: the session's
+        "timeout": aiohttp.ClientTimeout(total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read)}
+    try:
+        return AiohttpAnswer(await session.post(url, data=body, headers=headers, **options))
+    except _AIOHTTP_ERRORS as exc:
+        raise _aiohttp_error(exc) from exc
+
+
+class AiohttpAnswer:
+    """An aiohttp.ClientResponse as an UpstreamResponse whose reads raise service/transport.py's errors."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    @property
+    def content(self) -> AiohttpAnswer:
+        return self
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except _AIOHTTP_ERRORS as exc:
+            raise _aiohttp_error(exc) from exc
+
+    async def readany(self) -> bytes:
+        try:
+            return await self._response.content.readany()
+        except _AIOHTTP_ERRORS as exc:
+            raise _aiohttp_error(exc) from exc
+
+    def iter_any(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __aiter__(self) -> AiohttpAnswer:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.readany()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
+
+    def release(self) -> None:
+        self._response.release()
 
 
 class SseRelay:

@@ -14,7 +14,6 @@ import copy
 import time
 from typing import Protocol
 
-import aiohttp
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -24,6 +23,7 @@ from loragate.service.errors import error_body
 from loragate.service.failures import FailureReason
 from loragate.service.exchange import RequestContext, Served
 from loragate.service.proxy import SseRelay, Usage
+from loragate.service.transport import TransportError
 
 
 class StreamOwner(Protocol):
@@ -91,7 +91,7 @@ class RelayedStream(Response):
                                 forwarded.append(tail)
                                 await send({"type": "http.response.body", "body": tail, "more_body": True})
                             break
-                except (aiohttp.ClientError, TimeoutError) as exc:
+                except (TransportError, TimeoutError) as exc:
                     failure = FailureReason.TIMEOUT if isinstance(exc, TimeoutError) else FailureReason.DISCONNECTED
                 if failure is None and not _ended(forwarded):
                     failure = FailureReason.DISCONNECTED  # closed without [DONE]: a cut, not an end

@@ -17,7 +17,8 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 
@@ -29,50 +30,128 @@ class RedisUnavailable(ConnectionError):
     """No connection, a lost one, or no reply in time."""
 
 
+class RespProtocolError(RedisUnavailable):
+    """Bytes that are not RESP2 replies, or a reply nobody asked for: the connection is dropped."""
+
+
+MAX_DEPTH = 32  # arrays nested deeper than this are refused (the limiter's replies are one level deep)
+MAX_LINE = 64 * 1024  # a simple string, error or length line longer than this is refused
+MAX_BULK = 512 * 1024 * 1024  # Redis's own proto-max-bulk-len
+
+
 def encode(*parts: bytes) -> bytes:
     return b"".join([b"*%d\r\n" % len(parts), *(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)])
 
 
-def parse(buffer: bytes | bytearray, start: int) -> tuple[object, int] | None:
-    """One reply from ``buffer[start:]`` and where the next begins; None when it is incomplete."""
-    end = buffer.find(b"\r\n", start)
-    if end < 0:
-        return None
-    kind, line = buffer[start:start + 1], buffer[start + 1:end]
-    if kind == b"+":
-        return bytes(line), end + 2
-    if kind == b":":
-        return int(line), end + 2
-    if kind == b"-":
-        return RedisReplyError(line.decode(errors="replace")), end + 2
-    if kind == b"$":
-        size = int(line)
-        if size < 0:
-            return None, end + 2
-        if len(buffer) < end + 2 + size + 2:
-            return None
-        return bytes(buffer[end + 2:end + 2 + size]), end + 2 + size + 2
-    if kind == b"*":
-        count, items, position = int(line), [], end + 2
-        if count < 0:
-            return None, position
-        for _ in range(count):
-            parsed = parse(buffer, position)
-            if parsed is None:
-                return None
-            item, position = parsed
-            items.append(item)
-        return items, position
-    raise RedisUnavailable(f"unexpected reply from Redis: {bytes(buffer[start:start + 20])!r}")
+def _integer(line: bytes | bytearray) -> int:
+    """A RESP integer: an optional minus and 1 to 19 ASCII digits, nothing else (no ``1_000``, no ``+1``, no spaces)."""
+    digits = line[1:] if line[:1] == b"-" else line
+    if not digits.isdigit() or len(digits) > 19:
+        raise RespProtocolError(f"not a RESP integer: {bytes(line[:40])!r}")
+    return int(digits) if digits is line else -int(digits)
+
+
+class RespReader:
+    """An incremental RESP2 reply reader: ``feed`` bytes, ``gets`` a whole reply or False (not yet); bad bytes
+    raise RespProtocolError. The interface of hiredis.Reader (bench/limiter_overhead.py measures both).
+
+    Linear in the bytes: an array's finished elements are kept between feeds (never parsed again), a line's
+    search for its end resumes where it stopped, and nesting is a stack bounded at MAX_DEPTH (no recursion).
+    Each bulk string's terminator is checked.
+    """
+
+    __slots__ = ("buffer", "position", "searched", "stack")
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.position = 0  # where the next element begins
+        self.searched = 0  # the line end was searched for up to here (a long line arriving in pieces)
+        self.stack: list[list] = []  # arrays being filled: [items, elements still to come]
+
+    def feed(self, data: bytes) -> None:
+        if self.position and self.position == len(self.buffer):
+            self.buffer.clear()  # all read: start afresh rather than keep a consumed prefix
+            self.position = self.searched = 0
+        elif self.position > 65536 and self.position * 2 > len(self.buffer):
+            del self.buffer[:self.position]
+            self.searched = max(0, self.searched - self.position)
+            self.position = 0
+        self.buffer += data
+
+    def has_data(self) -> bool:
+        return self.position < len(self.buffer) or bool(self.stack)
+
+    def gets(self) -> object:
+        buffer, position, stack = self.buffer, self.position, self.stack
+        while True:
+            searched = self.searched
+            end = buffer.find(b"\r\n", searched if searched > position else position)
+            if end < 0:
+                if len(buffer) - position > MAX_LINE:
+                    raise RespProtocolError(f"a reply line over {MAX_LINE} bytes")
+                self.searched = max(position, len(buffer) - 1)
+                self.position = position
+                return False
+            kind = buffer[position]
+            if kind == 58:  # :
+                line = buffer[position + 1:end]
+                value: object = int(line) if line.isdigit() and end - position < 20 else _integer(line)
+                after = end + 2
+            elif kind == 36:  # $
+                size = _integer(buffer[position + 1:end])
+                if size < 0:
+                    if size != -1:
+                        raise RespProtocolError(f"bulk string length {size}")
+                    value, after = None, end + 2
+                else:
+                    if size > MAX_BULK:
+                        raise RespProtocolError(f"bulk string length {size}")
+                    after = end + 2 + size + 2
+                    if len(buffer) < after:
+                        self.position, self.searched = position, end  # its line is found again at once
+                        return False
+                    if buffer[after - 2:after] != b"\r\n":
+                        raise RespProtocolError("a bulk string does not end in CRLF where its length says")
+                    value = bytes(buffer[end + 2:after - 2])
+            elif kind == 42:  # *
+                line = buffer[position + 1:end]
+                count = int(line) if line.isdigit() and end - position < 20 else _integer(line)
+                after = end + 2
+                if count > 0:
+                    if len(stack) >= MAX_DEPTH:
+                        raise RespProtocolError(f"arrays nested deeper than {MAX_DEPTH}")
+                    stack.append([[], count])
+                    position = after
+                    continue
+                if count < -1:
+                    raise RespProtocolError(f"array length {count}")
+                value = [] if count == 0 else None
+            elif kind == 43:  # +
+                value, after = bytes(buffer[position + 1:end]), end + 2
+            elif kind == 45:  # -
+                value, after = RedisReplyError(buffer[position + 1:end].decode(errors="replace")), end + 2
+            else:
+                raise RespProtocolError(f"not a RESP2 reply: {bytes(buffer[position:position + 20])!r}")
+            position = after
+            while stack:  # the value is an array's element: the array may be whole now
+                top = stack[-1]
+                top[0].append(value)
+                top[1] -= 1
+                if top[1]:
+                    break
+                value = stack.pop()[0]
+            else:
+                self.position = self.searched = position
+                return value
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, reader: Reader) -> None:
         self.loop = asyncio.get_running_loop()
         self.timeout_s = timeout_s
         self.transport: asyncio.Transport | None = None
         self.waiters: deque[tuple[asyncio.Future, float]] = deque()
-        self.buffer = bytearray()
+        self.reader = reader
         self.outgoing: list[bytes] = []
         self.lost: Exception | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -110,24 +189,19 @@ class _Protocol(asyncio.Protocol):
         self._timer = self.loop.call_later(self.timeout_s - waited, self._check_timeout)
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer
-        buffer += data
-        position = 0
+        reader, waiters = self.reader, self.waiters
         try:
-            while self.waiters:
-                parsed = parse(buffer, position)
-                if parsed is None:
-                    break
-                reply, position = parsed
-                future = self.waiters.popleft()[0]
-                if not future.done():
+            reader.feed(data)
+            while (reply := reader.gets()) is not False:
+                if not waiters:  # nobody asked: every later reply would go to the wrong command
+                    raise RespProtocolError(f"a reply nobody asked for: {str(reply)[:40]!r}")
+                future = waiters.popleft()[0]
+                if not future.done():  # a caller that gave up (cancelled) still had its place in the order
                     future.set_result(reply)
-        except (RedisUnavailable, ValueError) as exc:
-            self._fail(RedisUnavailable(str(exc)))
+        except RedisUnavailable as exc:  # RespProtocolError, or hiredis's protocol error (see RespClient)
+            self._fail(exc)
             if self.transport is not None:
                 self.transport.abort()
-            return
-        del buffer[:position]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(RedisUnavailable(f"connection to Redis lost ({exc or 'closed by the server'})"))
@@ -144,10 +218,22 @@ class _Protocol(asyncio.Protocol):
                 future.set_exception(error)
 
 
-class RespClient:
-    """Commands over one pipelined connection, made on first use and again after it is lost."""
+class Reader(Protocol):
+    """RespReader, or hiredis.Reader(protocolError=RespProtocolError, replyError=RedisReplyError)."""
 
-    def __init__(self, url: str, timeout_s: float = 0.5, password: str | None = None) -> None:
+    def feed(self, data: bytes) -> None: ...
+    def gets(self) -> object: ...
+
+
+class RespClient:
+    """Commands over one pipelined connection, made on first use and again after it is lost (after a timeout,
+    a protocol error or a reply nobody asked for the connection is dropped, never reused in a doubtful state).
+
+    ``reader``: makes each connection's reply reader (RespReader; bench/limiter_overhead.py also tries hiredis).
+    """
+
+    def __init__(self, url: str, timeout_s: float = 0.5, password: str | None = None,
+                 reader: Callable[[], Reader] = RespReader) -> None:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         self.scheme = parts.scheme
@@ -160,12 +246,13 @@ class RespClient:
         # The URL's password wins; else one given apart (e.g. from a Kubernetes Secret).
         self.password = unquote(in_url) if in_url is not None else password
         self.timeout_s = timeout_s
+        self.reader = reader
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        factory = lambda: _Protocol(self.timeout_s)  # noqa: E731
+        factory = lambda: _Protocol(self.timeout_s, self.reader())  # noqa: E731
         try:
             if self.scheme == "unix":
                 connecting = loop.create_unix_connection(factory, self.path)

@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import aiohttp
 import orjson
 
 from loragate.common.catalog import Route, Timeouts, Variant
@@ -41,6 +40,7 @@ from loragate.service.failures import FailureReason, UpstreamFailure
 from loragate.service.metrics import LATENCY_BUCKETS, status_class
 from loragate.service.proxy import Upstream, Usage
 from loragate.service.requestlog import RequestRecord, RequestSink
+from loragate.service.transport import Timeout, TransportError
 from loragate.service.upstreams import Pool, Replica
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ class Shadows:
                 return
             except UpstreamFailure as failure:
                 status = failure.reason.status
-            except (aiohttp.ClientError, TimeoutError):
+            except (TransportError, TimeoutError):
                 status = FailureReason.TIMEOUT.status
             except asyncio.CancelledError:
                 self._drop(route, variant, "deadline")
@@ -206,7 +206,7 @@ class Shadows:
     async def _ask(self, route: Route, variant: Variant, replica: Replica, sent: bytes, endpoint: str,
                    request_id: str) -> tuple[int, bytes, Usage | None]:
         timeouts = self.timeouts(route)
-        timeout = aiohttp.ClientTimeout(total=timeouts.total_s, sock_connect=timeouts.connect_s)
+        timeout = Timeout(total=timeouts.total_s, connect=timeouts.connect_s)
         url = f"{replica.url}/{endpoint}" if replica.external else f"{replica.url}/v1/{endpoint}"
         response = await self.upstream(
             url, sent, request_id=f"{request_id}-shadow",  # its own id upstream: both may run at once

@@ -15,6 +15,7 @@ fault by its adapter name:
   stall-stream  streams two chunks, then goes silent with the connection open
   slowfirst-<ms>  streams, but the first chunk comes after <ms>
   drip-<ms>     streams with <ms> between chunks (for graceful-shutdown tests)
+  bulk*         streams all its chunks after the first in one write (an upstream faster than the gateway's reader)
   anything else answers normally (stream: ``--chunks`` content chunks + usage)
 
 Run: python tests/stub_upstream.py --port 18100 [--chunks 16]
@@ -112,6 +113,12 @@ def make_app(chunks: int = 16) -> web.Application:
         await response.prepare(request)
         if model.startswith("slowfirst-"):
             await asyncio.sleep(int(model[10:]) / 1000)
+        if model.startswith("bulk"):
+            await response.write(_chunk(model, chat, "t0 ", None))
+            await response.write(b"".join(_chunk(model, chat, f"t{index} ", "length" if index == tokens - 1 else None)
+                                          for index in range(1, tokens)) + b"data: [DONE]\n\n")
+            await response.write_eof()
+            return response
         for index in range(tokens):
             if index == 2 and model == "break-stream":
                 request.transport.close()

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import aiohttp
 import httpx
 import orjson
 import pytest
@@ -23,6 +22,7 @@ from loragate.service.app import create_app
 from loragate.service.failures import FailureReason, UpstreamFailure
 from loragate.service.metrics import Metrics
 from loragate.service.settings import Settings
+from loragate.service.transport import IncompleteAnswer
 
 REPLICAS = ["http://10.0.0.1:8000", "http://10.0.0.2:8000", "http://10.0.0.3:8000"]  # IPs: no DNS discovery
 ROUTES = """
@@ -134,7 +134,7 @@ def stream(completion_id: str, pieces: list[str], usage: tuple[int, int] | None,
            line_end: bytes = b"\n") -> FakeResponse:
     parts: list[bytes | BaseException] = [chunk(completion_id, piece) for piece in pieces]
     if cut:
-        parts.append(aiohttp.ClientPayloadError("Response payload is not completed"))  # as aiohttp raises it
+        parts.append(IncompleteAnswer("the connection closed before the end of the answer"))  # as the clients raise it
     else:
         parts += [chunk(completion_id, finish="stop"), chunk(completion_id, usage=usage), sse.DONE]
     return FakeResponse(200, [p.replace(b"\n", line_end) if isinstance(p, bytes) else p for p in parts])

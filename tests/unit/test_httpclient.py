@@ -18,8 +18,9 @@ import orjson
 import pytest
 
 from loragate.service.failures import FailureReason, UpstreamFailure
-from loragate.service.httpclient import PAUSE_AT, HttpClient, MalformedResponseError, UpstreamConnectError
+from loragate.service.httpclient import PAUSE_AT, HttpClient
 from loragate.service.proxy import HttpUpstream, open_upstream
+from loragate.service.transport import ConnectFailed, IncompleteAnswer, MalformedAnswer, Timeout, TransportTimeout
 from tests.local_http import serve
 from tests.processes import free_port
 from tests.stub_upstream import make_app
@@ -77,7 +78,7 @@ async def reply(writer: asyncio.StreamWriter, *parts: bytes, pause_s: float = 0.
 
 @pytest.fixture
 async def client() -> AsyncIterator[HttpClient]:
-    client = HttpClient(aiohttp.ClientTimeout(total=5, sock_connect=2))
+    client = HttpClient(Timeout(total=5, connect=2))
     yield client
     await client.close()
 
@@ -181,8 +182,8 @@ async def test_a_kept_alive_connection_closed_under_a_request_is_retried_once_on
 
 
 @pytest.mark.parametrize("head, body, expected", [
-    (b"content-length: 20\r\n", [b"0123456789"], aiohttp.ClientPayloadError),
-    (b"transfer-encoding: chunked\r\n", [b"5\r\nhello\r\n", b"3\r\nab"], aiohttp.ClientPayloadError),
+    (b"content-length: 20\r\n", [b"0123456789"], IncompleteAnswer),
+    (b"transfer-encoding: chunked\r\n", [b"5\r\nhello\r\n", b"3\r\nab"], IncompleteAnswer),
     (b"", [b"until ", b"the close"], None),  # neither length nor chunks: the body runs until the close
 ])
 async def test_server_closing_mid_body(client: HttpClient, head: bytes, body: list[bytes],
@@ -247,7 +248,7 @@ async def test_release_of_an_unfinished_answer_closes_its_connection(client: Htt
 
 async def test_connect_refused_and_malformed_answers(client: HttpClient) -> None:
     url = f"http://127.0.0.1:{free_port()}/v1/completions"
-    with pytest.raises(UpstreamConnectError) as refused:
+    with pytest.raises(ConnectFailed) as refused:
         await client.post(url, b"{}", request_id="a")
     assert isinstance(refused.value.os_error, ConnectionRefusedError)
     with pytest.raises(UpstreamFailure) as failure:
@@ -259,7 +260,7 @@ async def test_connect_refused_and_malformed_answers(client: HttpClient) -> None
         return True
 
     async with Raw(garbage).running() as url:
-        with pytest.raises(MalformedResponseError):
+        with pytest.raises(MalformedAnswer):
             await client.post(url + "/v1/completions", b"{}", request_id="a")
         with pytest.raises(UpstreamFailure) as failure:
             await open_upstream(client, url + "/v1/completions", b"{}", request_id="a", is_adapter=False)
@@ -279,25 +280,25 @@ async def test_timeouts(client: HttpClient) -> None:
         url += "/v1/chat/completions"
         # sock_read: the first token's timeout for streams (here: no byte at all)
         started = time.perf_counter()
-        with pytest.raises(TimeoutError):
-            await client.post(url, b"{}", request_id="a", timeout=aiohttp.ClientTimeout(total=5, sock_read=0.2))
+        with pytest.raises(TransportTimeout):
+            await client.post(url, b"{}", request_id="a", timeout=Timeout(total=5, read=0.2))
         assert time.perf_counter() - started < 1
         # sock_read is the longest silence: a stream that stalls after its first event times out mid-way
         response = await client.post(url, b'"stall"', request_id="b",
-                                     timeout=aiohttp.ClientTimeout(total=5, sock_read=0.2))
+                                     timeout=Timeout(total=5, read=0.2))
         assert await response.content.readany() == b"data: 1\n"
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TransportTimeout):
             await response.content.readany()
         # total: the whole exchange, reading the body included (headers and a bit of the body, then nothing)
         started = time.perf_counter()
-        response = await client.post(url, b'"half"', request_id="c", timeout=aiohttp.ClientTimeout(total=0.3))
+        response = await client.post(url, b'"half"', request_id="c", timeout=Timeout(total=0.3))
         assert response.status == 200
-        with pytest.raises(TimeoutError):
+        with pytest.raises(TransportTimeout):
             await response.read()
         assert 0.25 < time.perf_counter() - started < 1
         with pytest.raises(UpstreamFailure) as failure:
             await open_upstream(client, url, b"{}", request_id="d", is_adapter=False,
-                                timeout=aiohttp.ClientTimeout(total=0.2))
+                                timeout=Timeout(total=0.2))
         assert failure.value.reason == FailureReason.TIMEOUT
         assert not client.idle.get(response_key(url.removesuffix("/v1/chat/completions"))), "none kept"
 
@@ -315,7 +316,7 @@ async def test_connect_timeout_is_a_timeout_not_a_refusal(client: HttpClient) ->
         started = time.perf_counter()
         with pytest.raises(UpstreamFailure) as failure:
             await open_upstream(client, f"http://127.0.0.1:{port}/v1/completions", b"{}", request_id="a",
-                                is_adapter=False, timeout=aiohttp.ClientTimeout(total=5, sock_connect=0.2))
+                                is_adapter=False, timeout=Timeout(total=5, connect=0.2))
         assert failure.value.reason == FailureReason.TIMEOUT and time.perf_counter() - started < 1
 
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from loragate.service.limits import LocalLimiter, RedisLimiter, Refusal, redis_key
 from loragate.service.metrics import Metrics
-from loragate.service.resp import RedisReplyError, RedisUnavailable, RespClient, encode, parse
+from loragate.service.resp import RedisReplyError, RedisUnavailable, RespClient, RespReader, encode
 from loragate.service.settings import Settings
 from tests.processes import ROOT, free_port
 from tests.redis_server import RedisServer
@@ -151,14 +151,16 @@ async def test_a_flushed_script_cache_is_loaded_again(limiter: RedisLimiter) -> 
 
 def test_resp_replies_parse_whole_or_not_at_all() -> None:
     stream = b"+PONG\r\n:42\r\n$3\r\nabc\r\n$-1\r\n*2\r\n:0\r\n:1500\r\n-NOSCRIPT No matching script\r\n"
-    replies, position = [], 0
-    while (parsed := parse(stream, position)) is not None:
-        reply, position = parsed
+    reader, replies = RespReader(), []
+    reader.feed(stream)
+    while (reply := reader.gets()) is not False:
         replies.append(reply)
     assert replies[:5] == [b"PONG", 42, b"abc", None, [0, 1500]]
     assert isinstance(replies[5], RedisReplyError) and str(replies[5]).startswith("NOSCRIPT")
     for cut in range(1, len(b"*2\r\n:0\r\n:1500\r\n")):  # any prefix of a reply is "not yet"
-        assert parse(b"*2\r\n:0\r\n:1500\r\n"[:cut], 0) is None
+        reader = RespReader()
+        reader.feed(b"*2\r\n:0\r\n:1500\r\n"[:cut])
+        assert reader.gets() is False
     assert encode(b"GET", b"k") == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
 
 

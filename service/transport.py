@@ -1,0 +1,65 @@
+"""loragate's own transport vocabulary: the timeouts of one upstream exchange and the errors it can end in.
+
+The gateway, the stream relay and the shadow path speak only these. Each client maps its own errors once,
+at its edge (service/httpclient.py raises these directly; the aiohttp session's are mapped in
+service/proxy.py), so a client can change without touching its callers (as httpx maps httpcore's errors).
+
+  ConnectFailed      no connection to the replica (refused, unreachable, no such host); ``os_error``
+  Disconnected       the connection closed before the answer's status line and headers
+  IncompleteAnswer   the connection closed, or the bytes stopped being HTTP, in the middle of the body
+  MalformedAnswer    what came back is not an HTTP answer we accept (status line, headers, framing, limits)
+  TransportTimeout   the exchange's total time ran out (a TimeoutError)
+  ReadTimeout        no byte for ``Timeout.read`` seconds while waiting for one (a TransportTimeout)
+  Released           the answer was released before its end and then read
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Timeout:
+    """``total``: the whole exchange, reading the body included; ``connect``: opening a connection;
+    ``read``: the longest silence while bytes are awaited (not counted while the reader is behind). None: no limit."""
+
+    total: float | None = None
+    connect: float | None = None
+    read: float | None = None
+
+
+class TransportError(Exception):
+    """An upstream exchange that did not end in a whole HTTP answer."""
+
+
+class ConnectFailed(TransportError):
+    def __init__(self, host: str, port: int, os_error: OSError) -> None:
+        super().__init__(host, port, os_error)
+        self.host, self.port, self.os_error = host, port, os_error
+
+    def __str__(self) -> str:
+        return f"cannot connect to {self.host}:{self.port} ({self.os_error})"
+
+
+class Disconnected(TransportError):
+    """Closed before a whole status line and headers came back."""
+
+
+class IncompleteAnswer(TransportError):
+    """Closed, or no longer HTTP, in the middle of the body (what came before stays readable)."""
+
+
+class MalformedAnswer(TransportError):
+    """Not an HTTP answer we accept."""
+
+
+class Released(TransportError):
+    """The answer was released before its end."""
+
+
+class TransportTimeout(TransportError, TimeoutError):
+    """The exchange's total time ran out."""
+
+
+class ReadTimeout(TransportTimeout):
+    """No byte for the read timeout while one was awaited."""
