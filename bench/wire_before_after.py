@@ -112,7 +112,9 @@ def new_parse_all(data):
     except BaseException as e:
         return type(e).__name__
     return out
-for name, data in {"$3 abcXY": b"$3\r\nabcXY", ":1_000": b":1_000\r\n", "nested 100000": b"*1\r\n" * 100000 + b":1\r\n"}.items():
+HOSTILE_REPLIES = {"$3 abcXY": b"$3\r\nabcXY", ":1_000": b":1_000\r\n",
+                   "nested 100000": b"*1\r\n" * 100000 + b":1\r\n"}
+for name, data in HOSTILE_REPLIES.items():
     note(f"RESP {name}", str(old_parse_all(data))[:40], str(new_parse_all(data))[:40])
 # large incomplete array in 4 KB reads: the old protocol re-parses from the start on every read
 n = 100000; data = b"*%d\r\n" % n + b":1\r\n" * n
@@ -128,7 +130,8 @@ async def feed_proto(mod):
     if p._timer: p._timer.cancel()
     return round(total, 3), round(longest, 4)
 async def arr():
-    note("RESP 100k-element array in 4 KB reads (CPU s in all, longest read s)", await feed_proto(OR), await feed_proto(NR))
+    note("RESP 100k-element array in 4 KB reads (CPU s in all, longest read s)",
+         await feed_proto(OR), await feed_proto(NR))
 asyncio.run(arr())
 # unsolicited reply
 async def unsolicited(mod):
@@ -138,7 +141,8 @@ async def unsolicited(mod):
         while True:
             line = await reader.readuntil(b"\r\n"); count = int(line[1:-2]); parts = []
             for _ in range(count):
-                size = int((await reader.readuntil(b"\r\n"))[1:-2]); parts.append((await reader.readexactly(size + 2))[:-2])
+                size = int((await reader.readuntil(b"\r\n"))[1:-2])
+                parts.append((await reader.readexactly(size + 2))[:-2])
             if state["n"] == 0: writer.write(b"+PONG\r\n+EXTRA\r\n")
             else: writer.write(b"$%d\r\n%s\r\n" % (len(parts[1]), parts[1]))
             state["n"] += 1

@@ -3,8 +3,9 @@ scripted loopback servers (tests/wire_peers.py), on asyncio and uvloop.
 
 Each server case ends in the right reply or RedisUnavailable within the timeout, the client's next command gets
 its own reply (never another's: a connection in a doubtful state is dropped), no data_received call takes 10 ms
-of CPU, and the loop's longest CPU stretch stays under 50 ms (tests/wire_peers.py). The reader's cases run on RespReader and on hiredis.Reader (the C reader redis-py uses); where
-hiredis differs is HIREDIS_DIFFERS (bench/limiter_overhead.py measures the two):
+of CPU, and the loop's longest CPU stretch stays under 50 ms (tests/wire_peers.py). The reader's cases run on
+RespReader and on hiredis.Reader (the C reader redis-py uses); where hiredis differs is HIREDIS_DIFFERS
+(bench/limiter_overhead.py measures the two):
 
 | bytes                      | RespReader                  | hiredis.Reader 3.x                            |
 |----------------------------|-----------------------------|-----------------------------------------------|
