@@ -63,6 +63,19 @@ class Limits(_Strict):
     max_n: int = Field(4, ge=1)
 
 
+class Scheduling(_Strict):
+    """How the replica picker weighs its scorers for this route's requests (docs/scheduling.md); 0 turns one off.
+
+    load: queued and running requests and KV-cache pressure; adapter: a replica where the adapter is
+    active or loaded over one that must load it; prefix: the replica whose prefix cache holds the prompt's
+    beginning (raise it for long shared system prompts, lower it for short unrelated prompts).
+    """
+
+    load: float = Field(1.0, ge=0)
+    adapter: float = Field(1.0, ge=0)
+    prefix: float = Field(1.0, ge=0)
+
+
 class Variant(_Strict):
     name: str
     # The adapter's name on the vLLM server; None means the base model.
@@ -138,6 +151,7 @@ class Route(_Strict):
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     shadow: Shadow | None = None
+    scheduling: Scheduling = Scheduling()
 
     @field_validator("sticky_key")
     @classmethod

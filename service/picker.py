@@ -1,0 +1,107 @@
+"""The picker: which replica serves one request, by weighted scorers (service/scorers.py).
+
+It looks at a few candidates, not at every replica, so its cost stays flat as replicas are added:
+the prompt prefix's home on the bounded-load hash ring (service/prefixring.py), up to
+``MAX_HOLDERS`` replicas that hold the adapter, and ``sample`` replicas drawn at random (the
+"power of two choices", which alone keeps loads within a small margin of even). Each candidate
+costs load + adapter affinity + prefix affinity, weighted; the cheapest wins, and the scorer that
+separated it from the runner-up is named (a bounded label for the metrics and explanations).
+
+A hot adapter spreads by the same arithmetic: once its holders cost more than a replica without it
+plus a load (``LOAD_COST``), that replica wins and loads it; a second load of the same adapter elsewhere
+costs ``SPREAD_BUSY_COST`` more while one is under way, so concurrent requests share one load.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from loragate.service.prefixring import PrefixRing, load_bound
+from loragate.service.replicas import Replica
+from loragate.service.scorers import ScorerWeights, Weights, adapter_cost, engine_load, load_cost, prefix_cost
+
+MAX_HOLDERS = 3
+SCORERS = ("load", "adapter", "prefix")  # the bounded values of the decision label, with "only"
+
+
+@dataclass(frozen=True, slots=True)
+class Pick:
+    replica: Replica
+    scorer: str  # which scorer decided: load, adapter, prefix, or only (a single candidate)
+    load: bool  # the adapter must be loaded on the replica first
+
+
+class Picker:
+    def __init__(self, *, sample: int = 2, bound_c: float = 1.25, rng: random.Random | None = None) -> None:
+        self.sample = sample
+        self.bound_c = bound_c
+        self.rng = rng or random.Random()
+        self.ring: PrefixRing[Replica] = PrefixRing([], _url)
+
+    def update(self, replicas: Sequence[Replica]) -> None:
+        """The replica set changed: a new ring (keys of replicas that stay, stay)."""
+        self.ring = PrefixRing(list(replicas), _url)
+
+    def pick(self, replicas: Sequence[Replica], usable: Callable[[Replica], bool], *, adapter: str | None,
+             can_load: Callable[[Replica], bool], prefix: int | None, holders: Sequence[Replica] = (),
+             loading_elsewhere: bool = False, adapter_limit: int | None = None, total_in_flight: int = 0,
+             weights: ScorerWeights = Weights(), exhaustive: bool = False) -> Pick | None:
+        """The cheapest usable candidate, or None when none of those looked at is usable.
+
+        ``exhaustive``: look at every replica instead of a sample (the caller's second try).
+        """
+        candidates: list[Replica] = []
+        n = len(replicas)
+        if prefix is not None and n > 1 and weights.prefix > 0:
+            bound = load_bound(total_in_flight, n, self.bound_c)
+            home = self.ring.home(prefix, lambda r: r.in_flight < bound and usable(r)
+                                  and (adapter is None or r.holds(adapter) or can_load(r)))
+            if home is not None:
+                candidates.append(home)
+        else:
+            home = None
+        if holders:
+            picked = holders if len(holders) <= MAX_HOLDERS else self.rng.sample(list(holders), MAX_HOLDERS)
+            candidates.extend(r for r in picked if r not in candidates and usable(r))
+        if exhaustive or n <= self.sample + 1:
+            drawn: Sequence[Replica] = replicas
+        else:
+            drawn = [replicas[i] for i in self.rng.sample(range(n), self.sample)]
+        for r in drawn:
+            if r not in candidates and usable(r) and (adapter is None or r.holds(adapter) or can_load(r)):
+                candidates.append(r)
+        if not candidates:
+            return None
+        best: tuple[float, float, float] | None = None
+        best_total = runner_total = float("inf")
+        runner: tuple[float, float, float] | None = None
+        winner = candidates[0]
+        for r in candidates:
+            waiting, running, kv = engine_load(r.engine, r.in_flight, r.engine_in_flight)
+            costs = (
+                weights.load * load_cost(waiting, running, kv),
+                weights.adapter * (0.0 if adapter is None else adapter_cost(
+                    active=r.is_active(adapter), loaded=r.holds(adapter), free_slot=r.free_lora_slot(),
+                    at_limit=adapter_limit is not None and len(r.adapters) >= adapter_limit,
+                    loading_elsewhere=loading_elsewhere)),
+                weights.prefix * (0.0 if home is None else prefix_cost(r is home)),
+            )
+            total = costs[0] + costs[1] + costs[2]
+            if total < best_total:
+                runner, runner_total = best, best_total
+                best, best_total, winner = costs, total, r
+            elif total < runner_total:
+                runner, runner_total = costs, total
+        assert best is not None
+        if runner is None:
+            scorer = "only"
+        else:
+            gaps = [runner[i] - best[i] for i in range(3)]
+            scorer = SCORERS[gaps.index(max(gaps))]
+        return Pick(winner, scorer, adapter is not None and not winner.holds(adapter))
+
+
+def _url(replica: Replica) -> str:
+    return replica.url
