@@ -66,8 +66,9 @@ def load_bound(total_load: float, members: int, c: float = 1.25) -> float:
 
 
 def prompt_prefix(payload: dict) -> str | None:
-    """The prompt's first ``PREFIX_CHARS`` characters: the system prompt and earlier turns of a chat (their
-    text parts), or a completion's prompt; None when it is shorter than ``MIN_PREFIX_CHARS``. Reads no further."""
+    """The prompt's first ``PREFIX_CHARS`` characters: a chat's system prompt and first turn (their text
+    parts; every later turn of the conversation begins with them, so a conversation keeps its key), or a
+    completion's prompt; None when it is shorter than ``MIN_PREFIX_CHARS``. Reads no further."""
     messages = payload.get("messages")
     if isinstance(messages, list):
         parts: list[str] = []
@@ -81,6 +82,8 @@ def prompt_prefix(payload: dict) -> str | None:
                 size += len(parts[-1])
                 if size >= PREFIX_CHARS:
                     break
+            if not isinstance(message, dict) or message.get("role") not in ("system", "developer"):
+                break  # the first turn: what every later turn of the conversation begins with too
         text = "\x1e".join(parts)
         return text if len(text) >= MIN_PREFIX_CHARS else None
     prompt = payload.get("prompt")
