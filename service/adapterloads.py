@@ -16,6 +16,8 @@ import time
 import aiohttp
 
 from loragate.service.metrics import Metrics
+from collections.abc import Callable
+
 from loragate.service.replicas import Replica
 
 log = logging.getLogger("loragate.upstreams")
@@ -35,7 +37,8 @@ def unload_victim(replica: Replica, keep: str, now: float, min_idle_s: float) ->
 
 class AdapterLoader:
     def __init__(self, metrics: Metrics, *, load_timeout_s: float = 120.0, failure_ttl_s: float = 30.0,
-                 limit: int | None = None, min_idle_s: float = 30.0) -> None:
+                 limit: int | None = None, min_idle_s: float = 30.0,
+                 on_change: Callable[[], None] = lambda: None) -> None:
         self.metrics = metrics
         self.load_timeout_s = load_timeout_s
         self.failure_ttl_s = failure_ttl_s
@@ -43,6 +46,7 @@ class AdapterLoader:
         self.min_idle_s = min_idle_s
         self.session: aiohttp.ClientSession | None = None
         self.loading: dict[str, int] = {}  # adapter -> loads under way on any replica
+        self.on_change = on_change  # which replica holds what changed (the replica set reindexes)
 
     async def ensure(self, replica: Replica, adapter: str, path: str, reason: str) -> None:
         """The adapter on the replica; ``reason`` (first, spread) is what the metrics say about a new load."""
@@ -61,8 +65,10 @@ class AdapterLoader:
                     self.loading[adapter] = left
                 else:
                     self.loading.pop(adapter, None)
+                self.on_change()
 
             task.add_done_callback(done)
+            self.on_change()
         # shield: one caller giving up (client gone) must not cancel the others' load.
         await asyncio.shield(task)
 
@@ -117,6 +123,7 @@ class AdapterLoader:
                 ok = resp.status in (200, 404)  # 404: already gone
         except (aiohttp.ClientError, asyncio.TimeoutError):
             ok = False
+        self.on_change()
         if ok:
             replica.loaded_by_gateway.pop(adapter, None)
             replica.adapter_used.pop(adapter, None)
@@ -124,5 +131,6 @@ class AdapterLoader:
             log.info("unloaded adapter %s from %s (%s)", adapter, replica.url, reason)
         else:
             replica.adapters.add(adapter)
+            self.on_change()
             log.warning("unloading adapter %s from %s failed", adapter, replica.url)
         return ok

@@ -41,11 +41,11 @@ class EngineState:
     running_adapters: frozenset[str] | None = None
     waiting_adapters: frozenset[str] | None = None
     missing: tuple[str, ...] = field(default=())
+    # Adapters with requests running or waiting on the engine (in its LoRA slots, or about to be).
+    active_adapters: frozenset[str] = field(init=False, default=frozenset())
 
-    @property
-    def active_adapters(self) -> frozenset[str]:
-        """Adapters with requests running or waiting on the engine (in its LoRA slots, or about to be)."""
-        return (self.running_adapters or frozenset()) | (self.waiting_adapters or frozenset())
+    def __post_init__(self) -> None:
+        self.active_adapters = (self.running_adapters or frozenset()) | (self.waiting_adapters or frozenset())
 
 
 class MetricsFormatError(ValueError):
@@ -174,6 +174,7 @@ def parse_engine_metrics(text: bytes) -> EngineState:
             state.max_lora = None
         state.running_adapters = _names(labels.get("running_lora_adapters"))
         state.waiting_adapters = _names(labels.get("waiting_lora_adapters"))
+        state.active_adapters = state.running_adapters | state.waiting_adapters
     for label, value in (("running", state.running), ("waiting", state.waiting), ("kv_usage", state.kv_usage),
                          ("prefix_cache", state.prefix_hits), ("lora_info", state.running_adapters)):
         if value is None:

@@ -50,55 +50,55 @@ class Picker:
              weights: ScorerWeights = Weights(), exhaustive: bool = False) -> Pick | None:
         """The cheapest usable candidate, or None when none of those looked at is usable.
 
+        ``holders``: the replicas that hold ``adapter`` or are loading it (the replica set's index).
         ``exhaustive``: look at every replica instead of a sample (the caller's second try).
         """
         candidates: list[Replica] = []
         n = len(replicas)
+        home = None
         if prefix is not None and n > 1 and weights.prefix > 0:
             bound = load_bound(total_in_flight, n, self.bound_c)
             home = self.ring.home(prefix, lambda r: r.in_flight < bound and usable(r)
                                   and (adapter is None or r.holds(adapter) or can_load(r)))
             if home is not None:
                 candidates.append(home)
-        else:
-            home = None
+        draw = self.rng.randrange
         if holders:
-            picked = holders if len(holders) <= MAX_HOLDERS else self.rng.sample(list(holders), MAX_HOLDERS)
-            candidates.extend(r for r in picked if r not in candidates and usable(r))
-        if exhaustive or n <= self.sample + 1:
-            drawn: Sequence[Replica] = replicas
-        else:
-            drawn = [replicas[i] for i in self.rng.sample(range(n), self.sample)]
-        for r in drawn:
+            h = len(holders)
+            for r in holders if h <= MAX_HOLDERS else [holders[draw(h)] for _ in range(MAX_HOLDERS)]:
+                if r not in candidates and usable(r):
+                    candidates.append(r)
+        drawn = replicas if exhaustive or n <= self.sample + 1 else [replicas[draw(n)] for _ in range(self.sample)]
+        for r in drawn:  # a repeated draw only means one candidate fewer
             if r not in candidates and usable(r) and (adapter is None or r.holds(adapter) or can_load(r)):
                 candidates.append(r)
         if not candidates:
             return None
-        best: tuple[float, float, float] | None = None
+        w_load, w_adapter, w_prefix = weights.load, weights.adapter, weights.prefix
+        best = runner = (0.0, 0.0, 0.0)
         best_total = runner_total = float("inf")
-        runner: tuple[float, float, float] | None = None
         winner = candidates[0]
         for r in candidates:
-            waiting, running, kv = engine_load(r.engine, r.in_flight, r.engine_in_flight)
-            costs = (
-                weights.load * load_cost(waiting, running, kv),
-                weights.adapter * (0.0 if adapter is None else adapter_cost(
-                    active=r.is_active(adapter), loaded=r.holds(adapter), free_slot=r.free_lora_slot(),
+            load = w_load * load_cost(*engine_load(r.engine, r.in_flight, r.engine_in_flight))
+            if adapter is None:
+                affinity = 0.0
+            else:
+                active = r.is_active(adapter)
+                affinity = w_adapter * adapter_cost(
+                    active=active, loaded=active or r.holds(adapter), free_slot=active or r.free_lora_slot(),
                     at_limit=adapter_limit is not None and len(r.adapters) >= adapter_limit,
-                    loading_elsewhere=loading_elsewhere)),
-                weights.prefix * (0.0 if home is None else prefix_cost(r is home)),
-            )
-            total = costs[0] + costs[1] + costs[2]
+                    loading_elsewhere=loading_elsewhere)
+            near = 0.0 if home is None else w_prefix * prefix_cost(r is home)
+            total = load + affinity + near
             if total < best_total:
                 runner, runner_total = best, best_total
-                best, best_total, winner = costs, total, r
+                best, best_total, winner = (load, affinity, near), total, r
             elif total < runner_total:
-                runner, runner_total = costs, total
-        assert best is not None
-        if runner is None:
+                runner, runner_total = (load, affinity, near), total
+        if runner_total == float("inf"):
             scorer = "only"
         else:
-            gaps = [runner[i] - best[i] for i in range(3)]
+            gaps = (runner[0] - best[0], runner[1] - best[1], runner[2] - best[2])
             scorer = SCORERS[gaps.index(max(gaps))]
         return Pick(winner, scorer, adapter is not None and not winner.holds(adapter))
 

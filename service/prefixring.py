@@ -18,7 +18,8 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 VIRTUAL_NODES = 64  # points on the ring per replica: the share each gets is within a few % of 1/N
-PREFIX_CHARS = 256  # how much of the prompt's beginning the key covers
+PREFIX_CHARS = 256  # how much of the prompt's beginning the key covers (of a chat: of its system prompt, first turn)
+MAX_WALK = 32  # ring points looked at for a home
 MIN_PREFIX_CHARS = 64  # shorter prompts have no affinity: about one KV-cache block (16 tokens), nothing to reuse
 
 
@@ -43,49 +44,67 @@ class PrefixRing(Generic[T]):
         return len(self.members)
 
     def home(self, key: int, fits: Callable[[T], bool]) -> T | None:
-        """The first member clockwise from ``key`` that ``fits`` (is usable and within its load bound)."""
+        """The first member clockwise from ``key`` that ``fits`` (is usable and within its load bound), looking at
+        most ``MAX_WALK`` points on: the cost stays bounded when most replicas are over the bound."""
         owners = self._owners
         if not owners:
             return None
-        start = bisect.bisect(self._points, key) % len(owners)
-        seen: set[int] = set()
         n = len(owners)
-        for step in range(n):
+        start = bisect.bisect(self._points, key)
+        for step in range(min(n, MAX_WALK)):
             member = owners[(start + step) % n]
             if fits(member):
                 return member
-            seen.add(id(member))
-            if len(seen) == len(self.members):
+        return None  # the neighbourhood is full: no home, the other scorers decide
+
+
+def load_bound(total_load: float, members: int, c: float = 1.25, slack: float = 4.0) -> float:
+    """The most load a member may hold and still take a key: ``c`` times the mean, counting this request, plus
+    ``slack`` requests (an engine batches: at a light load, being a few requests over the mean costs nothing,
+    and a conversation that moves loses its cached turns)."""
+    return c * (total_load + 1) / max(1, members) + slack
+
+
+def _text(content: object) -> str:
+    if isinstance(content, str):
+        return content[:PREFIX_CHARS]
+    if isinstance(content, list):  # parts: their text, up to PREFIX_CHARS
+        texts: list[str] = []
+        size = 0
+        for part in content:
+            if size >= PREFIX_CHARS:
                 break
-        return None
-
-
-def load_bound(total_load: float, members: int, c: float = 1.25) -> float:
-    """The most load a member may hold and still take a key: ``c`` times the mean, counting this request."""
-    return c * (total_load + 1) / max(1, members)
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"][:PREFIX_CHARS - size])
+                size += len(texts[-1])
+        return "".join(texts)
+    return ""
 
 
 def prompt_prefix(payload: dict) -> str | None:
-    """The prompt's first ``PREFIX_CHARS`` characters: a chat's system prompt and first turn (their text
-    parts; every later turn of the conversation begins with them, so a conversation keeps its key), or a
-    completion's prompt; None when it is shorter than ``MIN_PREFIX_CHARS``. Reads no further."""
+    """What a request's prompt begins with, as far as affinity goes; None when shorter than ``MIN_PREFIX_CHARS``.
+
+    A chat: the first ``PREFIX_CHARS`` of its system prompt and first turn. Every later turn of a
+    conversation begins with both, so a conversation keeps its key (and its replica, where its earlier
+    turns are cached). A long system prompt fills the key alone: every conversation on it meets on one
+    replica (and spills to the next ones on the ring past the load bound), so the replicas share out the
+    system prompts instead of each caching all of them. A completion: its prompt's first ``PREFIX_CHARS``.
+    Reads no further than that.
+    """
     messages = payload.get("messages")
     if isinstance(messages, list):
-        parts: list[str] = []
-        size = 0
-        for message in messages:
-            content = message.get("content") if isinstance(message, dict) else None
-            if isinstance(content, list):
-                content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-            if isinstance(content, str):
-                parts.append(content[:PREFIX_CHARS - size])
-                size += len(parts[-1])
-                if size >= PREFIX_CHARS:
-                    break
-            if not isinstance(message, dict) or message.get("role") not in ("system", "developer"):
-                break  # the first turn: what every later turn of the conversation begins with too
-        text = "\x1e".join(parts)
-        return text if len(text) >= MIN_PREFIX_CHARS else None
+        system: list[str] = []
+        first = ""
+        for message in messages[:64]:
+            if not isinstance(message, dict):
+                break
+            if message.get("role") in ("system", "developer"):
+                system.append(_text(message.get("content")))
+                continue
+            first = _text(message.get("content"))
+            break
+        text = ("\x1e".join(system) + "\x1e" + first)[:PREFIX_CHARS]
+        return text if len(text) > MIN_PREFIX_CHARS else None
     prompt = payload.get("prompt")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         prompt = prompt[0]

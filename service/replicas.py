@@ -62,17 +62,14 @@ class Replica:
     def is_active(self, adapter: str) -> bool:
         """Running or waiting on the engine (its scrape), or in flight from this gateway."""
         engine = self.engine
-        if engine is not None and engine.running_adapters is not None:
-            if adapter in engine.running_adapters or adapter in (engine.waiting_adapters or ()):
-                return True
-        return self.adapter_in_flight.get(adapter, 0) > 0
+        return (engine is not None and adapter in engine.active_adapters) or adapter in self.adapter_in_flight
 
     def free_lora_slot(self) -> bool:
         """Whether a LoRA slot is free on the engine (unknown: assume so)."""
         engine = self.engine
         if engine is None or engine.max_lora is None or engine.running_adapters is None:
             return True
-        return len(engine.running_adapters | (engine.waiting_adapters or frozenset())) < engine.max_lora
+        return len(engine.active_adapters) < engine.max_lora
 
 
 class ReplicaSet:
@@ -94,6 +91,16 @@ class ReplicaSet:
         self.session: aiohttp.ClientSession | None = None
         self._on_change = on_change or (lambda _replicas: None)
         self._on_change(self.replicas)
+        # Adapter -> the replicas holding it or loading it: the picker's candidates for it (kept by reindex).
+        self.holders: dict[str, list[Replica]] = {}
+
+    def reindex(self) -> None:
+        """Rebuild ``holders`` after adapters came or went (health check, load, unload, a stale one found)."""
+        holders: dict[str, list[Replica]] = {}
+        for replica in self.replicas:
+            for adapter in replica.adapters | replica.loading.keys():
+                holders.setdefault(adapter, []).append(replica)
+        self.holders = holders
 
     @property
     def any_healthy(self) -> bool:
@@ -123,6 +130,7 @@ class ReplicaSet:
         self.retire_drained()
         if changed:
             self._on_change(self.replicas)
+            self.reindex()
 
     def _follow(self, entry: str, urls: set[str]) -> bool:
         known = self._discovered[entry]
@@ -179,6 +187,7 @@ class ReplicaSet:
         """The health job: re-resolve host names, then check every replica (new ones before any traffic)."""
         await self.discover()
         await asyncio.gather(*(self.check(r) for r in self.replicas))
+        self.reindex()
 
     async def check(self, replica: Replica) -> None:
         assert self.session is not None

@@ -61,7 +61,8 @@ class Pool:
         self.picker = picker or Picker()
         self.set = ReplicaSet(urls, metrics, health_timeout_s=health_timeout_s, on_change=self.picker.update)
         self.loader = AdapterLoader(metrics, load_timeout_s=load_timeout_s, failure_ttl_s=adapter_failure_ttl_s,
-                                    limit=max_adapters_per_replica, min_idle_s=adapter_min_idle_s)
+                                    limit=max_adapters_per_replica, min_idle_s=adapter_min_idle_s,
+                                    on_change=self.set.reindex)
         self._endpoints: dict[str, Replica] = {}
         self.max_in_flight = max_in_flight
         self.admission = Admission(max_waiting, max_wait_s)
@@ -167,13 +168,10 @@ class Pool:
 
     def _pick(self, usable: Callable[[Replica], bool], adapter: str | None, can_load: Callable[[Replica], bool],
               prefix: str | None, weights: ScorerWeights, exhaustive: bool = False) -> Pick | None:
-        replicas = self.replicas
-        holders: list[Replica] = []
-        if adapter is not None:
-            holders = [r for r in replicas if r.holds(adapter)]
         return self.picker.pick(
-            replicas, usable, adapter=adapter, can_load=can_load,
-            prefix=prefix_key(adapter, prefix) if prefix else None, holders=holders,
+            self.replicas, usable, adapter=adapter, can_load=can_load,
+            prefix=prefix_key(adapter, prefix) if prefix else None,
+            holders=self.set.holders.get(adapter, ()) if adapter is not None else (),
             loading_elsewhere=adapter is not None and adapter in self.loader.loading,
             adapter_limit=self.loader.limit, total_in_flight=self.total_in_flight, weights=weights,
             exhaustive=exhaustive)
@@ -248,6 +246,7 @@ class Pool:
             replica_circuit.probing = False
             if failure == FailureReason.ADAPTER_MISSING:
                 replica.adapters.discard(adapter)  # stale residency: reload it next time
+                self.set.reindex()
         else:
             replica_circuit.failure()
 

@@ -84,7 +84,8 @@ def test_ring_passes_a_full_home_on_to_the_next_and_gives_up_when_none_fits():
 
 
 def test_load_bound_is_c_times_the_mean_counting_this_request():
-    assert load_bound(15, 4, 1.25) == pytest.approx(5.0)
+    assert load_bound(15, 4, 1.25, slack=0) == pytest.approx(5.0)
+    assert load_bound(15, 4, 1.25) == pytest.approx(9.0)
     assert load_bound(0, 64) > 0
 
 
@@ -95,8 +96,13 @@ def test_prompt_prefix_takes_the_leading_text_of_chats_and_prompts():
                           {"role": "user", "content": "second question"}]}
     assert prompt_prefix(chat) == prompt_prefix(later)  # the same conversation keeps its key
     assert len(prompt_prefix({"messages": [{"role": "user", "content": "y" * 10_000}]})) == PREFIX_CHARS
+    other = {"messages": [chat["messages"][0], {"role": "user", "content": "another conversation"}]}
+    assert prompt_prefix(other) != prompt_prefix(chat)  # a short system prompt: the first turn counts too
+    long_system = {"role": "system", "content": "z" * PREFIX_CHARS}
+    assert (prompt_prefix({"messages": [long_system, {"role": "user", "content": "one"}]})
+            == prompt_prefix({"messages": [long_system, {"role": "user", "content": "two"}]}))  # the system prompt
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": system}, {"type": "image_url"}]}]}
-    assert prompt_prefix(parts).startswith("You are")
+    assert prompt_prefix(parts) == "\x1e" + system  # the text parts
     assert prompt_prefix({"messages": [{"role": "user", "content": "hi"}]}) is None  # too short to share
     assert prompt_prefix({"prompt": "p" * MIN_PREFIX_CHARS}) == "p" * MIN_PREFIX_CHARS
     assert prompt_prefix({"prompt": ["q" * 80, "r"]}) == "q" * 80
