@@ -1,7 +1,8 @@
 """The picker: which replica serves one request, by weighted scorers (service/scorers.py).
 
 It looks at a few candidates, not at every replica, so its cost stays flat as replicas are added:
-the prompt prefix's home on the bounded-load hash ring (service/prefixring.py), up to
+the replicas the prompt's prefix was sent to lately, within the load bound, or else its home on the
+bounded-load hash ring (service/prefixring.py), up to
 ``MAX_HOLDERS`` replicas that hold the adapter, and ``sample`` replicas drawn at random (the
 "power of two choices", which alone keeps loads within a small margin of even). Each candidate
 costs load + adapter affinity + prefix affinity, weighted; the cheapest wins, and the scorer that
@@ -18,7 +19,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from loragate.service.prefixring import PrefixRing, load_bound
+from loragate.service.prefixring import PrefixMemory, PrefixRing, load_bound
 from loragate.service.replicas import Replica
 from loragate.service.scorers import ScorerWeights, Weights, adapter_cost, engine_load, load_cost, prefix_cost
 
@@ -39,9 +40,12 @@ class Picker:
         self.bound_c = bound_c
         self.rng = rng or random.Random()
         self.ring: PrefixRing[Replica] = PrefixRing([], _url)
+        self.memory: PrefixMemory[Replica] = PrefixMemory()
 
     def update(self, replicas: Sequence[Replica]) -> None:
-        """The replica set changed: a new ring (keys of replicas that stay, stay)."""
+        """The replica set changed: a new ring (keys of replicas that stay, stay); those gone are forgotten."""
+        for gone in set(self.ring.members) - set(replicas):
+            self.memory.forget(gone)
         self.ring = PrefixRing(list(replicas), _url)
 
     def pick(self, replicas: Sequence[Replica], usable: Callable[[Replica], bool], *, adapter: str | None,
@@ -55,13 +59,19 @@ class Picker:
         """
         candidates: list[Replica] = []
         n = len(replicas)
-        home = None
+        near: list[Replica] = []  # where the prefix is likely cached, within the load bound
         if prefix is not None and n > 1 and weights.prefix > 0:
             bound = load_bound(total_in_flight, n, self.bound_c)
-            home = self.ring.home(prefix, lambda r: r.in_flight < bound and usable(r)
-                                  and (adapter is None or r.holds(adapter) or can_load(r)))
-            if home is not None:
-                candidates.append(home)
+
+            def fits(r: Replica) -> bool:
+                return r.in_flight < bound and usable(r) and (adapter is None or r.holds(adapter) or can_load(r))
+
+            near = [r for r in self.memory.get(prefix) if fits(r)]
+            if not near:  # a new prefix, or every replica that had it is over the bound: the ring says where
+                home = self.ring.home(prefix, fits)
+                if home is not None:
+                    near.append(home)
+            candidates.extend(near)
         draw = self.rng.randrange
         if holders:
             h = len(holders)
@@ -88,18 +98,20 @@ class Picker:
                     active=active, loaded=active or r.holds(adapter), free_slot=active or r.free_lora_slot(),
                     at_limit=adapter_limit is not None and len(r.adapters) >= adapter_limit,
                     loading_elsewhere=loading_elsewhere)
-            near = 0.0 if home is None else w_prefix * prefix_cost(r is home)
-            total = load + affinity + near
+            cached = 0.0 if prefix is None or not near else w_prefix * prefix_cost(r in near)
+            total = load + affinity + cached
             if total < best_total:
                 runner, runner_total = best, best_total
-                best, best_total, winner = (load, affinity, near), total, r
+                best, best_total, winner = (load, affinity, cached), total, r
             elif total < runner_total:
-                runner, runner_total = (load, affinity, near), total
+                runner, runner_total = (load, affinity, cached), total
         if runner_total == float("inf"):
             scorer = "only"
         else:
             gaps = (runner[0] - best[0], runner[1] - best[1], runner[2] - best[2])
             scorer = SCORERS[gaps.index(max(gaps))]
+        if prefix is not None:
+            self.memory.record(prefix, winner)
         return Pick(winner, scorer, adapter is not None and not winner.holds(adapter))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
@@ -56,6 +57,41 @@ class PrefixRing(Generic[T]):
             if fits(member):
                 return member
         return None  # the neighbourhood is full: no home, the other scorers decide
+
+
+class PrefixMemory(Generic[T]):
+    """Where each prefix key was sent lately: the replicas whose prefix caches likely hold it.
+
+    A hot prefix that spilled past its home's load bound is cached on the replica it spilled to as
+    well; remembering that lets the next request use either. Bounded: ``keys`` keys (least recently
+    used go first), the last ``per_key`` replicas of each.
+    """
+
+    def __init__(self, keys: int = 16384, per_key: int = 3) -> None:
+        self.keys, self.per_key = keys, per_key
+        self._seen: OrderedDict[int, list[T]] = OrderedDict()
+
+    def get(self, key: int) -> list[T]:
+        return self._seen.get(key, [])
+
+    def record(self, key: int, member: T) -> None:
+        members = self._seen.get(key)
+        if members is None:
+            self._seen[key] = [member]
+            if len(self._seen) > self.keys:
+                self._seen.popitem(last=False)
+            return
+        self._seen.move_to_end(key)
+        if member in members:
+            members.remove(member)
+        members.append(member)
+        if len(members) > self.per_key:
+            del members[0]
+
+    def forget(self, member: T) -> None:
+        """A replica left: it holds nothing any more."""
+        for key in [k for k, members in self._seen.items() if member in members]:
+            self._seen[key].remove(member)
 
 
 def load_bound(total_load: float, members: int, c: float = 1.25, slack: float = 4.0) -> float:

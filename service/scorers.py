@@ -21,8 +21,10 @@ LOADED_FREE_SLOT_COST = 0.25  # registered on the engine, a LoRA slot free: a sw
 LOADED_NO_SLOT_COST = 1.0  # registered, every slot taken: it waits for one
 LOAD_COST = 3.0  # not on the replica: /v1/load_lora_adapter first (reading it from disk, then a swap-in)
 EVICT_COST = 1.0  # ... and the replica is at its adapter limit: another is unloaded first
+SLOTS_FULL_COST = 3.0  # ... and every LoRA slot there is busy: it would swap with the adapters running there
 SPREAD_BUSY_COST = 8.0  # another replica is loading this adapter now: a second load waits for that one
-PREFIX_MISS_COST = 2.0  # away from the replica that holds the prompt's beginning in its prefix cache
+PREFIX_MISS_COST = 4.0  # away from the replicas that hold the prompt's beginning in their prefix caches: more
+# than a load (LOAD_COST), which is paid once, where a miss is paid by every request of the prefix
 
 
 class ScorerWeights(Protocol):
@@ -74,15 +76,16 @@ def load_cost(waiting: float, running: float, kv_usage: float) -> float:
 
 
 def adapter_cost(*, active: bool, loaded: bool, free_slot: bool, at_limit: bool, loading_elsewhere: bool) -> float:
-    """Adapter affinity: active on the replica < loaded there < loadable (a free slot < an eviction)."""
+    """Adapter affinity: active on the replica < loaded there < loadable (a free LoRA slot, then an adapter
+    unloaded to make room, then every slot busy: each costs more)."""
     if active:
         return ACTIVE_COST
     if loaded:
         return LOADED_FREE_SLOT_COST if free_slot else LOADED_NO_SLOT_COST
-    cost = LOAD_COST + (EVICT_COST if at_limit else 0.0)
+    cost = LOAD_COST + (EVICT_COST if at_limit else 0.0) + (0.0 if free_slot else SLOTS_FULL_COST)
     return cost + (SPREAD_BUSY_COST if loading_elsewhere else 0.0)
 
 
-def prefix_cost(is_home: bool) -> float:
-    """Prefix-cache affinity: 0 on the replica the prompt's beginning hashes to (within its load bound)."""
-    return 0.0 if is_home else PREFIX_MISS_COST
+def prefix_cost(cached: bool) -> float:
+    """Prefix-cache affinity: 0 where the prompt's beginning is likely cached (within the load bound)."""
+    return 0.0 if cached else PREFIX_MISS_COST
