@@ -54,7 +54,7 @@ from loragate.service.prefixring import prefix_key, prompt_prefix  # noqa: E402
 from loragate.service.replicas import Replica  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-SCAN_LIMIT = 128  # waiting requests an engine step looks at (skipping those whose adapter has no slot)
+SCAN_LIMIT = 128  # waiting requests an engine step skips at most (their adapter has no LoRA slot), and reports
 
 
 # --- the engine model -------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class Engine:
         self._seq = itertools.count()
 
     def state(self) -> EngineState:
-        waiting_adapters = frozenset(r.adapter for r in self.waiting if r.adapter)
+        waiting_adapters = frozenset(r.adapter for r in itertools.islice(self.waiting, SCAN_LIMIT) if r.adapter)
         return EngineState(running=float(len(self.running)), waiting=float(len(self.waiting)),
                            kv_usage=self.kv_used / self.costs.kv_tokens, max_lora=self.costs.max_loras,
                            running_adapters=frozenset(self.running_adapters), waiting_adapters=waiting_adapters)
@@ -185,29 +185,22 @@ class Engine:
         costs = self.costs
         prefill = swaps = reads = 0
         budget = costs.batch_tokens
-        kept: deque[Request] = deque()
-        scanned = 0
-        while self.waiting:
-            request = self.waiting.popleft()
-            scanned += 1
-            if len(self.running) >= costs.max_seqs or budget <= 0 or scanned > SCAN_LIMIT:
-                kept.append(request)
-                kept.extend(self.waiting)
-                self.waiting.clear()
+        skipped: list[Request] = []  # their adapter finds no free LoRA slot: they wait, the next go on
+        while self.waiting and len(skipped) < SCAN_LIMIT:
+            if len(self.running) >= costs.max_seqs or budget <= 0:
                 break
+            request = self.waiting[0]
             uncached = request.prompt - self._hit(request)
             need = uncached + request.output  # cached prefix blocks are shared, not copied
             if self.kv_used + need > costs.kv_tokens:
-                kept.append(request)
-                kept.extend(self.waiting)
-                self.waiting.clear()
                 break
+            self.waiting.popleft()
             adapter = request.adapter
             if adapter is not None and adapter not in self.slots:
                 if len(self.slots) >= costs.max_loras:
                     free = next((a for a in self.slots if a not in self.running_adapters), None)
-                    if free is None:  # every slot held by running requests: this one waits, others go on
-                        kept.append(request)
+                    if free is None:
+                        skipped.append(request)
                         continue
                     del self.slots[free]
                 self.slots[adapter] = None
@@ -229,7 +222,7 @@ class Engine:
             if adapter is not None:
                 self.running_adapters[adapter] = self.running_adapters.get(adapter, 0) + 1
             self._prefilling.append(request)
-        self.waiting = kept
+        self.waiting.extendleft(reversed(skipped))
         if not self.running:
             self.busy = False
             return
@@ -444,9 +437,12 @@ class Workload:
 
     def _interval(self, sim: Sim) -> float:
         rate = self.rate / (self.mean_turns if self.kind == "prefix" else 1)
-        if self.kind == "bursts":  # 2 s at 2.5x the mean rate, then 3 s at 0.0x: the same mean
-            rate = rate * 2.5 if (sim.now % 5.0) < 2.0 else rate * 0.0001
-        return self.rng.expovariate(rate)
+        if self.kind != "bursts":
+            return self.rng.expovariate(rate)
+        # Bursts: 1 s at 4x the mean rate, then 3 s of nothing (the same mean).
+        gap = self.rng.expovariate(rate * 4)
+        phase = (sim.now + gap) % 4.0
+        return gap if phase < 1.0 else gap + 4.0 - phase
 
     def _arrive(self, sim: Sim, gateway: Gateway, until: float) -> None:
         if sim.now >= until:

@@ -10,8 +10,11 @@ these steps in ``acquire``.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
-from collections.abc import Callable, Set
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 import aiohttp
 
@@ -26,6 +29,13 @@ from loragate.service.scorers import ScorerWeights, Weights
 
 REPLICA = "*"  # the adapter label of a replica-wide circuit
 DEFAULT_WEIGHTS = Weights()
+
+log = logging.getLogger("loragate.upstreams")
+
+
+def _other_root(root: str | None, path: str) -> bool:
+    """The engine says it loaded the adapter from ``root``: another version than ``path``?"""
+    return root is not None and os.path.normpath(root) != os.path.normpath(path)
 
 
 class NoHealthyUpstream(Exception):
@@ -121,7 +131,7 @@ class Pool:
 
     # --- picking ------------------------------------------------------------
 
-    async def acquire(self, adapter: str | None, path: str | None, exclude: Set[Replica] = frozenset(), *,
+    async def acquire(self, adapter: str | None, path: str | None, exclude: AbstractSet[Replica] = frozenset(), *,
                       prefix: str | None = None, weights: ScorerWeights = DEFAULT_WEIGHTS) -> Replica:
         """A replica for ``adapter`` (None: the base model), adapter loaded, its in-flight count taken.
 
@@ -136,6 +146,9 @@ class Pool:
 
         def can_load(r: Replica) -> bool:
             return path is not None and r.failed_adapters.get(adapter or "", 0) <= now
+
+        if adapter is not None and path is not None:
+            exclude = self._other_versions(adapter, path, exclude)
 
         def fits(r: Replica) -> bool:
             return usable(r) and (adapter is None or r.holds(adapter) or can_load(r))
@@ -166,6 +179,21 @@ class Pool:
             self.circuit(replica, adapter).begin()
         return replica
 
+    def _other_versions(self, adapter: str, path: str, exclude: AbstractAbstractSet[Replica]) -> AbstractAbstractSet[Replica]:
+        """``exclude`` and the replicas where ``adapter`` names another version (loaded from another path):
+        sending there would serve that version, and loading ours under the same name cannot be done."""
+        holders = self.set.holders.get(adapter, ())
+        others = [r for r in holders if _other_root(r.adapter_roots.get(adapter), path)]
+        if not others:
+            return exclude
+        log.warning("adapter %s is loaded from another path than %s on %s: not used there (vllm#30931)",
+                    adapter, path, ", ".join(r.url for r in others))
+        excluded = frozenset(exclude) | frozenset(others)
+        if not any(r.healthy and r not in excluded for r in self.replicas):
+            raise AdapterUnavailable(f"adapter {adapter!r} names another version (loaded from another path) on "
+                                     "every healthy replica: give each adapter version its own name (vllm#30931)")
+        return excluded
+
     def _pick(self, usable: Callable[[Replica], bool], adapter: str | None, can_load: Callable[[Replica], bool],
               prefix: str | None, weights: ScorerWeights, exhaustive: bool = False) -> Pick | None:
         return self.picker.pick(
@@ -176,7 +204,7 @@ class Pool:
             adapter_limit=self.loader.limit, total_in_flight=self.total_in_flight, weights=weights,
             exhaustive=exhaustive)
 
-    def _why_none(self, adapter: str | None, exclude: Set[Replica], can_load: Callable[[Replica], bool]) -> None:
+    def _why_none(self, adapter: str | None, exclude: AbstractSet[Replica], can_load: Callable[[Replica], bool]) -> None:
         """No candidate now: say why, or return when the replicas are only full (the request may wait)."""
         healthy = [r for r in self.replicas if r.healthy and r not in exclude]
         if not healthy:

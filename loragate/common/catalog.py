@@ -233,6 +233,23 @@ class Catalog(_Strict):
                 raise ValueError(f"route name {name!r} must match {_NAME.pattern}")
         return routes
 
+    @model_validator(mode="after")
+    def _one_version_per_adapter_name(self) -> "Catalog":
+        """An adapter name stands for one version: two load paths under one name would let vLLM serve one
+        version's cached prefix blocks to the other (vllm#30931). The registry names versions ``name-version``."""
+        paths: dict[str, tuple[str, str]] = {}
+        for route in self.routes.values():
+            for variant in route.variants:
+                if not variant.adapter or not variant.path:
+                    continue
+                seen = paths.setdefault(variant.adapter, (variant.path, route.name))
+                if seen[0] != variant.path:
+                    raise ValueError(
+                        f"adapter name {variant.adapter!r} has two paths ({seen[0]!r} in route {seen[1]!r}, "
+                        f"{variant.path!r} in route {route.name!r}): give each adapter version its own name "
+                        "(vLLM can mix the prefix caches of adapters loaded under one name, vllm#30931)")
+        return self
+
     def adapters(self) -> dict[str, str | None]:
         """Every adapter any route may use, with its load path."""
         found: dict[str, str | None] = {}

@@ -8,11 +8,12 @@ import shutil
 import subprocess
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, generate_latest
 
 from loragate.service.metrics import Metrics
-from loragate.service.upstreams import Pool
+from loragate.service.upstreams import AdapterUnavailable, Pool
 from tests.stub_engine import make_app
 
 
@@ -119,3 +120,25 @@ def test_scheduling_metrics_pass_promtool_check_metrics():
                             capture_output=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert not result.stdout.strip() and not result.stderr.strip(), result.stdout + result.stderr
+
+
+async def test_a_replica_holding_another_version_under_the_name_is_not_used_for_it():
+    (old,) = await engines(1, adapters=["support"])  # registered at start from /static/support
+    (fresh,) = await engines(1)
+    pool = Pool([url(old), url(fresh)], Metrics(CollectorRegistry()))
+    async with aiohttp.ClientSession() as session:
+        pool.bind(session)
+        await pool.start()
+        for _ in range(5):
+            replica = await pool.acquire("support", "/adapters/support/v2")
+            assert replica.url == url(fresh)  # never the one that would answer with the other version
+            pool.release(replica, "support")
+        assert (await pool.acquire("support", "/static/support")).url in (url(old), url(fresh))
+    async with aiohttp.ClientSession() as session:
+        alone = Pool([url(old)], Metrics(CollectorRegistry()))
+        alone.bind(session)
+        await alone.start()
+        with pytest.raises(AdapterUnavailable, match="vllm#30931"):
+            await alone.acquire("support", "/adapters/support/v2")
+    await old.close()
+    await fresh.close()
