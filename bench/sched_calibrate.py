@@ -45,7 +45,8 @@ def words(n: int, rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-async def ttft(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int = 1) -> tuple[float, float]:
+async def ttft(client: httpx.AsyncClient, url: str, model: str, prompt: str,
+               max_tokens: int = 1) -> tuple[float, float]:
     """(time to first token, total time) of one streamed completion."""
     started = time.perf_counter()
     first = None

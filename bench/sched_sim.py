@@ -38,7 +38,6 @@ import math
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from collections import OrderedDict, deque
@@ -339,7 +338,8 @@ class Gateway:
         limit = 1 << 30
         pick = self.picker.pick(
             self.replicas, lambda r: r.in_flight < limit, adapter=adapter, can_load=lambda r: True,
-            prefix=request.prefix, holders=self.holders.get(adapter, ()) if adapter else (), loading_elsewhere=adapter is not None and adapter in self.loads_under_way,
+            prefix=request.prefix, holders=self.holders.get(adapter, ()) if adapter else (),
+            loading_elsewhere=adapter is not None and adapter in self.loads_under_way,
             total_in_flight=self.total_in_flight)
         assert pick is not None
         return self.index[id(self.by_replica[id(pick.replica)])]
@@ -524,7 +524,7 @@ def sweep(kind: str, policy: str, n: int, rates: list[float], slo_s: float, cost
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer loads, shorter runs")
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=15.0)
     args = parser.parse_args()
     costs = Costs.calibrated(RESULTS / "sched_calibration.json")
     seconds = 8.0 if args.quick else args.seconds
@@ -535,8 +535,8 @@ def main() -> None:
              ("zipf", 4, 8), ("prefix", 64, 8)]
     if args.quick:
         cases = [("prefix", 4, 8), ("zipf", 4, 64)]
-    # Offered load, requests/s per engine: rising by a quarter each step until p99 TTFT is 3x past the SLO.
-    ladder = [2 * 1.25 ** k for k in range(16)] if not args.quick else [4, 8, 16, 32]
+    # Offered load, requests/s per engine: rising by 40% each step until p99 TTFT is 3x past the SLO.
+    ladder = [2 * 1.4 ** k for k in range(12)] if not args.quick else [4, 8, 16, 32]
     started = time.perf_counter()
     results = []
     for kind, n, adapters in cases:
@@ -563,7 +563,8 @@ def main() -> None:
     out = {
         "slo": {"ttft_p99_s": slo_s}, "seconds_simulated_per_point": seconds, "scrape_interval_s": scrape_s,
         "engine_model": {k: v for k, v in vars(costs).items() if k != "measured"},
-        "measured": sorted(measured), "assumed": sorted(k for k in vars(costs) if k != "measured" and k not in measured),
+        "measured": sorted(measured),
+        "assumed": sorted(k for k in vars(costs) if k != "measured" and k not in measured),
         "results": results, "runtime_s": round(elapsed, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }

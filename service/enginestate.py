@@ -8,7 +8,8 @@ slots (``max_lora``); old series of it are never removed, so the newest one is r
 The body is upstream bytes: it is read up to ``MAX_METRICS_BYTES`` and searched with
 ``bytes.find`` for each wanted series at a line start (linear in its size, C speed, no regex);
 label sets are parsed by one left-to-right pass. The worst body of ``MAX_METRICS_BYTES`` takes
-~0.2 s (tests/unit/test_enginestate.py), so the replica set parses in a worker thread. A series the engine does not expose stays None,
+~0.2 s (tests/unit/test_enginestate.py), so the replica set parses in a worker thread. A series the
+engine does not expose stays None,
 and the picker falls back to the gateway's own in-flight counts for it.
 """
 

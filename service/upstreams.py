@@ -179,7 +179,8 @@ class Pool:
             self.circuit(replica, adapter).begin()
         return replica
 
-    def _other_versions(self, adapter: str, path: str, exclude: AbstractAbstractSet[Replica]) -> AbstractAbstractSet[Replica]:
+    def _other_versions(self, adapter: str, path: str,
+                        exclude: AbstractSet[Replica]) -> AbstractSet[Replica]:
         """``exclude`` and the replicas where ``adapter`` names another version (loaded from another path):
         sending there would serve that version, and loading ours under the same name cannot be done."""
         holders = self.set.holders.get(adapter, ())
@@ -204,7 +205,8 @@ class Pool:
             adapter_limit=self.loader.limit, total_in_flight=self.total_in_flight, weights=weights,
             exhaustive=exhaustive)
 
-    def _why_none(self, adapter: str | None, exclude: AbstractSet[Replica], can_load: Callable[[Replica], bool]) -> None:
+    def _why_none(self, adapter: str | None, exclude: AbstractSet[Replica],
+                  can_load: Callable[[Replica], bool]) -> None:
         """No candidate now: say why, or return when the replicas are only full (the request may wait)."""
         healthy = [r for r in self.replicas if r.healthy and r not in exclude]
         if not healthy:

@@ -10,10 +10,16 @@ import pytest
 from loragate.service.adapterloads import unload_victim
 from loragate.service.enginestate import EngineState
 from loragate.service.picker import Picker
-from loragate.service.prefixring import MIN_PREFIX_CHARS, PREFIX_CHARS, PrefixRing, load_bound, prefix_key, prompt_prefix
+from loragate.service.prefixring import (
+    MIN_PREFIX_CHARS,
+    PREFIX_CHARS,
+    PrefixRing,
+    load_bound,
+    prefix_key,
+    prompt_prefix,
+)
 from loragate.service.replicas import Replica
 from loragate.service.scorers import (
-    LOAD_COST,
     Weights,
     adapter_cost,
     engine_load,
