@@ -23,7 +23,7 @@ from loragate.service.prefixring import PrefixMemory, PrefixRing, load_bound
 from loragate.service.replicas import Replica
 from loragate.service.scorers import ScorerWeights, Weights, adapter_cost, engine_load, load_cost, prefix_cost
 
-MAX_HOLDERS = 3
+MAX_HOLDERS = 2
 SCORERS = ("load", "adapter", "prefix")  # the bounded values of the decision label, with "only"
 
 
@@ -94,10 +94,9 @@ class Picker:
                 affinity = 0.0
             else:
                 active = r.is_active(adapter)
-                affinity = w_adapter * adapter_cost(
-                    active=active, loaded=active or r.holds(adapter), free_slot=active or r.free_lora_slot(),
-                    at_limit=adapter_limit is not None and len(r.adapters) >= adapter_limit,
-                    loading_elsewhere=loading_elsewhere)
+                affinity = w_adapter * adapter_cost(  # positional: the picker's hot loop
+                    active, active or r.holds(adapter), active or r.free_lora_slot(),
+                    adapter_limit is not None and len(r.adapters) >= adapter_limit, loading_elsewhere)
             cached = 0.0 if prefix is None or not near else w_prefix * prefix_cost(r in near)
             total = load + affinity + cached
             if total < best_total:

@@ -75,7 +75,7 @@ def load_cost(waiting: float, running: float, kv_usage: float) -> float:
     return waiting + RUNNING_SHARE * running + KV_SHARE * kv_usage
 
 
-def adapter_cost(*, active: bool, loaded: bool, free_slot: bool, at_limit: bool, loading_elsewhere: bool) -> float:
+def adapter_cost(active: bool, loaded: bool, free_slot: bool, at_limit: bool, loading_elsewhere: bool) -> float:
     """Adapter affinity: active on the replica < loaded there < loadable (a free LoRA slot, then an adapter
     unloaded to make room, then every slot busy: each costs more)."""
     if active:
