@@ -169,10 +169,14 @@ class RoundRobin:
         replica = next(self.turn)
         key = (replica.url, adapter)
         if key not in self.loads:
-            self.loads[key] = asyncio.ensure_future(self.session.post(
-                f"{replica.url}/v1/load_lora_adapter", json={"lora_name": adapter, "lora_path": path}))
+            self.loads[key] = asyncio.ensure_future(self._load(replica.url, adapter, path))
         await asyncio.shield(self.loads[key])
         return replica
+
+    async def _load(self, url: str, adapter: str, path: str) -> None:
+        async with self.session.post(f"{url}/v1/load_lora_adapter",
+                                     json={"lora_name": adapter, "lora_path": path}) as response:
+            await response.read()
 
     def release(self, replica: Replica, adapter: str) -> None:
         pass
@@ -205,7 +209,7 @@ class Loragate:
 
 async def conversation(policy, rng: random.Random, systems: list[str], adapters: list[tuple[str, str]],
                        weights: list[float], session: aiohttp.ClientSession, deadline: float,
-                       results: list[tuple[float, float]], tokens: int) -> None:
+                       results: list[tuple[float, float]], tokens: int, user_words: int, errors: list[int]) -> None:
     while time.monotonic() < deadline:
         index = rng.choices(range(len(systems)), cum_weights=weights)[0]
         adapter, path = adapters[index % len(adapters)]
@@ -213,7 +217,7 @@ async def conversation(policy, rng: random.Random, systems: list[str], adapters:
         for _turn in range(rng.randint(2, 5)):
             if time.monotonic() >= deadline:
                 return
-            messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(30))})
+            messages.append({"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(user_words))})
             prefix = (systems[index] + "\x1e" + messages[1]["content"])[:256]
             replica = await policy.acquire(adapter, path, prefix)
             started = time.perf_counter()
@@ -223,6 +227,9 @@ async def conversation(policy, rng: random.Random, systems: list[str], adapters:
                 async with session.post(f"{replica.url}/v1/chat/completions", json={
                         "model": adapter, "messages": messages, "max_tokens": tokens, "temperature": 0,
                         "stream": True, "ignore_eos": True}) as response:
+                    if response.status != 200:
+                        errors.append(response.status)
+                        break
                     async for line in response.content:
                         if line.startswith(b"data: ") and first is None:
                             first = time.perf_counter() - started
@@ -249,10 +256,12 @@ async def measure(name: str, urls: list[str], model: dict, args, seed: int) -> d
             await policy.start()
         before = [parse_engine_metrics(await (await session.get(f"{u}/metrics")).read()) for u in urls]
         results: list[tuple[float, float]] = []
+        errors: list[int] = []
         started = time.monotonic()
         deadline = started + args.seconds
         await asyncio.gather(*(conversation(policy, random.Random(100 + i), systems, adapters, weights, session,
-                                            deadline, results, args.tokens) for i in range(args.clients)))
+                                            deadline, results, args.tokens, args.user_words, errors)
+                               for i in range(args.clients)))
         elapsed = time.monotonic() - started
         after = [parse_engine_metrics(await (await session.get(f"{u}/metrics")).read()) for u in urls]
         if isinstance(policy, Loragate) and policy.task is not None:
@@ -260,7 +269,7 @@ async def measure(name: str, urls: list[str], model: dict, args, seed: int) -> d
     queries = sum((a.prefix_queries or 0) - (b.prefix_queries or 0) for a, b in zip(after, before))
     hits = sum((a.prefix_hits or 0) - (b.prefix_hits or 0) for a, b in zip(after, before))
     ttft = sorted(r[0] for r in results)
-    return {"policy": name, "requests": len(results), "throughput_rps": len(results) / elapsed,
+    return {"policy": name, "requests": len(results), "errors": len(errors), "throughput_rps": len(results) / elapsed,
             "ttft_p50_s": statistics.median(ttft) if ttft else None,
             "ttft_p99_s": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))] if ttft else None,
             "prefix_cache_hit_rate": hits / queries if queries else None}
@@ -278,6 +287,7 @@ def main() -> None:
     args.clients = args.clients or (8 if cpu else 64)
     args.system_words = 60 if cpu else 1100  # ~1,500 tokens on the GPU model's tokenizer
     args.tokens = 16 if cpu else 64
+    args.user_words = 10 if cpu else 30
     model_dir = args.model_dir.with_name(args.model_dir.name + ("-cpu" if cpu else ""))
     began = time.monotonic()
     model = build_model(model_dir, cpu=cpu, adapters=16)
