@@ -242,11 +242,7 @@ class Engine:
             request.done = now
             self.kv_used -= request.kv
             if request.adapter is not None:
-                left = self.running_adapters[request.adapter] - 1
-                if left:
-                    self.running_adapters[request.adapter] = left
-                else:
-                    del self.running_adapters[request.adapter]
+                _count_down(self.running_adapters, request.adapter)
             self.gateway.finished(request)
         self._step()
 
@@ -367,11 +363,7 @@ class Gateway:
     def _loaded(self, replica: Replica, engine: Engine, adapter: str) -> None:
         engine.registered.add(adapter)
         waiters = replica.loading.pop(adapter)
-        left = self.loads_under_way[adapter] - 1
-        if left:
-            self.loads_under_way[adapter] = left
-        else:
-            del self.loads_under_way[adapter]
+        _count_down(self.loads_under_way, adapter)
         for request in waiters:  # type: ignore[attr-defined]
             engine.submit(request)
 
@@ -380,14 +372,19 @@ class Gateway:
         replica.in_flight -= 1
         self.total_in_flight -= 1
         if request.adapter is not None:
-            left = replica.adapter_in_flight[request.adapter] - 1
-            if left:
-                replica.adapter_in_flight[request.adapter] = left
-            else:
-                del replica.adapter_in_flight[request.adapter]
+            _count_down(replica.adapter_in_flight, request.adapter)
         self.completed.append(request)
         if self.on_done is not None:
             self.on_done(request)
+
+
+def _count_down(counts: dict[str, int], key: str) -> None:
+    """One fewer of ``key``; none left: the key goes (membership means "some")."""
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def _blocks(request: Request) -> list[tuple]:
