@@ -56,6 +56,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
         max_wait_s=settings.max_wait_s,
         circuit_failures=settings.circuit_failures,
         circuit_open_s=settings.circuit_open_s,
+        max_adapters_per_replica=settings.max_adapters_per_replica or None,
+        adapter_min_idle_s=settings.adapter_min_idle_s,
     )
     request_log = _request_log(settings, metrics)  # None when off: pyarrow is imported only when on
     # Per-key limits in this process, or shared through Redis (LORAGATE_LIMITS_URL); only used with auth on.
@@ -98,6 +100,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
         gc.freeze()
         tasks = [
             asyncio.create_task(_every(settings.health_interval_s, pool.check_all)),
+            asyncio.create_task(_every(settings.engine_scrape_interval_s, pool.scrape_all)),
             *([asyncio.create_task(_every(settings.health_interval_s, limiter.probe))]
               if isinstance(limiter, RedisLimiter) else []),
             asyncio.create_task(_every(settings.routes_reload_interval_s, lambda: _reload(catalog, metrics))),

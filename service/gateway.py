@@ -30,6 +30,7 @@ from loragate.service.routing import PinError, choose_variant
 from loragate.service.shadow import ShadowMetrics, Shadows
 from loragate.service.transport import Timeout, TransportError
 from loragate.service.resilience import Overloaded, backoff_s
+from loragate.service.prefixring import prompt_prefix
 from loragate.service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
 PIN_HEADER = "x-loragate-variant"
@@ -213,7 +214,8 @@ class Gateway:
             if variant.endpoint:
                 replica = self.pool.acquire_endpoint(variant.endpoint)
             else:
-                replica = await self.pool.acquire(variant.adapter, variant.path, exclude=tried)
+                replica = await self.pool.acquire(variant.adapter, variant.path, exclude=tried,
+                                                  prefix=prompt_prefix(payload), weights=route.scheduling)
         except NoHealthyUpstream as exc:
             raise UpstreamFailure(FailureReason.NO_HEALTHY_UPSTREAM, str(exc)) from None
         except CircuitOpen as exc:
@@ -267,7 +269,7 @@ class Gateway:
                  reason: FailureReason) -> None:
         if response is not None:
             response.release()
-        self.pool.release(replica)
+        self.pool.release(replica, variant.adapter)
         self.pool.report(replica, variant.adapter, reason)
 
     def _timeouts(self, route: Route) -> Timeouts:
@@ -352,7 +354,7 @@ class Gateway:
 
     def release(self, served: Served) -> None:
         served.response.release()
-        self.pool.release(served.replica)
+        self.pool.release(served.replica, served.variant.adapter)
 
     # --- the stream relay's StreamOwner -----------------------------------------
 

@@ -131,6 +131,29 @@ class Metrics:
         self.upstream_discovery_errors = Counter(
             "loragate_upstream_discovery_errors", "Failed DNS lookups of an upstream entry (the last addresses stay).",
             ("upstream",), registry=r)
+        # Scheduling (service/replicas.py, picker.py, adapterloads.py): each replica's scraped engine state,
+        # which scorer decided each pick (load, adapter, prefix, only), adapter loads and unloads by reason.
+        self.engine_requests = Gauge(
+            "loragate_engine_requests", "Requests on each replica's engine at its last /metrics scrape, by state.",
+            ("upstream", "state"), multiprocess_mode="mostrecent", registry=r)
+        self.engine_kv_cache_usage = Gauge(
+            "loragate_engine_kv_cache_usage_ratio", "KV-cache usage of each replica's engine at its last scrape (0-1).",
+            ("upstream",), multiprocess_mode="mostrecent", registry=r)
+        self.engine_lora_adapters = Gauge(
+            "loragate_engine_lora_adapters",
+            "Adapters on each replica: loaded (listed), running (running or waiting, scraped), slots (max_lora).",
+            ("upstream", "state"), multiprocess_mode="mostrecent", registry=r)
+        self.engine_scrape_errors = Counter(
+            "loragate_engine_scrape_errors", "Failed /metrics scrapes of a replica (its load falls back to in-flight).",
+            ("upstream",), registry=r)
+        self.picker_decisions = Counter(
+            "loragate_picker_decisions", "Replica picks, by the scorer that separated the winner from the runner-up.",
+            ("scorer",), registry=r)
+        self.adapter_placements = Counter(
+            "loragate_adapter_placements",
+            "Adapters loaded on or unloaded from replicas by the scheduler, by action and reason "
+            "(first: on no replica yet; spread: its holders were busier; lru: idle, at the adapter limit).",
+            ("action", "reason"), registry=r)
         self.api_keys_reloads = Counter(
             "loragate_api_keys_reloads", "API keys file reloads, by result (a failed one keeps the last good keys).",
             ("result",), registry=r)

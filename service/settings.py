@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     routes_reload_interval_s: float = 2.0
     # An adapter that failed to load is not retried on that replica for this long.
     adapter_failure_ttl_s: float = 30.0
+    # Replica scheduling (docs/scheduling.md): each replica's /metrics is scraped this often for its queue,
+    # KV-cache usage and LoRA slots (between scrapes the gateway's own in-flight counts move it).
+    engine_scrape_interval_s: float = Field(1.0, gt=0)
+    # Adapters per replica before the least recently used one the gateway loaded, idle for
+    # adapter_min_idle_s, is unloaded to make room (0: never unload; the engine swaps LoRA slots itself).
+    max_adapters_per_replica: int = Field(0, ge=0)
+    adapter_min_idle_s: float = Field(30.0, ge=0)
 
     # Request log (service/requestlog/sink.py): a directory or s3://bucket/prefix; unset = off.
     # Needs pyarrow (pip install 'loragate[requestlog]'). S3 credentials: the usual AWS_* environment.

@@ -199,7 +199,7 @@ class Shadows:
             self._account(route, variant, request_id, arrived, started, endpoint, sent, status, body, usage)
         finally:
             if replica is not None:
-                self.pool.release(replica)
+                self.pool.release(replica, variant.adapter)
             self.in_flight[route.name] -= 1
             self.metrics.in_flight.labels(route.name).dec()
 

@@ -1,40 +1,45 @@
-"""The vLLM replicas: health, which adapters each holds, loading adapters on demand, picking one.
+"""The pool: one replica for one request, its in-flight count taken, its outcome fed back.
 
-A replica is picked for a model as follows: among healthy replicas whose circuit
-(for the replica, and for this adapter on it) lets requests through and that are
-below their in-flight limit, those that already hold the adapter win, and among
-them the one with the fewest requests in flight. If none holds it, the least busy
-one loads it first (once per replica, however many requests arrive together).
-When every such replica is at its limit the request waits in a bounded queue.
+The parts, each its own module: the replica set knows the engines (discovery, health, each one's
+scraped state: service/replicas.py); the picker scores candidates for this request (service/picker.py,
+service/scorers.py); the adapter loader puts adapters on replicas and takes idle ones off
+(service/adapterloads.py). What stays here: circuits per replica and per adapter, admission (a
+bounded wait when every replica is at its in-flight limit), external endpoints, and the order of
+these steps in ``acquire``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
+import os
 import time
-from collections.abc import Set
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from collections.abc import Set as AbstractSet
 
 import aiohttp
-import orjson
 
+from loragate.service.adapterloads import AdapterLoader, AdapterUnavailable
 from loragate.service.failures import FailureReason
-from loragate.service.discovery import DiscoveryError, parse_entry, resolve
 from loragate.service.metrics import Metrics
+from loragate.service.picker import Pick, Picker
+from loragate.service.prefixring import prefix_key
+from loragate.service.replicas import Replica, ReplicaSet
 from loragate.service.resilience import Admission, CircuitBreaker, Overloaded
+from loragate.service.scorers import ScorerWeights, Weights
 
 REPLICA = "*"  # the adapter label of a replica-wide circuit
+DEFAULT_WEIGHTS = Weights()
 
 log = logging.getLogger("loragate.upstreams")
 
 
+def _other_root(root: str | None, path: str) -> bool:
+    """The engine says it loaded the adapter from ``root``: another version than ``path``?"""
+    return root is not None and os.path.normpath(root) != os.path.normpath(path)
+
+
 class NoHealthyUpstream(Exception):
     """No replica is healthy."""
-
-
-class AdapterUnavailable(Exception):
-    """The adapter could not be loaded on any healthy replica."""
 
 
 class CircuitOpen(Exception):
@@ -42,25 +47,6 @@ class CircuitOpen(Exception):
 
 
 __all__ = ["AdapterUnavailable", "CircuitOpen", "NoHealthyUpstream", "Overloaded", "Pool", "Replica"]
-
-
-@dataclass(eq=False)
-class Replica:
-    url: str
-    healthy: bool = False
-    in_flight: int = 0
-    # Adapter names the replica reports (or we loaded); refreshed by each health check.
-    adapters: set[str] = field(default_factory=set)
-    # Adapter name -> monotonic time until which a failed load is not retried.
-    failed_adapters: dict[str, float] = field(default_factory=dict)
-    loading: dict[str, asyncio.Task] = field(default_factory=dict)
-    # Circuit per adapter on this replica; REPLICA for the replica as a whole.
-    circuits: dict[str, CircuitBreaker] = field(default_factory=dict)
-    # An OpenAI-compatible endpoint outside the pool (url is its base, /v1 included): never
-    # health-checked or loaded into; its circuit alone decides whether it is tried.
-    external: bool = False
-    # Its address left the DNS answer: out of rotation, retired once its in-flight requests finish.
-    draining: bool = False
 
 
 class Pool:
@@ -77,135 +63,49 @@ class Pool:
         max_wait_s: float = 10.0,
         circuit_failures: int = 5,
         circuit_open_s: float = 10.0,
+        max_adapters_per_replica: int | None = None,
+        adapter_min_idle_s: float = 30.0,
+        picker: Picker | None = None,
     ) -> None:
-        # Entries with an IP are replicas now; those with a host name get theirs from discover().
-        self.entries = [parse_entry(url) for url in urls]
-        self.replicas = [Replica(e.url) for e in self.entries if not e.discovered]
         self.metrics = metrics
-        self._in_flight_gauges = {r.url: metrics.upstream_in_flight.labels(r.url) for r in self.replicas}
-        self._discovered: dict[str, set[str]] = {e.url: set() for e in self.entries if e.discovered}
-        self._draining: list[Replica] = []
-        for entry in self.entries:  # every series from the start: an IP entry is one replica, never fails
-            metrics.upstream_discovery_errors.labels(entry.url)
-            if not entry.discovered:
-                metrics.upstream_discovered.labels(entry.url).set(1)
+        self.picker = picker or Picker()
+        self.set = ReplicaSet(urls, metrics, health_timeout_s=health_timeout_s, on_change=self.picker.update)
+        self.loader = AdapterLoader(metrics, load_timeout_s=load_timeout_s, failure_ttl_s=adapter_failure_ttl_s,
+                                    limit=max_adapters_per_replica, min_idle_s=adapter_min_idle_s,
+                                    on_change=self.set.reindex)
         self._endpoints: dict[str, Replica] = {}
         self.max_in_flight = max_in_flight
         self.admission = Admission(max_waiting, max_wait_s)
         self.circuit_failures = circuit_failures
         self.circuit_open_s = circuit_open_s
-        self.health_timeout_s = health_timeout_s
-        self.adapter_failure_ttl_s = adapter_failure_ttl_s
-        self.load_timeout_s = load_timeout_s
-        self.session: aiohttp.ClientSession | None = None
+        self.total_in_flight = 0
+        self._decisions = {s: metrics.picker_decisions.labels(s) for s in ("load", "adapter", "prefix", "only")}
 
     def bind(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+        self.set.session = self.loader.session = session
+
+    @property
+    def replicas(self) -> list[Replica]:
+        return self.set.replicas
 
     @property
     def any_healthy(self) -> bool:
-        return any(r.healthy for r in self.replicas)
-
-    # --- health -------------------------------------------------------------
+        return self.set.any_healthy
 
     async def start(self) -> None:
-        """At start: every host name must resolve (DiscoveryError), then one health check of everything."""
-        await self.discover(strict=True)
-        await self.check_all()
+        """At start: every host name must resolve (DiscoveryError), then one health check and scrape of all."""
+        await self.set.discover(strict=True)
+        await self.set.check_all()
+        await self.set.scrape_all()
 
     async def check_all(self) -> None:
-        """The health job: re-resolve host names, then check every replica (new ones before any traffic)."""
-        await self.discover()
-        await asyncio.gather(*(self.check(r) for r in self.replicas))
+        await self.set.check_all()
 
-    # --- discovery ----------------------------------------------------------
-
-    async def discover(self, *, strict: bool = False) -> None:
-        """Replicas follow the addresses of each host-name entry. A new address joins unhealthy (the
-        health check that follows lets it in); a vanished one drains. A failed lookup keeps the last
-        addresses (strict: raises DiscoveryError)."""
-        entries = [e for e in self.entries if e.discovered]
-        if not entries:
-            return
-        answers = await asyncio.gather(*(resolve(e) for e in entries), return_exceptions=True)
-        for entry, answer in zip(entries, answers):
-            if isinstance(answer, DiscoveryError):
-                if strict:
-                    raise answer
-                self.metrics.upstream_discovery_errors.labels(entry.url).inc()
-                log.warning("%s; keeping its %d known replicas", answer, len(self._discovered[entry.url]))
-                continue
-            if isinstance(answer, BaseException):
-                raise answer
-            self._follow(entry.url, {entry.replica_url(address) for address in answer})
-        self._retire_drained()
-
-    def _follow(self, entry: str, urls: set[str]) -> None:
-        known = self._discovered[entry]
-        self._discovered[entry] = urls
-        self.metrics.upstream_discovered.labels(entry).set(len(urls))
-        taken = {r.url for r in self.replicas}
-        for url in sorted(urls - known):
-            if url in taken:
-                continue
-            back = next((r for r in self._draining if r.url == url), None)
-            if back is not None:  # came back before it drained: in rotation again
-                self._draining.remove(back)
-                back.draining = False
-                self.replicas.append(back)
-            else:
-                self.replicas.append(Replica(url))
-                self._in_flight_gauges[url] = self.metrics.upstream_in_flight.labels(url)
-            log.info("upstream %s: replica %s discovered", entry, url)
-        gone = known - urls - {u for e, found in self._discovered.items() if e != entry for u in found}
-        for replica in [r for r in self.replicas if r.url in gone]:
-            self.replicas.remove(replica)
-            replica.draining = True
-            self._draining.append(replica)
-            log.info("upstream %s: replica %s left DNS, draining %d requests", entry, replica.url,
-                     replica.in_flight)
-
-    def _retire_drained(self) -> None:
-        for replica in [r for r in self._draining if r.in_flight == 0]:
-            self._draining.remove(replica)
-            self._in_flight_gauges.pop(replica.url, None)
-            # Its series go (a 0 would read as a replica down); with --workers N the multiprocess files keep
-            # the last value until the gateway restarts.
-            for gauge, labels in ((self.metrics.upstream_healthy, [(replica.url,)]),
-                                  (self.metrics.upstream_in_flight, [(replica.url,)]),
-                                  (self.metrics.circuit_state, [(replica.url, key) for key in replica.circuits])):
-                for label_values in labels:
-                    try:
-                        gauge.remove(*label_values)
-                    except KeyError:
-                        pass
-            log.info("upstream replica %s drained and removed", replica.url)
-
-    async def check(self, replica: Replica) -> None:
-        assert self.session is not None
-        timeout = aiohttp.ClientTimeout(total=self.health_timeout_s)
-        try:
-            async with self.session.get(f"{replica.url}/health", timeout=timeout) as resp:
-                healthy = resp.status == 200
-            if healthy:
-                async with self.session.get(f"{replica.url}/v1/models", timeout=timeout) as resp:
-                    models = orjson.loads(await resp.read()).get("data", []) if resp.status == 200 else None
-                if models is not None:
-                    # Loads still in flight keep their claim; everything else follows the replica.
-                    replica.adapters = {m["id"] for m in models if m.get("parent") is not None}
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError):
-            healthy = False
-        if replica.draining:  # it left DNS while being checked: its series are gone, keep them so
-            return
-        if healthy != replica.healthy:
-            log.info("upstream %s is now %s", replica.url, "healthy" if healthy else "unhealthy")
-        replica.healthy = healthy
-        self.metrics.upstream_healthy.labels(replica.url).set(1 if healthy else 0)
+    async def scrape_all(self) -> None:
+        await self.set.scrape_all()
 
     def mark_failed(self, replica: Replica) -> None:
-        """A connection to the replica failed: take it out until the next good health check."""
-        replica.healthy = False
-        self.metrics.upstream_healthy.labels(replica.url).set(0)
+        self.set.mark_failed(replica)
 
     # --- circuits -----------------------------------------------------------
 
@@ -225,75 +125,139 @@ class Pool:
             for r in [*self.replicas, *self._endpoints.values()] for key, breaker in sorted(r.circuits.items())
         ]
 
-    # --- picking ------------------------------------------------------------
-
     def _open_to(self, replica: Replica, adapter: str | None) -> bool:
         return (replica.healthy and self.circuit(replica, None).available()
                 and (adapter is None or self.circuit(replica, adapter).available()))
 
-    async def acquire(self, adapter: str | None, path: str | None, exclude: Set[Replica] = frozenset()) -> Replica:
+    # --- picking ------------------------------------------------------------
+
+    async def acquire(self, adapter: str | None, path: str | None, exclude: AbstractSet[Replica] = frozenset(), *,
+                      prefix: str | None = None, weights: ScorerWeights = DEFAULT_WEIGHTS) -> Replica:
         """A replica for ``adapter`` (None: the base model), adapter loaded, its in-flight count taken.
 
+        ``prefix``: the prompt's beginning (service/prefixring.py), for prefix-cache affinity.
         The caller must ``release`` it, and ``report`` how the request went.
         """
-        healthy = [r for r in self.replicas if r.healthy and r not in exclude]
-        if not healthy:
-            raise NoHealthyUpstream("no healthy upstream replica")
         now = time.monotonic()
+        limit = self.max_in_flight
 
-        def loadable(r: Replica) -> bool:
-            return adapter is None or adapter in r.adapters or (
-                path is not None and r.failed_adapters.get(adapter, 0) <= now)
+        def usable(r: Replica) -> bool:
+            return r.in_flight < limit and r not in exclude and not r.draining and self._open_to(r, adapter)
 
-        eligible = [r for r in healthy if self._open_to(r, adapter) and loadable(r)]
-        if not eligible:
-            if not any(loadable(r) for r in healthy):
-                raise AdapterUnavailable(
-                    f"adapter {adapter!r} is not loaded on any healthy replica and cannot be loaded")
-            raise CircuitOpen(f"circuit open for {adapter or 'the base model'} on every healthy replica")
-        candidates = [r for r in eligible if r.in_flight < self.max_in_flight]
-        if not candidates:
-            await self.admission.wait_until(lambda: any(r.in_flight < self.max_in_flight for r in eligible))
-            candidates = [r for r in eligible if r.in_flight < self.max_in_flight and not r.draining]
-            if not candidates:
+        def can_load(r: Replica) -> bool:
+            return path is not None and r.failed_adapters.get(adapter or "", 0) <= now
+
+        if adapter is not None and path is not None:
+            exclude = self._other_versions(adapter, path, exclude)
+
+        def fits(r: Replica) -> bool:
+            return usable(r) and (adapter is None or r.holds(adapter) or can_load(r))
+
+        pick = self._pick(usable, adapter, can_load, prefix, weights)
+        if pick is None:  # the sample held no usable replica: look at every one
+            pick = self._pick(usable, adapter, can_load, prefix, weights, exhaustive=True)
+        if pick is None:
+            self._why_none(adapter, exclude, can_load)  # raises NoHealthyUpstream, AdapterUnavailable, CircuitOpen
+            await self.admission.wait_until(lambda: any(fits(r) for r in self.replicas))
+            pick = self._pick(usable, adapter, can_load, prefix, weights, exhaustive=True)
+            if pick is None:
                 raise NoHealthyUpstream("the replicas with room left DNS while the request waited")
-        holders = [r for r in candidates if adapter is None or adapter in r.adapters]
-        replica = min(holders or candidates, key=lambda r: r.in_flight)
-        replica.in_flight += 1
-        self._in_flight_gauges[replica.url].inc()
+        replica = pick.replica
+        self._decisions[pick.scorer].inc()
+        self._take(replica, adapter, now)
         try:
             if adapter is not None and adapter not in replica.adapters:
                 if path is None:  # dropped from the replica while this request waited for room
                     raise AdapterUnavailable(f"adapter {adapter!r} is no longer loaded on {replica.url}")
-                await self.ensure_adapter(replica, adapter, path)
+                reason = "spread" if any(adapter in r.adapters for r in self.replicas) else "first"
+                await self.loader.ensure(replica, adapter, path, reason)
         except BaseException:
-            self.release(replica)
+            self.release(replica, adapter)
             raise
         self.circuit(replica, None).begin()
         if adapter is not None:
             self.circuit(replica, adapter).begin()
         return replica
 
+    def _other_versions(self, adapter: str, path: str,
+                        exclude: AbstractSet[Replica]) -> AbstractSet[Replica]:
+        """``exclude`` and the replicas where ``adapter`` names another version (loaded from another path):
+        sending there would serve that version, and loading ours under the same name cannot be done."""
+        holders = self.set.holders.get(adapter, ())
+        others = [r for r in holders if _other_root(r.adapter_roots.get(adapter), path)]
+        if not others:
+            return exclude
+        log.warning("adapter %s is loaded from another path than %s on %s: not used there (vllm#30931)",
+                    adapter, path, ", ".join(r.url for r in others))
+        excluded = frozenset(exclude) | frozenset(others)
+        if not any(r.healthy and r not in excluded for r in self.replicas):
+            raise AdapterUnavailable(f"adapter {adapter!r} names another version (loaded from another path) on "
+                                     "every healthy replica: give each adapter version its own name (vllm#30931)")
+        return excluded
+
+    def _pick(self, usable: Callable[[Replica], bool], adapter: str | None, can_load: Callable[[Replica], bool],
+              prefix: str | None, weights: ScorerWeights, exhaustive: bool = False) -> Pick | None:
+        return self.picker.pick(
+            self.replicas, usable, adapter=adapter, can_load=can_load,
+            prefix=prefix_key(adapter, prefix) if prefix else None,
+            holders=self.set.holders.get(adapter, ()) if adapter is not None else (),
+            loading_elsewhere=adapter is not None and adapter in self.loader.loading,
+            adapter_limit=self.loader.limit, total_in_flight=self.total_in_flight, weights=weights,
+            exhaustive=exhaustive)
+
+    def _why_none(self, adapter: str | None, exclude: AbstractSet[Replica],
+                  can_load: Callable[[Replica], bool]) -> None:
+        """No candidate now: say why, or return when the replicas are only full (the request may wait)."""
+        healthy = [r for r in self.replicas if r.healthy and r not in exclude]
+        if not healthy:
+            raise NoHealthyUpstream("no healthy upstream replica")
+
+        def loadable(r: Replica) -> bool:
+            return adapter is None or adapter in r.adapters or can_load(r)
+
+        if not any(self._open_to(r, adapter) and loadable(r) for r in healthy):
+            if not any(loadable(r) for r in healthy):
+                raise AdapterUnavailable(
+                    f"adapter {adapter!r} is not loaded on any healthy replica and cannot be loaded")
+            raise CircuitOpen(f"circuit open for {adapter or 'the base model'} on every healthy replica")
+
+    def _take(self, replica: Replica, adapter: str | None, now: float) -> None:
+        replica.in_flight += 1
+        self.total_in_flight += 1
+        self.set.in_flight_gauges[replica.url].inc()
+        if adapter is not None:
+            replica.adapter_in_flight[adapter] = replica.adapter_in_flight.get(adapter, 0) + 1
+            replica.adapter_used[adapter] = now
+
     def acquire_endpoint(self, url: str) -> Replica:
         """The stand-in replica of an external endpoint, its in-flight count taken (release it too)."""
         replica = self._endpoints.get(url)
         if replica is None:
             replica = self._endpoints[url] = Replica(url, healthy=True, external=True)
-            self._in_flight_gauges[url] = self.metrics.upstream_in_flight.labels(url)
+            self.set.in_flight_gauges[url] = self.metrics.upstream_in_flight.labels(url)
         circuit = self.circuit(replica, None)
         if not circuit.available():
             raise CircuitOpen(f"circuit open for the endpoint {url}")
         replica.in_flight += 1
-        self._in_flight_gauges[url].inc()
+        self.set.in_flight_gauges[url].inc()
         circuit.begin()
         return replica
 
-    def release(self, replica: Replica) -> None:
+    def release(self, replica: Replica, adapter: str | None = None) -> None:
+        """The request is over (``adapter``: the one it was acquired for)."""
         replica.in_flight -= 1
-        self._in_flight_gauges[replica.url].dec()
+        if not replica.external:
+            self.total_in_flight -= 1
+        self.set.in_flight_gauges[replica.url].dec()
+        if adapter is not None:
+            left = replica.adapter_in_flight.get(adapter, 1) - 1
+            if left > 0:
+                replica.adapter_in_flight[adapter] = left
+            else:
+                replica.adapter_in_flight.pop(adapter, None)
         self.admission.notify()
         if replica.draining and replica.in_flight == 0:
-            self._retire_drained()
+            self.set.retire_drained()
 
     def report(self, replica: Replica, adapter: str | None, failure: FailureReason | None) -> None:
         """How a request went: None for success, else the failure reason. Feeds the circuits."""
@@ -312,49 +276,10 @@ class Pool:
             replica_circuit.probing = False
             if failure == FailureReason.ADAPTER_MISSING:
                 replica.adapters.discard(adapter)  # stale residency: reload it next time
+                self.set.reindex()
         else:
             replica_circuit.failure()
 
-    # --- adapter loading ----------------------------------------------------
-
-    async def ensure_adapter(self, replica: Replica, adapter: str, path: str) -> None:
-        if adapter in replica.adapters:
-            return
-        task = replica.loading.get(adapter)
-        if task is None:
-            task = asyncio.ensure_future(self._load(replica, adapter, path))
-            replica.loading[adapter] = task
-            task.add_done_callback(lambda _t: replica.loading.pop(adapter, None))
-        # shield: one caller giving up (client gone) must not cancel the others' load.
-        await asyncio.shield(task)
-
-    async def _load(self, replica: Replica, adapter: str, path: str) -> None:
-        assert self.session is not None
-        started = time.perf_counter()
-        result = "error"
-        detail = ""
-        try:
-            async with self.session.post(
-                f"{replica.url}/v1/load_lora_adapter",
-                json={"lora_name": adapter, "lora_path": path},
-                timeout=aiohttp.ClientTimeout(total=self.load_timeout_s),
-            ) as resp:
-                detail = (await resp.read()).decode(errors="replace")[:300]
-                if resp.status == 200:
-                    result = "success"
-                elif resp.status == 400 and "already" in detail:
-                    result = "already_loaded"  # another gateway worker loaded it first
-                else:
-                    result = "failed"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            detail = type(exc).__name__
-        self.metrics.adapter_loads.labels(replica.url, adapter, result).inc()
-        if result in ("success", "already_loaded"):
-            self.metrics.adapter_load_duration.labels(adapter).observe(time.perf_counter() - started)
-            replica.adapters.add(adapter)
-            replica.failed_adapters.pop(adapter, None)
-            log.info("loaded adapter %s on %s (%s)", adapter, replica.url, result)
-            return
-        replica.failed_adapters[adapter] = time.monotonic() + self.adapter_failure_ttl_s
-        log.warning("loading adapter %s on %s failed: %s", adapter, replica.url, detail)
-        raise AdapterUnavailable(f"adapter {adapter!r} could not be loaded on {replica.url}")
+    def view(self) -> list[dict]:
+        """/admin/upstreams: every replica's health, adapters and scraped engine state."""
+        return [self.set.view(r) for r in self.replicas]

@@ -223,6 +223,30 @@ def gateway() -> dict:
     board.panel("Adapter load duration p95",
                 _quantiles("loragate_adapter_load_duration_seconds", "", "adapter", "{{adapter}}")[1:2], unit="s")
 
+    board.row("Scheduling (which replica serves a request: docs/scheduling.md)")
+    board.panel("Engine queue by replica (scraped)", [
+        ("max by (upstream, state) (loragate_engine_requests)", "{{upstream}} {{state}}")], w=8,
+        description="Requests running and waiting on each replica's engine at the gateway's last /metrics scrape. "
+                    "Waiting requests are what the picker weighs most.")
+    board.panel("KV-cache usage by replica (scraped)", [
+        ("max by (upstream) (loragate_engine_kv_cache_usage_ratio)", "{{upstream}}")], unit="percentunit", w=8)
+    board.panel("LoRA adapters by replica", [
+        ("max by (upstream, state) (loragate_engine_lora_adapters)", "{{upstream}} {{state}}")], w=8,
+        description="loaded: listed by the engine; running: running or waiting there (scraped); slots: --max-loras.")
+    board.panel("Picks by deciding scorer", [(
+        f"sum by (scorer) (rate(loragate_picker_decisions_total[{RATE}])) or vector(0)", "{{scorer}}")],
+        unit="reqps", w=8, stack=True,
+        description="The scorer that separated the chosen replica from the runner-up: load, adapter (affinity), "
+                    "prefix (cache affinity), or only (one candidate).")
+    board.panel("Adapter placements by reason", [(
+        f"sum by (action, reason) (increase(loragate_adapter_placements_total[{RATE}])) or vector(0)",
+        "{{action}} {{reason}}")], w=8, stack=True,
+        description="Loads: first (on no replica yet), spread (its holders were busier than another replica by "
+                    "more than a load costs). Unloads: lru (idle, at LORAGATE_MAX_ADAPTERS_PER_REPLICA).")
+    board.panel("Engine scrape errors", [(
+        f"sum by (upstream) (increase(loragate_engine_scrape_errors_total[{RATE}])) or vector(0)", "{{upstream}}")],
+        w=8, description="Failed /metrics scrapes: the picker falls back to the gateway's own in-flight counts.")
+
     board.row("Catalog, request log and feedback")
     board.panel("Routes file reloads",
                 [(f"sum by (result) (increase(loragate_catalog_reloads_total[{RATE}]))", "{{result}}")],

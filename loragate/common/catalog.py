@@ -63,6 +63,19 @@ class Limits(_Strict):
     max_n: int = Field(4, ge=1)
 
 
+class Scheduling(_Strict):
+    """How the replica picker weighs its scorers for this route's requests (docs/scheduling.md); 0 turns one off.
+
+    load: queued and running requests and KV-cache pressure; adapter: a replica where the adapter is
+    active or loaded over one that must load it; prefix: the replica whose prefix cache holds the prompt's
+    beginning (raise it for long shared system prompts, lower it for short unrelated prompts).
+    """
+
+    load: float = Field(1.0, ge=0)
+    adapter: float = Field(1.0, ge=0)
+    prefix: float = Field(1.0, ge=0)
+
+
 class Variant(_Strict):
     name: str
     # The adapter's name on the vLLM server; None means the base model.
@@ -138,6 +151,7 @@ class Route(_Strict):
     timeouts: Timeouts = Timeouts()
     limits: Limits = Limits()
     shadow: Shadow | None = None
+    scheduling: Scheduling = Scheduling()
 
     @field_validator("sticky_key")
     @classmethod
@@ -218,6 +232,23 @@ class Catalog(_Strict):
             if not _NAME.match(name):
                 raise ValueError(f"route name {name!r} must match {_NAME.pattern}")
         return routes
+
+    @model_validator(mode="after")
+    def _one_version_per_adapter_name(self) -> "Catalog":
+        """An adapter name stands for one version: two load paths under one name would let vLLM serve one
+        version's cached prefix blocks to the other (vllm#30931). The registry names versions ``name-version``."""
+        paths: dict[str, tuple[str, str]] = {}
+        for route in self.routes.values():
+            for variant in route.variants:
+                if not variant.adapter or not variant.path:
+                    continue
+                seen = paths.setdefault(variant.adapter, (variant.path, route.name))
+                if seen[0] != variant.path:
+                    raise ValueError(
+                        f"adapter name {variant.adapter!r} has two paths ({seen[0]!r} in route {seen[1]!r}, "
+                        f"{variant.path!r} in route {route.name!r}): give each adapter version its own name "
+                        "(vLLM can mix the prefix caches of adapters loaded under one name, vllm#30931)")
+        return self
 
     def adapters(self) -> dict[str, str | None]:
         """Every adapter any route may use, with its load path."""

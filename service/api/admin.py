@@ -1,6 +1,7 @@
 """Admin endpoints, behind the admin token (``Authorization: Bearer $LORAGATE_ADMIN_TOKEN``).
 
-Read-only views of the gateway's state: the API keys (never their hashes) and the upstream replicas.
+Read-only views of the gateway's state: the API keys (never their hashes) and the upstream replicas
+(health, adapters, each engine's scraped state and what falls back to the gateway's own counts).
 """
 
 from __future__ import annotations
@@ -34,10 +35,7 @@ def admin_router(auth: Authenticator, pool: Pool) -> APIRouter:
     async def upstreams(request: Request) -> Response:
         if (error := refused(request)) is not None:
             return error
-        return ORJSONResponse({"upstreams": [
-            {"url": r.url, "healthy": r.healthy, "in_flight": r.in_flight, "adapters": sorted(r.adapters)}
-            for r in pool.replicas
-        ]})
+        return ORJSONResponse({"upstreams": pool.view()})
 
     @router.get("/circuits")
     async def circuits(request: Request) -> Response:

@@ -154,7 +154,7 @@ def test_admin_endpoints_need_the_admin_token(gateway):
     assert "sha256" not in keys.text and hash_key(KEYS["user"]) not in keys.text
     upstreams = httpx.get(f"{gateway}/admin/upstreams", headers=admin, timeout=10).json()["upstreams"]
     assert len(upstreams) == 1 and upstreams[0]["healthy"] is True
-    assert set(upstreams[0]) == {"url", "healthy", "in_flight", "adapters"}
+    assert set(upstreams[0]) == {"url", "healthy", "draining", "in_flight", "adapters", "loaded_by_gateway", "engine"}
 
 
 def test_revoking_a_key_by_editing_the_file(setup):

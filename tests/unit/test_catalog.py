@@ -96,3 +96,17 @@ def test_catalog_file_reload_keeps_last_good(tmp_path: Path):
     path.write_text(GOOD.replace("support:", "sales:"))
     assert source.reload_if_changed()
     assert list(source.current.routes) == ["sales"]
+
+
+def test_one_adapter_name_cannot_name_two_versions():
+    text = """
+routes:
+  a:
+    variants: [{name: v1, adapter: support, path: /adapters/support/1, weight: 1}]
+  b:
+    variants: [{name: v2, adapter: support, path: /adapters/support/2, weight: 1}]
+"""
+    with pytest.raises(CatalogError, match="vllm#30931"):
+        parse_catalog(text)
+    same = text.replace("/adapters/support/2", "/adapters/support/1")
+    assert parse_catalog(same).adapters() == {"support": "/adapters/support/1"}

@@ -1,0 +1,136 @@
+"""Putting adapters on replicas and taking them off: ``/v1/load_lora_adapter``, ``/v1/unload_lora_adapter``.
+
+One load per (replica, adapter) at a time, shared by every request that waits for it. Before a load
+on a replica at its adapter limit, the least recently used adapter this gateway loaded there is
+unloaded, if one has been idle (nothing in flight from here, nothing running or waiting on the
+engine) for ``min_idle_s``: the hysteresis that keeps two adapters from pushing each other out
+request after request. With none that idle the load goes ahead over the limit (the engine swaps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aiohttp
+
+from loragate.service.metrics import Metrics
+from collections.abc import Callable
+
+from loragate.service.replicas import Replica
+
+log = logging.getLogger("loragate.upstreams")
+
+
+class AdapterUnavailable(Exception):
+    """The adapter could not be loaded on any healthy replica."""
+
+
+def unload_victim(replica: Replica, keep: str, now: float, min_idle_s: float) -> str | None:
+    """The least recently used adapter the gateway loaded on ``replica`` that may go now, if any."""
+    idle = [name for name in replica.loaded_by_gateway
+            if name != keep and name not in replica.loading and not replica.is_active(name)
+            and now - replica.adapter_used.get(name, 0.0) >= min_idle_s]
+    return min(idle, key=lambda name: replica.adapter_used.get(name, 0.0)) if idle else None
+
+
+class AdapterLoader:
+    def __init__(self, metrics: Metrics, *, load_timeout_s: float = 120.0, failure_ttl_s: float = 30.0,
+                 limit: int | None = None, min_idle_s: float = 30.0,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self.metrics = metrics
+        self.load_timeout_s = load_timeout_s
+        self.failure_ttl_s = failure_ttl_s
+        self.limit = limit  # adapters per replica before an idle one is unloaded (None: never unload)
+        self.min_idle_s = min_idle_s
+        self.session: aiohttp.ClientSession | None = None
+        self.loading: dict[str, int] = {}  # adapter -> loads under way on any replica
+        self.on_change = on_change  # which replica holds what changed (the replica set reindexes)
+
+    async def ensure(self, replica: Replica, adapter: str, path: str, reason: str) -> None:
+        """The adapter on the replica; ``reason`` (first, spread) is what the metrics say about a new load."""
+        if adapter in replica.adapters:
+            return
+        task = replica.loading.get(adapter)
+        if task is None:
+            task = asyncio.ensure_future(self._load(replica, adapter, path, reason))
+            replica.loading[adapter] = task
+            self.loading[adapter] = self.loading.get(adapter, 0) + 1
+
+            def done(_task: asyncio.Task) -> None:
+                replica.loading.pop(adapter, None)
+                left = self.loading.get(adapter, 1) - 1
+                if left:
+                    self.loading[adapter] = left
+                else:
+                    self.loading.pop(adapter, None)
+                self.on_change()
+
+            task.add_done_callback(done)
+            self.on_change()
+        # shield: one caller giving up (client gone) must not cancel the others' load.
+        await asyncio.shield(task)
+
+    async def _load(self, replica: Replica, adapter: str, path: str, reason: str) -> None:
+        assert self.session is not None
+        if self.limit is not None and len(replica.adapters) >= self.limit:
+            victim = unload_victim(replica, adapter, time.monotonic(), self.min_idle_s)
+            if victim is not None:
+                await self.unload(replica, victim, "lru")
+        started = time.perf_counter()
+        result = "error"
+        detail = ""
+        try:
+            async with self.session.post(
+                f"{replica.url}/v1/load_lora_adapter",
+                json={"lora_name": adapter, "lora_path": path},
+                timeout=aiohttp.ClientTimeout(total=self.load_timeout_s),
+            ) as resp:
+                detail = (await resp.read()).decode(errors="replace")[:300]
+                if resp.status == 200:
+                    result = "success"
+                elif resp.status == 400 and "already" in detail:
+                    result = "already_loaded"  # another gateway worker loaded it first
+                else:
+                    result = "failed"
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            detail = type(exc).__name__
+        self.metrics.adapter_loads.labels(replica.url, adapter, result).inc()
+        if result in ("success", "already_loaded"):
+            self.metrics.adapter_load_duration.labels(adapter).observe(time.perf_counter() - started)
+            self.metrics.adapter_placements.labels("load", reason).inc()
+            replica.adapters.add(adapter)
+            replica.failed_adapters.pop(adapter, None)
+            if result == "success":
+                replica.loaded_by_gateway[adapter] = path
+            log.info("loaded adapter %s on %s (%s, %s)", adapter, replica.url, result, reason)
+            return
+        replica.failed_adapters[adapter] = time.monotonic() + self.failure_ttl_s
+        log.warning("loading adapter %s on %s failed: %s", adapter, replica.url, detail)
+        raise AdapterUnavailable(f"adapter {adapter!r} could not be loaded on {replica.url}")
+
+    async def unload(self, replica: Replica, adapter: str, reason: str) -> bool:
+        """Take the adapter off the replica; False when the engine refused (it stays listed then)."""
+        assert self.session is not None
+        replica.adapters.discard(adapter)  # no new request goes there for it while this runs
+        try:
+            async with self.session.post(
+                f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": adapter},
+                timeout=aiohttp.ClientTimeout(total=self.load_timeout_s),
+            ) as resp:
+                await resp.read()
+                ok = resp.status in (200, 404)  # 404: already gone
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            ok = False
+        self.on_change()
+        if ok:
+            replica.loaded_by_gateway.pop(adapter, None)
+            replica.adapter_used.pop(adapter, None)
+            self.metrics.adapter_placements.labels("unload", reason).inc()
+            log.info("unloaded adapter %s from %s (%s)", adapter, replica.url, reason)
+        else:
+            replica.adapters.add(adapter)
+            self.on_change()
+            log.warning("unloading adapter %s from %s failed", adapter, replica.url)
+        return ok
