@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     # Adapters per replica before the least recently used one the gateway loaded, idle for
     # adapter_min_idle_s, is unloaded to make room (0: never unload; the engine swaps LoRA slots itself).
     max_adapters_per_replica: int = Field(0, ge=0)
+    # Seconds an adapter must have gone without requests on a replica before it may be unloaded (hysteresis).
     adapter_min_idle_s: float = Field(30.0, ge=0)
 
     # Request log (service/requestlog/sink.py): a directory or s3://bucket/prefix; unset = off.
