@@ -239,11 +239,12 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pipeline_command(args: argparse.Namespace) -> int:
-    """Exit 0 ready, 1 rejected, 2 failed or bad input, 3 waiting for approval, 4 another run holds the route."""
+    """Exit 0 ready, 1 rejected, 2 failed or bad input, 3 waiting for approval, 4 another run holds the route,
+    143 stopped by SIGTERM (run again: training resumes from its checkpoint)."""
     from pydantic import ValidationError
 
     from loragate.common.registry import RegistryError
-    from loragate.pipeline.run import Pipeline, PipelineBusy, PipelineSpec, status
+    from loragate.pipeline.run import Pipeline, PipelineBusy, PipelineInterrupted, PipelineSpec, status
 
     try:
         if args.action == "status":
@@ -259,6 +260,9 @@ def pipeline_command(args: argparse.Namespace) -> int:
     except PipelineBusy as exc:
         print(f"loragate: {exc}", file=sys.stderr)
         return 4
+    except PipelineInterrupted as exc:
+        print(f"loragate: {exc}", file=sys.stderr)
+        return 143
     except ValidationError as exc:
         missing = ", ".join("--" + str(e["loc"][0]).replace("_", "-") for e in exc.errors())
         print(f"loragate: pipeline run needs {missing}", file=sys.stderr)
