@@ -14,6 +14,8 @@ the result is registered in one rename, and the work directory goes only then.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib.util
 import json
 import math
@@ -24,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -509,9 +512,29 @@ def train(config: TrainConfig) -> tuple[Path, AdapterCard]:
     prepared = prepare(config)
     work = work_directory(prepared.registry, config.name, config.version)
     main = prepared.world.main
-    if not config.resume and main:
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(exist_ok=True)
+    with _training_lock(prepared.registry, config.name, config.version, main):
+        if not config.resume and main:
+            shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(exist_ok=True)
+        return _train_in(prepared, work)
+
+
+@contextlib.contextmanager
+def _training_lock(registry: Registry, name: str, version: str, main: bool) -> Iterator[None]:
+    """One training of a version at a time (an orphaned run of a killed pipeline would share its checkpoints)."""
+    if not main:
+        yield
+        return
+    with open(registry.root / f".train-{name}-{version}.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainError(f"another run is training {name}/{version} in {registry.location}") from None
+        yield
+
+
+def _train_in(prepared: Prepared, work: Path) -> tuple[Path, AdapterCard]:
+    config, main = prepared.config, prepared.world.main
     try:
         held_sha = write_rows(prepared.held_rows, work / HELD_OUT_FILE) if main else ""
         run = fit(prepared, work, work / LOSS_LOG_FILE)
@@ -527,6 +550,7 @@ def train(config: TrainConfig) -> tuple[Path, AdapterCard]:
                         training=run)
         target = prepared.registry.register(card, work, reason="trained", extra_files=(HELD_OUT_FILE, LOSS_LOG_FILE))
         shutil.rmtree(work, ignore_errors=True)  # registered: the checkpoints are no longer needed
+        (prepared.registry.root / f".train-{config.name}-{config.version}.lock").unlink(missing_ok=True)
     except RegistryError as exc:
         raise TrainError(str(exc)) from None
     return target, read_card(target)

@@ -106,6 +106,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_same_command_finishes
         if log.is_file() and len(log.read_text().splitlines()) >= 2:
             break
         time.sleep(0.05)
+    twin = run(args, timeout=120)  # the same version twice at once: refused, the running one untouched
+    assert twin.returncode == 2 and twin.stderr.strip() == (
+        f"loragate: another run is training s/termed in {registry}"), twin.stderr
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 143, err[-2000:]
