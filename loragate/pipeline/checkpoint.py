@@ -37,6 +37,7 @@ class Progress:
     all_tokens: int = 0
     elapsed_s: float = 0.0  # training time before this process started
     resumed_from: list[int] = field(default_factory=list)  # steps of the checkpoints this run continued from
+    fingerprint: str = ""  # what the steps depend on (data, seed, batch sizes, ...): a resume must match it
 
 
 def latest(work: Path) -> Path | None:

@@ -130,8 +130,9 @@ def train_command(args: argparse.Namespace) -> int:
     if args.processes > 1 and "WORLD_SIZE" not in os.environ:
         from loragate.pipeline.launch import run_forwarding_sigterm, torchrun_command
 
-        result, _ = run_forwarding_sigterm(torchrun_command(_without_processes(sys.argv[1:]), args.processes))
-        return 143 if result.returncode in (143, -15) else result.returncode
+        result, terminated = run_forwarding_sigterm(torchrun_command(_without_processes(sys.argv[1:]),
+                                                                     args.processes))
+        return 143 if terminated or result.returncode in (143, -15) else result.returncode
 
     from loragate.pipeline.train import TrainConfig, TrainError, TrainInterrupted, train
 

@@ -286,10 +286,15 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
         params = [p for _, p in named]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         scaler = torch.amp.GradScaler("cuda") if plan.precision == "fp16" else None
-        progress = checkpoint.Progress()
+        fingerprint = _fingerprint(prepared)
+        progress = checkpoint.Progress(fingerprint=fingerprint)
         last = checkpoint.latest(work) if config.resume else None
         if last is not None:
             progress, state = checkpoint.load(last, torch=torch, rank=world.rank)
+            if progress.fingerprint != fingerprint:
+                raise TrainError(f"the checkpoint {last} is from a run with other data or options (dataset, seed, "
+                                 "batch sizes, learning rate, adapter): run the same command to resume it, or "
+                                 "add --no-resume to start over")
             with torch.no_grad():
                 for n, p in named:
                     p.copy_(state["trainable"][n].to(p.device))
@@ -413,6 +418,17 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
                        checkpoints_resumed=progress.resumed_from,
                        hardware=_hardware_text(prepared.hardware, world, device.type),
                        memory_estimate_gb=round(prepared.estimate.total / GB, 2), memory_peak_gb=round(peak / GB, 2))
+
+
+def _fingerprint(prepared: Prepared) -> str:
+    """What the sequence of steps depends on; the epochs, step limits and process count may change."""
+    import hashlib
+
+    c, p = prepared.config, prepared.plan
+    what = [prepared.dataset.sha256, prepared.base.sha256, prepared.parent_ref, c.seed, c.held_out_share,
+            prepared.effective_batch, p.micro_batch, c.group_by_length, c.lr, p.rank, list(p.targets), c.alpha,
+            p.seq_len, p.precision, p.quantization]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 def _load_model(config: TrainConfig, plan: memory.Plan, device: Any, torch: Any) -> Any:

@@ -115,6 +115,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_same_command_finishes
     assert "stopped by SIGTERM at step" in err and "Traceback" not in err
     saved = sorted(p.name for p in (work / "checkpoints").iterdir())
     assert len(saved) == 1 and saved[0].startswith("step-")
+    other = run([*args, "--lr", "1e-3"])  # another learning rate would not end where the first run would
+    assert other.returncode == 2 and "from a run with other data or options" in other.stderr, other.stderr[-2000:]
     resumed = run(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert read_card(registry / "s" / "termed").training.checkpoints_resumed == [int(saved[0][5:])]

@@ -188,3 +188,12 @@ def test_workers_run_the_same_command_less_processes():
 def test_a_plan_is_hashable_and_replace_keeps_the_rest():
     p = plan()
     assert replace(p, micro_batch=1).seq_len == p.seq_len and hash(p)
+
+
+def test_the_latest_checkpoint_is_the_highest_complete_one(tmp_path):
+    from loragate.pipeline import checkpoint
+
+    assert checkpoint.latest(tmp_path) is None
+    for name in ("step-0000003", "step-0000012", "step-0000015.partial", "step-x", "other"):
+        (tmp_path / checkpoint.DIRECTORY / name).mkdir(parents=True)
+    assert checkpoint.latest(tmp_path) == tmp_path / checkpoint.DIRECTORY / "step-0000012"
