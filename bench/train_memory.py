@@ -43,13 +43,16 @@ TRAINER = {  # the field's stack on the same model, rows and effective batch: th
 
 def trainer_child(base: str, data: str, options: dict, steps: int) -> dict:
     """The transformers Trainer (TRL's SFTTrainer is a subclass) with PEFT LoRA r=8 on q/k/v/o, the same
-    encoded rows and answer-only labels as loragate train, in this process; its peak RSS and tokens/s."""
+    encoded rows, answer-only labels and batches (loragate's plan for today's options, in order) as
+    loragate train, in this process; its peak RSS and tokens/s (tokens counted as the model sees them:
+    accelerate's loader reads a batch ahead)."""
     import resource
 
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
+    from loragate.pipeline.batches import epoch_plan
     from loragate.pipeline.chatdata import Encoder, read_dataset, split
     from loragate.pipeline.train import _collate
 
@@ -57,15 +60,18 @@ def trainer_child(base: str, data: str, options: dict, steps: int) -> dict:
     torch.manual_seed(0)
     encoder = Encoder(base, 2048)
     rows, _ = split(read_dataset(data).rows, 0.2, 0)
-    examples = [e for e in map(encoder.encode, rows) if e]
+    encoded = [e for e in map(encoder.encode, rows) if e]
+    plan = epoch_plan([len(e.prompt_ids) + len(e.answer_ids) for e in encoded], seed=0, epoch=0,
+                      micro_batch=options["micro"], accumulation=8 // options["micro"], world=1, group_by_length=False)
+    examples = [encoded[i] for step in plan for micro in step.micro_batches for i in micro]  # loragate's order
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     tokens = []
+    model.register_forward_pre_hook(lambda m, a, kw: tokens.append(int(kw["attention_mask"].sum())), with_kwargs=True)
 
     def collate(items):
         ids, mask, labels = _collate(items, encoder.pad_id, torch)
-        tokens.append(int(mask.sum()))
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     trainer = Trainer(model=model, train_dataset=examples, data_collator=collate, args=TrainingArguments(
@@ -74,6 +80,7 @@ def trainer_child(base: str, data: str, options: dict, steps: int) -> dict:
         max_steps=steps, learning_rate=2e-4, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant",
         logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
         disable_tqdm=True, remove_unused_columns=False, seed=0))
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(examples)  # the same batches
     started = time.monotonic()
     trainer.train()
     duration = time.monotonic() - started

@@ -331,20 +331,18 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
                 while progress.step_in_epoch < len(steps) and progress.step < total:
                     step = steps[progress.step_in_epoch]
                     denominator = sum(scored[i] for mb in step.micro_batches for i in mb) or 1
+                    items = torch.tensor(denominator, device=device)
                     local_loss = local_tokens = local_answer = 0.0
                     for micro in step.for_rank(world.rank, world.size):
                         ids, mask, labels = (t.to(device) for t in _collate([examples[i] for i in micro], pad, torch))
-                        with autocast:
-                            logits = model(input_ids=ids, attention_mask=mask).logits
-                        loss_sum = torch.nn.functional.cross_entropy(
-                            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
-                            reduction="sum")
-                        loss = loss_sum / denominator
+                        with autocast:  # the model's own loss: shifted labels, float32, summed / the step's tokens
+                            loss = model(input_ids=ids, attention_mask=mask, labels=labels,
+                                         num_items_in_batch=items).loss
                         (scaler.scale(loss) if scaler is not None else loss).backward()
-                        local_loss += float(loss_sum.detach())
+                        local_loss += float(loss.detach()) * denominator
                         local_tokens += float(mask.sum())
                         local_answer += float((labels[:, 1:] != -100).sum())
-                        del logits, loss_sum, loss
+                        del loss
                     group.sum_gradients(params)
                     if scaler is not None:
                         scaler.unscale_(optimizer)

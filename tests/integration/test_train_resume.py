@@ -136,3 +136,38 @@ def test_two_processes_take_the_same_steps_as_one_with_twice_the_accumulation(se
     assert card_one.training.effective_batch == card_two.training.effective_batch == 8
     assert losses(registry / "s" / "one") == pytest.approx(losses(registry / "s" / "two"), abs=1e-4)
     assert_same_adapter(registry / "s" / "one", registry / "s" / "two", atol=1e-4)
+
+
+def test_an_evicted_pipeline_leaves_training_running_and_the_retry_resumes_it(setup, tmp_path):
+    """What a training Job's pod sees on eviction: SIGTERM to `loragate pipeline run` (the container's first
+    process) reaches its training child, which checkpoints; the pipeline exits 143 without recording a
+    failure; the retried pod's same command resumes training from the checkpoint (the gate then fails here:
+    no engine at that address, which is not what this test is about)."""
+    registry = setup["registry"]
+    stable = registry / "s" / "straight"
+    if not stable.exists():
+        assert run(command(setup, "straight")).returncode == 0
+    state = tmp_path / "pipeline.json"
+    args = [sys.executable, "-m", "loragate", "pipeline", "run", "--state-file", str(state), "--route", "s",
+            "--dataset", str(setup["dataset"]), "--base-model", setup["base"], "--registry", str(registry),
+            "--name", "s", "--version", "evicted", "--stable", str(stable), "--engine", "http://127.0.0.1:9",
+            "--seed", "5", f"--train-arg=--lr={DEMO_LR}", "--train-arg=--epochs=2", "--train-arg=--checkpoint-every=0"]
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = registry / ".train-s-evicted" / "train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM: run again to resume" in err
+    record = json.loads(state.read_text())
+    assert record["steps"]["train"]["status"] == "running" and record["outcome"] == "running"
+    assert not (registry / "s" / "evicted").exists()
+
+    retried = run(args)
+    assert json.loads(state.read_text())["steps"]["train"]["status"] == "done", retried.stderr[-2000:]
+    card = read_card(registry / "s" / "evicted")
+    assert len(card.training.checkpoints_resumed) == 1 and card.training.steps == 12
