@@ -441,6 +441,7 @@ def _load_model(config: TrainConfig, plan: memory.Plan, device: Any, torch: Any)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype if plan.precision != "fp32" else torch.bfloat16)
+    if device.type == "cuda":  # straight onto the GPU: an 8B base never passes through host memory whole
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
     model.config.use_cache = False
@@ -455,7 +456,7 @@ def _load_model(config: TrainConfig, plan: memory.Plan, device: Any, torch: Any)
                                                      task_type="CAUSAL_LM"))
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatch: the adapter is for another base
         raise TrainError(f"cannot apply the adapter to {config.base_model}: {str(exc)[:300]}") from None
-    if plan.quantization is None:
+    if plan.quantization is None:  # (a 4-bit model refuses .to(); its adapter is created on its device)
         model.to(device)
     for p in model.parameters():  # the adapter trains in float32 whatever the base's dtype
         if p.requires_grad and p.dtype != torch.float32:
