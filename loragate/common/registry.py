@@ -107,6 +107,19 @@ class TrainingRun(BaseModel):
     loss_last: float | None = None
     loss_min: float | None = None
     loss_log: str | None = None  # JSONL beside the card
+    # How the run fitted its hardware (loragate train's options, resolved; absent on older cards).
+    precision: str | None = None  # fp32 | bf16 | fp16: the base weights' and the activations' dtype
+    quantization: str | None = None  # nf4 (QLoRA: a 4-bit base) or none
+    effective_batch: int | None = None  # rows per optimizer step: micro_batch x accumulation x processes
+    micro_batch: int | None = None
+    accumulation: int | None = None
+    processes: int | None = None
+    gradient_checkpointing: bool | None = None
+    max_len: int | None = None  # the longest row trained on, in tokens (the data's, capped)
+    checkpoints_resumed: list[int] = Field(default_factory=list)  # steps of the checkpoints the run continued from
+    hardware: str | None = None  # e.g. "2 x NVIDIA H100 80GB HBM3 (80 GB)"
+    memory_estimate_gb: float | None = None  # the estimate before loading, one process
+    memory_peak_gb: float | None = None  # measured: the GPU's peak allocation, or the process's peak RSS
 
 
 class Evaluation(BaseModel):

@@ -86,12 +86,34 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int)
     p.add_argument("--time-budget-s", type=float, help="stop training after this many seconds")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="the effective batch: rows per optimizer step, over all processes")
+    p.add_argument("--micro-batch-size", type=int,
+                   help="rows per forward pass, accumulated to --batch-size (default: on a GPU the largest that "
+                        "fits; on a CPU 1)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on GPUs that have it, else fp16; fp32 on a CPU (bf16 there is >5x slower)")
+    p.add_argument("--quantization", choices=["nf4"], help="nf4: a 4-bit base (QLoRA, bitsandbytes), CUDA only")
+    p.add_argument("--gradient-checkpointing", default="auto", choices=["auto", "on", "off"],
+                   help="recompute activations in the backward pass (~30%% slower, far less memory); auto: on "
+                        "where the batch does not fit without it")
+    p.add_argument("--no-group-by-length", action="store_true",
+                   help="batch rows in shuffled order (default: rows of similar length together, less padding)")
+    p.add_argument("--checkpoint-every", type=int, default=100,
+                   help="save a checkpoint every N steps (also on SIGTERM); 0: on SIGTERM only")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start over, discarding the checkpoints of an earlier attempt of this version")
+    p.add_argument("--memory-limit-gb", type=float,
+                   help="memory the run may use on one device (default: what is free there)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="data-parallel processes on this node (one per GPU), started with torchrun")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (the tiny demo model: 3e-2)")
     p.add_argument("--rank", type=int, default=8, help="fresh adapters only")
     p.add_argument("--alpha", type=float, default=16, help="fresh adapters only")
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj", help="fresh adapters only")
-    p.add_argument("--max-len", type=int, default=256, help="tokens per row (prompt + answer), the engine's limit")
+    p.add_argument("--max-len", type=int, default=2048,
+                   help="the cap on tokens per row (prompt + answer; also the model's positions); batches are "
+                        "padded to their longest row")
     p.add_argument("--window-start", type=float, help="unix seconds: the traffic window the dataset came from")
     p.add_argument("--window-end", type=float)
     p.add_argument("--trigger", help="JSON (or a JSON file) of the trigger / drift report that caused this run")
@@ -101,9 +123,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    """Exit 0 registered, 2 bad input (or it cannot fit), 143 stopped by SIGTERM (the same command resumes)."""
+    import os
     from pathlib import Path
 
-    from loragate.pipeline.train import TrainConfig, TrainError, train
+    if args.processes > 1 and "WORLD_SIZE" not in os.environ:
+        from loragate.pipeline.launch import run_forwarding_sigterm, torchrun_command
+
+        result, terminated = run_forwarding_sigterm(torchrun_command(_without_processes(sys.argv[1:]),
+                                                                     args.processes))
+        return 143 if terminated or result.returncode in (143, -15) else result.returncode
+
+    from loragate.pipeline.train import TrainConfig, TrainError, TrainInterrupted, train
 
     trigger = None
     if args.trigger:
@@ -117,6 +148,9 @@ def train_command(args: argparse.Namespace) -> int:
         dataset=args.dataset, base_model=args.base_model, registry=args.registry, name=args.name,
         version=args.version, parent=args.parent, seed=args.seed, held_out_share=args.held_out_share,
         epochs=args.epochs, max_steps=args.max_steps, time_budget_s=args.time_budget_s, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, precision=args.precision, quantization=args.quantization,
+        gradient_checkpointing=args.gradient_checkpointing, group_by_length=not args.no_group_by_length,
+        checkpoint_every=args.checkpoint_every, resume=not args.no_resume, memory_limit_gb=args.memory_limit_gb,
         lr=args.lr, rank=args.rank, alpha=args.alpha,
         target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()), max_len=args.max_len,
         window_start=args.window_start, window_end=args.window_end, trigger=trigger,
@@ -124,16 +158,38 @@ def train_command(args: argparse.Namespace) -> int:
         progress=not args.no_progress)
     try:
         directory, card = train(config)
+    except TrainInterrupted as exc:
+        print(f"loragate: {exc}", file=sys.stderr)
+        return 143
     except TrainError as exc:
         print(f"loragate: {exc}", file=sys.stderr)
         return 2
     run, data = card.training, card.data
     assert run is not None and data is not None  # train() always fills them
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # the first process reports
     print(json.dumps({"adapter": str(directory), "ref": card.ref, "state": card.state, "steps": run.steps,
                       "duration_s": run.duration_s, "tokens_per_s": run.tokens_per_s, "loss_first": run.loss_first,
-                      "loss_last": run.loss_last, "train_rows": data.train_rows,
+                      "loss_last": run.loss_last, "precision": run.precision, "quantization": run.quantization,
+                      "effective_batch": run.effective_batch, "micro_batch": run.micro_batch,
+                      "gradient_checkpointing": run.gradient_checkpointing, "processes": run.processes,
+                      "checkpoints_resumed": run.checkpoints_resumed, "memory_estimate_gb": run.memory_estimate_gb,
+                      "memory_peak_gb": run.memory_peak_gb, "train_rows": data.train_rows,
                       "held_out_rows": data.held_out_rows, "held_out": data.held_out_location}))
     return 0
+
+
+def _without_processes(argv: list[str]) -> list[str]:
+    """The command line each worker runs: the same, less ``--processes N`` / ``--processes=N``."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--processes":
+            skip = True
+        elif not arg.startswith("--processes="):
+            out.append(arg)
+    return out
 
 
 def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
@@ -184,11 +240,12 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def pipeline_command(args: argparse.Namespace) -> int:
-    """Exit 0 ready, 1 rejected, 2 failed or bad input, 3 waiting for approval, 4 another run holds the route."""
+    """Exit 0 ready, 1 rejected, 2 failed or bad input, 3 waiting for approval, 4 another run holds the route,
+    143 stopped by SIGTERM (run again: training resumes from its checkpoint)."""
     from pydantic import ValidationError
 
     from loragate.common.registry import RegistryError
-    from loragate.pipeline.run import Pipeline, PipelineBusy, PipelineSpec, status
+    from loragate.pipeline.run import Pipeline, PipelineBusy, PipelineInterrupted, PipelineSpec, status
 
     try:
         if args.action == "status":
@@ -204,6 +261,9 @@ def pipeline_command(args: argparse.Namespace) -> int:
     except PipelineBusy as exc:
         print(f"loragate: {exc}", file=sys.stderr)
         return 4
+    except PipelineInterrupted as exc:
+        print(f"loragate: {exc}", file=sys.stderr)
+        return 143
     except ValidationError as exc:
         missing = ", ".join("--" + str(e["loc"][0]).replace("_", "-") for e in exc.errors())
         print(f"loragate: pipeline run needs {missing}", file=sys.stderr)

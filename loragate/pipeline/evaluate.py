@@ -104,7 +104,7 @@ class Engine:
 
         try:
             await self._json("POST", "/v1/unload_lora_adapter", {"lora_name": name})
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+        except (TimeoutError, aiohttp.ClientError):
             pass
 
     async def answer_nll(self, model: str, example: Example) -> float:
@@ -236,7 +236,7 @@ async def _compare(config: GateConfig, cand: AdapterCard, base: AdapterCard, row
             await _check_engine_base(engine, cand)
             loaded = [m.served_name for m in (cand, base)
                       if await engine.ensure_loaded(m.served_name, m.artifact.location)]
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise EvaluateError(f"engine {config.engine} unreachable: {type(exc).__name__}: {exc}") from None
         try:
             scored = {}
@@ -250,7 +250,7 @@ async def _compare(config: GateConfig, cand: AdapterCard, base: AdapterCard, row
                 reg_scores = [await score(engine, c.served_name, regression[0], regression[1], generate_tokens=0,
                                           concurrency=config.concurrency) for c in (cand, base)]
                 reg = _bootstrap(config, *reg_scores)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise EvaluateError(f"engine {config.engine} failed while scoring: {type(exc).__name__}: {exc}") from None
         finally:
             for name in loaded:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from loragate.common.atomicio import atomic_write
 from loragate.common.registry import Registry, RegistryError, check_name, read_card
+from loragate.pipeline.launch import run_forwarding_sigterm
 
 Status = Literal["pending", "running", "done", "failed"]
 STEPS = ("train", "evaluate", "approval")
@@ -35,6 +36,10 @@ STEPS = ("train", "evaluate", "approval")
 
 class PipelineBusy(RuntimeError):
     pass
+
+
+class PipelineInterrupted(RuntimeError):
+    """SIGTERM during a step: nothing is recorded as failed; running again resumes."""
 
 
 class PipelineSpec(BaseModel):
@@ -127,9 +132,15 @@ class Pipeline:
         spec = self.state.spec
         self._clean_leftovers()
         self._mark("train", "running")
-        result = _loragate(["train", "--dataset", spec.dataset, "--base-model", spec.base_model, "--parent",
-                            spec.stable, "--registry", spec.registry, "--name", spec.name, "--version",
-                            spec.version, "--seed", str(spec.seed), "--no-progress", *spec.train_args])
+        result, terminated = run_forwarding_sigterm(
+            [sys.executable, "-m", "loragate", "train", "--dataset", spec.dataset, "--base-model", spec.base_model,
+             "--parent", spec.stable, "--registry", spec.registry, "--name", spec.name, "--version", spec.version,
+             "--seed", str(spec.seed), "--no-progress", *spec.train_args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if terminated or result.returncode == 143:
+            # Evicted: training saved a checkpoint; the step stays "running" so the next attempt (the Job's
+            # retried pod, or the same command) resumes it instead of recording a failure.
+            raise PipelineInterrupted(f"training of {spec.name}/{spec.version} stopped by SIGTERM: run again to resume")
         if result.returncode != 0:
             self._mark("train", "failed", _last_line(result.stderr))
             return "failed"
@@ -137,14 +148,14 @@ class Pipeline:
         return None
 
     def _clean_leftovers(self) -> None:
-        """Work and staging directories of this version that a killed run left in the registry."""
+        """Staging directories of this version that a killed run left in the registry (its work directory,
+        ``.train-NAME-VERSION``, holds the checkpoints `loragate train` resumes from: it stays)."""
         import shutil
 
         spec = self.state.spec
         root = Registry(spec.registry).root
-        for prefix in (".train-", ".staging-"):
-            for path in root.glob(f"{prefix}{spec.name}-{spec.version}-*"):
-                shutil.rmtree(path, ignore_errors=True)
+        for path in root.glob(f".staging-{spec.name}-{spec.version}-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     def _evaluate(self, record: StepRecord) -> str | None:
         spec = self.state.spec

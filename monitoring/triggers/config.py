@@ -46,4 +46,4 @@ class ActionConfig(BaseModel):
             return PipelineAction(self.pipeline, rollouts, pipeline_metrics)
         if not self.template:
             raise ValueError("a k8s_job action needs template")
-        return KubernetesJobAction(self.template, self.namespace, api=k8s_api)
+        return KubernetesJobAction(self.template, self.namespace, api=k8s_api, metrics=pipeline_metrics)

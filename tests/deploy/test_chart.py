@@ -95,7 +95,9 @@ def test_values_match_the_schema(values_file):
         "pipeline": {"registry": "/r", "base_model": "/m", "state_dir": "/s", "engines": ["http://e:8000"],
                      "rollout": {"canary": "v9"}}}]}]}},  # set by the pipeline
     {"monitor": {"training": {"enabled": True, "registry": {"existingClaim": ""}}}},
-    {"monitor": {"training": {"gpus": 1}}},  # typo: rejected
+    {"monitor": {"training": {"gpu": 2}}},  # typo: rejected
+    {"monitor": {"training": {"gpus": 0}}},
+    {"monitor": {"training": {"backoffLimit": 0}}},  # an evicted run must be retried (it resumes)
     {"engine": {"keda": {"enabled": "yes"}}},
     {"engine": {"keda": {"kvCacheUsage": 80}}},  # a share, 0-1
     {"gateway": {"keda": {"minReplicas": 0}}},
@@ -502,7 +504,8 @@ def test_training_job_template_runs_the_pipeline_on_a_gpu_with_the_monitor_image
         "pipeline", "run", "--state-file=/registry/pipelines/support-20261201024500.json", "--route=support",
         "--dataset=/registry/datasets/support-20261201024500.jsonl", "--base-model=/models/llama-3.1-8b-instruct",
         "--registry=/registry", "--name=support", "--version=r20261201024500", "--stable=/registry/support/v1",
-        "--engine=http://lg-loragate-engine-0.lg-loragate-engine.llm.svc:8000", "--train-arg=--epochs=2"]
+        "--engine=http://lg-loragate-engine-0.lg-loragate-engine.llm.svc:8000", "--train-arg=--checkpoint-every=100",
+        "--train-arg=--epochs=2"]
     # The same command line parses with the real CLI.
     import argparse
 
@@ -511,7 +514,12 @@ def test_training_job_template_runs_the_pipeline_on_a_gpu_with_the_monitor_image
     parser = argparse.ArgumentParser(prog="loragate")
     add_pipeline_arguments(parser.add_subparsers(dest="command").add_parser("pipeline"))
     parsed = parser.parse_args(train["args"])
-    assert (parsed.route, parsed.version, parsed.train_arg) == ("support", "r20261201024500", ["--epochs=2"])
+    assert (parsed.route, parsed.version, parsed.train_arg) == ("support", "r20261201024500",
+                                                                ["--checkpoint-every=100", "--epochs=2"])
+    # Evicted pods are retried and resume from the checkpoint: backoffLimit > 0, time to save it on SIGTERM.
+    assert job["spec"]["backoffLimit"] >= 1 and pod["terminationGracePeriodSeconds"] >= 60
+    assert train["resources"]["requests"]["nvidia.com/gpu"] == 1 and "/dev/shm" not in {
+        m["mountPath"] for m in train["volumeMounts"]}
     job_mounts = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
     assert claims[job_mounts["/registry"]] == "loragate-registry" and claims[job_mounts["/models"]] == "loragate-models"
@@ -622,3 +630,37 @@ def test_the_keda_schema_catches_the_mistakes_it_is_for(mistake):
     broken = copy.deepcopy(scaled_object)
     mistake(broken)
     assert list(validator.iter_errors(broken))
+
+def test_training_job_with_several_gpus_runs_as_many_processes(tmp_path):
+    """monitor.training.gpus: N GPUs on one node, `loragate train --processes N` (torchrun), /dev/shm for
+    NCCL; the rendered Job stays strictly valid and its train arguments parse with the real CLI."""
+    import argparse
+
+    from loragate.pipeline.commands import add_pipeline_arguments, add_train_arguments
+
+    values = _values(CHART / "ci" / "training-values.yaml")
+    values["monitor"]["training"].update(gpus=4, checkpointEvery=50,
+                                         resources={"requests": {"cpu": "16"}, "limits": {"memory": "256Gi"}})
+    _, configmap, _ = _monitor(render(values))
+    job = yaml.safe_load(configmap["data"]["training-job.yaml"].replace("${", "x{"))
+    pod = job["spec"]["template"]["spec"]
+    (train,) = pod["containers"]
+    assert train["resources"] == {"requests": {"cpu": "16", "memory": "32Gi", "nvidia.com/gpu": 4},
+                                  "limits": {"memory": "256Gi", "nvidia.com/gpu": 4}}
+    shm = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}["/dev/shm"]
+    assert {v["name"]: v for v in pod["volumes"]}[shm]["emptyDir"]["medium"] == "Memory"
+    parser = argparse.ArgumentParser(prog="loragate")
+    add_pipeline_arguments(parser.add_subparsers(dest="command").add_parser("pipeline"))
+    train_args = parser.parse_args(train["args"]).train_arg
+    assert "--processes=4" in train_args and "--checkpoint-every=50" in train_args
+    train_parser = argparse.ArgumentParser()
+    add_train_arguments(train_parser)
+    parsed = train_parser.parse_args(["--dataset", "d", "--base-model", "b", "--registry", "r", "--name", "n",
+                                      "--version", "v", *train_args])
+    assert (parsed.processes, parsed.checkpoint_every, parsed.epochs) == (4, 50, 2)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**job, "metadata": {**job["metadata"], "name": "lg-loragate-train-x",
+                                                        "namespace": "llm"}}))
+    result = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", "1.30.0", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -242,3 +242,59 @@ async def test_a_failing_action_does_not_stop_the_others(tmp_path):
     outcome = await t.handle(result(0.6))
     assert [(a.action, a.ok) for a in outcome.actions] == [("k8s_job", False), ("recorder", True)]
     assert "no cluster" in outcome.actions[0].detail
+
+
+def test_a_training_job_is_followed_until_it_fails_for_good(caplog):
+    """The training Job (component=training) is polled until it ends; a Failed condition (retries spent)
+    is logged as an error and counted; a plain retraining Job is not followed. A stub API (named so)
+    answers with the statuses a real cluster gives: active, a retried pod, then Failed."""
+    import asyncio
+    import logging
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from loragate.monitoring.triggers.kube_job import KubernetesJobAction, job_outcome
+    from loragate.monitoring.triggers.pipeline import PipelineMetrics
+
+    statuses = [{"active": 1}, {"active": 1, "failed": 1},
+                {"failed": 4, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                              "message": "Job has reached the specified backoff limit"}]}]
+    calls = []
+
+    class StubBatchApi:
+        def create_namespaced_job(self, namespace, body):
+            return {"metadata": {"name": "lg-train-abc12"}}
+
+        def read_namespaced_job_status(self, name, namespace):
+            calls.append((name, namespace))
+            return {"status": statuses[min(len(calls) - 1, len(statuses) - 1)]}
+
+    registry = CollectorRegistry()
+    metrics = PipelineMetrics(registry)
+    template = ("apiVersion: batch/v1\nkind: Job\nmetadata:\n  generateName: lg-train-\n  labels:\n"
+                "    app.kubernetes.io/component: training\nspec: {template: {spec: {containers: []}}}\n")
+    action = KubernetesJobAction(template, "llm", api=StubBatchApi(), metrics=metrics, poll_s=0.01)
+    ctx = SimpleNamespace(route="support", variant="v1", run_id="1", dataset_location="/d",
+                          result=SimpleNamespace(html_path="", json_path=""))
+
+    async def scenario():
+        assert (await action.run(ctx)).ok
+        assert set(action.following) == {"lg-train-abc12"}
+        await asyncio.wait_for(action.following["lg-train-abc12"], 5)
+
+    with caplog.at_level(logging.ERROR, logger="loragate.monitor"):
+        asyncio.run(scenario())
+    assert action.outcomes["lg-train-abc12"] == ("failed", "BackoffLimitExceeded: Job has reached the specified "
+                                                           "backoff limit")
+    assert len(calls) == 3 and calls[0] == ("lg-train-abc12", "llm")
+    assert "failed for good (BackoffLimitExceeded" in caplog.text
+    assert registry.get_sample_value("loragate_pipeline_step_total",
+                                     {"route": "support", "step": "training_job", "result": "failed"}) == 1
+    assert job_outcome({"conditions": [{"type": "Complete", "status": "True"}]}) == ("succeeded", "")
+    assert job_outcome({"active": 1, "conditions": [{"type": "Failed", "status": "False"}]}) is None
+
+    plain = KubernetesJobAction(template.replace("component: training", "component: retrain"), "llm",
+                                api=StubBatchApi())
+    asyncio.run(plain.run(ctx))
+    assert plain.following == {} and len(calls) == 3

@@ -233,6 +233,7 @@ spec:
         {{- include "loragate.componentLabels" (list . "training") | nindent 8 }}
     spec:
       restartPolicy: Never
+      terminationGracePeriodSeconds: {{ $t.terminationGracePeriodSeconds }}
       automountServiceAccountToken: false
       {{- with .Values.imagePullSecrets }}
       imagePullSecrets:
@@ -257,6 +258,10 @@ spec:
             - --version=r${run_id}
             - --stable={{ $reg }}/${route}/{{ $t.stable }}
             - --engine={{ $evaluation }}
+            - --train-arg=--checkpoint-every={{ $t.checkpointEvery }}
+            {{- if gt (int $t.gpus) 1 }}
+            - --train-arg=--processes={{ $t.gpus }}
+            {{- end }}
             {{- range $t.extraArgs }}
             - {{ . | quote }}
             {{- end }}
@@ -267,11 +272,17 @@ spec:
             - {name: {{ $key }}, value: {{ $value | quote }}}
             {{- end }}
           resources:
-            {{- toYaml $t.resources | nindent 12 }}
+            requests:
+              {{- toYaml (merge (dict "nvidia.com/gpu" (int $t.gpus)) ($t.resources.requests | default dict)) | nindent 14 }}
+            limits:
+              {{- toYaml (merge (dict "nvidia.com/gpu" (int $t.gpus)) ($t.resources.limits | default dict)) | nindent 14 }}
           securityContext:
             {{- include "loragate.containerSecurityContext" . | nindent 12 }}
           volumeMounts:
             - {name: registry, mountPath: {{ $reg }}}
+            {{- if gt (int $t.gpus) 1 }}
+            - {name: shm, mountPath: /dev/shm}  # NCCL between the processes
+            {{- end }}
             {{- if $t.models.existingClaim }}
             - {name: models, mountPath: {{ $t.models.mountPath }}, readOnly: true}
             {{- end }}
@@ -288,6 +299,10 @@ spec:
         {{- end }}
         - name: tmp
           emptyDir: {sizeLimit: 20Gi}
+        {{- if gt (int $t.gpus) 1 }}
+        - name: shm
+          emptyDir: {medium: Memory, sizeLimit: 16Gi}
+        {{- end }}
       {{- with $t.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
