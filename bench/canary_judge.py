@@ -1,4 +1,4 @@
-"""The canary judge against simulated rollouts with known truth, next to today's threshold judge.
+"""The canary judge against simulated rollouts with known truth, next to the threshold judge it replaced.
 
     python bench/canary_judge.py [--rollouts 500] [--requests 300] [--seed 1]
 
@@ -28,8 +28,8 @@ Printed per scenario and judge: rolled back (A/A: false rollbacks), caught befor
 (rolled back at 5 or 25 %), promoted, stalled, and the analyses a good canary needs to be
 promoted. The statistical judge is monitoring/judge.py, vectorised over rollouts with its own
 primitives (and cross-checked against ``judge()`` on a sample of analyses); the threshold judge
-is today's rule (loragate.monitoring.rollout.judge, default thresholds, plus
-min_feedback_score 0.7 so that it judges feedback at all). Saves bench/results/canary_judge.json.
+is the rule loragate used before it (gone from the package), re-implemented here as the baseline
+(threshold_decisions: its default thresholds, plus min_feedback_score 0.7 so that it judges feedback at all). Saves bench/results/canary_judge.json.
 """
 
 from __future__ import annotations
