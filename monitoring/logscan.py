@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
 KEY_COLUMNS = ("request_id", "timestamp", "route", "variant", "role")
+ALL = "*"  # the sample group of every variant together (by_variant=False)
 _MULTIPLIER = 0x100000001B3  # odd: the polynomial hash below is a bijection of each byte position
 _MAX_POSITION = 256  # bytes of an id past this one share a power (ids are short; the hash stays defined)
 
@@ -46,6 +47,7 @@ class Filter:
     route: str | None = None
     variant: str | None = None
     role: str | None = logschema.PRIMARY
+    ids: frozenset[str] | None = None  # only these request ids (a shadow sample's primaries)
 
 
 @dataclass
@@ -113,16 +115,25 @@ class _Candidates:
 
 
 class WindowScan:
-    """One scan of one table; see the module docstring. ``per_variant=None`` reads every row in the window."""
+    """One scan of one table; see the module docstring. ``per_variant=None`` reads every row in the window;
+    ``by_variant=False`` takes one sample of ``per_variant`` rows for all variants together."""
 
     def __init__(self, files: LogFiles, table: str, where: Filter, columns: tuple[str, ...], *,
-                 per_variant: int | None = None, threshold: dict[str, int] | None = None,
-                 parallel: int = 4, late_s: float = 3600.0) -> None:
+                 per_variant: int | None = None, threshold: dict[str, int] | None = None, by_variant: bool = True,
+                 parallel: int = 4, late_s: float = 900.0) -> None:
         self.files, self.table, self.where, self.columns = files, table, where, columns
         self.per_variant, self.threshold_of = per_variant, threshold or {}
-        self.parallel, self.late_s = parallel, late_s
+        self.parallel, self.late_s, self.by_variant = parallel, late_s, by_variant
         self.stats = ScanStats()
         self.thresholds: dict[str, int] = {}  # per variant: the largest sample key taken
+        self._ids: "pa.Array | None" = None
+
+    def _id_set(self) -> "pa.Array":
+        import pyarrow as pa
+
+        if self._ids is None:
+            self._ids = pa.array(sorted(self.where.ids or ()), pa.string())
+        return self._ids
 
     # -- pass 1 -----------------------------------------------------------------------------------
 
@@ -167,6 +178,10 @@ class WindowScan:
                             mask = pa.array(np.zeros(n, bool))
                         else:
                             mask = pc.and_(mask, pc.fill_null(pc.equal(column, value), False))
+                if w.ids is not None:
+                    if "request_id" not in present:
+                        continue
+                    mask = pc.and_(mask, pc.is_in(data["request_id"], value_set=self._id_set()))
                 mask = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
                 if not mask.any():
                     continue
@@ -179,6 +194,8 @@ class WindowScan:
                 key = sample_keys(row_ids)
                 for v, c in zip(*np.unique(variant, return_counts=True)):
                     counts[str(v)] = counts.get(str(v), 0) + int(c)
+                if not self.by_variant:  # one sample for all variants: each in its share of the window
+                    variant = np.full(len(variant), ALL, dtype=object)
                 if self.per_variant is not None:
                     under = key <= _limits(variant, cut)
                     where, variant, key = where[under], variant[under], key[under]
@@ -252,7 +269,7 @@ class WindowScan:
         self.stats.window_rows = dict(sorted(window_rows.items()))
         if self.per_variant is not None:
             cut = {}
-            for variant in window_rows:
+            for variant in sorted({v for c in found for v in np.unique(c.variants)}):
                 keys = np.concatenate([c.keys[c.variants == variant] for c in found] or [np.zeros(0, np.uint64)])
                 if len(keys) > self.per_variant:
                     cut[variant] = int(np.partition(keys, self.per_variant - 1)[self.per_variant - 1])

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -99,33 +100,56 @@ class RequestLog:
 
     def scan(self, window: Window, route: str | None = None, variant: str | None = None, *,
              columns: tuple[str, ...] = REQUEST_COLUMNS, role: str | None = logschema.PRIMARY,
-             per_variant: int | None = None, threshold: dict[str, int] | None = None,
-             table: str = logschema.REQUESTS) -> WindowScan:
-        """An iterable of Arrow tables, one per file read (monitoring/logscan.py); its ``stats`` after."""
-        where = Filter(window.start, window.end, route, variant, role)
+             per_variant: int | None = None, threshold: dict[str, int] | None = None, by_variant: bool = True,
+             table: str = logschema.REQUESTS, ids: frozenset[str] | None = None) -> WindowScan:
+        """An iterable of Arrow tables, one per file read (monitoring/logscan.py); its ``stats`` after.
+        ``ids``: only these request ids."""
+        where = Filter(window.start, window.end, route, variant, role, ids)
         return WindowScan(self.files, table, where, columns, per_variant=per_variant, threshold=threshold,
+                          by_variant=by_variant,
                           parallel=self.parallel, late_s=self.late_s)
 
     def sample(self, window: Window, route: str | None = None, variant: str | None = None, *,
                columns: tuple[str, ...] = REQUEST_COLUMNS, role: str | None = logschema.PRIMARY,
-               per_variant: int | None = 20_000, threshold: dict[str, int] | None = None) -> WindowSample:
+               per_variant: int | None = 10_000, threshold: dict[str, int] | None = None,
+               by_variant: bool = True) -> WindowSample:
         """At most ``per_variant`` rows of each variant (the same ones on every run: logscan.sample_keys),
-        in time order, with the window's true row counts."""
+        in time order, with the window's true row counts. ``by_variant=False``: at most ``per_variant``
+        rows in all, every variant in its share of the window (a route's traffic as a whole)."""
         scan = self.scan(window, route, variant, columns=columns, role=role, per_variant=per_variant,
-                         threshold=threshold)
+                         threshold=threshold, by_variant=by_variant)
         frame = _frame(list(scan), columns)
         return WindowSample(frame, scan.stats.window_rows, scan.stats.sampled_rows, dict(scan.thresholds))
 
     def requests(self, window: Window, route: str | None = None, variant: str | None = None,
                  *, columns: tuple[str, ...] = REQUEST_COLUMNS,
-                 role: str | None = logschema.PRIMARY) -> "pd.DataFrame":
-        """Every row of the window (tests, small tools: the monitor's checks use ``sample``).
+                 role: str | None = logschema.PRIMARY, ids: frozenset[str] | None = None) -> "pd.DataFrame":
+        """Every row of the window (or of the request ids ``ids``); the monitor's checks use ``sample``.
         ``role`` primary: the answers clients got; ``role=None``: shadow answers too (monitoring/shadow.py)."""
-        return _frame(list(self.scan(window, route, variant, columns=columns, role=role)), columns)
+        return _frame(list(self.scan(window, route, variant, columns=columns, role=role, ids=ids)), columns)
 
     def feedback(self, window: Window, route: str | None = None, variant: str | None = None) -> "pd.DataFrame":
         scan = self.scan(window, route, variant, columns=FEEDBACK_COLUMNS, role=None, table=logschema.FEEDBACK)
         return _frame(list(scan), FEEDBACK_COLUMNS)
+
+
+@dataclass(frozen=True)
+class WindowSource:
+    """One check's window of the log, for actions that read it themselves, as it streams (the dataset export)."""
+
+    log: RequestLog
+    window: Window
+    route: str | None
+    variant: str | None
+
+    def batches(self, columns: tuple[str, ...], rows: int) -> Iterator["pd.DataFrame"]:
+        """A deterministic sample of ``rows`` requests of the window, one frame per file read."""
+        for table in self.log.scan(self.window, self.route, self.variant, columns=columns, per_variant=rows,
+                                   by_variant=False):
+            yield table.to_pandas()
+
+    def feedback(self, until: datetime) -> "pd.DataFrame":
+        return self.log.feedback(Window.between(self.window.start, until))
 
 
 def _frame(tables: list, columns: tuple[str, ...]) -> "pd.DataFrame":
