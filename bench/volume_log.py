@@ -192,4 +192,5 @@ def generate(root: str | Path, rows: int, names: tuple[str, ...] = tuple(HOURS),
 if __name__ == "__main__":
     import sys
 
-    print(generate(sys.argv[1], int(sys.argv[2]), processes=int(os.environ.get("PROCESSES", "2"))))
+    names = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else tuple(HOURS)
+    print(generate(sys.argv[1], int(sys.argv[2]), names, processes=int(os.environ.get("PROCESSES", "2"))))

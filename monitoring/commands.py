@@ -258,3 +258,45 @@ def rollout_command(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(f"{route}: {done.state}, {done.canary} at {done.weight:g}%, {done.stable} at {100 - done.weight:g}%")
     return EXIT_OK
+
+
+def add_log_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="log_command", required=True)
+    c = sub.add_parser("compact", help="merge each closed hour's small files into a few large ones (idempotent, "
+                                       "safe beside running gateways and other compactions)")
+    c.add_argument("--request-log", required=True, help="request-log root: a directory or s3://bucket/prefix")
+    c.add_argument("--table", choices=("requests", "feedback", "all"), default="all")
+    c.add_argument("--days", type=int, default=2, help="days looked at, today included (default 2)")
+    c.add_argument("--grace", type=duration_s, default=900.0,
+                   help="an hour is closed this long after its end (default 15m)")
+    c.add_argument("--now", type=moment, help="compact as if it were this time (ISO or unix seconds)")
+    c.add_argument("--dry-run", action="store_true", help="say what would be compacted, change nothing")
+    c.add_argument("--json", action="store_true")
+
+
+def log_command(args: argparse.Namespace) -> int:
+    """``loragate log compact``: one compaction round (the monitor's ``compaction`` section runs it on a schedule)."""
+    import dataclasses
+    import json
+
+    from loragate.common.logschema import TABLES
+    from loragate.common.objectstore import filesystem
+    from loragate.monitoring.compaction import Compactor
+
+    try:
+        compactor = Compactor(*filesystem(args.request_log), grace_s=args.grace)
+        tables = TABLES if args.table == "all" else (args.table,)
+        results = compactor.run(tables, days=args.days, now=args.now.timestamp() if args.now else None,
+                                dry_run=args.dry_run)
+    except (OSError, ValueError) as exc:
+        print(f"loragate log compact: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+        return EXIT_OK
+    for r in results:
+        what = f"{r.inputs} files, {r.rows} rows -> {', '.join(r.outputs)}" if r.outputs else f"{r.inputs} files"
+        print(f"{r.directory} {r.hour}: {r.status} ({what}; {r.deleted} deleted)")
+    if not results:
+        print("nothing to compact")
+    return EXIT_OK

@@ -3,12 +3,13 @@
 The gateway writes ``<root>/<table>/date=YYYY-MM-DD/<writer>-<YYYYmmddTHHMMSSfff>Z-<seq>.parquet``
 (service/logstore.py), the name stamped with the writer's clock when it flushes: every row of the file
 happened before that moment, so a file named before a window starts holds none of it. Compaction
-(monitoring/compaction.py) merges the files of one closed hour (by that stamp) of one directory into
-``compacted-<YYYYmmddTHH>-<digest>.parquet``, whose footer names the files it replaces
-(``COVERS_KEY``). Its rows happened before the end of that hour.
+(monitoring/compaction.py) merges one writer's files of one closed hour (by that stamp) of one directory into
+``compacted-<YYYYmmddTHH>-<writer>-<digest>.parquet``, whose footer names the files it replaces
+(``COVERS_KEY``, transitively). Its rows happened before the end of that hour.
 
-Which files to read: every ``.parquet`` file not named (directly, or through a compacted file it
-names) by a compacted file that is present. A compacted file appears whole (rename, or one PUT) before
+Which files to read: every ``.parquet`` file not named by a compacted file that is present, and no
+compacted file whose list is part of another's (two compactions of one writer's hour that saw different
+listings, e.g. one before a late file arrived: the larger one is read). A compacted file appears whole (rename, or one PUT) before
 any input it replaces is deleted, so a listing either shows the inputs alone, or the compacted file
 and some inputs it covers (skipped), or the compacted file alone: never a row twice. A reader that
 listed before the compacted file appeared may find an input gone when it opens it; it lists again
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
 
 COVERS_KEY = b"loragate.compacted_from"  # footer metadata of a compacted file: JSON list of the names it replaces
 COMPACTED_PREFIX = "compacted-"
-# A writer's file: ...-20261202T140510123Z-000042.parquet; a compacted file: compacted-20261202T14-<digest>.parquet
-_WRITER_STAMP = re.compile(r"-(\d{8}T\d{6})(\d{3})Z-\d+\.parquet$")
-_COMPACTED = re.compile(r"^compacted-(\d{8}T\d{2})-[0-9a-f]+\.parquet$")
+# A writer's file: <writer>-20261202T140510123Z-000042.parquet; compacted: compacted-20261202T14-<writer>-<digest>.parquet
+_WRITER_STAMP = re.compile(r"^(.+)-(\d{8}T\d{6})(\d{3})Z-\d+\.parquet$")
+_COMPACTED = re.compile(r"^compacted-(\d{8}T\d{2})-(.+)-([0-9a-f]{20})\.parquet$")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class LogFile:
     @property
     def compacted(self) -> bool:
         return _COMPACTED.match(self.name) is not None
+
+    @property
+    def writer(self) -> str | None:
+        """The writer the file (or the compacted file's inputs) came from; None for a name of unknown form."""
+        match = _COMPACTED.match(self.name) or _WRITER_STAMP.match(self.name)
+        return match[2] if match and self.compacted else match[1] if match else None
 
     @property
     def hour(self) -> datetime | None:
@@ -61,10 +68,10 @@ def written_before(name: str) -> datetime | None:
     match = _COMPACTED.match(name)
     if match:
         return datetime.strptime(match[1], "%Y%m%dT%H").replace(tzinfo=timezone.utc) + timedelta(hours=1)
-    match = _WRITER_STAMP.search(name)
+    match = _WRITER_STAMP.match(name)
     if match:
-        stamp = datetime.strptime(match[1], "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
-        return stamp + timedelta(milliseconds=int(match[2]) + 1)
+        stamp = datetime.strptime(match[2], "%Y%m%dT%H%M%S").replace(tzinfo=timezone.utc)
+        return stamp + timedelta(milliseconds=int(match[3]) + 1)
     return None
 
 
@@ -109,7 +116,14 @@ class LogFiles:
             return sorted((f for part in pool.map(one, directories) for f in part), key=lambda f: f.path)
 
     def live(self, files: list[LogFile]) -> list[LogFile]:
-        """The files to read: those no present compacted file covers (directly or through another)."""
+        """The files to read: those no present compacted file covers (directly or through another), and no
+        compacted file whose footer cannot be read (a torn upload)."""
+        covered = self.covered(files)
+        return [f for f in files if (f.path.rsplit("/", 1)[0], f.name) not in covered
+                and (not f.compacted or f.name in self._covers)]
+
+    def covered(self, files: list[LogFile]) -> set[tuple[str, str]]:
+        """(directory, name) of every file a compacted file among ``files`` replaces."""
         compacted = [f for f in files if f.compacted]
         missing = [f for f in compacted if f.name not in self._covers]
         if missing:
@@ -118,19 +132,31 @@ class LogFiles:
                     if names is not None:
                         self._covers[f.name] = names
         covered: set[tuple[str, str]] = set()  # (directory, name): names are unique per directory
+        groups: dict[tuple[str, str | None, datetime | None], list[LogFile]] = {}
         for f in compacted:
             directory = f.path.rsplit("/", 1)[0]
             covered.update((directory, name) for name in self._covers.get(f.name, ()))
-        return [f for f in files if (f.path.rsplit("/", 1)[0], f.name) not in covered
-                and (not f.compacted or f.name in self._covers)]
+            if f.name in self._covers:
+                groups.setdefault((directory, f.writer, f.hour), []).append(f)
+        for (directory, _, _), group in groups.items():  # superseded: its list is part of another's
+            for f in group:
+                mine = set(self._covers[f.name])
+                for other in group:
+                    theirs = set(self._covers[other.name])
+                    if other is not f and (mine < theirs or mine == theirs and other.name < f.name):
+                        covered.add((directory, f.name))
+                        break
+        return covered
 
     def _read_covers(self, path: str) -> list[str] | None:
         try:
             return covers(self.fs, path)
         except FileNotFoundError:
             return None  # replaced meanwhile by a later compaction: the next plan has that one
-        except OSError:
+        except ValueError:  # pyarrow.ArrowInvalid: a torn upload (no footer): it replaces nothing
             return None
+        # Any other error (the store unreachable) is raised: reading on without this file's list could
+        # miss the rows it holds
 
     def plan(self, table: str, days: list[str], *, start: datetime | None = None,
              end: datetime | None = None, late_s: float = 3600.0) -> list[LogFile]:
