@@ -2,9 +2,9 @@
 
 The gateway writes one file per writer and flush (10 s by default): an hour is ~360 files per replica.
 Each writer's files of a closed hour of one ``date=`` directory (files whose flush stamp is in the hour,
-the hour ended more than ``grace_s`` ago) are rewritten as one ``compacted-<YYYYmmddTHH>-<writer>-<digest>.parquet``
-file, whose footer names every file it replaces (``logfiles.COVERS_KEY``, transitively): ten replicas, ten
-files an hour.
+the hour ended more than ``grace_s`` ago) are rewritten as one
+``compacted-<YYYYmmddTHH>-<writer>-<digest>.parquet`` file, whose footer names every file it replaces
+(``logfiles.COVERS_KEY``, transitively): ten replicas, ten files an hour.
 
 Why readers never see a row twice or miss one (monitoring/logfiles.py reads the other half):
 
@@ -78,7 +78,8 @@ class HourResult:
 class Compactor:
     """Compacts the closed hours of a request-log root (``fs``, ``root`` as common.objectstore.filesystem gives)."""
 
-    def __init__(self, fs, root: str, *, grace_s: float = 900.0, row_group_rows: int = 4096, buckets: int = 64, buffer_bytes: int = 128 << 20,
+    def __init__(self, fs, root: str, *, grace_s: float = 900.0, row_group_rows: int = 4096, buckets: int = 64,
+                 buffer_bytes: int = 128 << 20,
                  parallel: int = 8, compression: str = "zstd") -> None:
         if buckets < 1 or buckets & (buckets - 1):
             raise ValueError("buckets must be a power of two")

@@ -9,9 +9,9 @@ happened before that moment, so a file named before a window starts holds none o
 
 Which files to read: every ``.parquet`` file not named by a compacted file that is present, and no
 compacted file whose list is part of another's (two compactions of one writer's hour that saw different
-listings, e.g. one before a late file arrived: the larger one is read). A compacted file appears whole (rename, or one PUT) before
-any input it replaces is deleted, so a listing either shows the inputs alone, or the compacted file
-and some inputs it covers (skipped), or the compacted file alone: never a row twice. A reader that
+listings, e.g. one before a late file arrived: the larger one is read). A compacted file appears whole
+(rename, or one PUT) before any input it replaces is deleted, so a listing either shows the inputs alone,
+or the compacted file and some inputs it covers (skipped), or the compacted file alone: never a row twice. A reader that
 listed before the compacted file appeared may find an input gone when it opens it; it lists again
 (``LogFiles.plan``) and reads the compacted file instead of every input of the new plan's coverage
 (monitoring/logscan.py does this), so no row is missed either.
@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 COVERS_KEY = b"loragate.compacted_from"  # footer metadata of a compacted file: JSON list of the names it replaces
 COMPACTED_PREFIX = "compacted-"
-# A writer's file: <writer>-20261202T140510123Z-000042.parquet; compacted: compacted-20261202T14-<writer>-<digest>.parquet
+# A writer's file: <writer>-20261202T140510123Z-000042.parquet;
+# a compacted file: compacted-20261202T14-<writer>-<digest>.parquet
 _WRITER_STAMP = re.compile(r"^(.+)-(\d{8}T\d{6})(\d{3})Z-\d+\.parquet$")
 _COMPACTED = re.compile(r"^compacted-(\d{8}T\d{2})-(.+)-([0-9a-f]{20})\.parquet$")
 

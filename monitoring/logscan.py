@@ -216,7 +216,6 @@ class WindowScan:
 
     def _pass1(self, plan: list[LogFile], done: dict[str, _Candidates | None]) -> list[str]:
         """Scan the keys of the plan's files not yet in ``done``; returns the paths that vanished."""
-        import numpy as np
 
         todo = [f for f in plan if f.path not in done]
         pools: dict[str, np.ndarray] = {}  # per variant: keys kept so far (trimmed to the cap)
