@@ -50,6 +50,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
 log = logging.getLogger("loragate.compaction")
 
@@ -78,7 +80,7 @@ class HourResult:
 class Compactor:
     """Compacts the closed hours of a request-log root (``fs``, ``root`` as common.objectstore.filesystem gives)."""
 
-    def __init__(self, fs, root: str, *, grace_s: float = 900.0, row_group_rows: int = 4096, buckets: int = 64,
+    def __init__(self, fs: "pafs.FileSystem", root: str, *, grace_s: float = 900.0, row_group_rows: int = 4096, buckets: int = 64,
                  buffer_bytes: int = 128 << 20,
                  parallel: int = 8, compression: str = "zstd") -> None:
         if buckets < 1 or buckets & (buckets - 1):
@@ -251,7 +253,7 @@ class _Buckets:
 
     STAGE_ROWS = 65_536
 
-    def __init__(self, compactor: Compactor, writer, schema: "pa.Schema") -> None:
+    def __init__(self, compactor: Compactor, writer: "pq.ParquetWriter", schema: "pa.Schema") -> None:
         self.c, self.writer, self.schema = compactor, writer, schema
         self.shift = 64 - max(0, (compactor.buckets - 1).bit_length())
         self.staged: list = []

@@ -208,7 +208,7 @@ class WindowScan:
         if not counts:
             return None
 
-        def cat(parts, dtype):
+        def cat(parts: list, dtype: Any) -> "np.ndarray":
             return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
         return _Candidates(file, cat(positions, np.int64), cat(variants, object), cat(roles, object),
@@ -300,7 +300,7 @@ class WindowScan:
             columns = [col for col in self.columns if col in set(reader.schema_arrow.names)]
             sizes = np.array([reader.metadata.row_group(int(g)).num_rows for g in wanted], dtype=np.int64)
             data = reader.read_row_groups(wanted.tolist(), columns=columns, use_threads=False)
-        base = np.zeros(len(starts), dtype=np.int64)  # each wanted group's first row inside ``data``
+        base: np.ndarray = np.zeros(len(starts), dtype=np.int64)  # each wanted group's first row inside ``data``
         base[wanted] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.stats.row_groups_read += len(wanted)
         table = logschema.conform(data.take(pa.array(c.rows - starts[groups] + base[groups])), self.table)
@@ -354,7 +354,7 @@ _NO_LIMIT = (1 << 64) - 1
 def _limits(variants: "np.ndarray", cut: dict[str, int]) -> "np.ndarray":
     import numpy as np
 
-    limit = np.full(len(variants), _NO_LIMIT, dtype=np.uint64)
+    limit: np.ndarray = np.full(len(variants), _NO_LIMIT, dtype=np.uint64)
     for variant, value in cut.items():
         limit[variants == variant] = value
     return limit
