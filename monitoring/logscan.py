@@ -142,8 +142,9 @@ class WindowScan:
         return self.files.plan(self.table, days, start=self.where.window_start, end=self.where.window_end,
                                late_s=self.late_s)
 
-    def _keys(self, file: LogFile, cut: dict[str, int]) -> _Candidates | None:
-        """The file's rows in the window and the filter (their keys under ``cut``, when sampling)."""
+    def _keys(self, file: LogFile) -> _Candidates | None:
+        """The file's rows in the window and the filter (when sampling: only those under the thresholds
+        known when the file is read; they fall as files are read, so few rows of the later files are kept)."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -157,6 +158,8 @@ class WindowScan:
             starts, start = [], 0
             positions, variants, roles, ids, keys = [], [], [], [], []
             counts: dict[str, int] = {}
+            local: dict[str, int] = {}  # this file's own thresholds (a compacted file is large)
+            kept = [0]
             for index in range(reader.num_row_groups):
                 group = reader.metadata.row_group(index)
                 starts.append(start)
@@ -197,22 +200,33 @@ class WindowScan:
                 if not self.by_variant:  # one sample for all variants: each in its share of the window
                     variant = np.full(len(variant), ALL, dtype=object)
                 if self.per_variant is not None:
-                    under = key <= _limits(variant, cut)
+                    under = key <= _limits(variant, _lower(self.thresholds, local))
                     where, variant, key = where[under], variant[under], key[under]
                     row_ids = pc.filter(row_ids, pa.array(under))
+                    kept[0] += len(key)
                 positions.append(where + starts[-1])
                 variants.append(variant)
                 roles.append(role.to_numpy(zero_copy_only=False)[where])
-                ids.append(np.asarray(row_ids.to_pylist(), dtype=object))
+                ids.append(row_ids)
                 keys.append(key)
+                if self.per_variant is not None and kept[0] > 2 * self.per_variant:
+                    local.update(_cuts(np.concatenate(variants), np.concatenate(keys), self.per_variant))
+                    kept[0] = 0
         if not counts:
             return None
 
         def cat(parts: list, dtype: Any) -> "np.ndarray":
             return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-        return _Candidates(file, cat(positions, np.int64), cat(variants, object), cat(roles, object),
-                           cat(ids, object), cat(keys, np.uint64), counts, starts)
+        found = _Candidates(file, cat(positions, np.int64), cat(variants, object), cat(roles, object),
+                            np.zeros(0, object), cat(keys, np.uint64), counts, starts)
+        mask = found.keys <= _limits(found.variants, _lower(self.thresholds, local)) if self.per_variant is not None \
+            else np.ones(len(found.keys), bool)
+        found.ids = np.asarray(pa.chunked_array(ids, pa.string()).filter(pa.array(mask)).to_pylist()
+                               if ids else [], dtype=object)
+        found.rows, found.variants, found.roles, found.keys = (found.rows[mask], found.variants[mask],
+                                                               found.roles[mask], found.keys[mask])
+        return found
 
     def _pass1(self, plan: list[LogFile], done: dict[str, _Candidates | None]) -> list[str]:
         """Scan the keys of the plan's files not yet in ``done``; returns the paths that vanished."""
@@ -224,7 +238,7 @@ class WindowScan:
                 self._pool(pools, found)
         vanished: list[str] = []
         with ThreadPoolExecutor(max(1, self.parallel)) as pool:
-            futures = [(f, pool.submit(self._keys, f, dict(self.thresholds))) for f in todo]
+            futures = [(f, pool.submit(self._keys, f)) for f in todo]
             for f, future in futures:
                 try:
                     found = future.result()
@@ -349,6 +363,22 @@ class WindowScan:
 
 
 _NO_LIMIT = (1 << 64) - 1
+
+
+def _lower(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: min(v for v in (a.get(k), b.get(k)) if v is not None) for k in {*a, *b}}
+
+
+def _cuts(variants: "np.ndarray", keys: "np.ndarray", k: int) -> dict[str, int]:
+    """Per variant holding more than ``k`` keys: its k-th smallest key."""
+    import numpy as np
+
+    out = {}
+    for variant in np.unique(variants):
+        mine = keys[variants == variant]
+        if len(mine) > k:
+            out[str(variant)] = int(np.partition(mine, k - 1)[k - 1])
+    return out
 
 
 def _limits(variants: "np.ndarray", cut: dict[str, int]) -> "np.ndarray":
