@@ -137,3 +137,19 @@ def test_feedback_and_old_files_read(tmp_path, per_variant):
     got = RequestLog(tmp_path).sample(Window(HOUR, HOUR + timedelta(hours=1)), per_variant=per_variant)
     assert len(got.frame) == (100 if per_variant is None else 50)
     assert set(got.frame.schema_version) == {1} and set(got.frame.role) == {"primary"}
+
+
+def test_drift_report_gives_the_window_rows_beside_the_sample(tmp_path, capsys):
+    import json
+
+    from loragate.cli import main
+
+    write_files(tmp_path / "log", hour_frame(700, 11))
+    write_files(tmp_path / "log", hour_frame(650, 12, start=HOUR + timedelta(hours=1)))
+    code = main(["drift", "--request-log", str(tmp_path / "log"), "--route", "support", "--since",
+                 (HOUR + timedelta(hours=1)).isoformat(), "--until", (HOUR + timedelta(hours=2)).isoformat(),
+                 "--sample-rows", "200", "--out", str(tmp_path / "out"), "--json"])
+    assert code in (0, 1)
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["reference_rows"], summary["current_rows"]) == (200, 200)
+    assert (summary["reference_window_rows"], summary["current_window_rows"]) == (700, 650)
