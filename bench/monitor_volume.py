@@ -162,7 +162,41 @@ def case_compaction(root: str, _current: str, mode: str) -> dict:
             "files_in": sum(r.inputs for r in results), "files_out": sum(len(r.outputs) for r in results)}
 
 
-CASES = {"drift": case_drift, "export": case_export, "compaction": case_compaction}
+def case_verdicts(rows: str, _current: str, _mode: str) -> dict:
+    """bench/drift_topics.py's windows (short real questions, the rest of the request synthetic) of ``rows``
+    a side: the verdict on every row against the verdict on the reader's sample (the 10,000 rows of smallest
+    sample key), for a topic shift of 0.5 and for one population (shift 0)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from loragate.monitoring.drift import DriftConfig, run_drift
+    from loragate.monitoring.logscan import sample_keys
+    from loragate.monitoring.synthetic import requests_frame
+    from loragate.monitoring.topics import window
+
+    n = int(rows)
+    out = {}
+    for shift in (0.5, 0.0):
+        frames = []
+        for seed, share in ((11, 0.0), (12, shift)):
+            frame = requests_frame(n, seed=seed)
+            frame["prompt_text"] = window(n, seed=seed, shifted=share)
+            frames.append(frame)
+
+        def sample(frame):
+            keys = sample_keys(pa.array(frame["request_id"].tolist()))
+            return frame.iloc[np.sort(np.argsort(keys)[:SAMPLE_ROWS])].reset_index(drop=True)
+
+        for name, (ref, cur) in (("full", frames), ("sample", [sample(f) for f in frames])):
+            started = time.perf_counter()
+            result = run_drift(ref, cur, route=ROUTE, config=DriftConfig())
+            out[f"shift_{shift}_{name}"] = {"drifted_groups": result.drifted_groups, "rows": len(cur),
+                                            "prompt_content_auc": round(result.feature("prompt_content").score, 4),
+                                            "s": round(time.perf_counter() - started, 1)}
+    return out
+
+
+CASES = {"drift": case_drift, "export": case_export, "compaction": case_compaction, "verdicts": case_verdicts}
 
 
 # --- the parent: run a case, watch its process tree ----------------------------------------------

@@ -202,3 +202,18 @@ def test_compaction_with_writers_readers_and_compactors_running(tmp_path):
     compacted = sorted(n.split("-")[2] for n in left if n.startswith("compacted-20261102T10"))
     assert compacted == ["gw0", "gw1", "gw2", "gw3", "slowupload"]  # one per writer
     assert not [n for n in left if n.startswith(("gw", "slowupload"))]
+
+
+def test_the_monitor_compacts_on_its_own_schedule(tmp_path):
+    import asyncio
+
+    from loragate.monitoring.config import MonitorConfig
+    from loragate.monitoring.service import Monitor
+
+    write_files(tmp_path / "log", hour_frame(100, 1), flush_s=300)
+    config = MonitorConfig.model_validate({"request_log": str(tmp_path / "log"), "state_file": str(tmp_path / "s"),
+                                           "compaction": {"interval_s": 60, "grace_s": 600, "days": 40}})
+    monitor = Monitor(config)
+    results = asyncio.run(monitor.compact(now=NOW))
+    assert [r.status for r in results if r.hour == "20261102T10"] == ["compacted"]
+    assert len(ids(tmp_path / "log")) == 100
