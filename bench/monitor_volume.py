@@ -295,6 +295,7 @@ def main() -> None:
     parser.add_argument("--baseline-sizes", type=int, nargs="*", default=[100_000])
     parser.add_argument("--baseline-kill-gb", type=float, default=8.0)
     parser.add_argument("--quiet-sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--drift-sizes", type=int, nargs="*", help="default: every size")
     parser.add_argument("--export-sizes", type=int, nargs="*", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--full-sizes", type=int, nargs="*", default=[100_000])
     parser.add_argument("--compaction-sizes", type=int, nargs="*", default=[100_000, 1_000_000])
@@ -323,6 +324,8 @@ def main() -> None:
         counts = generate(root, size, names)
         print(f"log {root}: {counts} ({time.perf_counter() - started:.0f} s)", flush=True)
         for current in [n for n in ("shifted", "quiet") if n in names]:
+            if args.drift_sizes is not None and size not in args.drift_sizes:
+                continue
             if current == "quiet" and size not in args.quiet_sizes:
                 continue
             record(size, run_case("drift", root, current))
@@ -344,8 +347,8 @@ def main() -> None:
             try:
                 import boto3
 
-                boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(
-                    Bucket="monvol")
+                boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                             aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket="monvol")
                 _copy_hour(Path(root), "s3://monvol/log", "reference", env)
                 record(size, run_case("compaction", "s3://monvol/log", mode="s3", env=env))
             finally:
