@@ -116,7 +116,7 @@ class Compactor:
         names = self.files.covered(files)
         covered = [f for f in files if (directory, f.name) in names]  # replaced already: left over by a crash
         footers = self._footers(live)
-        chunks = self._chunks(live, footers)
+        chunks = self._chunks([f for f in live if f.path in footers], footers)
         work = [c for c in chunks if len(c) > 1 or not c[0].compacted]
         result.inputs = sum(len(c) for c in work)
         if not work:
@@ -149,13 +149,18 @@ class Compactor:
 
         import pyarrow.parquet as pq
 
-        def one(f: LogFile) -> tuple[int, "pa.Schema"]:
-            with self.fs.open_input_file(f.path) as source:
-                reader = pq.ParquetFile(source)
-                return reader.metadata.num_rows, reader.schema_arrow
+        def one(f: LogFile) -> tuple[int, "pa.Schema"] | None:
+            try:
+                with self.fs.open_input_file(f.path) as source:
+                    reader = pq.ParquetFile(source)
+                    return reader.metadata.num_rows, reader.schema_arrow
+            except ValueError:  # pyarrow.ArrowInvalid: not Parquet (torn): left as it is, not compacted
+                log.warning("request-log file %s is not readable Parquet: left out of the compaction", f.path)
+                return None
 
         with ThreadPoolExecutor(max(1, self.files.parallel)) as pool:
-            return dict(zip((f.path for f in live), pool.map(one, live)))
+            found = dict(zip((f.path for f in live), pool.map(one, live)))
+        return {path: footer for path, footer in found.items() if footer is not None}
 
     def _chunks(self, live: list[LogFile], footers: dict) -> list[list[LogFile]]:
         """The live files by writer, in name order (one compacted file per writer and hour)."""

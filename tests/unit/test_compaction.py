@@ -217,3 +217,13 @@ def test_the_monitor_compacts_on_its_own_schedule(tmp_path):
     results = asyncio.run(monitor.compact(now=NOW))
     assert [r.status for r in results if r.hour == "20261102T10"] == ["compacted"]
     assert len(ids(tmp_path / "log")) == 100
+
+
+def test_a_torn_writer_file_is_left_out_and_the_rest_compacted(tmp_path):
+    write_files(tmp_path, hour_frame(200, 1), flush_s=300)
+    torn = tmp_path / "requests" / "date=2026-11-02" / "gw0-20261102T103000500Z-999999.parquet"
+    torn.write_bytes(b"PAR1 half an upload")
+    before = ids(tmp_path)
+    results = compactor(tmp_path).run(("requests",), now=NOW)
+    assert [r.status for r in results if r.hour == "20261102T10"] == ["compacted"]
+    assert torn.exists() and ids(tmp_path) == before
