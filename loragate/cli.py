@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     add_rollout_arguments(p)
     p.set_defaults(run=_lazy("loragate.monitoring.commands", "rollout_command"))
 
+    p = commands.add_parser("log", help="the request log: compact closed hours into a few large files")
+    from loragate.monitoring.commands import add_log_arguments
+
+    add_log_arguments(p)
+    p.set_defaults(run=_lazy("loragate.monitoring.commands", "log_command"))
+
     p = commands.add_parser("shadow", help="shadow traffic: compare shadow answers with the primary's (report)")
     from loragate.monitoring.shadowcli import add_shadow_arguments
 

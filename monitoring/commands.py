@@ -69,6 +69,8 @@ def add_drift_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("drift-reports"), help="where the HTML and JSON go")
     p.add_argument("--min-rows", type=int, default=30)
     p.add_argument("--drift-share", type=float, default=0.5)
+    p.add_argument("--sample-rows", type=int, default=10_000,
+                   help="rows read per window: a deterministic sample by request id (default 10000)")
     p.add_argument("--json", action="store_true", help="print the whole JSON summary")
 
 
@@ -95,16 +97,23 @@ def _windows(args: argparse.Namespace) -> tuple[Window, Window]:
 def drift_command(args: argparse.Namespace) -> int:
     import asyncio
 
-    from loragate.monitoring.drift import DriftConfig, run_drift
+    from loragate.monitoring.drift import LOG_COLUMNS, DriftConfig, run_drift
     from loragate.monitoring.prometheus import Prometheus, PrometheusError
     from loragate.monitoring.sources import RequestLog, load_reference, variant_series
 
     try:
         current_window, ref_window = _windows(args)
+        config = DriftConfig(min_rows=args.min_rows, drift_share=args.drift_share, sample_rows=args.sample_rows)
         log = RequestLog(args.request_log)
-        current = log.requests(current_window, args.route, args.variant)
-        reference = (load_reference(args.reference) if args.reference
-                     else log.requests(ref_window, args.route, args.variant))
+        current = log.sample(current_window, args.route, args.variant, columns=LOG_COLUMNS,
+                             per_variant=config.sample_rows, by_variant=False)
+        reference_rows = None
+        if args.reference:
+            reference = load_reference(args.reference)
+        else:
+            sample = log.sample(ref_window, args.route, args.variant, columns=LOG_COLUMNS,
+                                per_variant=config.sample_rows, by_variant=False)
+            reference, reference_rows = sample.frame, sample.total_rows
         series = None
         if args.prometheus:
             prom = Prometheus(args.prometheus)
@@ -118,8 +127,8 @@ def drift_command(args: argparse.Namespace) -> int:
                 series = tuple(asyncio.run(both()))
             except (PrometheusError, OSError) as exc:
                 print(f"loragate drift: Prometheus unavailable, going on without it: {exc}", file=sys.stderr)
-        result = run_drift(reference, current, route=args.route, variant=args.variant, out_dir=args.out,
-                           prometheus=series, config=DriftConfig(min_rows=args.min_rows, drift_share=args.drift_share))
+        result = run_drift(reference, current.frame, route=args.route, variant=args.variant, out_dir=args.out,
+                           prometheus=series, config=config, window_rows=(reference_rows, current.total_rows))
     except (OSError, ValueError) as exc:
         print(f"loragate drift: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -132,8 +141,12 @@ def drift_command(args: argparse.Namespace) -> int:
 
 
 def summary_text(result: DriftResult) -> str:
+    def rows(sampled: int, window: int | None) -> str:
+        return f"{sampled}" if window is None else f"{sampled} (sample of {window} in the window)"
+
     lines = [f"route={result.route} variant={result.variant or '*'} status={result.status} "
-             f"reference_rows={result.reference_rows} current_rows={result.current_rows}"]
+             f"reference_rows={rows(result.reference_rows, result.reference_window_rows)} "
+             f"current_rows={rows(result.current_rows, result.current_window_rows)}"]
     if result.reason:
         lines.append(f"  {result.reason}")
     if result.features:
@@ -285,4 +298,46 @@ def rollout_command(args: argparse.Namespace) -> int:
         print(f"loragate rollout: {exc}", file=sys.stderr)
         return EXIT_ERROR
     print(f"{route}: {done.state}, {done.canary} at {done.weight:g}%, {done.stable} at {100 - done.weight:g}%")
+    return EXIT_OK
+
+
+def add_log_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="log_command", required=True)
+    c = sub.add_parser("compact", help="merge each closed hour's small files into a few large ones (idempotent, "
+                                       "safe beside running gateways and other compactions)")
+    c.add_argument("--request-log", required=True, help="request-log root: a directory or s3://bucket/prefix")
+    c.add_argument("--table", choices=("requests", "feedback", "all"), default="all")
+    c.add_argument("--days", type=int, default=2, help="days looked at, today included (default 2)")
+    c.add_argument("--grace", type=duration_s, default=900.0,
+                   help="an hour is closed this long after its end (default 15m)")
+    c.add_argument("--now", type=moment, help="compact as if it were this time (ISO or unix seconds)")
+    c.add_argument("--dry-run", action="store_true", help="say what would be compacted, change nothing")
+    c.add_argument("--json", action="store_true")
+
+
+def log_command(args: argparse.Namespace) -> int:
+    """``loragate log compact``: one compaction round (the monitor's ``compaction`` section runs it on a schedule)."""
+    import dataclasses
+    import json
+
+    from loragate.common.logschema import TABLES
+    from loragate.common.objectstore import filesystem
+    from loragate.monitoring.compaction import Compactor
+
+    try:
+        compactor = Compactor(*filesystem(args.request_log), grace_s=args.grace)
+        tables = TABLES if args.table == "all" else (args.table,)
+        results = compactor.run(tables, days=args.days, now=args.now.timestamp() if args.now else None,
+                                dry_run=args.dry_run)
+    except (OSError, ValueError) as exc:
+        print(f"loragate log compact: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+        return EXIT_OK
+    for r in results:
+        what = f"{r.inputs} files, {r.rows} rows -> {', '.join(r.outputs)}" if r.outputs else f"{r.inputs} files"
+        print(f"{r.directory} {r.hour}: {r.status} ({what}; {r.deleted} deleted)")
+    if not results:
+        print("nothing to compact")
     return EXIT_OK

@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, model_validator
 
+from loragate.monitoring.compaction import CompactionConfig
 from loragate.monitoring.drift import DriftConfig
 from loragate.monitoring.rollout.config import RolloutsConfig
 from loragate.monitoring.shadow import ShadowsConfig
@@ -55,6 +56,7 @@ class MonitorConfig(BaseModel):
     checks: list[CheckConfig] = Field(default_factory=list)
     rollouts: RolloutsConfig | None = None  # progressive delivery of adapter versions (monitoring/rollout/)
     shadows: ShadowsConfig | None = None  # shadow answers vs the primary's, on a schedule (monitoring/shadow.py)
+    compaction: CompactionConfig | None = None  # merge closed hours of the request log (monitoring/compaction.py)
     adapter_registry: str | None = None  # adapter cards (loragate.common.registry): loragate_adapter_info
 
     @model_validator(mode="after")

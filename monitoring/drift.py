@@ -69,6 +69,9 @@ NUMERICAL = ("prompt_tokens", "completion_tokens", "latency_s", "ttft_s", "cost_
 CATEGORICAL = ("finish_reason", "fallback", "status_class", "prompt_script", "response_refusal")
 TEXT = ("prompt_text", "response_text")
 CONTENT = {"prompt_text": "prompt_content", "response_text": "response_content"}  # text -> content feature
+# The request-log columns a drift check reads (the reader projects on them: never prompt_messages).
+LOG_COLUMNS = ("request_id", "timestamp", "variant", "status", "fallback", "latency_s", "ttft_s", "prompt_tokens",
+               "completion_tokens", "cost_usd", "finish_reason", "prompt_text", "response_text")
 GroupName = Literal["inputs", "outputs", "operations"]
 # The signal groups: (features, decisive features: one of them drifting makes the group drift).
 GROUPS: dict[GroupName, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -109,6 +112,8 @@ class GroupConfig(BaseModel):
 
 class DriftConfig(BaseModel):
     min_rows: int = Field(30, ge=2, description="fewer rows on either side: insufficient data")
+    sample_rows: int = Field(10_000, ge=100, description="rows read from a request-log window: a deterministic "
+                             "sample by request id (monitoring/logscan.py); the window's row count is reported")
     drift_share: float = Field(0.5, gt=0, le=1, description="share of a group's drifted columns that makes it drift")
     groups: dict[GroupName, GroupConfig] = Field(default_factory=dict, description="per-group overrides")
     # Text content (monitoring/textdrift.py): domain classifier on TF-IDF, drift when its
@@ -195,7 +200,7 @@ class DriftResult:
     route: str
     variant: str | None
     status: str  # "ok" | "drift" | "insufficient_data"
-    reference_rows: int
+    reference_rows: int  # rows compared (a window's sample)
     current_rows: int
     features: list[FeatureDrift] = field(default_factory=list)
     groups: list[GroupVerdict] = field(default_factory=list)
@@ -207,6 +212,8 @@ class DriftResult:
     json_path: str | None = None
     created_at: float = field(default_factory=time.time)
     duration_s: float = 0.0
+    reference_window_rows: int | None = None  # rows in the window the sample was drawn from (None: not a window)
+    current_window_rows: int | None = None
 
     @property
     def drifted_features(self) -> list[str]:
@@ -327,9 +334,11 @@ def choose_method(feature: str, kind: str, rows: int, config: DriftConfig) -> tu
 
 def run_drift(reference: "pd.DataFrame", current: "pd.DataFrame", *, route: str, variant: str | None = None,
               config: DriftConfig | None = None, out_dir: str | Path | None = None,
-              prometheus: tuple["pd.DataFrame", "pd.DataFrame"] | None = None, name: str | None = None) -> DriftResult:
+              prometheus: tuple["pd.DataFrame", "pd.DataFrame"] | None = None, name: str | None = None,
+              window_rows: tuple[int | None, int | None] = (None, None)) -> DriftResult:
     """Compare ``current`` with ``reference`` (request-log or reference-dataset frames).
 
+    ``window_rows``: the (reference, current) windows' true row counts when the frames are samples of them.
     With ``out_dir`` the Evidently HTML report and a JSON summary are written there
     (``<name>.html``, ``<name>.json``). ``prometheus`` is a pair of frames from
     ``Prometheus.variant_series`` (reference window, current window).
@@ -337,7 +346,8 @@ def run_drift(reference: "pd.DataFrame", current: "pd.DataFrame", *, route: str,
     config = config or DriftConfig()
     started = time.perf_counter()
     result = DriftResult(route=route, variant=variant, status="ok", reference_rows=len(reference),
-                         current_rows=len(current), drift_share_threshold=config.drift_share)
+                         current_rows=len(current), drift_share_threshold=config.drift_share,
+                         reference_window_rows=window_rows[0], current_window_rows=window_rows[1])
     if prometheus is not None:
         result.prometheus = compare_series(*prometheus)
     stem = name or _stem(route, variant, result.created_at)

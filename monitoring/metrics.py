@@ -32,11 +32,21 @@ class MonitorMetrics:
                                 (*rv, "action", "result"), registry=r)
         self.runs = Counter("loragate_drift_runs", "Drift runs, by status (ok, drift, insufficient_data, error).",
                             (*rv, "status"), registry=r)
+        self.window_rows = Gauge("loragate_drift_window_requests", "Requests in the last run's window, by side "
+                                 "(reference, current); the run compares a sample of them (sampled: side_sampled).",
+                                 (*rv, "side"), registry=r)
+        self.compactions = Counter("loragate_request_log_compactions", "Request-log hours compacted, by result "
+                                   "(compacted, cleaned, error).", ("result",), registry=r)
 
     def record(self, result: DriftResult) -> None:
         labels = (result.route, result.variant or "")
         self.runs.labels(*labels, result.status).inc()
         self.last_run.labels(*labels).set(time.time())
+        for side, window, sampled in (("reference", result.reference_window_rows, result.reference_rows),
+                                      ("current", result.current_window_rows, result.current_rows)):
+            if window is not None:
+                self.window_rows.labels(*labels, side).set(window)
+                self.window_rows.labels(*labels, f"{side}_sampled").set(sampled)
         if result.status == "insufficient_data":
             return  # keep the last real figures; the run counter says what happened
         self.share.labels(*labels).set(result.share)

@@ -2,7 +2,9 @@
 
 One asyncio process: an aiohttp app serving ``/metrics`` (its own prometheus-client
 registry) and ``/healthz``, a loop that runs every configured check (monitoring/check.py) each
-``interval_s``, and (with a ``rollouts`` section) the rollout loop of monitoring/rollout/,
+``interval_s``, a compaction round of the request log every ``compaction.interval_s`` (with a
+``compaction`` section: monitoring/compaction.py), and (with a ``rollouts`` section) the rollout loop of
+monitoring/rollout/,
 which analyses each canary on its own interval. The Evidently work runs in a worker thread
 so the endpoints and the rollouts stay live. This module only wires the parts together.
 """
@@ -14,9 +16,10 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from loragate.common.objectstore import S3Options
+from loragate.common.objectstore import S3Options, filesystem
 from loragate.common.registry import AdapterInfoCollector, Registry
 from loragate.monitoring.check import CheckRun, DriftCheck, References
+from loragate.monitoring.compaction import Compactor, HourResult
 from loragate.monitoring.config import MonitorConfig
 from loragate.monitoring.metrics import MonitorMetrics
 from loragate.monitoring.prometheus import Prometheus
@@ -124,7 +127,28 @@ class Monitor:
             loops.append(self.rollouts.loop())
         if self.config.shadows is not None:
             loops.append(self._shadow_loop())
+        if self.config.compaction is not None:
+            loops.append(self._compaction_loop())
         await asyncio.gather(*loops)
+
+    async def compact(self, *, now: float | None = None) -> list[HourResult]:
+        """One compaction round over the request log's closed hours (safe beside other monitors and gateways)."""
+        settings = self.config.compaction
+        assert settings is not None
+        compactor = Compactor(*filesystem(self.config.request_log, self.s3), grace_s=settings.grace_s)
+        return await asyncio.to_thread(compactor.run, days=settings.days, now=now)
+
+    async def _compaction_loop(self) -> None:
+        assert self.config.compaction is not None
+        while True:
+            try:
+                for done in await self.compact():
+                    if done.status != "skipped":
+                        self.metrics.compactions.labels(done.status).inc()
+            except Exception:
+                log.exception("request-log compaction failed")
+                self.metrics.compactions.labels("error").inc()
+            await asyncio.sleep(self.config.compaction.interval_s)
 
     async def _shadow_loop(self) -> None:
         assert self.config.shadows is not None

@@ -77,6 +77,7 @@ class ShadowComparison:
     similarity: float | None
     identical_rate: float | None
     noise_floor: NoiseFloor = field(default_factory=lambda: NoiseFloor(0, None, None))
+    window_shadow_rows: int | None = None  # shadow answers in the window (``pairs`` come from a sample of them)
 
     @property
     def below_floor(self) -> bool | None:
@@ -153,12 +154,35 @@ def shadow_variants(frame: "pd.DataFrame", route: str | None = None) -> list[tup
     return sorted({(str(r), str(v)) for r, v in zip(rows["route"], rows["variant"])})
 
 
+COLUMNS = ("request_id", "timestamp", "route", "variant", "role", "endpoint", "status", "latency_s",
+           "completion_tokens", "prompt_text", "response_text")  # what a comparison reads of the log
+
+
 def report(log: "RequestLog", window: "Window", route: str | None = None, variant: str | None = None,
-           primary: str | None = None) -> list[ShadowComparison]:
-    """Every shadow variant's comparison in ``window`` (or the one named)."""
-    frame = log.requests(window, route, role=None)
+           primary: str | None = None, *, rows: int = 10_000) -> list[ShadowComparison]:
+    """Every shadow variant's comparison in ``window`` (or the one named).
+
+    Bounded: at most ``rows`` shadow answers per shadow variant (a deterministic sample by request id),
+    then the primary answers of exactly those requests, so every sampled shadow keeps its pair.
+    ``window_shadow_rows`` says how many shadow answers the window held.
+    """
+    import pandas as pd
+
+    from loragate.common.logschema import PRIMARY, SHADOW
+
+    named = variant if route and variant else None
+    shadows = log.sample(window, route, named, columns=COLUMNS, role=SHADOW, per_variant=rows)
+    ids = frozenset(str(i) for i in shadows.frame["request_id"])
+    primaries = log.requests(window, route, columns=COLUMNS, role=PRIMARY, ids=ids)
+    frame = pd.concat([primaries, shadows.frame], ignore_index=True) if len(primaries) else shadows.frame
     targets = [(route, variant)] if route and variant else shadow_variants(frame, route)
-    return [compare(frame, r, v, primary) for r, v in targets if r is not None and v is not None]
+    out = []
+    for r, v in targets:
+        if r is not None and v is not None:
+            comparison = compare(frame, r, v, primary)
+            comparison.window_shadow_rows = shadows.window_rows.get(v, 0)
+            out.append(comparison)
+    return out
 
 
 # --- the gate before a canary ---------------------------------------------------------------

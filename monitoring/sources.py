@@ -3,6 +3,8 @@
 The request log is Parquet partitioned by day, written by the gateway:
 ``<root>/requests/date=YYYY-MM-DD/*.parquet`` and ``<root>/feedback/date=YYYY-MM-DD/*.parquet``.
 ``root`` is a local directory or any URL pyarrow's filesystems understand (``s3://bucket/prefix``).
+Windows are read in bounded memory (monitoring/logscan.py): the monitor's checks take a deterministic
+sample of fixed size per variant (``RequestLog.sample``) and know the window's true row count.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import functools
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -18,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from loragate.common import logschema
 from loragate.common.objectstore import S3Options, filesystem, is_local, open_input
+from loragate.monitoring.logfiles import LogFiles
+from loragate.monitoring.logscan import Filter, WindowScan
 from loragate.monitoring.prometheus import Prometheus, selector
 
 if TYPE_CHECKING:  # pandas and pyarrow are imported where they are used: the CLI stays light
@@ -62,66 +67,100 @@ class Window:
         return out
 
 
-class RequestLog:
-    """Reads windows of the gateway's request log (and feedback) into pandas frames.
+@dataclass
+class WindowSample:
+    """A window's rows, sampled: ``frame`` holds at most the cap per variant; ``window_rows`` is how many
+    the window has (per variant, before sampling), ``sampled_rows`` how many the frame holds."""
 
-    Files of every schema version read, in the current schema (logschema.conform); ``s3``
-    says where an ``s3://`` root lives (default: the environment, see common.objectstore).
+    frame: "pd.DataFrame"
+    window_rows: dict[str, int]
+    sampled_rows: dict[str, int]
+    thresholds: dict[str, int]  # per variant: the largest sample key taken (capped variants only)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.window_rows.values())
+
+
+class RequestLog:
+    """Reads windows of the gateway's request log (and feedback): projected, pruned and, with a cap, sampled.
+
+    Files of every schema version read, in the current schema (logschema.conform); ``s3`` says where an
+    ``s3://`` root lives (default: the environment, see common.objectstore). ``parallel`` bounds the files
+    listed and opened at once; ``late_s``: how long after a request arrived its row may still be flushed
+    (the gateway's total timeout plus its flush interval): files written later than that after a window
+    are not opened. Compacted files (monitoring/compaction.py) are read instead of the files they replace.
     """
 
-    def __init__(self, root: str | Path, s3: S3Options | None = None) -> None:
+    def __init__(self, root: str | Path, s3: S3Options | None = None, *, parallel: int = 8,
+                 late_s: float = 900.0) -> None:
         self._fs, self._root = filesystem(str(root), s3)
+        self.files = LogFiles(self._fs, self._root, parallel=parallel)
+        self.parallel, self.late_s = parallel, late_s
+
+    def scan(self, window: Window, route: str | None = None, variant: str | None = None, *,
+             columns: tuple[str, ...] = REQUEST_COLUMNS, role: str | None = logschema.PRIMARY,
+             per_variant: int | None = None, threshold: dict[str, int] | None = None, by_variant: bool = True,
+             table: str = logschema.REQUESTS, ids: frozenset[str] | None = None) -> WindowScan:
+        """An iterable of Arrow tables, one per file read (monitoring/logscan.py); its ``stats`` after.
+        ``ids``: only these request ids."""
+        where = Filter(window.start, window.end, route, variant, role, ids)
+        return WindowScan(self.files, table, where, columns, per_variant=per_variant, threshold=threshold,
+                          by_variant=by_variant,
+                          parallel=self.parallel, late_s=self.late_s)
+
+    def sample(self, window: Window, route: str | None = None, variant: str | None = None, *,
+               columns: tuple[str, ...] = REQUEST_COLUMNS, role: str | None = logschema.PRIMARY,
+               per_variant: int | None = 10_000, threshold: dict[str, int] | None = None,
+               by_variant: bool = True) -> WindowSample:
+        """At most ``per_variant`` rows of each variant (the same ones on every run: logscan.sample_keys),
+        in time order, with the window's true row counts. ``by_variant=False``: at most ``per_variant``
+        rows in all, every variant in its share of the window (a route's traffic as a whole)."""
+        scan = self.scan(window, route, variant, columns=columns, role=role, per_variant=per_variant,
+                         threshold=threshold, by_variant=by_variant)
+        frame = _frame(list(scan), columns)
+        return WindowSample(frame, scan.stats.window_rows, scan.stats.sampled_rows, dict(scan.thresholds))
 
     def requests(self, window: Window, route: str | None = None, variant: str | None = None,
                  *, columns: tuple[str, ...] = REQUEST_COLUMNS,
-                 role: str | None = logschema.PRIMARY) -> "pd.DataFrame":
-        """The answers clients got (``role`` primary); ``role=None``: shadow answers too (monitoring/shadow.py)."""
-        return self._read("requests", window, route, variant, columns, role)
+                 role: str | None = logschema.PRIMARY, ids: frozenset[str] | None = None) -> "pd.DataFrame":
+        """Every row of the window (or of the request ids ``ids``); the monitor's checks use ``sample``.
+        ``role`` primary: the answers clients got; ``role=None``: shadow answers too (monitoring/shadow.py)."""
+        return _frame(list(self.scan(window, route, variant, columns=columns, role=role, ids=ids)), columns)
 
     def feedback(self, window: Window, route: str | None = None, variant: str | None = None) -> "pd.DataFrame":
-        return self._read("feedback", window, route, variant, FEEDBACK_COLUMNS)
+        scan = self.scan(window, route, variant, columns=FEEDBACK_COLUMNS, role=None, table=logschema.FEEDBACK)
+        return _frame(list(scan), FEEDBACK_COLUMNS)
 
-    def _files(self, kind: str, window: Window) -> list[str]:
-        from pyarrow import fs
 
-        files: list[str] = []
-        for day in window.days():
-            selector = fs.FileSelector(f"{self._root}/{kind}/date={day.isoformat()}", allow_not_found=True)
-            files += sorted(info.path for info in self._fs.get_file_info(selector)
-                            if info.type == fs.FileType.File and info.path.endswith(".parquet"))
-        return files
+@dataclass(frozen=True)
+class WindowSource:
+    """One check's window of the log, for actions that read it themselves, as it streams (the dataset export)."""
 
-    def _read(self, kind: str, window: Window, route: str | None, variant: str | None,
-              columns: tuple[str, ...], role: str | None = None) -> "pd.DataFrame":
-        import pandas as pd
-        import pyarrow as pa
-        import pyarrow.compute as pc
-        import pyarrow.parquet as pq
+    log: RequestLog
+    window: Window
+    route: str | None
+    variant: str | None
 
-        tables = []
-        for path in self._files(kind, window):
-            try:
-                table = logschema.conform(pq.read_table(path, filesystem=self._fs), kind)
-            except (OSError, pa.ArrowInvalid):
-                continue  # a file being written or a torn upload: the next run reads it
-            mask = None
-            for name, value in (("route", route), ("variant", variant), ("role", role)):
-                if value is not None and name in table.column_names:
-                    cond = pc.equal(table[name], value)
-                    mask = cond if mask is None else pc.and_(mask, cond)
-            if mask is not None:
-                table = table.filter(mask)
-            tables.append(table.select([c for c in columns if c in table.column_names]))
-        if not tables:
-            return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
-        frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
-        for column in columns:
-            if column not in frame:
-                frame[column] = None
-        stamps = pd.to_datetime(frame["timestamp"], utc=True)
-        frame["timestamp"] = stamps
-        keep = (stamps >= pd.Timestamp(window.start)) & (stamps < pd.Timestamp(window.end))
-        return frame.loc[keep, list(columns)].sort_values("timestamp").reset_index(drop=True)
+    def batches(self, columns: tuple[str, ...], rows: int) -> Iterator["pd.DataFrame"]:
+        """A deterministic sample of ``rows`` requests of the window, one frame per file read."""
+        for table in self.log.scan(self.window, self.route, self.variant, columns=columns, per_variant=rows,
+                                   by_variant=False):
+            yield table.to_pandas()
+
+    def feedback(self, until: datetime) -> "pd.DataFrame":
+        return self.log.feedback(Window.between(self.window.start, until))
+
+
+def _frame(tables: list, columns: tuple[str, ...]) -> "pd.DataFrame":
+    import pandas as pd
+    import pyarrow as pa
+
+    if not tables:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+    frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
+    return frame.loc[:, list(columns)].sort_values("timestamp", kind="stable").reset_index(drop=True)
 
 
 def load_reference(path: str | Path, s3: S3Options | None = None) -> "pd.DataFrame":

@@ -13,8 +13,10 @@ pyarrow is imported only when a filesystem is built.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlparse
@@ -96,3 +98,25 @@ def write_bytes(location: str, data: bytes, s3: S3Options | None = None) -> str:
         with fs.open_output_stream(path) as out:
             out.write(data)
     return location
+
+
+@contextlib.contextmanager
+def open_output(location: str, s3: S3Options | None = None) -> Iterator[BinaryIO]:
+    """A writable stream for ``location``, whose file appears whole when the block ends, or not at all.
+
+    Written under a temporary dot-name beside it, then moved into place (local: a rename; object
+    store: a server-side copy and a delete); an error removes the temporary file.
+    """
+    fs, path = filesystem(location, s3)
+    parent, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    temporary = f"{parent}/.{name}.{uuid.uuid4().hex[:8]}.tmp" if parent else f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+    if is_local(location):
+        fs.create_dir(parent or ".", recursive=True)
+    try:
+        with fs.open_output_stream(temporary) as out:
+            yield out
+        fs.move(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.delete_file(temporary)
+        raise

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from loragate.monitoring.drift import DriftResult
+    from loragate.monitoring.sources import WindowSource
     from loragate.monitoring.triggers.policy import Decision
 
 
@@ -19,9 +20,10 @@ class TriggerContext:
     variant: str | None
     result: "DriftResult"
     decision: Decision
-    requests: "pd.DataFrame | None" = None  # the current window, for the dataset export
+    requests: "pd.DataFrame | None" = None  # the current window's sample (what the drift check compared)
     feedback: "pd.DataFrame | None" = None
     dataset_location: str | None = None  # set by the dataset action, read by the later ones
+    source: "WindowSource | None" = None  # the current window itself, streamed (the dataset export reads it)
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S", time.gmtime()))
 
 

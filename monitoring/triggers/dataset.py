@@ -1,4 +1,10 @@
-"""The dataset action: recent scrubbed traffic, feedback joined, as chat JSONL for fine-tuning."""
+"""The dataset action: recent scrubbed traffic, feedback joined, as chat JSONL for fine-tuning.
+
+With the check's window (``TriggerContext.source``) the export streams: a deterministic sample of
+``max_rows`` requests of the window (monitoring/logscan.py) is read file by file and each file's records
+are written out before the next is read, so memory does not grow with the window or the sample. The file
+appears whole (local: renamed into place; object store: one upload, completed at the end) or not at all.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ from loragate.monitoring.triggers.action import ActionResult, TriggerContext
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from loragate.monitoring.sources import WindowSource
 
 
 def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = None, *,
@@ -68,6 +76,31 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+EXPORT_COLUMNS = ("request_id", "timestamp", "endpoint", "status", "prompt_text", "prompt_messages", "response_text",
+                  "schema_version")
+
+
+def export_window(source: "WindowSource", location: str, *, rows: int, min_score: float | None = None,
+                  s3: S3Options | None = None, until: float | None = None) -> int:
+    """Write the chat records of a sample of ``rows`` requests of ``source``'s window to ``location``
+    as they are read (feedback of the window joined); returns the records written."""
+    import time
+    from datetime import datetime, timezone
+
+    from loragate.common.objectstore import open_output
+
+    end = datetime.fromtimestamp((time.time() if until is None else until) + 60, timezone.utc)
+    feedback = source.feedback(end)
+    written = 0
+    with open_output(location, s3) as out:
+        for frame in source.batches(EXPORT_COLUMNS, rows):
+            ids = feedback[feedback["request_id"].isin(frame["request_id"])] if len(feedback) else None
+            for record in to_chat_records(frame, ids, min_score=min_score):
+                out.write((json.dumps(record, ensure_ascii=False) + "\n").encode())
+                written += 1
+    return written
+
+
 def write_jsonl(records: list[dict], location: str, s3: S3Options | None = None) -> str:
     """Write to a local path or an ``s3://``-style URL (loragate.common.objectstore)."""
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
@@ -85,11 +118,19 @@ class DatasetExportAction:
         self.s3 = s3
 
     async def run(self, ctx: TriggerContext) -> ActionResult:
+        name = f"{ctx.route}-{ctx.variant or 'all'}-{ctx.run_id}.jsonl"
+        if ctx.source is not None:  # the window itself, streamed
+            location = f"{self.location}/{name}"
+            written = await asyncio.to_thread(export_window, ctx.source, location, rows=self.max_rows,
+                                              min_score=self.min_score, s3=self.s3)
+            if not written:
+                return ActionResult(self.name, False, "no usable requests in the window")
+            ctx.dataset_location = location
+            return ActionResult(self.name, True, f"{written} records -> {location}")
         if ctx.requests is None or not len(ctx.requests):
             return ActionResult(self.name, False, "no requests in the window")
         requests = ctx.requests.tail(self.max_rows)
         records = await asyncio.to_thread(to_chat_records, requests, ctx.feedback, min_score=self.min_score)
-        name = f"{ctx.route}-{ctx.variant or 'all'}-{ctx.run_id}.jsonl"
         location = await asyncio.to_thread(write_jsonl, records, f"{self.location}/{name}", self.s3)
         ctx.dataset_location = location
         return ActionResult(self.name, True, f"{len(records)} records -> {location}")

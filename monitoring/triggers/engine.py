@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from loragate.monitoring.drift import DriftResult
+    from loragate.monitoring.sources import WindowSource
 
 log = logging.getLogger("loragate.monitor")
 
@@ -42,7 +43,8 @@ class Trigger:
         return f"{self.route}/{self.variant or '*'}"
 
     async def handle(self, result: "DriftResult", *, requests: "pd.DataFrame | None" = None,
-                     feedback: "pd.DataFrame | None" = None, now: float | None = None) -> TriggerOutcome:
+                     feedback: "pd.DataFrame | None" = None, now: float | None = None,
+                     source: "WindowSource | None" = None) -> TriggerOutcome:
         scores = feedback["score"] if feedback is not None and "score" in feedback else None
         decision = decide(self.policy, self.state.get(self.key), result, scores, now=now)
         self.state.save()
@@ -50,7 +52,7 @@ class Trigger:
         if not decision.fire:
             return outcome
         log.warning("retraining trigger for %s: %s", self.key, decision.reason)
-        ctx = TriggerContext(self.route, self.variant, result, decision, requests, feedback)
+        ctx = TriggerContext(self.route, self.variant, result, decision, requests, feedback, source=source)
         for action in self.actions:
             try:
                 outcome.actions.append(await action.run(ctx))

@@ -1,0 +1,430 @@
+"""Read a window of the request log in bounded memory: projected, pruned, and sampled by request id.
+
+Two passes over the window's live files (monitoring/logfiles.py), each file in a bounded thread pool:
+
+1. **Keys.** Only ``request_id``, ``timestamp``, ``route``, ``variant`` and ``role`` are read, row group
+   by row group; row groups whose statistics put them outside the window or the filter are skipped, and
+   files written before the window are never opened. Each row in the window and the filter is counted
+   (the window's true row count, per variant) and gets its **sample key**: a 64-bit hash of its request
+   id (:func:`sample_keys`). The sample of a variant is its ``per_variant`` rows of smallest key (a
+   bottom-k sample): uniform, the same on every rerun, nested as the cap grows, and a primary answer and
+   its shadow copy (one request id) are in their variants' samples together whenever both keys are under
+   both thresholds (``threshold`` lets a caller take one variant's threshold for another: monitoring/shadow.py).
+   Only the candidates (row position and key, a few bytes each) are kept: O(k log(n/k)) of them.
+2. **Rows.** The other columns are read only from the row groups that hold sampled rows, file by file,
+   and handed on as they are read (``scan`` yields one table per file): the dataset export writes them
+   out as they come; ``sample`` gathers them into one (small) frame.
+
+A file that vanishes between the listing and the read was compacted meanwhile: the plan is made again,
+and rows already handed on are not handed on again (by request id and role).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from loragate.common import logschema
+from loragate.monitoring.logfiles import LogFile, LogFiles
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+KEY_COLUMNS = ("request_id", "timestamp", "route", "variant", "role")
+ALL = "*"  # the sample group of every variant together (by_variant=False)
+_MULTIPLIER = 0x100000001B3  # odd: the polynomial hash below is a bijection of each byte position
+_MAX_POSITION = 256  # bytes of an id past this one share a power (ids are short; the hash stays defined)
+
+
+@dataclass(frozen=True)
+class Filter:
+    window_start: datetime
+    window_end: datetime
+    route: str | None = None
+    variant: str | None = None
+    role: str | None = logschema.PRIMARY
+    ids: frozenset[str] | None = None  # only these request ids (a shadow sample's primaries)
+
+
+@dataclass
+class ScanStats:
+    """What a scan saw: the window's rows per variant (before sampling), files and row groups read."""
+
+    window_rows: dict[str, int] = field(default_factory=dict)
+    sampled_rows: dict[str, int] = field(default_factory=dict)
+    files: int = 0
+    files_read: int = 0  # files whose rows (not only keys) were read
+    row_groups_read: int = 0
+    replans: int = 0
+    unreadable: list[str] = field(default_factory=list)  # files skipped (torn, not Parquet)
+
+
+def sample_keys(ids: "pa.Array") -> "np.ndarray":
+    """A 64-bit hash of each string (stable across versions and machines; vectorised, no Python loop).
+
+    A polynomial hash of the bytes modulo 2**64 (odd multiplier), plus the length, through the
+    splitmix64 finaliser so that every output bit depends on every input bit. Nulls hash as "".
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = pc.fill_null(ids.cast(pa.large_string()), "")
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks()
+    n = len(ids)
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64, count=n + 1, offset=ids.offset * 8)
+    data = np.frombuffer(ids.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]] if n else np.zeros(0, np.uint8)
+    offsets = offsets - offsets[0]
+    lengths = np.diff(offsets)
+    out = lengths.astype(np.uint64)
+    if len(data):
+        powers = np.cumprod(np.full(_MAX_POSITION, _MULTIPLIER, dtype=np.uint64))
+        position = np.arange(len(data), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+        terms = (data.astype(np.uint64) + np.uint64(1)) * powers[np.minimum(position, _MAX_POSITION - 1)]
+        nonempty = lengths > 0
+        out[nonempty] += np.add.reduceat(terms, offsets[:-1][nonempty])
+    out ^= out >> np.uint64(30)
+    out *= np.uint64(0xBF58476D1CE4E5B9)
+    out ^= out >> np.uint64(27)
+    out *= np.uint64(0x94D049BB133111EB)
+    out ^= out >> np.uint64(31)
+    return out
+
+
+@dataclass
+class _Candidates:
+    """One file's rows in the window: position in the file, variant, role, request id, sample key."""
+
+    file: LogFile
+    rows: "np.ndarray"  # int64 positions in the file
+    variants: "np.ndarray"  # object: str ("" for none)
+    roles: "np.ndarray"
+    ids: "np.ndarray"
+    keys: "np.ndarray"  # uint64
+    counts: dict[str, int]
+    row_group_starts: list[int]
+
+    def keep(self, mask: "np.ndarray") -> None:
+        self.rows, self.variants, self.roles = self.rows[mask], self.variants[mask], self.roles[mask]
+        self.ids, self.keys = self.ids[mask], self.keys[mask]
+
+
+class WindowScan:
+    """One scan of one table; see the module docstring. ``per_variant=None`` reads every row in the window;
+    ``by_variant=False`` takes one sample of ``per_variant`` rows for all variants together."""
+
+    def __init__(self, files: LogFiles, table: str, where: Filter, columns: tuple[str, ...], *,
+                 per_variant: int | None = None, threshold: dict[str, int] | None = None, by_variant: bool = True,
+                 parallel: int = 4, late_s: float = 900.0) -> None:
+        self.files, self.table, self.where, self.columns = files, table, where, columns
+        self.per_variant, self.threshold_of = per_variant, threshold or {}
+        self.parallel, self.late_s, self.by_variant = parallel, late_s, by_variant
+        self.stats = ScanStats()
+        self.thresholds: dict[str, int] = {}  # per variant: the largest sample key taken
+        self._ids: "pa.Array | None" = None
+
+    def _id_set(self) -> "pa.Array":
+        import pyarrow as pa
+
+        if self._ids is None:
+            self._ids = pa.array(sorted(self.where.ids or ()), pa.string())
+        return self._ids
+
+    # -- pass 1 -----------------------------------------------------------------------------------
+
+    def _plan(self) -> list[LogFile]:
+        days = sorted({d.isoformat() for d in _days(self.where.window_start, self.where.window_end)})
+        return self.files.plan(self.table, days, start=self.where.window_start, end=self.where.window_end,
+                               late_s=self.late_s)
+
+    def _keys(self, file: LogFile) -> _Candidates | None:
+        """The file's rows in the window and the filter (when sampling: only those under the thresholds
+        known when the file is read; they fall as files are read, so few rows of the later files are kept)."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        w = self.where
+        with self.files.fs.open_input_file(file.path) as source:
+            reader = pq.ParquetFile(source)
+            names = reader.schema_arrow.names
+            present = [c for c in KEY_COLUMNS if c in names]
+            starts, start = [], 0
+            positions, variants, roles, ids, keys = [], [], [], [], []
+            counts: dict[str, int] = {}
+            local: dict[str, int] = {}  # this file's own thresholds (a compacted file is large)
+            kept = [0]
+            for index in range(reader.num_row_groups):
+                group = reader.metadata.row_group(index)
+                starts.append(start)
+                start += group.num_rows
+                if not _may_match(reader, group, w):
+                    continue
+                data = reader.read_row_group(index, columns=present, use_threads=False)
+                n = data.num_rows
+                stamps = data["timestamp"].cast(pa.timestamp("ms", tz="UTC"))
+                mask = pc.and_(pc.greater_equal(stamps, pa.scalar(w.window_start, pa.timestamp("ms", tz="UTC"))),
+                               pc.less(stamps, pa.scalar(w.window_end, pa.timestamp("ms", tz="UTC"))))
+                role = data["role"] if "role" in present else pa.nulls(n, pa.string())
+                role = pc.fill_null(role, logschema.PRIMARY)
+                for name, value, column in (("route", w.route, data["route"] if "route" in present else None),
+                                            ("variant", w.variant, data["variant"] if "variant" in present else None),
+                                            ("role", w.role, role)):
+                    if value is not None:
+                        if column is None:
+                            mask = pa.array(np.zeros(n, bool))
+                        else:
+                            mask = pc.and_(mask, pc.fill_null(pc.equal(column, value), False))
+                if w.ids is not None:
+                    if "request_id" not in present:
+                        continue
+                    mask = pc.and_(mask, pc.is_in(data["request_id"], value_set=self._id_set()))
+                mask = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
+                if not mask.any():
+                    continue
+                where = np.flatnonzero(mask)
+                variant = (data["variant"] if "variant" in present else pa.nulls(n, pa.string()))
+                variant = pc.fill_null(variant.cast(pa.string()), "").to_numpy(zero_copy_only=False)[where]
+                row_ids = pc.fill_null(data["request_id"].cast(pa.string()), "") if "request_id" in present \
+                    else pa.array([""] * n)
+                row_ids = pc.take(row_ids, pa.array(where))
+                key = sample_keys(row_ids)
+                for v, c in zip(*np.unique(variant, return_counts=True)):
+                    counts[str(v)] = counts.get(str(v), 0) + int(c)
+                if not self.by_variant:  # one sample for all variants: each in its share of the window
+                    variant = np.full(len(variant), ALL, dtype=object)
+                if self.per_variant is not None:
+                    under = key <= _limits(variant, _lower(self.thresholds, local))
+                    where, variant, key = where[under], variant[under], key[under]
+                    row_ids = pc.filter(row_ids, pa.array(under))
+                    kept[0] += len(key)
+                positions.append(where + starts[-1])
+                variants.append(variant)
+                roles.append(role.to_numpy(zero_copy_only=False)[where])
+                ids.append(row_ids)
+                keys.append(key)
+                if self.per_variant is not None and kept[0] > 2 * self.per_variant:
+                    local.update(_cuts(np.concatenate(variants), np.concatenate(keys), self.per_variant))
+                    kept[0] = 0
+        if not counts:
+            return None
+
+        def cat(parts: list, dtype: Any) -> "np.ndarray":
+            return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+        found = _Candidates(file, cat(positions, np.int64), cat(variants, object), cat(roles, object),
+                            np.zeros(0, object), cat(keys, np.uint64), counts, starts)
+        mask = found.keys <= _limits(found.variants, _lower(self.thresholds, local)) if self.per_variant is not None \
+            else np.ones(len(found.keys), bool)
+        found.ids = np.asarray(pa.chunked_array(ids, pa.string()).filter(pa.array(mask)).to_pylist()
+                               if ids else [], dtype=object)
+        found.rows, found.variants, found.roles, found.keys = (found.rows[mask], found.variants[mask],
+                                                               found.roles[mask], found.keys[mask])
+        return found
+
+    def _pass1(self, plan: list[LogFile], done: dict[str, _Candidates | None]) -> list[str]:
+        """Scan the keys of the plan's files not yet in ``done``; returns the paths that vanished."""
+
+        todo = [f for f in plan if f.path not in done]
+        pools: dict[str, np.ndarray] = {}  # per variant: keys kept so far (trimmed to the cap)
+        for found in done.values():
+            if found is not None:
+                self._pool(pools, found)
+        vanished: list[str] = []
+        with ThreadPoolExecutor(max(1, self.parallel)) as pool:
+            futures = [(f, pool.submit(self._keys, f)) for f in todo]
+            for f, future in futures:
+                try:
+                    found = future.result()
+                except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+                    if isinstance(exc, OSError) and _not_found(exc):
+                        vanished.append(f.path)
+                    else:  # a torn upload or a file being written: the next run reads it
+                        self.stats.unreadable.append(f.name)
+                        done[f.path] = None
+                    continue
+                done[f.path] = found
+                if found is not None:
+                    self._pool(pools, found)
+        return vanished
+
+    def _pool(self, pools: dict, found: _Candidates) -> None:
+        """Add a file's keys to the per-variant pools; lower the thresholds as the pools fill."""
+        import numpy as np
+
+        if self.per_variant is None:
+            return
+        k = self.per_variant
+        for variant in np.unique(found.variants):
+            keys = found.keys[found.variants == variant]
+            merged = np.concatenate([pools.get(variant, np.zeros(0, np.uint64)), keys])
+            if len(merged) > 2 * k:
+                merged = np.partition(merged, k - 1)[:k]
+            pools[variant] = merged
+            if len(merged) >= k:
+                self.thresholds[variant] = int(np.partition(merged, k - 1)[k - 1])
+
+    def _select(self, done: dict[str, _Candidates | None]) -> list[_Candidates]:
+        """The final sample: each variant's ``per_variant`` smallest keys (or a given threshold)."""
+        import numpy as np
+
+        found = [c for c in done.values() if c is not None]
+        window_rows: dict[str, int] = {}
+        for c in found:
+            for v, n in c.counts.items():
+                window_rows[v] = window_rows.get(v, 0) + n
+        self.stats.window_rows = dict(sorted(window_rows.items()))
+        if self.per_variant is not None:
+            cut = {}
+            for variant in sorted({v for c in found for v in np.unique(c.variants)}):
+                keys = np.concatenate([c.keys[c.variants == variant] for c in found] or [np.zeros(0, np.uint64)])
+                if len(keys) > self.per_variant:
+                    cut[variant] = int(np.partition(keys, self.per_variant - 1)[self.per_variant - 1])
+            for variant, limit in self.threshold_of.items():
+                cut[variant] = limit
+            self.thresholds = cut
+            for c in found:
+                c.keep(c.keys <= _limits(c.variants, cut))
+        sampled: dict[str, int] = {}
+        for c in found:
+            for v in c.variants:
+                sampled[v] = sampled.get(v, 0) + 1
+        self.stats.sampled_rows = dict(sorted(sampled.items()))
+        return [c for c in found if len(c.rows)]
+
+    # -- pass 2 -----------------------------------------------------------------------------------
+
+    def _rows(self, c: _Candidates) -> "pa.Table":
+        """The scan's columns of the candidate rows, read from the row groups that hold them only."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        starts = np.asarray(c.row_group_starts, dtype=np.int64)
+        groups = np.searchsorted(starts, c.rows, side="right") - 1
+        wanted = np.unique(groups)
+        with self.files.fs.open_input_file(c.file.path) as source:
+            reader = pq.ParquetFile(source)
+            columns = [col for col in self.columns if col in set(reader.schema_arrow.names)]
+            sizes = np.array([reader.metadata.row_group(int(g)).num_rows for g in wanted], dtype=np.int64)
+            data = reader.read_row_groups(wanted.tolist(), columns=columns, use_threads=False)
+        base: np.ndarray = np.zeros(len(starts), dtype=np.int64)  # each wanted group's first row inside ``data``
+        base[wanted] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.stats.row_groups_read += len(wanted)
+        table = logschema.conform(data.take(pa.array(c.rows - starts[groups] + base[groups])), self.table)
+        return table.select(list(self.columns))
+
+    def __iter__(self) -> Iterator["pa.Table"]:
+        done: dict[str, _Candidates | None] = {}
+        handed: set[tuple[str, str]] = set()
+        for _attempt in range(5):
+            plan = self._plan()
+            live = {f.path for f in plan}
+            for path in [p for p in done if p not in live]:
+                del done[path]  # compacted meanwhile: its rows come from the compacted file
+            vanished = self._pass1(plan, done)
+            if vanished:
+                self.stats.replans += 1
+                continue
+            self.stats.files = len(plan)
+            chosen = self._select(done)
+            gone = False
+            with ThreadPoolExecutor(max(1, self.parallel)) as pool:
+                futures = [(c, pool.submit(self._rows, c)) for c in chosen
+                           if any((i, r) not in handed for i, r in zip(c.ids, c.roles))]
+                for c, future in futures:
+                    try:
+                        table = future.result()
+                    except OSError as exc:
+                        if _not_found(exc):
+                            gone = True
+                            del done[c.file.path]
+                            continue
+                        raise
+                    self.stats.files_read += 1
+                    fresh = [(i, r) not in handed for i, r in zip(c.ids, c.roles)]
+                    if not all(fresh):
+                        import pyarrow as pa
+
+                        table = table.filter(pa.array(fresh))
+                    handed.update(zip(c.ids, c.roles))
+                    if table.num_rows:
+                        yield table
+            if not gone:
+                return
+            self.stats.replans += 1
+        raise OSError("the request log kept changing under the reader (5 plans); try again")
+
+
+_NO_LIMIT = (1 << 64) - 1
+
+
+def _lower(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
+    return {k: min(v for v in (a.get(k), b.get(k)) if v is not None) for k in {*a, *b}}
+
+
+def _cuts(variants: "np.ndarray", keys: "np.ndarray", k: int) -> dict[str, int]:
+    """Per variant holding more than ``k`` keys: its k-th smallest key."""
+    import numpy as np
+
+    out = {}
+    for variant in np.unique(variants):
+        mine = keys[variants == variant]
+        if len(mine) > k:
+            out[str(variant)] = int(np.partition(mine, k - 1)[k - 1])
+    return out
+
+
+def _limits(variants: "np.ndarray", cut: dict[str, int]) -> "np.ndarray":
+    import numpy as np
+
+    limit: np.ndarray = np.full(len(variants), _NO_LIMIT, dtype=np.uint64)
+    for variant, value in cut.items():
+        limit[variants == variant] = value
+    return limit
+
+
+def _not_found(exc: OSError) -> bool:
+    text = str(exc).lower()  # an object store's 404 (pyarrow usually raises FileNotFoundError for it)
+    return isinstance(exc, FileNotFoundError) or "path does not exist" in text or "nosuchkey" in text
+
+
+def _days(start: datetime, end: datetime) -> list:
+    from datetime import timedelta
+
+    day, last, out = start.date(), end.date(), []
+    while day <= last:
+        out.append(day)
+        day += timedelta(days=1)
+    return out
+
+
+def _may_match(reader: Any, group: Any, where: Filter) -> bool:
+    """False when the row group's statistics rule it out (time, or a route/variant/role of one value)."""
+    schema = reader.schema_arrow
+    for index in range(group.num_columns):
+        chunk = group.column(index)
+        name = chunk.path_in_schema
+        stats = chunk.statistics
+        if stats is None or not stats.has_min_max:
+            continue
+        if name == "timestamp":
+            unit = getattr(schema.field("timestamp").type, "unit", "ms")
+            scale = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[unit]
+            low, high = stats.min_raw, stats.max_raw
+            if not isinstance(low, int) or not isinstance(high, int):
+                continue
+            if high < int(where.window_start.timestamp() * scale) or low >= int(where.window_end.timestamp() * scale):
+                return False
+        elif name in ("route", "variant", "role"):
+            value = getattr(where, name)
+            if value is not None and stats.min == stats.max and group.num_rows == (chunk.num_values or 0) \
+                    and stats.null_count == 0 and stats.min != value:
+                return False
+    return True
