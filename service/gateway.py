@@ -364,8 +364,8 @@ class Gateway:
             context.shadow.primary_done()  # from now on the shadow has its deadline_s
         if context.span is not None:
             self.tracer.answered(  # type: ignore[union-attr]
-                context.span, variant.name, route.upstream_model(variant), usage and prompt_tokens,
-                usage and completion_tokens, served.fallback)
+                context.span, variant.name, route.upstream_model(variant),
+                prompt_tokens if usage else None, completion_tokens if usage else None, served.fallback)
         if self.keeps_log:
             # By name (service.requestlog.records): a field added or moved there cannot land in another column.
             self.request_log.record(RequestRecord(
