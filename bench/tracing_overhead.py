@@ -10,7 +10,8 @@ gateway's own CPU per request and a ratio here is an upper bound of the ratio on
         decoding the protobuf, is counted too: an over-estimate of the gateway's share)
 
 CPU per request is process CPU time (all threads, so the exporter's batch thread counts) over the
-requests of a round, the round's spans flushed to the receiver before the clock stops; targets alternate within a round, ratios to ``off`` per round, medians over rounds.
+requests of a round, the round's spans flushed to the receiver before the clock stops; targets alternate
+within a round, ratios to ``off`` per round, medians over rounds.
 The cost of the check itself, what ``off`` adds over the code before tracing, is timed apart in ns.
 
 Run:  .venv/bin/python bench/tracing_overhead.py [--requests 2000] [--rounds 7]
