@@ -167,3 +167,43 @@ def test_the_standard_switches():
     assert not tracing_enabled({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"})
     with pytest.raises(ValueError, match="OTLP"):
         tracing_enabled({"OTEL_TRACES_EXPORTER": "zipkin"})
+
+
+async def test_the_traceparent_goes_on_the_wire_through_both_clients():
+    """The header a traced attempt passes reaches a replica over real HTTP, lean client and aiohttp alike."""
+    import aiohttp
+    from aiohttp import web
+
+    from loragate.service.httpclient import HttpClient
+    from loragate.service.proxy import open_upstream
+    from loragate.service.transport import Timeout
+
+    seen: list[str | None] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("traceparent"))
+        return web.json_response({"id": "c1", "choices": []})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/v1/chat/completions"
+    traceparent = f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"
+    lean = HttpClient(Timeout(total=5, connect=2))
+    session = aiohttp.ClientSession()
+    try:
+        for client in (lean, session):
+            for sent in (traceparent, None):
+                response = await open_upstream(client, url, b"{}", request_id="r1", is_adapter=False,
+                                               traceparent=sent)
+                assert response.status == 200
+                await response.read()
+                response.release()
+    finally:
+        await lean.close()
+        await session.close()
+        await runner.cleanup()
+    assert seen == [traceparent, None, traceparent, None]
