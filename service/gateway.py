@@ -100,7 +100,7 @@ class Gateway:
             return error_response(exc, headers)
         headers["x-loragate-route"] = route.name
         if span is not None:
-            self.tracer.routed(span, payload["model"], route.name)  # type: ignore[union-attr]
+            self.tracer.routed(span, endpoint, payload["model"], route.name)  # type: ignore[union-attr]
         try:
             pending = principal.admit(route.name)  # the key's route allow-list and rate limits
             if pending is not None:  # a shared limiter's round trip (in-process limits decide at once)

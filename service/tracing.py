@@ -38,7 +38,8 @@ def tracer_from_env(environ: Mapping[str, str]) -> RequestTracer | None:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    # The exporter reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT / _HEADERS / _TIMEOUT itself.
+    # The exporter reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT / _HEADERS / _TIMEOUT itself, the provider
+    # OTEL_TRACES_SAMPLER(_ARG) (default parentbased_always_on), the batch processor OTEL_BSP_*.
     provider = TracerProvider(resource=Resource.create(
         {"service.name": environ.get("OTEL_SERVICE_NAME") or "loragate"}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
@@ -73,8 +74,8 @@ class RequestTracer:
         return self._tracer.start_span(operation, context=parent, kind=self._kinds.SERVER,
                                        attributes={"gen_ai.operation.name": operation})
 
-    def routed(self, span: Any, requested_model: str, route: str) -> None:
-        span.update_name(f"{span.attributes['gen_ai.operation.name']} {requested_model}")
+    def routed(self, span: Any, endpoint: str, requested_model: str, route: str) -> None:
+        span.update_name(f"{OPERATIONS.get(endpoint, endpoint)} {requested_model}")
         span.set_attribute("gen_ai.request.model", requested_model)
         span.set_attribute("loragate.route", route)
 

@@ -207,3 +207,24 @@ async def test_the_traceparent_goes_on_the_wire_through_both_clients():
         await session.close()
         await runner.cleanup()
     assert seen == [traceparent, None, traceparent, None]
+
+
+async def test_sampled_out_requests_are_answered_and_export_nothing(tmp_path, monkeypatch, receiver):
+    endpoint, spans = receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(ROUTES)
+    replicas = Replicas()
+    app = create_app(Settings(routes_file=routes, upstreams=REPLICAS, max_attempts=1), Metrics(), upstream=replicas)
+    for replica in app.state.pool.replicas:
+        replica.healthy = True
+        replica.adapters = {"a1", "a2"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        response = await client.post("/v1/chat/completions",
+                                     json={"model": "chain", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200
+    await asyncio.to_thread(app.state.gateway.tracer.shutdown)
+    assert spans == []
+    assert len(replicas.traceparents) == 2
+    assert all(int(tp[-2:], 16) & 1 == 0 for tp in replicas.traceparents)  # the sampled flag is off
