@@ -10,6 +10,7 @@ import gc
 import contextlib
 import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -33,6 +34,7 @@ from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, parquet_store
 from loragate.service.settings import Settings
 from loragate.service.proxy import HttpUpstream, Upstream
+from loragate.service.tracing import tracer_from_env
 from loragate.service.upstreams import Pool
 
 log = logging.getLogger("loragate")
@@ -64,6 +66,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
     limiter = limiter_from_settings(settings, metrics, shared=settings.auth)  # auth off: nothing to share
     auth = authenticator_from_settings(settings, metrics, limiter)  # raises KeysError: fail fast on a bad keys file
     http_upstream = HttpUpstream()
+    tracer = tracer_from_env(os.environ)  # None unless OTEL_* asks for traces (README, Tracing)
     gateway = Gateway(
         catalog, pool, metrics, upstream or http_upstream,
         max_body_bytes=settings.max_body_bytes,
@@ -72,6 +75,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
         max_attempts=settings.max_attempts,
         auth=auth,
         request_log=request_log,
+        tracer=tracer,
     )
     metrics.set_rollout_weights(catalog.current.routes)
 
@@ -120,6 +124,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
                 await limiter.close()
             if request_log is not None:  # after the last request: write everything queued
                 await asyncio.to_thread(request_log.close)
+            if tracer is not None:  # export the spans still queued
+                await asyncio.to_thread(tracer.shutdown)
 
     app = FastAPI(title="loragate", version="0.1.0", lifespan=lifespan)
     app.state.gateway = gateway

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, TYPE_CHECKING
 
 from loragate.common.catalog import Route, Variant
 from loragate.service.auth import ANONYMOUS, Principal
@@ -41,3 +41,4 @@ class RequestContext:
     sent: bytes = b""  # the payload as sent upstream (the served exchange's ``Served.sent``): what the log keeps
     principal: Principal = ANONYMOUS  # charged with the tokens after the answer
     shadow: "ShadowHandle | None" = None  # its shadow copy, told when the primary is done (service/shadow.py)
+    span: Any = None  # the request's trace span when tracing is on (service/tracing.py), else None

@@ -28,6 +28,7 @@ from loragate.service.relay import RelayedStream, continuation_payload
 from loragate.service.requestlog import NullRequestLog, RequestRecord, RequestSink
 from loragate.service.routing import PinError, choose_variant
 from loragate.service.shadow import ShadowMetrics, Shadows
+from loragate.service.tracing import RequestTracer
 from loragate.service.transport import Timeout, TransportError
 from loragate.service.resilience import Overloaded, backoff_s
 from loragate.service.prefixring import prompt_prefix
@@ -51,7 +52,9 @@ class Gateway:
         auth: Authenticator | AllowAll | None = None,
         rng: random.Random | None = None,
         shadows: Shadows | None = None,
+        tracer: RequestTracer | None = None,
     ) -> None:
+        self.tracer = tracer  # None: tracing off, one `is None` check per step (service/tracing.py)
         self.request_log = request_log or NullRequestLog()
         self.keeps_log = not isinstance(self.request_log, NullRequestLog)
         self.catalog = catalog
@@ -69,6 +72,19 @@ class Gateway:
                                           self.request_log if self.keeps_log else None, self._timeouts)
 
     async def handle(self, request: Request, endpoint: str) -> Response:
+        if self.tracer is None:
+            return await self._handle(request, endpoint, None)
+        span = self.tracer.request_span(request.headers, endpoint)
+        try:
+            response = await self._handle(request, endpoint, span)
+        except BaseException:
+            self.tracer.end(span, error="internal")
+            raise
+        if not isinstance(response, RelayedStream):  # a stream's span ends with the stream (end_stream)
+            self.tracer.end(span, response.status_code)
+        return response
+
+    async def _handle(self, request: Request, endpoint: str, span: object | None) -> Response:
         started = time.perf_counter()
         arrived = time.time()
         request_id = _request_id(request)
@@ -83,6 +99,8 @@ class Gateway:
             self.metrics.requests.labels("_unknown", "none", status_class(exc.status)).inc()
             return error_response(exc, headers)
         headers["x-loragate-route"] = route.name
+        if span is not None:
+            self.tracer.routed(span, endpoint, payload["model"], route.name)  # type: ignore[union-attr]
         try:
             pending = principal.admit(route.name)  # the key's route allow-list and rate limits
             if pending is not None:  # a shared limiter's round trip (in-process limits decide at once)
@@ -92,6 +110,7 @@ class Gateway:
             return error_response(exc, headers)
 
         # 2. Choose the variant: pin, sticky key, or weighted draw.
+        routing = None if span is None else self.tracer.child(span, "loragate.routing")  # type: ignore[union-attr]
         try:
             choice = choose_variant(
                 route,
@@ -100,8 +119,14 @@ class Gateway:
                 rng=self.rng,
             )
         except PinError as exc:
+            if routing is not None:
+                self.tracer.end(routing, error="invalid_variant")  # type: ignore[union-attr]
             self.metrics.requests.labels(route.name, "none", "4xx").inc()
             return error_response(GatewayError(400, str(exc), code="invalid_variant", param="model"), headers)
+        if routing is not None:
+            routing.set_attribute("loragate.variant", choice.variant.name)
+            routing.set_attribute("loragate.pinned", pinned is not None)
+            self.tracer.end(routing)  # type: ignore[union-attr]
 
         try:
             _check_limits(route, payload)
@@ -125,7 +150,8 @@ class Gateway:
         in_flight.inc()
         try:
             served = await self.open_with_fallback(
-                route, [choice.variant, *route.fallback_chain(choice.variant)], payload, endpoint, request_id, stream)
+                route, [choice.variant, *route.fallback_chain(choice.variant)], payload, endpoint, request_id, stream,
+                span=span)
         except GatewayError as exc:
             in_flight.dec()
             self.metrics.requests.labels(route.name, choice.variant.name, status_class(exc.status)).inc()
@@ -137,7 +163,8 @@ class Gateway:
             headers["x-loragate-fallback"] = served.fallback
 
         # 4. Relay the answer and account for it.
-        context = RequestContext(endpoint, request_id, arrived, started, payload, served.sent, principal, shadow)
+        context = RequestContext(endpoint, request_id, arrived, started, payload, served.sent, principal, shadow,
+                                 span)
         if stream and served.response.status == 200:
             return RelayedStream(self, served, headers, context, hide_usage=not client_wants_usage)
         self.release(served)
@@ -160,7 +187,7 @@ class Gateway:
 
     async def open_with_fallback(
         self, route: Route, candidates: list[Variant], payload: dict, endpoint: str, request_id: str, stream: bool,
-        *, first_reason: FailureReason | None = None,
+        *, first_reason: FailureReason | None = None, span: object | None = None,
     ) -> Served:
         """The first of ``candidates`` that answers, each tried on up to ``max_attempts`` replicas in all.
 
@@ -175,16 +202,25 @@ class Gateway:
             tried: set[Replica] = set()
             while True:
                 attempts += 1
+                trace = None if span is None else self.tracer.attempt_span(  # type: ignore[union-attr]
+                    span, variant.name, attempts, retry=bool(tried),
+                    fallback_reason=first_reason.value if first_reason else None)
                 try:
                     served = await self._attempt(route, variant, payload, endpoint, request_id, stream, timeouts,
-                                                 deadline, tried)
+                                                 deadline, tried, trace)
                 except Overloaded as exc:
+                    if trace is not None:
+                        self.tracer.end(trace, error="overloaded")  # type: ignore[union-attr]
                     self.metrics.rejections.labels(route.name).inc()
                     raise GatewayError(503, str(exc), code="overloaded",
                                        headers={"retry-after": str(exc.retry_after_s)}) from None
                 except UpstreamFailure as failure:
                     reason, detail = failure.reason, failure.detail
+                    if trace is not None:
+                        self.tracer.end(trace, error=reason.value)  # type: ignore[union-attr]
                 else:
+                    if trace is not None:
+                        self.tracer.end(trace, served.response.status)  # type: ignore[union-attr]
                     served.fallback = first_reason.value if first_reason else None
                     return served
                 retry = (reason.retryable and attempts < self.max_attempts and time.monotonic() < deadline
@@ -207,7 +243,7 @@ class Gateway:
 
     async def _attempt(
         self, route: Route, variant: Variant, payload: dict, endpoint: str, request_id: str, stream: bool,
-        timeouts: Timeouts, deadline: float, tried: set[Replica],
+        timeouts: Timeouts, deadline: float, tried: set[Replica], trace: object | None = None,
     ) -> Served:
         """One try of one variant on one replica; raises UpstreamFailure with a bounded reason."""
         try:
@@ -223,6 +259,10 @@ class Gateway:
         except AdapterUnavailable as exc:
             raise UpstreamFailure(FailureReason.ADAPTER_UNAVAILABLE, str(exc)) from None
         tried.add(replica)
+        traced = {}
+        if trace is not None:
+            trace.set_attribute("loragate.replica", replica.url)  # type: ignore[attr-defined]
+            traced["traceparent"] = self.tracer.traceparent(trace)  # type: ignore[union-attr]
         payload["model"] = route.upstream_model(variant)
         timeout = Timeout(
             total=max(0.001, deadline - time.monotonic()),
@@ -236,6 +276,7 @@ class Gateway:
                 f"{replica.url}/{endpoint}" if replica.external else f"{replica.url}/v1/{endpoint}",
                 sent, request_id=request_id, is_adapter=variant.adapter is not None,
                 timeout=timeout, api_key=os.environ.get(variant.api_key_env) if variant.api_key_env else None,
+                **traced,  # only when tracing is on: an Upstream without the keyword still works when it is off
             )
             first_chunk = body = b""
             usage = None
@@ -321,6 +362,10 @@ class Gateway:
             context.principal.charge(prompt_tokens + completion_tokens if usage else _requested_tokens(context.payload))
         if context.shadow is not None:
             context.shadow.primary_done()  # from now on the shadow has its deadline_s
+        if context.span is not None:
+            self.tracer.answered(  # type: ignore[union-attr]
+                context.span, variant.name, route.upstream_model(variant),
+                prompt_tokens if usage else None, completion_tokens if usage else None, served.fallback)
         if self.keeps_log:
             # By name (service.requestlog.records): a field added or moved there cannot land in another column.
             self.request_log.record(RequestRecord(
@@ -346,7 +391,7 @@ class Gateway:
         self.metrics.fallbacks.labels(route.name, served.variant.name, reason.midstream).inc()
         try:
             resumed = await self.open_with_fallback(route, candidates, payload, context.endpoint,
-                                                    context.request_id, stream=True)
+                                                    context.request_id, stream=True, span=context.span)
         except GatewayError:
             return None
         resumed.fallback = reason.midstream
@@ -368,6 +413,8 @@ class Gateway:
             self.release(served)
         self.metrics.route_in_flight(served.route.name).dec()
         self.finish(served, context, 200, usage, first_token_at, chunks=chunks)
+        if context.span is not None:
+            self.tracer.end(context.span, 200)  # type: ignore[union-attr]
 
 
 class JSONBytesResponse(Response):

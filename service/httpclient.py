@@ -75,7 +75,7 @@ class HttpClient:
         self._targets: dict[str, _Target] = {}
 
     async def post(self, url: str, body: bytes, *, request_id: str, api_key: str | None = None,
-                   timeout: Timeout | None = None) -> Response:
+                   timeout: Timeout | None = None, traceparent: str | None = None) -> Response:
         if self.closed:
             raise TransportError("the HTTP client is closed")
         target = self._targets.get(url)
@@ -88,6 +88,8 @@ class HttpClient:
             if "\r" in api_key or "\n" in api_key:
                 raise ValueError("an API key must not hold line breaks")
             head += b"authorization: Bearer %s\r\n" % api_key.encode()
+        if traceparent:  # made by service/tracing.py from hex ids, never from client bytes
+            head += b"traceparent: %s\r\n" % traceparent.encode()
         message = head + b"\r\n" + body
         timeout = timeout or self.timeout
         loop = asyncio.get_running_loop()

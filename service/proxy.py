@@ -54,7 +54,7 @@ class Upstream(Protocol):
     """The upstream call: POST ``body`` to ``url``, the answer once its headers are in (see open_upstream)."""
 
     def __call__(self, url: str, body: bytes, *, request_id: str, is_adapter: bool,
-                 timeout: Timeout | None = None, api_key: str | None = None,
+                 timeout: Timeout | None = None, api_key: str | None = None, traceparent: str | None = None,
                  ) -> Awaitable[UpstreamResponse]: ...
 
 
@@ -74,12 +74,12 @@ class HttpUpstream:
         self.client = client
 
     def __call__(self, url: str, body: bytes, *, request_id: str, is_adapter: bool,
-                 timeout: Timeout | None = None, api_key: str | None = None,
+                 timeout: Timeout | None = None, api_key: str | None = None, traceparent: str | None = None,
                  ) -> Awaitable[UpstreamResponse]:
         client = self.client if self.client is not None and url.startswith("http://") else self.session
         assert client is not None, "HttpUpstream used before bind()"
         return open_upstream(client, url, body, request_id=request_id, is_adapter=is_adapter,
-                             timeout=timeout, api_key=api_key)
+                             timeout=timeout, api_key=api_key, traceparent=traceparent)
 
 
 async def open_upstream(
@@ -91,6 +91,7 @@ async def open_upstream(
     is_adapter: bool,
     timeout: Timeout | None = None,
     api_key: str | None = None,
+    traceparent: str | None = None,
 ) -> UpstreamResponse:
     """POST ``body`` to ``url`` through ``session`` (aiohttp's or the lean client); the response once its headers are in.
 
@@ -102,9 +103,10 @@ async def open_upstream(
     response: UpstreamResponse
     try:
         if isinstance(session, HttpClient):
-            response = await session.post(url, body, request_id=request_id, api_key=api_key, timeout=timeout)
+            response = await session.post(url, body, request_id=request_id, api_key=api_key, timeout=timeout,
+                                         traceparent=traceparent)
         else:
-            response = await _aiohttp_post(session, url, body, request_id, timeout, api_key)
+            response = await _aiohttp_post(session, url, body, request_id, timeout, api_key, traceparent)
     except TransportTimeout:
         raise UpstreamFailure(FailureReason.TIMEOUT, f"{url}: no answer in time") from None
     except ConnectFailed as exc:
@@ -142,10 +144,12 @@ _AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError)
 
 
 async def _aiohttp_post(session: aiohttp.ClientSession, url: str, body: bytes, request_id: str,
-                        timeout: Timeout | None, api_key: str | None) -> AiohttpAnswer:
+                        timeout: Timeout | None, api_key: str | None, traceparent: str | None = None) -> AiohttpAnswer:
     headers = {"content-type": "application/json", "x-request-id": request_id}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
+    if traceparent:
+        headers["traceparent"] = traceparent
     options: dict[str, Any] = {} if timeout is None else {  # None: the session's
         "timeout": aiohttp.ClientTimeout(total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read)}
     try:
