@@ -171,8 +171,8 @@ def case_verdicts(rows: str, _current: str, _mode: str) -> dict:
 
     from loragate.monitoring.drift import DriftConfig, run_drift
     from loragate.monitoring.logscan import sample_keys
-    from loragate.monitoring.synthetic import requests_frame
-    from loragate.monitoring.topics import window
+    from tests.synthetic import requests_frame
+    from tests.topics import window
 
     n = int(rows)
     out = {}

@@ -5,7 +5,7 @@ per writer and flush (10 s by default), named ``<writer>-<flush time>Z-<seq>.par
 statistics for every column but the free-text and id ones. Rows inside a file are in time order (the writer's
 batches are). Four writers by default: 1,440 files an hour.
 
-Text: the English ChatterBot corpus (the dev extra; loragate.monitoring.topics). A chat prompt is a system
+Text: the English ChatterBot corpus (the dev extra; tests.topics). A chat prompt is a system
 prompt plus retrieved "context" (sentences of the topic's dialogs) plus a question of the topic; sizes are
 log-uniform from 150 B to 8 KB (prompt) and 150 B to 2 KB (answer). Topic ``tech`` is the reference
 population; a shifted hour takes a share of its prompts from ``everyday`` instead, with the same size
@@ -47,7 +47,7 @@ def hour_window(name: str) -> tuple[datetime, datetime]:
 def _sentences(topic: str) -> list[str]:
     import yaml
 
-    from loragate.monitoring.topics import TOPICS, corpus_dir
+    from tests.topics import TOPICS, corpus_dir
 
     out = []
     for name in TOPICS[topic]:
@@ -73,7 +73,7 @@ def pools(topic: str):
     import pyarrow as pa
 
     from loragate.common import logschema
-    from loragate.monitoring.topics import prompts
+    from tests.topics import prompts
 
     rng = np.random.default_rng(list(topic.encode()))  # fixed per topic
     sentences, questions = _sentences(topic), list(prompts(topic))

@@ -12,7 +12,7 @@ from loragate.common import logschema
 from loragate.monitoring.logfiles import written_before
 from loragate.monitoring.logscan import sample_keys
 from loragate.monitoring.sources import RequestLog, Window
-from loragate.monitoring.synthetic import requests_frame
+from tests.synthetic import requests_frame
 
 HOUR = datetime(2026, 11, 2, 10, tzinfo=timezone.utc)
 
