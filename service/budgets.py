@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import logging
 import math
@@ -36,6 +37,14 @@ log = logging.getLogger("loragate.budgets")
 _REDIS_ERRORS = (RedisUnavailable, RedisReplyError, OSError, asyncio.TimeoutError)
 REDIS_PREFIX = "loragate:budget:"
 MICRO = 1_000_000
+# KEYS: the counters; ARGV[1]: micro-USD to add; ARGV[1 + i]: the TTL (s) of KEYS[i].
+LUA_ADD = b"""
+for i, counter in ipairs(KEYS) do
+  redis.call('INCRBY', counter, ARGV[1])
+  redis.call('EXPIRE', counter, ARGV[i + 1])
+end
+return 0
+"""
 
 
 class Budget(NamedTuple):
@@ -65,25 +74,33 @@ class Periods:
     def __init__(self, timezone: str = "UTC", clock: Callable[[], float] = time.time) -> None:
         self.zone = ZoneInfo(timezone)
         self.clock = clock
+        self._cache: dict[str, tuple[float, float, str, dt.datetime]] = {}  # period -> [start, end), id, resets
 
     def current(self, period: str, now: float | None = None) -> tuple[str, dt.datetime]:
-        local = dt.datetime.fromtimestamp(self.clock() if now is None else now, self.zone)
+        now = self.clock() if now is None else now
+        cached = self._cache.get(period)
+        if cached is not None and cached[0] <= now < cached[1]:
+            return cached[2], cached[3]
+        local = dt.datetime.fromtimestamp(now, self.zone)
         if period == "day":
             start = local.date()
             nxt = start + dt.timedelta(days=1)
             ident = start.isoformat()
         else:
+            start = local.date().replace(day=1)
             nxt = (local.replace(day=28) + dt.timedelta(days=4)).replace(day=1).date()
             ident = f"{local.year:04d}-{local.month:02d}"
         # Midnight of the next period, in the zone (a DST change moves it by the zone's rules).
         resets = dt.datetime(nxt.year, nxt.month, nxt.day, tzinfo=self.zone)
+        began = dt.datetime(start.year, start.month, start.day, tzinfo=self.zone).timestamp()
+        self._cache[period] = (began, resets.timestamp(), ident, resets)
         return ident, resets
 
 
 class Ledger(Protocol):
     def spent(self, counters: Sequence[str]) -> list[int] | Awaitable[list[int]]: ...
 
-    def add(self, counters: Sequence[str], micro_usd: int, ttl_s: int) -> None: ...
+    def add(self, counters: Sequence[str], micro_usd: int, ttls_s: Sequence[int]) -> None: ...
 
 
 class LocalLedger:
@@ -94,9 +111,9 @@ class LocalLedger:
     def spent(self, counters: Sequence[str]) -> list[int]:
         return [self._spent.get(c, 0) for c in counters]
 
-    def add(self, counters: Sequence[str], micro_usd: int, ttl_s: int) -> None:
+    def add(self, counters: Sequence[str], micro_usd: int, ttls_s: Sequence[int]) -> None:
         now = time.monotonic()
-        for counter in counters:
+        for counter, ttl_s in zip(counters, ttls_s, strict=True):
             self._spent[counter] = self._spent.get(counter, 0) + micro_usd
             self._expires[counter] = now + ttl_s
         if len(self._spent) > 4096:  # old periods' counters
@@ -124,21 +141,17 @@ class RedisLedger:
         local = self.fallback.spent(counters)  # what could not be sent to Redis while it was down
         return [int(v or 0) + extra for v, extra in zip(reply, local, strict=True)]  # type: ignore[call-overload]
 
-    def add(self, counters: Sequence[str], micro_usd: int, ttl_s: int) -> None:
-        for counter in counters:
-            name = counter.encode()
-            self._send(counter, micro_usd, encode(b"INCRBY", name, b"%d" % micro_usd))
-            self._send(None, 0, encode(b"EXPIRE", name, b"%d" % ttl_s))
-
-    def _send(self, counter: str | None, micro_usd: int, command: bytes) -> None:
+    def add(self, counters: Sequence[str], micro_usd: int, ttls_s: Sequence[int]) -> None:
+        """One EVAL (INCRBY + EXPIRE of every counter), sent without awaiting; on failure counted here."""
+        command = encode(b"EVAL", LUA_ADD, b"%d" % len(counters), *(c.encode() for c in counters),
+                         b"%d" % micro_usd, *(b"%d" % t for t in ttls_s))
         future = asyncio.ensure_future(self.client.request(command))
         self._pending.add(future)
 
         def done(f: asyncio.Future) -> None:
             self._pending.discard(f)
-            failed = f.cancelled() or f.exception() is not None or isinstance(f.result(), RedisReplyError)
-            if failed and counter is not None:
-                self.fallback.add([counter], micro_usd, 40 * 86400)
+            if f.cancelled() or f.exception() is not None or isinstance(f.result(), RedisReplyError):
+                self.fallback.add(counters, micro_usd, ttls_s)
         future.add_done_callback(done)
 
     async def flush(self) -> None:
@@ -163,6 +176,7 @@ class BudgetedKey(Protocol):
     def usd_per_month(self) -> float | None: ...
 
 
+@functools.lru_cache(maxsize=8192)
 def counter_name(budget: Budget, period_id: str, prefix: str = REDIS_PREFIX) -> str:
     digest = hashlib.sha256(f"{budget.scope}\0{budget.name}".encode("utf-8", "surrogatepass")).hexdigest()[:24]
     return f"{prefix}{budget.period}:{period_id}:{digest}"
@@ -173,13 +187,25 @@ class Budgets:
 
     def __init__(self, ledger: Ledger, periods: Periods,
                  team_budgets: dict[str, dict[str, float]] | None = None,
-                 on_spent: Callable[[Budget, float], None] | None = None) -> None:
+                 observer: Callable[[Budget], Callable[[float], None]] | None = None) -> None:
         self.ledger = ledger
         self.periods = periods
         self.team_budgets = team_budgets or {}
-        self.on_spent = on_spent  # (budget, spent_usd): the metrics
+        self.observer = observer  # budget -> a setter of its spent USD: the metrics
+        self._observers: dict[Budget, Callable[[float], None]] = {}
+        self._budgets: dict[int, tuple[BudgetedKey, list[Budget]]] = {}  # id(key) -> its budgets
 
     def of(self, key: BudgetedKey) -> list[Budget]:
+        cached = self._budgets.get(id(key))
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        if len(self._budgets) >= 4096:
+            self._budgets.clear()
+        found = self._find(key)
+        self._budgets[id(key)] = (key, found)
+        return found
+
+    def _find(self, key: BudgetedKey) -> list[Budget]:
         found = []
         if key.usd_per_day is not None:
             found.append(Budget("key", key.id, "day", key.usd_per_day))
@@ -214,8 +240,11 @@ class Budgets:
         refusal = None
         for budget, (_, resets), micro in zip(budgets, periods, spent, strict=True):
             usd = micro / MICRO
-            if self.on_spent is not None:
-                self.on_spent(budget, usd)
+            if self.observer is not None:
+                observe = self._observers.get(budget)
+                if observe is None:
+                    observe = self._observers[budget] = self.observer(budget)
+                observe(usd)
             if refusal is None and micro >= round(budget.limit_usd * MICRO):
                 refusal = BudgetRefusal(budget, usd, resets)
         return refusal
@@ -229,11 +258,12 @@ class Budgets:
         if not budgets:
             return
         now = self.periods.clock()
+        counters, ttls = [], []
         for budget in budgets:
             ident, resets = self.periods.current(budget.period, now)
-            # Kept a day past the period's end, then Redis drops it.
-            ttl = max(1, math.ceil(resets.timestamp() - now)) + 86400
-            self.ledger.add([counter_name(budget, ident)], micro, ttl)
+            counters.append(counter_name(budget, ident))
+            ttls.append(max(1, math.ceil(resets.timestamp() - now)) + 86400)  # a day past the period's end
+        self.ledger.add(counters, micro, ttls)
 
 
 def budgets_from_settings(settings: Settings, metrics: Metrics, clock: Callable[[], float] = time.time) -> Budgets:
@@ -243,9 +273,9 @@ def budgets_from_settings(settings: Settings, metrics: Metrics, clock: Callable[
         ledger = RedisLedger(settings.limits_url.get_secret_value(), timeout_s=settings.limits_timeout_s,
                              password=settings.limits_password.get_secret_value() if settings.limits_password else None)
 
-    def observed(budget: Budget, spent_usd: float) -> None:
+    def observer(budget: Budget) -> Callable[[float], None]:
         labels = (budget.scope, budget.name, budget.period)
-        metrics.budget_spent.labels(*labels).set(spent_usd)
         metrics.budget_limit.labels(*labels).set(budget.limit_usd)
+        return metrics.budget_spent.labels(*labels).set
 
-    return Budgets(ledger, Periods(settings.budget_timezone, clock), dict(settings.team_budgets), observed)
+    return Budgets(ledger, Periods(settings.budget_timezone, clock), dict(settings.team_budgets), observer)
