@@ -64,7 +64,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
     # Per-key limits in this process, or shared through Redis (LORAGATE_LIMITS_URL); only used with auth on.
     limiter = limiter_from_settings(settings, metrics, shared=settings.auth)  # auth off: nothing to share
     budgets = budgets_from_settings(settings, metrics) if settings.auth else None  # spend budgets, same Redis
-    auth = authenticator_from_settings(settings, metrics, limiter, budgets)  # raises KeysError: fail fast on a bad keys file
+    # raises KeysError: fail fast on a bad keys file
+    auth = authenticator_from_settings(settings, metrics, limiter, budgets)
     http_upstream = HttpUpstream()
     gateway = Gateway(
         catalog, pool, metrics, upstream or http_upstream,

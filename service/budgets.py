@@ -278,4 +278,5 @@ def budgets_from_settings(settings: Settings, metrics: Metrics, clock: Callable[
         metrics.budget_limit.labels(*labels).set(budget.limit_usd)
         return metrics.budget_spent.labels(*labels).set
 
-    return Budgets(ledger, Periods(settings.budget_timezone, clock), dict(settings.team_budgets), observer)
+    teams = {team: {str(name): usd for name, usd in limits.items()} for team, limits in settings.team_budgets.items()}
+    return Budgets(ledger, Periods(settings.budget_timezone, clock), teams, observer)

@@ -10,7 +10,8 @@ import pytest
 
 from loragate.service.apikeys import ApiKey
 from loragate.service.auth import KeyPrincipal
-from loragate.service.budgets import MICRO, Budgets, LocalLedger, Periods, RedisLedger, budgets_from_settings, counter_name
+from loragate.service.budgets import (MICRO, Budgets, LocalLedger, Periods, RedisLedger, budgets_from_settings,
+                                      counter_name)
 from loragate.service.errors import GatewayError
 from loragate.service.limits import LocalLimiter
 from loragate.service.metrics import Metrics
