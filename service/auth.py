@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import logging
 import math
 import time
@@ -104,6 +105,8 @@ class KeyPrincipal(Principal):
             raise self._over_budget(budget)
         outcome = self.limiter.admit(self.key) if self.limited else None
         if isinstance(outcome, Refusal):
+            if inspect.iscoroutine(budget):
+                budget.close()  # the budget's round trip is not awaited: the request is refused anyway
             raise self._refused(outcome)
         if outcome is None and budget is None:
             return None

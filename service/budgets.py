@@ -124,8 +124,10 @@ class LocalLedger:
 
 class RedisLedger:
     def __init__(self, url: str, *, timeout_s: float = 0.5, password: str | None = None,
-                 fallback: LocalLedger | None = None) -> None:
+                 fallback: LocalLedger | None = None, retry_s: float = 5.0) -> None:
         self.client = RespClient(url, timeout_s, password)
+        self.retry_s = retry_s  # after a failed check, budgets are checked in the process this long
+        self._down_until = 0.0
         self.fallback = fallback or LocalLedger()
         self._pending: set[asyncio.Future] = set()
 
@@ -133,10 +135,14 @@ class RedisLedger:
         return self._spent(counters)
 
     async def _spent(self, counters: Sequence[str]) -> list[int]:
+        if time.monotonic() < self._down_until:  # Redis failed recently: no request waits on it meanwhile
+            return self.fallback.spent(counters)
         try:
             reply = await self.client.execute(encode(b"MGET", *(c.encode() for c in counters)))
         except _REDIS_ERRORS as exc:
-            log.warning("budgets: Redis unreachable (%s); checking budgets in this process", exc)
+            log.warning("budgets: Redis unreachable (%s); checking budgets in this process for %gs", exc,
+                        self.retry_s)
+            self._down_until = time.monotonic() + self.retry_s
             return self.fallback.spent(counters)
         local = self.fallback.spent(counters)  # what could not be sent to Redis while it was down
         return [int(v or 0) + extra for v, extra in zip(reply, local, strict=True)]  # type: ignore[call-overload]

@@ -154,3 +154,13 @@ async def test_an_unreachable_redis_fails_open_and_counts_in_the_process() -> No
     await budgets.ledger.flush()
     refusal = await budgets.check(k)
     assert refusal is not None and refusal.spent_usd == pytest.approx(0.2)
+
+
+async def test_after_a_failed_check_redis_is_skipped_for_a_while() -> None:
+    ledger = RedisLedger(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2, retry_s=60)
+    budgets = Budgets(ledger, Periods("UTC"))
+    k = key(usd_per_day=1.0)
+    assert await budgets.check(k) is None
+    calls = []
+    ledger.client.execute = lambda command: calls.append(command)  # type: ignore[method-assign]
+    assert await budgets.check(k) is None and calls == []  # served from the process, no round trip
