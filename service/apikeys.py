@@ -12,6 +12,9 @@ the last good set of keys::
         requests_per_minute: 600  # optional; absent means no limit
         tokens_per_minute: 200000 # optional; prompt + completion tokens, charged after each answer
         revoked: false            # true: the key is refused with 401 (takes effect on the next reload)
+        team: support             # optional; the team's budgets (LORAGATE_TEAM_BUDGETS) apply to it too
+        usd_per_day: 20           # optional spend budgets in USD (service/budgets.py)
+        usd_per_month: 400
 
 The same document may also be given inline in ``LORAGATE_API_KEYS`` (its keys are
 added to the file's).
@@ -60,6 +63,9 @@ class ApiKey(BaseModel):
     requests_per_minute: int | None = Field(None, gt=0)
     tokens_per_minute: int | None = Field(None, gt=0)
     revoked: bool = False
+    team: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # its team's budgets apply too
+    usd_per_day: float | None = Field(None, gt=0)    # spend budget (service/budgets.py); absent: none
+    usd_per_month: float | None = Field(None, gt=0)
 
     @field_validator("id")
     @classmethod

@@ -29,6 +29,7 @@ from loragate.service.errors import GatewayError, error_response, internal_error
 from loragate.service.gateway import Gateway
 from loragate.service.httpclient import HttpClient
 from loragate.service.transport import Timeout
+from loragate.service.budgets import RedisLedger, budgets_from_settings
 from loragate.service.limits import RedisLimiter, limiter_from_settings
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, parquet_store
@@ -64,7 +65,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
     request_log = _request_log(settings, metrics)  # None when off: pyarrow is imported only when on
     # Per-key limits in this process, or shared through Redis (LORAGATE_LIMITS_URL); only used with auth on.
     limiter = limiter_from_settings(settings, metrics, shared=settings.auth)  # auth off: nothing to share
-    auth = authenticator_from_settings(settings, metrics, limiter)  # raises KeysError: fail fast on a bad keys file
+    budgets = budgets_from_settings(settings, metrics) if settings.auth else None  # spend budgets, same Redis
+    # raises KeysError: fail fast on a bad keys file
+    auth = authenticator_from_settings(settings, metrics, limiter, budgets)
     http_upstream = HttpUpstream()
     tracer = tracer_from_env(os.environ)  # None unless OTEL_* asks for traces (README, Tracing)
     gateway = Gateway(
@@ -122,6 +125,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
                 await client.close()
             if isinstance(limiter, RedisLimiter):
                 await limiter.close()
+            if budgets is not None and isinstance(budgets.ledger, RedisLedger):
+                await budgets.ledger.close()
             if request_log is not None:  # after the last request: write everything queued
                 await asyncio.to_thread(request_log.close)
             if tracer is not None:  # export the spans still queued

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import inspect
 import logging
 import math
 import time
@@ -27,6 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from loragate.service.apikeys import ApiKey, KeysError, KeyStore, hash_key
+from loragate.service.budgets import BudgetRefusal, Budgets
 from loragate.service.errors import GatewayError
 from loragate.service.limits import Limiter, LocalLimiter, Refusal
 from loragate.service.metrics import Metrics
@@ -44,13 +46,14 @@ REJECTION_REASONS = (
     "route_forbidden",    # the key may not call this route
     "request_rate",       # over requests_per_minute
     "token_rate",         # over tokens_per_minute
+    "budget_exceeded",  # a key or its team has spent its daily or monthly budget (429)
     "limiter_unavailable",  # a limited key while the shared limiter is unreachable and fails closed (503)
     "admin_forbidden",    # a user key on an admin endpoint, or admin endpoints disabled
     "admin_invalid",      # a missing or wrong token on an admin endpoint
 )
 
 
-_LIMIT_REASONS = frozenset({"request_rate", "token_rate", "limiter_unavailable"})
+_LIMIT_REASONS = frozenset({"request_rate", "token_rate", "limiter_unavailable", "budget_exceeded"})
 
 
 # --- who is calling ---------------------------------------------------------------
@@ -71,7 +74,7 @@ class Principal:
     def admit(self, route: str) -> Awaitable[None] | None:
         return None
 
-    def charge(self, tokens: int) -> None:
+    def charge(self, tokens: int, cost_usd: float = 0.0) -> None:
         pass
 
 
@@ -84,6 +87,7 @@ class KeyPrincipal(Principal):
     limiter: Limiter
     reject: Callable[..., GatewayError]
     limited: bool  # the key has a requests or tokens limit
+    budgets: Budgets | None = None  # spend budgets (service/budgets.py)
 
     @property
     def key_id(self) -> str:  # type: ignore[override]
@@ -96,19 +100,30 @@ class KeyPrincipal(Principal):
         if not self.key.allows(route):
             raise self.reject("route_forbidden", 403, f"this API key may not use the model `{route}`",
                               code="model_not_allowed", key_id=self.key.id)
-        if not self.limited:
-            return None
-        outcome = self.limiter.admit(self.key)
-        if outcome is None:
-            return None
+        budget = self.budgets.check(self.key) if self.budgets is not None else None
+        if isinstance(budget, BudgetRefusal):
+            raise self._over_budget(budget)
+        outcome = self.limiter.admit(self.key) if self.limited else None
         if isinstance(outcome, Refusal):
+            if inspect.iscoroutine(budget):
+                budget.close()  # the budget's round trip is not awaited: the request is refused anyway
             raise self._refused(outcome)
-        return self._settle(outcome)
+        if outcome is None and budget is None:
+            return None
+        return self._settle(outcome, budget)
 
-    async def _settle(self, pending: Awaitable[Refusal | None]) -> None:
-        outcome = await pending
-        if outcome is not None:
+    async def _settle(self, pending: Awaitable[Refusal | None] | None,
+                      budget: Awaitable[BudgetRefusal | None] | None) -> None:
+        if budget is not None and (over := await budget) is not None:
+            raise self._over_budget(over)
+        if pending is not None and (outcome := await pending) is not None:
             raise self._refused(outcome)
+
+    def _over_budget(self, refusal: BudgetRefusal) -> GatewayError:
+        assert self.budgets is not None
+        retry_after = refusal.retry_after_s(self.budgets.periods.clock())
+        return self.reject("budget_exceeded", 429, f"spend budget exceeded: {refusal.message()}",
+                           code="budget_exceeded", key_id=self.key.id, headers={"retry-after": str(retry_after)})
 
     def _refused(self, refusal: Refusal) -> GatewayError:
         retry_after = max(1, math.ceil(refusal.wait_s))
@@ -120,9 +135,11 @@ class KeyPrincipal(Principal):
         return self.reject(refusal.reason, 429, f"rate limit exceeded ({what} per minute); retry after {retry_after}s",
                            code="rate_limit_exceeded", key_id=self.key.id, headers=headers)
 
-    def charge(self, tokens: int) -> None:
+    def charge(self, tokens: int, cost_usd: float = 0.0) -> None:
         if self.limited and tokens > 0:
             self.limiter.charge(self.key, tokens)
+        if self.budgets is not None and cost_usd > 0:
+            self.budgets.add(self.key, cost_usd)
 
 
 def presented_key(headers: Mapping[str, str]) -> str | None:
@@ -170,8 +187,10 @@ class Authenticator:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         limiter: Limiter | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.store = store
+        self.budgets = budgets
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
         self._digests: dict[str, str] = {}  # presented key -> its SHA-256 hex (see _digest)
         self._principals: dict[str, KeyPrincipal] = {}  # key id -> the principal of that ApiKey object
@@ -247,7 +266,8 @@ class Authenticator:
             if len(self._principals) >= 4096:
                 self._principals.clear()
             principal = self._principals[key.id] = KeyPrincipal(
-                key, self.limiter, self._reject, key.requests_per_minute is not None or key.tokens_per_minute is not None)
+                key, self.limiter, self._reject, key.requests_per_minute is not None or key.tokens_per_minute is not None,
+                self.budgets)
         return principal
 
     def authorize_admin(self, headers: Mapping[str, str]) -> None:
@@ -310,7 +330,7 @@ class Authenticator:
 
 
 def authenticator_from_settings(settings: Settings, metrics: Metrics | None = None,
-                                limiter: Limiter | None = None) -> Authenticator:
+                                limiter: Limiter | None = None, budgets: Budgets | None = None) -> Authenticator:
     """Auth on: keys from ``api_keys_file`` and ``api_keys`` (KeysError on a bad file). Off: no key checks."""
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     if not settings.auth:
@@ -318,4 +338,4 @@ def authenticator_from_settings(settings: Settings, metrics: Metrics | None = No
     store = KeyStore(settings.api_keys_file, settings.api_keys)
     if not store.by_hash:
         log.warning("auth is on but no API keys are configured: every request will be refused")
-    return Authenticator(store, admin_token=admin_token, metrics=metrics, limiter=limiter)
+    return Authenticator(store, admin_token=admin_token, metrics=metrics, limiter=limiter, budgets=budgets)

@@ -359,7 +359,8 @@ class Gateway:
             if first_token_at is not None and completion_tokens > 1:
                 counted.tpot.observe((finished - first_token_at) / (completion_tokens - 1))
         if status == 200:
-            context.principal.charge(prompt_tokens + completion_tokens if usage else _requested_tokens(context.payload))
+            context.principal.charge(prompt_tokens + completion_tokens if usage else _requested_tokens(context.payload),
+                                     cost)
         if context.shadow is not None:
             context.shadow.primary_done()  # from now on the shadow has its deadline_s
         if context.span is not None:

@@ -114,6 +114,14 @@ class Metrics:
         self.limit_rejections = Counter(
             "loragate_limit_rejections", "Requests refused by a per-key limit, by key id and reason "
             "(request_rate, token_rate, limiter_unavailable).", ("key_id", "reason"), registry=r)
+        # Spend budgets (service/budgets.py): scope is key or team, owner the key id or team name (bounded
+        # by the keys file and LORAGATE_TEAM_BUDGETS), period day or month. Spent is as of the last check.
+        self.budget_spent = Gauge(
+            "loragate_budget_spent_usd", "USD spent in the current period, as read at the last admission check.",
+            ("scope", "owner", "period"), multiprocess_mode="max", registry=r)
+        self.budget_limit = Gauge(
+            "loragate_budget_limit_usd", "The spend budget in USD per period.",
+            ("scope", "owner", "period"), multiprocess_mode="max", registry=r)
         self.limits_backend = Gauge(
             "loragate_limits_backend", "Processes enforcing limits on each backend now (in_process, redis, "
             "fallback: Redis unreachable and serving on in-process limits, refusing: unreachable, fail closed).",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -145,9 +146,23 @@ class Settings(BaseSettings):
     limits_fail_closed: bool = False
     # One Redis round trip may take this long before Redis counts as unreachable.
     limits_timeout_s: float = Field(0.5, gt=0)
+    # Spend budgets of teams (service/budgets.py), JSON: {"support": {"usd_per_day": 50, "usd_per_month": 1000}};
+    # a key joins a team with `team:` in the keys file. Counted in the Redis of limits_url when set.
+    team_budgets: dict[str, dict[Literal["usd_per_day", "usd_per_month"], float]] = {}
+    # Days and months of the spend budgets start at midnight in this IANA time zone (zoneinfo).
+    budget_timezone: str = "UTC"
     # An upstream entry naming a host (DNS discovery, service/upstreams.py) must resolve within this
     # long at start, else the gateway stops.
     discovery_start_timeout_s: float = Field(30.0, ge=0)
+
+    @field_validator("budget_timezone")
+    @classmethod
+    def _valid_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (an IANA name such as Europe/Paris)") from None
+        return value
 
     @field_validator("limits_url", mode="before")
     @classmethod
