@@ -12,7 +12,7 @@ from loragate.common.atomicio import atomic_write
 from loragate.monitoring.rollout.errors import RolloutError
 
 STATES = ("progressing", "promoted", "rolled_back")
-HISTORY = 50  # transitions kept per rollout in the state file
+HISTORY = 200  # transitions kept per rollout in the state file: steps x (max_holds + 1) and more
 
 
 class RolloutStatus(BaseModel):
