@@ -16,8 +16,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#ifndef JIT_STACK_MAX
+#define JIT_STACK_MAX (64 * 1024 * 1024)
+#endif
+
 /* How a rule replaces a match (scrub.py's native_kind). */
-enum { K_CONST, K_PREFIX, K_INTL_PHONE, K_NAT_PHONE, K_IPV4, K_CALL };
+enum { K_CONST, K_PREFIX, K_INTL_PHONE, K_NAT_PHONE, K_IPV4, K_CARD, K_IBAN, K_CALL };
 
 typedef struct {
     const char *s;
@@ -49,6 +53,8 @@ typedef struct {
     int n_id_words;
     uint64_t id_pairs[1024]; /* the first two bytes of each word, and "id": a bit each of 65536 */
     pcre2_match_data *match_data;
+    pcre2_jit_stack *jit_stack; /* for a rule's group repeated over a long text (no match runs during a callback) */
+    pcre2_match_context *match_context;
     int busy; /* match_data in use (a callback ran Python that scrubs too): take a fresh one */
 } Scrubber;
 
@@ -107,6 +113,8 @@ static void Scrubber_dealloc(Scrubber *self) {
     PyMem_Free(self->rules);
     PyMem_Free(self->id_words);
     pcre2_match_data_free(self->match_data);
+    pcre2_match_context_free(self->match_context);
+    pcre2_jit_stack_free(self->jit_stack);
     Py_XDECREF(self->spec);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -125,10 +133,13 @@ static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
     self->n = (int)PyTuple_GET_SIZE(rules);
     self->rules = PyMem_Calloc(self->n ? self->n : 1, sizeof(rule_t));
     self->match_data = pcre2_match_data_create(32, NULL);
-    if (self->rules == NULL || self->match_data == NULL) {
+    self->match_context = pcre2_match_context_create(NULL);
+    self->jit_stack = pcre2_jit_stack_create(32 * 1024, JIT_STACK_MAX, NULL);
+    if (self->rules == NULL || self->match_data == NULL || self->match_context == NULL || self->jit_stack == NULL) {
         PyErr_NoMemory();
         return -1;
     }
+    pcre2_jit_stack_assign(self->match_context, NULL, self->jit_stack);
     if (spans(id_words, &self->id_words, &self->n_id_words) < 0) return -1;
     for (int i = 0; i <= self->n_id_words; i++) {
         const char *word = i < self->n_id_words ? self->id_words[i].s : "id";
@@ -347,6 +358,45 @@ static int replace(const rule_t *r, const char *s, PCRE2_SIZE *ov, buf_t *out) {
         }
         return (ok ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
     }
+    case K_CARD: { /* scrub._card: the longest Luhn-valid prefix of 13-19 of the digits, what follows kept */
+        Py_ssize_t at[19];
+        int digits = 0;
+        for (Py_ssize_t i = 0; i < n && digits < 19; i++)
+            if (digit_char(m[i])) at[digits++] = i;
+        for (int length = digits; length >= 13; length--) {
+            int total = 0;
+            for (int k = 0; k < length; k++) {
+                int value = m[at[length - 1 - k]] - '0';
+                if (k % 2 == 1) value = value * 2 > 9 ? value * 2 - 9 : value * 2;
+                total += value;
+            }
+            if (total % 10 == 0) {
+                Py_ssize_t end = at[length - 1] + 1;
+                return put(out, r->placeholder.s, r->placeholder.n) < 0 || put(out, m + end, n - end) < 0 ? -1 : 1;
+            }
+        }
+        return put(out, m, n) < 0 ? -1 : 1;
+    }
+    case K_IBAN: { /* scrub._iban: \s dropped, the first four characters moved to the end, mod 97 == 1 */
+        char compact[64];
+        int length = 0, rest = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (space_char(m[i])) continue;
+            if (length == (int)sizeof compact) return 0; /* longer than the rule matches: let Python decide */
+            compact[length++] = m[i];
+        }
+        for (int k = 0; k < length; k++) {
+            char c = compact[(k + 4) % length];
+            if (digit_char(c))
+                rest = (rest * 10 + (c - '0')) % 97;
+            else if (c >= 'A' && c <= 'Z')
+                rest = (rest * 100 + (c - 'A' + 10)) % 97;
+            else
+                return 0; /* not what the rule matches: let Python decide */
+        }
+        if (length <= 4) return 0; /* shorter than the rule matches: let Python decide */
+        return (rest == 1 ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
+    }
     case K_IPV4: { /* scrub._ipv4: every dot-separated part <= 255 */
         int ok = 1, value = 0, seen = 0;
         for (Py_ssize_t i = 0; i <= n && ok; i++) {
@@ -382,13 +432,14 @@ static int replace(const rule_t *r, const char *s, PCRE2_SIZE *ov, buf_t *out) {
 }
 
 /* One rule over the text in cur (re.sub): the result in next, *changed set when it differs. */
-static int substitute(const rule_t *r, const buf_t *cur, buf_t *next, pcre2_match_data *md, int *changed) {
+static int substitute(const rule_t *r, const buf_t *cur, buf_t *next, pcre2_match_data *md,
+                      pcre2_match_context *mc, int *changed) {
     PCRE2_SIZE start = 0, last = 0;
     next->n = 0;
     *changed = 0;
     while (start <= (PCRE2_SIZE)cur->n) {
-        int rc = r->jit ? pcre2_jit_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, NULL)
-                        : pcre2_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, NULL);
+        int rc = r->jit ? pcre2_jit_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, mc)
+                        : pcre2_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, mc);
         if (rc == PCRE2_ERROR_NOMATCH) break;
         if (rc < 0) return 0; /* a resource limit: Python decides */
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
@@ -436,7 +487,7 @@ static PyObject *Scrubber_scrub(Scrubber *self, PyObject *text) {
         }
         buf_t *next = cur.s == a.s && a.s != NULL ? &b : &a;
         int changed;
-        outcome = substitute(r, &cur, next, md, &changed);
+        outcome = substitute(r, &cur, next, md, self->match_context, &changed);
         if (outcome == 1 && changed) cur = *next;
     }
     if (outcome == 1)
@@ -482,6 +533,7 @@ PyMODINIT_FUNC PyInit__scrubnative(void) {
         PyModule_AddIntConstant(m, "CONST", K_CONST) < 0 || PyModule_AddIntConstant(m, "PREFIX", K_PREFIX) < 0 ||
         PyModule_AddIntConstant(m, "INTL_PHONE", K_INTL_PHONE) < 0 ||
         PyModule_AddIntConstant(m, "NAT_PHONE", K_NAT_PHONE) < 0 || PyModule_AddIntConstant(m, "IPV4", K_IPV4) < 0 ||
+        PyModule_AddIntConstant(m, "CARD", K_CARD) < 0 || PyModule_AddIntConstant(m, "IBAN", K_IBAN) < 0 ||
         PyModule_AddIntConstant(m, "CALL", K_CALL) < 0) {
         Py_DECREF(m);
         return NULL;

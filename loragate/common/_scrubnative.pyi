@@ -4,6 +4,8 @@ PREFIX: int
 INTL_PHONE: int
 NAT_PHONE: int
 IPV4: int
+CARD: int
+IBAN: int
 CALL: int
 
 class Scrubber:

@@ -36,6 +36,7 @@ that path cannot decide, through Python's re. Both give the same output (tests/u
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -151,6 +152,16 @@ class Rule(NamedTuple):
     pattern: re.Pattern[str]
     replacement: Replacement
     need: Need
+    # The pattern without its leading guard (a lookbehind that skips the starts inside a run, where the match
+    # could only be the one already tried at the run's start): tried alone where each search starts, as
+    # PCRE2's \G does in ``(?:\G|guard)``. None: the pattern has no such guard.
+    unguarded: re.Pattern[str] | None = None
+
+
+def _rule(pattern: str, replacement: Replacement, need: Need, flags: int = 0, guard: str = "") -> Rule:
+    """A rule; ``guard`` (a lookbehind) is put before ``pattern`` and waived where a search starts."""
+    return Rule(re.compile(guard + pattern, flags), replacement, need,
+                re.compile(pattern, flags) if guard else None)
 
 
 def _sub_argument(replacement: Replacement) -> str | Callable[[re.Match[str]], str]:
@@ -224,26 +235,31 @@ def _base64_secret(text: str) -> str:
 
 _RULES: list[Rule] = [
     # --- secrets ---
-    Rule(re.compile(r"(?P<prefix>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{16,}", re.IGNORECASE), KeepPrefix(SECRET),
+    Rule(re.compile(r"(?P<prefix>\b(?:bearer|basic)\s++)[A-Za-z0-9._~+/=-]{16,}", re.IGNORECASE), KeepPrefix(SECRET),
          Need(any_of_lower=("bearer", "basic"))),
     Rule(re.compile(r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)"
-                    r"[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]{6,}", re.IGNORECASE), KeepPrefix(SECRET),
+                    r"[\"']?\s*+[:=]\s*+[\"']?)[^\s\"',;]{6,}", re.IGNORECASE), KeepPrefix(SECRET),
          Need(any_of_lower=("pass", "pwd", "secret", "key", "token", "auth"))),
     Rule(re.compile(r"\b(?:sk|lg)-[A-Za-z0-9_-]{16,}"), SECRET,
          Need(any_of=("sk-", "lg-"))),  # lg-: loragate's own keys
     Rule(re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}\b"), SECRET,
          Need(any_of=("AKIA", "ASIA", "AGPA", "AIDA", "AROA"))),
-    Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"), SECRET,
+    Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}+\b"), SECRET,
          Need(any_of=("ghp_", "gho_", "ghu_", "ghs_", "ghr_"))),
     Rule(re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), SECRET, Need(any_of=("xox",))),
     Rule(re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), SECRET, Need(any_of=("AIza",))),
-    Rule(re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), SECRET,
-         Need(any_of=("eyJ",))),
+    # From the start of a run of its characters to the run's first "eyJ" (a later one in the run could only
+    # fail where the first did), kept: each run is read once, not once for every "eyJ" in it.
+    Rule(re.compile(r"(?<![A-Za-z0-9_-])(?P<prefix>(?:(?!\beyJ)[A-Za-z0-9_-])*+)"
+                    r"\beyJ[A-Za-z0-9_-]{8,}+\.eyJ[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]{8,}"),
+         KeepPrefix(SECRET), Need(any_of=("eyJ",))),
     # --- e-mail before the digit rules: local parts hold digits ---
-    Rule(re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), EMAIL,
-         Need(any_of=("@",))),
+    # (Each start inside a run of the local part's characters would find the same "@" as the run's start: the
+    # guard skips them, except where a search starts, which may be inside a run.)
+    _rule(r"[A-Za-z0-9._%+-]++@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*\.[A-Za-z]{2,}", EMAIL, Need(any_of=("@",)),
+          guard=r"(?<![A-Za-z0-9._%+-])"),
     # --- long opaque runs: hex digests and keys, base64 blobs ---
-    Rule(re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}(?![A-Za-z0-9])"), SECRET, Need(long_run=True)),
+    Rule(re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}+(?![A-Za-z0-9])"), SECRET, Need(long_run=True)),
     Rule(re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{40,}={0,2}"), _base64_secret, Need(long_run=True)),
     # --- checksummed numbers ---
     Rule(re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4})?\b"), _iban,
@@ -256,11 +272,11 @@ _RULES: list[Rule] = [
                     r"\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", re.IGNORECASE), NATIONAL_ID, Need(ni_shape=True)),
     Rule(re.compile(r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|"
                     r"tax[\s_-]?id|tin|ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)"
-                    r"(?:\s*(?:number|no\.?|num|#))?\s*(?:is\s+)?[:#]?\s*)(?=[A-Z]*\d)[A-Z0-9][A-Z0-9./-]{3,}"
-                    r"(?:\s\d[\d./-]{2,})*", re.IGNORECASE),
+                    r"(?:\s*+(?:number|no\.?|num|#))?\s*+(?:is\s++)?[:#]?\s*+)(?=[A-Z]*+\d)[A-Z0-9][A-Z0-9./-]{3,}+"
+                    r"(?:\s\d[\d./-]{2,}+)*+", re.IGNORECASE),
          KeepPrefix(NATIONAL_ID), Need(digits=1, id_keyword=True)),
     # --- network addresses ---
-    Rule(re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w+)?"
+    Rule(re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w++)?"
                     r"(?![\w:])"), _ipv6, Need(any_of=("::",), repeated=(":", 7))),
     Rule(re.compile(r"\d(?<![\d.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)"), _ipv4,
          Need(digits=4, repeated=(".", 3))),
@@ -271,15 +287,41 @@ _RULES: list[Rule] = [
          Need(digits=10)),
     Rule(re.compile(r"0(?<!\w0)\d{2,4}[\s-]?\d{3,4}[\s-]?\d{3,4}(?!\d)"), _national_phone, Need(digits=10)),
 ]
-# re.sub's argument for each rule, made once.
-_SUBS = [(rule.pattern, _sub_argument(rule.replacement), rule.need.holds) for rule in _RULES]
+
+
+def substitution(rule: Rule) -> Callable[[str], str]:
+    """``re.sub`` of ``rule`` as a function of the text: its pattern's own, or, for a guarded rule, a loop that
+    tries the unguarded pattern where each search starts (after the previous match) and the guarded one after."""
+    argument = _sub_argument(rule.replacement)
+    if rule.unguarded is None:
+        return functools.partial(rule.pattern.sub, argument)
+    guarded, unguarded = rule.pattern, rule.unguarded
+    replace = argument if callable(argument) else (lambda match: match.expand(argument))
+
+    def sub(text: str) -> str:
+        parts: list[str] = []
+        last = 0
+        while last <= len(text):
+            match = unguarded.match(text, last) or guarded.search(text, last + 1)
+            if match is None:
+                break
+            assert match.end() > last, "a rule never matches the empty string"
+            parts += (text[last:match.start()], replace(match))
+            last = match.end()
+        return "".join(parts) + text[last:] if parts else text
+
+    return sub
+
+
+# Each rule's substitution and condition, made once.
+_SUBS = [(substitution(rule), rule.need.holds) for rule in _RULES]
 
 
 def _python_scrub(text: str) -> str:
     facts = _Facts(text)
-    for pattern, replacement, holds in _SUBS:
+    for sub, holds in _SUBS:
         if holds(facts):
-            text = pattern.sub(replacement, text)
+            text = sub(text)
     return text
 
 
@@ -330,14 +372,22 @@ def _native_rule(native: ModuleType, rule: Rule) -> tuple:
         kind, placeholder, prefix_group = native.PREFIX, replacement.placeholder, rule.pattern.groupindex["prefix"]
     elif isinstance(replacement, str):
         kind, placeholder = native.CONST, replacement
-    elif replacement is _international_phone:  # these three are written in C as well
+    elif replacement is _international_phone:  # these five are written in C as well
         kind, placeholder = native.INTL_PHONE, PHONE
     elif replacement is _national_phone:
         kind, placeholder = native.NAT_PHONE, PHONE
     elif replacement is _ipv4:
         kind, placeholder = native.IPV4, IP
+    elif replacement is _card:
+        kind, placeholder = native.CARD, CARD
+    elif replacement is _iban:
+        kind, placeholder = native.IBAN, IBAN
     count_char, count_min = need.repeated or ("", 0)
-    return (pcre2_pattern(rule.pattern.pattern), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
+    pattern = rule.pattern.pattern
+    if rule.unguarded is not None:  # the guard waived where a search starts: PCRE2's \G
+        body = rule.unguarded.pattern
+        pattern = f"(?:\\G|{pattern[:len(pattern) - len(body)]}){body}"
+    return (pcre2_pattern(pattern), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
             prefix_group, call, need.digits, need.any_of, need.any_of_lower, count_char, count_min,
             need.long_run, need.ni_shape, need.id_keyword)
 
