@@ -37,7 +37,7 @@ ADVERSARIAL: dict[str, Adversarial] = {
     "tin_mixed_spaces": Adversarial((15,), "tin", "\t\n \x1c", "x1"),
     "passport_nbsp": Adversarial((15,), "passport", "\u00a0", "x1"),  # non-ASCII whitespace
     "passport_letters": Adversarial((15,), "passport ", "A", "."),
-    "passport_digit_groups": Adversarial((15,), "passport 1234", " 123"),
+    "passport_digit_groups": Adversarial((15,), "passport 1234", " 1/2"),
     "id_words": Adversarial((15,), "", "passport tin ssn 1 "),
     # secrets
     "sk_repeated": Adversarial((2,), "", "sk-"),
@@ -131,8 +131,8 @@ def typical_text(size: int, seed: int = 7) -> str:
 # The rules' patterns before they were made linear (possessive quantifiers, guards; loragate.common.scrub).
 _OLD_PATTERNS = [
     r"(?P<prefix>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{16,}",
-    r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)[\"']?\s*[:=]\s*[\"']?)"
-    r"[^\s\"',;]{6,}",
+    (r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)[\"']?\s*[:=]\s*[\"']?)"
+     r"[^\s\"',;]{6,}"),
     r"\b(?:sk|lg)-[A-Za-z0-9_-]{16,}",
     r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}\b",
     r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",
@@ -146,9 +146,9 @@ _OLD_PATTERNS = [
     r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])",
     r"\d(?<![\d-]\d)\d\d(?<!000|666)(?<!9\d\d)([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])",
     r"[A-CEGHJ-PR-TW-Z](?<!\w[A-Z])[A-CEGHJ-NPR-TW-Z](?<!BG|GB|NK|KN|TN|NT|ZZ)\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b",
-    r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|tax[\s_-]?id|tin|"
-    r"ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)(?:\s*(?:number|no\.?|num|#))?\s*"
-    r"(?:is\s+)?[:#]?\s*)(?=[A-Z]*\d)[A-Z0-9][A-Z0-9./-]{3,}(?:\s\d[\d./-]{2,})*",
+    (r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|tax[\s_-]?id|tin|"
+     r"ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)(?:\s*(?:number|no\.?|num|#))?\s*"
+     r"(?:is\s+)?[:#]?\s*)(?=[A-Z]*\d)[A-Z0-9][A-Z0-9./-]{3,}(?:\s\d[\d./-]{2,})*"),
     r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w+)?(?![\w:])",
     r"\d(?<![\d.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)",
     r"(?:\+(?<![\w+]\+)|00(?<![\w+]00))\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){1,5}[\s.-]?\d{2,4}(?!\d)",

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import random
 import string
+import time
+from collections.abc import Callable
 
 import pytest
 
 from loragate.common import scrub as scrub_module
 from loragate.common.scrub import scrub
+from loragate.service.logscrub import _scrub_gated, scrub_many
+from tests.scrub_corpus import ADVERSARIAL, adversarial_text, old_scrub, typical_text
 
 PLANTED = [
     ("write to john.doe+list@example.co.uk today", "john.doe+list@example.co.uk", "[EMAIL]"),
@@ -165,3 +169,123 @@ def test_the_conditions_only_skip_rules_that_could_not_match() -> None:
             expected = sub(expected)
         assert scrub_module._python_scrub(text) == expected, text
         assert scrub(text) == expected, text
+
+
+# --- linear time whatever the input (tests/scrub_corpus.py: the adversarial corpus) ---------------------------
+
+# The gateway's body limit (service/settings.py max_body_bytes, LORAGATE_MAX_BODY_BYTES): the longest text a
+# client can send.
+BODY_LIMIT = 1_048_576
+
+
+def _paths() -> dict[str, Callable[[str], str | None]]:
+    """Every way a text is scrubbed: the Python rules, the native rules (ASCII), the public per-text function,
+    the batch (native, then RE2 gates and Python's rules for the rest), and the gated batch path alone."""
+    native = scrub_module.native_scrubber()
+    assert native is not None
+    return {"python": scrub_module._python_scrub, "native": native.scrub, "scrub": scrub,
+            "batch": lambda text: scrub_many([text])[0], "gated": lambda text: _scrub_gated([text])[0]}
+
+
+def _us_per_kb(function: Callable[[str], object], text: str, repeats: int = 1) -> float:
+    """CPU time per KB of ``function(text)``: calls repeated for at least 10 ms (a short text's one call is
+    within the clock's and the collector's noise), the best of ``repeats`` such runs."""
+    best = float("inf")
+    for _ in range(repeats):
+        calls, started = 0, time.process_time()
+        while not calls or time.process_time() - started < 0.01:
+            function(text)
+            calls += 1
+        best = min(best, (time.process_time() - started) / calls)
+    return best / (len(text.encode("utf-8")) / 1024) * 1e6
+
+
+def _bounded(function: Callable[[str], object], text: str, typical: float, factor: float) -> float:
+    """The cost per KB of ``function`` on ``text``, measured again (best of three) if a first run is over
+    ``factor`` times ``typical``: a loaded machine slows one run, never three in a row by that much."""
+    cost = _us_per_kb(function, text)
+    return cost if cost <= factor * typical else _us_per_kb(function, text, repeats=3)
+
+
+def test_the_adversarial_corpus_covers_every_rule() -> None:
+    covered = {index for case in ADVERSARIAL.values() for index in case.rules}
+    assert covered == set(range(len(scrub_module._RULES)))
+
+
+@pytest.mark.parametrize("spaces", [8_000, 16_000, 200_000, BODY_LIMIT - 10])
+def test_a_keyword_then_a_long_run_of_whitespace_is_scrubbed_in_linear_time(spaces: int) -> None:
+    # The reported case: the national-id rule backtracked over the run (8,000 spaces: 5.8 s in Python's re,
+    # 16,000: 24.5 s, the body limit: about a day), and the native rules gave up at PCRE2's match limit.
+    for non_ascii in (False, True):
+        tail = " \u00e9" if non_ascii else ""
+        text, typical = "passport" + " " * spaces + "x1" + tail, typical_text(64_000) + tail
+        for name, path in _paths().items():
+            if name == "native" and non_ascii:
+                assert path(text) is None  # a non-ASCII text goes to the Python rules
+                continue
+            assert path(text) == text, name  # "x1" is too short for an id: nothing to replace
+            usual = _us_per_kb(path, typical, 3)
+            cost = _bounded(path, text, usual, 10)
+            assert cost <= 10 * usual, f"{name}: {cost:.0f} us/KB, typical text {usual:.0f}"
+
+
+@pytest.mark.parametrize("name", sorted(ADVERSARIAL))
+def test_adversarial_text_gets_the_same_output_on_every_path(name: str) -> None:
+    # Short enough for the old rules (quadratic on most of these): the output is what it was, on every path.
+    for non_ascii in (False, True):
+        text = adversarial_text(name, 600, non_ascii)
+        expected = old_scrub(text)
+        for path_name, path in _paths().items():
+            if path_name == "native" and not text.isascii():
+                assert path(text) is None
+            else:
+                assert path(text) == expected, (path_name, non_ascii)
+    if name == "passport_digit_groups":  # the corpus is built to match, too
+        assert "[NATIONAL_ID]" in scrub(adversarial_text(name, 600))
+
+
+def test_adversarial_text_costs_about_what_typical_text_costs_per_kb() -> None:
+    # For every path and every case of the corpus, 64 KB with and without a non-ASCII character: the cost per
+    # KB within 10x that of typical text of the same size measured here (bench/scrub_worst.py: mostly < 1x,
+    # at most ~3x; a rule that backtracks over a run costs hundreds of times more at this size).
+    paths = _paths()
+    typical = typical_text(64_000)
+    usual = {name: _us_per_kb(path, typical, 3) for name, path in paths.items()}
+    usual_non_ascii = {name: _us_per_kb(path, typical + " \u00e9", 3) for name, path in paths.items()}
+    over = []
+    for case in sorted(ADVERSARIAL):
+        for non_ascii in (False, True):
+            text = adversarial_text(case, 64_000, non_ascii)
+            for name, path in paths.items():
+                if name == "native" and not text.isascii():
+                    continue
+                base = (usual_non_ascii if non_ascii else usual)[name]
+                cost = _bounded(path, text, base, 10)
+                if cost > 10 * base:
+                    over.append(f"{case} ({name}, non-ASCII {non_ascii}): {cost:.0f} us/KB vs {base:.0f}")
+    assert not over
+
+
+def test_adversarial_text_at_the_body_limit_stays_native_and_linear() -> None:
+    # Every case at the body limit on the native path (the one ASCII texts take): never handed back to Python
+    # (a PCRE2 limit), and about the cost per KB of typical text (64 KB: a quadratic rule would cost 16x more
+    # per KB here than there).
+    native = scrub_module.native_scrubber()
+    assert native is not None
+    usual = _us_per_kb(native.scrub, typical_text(64_000), 3)
+    for case in sorted(ADVERSARIAL):
+        text = adversarial_text(case, BODY_LIMIT)
+        if not text.isascii():
+            continue
+        assert native.scrub(text) is not None, case
+        cost = _bounded(native.scrub, text, usual, 10)
+        assert cost <= 10 * usual, f"{case}: {cost:.0f} us/KB vs {usual:.0f}"
+
+
+def test_the_linear_rules_give_the_old_output_on_ordinary_text() -> None:
+    # The rules before they were made linear (tests/scrub_corpus.py), on the PII corpus, the generated texts and
+    # long typical texts: the same output.
+    texts = ([text for text, _, _ in PLANTED] + KEPT + _generated_texts(4000, seed=41)
+             + [typical_text(20_000, seed) for seed in range(4)])
+    for text in texts:
+        assert scrub_module._python_scrub(text) == old_scrub(text), text
