@@ -21,7 +21,7 @@
 #endif
 
 /* How a rule replaces a match (scrub.py's native_kind). */
-enum { K_CONST, K_PREFIX, K_INTL_PHONE, K_NAT_PHONE, K_IPV4, K_CARD, K_IBAN, K_CALL };
+enum { K_CONST, K_PREFIX, K_INTL_PHONE, K_NAT_PHONE, K_IPV4, K_CARD, K_IBAN, K_BASE64, K_CALL };
 
 typedef struct {
     const char *s;
@@ -397,6 +397,15 @@ static int replace(const rule_t *r, const char *s, PCRE2_SIZE *ov, buf_t *out) {
         if (length <= 4) return 0; /* shorter than the rule matches: let Python decide */
         return (rest == 1 ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
     }
+    case K_BASE64: { /* scrub._base64_secret: a digit, an upper- and a lower-case letter */
+        int digit = 0, upper = 0, lower = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            digit |= digit_char(m[i]);
+            upper |= m[i] >= 'A' && m[i] <= 'Z';
+            lower |= m[i] >= 'a' && m[i] <= 'z';
+        }
+        return (digit && upper && lower ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
+    }
     case K_IPV4: { /* scrub._ipv4: every dot-separated part <= 255 */
         int ok = 1, value = 0, seen = 0;
         for (Py_ssize_t i = 0; i <= n && ok; i++) {
@@ -534,6 +543,7 @@ PyMODINIT_FUNC PyInit__scrubnative(void) {
         PyModule_AddIntConstant(m, "INTL_PHONE", K_INTL_PHONE) < 0 ||
         PyModule_AddIntConstant(m, "NAT_PHONE", K_NAT_PHONE) < 0 || PyModule_AddIntConstant(m, "IPV4", K_IPV4) < 0 ||
         PyModule_AddIntConstant(m, "CARD", K_CARD) < 0 || PyModule_AddIntConstant(m, "IBAN", K_IBAN) < 0 ||
+        PyModule_AddIntConstant(m, "BASE64", K_BASE64) < 0 ||
         PyModule_AddIntConstant(m, "CALL", K_CALL) < 0) {
         Py_DECREF(m);
         return NULL;

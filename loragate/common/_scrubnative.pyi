@@ -6,6 +6,7 @@ NAT_PHONE: int
 IPV4: int
 CARD: int
 IBAN: int
+BASE64: int
 CALL: int
 
 class Scrubber:

@@ -175,23 +175,18 @@ def _sub_argument(replacement: Replacement) -> str | Callable[[re.Match[str]], s
     return lambda match: replacement(match.group())
 
 
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = int(char)
-        if index % 2 == 1:
-            value *= 2
-            if value > 9:
-                value -= 9
-        total += value
-    return total % 10 == 0
-
-
 def _card(text: str) -> str:
-    """The longest Luhn-valid card number at the start of the run; what follows it is kept."""
-    digits = _NON_DIGIT.sub("", text)
-    for length in range(min(len(digits), 19), 12, -1):
-        if _luhn_ok(digits[:length]):
+    """The longest Luhn-valid card number (13-19 digits) at the start of the run; what follows it is kept."""
+    digits = [int(char) for char in _NON_DIGIT.sub("", text)[:19]]
+    # The Luhn sums of every prefix, in one pass: a digit is doubled where an odd number of digits follow it in
+    # the prefix, so at the odd indexes of a prefix of odd length and at the even ones of a prefix of even length.
+    even_doubled, odd_doubled = [0], [0]
+    for index, value in enumerate(digits):
+        twice = value * 2 - 9 if value > 4 else value * 2
+        even_doubled.append(even_doubled[-1] + (value if index % 2 else twice))
+        odd_doubled.append(odd_doubled[-1] + (twice if index % 2 else value))
+    for length in range(len(digits), 12, -1):
+        if (odd_doubled if length % 2 else even_doubled)[length] % 10 == 0:
             end = [i for i, char in enumerate(text) if char.isdigit()][length - 1] + 1
             return CARD + text[end:]
     return text
@@ -262,7 +257,7 @@ _RULES: list[Rule] = [
     Rule(re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}+(?![A-Za-z0-9])"), SECRET, Need(long_run=True)),
     Rule(re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{40,}={0,2}"), _base64_secret, Need(long_run=True)),
     # --- checksummed numbers ---
-    Rule(re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4})?\b"), _iban,
+    Rule(re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4}+)?\b"), _iban,
          Need(digits=2)),
     Rule(re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])"), _card, Need(digits=13)),
     # --- national ids ---
@@ -372,7 +367,7 @@ def _native_rule(native: ModuleType, rule: Rule) -> tuple:
         kind, placeholder, prefix_group = native.PREFIX, replacement.placeholder, rule.pattern.groupindex["prefix"]
     elif isinstance(replacement, str):
         kind, placeholder = native.CONST, replacement
-    elif replacement is _international_phone:  # these five are written in C as well
+    elif replacement is _international_phone:  # all but _ipv6 are written in C as well
         kind, placeholder = native.INTL_PHONE, PHONE
     elif replacement is _national_phone:
         kind, placeholder = native.NAT_PHONE, PHONE
@@ -382,6 +377,8 @@ def _native_rule(native: ModuleType, rule: Rule) -> tuple:
         kind, placeholder = native.CARD, CARD
     elif replacement is _iban:
         kind, placeholder = native.IBAN, IBAN
+    elif replacement is _base64_secret:
+        kind, placeholder = native.BASE64, SECRET
     count_char, count_min = need.repeated or ("", 0)
     pattern = rule.pattern.pattern
     if rule.unguarded is not None:  # the guard waived where a search starts: PCRE2's \G
