@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#define OVECTOR_PAIRS 32 /* the match data's: a kept prefix is one of the first 31 groups */
+
 #ifndef JIT_STACK_MAX
 #define JIT_STACK_MAX (64 * 1024 * 1024)
 #endif
@@ -132,7 +134,7 @@ static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
     self->spec = Py_NewRef(args);
     self->n = (int)PyTuple_GET_SIZE(rules);
     self->rules = PyMem_Calloc(self->n ? self->n : 1, sizeof(rule_t));
-    self->match_data = pcre2_match_data_create(32, NULL);
+    self->match_data = pcre2_match_data_create(OVECTOR_PAIRS, NULL);
     self->match_context = pcre2_match_context_create(NULL);
     self->jit_stack = pcre2_jit_stack_create(32 * 1024, JIT_STACK_MAX, NULL);
     if (self->rules == NULL || self->match_data == NULL || self->match_context == NULL || self->jit_stack == NULL) {
@@ -171,6 +173,12 @@ static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
         r->count_char = c.n ? c.s[0] : 0;
         if (spans(any, &r->any, &r->n_any) < 0 || spans(any_lower, &r->any_lower, &r->n_any_lower) < 0) return -1;
         if ((r->code = compile(pattern, caseless, &r->jit)) == NULL) return -1;
+        uint32_t captures = 0;
+        pcre2_pattern_info(r->code, PCRE2_INFO_CAPTURECOUNT, &captures);
+        if (r->kind == K_PREFIX && (prefix_group == 0 || prefix_group > captures || prefix_group >= OVECTOR_PAIRS)) {
+            PyErr_Format(PyExc_ValueError, "rule %d: no capture group %u to keep", i, prefix_group);
+            return -1;
+        }
     }
     return 0;
 }
@@ -183,6 +191,7 @@ typedef struct {
 } buf_t;
 
 static int put(buf_t *b, const char *s, Py_ssize_t n) {
+    if (n == 0) return 0; /* nothing to copy (and memcpy takes no NULL, which an empty buffer's is) */
     if (b->n + n > b->cap) {
         Py_ssize_t cap = (b->n + n) * 2 + 64;
         char *grown = PyMem_Realloc(b->s, cap);
@@ -476,7 +485,7 @@ static PyObject *Scrubber_scrub(Scrubber *self, PyObject *text) {
     if (s == NULL) return NULL;
     pcre2_match_data *md = self->match_data;
     if (self->busy) {
-        md = pcre2_match_data_create(32, NULL);
+        md = pcre2_match_data_create(OVECTOR_PAIRS, NULL);
         if (md == NULL) return PyErr_NoMemory();
     } else {
         self->busy = 1;

@@ -359,6 +359,16 @@ def pcre2_pattern(pattern: str) -> str:
     return "".join(out)
 
 
+def pcre2_rule_pattern(rule: Rule) -> str:
+    """``rule``'s pattern as PCRE2 reads it with Python's meaning on ASCII text, its guard waived where a search
+    starts (``\\G``)."""
+    pattern = rule.pattern.pattern
+    if rule.unguarded is not None:
+        body = rule.unguarded.pattern
+        pattern = f"(?:\\G|{pattern[:len(pattern) - len(body)]}){body}"
+    return pcre2_pattern(pattern)
+
+
 def _native_rule(native: ModuleType, rule: Rule) -> tuple:
     """The tuple _scrubnative.Scrubber takes for ``rule``."""
     replacement, need = rule.replacement, rule.need
@@ -380,11 +390,7 @@ def _native_rule(native: ModuleType, rule: Rule) -> tuple:
     elif replacement is _base64_secret:
         kind, placeholder = native.BASE64, SECRET
     count_char, count_min = need.repeated or ("", 0)
-    pattern = rule.pattern.pattern
-    if rule.unguarded is not None:  # the guard waived where a search starts: PCRE2's \G
-        body = rule.unguarded.pattern
-        pattern = f"(?:\\G|{pattern[:len(pattern) - len(body)]}){body}"
-    return (pcre2_pattern(pattern), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
+    return (pcre2_rule_pattern(rule), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
             prefix_group, call, need.digits, need.any_of, need.any_of_lower, count_char, count_min,
             need.long_run, need.ni_shape, need.id_keyword)
 

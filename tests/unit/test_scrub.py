@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import string
+import subprocess
+import sys
+import sysconfig
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from loragate.common import scrub as scrub_module
 from loragate.common.scrub import scrub
@@ -289,3 +297,93 @@ def test_the_linear_rules_give_the_old_output_on_ordinary_text() -> None:
              + [typical_text(20_000, seed) for seed in range(4)])
     for text in texts:
         assert scrub_module._python_scrub(text) == old_scrub(text), text
+
+
+# --- the C code itself: a differential fuzz against the Python rules, and a sanitizer build ---------------------
+
+_ASCII_PIECES = [piece for piece in _PIECES if piece.isascii()] + [
+    case.head + case.unit * 3 + case.tail for case in ADVERSARIAL.values() if (case.head + case.unit).isascii()]
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.sampled_from(_ASCII_PIECES), st.text(st.characters(max_codepoint=127), max_size=12),
+                          st.text("0123456789 -./:()+", min_size=1, max_size=30)), max_size=12))
+def test_fuzz_the_native_scrubber_against_the_python_rules(pieces: list[str]) -> None:
+    native = scrub_module.native_scrubber()
+    assert native is not None
+    text = "".join(pieces)
+    assert native.scrub(text) == scrub_module._python_scrub(text)
+
+
+# Run in a child process over a build of _scrubnative.c with AddressSanitizer and UndefinedBehaviorSanitizer:
+# the corpus, the adversarial cases (up to the body limit), the fuzz's kind of texts for a bounded time, a
+# callback that scrubs again (the match data is busy then), and the errors its API raises.
+_SANITIZED_RUN = r"""
+import importlib.util, random, string, sys, time
+spec = importlib.util.spec_from_file_location("loragate.common._scrubnative", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.modules["loragate.common._scrubnative"] = module
+from loragate.common import scrub as rules
+from tests.scrub_corpus import ADVERSARIAL, adversarial_text
+from tests.unit.test_scrub import KEPT, PLANTED, _ASCII_PIECES, _generated_texts
+
+native = rules.native_scrubber()
+assert type(native).__module__ == "loragate.common._scrubnative" and module.__file__ == sys.argv[1]
+checked = 0
+def check(text):
+    global checked
+    out = native.scrub(text)
+    assert out == (rules._python_scrub(text) if text.isascii() else None), text[:200]
+    checked += 1
+for text in [t for t, _, _ in PLANTED] + KEPT + _generated_texts(2000, seed=5) + ["", " ", "\x00", "caf\u00e9"]:
+    check(text)
+for name in ADVERSARIAL:
+    for size in (100, 5000, 200_000):
+        check(adversarial_text(name, size))
+for name in ("passport_spaces", "email_domain_run", "jwt_dashes", "digits_spaced", "ipv6_zone"):
+    check(adversarial_text(name, 1_048_576))
+rng = random.Random(11)
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    check("".join(rng.choice(_ASCII_PIECES) if rng.random() < 0.6 else
+                  "".join(rng.choices(string.printable, k=rng.randint(1, 12))) for _ in range(rng.randint(0, 12))))
+# A callback that runs Python which scrubs again, while the outer scrub's match data is in use.
+inner = rules.native_scrubber()
+reentrant = module.Scrubber(((r"\d+", False, module.CALL, "", 0, lambda m: inner.scrub("me@example.com " + m),
+                              0, (), (), "", 0, False, False, False),), ("passport",))
+assert reentrant.scrub("a 12 b 34") == "a [EMAIL] 12 b [EMAIL] 34"
+for bad in ((), ((1,),), (("(", False, module.CONST, "x", 0, None, 0, (), (), "", 0, False, False, False),),
+            (("(a)", False, module.PREFIX, "x", 2, None, 0, (), (), "", 0, False, False, False),)):
+    try:
+        module.Scrubber(bad, ("passport",))
+    except (TypeError, ValueError):
+        pass
+    else:
+        assert bad == (), bad
+try:
+    native.scrub(b"bytes")
+except TypeError:
+    pass
+print("checked", checked)
+"""
+
+
+def test_the_native_scrubber_is_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
+    compiler = shutil.which("gcc")
+    assert compiler is not None, "scripts/setup.sh installs gcc"
+    runtime = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert Path(runtime).is_file(), "gcc's AddressSanitizer runtime (libasan) is missing"
+    built = tmp_path / f"_scrubnative{sysconfig.get_config_var('EXT_SUFFIX')}"
+    source = Path(scrub_module.__file__).with_name("_scrubnative.c")
+    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
+                    "-fsanitize=address,undefined", "-fno-sanitize-recover=all", f"-I{sysconfig.get_paths()['include']}",
+                    str(source), "-lpcre2-8", "-o", str(built)], check=True, capture_output=True, timeout=120)
+    env = {**os.environ, "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    result = subprocess.run([sys.executable, "-c", _SANITIZED_RUN, str(built), "15"], env=env,
+                            capture_output=True, text=True, timeout=150)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "runtime error" not in result.stderr and "AddressSanitizer" not in result.stderr, result.stderr[-6000:]
+    assert int(result.stdout.split()[-1]) > 10_000
