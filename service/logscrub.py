@@ -82,9 +82,8 @@ _RUN_GATES = ["|".join(f"(?:{_GATES[index]})" for index in run) for run in _RUNS
 # RE2's leftmost-first matching finds exactly the matches Python's backtracking finds. Their ``applies``
 # condition is implied by the gate. The e-mail rule (its gate is a necessary condition of "@" in the text).
 _RE2_RULES = {8: (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", rules.EMAIL)}
-assert all(rules._RULES[index].unguarded is not None and not rules._RULES[index].pattern.flags & re.IGNORECASE
-           and rules._RULES[index].unguarded.pattern.replace("++", "+") == pattern
-           for index, (pattern, _) in _RE2_RULES.items())
+assert all((unguarded := rules._RULES[index].unguarded) is not None and not unguarded.flags & re.IGNORECASE
+           and unguarded.pattern.replace("++", "+") == pattern for index, (pattern, _) in _RE2_RULES.items())
 
 class _Facts:
     """scrub's facts about an original text, each found when a rule first asks: only texts a gate let through."""
