@@ -75,6 +75,8 @@ ADVERSARIAL: dict[str, Adversarial] = {
     "colons": Adversarial((16,), "", ":"),
     "ipv6_zone": Adversarial((16,), "fe80::1%", "a", ":"),
     "ipv6_groups": Adversarial((16,), "", " 1:2:3:4:5:6:7:8:9"),
+    "ipv6_short": Adversarial((16,), "", "ff\t::a"),  # a candidate every 6 characters, too short to be one
+    "ipv6_invalid": Adversarial((16,), "", " 1:2:3:4"),  # a candidate every 8 characters, not an address
     "ipv4_dots": Adversarial((17,), "", "1."),
     "ipv4_near": Adversarial((17,), "", "1.2.3."),
     # phone numbers

@@ -23,7 +23,7 @@
 #endif
 
 /* How a rule replaces a match (scrub.py's native_kind). */
-enum { K_CONST, K_PREFIX, K_INTL_PHONE, K_NAT_PHONE, K_IPV4, K_CARD, K_IBAN, K_BASE64, K_CALL };
+enum { K_CONST, K_PREFIX, K_INTL_PHONE, K_NAT_PHONE, K_IPV4, K_CARD, K_IBAN, K_BASE64, K_IPV6, K_CALL };
 
 typedef struct {
     const char *s;
@@ -342,6 +342,82 @@ static int needed(Scrubber *self, const rule_t *r, facts_t *f, pcre2_match_data 
     return 1;
 }
 
+static int hex_char(char c) { return digit_char(c) || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f'); }
+
+/* ipaddress.IPv4Address(s) succeeds: four dot-separated decimal octets, no leading zero, each <= 255. */
+static int ipv4_valid(const char *s, Py_ssize_t n) {
+    int octets = 0;
+    for (Py_ssize_t i = 0;; i++) {
+        Py_ssize_t from = i;
+        int value = 0;
+        for (; i < n && s[i] != '.'; i++) {
+            if (!digit_char(s[i])) return 0;
+            value = value * 10 + (s[i] - '0');
+            if (value > 1000) value = 1000;
+        }
+        if (i == from || i - from > 3 || (i - from > 1 && s[from] == '0') || value > 255) return 0;
+        octets++;
+        if (i >= n) break;
+    }
+    return octets == 4;
+}
+
+/* One hextet ipaddress parses: 1 to 4 hex digits. */
+static int hextet_valid(const char *s, Py_ssize_t n) {
+    if (n < 1 || n > 4) return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!hex_char(s[i])) return 0;
+    return 1;
+}
+
+/* ipaddress.IPv6Address(s) succeeds (s has no '%'), step by step as _BaseV6._ip_int_from_string decides.
+ * 1 yes, 0 no, -1 more parts than the rule can match (let Python decide). */
+static int ipv6_valid(const char *s, Py_ssize_t n) {
+    Py_ssize_t at[16], len[16];
+    int parts = 0;
+    for (Py_ssize_t i = 0, from = 0; i <= n; i++) {
+        if (i < n && s[i] != ':') continue;
+        if (parts == 16) return -1;
+        at[parts] = from;
+        len[parts++] = i - from;
+        from = i + 1;
+    }
+    if (n == 0 || parts < 3) return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (s[i] == '/') return 0;
+    /* An IPv4 suffix stands for two hextets (valid ones): the parts as ipaddress counts them are one more. */
+    int ipv4 = memchr(s + at[parts - 1], '.', len[parts - 1]) != NULL;
+    if (ipv4 && !ipv4_valid(s + at[parts - 1], len[parts - 1])) return 0;
+    int total = parts + ipv4;
+    if (total > 9) return 0;
+    int skip = -1;
+    for (int i = 1; i < total - 1; i++) {
+        if (ipv4 && i >= parts - 1) break; /* the suffix's hextets are not empty */
+        if (len[i] == 0) {
+            if (skip >= 0) return 0;
+            skip = i;
+        }
+    }
+    int first_empty = len[0] == 0, last_empty = !ipv4 && len[parts - 1] == 0, hi, lo;
+    if (skip >= 0) {
+        hi = skip;
+        lo = total - skip - 1;
+        if (first_empty && --hi) return 0;
+        if (last_empty && --lo) return 0;
+        if (8 - (hi + lo) < 1) return 0;
+    } else {
+        if (total != 8 || first_empty || last_empty) return 0;
+        hi = total;
+        lo = 0;
+    }
+    for (int k = 0; k < hi + lo; k++) { /* the parts parsed: the first hi and the last lo */
+        int i = k < hi ? k : total - lo + (k - hi);
+        if (ipv4 && i >= parts - 1) continue;
+        if (!hextet_valid(s + at[i], len[i])) return 0;
+    }
+    return 1;
+}
+
 /* Append the replacement of match [start, end) of s. 1 done, 0 fall back, -1 a Python error. */
 static int replace(const rule_t *r, const char *s, PCRE2_SIZE *ov, buf_t *out) {
     const char *m = s + ov[0];
@@ -414,6 +490,20 @@ static int replace(const rule_t *r, const char *s, PCRE2_SIZE *ov, buf_t *out) {
             lower |= m[i] >= 'a' && m[i] <= 'z';
         }
         return (digit && upper && lower ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
+    }
+    case K_IPV6: { /* scrub._ipv6: a likely address (3 colons or 3 hex digits in a row), valid before any '%' */
+        int colons = 0, hex_run = 0, likely = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            colons += m[i] == ':';
+            hex_run = hex_char(m[i]) ? hex_run + 1 : 0;
+            likely |= hex_run >= 3;
+        }
+        if (colons >= 3) likely = 1;
+        if (!likely) return put(out, m, n) < 0 ? -1 : 1;
+        const char *zone = memchr(m, '%', n);
+        int valid = ipv6_valid(m, zone != NULL ? zone - m : n);
+        if (valid < 0) return 0;
+        return (valid ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
     }
     case K_IPV4: { /* scrub._ipv4: every dot-separated part <= 255 */
         int ok = 1, value = 0, seen = 0;
@@ -552,7 +642,7 @@ PyMODINIT_FUNC PyInit__scrubnative(void) {
         PyModule_AddIntConstant(m, "INTL_PHONE", K_INTL_PHONE) < 0 ||
         PyModule_AddIntConstant(m, "NAT_PHONE", K_NAT_PHONE) < 0 || PyModule_AddIntConstant(m, "IPV4", K_IPV4) < 0 ||
         PyModule_AddIntConstant(m, "CARD", K_CARD) < 0 || PyModule_AddIntConstant(m, "IBAN", K_IBAN) < 0 ||
-        PyModule_AddIntConstant(m, "BASE64", K_BASE64) < 0 ||
+        PyModule_AddIntConstant(m, "BASE64", K_BASE64) < 0 || PyModule_AddIntConstant(m, "IPV6", K_IPV6) < 0 ||
         PyModule_AddIntConstant(m, "CALL", K_CALL) < 0) {
         Py_DECREF(m);
         return NULL;

@@ -7,6 +7,7 @@ IPV4: int
 CARD: int
 IBAN: int
 BASE64: int
+IPV6: int
 CALL: int
 
 class Scrubber:

@@ -31,14 +31,14 @@ What is caught:
 
 Every rule runs in time linear in the text's length, whatever the text (a client sends it): no rule
 gives back what an unbounded run took where giving back could never make it match (possessive
-quantifiers, ``\s*+``), and where every start inside a run would read the run to its end for the same
+quantifiers, ``\\s*+``), and where every start inside a run would read the run to its end for the same
 outcome as the run's first start, a guard lets only that one start (the e-mail rule's lookbehind, waived
 where a search starts; the JWT rule's run read up to its first ``eyJ``). tests/unit/test_scrub.py runs an
 adversarial corpus for every rule (tests/scrub_corpus.py) on every path; bench/scrub_worst.py measures it.
 
 Where the package was built with a C compiler and PCRE2 (setup.py), ASCII texts go through the same
 rules compiled by PCRE2 (``_scrubnative.c``, about 10x fewer instructions), with the replacement
-functions but ``_ipv6`` written in C too; other texts, and whatever that path cannot decide, through
+functions written in C too; other texts, and whatever that path cannot decide, through
 Python's re. Both give the same output (tests/unit/test_scrub.py compares them, fuzzes one against the
 other, and runs the C under AddressSanitizer and UBSan).
 """
@@ -390,7 +390,7 @@ def _native_rule(native: ModuleType, rule: Rule) -> tuple:
         kind, placeholder, prefix_group = native.PREFIX, replacement.placeholder, rule.pattern.groupindex["prefix"]
     elif isinstance(replacement, str):
         kind, placeholder = native.CONST, replacement
-    elif replacement is _international_phone:  # all but _ipv6 are written in C as well
+    elif replacement is _international_phone:  # every replacement function is written in C as well
         kind, placeholder = native.INTL_PHONE, PHONE
     elif replacement is _national_phone:
         kind, placeholder = native.NAT_PHONE, PHONE
@@ -402,6 +402,8 @@ def _native_rule(native: ModuleType, rule: Rule) -> tuple:
         kind, placeholder = native.IBAN, IBAN
     elif replacement is _base64_secret:
         kind, placeholder = native.BASE64, SECRET
+    elif replacement is _ipv6:
+        kind, placeholder = native.IPV6, IP
     count_char, count_min = need.repeated or ("", 0)
     return (pcre2_rule_pattern(rule), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
             prefix_group, call, need.digits, need.any_of, need.any_of_lower, count_char, count_min,

@@ -305,9 +305,16 @@ _ASCII_PIECES = [piece for piece in _PIECES if piece.isascii()] + [
     case.head + case.unit * 3 + case.tail for case in ADVERSARIAL.values() if (case.head + case.unit).isascii()]
 
 
+# What ipaddress decides on (the IPv6 rule's check, in C too): hextets, "::", IPv4 suffixes, zones.
+_ADDRESS_PARTS = ["", "0", "1", "ff", "abcd", "ABCD", "12345", "fffff", "1.2.3.4", "01.2.3.4", "256.1.1.1", "1.2.3",
+                  "0.0.0.0", "%eth0", "%"]
+
+
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(st.sampled_from(_ASCII_PIECES), st.text(st.characters(max_codepoint=127), max_size=12),
-                          st.text("0123456789 -./:()+", min_size=1, max_size=30)), max_size=12))
+                          st.text("0123456789 -./:()+", min_size=1, max_size=30),
+                          st.lists(st.sampled_from(_ADDRESS_PARTS), min_size=2, max_size=10).map(":".join)),
+                max_size=12))
 def test_fuzz_the_native_scrubber_against_the_python_rules(pieces: list[str]) -> None:
     native = scrub_module.native_scrubber()
     assert native is not None
