@@ -211,8 +211,11 @@ def _iban(text: str) -> str:
 def _ipv6(candidate: str) -> str:
     if candidate.count(":") < 3 and not re.search(r"[0-9A-Fa-f]{3}", candidate):
         return candidate  # "1::2" is a valid address but far more often a slice or a ratio
+    address = candidate.split("%", 1)[0]
+    if ":::" in address or address.count("::") > 1:
+        return candidate  # two empty groups: never an address (ipaddress would say so, at the cost of an exception)
     try:
-        ipaddress.IPv6Address(candidate.split("%", 1)[0])
+        ipaddress.IPv6Address(address)
     except ValueError:
         return candidate
     return IP
