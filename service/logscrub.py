@@ -76,12 +76,14 @@ _RUNS = [range(0, 8), range(8, 9), range(9, 18), range(18, 21)]
 assert [index for run in _RUNS for index in run] == list(range(len(rules._RULES)))
 _RUN_GATES = ["|".join(f"(?:{_GATES[index]})" for index in run) for run in _RUNS]
 
-# Rules RE2 can apply itself, with the same result as Python's re.sub: a constant placeholder, and a
-# pattern without lookarounds, backreferences or Unicode-dependent classes (\b, \w, \d, \s, re.I), so that
+# Rules RE2 can apply itself, with the same result as Python's re.sub: a constant placeholder, and the
+# rule's pattern without its guard and possessive quantifiers (RE2 has neither, and needs neither: it runs in
+# linear time) nor lookarounds, backreferences or Unicode-dependent classes (\b, \w, \d, \s, re.I), so that
 # RE2's leftmost-first matching finds exactly the matches Python's backtracking finds. Their ``applies``
 # condition is implied by the gate. The e-mail rule (its gate is a necessary condition of "@" in the text).
-_RE2_RULES = {8: rules.EMAIL}
-assert not any(rules._RULES[index][0].flags & re.IGNORECASE for index in _RE2_RULES)
+_RE2_RULES = {8: (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", rules.EMAIL)}
+assert all((unguarded := rules._RULES[index].unguarded) is not None and not unguarded.flags & re.IGNORECASE
+           and unguarded.pattern.replace("++", "+") == pattern for index, (pattern, _) in _RE2_RULES.items())
 
 class _Facts:
     """scrub's facts about an original text, each found when a rule first asks: only texts a gate let through."""
@@ -176,21 +178,21 @@ def _scrub_gated(texts: list[str]) -> list[str]:
                 candidates = [candidates[k] for k in
                               pc.indices_nonzero(pc.match_substring_regex(now(candidates), _GATES[index])).to_pylist()]
             if index in _RE2_RULES:
-                replaced = pc.replace_substring_regex(now(candidates), rules._RULES[index][0].pattern,
-                                                      _RE2_RULES[index])
+                re2_pattern, placeholder = _RE2_RULES[index]
+                replaced = pc.replace_substring_regex(now(candidates), re2_pattern, placeholder)
                 for j, text in zip(candidates, replaced.to_pylist()):
                     if text != current[j]:
                         current[j] = text
                         changed.add(j)
                 continue
-            pattern, replacement, holds = rules._SUBS[index]
+            sub, holds = rules._SUBS[index]
             for j in candidates:
                 fact = facts[j]
                 if fact is None:
                     fact = facts[j] = _Facts(texts[live[j]])
                 if holds(fact):
                     text = current[j]
-                    new = pattern.sub(replacement, text)
+                    new = sub(text)
                     if new != text:
                         current[j] = new
                         changed.add(j)

@@ -16,8 +16,14 @@
 #include <stdint.h>
 #include <string.h>
 
+#define OVECTOR_PAIRS 32 /* the match data's: a kept prefix is one of the first 31 groups */
+
+#ifndef JIT_STACK_MAX
+#define JIT_STACK_MAX (64 * 1024 * 1024)
+#endif
+
 /* How a rule replaces a match (scrub.py's native_kind). */
-enum { K_CONST, K_PREFIX, K_INTL_PHONE, K_NAT_PHONE, K_IPV4, K_CALL };
+enum { K_CONST, K_PREFIX, K_INTL_PHONE, K_NAT_PHONE, K_IPV4, K_CARD, K_IBAN, K_BASE64, K_IPV6, K_CALL };
 
 typedef struct {
     const char *s;
@@ -49,6 +55,8 @@ typedef struct {
     int n_id_words;
     uint64_t id_pairs[1024]; /* the first two bytes of each word, and "id": a bit each of 65536 */
     pcre2_match_data *match_data;
+    pcre2_jit_stack *jit_stack; /* for a rule's group repeated over a long text (no match runs during a callback) */
+    pcre2_match_context *match_context;
     int busy; /* match_data in use (a callback ran Python that scrubs too): take a fresh one */
 } Scrubber;
 
@@ -107,6 +115,8 @@ static void Scrubber_dealloc(Scrubber *self) {
     PyMem_Free(self->rules);
     PyMem_Free(self->id_words);
     pcre2_match_data_free(self->match_data);
+    pcre2_match_context_free(self->match_context);
+    pcre2_jit_stack_free(self->jit_stack);
     Py_XDECREF(self->spec);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -124,11 +134,14 @@ static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
     self->spec = Py_NewRef(args);
     self->n = (int)PyTuple_GET_SIZE(rules);
     self->rules = PyMem_Calloc(self->n ? self->n : 1, sizeof(rule_t));
-    self->match_data = pcre2_match_data_create(32, NULL);
-    if (self->rules == NULL || self->match_data == NULL) {
+    self->match_data = pcre2_match_data_create(OVECTOR_PAIRS, NULL);
+    self->match_context = pcre2_match_context_create(NULL);
+    self->jit_stack = pcre2_jit_stack_create(32 * 1024, JIT_STACK_MAX, NULL);
+    if (self->rules == NULL || self->match_data == NULL || self->match_context == NULL || self->jit_stack == NULL) {
         PyErr_NoMemory();
         return -1;
     }
+    pcre2_jit_stack_assign(self->match_context, NULL, self->jit_stack);
     if (spans(id_words, &self->id_words, &self->n_id_words) < 0) return -1;
     for (int i = 0; i <= self->n_id_words; i++) {
         const char *word = i < self->n_id_words ? self->id_words[i].s : "id";
@@ -160,6 +173,12 @@ static int Scrubber_init(Scrubber *self, PyObject *args, PyObject *kwargs) {
         r->count_char = c.n ? c.s[0] : 0;
         if (spans(any, &r->any, &r->n_any) < 0 || spans(any_lower, &r->any_lower, &r->n_any_lower) < 0) return -1;
         if ((r->code = compile(pattern, caseless, &r->jit)) == NULL) return -1;
+        uint32_t captures = 0;
+        pcre2_pattern_info(r->code, PCRE2_INFO_CAPTURECOUNT, &captures);
+        if (r->kind == K_PREFIX && (prefix_group == 0 || prefix_group > captures || prefix_group >= OVECTOR_PAIRS)) {
+            PyErr_Format(PyExc_ValueError, "rule %d: no capture group %u to keep", i, prefix_group);
+            return -1;
+        }
     }
     return 0;
 }
@@ -172,6 +191,7 @@ typedef struct {
 } buf_t;
 
 static int put(buf_t *b, const char *s, Py_ssize_t n) {
+    if (n == 0) return 0; /* nothing to copy (and memcpy takes no NULL, which an empty buffer's is) */
     if (b->n + n > b->cap) {
         Py_ssize_t cap = (b->n + n) * 2 + 64;
         char *grown = PyMem_Realloc(b->s, cap);
@@ -322,6 +342,82 @@ static int needed(Scrubber *self, const rule_t *r, facts_t *f, pcre2_match_data 
     return 1;
 }
 
+static int hex_char(char c) { return digit_char(c) || ((c | 0x20) >= 'a' && (c | 0x20) <= 'f'); }
+
+/* ipaddress.IPv4Address(s) succeeds: four dot-separated decimal octets, no leading zero, each <= 255. */
+static int ipv4_valid(const char *s, Py_ssize_t n) {
+    int octets = 0;
+    for (Py_ssize_t i = 0;; i++) {
+        Py_ssize_t from = i;
+        int value = 0;
+        for (; i < n && s[i] != '.'; i++) {
+            if (!digit_char(s[i])) return 0;
+            value = value * 10 + (s[i] - '0');
+            if (value > 1000) value = 1000;
+        }
+        if (i == from || i - from > 3 || (i - from > 1 && s[from] == '0') || value > 255) return 0;
+        octets++;
+        if (i >= n) break;
+    }
+    return octets == 4;
+}
+
+/* One hextet ipaddress parses: 1 to 4 hex digits. */
+static int hextet_valid(const char *s, Py_ssize_t n) {
+    if (n < 1 || n > 4) return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!hex_char(s[i])) return 0;
+    return 1;
+}
+
+/* ipaddress.IPv6Address(s) succeeds (s has no '%'), step by step as _BaseV6._ip_int_from_string decides.
+ * 1 yes, 0 no, -1 more parts than the rule can match (let Python decide). */
+static int ipv6_valid(const char *s, Py_ssize_t n) {
+    Py_ssize_t at[16], len[16];
+    int parts = 0;
+    for (Py_ssize_t i = 0, from = 0; i <= n; i++) {
+        if (i < n && s[i] != ':') continue;
+        if (parts == 16) return -1;
+        at[parts] = from;
+        len[parts++] = i - from;
+        from = i + 1;
+    }
+    if (n == 0 || parts < 3) return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (s[i] == '/') return 0;
+    /* An IPv4 suffix stands for two hextets (valid ones): the parts as ipaddress counts them are one more. */
+    int ipv4 = memchr(s + at[parts - 1], '.', len[parts - 1]) != NULL;
+    if (ipv4 && !ipv4_valid(s + at[parts - 1], len[parts - 1])) return 0;
+    int total = parts + ipv4;
+    if (total > 9) return 0;
+    int skip = -1;
+    for (int i = 1; i < total - 1; i++) {
+        if (ipv4 && i >= parts - 1) break; /* the suffix's hextets are not empty */
+        if (len[i] == 0) {
+            if (skip >= 0) return 0;
+            skip = i;
+        }
+    }
+    int first_empty = len[0] == 0, last_empty = !ipv4 && len[parts - 1] == 0, hi, lo;
+    if (skip >= 0) {
+        hi = skip;
+        lo = total - skip - 1;
+        if (first_empty && --hi) return 0;
+        if (last_empty && --lo) return 0;
+        if (8 - (hi + lo) < 1) return 0;
+    } else {
+        if (total != 8 || first_empty || last_empty) return 0;
+        hi = total;
+        lo = 0;
+    }
+    for (int k = 0; k < hi + lo; k++) { /* the parts parsed: the first hi and the last lo */
+        int i = k < hi ? k : total - lo + (k - hi);
+        if (ipv4 && i >= parts - 1) continue;
+        if (!hextet_valid(s + at[i], len[i])) return 0;
+    }
+    return 1;
+}
+
 /* Append the replacement of match [start, end) of s. 1 done, 0 fall back, -1 a Python error. */
 static int replace(const rule_t *r, const char *s, PCRE2_SIZE *ov, buf_t *out) {
     const char *m = s + ov[0];
@@ -346,6 +442,68 @@ static int replace(const rule_t *r, const char *s, PCRE2_SIZE *ov, buf_t *out) {
             ok = digits >= 10 && digits <= 11;
         }
         return (ok ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
+    }
+    case K_CARD: { /* scrub._card: the longest Luhn-valid prefix of 13-19 of the digits, what follows kept */
+        Py_ssize_t at[19];
+        int digits = 0;
+        for (Py_ssize_t i = 0; i < n && digits < 19; i++)
+            if (digit_char(m[i])) at[digits++] = i;
+        for (int length = digits; length >= 13; length--) {
+            int total = 0;
+            for (int k = 0; k < length; k++) {
+                int value = m[at[length - 1 - k]] - '0';
+                if (k % 2 == 1) value = value * 2 > 9 ? value * 2 - 9 : value * 2;
+                total += value;
+            }
+            if (total % 10 == 0) {
+                Py_ssize_t end = at[length - 1] + 1;
+                return put(out, r->placeholder.s, r->placeholder.n) < 0 || put(out, m + end, n - end) < 0 ? -1 : 1;
+            }
+        }
+        return put(out, m, n) < 0 ? -1 : 1;
+    }
+    case K_IBAN: { /* scrub._iban: \s dropped, the first four characters moved to the end, mod 97 == 1 */
+        char compact[64];
+        int length = 0, rest = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (space_char(m[i])) continue;
+            if (length == (int)sizeof compact) return 0; /* longer than the rule matches: let Python decide */
+            compact[length++] = m[i];
+        }
+        for (int k = 0; k < length; k++) {
+            char c = compact[(k + 4) % length];
+            if (digit_char(c))
+                rest = (rest * 10 + (c - '0')) % 97;
+            else if (c >= 'A' && c <= 'Z')
+                rest = (rest * 100 + (c - 'A' + 10)) % 97;
+            else
+                return 0; /* not what the rule matches: let Python decide */
+        }
+        if (length <= 4) return 0; /* shorter than the rule matches: let Python decide */
+        return (rest == 1 ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
+    }
+    case K_BASE64: { /* scrub._base64_secret: a digit, an upper- and a lower-case letter */
+        int digit = 0, upper = 0, lower = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            digit |= digit_char(m[i]);
+            upper |= m[i] >= 'A' && m[i] <= 'Z';
+            lower |= m[i] >= 'a' && m[i] <= 'z';
+        }
+        return (digit && upper && lower ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
+    }
+    case K_IPV6: { /* scrub._ipv6: a likely address (3 colons or 3 hex digits in a row), valid before any '%' */
+        int colons = 0, hex_run = 0, likely = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            colons += m[i] == ':';
+            hex_run = hex_char(m[i]) ? hex_run + 1 : 0;
+            likely |= hex_run >= 3;
+        }
+        if (colons >= 3) likely = 1;
+        if (!likely) return put(out, m, n) < 0 ? -1 : 1;
+        const char *zone = memchr(m, '%', n);
+        int valid = ipv6_valid(m, zone != NULL ? zone - m : n);
+        if (valid < 0) return 0;
+        return (valid ? put(out, r->placeholder.s, r->placeholder.n) : put(out, m, n)) < 0 ? -1 : 1;
     }
     case K_IPV4: { /* scrub._ipv4: every dot-separated part <= 255 */
         int ok = 1, value = 0, seen = 0;
@@ -382,13 +540,14 @@ static int replace(const rule_t *r, const char *s, PCRE2_SIZE *ov, buf_t *out) {
 }
 
 /* One rule over the text in cur (re.sub): the result in next, *changed set when it differs. */
-static int substitute(const rule_t *r, const buf_t *cur, buf_t *next, pcre2_match_data *md, int *changed) {
+static int substitute(const rule_t *r, const buf_t *cur, buf_t *next, pcre2_match_data *md,
+                      pcre2_match_context *mc, int *changed) {
     PCRE2_SIZE start = 0, last = 0;
     next->n = 0;
     *changed = 0;
     while (start <= (PCRE2_SIZE)cur->n) {
-        int rc = r->jit ? pcre2_jit_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, NULL)
-                        : pcre2_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, NULL);
+        int rc = r->jit ? pcre2_jit_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, mc)
+                        : pcre2_match(r->code, (PCRE2_SPTR)cur->s, cur->n, start, 0, md, mc);
         if (rc == PCRE2_ERROR_NOMATCH) break;
         if (rc < 0) return 0; /* a resource limit: Python decides */
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
@@ -416,7 +575,7 @@ static PyObject *Scrubber_scrub(Scrubber *self, PyObject *text) {
     if (s == NULL) return NULL;
     pcre2_match_data *md = self->match_data;
     if (self->busy) {
-        md = pcre2_match_data_create(32, NULL);
+        md = pcre2_match_data_create(OVECTOR_PAIRS, NULL);
         if (md == NULL) return PyErr_NoMemory();
     } else {
         self->busy = 1;
@@ -436,7 +595,7 @@ static PyObject *Scrubber_scrub(Scrubber *self, PyObject *text) {
         }
         buf_t *next = cur.s == a.s && a.s != NULL ? &b : &a;
         int changed;
-        outcome = substitute(r, &cur, next, md, &changed);
+        outcome = substitute(r, &cur, next, md, self->match_context, &changed);
         if (outcome == 1 && changed) cur = *next;
     }
     if (outcome == 1)
@@ -482,6 +641,8 @@ PyMODINIT_FUNC PyInit__scrubnative(void) {
         PyModule_AddIntConstant(m, "CONST", K_CONST) < 0 || PyModule_AddIntConstant(m, "PREFIX", K_PREFIX) < 0 ||
         PyModule_AddIntConstant(m, "INTL_PHONE", K_INTL_PHONE) < 0 ||
         PyModule_AddIntConstant(m, "NAT_PHONE", K_NAT_PHONE) < 0 || PyModule_AddIntConstant(m, "IPV4", K_IPV4) < 0 ||
+        PyModule_AddIntConstant(m, "CARD", K_CARD) < 0 || PyModule_AddIntConstant(m, "IBAN", K_IBAN) < 0 ||
+        PyModule_AddIntConstant(m, "BASE64", K_BASE64) < 0 || PyModule_AddIntConstant(m, "IPV6", K_IPV6) < 0 ||
         PyModule_AddIntConstant(m, "CALL", K_CALL) < 0) {
         Py_DECREF(m);
         return NULL;

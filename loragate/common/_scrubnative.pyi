@@ -4,6 +4,10 @@ PREFIX: int
 INTL_PHONE: int
 NAT_PHONE: int
 IPV4: int
+CARD: int
+IBAN: int
+BASE64: int
+IPV6: int
 CALL: int
 
 class Scrubber:

@@ -29,13 +29,23 @@ What is caught:
   North American ``(555) 123-4567`` / ``555-123-4567``, and trunk-prefixed
   national numbers (``020 7946 0958``, ``0151 234 5678``).
 
+Every rule runs in time linear in the text's length, whatever the text (a client sends it): no rule
+gives back what an unbounded run took where giving back could never make it match (possessive
+quantifiers, ``\\s*+``), and where every start inside a run would read the run to its end for the same
+outcome as the run's first start, a guard lets only that one start (the e-mail rule's lookbehind, waived
+where a search starts; the JWT rule's run read up to its first ``eyJ``). tests/unit/test_scrub.py runs an
+adversarial corpus for every rule (tests/scrub_corpus.py) on every path; bench/scrub_worst.py measures it.
+
 Where the package was built with a C compiler and PCRE2 (setup.py), ASCII texts go through the same
-rules compiled by PCRE2 (``_scrubnative.c``, about 10x fewer instructions); other texts, and whatever
-that path cannot decide, through Python's re. Both give the same output (tests/unit/test_scrub.py).
+rules compiled by PCRE2 (``_scrubnative.c``, about 10x fewer instructions), with the replacement
+functions written in C too; other texts, and whatever that path cannot decide, through
+Python's re. Both give the same output (tests/unit/test_scrub.py compares them, fuzzes one against the
+other, and runs the C under AddressSanitizer and UBSan).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -151,6 +161,16 @@ class Rule(NamedTuple):
     pattern: re.Pattern[str]
     replacement: Replacement
     need: Need
+    # The pattern without its leading guard (a lookbehind that skips the starts inside a run, where the match
+    # could only be the one already tried at the run's start): tried alone where each search starts, as
+    # PCRE2's \G does in ``(?:\G|guard)``. None: the pattern has no such guard.
+    unguarded: re.Pattern[str] | None = None
+
+
+def _rule(pattern: str, replacement: Replacement, need: Need, flags: int = 0, guard: str = "") -> Rule:
+    """A rule; ``guard`` (a lookbehind) is put before ``pattern`` and waived where a search starts."""
+    return Rule(re.compile(guard + pattern, flags), replacement, need,
+                re.compile(pattern, flags) if guard else None)
 
 
 def _sub_argument(replacement: Replacement) -> str | Callable[[re.Match[str]], str]:
@@ -164,23 +184,18 @@ def _sub_argument(replacement: Replacement) -> str | Callable[[re.Match[str]], s
     return lambda match: replacement(match.group())
 
 
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = int(char)
-        if index % 2 == 1:
-            value *= 2
-            if value > 9:
-                value -= 9
-        total += value
-    return total % 10 == 0
-
-
 def _card(text: str) -> str:
-    """The longest Luhn-valid card number at the start of the run; what follows it is kept."""
-    digits = _NON_DIGIT.sub("", text)
-    for length in range(min(len(digits), 19), 12, -1):
-        if _luhn_ok(digits[:length]):
+    """The longest Luhn-valid card number (13-19 digits) at the start of the run; what follows it is kept."""
+    digits = [int(char) for char in _NON_DIGIT.sub("", text)[:19]]
+    # The Luhn sums of every prefix, in one pass: a digit is doubled where an odd number of digits follow it in
+    # the prefix, so at the odd indexes of a prefix of odd length and at the even ones of a prefix of even length.
+    even_doubled, odd_doubled = [0], [0]
+    for index, value in enumerate(digits):
+        twice = value * 2 - 9 if value > 4 else value * 2
+        even_doubled.append(even_doubled[-1] + (value if index % 2 else twice))
+        odd_doubled.append(odd_doubled[-1] + (twice if index % 2 else value))
+    for length in range(len(digits), 12, -1):
+        if (odd_doubled if length % 2 else even_doubled)[length] % 10 == 0:
             end = [i for i, char in enumerate(text) if char.isdigit()][length - 1] + 1
             return CARD + text[end:]
     return text
@@ -196,8 +211,11 @@ def _iban(text: str) -> str:
 def _ipv6(candidate: str) -> str:
     if candidate.count(":") < 3 and not re.search(r"[0-9A-Fa-f]{3}", candidate):
         return candidate  # "1::2" is a valid address but far more often a slice or a ratio
+    address = candidate.split("%", 1)[0]
+    if ":::" in address or address.count("::") > 1:
+        return candidate  # two empty groups: never an address (ipaddress would say so, at the cost of an exception)
     try:
-        ipaddress.IPv6Address(candidate.split("%", 1)[0])
+        ipaddress.IPv6Address(address)
     except ValueError:
         return candidate
     return IP
@@ -224,29 +242,34 @@ def _base64_secret(text: str) -> str:
 
 _RULES: list[Rule] = [
     # --- secrets ---
-    Rule(re.compile(r"(?P<prefix>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{16,}", re.IGNORECASE), KeepPrefix(SECRET),
+    Rule(re.compile(r"(?P<prefix>\b(?:bearer|basic)\s++)[A-Za-z0-9._~+/=-]{16,}", re.IGNORECASE), KeepPrefix(SECRET),
          Need(any_of_lower=("bearer", "basic"))),
     Rule(re.compile(r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)"
-                    r"[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]{6,}", re.IGNORECASE), KeepPrefix(SECRET),
+                    r"[\"']?\s*+[:=]\s*+[\"']?)[^\s\"',;]{6,}", re.IGNORECASE), KeepPrefix(SECRET),
          Need(any_of_lower=("pass", "pwd", "secret", "key", "token", "auth"))),
     Rule(re.compile(r"\b(?:sk|lg)-[A-Za-z0-9_-]{16,}"), SECRET,
          Need(any_of=("sk-", "lg-"))),  # lg-: loragate's own keys
     Rule(re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}\b"), SECRET,
          Need(any_of=("AKIA", "ASIA", "AGPA", "AIDA", "AROA"))),
-    Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}\b"), SECRET,
+    Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}+\b"), SECRET,
          Need(any_of=("ghp_", "gho_", "ghu_", "ghs_", "ghr_"))),
     Rule(re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), SECRET, Need(any_of=("xox",))),
     Rule(re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), SECRET, Need(any_of=("AIza",))),
-    Rule(re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"), SECRET,
-         Need(any_of=("eyJ",))),
+    # From the start of a run of its characters to the run's first "eyJ" (a later one in the run could only
+    # fail where the first did), kept: each run is read once, not once for every "eyJ" in it.
+    Rule(re.compile(r"(?<![A-Za-z0-9_-])(?P<prefix>(?:(?!\beyJ)[A-Za-z0-9_-])*+)"
+                    r"\beyJ[A-Za-z0-9_-]{8,}+\.eyJ[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]{8,}"),
+         KeepPrefix(SECRET), Need(any_of=("eyJ",))),
     # --- e-mail before the digit rules: local parts hold digits ---
-    Rule(re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"), EMAIL,
-         Need(any_of=("@",))),
+    # (Each start inside a run of the local part's characters would find the same "@" as the run's start: the
+    # guard skips them, except where a search starts, which may be inside a run.)
+    _rule(r"[A-Za-z0-9._%+-]++@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*\.[A-Za-z]{2,}", EMAIL, Need(any_of=("@",)),
+          guard=r"(?<![A-Za-z0-9._%+-])"),
     # --- long opaque runs: hex digests and keys, base64 blobs ---
-    Rule(re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}(?![A-Za-z0-9])"), SECRET, Need(long_run=True)),
+    Rule(re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}+(?![A-Za-z0-9])"), SECRET, Need(long_run=True)),
     Rule(re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{40,}={0,2}"), _base64_secret, Need(long_run=True)),
     # --- checksummed numbers ---
-    Rule(re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4})?\b"), _iban,
+    Rule(re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4}+)?\b"), _iban,
          Need(digits=2)),
     Rule(re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])"), _card, Need(digits=13)),
     # --- national ids ---
@@ -256,11 +279,11 @@ _RULES: list[Rule] = [
                     r"\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", re.IGNORECASE), NATIONAL_ID, Need(ni_shape=True)),
     Rule(re.compile(r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|"
                     r"tax[\s_-]?id|tin|ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)"
-                    r"(?:\s*(?:number|no\.?|num|#))?\s*(?:is\s+)?[:#]?\s*)(?=[A-Z]*\d)[A-Z0-9][A-Z0-9./-]{3,}"
-                    r"(?:\s\d[\d./-]{2,})*", re.IGNORECASE),
+                    r"(?:\s*+(?:number|no\.?|num|#))?\s*+(?:is\s++)?[:#]?\s*+)(?=[A-Z]*+\d)[A-Z0-9][A-Z0-9./-]{3,}+"
+                    r"(?:\s\d[\d./-]{2,}+)*+", re.IGNORECASE),
          KeepPrefix(NATIONAL_ID), Need(digits=1, id_keyword=True)),
     # --- network addresses ---
-    Rule(re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w+)?"
+    Rule(re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w++)?"
                     r"(?![\w:])"), _ipv6, Need(any_of=("::",), repeated=(":", 7))),
     Rule(re.compile(r"\d(?<![\d.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)"), _ipv4,
          Need(digits=4, repeated=(".", 3))),
@@ -271,15 +294,45 @@ _RULES: list[Rule] = [
          Need(digits=10)),
     Rule(re.compile(r"0(?<!\w0)\d{2,4}[\s-]?\d{3,4}[\s-]?\d{3,4}(?!\d)"), _national_phone, Need(digits=10)),
 ]
-# re.sub's argument for each rule, made once.
-_SUBS = [(rule.pattern, _sub_argument(rule.replacement), rule.need.holds) for rule in _RULES]
+
+
+def substitution(rule: Rule) -> Callable[[str], str]:
+    """``re.sub`` of ``rule`` as a function of the text: its pattern's own, or, for a guarded rule, a loop that
+    tries the unguarded pattern where each search starts (after the previous match) and the guarded one after."""
+    argument = _sub_argument(rule.replacement)
+    if rule.unguarded is None:
+        return functools.partial(rule.pattern.sub, argument)
+    guarded, unguarded = rule.pattern, rule.unguarded
+    if callable(argument):
+        replace = argument
+    else:
+        template = argument
+        replace = lambda match: match.expand(template)  # noqa: E731
+
+    def sub(text: str) -> str:
+        parts: list[str] = []
+        last = 0
+        while last <= len(text):
+            match = unguarded.match(text, last) or guarded.search(text, last + 1)
+            if match is None:
+                break
+            assert match.end() > last, "a rule never matches the empty string"
+            parts += (text[last:match.start()], replace(match))
+            last = match.end()
+        return "".join(parts) + text[last:] if parts else text
+
+    return sub
+
+
+# Each rule's substitution and condition, made once.
+_SUBS = [(substitution(rule), rule.need.holds) for rule in _RULES]
 
 
 def _python_scrub(text: str) -> str:
     facts = _Facts(text)
-    for pattern, replacement, holds in _SUBS:
+    for sub, holds in _SUBS:
         if holds(facts):
-            text = pattern.sub(replacement, text)
+            text = sub(text)
     return text
 
 
@@ -322,6 +375,16 @@ def pcre2_pattern(pattern: str) -> str:
     return "".join(out)
 
 
+def pcre2_rule_pattern(rule: Rule) -> str:
+    """``rule``'s pattern as PCRE2 reads it with Python's meaning on ASCII text, its guard waived where a search
+    starts (``\\G``)."""
+    pattern = rule.pattern.pattern
+    if rule.unguarded is not None:
+        body = rule.unguarded.pattern
+        pattern = f"(?:\\G|{pattern[:len(pattern) - len(body)]}){body}"
+    return pcre2_pattern(pattern)
+
+
 def _native_rule(native: ModuleType, rule: Rule) -> tuple:
     """The tuple _scrubnative.Scrubber takes for ``rule``."""
     replacement, need = rule.replacement, rule.need
@@ -330,14 +393,22 @@ def _native_rule(native: ModuleType, rule: Rule) -> tuple:
         kind, placeholder, prefix_group = native.PREFIX, replacement.placeholder, rule.pattern.groupindex["prefix"]
     elif isinstance(replacement, str):
         kind, placeholder = native.CONST, replacement
-    elif replacement is _international_phone:  # these three are written in C as well
+    elif replacement is _international_phone:  # every replacement function is written in C as well
         kind, placeholder = native.INTL_PHONE, PHONE
     elif replacement is _national_phone:
         kind, placeholder = native.NAT_PHONE, PHONE
     elif replacement is _ipv4:
         kind, placeholder = native.IPV4, IP
+    elif replacement is _card:
+        kind, placeholder = native.CARD, CARD
+    elif replacement is _iban:
+        kind, placeholder = native.IBAN, IBAN
+    elif replacement is _base64_secret:
+        kind, placeholder = native.BASE64, SECRET
+    elif replacement is _ipv6:
+        kind, placeholder = native.IPV6, IP
     count_char, count_min = need.repeated or ("", 0)
-    return (pcre2_pattern(rule.pattern.pattern), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
+    return (pcre2_rule_pattern(rule), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
             prefix_group, call, need.digits, need.any_of, need.any_of_lower, count_char, count_min,
             need.long_run, need.ni_shape, need.id_keyword)
 

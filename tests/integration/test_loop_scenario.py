@@ -227,9 +227,11 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
         assert load.statuses[("support", 200)] > 0 and not [k for k in load.statuses if k[1] != 200], load.statuses
 
         # --- the records ------------------------------------------------------------------------
-        moves = [(h["action"], h["weight"]) for h in status["history"]
+        # The whole history is in the state file (/healthz shows the last 10 entries only).
+        history = json.loads((tmp_path / "rollouts.json").read_text())["rollouts"]["support"]["history"]
+        moves = [(h["action"], h["weight"]) for h in history
                  if h["action"] not in ("hold", "plan")]  # holds: data short; plan: flagged, short test
-        assert moves == [("step", 25), ("step", 50), ("promote", 100)], status["history"]
+        assert moves == [("step", 25), ("step", 50), ("promote", 100)], history
         v2 = registry / "loop" / version
         # The rollout's state is committed first and the cards follow it (monitoring/rollout/controller.py: a
         # commit refused by a concurrent `loragate rollout` must not move them), so they may lag a moment.

@@ -313,4 +313,5 @@ def test_rollout_series_come_from_the_real_monitor(prometheus):
     assert {r["metric"]["figure"] for r in checks} == {"estimate", "lower", "upper", "min_effect", "samples",
                                                        "min_samples"}
     decisions = _query(prometheus, f"loragate_rollout_decision{{{labels}}}")["data"]["result"]
-    assert {r["metric"]["check"] for r in decisions} == {"analysis", "error_rate", "fallback_rate", "latency"}
+    assert {r["metric"]["check"] for r in decisions} == {"analysis", "error_rate", "fallback_rate", "latency",
+                                                         "latency_tail"}
