@@ -3,7 +3,7 @@
 Five ways to scrub the same texts, each giving the same output (checked here on every text):
 
   python   loragate.common.scrub's rules with Python's re, text by text (the baseline: what scrub did before)
-  gated    service.logscrub's batch path: RE2 gates over the whole batch in Arrow, Python's re where a gate
+  gated    service.requestlog.scrub's batch path: RE2 gates over the whole batch in Arrow, Python's re where a gate
            lets a text through (what the conversion process does with non-ASCII texts)
   native   the rules compiled with PCRE2 (loragate/common/_scrubnative.c), text by text
   pcre2    the same PCRE2 patterns (JIT) through the PyPI bindings ``pcre2``, in scrub's own loop (conditions
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loragate.common import scrub as rules  # noqa: E402
-from loragate.service import logscrub  # noqa: E402
+from loragate.service.requestlog import scrub as logscrub  # noqa: E402
 
 SHORT = "I'm jane.doe@example.com, call me on +44 20 7946 0958: my order #{n} has not arrived yet, what can I do?"
 FILLER = [

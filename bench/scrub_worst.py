@@ -8,8 +8,8 @@ text is a pasted support thread of the same size with a few personal details and
   python   loragate.common.scrub's rules with Python's re, text by text (the reference)
   native   the same rules compiled with PCRE2 (loragate/common/_scrubnative.c), ASCII texts only
   scrub    loragate.common.scrub.scrub, the per-text entry point (native, else Python)
-  batch    service.logscrub.scrub_many on a batch of one (native, else RE2 gates + Python's rules)
-  gated    service.logscrub's RE2-gated batch path alone (what non-ASCII texts take in the conversion process)
+  batch    service.requestlog.scrub.scrub_many on a batch of one (native, else RE2 gates + Python's rules)
+  gated    service.requestlog.scrub's RE2-gated batch path alone (what non-ASCII texts take in the conversion process)
 
 For each path: typical µs/KB, each case's µs/KB and its ratio to typical text on the same path (non-ASCII
 cases against typical text with the same non-ASCII character appended), the worst ratio; target: ≤ 3x. Also the
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from loragate.common import scrub as rules  # noqa: E402
-from loragate.service import logscrub  # noqa: E402
+from loragate.service.requestlog import scrub as logscrub  # noqa: E402
 from tests.scrub_corpus import ADVERSARIAL, adversarial_text, old_scrub, typical_text  # noqa: E402
 
 BODY_LIMIT = 1_048_576  # service/settings.py max_body_bytes

@@ -4,7 +4,7 @@
     Gateway.finish -> RequestRecord ---> queue ---> batch (marshalled) --spool--> convert: columns | rows
                       (records.py)     (queue.py,                  (spool.py,        (convert.py, columns.py,
                                         _logqueue.c)                process.py)       rows.py, _lognative.c,
-                                                                                      service/logscrub.py)
+                                                                                      scrub.py)
                                                                                           |
                                                                                     store.py: Parquet files
 
@@ -15,6 +15,7 @@
 - spool.py: a batch handed over in a memfd instead of the pipe.
 - convert.py: a batch -> a table (columns.py, with the JSON reading in _lognative.c) or rows (rows.py, the
   reference every fast path is tested against).
+- scrub.py: scrub_many, the batch's distinct texts scrubbed (native rules, else RE2 gates + Python's rules).
 - store.py: the Parquet files, local or on an object store.
 
 The gateway imports RequestLog and the records from here; pyarrow is imported only on the conversion side.

@@ -25,7 +25,7 @@ from loragate.service.requestlog.rows import feedback_row, request_row
 
 log = logging.getLogger("loragate.requestlog")
 
-# Distinct texts -> the same texts scrubbed, in order (loragate.service.logscrub.scrub_many by default).
+# Distinct texts -> the same texts scrubbed, in order (loragate.service.requestlog.scrub.scrub_many by default).
 ScrubTexts = Callable[[list[str]], list[str]]
 
 
@@ -37,7 +37,7 @@ class Store(Protocol):
 
 
 def default_scrub_texts(texts: list[str]) -> list[str]:
-    from loragate.service.logscrub import scrub_many  # pyarrow: only where the store is
+    from loragate.service.requestlog.scrub import scrub_many  # pyarrow: only where the store is
 
     return scrub_many(texts)
 

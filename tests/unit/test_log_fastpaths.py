@@ -1,6 +1,6 @@
 """The request log's and auth's fast paths give exactly what the plain paths give.
 
-scrub_many (service/logscrub.py) == scrub text by text; the conversion process's batch
+scrub_many (service/requestlog/scrub.py) == scrub text by text; the conversion process's batch
 conversion == request_row record by record; the simple-stream parse == sse.json_objects;
 the remembered key (its digest, its principal) never outlives a reload that revokes or removes it.
 """
@@ -22,7 +22,7 @@ from loragate.service.apikeys import KeyStore, hash_key
 from loragate.service.auth import Authenticator
 from loragate.service.errors import GatewayError
 from loragate.service.requestlog.rows import _body_answer, _stream_answer, request_row
-from loragate.service.logscrub import scrub_many
+from loragate.service.requestlog.scrub import scrub_many
 from loragate.service.requestlog._lognative import body_answer, stream_answer
 from loragate.service.requestlog import columns as logbatch
 from loragate.service.requestlog.columns import requests_table

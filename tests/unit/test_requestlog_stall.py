@@ -35,7 +35,7 @@ def stalling_scrub(texts: list[str]) -> list[str]:
     """The real scrubber, except on a text holding STALL: catastrophic backtracking, in C, holding the GIL."""
     if any("STALL" in text for text in texts):
         re.fullmatch(r"(a|aa)+b", "a" * 200)  # 2^100 paths: never ends
-    from loragate.service.logscrub import scrub_many
+    from loragate.service.requestlog.scrub import scrub_many
 
     return scrub_many(texts)
 

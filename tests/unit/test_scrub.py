@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from loragate.common import scrub as scrub_module
 from loragate.common.scrub import scrub
-from loragate.service.logscrub import _scrub_gated, scrub_many
+from loragate.service.requestlog.scrub import _scrub_gated, scrub_many
 from tests.scrub_corpus import ADVERSARIAL, adversarial_text, old_scrub, typical_text
 
 PLANTED = [

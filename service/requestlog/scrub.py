@@ -12,7 +12,7 @@ text the rule could change (the rule with its lookarounds and backreference drop
 character). Only the texts the gate lets through get the Python rule, with its replacement
 function (Luhn, mod-97, address validation: what RE2 cannot express), in the same order and
 under the same facts as ``scrub``. A gate is a necessary condition, so skipping a text it
-rejects changes nothing: the output is ``scrub``'s exactly (tests/unit/test_logscrub.py checks
+rejects changes nothing: the output is ``scrub``'s exactly (tests/unit/test_log_fastpaths.py checks
 it on the PII corpus). Rules without a gate (the keyword-gated secrets) run as in ``scrub``.
 """
 
