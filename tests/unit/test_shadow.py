@@ -42,7 +42,7 @@ class Charges:
         outer = self
 
         class Recording(Principal):
-            def charge(self, tokens: int) -> None:
+            def charge(self, tokens: int, cost_usd: float = 0.0) -> None:
                 outer.charged.append(tokens)
 
         self.principal = Recording()

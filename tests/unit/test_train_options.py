@@ -143,7 +143,10 @@ def test_option_errors_are_one_line_and_qlora_needs_cuda(tmp_path, base_8b):
                              "--version", "v1", "--quantization", "nf4"], capture_output=True, text=True, cwd=ROOT,
                             env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}, timeout=60)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "needs a CUDA GPU" in result.stderr
-    assert "torch" not in sys.modules
+    # deciding takes no torch (checked in a fresh interpreter: other tests in this one may have imported it)
+    probe = subprocess.run([sys.executable, "-c", "import sys; import loragate.pipeline.train; "
+                            "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert probe.stdout.strip() == "False", probe.stderr
 
 
 def test_the_cpu_default_micro_batch_accumulates_to_the_batch(tmp_path, base_8b):
