@@ -18,7 +18,7 @@ fi
 
 extras="engine-cpu"
 if [[ "${1:-}" == "--test" ]]; then
-  extras="engine-cpu,train,monitor,requestlog,checks,dev"
+  extras="engine-cpu,train,monitor,requestlog,tracing,checks,dev"
   # Prometheus (and promtool) from Debian: the tests start a real one.
   # redis-server: the shared-limits tests start a real one.
   if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null || ! command -v wrk >/dev/null \
