@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
+import pytest
 
 from loragate.common.objectstore import filesystem
 from loragate.monitoring.compaction import Compactor
@@ -130,6 +131,7 @@ def test_two_listings_of_one_hour_are_nested_and_the_larger_wins(tmp_path):
     assert not smaller.exists() and len(ids(tmp_path)) == 203
 
 
+@pytest.mark.slow  # writers, readers and two compactors at once, ~35 s
 def test_compaction_with_writers_readers_and_compactors_running(tmp_path):
     """Gateways keep writing the open hour (and a late file into the closed one) while two monitors compact
     and readers read: a reader never sees a row twice or misses one; ids identical before and after."""

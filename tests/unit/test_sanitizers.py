@@ -89,6 +89,7 @@ def test_the_harness_catches_an_overflow_and_a_copy_from_null(tmp_path):
     assert null_copy.returncode == 87 and "null pointer" in null_copy.stderr, null_copy.stderr[-2000:]
 
 
+@pytest.mark.slow  # builds the C under ASan/UBSan and replays the references, ~50 s
 def test_the_c_entry_points_equal_their_references_under_the_sanitizers(sanitized):
     result = _run([str(ROOT / "tests/unit/sanitized_fuzz.py"), str(sanitized), str(FUZZ_SECONDS)],
                   FUZZ_SECONDS + 120)

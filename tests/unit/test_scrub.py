@@ -376,6 +376,7 @@ print("checked", checked)
 """
 
 
+@pytest.mark.slow  # an ASan/UBSan build of the scrubber, ~20 s
 def test_the_native_scrubber_is_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
     compiler = shutil.which("gcc")
     assert compiler is not None, "scripts/setup.sh installs gcc"

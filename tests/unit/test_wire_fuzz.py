@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from loragate.service.httpclient import HttpClient, Response, _Connection
 from loragate.service.resp import RedisReplyError, RespProtocolError, RespReader
 from loragate.service.transport import TransportError
 
+pytestmark = pytest.mark.slow  # time-bounded fuzzing of both wire readers, ~30 s in all
 FUZZ_S = 15.0
 FUZZ = settings(max_examples=2000, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
