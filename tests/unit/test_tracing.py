@@ -415,3 +415,18 @@ async def test_a_dropped_shadow_and_a_dropped_log_record_say_so(stub_gateway):
         assert _attrs(shadow)["loragate.shadow.outcome"] == "same_variant"
         assert shadow.status.code != 2 and "http.response.status_code" not in _attrs(shadow)
     assert [model for model, _ in seen] == ["a2", "a2"]  # the primaries only
+
+
+@pytest.fixture
+def sampled_out(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+
+
+async def test_sampled_out_shadows_and_loads_export_nothing_and_still_pass_a_traceparent(sampled_out, stub_gateway):
+    app, spans, seen, _ = stub_gateway
+    response = await _post(app, "shadowed")
+    assert response.status_code == 200
+    await _exported(app)
+    assert spans == []
+    assert sorted(model for model, _ in seen) == ["a1", "a2"]  # the primary and its shadow copy, adapters loaded
+    assert all(tp is not None and int(tp[-2:], 16) & 1 == 0 for _, tp in seen)  # the sampled flag is off
