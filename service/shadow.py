@@ -44,12 +44,15 @@ from loragate.service.proxy import Upstream, Usage
 from loragate.service.requestlog import RequestRecord, RequestSink
 from loragate.service.tracing import RequestTracer
 from loragate.service.transport import Timeout, TransportError
-from loragate.service.upstreams import Pool, Replica
+from loragate.service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
 DROP_REASONS = ("same_variant", "max_in_flight", "overloaded", "unavailable", "deadline")
+# The pool's refusals, named as the primary's attempts name them (a traced shadow's error.type).
+_REFUSALS = {AdapterUnavailable: FailureReason.ADAPTER_UNAVAILABLE.value,
+             NoHealthyUpstream: FailureReason.NO_HEALTHY_UPSTREAM.value, CircuitOpen: FailureReason.CIRCUIT_OPEN.value}
 
 
 class ShadowMetrics:
@@ -208,11 +211,11 @@ class Shadows:
                 self._drop(route, variant, "deadline", span)
                 raise
             except Exception as exc:  # no healthy replica left, an adapter that would not load, ...
-                status, error = 503, type(exc).__name__
+                status, error = 503, _REFUSALS.get(type(exc), type(exc).__name__)
             self._account(route, variant, request_id, arrived, started, endpoint, sent, status, body, usage, span)
             if span is not None:
                 self.tracer.shadow_end(  # type: ignore[union-attr]
-                    span, "answered" if error is None else "failed", status, error,
+                    span, "answered" if error is None else "failed", status if error is None else None, error,
                     usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None)
         finally:
             if replica is not None:

@@ -242,6 +242,11 @@ routes:
   broken:
     variants:
       - {name: bad, adapter: b1, path: /a/missing-b1, weight: 1}
+  badshadow:
+    variants:
+      - {name: v1, adapter: a1, path: /a/a1, weight: 1}
+      - {name: bad, adapter: b2, path: /a/missing-b2, weight: 0}
+    shadow: {variant: bad, percent: 100}
 """
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -398,6 +403,22 @@ async def test_a_failed_adapter_load_is_an_error_span_under_its_attempt(stub_gat
     assert attrs["loragate.adapter"] == "b1" and attrs["loragate.adapter_load.triggered"] is True
     assert attrs["loragate.adapter_load.outcome"] == "failed" and attrs["error.type"] == "failed"
     assert load.status.code == 2  # ERROR
+
+
+async def test_a_shadow_whose_adapter_will_not_load_is_a_failed_span_and_the_primary_is_untouched(stub_gateway):
+    app, spans, seen, _ = stub_gateway
+    response = await _post(app, "badshadow")
+    assert response.status_code == 200 and "x-loragate-fallback" not in response.headers
+    await _exported(app)
+    request = next(s for s in spans if s.name == "chat badshadow")
+    shadow = next(s for s in spans if s.name == "loragate.shadow bad")
+    load = next(s for s in spans if s.name == "loragate.adapter_load" and _attrs(s)["loragate.adapter"] == "b2")
+    assert shadow.parent_span_id == request.span_id and load.parent_span_id == shadow.span_id
+    attrs = _attrs(shadow)
+    assert attrs["loragate.shadow.outcome"] == "failed" and attrs["error.type"] == "adapter_unavailable"
+    assert "http.response.status_code" not in attrs and shadow.status.code == 2  # ERROR
+    assert _attrs(load)["loragate.adapter_load.outcome"] == "failed"
+    assert request.status.code != 2 and [model for model, _ in seen] == ["a1"]  # no copy reached the engine
 
 
 async def test_a_dropped_shadow_and_a_dropped_log_record_say_so(stub_gateway):
