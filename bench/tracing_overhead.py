@@ -1,18 +1,26 @@
 """What OpenTelemetry traces cost a completion, in-process, in ONE run: off (the default) vs on.
 
 The served app (``create_app``, the whole gateway: auth, routing, fallback loop, accounting) is driven
-over ASGI in-process (no sockets) with a STUB replica call that answers at once, so the figures are the
-gateway's own CPU per request and a ratio here is an upper bound of the ratio on a real request:
+over ASGI in-process (no sockets) with a STUB replica call that answers at once and a STUB request log
+(a sink that counts the records handed to it), so the figures are the gateway's own CPU per request and a
+ratio here is an upper bound of the ratio on a real request:
 
   off   no OTEL_* variables: ``Gateway.tracer`` is None, each traced step is one ``is None`` check
-  on    OTEL_EXPORTER_OTLP_ENDPOINT set: request, routing and attempt spans from the real SDK, batched and
-        exported by the real OTLP/HTTP exporter to a loopback receiver thread in this process (its CPU,
-        decoding the protobuf, is counted too: an over-estimate of the gateway's share)
+  on    OTEL_EXPORTER_OTLP_ENDPOINT set: request, routing and attempt spans and the request log hand-off
+        event from the real SDK, batched and exported by the real OTLP/HTTP exporter to a loopback receiver
+        thread in this process (its CPU, decoding the protobuf, is counted too: an over-estimate of the
+        gateway's share)
+
+Two routes, each off and on: ``plain`` (one variant) and ``shadowed`` (a shadow copy of every request,
+100 %: the copy's own call, accounting and log record, and with tracing on its span and hand-off event;
+a round waits for the copies to finish before its clock stops).
 
 CPU per request is process CPU time (all threads, so the exporter's batch thread counts) over the
 requests of a round, the round's spans flushed to the receiver before the clock stops; targets alternate
-within a round, ratios to ``off`` per round, medians over rounds.
+within a round, ratios to ``off`` of the same route per round, medians over rounds.
 The cost of the check itself, what ``off`` adds over the code before tracing, is timed apart in ns.
+``handoff``: the request log hand-off traced as an event on the request span vs as a child span (the
+choice service/tracing.py made), each timed as request spans with and without it, exported and flushed.
 
 Run:  .venv/bin/python bench/tracing_overhead.py [--requests 2000] [--rounds 7]
 """
@@ -38,11 +46,20 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-BODY = orjson.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})
+BODIES = {route: orjson.dumps({"model": route, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})
+          for route in ("plain", "shadowed")}
 ANSWER = orjson.dumps({"id": "c1", "model": "a1", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 7, "completion_tokens": 2}})
-ROUTES = "routes:\n  bench:\n    variants: [{name: v1, adapter: a1, path: /a/a1, weight: 1}]\n"
+ROUTES = """\
+routes:
+  plain:
+    variants: [{name: v1, adapter: a1, path: /a/a1, weight: 1}]
+  shadowed:
+    variants: [{name: v1, adapter: a1, path: /a/a1, weight: 1}, {name: v2, adapter: a2, path: /a/a2, weight: 0}]
+    shadow: {variant: v2, percent: 100, max_in_flight: 1000}
+"""
+OFF_CHECKS = 9  # `is None` checks a plain request passes with tracing off (the request log on); +4 per shadow copy
 REPLICAS = ["http://10.0.0.1:8000"]
 
 
@@ -58,6 +75,17 @@ class Answer:
 
 async def stub_replica(url, body, *, request_id, is_adapter, timeout=None, api_key=None, traceparent=None):
     return Answer()
+
+
+class StubRequestLog:
+    """A STUB request log: counts what it is handed (the real sink's queue is not what is measured here)."""
+
+    def __init__(self) -> None:
+        self.records = 0
+
+    def record(self, record) -> bool:
+        self.records += 1
+        return True
 
 
 def receiver() -> tuple[str, http.server.ThreadingHTTPServer]:
@@ -88,18 +116,21 @@ def build(routes: Path, endpoint: str | None):
         os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
         os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = "1000000"  # no span dropped: all of them exported and counted
     app = create_app(Settings(routes_file=routes, upstreams=REPLICAS), Metrics(), upstream=stub_replica)
+    gateway = app.state.gateway
+    gateway.request_log = gateway.shadows.request_log = StubRequestLog()
+    gateway.keeps_log = True
     for replica in app.state.pool.replicas:
         replica.healthy = True
-        replica.adapters = {"a1"}
+        replica.adapters = {"a1", "a2"}
     assert (app.state.gateway.tracer is None) == (endpoint is None)
     return app
 
 
-async def one(app) -> int:
+async def one(app, body: bytes) -> int:
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
              "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(BODY)).encode())],
+                                          (b"content-length", str(len(body)).encode())],
              "client": ("127.0.0.1", 1), "server": ("gateway", 80)}
     sent = False
     status = 0
@@ -109,7 +140,7 @@ async def one(app) -> int:
         if sent:
             await asyncio.sleep(3600)
         sent = True
-        return {"type": "http.request", "body": BODY, "more_body": False}
+        return {"type": "http.request", "body": body, "more_body": False}
 
     async def send(message):
         nonlocal status
@@ -120,14 +151,51 @@ async def one(app) -> int:
     return status
 
 
-async def round_cpu(app, requests: int) -> float:
+async def round_cpu(app, route: str, requests: int) -> float:
+    gateway = app.state.gateway
+    body = BODIES[route]
+    logged = gateway.request_log.records
+    shadows = gateway.shadows
     start = time.process_time()
     for _ in range(requests):
-        assert await one(app) == 200
-    tracer = app.state.gateway.tracer
+        assert await one(app, body) == 200
+        while any(shadows.in_flight.values()):  # the copy answered and accounted for (a served loop interleaves)
+            await asyncio.sleep(0)
+    tracer = gateway.tracer
     if tracer is not None:  # every span of the round exported (and its CPU counted) before the clock stops
         tracer.provider.force_flush()
-    return (time.process_time() - start) / requests
+    cpu = (time.process_time() - start) / requests
+    assert gateway.request_log.records - logged == requests * (2 if route == "shadowed" else 1)  # none dropped
+    return cpu
+
+
+def handoff_costs(tracer, count: int, rounds: int) -> dict:
+    """µs of CPU per request span for the log hand-off as an event on it or as a child span (exported)."""
+
+    def timed(kind: str) -> float:
+        start = time.process_time()
+        for _ in range(count):
+            span = tracer.request_span({}, "chat/completions")
+            if kind == "event":
+                tracer.logged(span, "primary", True)
+            elif kind == "span":
+                child = tracer.child(span, "loragate.requestlog")
+                child.set_attribute("loragate.requestlog.role", "primary")
+                child.set_attribute("loragate.requestlog.queued", True)
+                tracer.end(child)
+            tracer.end(span, 200)
+        tracer.provider.force_flush()
+        return (time.process_time() - start) / count * 1e6
+
+    timed("none")  # warm up
+    added: dict[str, list[float]] = {"event": [], "span": []}
+    for index in range(rounds):
+        kinds = ["none", "event", "span"] if index % 2 == 0 else ["span", "event", "none"]
+        cpu = {kind: timed(kind) for kind in kinds}
+        for kind in added:
+            added[kind].append(cpu[kind] - cpu["none"])
+    event, span = (statistics.median(added[kind]) for kind in ("event", "span"))
+    return {"event_us": round(event, 2), "child_span_us": round(span, 2), "span_to_event": round(span / event, 1)}
 
 
 async def main(requests: int, rounds: int) -> dict:
@@ -135,29 +203,39 @@ async def main(requests: int, rounds: int) -> dict:
     routes.write_text(ROUTES)
     endpoint, server = receiver()
     apps = {"off": build(routes, None), "on": build(routes, endpoint)}
-    for app in apps.values():  # warm up
-        await round_cpu(app, 200)
-    per_round: dict[str, list[float]] = {name: [] for name in apps}
-    ratios = []
+    cells = [(route, name) for route in ("plain", "shadowed") for name in apps]
+    for route, name in cells:  # warm up
+        await round_cpu(apps[name], route, 200)
+    per_round: dict[tuple[str, str], list[float]] = {cell: [] for cell in cells}
+    ratios: dict[str, list[float]] = {"plain": [], "shadowed": []}
     for index in range(rounds):
-        order = list(apps) if index % 2 == 0 else list(reversed(apps))
+        order = cells if index % 2 == 0 else list(reversed(cells))
         cpu = {}
-        for name in order:
-            cpu[name] = await round_cpu(apps[name], requests)
-            per_round[name].append(cpu[name])
-        ratios.append(cpu["on"] / cpu["off"])
-    apps["on"].state.gateway.tracer.shutdown()
+        for cell in order:
+            cpu[cell] = await round_cpu(apps[cell[1]], cell[0], requests)
+            per_round[cell].append(cpu[cell])
+        for route in ratios:
+            ratios[route].append(cpu[route, "on"] / cpu[route, "off"])
+    tracer = apps["on"].state.gateway.tracer
+    handoff = handoff_costs(tracer, requests, rounds)
+    tracer.shutdown()
     server.shutdown()
     holder = type("Gateway", (), {"tracer": None})()
     check_ns = min(timeit.repeat("g.tracer is None", globals={"g": holder}, number=1_000_000, repeat=5)) * 1e3
-    off_us = statistics.median(per_round["off"]) * 1e6
+    medians = {cell: statistics.median(v) * 1e6 for cell, v in per_round.items()}
+    on_plain = medians["plain", "on"]
     return {
         "bench": "tracing_overhead", "python": platform.python_version(), "requests": requests, "rounds": rounds,
-        "cpu_us_per_request": {name: round(statistics.median(v) * 1e6, 1) for name, v in per_round.items()},
-        "ratio_on_to_off": round(statistics.median(ratios), 3),
+        "stubs": "replica call and request log are stubs (in-process); SDK, exporter and receiver are real",
+        "cpu_us_per_request": {f"{route}_{name}": round(us, 1) for (route, name), us in medians.items()},
+        "ratio_on_to_off": {route: round(statistics.median(v), 3) for route, v in ratios.items()},
+        "shadow_copy_us": {name: round(medians["shadowed", name] - medians["plain", name], 1) for name in apps},
         "off_check_ns": round(check_ns, 1),
-        "off_checks_per_request": 8,
-        "off_share_of_request": f"{8 * check_ns / (off_us * 1e3):.5%}",
+        "off_checks_per_request": OFF_CHECKS,
+        "off_share_of_request": f"{OFF_CHECKS * check_ns / (medians['plain', 'off'] * 1e3):.5%}",
+        "requestlog_handoff": {**handoff,
+                               "event_share_of_traced_request": f"{handoff['event_us'] / on_plain:.2%}",
+                               "span_share_of_traced_request": f"{handoff['child_span_us'] / on_plain:.2%}"},
     }
 
 

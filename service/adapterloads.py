@@ -15,16 +15,26 @@ import time
 
 import aiohttp
 
-from loragate.service.metrics import Metrics
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
+from loragate.service.metrics import Metrics
 from loragate.service.replicas import Replica
+
+if TYPE_CHECKING:
+    from loragate.service.tracing import RequestTracer
 
 log = logging.getLogger("loragate.upstreams")
 
 
 class AdapterUnavailable(Exception):
-    """The adapter could not be loaded on any healthy replica."""
+    """The adapter could not be loaded on any healthy replica.
+
+    ``outcome``: what its load ended with (failed: the engine refused; error: no answer in time), when one ran."""
+
+    def __init__(self, message: str, outcome: str = "unavailable") -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 def unload_victim(replica: Replica, keep: str, now: float, min_idle_s: float) -> str | None:
@@ -38,7 +48,7 @@ def unload_victim(replica: Replica, keep: str, now: float, min_idle_s: float) ->
 class AdapterLoader:
     def __init__(self, metrics: Metrics, *, load_timeout_s: float = 120.0, failure_ttl_s: float = 30.0,
                  limit: int | None = None, min_idle_s: float = 30.0,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, tracer: RequestTracer | None = None) -> None:
         self.metrics = metrics
         self.load_timeout_s = load_timeout_s
         self.failure_ttl_s = failure_ttl_s
@@ -47,12 +57,16 @@ class AdapterLoader:
         self.session: aiohttp.ClientSession | None = None
         self.loading: dict[str, int] = {}  # adapter -> loads under way on any replica
         self.on_change = on_change  # which replica holds what changed (the replica set reindexes)
+        self.tracer = tracer  # None: tracing off (service/tracing.py)
 
-    async def ensure(self, replica: Replica, adapter: str, path: str, reason: str) -> None:
-        """The adapter on the replica; ``reason`` (first, spread) is what the metrics say about a new load."""
+    async def ensure(self, replica: Replica, adapter: str, path: str, reason: str, trace: object | None = None) -> None:
+        """The adapter on the replica; ``reason`` (first, spread) is what the metrics say about a new load.
+
+        ``trace``: the span of the attempt (or shadow) that waits, when tracing is on: the wait gets a child span."""
         if adapter in replica.adapters:
             return
         task = replica.loading.get(adapter)
+        triggered = task is None
         if task is None:
             task = asyncio.ensure_future(self._load(replica, adapter, path, reason))
             replica.loading[adapter] = task
@@ -69,10 +83,26 @@ class AdapterLoader:
 
             task.add_done_callback(done)
             self.on_change()
-        # shield: one caller giving up (client gone) must not cancel the others' load.
-        await asyncio.shield(task)
+        tracer = self.tracer
+        if trace is None or tracer is None:
+            # shield: one caller giving up (client gone) must not cancel the others' load.
+            await asyncio.shield(task)
+            return
+        span = tracer.adapter_load_span(trace, adapter, replica.url, triggered)
+        outcome = "error"
+        try:
+            outcome = await asyncio.shield(task)
+        except AdapterUnavailable as exc:
+            outcome = exc.outcome
+            raise
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            tracer.adapter_load_end(span, outcome)
 
-    async def _load(self, replica: Replica, adapter: str, path: str, reason: str) -> None:
+    async def _load(self, replica: Replica, adapter: str, path: str, reason: str) -> str:
+        """Load it; the result (success, already_loaded) or AdapterUnavailable with the outcome (failed, error)."""
         assert self.session is not None
         if self.limit is not None and len(replica.adapters) >= self.limit:
             victim = unload_victim(replica, adapter, time.monotonic(), self.min_idle_s)
@@ -105,10 +135,10 @@ class AdapterLoader:
             if result == "success":
                 replica.loaded_by_gateway[adapter] = path
             log.info("loaded adapter %s on %s (%s, %s)", adapter, replica.url, result, reason)
-            return
+            return result
         replica.failed_adapters[adapter] = time.monotonic() + self.failure_ttl_s
         log.warning("loading adapter %s on %s failed: %s", adapter, replica.url, detail)
-        raise AdapterUnavailable(f"adapter {adapter!r} could not be loaded on {replica.url}")
+        raise AdapterUnavailable(f"adapter {adapter!r} could not be loaded on {replica.url}", result)
 
     async def unload(self, replica: Replica, adapter: str, reason: str) -> bool:
         """Take the adapter off the replica; False when the engine refused (it stays listed then)."""

@@ -49,6 +49,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
     runs for completions too (see CompletionsFirst)."""
     metrics = metrics or Metrics()
     catalog = CatalogFile(settings.routes_file)  # raises CatalogError: fail fast on a bad file
+    tracer = tracer_from_env(os.environ)  # None unless OTEL_* asks for traces (README, Tracing)
     pool = Pool(
         settings.upstreams,
         metrics,
@@ -61,6 +62,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
         circuit_open_s=settings.circuit_open_s,
         max_adapters_per_replica=settings.max_adapters_per_replica or None,
         adapter_min_idle_s=settings.adapter_min_idle_s,
+        tracer=tracer,  # adapter loads: a span under the attempt that waits
     )
     request_log = _request_log(settings, metrics)  # None when off: pyarrow is imported only when on
     # Per-key limits in this process, or shared through Redis (LORAGATE_LIMITS_URL); only used with auth on.
@@ -69,7 +71,6 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
     # raises KeysError: fail fast on a bad keys file
     auth = authenticator_from_settings(settings, metrics, limiter, budgets)
     http_upstream = HttpUpstream()
-    tracer = tracer_from_env(os.environ)  # None unless OTEL_* asks for traces (README, Tracing)
     gateway = Gateway(
         catalog, pool, metrics, upstream or http_upstream,
         max_body_bytes=settings.max_body_bytes,

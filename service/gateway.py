@@ -69,7 +69,8 @@ class Gateway:
         self.upstream = upstream  # the call that sends a request to a replica (proxy.HttpUpstream in production)
         # Routes with a `shadow`: a sampled copy of each request answered in the dark (service/shadow.py).
         self.shadows = shadows or Shadows(pool, upstream, ShadowMetrics(metrics.registry),
-                                          self.request_log if self.keeps_log else None, self._timeouts)
+                                          self.request_log if self.keeps_log else None, self._timeouts,
+                                          tracer=tracer)
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         if self.tracer is None:
@@ -135,7 +136,8 @@ class Gateway:
             return error_response(exc, headers)
 
         # The shadow copy (sampled routes only) starts now, beside the primary, and never touches its answer.
-        shadow = self.shadows.start(route, choice.variant, payload, endpoint, request_id) if route.shadow else None
+        shadow = (self.shadows.start(route, choice.variant, payload, endpoint, request_id, span) if route.shadow
+                  else None)
 
         stream = payload.get("stream") is True
         client_wants_usage = False
@@ -251,7 +253,8 @@ class Gateway:
                 replica = self.pool.acquire_endpoint(variant.endpoint)
             else:
                 replica = await self.pool.acquire(variant.adapter, variant.path, exclude=tried,
-                                                  prefix=prompt_prefix(payload), weights=route.scheduling)
+                                                  prefix=prompt_prefix(payload), weights=route.scheduling,
+                                                  trace=trace)
         except NoHealthyUpstream as exc:
             raise UpstreamFailure(FailureReason.NO_HEALTHY_UPSTREAM, str(exc)) from None
         except CircuitOpen as exc:
@@ -369,12 +372,14 @@ class Gateway:
                 prompt_tokens if usage else None, completion_tokens if usage else None, served.fallback)
         if self.keeps_log:
             # By name (service.requestlog.records): a field added or moved there cannot land in another column.
-            self.request_log.record(RequestRecord(
+            queued = self.request_log.record(RequestRecord(
                 request_id=context.request_id, timestamp=context.arrived, route=route.name, variant=variant.name,
                 endpoint=context.endpoint, status=status, stream=chunks is not None, fallback=served.fallback,
                 latency_s=latency, ttft_s=ttft, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                 cost_usd=cost, reference_cost_usd=reference_cost, payload=context.sent,
                 answer=body if chunks is None else b"".join(chunks), role=PRIMARY))
+            if context.span is not None:  # the hand-off, an event on the request span (tracing.logged says why)
+                self.tracer.logged(context.span, PRIMARY, queued is not False)  # type: ignore[union-attr]
 
     async def continue_stream(self, served: Served, forwarded: list[bytes], context: RequestContext,
                               reason: FailureReason) -> tuple[Served, int] | None:

@@ -26,6 +26,7 @@ from loragate.service.prefixring import prefix_key
 from loragate.service.replicas import Replica, ReplicaSet
 from loragate.service.resilience import Admission, CircuitBreaker, Overloaded
 from loragate.service.scorers import ScorerWeights, Weights
+from loragate.service.tracing import RequestTracer
 
 REPLICA = "*"  # the adapter label of a replica-wide circuit
 DEFAULT_WEIGHTS = Weights()
@@ -66,13 +67,14 @@ class Pool:
         max_adapters_per_replica: int | None = None,
         adapter_min_idle_s: float = 30.0,
         picker: Picker | None = None,
+        tracer: RequestTracer | None = None,
     ) -> None:
         self.metrics = metrics
         self.picker = picker or Picker()
         self.set = ReplicaSet(urls, metrics, health_timeout_s=health_timeout_s, on_change=self.picker.update)
         self.loader = AdapterLoader(metrics, load_timeout_s=load_timeout_s, failure_ttl_s=adapter_failure_ttl_s,
                                     limit=max_adapters_per_replica, min_idle_s=adapter_min_idle_s,
-                                    on_change=self.set.reindex)
+                                    on_change=self.set.reindex, tracer=tracer)
         self._endpoints: dict[str, Replica] = {}
         self.max_in_flight = max_in_flight
         self.admission = Admission(max_waiting, max_wait_s)
@@ -132,10 +134,12 @@ class Pool:
     # --- picking ------------------------------------------------------------
 
     async def acquire(self, adapter: str | None, path: str | None, exclude: AbstractSet[Replica] = frozenset(), *,
-                      prefix: str | None = None, weights: ScorerWeights = DEFAULT_WEIGHTS) -> Replica:
+                      prefix: str | None = None, weights: ScorerWeights = DEFAULT_WEIGHTS,
+                      trace: object | None = None) -> Replica:
         """A replica for ``adapter`` (None: the base model), adapter loaded, its in-flight count taken.
 
-        ``prefix``: the prompt's beginning (service/prefixring.py), for prefix-cache affinity.
+        ``prefix``: the prompt's beginning (service/prefixring.py), for prefix-cache affinity. ``trace``: the
+        caller's span when tracing is on (an adapter load it waits for becomes its child).
         The caller must ``release`` it, and ``report`` how the request went.
         """
         now = time.monotonic()
@@ -170,7 +174,7 @@ class Pool:
                 if path is None:  # dropped from the replica while this request waited for room
                     raise AdapterUnavailable(f"adapter {adapter!r} is no longer loaded on {replica.url}")
                 reason = "spread" if any(adapter in r.adapters for r in self.replicas) else "first"
-                await self.loader.ensure(replica, adapter, path, reason)
+                await self.loader.ensure(replica, adapter, path, reason, trace)
         except BaseException:
             self.release(replica, adapter)
             raise

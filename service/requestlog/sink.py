@@ -39,8 +39,8 @@ if TYPE_CHECKING:  # for the annotation only
 log = logging.getLogger("loragate.requestlog")
 
 class RequestSink(Protocol):
-    def record(self, record: RequestRecord) -> None:
-        """Must not block: called on the request path."""
+    def record(self, record: RequestRecord) -> bool | None:
+        """Must not block: called on the request path. False: the record was dropped (queue full, log closed)."""
 
 
 class RecentIds(Protocol):
@@ -160,10 +160,11 @@ class RequestLog:
 
     # --- the request path ---
 
-    def record(self, record: RequestRecord) -> None:
+    def record(self, record: RequestRecord) -> bool:
+        """False when the record was dropped (queue full or log closed)."""
         if self.recent is not None and record.role == PRIMARY:  # feedback is about the answer the client got
             self.recent.add(record.request_id, record.route, record.variant)
-        self._put(REQUESTS, record)
+        return self._put(REQUESTS, record)
 
     def record_feedback(self, record: FeedbackRecord) -> bool:
         """False when the record was dropped (queue full or log closed)."""

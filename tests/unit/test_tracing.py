@@ -228,3 +228,226 @@ async def test_sampled_out_requests_are_answered_and_export_nothing(tmp_path, mo
     assert spans == []
     assert len(replicas.traceparents) == 2
     assert all(int(tp[-2:], 16) & 1 == 0 for tp in replicas.traceparents)  # the sampled flag is off
+
+
+# --- the shadow copy, adapter loads and the request log hand-off, against the STUB engine over real HTTP ------------
+
+SHADOWED = """
+routes:
+  shadowed:
+    variants:
+      - {name: v1, adapter: a1, path: /a/a1, weight: 1}
+      - {name: v2, adapter: a2, path: /a/a2, weight: 0}
+    shadow: {variant: v2, percent: 100, max_in_flight: 8, deadline_s: 30}
+  broken:
+    variants:
+      - {name: bad, adapter: b1, path: /a/missing-b1, weight: 1}
+  badshadow:
+    variants:
+      - {name: v1, adapter: a1, path: /a/a1, weight: 1}
+      - {name: bad, adapter: b2, path: /a/missing-b2, weight: 0}
+    shadow: {variant: bad, percent: 100}
+"""
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+class KeptRows:
+    """The request log's store: rows kept in memory (the log is never started here: records stay queued)."""
+
+    def write(self, table, rows) -> int:
+        return 0
+
+
+@pytest.fixture
+async def stub_gateway(tmp_path, monkeypatch, receiver):
+    """The served app in front of the STUB engine (tests/stub_upstream.py, aiohttp on loopback, no adapter loaded:
+    the gateway loads them on demand), tracing on, a real RequestLog (never started: the hand-off only).
+
+    Yields (app, spans, seen, build_log): ``seen`` is (model, traceparent) of each completion the stub answered."""
+    import aiohttp
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from loragate.service.requestlog import RequestLog
+    from tests.stub_upstream import make_app
+
+    endpoint, spans = receiver
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+    monkeypatch.delenv("OTEL_SDK_DISABLED", raising=False)
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    seen: list[tuple[str, str | None]] = []
+
+    @web.middleware
+    async def keep_traceparent(request, handler):
+        if request.path.endswith("completions"):
+            seen.append((orjson.loads(await request.read())["model"], request.headers.get("traceparent")))
+        return await handler(request)
+
+    stub = make_app(chunks=4)
+    stub.middlewares.append(keep_traceparent)
+    server = TestServer(stub)
+    await server.start_server()
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(SHADOWED)
+    metrics = Metrics()
+    app = create_app(Settings(routes_file=routes, upstreams=[str(server.make_url("")).rstrip("/")], max_attempts=1),
+                     metrics)
+    gateway = app.state.gateway
+
+    def use_log(queue_size: int) -> None:
+        log = RequestLog(KeptRows(), metrics, queue_size=queue_size)
+        gateway.request_log = gateway.shadows.request_log = log
+        gateway.keeps_log = True
+
+    use_log(1000)
+    session = aiohttp.ClientSession()
+    app.state.pool.bind(session)
+    gateway.upstream.bind(session)
+    await app.state.pool.start()
+    assert all(replica.healthy and not replica.adapters for replica in app.state.pool.replicas)
+    try:
+        yield app, spans, seen, use_log
+    finally:
+        await gateway.shadows.close()
+        await asyncio.to_thread(gateway.tracer.shutdown)
+        await session.close()
+        await server.close()
+
+
+async def _post(app, model: str, headers: dict | None = None) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        return await client.post("/v1/chat/completions", headers=headers or {}, json={"model": model, **CHAT})
+
+
+async def _exported(app) -> None:
+    """Every shadow done, then every span flushed to the receiver."""
+    shadows = app.state.gateway.shadows
+    for _ in range(500):
+        if not any(shadows.in_flight.values()):
+            break
+        await asyncio.sleep(0.01)
+    assert not any(shadows.in_flight.values())
+    assert await asyncio.to_thread(app.state.gateway.tracer.provider.force_flush)
+
+
+def _events(span) -> dict:
+    return {event.name: {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in event.attributes}
+            for event in span.events}
+
+
+async def test_shadow_copy_and_on_demand_adapter_loads_are_spans_in_the_request_trace(stub_gateway):
+    app, spans, seen, _ = stub_gateway
+    # Two requests at once: the first to need adapter a1 on the (only) replica starts its load, the other waits on it.
+    first, second = await asyncio.gather(
+        _post(app, "shadowed", {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}), _post(app, "shadowed"))
+    assert first.status_code == second.status_code == 200
+    await _exported(app)
+
+    requests = [s for s in spans if s.name == "chat shadowed"]
+    assert len(requests) == 2
+    by_id = {s.span_id: s for s in spans}
+    attempts = [s for s in spans if s.name == "loragate.upstream v1"]
+    shadows = [s for s in spans if s.name == "loragate.shadow v2"]
+    loads = [s for s in spans if s.name == "loragate.adapter_load"]
+    assert len(attempts) == 2 and len(shadows) == 2
+    for request in requests:
+        # The shadow: a child of its request span (in its trace), ending after it (sent once the primary answered).
+        shadow = next(s for s in shadows if s.parent_span_id == request.span_id)
+        assert shadow.trace_id == request.trace_id
+        assert shadow.end_time_unix_nano > request.end_time_unix_nano
+        attrs = _attrs(shadow)
+        assert attrs["loragate.route"] == "shadowed" and attrs["loragate.variant"] == "v2"
+        assert attrs["loragate.shadow.outcome"] == "answered" and attrs["http.response.status_code"] == 200
+        assert attrs["gen_ai.usage.input_tokens"] == 7 and attrs["gen_ai.usage.output_tokens"] == 4
+        assert shadow.kind == shadow.SPAN_KIND_CLIENT and shadow.status.code != 2
+        assert "loragate.shadow.sent" in _events(shadow)
+        assert _events(shadow)["loragate.requestlog"] == {"loragate.requestlog.role": "shadow",
+                                                          "loragate.requestlog.queued": True}
+        # The request log hand-off: an event on the request span.
+        assert _events(request)["loragate.requestlog"] == {"loragate.requestlog.role": "primary",
+                                                           "loragate.requestlog.queued": True}
+    assert requests[0].trace_id.hex() == CLIENT_TRACE or requests[1].trace_id.hex() == CLIENT_TRACE
+    # The engine got each call's own traceparent: the attempt's for the primary, the shadow's for the copy.
+    sent = {tp[:-3]: model for model, tp in seen if tp is not None}  # less the flags (sampled, random trace id)
+    for span in (*attempts, *shadows):
+        assert sent[f"00-{span.trace_id.hex()}-{span.span_id.hex()}"] == ("a1" if span in attempts else "a2")
+    assert len(seen) == 4
+
+    # Adapter a1: one load, triggered by one attempt and waited on by the other, each wait a child of its attempt.
+    primary_loads = [s for s in loads if _attrs(s)["loragate.adapter"] == "a1"]
+    assert sorted(by_id[s.parent_span_id].name for s in primary_loads) == ["loragate.upstream v1"] * 2
+    assert sorted(_attrs(s)["loragate.adapter_load.triggered"] for s in primary_loads) == [False, True]
+    for load in primary_loads:
+        attrs = _attrs(load)
+        assert attrs["loragate.adapter_load.outcome"] == "success"
+        assert attrs["loragate.replica"] == _attrs(by_id[load.parent_span_id])["loragate.replica"]
+        assert load.trace_id == by_id[load.parent_span_id].trace_id and load.status.code != 2
+    # Adapter a2 was loaded for the shadows: the load is under a shadow span (the second shadow may find it loaded).
+    shadow_loads = [s for s in loads if _attrs(s)["loragate.adapter"] == "a2"]
+    assert shadow_loads and all(by_id[s.parent_span_id].name == "loragate.shadow v2" for s in shadow_loads)
+    assert any(_attrs(s)["loragate.adapter_load.triggered"] for s in shadow_loads)
+    assert len(loads) == len(primary_loads) + len(shadow_loads)
+
+
+async def test_a_failed_adapter_load_is_an_error_span_under_its_attempt(stub_gateway):
+    app, spans, _, _ = stub_gateway
+    response = await _post(app, "broken")  # the stub answers 404 to loading a path with "missing" in it
+    assert response.status_code == 200 and response.headers["x-loragate-fallback"] == "adapter_unavailable"
+    await _exported(app)
+    load = next(s for s in spans if s.name == "loragate.adapter_load")
+    attempt = next(s for s in spans if s.span_id == load.parent_span_id)
+    assert attempt.name == "loragate.upstream bad" and _attrs(attempt)["error.type"] == "adapter_unavailable"
+    assert [s.name for s in spans if s.name.startswith("loragate.upstream")] == [  # the base model answered
+        "loragate.upstream bad", "loragate.upstream base"]
+    attrs = _attrs(load)
+    assert attrs["loragate.adapter"] == "b1" and attrs["loragate.adapter_load.triggered"] is True
+    assert attrs["loragate.adapter_load.outcome"] == "failed" and attrs["error.type"] == "failed"
+    assert load.status.code == 2  # ERROR
+
+
+async def test_a_shadow_whose_adapter_will_not_load_is_a_failed_span_and_the_primary_is_untouched(stub_gateway):
+    app, spans, seen, _ = stub_gateway
+    response = await _post(app, "badshadow")
+    assert response.status_code == 200 and "x-loragate-fallback" not in response.headers
+    await _exported(app)
+    request = next(s for s in spans if s.name == "chat badshadow")
+    shadow = next(s for s in spans if s.name == "loragate.shadow bad")
+    load = next(s for s in spans if s.name == "loragate.adapter_load" and _attrs(s)["loragate.adapter"] == "b2")
+    assert shadow.parent_span_id == request.span_id and load.parent_span_id == shadow.span_id
+    attrs = _attrs(shadow)
+    assert attrs["loragate.shadow.outcome"] == "failed" and attrs["error.type"] == "adapter_unavailable"
+    assert "http.response.status_code" not in attrs and shadow.status.code == 2  # ERROR
+    assert _attrs(load)["loragate.adapter_load.outcome"] == "failed"
+    assert request.status.code != 2 and [model for model, _ in seen] == ["a1"]  # no copy reached the engine
+
+
+async def test_a_dropped_shadow_and_a_dropped_log_record_say_so(stub_gateway):
+    app, spans, seen, use_log = stub_gateway
+    use_log(queue_size=1)  # the log is never started: the first record fills its queue, the next one is dropped
+    for _ in range(2):
+        response = await _post(app, "shadowed:v2")  # pinned to the shadow variant itself: no copy is sent
+        assert response.status_code == 200
+    await _exported(app)
+    requests = [s for s in spans if s.name == "chat shadowed:v2"]
+    assert [_events(r)["loragate.requestlog"]["loragate.requestlog.queued"] for r in requests] == [True, False]
+    shadows = [s for s in spans if s.name == "loragate.shadow v2"]
+    assert sorted(s.parent_span_id for s in shadows) == sorted(r.span_id for r in requests)
+    for shadow in shadows:
+        assert _attrs(shadow)["loragate.shadow.outcome"] == "same_variant"
+        assert shadow.status.code != 2 and "http.response.status_code" not in _attrs(shadow)
+    assert [model for model, _ in seen] == ["a2", "a2"]  # the primaries only
+
+
+@pytest.fixture
+def sampled_out(monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+
+
+async def test_sampled_out_shadows_and_loads_export_nothing_and_still_pass_a_traceparent(sampled_out, stub_gateway):
+    app, spans, seen, _ = stub_gateway
+    response = await _post(app, "shadowed")
+    assert response.status_code == 200
+    await _exported(app)
+    assert spans == []
+    assert sorted(model for model, _ in seen) == ["a1", "a2"]  # the primary and its shadow copy, adapters loaded
+    assert all(tp is not None and int(tp[-2:], 16) & 1 == 0 for _, tp in seen)  # the sampled flag is off
