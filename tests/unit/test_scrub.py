@@ -252,6 +252,7 @@ def test_adversarial_text_gets_the_same_output_on_every_path(name: str) -> None:
         assert "[NATIONAL_ID]" in scrub(adversarial_text(name, 600))
 
 
+@pytest.mark.slow  # every adversarial case on every path, timed against typical text, ~8 s
 def test_adversarial_text_costs_about_what_typical_text_costs_per_kb() -> None:
     # For every path and every case of the corpus, 64 KB with and without a non-ASCII character: the cost per
     # KB within 10x that of typical text of the same size measured here (bench/scrub_worst.py: mostly < 1x,
@@ -310,6 +311,7 @@ _ADDRESS_PARTS = ["", "0", "1", "ff", "abcd", "ABCD", "12345", "fffff", "1.2.3.4
                   "0.0.0.0", "%eth0", "%"]
 
 
+@pytest.mark.slow  # 1,500 generated texts through both scrubbers, ~3 s
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(st.sampled_from(_ASCII_PIECES), st.text(st.characters(max_codepoint=127), max_size=12),
                           st.text("0123456789 -./:()+", min_size=1, max_size=30),
