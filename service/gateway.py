@@ -106,6 +106,7 @@ class Gateway:
         headers["x-loragate-route"] = route.name
         if span is not None:
             self.tracer.routed(span, endpoint, payload["model"], route.name)  # type: ignore[union-attr]
+            span.set_attribute("loragate.priority", priority.label)  # type: ignore[attr-defined]
         try:
             pending = principal.admit(route.name)  # the key's route allow-list and rate limits
             if pending is not None:  # a shared limiter's round trip (in-process limits decide at once)
