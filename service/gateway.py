@@ -383,7 +383,7 @@ class Gateway:
                 endpoint=context.endpoint, status=status, stream=chunks is not None, fallback=served.fallback,
                 latency_s=latency, ttft_s=ttft, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                 cost_usd=cost, reference_cost_usd=reference_cost, payload=context.sent,
-                answer=body if chunks is None else b"".join(chunks), role=PRIMARY))
+                answer=body if chunks is None else b"".join(chunks), role=PRIMARY, priority=context.priority.label))
 
     async def continue_stream(self, served: Served, forwarded: list[bytes], context: RequestContext,
                               reason: FailureReason) -> tuple[Served, int] | None:

@@ -155,13 +155,23 @@ async def test_a_key_may_use_only_its_classes_403_and_an_unknown_class_is_400(tm
             assert (await ask(key, asked)).status_code == 200, (key, asked)
 
 
+class ListLog:
+    def __init__(self) -> None:
+        self.records: list = []
+
+    def record(self, record) -> None:
+        self.records.append(record)
+
+
 async def test_with_auth_off_the_header_may_ask_for_any_class_and_the_setting_is_the_default(tmp_path):
     async with saturated_gateway(tmp_path, default_priority="sheddable") as (client, app):
-        assert app.state.gateway.priorities.default is Priority.SHEDDABLE
-        for asked in ("critical", "standard", "sheddable"):
-            response = await client.post("/v1/chat/completions", json=CHAT, headers=priority(asked))
+        log = app.state.gateway.request_log = ListLog()
+        app.state.gateway.keeps_log = True
+        for asked in ("critical", "standard", "sheddable", None):
+            response = await client.post("/v1/chat/completions", json=CHAT, headers=priority(asked) if asked else {})
             assert response.status_code == 200
         assert (await client.post("/v1/chat/completions", json=CHAT, headers=priority(""))).status_code == 400
+        assert [r.priority for r in log.records] == ["critical", "standard", "sheddable", "sheddable"]
 
 
 def test_a_keys_default_class_and_allowed_classes():
