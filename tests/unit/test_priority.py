@@ -1,6 +1,6 @@
 """Priority classes end to end: the served app (create_app, its lifespan, the real HTTP client) in front of a
 STUB engine in this process (tests/stub_engine.py, not vLLM) that the gateway keeps saturated
-(LORAGATE_MAX_IN_FLIGHT_PER_UPSTREAM=1, each answer 80 ms). Also the class a request gets from its header
+(LORAGATE_MAX_IN_FLIGHT_PER_UPSTREAM=1, each answer 150 ms). Also the class a request gets from its header
 and its API key (service/priority.py). The queue alone: tests/unit/test_admission.py.
 """
 
@@ -41,7 +41,7 @@ async def saturated_gateway(tmp_path: Path, **settings) -> AsyncIterator[tuple[h
     """The app in front of one stub engine, at most one request in flight to it; yields (client, app)."""
     routes = tmp_path / "routes.yaml"
     routes.write_text(ROUTES)
-    engine = stub_engine(base_ms=80, per_request_ms=0, max_running=8, max_lora=1, metrics=False, adapters=[])
+    engine = stub_engine(base_ms=150, per_request_ms=0, max_running=8, max_lora=1, metrics=False, adapters=[])
     async with serve(engine) as port:
         app = create_app(Settings(routes_file=routes, upstreams=[f"http://127.0.0.1:{port}"],
                                   max_in_flight_per_upstream=1, **settings), Metrics(CollectorRegistry()))
