@@ -15,6 +15,10 @@ the last good set of keys::
         team: support             # optional; the team's budgets (LORAGATE_TEAM_BUDGETS) apply to it too
         usd_per_day: 20           # optional spend budgets in USD (service/budgets.py)
         usd_per_month: 400
+        priority: standard        # optional: the class of its requests without x-loragate-priority
+                                  # (critical, standard, sheddable; absent: LORAGATE_DEFAULT_PRIORITY)
+        priorities: [standard, sheddable]  # optional: the classes it may ask for (absent: its class and
+                                  # the ones below it; service/priority.py)
 
 The same document may also be given inline in ``LORAGATE_API_KEYS`` (its keys are
 added to the file's).
@@ -32,9 +36,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from loragate.common.watched import ReloadingFile
+from loragate.service.priority import PriorityName
 
 KEY_PREFIX = "lg-"
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -66,6 +71,8 @@ class ApiKey(BaseModel):
     team: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # its team's budgets apply too
     usd_per_day: float | None = Field(None, gt=0)    # spend budget (service/budgets.py); absent: none
     usd_per_month: float | None = Field(None, gt=0)
+    priority: PriorityName | None = None  # its requests' class without a header (None: the gateway's default)
+    priorities: tuple[PriorityName, ...] | None = None  # the classes it may ask for (None: its class and below)
 
     @field_validator("id")
     @classmethod
@@ -82,6 +89,12 @@ class ApiKey(BaseModel):
             # Never echo the value: it may be a key pasted by mistake.
             raise ValueError("must be the SHA-256 of the key: 64 hex digits in quotes (see `loragate hash-key`)")
         return value
+
+    @model_validator(mode="after")
+    def _default_is_allowed(self) -> ApiKey:
+        if self.priority is not None and self.priorities is not None and self.priority not in self.priorities:
+            raise ValueError(f"priority {self.priority!r} must be one of its priorities {list(self.priorities)}")
+        return self
 
     def allows(self, route: str) -> bool:
         return self.routes == "*" or route in self.routes

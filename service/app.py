@@ -34,6 +34,7 @@ from loragate.service.limits import RedisLimiter, limiter_from_settings
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, parquet_store
 from loragate.service.settings import Settings
+from loragate.service.priority import open_policy
 from loragate.service.proxy import HttpUpstream, Upstream
 from loragate.service.tracing import tracer_from_env
 from loragate.service.upstreams import Pool
@@ -58,6 +59,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
         max_in_flight=settings.max_in_flight_per_upstream,
         max_waiting=settings.max_waiting,
         max_wait_s=settings.max_wait_s,
+        sheddable_max_wait_s=settings.sheddable_max_wait_s,
         circuit_failures=settings.circuit_failures,
         circuit_open_s=settings.circuit_open_s,
         max_adapters_per_replica=settings.max_adapters_per_replica or None,
@@ -80,6 +82,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
         auth=auth,
         request_log=request_log,
         tracer=tracer,
+        priorities=open_policy(settings.default_priority),  # auth off; keys carry their own (service/auth.py)
     )
     metrics.set_rollout_weights(catalog.current.routes)
 

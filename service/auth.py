@@ -32,6 +32,7 @@ from loragate.service.budgets import BudgetRefusal, Budgets
 from loragate.service.errors import GatewayError
 from loragate.service.limits import Limiter, LocalLimiter, Refusal
 from loragate.service.metrics import Metrics
+from loragate.service.priority import Priority, PriorityPolicy, key_policy, priority_named
 from loragate.service.settings import Settings
 
 log = logging.getLogger("loragate.auth")
@@ -67,6 +68,7 @@ class Principal:
     """
 
     key_id: str | None = None
+    priorities: PriorityPolicy | None = None  # the classes it may use (service/priority.py); None: the gateway's
 
     def allows(self, route: str) -> bool:
         return True
@@ -88,6 +90,7 @@ class KeyPrincipal(Principal):
     reject: Callable[..., GatewayError]
     limited: bool  # the key has a requests or tokens limit
     budgets: Budgets | None = None  # spend budgets (service/budgets.py)
+    priorities: PriorityPolicy | None = None  # its default priority class and the ones it may ask for
 
     @property
     def key_id(self) -> str:  # type: ignore[override]
@@ -188,8 +191,10 @@ class Authenticator:
         clock: Callable[[], float] = time.monotonic,
         limiter: Limiter | None = None,
         budgets: Budgets | None = None,
+        default_priority: Priority = Priority.STANDARD,
     ) -> None:
         self.store = store
+        self.default_priority = default_priority  # of keys that name no priority class of their own
         self.budgets = budgets
         self._admin_digest = hashlib.sha256(admin_token.encode()).digest() if admin_token else None
         self._digests: dict[str, str] = {}  # presented key -> its SHA-256 hex (see _digest)
@@ -267,7 +272,7 @@ class Authenticator:
                 self._principals.clear()
             principal = self._principals[key.id] = KeyPrincipal(
                 key, self.limiter, self._reject, key.requests_per_minute is not None or key.tokens_per_minute is not None,
-                self.budgets)
+                self.budgets, key_policy(key.priority, key.priorities, self.default_priority))
         return principal
 
     def authorize_admin(self, headers: Mapping[str, str]) -> None:
@@ -338,4 +343,5 @@ def authenticator_from_settings(settings: Settings, metrics: Metrics | None = No
     store = KeyStore(settings.api_keys_file, settings.api_keys)
     if not store.by_hash:
         log.warning("auth is on but no API keys are configured: every request will be refused")
-    return Authenticator(store, admin_token=admin_token, metrics=metrics, limiter=limiter, budgets=budgets)
+    return Authenticator(store, admin_token=admin_token, metrics=metrics, limiter=limiter, budgets=budgets,
+                         default_priority=priority_named(settings.default_priority))

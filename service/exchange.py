@@ -7,6 +7,7 @@ from typing import Any, TYPE_CHECKING
 
 from loragate.common.catalog import Route, Variant
 from loragate.service.auth import ANONYMOUS, Principal
+from loragate.service.priority import Priority
 from loragate.service.proxy import UpstreamResponse, Usage
 from loragate.service.upstreams import Replica
 
@@ -42,3 +43,4 @@ class RequestContext:
     principal: Principal = ANONYMOUS  # charged with the tokens after the answer
     shadow: "ShadowHandle | None" = None  # its shadow copy, told when the primary is done (service/shadow.py)
     span: Any = None  # the request's trace span when tracing is on (service/tracing.py), else None
+    priority: Priority = Priority.STANDARD  # its class (service/priority.py): a continuation keeps it

@@ -32,6 +32,7 @@ from loragate.service.tracing import RequestTracer
 from loragate.service.transport import Timeout, TransportError
 from loragate.service.resilience import Overloaded, backoff_s
 from loragate.service.prefixring import prompt_prefix
+from loragate.service.priority import PRIORITY_HEADER, Priority, PriorityPolicy, open_policy
 from loragate.service.upstreams import AdapterUnavailable, CircuitOpen, NoHealthyUpstream, Pool, Replica
 
 PIN_HEADER = "x-loragate-variant"
@@ -53,7 +54,10 @@ class Gateway:
         rng: random.Random | None = None,
         shadows: Shadows | None = None,
         tracer: RequestTracer | None = None,
+        priorities: PriorityPolicy | None = None,
     ) -> None:
+        # The priority classes of callers without a key of their own (auth off): service/priority.py.
+        self.priorities = priorities or open_policy("standard")
         self.tracer = tracer  # None: tracing off, one `is None` check per step (service/tracing.py)
         self.request_log = request_log or NullRequestLog()
         self.keeps_log = not isinstance(self.request_log, NullRequestLog)
@@ -94,6 +98,7 @@ class Gateway:
         # 1. Who is calling (before the body is read), then read and check the request.
         try:
             principal = self.auth.authenticate(request.headers)
+            priority = (principal.priorities or self.priorities).of(request.headers.get(PRIORITY_HEADER))
             payload = _parse_payload(await read_body(request, self.max_body_bytes), endpoint)
             route, pinned = self._resolve_route(payload["model"], request)
         except GatewayError as exc:
@@ -102,6 +107,7 @@ class Gateway:
         headers["x-loragate-route"] = route.name
         if span is not None:
             self.tracer.routed(span, endpoint, payload["model"], route.name)  # type: ignore[union-attr]
+            span.set_attribute("loragate.priority", priority.label)  # type: ignore[attr-defined]
         try:
             pending = principal.admit(route.name)  # the key's route allow-list and rate limits
             if pending is not None:  # a shared limiter's round trip (in-process limits decide at once)
@@ -153,7 +159,7 @@ class Gateway:
         try:
             served = await self.open_with_fallback(
                 route, [choice.variant, *route.fallback_chain(choice.variant)], payload, endpoint, request_id, stream,
-                span=span)
+                span=span, priority=priority)
         except GatewayError as exc:
             in_flight.dec()
             self.metrics.requests.labels(route.name, choice.variant.name, status_class(exc.status)).inc()
@@ -166,7 +172,7 @@ class Gateway:
 
         # 4. Relay the answer and account for it.
         context = RequestContext(endpoint, request_id, arrived, started, payload, served.sent, principal, shadow,
-                                 span)
+                                 span, priority)
         if stream and served.response.status == 200:
             return RelayedStream(self, served, headers, context, hide_usage=not client_wants_usage)
         self.release(served)
@@ -190,6 +196,7 @@ class Gateway:
     async def open_with_fallback(
         self, route: Route, candidates: list[Variant], payload: dict, endpoint: str, request_id: str, stream: bool,
         *, first_reason: FailureReason | None = None, span: object | None = None,
+        priority: Priority = Priority.STANDARD,
     ) -> Served:
         """The first of ``candidates`` that answers, each tried on up to ``max_attempts`` replicas in all.
 
@@ -209,12 +216,12 @@ class Gateway:
                     fallback_reason=first_reason.value if first_reason else None)
                 try:
                     served = await self._attempt(route, variant, payload, endpoint, request_id, stream, timeouts,
-                                                 deadline, tried, trace)
+                                                 deadline, tried, trace, priority)
                 except Overloaded as exc:
                     if trace is not None:
                         self.tracer.end(trace, error="overloaded")  # type: ignore[union-attr]
                     self.metrics.rejections.labels(route.name).inc()
-                    raise GatewayError(503, str(exc), code="overloaded",
+                    raise GatewayError(503, str(exc), code=exc.code,
                                        headers={"retry-after": str(exc.retry_after_s)}) from None
                 except UpstreamFailure as failure:
                     reason, detail = failure.reason, failure.detail
@@ -246,6 +253,7 @@ class Gateway:
     async def _attempt(
         self, route: Route, variant: Variant, payload: dict, endpoint: str, request_id: str, stream: bool,
         timeouts: Timeouts, deadline: float, tried: set[Replica], trace: object | None = None,
+        priority: Priority = Priority.STANDARD,
     ) -> Served:
         """One try of one variant on one replica; raises UpstreamFailure with a bounded reason."""
         try:
@@ -254,7 +262,7 @@ class Gateway:
             else:
                 replica = await self.pool.acquire(variant.adapter, variant.path, exclude=tried,
                                                   prefix=prompt_prefix(payload), weights=route.scheduling,
-                                                  trace=trace)
+                                                  trace=trace, priority=priority)
         except NoHealthyUpstream as exc:
             raise UpstreamFailure(FailureReason.NO_HEALTHY_UPSTREAM, str(exc)) from None
         except CircuitOpen as exc:
@@ -377,7 +385,7 @@ class Gateway:
                 endpoint=context.endpoint, status=status, stream=chunks is not None, fallback=served.fallback,
                 latency_s=latency, ttft_s=ttft, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                 cost_usd=cost, reference_cost_usd=reference_cost, payload=context.sent,
-                answer=body if chunks is None else b"".join(chunks), role=PRIMARY))
+                answer=body if chunks is None else b"".join(chunks), role=PRIMARY, priority=context.priority.label))
             if context.span is not None:  # the hand-off, an event on the request span (tracing.logged says why)
                 self.tracer.logged(context.span, PRIMARY, queued is not False)  # type: ignore[union-attr]
 
@@ -397,7 +405,8 @@ class Gateway:
         self.metrics.fallbacks.labels(route.name, served.variant.name, reason.midstream).inc()
         try:
             resumed = await self.open_with_fallback(route, candidates, payload, context.endpoint,
-                                                    context.request_id, stream=True, span=context.span)
+                                                    context.request_id, stream=True, span=context.span,
+                                                    priority=context.priority)
         except GatewayError:
             return None
         resumed.fallback = reason.midstream

@@ -30,6 +30,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 REDIS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5)
 # Feedback scores: 0-1 ratings and 1-5 stars land in distinct buckets. No negative bounds: with them
 # prometheus-client drops the _sum series, and the mean score is what dashboards want (thumbs down = 0).
@@ -103,6 +104,17 @@ class Metrics:
         self.rejections = Counter(
             "loragate_admission_rejections", "Requests refused because every replica was at capacity.",
             ("route",), registry=r)
+        # Admission by priority class (service/admission.py): priority is one of critical, standard, sheddable.
+        self.admission_shed = Counter(
+            "loragate_admission_shed", "Requests refused or dropped while every replica was at capacity, by priority "
+            "class and reason (queue_full, displaced: a higher class took its place, deadline).",
+            ("priority", "reason"), registry=r)
+        self.admission_wait = Histogram(
+            "loragate_admission_wait_seconds", "Time a request waited for a free replica slot before it was served "
+            "(requests that waited only), by priority class.", ("priority",), buckets=WAIT_BUCKETS, registry=r)
+        self.admission_waiting = Gauge(
+            "loragate_admission_waiting_requests", "Requests waiting for a free replica slot now, by priority class.",
+            ("priority",), multiprocess_mode="livesum", registry=r)
         self.catalog_reloads = Counter(
             "loragate_catalog_reloads", "Routes file reloads, by result (a failed one keeps the last good catalog).",
             ("result",), registry=r)

@@ -1,8 +1,9 @@
-"""Circuit breakers, retry backoff and admission control: the parts that keep a request from being stranded."""
+"""Circuit breakers, retry backoff and the overload refusal: the parts that keep a request from being stranded.
+
+The wait for a free replica slot itself is service/admission.py."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Callable
@@ -73,38 +74,7 @@ def backoff_s(attempt: int, base_s: float = 0.02, cap_s: float = 0.5, rng: rando
 class Overloaded(Exception):
     """Every replica is at its in-flight limit and the wait queue is full or its deadline passed."""
 
-    def __init__(self, message: str, retry_after_s: int) -> None:
+    def __init__(self, message: str, retry_after_s: int, code: str = "overloaded") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-
-
-class Admission:
-    """A bounded wait for capacity: at most ``max_waiting`` requests wait, each at most ``max_wait_s``."""
-
-    def __init__(self, max_waiting: int, max_wait_s: float) -> None:
-        self.max_waiting = max_waiting
-        self.max_wait_s = max_wait_s
-        self.waiting = 0
-        self._freed = asyncio.Event()
-
-    def notify(self) -> None:
-        """Capacity was freed somewhere: wake the waiters to look again."""
-        if self.waiting:
-            self._freed.set()
-
-    async def wait_until(self, has_capacity: Callable[[], bool]) -> None:
-        if has_capacity():
-            return
-        retry_after = max(1, round(self.max_wait_s))
-        if self.waiting >= self.max_waiting:
-            raise Overloaded("all upstream replicas are at capacity and the wait queue is full", retry_after)
-        self.waiting += 1
-        try:
-            async with asyncio.timeout(self.max_wait_s):
-                while not has_capacity():
-                    self._freed.clear()
-                    await self._freed.wait()
-        except TimeoutError:
-            raise Overloaded("all upstream replicas stayed at capacity past the queue deadline", retry_after) from None
-        finally:
-            self.waiting -= 1
+        self.code = code  # the error's code: "overloaded", or "priority_shed" (service/admission.py)

@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     max_waiting: int = 512
     # The longest a request waits for a free slot before a 503 with Retry-After.
     max_wait_s: float = 10.0
+    # Priority classes (service/priority.py, service/admission.py) order that wait: critical, then standard, then
+    # sheddable requests get the free slots; sheddable ones wait at most this long (0: refused as soon as every
+    # replica is full) and are the ones shed when the wait queue is full.
+    sheddable_max_wait_s: float = Field(2.0, ge=0)
+    # The class of requests without an x-loragate-priority header whose API key names none (with auth off: of
+    # every such request; the header may then ask for any class).
+    default_priority: Literal["critical", "standard", "sheddable"] = "standard"
     # The HTTP client of the request path to plain http:// replicas: "lean" (service/httpclient.py, less CPU
     # per request) or "aiohttp". https:// endpoints, health checks and adapter loads always use aiohttp.
     upstream_client: Literal["lean", "aiohttp"] = "lean"

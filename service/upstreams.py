@@ -3,9 +3,9 @@
 The parts, each its own module: the replica set knows the engines (discovery, health, each one's
 scraped state: service/replicas.py); the picker scores candidates for this request (service/picker.py,
 service/scorers.py); the adapter loader puts adapters on replicas and takes idle ones off
-(service/adapterloads.py). What stays here: circuits per replica and per adapter, admission (a
-bounded wait when every replica is at its in-flight limit), external endpoints, and the order of
-these steps in ``acquire``.
+(service/adapterloads.py); admission is the bounded wait, by priority class, when every replica is at
+its in-flight limit (service/admission.py). What stays here: circuits per replica and per adapter,
+external endpoints, and the order of these steps in ``acquire``.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from collections.abc import Set as AbstractSet
 import aiohttp
 
 from loragate.service.adapterloads import AdapterLoader, AdapterUnavailable
+from loragate.service.admission import Admission
 from loragate.service.failures import FailureReason
 from loragate.service.metrics import Metrics
 from loragate.service.picker import Pick, Picker
 from loragate.service.prefixring import prefix_key
 from loragate.service.replicas import Replica, ReplicaSet
-from loragate.service.resilience import Admission, CircuitBreaker, Overloaded
+from loragate.service.priority import Priority
+from loragate.service.resilience import CircuitBreaker, Overloaded
 from loragate.service.scorers import ScorerWeights, Weights
 from loragate.service.tracing import RequestTracer
 
@@ -62,6 +64,7 @@ class Pool:
         max_in_flight: int = 256,
         max_waiting: int = 512,
         max_wait_s: float = 10.0,
+        sheddable_max_wait_s: float | None = None,
         circuit_failures: int = 5,
         circuit_open_s: float = 10.0,
         max_adapters_per_replica: int | None = None,
@@ -77,7 +80,10 @@ class Pool:
                                     on_change=self.set.reindex, tracer=tracer)
         self._endpoints: dict[str, Replica] = {}
         self.max_in_flight = max_in_flight
-        self.admission = Admission(max_waiting, max_wait_s)
+        # Requests that find every replica full wait here, by priority class (service/admission.py).
+        self.admission: Admission[Pick] = Admission(
+            max_waiting, max_wait_s, metrics=metrics,
+            wait_s=None if sheddable_max_wait_s is None else {Priority.SHEDDABLE: sheddable_max_wait_s})
         self.circuit_failures = circuit_failures
         self.circuit_open_s = circuit_open_s
         self.total_in_flight = 0
@@ -135,11 +141,12 @@ class Pool:
 
     async def acquire(self, adapter: str | None, path: str | None, exclude: AbstractSet[Replica] = frozenset(), *,
                       prefix: str | None = None, weights: ScorerWeights = DEFAULT_WEIGHTS,
-                      trace: object | None = None) -> Replica:
+                      trace: object | None = None, priority: Priority = Priority.STANDARD) -> Replica:
         """A replica for ``adapter`` (None: the base model), adapter loaded, its in-flight count taken.
 
         ``prefix``: the prompt's beginning (service/prefixring.py), for prefix-cache affinity. ``trace``: the
-        caller's span when tracing is on (an adapter load it waits for becomes its child).
+        caller's span when tracing is on (an adapter load it waits for becomes its child). ``priority``: the
+        request's class, which orders the wait when every replica is full.
         The caller must ``release`` it, and ``report`` how the request went.
         """
         now = time.monotonic()
@@ -154,21 +161,27 @@ class Pool:
         if adapter is not None and path is not None:
             exclude = self._other_versions(adapter, path, exclude)
 
-        def fits(r: Replica) -> bool:
-            return usable(r) and (adapter is None or r.holds(adapter) or can_load(r))
-
-        pick = self._pick(usable, adapter, can_load, prefix, weights)
-        if pick is None:  # the sample held no usable replica: look at every one
-            pick = self._pick(usable, adapter, can_load, prefix, weights, exhaustive=True)
-        if pick is None:
+        # Others waiting for room go first (in class order): join them rather than take a slot they wait for.
+        pick = None
+        if not self.admission.waiting:
+            pick = self._pick(usable, adapter, can_load, prefix, weights)
+            if pick is None:  # the sample held no usable replica: look at every one
+                pick = self._pick(usable, adapter, can_load, prefix, weights, exhaustive=True)
+        if pick is not None:
+            self._take(pick.replica, adapter, now)
+        else:
             self._why_none(adapter, exclude, can_load)  # raises NoHealthyUpstream, AdapterUnavailable, CircuitOpen
-            await self.admission.wait_until(lambda: any(fits(r) for r in self.replicas))
-            pick = self._pick(usable, adapter, can_load, prefix, weights, exhaustive=True)
-            if pick is None:
-                raise NoHealthyUpstream("the replicas with room left DNS while the request waited")
+
+            def take() -> Pick | None:  # run by the hand-off (release): the slot is taken as it is handed over
+                pick = (self._pick(usable, adapter, can_load, prefix, weights)
+                        or self._pick(usable, adapter, can_load, prefix, weights, exhaustive=True))
+                if pick is not None:
+                    self._take(pick.replica, adapter, time.monotonic())
+                return pick
+
+            pick = await self.admission.wait(priority, take, lambda given: self.release(given.replica, adapter))
         replica = pick.replica
         self._decisions[pick.scorer].inc()
-        self._take(replica, adapter, now)
         try:
             if adapter is not None and adapter not in replica.adapters:
                 if path is None:  # dropped from the replica while this request waited for room

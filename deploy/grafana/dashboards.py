@@ -272,6 +272,19 @@ def gateway() -> dict:
     board.panel("Auth rejections by reason", [(
         f"sum by (reason) (rate(loragate_auth_rejections_total[{RATE}])) or vector(0)", "{{reason}}")],
         unit="reqps", w=8, h=6)
+    board.panel("Waiting for a free slot, by priority class", [
+        ("sum by (priority) (loragate_admission_waiting_requests)", "{{priority}}")], w=8, h=6, stack=True,
+        description="Requests waiting while every replica is at LORAGATE_MAX_IN_FLIGHT_PER_UPSTREAM; critical ones "
+                    "get freed slots first, then standard, then sheddable.")
+    board.panel("Shed at capacity, by priority class and reason", [(
+        f"sum by (priority, reason) (rate(loragate_admission_shed_total[{RATE}])) or vector(0)",
+        "{{priority}}: {{reason}}")], unit="reqps", w=8, h=6,
+        description="503s while every replica is full: queue_full, displaced (a higher class took the place of a "
+                    "waiting sheddable request), deadline. Sheddable ones should go first.")
+    board.panel("Wait for a free slot p95, by priority class", [(
+        f"histogram_quantile(0.95, sum by (le, priority) (rate(loragate_admission_wait_seconds_bucket[{RATE}])))",
+        "{{priority}}")], unit="s", w=8, h=6,
+        description="Requests that waited only; a request served at once never shows here.")
 
     board.row("Limits and replica discovery")
     board.panel("Limits backend (gateway processes)", [

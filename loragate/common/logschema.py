@@ -12,6 +12,8 @@ it, since a message's content can itself hold a newline and ``assistant: ...``.
 Rows also carry ``role``: ``primary`` (the answer the client got) or ``shadow`` (a copy of the
 request answered in the dark by the route's shadow variant, service/shadow.py, under the same
 ``request_id`` as its primary). Files written before the column existed read as ``primary``.
+A primary row carries its ``priority`` class (critical, standard, sheddable: service/priority.py);
+shadow rows and files written before the column existed have none (null).
 
 Version 1 had only ``prompt_text``. :func:`prompt_turns` therefore gives no turns
 for a version-1 chat row (its turn boundaries cannot be told from the text); a
@@ -46,7 +48,7 @@ SHADOW = "shadow"  # ... a shadow variant's answer to a copy of the same request
 REQUEST_COLUMNS = (
     "request_id", "timestamp", "route", "variant", "endpoint", "status", "stream", "fallback",
     "latency_s", "ttft_s", "prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd",
-    "finish_reason", "prompt_text", "prompt_messages", "response_text", "schema_version", "role",
+    "finish_reason", "prompt_text", "prompt_messages", "response_text", "schema_version", "role", "priority",
 )
 FEEDBACK_COLUMNS = ("request_id", "timestamp", "route", "variant", "score", "label", "correction",
                     "schema_version")
@@ -71,7 +73,7 @@ def arrow_schema(table: str) -> "pa.Schema":
         "completion_tokens": pa.int64(), "cost_usd": pa.float64(), "reference_cost_usd": pa.float64(),
         "finish_reason": pa.string(), "prompt_text": pa.string(), "prompt_messages": turns,
         "response_text": pa.string(), "score": pa.float64(), "label": pa.string(), "correction": pa.string(),
-        "schema_version": pa.int32(), "role": pa.string(),
+        "schema_version": pa.int32(), "role": pa.string(), "priority": pa.string(),
     }
     return pa.schema([(name, types[name]) for name in COLUMNS[table]])
 

@@ -38,6 +38,7 @@ class RequestRecord(NamedTuple):
     payload: bytes  # the request as sent upstream (JSON: the client's, model rewritten to the upstream's)
     answer: bytes | None = None  # the answer's bytes: a whole JSON body, or the SSE events relayed
     role: str = PRIMARY  # or SHADOW: the shadow variant's answer to a copy (service/shadow.py)
+    priority: str | None = None  # the request's class (service/priority.py); None: a shadow copy
 
 
 class FeedbackRecord(NamedTuple):

@@ -54,6 +54,7 @@ def request_row(record: RequestRecord, text_mode: TextMode,
         "response_text": response_text,
         "schema_version": SCHEMA_VERSION,
         "role": record.role,
+        "priority": record.priority,
     }
 
 

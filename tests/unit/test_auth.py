@@ -297,4 +297,7 @@ def test_hash_key_prints_a_key_and_its_entry(capsys: pytest.CaptureFixture[str])
 
 def test_the_example_keys_file_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "api-keys.example.yaml"
-    assert {k.id for k in KeyStore(example).keys()} == {"team-support", "batch-jobs", "old-laptop"}
+    keys = {k.id: k for k in KeyStore(example).keys()}
+    assert set(keys) == {"team-support", "batch-jobs", "on-call", "old-laptop"}
+    assert keys["batch-jobs"].priority == "sheddable" and keys["on-call"].priorities == ("critical", "standard",
+                                                                                       "sheddable")

@@ -159,10 +159,13 @@ def test_every_record_reaches_parquet_with_the_documented_schema(tmp_path, conve
     sink = parquet_sink(tmp_path, metrics, convert, writer_id="w1", flush_interval_s=60, batch_size=1000)
     sink.start()
     for index in range(250):
-        sink.record(chat_record(f"r{index}", stream=index % 2 == 0))
+        sink.record(chat_record(f"r{index}", stream=index % 2 == 0)._replace(
+            priority=(None, "critical", "standard", "sheddable")[index % 4]))
     sink.close()
     table = read_table(str(tmp_path), "requests")
     assert sorted(table.column("request_id").to_pylist()) == sorted(f"r{i}" for i in range(250))
+    priorities = dict(zip(table.column("request_id").to_pylist(), table.column("priority").to_pylist()))
+    assert priorities == {f"r{i}": (None, "critical", "standard", "sheddable")[i % 4] for i in range(250)}
     files = list((tmp_path / "requests").rglob("*"))
     parquet = [f for f in files if f.is_file()]
     assert all(re.fullmatch(r"w1-\d{8}T\d{9}Z-\d{6}\.parquet", f.name) for f in parquet), parquet

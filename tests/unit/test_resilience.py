@@ -1,8 +1,4 @@
-import asyncio
-
-import pytest
-
-from loragate.service.resilience import CLOSED, HALF_OPEN, OPEN, Admission, CircuitBreaker, Overloaded, backoff_s
+from loragate.service.resilience import CLOSED, HALF_OPEN, OPEN, CircuitBreaker, backoff_s
 
 
 class Clock:
@@ -51,29 +47,3 @@ def test_backoff_is_jittered_and_capped():
     values = [backoff_s(5, base_s=0.1, cap_s=0.3) for _ in range(200)]
     assert all(0 <= v <= 0.3 for v in values)
     assert len(set(values)) > 150
-
-
-async def test_admission_waits_for_capacity_then_admits():
-    admission = Admission(max_waiting=2, max_wait_s=1)
-    free = {"slots": 0}
-
-    async def release_later():
-        await asyncio.sleep(0.05)
-        free["slots"] = 1
-        admission.notify()
-
-    asyncio.get_running_loop().create_task(release_later())
-    await admission.wait_until(lambda: free["slots"] > 0)
-    assert admission.waiting == 0
-
-
-async def test_admission_rejects_when_queue_full_or_deadline_passes():
-    admission = Admission(max_waiting=1, max_wait_s=0.1)
-    waiter = asyncio.ensure_future(admission.wait_until(lambda: False))
-    await asyncio.sleep(0.01)
-    with pytest.raises(Overloaded, match="queue is full"):
-        await admission.wait_until(lambda: False)
-    with pytest.raises(Overloaded, match="deadline") as info:
-        await waiter
-    assert info.value.retry_after_s >= 1
-    assert admission.waiting == 0

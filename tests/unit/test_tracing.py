@@ -111,7 +111,8 @@ async def test_request_routing_and_attempt_spans_reach_a_real_otlp_receiver(tmp_
         replica.adapters = {"a1", "a2"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
         response = await client.post(
-            "/v1/chat/completions", headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"},
+            "/v1/chat/completions", headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
+                                             "x-loragate-priority": "critical"},
             json={"model": "chain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
     assert response.status_code == 200, response.text
     assert response.headers["x-loragate-fallback"] == "upstream_5xx"
@@ -129,6 +130,7 @@ async def test_request_routing_and_attempt_spans_reach_a_real_otlp_receiver(tmp_
     assert attrs["gen_ai.usage.input_tokens"] == 11 and attrs["gen_ai.usage.output_tokens"] == 5
     assert attrs["loragate.route"] == "chain" and attrs["loragate.variant"] == "v2"
     assert attrs["loragate.fallback"] == "upstream_5xx"
+    assert attrs["loragate.priority"] == "critical"
     for name in ("loragate.routing", "loragate.upstream v1", "loragate.upstream v2"):
         assert by_name[name].trace_id == request.trace_id and by_name[name].parent_span_id == request.span_id
     assert _attrs(by_name["loragate.routing"])["loragate.variant"] == "v1"
