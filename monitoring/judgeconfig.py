@@ -15,12 +15,14 @@ class _Strict(BaseModel):
 
 
 class RateCheckConfig(_Strict):
-    min_effect: float = Field(0.02, gt=0, lt=1, description="smallest increase of the share that matters (0.02 = 2 points)")
+    min_effect: float = Field(0.02, gt=0, lt=1,
+                              description="smallest increase of the share that matters (0.02 = 2 points)")
     min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
 
 
 class LatencyCheckConfig(_Strict):
-    min_effect: float = Field(0.1, gt=0, lt=1, description="smallest extra share of canary requests slower than a bound")
+    min_effect: float = Field(0.1, gt=0, lt=1,
+                              description="smallest extra share of canary requests slower than a bound")
     min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
     floor_s: float = Field(0.25, ge=0, description="bucket bounds below this are not compared")
 
@@ -61,7 +63,8 @@ class FeedbackCheckConfig(_Strict):
 
 
 class JudgeConfig(_Strict):
-    alpha: float = Field(0.05, gt=0, lt=1, description="risk of rolling back a canary no worse than the stable, per rollout")
+    alpha: float = Field(0.05, gt=0, lt=1,
+                         description="risk of rolling back a canary no worse than the stable, per rollout")
     beta: float = Field(0.1, gt=0, lt=1, description="risk of passing a step with a canary worse by a min effect")
     error_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
     fallback_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
