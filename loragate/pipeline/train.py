@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from loragate.common.registry import AdapterCard, Registry, RegistryError, TrainingData, new_card, read_card
+from loragate.common.adaptercard import TrainingData
+from loragate.common.registry import AdapterCard, Registry, RegistryError, new_card, read_card
 from loragate.pipeline.chatdata import write_rows
 from loragate.pipeline.trainloop import LOSS_LOG_FILE, fit
 from loragate.pipeline.trainprep import Prepared, TrainConfig, TrainError, prepare

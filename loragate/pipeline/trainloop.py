@@ -17,7 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from loragate.common.registry import CONFIG_FILE, TrainingRun
+from loragate.common.adaptercard import TrainingRun
+from loragate.common.registry import CONFIG_FILE
 from loragate.pipeline import checkpoint, distributed, memory
 from loragate.pipeline.batches import epoch_plan
 from loragate.pipeline.chatdata import Encoder, Example
