@@ -97,16 +97,10 @@ def make_app(base_ms: float, per_request_ms: float, max_running: int, max_lora: 
     async def stats(_request: web.Request) -> web.Response:
         return web.json_response({**state, "adapters": sorted(loaded)})
 
-    app = web.Application()
-    app.router.add_get("/health", stub_vllm.health)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/stub/stats", stats)
+    app = stub_vllm.application(models=models, stats=stats, load=load, complete=complete)
     if metrics:
         app.router.add_get("/metrics", metrics_handler)
-    app.router.add_post("/v1/load_lora_adapter", load)
     app.router.add_post("/v1/unload_lora_adapter", unload)
-    app.router.add_post("/v1/chat/completions", complete)
-    app.router.add_post("/v1/completions", complete)
     return app
 
 

@@ -144,14 +144,7 @@ def make_app(chunks: int = 16) -> web.Application:
     async def stats_handler(_request: web.Request) -> web.Response:
         return web.json_response(stats)
 
-    app = web.Application()
-    app.router.add_get("/health", stub_vllm.health)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/stub/stats", stats_handler)
-    app.router.add_post("/v1/load_lora_adapter", load)
-    app.router.add_post("/v1/chat/completions", complete)
-    app.router.add_post("/v1/completions", complete)
-    return app
+    return stub_vllm.application(models=models, stats=stats_handler, load=load, complete=complete)
 
 
 def main() -> None:
