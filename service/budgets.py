@@ -149,7 +149,7 @@ class RedisLedger:
 
     def add(self, counters: Sequence[str], micro_usd: int, ttls_s: Sequence[int]) -> None:
         """One EVAL (INCRBY + EXPIRE of every counter), sent without awaiting; on failure counted here."""
-        command = LUA_ADD.eval(len(counters), *(c.encode() for c in counters), b"%d" % micro_usd,
+        command = LUA_ADD.eval(b"%d" % len(counters), *(c.encode() for c in counters), b"%d" % micro_usd,
                                *(b"%d" % t for t in ttls_s))
 
         def done(f: asyncio.Future) -> None:

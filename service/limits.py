@@ -309,7 +309,9 @@ class RedisLimiter:
     async def _admit(self, key: LimitedKey) -> Outcome:
         started = time.perf_counter()
         try:
-            reply = await self._script.call(self.client, 1, *self._args(key, 0))
+            reply = await self.client.request(self._script.evalsha(b"1", *self._args(key, 0)))
+            if isinstance(reply, RedisReplyError):
+                reply = await self._script.reload(self.client, reply, b"1", *self._args(key, 0))
         except REDIS_ERRORS as exc:
             self._went_down(exc)
             return self._down(key)
@@ -324,7 +326,7 @@ class RedisLimiter:
             self.fallback.charge(key, tokens)
             return
         # Sent without a task or a waiting coroutine: the reply is only checked for errors.
-        self._send_charge(key, tokens, self._script.evalsha(1, *self._args(key, tokens)))
+        self._send_charge(key, tokens, self._script.evalsha(b"1", *self._args(key, tokens)))
 
     def _send_charge(self, key: LimitedKey, tokens: int, command: bytes) -> None:
         self._unawaited.send(command, lambda done: self._charged(key, tokens, done))
@@ -332,8 +334,8 @@ class RedisLimiter:
     def _charged(self, key: LimitedKey, tokens: int, done: asyncio.Future) -> None:
         error = done.exception() if not done.cancelled() else RedisUnavailable("cancelled")
         if error is None and isinstance(reply := done.result(), RedisReplyError):
-            if str(reply).startswith("NOSCRIPT"):
-                self._send_charge(key, tokens, self._script.eval(1, *self._args(key, tokens)))
+            if LuaScript.lost(reply):
+                self._send_charge(key, tokens, self._script.eval(b"1", *self._args(key, tokens)))
                 return
             error = reply
         if error is not None:

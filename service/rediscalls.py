@@ -7,6 +7,7 @@ service/limits.py and service/budgets.py use these; each decides on its own what
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 from collections.abc import Callable
 
@@ -17,29 +18,32 @@ REDIS_ERRORS = (RedisUnavailable, RedisReplyError, OSError, asyncio.TimeoutError
 
 
 class LuaScript:
-    """One Lua script: ``evalsha`` sends its SHA1 (Redis's script cache), ``eval`` the script itself."""
+    """One Lua script: ``evalsha(numkeys, *keys_and_args)`` is the command that sends its SHA1 (Redis's script
+    cache), ``eval(...)`` the one that sends the script itself; both take RESP's bytes (``b"1"``) and are partials
+    of service/resp.py's ``encode``, so building one costs what ``encode`` does.
 
-    __slots__ = ("source", "sha")
+    A restarted Redis has lost its script cache: an EVALSHA then answers NOSCRIPT (``lost``), and EVAL, which
+    caches the script again, is sent instead (``reload``).
+    """
+
+    __slots__ = ("source", "sha", "evalsha", "eval")
 
     def __init__(self, source: bytes) -> None:
         self.source = source
         self.sha = hashlib.sha1(source).hexdigest().encode()
+        self.evalsha: Callable[..., bytes] = functools.partial(encode, b"EVALSHA", self.sha)
+        self.eval: Callable[..., bytes] = functools.partial(encode, b"EVAL", source)
 
-    def evalsha(self, keys: int, *arguments: bytes) -> bytes:
-        return encode(b"EVALSHA", self.sha, b"%d" % keys, *arguments)
+    @staticmethod
+    def lost(reply: object) -> bool:
+        """Whether ``reply`` is NOSCRIPT: Redis does not hold the script."""
+        return isinstance(reply, RedisReplyError) and str(reply).startswith("NOSCRIPT")
 
-    def eval(self, keys: int, *arguments: bytes) -> bytes:
-        return encode(b"EVAL", self.source, b"%d" % keys, *arguments)
-
-    async def call(self, client: RespClient, keys: int, *arguments: bytes) -> object:
-        """EVALSHA; on NOSCRIPT (a restarted Redis lost its script cache) EVAL, which caches it again.
-        Raises REDIS_ERRORS (an error reply too)."""
-        reply = await client.request(self.evalsha(keys, *arguments))
-        if isinstance(reply, RedisReplyError):
-            if not str(reply).startswith("NOSCRIPT"):
-                raise reply
-            reply = await client.execute(self.eval(keys, *arguments))
-        return reply
+    async def reload(self, client: RespClient, error: RedisReplyError, *arguments: bytes) -> object:
+        """After an EVALSHA of ``arguments`` answered ``error``: EVAL where it was NOSCRIPT, else ``error`` raised."""
+        if not self.lost(error):
+            raise error
+        return await client.execute(self.eval(*arguments))
 
 
 class Unawaited:
