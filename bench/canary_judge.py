@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
-from loragate.monitoring.judge import Counts, JudgeConfig, Observed, judge, judge_many, judged_steps
+from loragate.monitoring.judge import Counts, Observed, judge, judge_many, judged_steps
+from loragate.monitoring.judgeconfig import JudgeConfig
 from loragate.monitoring.rollout.config import CanaryConfig
 from loragate.monitoring.rollout.plan import RouteTraffic, plan
 

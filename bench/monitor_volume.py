@@ -91,7 +91,8 @@ def _baseline_requests(root: str, window) -> "object":
 
 
 def case_drift(root: str, current: str, mode: str) -> dict:
-    from loragate.monitoring.drift import LOG_COLUMNS, DriftConfig, run_drift
+    from loragate.monitoring.drift import DriftConfig, run_drift
+    from loragate.monitoring.driftfeatures import LOG_COLUMNS
     from loragate.monitoring.sources import RequestLog
 
     config = DriftConfig(sample_rows=SAMPLE_ROWS)
@@ -135,7 +136,7 @@ def case_compaction(root: str, _current: str, mode: str) -> dict:
     """Read the reference hour's sample (the drift check's read), compact it, read again."""
     from loragate.common.objectstore import filesystem
     from loragate.monitoring.compaction import Compactor
-    from loragate.monitoring.drift import LOG_COLUMNS
+    from loragate.monitoring.driftfeatures import LOG_COLUMNS
     from loragate.monitoring.sources import RequestLog
 
     def read() -> tuple[float, int]:

@@ -38,7 +38,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
     from loragate.pipeline.chatdata import Encoder, read_dataset
-    from loragate.pipeline.train import _collate
+    from loragate.pipeline.trainloop import _collate
 
     torch.set_num_threads(args.threads)
     manifest = json.loads((args.model_dir / "manifest.json").read_text())

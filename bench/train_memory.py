@@ -55,7 +55,7 @@ def trainer_child(base: str, data: str, options: dict, steps: int) -> dict:
 
     from loragate.pipeline.batches import epoch_plan
     from loragate.pipeline.chatdata import Encoder, read_dataset, split
-    from loragate.pipeline.train import _collate
+    from loragate.pipeline.trainloop import _collate
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

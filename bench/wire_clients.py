@@ -78,10 +78,13 @@ def main() -> int:
 
     async def run() -> dict[str, list[float]]:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        old_timeouts = ((Timeout(total=30, connect=5), Timeout(total=30, connect=5, read=30))
+                        if hasattr(old, "Timeout") else  # a ref from before service/transport.py: aiohttp's
+                        (aiohttp.ClientTimeout(total=30, sock_connect=5),
+                         aiohttp.ClientTimeout(total=30, sock_connect=5, sock_read=30)))
         clients = {
             "lean": (one_lean, HttpClient(Timeout(total=30, connect=5)), Timeout(total=30, connect=5, read=30)),
-            f"lean@{args.ref}": (one_lean, old.HttpClient(aiohttp.ClientTimeout(total=30, sock_connect=5)),
-                                 aiohttp.ClientTimeout(total=30, sock_connect=5, sock_read=30)),
+            f"lean@{args.ref}": (one_lean, old.HttpClient(*old_timeouts[:1]), old_timeouts[1]),
             "aiohttp": (one_aiohttp, session, None),
         }
         costs: dict[str, list[float]] = {}

@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from loragate.monitoring.drift import LOG_COLUMNS, DriftConfig, DriftResult, run_drift
+from loragate.monitoring.drift import DriftConfig, DriftResult, run_drift
+from loragate.monitoring.driftfeatures import LOG_COLUMNS
 from loragate.monitoring.sources import RequestLog, Window, WindowSample, WindowSource, load_reference, variant_series
 
 if TYPE_CHECKING:

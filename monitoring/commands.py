@@ -97,7 +97,8 @@ def _windows(args: argparse.Namespace) -> tuple[Window, Window]:
 def drift_command(args: argparse.Namespace) -> int:
     import asyncio
 
-    from loragate.monitoring.drift import LOG_COLUMNS, DriftConfig, run_drift
+    from loragate.monitoring.drift import DriftConfig, run_drift
+    from loragate.monitoring.driftfeatures import LOG_COLUMNS
     from loragate.monitoring.prometheus import Prometheus, PrometheusError
     from loragate.monitoring.sources import RequestLog, load_reference, variant_series
 

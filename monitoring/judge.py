@@ -22,20 +22,9 @@ Checks (each a difference canary minus stable, where bigger is worse):
                  stable's own share there); see ``latency_tail``
   feedback       mean feedback score of the stable minus the canary's (scores in ``score_range``)
 
-The test. Each variant's share (or scaled mean) gets an **always-valid confidence sequence**:
-the set of rates ``p`` whose Beta-binomial mixture likelihood ratio
-``B(a+k, b+n-k) / B(a, b) / (p^k (1-p)^(n-k))`` stays below ``1/alpha`` (Robbins' method of
-mixtures). That ratio is a nonnegative supermartingale under the true ``p`` for any observations
-in [0, 1] (Bernoulli counts or bounded scores), so by Ville's inequality the true rate leaves the
-sequence with probability at most ``alpha`` *at any analysis ever*, however many times a holding
-step is analysed again. It is exact (no normal approximation), needs only the counts Prometheus
-has (successes and trials, or a sum and a count), and copes with zero errors: 0 errors in
-20 requests has the interval [0, 0.16] at alpha 0.05 (with RATE_PRIOR), not [0, 0]. The
-interval of a difference is the canary's interval minus the stable's.
-
-Why always-valid intervals and not alpha spending: an inconclusive analysis holds the step and
-is repeated, so the number of looks is not known in advance, which alpha spending needs; the
-confidence sequence is valid for any number of looks, and costs about a log factor in width.
+The test (monitoring/confseq.py): each variant's share (or scaled mean) gets an always-valid confidence
+sequence; the interval of a difference is the canary's interval minus the stable's. The checks' settings
+are monitoring/judgeconfig.py's.
 
 Decisions, with ``min_effect`` the smallest regression that matters:
 
@@ -70,137 +59,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from scipy.special import betaln, xlog1py, xlogy
+
+from loragate.monitoring.confseq import RATE_PRIOR, SHARE_PRIOR, difference_bounds, mean_bounds
+from loragate.monitoring.judgeconfig import (FeedbackCheckConfig, JudgeConfig, LatencyCheckConfig,
+                                             LatencyTailCheckConfig, RateCheckConfig)
 
 Decision = Literal["pass", "fail", "inconclusive"]
-CHECKS = ("error_rate", "fallback_rate", "latency", "latency_tail", "feedback")
-RATE_PRIOR = (1.0, 30.0)  # mixing Beta for error and fallback shares (tightest near a few percent)
-SHARE_PRIOR = (1.0, 1.0)  # for latency shares and scaled feedback means (anywhere in [0, 1])
-_ITERATIONS = 50  # bisection steps: bounds to 2**-50
 
 
-# --- configuration (the ``judge`` section of a canary) -------------------------------------------
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RateCheckConfig(_Strict):
-    min_effect: float = Field(0.02, gt=0, lt=1, description="smallest increase of the share that matters (0.02 = 2 points)")
-    min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
-
-
-class LatencyCheckConfig(_Strict):
-    min_effect: float = Field(0.1, gt=0, lt=1, description="smallest extra share of canary requests slower than a bound")
-    min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
-    floor_s: float = Field(0.25, ge=0, description="bucket bounds below this are not compared")
-
-
-class LatencyTailCheckConfig(_Strict):
-    quantiles: tuple[float, ...] = Field((0.95, 0.99), min_length=1,
-                                         description="the stable's quantiles whose bucket bounds are compared")
-    min_ratio: float = Field(2.0, gt=1, description="the canary's share slower than the stable's q bound that matters, "
-                                                    "as a multiple of the stable's 1 - q there (2: p98 above p99)")
-    min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
-    floor_s: float = Field(0.25, ge=0, description="bucket bounds below this are not compared")
-
-    @field_validator("quantiles")
-    @classmethod
-    def _quantiles(cls, quantiles: tuple[float, ...]) -> tuple[float, ...]:
-        if any(not 0.5 <= q < 1 for q in quantiles):
-            raise ValueError(f"tail quantiles must be in [0.5, 1): {list(quantiles)}")
-        return tuple(sorted(set(quantiles)))
-
-    def max_shares(self) -> dict[float, float]:
-        """The canary's share slower than each quantile's bound that matters: min_ratio x (1 - q)."""
-        return {q: min(1.0, self.min_ratio * (1 - q)) for q in self.quantiles}
-
-
-class FeedbackCheckConfig(_Strict):
-    min_effect: float = Field(0.1, gt=0, description="smallest drop of the mean score that matters (score units)")
-    min_samples: int = Field(100, ge=1, description="canary scores before the check can pass")
-    score_range: tuple[float, float] = Field((0.0, 1.0), description="lowest and highest possible score")
-
-    @model_validator(mode="after")
-    def _range(self) -> "FeedbackCheckConfig":
-        low, high = self.score_range
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"score_range must be [lowest, highest] with lowest < highest: {list(self.score_range)}")
-        if self.min_effect >= high - low:
-            raise ValueError(f"min_effect {self.min_effect:g} must be below the score range's width {high - low:g}")
-        return self
-
-
-class JudgeConfig(_Strict):
-    alpha: float = Field(0.05, gt=0, lt=1, description="risk of rolling back a canary no worse than the stable, per rollout")
-    beta: float = Field(0.1, gt=0, lt=1, description="risk of passing a step with a canary worse by a min effect")
-    error_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
-    fallback_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
-    latency: LatencyCheckConfig | None = Field(default_factory=LatencyCheckConfig)
-    latency_tail: LatencyTailCheckConfig | None = Field(default_factory=LatencyTailCheckConfig)
-    feedback: FeedbackCheckConfig | None = None  # on only when configured: a route without feedback would hold forever
-
-    @model_validator(mode="after")
-    def _some_check(self) -> "JudgeConfig":
-        if not self.enabled():
-            raise ValueError("the judge needs at least one check (error_rate, fallback_rate, latency, latency_tail, "
-                             "feedback)")
-        return self
-
-    def enabled(self) -> list[str]:
-        return [name for name in CHECKS if getattr(self, name) is not None]
-
-
-# --- the confidence sequence ---------------------------------------------------------------------
-
-def mean_bounds(successes: Any, trials: Any, alpha: Any, prior: tuple[float, float] = SHARE_PRIOR
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Always-valid bounds (lower, upper) for the mean of [0, 1] observations, from their sum and count.
-
-    Vectorised over numpy-broadcast arguments. Each bound alone holds at every count with
-    probability >= 1 - ``alpha``. No observations: (0, 1).
-    """
-    n = np.maximum(np.asarray(trials, dtype=float), 0.0)
-    k = np.clip(np.asarray(successes, dtype=float), 0.0, n)
-    k, n, alpha = np.broadcast_arrays(k, n, np.asarray(alpha, dtype=float))
-    a, b = prior
-    # log ratio(p) = betaln(a+k, b+n-k) - betaln(a, b) - k log p - (n-k) log(1-p); p is out when >= log(1/alpha)
-    threshold = np.log(1.0 / alpha) - (betaln(a + k, b + n - k) - betaln(a, b))
-
-    def outside(p: np.ndarray) -> np.ndarray:
-        return -xlogy(k, p) - xlog1py(n - k, -p) >= threshold
-
-    estimate = np.divide(k, n, out=np.full(n.shape, 0.5), where=n > 0)
-    lo, hi = np.zeros(n.shape), estimate.copy()  # lower bound in [0, estimate]: excluded below it
-    for _ in range(_ITERATIONS):
-        mid = (lo + hi) / 2
-        out = outside(mid)
-        lo, hi = np.where(out, mid, lo), np.where(out, hi, mid)
-    lower = np.where(k > 0, hi, 0.0)
-    lo, hi = estimate.copy(), np.ones(n.shape)  # upper bound in [estimate, 1]: excluded above it
-    for _ in range(_ITERATIONS):
-        mid = (lo + hi) / 2
-        out = outside(mid)
-        lo, hi = np.where(out, lo, mid), np.where(out, mid, hi)
-    upper = np.where(k < n, lo, 1.0)
-    empty = n <= 0
-    return np.where(empty, 0.0, lower), np.where(empty, 1.0, upper)
-
-
-def difference_bounds(canary_k: Any, canary_n: Any, stable_k: Any, stable_n: Any, alpha_fail: Any, alpha_pass: Any,
-                      prior: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(estimate, lower, upper) of canary share minus stable share: the lower bound at level
-    ``alpha_fail`` per variant, the upper at ``alpha_pass`` per variant."""
-    canary_low, _ = mean_bounds(canary_k, canary_n, alpha_fail, prior)
-    _, stable_high = mean_bounds(stable_k, stable_n, alpha_fail, prior)
-    _, canary_high = mean_bounds(canary_k, canary_n, alpha_pass, prior)
-    stable_low, _ = mean_bounds(stable_k, stable_n, alpha_pass, prior)
-    cn, sn = np.asarray(canary_n, dtype=float), np.asarray(stable_n, dtype=float)
-    estimate = (np.divide(canary_k, cn, out=np.zeros(np.broadcast(canary_k, cn).shape), where=cn > 0)
-                - np.divide(stable_k, sn, out=np.zeros(np.broadcast(stable_k, sn).shape), where=sn > 0))
-    return estimate, canary_low - stable_high, canary_high - stable_low
-
+# --- the decision rule ---------------------------------------------------------------------------
 
 def decide(estimate: Any, lower: Any, upper: Any, min_effect: Any, samples: Any, min_samples: Any) -> np.ndarray:
     """The decision rule, vectorised: 2 fail, 1 pass, 0 inconclusive."""

@@ -17,7 +17,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from loragate.common.objectstore import S3Options, filesystem
-from loragate.common.registry import AdapterInfoCollector, Registry
+from loragate.common.registry import Registry
+from loragate.monitoring.adapterinfo import AdapterInfoCollector
 from loragate.monitoring.check import CheckRun, DriftCheck, References
 from loragate.monitoring.compaction import Compactor, HourResult
 from loragate.monitoring.config import MonitorConfig

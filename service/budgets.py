@@ -29,22 +29,22 @@ from typing import NamedTuple, Protocol
 from zoneinfo import ZoneInfo
 
 from loragate.service.metrics import Metrics
-from loragate.service.resp import RedisReplyError, RedisUnavailable, RespClient, encode
+from loragate.service.rediscalls import REDIS_ERRORS, LuaScript, Unawaited
+from loragate.service.resp import RedisReplyError, RespClient, encode
 from loragate.service.settings import Settings
 
 log = logging.getLogger("loragate.budgets")
 
-_REDIS_ERRORS = (RedisUnavailable, RedisReplyError, OSError, asyncio.TimeoutError)
 REDIS_PREFIX = "loragate:budget:"
 MICRO = 1_000_000
 # KEYS: the counters; ARGV[1]: micro-USD to add; ARGV[1 + i]: the TTL (s) of KEYS[i].
-LUA_ADD = b"""
+LUA_ADD = LuaScript(b"""
 for i, counter in ipairs(KEYS) do
   redis.call('INCRBY', counter, ARGV[1])
   redis.call('EXPIRE', counter, ARGV[i + 1])
 end
 return 0
-"""
+""")
 
 
 class Budget(NamedTuple):
@@ -129,7 +129,7 @@ class RedisLedger:
         self.retry_s = retry_s  # after a failed check, budgets are checked in the process this long
         self._down_until = 0.0
         self.fallback = fallback or LocalLedger()
-        self._pending: set[asyncio.Future] = set()
+        self._unawaited = Unawaited(self.client)
 
     def spent(self, counters: Sequence[str]) -> Awaitable[list[int]]:
         return self._spent(counters)
@@ -139,7 +139,7 @@ class RedisLedger:
             return self.fallback.spent(counters)
         try:
             reply = await self.client.execute(encode(b"MGET", *(c.encode() for c in counters)))
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.warning("budgets: Redis unreachable (%s); checking budgets in this process for %gs", exc,
                         self.retry_s)
             self._down_until = time.monotonic() + self.retry_s
@@ -149,20 +149,16 @@ class RedisLedger:
 
     def add(self, counters: Sequence[str], micro_usd: int, ttls_s: Sequence[int]) -> None:
         """One EVAL (INCRBY + EXPIRE of every counter), sent without awaiting; on failure counted here."""
-        command = encode(b"EVAL", LUA_ADD, b"%d" % len(counters), *(c.encode() for c in counters),
-                         b"%d" % micro_usd, *(b"%d" % t for t in ttls_s))
-        future = asyncio.ensure_future(self.client.request(command))
-        self._pending.add(future)
+        command = LUA_ADD.eval(b"%d" % len(counters), *(c.encode() for c in counters), b"%d" % micro_usd,
+                               *(b"%d" % t for t in ttls_s))
 
         def done(f: asyncio.Future) -> None:
-            self._pending.discard(f)
             if f.cancelled() or f.exception() is not None or isinstance(f.result(), RedisReplyError):
                 self.fallback.add(counters, micro_usd, ttls_s)
-        future.add_done_callback(done)
+        self._unawaited.send(command, done)
 
     async def flush(self) -> None:
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._unawaited.flush()
 
     async def close(self) -> None:
         await self.flush()

@@ -29,13 +29,12 @@ Plain http:// only: https:// endpoints, health checks and adapter loads keep the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import httptools
 
 from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer, ReadTimeout,
-                                        Released, Timeout, TransportError, TransportTimeout)
+                                        Released, StreamedAnswer, Timeout, TransportError, TransportTimeout)
 
 PAUSE_AT = 256 * 1024  # a stream's unread bytes past which reading from the socket pauses (backpressure)
 KEEPALIVE_S = 15.0  # an idle connection older than this is closed rather than reused (as aiohttp's connector)
@@ -430,11 +429,11 @@ def _status(head: bytes | bytearray) -> int | None:
     return None
 
 
-class Response:
+class Response(StreamedAnswer):
     """The replica's answer (service/proxy.py's UpstreamResponse): ``status``, the body whole or as it comes.
 
-    ``content`` is the response itself (``readany``, ``iter_any``). The connection goes back to the pool as
-    soon as the answer is complete; ``release`` of an unfinished answer closes it.
+    ``content`` is the response itself (``readany``, ``iter_any``: service/transport.py's StreamedAnswer). The
+    connection goes back to the pool as soon as the answer is complete; ``release`` of an unfinished answer closes it.
     """
 
     __slots__ = ("connection", "status", "headers_done", "until_eof", "complete", "error", "got_bytes",
@@ -461,10 +460,6 @@ class Response:
 
     # --- what the gateway uses ---
 
-    @property
-    def content(self) -> Response:
-        return self
-
     async def read(self) -> bytes:
         self.whole = True
         self._resume()
@@ -478,18 +473,6 @@ class Response:
                 return b""
             await self.wait()
         return self._take()
-
-    def iter_any(self) -> AsyncIterator[bytes]:
-        return self
-
-    def __aiter__(self) -> Response:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self.readany()
-        if not chunk:
-            raise StopAsyncIteration
-        return chunk
 
     def release(self) -> None:
         """Done with this answer: an unfinished one closes its connection (a finished one went back already)."""

@@ -31,11 +31,9 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol, cast
 
 from loragate.service.metrics import Metrics
-from loragate.service.resp import RedisReplyError, RedisUnavailable, RespClient, encode
+from loragate.service.rediscalls import REDIS_ERRORS, LuaScript, Unawaited
+from loragate.service.resp import RedisReplyError, RedisUnavailable, RespClient
 from loragate.service.settings import Settings
-
-# What "no answer from Redis" looks like: refused, reset, timed out, an error reply (LOADING, OOM, ...).
-_REDIS_ERRORS = (RedisUnavailable, RedisReplyError, OSError, asyncio.TimeoutError)
 
 log = logging.getLogger("loragate.limits")
 
@@ -221,18 +219,22 @@ class RedisLimiter:
         prefix: str = REDIS_PREFIX,
     ) -> None:
         self.client = RespClient(url, timeout_s, password)
-        self._script = LUA_BUCKETS.encode()
-        self._sha = hashlib.sha1(self._script).hexdigest().encode()
+        self._script = LuaScript(LUA_BUCKETS.encode())
         self.fallback = fallback or LocalLimiter()
         self.fail_closed = fail_closed
         self.retry_after_s = retry_after_s
         self.metrics = metrics
         self.prefix = prefix
         self._keys: dict[str, bytes] = {}
-        self._pending: set[asyncio.Future] = set()
+        self._unawaited = Unawaited(self.client)
         self._duration = metrics.limits_redis_duration
         self.backend = ""
         self._set_backend("redis", None)
+
+    @property
+    def _sha(self) -> bytes:
+        """The buckets script's SHA1, as Redis's script cache knows it."""
+        return self._script.sha
 
     # --- state ------------------------------------------------------------------------
 
@@ -262,7 +264,7 @@ class RedisLimiter:
             return
         try:
             await self.client.call("PING")
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             log.debug("limits: Redis still unreachable: %s", exc)
             return
         self._set_backend("redis", None)
@@ -271,13 +273,12 @@ class RedisLimiter:
         """A first PING so an unreachable Redis shows from the start (the gateway serves anyway)."""
         try:
             await self.client.call("PING")
-        except _REDIS_ERRORS as exc:
+        except REDIS_ERRORS as exc:
             self._went_down(exc)
 
     async def flush(self) -> None:
         """Wait for the charges sent so far."""
-        if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+        await self._unawaited.flush()
 
     async def close(self) -> None:
         await self.flush()
@@ -308,13 +309,10 @@ class RedisLimiter:
     async def _admit(self, key: LimitedKey) -> Outcome:
         started = time.perf_counter()
         try:
-            reply = await self.client.request(encode(b"EVALSHA", self._sha, b"1", *self._args(key, 0)))
+            reply = await self.client.request(self._script.evalsha(b"1", *self._args(key, 0)))
             if isinstance(reply, RedisReplyError):
-                if not str(reply).startswith("NOSCRIPT"):
-                    raise reply
-                # A restarted Redis lost its script cache: EVAL caches it again.
-                reply = await self.client.execute(encode(b"EVAL", self._script, b"1", *self._args(key, 0)))
-        except _REDIS_ERRORS as exc:
+                reply = await self._script.reload(self.client, reply, b"1", *self._args(key, 0))
+        except REDIS_ERRORS as exc:
             self._went_down(exc)
             return self._down(key)
         self._duration.observe(time.perf_counter() - started)
@@ -328,19 +326,16 @@ class RedisLimiter:
             self.fallback.charge(key, tokens)
             return
         # Sent without a task or a waiting coroutine: the reply is only checked for errors.
-        self._send_charge(key, tokens, encode(b"EVALSHA", self._sha, b"1", *self._args(key, tokens)))
+        self._send_charge(key, tokens, self._script.evalsha(b"1", *self._args(key, tokens)))
 
     def _send_charge(self, key: LimitedKey, tokens: int, command: bytes) -> None:
-        future = asyncio.ensure_future(self.client.request(command))  # the reply's future itself when connected
-        self._pending.add(future)
-        future.add_done_callback(lambda done: self._charged(key, tokens, done))
+        self._unawaited.send(command, lambda done: self._charged(key, tokens, done))
 
     def _charged(self, key: LimitedKey, tokens: int, done: asyncio.Future) -> None:
-        self._pending.discard(done)
         error = done.exception() if not done.cancelled() else RedisUnavailable("cancelled")
         if error is None and isinstance(reply := done.result(), RedisReplyError):
-            if str(reply).startswith("NOSCRIPT"):
-                self._send_charge(key, tokens, encode(b"EVAL", self._script, b"1", *self._args(key, tokens)))
+            if LuaScript.lost(reply):
+                self._send_charge(key, tokens, self._script.eval(b"1", *self._args(key, tokens)))
                 return
             error = reply
         if error is not None:

@@ -18,8 +18,8 @@ import orjson
 from loragate.common import sse
 from loragate.service.failures import FailureReason, UpstreamFailure
 from loragate.service.httpclient import HttpClient
-from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer, Timeout,
-                                        TransportError, TransportTimeout)
+from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer,
+                                        StreamedAnswer, Timeout, TransportError, TransportTimeout)
 
 
 @dataclass(slots=True)
@@ -158,7 +158,7 @@ async def _aiohttp_post(session: aiohttp.ClientSession, url: str, body: bytes, r
         raise _aiohttp_error(exc) from exc
 
 
-class AiohttpAnswer:
+class AiohttpAnswer(StreamedAnswer):
     """An aiohttp.ClientResponse as an UpstreamResponse whose reads raise service/transport.py's errors."""
 
     __slots__ = ("_response",)
@@ -169,10 +169,6 @@ class AiohttpAnswer:
     @property
     def status(self) -> int:
         return self._response.status
-
-    @property
-    def content(self) -> AiohttpAnswer:
-        return self
 
     async def read(self) -> bytes:
         try:
@@ -185,18 +181,6 @@ class AiohttpAnswer:
             return await self._response.content.readany()
         except _AIOHTTP_ERRORS as exc:
             raise _aiohttp_error(exc) from exc
-
-    def iter_any(self) -> AsyncIterator[bytes]:
-        return self
-
-    def __aiter__(self) -> AiohttpAnswer:
-        return self
-
-    async def __anext__(self) -> bytes:
-        chunk = await self.readany()
-        if not chunk:
-            raise StopAsyncIteration
-        return chunk
 
     def release(self) -> None:
         self._response.release()

@@ -11,10 +11,13 @@ service/proxy.py), so a client can change without touching its callers (as httpx
   TransportTimeout   the exchange's total time ran out (a TimeoutError)
   ReadTimeout        no byte for ``Timeout.read`` seconds while waiting for one (a TransportTimeout)
   Released           the answer was released before its end and then read
+
+StreamedAnswer is the body iteration both clients' answers share (``content``, ``iter_any``, async for).
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 
@@ -63,3 +66,32 @@ class TransportTimeout(TransportError, TimeoutError):
 
 class ReadTimeout(TransportTimeout):
     """No byte for the read timeout while one was awaited."""
+
+
+class StreamedAnswer:
+    """An upstream answer that is its own ``content``: iterating it yields ``readany()``'s chunks until the end.
+
+    Subclasses (service/httpclient.py's Response, service/proxy.py's AiohttpAnswer) give ``readany``: the bytes
+    come in so far, b"" at the end, raising this module's errors.
+    """
+
+    __slots__ = ()
+
+    async def readany(self) -> bytes:
+        raise NotImplementedError
+
+    @property
+    def content(self) -> StreamedAnswer:
+        return self
+
+    def iter_any(self) -> AsyncIterator[bytes]:
+        return self
+
+    def __aiter__(self) -> StreamedAnswer:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self.readany()
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk

@@ -14,10 +14,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
+from pathlib import Path
 
 import orjson
 from aiohttp import web
+
+if __name__ == "__main__":  # run as a script (tests/processes.py): the repository root, for the tests package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests import stub_vllm  # noqa: E402
 
 
 def make_app(base_ms: float, per_request_ms: float, max_running: int, max_lora: int, metrics: bool,
@@ -27,21 +33,15 @@ def make_app(base_ms: float, per_request_ms: float, max_running: int, max_lora: 
     running_adapters: dict[str, int] = {}
     room = asyncio.Condition()
 
-    async def health(_request: web.Request) -> web.Response:
-        return web.Response(text="")
-
     async def models(_request: web.Request) -> web.Response:
-        data = [{"id": "base", "object": "model", "parent": None, "root": "/model"}]
-        data += [{"id": name, "object": "model", "parent": "base", "root": root}
-                 for name, root in sorted(loaded.items())]
-        return web.json_response({"object": "list", "data": data})
+        return stub_vllm.models(loaded, base_root="/model")
 
     async def load(request: web.Request) -> web.Response:
         body = await request.json()
         state["loads"] += 1
         await asyncio.sleep(0.05)  # reading it from disk
         if body["lora_name"] in loaded:
-            return web.json_response({"error": {"message": "has already been loaded", "code": 400}}, status=400)
+            return stub_vllm.already_loaded()
         loaded[body["lora_name"]] = body["lora_path"]
         return web.Response(text="Success")
 
@@ -97,16 +97,10 @@ def make_app(base_ms: float, per_request_ms: float, max_running: int, max_lora: 
     async def stats(_request: web.Request) -> web.Response:
         return web.json_response({**state, "adapters": sorted(loaded)})
 
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/stub/stats", stats)
+    app = stub_vllm.application(models=models, stats=stats, load=load, complete=complete)
     if metrics:
         app.router.add_get("/metrics", metrics_handler)
-    app.router.add_post("/v1/load_lora_adapter", load)
     app.router.add_post("/v1/unload_lora_adapter", unload)
-    app.router.add_post("/v1/chat/completions", complete)
-    app.router.add_post("/v1/completions", complete)
     return app
 
 

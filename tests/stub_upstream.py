@@ -25,10 +25,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
+from pathlib import Path
 
 import orjson
 from aiohttp import web
+
+if __name__ == "__main__":  # run as a script (tests/processes.py): the repository root, for the tests package
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests import stub_vllm  # noqa: E402
 
 PROMPT_TOKENS = 7
 
@@ -62,16 +68,11 @@ def _usage_chunk(model: str, tokens: int) -> bytes:
 
 
 def make_app(chunks: int = 16) -> web.Application:
-    loaded: set[str] = set()
+    loaded: dict[str, None] = {}  # the adapters, with no root (the path) listed
     stats = {"requests": 0, "loads": 0, "last_authorization": None, "last_model": None}
 
-    async def health(_request: web.Request) -> web.Response:
-        return web.Response(text="")
-
     async def models(_request: web.Request) -> web.Response:
-        data = [{"id": "base", "object": "model", "parent": None}]
-        data += [{"id": name, "object": "model", "parent": "base"} for name in sorted(loaded)]
-        return web.json_response({"object": "list", "data": data})
+        return stub_vllm.models(loaded)
 
     async def load(request: web.Request) -> web.Response:
         body = await request.json()
@@ -79,8 +80,8 @@ def make_app(chunks: int = 16) -> web.Application:
         if "missing" in body.get("lora_path", ""):
             return web.json_response({"error": {"message": "not found", "code": 404}}, status=404)
         if body["lora_name"] in loaded:
-            return web.json_response({"error": {"message": "has already been loaded", "code": 400}}, status=400)
-        loaded.add(body["lora_name"])
+            return stub_vllm.already_loaded()
+        loaded[body["lora_name"]] = None
         return web.Response(text="Success")
 
     async def complete(request: web.Request) -> web.StreamResponse:
@@ -143,14 +144,7 @@ def make_app(chunks: int = 16) -> web.Application:
     async def stats_handler(_request: web.Request) -> web.Response:
         return web.json_response(stats)
 
-    app = web.Application()
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/stub/stats", stats_handler)
-    app.router.add_post("/v1/load_lora_adapter", load)
-    app.router.add_post("/v1/chat/completions", complete)
-    app.router.add_post("/v1/completions", complete)
-    return app
+    return stub_vllm.application(models=models, stats=stats_handler, load=load, complete=complete)
 
 
 def main() -> None:

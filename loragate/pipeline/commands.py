@@ -134,7 +134,8 @@ def train_command(args: argparse.Namespace) -> int:
                                                                      args.processes))
         return 143 if terminated or result.returncode in (143, -15) else result.returncode
 
-    from loragate.pipeline.train import TrainConfig, TrainError, TrainInterrupted, train
+    from loragate.pipeline.train import TrainConfig, TrainError, train
+    from loragate.pipeline.trainloop import TrainInterrupted
 
     trigger = None
     if args.trigger:

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loragate.common.adaptercard import Evaluation
 from loragate.common.registry import (
     AdapterCard,
     CardMismatch,
-    Evaluation,
     Registry,
     RegistryError,
     base_model_sha256,

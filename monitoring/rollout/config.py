@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from loragate.monitoring.judge import JudgeConfig
+from loragate.monitoring.judgeconfig import JudgeConfig
 from loragate.monitoring.probe import ProbeConfig
 from loragate.monitoring.shadow import ShadowGate
 

@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from loragate.monitoring.judge import CHECKS, Counts, JudgeConfig, Observed, judge_many, judged_steps
+from loragate.monitoring.judge import Counts, Observed, judge_many, judged_steps
+from loragate.monitoring.judgeconfig import CHECKS, JudgeConfig
 from loragate.monitoring.rollout.config import CanaryConfig
 
 COARSE = np.unique(np.rint(np.geomspace(1, 1e7, 100)))  # canary requests tried first, ~18 % apart ...

@@ -12,10 +12,9 @@ import asyncio
 import httpx
 import pytest
 
-from loragate.service.apikeys import hash_key, new_key
+from loragate.service.apikeys import new_key
 from tests.metrics_text import sample_sum, scrape
-from tests.processes import start_gateway, start_stub
-from tests.redis_server import RedisServer
+from tests.redis_gateways import redis_gateways
 
 ROUTES = ("routes:\n  plain:\n    pricing: {prompt_per_1k: 1.0, completion_per_1k: 1.0}\n"
           "    variants: [{name: base, weight: 1}]\n")
@@ -27,31 +26,10 @@ CONCURRENCY = 8
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("budgets-redis")
-    redis = RedisServer(directory).start()
-    stub, stub_url = start_stub(directory / "stub.log")
-    (directory / "routes.yaml").write_text(ROUTES)
-    keys = "keys:\n" + "".join(f'  - {{id: {n}, sha256: "{hash_key(k)}", {FIELDS[n]}}}\n' for n, k in KEYS.items())
-    (directory / "keys.yaml").write_text(keys)
-    gateways = []
-    try:
-        for index in range(2):
-            gateways.append(start_gateway(directory / "routes.yaml", [stub_url], directory / f"gateway-{index}.log",
-                                          extra_env={"LORAGATE_AUTH": "on",
-                                                     "LORAGATE_API_KEYS_FILE": str(directory / "keys.yaml"),
-                                                     "LORAGATE_LIMITS_URL": redis.url,
-                                                     "LORAGATE_TEAM_BUDGETS": '{"ops": {"usd_per_month": 0.8}}',
-                                                     "LORAGATE_BUDGET_TIMEZONE": "America/New_York"}))
-        yield [url for _, url in gateways]
-    finally:
-        logs = []
-        for service, _ in gateways:
-            service.stop()
-            logs.append(service.log.read_text())
-        stub.stop()
-        redis.stop()
-    for text in logs:
-        assert "Traceback" not in text
+    keys = {name: (key, FIELDS[name]) for name, key in KEYS.items()}
+    env = {"LORAGATE_TEAM_BUDGETS": '{"ops": {"usd_per_month": 0.8}}', "LORAGATE_BUDGET_TIMEZONE": "America/New_York"}
+    with redis_gateways(tmp_path_factory.mktemp("budgets-redis"), 2, ROUTES, keys, env) as (_, urls, _):
+        yield urls
 
 
 async def hammer(urls: list[str], keys: list[str], per_client: int) -> list[httpx.Response]:

@@ -14,10 +14,9 @@ import time
 import httpx
 import pytest
 
-from loragate.service.apikeys import hash_key, new_key
+from loragate.service.apikeys import new_key
 from tests.metrics_text import sample_sum, scrape
-from tests.processes import start_gateway, start_stub
-from tests.redis_server import RedisServer
+from tests.redis_gateways import redis_gateways
 
 ROUTES = "routes:\n  plain:\n    variants: [{name: base, weight: 1}]\n"
 RPM, TPM, AFTER = 300, 12_000, 60
@@ -30,30 +29,10 @@ HEALTH_INTERVAL_S = 1.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("limits-redis")
-    redis = RedisServer(directory).start()
-    stub, stub_url = start_stub(directory / "stub.log")
-    (directory / "routes.yaml").write_text(ROUTES)
-    keys = "keys:\n" + "".join(f'  - {{id: {n}, sha256: "{hash_key(k)}", {LIMITS[n]}}}\n' for n, k in KEYS.items())
-    (directory / "keys.yaml").write_text(keys)
-    gateways = []
-    try:
-        for index in range(3):
-            gateways.append(start_gateway(directory / "routes.yaml", [stub_url], directory / f"gateway-{index}.log",
-                                          extra_env={"LORAGATE_AUTH": "on",
-                                                     "LORAGATE_API_KEYS_FILE": str(directory / "keys.yaml"),
-                                                     "LORAGATE_LIMITS_URL": redis.url,
-                                                     "LORAGATE_HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S)}))
-        yield redis, [url for _, url in gateways], [service.log for service, _ in gateways]
-    finally:
-        logs = []
-        for service, _ in gateways:
-            service.stop()
-            logs.append(service.log.read_text())
-        stub.stop()
-        redis.stop()
-    for text in logs:
-        assert "Traceback" not in text
+    keys = {name: (key, LIMITS[name]) for name, key in KEYS.items()}
+    with redis_gateways(tmp_path_factory.mktemp("limits-redis"), 3, ROUTES, keys,
+                        {"LORAGATE_HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S)}) as cluster:
+        yield cluster
 
 
 async def hammer(urls: list[str], key: str, total: int, concurrency: int, max_tokens: int = 16

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from loragate.monitoring.commands import moment, summary_text
-from loragate.monitoring.drift import DriftConfig, FeatureDrift, oov_shares, run_drift
+from loragate.monitoring.drift import DriftConfig, FeatureDrift, run_drift
+from loragate.monitoring.driftfeatures import oov_shares
 from tests.synthetic import requests_frame
 from loragate.monitoring.textdrift import content_drift
 from tests.topics import prompts, window

@@ -13,19 +13,18 @@ import pytest
 from pydantic import ValidationError
 from scipy.stats import norm
 
+from loragate.monitoring.confseq import mean_bounds
 from loragate.monitoring.judge import (
     Counts,
-    FeedbackCheckConfig,
-    JudgeConfig,
     Levels,
     Observed,
     histogram_quantile,
     judge,
     judge_many,
-    mean_bounds,
     tail_bound_index,
     tail_decide,
 )
+from loragate.monitoring.judgeconfig import FeedbackCheckConfig, JudgeConfig
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)  # the gateway's buckets
 

@@ -27,7 +27,8 @@ from tests.unit.test_registry import adapter_files, base_dir, evaluation
 STUB_PIPELINE = r"""
 import json, os, sys, time
 from pathlib import Path
-from loragate.common.registry import Evaluation, Registry, read_card, new_card
+from loragate.common.adaptercard import Evaluation
+from loragate.common.registry import Registry, read_card, new_card
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
 with open(os.environ["STUB_CALLS"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\n")

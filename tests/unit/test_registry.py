@@ -9,22 +9,21 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from loragate.common.adaptercard import Evaluation, TrainingData
 from loragate.common.registry import (
     CARD_FILE,
     AdapterCard,
-    AdapterInfoCollector,
     BaseModelRef,
     CardMismatch,
-    Evaluation,
     IllegalTransition,
     Registry,
     RegistryError,
-    TrainingData,
     base_model_sha256,
     new_card,
     read_card,
     verify,
 )
+from loragate.monitoring.adapterinfo import AdapterInfoCollector
 from tests.processes import ROOT
 
 

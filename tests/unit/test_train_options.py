@@ -150,7 +150,8 @@ def test_option_errors_are_one_line_and_qlora_needs_cuda(tmp_path, base_8b):
 
 
 def test_the_cpu_default_micro_batch_accumulates_to_the_batch(tmp_path, base_8b):
-    from loragate.pipeline.train import CPU_MICRO_BATCH, prepare
+    from loragate.pipeline.train import prepare
+    from loragate.pipeline.trainprep import CPU_MICRO_BATCH
 
     small = dict(LLAMA_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=4, vocab_size=2000)
