@@ -62,7 +62,7 @@ class AiohttpControl:
 
 async def _read_at_most(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
     """The body to its end; MalformedAnswer, the connection closed, as soon as it is over ``max_bytes`` (declared
-    so, or read so: at most one network read past the limit is held)."""
+    so, or read so: reading stops at the first chunk past it)."""
     declared = response.content_length or 0
     chunks: list[bytes] = []
     read = 0
