@@ -13,18 +13,21 @@ import asyncio
 import logging
 import time
 
-import aiohttp
-
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import orjson
+
 from loragate.service.metrics import Metrics
 from loragate.service.replicas import Replica
+from loragate.service.transport import ControlClient, Timeout, TransportError
 
 if TYPE_CHECKING:
     from loragate.service.tracing import RequestTracer
 
 log = logging.getLogger("loragate.upstreams")
+
+ANSWER_MAX_BYTES = 64 << 10  # the engine's answer to a load or unload (a sentence, or an error object)
 
 
 class AdapterUnavailable(Exception):
@@ -54,7 +57,7 @@ class AdapterLoader:
         self.failure_ttl_s = failure_ttl_s
         self.limit = limit  # adapters per replica before an idle one is unloaded (None: never unload)
         self.min_idle_s = min_idle_s
-        self.session: aiohttp.ClientSession | None = None
+        self.client: ControlClient | None = None  # bound by the app's lifespan (Pool.bind)
         self.loading: dict[str, int] = {}  # adapter -> loads under way on any replica
         self.on_change = on_change  # which replica holds what changed (the replica set reindexes)
         self.tracer = tracer  # None: tracing off (service/tracing.py)
@@ -103,29 +106,26 @@ class AdapterLoader:
 
     async def _load(self, replica: Replica, adapter: str, path: str, reason: str) -> str:
         """Load it; the result (success, already_loaded) or AdapterUnavailable with the outcome (failed, error)."""
-        assert self.session is not None
+        assert self.client is not None
         if self.limit is not None and len(replica.adapters) >= self.limit:
             victim = unload_victim(replica, adapter, time.monotonic(), self.min_idle_s)
             if victim is not None:
                 await self.unload(replica, victim, "lru")
         started = time.perf_counter()
         result = "error"
-        detail = ""
         try:
-            async with self.session.post(
-                f"{replica.url}/v1/load_lora_adapter",
-                json={"lora_name": adapter, "lora_path": path},
-                timeout=aiohttp.ClientTimeout(total=self.load_timeout_s),
-            ) as resp:
-                detail = (await resp.read()).decode(errors="replace")[:300]
-                if resp.status == 200:
-                    result = "success"
-                elif resp.status == 400 and "already" in detail:
-                    result = "already_loaded"  # another gateway worker loaded it first
-                else:
-                    result = "failed"
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            detail = type(exc).__name__
+            reply = await self.client.post(f"{replica.url}/v1/load_lora_adapter",
+                                           orjson.dumps({"lora_name": adapter, "lora_path": path}),
+                                           timeout=Timeout(total=self.load_timeout_s), max_bytes=ANSWER_MAX_BYTES)
+            detail = reply.body.decode(errors="replace")[:300]
+            if reply.status == 200:
+                result = "success"
+            elif reply.status == 400 and "already" in detail:
+                result = "already_loaded"  # another gateway worker loaded it first
+            else:
+                result = "failed"
+        except TransportError as exc:
+            detail = f"{type(exc).__name__}: {exc}"
         self.metrics.adapter_loads.labels(replica.url, adapter, result).inc()
         if result in ("success", "already_loaded"):
             self.metrics.adapter_load_duration.labels(adapter).observe(time.perf_counter() - started)
@@ -142,16 +142,14 @@ class AdapterLoader:
 
     async def unload(self, replica: Replica, adapter: str, reason: str) -> bool:
         """Take the adapter off the replica; False when the engine refused (it stays listed then)."""
-        assert self.session is not None
+        assert self.client is not None
         replica.adapters.discard(adapter)  # no new request goes there for it while this runs
         try:
-            async with self.session.post(
-                f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": adapter},
-                timeout=aiohttp.ClientTimeout(total=self.load_timeout_s),
-            ) as resp:
-                await resp.read()
-                ok = resp.status in (200, 404)  # 404: already gone
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+            reply = await self.client.post(f"{replica.url}/v1/unload_lora_adapter",
+                                           orjson.dumps({"lora_name": adapter}),
+                                           timeout=Timeout(total=self.load_timeout_s), max_bytes=ANSWER_MAX_BYTES)
+            ok = reply.status in (200, 404)  # 404: already gone
+        except TransportError:
             ok = False
         self.on_change()
         if ok:

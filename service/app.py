@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from loragate.service.aiohttpedge import AiohttpControl
 from loragate.service.api.admin import admin_router
 from loragate.service.api.feedback import RecentRequests, feedback_router
 from loragate.service.api.health import health_router
@@ -96,7 +97,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
             ),
             skip_auto_headers=("User-Agent",),
         )
-        pool.bind(session)
+        pool.bind(AiohttpControl(session))  # health checks, scrapes, adapter loads
         # The request path to plain http:// replicas: the lean client (timeouts default as the session's).
         client = (HttpClient(Timeout(total=settings.total_timeout_s, connect=settings.connect_timeout_s))
                   if settings.upstream_client == "lean" else None)

@@ -7,7 +7,6 @@ ask for one itself, drops that chunk before it reaches the client.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -16,10 +15,11 @@ import aiohttp
 import orjson
 
 from loragate.common import sse
+from loragate.service.aiohttpedge import AIOHTTP_ERRORS, aiohttp_error, client_timeout
 from loragate.service.failures import FailureReason, UpstreamFailure
 from loragate.service.httpclient import HttpClient
-from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer,
-                                        StreamedAnswer, Timeout, TransportError, TransportTimeout)
+from loragate.service.transport import (ConnectFailed, Disconnected, StreamedAnswer, Timeout, TransportError,
+                                        TransportTimeout)
 
 
 @dataclass(slots=True)
@@ -124,24 +124,7 @@ async def open_upstream(
     return response
 
 
-# --- aiohttp's edge: its timeouts and errors in service/transport.py's terms, in one place ---
-
-def _aiohttp_error(exc: BaseException) -> TransportError:
-    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError)):
-        return TransportTimeout(str(exc) or "no answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return ConnectFailed(exc.host, exc.port or 0, exc.os_error)
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return IncompleteAnswer(str(exc))
-    if isinstance(exc, aiohttp.ClientConnectionError):
-        return Disconnected(str(exc) or type(exc).__name__)
-    if isinstance(exc, aiohttp.ClientResponseError):
-        return MalformedAnswer(str(exc))
-    return TransportError(f"{type(exc).__name__}: {exc}")
-
-
-_AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError)
-
+# --- the answers through aiohttp's session (its errors mapped in service/aiohttpedge.py) ---
 
 async def _aiohttp_post(session: aiohttp.ClientSession, url: str, body: bytes, request_id: str,
                         timeout: Timeout | None, api_key: str | None, traceparent: str | None = None) -> AiohttpAnswer:
@@ -151,11 +134,11 @@ async def _aiohttp_post(session: aiohttp.ClientSession, url: str, body: bytes, r
     if traceparent:
         headers["traceparent"] = traceparent
     options: dict[str, Any] = {} if timeout is None else {  # None: the session's
-        "timeout": aiohttp.ClientTimeout(total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read)}
+        "timeout": client_timeout(timeout)}
     try:
         return AiohttpAnswer(await session.post(url, data=body, headers=headers, **options))
-    except _AIOHTTP_ERRORS as exc:
-        raise _aiohttp_error(exc) from exc
+    except AIOHTTP_ERRORS as exc:
+        raise aiohttp_error(exc) from exc
 
 
 class AiohttpAnswer(StreamedAnswer):
@@ -173,14 +156,14 @@ class AiohttpAnswer(StreamedAnswer):
     async def read(self) -> bytes:
         try:
             return await self._response.read()
-        except _AIOHTTP_ERRORS as exc:
-            raise _aiohttp_error(exc) from exc
+        except AIOHTTP_ERRORS as exc:
+            raise aiohttp_error(exc) from exc
 
     async def readany(self) -> bytes:
         try:
             return await self._response.content.readany()
-        except _AIOHTTP_ERRORS as exc:
-            raise _aiohttp_error(exc) from exc
+        except AIOHTTP_ERRORS as exc:
+            raise aiohttp_error(exc) from exc
 
     def release(self) -> None:
         self._response.release()

@@ -15,15 +15,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
 import orjson
 
 from loragate.service.discovery import DiscoveryError, parse_entry, resolve
 from loragate.service.enginestate import MAX_METRICS_BYTES, EngineState, MetricsFormatError, parse_engine_metrics
 from loragate.service.metrics import Metrics
 from loragate.service.resilience import CircuitBreaker
+from loragate.service.transport import ControlClient, Timeout, TransportError
 
 log = logging.getLogger("loragate.upstreams")
+
+HEALTH_MAX_BYTES = 64 << 10  # a /health answer (vLLM's is empty); more: unhealthy
+# /v1/models: ~36,000 adapters at ~470 bytes each (vLLM's model card with its permission object). Its JSON parse
+# holds the event loop ~14 ms a MiB (measured on a loaded 2-core host; orjson keeps the GIL: a thread would not help).
+MODELS_MAX_BYTES = 16 << 20
 
 
 @dataclass(eq=False)
@@ -88,7 +93,7 @@ class ReplicaSet:
                 metrics.upstream_discovered.labels(entry.url).set(1)
         self.health_timeout_s = health_timeout_s
         self.scrape_timeout_s = scrape_timeout_s
-        self.session: aiohttp.ClientSession | None = None
+        self.client: ControlClient | None = None  # bound by the app's lifespan (Pool.bind)
         self._on_change = on_change or (lambda _replicas: None)
         self._on_change(self.replicas)
         # Adapter -> the replicas holding it or loading it: the picker's candidates for it (kept by reindex).
@@ -190,14 +195,14 @@ class ReplicaSet:
         self.reindex()
 
     async def check(self, replica: Replica) -> None:
-        assert self.session is not None
-        timeout = aiohttp.ClientTimeout(total=self.health_timeout_s)
+        assert self.client is not None
+        timeout = Timeout(total=self.health_timeout_s)
         try:
-            async with self.session.get(f"{replica.url}/health", timeout=timeout) as resp:
-                healthy = resp.status == 200
+            reply = await self.client.get(f"{replica.url}/health", timeout=timeout, max_bytes=HEALTH_MAX_BYTES)
+            healthy = reply.status == 200
             if healthy:
-                async with self.session.get(f"{replica.url}/v1/models", timeout=timeout) as resp:
-                    models = orjson.loads(await resp.read()).get("data", []) if resp.status == 200 else None
+                reply = await self.client.get(f"{replica.url}/v1/models", timeout=timeout, max_bytes=MODELS_MAX_BYTES)
+                models = orjson.loads(reply.body).get("data", []) if reply.status == 200 else None
                 if models is not None:
                     # Loads still in flight keep their claim; everything else follows the replica.
                     listed = [m for m in models if m.get("parent") is not None]
@@ -205,7 +210,7 @@ class ReplicaSet:
                     replica.adapter_roots = {m["id"]: m["root"] for m in listed if isinstance(m.get("root"), str)}
                     for name in [n for n in replica.loaded_by_gateway if n not in replica.adapters]:
                         del replica.loaded_by_gateway[name]
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, KeyError, TypeError, AttributeError):
+        except (TransportError, ValueError, KeyError, TypeError, AttributeError):
             healthy = False
         if replica.draining:  # it left DNS while being checked: its series are gone, keep them so
             return
@@ -229,17 +234,16 @@ class ReplicaSet:
     async def scrape(self, replica: Replica) -> None:
         """One replica's /metrics into ``replica.engine``; on any failure None (the picker then counts
         the gateway's own requests in flight there)."""
-        assert self.session is not None
+        assert self.client is not None
         in_flight = replica.in_flight
         engine: EngineState | None = None
         try:
-            async with self.session.get(f"{replica.url}/metrics",
-                                        timeout=aiohttp.ClientTimeout(total=self.scrape_timeout_s)) as resp:
-                if resp.status == 200:
-                    body = await resp.content.read(MAX_METRICS_BYTES + 1)
-                    # In a thread: a hostile body costs ~0.2 s of parsing, which must not stall the event loop.
-                    engine = await asyncio.to_thread(parse_engine_metrics, body)
-        except (aiohttp.ClientError, asyncio.TimeoutError, MetricsFormatError, UnicodeError):
+            reply = await self.client.get(f"{replica.url}/metrics", timeout=Timeout(total=self.scrape_timeout_s),
+                                          max_bytes=MAX_METRICS_BYTES)
+            if reply.status == 200:
+                # In a thread: a hostile body costs ~0.2 s of parsing, which must not stall the event loop.
+                engine = await asyncio.to_thread(parse_engine_metrics, reply.body)
+        except (TransportError, MetricsFormatError, UnicodeError):
             engine = None
         if engine is None:
             self.metrics.engine_scrape_errors.labels(replica.url).inc()

@@ -1,8 +1,9 @@
 """loragate's own transport vocabulary: the timeouts of one upstream exchange and the errors it can end in.
 
-The gateway, the stream relay and the shadow path speak only these. Each client maps its own errors once,
-at its edge (service/httpclient.py raises these directly; the aiohttp session's are mapped in
-service/proxy.py), so a client can change without touching its callers (as httpx maps httpcore's errors).
+The gateway, the stream relay, the shadow path and the control calls (ControlClient: health checks, /v1/models,
+/metrics scrapes, adapter loads) speak only these. Each client maps its own errors once, at its edge
+(service/httpclient.py raises these directly; the aiohttp session's are mapped in service/aiohttpedge.py),
+so a client can change without touching its callers (as httpx maps httpcore's errors).
 
   ConnectFailed      no connection to the replica (refused, unreachable, no such host); ``os_error``
   Disconnected       the connection closed before the answer's status line and headers
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,3 +97,28 @@ class StreamedAnswer:
         if not chunk:
             raise StopAsyncIteration
         return chunk
+
+
+# --- control calls: the gateway's own requests to its engines (everything but the answers it relays) ---
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The whole answer to a control call: its status, and its body read to the end (never over ``max_bytes``)."""
+
+    status: int
+    body: bytes
+
+
+class ControlClient(Protocol):
+    """Health checks, /v1/models, /metrics scrapes, adapter loads and unloads (service/replicas.py,
+    service/adapterloads.py) through one boundary, implemented once per client (service/aiohttpedge.py).
+
+    Each call returns the whole answer, whatever its status, or raises a TransportError: ConnectFailed,
+    TransportTimeout when ``timeout`` runs out (reading the body included), IncompleteAnswer, and
+    MalformedAnswer for a body over ``max_bytes`` (the connection is then closed, never reused).
+    ``post`` sends ``json``, the bytes of a JSON document.
+    """
+
+    async def get(self, url: str, *, timeout: Timeout, max_bytes: int) -> Reply: ...
+
+    async def post(self, url: str, json: bytes, *, timeout: Timeout, max_bytes: int) -> Reply: ...

@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from collections.abc import Set as AbstractSet
 
-import aiohttp
-
 from loragate.service.adapterloads import AdapterLoader, AdapterUnavailable
 from loragate.service.admission import Admission
 from loragate.service.failures import FailureReason
@@ -29,6 +27,7 @@ from loragate.service.priority import Priority
 from loragate.service.resilience import CircuitBreaker, Overloaded
 from loragate.service.scorers import ScorerWeights, Weights
 from loragate.service.tracing import RequestTracer
+from loragate.service.transport import ControlClient
 
 REPLICA = "*"  # the adapter label of a replica-wide circuit
 DEFAULT_WEIGHTS = Weights()
@@ -89,8 +88,9 @@ class Pool:
         self.total_in_flight = 0
         self._decisions = {s: metrics.picker_decisions.labels(s) for s in ("load", "adapter", "prefix", "only")}
 
-    def bind(self, session: aiohttp.ClientSession) -> None:
-        self.set.session = self.loader.session = session
+    def bind(self, client: ControlClient) -> None:
+        """Health checks, /metrics scrapes and adapter loads go through ``client`` (the app's lifespan binds it)."""
+        self.set.client = self.loader.client = client
 
     @property
     def replicas(self) -> list[Replica]:

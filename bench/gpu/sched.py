@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 
 from prometheus_client import CollectorRegistry  # noqa: E402
 
+from loragate.service.aiohttpedge import AiohttpControl  # noqa: E402
 from loragate.service.engine import engine_command, engine_env  # noqa: E402
 from loragate.service.enginestate import parse_engine_metrics  # noqa: E402
 from loragate.service.metrics import Metrics  # noqa: E402
@@ -187,7 +188,7 @@ class Loragate:
 
     def __init__(self, urls: list[str], session: aiohttp.ClientSession) -> None:
         self.pool = Pool(urls, Metrics(CollectorRegistry()))
-        self.pool.bind(session)
+        self.pool.bind(AiohttpControl(session))
         self.task: asyncio.Task | None = None
 
     async def start(self) -> None:

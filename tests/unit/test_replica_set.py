@@ -12,6 +12,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 from prometheus_client import CollectorRegistry, generate_latest
 
+from loragate.service.aiohttpedge import AiohttpControl
 from loragate.service.metrics import Metrics
 from loragate.service.upstreams import AdapterUnavailable, Pool
 from tests.stub_engine import make_app
@@ -34,7 +35,7 @@ async def test_scrape_reads_the_engine_and_the_view_says_what_falls_back():
     servers = [*await engines(1), *await engines(1, metrics=False)]
     pool = Pool([url(s) for s in servers], Metrics(CollectorRegistry()))
     async with aiohttp.ClientSession() as session:
-        pool.bind(session)
+        pool.bind(AiohttpControl(session))
         await pool.start()
         scraped, bare = pool.replicas
         assert scraped.engine is not None and scraped.engine.max_lora == 2 and scraped.engine.running == 0
@@ -50,7 +51,7 @@ async def test_a_busy_holder_spreads_its_adapter_once_and_both_serve():
     servers = await engines(2)
     pool = Pool([url(s) for s in servers], Metrics(CollectorRegistry()))
     async with aiohttp.ClientSession() as session:
-        pool.bind(session)
+        pool.bind(AiohttpControl(session))
         await pool.start()
         first = await pool.acquire("hot", "/adapters/hot")
         pool.release(first, "hot")
@@ -72,7 +73,7 @@ async def test_at_the_adapter_limit_the_idle_least_recently_used_one_is_unloaded
     (server,) = await engines(1)
     pool = Pool([url(server)], Metrics(CollectorRegistry()), max_adapters_per_replica=2, adapter_min_idle_s=0)
     async with aiohttp.ClientSession() as session:
-        pool.bind(session)
+        pool.bind(AiohttpControl(session))
         await pool.start()
         for name in ("a", "b", "c"):
             replica = await pool.acquire(name, f"/adapters/{name}")
@@ -94,7 +95,7 @@ async def test_hysteresis_keeps_a_recently_used_adapter_loaded_over_the_limit():
     (server,) = await engines(1)
     pool = Pool([url(server)], Metrics(CollectorRegistry()), max_adapters_per_replica=1, adapter_min_idle_s=60)
     async with aiohttp.ClientSession() as session:
-        pool.bind(session)
+        pool.bind(AiohttpControl(session))
         await pool.start()
         for name in ("a", "b"):
             replica = await pool.acquire(name, f"/adapters/{name}")
@@ -127,7 +128,7 @@ async def test_a_replica_holding_another_version_under_the_name_is_not_used_for_
     (fresh,) = await engines(1)
     pool = Pool([url(old), url(fresh)], Metrics(CollectorRegistry()))
     async with aiohttp.ClientSession() as session:
-        pool.bind(session)
+        pool.bind(AiohttpControl(session))
         await pool.start()
         for _ in range(5):
             replica = await pool.acquire("support", "/adapters/support/v2")
@@ -136,7 +137,7 @@ async def test_a_replica_holding_another_version_under_the_name_is_not_used_for_
         assert (await pool.acquire("support", "/static/support")).url in (url(old), url(fresh))
     async with aiohttp.ClientSession() as session:
         alone = Pool([url(old)], Metrics(CollectorRegistry()))
-        alone.bind(session)
+        alone.bind(AiohttpControl(session))
         await alone.start()
         with pytest.raises(AdapterUnavailable, match="vllm#30931"):
             await alone.acquire("support", "/adapters/support/v2")

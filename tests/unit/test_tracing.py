@@ -270,6 +270,7 @@ async def stub_gateway(tmp_path, monkeypatch, receiver):
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
+    from loragate.service.aiohttpedge import AiohttpControl
     from loragate.service.requestlog import RequestLog
     from tests.stub_upstream import make_app
 
@@ -303,7 +304,7 @@ async def stub_gateway(tmp_path, monkeypatch, receiver):
 
     use_log(1000)
     session = aiohttp.ClientSession()
-    app.state.pool.bind(session)
+    app.state.pool.bind(AiohttpControl(session))
     gateway.upstream.bind(session)
     await app.state.pool.start()
     assert all(replica.healthy and not replica.adapters for replica in app.state.pool.replicas)

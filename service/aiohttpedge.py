@@ -1,0 +1,76 @@
+"""aiohttp's edge: its timeouts and errors in service/transport.py's terms, in one place, and the control calls
+(transport.ControlClient: health checks, /v1/models, /metrics scrapes, adapter loads) over the app's session.
+
+The answers the gateway relays through aiohttp (https:// endpoints, or LORAGATE_UPSTREAM_CLIENT=aiohttp) are
+opened in service/proxy.py, which maps their errors with ``aiohttp_error`` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer, Reply,
+                                        Timeout, TransportError, TransportTimeout)
+
+AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError)  # what aiohttp raises for an exchange
+_JSON = {"content-type": "application/json"}
+
+
+def aiohttp_error(exc: BaseException) -> TransportError:
+    """One of AIOHTTP_ERRORS as service/transport.py's error."""
+    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError, TimeoutError)):
+        return TransportTimeout(str(exc) or "no answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ConnectFailed(exc.host, exc.port or 0, exc.os_error)
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return IncompleteAnswer(str(exc))
+    if isinstance(exc, aiohttp.ClientConnectionError):
+        return Disconnected(str(exc) or type(exc).__name__)
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return MalformedAnswer(str(exc))
+    return TransportError(f"{type(exc).__name__}: {exc}")
+
+
+def client_timeout(timeout: Timeout) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=timeout.total, sock_connect=timeout.connect, sock_read=timeout.read)
+
+
+class AiohttpControl:
+    """transport.ControlClient over an aiohttp session (the app's: its connection pool, TLS and DNS cache)."""
+
+    __slots__ = ("session",)
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    async def get(self, url: str, *, timeout: Timeout, max_bytes: int) -> Reply:
+        return await self._call("GET", url, None, timeout, max_bytes)
+
+    async def post(self, url: str, json: bytes, *, timeout: Timeout, max_bytes: int) -> Reply:
+        return await self._call("POST", url, json, timeout, max_bytes)
+
+    async def _call(self, method: str, url: str, body: bytes | None, timeout: Timeout, max_bytes: int) -> Reply:
+        try:
+            async with self.session.request(method, url, data=body, headers=None if body is None else _JSON,
+                                            timeout=client_timeout(timeout)) as response:
+                return Reply(response.status, await _read_at_most(response, max_bytes))
+        except AIOHTTP_ERRORS as exc:
+            raise aiohttp_error(exc) from exc
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
+    """The body to its end; MalformedAnswer, the connection closed, as soon as it is over ``max_bytes`` (declared
+    so, or read so: reading stops at the first chunk past it)."""
+    declared = response.content_length or 0
+    chunks: list[bytes] = []
+    read = 0
+    while declared <= max_bytes and read <= max_bytes:
+        chunk = await response.content.readany()
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        read += len(chunk)
+    response.close()
+    raise MalformedAnswer(f"{response.method} {response.url}: a body over {max_bytes} bytes")
