@@ -2,17 +2,18 @@
 (transport.ControlClient: health checks, /v1/models, /metrics scrapes, adapter loads) over the app's session.
 
 The answers the gateway relays through aiohttp (https:// endpoints, or LORAGATE_UPSTREAM_CLIENT=aiohttp) are
-opened in service/proxy.py, which maps their errors with ``aiohttp_error`` too.
+opened here too (``aiohttp_post``, ``AiohttpAnswer``), for service/proxy.py's ``open_upstream``.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 
 from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer, Reply,
-                                        Timeout, TransportError, TransportTimeout)
+                                        StreamedAnswer, Timeout, TransportError, TransportTimeout)
 
 AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError)  # what aiohttp raises for an exchange
 _JSON = {"content-type": "application/json"}
@@ -74,3 +75,48 @@ async def _read_at_most(response: aiohttp.ClientResponse, max_bytes: int) -> byt
         read += len(chunk)
     response.close()
     raise MalformedAnswer(f"{response.method} {response.url}: a body over {max_bytes} bytes")
+
+
+# --- the answers the gateway relays through aiohttp's session (service/proxy.py's open_upstream) ---
+
+async def aiohttp_post(session: aiohttp.ClientSession, url: str, body: bytes, request_id: str,
+                       timeout: Timeout | None, api_key: str | None, traceparent: str | None = None) -> AiohttpAnswer:
+    headers = {"content-type": "application/json", "x-request-id": request_id}
+    if api_key:
+        headers["authorization"] = f"Bearer {api_key}"
+    if traceparent:
+        headers["traceparent"] = traceparent
+    options: dict[str, Any] = {} if timeout is None else {  # None: the session's
+        "timeout": client_timeout(timeout)}
+    try:
+        return AiohttpAnswer(await session.post(url, data=body, headers=headers, **options))
+    except AIOHTTP_ERRORS as exc:
+        raise aiohttp_error(exc) from exc
+
+
+class AiohttpAnswer(StreamedAnswer):
+    """An aiohttp.ClientResponse as an UpstreamResponse whose reads raise service/transport.py's errors."""
+
+    __slots__ = ("_response",)
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    @property
+    def status(self) -> int:
+        return self._response.status
+
+    async def read(self) -> bytes:
+        try:
+            return await self._response.read()
+        except AIOHTTP_ERRORS as exc:
+            raise aiohttp_error(exc) from exc
+
+    async def readany(self) -> bytes:
+        try:
+            return await self._response.content.readany()
+        except AIOHTTP_ERRORS as exc:
+            raise aiohttp_error(exc) from exc
+
+    def release(self) -> None:
+        self._response.release()

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import aiohttp
 import orjson
 
 from loragate.common import sse
-from loragate.service.aiohttpedge import AIOHTTP_ERRORS, aiohttp_error, client_timeout
+from loragate.service.aiohttpedge import aiohttp_post
 from loragate.service.failures import FailureReason, UpstreamFailure
 from loragate.service.httpclient import HttpClient
-from loragate.service.transport import (ConnectFailed, Disconnected, StreamedAnswer, Timeout, TransportError,
-                                        TransportTimeout)
+from loragate.service.transport import ConnectFailed, Disconnected, Timeout, TransportError, TransportTimeout
+
+if TYPE_CHECKING:  # the session's type only: aiohttp itself is used in service/aiohttpedge.py
+    import aiohttp
 
 
 @dataclass(slots=True)
@@ -106,7 +107,7 @@ async def open_upstream(
             response = await session.post(url, body, request_id=request_id, api_key=api_key, timeout=timeout,
                                          traceparent=traceparent)
         else:
-            response = await _aiohttp_post(session, url, body, request_id, timeout, api_key, traceparent)
+            response = await aiohttp_post(session, url, body, request_id, timeout, api_key, traceparent)
     except TransportTimeout:
         raise UpstreamFailure(FailureReason.TIMEOUT, f"{url}: no answer in time") from None
     except ConnectFailed as exc:
@@ -122,51 +123,6 @@ async def open_upstream(
                   else FailureReason.ADAPTER_MISSING)
         raise UpstreamFailure(reason, f"{url}: HTTP {status}")
     return response
-
-
-# --- the answers through aiohttp's session (its errors mapped in service/aiohttpedge.py) ---
-
-async def _aiohttp_post(session: aiohttp.ClientSession, url: str, body: bytes, request_id: str,
-                        timeout: Timeout | None, api_key: str | None, traceparent: str | None = None) -> AiohttpAnswer:
-    headers = {"content-type": "application/json", "x-request-id": request_id}
-    if api_key:
-        headers["authorization"] = f"Bearer {api_key}"
-    if traceparent:
-        headers["traceparent"] = traceparent
-    options: dict[str, Any] = {} if timeout is None else {  # None: the session's
-        "timeout": client_timeout(timeout)}
-    try:
-        return AiohttpAnswer(await session.post(url, data=body, headers=headers, **options))
-    except AIOHTTP_ERRORS as exc:
-        raise aiohttp_error(exc) from exc
-
-
-class AiohttpAnswer(StreamedAnswer):
-    """An aiohttp.ClientResponse as an UpstreamResponse whose reads raise service/transport.py's errors."""
-
-    __slots__ = ("_response",)
-
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
-        self._response = response
-
-    @property
-    def status(self) -> int:
-        return self._response.status
-
-    async def read(self) -> bytes:
-        try:
-            return await self._response.read()
-        except AIOHTTP_ERRORS as exc:
-            raise aiohttp_error(exc) from exc
-
-    async def readany(self) -> bytes:
-        try:
-            return await self._response.content.readany()
-        except AIOHTTP_ERRORS as exc:
-            raise aiohttp_error(exc) from exc
-
-    def release(self) -> None:
-        self._response.release()
 
 
 class SseRelay:

@@ -73,7 +73,7 @@ class ReadTimeout(TransportTimeout):
 class StreamedAnswer:
     """An upstream answer that is its own ``content``: iterating it yields ``readany()``'s chunks until the end.
 
-    Subclasses (service/httpclient.py's Response, service/proxy.py's AiohttpAnswer) give ``readany``: the bytes
+    Subclasses (service/httpclient.py's Response, service/aiohttpedge.py's AiohttpAnswer) give ``readany``: the bytes
     come in so far, b"" at the end, raising this module's errors.
     """
 

@@ -43,7 +43,7 @@ import pytest
 import uvloop
 
 from loragate.service.httpclient import FIELD_MAX, HEAD_MAX, PAUSE_AT, HttpClient, _Connection
-from loragate.service.proxy import _aiohttp_post
+from loragate.service.aiohttpedge import aiohttp_post
 from loragate.service.transport import (Disconnected, IncompleteAnswer, MalformedAnswer, Timeout, TransportError,
                                         TransportTimeout)
 from tests.wire_peers import CLOSE, RESET, HttpPeer, Script, StallWatch, parser_watch
@@ -254,7 +254,7 @@ def test_aiohttp_outcomes(case: Case) -> None:
         peer = HttpPeer(lambda number: case.script if number == 0 else [OK])
         async with peer.running() as url, aiohttp.ClientSession() as session:
             try:
-                answer = await _aiohttp_post(session, url, b"{}", "r", case.timeout, None)
+                answer = await aiohttp_post(session, url, b"{}", "r", case.timeout, None)
                 try:
                     outcome: Outcome = await answer.read()
                 finally:
