@@ -26,9 +26,10 @@ from loragate.service.transport import ControlClient, Timeout, TransportError
 log = logging.getLogger("loragate.upstreams")
 
 HEALTH_MAX_BYTES = 64 << 10  # a /health answer (vLLM's is empty); more: unhealthy
-# /v1/models: ~36,000 adapters at ~470 bytes each (vLLM's model card with its permission object). Its JSON parse
-# holds the event loop ~14 ms a MiB (measured on a loaded 2-core host; orjson keeps the GIL: a thread would not help).
-MODELS_MAX_BYTES = 16 << 20
+# /v1/models: ~9,000 adapters at ~470 bytes each (vLLM's model card with its permission object), far past any
+# engine's --max-cpu-loras. Its JSON parse holds the event loop ~14 ms a MiB (measured on a loaded 2-core host;
+# orjson keeps the GIL: a thread would not help), so the cap is also the longest stall a replica can cause: ~60 ms.
+MODELS_MAX_BYTES = 4 << 20
 
 
 @dataclass(eq=False)
