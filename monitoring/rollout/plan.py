@@ -168,11 +168,11 @@ def needs(judge: JudgeConfig, steps: list[float], rows: list[tuple[float, float]
     """For each ``(weight, z)`` of ``rows``: the canary requests each check (and ``"analysis"``: all of them)
     needs to pass an A/A canary at ``weight`` (``z``: one that many standard deviations unlucky). The judge
     runs over a coarse grid of sizes, then over a fine grid just below each check's first pass; each grid is
-    one ``judge_many`` call for all rows at once (its cost is per call far more than per size)."""
+    one ``judge_many`` call for all rows at once (per-call costs dominated one row at a time: bench/plan_speed.py)."""
     coarse = _passes(judge, steps, rows, traffic, np.broadcast_to(COARSE, (len(rows), COARSE.size)))
     fine_rows = []
-    for passed in coarse:
-        firsts = {int(np.argmax(p)) for p in passed.values() if p.any()}
+    for row in coarse:
+        firsts = {int(np.argmax(p)) for p in row.values() if p.any()}
         fine = [np.linspace(COARSE[i - 1], COARSE[i], FINE + 1)[1:-1] for i in firsts if i]
         fine_rows.append(np.concatenate(fine) if fine else np.full(1, COARSE[0]))
     width = max(f.size for f in fine_rows)
