@@ -31,7 +31,7 @@ def _corpus_files(limit: int = 400) -> list[str]:
     return [f for f in (stdlib + licenses) if Path(f).is_file()][:limit]
 
 
-def _build_tokenizer(out: Path, vocab_size: int) -> PreTrainedTokenizerFast:
+def build_tokenizer(out: Path, vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -62,7 +62,7 @@ def build_demo_model(out_dir: Path, adapters: int = 2, seed: int = 0, vocab_size
     base_dir = out_dir / "base"
     base_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = _build_tokenizer(base_dir, vocab_size)
+    tokenizer = build_tokenizer(base_dir, vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,

@@ -68,11 +68,11 @@ def build_model(out: Path, *, cpu: bool, adapters: int) -> dict:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loragate.service.demo_model import _build_tokenizer
+    from loragate.service.demo_model import build_tokenizer
 
     base = out / "base"
     base.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer(base, 8000)
+    tokenizer = build_tokenizer(base, 8000)
     config = LlamaConfig(  # Llama-3-8B's shapes; the vocabulary is the local tokenizer's, padded
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,

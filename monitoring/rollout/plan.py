@@ -19,7 +19,7 @@ traffic comes in as ``RouteTraffic``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from itertools import combinations
 from typing import Any
 
@@ -164,31 +164,57 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.0f} min"
 
 
-def needs(judge: JudgeConfig, steps: list[float], weight: float, traffic: RouteTraffic, z: float = 0.0
-          ) -> dict[str, float | None]:
-    """Canary requests each check (and ``"analysis"``: all of them) needs to pass an A/A canary at ``weight``
-    (``z``: one that many standard deviations unlucky): the judge over a coarse grid of sizes, then again over
-    a fine grid just below each first pass."""
-    coarse = _judged(judge, steps, weight, traffic, COARSE, z)
-    fine = [np.linspace(COARSE[i - 1], COARSE[i], FINE + 1)[1:-1] for i in set(coarse.values()) if i is not None and i]
-    sizes = np.unique(np.concatenate([COARSE, *fine])) if fine else COARSE
-    first = _judged(judge, steps, weight, traffic, sizes, z)
-    return {name: None if i is None else float(sizes[i]) for name, i in first.items()}
-
-
-def _judged(judge: JudgeConfig, steps: list[float], weight: float, traffic: RouteTraffic, sizes: np.ndarray,
-            z: float) -> dict[str, int | None]:
-    """For each check, the index of the first size in ``sizes`` at which the expected counts pass."""
-    stable_sizes = sizes * (100 - weight) / weight
-    score_range = judge.feedback.score_range if judge.feedback is not None else (0.0, 1.0)
-    canary = traffic.unlucky(sizes, stable_sizes, z, score_range) if z else traffic.expected(sizes)
-    stable = traffic.expected(stable_sizes)
-    codes = judge_many(judge, (canary, stable), tuple(traffic.latency), steps=judged_steps(steps))
-    found: dict[str, int | None] = {}
-    for name, decided in codes.items():
-        passed = np.flatnonzero(decided == 1)
-        found[name] = int(passed[0]) if passed.size else None
+def needs(judge: JudgeConfig, steps: list[float], rows: list[tuple[float, float]], traffic: RouteTraffic
+          ) -> list[dict[str, float | None]]:
+    """For each ``(weight, z)`` of ``rows``: the canary requests each check (and ``"analysis"``: all of them)
+    needs to pass an A/A canary at ``weight`` (``z``: one that many standard deviations unlucky). The judge
+    runs over a coarse grid of sizes, then over a fine grid just below each check's first pass; each grid is
+    one ``judge_many`` call for all rows at once (per-call costs dominated one row at a time: bench/plan_speed.py)."""
+    coarse = _passes(judge, steps, rows, traffic, np.broadcast_to(COARSE, (len(rows), COARSE.size)))
+    fine_rows = []
+    for row in coarse:
+        firsts = {int(np.argmax(p)) for p in row.values() if p.any()}
+        fine = [np.linspace(COARSE[i - 1], COARSE[i], FINE + 1)[1:-1] for i in firsts if i]
+        fine_rows.append(np.concatenate(fine) if fine else np.full(1, COARSE[0]))
+    width = max(f.size for f in fine_rows)
+    fine_sizes = np.array([np.pad(f, (0, width - f.size), mode="edge") for f in fine_rows])
+    fine_passes = _passes(judge, steps, rows, traffic, fine_sizes)
+    found = []
+    for coarse_row, fine_row, sizes in zip(coarse, fine_passes, fine_sizes):
+        first: dict[str, float | None] = {}
+        for name, passed in coarse_row.items():  # the smallest passing size of both grids
+            candidates = np.concatenate([COARSE[passed], sizes[fine_row[name]]])
+            first[name] = float(candidates.min()) if candidates.size else None
+        found.append(first)
     return found
+
+
+def _passes(judge: JudgeConfig, steps: list[float], rows: list[tuple[float, float]], traffic: RouteTraffic,
+            sizes: np.ndarray) -> list[dict[str, np.ndarray]]:
+    """For each row (weight, z) and its line of ``sizes``: {check: whether the counts at each size pass}."""
+    score_range = judge.feedback.score_range if judge.feedback is not None else (0.0, 1.0)
+    canaries, stables = [], []
+    for (weight, z), line in zip(rows, sizes):
+        stable_sizes = line * (100 - weight) / weight
+        canaries.append(traffic.unlucky(line, stable_sizes, z, score_range) if z else traffic.expected(line))
+        stables.append(traffic.expected(stable_sizes))
+    codes = judge_many(judge, (_stacked(canaries), _stacked(stables)), tuple(traffic.latency),
+                       steps=judged_steps(steps))
+    return [{name: decided[r] == 1 for name, decided in codes.items()} for r in range(len(rows))]
+
+
+def _stacked(counts: list[Counts]) -> Counts:
+    return Counts(*(np.stack([np.asarray(getattr(c, f.name), dtype=float) for c in counts]) for f in fields(Counts)))
+
+
+def _needs_of(memo: dict[tuple[str, int, float, float], dict[str, float | None]], judge: JudgeConfig,
+              steps: list[float], weights: list[float], traffic: RouteTraffic) -> None:
+    """Fill ``memo`` with the needs of each of ``weights``, median and slow rollout, in one batch."""
+    key = judge.model_dump_json(), judged_steps(steps)
+    missing = [(w, z) for w in weights for z in (0.0, SLOW_Z) if (*key, w, z) not in memo]
+    if missing:
+        for row, found in zip(missing, needs(judge, steps, missing, traffic)):
+            memo[(*key, *row)] = found
 
 
 def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True,
@@ -198,14 +224,12 @@ def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True,
     memo = {} if memo is None else memo
     rate = traffic.requests_per_s
     step_plans = []
-    for weight in (w for w in spec.steps if w < 100) if any(w < 100 for w in spec.steps) else spec.steps[:1]:
+    judged = [w for w in spec.steps if w < 100] if any(w < 100 for w in spec.steps) else spec.steps[:1]
+    _needs_of(memo, spec.judge, spec.steps, judged, traffic)
+    key = spec.judge.model_dump_json(), judged_steps(spec.steps)
+    for weight in judged:
         per_analysis = rate * spec.interval_s * weight / 100
-        found = []
-        for z in (0.0, SLOW_Z):
-            key = (spec.judge.model_dump_json(), judged_steps(spec.steps), weight, z)
-            if key not in memo:
-                memo[key] = needs(spec.judge, spec.steps, weight, traffic, z)
-            found.append(memo[key])
+        found = [memo[(*key, weight, z)] for z in (0.0, SLOW_Z)]
         need = dict(found[0])
         samples, slow = need.pop("analysis"), found[1]["analysis"]
         bottleneck = max(need, key=lambda c: _or_inf(need[c])) if need else None
@@ -252,6 +276,7 @@ def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan,
     judged = [w for w in spec.steps if w < 100]
     last = [100.0] if 100 in spec.steps else []
     for keep in range(len(judged) - 1, 0, -1):
+        _needs_of(memo, spec.judge, [*judged[:keep], *last], judged, traffic)  # every subset's, in one batch
         options = []
         for subset in combinations(judged, keep):
             candidate = plan(spec.model_copy(update={"steps": [*subset, *last]}), traffic, suggest=False, memo=memo)

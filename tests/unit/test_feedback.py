@@ -28,6 +28,16 @@ def logged(tmp_path):
         yield client, app, metrics, tmp_path / "log"
 
 
+@pytest.fixture(scope="module")
+def validating(tmp_path_factory):
+    """One gateway with the request log for the requests it refuses (each start spawns a conversion process:
+    half a second of CPU per test otherwise); refused feedback writes nothing, so they can share it."""
+    root = tmp_path_factory.mktemp("validating")
+    app, _ = _app(root, request_log_url=str(root / "log"))
+    with TestClient(app) as client:
+        yield client
+
+
 def test_feedback_is_stored_and_counted(logged):
     client, app, metrics, root = logged
     app.state.request_log.record(chat_record("known-1"))  # as the gateway does for an answered request
@@ -61,16 +71,16 @@ def test_feedback_is_stored_and_counted(logged):
     ({"request_id": "r1", "score": 1, "user": "me"}, "user", "unknown_parameter"),
     ([1, 2], None, "invalid_json"),
 ])
-def test_invalid_feedback_is_a_clear_400(logged, body, param, code):
-    client = logged[0]
+def test_invalid_feedback_is_a_clear_400(validating, body, param, code):
+    client = validating
     answer = client.post("/v1/feedback", json=body)
     assert answer.status_code == 400
     error = answer.json()["error"]
     assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", param, code)
 
 
-def test_not_json_and_too_large(logged):
-    client = logged[0]
+def test_not_json_and_too_large(validating):
+    client = validating
     answer = client.post("/v1/feedback", content=b"{nope", headers={"content-type": "application/json"})
     assert answer.status_code == 400 and answer.json()["error"]["code"] == "invalid_json"
     answer = client.post("/v1/feedback", json={"request_id": "r1", "correction": "x" * 70_000})

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 from pydantic import ValidationError
-from scipy.stats import norm
+from scipy.special import ndtr  # the standard normal CDF (scipy.stats.norm.cdf), without importing scipy.stats
 
 from loragate.monitoring.confseq import mean_bounds
 from loragate.monitoring.judge import (
@@ -36,7 +36,7 @@ def lognormal_buckets(n: float, median_s: float, sigma: float = 0.5, tail: tuple
     share, factor = tail
 
     def cdf(median: float) -> np.ndarray:
-        return norm.cdf((np.log(BOUNDS) - math.log(median)) / sigma)
+        return ndtr((np.log(BOUNDS) - math.log(median)) / sigma)
 
     mixed = (1 - share) * cdf(median_s) + share * cdf(median_s * factor)
     return {**{b: float(n * c) for b, c in zip(BOUNDS, mixed)}, math.inf: float(n)}

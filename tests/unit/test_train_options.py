@@ -88,18 +88,28 @@ def _config(tmp_path: Path, base: Path, **kw):
                        **kw)
 
 
-@pytest.fixture
-def base_8b(tmp_path):
-    """An 8B-shaped base model directory: config and tokenizer only (no weights are read before the estimate)."""
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory) -> Path:
+    """A tokenizer directory: the demo model's when one was built, else a tokenizer alone (a few seconds;
+    the whole demo model, weights and adapters, takes most of a minute on a fresh checkout)."""
     demo = ROOT / ".cache" / "demo-model" / "base"
-    if not (demo / "tokenizer.json").is_file():
-        subprocess.run([sys.executable, "-m", "loragate", "demo-model", str(demo.parent), "--adapters", "3"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    if (demo / "tokenizer.json").is_file():
+        return demo
+    from loragate.service.demo_model import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(out, vocab_size=2000)
+    return out
+
+
+@pytest.fixture
+def base_8b(tmp_path, tokenizer_files):
+    """An 8B-shaped base model directory: config and tokenizer only (no weights are read before the estimate)."""
     base = tmp_path / "llama-8b"
     base.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json"):
-        if (demo / name).is_file():
-            (base / name).write_bytes((demo / name).read_bytes())
+        if (tokenizer_files / name).is_file():
+            (base / name).write_bytes((tokenizer_files / name).read_bytes())
     (base / "config.json").write_text(json.dumps(LLAMA_8B))
     (base / "model.safetensors").write_bytes(b"not read")
     return base

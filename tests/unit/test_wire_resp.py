@@ -144,6 +144,7 @@ class RedisPeer:
         self.scripted = scripted
         self.commands = 0
         self.connections = 0
+        self.played = asyncio.Event()  # set when a scripted reply has been played to its end
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -156,7 +157,11 @@ class RedisPeer:
                     parts.append((await reader.readexactly(size + 2))[:-2])
                 number, self.commands = self.commands, self.commands + 1
                 if number < self.scripted:
-                    if not await play(writer, self.script(number)):
+                    try:
+                        done = await play(writer, self.script(number))
+                    finally:
+                        self.played.set()
+                    if not done:
                         return
                 elif parts[0] == b"ECHO":
                     writer.write(b"$%d\r\n%s\r\n" % (len(parts[1]), parts[1]))
@@ -210,7 +215,8 @@ def test_client_against_scripted_servers(name: str, script: Script, expected: ob
                 assert outcome == expected or (isinstance(expected, type) and isinstance(outcome, type)
                                                and issubclass(outcome, expected)), f"{name}: {outcome!r}"
                 assert time.perf_counter() - started < 1.0  # the timeout is 0.15 s; a loaded machine
-                await asyncio.sleep(0.2 if name != "silence" else 0.9)  # what the script still sends arrives
+                await asyncio.wait_for(peer.played.wait(), 5)  # the script has sent all it sends ...
+                await asyncio.sleep(0.05)  # ... and it has arrived (was a fixed 0.2 s, 0.9 s for silence)
                 # Every later command gets its own reply: none shifted by what came before.
                 for attempt in range(3):
                     try:
