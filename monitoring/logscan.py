@@ -249,7 +249,8 @@ class WindowScan:
                 merged = np.partition(merged, k - 1)[:k]
             pools[variant] = merged
             if len(merged) >= k:
-                self.thresholds[variant] = int(np.partition(merged, k - 1)[k - 1])
+                # a new dict, not an update: the key pass's threads read it meanwhile
+                self.thresholds = {**self.thresholds, variant: int(np.partition(merged, k - 1)[k - 1])}
 
     def _select(self, done: dict[str, _Candidates | None]) -> list[_Candidates]:
         """The final sample: each variant's ``per_variant`` smallest keys (or a given threshold)."""
