@@ -187,7 +187,7 @@ def case_verdicts(rows: str, _current: str, _mode: str) -> dict:
     import pyarrow as pa
 
     from loragate.monitoring.drift import DriftConfig, run_drift
-    from loragate.common.samplekey import sample_keys
+    from loragate.monitoring.logscan import sample_keys
     from tests.synthetic import requests_frame
     from tests.topics import window
 

@@ -44,8 +44,8 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
 from loragate.common import logschema, samplekey
-from loragate.common.samplekey import sample_keys
 from loragate.monitoring.logfiles import COMPACTED_PREFIX, COVERS_KEY, LogFile, LogFiles
+from loragate.monitoring.logscan import sample_keys
 
 from pydantic import BaseModel, ConfigDict, Field
 

@@ -6,7 +6,7 @@ Two passes over the window's live files (monitoring/logfiles.py), each file in a
    by row group; row groups whose statistics put them outside the window or the filter are skipped, and
    files written before the window are never opened. Each row in the window and the filter is counted
    (the window's true row count, per variant) and gets its **sample key**: a 64-bit hash of its request
-   id (loragate.common.samplekey.sample_keys). Where the writer recorded each row group's key range in
+   id (:func:`sample_keys`). Where the writer recorded each row group's key range in
    the footer (the gateway and compaction do), a row group whose keys are all above the thresholds is
    only counted: its ids are not decoded. The sample of a variant is its ``per_variant`` rows of smallest key (a
    bottom-k sample): uniform, the same on every rerun, nested as the cap grows, and a primary answer and
@@ -62,6 +62,11 @@ class ScanStats:
     row_groups_counted: int = 0  # row groups whose keys were all above the thresholds: counted, ids not decoded
     replans: int = 0
     unreadable: list[str] = field(default_factory=list)  # files skipped (torn, not Parquet)
+
+
+def sample_keys(ids: "pa.Array | pa.ChunkedArray") -> "np.ndarray":
+    """Each request id's sample key (loragate.common.samplekey.key_array) as a numpy array (read-only)."""
+    return samplekey.key_array(ids).to_numpy()
 
 
 @dataclass
@@ -182,7 +187,7 @@ class WindowScan:
                     column = data["request_id"] if "request_id" in data.column_names else \
                         reader.read_row_group(index, columns=["request_id"], use_threads=False)["request_id"]
                     row_ids = pc.take(pc.fill_null(column.cast(pa.string()), ""), pa.array(where))
-                key = samplekey.sample_keys(row_ids)
+                key = sample_keys(row_ids)
                 if sampling:
                     under = key <= _limits(variant, _lower(self.thresholds, local))
                     where, variant, key = where[under], variant[under], key[under]
@@ -192,7 +197,7 @@ class WindowScan:
                 roles.append(role.to_numpy(zero_copy_only=False)[where])
                 ids.append(row_ids)
                 keys.append(key)
-                if sampling and len(key):  # the file's own thresholds fall as its row groups are read
+                if self.per_variant is not None and len(key):  # the file's own thresholds fall group by group
                     local.update(_cuts(np.concatenate(variants), np.concatenate(keys), self.per_variant))
         if not counts:
             return None

@@ -113,7 +113,7 @@ class RequestLog:
                columns: tuple[str, ...] = REQUEST_COLUMNS, role: str | None = logschema.PRIMARY,
                per_variant: int | None = 10_000, threshold: dict[str, int] | None = None,
                by_variant: bool = True) -> WindowSample:
-        """At most ``per_variant`` rows of each variant (the same ones on every run: samplekey.sample_keys),
+        """At most ``per_variant`` rows of each variant (the same ones on every run: samplekey.key_array),
         in time order, with the window's true row counts. ``by_variant=False``: at most ``per_variant``
         rows in all, every variant in its share of the window (a route's traffic as a whole)."""
         scan = self.scan(window, route, variant, columns=columns, role=role, per_variant=per_variant,

@@ -10,7 +10,7 @@ import pytest
 
 from loragate.common import logschema, samplekey
 from loragate.monitoring.logfiles import written_before
-from loragate.common.samplekey import sample_keys
+from loragate.monitoring.logscan import sample_keys
 from loragate.monitoring.sources import RequestLog, Window
 from loragate.service.requestlog.store import encode
 from tests.synthetic import requests_frame
@@ -56,6 +56,11 @@ def test_sample_keys_are_stable_uniform_and_hash_the_whole_id():
     assert int(sample_keys(pa.array(["abc"]))[0]) == int(sample_keys(pa.array(["abc"], pa.large_string()))[0])
     assert sample_keys(pa.array(["abc", "abd", "bbc", "", None])).tolist()[3] == sample_keys(pa.array([""]))[0]
     assert len(set(sample_keys(pa.array(["abc", "abd", "bbc", "acb"])).tolist())) == 4
+    # pinned: the keys the logs written so far were sampled and compacted by (the numpy implementation's; the
+    # Arrow one the gateway shares gives the same, past the 256-byte position cap too)
+    assert sample_keys(pa.array(["abc", "", "x" * 300])).tolist() == [10422987716737944273, 0, 18077049367589235415]
+    assert sample_keys(pa.chunked_array([pa.array(["abc"]), pa.array([], pa.string())]).slice(0, 1)).tolist() == \
+        [10422987716737944273]
 
 
 def test_sample_is_capped_deterministic_nested_and_counts_the_window(tmp_path):
