@@ -74,7 +74,7 @@ class _Candidates:
     """One file's rows in the window: position in the file, variant, role, request id, sample key."""
 
     file: LogFile
-    rows: "np.ndarray"  # int64 positions in the file
+    rows: "np.ndarray"  # int64 positions in the file, ascending
     variants: "np.ndarray"  # object: str ("" for none)
     roles: "np.ndarray"
     ids: "np.ndarray"
@@ -295,17 +295,18 @@ class WindowScan:
         import pyarrow.parquet as pq
 
         starts = np.asarray(c.row_group_starts, dtype=np.int64)
-        groups = np.searchsorted(starts, c.rows, side="right") - 1
-        wanted = np.unique(groups)
+        groups = np.searchsorted(starts, c.rows, side="right") - 1  # c.rows is in file order: runs per group
+        wanted, first = np.unique(groups, return_index=True)
+        bounds = [*first.tolist(), len(groups)]
+        parts = []
         with self.files.fs.open_input_file(c.file.path) as source:
             reader = pq.ParquetFile(source)
             columns = [col for col in self.columns if col in set(reader.schema_arrow.names)]
-            sizes = np.array([reader.metadata.row_group(int(g)).num_rows for g in wanted], dtype=np.int64)
-            data = reader.read_row_groups(wanted.tolist(), columns=columns, use_threads=False)
-        base: np.ndarray = np.zeros(len(starts), dtype=np.int64)  # each wanted group's first row inside ``data``
-        base[wanted] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            for i, group in enumerate(wanted.tolist()):  # one row group at a time: a large file's memory is one's
+                data = reader.read_row_group(group, columns=columns, use_threads=False)
+                parts.append(data.take(pa.array(c.rows[bounds[i]:bounds[i + 1]] - starts[group])))
         self.stats.row_groups_read += len(wanted)
-        table = logschema.conform(data.take(pa.array(c.rows - starts[groups] + base[groups])), self.table)
+        table = logschema.conform(pa.concat_tables(parts), self.table)
         return table.select(list(self.columns))
 
     def __iter__(self) -> Iterator["pa.Table"]:
