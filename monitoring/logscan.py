@@ -23,6 +23,7 @@ and rows already handed on are not handed on again (by request id and role).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 KEY_COLUMNS = ("request_id", "timestamp", "route", "variant", "role")
 ALL = "*"  # the sample group of every variant together (by_variant=False)
+BATCH_ROWS = 65_536  # the key pass reads the narrow columns of up to this many rows' row groups at once
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class WindowScan:
         Every row in the window is counted from the narrow columns (time, route, variant, role); request ids
         are decoded and hashed only in row groups that may hold rows under the thresholds: where the writer
         recorded the row groups' key ranges (loragate.common.samplekey), those are read in key order and the
-        others are only counted."""
+        others are only counted. Row groups are read in batches (one, then twice as many rows each time, up
+        to ``BATCH_ROWS``): a compacted file has thousands of small ones."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -137,20 +140,26 @@ class WindowScan:
             names = reader.schema_arrow.names
             present = [c for c in KEY_COLUMNS if c in names]
             narrow = [c for c in present if c != "request_id" or w.ids is not None]
-            sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
-            starts = [0, *np.cumsum(sizes)[:-1].tolist()] if sizes else []
+            sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
             ranges = samplekey.read_ranges(meta) if sampling and w.ids is None else None
             order = sorted(range(meta.num_row_groups), key=lambda i: ranges[i][0]) if ranges \
                 else range(meta.num_row_groups)
+            todo = deque(i for i in order if _may_match(reader, meta.row_group(i), w))
             positions, variants, roles, ids, keys = [], [], [], [], []
             counts: dict[str, int] = {}
             local: dict[str, int] = {}  # this file's own thresholds (a compacted file is large)
-            counted_only = 0
-            for index in order:
-                if not _may_match(reader, meta.row_group(index), w):
-                    continue
-                data = reader.read_row_group(index, columns=narrow, use_threads=False)
+            counted_only, budget = 0, 1
+            while todo:
+                batch, rows = [], 0
+                while todo and (not batch or rows + sizes[todo[0]] <= budget):
+                    batch.append(todo.popleft())
+                    rows += int(sizes[batch[-1]])
+                budget = min(max(2 * rows, budget), BATCH_ROWS)
+                data = reader.read_row_groups(batch, columns=narrow, use_threads=False)
                 n = data.num_rows
+                member = np.repeat(np.arange(len(batch)), sizes[batch])  # each row's row group (index in batch)
+                inner = np.arange(n) - np.repeat(np.cumsum(sizes[batch]) - sizes[batch], sizes[batch])
                 stamps = data["timestamp"].cast(pa.timestamp("ms", tz="UTC"))
                 mask = pc.and_(pc.greater_equal(stamps, pa.scalar(w.window_start, pa.timestamp("ms", tz="UTC"))),
                                pc.less(stamps, pa.scalar(w.window_end, pa.timestamp("ms", tz="UTC"))))
@@ -178,26 +187,36 @@ class WindowScan:
                     counts[str(v)] = counts.get(str(v), 0) + int(c)
                 if not self.by_variant:  # one sample for all variants: each in its share of the window
                     variant = np.full(len(variant), ALL, dtype=object)
-                if ranges and ranges[index][0] > int(_limits(variant, _lower(self.thresholds, local)).max()):
-                    counted_only += 1  # every row's key is above its variant's threshold: counted, not sampled
-                    continue
+                if ranges:  # rows of a row group whose smallest key is above their threshold: counted only
+                    low = np.array([ranges[g][0] for g in batch], dtype=np.uint64)[member[where]]
+                    maybe = low <= _limits(variant, _lower(self.thresholds, local))
+                    counted_only += len(np.unique(member[where])) - len(np.unique(member[where][maybe]))
+                    where, variant = where[maybe], variant[maybe]
+                    if not len(where):
+                        continue
                 if "request_id" not in present:
                     row_ids = pa.array([""] * len(where), pa.string())
-                else:
-                    column = data["request_id"] if "request_id" in data.column_names else \
-                        reader.read_row_group(index, columns=["request_id"], use_threads=False)["request_id"]
-                    row_ids = pc.take(pc.fill_null(column.cast(pa.string()), ""), pa.array(where))
+                elif "request_id" in data.column_names:
+                    row_ids = pc.take(pc.fill_null(data["request_id"].cast(pa.string()), ""), pa.array(where))
+                else:  # only the row groups holding candidates: their ids, concatenated in batch order
+                    wanted = np.unique(member[where])
+                    offset = np.zeros(len(batch), dtype=np.int64)
+                    offset[wanted] = np.cumsum(sizes[batch][wanted]) - sizes[batch][wanted]
+                    column = reader.read_row_groups([batch[m] for m in wanted], columns=["request_id"],
+                                                    use_threads=False)["request_id"]
+                    row_ids = pc.take(pc.fill_null(column.cast(pa.string()), ""),
+                                      pa.array(offset[member[where]] + inner[where]))
                 key = sample_keys(row_ids)
                 if sampling:
                     under = key <= _limits(variant, _lower(self.thresholds, local))
                     where, variant, key = where[under], variant[under], key[under]
                     row_ids = pc.filter(row_ids, pa.array(under))
-                positions.append(where + starts[index])
+                positions.append(starts[batch][member[where]] + inner[where])
                 variants.append(variant)
                 roles.append(role.to_numpy(zero_copy_only=False)[where])
                 ids.append(row_ids)
                 keys.append(key)
-                if self.per_variant is not None and len(key):  # the file's own thresholds fall group by group
+                if self.per_variant is not None and len(key):  # the file's own thresholds fall batch by batch
                     local.update(_cuts(np.concatenate(variants), np.concatenate(keys), self.per_variant))
         if not counts:
             return None
@@ -206,7 +225,7 @@ class WindowScan:
             return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
         found = _Candidates(file, cat(positions, np.int64), cat(variants, object), cat(roles, object),
-                            np.zeros(0, object), cat(keys, np.uint64), counts, starts, counted_only)
+                            np.zeros(0, object), cat(keys, np.uint64), counts, starts.tolist(), counted_only)
         mask = found.keys <= _limits(found.variants, _lower(self.thresholds, local)) if sampling \
             else np.ones(len(found.keys), bool)
         found.ids = np.asarray(pa.chunked_array(ids, pa.string()).to_pylist() if ids else [], dtype=object)
