@@ -160,7 +160,8 @@ def _frame(tables: list, columns: tuple[str, ...]) -> "pd.DataFrame":
         return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
     frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
     frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
-    return frame.loc[:, list(columns)].sort_values("timestamp", kind="stable").reset_index(drop=True)
+    order = ["timestamp", "request_id"] if "request_id" in frame.columns else ["timestamp"]  # ties: by id, not by
+    return frame.sort_values(order, kind="stable").loc[:, list(columns)].reset_index(drop=True)  # file layout
 
 
 def load_reference(path: str | Path, s3: S3Options | None = None) -> "pd.DataFrame":
