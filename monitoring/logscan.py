@@ -151,14 +151,15 @@ class WindowScan:
             local: dict[str, int] = {}  # this file's own thresholds (a compacted file is large)
             counted_only, budget = 0, 1
             while todo:
-                batch, rows = [], 0
+                batch: list[int] = []
+                rows = 0
                 while todo and (not batch or rows + sizes[todo[0]] <= budget):
                     batch.append(todo.popleft())
                     rows += int(sizes[batch[-1]])
                 budget = min(max(2 * rows, budget), BATCH_ROWS)
                 data = reader.read_row_groups(batch, columns=narrow, use_threads=False)
                 n = data.num_rows
-                member = np.repeat(np.arange(len(batch)), sizes[batch])  # each row's row group (index in batch)
+                member: np.ndarray = np.repeat(np.arange(len(batch)), sizes[batch])  # each row's group in batch
                 inner = np.arange(n) - np.repeat(np.cumsum(sizes[batch]) - sizes[batch], sizes[batch])
                 stamps = data["timestamp"].cast(pa.timestamp("ms", tz="UTC"))
                 mask = pc.and_(pc.greater_equal(stamps, pa.scalar(w.window_start, pa.timestamp("ms", tz="UTC"))),
@@ -200,7 +201,7 @@ class WindowScan:
                     row_ids = pc.take(pc.fill_null(data["request_id"].cast(pa.string()), ""), pa.array(where))
                 else:  # only the row groups holding candidates: their ids, concatenated in batch order
                     wanted = np.unique(member[where])
-                    offset = np.zeros(len(batch), dtype=np.int64)
+                    offset: np.ndarray = np.zeros(len(batch), dtype=np.int64)
                     offset[wanted] = np.cumsum(sizes[batch][wanted]) - sizes[batch][wanted]
                     column = reader.read_row_groups([batch[m] for m in wanted], columns=["request_id"],
                                                     use_threads=False)["request_id"]
@@ -314,7 +315,7 @@ class WindowScan:
         import pyarrow.parquet as pq
 
         starts = np.asarray(c.row_group_starts, dtype=np.int64)
-        groups = np.searchsorted(starts, c.rows, side="right") - 1  # c.rows is in file order: runs per group
+        groups = np.asarray(np.searchsorted(starts, c.rows, side="right")) - 1  # c.rows in file order: runs
         wanted, first = np.unique(groups, return_index=True)
         bounds = [*first.tolist(), len(groups)]
         parts = []
