@@ -28,7 +28,9 @@ Cases, per size:
 - ``layout`` (``--compacted-sizes``, ``--keyed-sizes``): the drift case again on a copy of the log, either
   compacted whole (``loragate log compact``'s work on closed hours: the compaction's time is recorded) or
   rewritten file by file as the gateway writes now (service/requestlog/store.encode: key order, key ranges in
-  the footer; the bytes before and after are recorded). The generated log is in the older gateways' layout
+  the footer; the bytes before and after are recorded). ``--pools default system``: the compacted layout's
+  drift case also with Arrow's system allocator (freed memory goes back to malloc, which the report reuses).
+  The generated log is in the older gateways' layout
   (one time-ordered row group a file), so the plain drift case is the baseline of both, in the same run.
 - ``compaction`` (``--compaction-sizes``): a copy of the reference hour; the time to read its sample before,
   the compaction's time and memory, and the read time after; with ``--s3`` the same on a moto S3 server.
@@ -320,6 +322,8 @@ def main() -> None:
     parser.add_argument("--keyed-sizes", type=int, nargs="*", default=[],
                         help="also: rewrite a copy of the log as the gateway writes files now (rows in sample-key "
                              "order, key ranges in the footer) and run the drift case on it; deleted after")
+    parser.add_argument("--pools", nargs="+", default=["default"], choices=["default", "system"],
+                        help="Arrow memory pools the compacted layout's drift runs with (ARROW_DEFAULT_MEMORY_POOL)")
     parser.add_argument("--s3", action="store_true", help="also the compaction case on a moto S3 server (100k)")
     parser.add_argument("--root", default="/tmp/monvol-log")
     parser.add_argument("--out", type=Path, default=Path("bench/results/monitor_volume.json"))
@@ -362,7 +366,10 @@ def main() -> None:
                 record(size, {**run_case("compact", compacted), "layout": "compacted"})
                 for current in [n for n in ("shifted", "quiet") if n in names]:
                     if current == "shifted" or size in args.quiet_sizes:
-                        record(size, {**run_case("drift", compacted, current), "layout": "compacted"})
+                        for pool in args.pools:
+                            env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"} if pool == "system" else None
+                            record(size, {**run_case("drift", compacted, current, env=env), "layout": "compacted",
+                                          "arrow_pool": pool})
             finally:
                 shutil.rmtree(compacted, ignore_errors=True)
         if size in args.keyed_sizes:
