@@ -2,6 +2,7 @@
 
     python bench/monitor_volume.py [--sizes 100000 1000000 10000000] [--root /tmp/monvol-log]
                                    [--baseline-sizes 100000] [--compaction-sizes 100000 1000000] [--s3]
+                                   [--compacted-sizes ...] [--keyed-sizes ...]
                                    [--out bench/results/monitor_volume.json]
 
 The log (bench/volume_log.py) is generated once per size under ``--root`` and reused: an hour of ``size``
@@ -24,6 +25,13 @@ Cases, per size:
 - ``baseline``: today's reader (``RequestLog.requests`` at 16f69c0: every file, every column, one pandas frame)
   and the report on the full windows, in the same run, stopped when its tree passes ``--baseline-kill-gb``.
 - ``export``: the dataset export of a 50,000-request sample of the window, streamed to JSONL.
+- ``layout`` (``--compacted-sizes``, ``--keyed-sizes``): the drift case again on a copy of the log, either
+  compacted whole (``loragate log compact``'s work on closed hours: the compaction's time is recorded) or
+  rewritten file by file as the gateway writes now (service/requestlog/store.encode: key order, key ranges in
+  the footer; the bytes before and after are recorded). ``--pools default system``: the compacted layout's
+  drift case also with Arrow's system allocator (freed memory goes back to malloc, which the report reuses).
+  The generated log is in the older gateways' layout
+  (one time-ordered row group a file), so the plain drift case is the baseline of both, in the same run.
 - ``compaction`` (``--compaction-sizes``): a copy of the reference hour; the time to read its sample before,
   the compaction's time and memory, and the read time after; with ``--s3`` the same on a moto S3 server.
 """
@@ -44,7 +52,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.volume_log import DAY, HOURS, generate, hour_window  # noqa: E402
+from bench.volume_log import DAY, HOURS, generate, hour_window, rewrite_keyed  # noqa: E402
 
 ROUTE = "chat"
 SAMPLE_ROWS = 10_000
@@ -163,6 +171,17 @@ def case_compaction(root: str, _current: str, mode: str) -> dict:
             "files_in": sum(r.inputs for r in results), "files_out": sum(len(r.outputs) for r in results)}
 
 
+def case_compact(root: str, _current: str, _mode: str) -> dict:
+    """Compact every hour of the log under ``root`` (what ``loragate log compact`` does to closed hours)."""
+    from loragate.common.objectstore import filesystem
+    from loragate.monitoring.compaction import Compactor
+
+    started = time.perf_counter()
+    results = Compactor(*filesystem(root)).run(("requests",), days=1, now=DAY.timestamp() + 86_399)
+    return {"compaction_s": round(time.perf_counter() - started, 2), "files_in": sum(r.inputs for r in results),
+            "files_out": sum(len(r.outputs) for r in results), "rows": sum(r.rows for r in results)}
+
+
 def case_verdicts(rows: str, _current: str, _mode: str) -> dict:
     """bench/drift_topics.py's windows (short real questions, the rest of the request synthetic) of ``rows``
     a side: the verdict on every row against the verdict on the reader's sample (the 10,000 rows of smallest
@@ -197,7 +216,8 @@ def case_verdicts(rows: str, _current: str, _mode: str) -> dict:
     return out
 
 
-CASES = {"drift": case_drift, "export": case_export, "compaction": case_compaction, "verdicts": case_verdicts}
+CASES = {"drift": case_drift, "export": case_export, "compaction": case_compaction, "verdicts": case_verdicts,
+         "compact": case_compact}
 
 
 # --- the parent: run a case, watch its process tree ----------------------------------------------
@@ -297,6 +317,14 @@ def main() -> None:
     parser.add_argument("--export-sizes", type=int, nargs="*", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--full-sizes", type=int, nargs="*", default=[100_000])
     parser.add_argument("--compaction-sizes", type=int, nargs="*", default=[100_000, 1_000_000])
+    parser.add_argument("--compacted-sizes", type=int, nargs="*", default=[],
+                        help="also: compact a hard-linked copy of the log (every hour, as `loragate log compact` "
+                             "does closed hours) and run the drift case on it; the copy is deleted after")
+    parser.add_argument("--keyed-sizes", type=int, nargs="*", default=[],
+                        help="also: rewrite a copy of the log as the gateway writes files now (rows in sample-key "
+                             "order, key ranges in the footer) and run the drift case on it; deleted after")
+    parser.add_argument("--pools", nargs="+", default=["default"], choices=["default", "system"],
+                        help="Arrow memory pools the compacted layout's drift runs with (ARROW_DEFAULT_MEMORY_POOL)")
     parser.add_argument("--s3", action="store_true", help="also the compaction case on a moto S3 server (100k)")
     parser.add_argument("--root", default="/tmp/monvol-log")
     parser.add_argument("--out", type=Path, default=Path("bench/results/monitor_volume.json"))
@@ -331,6 +359,32 @@ def main() -> None:
                 record(size, run_case("drift", root, current, "full", kill_gb=args.baseline_kill_gb))
             if size in args.baseline_sizes and current == "shifted":
                 record(size, run_case("drift", root, current, "baseline", kill_gb=args.baseline_kill_gb))
+        if size in args.compacted_sizes:
+            compacted = f"{args.root}-compacted-{size}"
+            shutil.rmtree(compacted, ignore_errors=True)
+            shutil.copytree(root, compacted, copy_function=os.link)  # the inputs cost no disk; compaction unlinks
+            try:
+                record(size, {**run_case("compact", compacted), "layout": "compacted"})
+                for current in [n for n in ("shifted", "quiet") if n in names]:
+                    if current == "shifted" or size in args.quiet_sizes:
+                        for pool in args.pools:
+                            env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"} if pool == "system" else None
+                            record(size, {**run_case("drift", compacted, current, env=env), "layout": "compacted",
+                                          "arrow_pool": pool})
+            finally:
+                shutil.rmtree(compacted, ignore_errors=True)
+        if size in args.keyed_sizes:
+            keyed = f"{args.root}-keyed-{size}"
+            shutil.rmtree(keyed, ignore_errors=True)
+            try:
+                started = time.perf_counter()
+                record(size, {"case": "rewrite_keyed", "layout": "keyed", **rewrite_keyed(root, keyed),
+                              "rewrite_s": round(time.perf_counter() - started, 1)})
+                for current in [n for n in ("shifted", "quiet") if n in names]:
+                    if current == "shifted" or size in args.quiet_sizes:
+                        record(size, {**run_case("drift", keyed, current), "layout": "keyed"})
+            finally:
+                shutil.rmtree(keyed, ignore_errors=True)
         if size in args.export_sizes:
             record(size, run_case("export", root))
         if size in args.compaction_sizes:

@@ -194,3 +194,35 @@ if __name__ == "__main__":
 
     names = tuple(sys.argv[3].split(",")) if len(sys.argv) > 3 else tuple(HOURS)
     print(generate(sys.argv[1], int(sys.argv[2]), names, processes=int(os.environ.get("PROCESSES", "2"))))
+
+
+def _rewrite_file(job: tuple[str, str]) -> tuple[int, int]:
+    import pyarrow.parquet as pq
+
+    from loragate.service.requestlog.store import encode
+
+    source, target = job
+    data = encode(pq.read_table(source))
+    Path(target).write_bytes(data.to_pybytes())
+    return os.path.getsize(source), data.size
+
+
+def rewrite_keyed(source: str | Path, target: str | Path, processes: int = 2) -> dict:
+    """A copy of the log under ``source`` in the gateway's current layout (service/requestlog/store.encode: rows
+    in sample-key order, row groups of samplekey.ROW_GROUP_ROWS, key ranges in the footer); same names.
+    Returns the bytes of the files before and after."""
+    from multiprocessing import get_context
+
+    source, target = Path(source), Path(target)
+    jobs = []
+    for path in sorted(source.glob("requests/date=*/*.parquet")):
+        out = target / path.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(path), str(out)))
+    with get_context("spawn").Pool(processes) as pool:
+        sizes = pool.map(_rewrite_file, jobs, chunksize=8)
+    if (source / "done").exists():
+        (target / "done").mkdir(parents=True, exist_ok=True)
+        for marker in (source / "done").iterdir():
+            (target / "done" / marker.name).write_text(marker.read_text())
+    return {"files": len(jobs), "bytes_before": sum(a for a, _ in sizes), "bytes_after": sum(b for _, b in sizes)}

@@ -26,8 +26,9 @@ new one (which names the old one and all it replaced). Grouping by writer (not c
 sorted listing at a row count) is what keeps two listings' outputs nested rather than overlapping.
 
 Layout inside a compacted file: rows are grouped into row groups by the top bits of their sample key
-(monitoring/logscan.sample_keys), so a sampled read (the rows of smallest key) reads the first buckets'
-row groups only: its cost stops growing with the hour's rows. Row groups also keep time statistics.
+(loragate.common.samplekey), in row groups of ``samplekey.ROW_GROUP_ROWS`` rows whose key ranges are in
+the footer, so a sampled read (the rows of smallest key) decodes ids and text of the first bucket's row
+groups only: its cost stops growing with the hour's rows. Row groups also keep time statistics.
 Memory is bounded by ``buffer_bytes`` (rows waiting for their bucket's row group), not by the hour.
 """
 
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
-from loragate.common import logschema
+from loragate.common import logschema, samplekey
 from loragate.monitoring.logfiles import COMPACTED_PREFIX, COVERS_KEY, LogFile, LogFiles
 from loragate.monitoring.logscan import sample_keys
 
@@ -80,7 +81,8 @@ class HourResult:
 class Compactor:
     """Compacts the closed hours of a request-log root (``fs``, ``root`` as common.objectstore.filesystem gives)."""
 
-    def __init__(self, fs: "pafs.FileSystem", root: str, *, grace_s: float = 900.0, row_group_rows: int = 4096,
+    def __init__(self, fs: "pafs.FileSystem", root: str, *, grace_s: float = 900.0,
+                 row_group_rows: int = samplekey.ROW_GROUP_ROWS,
                  buckets: int = 64, buffer_bytes: int = 128 << 20, parallel: int = 8,
                  compression: str = "zstd") -> None:
         if buckets < 1 or buckets & (buckets - 1):
@@ -204,6 +206,7 @@ class Compactor:
                         expected += data.num_rows
                         buckets.add(_align(logschema.conform(data, schema_table(schema)), schema))
             buckets.close()
+            writer.add_key_value_metadata({samplekey.RANGES_KEY: b"[" + b",".join(buckets.ranges) + b"]"})
             writer.close()
         if local:
             self.fs.move(target, path)
@@ -266,6 +269,7 @@ class _Buckets:
         self.parts: dict[int, list] = defaultdict(list)
         self.rows: dict[int, int] = defaultdict(int)
         self.bytes: dict[int, int] = defaultdict(int)
+        self.ranges: list[bytes] = []  # per row group written: its key range (JSON, samplekey.RANGES_KEY)
 
     def add(self, data: "pa.Table") -> None:
         self.staged.append(data)
@@ -282,12 +286,11 @@ class _Buckets:
             return
         data = pa.concat_tables(self.staged)
         self.staged, self.staged_rows, self.staged_bytes = [], 0, 0
-        if self.c.buckets == 1:
-            bucket = np.zeros(data.num_rows, dtype=np.int64)
-        else:
-            bucket = (sample_keys(data["request_id"]) >> np.uint64(self.shift)).astype(np.int64)
+        keys = sample_keys(data["request_id"])
+        bucket = (keys >> np.uint64(self.shift)).astype(np.int64) if self.c.buckets > 1 \
+            else np.zeros(data.num_rows, dtype=np.int64)
         order = np.argsort(bucket, kind="stable")  # stable: rows keep their time order inside a bucket
-        data = data.take(pa.array(order))
+        data, keys = data.take(pa.array(order)), keys[order]
         ordered = bucket[order]
         edges = np.r_[0, np.flatnonzero(np.diff(ordered)) + 1, len(ordered)]
         for begin, end in zip(edges[:-1], edges[1:]):
@@ -295,7 +298,7 @@ class _Buckets:
                 continue
             b = int(ordered[begin])
             rows = data.slice(int(begin), int(end - begin))
-            self.parts[b].append(rows)
+            self.parts[b].append((rows, keys[begin:end]))
             self.rows[b] += rows.num_rows
             self.bytes[b] += rows.nbytes
             if self.rows[b] >= self.c.row_group_rows:
@@ -306,9 +309,16 @@ class _Buckets:
     def _flush(self, b: int) -> None:
         import pyarrow as pa
 
+        import numpy as np
+
         parts = self.parts.pop(b, None)
         if parts:
-            self.writer.write_table(pa.concat_tables(parts).combine_chunks(), row_group_size=self.c.row_group_rows)
+            data = pa.concat_tables([rows for rows, _ in parts]).combine_chunks()
+            keys = np.concatenate([k for _, k in parts])
+            size = self.c.row_group_rows
+            groups = [min(size, len(keys) - start) for start in range(0, len(keys), size)]
+            self.writer.write_table(data, row_group_size=size)
+            self.ranges.append(samplekey.ranges(keys, groups)[1:-1])
         self.rows.pop(b, None)
         self.bytes.pop(b, None)
 

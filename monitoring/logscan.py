@@ -6,7 +6,9 @@ Two passes over the window's live files (monitoring/logfiles.py), each file in a
    by row group; row groups whose statistics put them outside the window or the filter are skipped, and
    files written before the window are never opened. Each row in the window and the filter is counted
    (the window's true row count, per variant) and gets its **sample key**: a 64-bit hash of its request
-   id (:func:`sample_keys`). The sample of a variant is its ``per_variant`` rows of smallest key (a
+   id (:func:`sample_keys`). Where the writer recorded each row group's key range in
+   the footer (the gateway and compaction do), a row group whose keys are all above the thresholds is
+   only counted: its ids are not decoded. The sample of a variant is its ``per_variant`` rows of smallest key (a
    bottom-k sample): uniform, the same on every rerun, nested as the cap grows, and a primary answer and
    its shadow copy (one request id) are in their variants' samples together whenever both keys are under
    both thresholds (``threshold`` lets a caller take one variant's threshold for another: monitoring/shadow.py).
@@ -21,13 +23,14 @@ and rows already handed on are not handed on again (by request id and role).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from loragate.common import logschema
+from loragate.common import logschema, samplekey
 from loragate.monitoring.logfiles import LogFile, LogFiles
 
 if TYPE_CHECKING:
@@ -36,8 +39,7 @@ if TYPE_CHECKING:
 
 KEY_COLUMNS = ("request_id", "timestamp", "route", "variant", "role")
 ALL = "*"  # the sample group of every variant together (by_variant=False)
-_MULTIPLIER = 0x100000001B3  # odd: the polynomial hash below is a bijection of each byte position
-_MAX_POSITION = 256  # bytes of an id past this one share a power (ids are short; the hash stays defined)
+BATCH_ROWS = 65_536  # the key pass reads the narrow columns of up to this many rows' row groups at once
 
 
 @dataclass(frozen=True)
@@ -58,42 +60,15 @@ class ScanStats:
     sampled_rows: dict[str, int] = field(default_factory=dict)
     files: int = 0
     files_read: int = 0  # files whose rows (not only keys) were read
-    row_groups_read: int = 0
+    row_groups_read: int = 0  # row groups whose rows (not only keys) were read
+    row_groups_counted: int = 0  # row groups whose keys were all above the thresholds: counted, ids not decoded
     replans: int = 0
     unreadable: list[str] = field(default_factory=list)  # files skipped (torn, not Parquet)
 
 
-def sample_keys(ids: "pa.Array") -> "np.ndarray":
-    """A 64-bit hash of each string (stable across versions and machines; vectorised, no Python loop).
-
-    A polynomial hash of the bytes modulo 2**64 (odd multiplier), plus the length, through the
-    splitmix64 finaliser so that every output bit depends on every input bit. Nulls hash as "".
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    ids = pc.fill_null(ids.cast(pa.large_string()), "")
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    n = len(ids)
-    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64, count=n + 1, offset=ids.offset * 8)
-    data = np.frombuffer(ids.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]] if n else np.zeros(0, np.uint8)
-    offsets = offsets - offsets[0]
-    lengths = np.diff(offsets)
-    out = lengths.astype(np.uint64)
-    if len(data):
-        powers = np.cumprod(np.full(_MAX_POSITION, _MULTIPLIER, dtype=np.uint64))
-        position = np.arange(len(data), dtype=np.int64) - np.repeat(offsets[:-1], lengths)
-        terms = (data.astype(np.uint64) + np.uint64(1)) * powers[np.minimum(position, _MAX_POSITION - 1)]
-        nonempty = lengths > 0
-        out[nonempty] += np.add.reduceat(terms, offsets[:-1][nonempty])
-    out ^= out >> np.uint64(30)
-    out *= np.uint64(0xBF58476D1CE4E5B9)
-    out ^= out >> np.uint64(27)
-    out *= np.uint64(0x94D049BB133111EB)
-    out ^= out >> np.uint64(31)
-    return out
+def sample_keys(ids: "pa.Array | pa.ChunkedArray") -> "np.ndarray":
+    """Each request id's sample key (loragate.common.samplekey.key_array) as a numpy array (read-only)."""
+    return samplekey.key_array(ids).to_numpy()
 
 
 @dataclass
@@ -101,13 +76,14 @@ class _Candidates:
     """One file's rows in the window: position in the file, variant, role, request id, sample key."""
 
     file: LogFile
-    rows: "np.ndarray"  # int64 positions in the file
+    rows: "np.ndarray"  # int64 positions in the file, ascending
     variants: "np.ndarray"  # object: str ("" for none)
     roles: "np.ndarray"
     ids: "np.ndarray"
     keys: "np.ndarray"  # uint64
     counts: dict[str, int]
     row_group_starts: list[int]
+    counted_only: int = 0  # row groups counted without decoding their ids
 
     def keep(self, mask: "np.ndarray") -> None:
         self.rows, self.variants, self.roles = self.rows[mask], self.variants[mask], self.roles[mask]
@@ -144,30 +120,47 @@ class WindowScan:
 
     def _keys(self, file: LogFile) -> _Candidates | None:
         """The file's rows in the window and the filter (when sampling: only those under the thresholds
-        known when the file is read; they fall as files are read, so few rows of the later files are kept)."""
+        known when the file is read; they fall as files are read, so few rows of the later files are kept).
+
+        Every row in the window is counted from the narrow columns (time, route, variant, role); request ids
+        are decoded and hashed only in row groups that may hold rows under the thresholds: where the writer
+        recorded the row groups' key ranges (loragate.common.samplekey), those are read in key order and the
+        others are only counted. Row groups are read in batches (one, then twice as many rows each time, up
+        to ``BATCH_ROWS``): a compacted file has thousands of small ones."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         w = self.where
+        sampling = self.per_variant is not None
         with self.files.fs.open_input_file(file.path) as source:
             reader = pq.ParquetFile(source)
+            meta = reader.metadata
             names = reader.schema_arrow.names
             present = [c for c in KEY_COLUMNS if c in names]
-            starts, start = [], 0
+            narrow = [c for c in present if c != "request_id" or w.ids is not None]
+            sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
+            ranges = samplekey.read_ranges(meta) if sampling and w.ids is None else None
+            order = sorted(range(meta.num_row_groups), key=lambda i: ranges[i][0]) if ranges \
+                else range(meta.num_row_groups)
+            todo = deque(i for i in order if _may_match(reader, meta.row_group(i), w))
             positions, variants, roles, ids, keys = [], [], [], [], []
             counts: dict[str, int] = {}
             local: dict[str, int] = {}  # this file's own thresholds (a compacted file is large)
-            kept = [0]
-            for index in range(reader.num_row_groups):
-                group = reader.metadata.row_group(index)
-                starts.append(start)
-                start += group.num_rows
-                if not _may_match(reader, group, w):
-                    continue
-                data = reader.read_row_group(index, columns=present, use_threads=False)
+            counted_only, budget = 0, 1
+            while todo:
+                batch: list[int] = []
+                rows = 0
+                while todo and (not batch or rows + sizes[todo[0]] <= budget):
+                    batch.append(todo.popleft())
+                    rows += int(sizes[batch[-1]])
+                budget = min(max(2 * rows, budget), BATCH_ROWS)
+                data = reader.read_row_groups(batch, columns=narrow, use_threads=False)
                 n = data.num_rows
+                member: np.ndarray = np.repeat(np.arange(len(batch)), sizes[batch])  # each row's group in batch
+                inner = np.arange(n) - np.repeat(np.cumsum(sizes[batch]) - sizes[batch], sizes[batch])
                 stamps = data["timestamp"].cast(pa.timestamp("ms", tz="UTC"))
                 mask = pc.and_(pc.greater_equal(stamps, pa.scalar(w.window_start, pa.timestamp("ms", tz="UTC"))),
                                pc.less(stamps, pa.scalar(w.window_end, pa.timestamp("ms", tz="UTC"))))
@@ -191,27 +184,41 @@ class WindowScan:
                 where = np.flatnonzero(mask)
                 variant = (data["variant"] if "variant" in present else pa.nulls(n, pa.string()))
                 variant = pc.fill_null(variant.cast(pa.string()), "").to_numpy(zero_copy_only=False)[where]
-                row_ids = pc.fill_null(data["request_id"].cast(pa.string()), "") if "request_id" in present \
-                    else pa.array([""] * n)
-                row_ids = pc.take(row_ids, pa.array(where))
-                key = sample_keys(row_ids)
                 for v, c in zip(*np.unique(variant, return_counts=True)):
                     counts[str(v)] = counts.get(str(v), 0) + int(c)
                 if not self.by_variant:  # one sample for all variants: each in its share of the window
                     variant = np.full(len(variant), ALL, dtype=object)
-                if self.per_variant is not None:
+                if ranges:  # rows of a row group whose smallest key is above their threshold: counted only
+                    low = np.array([ranges[g][0] for g in batch], dtype=np.uint64)[member[where]]
+                    maybe = low <= _limits(variant, _lower(self.thresholds, local))
+                    counted_only += len(np.unique(member[where])) - len(np.unique(member[where][maybe]))
+                    where, variant = where[maybe], variant[maybe]
+                    if not len(where):
+                        continue
+                if "request_id" not in present:
+                    row_ids = pa.array([""] * len(where), pa.string())
+                elif "request_id" in data.column_names:
+                    row_ids = pc.take(pc.fill_null(data["request_id"].cast(pa.string()), ""), pa.array(where))
+                else:  # only the row groups holding candidates: their ids, concatenated in batch order
+                    wanted = np.unique(member[where])
+                    offset: np.ndarray = np.zeros(len(batch), dtype=np.int64)
+                    offset[wanted] = np.cumsum(sizes[batch][wanted]) - sizes[batch][wanted]
+                    column = reader.read_row_groups([batch[m] for m in wanted], columns=["request_id"],
+                                                    use_threads=False)["request_id"]
+                    row_ids = pc.take(pc.fill_null(column.cast(pa.string()), ""),
+                                      pa.array(offset[member[where]] + inner[where]))
+                key = sample_keys(row_ids)
+                if sampling:
                     under = key <= _limits(variant, _lower(self.thresholds, local))
                     where, variant, key = where[under], variant[under], key[under]
                     row_ids = pc.filter(row_ids, pa.array(under))
-                    kept[0] += len(key)
-                positions.append(where + starts[-1])
+                positions.append(starts[batch][member[where]] + inner[where])
                 variants.append(variant)
                 roles.append(role.to_numpy(zero_copy_only=False)[where])
                 ids.append(row_ids)
                 keys.append(key)
-                if self.per_variant is not None and kept[0] > 2 * self.per_variant:
+                if self.per_variant is not None and len(key):  # the file's own thresholds fall batch by batch
                     local.update(_cuts(np.concatenate(variants), np.concatenate(keys), self.per_variant))
-                    kept[0] = 0
         if not counts:
             return None
 
@@ -219,13 +226,12 @@ class WindowScan:
             return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
         found = _Candidates(file, cat(positions, np.int64), cat(variants, object), cat(roles, object),
-                            np.zeros(0, object), cat(keys, np.uint64), counts, starts)
-        mask = found.keys <= _limits(found.variants, _lower(self.thresholds, local)) if self.per_variant is not None \
+                            np.zeros(0, object), cat(keys, np.uint64), counts, starts.tolist(), counted_only)
+        mask = found.keys <= _limits(found.variants, _lower(self.thresholds, local)) if sampling \
             else np.ones(len(found.keys), bool)
-        found.ids = np.asarray(pa.chunked_array(ids, pa.string()).filter(pa.array(mask)).to_pylist()
-                               if ids else [], dtype=object)
-        found.rows, found.variants, found.roles, found.keys = (found.rows[mask], found.variants[mask],
-                                                               found.roles[mask], found.keys[mask])
+        found.ids = np.asarray(pa.chunked_array(ids, pa.string()).to_pylist() if ids else [], dtype=object)
+        found.keep(mask)
+        found.keep(np.argsort(found.rows, kind="stable"))  # file order, whatever order the groups were read in
         return found
 
     def _pass1(self, plan: list[LogFile], done: dict[str, _Candidates | None]) -> list[str]:
@@ -268,7 +274,8 @@ class WindowScan:
                 merged = np.partition(merged, k - 1)[:k]
             pools[variant] = merged
             if len(merged) >= k:
-                self.thresholds[variant] = int(np.partition(merged, k - 1)[k - 1])
+                # a new dict, not an update: the key pass's threads read it meanwhile
+                self.thresholds = {**self.thresholds, variant: int(np.partition(merged, k - 1)[k - 1])}
 
     def _select(self, done: dict[str, _Candidates | None]) -> list[_Candidates]:
         """The final sample: each variant's ``per_variant`` smallest keys (or a given threshold)."""
@@ -280,6 +287,7 @@ class WindowScan:
             for v, n in c.counts.items():
                 window_rows[v] = window_rows.get(v, 0) + n
         self.stats.window_rows = dict(sorted(window_rows.items()))
+        self.stats.row_groups_counted = sum(c.counted_only for c in found)
         if self.per_variant is not None:
             cut = {}
             for variant in sorted({v for c in found for v in np.unique(c.variants)}):
@@ -307,17 +315,18 @@ class WindowScan:
         import pyarrow.parquet as pq
 
         starts = np.asarray(c.row_group_starts, dtype=np.int64)
-        groups = np.searchsorted(starts, c.rows, side="right") - 1
-        wanted = np.unique(groups)
+        groups = np.asarray(np.searchsorted(starts, c.rows, side="right")) - 1  # c.rows in file order: runs
+        wanted, first = np.unique(groups, return_index=True)
+        bounds = [*first.tolist(), len(groups)]
+        parts = []
         with self.files.fs.open_input_file(c.file.path) as source:
             reader = pq.ParquetFile(source)
             columns = [col for col in self.columns if col in set(reader.schema_arrow.names)]
-            sizes = np.array([reader.metadata.row_group(int(g)).num_rows for g in wanted], dtype=np.int64)
-            data = reader.read_row_groups(wanted.tolist(), columns=columns, use_threads=False)
-        base: np.ndarray = np.zeros(len(starts), dtype=np.int64)  # each wanted group's first row inside ``data``
-        base[wanted] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+            for i, group in enumerate(wanted.tolist()):  # one row group at a time: a large file's memory is one's
+                data = reader.read_row_group(group, columns=columns, use_threads=False)
+                parts.append(data.take(pa.array(c.rows[bounds[i]:bounds[i + 1]] - starts[group])))
         self.stats.row_groups_read += len(wanted)
-        table = logschema.conform(data.take(pa.array(c.rows - starts[groups] + base[groups])), self.table)
+        table = logschema.conform(pa.concat_tables(parts), self.table)
         return table.select(list(self.columns))
 
     def __iter__(self) -> Iterator["pa.Table"]:

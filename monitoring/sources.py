@@ -113,7 +113,7 @@ class RequestLog:
                columns: tuple[str, ...] = REQUEST_COLUMNS, role: str | None = logschema.PRIMARY,
                per_variant: int | None = 10_000, threshold: dict[str, int] | None = None,
                by_variant: bool = True) -> WindowSample:
-        """At most ``per_variant`` rows of each variant (the same ones on every run: logscan.sample_keys),
+        """At most ``per_variant`` rows of each variant (the same ones on every run: samplekey.key_array),
         in time order, with the window's true row counts. ``by_variant=False``: at most ``per_variant``
         rows in all, every variant in its share of the window (a route's traffic as a whole)."""
         scan = self.scan(window, route, variant, columns=columns, role=role, per_variant=per_variant,
@@ -160,7 +160,8 @@ def _frame(tables: list, columns: tuple[str, ...]) -> "pd.DataFrame":
         return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
     frame = pa.concat_tables(tables, promote_options="permissive").to_pandas()
     frame["timestamp"] = pd.to_datetime(frame["timestamp"], utc=True)
-    return frame.loc[:, list(columns)].sort_values("timestamp", kind="stable").reset_index(drop=True)
+    order = ["timestamp", "request_id"] if "request_id" in frame.columns else ["timestamp"]  # ties: by id, not by
+    return frame.sort_values(order, kind="stable").loc[:, list(columns)].reset_index(drop=True)  # file layout
 
 
 def load_reference(path: str | Path, s3: S3Options | None = None) -> "pd.DataFrame":

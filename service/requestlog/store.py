@@ -5,6 +5,9 @@ Layout, one Hive-style partition per UTC day::
     <root>/requests/date=YYYY-MM-DD/<writer-id>-<YYYYmmddTHHMMSSfff>Z-<seq>.parquet
     <root>/feedback/date=YYYY-MM-DD/...
 
+A file's rows are in sample-key order, in row groups of ``samplekey.ROW_GROUP_ROWS`` rows whose key
+ranges are in its footer (loragate.common.samplekey): the monitor's sampled read skips the rest.
+
 Every file is written whole and appears atomically: on a local disk under a
 dot-name (readers such as pyarrow.dataset skip those) and then renamed; on an
 object store as one PUT of the final key. The writer id (host and pid by
@@ -31,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from loragate.common import logschema
+from loragate.common import logschema, samplekey
 from loragate.common.atomicio import atomic_write
 from loragate.common.objectstore import S3Options, filesystem
 
@@ -71,12 +74,8 @@ class ParquetStore:
         numbers = sorted(pc.unique(days).to_pylist())
         for number in numbers:
             day_rows = data if len(numbers) == 1 else data.filter(pc.equal(days, pa.scalar(number, pa.int64())))
-            buffer = pa.BufferOutputStream()
-            repeating = [name for name in day_rows.column_names if name not in logschema.DISTINCT_COLUMNS]
-            pq.write_table(day_rows, buffer, compression=self.compression, use_dictionary=repeating,
-                           write_statistics=repeating)
             day = datetime.fromtimestamp(number * 86_400, timezone.utc).strftime("%Y-%m-%d")
-            self._put(f"{self.root}/{table}/date={day}", buffer.getvalue())
+            self._put(f"{self.root}/{table}/date={day}", encode(day_rows, self.compression))
         return len(numbers)
 
     def _put(self, directory: str, data: pa.Buffer) -> None:
@@ -87,6 +86,22 @@ class ParquetStore:
         else:
             with self.filesystem.open_output_stream(f"{directory}/{name}") as out:
                 out.write(data)
+
+
+def encode(rows: pa.Table, compression: str = "zstd") -> pa.Buffer:
+    """One log file's bytes: the rows in sample-key order, in row groups of ``samplekey.ROW_GROUP_ROWS`` with
+    each one's key range in the footer (loragate.common.samplekey: a sampled read skips the others),
+    dictionary and statistics for every column but the id and free-text ones."""
+    ordered, keys = samplekey.key_order(rows)
+    size, n = samplekey.ROW_GROUP_ROWS, ordered.num_rows
+    groups = [min(size, n - start) for start in range(0, n, size)]
+    ordered = ordered.replace_schema_metadata({**(ordered.schema.metadata or {}),
+                                               samplekey.RANGES_KEY: samplekey.ranges(keys, groups)})
+    repeating = [name for name in ordered.column_names if name not in logschema.DISTINCT_COLUMNS]
+    buffer = pa.BufferOutputStream()
+    pq.write_table(ordered, buffer, compression=compression, row_group_size=size, use_dictionary=repeating,
+                   write_statistics=repeating)
+    return buffer.getvalue()
 
 
 def read_table(url: str, table: str, *, s3_endpoint: str | None = None, s3_region: str | None = None) -> pa.Table:

@@ -13,6 +13,7 @@ from loragate.common.objectstore import filesystem
 from loragate.monitoring.compaction import Compactor
 from loragate.monitoring.logfiles import COVERS_KEY
 from loragate.monitoring.logscan import sample_keys
+from loragate.common.samplekey import read_ranges
 from loragate.monitoring.sources import RequestLog, Window
 from tests.unit.test_logscan import HOUR, hour_frame, write_files
 
@@ -57,6 +58,11 @@ def test_compaction_keeps_every_row_once_is_idempotent_and_keeps_the_sample(tmp_
         buckets = [set((sample_keys(reader.read_row_group(i, columns=["request_id"])["request_id"])
                         >> np.uint64(61)).tolist()) for i in range(reader.num_row_groups)]
         assert all(len(b) == 1 for b in buckets) and len(buckets) >= 8
+        ranges = read_ranges(reader.metadata)  # each row group's key range, as the reader skips by it
+        assert ranges is not None and all(reader.metadata.row_group(i).num_rows <= 64 for i in range(len(ranges)))
+        assert ranges == [(int(k.min()), int(k.max())) for k in (
+            sample_keys(reader.read_row_group(i, columns=["request_id"])["request_id"])
+            for i in range(reader.num_row_groups))]
     again = compactor(tmp_path, row_group_rows=64, buckets=8).run(("requests",), now=NOW)
     assert [r.status for r in again if r.hour == "20261102T10"] == ["skipped"] and ids(tmp_path) == before
 

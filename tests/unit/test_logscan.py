@@ -8,17 +8,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from loragate.common import logschema
+from loragate.common import logschema, samplekey
 from loragate.monitoring.logfiles import written_before
 from loragate.monitoring.logscan import sample_keys
 from loragate.monitoring.sources import RequestLog, Window
+from loragate.service.requestlog.store import encode
 from tests.synthetic import requests_frame
 
 HOUR = datetime(2026, 11, 2, 10, tzinfo=timezone.utc)
 
 
-def write_files(root, frame: pd.DataFrame, *, writer: str = "gw0", flush_s: int = 60, table: str = "requests"):
-    """Files as the gateway names them: one per writer and flush, stamped with the flush time."""
+def write_files(root, frame: pd.DataFrame, *, writer: str = "gw0", flush_s: int = 60, table: str = "requests",
+                keyed: bool = False):
+    """Files as the gateway names them: one per writer and flush, stamped with the flush time. ``keyed``: laid
+    out as the gateway writes them now (service/requestlog/store.encode); else one row group in time order,
+    as older gateways wrote them."""
     frame = frame.sort_values("timestamp")
     flushes = (frame["timestamp"].astype("int64") // 10**6 // (flush_s * 1000) + 1) * flush_s
     for seq, (flush, part) in enumerate(frame.groupby(flushes)):
@@ -27,8 +31,11 @@ def write_files(root, frame: pd.DataFrame, *, writer: str = "gw0", flush_s: int 
         directory.mkdir(parents=True, exist_ok=True)
         data = logschema.conform(pa.Table.from_pandas(part.assign(
             timestamp=part["timestamp"].astype("datetime64[ms, UTC]")), preserve_index=False), table)
-        pq.write_table(data.select(list(logschema.COLUMNS[table])),
-                       directory / f"{writer}-{stamp:%Y%m%dT%H%M%S}000Z-{seq:06d}.parquet")
+        path = directory / f"{writer}-{stamp:%Y%m%dT%H%M%S}000Z-{seq:06d}.parquet"
+        if keyed:
+            path.write_bytes(encode(data.select(list(logschema.COLUMNS[table]))).to_pybytes())
+        else:
+            pq.write_table(data.select(list(logschema.COLUMNS[table])), path)
 
 
 def hour_frame(n: int, seed: int, variant: str = "v1", start: datetime = HOUR) -> pd.DataFrame:
@@ -49,6 +56,11 @@ def test_sample_keys_are_stable_uniform_and_hash_the_whole_id():
     assert int(sample_keys(pa.array(["abc"]))[0]) == int(sample_keys(pa.array(["abc"], pa.large_string()))[0])
     assert sample_keys(pa.array(["abc", "abd", "bbc", "", None])).tolist()[3] == sample_keys(pa.array([""]))[0]
     assert len(set(sample_keys(pa.array(["abc", "abd", "bbc", "acb"])).tolist())) == 4
+    # pinned: the keys the logs written so far were sampled and compacted by (the numpy implementation's; the
+    # Arrow one the gateway shares gives the same, past the 256-byte position cap too)
+    assert sample_keys(pa.array(["abc", "", "x" * 300])).tolist() == [10422987716737944273, 0, 18077049367589235415]
+    assert sample_keys(pa.chunked_array([pa.array(["abc"]), pa.array([], pa.string())]).slice(0, 1)).tolist() == \
+        [10422987716737944273]
 
 
 def test_sample_is_capped_deterministic_nested_and_counts_the_window(tmp_path):
@@ -75,6 +87,44 @@ def test_sample_is_capped_deterministic_nested_and_counts_the_window(tmp_path):
     assert 60 <= (mixed.frame.variant == "v2").sum() <= 180  # ~1/6 of 720 = 120
     # uncapped variants are read whole
     assert log.sample(window, "support", "v2", per_variant=5000).sampled_rows == {"v2": 600}
+
+
+def test_the_gateway_writes_rows_in_key_order_with_each_row_groups_key_range(tmp_path):
+    frame = hour_frame(2 * samplekey.ROW_GROUP_ROWS + 300, 20)
+    write_files(tmp_path, frame, flush_s=3600, keyed=True)
+    (path,) = (tmp_path / "requests" / "date=2026-11-02").iterdir()
+    reader = pq.ParquetFile(path)
+    assert [reader.metadata.row_group(i).num_rows for i in range(reader.num_row_groups)] == \
+        [samplekey.ROW_GROUP_ROWS, samplekey.ROW_GROUP_ROWS, 300]
+    keys = sample_keys(reader.read(columns=["request_id"])["request_id"])
+    assert np.all(np.diff(keys.astype(np.float64)) >= 0)  # key order
+    starts = np.cumsum([0, samplekey.ROW_GROUP_ROWS, samplekey.ROW_GROUP_ROWS, 300])
+    assert samplekey.read_ranges(reader.metadata) == [(int(keys[a]), int(keys[b - 1])) for a, b in
+                                                      zip(starts[:-1], starts[1:])]
+    assert sorted(reader.read(columns=["request_id"])["request_id"].to_pylist()) == sorted(frame.request_id)
+
+
+def test_key_ordered_files_give_the_same_sample_and_skip_the_ids_of_most_row_groups(tmp_path):
+    """The same rows written in the old layout (one time-ordered row group a file) and in the gateway's
+    (key order, key ranges in the footer): the same sample and counts; the new one decodes few ids."""
+    frame = pd.concat([hour_frame(12_000, 21), hour_frame(3_000, 22, "v2")])
+    window = Window(HOUR, HOUR + timedelta(hours=1))
+    scans = {}
+    for keyed in (False, True):
+        root = tmp_path / str(keyed)
+        write_files(root, frame, flush_s=900, keyed=keyed)  # 4 files of ~3,750 rows
+        for by_variant in (True, False):
+            scan = RequestLog(root).scan(window, per_variant=300, by_variant=by_variant,
+                                         columns=("request_id", "variant", "prompt_text"))
+            scans[keyed, by_variant] = (sorted(r for t in scan for r in t["request_id"].to_pylist()), scan.stats)
+    for by_variant in (True, False):
+        (old, old_stats), (new, new_stats) = scans[False, by_variant], scans[True, by_variant]
+        assert new == old and len(new) == (600 if by_variant else 300)
+        assert new_stats.window_rows == old_stats.window_rows == {"v1": 12_000, "v2": 3_000}
+        assert new_stats.sampled_rows == old_stats.sampled_rows
+        assert old_stats.row_groups_counted == 0 and old_stats.row_groups_read == 4
+        # 4 files x 4 row groups: most are only counted, and the text is read from one row group a file
+        assert new_stats.row_groups_counted >= (4 if by_variant else 8) and new_stats.row_groups_read <= 8
 
 
 def test_sample_is_a_fair_sample(tmp_path):
