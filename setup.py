@@ -11,9 +11,26 @@ Everything else is configured in pyproject.toml.
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("loragate.common._scrubnative", ["loragate/common/_scrubnative.c"],
-                             libraries=["pcre2-8"], extra_compile_args=["-O2"], optional=True),
-                   Extension("loragate.service.requestlog._lognative", ["service/requestlog/_lognative.c"],
-                             extra_compile_args=["-O2"], optional=True),
-                   Extension("loragate.service.requestlog._logqueue", ["service/requestlog/_logqueue.c"],
-                             extra_compile_args=["-O2"], optional=True)])
+setup(
+    ext_modules=[
+        Extension(
+            "loragate.common._scrubnative",
+            ["loragate/common/_scrubnative.c"],
+            libraries=["pcre2-8"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+        Extension(
+            "loragate.service.requestlog._lognative",
+            ["service/requestlog/_lognative.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+        Extension(
+            "loragate.service.requestlog._logqueue",
+            ["service/requestlog/_logqueue.c"],
+            extra_compile_args=["-O2"],
+            optional=True,
+        ),
+    ]
+)

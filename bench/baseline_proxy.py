@@ -23,8 +23,7 @@ state: dict[str, aiohttp.ClientSession] = {}
 
 @contextlib.asynccontextmanager
 async def lifespan(_app: FastAPI):
-    state["session"] = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0), skip_auto_headers=("User-Agent",))
+    state["session"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), skip_auto_headers=("User-Agent",))
     yield
     await state["session"].close()
 
@@ -44,7 +43,8 @@ async def _relay(upstream: aiohttp.ClientResponse):
 @app.post("/v1/completions")
 async def forward(request: Request) -> Response:
     upstream = await state["session"].post(
-        UPSTREAM + request.url.path, data=await request.body(), headers={"content-type": "application/json"})
+        UPSTREAM + request.url.path, data=await request.body(), headers={"content-type": "application/json"}
+    )
     media_type = upstream.headers.get("content-type", "application/json")
     if media_type.startswith("text/event-stream"):
         return StreamingResponse(_relay(upstream), status_code=upstream.status, media_type=media_type)

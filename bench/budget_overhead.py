@@ -45,8 +45,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    key = ApiKey(id="bench", sha256="a" * 64, requests_per_minute=10**9, tokens_per_minute=10**9,
-                 team="t", usd_per_day=10**9)
+    key = ApiKey(
+        id="bench", sha256="a" * 64, requests_per_minute=10**9, tokens_per_minute=10**9, team="t", usd_per_day=10**9
+    )
     teams = {"t": {"usd_per_month": 10.0**9}}
 
     def reject(reason, status, message, **kw):
@@ -103,7 +104,8 @@ def main() -> int:
         return statistics.median(r[i] / b[i] for r, b in zip(rows[name], rows[base], strict=True))
 
     result = {
-        "python": platform.python_version(), "rounds": args.rounds,
+        "python": platform.python_version(),
+        "rounds": args.rounds,
         "cpu_us_per_request": {n: round(statistics.median(r[0] for r in v) * 1e6, 2) for n, v in rows.items()},
         "wall_us_per_request": {n: round(statistics.median(r[1] for r in v) * 1e6, 2) for n, v in rows.items()},
         "cpu_ratio_local": round(ratio("local+budgets", "local", 0), 3),

@@ -34,7 +34,9 @@ def measure(rows: int, pairs: int, shares=(0.2, 0.3, 0.4, 0.5)) -> dict:
         column_flags.update(result.drifted_features)
         share_values.append(result.share)
     return {
-        "rows": rows, "pairs": pairs, "columns": columns,
+        "rows": rows,
+        "pairs": pairs,
+        "columns": columns,
         "column_fp_rate": sum(column_flags.values()) / (pairs * columns),
         "per_column": {c: n / pairs for c, n in sorted(column_flags.items())},
         "any_column_flagged": sum(s > 0 for s in share_values) / pairs,
@@ -54,8 +56,10 @@ def main() -> None:
         print(f"  per-column false-positive rate: {out['column_fp_rate']:.3f}")
         print(f"  runs with any column flagged:   {out['any_column_flagged']:.2f}")
         print(f"  per column: {out['per_column']}")
-        print("  dataset drift false-positive rate by drift_share: "
-              + ", ".join(f">={s}: {r:.2f}" for s, r in out["dataset_fp_rate"].items()))
+        print(
+            "  dataset drift false-positive rate by drift_share: "
+            + ", ".join(f">={s}: {r:.2f}" for s, r in out["dataset_fp_rate"].items())
+        )
 
 
 if __name__ == "__main__":

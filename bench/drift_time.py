@@ -38,8 +38,10 @@ def main() -> None:
             started = time.perf_counter()
             result = run_drift(reference, current, route="bench", out_dir=out)
             took = time.perf_counter() - started
-            print(f"rows={rows:>7} a side: {took:6.1f} s  ({took / args.target_s:.2f} x the {args.target_s:g} s target)"
-                  f"  features={len(result.features)} drifted={len(result.drifted_features)} status={result.status}")
+            print(
+                f"rows={rows:>7} a side: {took:6.1f} s  ({took / args.target_s:.2f} x the {args.target_s:g} s target)"
+                f"  features={len(result.features)} drifted={len(result.drifted_features)} status={result.status}"
+            )
 
 
 if __name__ == "__main__":

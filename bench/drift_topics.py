@@ -54,11 +54,14 @@ def pairs_run(rows: int, shift: float, pairs: int) -> dict:
         aucs.append(feature.score)
         flagged.update(f for f in group.drifted_features if f != "prompt_content")
     return {
-        "rows": rows, "shift": shift, "pairs": pairs,
+        "rows": rows,
+        "shift": shift,
+        "pairs": pairs,
         "input_drift_rate": inputs / pairs,
         "content_drift_rate": content / pairs,
         "content_auc_mean": round(statistics.mean(aucs), 4),
-        "content_auc_min": round(min(aucs), 4), "content_auc_max": round(max(aucs), 4),
+        "content_auc_min": round(min(aucs), 4),
+        "content_auc_max": round(max(aucs), 4),
         "other_input_features_flagged": {f: n / pairs for f, n in sorted(flagged.items())},
         "seconds_per_pair": round((time.perf_counter() - started) / pairs, 3),
     }
@@ -105,25 +108,39 @@ def main() -> None:
             cell = pairs_run(rows, shift, args.pairs)
             cells.append(cell)
             target = "target <= 0.05" if shift == 0 else ("target >= 0.95" if shift == 1 else "reported")
-            print(f"rows={rows:>5} shift={shift:<4g} input drift {cell['input_drift_rate']:.2f} ({target})  "
-                  f"content test {cell['content_drift_rate']:.2f}  AUC mean {cell['content_auc_mean']:.3f} "
-                  f"[{cell['content_auc_min']:.3f}, {cell['content_auc_max']:.3f}]  "
-                  f"other features {cell['other_input_features_flagged']}  {cell['seconds_per_pair']:.2f} s/pair")
+            print(
+                f"rows={rows:>5} shift={shift:<4g} input drift {cell['input_drift_rate']:.2f} ({target})  "
+                f"content test {cell['content_drift_rate']:.2f}  AUC mean {cell['content_auc_mean']:.3f} "
+                f"[{cell['content_auc_min']:.3f}, {cell['content_auc_max']:.3f}]  "
+                f"other features {cell['other_input_features_flagged']}  {cell['seconds_per_pair']:.2f} s/pair"
+            )
     timing = None
     if args.time_rows:
         timing = time_report(args.time_rows)
-        print(f"rows={timing['rows']} a side: report {timing['report_s']:.1f} s "
-              f"({timing['report_s'] / args.target_s:.2f} x the {args.target_s:g} s target); without the content test "
-              f"{timing['without_content_s']:.1f} s (ratio {timing['report_s'] / timing['without_content_s']:.2f}); "
-              f"drifted groups {timing['drifted_groups']}")
+        print(
+            f"rows={timing['rows']} a side: report {timing['report_s']:.1f} s "
+            f"({timing['report_s'] / args.target_s:.2f} x the {args.target_s:g} s target); without the content test "
+            f"{timing['without_content_s']:.1f} s (ratio {timing['report_s'] / timing['without_content_s']:.2f}); "
+            f"drifted groups {timing['drifted_groups']}"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({
-            "corpus": "chatterbot-corpus (English): tech = coding, ai, computers; everyday = trivia, psychology, "
-                      "conversations, greetings, emotion; user-side turns; windows drawn with replacement",
-            "pools": pools, "cells": cells, "timing": timing, "machine": platform.platform(),
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }, indent=2) + "\n")
+        args.out.write_text(
+            json.dumps(
+                {
+                    "corpus": "chatterbot-corpus (English): tech = coding, ai, computers; "
+                    "everyday = trivia, psychology, "
+                    "conversations, greetings, emotion; user-side turns; windows drawn with replacement",
+                    "pools": pools,
+                    "cells": cells,
+                    "timing": timing,
+                    "machine": platform.platform(),
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -94,7 +94,8 @@ request = function()
 end
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"errors":%%d,"non2xx":%%d,"p50_us":%%d,"p99_us":%%d}\\n',
+  io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"errors":%%d,"non2xx":%%d,' ..
+    '"p50_us":%%d,"p99_us":%%d}\\n',
     summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout, e.status,
     latency:percentile(50), latency:percentile(99)))
 end
@@ -102,20 +103,28 @@ end
 
 
 def body(stream: bool) -> str:
-    return json.dumps({
-        "model": "bench",
-        "messages": [{"role": "system", "content": "You are a helpful support assistant."},
-                     {"role": "user", "content": "I'm jane.doe@example.com, call me on +44 20 7946 0958: "
-                                                 "my order #@ORDER@ has not arrived yet, what can I do?"}],
-        "max_tokens": CHUNKS, "temperature": 0, "stream": stream,
-    })
+    return json.dumps(
+        {
+            "model": "bench",
+            "messages": [
+                {"role": "system", "content": "You are a helpful support assistant."},
+                {
+                    "role": "user",
+                    "content": "I'm jane.doe@example.com, call me on +44 20 7946 0958: "
+                    "my order #@ORDER@ has not arrived yet, what can I do?",
+                },
+            ],
+            "max_tokens": CHUNKS,
+            "temperature": 0,
+            "stream": stream,
+        }
+    )
 
 
 def metric_sum(url: str, prefix: str, label: str) -> float:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(prefix) and label in line)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix) and label in line)
 
 
 def settled(url: str, log_dir: Path | None, timeout_s: float = 60) -> None:
@@ -128,8 +137,11 @@ def settled(url: str, log_dir: Path | None, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while log_dir is not None and log_rows(log_dir) < answered:
         if time.monotonic() > deadline:
-            print(f"  {url}: the request log has {log_rows(log_dir)} rows for {answered:.0f} answered after "
-                  f"{timeout_s:.0f}s", flush=True)
+            print(
+                f"  {url}: the request log has {log_rows(log_dir)} rows for {answered:.0f} answered after "
+                f"{timeout_s:.0f}s",
+                flush=True,
+            )
             return
         time.sleep(0.2)
 
@@ -145,15 +157,35 @@ def start(name: str, work: Path, upstream: str, cpu: int | None) -> tuple[Servic
     env = dict(os.environ)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     if name == "baseline":
-        command = [sys.executable, "-m", "uvicorn", "bench.baseline_proxy:app", "--host", "127.0.0.1",
-                   "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                   "--log-level", "warning"]
+        command = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "bench.baseline_proxy:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
         env["BASELINE_UPSTREAM"] = upstream
         ready = f"{url}/health"
     else:
         command = [sys.executable, "-m", "loragate", "serve"]
-        env.update({"LORAGATE_ROUTES_FILE": str(work / "routes.yaml"), "LORAGATE_UPSTREAMS": upstream,
-                    "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1"})
+        env.update(
+            {
+                "LORAGATE_ROUTES_FILE": str(work / "routes.yaml"),
+                "LORAGATE_UPSTREAMS": upstream,
+                "LORAGATE_PORT": str(port),
+                "LORAGATE_WORKERS": "1",
+            }
+        )
         if name in ("keys", "all"):
             env["LORAGATE_AUTH"] = "on"
             env["LORAGATE_API_KEYS"] = json.dumps({"keys": [{"id": "bench", "sha256": _sha(KEY)}]})
@@ -174,8 +206,10 @@ def _sha(key: str) -> str:
 
 
 def wrk(url: str, script: Path, connections: int, duration: float, cpu: int | None) -> dict:
-    command = pinned(["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s", "--latency",
-                      "-s", str(script), url], cpu)
+    command = pinned(
+        ["wrk", "-t1", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s", "--latency", "-s", str(script), url],
+        cpu,
+    )
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     match = re.search(r"WRKJSON (\{.*\})", out)
     if not match:
@@ -183,8 +217,17 @@ def wrk(url: str, script: Path, connections: int, duration: float, cpu: int | No
     return json.loads(match.group(1))
 
 
-def measure(name: str, url: str, pid: int, script: Path, connections: int, duration: float,
-            wrk_cpu: int | None, work: Path, idle_cpu_s_per_s: float) -> dict:
+def measure(
+    name: str,
+    url: str,
+    pid: int,
+    script: Path,
+    connections: int,
+    duration: float,
+    wrk_cpu: int | None,
+    work: Path,
+    idle_cpu_s_per_s: float,
+) -> dict:
     """One target, one cell: wrk for ``duration``, then until its log (if any) holds every answered
     request; CPU over that window less the idle CPU of the part without load (see the docstring)."""
     log_dir = log_dir_of(name, work)
@@ -201,11 +244,17 @@ def measure(name: str, url: str, pid: int, script: Path, connections: int, durat
     steal = (steal_ticks() - steal_before) / os.sysconf("SC_CLK_TCK") / ((os.cpu_count() or 1) * window)
     requests, seconds = result["requests"], result["duration_us"] / 1e6
     unloaded = idle_cpu_s_per_s * max(0.0, window - seconds)  # timers and ticks while its rows were written
-    return {"rps": requests / seconds, "cpu_us_per_req": (cpu - unloaded) * 1e6 / max(requests, 1),
-            "idle_subtracted_us_per_req": unloaded * 1e6 / max(requests, 1),
-            "children_us_per_req": (cpu - own) * 1e6 / max(requests, 1),
-            "p50_ms": result["p50_us"] / 1000, "p99_ms": result["p99_us"] / 1000, "requests": requests,
-            "errors": result["errors"] + result["non2xx"], "steal": steal}
+    return {
+        "rps": requests / seconds,
+        "cpu_us_per_req": (cpu - unloaded) * 1e6 / max(requests, 1),
+        "idle_subtracted_us_per_req": unloaded * 1e6 / max(requests, 1),
+        "children_us_per_req": (cpu - own) * 1e6 / max(requests, 1),
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+        "requests": requests,
+        "errors": result["errors"] + result["non2xx"],
+        "steal": steal,
+    }
 
 
 def idle_rates(targets: dict[str, int], seconds: float) -> dict[str, float]:
@@ -225,8 +274,9 @@ def idle_spinner(cpu: int | None) -> Iterator[None]:
     if cpu is None:
         yield
         return
-    spinner = subprocess.Popen(["chrt", "--idle", "0", "taskset", "-c", str(cpu), sys.executable, "-c",
-                                "while True: pass"])
+    spinner = subprocess.Popen(
+        ["chrt", "--idle", "0", "taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"]
+    )
     try:
         yield
     finally:
@@ -279,8 +329,20 @@ def main() -> int:
         scripts[mode].write_text(WRK_SCRIPT % {"head": head, "tail": tail, "key": KEY})
 
     stub_port = free_port()
-    stub = Service(pinned([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(stub_port),
-                           "--chunks", str(CHUNKS)], load_cpu), work / "stub.log")
+    stub = Service(
+        pinned(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "stub_upstream.py"),
+                "--port",
+                str(stub_port),
+                "--chunks",
+                str(CHUNKS),
+            ],
+            load_cpu,
+        ),
+        work / "stub.log",
+    )
     services: dict[str, tuple[Service, str]] = {}
     raw: dict[str, list[dict]] = {}
     completeness = {}
@@ -289,10 +351,12 @@ def main() -> int:
         wait_http(f"{upstream}/health", stub.process, 30, work / "stub.log")
         for name in args.targets:
             services[name] = start(name, work, upstream, proxy_cpu)
-        print(f"targets {', '.join(args.targets)}; pinning: "
-              f"{'stub+wrk on CPU 0, proxies (and their children) on CPU 1' if pin else 'off'}; "
-              f"idle spinner {'on CPU ' + str(spin_cpu) if spin_cpu is not None else 'off'}; logs in {work}",
-              flush=True)
+        print(
+            f"targets {', '.join(args.targets)}; pinning: "
+            f"{'stub+wrk on CPU 0, proxies (and their children) on CPU 1' if pin else 'off'}; "
+            f"idle spinner {'on CPU ' + str(spin_cpu) if spin_cpu is not None else 'off'}; logs in {work}",
+            flush=True,
+        )
         if args.keep_running:
             print({name: (url, service.process.pid) for name, (service, url) in services.items()}, flush=True)
             input("press Enter to measure ")
@@ -305,15 +369,28 @@ def main() -> int:
             print("idle CPU (ms/s): " + ", ".join(f"{n} {v * 1e3:.2f}" for n, v in idle.items()), flush=True)
             for round_no in range(args.rounds):
                 for mode, c in cells:
-                    for name in (measured if round_no % 2 == 0 else measured[::-1]):
-                        cell = measure(name, services[name][1], pids[name], scripts[mode], c, args.duration, load_cpu, work,
-                                       idle[name])
+                    for name in measured if round_no % 2 == 0 else measured[::-1]:
+                        cell = measure(
+                            name,
+                            services[name][1],
+                            pids[name],
+                            scripts[mode],
+                            c,
+                            args.duration,
+                            load_cpu,
+                            work,
+                            idle[name],
+                        )
                         raw.setdefault(f"{mode}|c{c}|{name}", []).append(cell)
-                        print(f"round {round_no + 1}/{args.rounds} {mode:4s} c={c:<3d} {name:9s} {cell['rps']:8.0f} req/s  "
-                              f"cpu {cell['cpu_us_per_req']:6.0f} us/req (children {cell['children_us_per_req']:4.0f}, "
-                              f"idle subtracted {cell['idle_subtracted_us_per_req']:3.0f})  "
-                              f"p50 {cell['p50_ms']:6.2f} ms  "
-                              f"errors {cell['errors']}  steal {cell['steal']:.0%}", flush=True)
+                        print(
+                            f"round {round_no + 1}/{args.rounds} {mode:4s} c={c:<3d} {name:9s} "
+                            f"{cell['rps']:8.0f} req/s  "
+                            f"cpu {cell['cpu_us_per_req']:6.0f} us/req (children {cell['children_us_per_req']:4.0f}, "
+                            f"idle subtracted {cell['idle_subtracted_us_per_req']:3.0f})  "
+                            f"p50 {cell['p50_ms']:6.2f} ms  "
+                            f"errors {cell['errors']}  steal {cell['steal']:.0%}",
+                            flush=True,
+                        )
         time.sleep(1.0)
         for name in ("log", "all"):
             if name in services:
@@ -325,15 +402,25 @@ def main() -> int:
                 withheld = metric_sum(url, "loragate_requestlog_records_total{", 'result="text_withheld"')
                 service.stop()
                 rows = log_rows(log_dir)
-                completeness[name] = {"answered": answered, "rows": rows, "text_withheld": withheld,
-                                      "complete": rows == answered and withheld == 0}
+                completeness[name] = {
+                    "answered": answered,
+                    "rows": rows,
+                    "text_withheld": withheld,
+                    "complete": rows == answered and withheld == 0,
+                }
     finally:
         for service, _url in services.values():
             service.stop()
         stub.stop()
 
-    results = {key: {k: statistics.median(c[k] for c in cells) for k in ("rps", "cpu_us_per_req", "children_us_per_req", "p50_ms", "p99_ms")}
-               | {"errors": sum(c["errors"] for c in cells)} for key, cells in raw.items()}
+    results = {
+        key: {
+            k: statistics.median(c[k] for c in cells)
+            for k in ("rps", "cpu_us_per_req", "children_us_per_req", "p50_ms", "p99_ms")
+        }
+        | {"errors": sum(c["errors"] for c in cells)}
+        for key, cells in raw.items()
+    }
 
     def per_round(mode: str, c: int, top: str, bottom: str) -> list[float] | None:
         """``top``'s CPU per request over ``bottom``'s, round by round (measured back to back)."""
@@ -367,49 +454,89 @@ def main() -> int:
     print(f"{'cell':10s} " + " ".join(f"{n:>16s}" for n in names))
     for mode, c in cells:
         row = [results[f"{mode}|c{c}|{n}"] for n in names]
-        print(f"{mode + ' c=' + str(c):10s} " + " ".join(f"{r['cpu_us_per_req']:6.0f} {r['rps']:6.0f}/s  " for r in row))
+        print(
+            f"{mode + ' c=' + str(c):10s} " + " ".join(f"{r['cpu_us_per_req']:6.0f} {r['rps']:6.0f}/s  " for r in row)
+        )
     print("\nCPU per request ratios (per-round, median)")
     ratios, floors, intervals, verdicts = {}, {}, {}, {}
     for mode, c in cells:
         cell = f"{mode}|c{c}"
-        ratios[cell] = {f"{top}/{bottom}": ratio(mode, c, top, bottom)
-                        for top, bottom in (("plain", "baseline"), ("keys", "plain"), ("log", "plain"),
-                                            ("all", "plain"))}
-        floors[cell] = {f"{top}/{bottom}": floor_ratio(mode, c, top, bottom)
-                        for top, bottom in (("plain", "baseline"), ("all", "plain"))}
-        intervals[cell] = {f"{top}/{bottom}": ratio_interval(mode, c, top, bottom)
-                           for top, bottom in (("plain", "baseline"), ("all", "plain"))}
+        ratios[cell] = {
+            f"{top}/{bottom}": ratio(mode, c, top, bottom)
+            for top, bottom in (("plain", "baseline"), ("keys", "plain"), ("log", "plain"), ("all", "plain"))
+        }
+        floors[cell] = {
+            f"{top}/{bottom}": floor_ratio(mode, c, top, bottom)
+            for top, bottom in (("plain", "baseline"), ("all", "plain"))
+        }
+        intervals[cell] = {
+            f"{top}/{bottom}": ratio_interval(mode, c, top, bottom)
+            for top, bottom in (("plain", "baseline"), ("all", "plain"))
+        }
         line = "  ".join(f"{k} {v:.3f}" for k, v in ratios[cell].items() if v is not None)
-        line += "   (90% interval: " + "  ".join(f"{k} {v[0]:.2f}-{v[1]:.2f}"
-                                           for k, v in intervals[cell].items() if v is not None) + ")"
-        line += "   (lowest/lowest: " + "  ".join(f"{k} {v:.3f}" for k, v in floors[cell].items() if v is not None) + ")"
+        line += (
+            "   (90% interval: "
+            + "  ".join(f"{k} {v[0]:.2f}-{v[1]:.2f}" for k, v in intervals[cell].items() if v is not None)
+            + ")"
+        )
+        line += (
+            "   (lowest/lowest: " + "  ".join(f"{k} {v:.3f}" for k, v in floors[cell].items() if v is not None) + ")"
+        )
         if ratios[cell]["all/plain"] is not None:
             verdicts[f"{cell}|all/plain<={FEATURE_LIMIT}"] = ratios[cell]["all/plain"] <= FEATURE_LIMIT
         pb = ratios[cell]["plain/baseline"]
         if pb is not None and c == BASELINE_VERDICT_CONNECTIONS:
-            verdicts[f"{cell}|plain/baseline<={BASELINE_LIMIT if mode == 'json' else 1.0}"] = \
-                pb <= (BASELINE_LIMIT if mode == "json" else 1.0)
+            verdicts[f"{cell}|plain/baseline<={BASELINE_LIMIT if mode == 'json' else 1.0}"] = pb <= (
+                BASELINE_LIMIT if mode == "json" else 1.0
+            )
         print(f"  {mode:4s} c={c:<3d} {line}")
     for name, comp in completeness.items():
-        print(f"log completeness ({name}): {comp['rows']} rows for {comp['answered']:.0f} requests answered, "
-              f"{comp['text_withheld']:.0f} with text withheld ({'complete' if comp['complete'] else 'MISMATCH'})")
-    print(f"hypervisor steal during the measured runs: median {statistics.median(c['steal'] for cs in raw.values() for c in cs):.0%}"
-          " of the machine (charged to whatever ran: above a few % the ratios are noisy)")
+        print(
+            f"log completeness ({name}): {comp['rows']} rows for {comp['answered']:.0f} requests answered, "
+            f"{comp['text_withheld']:.0f} with text withheld ({'complete' if comp['complete'] else 'MISMATCH'})"
+        )
+    steal = statistics.median(c["steal"] for cs in raw.values() for c in cs)
+    print(
+        f"hypervisor steal during the measured runs: median {steal:.0%}"
+        " of the machine (charged to whatever ran: above a few % the ratios are noisy)"
+    )
     print("verdicts: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in verdicts.items()))
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release(),
-                    "loadavg": os.getloadavg()},
-        "settings": {"duration_s": args.duration, "rounds": args.rounds, "concurrency": args.concurrency,
-                     "modes": args.modes, "stream_chunks": CHUNKS, "pinned": pin, "targets": args.targets,
-                     "idle_spinner": spin_cpu is not None},
-        "results": results, "ratios": ratios, "ratio_intervals_90": intervals, "lowest_ratios": floors,
-        "verdicts": verdicts, "idle_cpu_ms_per_s": {n: v * 1e3 for n, v in idle.items()},
-        "steal_median": statistics.median(c["steal"] for cells in raw.values() for c in cells), "log_completeness": completeness,
-        "rounds": raw,
-    }, indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "kernel": platform.release(),
+                    "loadavg": os.getloadavg(),
+                },
+                "settings": {
+                    "duration_s": args.duration,
+                    "rounds": args.rounds,
+                    "concurrency": args.concurrency,
+                    "modes": args.modes,
+                    "stream_chunks": CHUNKS,
+                    "pinned": pin,
+                    "targets": args.targets,
+                    "idle_spinner": spin_cpu is not None,
+                },
+                "results": results,
+                "ratios": ratios,
+                "ratio_intervals_90": intervals,
+                "lowest_ratios": floors,
+                "verdicts": verdicts,
+                "idle_cpu_ms_per_s": {n: v * 1e3 for n, v in idle.items()},
+                "steal_median": statistics.median(c["steal"] for cells in raw.values() for c in cells),
+                "log_completeness": completeness,
+                "rounds": raw,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
     shutil.rmtree(work, ignore_errors=True)
     return 0 if all(verdicts.values()) and all(c["complete"] for c in completeness.values()) else 1

@@ -49,8 +49,10 @@ def overlay(ref: str, work: Path) -> Path:
 
 
 def command(pkg: Path, argv: list[str]) -> list[str]:
-    launcher = ("import sys, runpy; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'loragate'; "
-                "runpy.run_module('loragate', run_name='__main__', alter_sys=True)")
+    launcher = (
+        "import sys, runpy; sys.path.insert(0, sys.argv.pop(1)); sys.argv[0] = 'loragate'; "
+        "runpy.run_module('loragate', run_name='__main__', alter_sys=True)"
+    )
     return [sys.executable, "-c", launcher, str(pkg), *argv]
 
 

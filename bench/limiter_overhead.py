@@ -57,8 +57,11 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--no-pin", action="store_true")
-    parser.add_argument("--compare-ref", metavar="REF",
-                        help="also measure the Redis-limited gateway at this git ref (e.g. main) in the same rounds")
+    parser.add_argument(
+        "--compare-ref",
+        metavar="REF",
+        help="also measure the Redis-limited gateway at this git ref (e.g. main) in the same rounds",
+    )
     parser.add_argument("--reader-rounds", type=int, default=5, help="rounds of the reply-reader comparison")
     parser.add_argument("--limits-python", type=Path, help="an interpreter with `limits` and `redis` installed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "limiter_overhead.json")
@@ -73,9 +76,11 @@ def main() -> int:
     (work / "routes.yaml").write_text(ROUTES)
     (work / "keys.yaml").write_text(
         f'keys:\n  - {{id: bench, sha256: "{hash_key(key)}", requests_per_minute: 1000000000, '
-        f'tokens_per_minute: 1000000000000}}\n')
-    body = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "My order has not arrived."}],
-                       "max_tokens": 16})
+        f"tokens_per_minute: 1000000000000}}\n"
+    )
+    body = json.dumps(
+        {"model": "bench", "messages": [{"role": "user", "content": "My order has not arrived."}], "max_tokens": 16}
+    )
     script = work / "bench.lua"
     script.write_text((WRK_SCRIPT + WRK_DONE) % {"body": body, "key": key})
 
@@ -85,28 +90,46 @@ def main() -> int:
     try:
         services.append(redis.start().service)
         port = free_port()
-        stub = Service(pinned([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(port)],
-                              side_cpu), work / "stub.log", env)
+        stub = Service(
+            pinned([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(port)], side_cpu),
+            work / "stub.log",
+            env,
+        )
         services.append(stub)
         stub_url = f"http://127.0.0.1:{port}"
         wait_http(f"{stub_url}/health", stub.process, 30, work / "stub.log")
         gateways = {}
         variants: list[tuple[str, dict, list[str]]] = [
             ("in_process", {}, [sys.executable, "-m", "loragate", "serve"]),
-            ("redis", {"LORAGATE_LIMITS_URL": redis.url}, [sys.executable, "-m", "loragate", "serve"])]
+            ("redis", {"LORAGATE_LIMITS_URL": redis.url}, [sys.executable, "-m", "loragate", "serve"]),
+        ]
         if args.compare_ref:  # the Redis-limited gateway at another git ref (e.g. main), in the same rounds
             from bench.gitref import command, overlay
+
             pkg = overlay(args.compare_ref, work / "ref")
-            variants.append((f"redis@{args.compare_ref}", {"LORAGATE_LIMITS_URL": redis.url, "PYTHONPATH": str(pkg)},
-                             command(pkg, ["serve"])))
+            variants.append(
+                (
+                    f"redis@{args.compare_ref}",
+                    {"LORAGATE_LIMITS_URL": redis.url, "PYTHONPATH": str(pkg)},
+                    command(pkg, ["serve"]),
+                )
+            )
         for name, extra, argv in variants:
             port = free_port()
-            service = Service(pinned(argv, gateway_cpu),
-                              work / f"gateway-{name}.log", {
-                                  **env, "LORAGATE_ROUTES_FILE": str(work / "routes.yaml"),
-                                  "LORAGATE_UPSTREAMS": stub_url, "LORAGATE_PORT": str(port),
-                                  "LORAGATE_WORKERS": "1", "LORAGATE_AUTH": "on",
-                                  "LORAGATE_API_KEYS_FILE": str(work / "keys.yaml"), **extra})
+            service = Service(
+                pinned(argv, gateway_cpu),
+                work / f"gateway-{name}.log",
+                {
+                    **env,
+                    "LORAGATE_ROUTES_FILE": str(work / "routes.yaml"),
+                    "LORAGATE_UPSTREAMS": stub_url,
+                    "LORAGATE_PORT": str(port),
+                    "LORAGATE_WORKERS": "1",
+                    "LORAGATE_AUTH": "on",
+                    "LORAGATE_API_KEYS_FILE": str(work / "keys.yaml"),
+                    **extra,
+                },
+            )
             services.append(service)
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/readyz", service.process, 60, work / f"gateway-{name}.log")
@@ -126,19 +149,27 @@ def main() -> int:
                 redis_cpu = tree_cpu_s(redis.service.process.pid) - redis_before
                 requests = result["requests"]
                 errors = sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))
-                cells[name] = {"rps": requests / (result["duration_us"] / 1e6), "p50_ms": result["p50_us"] / 1000,
-                               "p99_ms": result["p99_us"] / 1000, "cpu_us_per_req": cpu * 1e6 / max(requests, 1),
-                               "redis_cpu_us_per_req": redis_cpu * 1e6 / max(requests, 1),
-                               "requests": requests, "errors": errors}
+                cells[name] = {
+                    "rps": requests / (result["duration_us"] / 1e6),
+                    "p50_ms": result["p50_us"] / 1000,
+                    "p99_ms": result["p99_us"] / 1000,
+                    "cpu_us_per_req": cpu * 1e6 / max(requests, 1),
+                    "redis_cpu_us_per_req": redis_cpu * 1e6 / max(requests, 1),
+                    "requests": requests,
+                    "errors": errors,
+                }
             cells["cpu_ratio"] = cells["redis"]["cpu_us_per_req"] / cells["in_process"]["cpu_us_per_req"]
             if args.compare_ref:
                 other = cells[f"redis@{args.compare_ref}"]["cpu_us_per_req"]
                 cells["cpu_ratio_vs_ref"] = cells["redis"]["cpu_us_per_req"] / other
                 cells["cpu_us_delta_vs_ref"] = cells["redis"]["cpu_us_per_req"] - other
             rounds.append(cells)
-            print(f"round {index + 1}: in-process {cells['in_process']['cpu_us_per_req']:.0f} us/req "
-                  f"({cells['in_process']['rps']:.0f} req/s), redis {cells['redis']['cpu_us_per_req']:.0f} us/req "
-                  f"({cells['redis']['rps']:.0f} req/s), ratio {cells['cpu_ratio']:.3f}", flush=True)
+            print(
+                f"round {index + 1}: in-process {cells['in_process']['cpu_us_per_req']:.0f} us/req "
+                f"({cells['in_process']['rps']:.0f} req/s), redis {cells['redis']['cpu_us_per_req']:.0f} us/req "
+                f"({cells['redis']['rps']:.0f} req/s), ratio {cells['cpu_ratio']:.3f}",
+                flush=True,
+            )
         check_backends(gateways)
         readers = reader_costs(redis.url, LUA_BUCKETS, args.reader_rounds, args.compare_ref or "main")
         client = compare_clients(args.limits_python, redis.url, LUA_BUCKETS, work) if args.limits_python else None
@@ -146,42 +177,63 @@ def main() -> int:
         for service in reversed(services):
             service.stop()
 
-    summary = {name: {k: statistics.median(r[name][k] for r in rounds)
-                      for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "redis_cpu_us_per_req")}
-               for name in gateways}
+    summary = {
+        name: {
+            k: statistics.median(r[name][k] for r in rounds)
+            for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "redis_cpu_us_per_req")
+        }
+        for name in gateways
+    }
     ratio = statistics.median(r["cpu_ratio"] for r in rounds)
     errors = sum(r[name]["errors"] for r in rounds for name in gateways)
-    vs_ref = ({"cpu_ratio_median": statistics.median(r["cpu_ratio_vs_ref"] for r in rounds),
-               "cpu_us_delta_median": statistics.median(r["cpu_us_delta_vs_ref"] for r in rounds)}
-              if args.compare_ref else None)
+    vs_ref = (
+        {
+            "cpu_ratio_median": statistics.median(r["cpu_ratio_vs_ref"] for r in rounds),
+            "cpu_us_delta_median": statistics.median(r["cpu_us_delta_vs_ref"] for r in rounds),
+        }
+        if args.compare_ref
+        else None
+    )
     report = {
         "what": "gateway CPU per request, Redis limiter vs in-process limiter, c=32, stub upstream, one worker",
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "pinned": pin},
-        "duration_s": args.duration, "rounds": rounds, "median": summary, "cpu_ratio_median": ratio,
-        "target_ratio_max": TARGET_RATIO, "target_met": ratio <= TARGET_RATIO, "errors": errors,
+        "duration_s": args.duration,
+        "rounds": rounds,
+        "median": summary,
+        "cpu_ratio_median": ratio,
+        "target_ratio_max": TARGET_RATIO,
+        "target_met": ratio <= TARGET_RATIO,
+        "errors": errors,
         "client_check_cost": client,
-        "compare_ref": args.compare_ref, "redis_vs_ref": vs_ref,
+        "compare_ref": args.compare_ref,
+        "redis_vs_ref": vs_ref,
         "reply_readers": readers,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"CPU per request: in-process {summary['in_process']['cpu_us_per_req']:.0f} us, "
-          f"redis {summary['redis']['cpu_us_per_req']:.0f} us (+ redis-server "
-          f"{summary['redis']['redis_cpu_us_per_req']:.0f} us); ratio {ratio:.3f} (target <= {TARGET_RATIO}); "
-          f"errors {errors}; written {args.out}")
+    print(
+        f"CPU per request: in-process {summary['in_process']['cpu_us_per_req']:.0f} us, "
+        f"redis {summary['redis']['cpu_us_per_req']:.0f} us (+ redis-server "
+        f"{summary['redis']['redis_cpu_us_per_req']:.0f} us); ratio {ratio:.3f} (target <= {TARGET_RATIO}); "
+        f"errors {errors}; written {args.out}"
+    )
     if vs_ref:
-        print(f"Redis-limited gateway, this checkout over {args.compare_ref}: CPU/request ratio "
-              f"{vs_ref['cpu_ratio_median']:.3f} ({vs_ref['cpu_us_delta_median']:+.1f} us)")
-    print("reply readers, client CPU per admission check (median of rounds): "
-          + ", ".join(f"{k} {v:.2f} us" for k, v in readers["median_us"].items())
-          + "; ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in readers["ratios"].items()))
+        print(
+            f"Redis-limited gateway, this checkout over {args.compare_ref}: CPU/request ratio "
+            f"{vs_ref['cpu_ratio_median']:.3f} ({vs_ref['cpu_us_delta_median']:+.1f} us)"
+        )
+    print(
+        "reply readers, client CPU per admission check (median of rounds): "
+        + ", ".join(f"{k} {v:.2f} us" for k, v in readers["median_us"].items())
+        + "; ratios: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in readers["ratios"].items())
+    )
     if client:
         print("client CPU per check: " + ", ".join(f"{k} {v:.1f} us" for k, v in client.items()))
     return 0 if errors == 0 else 1
 
 
-def reader_costs(url: str, lua: str, rounds: int, ref: str, checks: int = 8000,
-                 concurrency: int = 32) -> dict:
+def reader_costs(url: str, lua: str, rounds: int, ref: str, checks: int = 8000, concurrency: int = 32) -> dict:
     """Client CPU (this process) per admission check (EVALSHA of the limiter's script, c=32) through RespClient
     with each reply reader, in the same rounds (order reversed every other round): RespReader (this checkout),
     hiredis.Reader (C, what redis-py uses) and the recursive parser of ``ref`` (its whole resp.py)."""
@@ -197,9 +249,11 @@ def reader_costs(url: str, lua: str, rounds: int, ref: str, checks: int = 8000,
     def hiredis_reader() -> hiredis.Reader:
         return hiredis.Reader(protocolError=resp.RespProtocolError, replyError=resp.RedisReplyError)
 
-    clients = {"resp_reader": lambda: resp.RespClient(url, reader=resp.RespReader),
-               "hiredis_reader": lambda: resp.RespClient(url, reader=hiredis_reader),
-               f"{ref}_parse": lambda: old.RespClient(url)}
+    clients = {
+        "resp_reader": lambda: resp.RespClient(url, reader=resp.RespReader),
+        "hiredis_reader": lambda: resp.RespClient(url, reader=hiredis_reader),
+        f"{ref}_parse": lambda: old.RespClient(url),
+    }
 
     async def timed(client: object, command: bytes) -> float:
         async def worker(count: int) -> None:
@@ -231,9 +285,14 @@ def reader_costs(url: str, lua: str, rounds: int, ref: str, checks: int = 8000,
         "resp_reader_over_hiredis": [a / b for a, b in zip(costs["resp_reader"], costs["hiredis_reader"])],
         f"resp_reader_over_{ref}": [a / b for a, b in zip(costs["resp_reader"], costs[f"{ref}_parse"])],
     }
-    return {"what": "client CPU per admission check (us), c=32, real redis-server", "checks": checks,
-            "rounds_us": costs, "median_us": median,
-            "ratios": {k: statistics.median(v) for k, v in per_round.items()}, "ratios_rounds": per_round}
+    return {
+        "what": "client CPU per admission check (us), c=32, real redis-server",
+        "checks": checks,
+        "rounds_us": costs,
+        "median_us": median,
+        "ratios": {k: statistics.median(v) for k, v in per_round.items()},
+        "ratios_rounds": per_round,
+    }
 
 
 def check_backends(gateways: dict) -> None:
@@ -248,8 +307,12 @@ def check_backends(gateways: dict) -> None:
 
 def compare_clients(python: Path, url: str, lua: str, work: Path) -> dict[str, float]:
     (work / "buckets.lua").write_text(lua)
-    out = subprocess.run([str(python), __file__, "--client-micro", url, str(work / "buckets.lua")],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(python), __file__, "--client-micro", url, str(work / "buckets.lua")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -285,7 +348,7 @@ def client_micro(url: str, lua_path: str, checks: int = 6000, concurrency: int =
         resp = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(resp)
         own = resp.RespClient(url)
-        sha = (await own.call("SCRIPT", "LOAD", lua))
+        sha = await own.call("SCRIPT", "LOAD", lua)
         command = resp.encode(b"EVALSHA", sha, b"1", b"bench:lua", b"1000000000", b"1000000000000", b"0")
         item = RateLimitItemPerMinute(10**9)
         storage = RedisStorage(url.replace("redis://", "async+redis://"), implementation="redispy")

@@ -68,16 +68,28 @@ def main() -> None:
                 ranges = samplekey.read_ranges(meta)
                 assert ranges is not None
                 read_rows += sum(meta.row_group(i).num_rows for i, (low, _) in enumerate(ranges) if low <= threshold)
-            row = {"hour_rows": hour_rows, "files": len(files), "rows_per_file": rows // len(files),
-                   "row_group_rows": size, "bytes_old": old_bytes, "bytes_new": new_bytes,
-                   "bytes_ratio": round(new_bytes / old_bytes, 4),
-                   "write_cpu_us_per_row_old": round(old_cpu / rows * 1e6, 2),
-                   "write_cpu_us_per_row_new": round(new_cpu / rows * 1e6, 2),
-                   "text_rows_read_share_new": round(read_rows / rows, 4), "text_rows_read_share_old": 1.0}
+            row = {
+                "hour_rows": hour_rows,
+                "files": len(files),
+                "rows_per_file": rows // len(files),
+                "row_group_rows": size,
+                "bytes_old": old_bytes,
+                "bytes_new": new_bytes,
+                "bytes_ratio": round(new_bytes / old_bytes, 4),
+                "write_cpu_us_per_row_old": round(old_cpu / rows * 1e6, 2),
+                "write_cpu_us_per_row_new": round(new_cpu / rows * 1e6, 2),
+                "text_rows_read_share_new": round(read_rows / rows, 4),
+                "text_rows_read_share_old": 1.0,
+            }
             results.append(row)
             print(json.dumps(row), flush=True)
-    report = {"script": "bench/log_rowgroups.py", "machine": f"{os.cpu_count()} cpus, shared",
-              "load_avg_1m_at_end": os.getloadavg()[0], "sample": SAMPLE, "results": results}
+    report = {
+        "script": "bench/log_rowgroups.py",
+        "machine": f"{os.cpu_count()} cpus, shared",
+        "load_avg_1m_at_end": os.getloadavg()[0],
+        "sample": SAMPLE,
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written {args.out}")

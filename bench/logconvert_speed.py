@@ -46,27 +46,86 @@ MESSAGE = "I'm jane.doe@example.com, call me on +44 20 7946 0958: my order #{n} 
 
 def answer(stream: bool) -> bytes:
     if not stream:
-        return orjson.dumps({"id": "stub-1", "object": "chat.completion", "created": 1733000000, "model": "support",
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok " * 16},
-                                          "logprobs": None, "finish_reason": "length"}],
-                             "usage": {"prompt_tokens": 7, "completion_tokens": 16, "total_tokens": 23}})
-    events = [{"id": "stub-1", "object": "chat.completion.chunk", "created": 1733000000, "model": "support",
-               "choices": [{"index": 0, "delta": {"content": "ok "}, "logprobs": None,
-                            "finish_reason": None if i < 15 else "length"}]} for i in range(16)]
-    events.append({"id": "stub-1", "object": "chat.completion.chunk", "created": 1733000000, "model": "support",
-                   "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 16, "total_tokens": 23}})
+        return orjson.dumps(
+            {
+                "id": "stub-1",
+                "object": "chat.completion",
+                "created": 1733000000,
+                "model": "support",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "ok " * 16},
+                        "logprobs": None,
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 16, "total_tokens": 23},
+            }
+        )
+    events = [
+        {
+            "id": "stub-1",
+            "object": "chat.completion.chunk",
+            "created": 1733000000,
+            "model": "support",
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {"content": "ok "},
+                    "logprobs": None,
+                    "finish_reason": None if i < 15 else "length",
+                }
+            ],
+        }
+        for i in range(16)
+    ]
+    events.append(
+        {
+            "id": "stub-1",
+            "object": "chat.completion.chunk",
+            "created": 1733000000,
+            "model": "support",
+            "choices": [],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 16, "total_tokens": 23},
+        }
+    )
     return b"".join(b"data: " + orjson.dumps(event) + b"\n\n" for event in events) + b"data: [DONE]\n\n"
 
 
 def records(count: int, start: int, stream: bool) -> list[RequestRecord]:
     body = answer(stream)
-    return [RequestRecord(
-        request_id=f"{start + i:032x}", timestamp=1_733_000_000.0 + i / 1000, route="support", variant="v2",
-        endpoint="chat/completions", status=200, stream=stream, fallback=None, latency_s=0.01, ttft_s=0.005,
-        prompt_tokens=7, completion_tokens=16, cost_usd=1e-5, reference_cost_usd=2e-5,
-        payload=orjson.dumps({"model": "support--v2", "max_tokens": 16, "stream": stream, "messages": [
-            {"role": "system", "content": SYSTEM}, {"role": "user", "content": MESSAGE.format(n=start + i)}]}),
-        answer=body) for i in range(count)]
+    return [
+        RequestRecord(
+            request_id=f"{start + i:032x}",
+            timestamp=1_733_000_000.0 + i / 1000,
+            route="support",
+            variant="v2",
+            endpoint="chat/completions",
+            status=200,
+            stream=stream,
+            fallback=None,
+            latency_s=0.01,
+            ttft_s=0.005,
+            prompt_tokens=7,
+            completion_tokens=16,
+            cost_usd=1e-5,
+            reference_cost_usd=2e-5,
+            payload=orjson.dumps(
+                {
+                    "model": "support--v2",
+                    "max_tokens": 16,
+                    "stream": stream,
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": MESSAGE.format(n=start + i)},
+                    ],
+                }
+            ),
+            answer=body,
+        )
+        for i in range(count)
+    ]
 
 
 def per_record_us(batches: list[list[RequestRecord]], reader: object, folder: str) -> float:
@@ -117,16 +176,23 @@ def main() -> int:
             expected = converter.convert("requests", batches[0])[0]
             logbatch.native = c_reader
             assert converter.convert("requests", batches[0])[0].equals(expected), f"{kind}: the readers disagree"
-            us = {"orjson": per_record_us(batches, None, f"{folder}/{kind}-orjson"),
-                  "c": per_record_us(batches, c_reader, f"{folder}/{kind}-c"),
-                  "queued_batch": batch_us(batches, f"{folder}/{kind}-queued")}
+            us = {
+                "orjson": per_record_us(batches, None, f"{folder}/{kind}-orjson"),
+                "c": per_record_us(batches, c_reader, f"{folder}/{kind}-c"),
+                "queued_batch": batch_us(batches, f"{folder}/{kind}-queued"),
+            }
             logbatch.native = c_reader
-            results[kind] = {"records": args.records, "answer_bytes": len(batches[0][0].answer or b""),
-                             "us_per_record": {k: round(v, 2) for k, v in us.items()},
-                             "c_vs_orjson": round(us["c"] / us["orjson"], 3)}
-            print(f"{kind:>4} ({args.records} records, answers of {results[kind]['answer_bytes']} bytes): "
-                  f"orjson {us['orjson']:7.2f} us  c {us['c']:7.2f} us per record  | c/orjson "
-                  f"{us['c'] / us['orjson']:.3f}")
+            results[kind] = {
+                "records": args.records,
+                "answer_bytes": len(batches[0][0].answer or b""),
+                "us_per_record": {k: round(v, 2) for k, v in us.items()},
+                "c_vs_orjson": round(us["c"] / us["orjson"], 3),
+            }
+            print(
+                f"{kind:>4} ({args.records} records, answers of {results[kind]['answer_bytes']} bytes): "
+                f"orjson {us['orjson']:7.2f} us  c {us['c']:7.2f} us per record  | c/orjson "
+                f"{us['c'] / us['orjson']:.3f}"
+            )
             print(f"{'':>4} a queued batch (unmarshalled, then columns): {us['queued_batch']:7.2f} us per record")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -51,9 +51,11 @@ class StubGateway:
 
         await request.body()
         if self.stream:
+
             async def events():
                 for event in EVENTS:
                     yield event
+
             return StreamingResponse(events(), media_type="text/event-stream")
         return Response(b'{"id":"c1","choices":[]}', media_type="application/json")
 
@@ -85,6 +87,7 @@ def build(target: str, stream: bool):
     app = FastAPI()
     app.include_router(openai_router(gateway, None))  # type: ignore[arg-type]  # /v1/models unused here
     if target == "asgi_mw":
+
         class NoOp:
             def __init__(self, app) -> None:
                 self.app = app
@@ -94,18 +97,30 @@ def build(target: str, stream: bool):
 
         app.add_middleware(NoOp)
     elif target == "http_mw":
+
         @app.middleware("http")
         async def no_op(request, call_next):
             return await call_next(request)
+
     return (Before if target == "before" else CompletionsFirst)(app, gateway)  # type: ignore[arg-type]
 
 
 async def drive(front, requests: int) -> float:
     """CPU seconds per request: POST /v1/chat/completions through the front, receive/send in memory."""
-    scope_base = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                  "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-                  "query_string": b"", "root_path": "", "server": ("127.0.0.1", 8080), "client": ("127.0.0.1", 1),
-                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())]}
+    scope_base = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "server": ("127.0.0.1", 8080),
+        "client": ("127.0.0.1", 1),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(BODY)).encode())],
+    }
     body_message = {"type": "http.request", "body": BODY, "more_body": False}
     statuses: list[int] = []
     received = [0]
@@ -138,9 +153,12 @@ def main() -> int:
     import uvloop
 
     targets = ["before", "shortcut", "asgi_mw", "http_mw"]
-    result: dict = {"what": "the served front's cost per completion request, in-process ASGI, stub gateway",
-                    "machine": {"platform": platform.platform(), "python": platform.python_version()},
-                    "requests_per_target": args.requests, "cells": {}}
+    result: dict = {
+        "what": "the served front's cost per completion request, in-process ASGI, stub gateway",
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "requests_per_target": args.requests,
+        "cells": {},
+    }
     loop = uvloop.new_event_loop()
     for answer in ("json", "sse"):
         fronts = {t: build(t, stream=answer == "sse") for t in targets}
@@ -148,26 +166,40 @@ def main() -> int:
             loop.run_until_complete(drive(front, 500))  # warm-up: imports, FastAPI's middleware stack
         rounds = []
         for r in range(args.rounds):
-            order = targets[r % len(targets):] + targets[:r % len(targets)]
+            order = targets[r % len(targets) :] + targets[: r % len(targets)]
             rounds.append({t: loop.run_until_complete(drive(fronts[t], args.requests)) * 1e6 for t in order})
-        cell = {t: {"us_per_req": statistics.median(x[t] for x in rounds),
-                    "ratio_to_before": statistics.median(x[t] / x["before"] for x in rounds),
-                    "ratio_of_minimums": min(x[t] for x in rounds) / min(x["before"] for x in rounds)}
-                for t in targets}
+        cell = {
+            t: {
+                "us_per_req": statistics.median(x[t] for x in rounds),
+                "ratio_to_before": statistics.median(x[t] / x["before"] for x in rounds),
+                "ratio_of_minimums": min(x[t] for x in rounds) / min(x["before"] for x in rounds),
+            }
+            for t in targets
+        }
         result["cells"][answer] = {"targets": cell, "rounds_us": rounds}
-        print(f"{answer}: " + ", ".join(f"{t} {c['us_per_req']:.1f} us ({c['ratio_to_before']:.3f}x, "
-                                        f"min/min {c['ratio_of_minimums']:.3f})"
-                                        for t, c in cell.items()), flush=True)
+        print(
+            f"{answer}: "
+            + ", ".join(
+                f"{t} {c['us_per_req']:.1f} us ({c['ratio_to_before']:.3f}x, min/min {c['ratio_of_minimums']:.3f})"
+                for t, c in cell.items()
+            ),
+            flush=True,
+        )
     loop.close()
 
     front = build("shortcut", stream=False)
     check_ns = min(timeit.repeat(lambda: bool(front.app.user_middleware), number=200_000, repeat=5)) / 200_000 * 1e9
     result["check_ns"] = check_ns
     ratios = [result["cells"][a]["targets"]["shortcut"]["ratio_to_before"] for a in ("json", "sse")]
-    result["verdict"] = {"shortcut_over_before_max": max(ratios), "target": TARGET_RATIO,
-                         "pass": max(ratios) <= TARGET_RATIO}
-    print(f"the check alone: {check_ns:.0f} ns (a lambda call included); shortcut/before max {max(ratios):.3f} "
-          f"(target <= {TARGET_RATIO}): {'PASS' if result['verdict']['pass'] else 'FAIL'}")
+    result["verdict"] = {
+        "shortcut_over_before_max": max(ratios),
+        "target": TARGET_RATIO,
+        "pass": max(ratios) <= TARGET_RATIO,
+    }
+    print(
+        f"the check alone: {check_ns:.0f} ns (a lambda call included); shortcut/before max {max(ratios):.3f} "
+        f"(target <= {TARGET_RATIO}): {'PASS' if result['verdict']['pass'] else 'FAIL'}"
+    )
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if result["verdict"]["pass"] else 1
 

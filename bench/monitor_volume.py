@@ -61,6 +61,7 @@ EXPORT_ROWS = 50_000
 
 # --- the cases (each runs in a child process) ---------------------------------------------------
 
+
 def _window(name: str):
     from loragate.monitoring.sources import Window
 
@@ -84,8 +85,11 @@ def _baseline_requests(root: str, window) -> "object":
     files = []
     for day in window.days():
         selector = fs.FileSelector(f"{base}/requests/date={day.isoformat()}", allow_not_found=True)
-        files += sorted(i.path for i in filesystem_.get_file_info(selector)
-                        if i.type == fs.FileType.File and i.path.endswith(".parquet"))
+        files += sorted(
+            i.path
+            for i in filesystem_.get_file_info(selector)
+            if i.type == fs.FileType.File and i.path.endswith(".parquet")
+        )
     tables = []
     for path in files:
         table = logschema.conform(pq.read_table(path, filesystem=filesystem_), "requests")
@@ -113,18 +117,33 @@ def case_drift(root: str, current: str, mode: str) -> dict:
     else:
         log = RequestLog(root)
         for side, name in (("reference", "reference"), ("current", current)):
-            sample = log.sample(_window(name), ROUTE, columns=LOG_COLUMNS,
-                                per_variant=None if mode == "full" else config.sample_rows, by_variant=False)
+            sample = log.sample(
+                _window(name),
+                ROUTE,
+                columns=LOG_COLUMNS,
+                per_variant=None if mode == "full" else config.sample_rows,
+                by_variant=False,
+            )
             windows[side] = (sample.frame, sample.total_rows)
     read_s = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as out:
-        result = run_drift(windows["reference"][0], windows["current"][0], route=ROUTE, config=config, out_dir=out,
-                           window_rows=(windows["reference"][1], windows["current"][1]))
-    return {"read_s": round(read_s, 2), "wall_s": round(time.perf_counter() - started, 2),
-            "window_rows": [windows["reference"][1], windows["current"][1]],
-            "compared_rows": [result.reference_rows, result.current_rows],
-            "drifted_groups": result.drifted_groups, "status": result.status,
-            "prompt_content_auc": round(result.feature("prompt_content").score, 4)}
+        result = run_drift(
+            windows["reference"][0],
+            windows["current"][0],
+            route=ROUTE,
+            config=config,
+            out_dir=out,
+            window_rows=(windows["reference"][1], windows["current"][1]),
+        )
+    return {
+        "read_s": round(read_s, 2),
+        "wall_s": round(time.perf_counter() - started, 2),
+        "window_rows": [windows["reference"][1], windows["current"][1]],
+        "compared_rows": [result.reference_rows, result.current_rows],
+        "drifted_groups": result.drifted_groups,
+        "status": result.status,
+        "prompt_content_auc": round(result.feature("prompt_content").score, 4),
+    }
 
 
 def case_export(root: str, _current: str, _mode: str) -> dict:
@@ -134,8 +153,12 @@ def case_export(root: str, _current: str, _mode: str) -> dict:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
         path = f"{out}/export.jsonl"
-        written = export_window(WindowSource(RequestLog(root), _window("reference"), ROUTE, None), path,
-                                rows=EXPORT_ROWS, until=DAY.timestamp() + 86_400)
+        written = export_window(
+            WindowSource(RequestLog(root), _window("reference"), ROUTE, None),
+            path,
+            rows=EXPORT_ROWS,
+            until=DAY.timestamp() + 86_400,
+        )
         size = os.path.getsize(path)
     return {"wall_s": round(time.perf_counter() - started, 2), "records": written, "bytes": size}
 
@@ -150,8 +173,7 @@ def case_compaction(root: str, _current: str, mode: str) -> dict:
     def read() -> tuple[float, int]:
         started = time.perf_counter()
         log = RequestLog(root)
-        sample = log.sample(_window("reference"), ROUTE, columns=LOG_COLUMNS, per_variant=SAMPLE_ROWS,
-                            by_variant=False)
+        sample = log.sample(_window("reference"), ROUTE, columns=LOG_COLUMNS, per_variant=SAMPLE_ROWS, by_variant=False)
         return round(time.perf_counter() - started, 2), len(sample.frame)
 
     def ids() -> list:
@@ -165,10 +187,18 @@ def case_compaction(root: str, _current: str, mode: str) -> dict:
     compact_s = time.perf_counter() - started
     after_s, after_rows = read()
     same = ids() == before_ids
-    return {"mode": mode, "read_before_s": before_s, "compaction_s": round(compact_s, 2), "read_after_s": after_s,
-            "read_ratio_after_before": round(after_s / before_s, 3), "rows_read": [before_rows, after_rows],
-            "ids_identical": same, "ids": len(before_ids),
-            "files_in": sum(r.inputs for r in results), "files_out": sum(len(r.outputs) for r in results)}
+    return {
+        "mode": mode,
+        "read_before_s": before_s,
+        "compaction_s": round(compact_s, 2),
+        "read_after_s": after_s,
+        "read_ratio_after_before": round(after_s / before_s, 3),
+        "rows_read": [before_rows, after_rows],
+        "ids_identical": same,
+        "ids": len(before_ids),
+        "files_in": sum(r.inputs for r in results),
+        "files_out": sum(len(r.outputs) for r in results),
+    }
 
 
 def case_compact(root: str, _current: str, _mode: str) -> dict:
@@ -178,8 +208,12 @@ def case_compact(root: str, _current: str, _mode: str) -> dict:
 
     started = time.perf_counter()
     results = Compactor(*filesystem(root)).run(("requests",), days=1, now=DAY.timestamp() + 86_399)
-    return {"compaction_s": round(time.perf_counter() - started, 2), "files_in": sum(r.inputs for r in results),
-            "files_out": sum(len(r.outputs) for r in results), "rows": sum(r.rows for r in results)}
+    return {
+        "compaction_s": round(time.perf_counter() - started, 2),
+        "files_in": sum(r.inputs for r in results),
+        "files_out": sum(len(r.outputs) for r in results),
+        "rows": sum(r.rows for r in results),
+    }
 
 
 def case_verdicts(rows: str, _current: str, _mode: str) -> dict:
@@ -210,17 +244,26 @@ def case_verdicts(rows: str, _current: str, _mode: str) -> dict:
         for name, (ref, cur) in (("full", frames), ("sample", [sample(f) for f in frames])):
             started = time.perf_counter()
             result = run_drift(ref, cur, route=ROUTE, config=DriftConfig())
-            out[f"shift_{shift}_{name}"] = {"drifted_groups": result.drifted_groups, "rows": len(cur),
-                                            "prompt_content_auc": round(result.feature("prompt_content").score, 4),
-                                            "s": round(time.perf_counter() - started, 1)}
+            out[f"shift_{shift}_{name}"] = {
+                "drifted_groups": result.drifted_groups,
+                "rows": len(cur),
+                "prompt_content_auc": round(result.feature("prompt_content").score, 4),
+                "s": round(time.perf_counter() - started, 1),
+            }
     return out
 
 
-CASES = {"drift": case_drift, "export": case_export, "compaction": case_compaction, "verdicts": case_verdicts,
-         "compact": case_compact}
+CASES = {
+    "drift": case_drift,
+    "export": case_export,
+    "compaction": case_compaction,
+    "verdicts": case_verdicts,
+    "compact": case_compact,
+}
 
 
 # --- the parent: run a case, watch its process tree ----------------------------------------------
+
 
 def _tree_rss(pid: int) -> int:
     """Resident bytes of ``pid`` and its descendants (from /proc)."""
@@ -244,8 +287,9 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
-def run_case(case: str, root: str, current: str = "shifted", mode: str = "sample", *, kill_gb: float = 0,
-             env: dict | None = None) -> dict:
+def run_case(
+    case: str, root: str, current: str = "shifted", mode: str = "sample", *, kill_gb: float = 0, env: dict | None = None
+) -> dict:
     command = [sys.executable, __file__, "--case", case, "--root", root, "--current", current, "--mode", mode]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     peak, killed = [0], [False]
@@ -269,16 +313,36 @@ def run_case(case: str, root: str, current: str = "shifted", mode: str = "sample
     peak_mb = max(peak[0] / 2**20, usage.ru_maxrss / 1024)
     cpu = round(usage.ru_utime + usage.ru_stime, 1)  # the tree's CPU seconds: steadier than wall time here
     if killed[0] or status != 0:
-        return {"case": case, "mode": mode, "current": current, "ok": False, "killed": killed[0],
-                "after_s": round(wall, 1), "cpu_s": cpu, "peak_rss_mb": round(peak_mb)}
+        return {
+            "case": case,
+            "mode": mode,
+            "current": current,
+            "ok": False,
+            "killed": killed[0],
+            "after_s": round(wall, 1),
+            "cpu_s": cpu,
+            "peak_rss_mb": round(peak_mb),
+        }
     result = json.loads(output.strip().splitlines()[-1])
-    return {"case": case, "mode": mode, "current": current, "ok": True, "process_s": round(wall, 2),
-            "cpu_s": cpu, "peak_rss_mb": round(peak_mb), "load_avg_1m": round(os.getloadavg()[0], 1), **result}
+    return {
+        "case": case,
+        "mode": mode,
+        "current": current,
+        "ok": True,
+        "process_s": round(wall, 2),
+        "cpu_s": cpu,
+        "peak_rss_mb": round(peak_mb),
+        "load_avg_1m": round(os.getloadavg()[0], 1),
+        **result,
+    }
 
 
 def _moto(port: int) -> tuple[subprocess.Popen, dict]:
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     import urllib.request
 
     for _ in range(100):
@@ -287,8 +351,14 @@ def _moto(port: int) -> tuple[subprocess.Popen, dict]:
             break
         except OSError:
             time.sleep(0.2)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
     return process, env
 
 
@@ -317,14 +387,29 @@ def main() -> None:
     parser.add_argument("--export-sizes", type=int, nargs="*", default=[100_000, 1_000_000, 10_000_000])
     parser.add_argument("--full-sizes", type=int, nargs="*", default=[100_000])
     parser.add_argument("--compaction-sizes", type=int, nargs="*", default=[100_000, 1_000_000])
-    parser.add_argument("--compacted-sizes", type=int, nargs="*", default=[],
-                        help="also: compact a hard-linked copy of the log (every hour, as `loragate log compact` "
-                             "does closed hours) and run the drift case on it; the copy is deleted after")
-    parser.add_argument("--keyed-sizes", type=int, nargs="*", default=[],
-                        help="also: rewrite a copy of the log as the gateway writes files now (rows in sample-key "
-                             "order, key ranges in the footer) and run the drift case on it; deleted after")
-    parser.add_argument("--pools", nargs="+", default=["default"], choices=["default", "system"],
-                        help="Arrow memory pools the compacted layout's drift runs with (ARROW_DEFAULT_MEMORY_POOL)")
+    parser.add_argument(
+        "--compacted-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also: compact a hard-linked copy of the log (every hour, as `loragate log compact` "
+        "does closed hours) and run the drift case on it; the copy is deleted after",
+    )
+    parser.add_argument(
+        "--keyed-sizes",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also: rewrite a copy of the log as the gateway writes files now (rows in sample-key "
+        "order, key ranges in the footer) and run the drift case on it; deleted after",
+    )
+    parser.add_argument(
+        "--pools",
+        nargs="+",
+        default=["default"],
+        choices=["default", "system"],
+        help="Arrow memory pools the compacted layout's drift runs with (ARROW_DEFAULT_MEMORY_POOL)",
+    )
     parser.add_argument("--s3", action="store_true", help="also the compaction case on a moto S3 server (100k)")
     parser.add_argument("--root", default="/tmp/monvol-log")
     parser.add_argument("--out", type=Path, default=Path("bench/results/monitor_volume.json"))
@@ -369,8 +454,14 @@ def main() -> None:
                     if current == "shifted" or size in args.quiet_sizes:
                         for pool in args.pools:
                             env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"} if pool == "system" else None
-                            record(size, {**run_case("drift", compacted, current, env=env), "layout": "compacted",
-                                          "arrow_pool": pool})
+                            record(
+                                size,
+                                {
+                                    **run_case("drift", compacted, current, env=env),
+                                    "layout": "compacted",
+                                    "arrow_pool": pool,
+                                },
+                            )
             finally:
                 shutil.rmtree(compacted, ignore_errors=True)
         if size in args.keyed_sizes:
@@ -378,8 +469,15 @@ def main() -> None:
             shutil.rmtree(keyed, ignore_errors=True)
             try:
                 started = time.perf_counter()
-                record(size, {"case": "rewrite_keyed", "layout": "keyed", **rewrite_keyed(root, keyed),
-                              "rewrite_s": round(time.perf_counter() - started, 1)})
+                record(
+                    size,
+                    {
+                        "case": "rewrite_keyed",
+                        "layout": "keyed",
+                        **rewrite_keyed(root, keyed),
+                        "rewrite_s": round(time.perf_counter() - started, 1),
+                    },
+                )
                 for current in [n for n in ("shifted", "quiet") if n in names]:
                     if current == "shifted" or size in args.quiet_sizes:
                         record(size, {**run_case("drift", keyed, current), "layout": "keyed"})
@@ -400,15 +498,25 @@ def main() -> None:
             try:
                 import boto3
 
-                boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
-                             aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket="monvol")
+                boto3.client(
+                    "s3",
+                    endpoint_url=env["AWS_ENDPOINT_URL"],
+                    region_name="us-east-1",
+                    aws_access_key_id="test",
+                    aws_secret_access_key="test",
+                ).create_bucket(Bucket="monvol")
                 _copy_hour(Path(root), "s3://monvol/log", "reference", env)
                 record(size, run_case("compaction", "s3://monvol/log", mode="s3", env=env))
             finally:
                 moto.terminate()
                 moto.wait()
-    report = {"machine": f"{platform.node()} {os.cpu_count()} cpus", "load_avg_1m_at_end": os.getloadavg()[0],
-              "sample_rows": SAMPLE_ROWS, "export_rows": EXPORT_ROWS, "results": results}
+    report = {
+        "machine": f"{platform.node()} {os.cpu_count()} cpus",
+        "load_avg_1m_at_end": os.getloadavg()[0],
+        "sample_rows": SAMPLE_ROWS,
+        "export_rows": EXPORT_ROWS,
+        "results": results,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written {args.out}")

@@ -74,7 +74,8 @@ end
 """
 
 # One pre-formatted request per sticky user, cycled: wrk spends no time building requests.
-WRK_SCRIPT = """\
+WRK_SCRIPT = (
+    """\
 local body = [[%(body)s]]
 local users = %(users)d
 local reqs = {}
@@ -89,18 +90,24 @@ request = function()
   i = i %% users + 1
   return reqs[i]
 end
-""" + WRK_DONE
+"""
+    + WRK_DONE
+)
 
 
 def request_body(stream: bool) -> bytes:
-    return json.dumps({
-        "model": "bench",
-        "messages": [{"role": "system", "content": "You are a helpful support assistant."},
-                     {"role": "user", "content": "My order #4521 has not arrived yet, what can I do?"}],
-        "max_tokens": CHUNKS,
-        "temperature": 0,
-        "stream": stream,
-    }).encode()
+    return json.dumps(
+        {
+            "model": "bench",
+            "messages": [
+                {"role": "system", "content": "You are a helpful support assistant."},
+                {"role": "user", "content": "My order #4521 has not arrived yet, what can I do?"},
+            ],
+            "max_tokens": CHUNKS,
+            "temperature": 0,
+            "stream": stream,
+        }
+    ).encode()
 
 
 # --- processes and CPU accounting --------------------------------------------------
@@ -117,7 +124,7 @@ def tree_cpu_s(pid: int) -> float:
             raw = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = raw[raw.rfind(")") + 2:].split()  # after "pid (comm) "
+        fields = raw[raw.rfind(")") + 2 :].split()  # after "pid (comm) "
         stats[int(entry)] = fields
         children.setdefault(int(fields[1]), []).append(int(entry))
     total, todo = 0, [pid]
@@ -163,38 +170,85 @@ def start_all(work: Path, pin: bool, ref: str | None = None) -> tuple[Target, ..
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
     port = free_port()
-    stub = Service(pinned([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(port),
-                           "--chunks", str(CHUNKS)], stub_cpu), work / "stub.log", env)
+    stub = Service(
+        pinned(
+            [sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(port), "--chunks", str(CHUNKS)],
+            stub_cpu,
+        ),
+        work / "stub.log",
+        env,
+    )
     stub_url = f"http://127.0.0.1:{port}"
     wait_http(f"{stub_url}/health", stub.process, 30, work / "stub.log")
 
     port = free_port()
-    baseline = Service(pinned([sys.executable, "-m", "uvicorn", "bench.baseline_proxy:app", "--host", "127.0.0.1",
-                               "--port", str(port), "--loop", "uvloop", "--http", "httptools", "--no-access-log",
-                               "--log-level", "warning"], proxy_cpu),
-                       work / "baseline.log", {**env, "BASELINE_UPSTREAM": stub_url})
+    baseline = Service(
+        pinned(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "bench.baseline_proxy:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--loop",
+                "uvloop",
+                "--http",
+                "httptools",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
+            proxy_cpu,
+        ),
+        work / "baseline.log",
+        {**env, "BASELINE_UPSTREAM": stub_url},
+    )
     baseline_url = f"http://127.0.0.1:{port}"
     wait_http(f"{baseline_url}/health", baseline.process, 30, work / "baseline.log")
 
     port = free_port()
     routes = work / "routes.yaml"
     routes.write_text(ROUTES)
-    gateway = Service(pinned([sys.executable, "-m", "loragate", "serve"], proxy_cpu), work / "gateway.log", {
-        **env, "LORAGATE_ROUTES_FILE": str(routes), "LORAGATE_UPSTREAMS": stub_url,
-        "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1"})
+    gateway = Service(
+        pinned([sys.executable, "-m", "loragate", "serve"], proxy_cpu),
+        work / "gateway.log",
+        {
+            **env,
+            "LORAGATE_ROUTES_FILE": str(routes),
+            "LORAGATE_UPSTREAMS": stub_url,
+            "LORAGATE_PORT": str(port),
+            "LORAGATE_WORKERS": "1",
+        },
+    )
     gateway_url = f"http://127.0.0.1:{port}"
     wait_http(f"{gateway_url}/readyz", gateway.process, 60, work / "gateway.log")
-    targets = (Target("stub", stub_url, stub), Target("baseline", baseline_url, baseline),
-               Target("gateway", gateway_url, gateway))
+    targets = (
+        Target("stub", stub_url, stub),
+        Target("baseline", baseline_url, baseline),
+        Target("gateway", gateway_url, gateway),
+    )
     if ref is None:
         return targets
     # The same gateway at another git ref (e.g. main), in the same run: what this checkout's changes cost.
     from bench.gitref import command, overlay
+
     pkg = overlay(ref, work / "ref")
     port = free_port()
-    other = Service(pinned(command(pkg, ["serve"]), proxy_cpu), work / "gateway-ref.log", {
-        **env, "LORAGATE_ROUTES_FILE": str(routes), "LORAGATE_UPSTREAMS": stub_url,
-        "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1", "PYTHONPATH": str(pkg)})
+    other = Service(
+        pinned(command(pkg, ["serve"]), proxy_cpu),
+        work / "gateway-ref.log",
+        {
+            **env,
+            "LORAGATE_ROUTES_FILE": str(routes),
+            "LORAGATE_UPSTREAMS": stub_url,
+            "LORAGATE_PORT": str(port),
+            "LORAGATE_WORKERS": "1",
+            "PYTHONPATH": str(pkg),
+        },
+    )
     other_url = f"http://127.0.0.1:{port}"
     wait_http(f"{other_url}/readyz", other.process, 60, work / "gateway-ref.log")
     return (*targets, Target(f"gateway@{ref}", other_url, other))
@@ -241,7 +295,7 @@ def gateway_counts(url: str) -> dict[str, float]:
     conn.close()
     counts = {"2xx": 0.0, "other": 0.0, "completion_tokens": 0.0, "cost_usd": 0.0}
     for line in text.splitlines():
-        m = re.match(r'loragate_requests_total\{(.*)\} (\S+)$', line)
+        m = re.match(r"loragate_requests_total\{(.*)\} (\S+)$", line)
         if m and 'route="bench"' in m.group(1):
             key = "2xx" if 'status_class="2xx"' in m.group(1) else "other"
             counts[key] += float(m.group(2))
@@ -258,15 +312,27 @@ def gateway_counts(url: str) -> dict[str, float]:
 
 
 def run_wrk(url: str, script: Path, connections: int, duration: int, wrk_cpu: int | None) -> dict:
-    command = pinned(["wrk", "-t1", f"-c{connections}", f"-d{int(duration)}s", "--timeout", "10s", "--latency",
-                      "-s", str(script), url], wrk_cpu)
+    command = pinned(
+        [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{int(duration)}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ],
+        wrk_cpu,
+    )
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     line = next(line for line in out.splitlines() if line.startswith("WRKJSON "))
-    return json.loads(line[len("WRKJSON "):])
+    return json.loads(line[len("WRKJSON ") :])
 
 
-def measure(target: Target, script: Path, connections: int, duration: int, warmup: int,
-            wrk_cpu: int | None) -> dict:
+def measure(target: Target, script: Path, connections: int, duration: int, warmup: int, wrk_cpu: int | None) -> dict:
     run_wrk(target.url, script, connections, warmup, wrk_cpu)
     is_gateway = target.name == "gateway"
     before_counts = gateway_counts(target.url) if is_gateway else None
@@ -292,9 +358,11 @@ def measure(target: Target, script: Path, connections: int, duration: int, warmu
         cell["gateway_counted_2xx"] = counted
         cell["gateway_counted_other"] = after["other"] - before_counts["other"]
         cell["gateway_completion_tokens"] = after["completion_tokens"] - before_counts["completion_tokens"]
-        cell["counts_match"] = (requests <= counted <= requests + 2 * connections
-                                and cell["gateway_counted_other"] == 0
-                                and cell["gateway_completion_tokens"] == counted * CHUNKS)
+        cell["counts_match"] = (
+            requests <= counted <= requests + 2 * connections
+            and cell["gateway_counted_other"] == 0
+            and cell["gateway_completion_tokens"] == counted * CHUNKS
+        )
     return cell
 
 
@@ -313,13 +381,20 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=3, help="repeat the whole sweep; medians are reported")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--no-pin", action="store_true",
-                        help="do not pin (default: stub and wrk on CPU 0, the proxy under test on CPU 1)")
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="do not pin (default: stub and wrk on CPU 0, the proxy under test on CPU 1)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "overhead.json")
-    parser.add_argument("--compare-ref", metavar="REF",
-                        help="also measure the gateway at this git ref (e.g. main) in the same rounds")
-    parser.add_argument("--keep-running", action="store_true",
-                        help="pause after the checks with the servers up (prints urls and pids), e.g. to profile")
+    parser.add_argument(
+        "--compare-ref", metavar="REF", help="also measure the gateway at this git ref (e.g. main) in the same rounds"
+    )
+    parser.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="pause after the checks with the servers up (prints urls and pids), e.g. to profile",
+    )
     args = parser.parse_args()
     if wrk_missing():
         return 2
@@ -336,8 +411,11 @@ def main() -> int:
     try:
         for target in targets:
             check_target(target)
-        print(f"checks passed: 200s, complete {CHUNKS}-chunk streams, gateway headers and variant spread; "
-              f"pinning: {'stub+wrk on CPU 0, proxy on CPU 1' if pin else 'off'}; logs in {work}", flush=True)
+        print(
+            f"checks passed: 200s, complete {CHUNKS}-chunk streams, gateway headers and variant spread; "
+            f"pinning: {'stub+wrk on CPU 0, proxy on CPU 1' if pin else 'off'}; logs in {work}",
+            flush=True,
+        )
         if args.keep_running:
             print("servers (url, pid):", {t.name: (t.url, t.service.process.pid) for t in targets}, flush=True)
             input("press Enter to measure (or Ctrl-C to stop the servers) ")
@@ -351,12 +429,18 @@ def main() -> int:
                     key = f"{'stream' if stream else 'plain'}|c{c}|{target.name}"
                     cell = measure(target, scripts[stream], c, args.duration, args.warmup, wrk_cpu)
                     raw.setdefault(key, []).append(cell)
-                    print(f"round {round_no + 1}/{args.rounds} {key:24s} {cell['rps']:9.0f} req/s  "
-                          f"p50 {cell['p50_ms']:6.2f} ms  p99 {cell['p99_ms']:6.2f} ms  "
-                          f"cpu {cell['cpu_us_per_req']:6.0f} us/req  errors {cell['errors']}"
-                          + (f"  counted {cell['gateway_counted_2xx']:.0f}"
-                             f" tokens {cell['gateway_completion_tokens']:.0f}"
-                             if "counts_match" in cell else ""), flush=True)
+                    print(
+                        f"round {round_no + 1}/{args.rounds} {key:24s} {cell['rps']:9.0f} req/s  "
+                        f"p50 {cell['p50_ms']:6.2f} ms  p99 {cell['p99_ms']:6.2f} ms  "
+                        f"cpu {cell['cpu_us_per_req']:6.0f} us/req  errors {cell['errors']}"
+                        + (
+                            f"  counted {cell['gateway_counted_2xx']:.0f}"
+                            f" tokens {cell['gateway_completion_tokens']:.0f}"
+                            if "counts_match" in cell
+                            else ""
+                        ),
+                        flush=True,
+                    )
     finally:
         for target in reversed(targets):
             target.service.stop()
@@ -369,8 +453,10 @@ def main() -> int:
         ratios = [g["rps"] / b["rps"] for g, b in zip(gw, bl)]
         deltas = [g["p50_ms"] - b["p50_ms"] for g, b in zip(gw, bl)]
         comparisons[f"{mode}|c{c}"] = {
-            "rps_ratio": statistics.median(ratios), "rps_ratio_rounds": ratios,
-            "p50_delta_ms": statistics.median(deltas), "p50_delta_ms_rounds": deltas,
+            "rps_ratio": statistics.median(ratios),
+            "rps_ratio_rounds": ratios,
+            "p50_delta_ms": statistics.median(deltas),
+            "p50_delta_ms_rounds": deltas,
             "cpu_ratio": statistics.median(g["cpu_us_per_req"] / b["cpu_us_per_req"] for g, b in zip(gw, bl)),
         }
         if args.compare_ref:
@@ -381,23 +467,33 @@ def main() -> int:
                 "rps_ratio": statistics.median(g["rps"] / o["rps"] for g, o in zip(gw, other)),
             }
 
-    print(f"\nmedians of {args.rounds} rounds, {args.duration:g} s each (after {args.warmup:g} s warmup), "
-          f"pinning {'on' if pin else 'off'}\n")
-    print(f"{'mode':7s} {'c':>3s} {'target':9s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} "
-          f"{'CPU us/req':>11s} {'errors':>7s}")
+    print(
+        f"\nmedians of {args.rounds} rounds, {args.duration:g} s each (after {args.warmup:g} s warmup), "
+        f"pinning {'on' if pin else 'off'}\n"
+    )
+    print(
+        f"{'mode':7s} {'c':>3s} {'target':9s} {'req/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s} "
+        f"{'CPU us/req':>11s} {'errors':>7s}"
+    )
     for stream, c in cells:
         mode = "stream" if stream else "plain"
         for name in [t.name for t in targets]:
             r = results[f"{mode}|c{c}|{name}"]
-            print(f"{mode:7s} {c:3d} {name:9s} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
-                  f"{r['cpu_us_per_req']:11.0f} {r['errors']:7d}")
-    print(f"\ngateway vs baseline (per-round ratios, median)   targets: req/s ratio >= {TARGET_RATIO}, "
-          f"p50 delta at c=1 <= {TARGET_P50_DELTA_MS} ms")
+            print(
+                f"{mode:7s} {c:3d} {name:9s} {r['rps']:9.0f} {r['p50_ms']:8.2f} {r['p99_ms']:8.2f} "
+                f"{r['cpu_us_per_req']:11.0f} {r['errors']:7d}"
+            )
+    print(
+        f"\ngateway vs baseline (per-round ratios, median)   targets: req/s ratio >= {TARGET_RATIO}, "
+        f"p50 delta at c=1 <= {TARGET_P50_DELTA_MS} ms"
+    )
     verdicts = {}
     for key, comp in comparisons.items():
         if "|vs " in key:
-            print(f"  {key:16s} this checkout over {args.compare_ref}: CPU/req ratio {comp['cpu_ratio']:.3f} "
-                  f"({comp['cpu_us_delta']:+.1f} us/req), req/s ratio {comp['rps_ratio']:.3f}")
+            print(
+                f"  {key:16s} this checkout over {args.compare_ref}: CPU/req ratio {comp['cpu_ratio']:.3f} "
+                f"({comp['cpu_us_delta']:+.1f} us/req), req/s ratio {comp['rps_ratio']:.3f}"
+            )
             continue
         ok_ratio = comp["rps_ratio"] >= TARGET_RATIO
         line = f"  {key:10s} req/s ratio {comp['rps_ratio']:.2f} [{'PASS' if ok_ratio else 'FAIL'}]"
@@ -409,23 +505,38 @@ def main() -> int:
         line += f"   CPU/req ratio {comp['cpu_ratio']:.2f}"
         print(line)
     counted = all(r.get("counts_match", True) for r in results.values())
-    print(f"\ngateway /metrics counted every measured request (2xx only, tokens = {CHUNKS}/request): "
-          f"{'yes' if counted else 'NO'}")
+    print(
+        f"\ngateway /metrics counted every measured request (2xx only, tokens = {CHUNKS}/request): "
+        f"{'yes' if counted else 'NO'}"
+    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
-        "compare_ref": args.compare_ref,
-        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
-                     "concurrency": args.concurrency, "stream_chunks": CHUNKS, "pinned": pin, "wrk_threads": 1},
-        "targets": {"rps_ratio_min": TARGET_RATIO, "p50_delta_ms_max_at_c1": TARGET_P50_DELTA_MS},
-        "results": results,
-        "comparisons": comparisons,
-        "rounds": raw,
-        "verdicts": verdicts,
-        "gateway_counts_match": counted,
-    }, indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+                "compare_ref": args.compare_ref,
+                "settings": {
+                    "duration_s": args.duration,
+                    "warmup_s": args.warmup,
+                    "rounds": args.rounds,
+                    "concurrency": args.concurrency,
+                    "stream_chunks": CHUNKS,
+                    "pinned": pin,
+                    "wrk_threads": 1,
+                },
+                "targets": {"rps_ratio_min": TARGET_RATIO, "p50_delta_ms_max_at_c1": TARGET_P50_DELTA_MS},
+                "results": results,
+                "comparisons": comparisons,
+                "rounds": raw,
+                "verdicts": verdicts,
+                "gateway_counts_match": counted,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0
 

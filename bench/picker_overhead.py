@@ -42,10 +42,14 @@ def replicas_for(pool: Pool, rng: random.Random) -> list[Replica]:
         replica.healthy = True
         replica.adapters = {f"a{j}" for j in range(16) if (i + j) % 4 == 0}
         replica.in_flight = rng.randint(0, 20)
-        replica.engine = EngineState(running=float(replica.in_flight), waiting=float(rng.randint(0, 3)),
-                                     kv_usage=rng.random(), max_lora=4,
-                                     running_adapters=frozenset(list(replica.adapters)[:2]),
-                                     waiting_adapters=frozenset())
+        replica.engine = EngineState(
+            running=float(replica.in_flight),
+            waiting=float(rng.randint(0, 3)),
+            kv_usage=rng.random(),
+            max_lora=4,
+            running_adapters=frozenset(list(replica.adapters)[:2]),
+            waiting_adapters=frozenset(),
+        )
         replica.engine_in_flight = replica.in_flight
     pool.total_in_flight = sum(r.in_flight for r in pool.replicas)
     return pool.replicas
@@ -94,12 +98,19 @@ def measure(n: int) -> dict:
             holder_first(pool, adapters[i & 15])
 
     def run_picker(count: int) -> None:
-        usable = (lambda r: r.healthy)
-        can_load = (lambda r: True)
+        usable = lambda r: r.healthy
+        can_load = lambda r: True
         for i in range(count):
             adapter = adapters[i & 15]
-            picker.pick(pool.replicas, usable, adapter=adapter, can_load=can_load, prefix=keys[i & 255],
-                        holders=holders.get(adapter, ()), total_in_flight=pool.total_in_flight)
+            picker.pick(
+                pool.replicas,
+                usable,
+                adapter=adapter,
+                can_load=can_load,
+                prefix=keys[i & 255],
+                holders=holders.get(adapter, ()),
+                total_in_flight=pool.total_in_flight,
+            )
 
     async def acquire_release(count: int) -> None:
         for i in range(count):
@@ -109,10 +120,12 @@ def measure(n: int) -> dict:
 
     loop = asyncio.new_event_loop()
     try:
-        result = {"replicas": n,
-                  "holder_first_us": cpu_us(run_holder_first, PICKS),
-                  "picker_us": cpu_us(run_picker, PICKS),
-                  "acquire_release_us": cpu_us(lambda c: loop.run_until_complete(acquire_release(c)), PICKS)}
+        result = {
+            "replicas": n,
+            "holder_first_us": cpu_us(run_holder_first, PICKS),
+            "picker_us": cpu_us(run_picker, PICKS),
+            "acquire_release_us": cpu_us(lambda c: loop.run_until_complete(acquire_release(c)), PICKS),
+        }
     finally:
         loop.close()
     result["picker_over_holder_first"] = result["picker_us"] / result["holder_first_us"]
@@ -123,11 +136,16 @@ def measure(n: int) -> dict:
 def main() -> None:
     rows = [measure(n) for n in (4, 16, 64)]
     for row in rows:
-        print(f"{row['replicas']:>3} replicas: holder_first {row['holder_first_us']:.1f} us, picker "
-              f"{row['picker_us']:.1f} us ({row['picker_over_holder_first']:.2f}x), acquire+release "
-              f"{row['acquire_release_us']:.1f} us ({row['acquire_over_holder_first']:.2f}x)")
-    out = {"rows": rows, "target_picker_us_at_64": 10.0,
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()}}
+        print(
+            f"{row['replicas']:>3} replicas: holder_first {row['holder_first_us']:.1f} us, picker "
+            f"{row['picker_us']:.1f} us ({row['picker_over_holder_first']:.2f}x), acquire+release "
+            f"{row['acquire_release_us']:.1f} us ({row['acquire_over_holder_first']:.2f}x)"
+        )
+    out = {
+        "rows": rows,
+        "target_picker_us_at_64": 10.0,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()},
+    }
     (ROOT / "bench" / "results" / "picker_overhead.json").write_text(json.dumps(out, indent=2))
 
 

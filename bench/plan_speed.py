@@ -66,13 +66,28 @@ def _judged(judge, steps, weight, traffic, sizes, z):
 def route_traffic(rps: float, feedback: bool = False) -> RouteTraffic:
     bounds = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
     below = ndtr((np.log(bounds) - math.log(0.6)) / 0.5)
-    return RouteTraffic(rps, 0.01, 0.0, dict(zip(bounds, below)), feedback_per_request=0.3 if feedback else 0.0,
-                        feedback_mean=0.8 if feedback else None, window_s=3600)
+    return RouteTraffic(
+        rps,
+        0.01,
+        0.0,
+        dict(zip(bounds, below)),
+        feedback_per_request=0.3 if feedback else 0.0,
+        feedback_mean=0.8 if feedback else None,
+        window_s=3600,
+    )
 
 
 def spec(**overrides) -> CanaryConfig:
-    return CanaryConfig(**{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 25, 50, 100],
-                           "interval_s": 300, **overrides})
+    return CanaryConfig(
+        **{
+            "route": "support",
+            "stable": "v1",
+            "canary": "v2",
+            "steps": [5, 25, 50, 100],
+            "interval_s": 300,
+            **overrides,
+        }
+    )
 
 
 CASES = {
@@ -108,19 +123,42 @@ def main() -> None:
             plan_module.needs = batched
         after, got = timed(spec_, traffic, suggest, args.repeats)
         assert got == expected, name  # the same plan, suggestions included
-        rows.append({"case": name, "per_step_s": round(before, 4), "batched_s": round(after, 4),
-                     "speedup": round(before / after, 2), "feasible": got["feasible"],
-                     "suggestions": [s["change"] for s in got["suggestions"]]})
-        print(f"{name:48s} per-step {before:6.3f} s  batched {after:6.3f} s  x{before / after:4.1f} faster"
-              f"  (same plan: feasible={got['feasible']}, {len(got['suggestions'])} suggestions)")
+        rows.append(
+            {
+                "case": name,
+                "per_step_s": round(before, 4),
+                "batched_s": round(after, 4),
+                "speedup": round(before / after, 2),
+                "feasible": got["feasible"],
+                "suggestions": [s["change"] for s in got["suggestions"]],
+            }
+        )
+        print(
+            f"{name:48s} per-step {before:6.3f} s  batched {after:6.3f} s  x{before / after:4.1f} faster"
+            f"  (same plan: feasible={got['feasible']}, {len(got['suggestions'])} suggestions)"
+        )
     total_before, total_after = sum(r["per_step_s"] for r in rows), sum(r["batched_s"] for r in rows)
-    print(f"{'all cases':48s} per-step {total_before:6.3f} s  batched {total_after:6.3f} s  "
-          f"x{total_before / total_after:4.1f} faster (CPU time, best of {args.repeats}, same run)")
+    print(
+        f"{'all cases':48s} per-step {total_before:6.3f} s  batched {total_after:6.3f} s  "
+        f"x{total_before / total_after:4.1f} faster (CPU time, best of {args.repeats}, same run)"
+    )
     out = ROOT / "bench" / "results" / "plan_speed.json"
-    out.write_text(json.dumps({"measured": "CPU seconds per plan(), best of repeats, both searches in one run",
-                               "repeats": args.repeats, "cases": rows,
-                               "total": {"per_step_s": round(total_before, 3), "batched_s": round(total_after, 3),
-                                         "speedup": round(total_before / total_after, 2)}}, indent=2) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "measured": "CPU seconds per plan(), best of repeats, both searches in one run",
+                "repeats": args.repeats,
+                "cases": rows,
+                "total": {
+                    "per_step_s": round(total_before, 3),
+                    "batched_s": round(total_after, 3),
+                    "speedup": round(total_before / total_after, 2),
+                },
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

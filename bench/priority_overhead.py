@@ -41,8 +41,13 @@ def measure(waiting: list[int]) -> dict:
     from loragate.service.upstreams import Pool
 
     def pool(replicas: int, max_in_flight: int, max_waiting: int = 512) -> Pool:
-        built = Pool([f"http://10.0.0.{i}:8000" for i in range(replicas)], Metrics(CollectorRegistry()),
-                     max_in_flight=max_in_flight, max_waiting=max_waiting, max_wait_s=600)
+        built = Pool(
+            [f"http://10.0.0.{i}:8000" for i in range(replicas)],
+            Metrics(CollectorRegistry()),
+            max_in_flight=max_in_flight,
+            max_waiting=max_waiting,
+            max_wait_s=600,
+        )
         for replica in built.replicas:
             replica.healthy = True
         return built
@@ -92,8 +97,15 @@ def measure(waiting: list[int]) -> dict:
         from loragate.service.priority import PRIORITY_HEADER, open_policy
         from starlette.datastructures import Headers
 
-        headers = Headers(raw=[(b"host", b"gw"), (b"content-type", b"application/json"), (b"content-length", b"99"),
-                               (b"x-user-id", b"u1"), (b"x-loragate-priority", b"sheddable")])
+        headers = Headers(
+            raw=[
+                (b"host", b"gw"),
+                (b"content-type", b"application/json"),
+                (b"content-length", b"99"),
+                (b"x-user-id", b"u1"),
+                (b"x-loragate-priority", b"sheddable"),
+            ]
+        )
         policy = open_policy("standard")
         count = 200_000
         best = float("inf")
@@ -112,11 +124,18 @@ def measure(waiting: list[int]) -> dict:
 
 def run_in(package: Path | None, waiting: list[int]) -> dict:
     """measure() in a fresh interpreter, with ``package`` (a ref's loragate) first on sys.path."""
-    code = ("import sys, json; sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None; "
-            f"sys.path.insert(1, {str(ROOT)!r}); from bench.priority_overhead import measure; "
-            "print(json.dumps(measure([int(a) for a in sys.argv[2:]])))")
-    result = subprocess.run([sys.executable, "-c", code, str(package or ""), *map(str, waiting)], check=True,
-                            capture_output=True, text=True, cwd=tempfile.gettempdir())
+    code = (
+        "import sys, json; sys.path.insert(0, sys.argv[1]) if sys.argv[1] else None; "
+        f"sys.path.insert(1, {str(ROOT)!r}); from bench.priority_overhead import measure; "
+        "print(json.dumps(measure([int(a) for a in sys.argv[2:]])))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(package or ""), *map(str, waiting)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -147,14 +166,28 @@ def main() -> None:
         base = statistics.median(r[name] for r in theirs)
         figures[name] = {"this": round(mine, 3), args.ref: round(base, 3), "ratio": round(mine / base, 3)}
         print(f"{name:16s} this {mine:10.2f} us   {args.ref} {base:10.2f} us   ratio {mine / base:6.3f}")
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
-    args.out.write_text(json.dumps({
-        "what": "CPU us per request: Pool.acquire+release with nobody waiting (fast), and per request admitted "
+    head = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    args.out.write_text(
+        json.dumps(
+            {
+                "what": "CPU us per request: Pool.acquire+release with nobody waiting (fast), and per request admitted "
                 "from a queue of N waiters (queue_N); this checkout vs the ref, same run, medians of rounds",
-        "commit": head, "ref": args.ref, "rounds": args.rounds, "machine": platform.machine(),
-        "cpus": os.cpu_count(), "python": platform.python_version(), "figures": figures,
-        "rounds_this": ours, f"rounds_{args.ref}": theirs}, indent=2) + "\n")
+                "commit": head,
+                "ref": args.ref,
+                "rounds": args.rounds,
+                "machine": platform.machine(),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "figures": figures,
+                "rounds_this": ours,
+                f"rounds_{args.ref}": theirs,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

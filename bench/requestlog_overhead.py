@@ -92,20 +92,41 @@ end
 
 
 def body(stream: bool, order: str = "4521") -> str:
-    return json.dumps({
-        "model": "bench",
-        "messages": [{"role": "system", "content": "You are a helpful support assistant."},
-                     {"role": "user", "content": "I'm jane.doe@example.com, call me on +44 20 7946 0958: "
-                                                 f"my order #{order} has not arrived yet, what can I do?"}],
-        "max_tokens": CHUNKS, "temperature": 0, "stream": stream,
-    })
+    return json.dumps(
+        {
+            "model": "bench",
+            "messages": [
+                {"role": "system", "content": "You are a helpful support assistant."},
+                {
+                    "role": "user",
+                    "content": "I'm jane.doe@example.com, call me on +44 20 7946 0958: "
+                    f"my order #{order} has not arrived yet, what can I do?",
+                },
+            ],
+            "max_tokens": CHUNKS,
+            "temperature": 0,
+            "stream": stream,
+        }
+    )
 
 
-def start_gateway(work: Path, name: str, upstream: str, cpu: int | None, log_url: str | None,
-                  text: str = "scrubbed", convert: str = "process") -> tuple[Service, str]:
+def start_gateway(
+    work: Path,
+    name: str,
+    upstream: str,
+    cpu: int | None,
+    log_url: str | None,
+    text: str = "scrubbed",
+    convert: str = "process",
+) -> tuple[Service, str]:
     port = free_port()
-    env = {**os.environ, "LORAGATE_ROUTES_FILE": str(work / "routes.yaml"), "LORAGATE_UPSTREAMS": upstream,
-           "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1"}
+    env = {
+        **os.environ,
+        "LORAGATE_ROUTES_FILE": str(work / "routes.yaml"),
+        "LORAGATE_UPSTREAMS": upstream,
+        "LORAGATE_PORT": str(port),
+        "LORAGATE_WORKERS": "1",
+    }
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     if log_url:
         env["LORAGATE_REQUEST_LOG_URL"] = log_url
@@ -157,8 +178,7 @@ def written(url: str) -> float:
 def metric_sum(url: str, prefix: str, label: str) -> float:
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:
         text = response.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(prefix) and label in line)
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix) and label in line)
 
 
 def conversion_process(pid: int, timeout_s: float = 30) -> int:
@@ -167,8 +187,10 @@ def conversion_process(pid: int, timeout_s: float = 30) -> int:
     while time.monotonic() < deadline:
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
-                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
-                        b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                if (
+                    int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid
+                    and b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+                ):
                     return int(stat.parent.name)
             except (OSError, ValueError):
                 continue
@@ -182,13 +204,24 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--no-pin", action="store_true")
-    parser.add_argument("--text", choices=("full", "scrubbed", "none"), default="scrubbed",
-                        help="LORAGATE_REQUEST_LOG_TEXT of the logging gateway")
-    parser.add_argument("--convert", choices=("process", "thread"), default="process",
-                        help="LORAGATE_REQUEST_LOG_CONVERT of the logging gateway")
-    parser.add_argument("--child-cpu", choices=("other", "same"), default="other",
-                        help="pinned: the conversion process on the load generator's CPU 0 (other) "
-                             "or on the gateway's CPU 1 (same)")
+    parser.add_argument(
+        "--text",
+        choices=("full", "scrubbed", "none"),
+        default="scrubbed",
+        help="LORAGATE_REQUEST_LOG_TEXT of the logging gateway",
+    )
+    parser.add_argument(
+        "--convert",
+        choices=("process", "thread"),
+        default="process",
+        help="LORAGATE_REQUEST_LOG_CONVERT of the logging gateway",
+    )
+    parser.add_argument(
+        "--child-cpu",
+        choices=("other", "same"),
+        default="other",
+        help="pinned: the conversion process on the load generator's CPU 0 (other) or on the gateway's CPU 1 (same)",
+    )
     args = parser.parse_args()
     if wrk_missing():
         return 2
@@ -198,8 +231,20 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="loragate-bench-log-"))
     (work / "routes.yaml").write_text(ROUTES)
     stub_port = free_port()
-    stub = Service(pinned([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(stub_port),
-                           "--chunks", str(CHUNKS)], load_cpu), work / "stub.log")
+    stub = Service(
+        pinned(
+            [
+                sys.executable,
+                str(ROOT / "tests" / "stub_upstream.py"),
+                "--port",
+                str(stub_port),
+                "--chunks",
+                str(CHUNKS),
+            ],
+            load_cpu,
+        ),
+        work / "stub.log",
+    )
     services = [stub]
     try:
         upstream = f"http://127.0.0.1:{stub_port}"
@@ -214,13 +259,19 @@ def main() -> int:
         child = conversion_process(on.process.pid) if args.convert == "process" else None
         if child is not None and pin:
             os.sched_setaffinity(child, {load_cpu if args.child_cpu == "other" else gateway_cpu})
-        placement = ("in the gateway's writer thread" if child is None else
-                     f"in the conversion process (pid {child}) on CPU(s) "
-                     f"{sorted(os.sched_getaffinity(child))}, gateway on CPU {gateway_cpu}, stub+wrk on CPU {load_cpu}"
-                     if pin else f"in the conversion process (pid {child}), unpinned")
+        placement = (
+            "in the gateway's writer thread"
+            if child is None
+            else f"in the conversion process (pid {child}) on CPU(s) "
+            f"{sorted(os.sched_getaffinity(child))}, gateway on CPU {gateway_cpu}, stub+wrk on CPU {load_cpu}"
+            if pin
+            else f"in the conversion process (pid {child}), unpinned"
+        )
 
-        print(f"stub upstream, {CHUNKS} chunks; c={args.concurrency}; {args.duration:g}s x {args.rounds} rounds; "
-              f"pinned={pin}; text {args.text}; records converted {placement}")
+        print(
+            f"stub upstream, {CHUNKS} chunks; c={args.concurrency}; {args.duration:g}s x {args.rounds} rounds; "
+            f"pinned={pin}; text {args.text}; records converted {placement}"
+        )
         summary = []
         for stream in (False, True):
             script = work / f"wrk-{stream}.lua"
@@ -236,8 +287,9 @@ def main() -> int:
                     before, side_before = cpu_s(pids[name]), side_threads_cpu_s(pids[name])
                     result = wrk(targets[name], script, args.concurrency, args.duration, load_cpu)
                     result["cpu_us"] = (cpu_s(pids[name]) - before) / max(result["requests"], 1) * 1e6
-                    result["side_us"] = ((side_threads_cpu_s(pids[name]) - side_before)
-                                         / max(result["requests"], 1) * 1e6)
+                    result["side_us"] = (
+                        (side_threads_cpu_s(pids[name]) - side_before) / max(result["requests"], 1) * 1e6
+                    )
                     results[name].append(result)
                 ratios.append(results["on"][-1]["rps"] / results["off"][-1]["rps"])
                 cpu_ratios.append(results["off"][-1]["cpu_us"] / results["on"][-1]["cpu_us"])
@@ -250,24 +302,30 @@ def main() -> int:
             for name in ("off", "on"):
                 runs = results[name]
                 errors = sum(r["errors"] for r in runs)
-                print(f"  {cell:6s} log {name:3s}: {statistics.median(r['rps'] for r in runs):8.1f} req/s "
-                      f"(runs: {', '.join(format(r['rps'], '.0f') for r in runs)}), "
-                      f"p50 {statistics.median(r['p50_us'] for r in runs) / 1000:.2f} ms, "
-                      f"p99 {statistics.median(r['p99_us'] for r in runs) / 1000:.2f} ms, "
-                      f"CPU {statistics.median(r['cpu_us'] for r in runs):.0f} us/request "
-                      f"(threads besides the event loop's: {statistics.median(r['side_us'] for r in runs):.1f}), "
-                      f"errors {errors}")
+                print(
+                    f"  {cell:6s} log {name:3s}: {statistics.median(r['rps'] for r in runs):8.1f} req/s "
+                    f"(runs: {', '.join(format(r['rps'], '.0f') for r in runs)}), "
+                    f"p50 {statistics.median(r['p50_us'] for r in runs) / 1000:.2f} ms, "
+                    f"p99 {statistics.median(r['p99_us'] for r in runs) / 1000:.2f} ms, "
+                    f"CPU {statistics.median(r['cpu_us'] for r in runs):.0f} us/request "
+                    f"(threads besides the event loop's: {statistics.median(r['side_us'] for r in runs):.1f}), "
+                    f"errors {errors}"
+                )
             ratio, cpu_ratio = statistics.median(ratios), statistics.median(cpu_ratios)
             summary.append((cell, cpu_ratio))
             print(f"  {cell:6s} on/off req/s ratio: {ratio:.3f} (per round: {', '.join(f'{r:.3f}' for r in ratios)})")
-            print(f"  {cell:6s} on/off by gateway CPU per request (req/s ratio at CPU saturation, robust to noisy "
-                  f"neighbours): {cpu_ratio:.3f} (per round: {', '.join(f'{r:.3f}' for r in cpu_ratios)})")
+            print(
+                f"  {cell:6s} on/off by gateway CPU per request (req/s ratio at CPU saturation, robust to noisy "
+                f"neighbours): {cpu_ratio:.3f} (per round: {', '.join(f'{r:.3f}' for r in cpu_ratios)})"
+            )
             if child is not None:
                 off_us = statistics.median(r["cpu_us"] for r in results["off"])
                 on_us = statistics.median(r["cpu_us"] for r in results["on"])
-                print(f"  {cell:6s} conversion process: {child_us:.0f} us CPU per record; gateway + conversion "
-                      f"process {on_us + child_us:.0f} us/request vs {off_us:.0f} off: on/off by total CPU "
-                      f"{off_us / (on_us + child_us):.3f} (what a one-core pod would keep)")
+                print(
+                    f"  {cell:6s} conversion process: {child_us:.0f} us CPU per record; gateway + conversion "
+                    f"process {on_us + child_us:.0f} us/request vs {off_us:.0f} off: on/off by total CPU "
+                    f"{off_us / (on_us + child_us):.3f} (what a one-core pod would keep)"
+                )
 
         time.sleep(1)  # requests still in flight when wrk stopped
         served = answered(on_url)
@@ -277,11 +335,15 @@ def main() -> int:
 
         rows = sum(pq.read_metadata(p).num_rows for p in log_dir.rglob("*.parquet"))
         files = len(list(log_dir.rglob("*.parquet")))
-        print(f"log completeness: {rows} rows in {files} files for {served:.0f} requests answered "
-              f"({'complete' if rows == served else 'MISMATCH'})")
+        print(
+            f"log completeness: {rows} rows in {files} files for {served:.0f} requests answered "
+            f"({'complete' if rows == served else 'MISMATCH'})"
+        )
         ok = all(ratio >= TARGET_RATIO for _, ratio in summary) and rows == served
-        print(f"target: on/off (by CPU per request) >= {TARGET_RATIO:.2f} and a complete log: "
-              f"{'met' if ok else 'NOT met'}")
+        print(
+            f"target: on/off (by CPU per request) >= {TARGET_RATIO:.2f} and a complete log: "
+            f"{'met' if ok else 'NOT met'}"
+        )
         return 0 if ok else 1
     finally:
         for service in services:

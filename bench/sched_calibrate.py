@@ -45,14 +45,24 @@ def words(n: int, rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-async def ttft(client: httpx.AsyncClient, url: str, model: str, prompt: str,
-               max_tokens: int = 1) -> tuple[float, float]:
+async def ttft(
+    client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int = 1
+) -> tuple[float, float]:
     """(time to first token, total time) of one streamed completion."""
     started = time.perf_counter()
     first = None
-    async with client.stream("POST", f"{url}/v1/completions", json={
-            "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True}) as response:
+    async with client.stream(
+        "POST",
+        f"{url}/v1/completions",
+        json={
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    ) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
             if line.startswith("data: ") and first is None:
@@ -73,10 +83,14 @@ async def calibrate(url: str, adapters: dict[str, str]) -> dict:
             await ttft(client, url, "base", words(20, rng), 4)
         body = (await client.get(f"{url}/metrics")).content
         state = parse_engine_metrics(body)
-        result["metrics"] = {"body_bytes": len(body), "missing": list(state.missing),
-                             "max_lora": state.max_lora,
-                             "series": sorted({line.split("{")[0].split(" ")[0] for line in body.decode().splitlines()
-                                               if line.startswith("vllm:")})}
+        result["metrics"] = {
+            "body_bytes": len(body),
+            "missing": list(state.missing),
+            "max_lora": state.max_lora,
+            "series": sorted(
+                {line.split("{")[0].split(" ")[0] for line in body.decode().splitlines() if line.startswith("vllm:")}
+            ),
+        }
         # Prefill: TTFT against prompt length, fresh prompts.
         points = []
         for n_words in (10, 60, 120):
@@ -86,8 +100,11 @@ async def calibrate(url: str, adapters: dict[str, str]) -> dict:
                 times.append((await ttft(client, url, "base", prompt))[0])
             points.append((await prompt_tokens(client, url, words(n_words, rng)), statistics.median(times)))
         (x0, y0), (x1, y1) = points[0], points[-1]
-        result["prefill"] = {"points_tokens_ttft_s": points, "s_per_token": max(0.0, (y1 - y0) / (x1 - x0)),
-                             "ttft_floor_s": y0}
+        result["prefill"] = {
+            "points_tokens_ttft_s": points,
+            "s_per_token": max(0.0, (y1 - y0) / (x1 - x0)),
+            "ttft_floor_s": y0,
+        }
         # Decode step by batch size.
         # Decode step by batch size: whole requests of 33 tokens against 1, ``batch`` at once (streamed chunks
         # arrive bunched, so the time between them does not tell the step).
@@ -97,8 +114,9 @@ async def calibrate(url: str, adapters: dict[str, str]) -> dict:
             for tokens in (1, 33):
                 rounds = []
                 for _ in range(3):
-                    outs = await asyncio.gather(*(ttft(client, url, "base", words(10, rng), tokens)
-                                                  for _ in range(batch)))
+                    outs = await asyncio.gather(
+                        *(ttft(client, url, "base", words(10, rng), tokens) for _ in range(batch))
+                    )
                     rounds.append(statistics.median(total for _, total in outs))
                 timings[tokens] = statistics.median(rounds)
             steps[batch] = max(0.0, (timings[33] - timings[1]) / 32)
@@ -124,8 +142,12 @@ async def calibrate(url: str, adapters: dict[str, str]) -> dict:
         for i in range(6):  # cycling through more adapters than slots (--max-loras 2): every one swaps in
             swaps.append((await ttft(client, url, names[1 + i % (len(names) - 1)], words(10, rng)))[0])
         swap = statistics.median(swaps)
-        result["lora"] = {"in_slot_ttft_s": in_slot, "swap_ttft_s": swap, "swap_in_s": max(0.0, swap - in_slot),
-                          "max_loras": 2}
+        result["lora"] = {
+            "in_slot_ttft_s": in_slot,
+            "swap_ttft_s": swap,
+            "swap_in_s": max(0.0, swap - in_slot),
+            "max_loras": 2,
+        }
         after = parse_engine_metrics((await client.get(f"{url}/metrics")).content)
         result["metrics"]["prefix_cache_queries"] = after.prefix_queries
         result["metrics"]["prefix_cache_hits"] = after.prefix_hits
@@ -139,8 +161,9 @@ def main() -> None:
     manifest = json.loads((model_dir / "manifest.json").read_text())
     port = free_port()
     log = Path(tempfile.mkdtemp()) / "vllm.log"
-    command = engine_command(Path(manifest["base"]), {}, port=port, python=sys.executable, max_loras=2,
-                             max_model_len=512)
+    command = engine_command(
+        Path(manifest["base"]), {}, port=port, python=sys.executable, max_loras=2, max_model_len=512
+    )
     engine = Service(command, log, engine_env())
     url = f"http://127.0.0.1:{port}"
     try:
@@ -150,8 +173,11 @@ def main() -> None:
         result = asyncio.run(calibrate(url, manifest["adapters"]))
     finally:
         engine.stop()
-    result["engine"] = {"model": "demo (random Llama, hidden 128, 2 layers, fp32)", "ready_s": round(ready_s, 1),
-                        "flags": command[3:]}
+    result["engine"] = {
+        "model": "demo (random Llama, hidden 128, 2 layers, fp32)",
+        "ready_s": round(ready_s, 1),
+        "flags": command[3:],
+    }
     result["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "load": os.getloadavg()}
     OUT.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result, indent=2, default=str))

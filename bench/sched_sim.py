@@ -151,9 +151,14 @@ class Engine:
 
     def state(self) -> EngineState:
         waiting_adapters = frozenset(r.adapter for r in itertools.islice(self.waiting, SCAN_LIMIT) if r.adapter)
-        return EngineState(running=float(len(self.running)), waiting=float(len(self.waiting)),
-                           kv_usage=self.kv_used / self.costs.kv_tokens, max_lora=self.costs.max_loras,
-                           running_adapters=frozenset(self.running_adapters), waiting_adapters=waiting_adapters)
+        return EngineState(
+            running=float(len(self.running)),
+            waiting=float(len(self.waiting)),
+            kv_usage=self.kv_used / self.costs.kv_tokens,
+            max_lora=self.costs.max_loras,
+            running_adapters=frozenset(self.running_adapters),
+            waiting_adapters=waiting_adapters,
+        )
 
     def submit(self, request: Request) -> None:
         self.waiting.append(request)
@@ -226,8 +231,13 @@ class Engine:
             self.busy = False
             return
         self.busy = True
-        duration = (costs.step_base_s + costs.step_per_seq_s * len(self.running)
-                    + costs.prefill_per_token_s * prefill + costs.swap_in_s * swaps + costs.cpu_load_s * reads)
+        duration = (
+            costs.step_base_s
+            + costs.step_per_seq_s * len(self.running)
+            + costs.prefill_per_token_s * prefill
+            + costs.swap_in_s * swaps
+            + costs.cpu_load_s * reads
+        )
         self.sim.at(self.sim.now + duration, self._end_step)
 
     def _end_step(self) -> None:
@@ -333,10 +343,15 @@ class Gateway:
         adapter = request.adapter
         limit = 1 << 30
         pick = self.picker.pick(
-            self.replicas, lambda r: r.in_flight < limit, adapter=adapter, can_load=lambda r: True,
-            prefix=request.prefix, holders=self.holders.get(adapter, ()) if adapter else (),
+            self.replicas,
+            lambda r: r.in_flight < limit,
+            adapter=adapter,
+            can_load=lambda r: True,
+            prefix=request.prefix,
+            holders=self.holders.get(adapter, ()) if adapter else (),
             loading_elsewhere=adapter is not None and adapter in self.loads_under_way,
-            total_in_flight=self.total_in_flight)
+            total_in_flight=self.total_in_flight,
+        )
         assert pick is not None
         return self.index[id(self.by_replica[id(pick.replica)])]
 
@@ -399,7 +414,7 @@ def _blocks(request: Request) -> list[tuple]:
 
 
 def zipf_weights(n: int, s: float = 1.1) -> list[float]:
-    return [1 / (k ** s) for k in range(1, n + 1)]
+    return [1 / (k**s) for k in range(1, n + 1)]
 
 
 @dataclass(eq=False)
@@ -447,14 +462,16 @@ class Workload:
         if self.kind == "prefix":
             system = self.rng.choices(range(len(self.system_texts)), cum_weights=self.system_weights)[0]
             first = f"conversation {self.rng.random():.12f}: my question is about the order I placed last week"
-            conversation = Conversation(self.names[system % self.adapters], system,
-                                        self.rng.randint(2, 2 * self.mean_turns - 2), [], first)
+            conversation = Conversation(
+                self.names[system % self.adapters], system, self.rng.randint(2, 2 * self.mean_turns - 2), [], first
+            )
             self._turn(sim, gateway, conversation)
         else:
             text = f"a question {self.rng.random():.12f} that shares nothing with the others, long enough"
             prompt = self.rng.randint(200, 600)
-            request = Request(sim.now, self.adapter(), [(("unique", text), prompt)], self.rng.randint(32, 128),
-                              prefix_key(None, text))
+            request = Request(
+                sim.now, self.adapter(), [(("unique", text), prompt)], self.rng.randint(32, 128), prefix_key(None, text)
+            )
             request.prefix = None  # nothing shared: no prefix key (too short a common beginning)
             gateway.dispatch(request)
         sim.at(sim.now + self._interval(sim), self._arrive, sim, gateway, until)
@@ -462,13 +479,26 @@ class Workload:
     def _turn(self, sim: Sim, gateway: Gateway, conversation: Conversation) -> None:
         user = self.rng.randint(40, 160)
         turn = (("turn", id(conversation), len(conversation.history)), user)
-        segments = [(("system", conversation.system), self.system_tokens[conversation.system]),
-                    *conversation.history, turn]
-        payload = {"messages": [{"role": "system", "content": self.system_texts[conversation.system]},
-                                {"role": "user", "content": conversation.first_text}]}
+        segments = [
+            (("system", conversation.system), self.system_tokens[conversation.system]),
+            *conversation.history,
+            turn,
+        ]
+        payload = {
+            "messages": [
+                {"role": "system", "content": self.system_texts[conversation.system]},
+                {"role": "user", "content": conversation.first_text},
+            ]
+        }
         text = prompt_prefix(payload)
-        request = Request(sim.now, conversation.adapter, segments, self.rng.randint(40, 160),
-                          prefix_key(conversation.adapter, text) if text else None, conversation)
+        request = Request(
+            sim.now,
+            conversation.adapter,
+            segments,
+            self.rng.randint(40, 160),
+            prefix_key(conversation.adapter, text) if text else None,
+            conversation,
+        )
         conversation.history.append(turn)
         conversation.turns_left -= 1
         gateway.dispatch(request)
@@ -484,8 +514,18 @@ class Workload:
 # --- one run, and the sweep ------------------------------------------------------------------------------
 
 
-def run(kind: str, policy: str, n: int, rate: float, costs: Costs, *, seconds: float, adapters: int,
-        scrape_s: float, seed: int) -> dict:
+def run(
+    kind: str,
+    policy: str,
+    n: int,
+    rate: float,
+    costs: Costs,
+    *,
+    seconds: float,
+    adapters: int,
+    scrape_s: float,
+    seed: int,
+) -> dict:
     sim = Sim()
     gateway = Gateway(sim, costs, n, policy, scrape_s, random.Random(seed))
     workload = Workload(kind, rate, random.Random(seed + 1), adapters)
@@ -497,12 +537,16 @@ def run(kind: str, policy: str, n: int, rate: float, costs: Costs, *, seconds: f
     # Requests still unanswered at the end count with the TTFT they have so far (never dropped as "fast").
     pending = sum(1 for e in gateway.engines for _, _, r in e.running if r.first_token is None and r.arrival >= warm)
     pending += sum(1 for e in gateway.engines for r in e.waiting if r.arrival >= warm)
-    ttfts = sorted([r.first_token - r.arrival for r in done if r.first_token is not None]
-                   + [sim.now - warm] * pending)
+    ttfts = sorted([r.first_token - r.arrival for r in done if r.first_token is not None] + [sim.now - warm] * pending)
     if not ttfts:
         return {"rate": rate, "throughput": 0.0, "p50": math.inf, "p99": math.inf}
-    return {"rate": rate, "throughput": len(done) / (seconds - warm), "completed": len(started),
-            "p50": ttfts[len(ttfts) // 2], "p99": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))]}
+    return {
+        "rate": rate,
+        "throughput": len(done) / (seconds - warm),
+        "completed": len(started),
+        "p50": ttfts[len(ttfts) // 2],
+        "p99": ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.99))],
+    }
 
 
 def sweep(kind: str, policy: str, n: int, rates: list[float], slo_s: float, costs: Costs, **kw) -> dict:
@@ -514,8 +558,11 @@ def sweep(kind: str, policy: str, n: int, rates: list[float], slo_s: float, cost
             break
     within = [p for p in points if p["p99"] <= slo_s]
     best = max(within, key=lambda p: p["throughput"]) if within else None
-    return {"points": points, "throughput_at_slo": best["throughput"] if best else 0.0,
-            "rate_at_slo": best["rate"] if best else 0.0}
+    return {
+        "points": points,
+        "throughput_at_slo": best["throughput"] if best else 0.0,
+        "rate_at_slo": best["rate"] if best else 0.0,
+    }
 
 
 def main() -> None:
@@ -528,20 +575,27 @@ def main() -> None:
     scrape_s = 0.1
     policies = ["round_robin", "least_loaded", "holder_first", "gie", "loragate"]
     slo_s = 0.5
-    cases = [("prefix", 16, 8), ("zipf", 16, 64), ("zipf", 16, 512), ("bursts", 16, 256),
-             ("zipf", 4, 8), ("prefix", 64, 8)]
+    cases = [
+        ("prefix", 16, 8),
+        ("zipf", 16, 64),
+        ("zipf", 16, 512),
+        ("bursts", 16, 256),
+        ("zipf", 4, 8),
+        ("prefix", 64, 8),
+    ]
     if args.quick:
         cases = [("prefix", 4, 8), ("zipf", 4, 64)]
     # Offered load, requests/s per engine: rising by 40% each step until p99 TTFT is 3x past the SLO.
-    ladder = [2 * 1.4 ** k for k in range(12)] if not args.quick else [4, 8, 16, 32]
+    ladder = [2 * 1.4**k for k in range(12)] if not args.quick else [4, 8, 16, 32]
     started = time.perf_counter()
     results = []
     for kind, n, adapters in cases:
         row = {"workload": kind, "engines": n, "adapters": adapters, "policies": {}}
         rates = [per_engine * n for per_engine in ladder]
         for policy in policies:
-            row["policies"][policy] = sweep(kind, policy, n, rates, slo_s, costs, seconds=seconds,
-                                            adapters=adapters, scrape_s=scrape_s, seed=11)
+            row["policies"][policy] = sweep(
+                kind, policy, n, rates, slo_s, costs, seconds=seconds, adapters=adapters, scrape_s=scrape_s, seed=11
+            )
         rr = row["policies"]["round_robin"]["throughput_at_slo"]
         for policy, result in row["policies"].items():
             result["vs_round_robin"] = result["throughput_at_slo"] / rr if rr else None
@@ -552,17 +606,25 @@ def main() -> None:
             result["p50_at_common_s"], result["p99_at_common_s"] = at[0]["p50"], at[0]["p99"]
         row["common_rate"] = common
         results.append(row)
-        print(f"{kind:7} n={n:<3} adapters={adapters:<4} " + "  ".join(
-            f"{p}={r['throughput_at_slo']:.0f}/s ({_ratio(r['vs_round_robin'])})" for p, r in row["policies"].items()),
-            flush=True)
+        print(
+            f"{kind:7} n={n:<3} adapters={adapters:<4} "
+            + "  ".join(
+                f"{p}={r['throughput_at_slo']:.0f}/s ({_ratio(r['vs_round_robin'])})"
+                for p, r in row["policies"].items()
+            ),
+            flush=True,
+        )
     elapsed = time.perf_counter() - started
     measured = set(costs.measured)
     out = {
-        "slo": {"ttft_p99_s": slo_s}, "seconds_simulated_per_point": seconds, "scrape_interval_s": scrape_s,
+        "slo": {"ttft_p99_s": slo_s},
+        "seconds_simulated_per_point": seconds,
+        "scrape_interval_s": scrape_s,
         "engine_model": {k: v for k, v in vars(costs).items() if k != "measured"},
         "measured": sorted(measured),
         "assumed": sorted(k for k in vars(costs) if k != "measured" and k not in measured),
-        "results": results, "runtime_s": round(elapsed, 1),
+        "results": results,
+        "runtime_s": round(elapsed, 1),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
     }
     name = "sched_sim_quick" if args.quick else "sched_sim"
@@ -577,10 +639,13 @@ def _ratio(value: float | None) -> str:
 
 
 def markdown(out: dict) -> str:
-    lines = [f"Throughput (completed requests/s) at p99 TTFT <= {out['slo']['ttft_p99_s']} s, ratio to round-robin; "
-             "p50 / p99 TTFT (ms) at the highest load all policies met the SLO at. Simulated "
-             f"({out['seconds_simulated_per_point']:g} s per point); engine costs measured: "
-             f"{', '.join(out['measured']) or 'none'}; assumed: {', '.join(out['assumed'])}.", ""]
+    lines = [
+        f"Throughput (completed requests/s) at p99 TTFT <= {out['slo']['ttft_p99_s']} s, ratio to round-robin; "
+        "p50 / p99 TTFT (ms) at the highest load all policies met the SLO at. Simulated "
+        f"({out['seconds_simulated_per_point']:g} s per point); engine costs measured: "
+        f"{', '.join(out['measured']) or 'none'}; assumed: {', '.join(out['assumed'])}.",
+        "",
+    ]
     policies = list(out["results"][0]["policies"])
     lines.append("| workload | engines | adapters | " + " | ".join(policies) + " |")
     lines.append("|---|---|---|" + "---|" * len(policies))
@@ -588,8 +653,10 @@ def markdown(out: dict) -> str:
         cells = []
         for p in policies:
             r = row["policies"][p]
-            cells.append(f"{r['throughput_at_slo']:.0f} ({_ratio(r['vs_round_robin'])}); "
-                         f"{r['p50_at_common_s'] * 1000:.0f} / {r['p99_at_common_s'] * 1000:.0f}")
+            cells.append(
+                f"{r['throughput_at_slo']:.0f} ({_ratio(r['vs_round_robin'])}); "
+                f"{r['p50_at_common_s'] * 1000:.0f} / {r['p99_at_common_s'] * 1000:.0f}"
+            )
         lines.append(f"| {row['workload']} | {row['engines']} | {row['adapters']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -39,17 +39,28 @@ from loragate.service.requestlog import scrub as logscrub  # noqa: E402
 
 SHORT = "I'm jane.doe@example.com, call me on +44 20 7946 0958: my order #{n} has not arrived yet, what can I do?"
 FILLER = [
-    "Thanks for getting back to me so quickly.", "We upgraded to version 3.11.7 on 2024-01-15 at 12:30.",
-    "The dashboard shows 1,234 requests per minute and a p99 of 250 ms.", "Ticket {n} was reopened twice.",
+    "Thanks for getting back to me so quickly.",
+    "We upgraded to version 3.11.7 on 2024-01-15 at 12:30.",
+    "The dashboard shows 1,234 requests per minute and a p99 of 250 ms.",
+    "Ticket {n} was reopened twice.",
     "I tried clearing the cache and restarting the service, as the docs suggest.",
-    "Our plan is the Team tier, 25 seats, billed yearly.", "Error code E-4021 appears in the logs (see below).",
-    "The export finished, but rows 100-250 are missing from the CSV file.", "Can you escalate this, please?",
-    "It worked fine until last Tuesday; nothing changed on our side.", "Regards, the operations team",
+    "Our plan is the Team tier, 25 seats, billed yearly.",
+    "Error code E-4021 appears in the logs (see below).",
+    "The export finished, but rows 100-250 are missing from the CSV file.",
+    "Can you escalate this, please?",
+    "It worked fine until last Tuesday; nothing changed on our side.",
+    "Regards, the operations team",
 ]
-NON_ASCII = ("Bonjour, je m'appelle Zoé (zoe{n}@exemple.fr), mon numéro est +33 6 12 34 {last:02d} 78. "
-             "Ma commande n°{n} n'est pas arrivée, pouvez-vous vérifier ?")
-DETAILS = ["You can reach me at sam.lee{n}@example.org.", "My direct line is +1 415 555 {n:04d}.",
-           "Card on file ends 4242, the invoice id is INV-{n}.", "Server 10.0.{a}.{b} returned 502."]
+NON_ASCII = (
+    "Bonjour, je m'appelle Zoé (zoe{n}@exemple.fr), mon numéro est +33 6 12 34 {last:02d} 78. "
+    "Ma commande n°{n} n'est pas arrivée, pouvez-vous vérifier ?"
+)
+DETAILS = [
+    "You can reach me at sam.lee{n}@example.org.",
+    "My direct line is +1 415 555 {n:04d}.",
+    "Card on file ends 4242, the invoice id is INV-{n}.",
+    "Server 10.0.{a}.{b} returned 502.",
+]
 
 
 def long_text(rng: random.Random, n: int) -> str:
@@ -86,8 +97,7 @@ def _replacement(rule: rules.Rule, prefix_template: str) -> str | Callable:
 def pcre2_rule(rule: rules.Rule) -> Callable[[str], str]:
     import pcre2
 
-    pattern = pcre2.compile(rules.pcre2_rule_pattern(rule), flags=pcre2.I if rule.pattern.flags & re.I else 0,
-                            jit=True)
+    pattern = pcre2.compile(rules.pcre2_rule_pattern(rule), flags=pcre2.I if rule.pattern.flags & re.I else 0, jit=True)
     return functools.partial(pattern.sub, _replacement(rule, "${prefix}"))
 
 
@@ -119,8 +129,10 @@ def main() -> int:
         return 1
     pcre2_scrubber, regex_scrubber = EngineScrubber(pcre2_rule), EngineScrubber(regex_rule)
     rng = random.Random(7)
-    corpora = {"short": [SHORT.format(n=1_000_000 + i) for i in range(args.texts)],
-               "long": [long_text(rng, i) for i in range(max(50, args.texts // 20))]}
+    corpora = {
+        "short": [SHORT.format(n=1_000_000 + i) for i in range(args.texts)],
+        "long": [long_text(rng, i) for i in range(max(50, args.texts // 20))],
+    }
     ways: dict[str, Callable[[list[str]], list[str]]] = {
         "python": lambda texts: [rules._python_scrub(text) for text in texts],
         "gated": logscrub._scrub_gated,
@@ -134,28 +146,39 @@ def main() -> int:
         assert all(ways[way](texts) == expected for way in ways), f"{corpus}: the ways disagree"
         changed = sum(a != b for a, b in zip(texts, expected))
         us = {way: per_text_us(scrub_all, texts, args.repeats) for way, scrub_all in ways.items()}
-        results[corpus] = {"texts": len(texts), "mean_chars": round(sum(map(len, texts)) / len(texts)),
-                           "changed": changed, "us_per_text": {k: round(v, 2) for k, v in us.items()},
-                           "native_vs_python": round(us["native"] / us["python"], 3),
-                           "native_vs_gated": round(us["native"] / us["gated"], 3),
-                           "native_vs_pcre2": round(us["native"] / us["pcre2"], 3),
-                           "native_vs_regex": round(us["native"] / us["regex"], 3)}
-        print(f"{corpus:>5} ({len(texts)} texts, {results[corpus]['mean_chars']} chars, {changed} changed): "
-              + "  ".join(f"{way} {value:8.2f} us" for way, value in us.items())
-              + f"  | native/python {us['native'] / us['python']:.3f}  native/gated {us['native'] / us['gated']:.3f}"
-              + f"  native/pcre2 {us['native'] / us['pcre2']:.3f}  native/regex {us['native'] / us['regex']:.3f}")
+        results[corpus] = {
+            "texts": len(texts),
+            "mean_chars": round(sum(map(len, texts)) / len(texts)),
+            "changed": changed,
+            "us_per_text": {k: round(v, 2) for k, v in us.items()},
+            "native_vs_python": round(us["native"] / us["python"], 3),
+            "native_vs_gated": round(us["native"] / us["gated"], 3),
+            "native_vs_pcre2": round(us["native"] / us["pcre2"], 3),
+            "native_vs_regex": round(us["native"] / us["regex"], 3),
+        }
+        print(
+            f"{corpus:>5} ({len(texts)} texts, {results[corpus]['mean_chars']} chars, {changed} changed): "
+            + "  ".join(f"{way} {value:8.2f} us" for way, value in us.items())
+            + f"  | native/python {us['native'] / us['python']:.3f}  native/gated {us['native'] / us['gated']:.3f}"
+            + f"  native/pcre2 {us['native'] / us['pcre2']:.3f}  native/regex {us['native'] / us['regex']:.3f}"
+        )
     # Non-ASCII texts (French support messages): not the native rules' (nor pcre2's or regex's in this loop);
     # the conversion process takes them through the RE2 gates, which this measures against the Python rules.
     texts = [NON_ASCII.format(n=i, last=i % 100) for i in range(args.texts)]
     expected = ways["python"](texts)
     assert ways["gated"](texts) == expected and all(native.scrub(text) is None for text in texts)
     us = {way: per_text_us(ways[way], texts, args.repeats) for way in ("python", "gated")}
-    results["non_ascii"] = {"texts": len(texts), "mean_chars": round(sum(map(len, texts)) / len(texts)),
-                            "changed": sum(a != b for a, b in zip(texts, expected)),
-                            "us_per_text": {k: round(v, 2) for k, v in us.items()},
-                            "gated_vs_python": round(us["gated"] / us["python"], 3)}
-    print(f"non-ASCII ({len(texts)} texts): python {us['python']:8.2f} us  gated {us['gated']:8.2f} us"
-          f"  | gated/python {us['gated'] / us['python']:.3f}")
+    results["non_ascii"] = {
+        "texts": len(texts),
+        "mean_chars": round(sum(map(len, texts)) / len(texts)),
+        "changed": sum(a != b for a, b in zip(texts, expected)),
+        "us_per_text": {k: round(v, 2) for k, v in us.items()},
+        "gated_vs_python": round(us["gated"] / us["python"], 3),
+    }
+    print(
+        f"non-ASCII ({len(texts)} texts): python {us['python']:8.2f} us  gated {us['gated']:8.2f} us"
+        f"  | gated/python {us['gated'] / us['python']:.3f}"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

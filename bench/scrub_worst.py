@@ -65,8 +65,12 @@ def main() -> int:
         print("the native scrubber is not built (scripts/setup.sh installs gcc and libpcre2-dev)", file=sys.stderr)
         return 1
     paths: dict[str, Callable[[str], str | None]] = {
-        "python": rules._python_scrub, "native": native.scrub, "scrub": rules.scrub,
-        "batch": lambda text: logscrub.scrub_many([text])[0], "gated": lambda text: logscrub._scrub_gated([text])[0]}
+        "python": rules._python_scrub,
+        "native": native.scrub,
+        "scrub": rules.scrub,
+        "batch": lambda text: logscrub.scrub_many([text])[0],
+        "gated": lambda text: logscrub._scrub_gated([text])[0],
+    }
 
     def check(name: str, path: Callable[[str], str | None], text: str) -> None:
         out = path(text)
@@ -98,11 +102,18 @@ def main() -> int:
                 cases[case] = {"us_per_kb": round(cost, 2), "ratio": round(cost / usual_of[text.isascii()], 2)}
             worst = max(cases, key=lambda c: cases[c]["ratio"])
             over = sorted(c for c in cases if cases[c]["ratio"] > TARGET)
-            results["paths"][key] = {"typical_us_per_kb": round(usual, 2), "worst_case": worst,
-                                     "worst_ratio": cases[worst]["ratio"], "over_target": over, "cases": cases}
-            print(f"{key:>18}: typical {usual:7.1f} us/KB | worst {worst} {cases[worst]['us_per_kb']:.1f} us/KB "
-                  f"= {cases[worst]['ratio']:.2f}x typical | over {TARGET:g}x: {', '.join(over) or 'none'}",
-                  flush=True)
+            results["paths"][key] = {
+                "typical_us_per_kb": round(usual, 2),
+                "worst_case": worst,
+                "worst_ratio": cases[worst]["ratio"],
+                "over_target": over,
+                "cases": cases,
+            }
+            print(
+                f"{key:>18}: typical {usual:7.1f} us/KB | worst {worst} {cases[worst]['us_per_kb']:.1f} us/KB "
+                f"= {cases[worst]['ratio']:.2f}x typical | over {TARGET:g}x: {', '.join(over) or 'none'}",
+                flush=True,
+            )
 
     reported: dict = {}
     for spaces in (8_000, 16_000, 200_000, BODY_LIMIT - 10):

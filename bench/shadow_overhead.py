@@ -65,8 +65,11 @@ def main() -> int:
     services: list = []
     try:
         port = free_port()
-        stub = Service(pinned([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(port)],
-                              side_cpu), work / "stub.log", env)
+        stub = Service(
+            pinned([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(port)], side_cpu),
+            work / "stub.log",
+            env,
+        )
         services.append(stub)
         stub_url = f"http://127.0.0.1:{port}"
         wait_http(f"{stub_url}/health", stub.process, 30, work / "stub.log")
@@ -75,10 +78,17 @@ def main() -> int:
             routes = work / f"routes-{name}.yaml"
             routes.write_text(ROUTES % shadow)
             port = free_port()
-            service = Service(pinned([sys.executable, "-m", "loragate", "serve"], gateway_cpu),
-                              work / f"gateway-{name}.log", {
-                                  **env, "LORAGATE_ROUTES_FILE": str(routes), "LORAGATE_UPSTREAMS": stub_url,
-                                  "LORAGATE_PORT": str(port), "LORAGATE_WORKERS": "1"})
+            service = Service(
+                pinned([sys.executable, "-m", "loragate", "serve"], gateway_cpu),
+                work / f"gateway-{name}.log",
+                {
+                    **env,
+                    "LORAGATE_ROUTES_FILE": str(routes),
+                    "LORAGATE_UPSTREAMS": stub_url,
+                    "LORAGATE_PORT": str(port),
+                    "LORAGATE_WORKERS": "1",
+                },
+            )
             services.append(service)
             url = f"http://127.0.0.1:{port}"
             wait_http(f"{url}/readyz", service.process, 60, work / f"gateway-{name}.log")
@@ -86,9 +96,11 @@ def main() -> int:
 
         def shadowed(url: str) -> tuple[float, float, float]:
             text = scrape(url)
-            return (sample_sum(text, "loragate_requests_total", route="bench", status_class="2xx"),
-                    sample_sum(text, "loragate_shadow_requests_total", route="bench", status_class="2xx"),
-                    sample_sum(text, "loragate_shadow_dropped_total", route="bench"))
+            return (
+                sample_sum(text, "loragate_requests_total", route="bench", status_class="2xx"),
+                sample_sum(text, "loragate_shadow_requests_total", route="bench", status_class="2xx"),
+                sample_sum(text, "loragate_shadow_dropped_total", route="bench"),
+            )
 
         rounds = []
         for index in range(args.rounds):
@@ -101,17 +113,27 @@ def main() -> int:
                     cpu = tree_cpu_s(service.process.pid) - cpu_before
                     requests = result["requests"]
                     cells[f"{mode}|{name}"] = {
-                        "rps": requests / (result["duration_us"] / 1e6), "p50_ms": result["p50_us"] / 1000,
-                        "p99_ms": result["p99_us"] / 1000, "cpu_us_per_req": cpu * 1e6 / max(requests, 1),
+                        "rps": requests / (result["duration_us"] / 1e6),
+                        "p50_ms": result["p50_us"] / 1000,
+                        "p99_ms": result["p99_us"] / 1000,
+                        "cpu_us_per_req": cpu * 1e6 / max(requests, 1),
                         "requests": requests,
-                        "errors": sum(result[k] for k in ("connect", "read", "write", "status", "timeout"))}
+                        "errors": sum(result[k] for k in ("connect", "read", "write", "status", "timeout")),
+                    }
                 cells[f"{mode}|p50_delta_ms"] = cells[f"{mode}|on"]["p50_ms"] - cells[f"{mode}|off"]["p50_ms"]
             rounds.append(cells)
-            print(f"round {index + 1}: " + "; ".join(
-                f"{mode} p50 off {cells[f'{mode}|off']['p50_ms']:.3f} ms, on {cells[f'{mode}|on']['p50_ms']:.3f} ms "
-                f"(delta {cells[f'{mode}|p50_delta_ms']:+.3f}),"
-                f" cpu/req off {cells[f'{mode}|off']['cpu_us_per_req']:.0f}"
-                f" on {cells[f'{mode}|on']['cpu_us_per_req']:.0f} us" for mode in ("plain", "stream")), flush=True)
+            print(
+                f"round {index + 1}: "
+                + "; ".join(
+                    f"{mode} p50 off {cells[f'{mode}|off']['p50_ms']:.3f} ms, "
+                    f"on {cells[f'{mode}|on']['p50_ms']:.3f} ms "
+                    f"(delta {cells[f'{mode}|p50_delta_ms']:+.3f}),"
+                    f" cpu/req off {cells[f'{mode}|off']['cpu_us_per_req']:.0f}"
+                    f" on {cells[f'{mode}|on']['cpu_us_per_req']:.0f} us"
+                    for mode in ("plain", "stream")
+                ),
+                flush=True,
+            )
         time.sleep(1)  # the last shadows finish
         answered, shadows, dropped = shadowed(gateways["on"][0])
         off_shadows = shadowed(gateways["off"][0])[1]
@@ -120,28 +142,47 @@ def main() -> int:
             service.stop()
 
     deltas = {mode: statistics.median(r[f"{mode}|p50_delta_ms"] for r in rounds) for mode in ("plain", "stream")}
-    medians = {key: statistics.median(r[key]["p50_ms"] for r in rounds)
-               for key in rounds[0] if not key.endswith("delta_ms")}
+    medians = {
+        key: statistics.median(r[key]["p50_ms"] for r in rounds) for key in rounds[0] if not key.endswith("delta_ms")
+    }
     every_one_shadowed = shadows == answered and dropped == 0 and off_shadows == 0
     errors = sum(r[k]["errors"] for r in rounds for k in r if not k.endswith("delta_ms"))
     ok = all(d <= TARGET_P50_DELTA_MS for d in deltas.values()) and every_one_shadowed and errors == 0
     print(f"\nmedians of {args.rounds} rounds at c=1: " + ", ".join(f"{k} p50 {v:.3f} ms" for k, v in medians.items()))
     for mode, delta in deltas.items():
-        print(f"  {mode:6s} shadow 100% adds {delta:+.3f} ms to the client's p50 "
-              f"[{'PASS' if delta <= TARGET_P50_DELTA_MS else 'FAIL'}: target <= {TARGET_P50_DELTA_MS} ms]")
-    print(f"  every request shadowed: {answered:.0f} answered, {shadows:.0f} shadows answered, {dropped:.0f} dropped "
-          f"[{'yes' if every_one_shadowed else 'NO'}]; wrk errors {errors}")
+        print(
+            f"  {mode:6s} shadow 100% adds {delta:+.3f} ms to the client's p50 "
+            f"[{'PASS' if delta <= TARGET_P50_DELTA_MS else 'FAIL'}: target <= {TARGET_P50_DELTA_MS} ms]"
+        )
+    print(
+        f"  every request shadowed: {answered:.0f} answered, {shadows:.0f} shadows answered, {dropped:.0f} dropped "
+        f"[{'yes' if every_one_shadowed else 'NO'}]; wrk errors {errors}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
-        "settings": {"duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
-                     "connections": 1, "pinned": pin, "upstream": "stub (tests/stub_upstream.py)"},
-        "target_p50_delta_ms_max": TARGET_P50_DELTA_MS,
-        "p50_delta_ms": deltas, "p50_ms_medians": medians,
-        "shadow_counts": {"answered": answered, "shadows_answered": shadows, "dropped": dropped},
-        "rounds": rounds, "pass": ok,
-    }, indent=1) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+                "settings": {
+                    "duration_s": args.duration,
+                    "warmup_s": args.warmup,
+                    "rounds": args.rounds,
+                    "connections": 1,
+                    "pinned": pin,
+                    "upstream": "stub (tests/stub_upstream.py)",
+                },
+                "target_p50_delta_ms_max": TARGET_P50_DELTA_MS,
+                "p50_delta_ms": deltas,
+                "p50_ms_medians": medians,
+                "shadow_counts": {"answered": answered, "shadows_answered": shadows, "dropped": dropped},
+                "rounds": rounds,
+                "pass": ok,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
     return 0 if ok else 1
 

@@ -46,11 +46,18 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-BODIES = {route: orjson.dumps({"model": route, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})
-          for route in ("plain", "shadowed")}
-ANSWER = orjson.dumps({"id": "c1", "model": "a1", "choices": [
-    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 7, "completion_tokens": 2}})
+BODIES = {
+    route: orjson.dumps({"model": route, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16})
+    for route in ("plain", "shadowed")
+}
+ANSWER = orjson.dumps(
+    {
+        "id": "c1",
+        "model": "a1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 7, "completion_tokens": 2},
+    }
+)
 ROUTES = """\
 routes:
   plain:
@@ -92,6 +99,7 @@ def receiver() -> tuple[str, http.server.ThreadingHTTPServer]:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
             ExportTraceServiceRequest().ParseFromString(self.rfile.read(int(self.headers["content-length"])))
             self.send_response(200)
             self.send_header("content-length", "0")
@@ -127,11 +135,20 @@ def build(routes: Path, endpoint: str | None):
 
 
 async def one(app, body: bytes) -> int:
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"",
-             "root_path": "", "headers": [(b"content-type", b"application/json"),
-                                          (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("gateway", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("gateway", 80),
+    }
     sent = False
     status = 0
 
@@ -225,7 +242,10 @@ async def main(requests: int, rounds: int) -> dict:
     medians = {cell: statistics.median(v) * 1e6 for cell, v in per_round.items()}
     on_plain = medians["plain", "on"]
     return {
-        "bench": "tracing_overhead", "python": platform.python_version(), "requests": requests, "rounds": rounds,
+        "bench": "tracing_overhead",
+        "python": platform.python_version(),
+        "requests": requests,
+        "rounds": rounds,
         "stubs": "replica call and request log are stubs (in-process); SDK, exporter and receiver are real",
         "cpu_us_per_request": {f"{route}_{name}": round(us, 1) for (route, name), us in medians.items()},
         "ratio_on_to_off": {route: round(statistics.median(v), 3) for route, v in ratios.items()},
@@ -233,9 +253,11 @@ async def main(requests: int, rounds: int) -> dict:
         "off_check_ns": round(check_ns, 1),
         "off_checks_per_request": OFF_CHECKS,
         "off_share_of_request": f"{OFF_CHECKS * check_ns / (medians['plain', 'off'] * 1e3):.5%}",
-        "requestlog_handoff": {**handoff,
-                               "event_share_of_traced_request": f"{handoff['event_us'] / on_plain:.2%}",
-                               "span_share_of_traced_request": f"{handoff['child_span_us'] / on_plain:.2%}"},
+        "requestlog_handoff": {
+            **handoff,
+            "event_share_of_traced_request": f"{handoff['event_us'] / on_plain:.2%}",
+            "span_share_of_traced_request": f"{handoff['child_span_us'] / on_plain:.2%}",
+        },
     }
 
 

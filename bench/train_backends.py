@@ -76,11 +76,29 @@ def main() -> int:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
     def hf_trainer() -> None:  # the transformers Trainer over the same batches in the same order
-        trainer = Trainer(model=model(), train_dataset=flat, data_collator=collate, args=TrainingArguments(
-            output_dir=str(work / "trainer"), per_device_train_batch_size=batch, max_steps=args.steps,
-            learning_rate=3e-2, weight_decay=0.0, max_grad_norm=1.0, lr_scheduler_type="constant", warmup_steps=0,
-            logging_steps=10_000, save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0,
-            disable_tqdm=True, remove_unused_columns=False, seed=0))
+        trainer = Trainer(
+            model=model(),
+            train_dataset=flat,
+            data_collator=collate,
+            args=TrainingArguments(
+                output_dir=str(work / "trainer"),
+                per_device_train_batch_size=batch,
+                max_steps=args.steps,
+                learning_rate=3e-2,
+                weight_decay=0.0,
+                max_grad_norm=1.0,
+                lr_scheduler_type="constant",
+                warmup_steps=0,
+                logging_steps=10_000,
+                save_strategy="no",
+                report_to=[],
+                use_cpu=True,
+                dataloader_num_workers=0,
+                disable_tqdm=True,
+                remove_unused_columns=False,
+                seed=0,
+            ),
+        )
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(flat)  # same order
         trainer.train()
 
@@ -98,7 +116,9 @@ def main() -> int:
     loop_tps, trainer_tps = tokens / loop_s, tokens / trainer_s
     print(f"{args.rounds} x {args.steps} steps x {batch} rows, {tokens} tokens, {args.threads} thread(s); CPU seconds")
     print(f"plain loop           {loop_s:7.2f} s CPU ({wall['loop']:6.1f} s wall)  {loop_tps:8.0f} tokens/CPU-s")
-    print(f"transformers Trainer {trainer_s:7.2f} s CPU ({wall['trainer']:6.1f} s wall)  {trainer_tps:8.0f} tokens/CPU-s")
+    print(
+        f"transformers Trainer {trainer_s:7.2f} s CPU ({wall['trainer']:6.1f} s wall)  {trainer_tps:8.0f} tokens/CPU-s"
+    )
     print(f"ratio loop/Trainer  {loop_tps / trainer_tps:.2f}")
     return 0
 

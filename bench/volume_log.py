@@ -81,14 +81,19 @@ def pools(topic: str):
     for _ in range(POOL):
         question = questions[rng.integers(len(questions))]
         context = _sized(rng, sentences, 150, 8000)
-        messages = [{"role": "system", "content": SYSTEM},
-                    {"role": "user", "content": f"Context: {context}\n\nQuestion: {question}"}]
+        messages = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"Context: {context}\n\nQuestion: {question}"},
+        ]
         flat.append(logschema.flat_prompt(messages))
         turns.append(messages)
         answers.append(_sized(rng, sentences, 150, 2000))
     schema = logschema.arrow_schema("requests")
-    return (pa.array(flat, pa.string()), pa.array(turns, schema.field("prompt_messages").type),
-            pa.array(answers, pa.string()))
+    return (
+        pa.array(flat, pa.string()),
+        pa.array(turns, schema.field("prompt_messages").type),
+        pa.array(answers, pa.string()),
+    )
 
 
 def _file_rows(rng, n: int, start_s: float, end_s: float, shift: float):
@@ -115,14 +120,21 @@ def _file_rows(rng, n: int, start_s: float, end_s: float, shift: float):
     columns = {
         "request_id": pa.array([f"{a:016x}{b:016x}" for a, b in ids]),
         "timestamp": pa.array((stamps * 1000).astype("int64")).cast(pa.timestamp("ms", tz="UTC")),
-        "route": pa.array(["chat"] * n), "variant": pa.array(variant),
-        "endpoint": pa.array(["chat/completions"] * n), "status": pa.array(status), "stream": pa.array(stream),
+        "route": pa.array(["chat"] * n),
+        "variant": pa.array(variant),
+        "endpoint": pa.array(["chat/completions"] * n),
+        "status": pa.array(status),
+        "stream": pa.array(stream),
         "fallback": pa.array(np.where(rng.random(n) < 0.02, "upstream_error", None).tolist(), pa.string()),
-        "latency_s": pa.array(latency), "ttft_s": pa.array(np.where(stream, rng.gamma(4.0, 0.01, n), np.nan)),
-        "prompt_tokens": pa.array(prompt_tokens), "completion_tokens": pa.array(completion),
-        "cost_usd": pa.array(cost), "reference_cost_usd": pa.array(cost * 5),
+        "latency_s": pa.array(latency),
+        "ttft_s": pa.array(np.where(stream, rng.gamma(4.0, 0.01, n), np.nan)),
+        "prompt_tokens": pa.array(prompt_tokens),
+        "completion_tokens": pa.array(completion),
+        "cost_usd": pa.array(cost),
+        "reference_cost_usd": pa.array(cost * 5),
         "finish_reason": pa.array(np.where(rng.random(n) < 0.9, "stop", "length")),
-        "prompt_text": flat.take(pick), "prompt_messages": turns.take(pick),
+        "prompt_text": flat.take(pick),
+        "prompt_messages": turns.take(pick),
         "response_text": answers.take(answer_pick),
         "schema_version": pa.array(np.full(n, logschema.SCHEMA_VERSION, dtype="int32")),
         "role": pa.array(["primary"] * n),
@@ -131,11 +143,13 @@ def _file_rows(rng, n: int, start_s: float, end_s: float, shift: float):
     shadow = np.flatnonzero((variant == "v1") & (rng.random(n) < 0.05))
     if len(shadow):  # the shadow variant's answers to copies of some v1 requests, logged just after them
         copies = table.take(shadow)
-        copies = copies.set_column(copies.schema.get_field_index("variant"), "variant",
-                                   pa.array(["v2"] * len(shadow)))
+        copies = copies.set_column(copies.schema.get_field_index("variant"), "variant", pa.array(["v2"] * len(shadow)))
         copies = copies.set_column(copies.schema.get_field_index("role"), "role", pa.array(["shadow"] * len(shadow)))
-        copies = copies.set_column(copies.schema.get_field_index("response_text"), "response_text",
-                                   answers.take(rng.integers(POOL, size=len(shadow))))
+        copies = copies.set_column(
+            copies.schema.get_field_index("response_text"),
+            "response_text",
+            answers.take(rng.integers(POOL, size=len(shadow))),
+        )
         table = pa.concat_tables([table, copies]).sort_by("timestamp")
     return table
 

@@ -47,8 +47,17 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="loragate-wire-bench-"))
     stub, stub_url = start_stub(work / "stub.log")
     url = f"{stub_url}/v1/chat/completions"
-    bodies = {mode: json.dumps({"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16,
-                                "stream": mode == "stream"}).encode() for mode in ("plain", "stream")}
+    bodies = {
+        mode: json.dumps(
+            {
+                "model": "base",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 16,
+                "stream": mode == "stream",
+            }
+        ).encode()
+        for mode in ("plain", "stream")
+    }
 
     async def one_lean(client: object, body: bytes, timeout: object) -> int:
         response = await client.post(url, body, request_id="b", timeout=timeout)  # type: ignore[attr-defined]
@@ -78,10 +87,15 @@ def main() -> int:
 
     async def run() -> dict[str, list[float]]:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        old_timeouts = ((Timeout(total=30, connect=5), Timeout(total=30, connect=5, read=30))
-                        if hasattr(old, "Timeout") else  # a ref from before service/transport.py: aiohttp's
-                        (aiohttp.ClientTimeout(total=30, sock_connect=5),
-                         aiohttp.ClientTimeout(total=30, sock_connect=5, sock_read=30)))
+        old_timeouts = (
+            (Timeout(total=30, connect=5), Timeout(total=30, connect=5, read=30))
+            if hasattr(old, "Timeout")
+            # a ref from before service/transport.py: aiohttp's
+            else (
+                aiohttp.ClientTimeout(total=30, sock_connect=5),
+                aiohttp.ClientTimeout(total=30, sock_connect=5, sock_read=30),
+            )
+        )
         clients = {
             "lean": (one_lean, HttpClient(Timeout(total=30, connect=5)), Timeout(total=30, connect=5, read=30)),
             f"lean@{args.ref}": (one_lean, old.HttpClient(*old_timeouts[:1]), old_timeouts[1]),
@@ -116,15 +130,29 @@ def main() -> int:
     print("per-round ratios (median): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
     print("per-round differences (median): " + ", ".join(f"{k} {v:+.1f} us" for k, v in deltas.items()))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "what": "client CPU per request (this process), stub upstream, uvloop; lean client vs its version at "
+    args.out.write_text(
+        json.dumps(
+            {
+                "what": "client CPU per request (this process), stub upstream, uvloop; lean client vs its version at "
                 f"{args.ref} vs aiohttp, same rounds",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
-        "settings": {"requests": args.requests, "rounds": args.rounds, "concurrency": args.concurrency,
-                     "ref": args.ref, "stream_chunks": 16},
-        "median_us": medians, "ratios": ratios, "deltas_us": deltas, "rounds_us": costs,
-    }, indent=1) + "\n")
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kernel": platform.release()},
+                "settings": {
+                    "requests": args.requests,
+                    "rounds": args.rounds,
+                    "concurrency": args.concurrency,
+                    "ref": args.ref,
+                    "stream_chunks": 16,
+                },
+                "median_us": medians,
+                "ratios": ratios,
+                "deltas_us": deltas,
+                "rounds_us": costs,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -30,8 +30,13 @@ def main(argv: list[str] | None = None) -> int:
 
     p = commands.add_parser("engine", help="start a local vLLM (CPU build) with LoRA enabled")
     p.add_argument("--model-dir", type=Path, required=True, help="a directory made by demo-model, or any HF model dir")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH",
-                   help="register an adapter at start (default: a1 and a2 of a demo-model dir)")
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="register an adapter at start (default: a1 and a2 of a demo-model dir)",
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=18000)
     p.set_defaults(run=_engine)
@@ -118,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     """The command ``name`` of ``module``, imported when it runs: `loragate serve` loads no pandas or torch."""
+
     def run(args: argparse.Namespace) -> int:
         command: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module), name)
         return command(args)
@@ -137,8 +143,9 @@ def _hash_key(args: argparse.Namespace) -> int:
 
     key = new_key()
     routes = "*" if args.routes.strip() == "*" else tuple(r.strip() for r in args.routes.split(",") if r.strip())
-    entry = ApiKey(id=args.id, sha256=hash_key(key), routes=routes,
-                   requests_per_minute=args.rpm, tokens_per_minute=args.tpm)  # validates the id and limits
+    entry = ApiKey(
+        id=args.id, sha256=hash_key(key), routes=routes, requests_per_minute=args.rpm, tokens_per_minute=args.tpm
+    )  # validates the id and limits
     print(f"# the key: give it to its holder; it is shown once and never stored\n{key}\n")
     print("# the entry for the keys file (LORAGATE_API_KEYS_FILE), under `keys:`")
     print(f"  - {json.dumps(entry.model_dump(exclude_none=True))}")
@@ -265,8 +272,10 @@ def _demo(args: argparse.Namespace) -> int:
 
     for port in (args.port, args.engine_port):
         if not _port_free(port):
-            print(f"loragate: port {port} on 127.0.0.1 is in use; stop what holds it or pass --port/--engine-port",
-                  file=sys.stderr)
+            print(
+                f"loragate: port {port} on 127.0.0.1 is in use; stop what holds it or pass --port/--engine-port",
+                file=sys.stderr,
+            )
             return 1
     model_dir = args.dir / "model"
     if not demo_model_ready(model_dir):
@@ -278,8 +287,11 @@ def _demo(args: argparse.Namespace) -> int:
     engine_log = open(args.dir / "engine.log", "ab")
     print(f"starting vLLM (CPU) on :{args.engine_port}, log in {engine_log.name} (about a minute) ...", flush=True)
     engine = subprocess.Popen(
-        engine_command(base, adapters, port=args.engine_port), env=engine_env(),
-        stdout=engine_log, stderr=subprocess.STDOUT, start_new_session=True,
+        engine_command(base, adapters, port=args.engine_port),
+        env=engine_env(),
+        stdout=engine_log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         if not _wait_ready(f"http://127.0.0.1:{args.engine_port}/health", engine, timeout_s=300):
@@ -288,14 +300,17 @@ def _demo(args: argparse.Namespace) -> int:
         print(
             f"\nloragate is up: http://127.0.0.1:{args.port}  (Ctrl-C stops it)\n\n"
             f"  curl -s localhost:{args.port}/v1/chat/completions -H 'content-type: application/json' \\\n"
-            f"    -H 'x-user-id: alice' -i -d '{{\"model\":\"support\",\"max_tokens\":16,\n"
-            f"    \"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'\n"
+            f'    -H \'x-user-id: alice\' -i -d \'{{"model":"support","max_tokens":16,\n'
+            f'    "messages":[{{"role":"user","content":"hi"}}]}}\'\n'
             f"  curl -s localhost:{args.port}/v1/models\n"
             f"  curl -s localhost:{args.port}/metrics | grep loragate_\n",
             flush=True,
         )
-        os.environ.update(LORAGATE_ROUTES_FILE=str(routes), LORAGATE_PORT=str(args.port),
-                          LORAGATE_UPSTREAMS=f"http://127.0.0.1:{args.engine_port}")
+        os.environ.update(
+            LORAGATE_ROUTES_FILE=str(routes),
+            LORAGATE_PORT=str(args.port),
+            LORAGATE_UPSTREAMS=f"http://127.0.0.1:{args.engine_port}",
+        )
         return serve_from_env()
     finally:
         os.killpg(engine.pid, signal.SIGTERM)

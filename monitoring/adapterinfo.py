@@ -19,8 +19,11 @@ class AdapterInfoCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        family = GaugeMetricFamily("loragate_adapter_info", "Adapter versions in the registry, by state.",
-                                   labels=["name", "version", "state", "base"])
+        family = GaugeMetricFamily(
+            "loragate_adapter_info",
+            "Adapter versions in the registry, by state.",
+            labels=["name", "version", "state", "base"],
+        )
         try:
             cards = self.registry.cards()
         except RegistryError:

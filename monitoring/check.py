@@ -32,8 +32,13 @@ class CheckRun:
 
     def summary(self) -> dict:
         """What /healthz shows of the last run."""
-        return {"status": self.result.status, "share": self.result.share, "finished": time.time(),
-                "fired": self.outcome.decision.fire, "report": self.result.html_path}
+        return {
+            "status": self.result.status,
+            "share": self.result.share,
+            "finished": time.time(),
+            "fired": self.outcome.decision.fire,
+            "report": self.result.html_path,
+        }
 
 
 class References:
@@ -52,14 +57,30 @@ class References:
 class DriftCheck:
     """Reads a sample of the current window (and of the reference window), compares, hands on to the trigger."""
 
-    def __init__(self, check: "CheckConfig", trigger: "Trigger", *, log: RequestLog, references: References,
-                 prometheus: "Prometheus | None", drift: DriftConfig, out_dir: str, metrics: "MonitorMetrics") -> None:
+    def __init__(
+        self,
+        check: "CheckConfig",
+        trigger: "Trigger",
+        *,
+        log: RequestLog,
+        references: References,
+        prometheus: "Prometheus | None",
+        drift: DriftConfig,
+        out_dir: str,
+        metrics: "MonitorMetrics",
+    ) -> None:
         self.check, self.trigger, self.log, self.references = check, trigger, log, references
         self.prometheus, self.drift, self.out_dir, self.metrics = prometheus, drift, out_dir, metrics
 
     def _sample(self, window: Window) -> "WindowSample":
-        return self.log.sample(window, self.check.route, self.check.variant, columns=LOG_COLUMNS,
-                               per_variant=self.drift.sample_rows, by_variant=False)
+        return self.log.sample(
+            window,
+            self.check.route,
+            self.check.variant,
+            columns=LOG_COLUMNS,
+            per_variant=self.drift.sample_rows,
+            by_variant=False,
+        )
 
     async def run(self, *, now: float | None = None) -> CheckRun:
         check, trigger = self.check, self.trigger
@@ -81,23 +102,44 @@ class DriftCheck:
         series = None
         if self.prometheus is not None:
             try:
-                series = await asyncio.gather(*(
-                    variant_series(self.prometheus, check.route, check.variant, w, step_s=check.prometheus_step_s,
-                                   rate_window=check.prometheus_rate_window)
-                    for w in (ref_window, current_window)))
+                series = await asyncio.gather(
+                    *(
+                        variant_series(
+                            self.prometheus,
+                            check.route,
+                            check.variant,
+                            w,
+                            step_s=check.prometheus_step_s,
+                            rate_window=check.prometheus_rate_window,
+                        )
+                        for w in (ref_window, current_window)
+                    )
+                )
             except Exception as exc:  # Prometheus down: the report goes on without its series
                 log.warning("prometheus query failed for %s: %s", trigger.key, exc)
         result = await asyncio.to_thread(
-            run_drift, reference, current, route=check.route, variant=check.variant, config=self.drift,
-            out_dir=self.out_dir, prometheus=tuple(series) if series else None,
-            window_rows=(reference_rows, sampled.total_rows))
+            run_drift,
+            reference,
+            current,
+            route=check.route,
+            variant=check.variant,
+            config=self.drift,
+            out_dir=self.out_dir,
+            prometheus=tuple(series) if series else None,
+            window_rows=(reference_rows, sampled.total_rows),
+        )
         self.metrics.record(result)
         # Feedback may be stored without route/variant (another replica served the request):
         # take the window's feedback and join it to the current requests on request_id.
         feedback = await asyncio.to_thread(self.log.feedback, Window.between(current_window.start, now + 60))
         feedback = feedback[feedback["request_id"].isin(current["request_id"])]
-        outcome = await trigger.handle(result, requests=current, feedback=feedback, now=now,
-                                       source=WindowSource(self.log, current_window, check.route, check.variant))
+        outcome = await trigger.handle(
+            result,
+            requests=current,
+            feedback=feedback,
+            now=now,
+            source=WindowSource(self.log, current_window, check.route, check.variant),
+        )
         self.metrics.record_outcome(check.route, check.variant, outcome)
         log.info("drift %s: %s share=%.2f fired=%s", trigger.key, result.status, result.share, outcome.decision.fire)
         return CheckRun(result, outcome, current)

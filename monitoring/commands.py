@@ -61,16 +61,23 @@ def add_drift_arguments(p: argparse.ArgumentParser) -> None:
     ref.add_argument("--reference", help="Parquet/CSV/JSONL, e.g. the adapter's training set")
     ref.add_argument("--reference-since", type=moment, help="ISO time or unix seconds")
     ref.add_argument("--reference-until", type=moment, help="ISO time or unix seconds (default: --since)")
-    ref.add_argument("--reference-window", type=duration_s,
-                     help="length of the window that ends where the current one starts (default: --window)")
+    ref.add_argument(
+        "--reference-window",
+        type=duration_s,
+        help="length of the window that ends where the current one starts (default: --window)",
+    )
     p.add_argument("--prometheus", help="Prometheus URL: add per-variant latency, cost, error and fallback series")
     p.add_argument("--prometheus-step", type=duration_s, default=60.0)
     p.add_argument("--prometheus-rate-window", default="1m", help="PromQL range of rate() (>= 4 scrape intervals)")
     p.add_argument("--out", type=Path, default=Path("drift-reports"), help="where the HTML and JSON go")
     p.add_argument("--min-rows", type=int, default=30)
     p.add_argument("--drift-share", type=float, default=0.5)
-    p.add_argument("--sample-rows", type=int, default=10_000,
-                   help="rows read per window: a deterministic sample by request id (default 10000)")
+    p.add_argument(
+        "--sample-rows",
+        type=int,
+        default=10_000,
+        help="rows read per window: a deterministic sample by request id (default 10000)",
+    )
     p.add_argument("--json", action="store_true", help="print the whole JSON summary")
 
 
@@ -106,30 +113,60 @@ def drift_command(args: argparse.Namespace) -> int:
         current_window, ref_window = _windows(args)
         config = DriftConfig(min_rows=args.min_rows, drift_share=args.drift_share, sample_rows=args.sample_rows)
         log = RequestLog(args.request_log)
-        current = log.sample(current_window, args.route, args.variant, columns=LOG_COLUMNS,
-                             per_variant=config.sample_rows, by_variant=False)
+        current = log.sample(
+            current_window,
+            args.route,
+            args.variant,
+            columns=LOG_COLUMNS,
+            per_variant=config.sample_rows,
+            by_variant=False,
+        )
         reference_rows = None
         if args.reference:
             reference = load_reference(args.reference)
         else:
-            sample = log.sample(ref_window, args.route, args.variant, columns=LOG_COLUMNS,
-                                per_variant=config.sample_rows, by_variant=False)
+            sample = log.sample(
+                ref_window,
+                args.route,
+                args.variant,
+                columns=LOG_COLUMNS,
+                per_variant=config.sample_rows,
+                by_variant=False,
+            )
             reference, reference_rows = sample.frame, sample.total_rows
         series = None
         if args.prometheus:
             prom = Prometheus(args.prometheus)
 
             async def both() -> list[pd.DataFrame]:
-                return await asyncio.gather(*(variant_series(prom, args.route, args.variant, w,
-                                                             step_s=args.prometheus_step,
-                                                             rate_window=args.prometheus_rate_window)
-                                              for w in (ref_window, current_window)))
+                return await asyncio.gather(
+                    *(
+                        variant_series(
+                            prom,
+                            args.route,
+                            args.variant,
+                            w,
+                            step_s=args.prometheus_step,
+                            rate_window=args.prometheus_rate_window,
+                        )
+                        for w in (ref_window, current_window)
+                    )
+                )
+
             try:
                 series = tuple(asyncio.run(both()))
             except (PrometheusError, OSError) as exc:
                 print(f"loragate drift: Prometheus unavailable, going on without it: {exc}", file=sys.stderr)
-        result = run_drift(reference, current.frame, route=args.route, variant=args.variant, out_dir=args.out,
-                           prometheus=series, config=config, window_rows=(reference_rows, current.total_rows))
+        result = run_drift(
+            reference,
+            current.frame,
+            route=args.route,
+            variant=args.variant,
+            out_dir=args.out,
+            prometheus=series,
+            config=config,
+            window_rows=(reference_rows, current.total_rows),
+        )
     except (OSError, ValueError) as exc:
         print(f"loragate drift: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -145,21 +182,27 @@ def summary_text(result: DriftResult) -> str:
     def rows(sampled: int, window: int | None) -> str:
         return f"{sampled}" if window is None else f"{sampled} (sample of {window} in the window)"
 
-    lines = [f"route={result.route} variant={result.variant or '*'} status={result.status} "
-             f"reference_rows={rows(result.reference_rows, result.reference_window_rows)} "
-             f"current_rows={rows(result.current_rows, result.current_window_rows)}"]
+    lines = [
+        f"route={result.route} variant={result.variant or '*'} status={result.status} "
+        f"reference_rows={rows(result.reference_rows, result.reference_window_rows)} "
+        f"current_rows={rows(result.current_rows, result.current_window_rows)}"
+    ]
     if result.reason:
         lines.append(f"  {result.reason}")
     if result.features:
-        lines.append(f"  drifted {len(result.drifted_features)}/{len(result.features)} features "
-                     f"(share {result.share:.2f}); drifted groups: {', '.join(result.drifted_groups) or 'none'}")
+        lines.append(
+            f"  drifted {len(result.drifted_features)}/{len(result.features)} features "
+            f"(share {result.share:.2f}); drifted groups: {', '.join(result.drifted_groups) or 'none'}"
+        )
         for group in result.groups:
             lines.append(f"  [{group.group}] {group.status}: {group.reason}")
             for f in result.features:
                 if f.group == group.group:
                     op = "<" if f.test == "p_value" else ">"
-                    lines.append(f"    {'DRIFT' if f.drifted else 'ok   '} {f.feature:<20} {f.method:<17} "
-                                 f"{f.score:.4g} ({op} {f.threshold:.4g} drifts)")
+                    lines.append(
+                        f"    {'DRIFT' if f.drifted else 'ok   '} {f.feature:<20} {f.method:<17} "
+                        f"{f.score:.4g} ({op} {f.threshold:.4g} drifts)"
+                    )
         for c in result.content:
             words = ", ".join(t.term for t in c.current_terms[:8]) or "-"
             lines.append(f"  {c.column}: ROC AUC {c.auc:.3f}; current window more often has: {words}")
@@ -202,16 +245,22 @@ def monitor_command(args: argparse.Namespace) -> int:
 
 
 def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=("status", "plan", "promote", "rollback"),
-                   help="status: where each rollout is; plan: what each step needs, from the route's recent "
-                        "traffic (exit 1 when a rollout cannot finish within max_holds); promote/rollback: now, "
-                        "whatever the analysis says")
+    p.add_argument(
+        "action",
+        choices=("status", "plan", "promote", "rollback"),
+        help="status: where each rollout is; plan: what each step needs, from the route's recent "
+        "traffic (exit 1 when a rollout cannot finish within max_holds); promote/rollback: now, "
+        "whatever the analysis says",
+    )
     p.add_argument("--config", type=Path, required=True, help="the monitor YAML with its rollouts section")
     p.add_argument("--route", help="the rollout's route (needed when several rollouts are configured)")
     p.add_argument("--reason", default="manual", help="recorded in the rollout's history")
     p.add_argument("--json", action="store_true", help="status or plan as JSON")
-    p.add_argument("--lookback", type=float, help="plan: seconds of the route's traffic to read (default: the "
-                                                  "rollout's plan_lookback_s)")
+    p.add_argument(
+        "--lookback",
+        type=float,
+        help="plan: seconds of the route's traffic to read (default: the rollout's plan_lookback_s)",
+    )
 
 
 def _plan_command(args: argparse.Namespace, config: Any, specs: list[Any]) -> int:
@@ -227,8 +276,9 @@ def _plan_command(args: argparse.Namespace, config: Any, specs: list[Any]) -> in
         print(f"loragate rollout: no rollout for route {args.route!r}", file=sys.stderr)
         return EXIT_ERROR
     if not config.prometheus_url:
-        print("loragate rollout plan: the config has no prometheus_url to read the route's traffic from",
-              file=sys.stderr)
+        print(
+            "loragate rollout plan: the config has no prometheus_url to read the route's traffic from", file=sys.stderr
+        )
         return EXIT_ERROR
     source = PrometheusAnalysis(Prometheus(config.prometheus_url))
     lookback = getattr(args, "lookback", None)
@@ -304,13 +354,17 @@ def rollout_command(args: argparse.Namespace) -> int:
 
 def add_log_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="log_command", required=True)
-    c = sub.add_parser("compact", help="merge each closed hour's small files into a few large ones (idempotent, "
-                                       "safe beside running gateways and other compactions)")
+    c = sub.add_parser(
+        "compact",
+        help="merge each closed hour's small files into a few large ones (idempotent, "
+        "safe beside running gateways and other compactions)",
+    )
     c.add_argument("--request-log", required=True, help="request-log root: a directory or s3://bucket/prefix")
     c.add_argument("--table", choices=("requests", "feedback", "all"), default="all")
     c.add_argument("--days", type=int, default=2, help="days looked at, today included (default 2)")
-    c.add_argument("--grace", type=duration_s, default=900.0,
-                   help="an hour is closed this long after its end (default 15m)")
+    c.add_argument(
+        "--grace", type=duration_s, default=900.0, help="an hour is closed this long after its end (default 15m)"
+    )
     c.add_argument("--now", type=moment, help="compact as if it were this time (ISO or unix seconds)")
     c.add_argument("--dry-run", action="store_true", help="say what would be compacted, change nothing")
     c.add_argument("--json", action="store_true")
@@ -328,8 +382,9 @@ def log_command(args: argparse.Namespace) -> int:
     try:
         compactor = Compactor(*filesystem(args.request_log), grace_s=args.grace)
         tables = TABLES if args.table == "all" else (args.table,)
-        results = compactor.run(tables, days=args.days, now=args.now.timestamp() if args.now else None,
-                                dry_run=args.dry_run)
+        results = compactor.run(
+            tables, days=args.days, now=args.now.timestamp() if args.now else None, dry_run=args.dry_run
+        )
     except (OSError, ValueError) as exc:
         print(f"loragate log compact: {exc}", file=sys.stderr)
         return EXIT_ERROR

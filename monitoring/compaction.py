@@ -81,10 +81,18 @@ class HourResult:
 class Compactor:
     """Compacts the closed hours of a request-log root (``fs``, ``root`` as common.objectstore.filesystem gives)."""
 
-    def __init__(self, fs: "pafs.FileSystem", root: str, *, grace_s: float = 900.0,
-                 row_group_rows: int = samplekey.ROW_GROUP_ROWS,
-                 buckets: int = 64, buffer_bytes: int = 128 << 20, parallel: int = 8,
-                 compression: str = "zstd") -> None:
+    def __init__(
+        self,
+        fs: "pafs.FileSystem",
+        root: str,
+        *,
+        grace_s: float = 900.0,
+        row_group_rows: int = samplekey.ROW_GROUP_ROWS,
+        buckets: int = 64,
+        buffer_bytes: int = 128 << 20,
+        parallel: int = 8,
+        compression: str = "zstd",
+    ) -> None:
         if buckets < 1 or buckets & (buckets - 1):
             raise ValueError("buckets must be a power of two")
         self.fs, self.root = fs, root
@@ -92,8 +100,14 @@ class Compactor:
         self.grace_s, self.row_group_rows = grace_s, row_group_rows
         self.buckets, self.buffer_bytes, self.compression = buckets, buffer_bytes, compression
 
-    def run(self, tables: tuple[str, ...] = logschema.TABLES, *, days: int = 2, now: float | None = None,
-            dry_run: bool = False) -> list[HourResult]:
+    def run(
+        self,
+        tables: tuple[str, ...] = logschema.TABLES,
+        *,
+        days: int = 2,
+        now: float | None = None,
+        dry_run: bool = False,
+    ) -> list[HourResult]:
         """Compact every closed hour of the last ``days`` days (today included) of each table."""
         now = time.time() if now is None else now
         today = datetime.fromtimestamp(now, timezone.utc).date()
@@ -111,8 +125,9 @@ class Compactor:
                     results.append(self.compact_hour(directory, hour, files, dry_run=dry_run))
         return results
 
-    def compact_hour(self, directory: str, hour: datetime, files: list[LogFile], *,
-                     dry_run: bool = False) -> HourResult:
+    def compact_hour(
+        self, directory: str, hour: datetime, files: list[LogFile], *, dry_run: bool = False
+    ) -> HourResult:
         result = HourResult(directory, f"{hour:%Y%m%dT%H}")
         live = self.files.live(files)
         names = self.files.covered(files)
@@ -141,8 +156,14 @@ class Compactor:
             result.outputs.append(name)
         replaced = [f for chunk, _ in written for f in chunk]
         result.deleted = self._delete(replaced + covered)
-        log.info("compacted %s hour %s: %d files, %d rows -> %s", directory, result.hour, result.inputs,
-                 result.rows, ", ".join(result.outputs))
+        log.info(
+            "compacted %s hour %s: %d files, %d rows -> %s",
+            directory,
+            result.hour,
+            result.inputs,
+            result.rows,
+            ", ".join(result.outputs),
+        )
         return result
 
     def _footers(self, live: list[LogFile]) -> dict[str, tuple[int, "pa.Schema"]]:
@@ -195,8 +216,9 @@ class Compactor:
         target = f"{directory}/.{name}.tmp" if local else path
         expected = 0
         with self.fs.open_output_stream(target) as out:
-            writer = pq.ParquetWriter(out, schema, compression=self.compression, use_dictionary=repeating,
-                                      write_statistics=repeating)
+            writer = pq.ParquetWriter(
+                out, schema, compression=self.compression, use_dictionary=repeating, write_statistics=repeating
+            )
             buckets = _Buckets(self, writer, schema)
             for f in sorted(chunk, key=lambda f: f.name):
                 with self.fs.open_input_file(f.path) as source:
@@ -247,8 +269,9 @@ def schema_table(schema: "pa.Schema") -> str:
 def _align(data: "pa.Table", schema: "pa.Schema") -> "pa.Table":
     import pyarrow as pa
 
-    columns = [data[f.name].cast(f.type) if f.name in data.column_names else pa.nulls(data.num_rows, f.type)
-               for f in schema]
+    columns = [
+        data[f.name].cast(f.type) if f.name in data.column_names else pa.nulls(data.num_rows, f.type) for f in schema
+    ]
     return pa.Table.from_arrays(columns, schema=schema)
 
 
@@ -287,8 +310,11 @@ class _Buckets:
         data = pa.concat_tables(self.staged)
         self.staged, self.staged_rows, self.staged_bytes = [], 0, 0
         keys = sample_keys(data["request_id"])
-        bucket = (keys >> np.uint64(self.shift)).astype(np.int64) if self.c.buckets > 1 \
+        bucket = (
+            (keys >> np.uint64(self.shift)).astype(np.int64)
+            if self.c.buckets > 1
             else np.zeros(data.num_rows, dtype=np.int64)
+        )
         order = np.argsort(bucket, kind="stable")  # stable: rows keep their time order inside a bucket
         data, keys = data.take(pa.array(order)), keys[order]
         ordered = bucket[order]

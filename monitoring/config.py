@@ -63,11 +63,17 @@ class MonitorConfig(BaseModel):
     def _rollouts_need_prometheus(self) -> "MonitorConfig":
         if self.rollouts is not None and self.rollouts.canaries and not self.prometheus_url:
             raise ValueError("rollouts analyse canaries from Prometheus: set prometheus_url")
-        pipelines = [f"checks.{i}.actions.{j}" for i, c in enumerate(self.checks) for j, a in enumerate(c.actions)
-                     if a.type == "pipeline"]
+        pipelines = [
+            f"checks.{i}.actions.{j}"
+            for i, c in enumerate(self.checks)
+            for j, a in enumerate(c.actions)
+            if a.type == "pipeline"
+        ]
         if pipelines and (self.rollouts is None or not self.prometheus_url):
-            raise ValueError(f"{pipelines[0]}: a pipeline action rolls the new version out: it needs a rollouts "
-                             "section (the routes source) and prometheus_url (the canary analysis)")
+            raise ValueError(
+                f"{pipelines[0]}: a pipeline action rolls the new version out: it needs a rollouts "
+                "section (the routes source) and prometheus_url (the canary analysis)"
+            )
         return self
 
     @classmethod

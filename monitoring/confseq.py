@@ -30,8 +30,9 @@ SHARE_PRIOR = (1.0, 1.0)  # for latency shares and scaled feedback means (anywhe
 _ITERATIONS = 50  # bisection steps: bounds to 2**-50
 
 
-def mean_bounds(successes: Any, trials: Any, alpha: Any, prior: tuple[float, float] = SHARE_PRIOR
-                ) -> tuple[np.ndarray, np.ndarray]:
+def mean_bounds(
+    successes: Any, trials: Any, alpha: Any, prior: tuple[float, float] = SHARE_PRIOR
+) -> tuple[np.ndarray, np.ndarray]:
     """Always-valid bounds (lower, upper) for the mean of [0, 1] observations, from their sum and count.
 
     Vectorised over numpy-broadcast arguments. Each bound alone holds at every count with
@@ -64,8 +65,15 @@ def mean_bounds(successes: Any, trials: Any, alpha: Any, prior: tuple[float, flo
     return np.where(empty, 0.0, lower), np.where(empty, 1.0, upper)
 
 
-def difference_bounds(canary_k: Any, canary_n: Any, stable_k: Any, stable_n: Any, alpha_fail: Any, alpha_pass: Any,
-                      prior: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def difference_bounds(
+    canary_k: Any,
+    canary_n: Any,
+    stable_k: Any,
+    stable_n: Any,
+    alpha_fail: Any,
+    alpha_pass: Any,
+    prior: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(estimate, lower, upper) of canary share minus stable share: the lower bound at level
     ``alpha_fail`` per variant, the upper at ``alpha_pass`` per variant."""
     canary_low, _ = mean_bounds(canary_k, canary_n, alpha_fail, prior)
@@ -73,6 +81,7 @@ def difference_bounds(canary_k: Any, canary_n: Any, stable_k: Any, stable_n: Any
     _, canary_high = mean_bounds(canary_k, canary_n, alpha_pass, prior)
     stable_low, _ = mean_bounds(stable_k, stable_n, alpha_pass, prior)
     cn, sn = np.asarray(canary_n, dtype=float), np.asarray(stable_n, dtype=float)
-    estimate = (np.divide(canary_k, cn, out=np.zeros(np.broadcast(canary_k, cn).shape), where=cn > 0)
-                - np.divide(stable_k, sn, out=np.zeros(np.broadcast(stable_k, sn).shape), where=sn > 0))
+    estimate = np.divide(canary_k, cn, out=np.zeros(np.broadcast(canary_k, cn).shape), where=cn > 0) - np.divide(
+        stable_k, sn, out=np.zeros(np.broadcast(stable_k, sn).shape), where=sn > 0
+    )
     return estimate, canary_low - stable_high, canary_high - stable_low

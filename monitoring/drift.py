@@ -86,10 +86,19 @@ def choose_method(feature: str, kind: str, rows: int, config: DriftConfig) -> tu
 
 # --- the run --------------------------------------------------------------------------------
 
-def run_drift(reference: "pd.DataFrame", current: "pd.DataFrame", *, route: str, variant: str | None = None,
-              config: DriftConfig | None = None, out_dir: str | Path | None = None,
-              prometheus: tuple["pd.DataFrame", "pd.DataFrame"] | None = None, name: str | None = None,
-              window_rows: tuple[int | None, int | None] = (None, None)) -> DriftResult:
+
+def run_drift(
+    reference: "pd.DataFrame",
+    current: "pd.DataFrame",
+    *,
+    route: str,
+    variant: str | None = None,
+    config: DriftConfig | None = None,
+    out_dir: str | Path | None = None,
+    prometheus: tuple["pd.DataFrame", "pd.DataFrame"] | None = None,
+    name: str | None = None,
+    window_rows: tuple[int | None, int | None] = (None, None),
+) -> DriftResult:
     """Compare ``current`` with ``reference`` (request-log or reference-dataset frames).
 
     ``window_rows``: the (reference, current) windows' true row counts when the frames are samples of them.
@@ -99,16 +108,25 @@ def run_drift(reference: "pd.DataFrame", current: "pd.DataFrame", *, route: str,
     """
     config = config or DriftConfig()
     started = time.perf_counter()
-    result = DriftResult(route=route, variant=variant, status="ok", reference_rows=len(reference),
-                         current_rows=len(current), drift_share_threshold=config.drift_share,
-                         reference_window_rows=window_rows[0], current_window_rows=window_rows[1])
+    result = DriftResult(
+        route=route,
+        variant=variant,
+        status="ok",
+        reference_rows=len(reference),
+        current_rows=len(current),
+        drift_share_threshold=config.drift_share,
+        reference_window_rows=window_rows[0],
+        current_window_rows=window_rows[1],
+    )
     if prometheus is not None:
         result.prometheus = compare_series(*prometheus)
     stem = name or _stem(route, variant, result.created_at)
     if len(reference) < config.min_rows or len(current) < config.min_rows:
         result.status = "insufficient_data"
-        result.reason = (f"need at least {config.min_rows} rows on each side, have "
-                         f"{len(reference)} reference and {len(current)} current")
+        result.reason = (
+            f"need at least {config.min_rows} rows on each side, have "
+            f"{len(reference)} reference and {len(current)} current"
+        )
         return _finish(result, out_dir, stem, None, started)
 
     ref, cur = prepare(reference), prepare(current)
@@ -121,9 +139,16 @@ def run_drift(reference: "pd.DataFrame", current: "pd.DataFrame", *, route: str,
         for text, feature in CONTENT.items():
             if text in ref and text in cur:
                 found = content_drift(
-                    ref[text].tolist(), cur[text].tolist(), column=text, alpha=config.content_alpha,
-                    min_auc=config.content_min_auc, max_rows=config.content_max_rows,
-                    min_rows=config.min_rows, top_terms=config.top_terms, examples=config.text_examples)
+                    ref[text].tolist(),
+                    cur[text].tolist(),
+                    column=text,
+                    alpha=config.content_alpha,
+                    min_auc=config.content_min_auc,
+                    max_rows=config.content_max_rows,
+                    min_rows=config.min_rows,
+                    top_terms=config.top_terms,
+                    examples=config.text_examples,
+                )
                 if found is not None:
                     content[feature] = found
     ref_ds, cur_ds, kinds = _datasets(ref, cur, config)
@@ -145,7 +170,8 @@ def run_drift(reference: "pd.DataFrame", current: "pd.DataFrame", *, route: str,
 
         register_stattests()
         preset = DataDriftPreset(
-            columns=[f for f, _, _ in columns], drift_share=config.drift_share,
+            columns=[f for f, _, _ in columns],
+            drift_share=config.drift_share,
             per_column_method={f: m for f, (m, _) in methods.items()},
             per_column_threshold={f: t for f, (_, t) in methods.items()},
         )
@@ -153,15 +179,36 @@ def run_drift(reference: "pd.DataFrame", current: "pd.DataFrame", *, route: str,
         scores = _value_drift_scores(snapshot.dict())
     group_of = {f: name for name in GROUPS for f in config.group(name)[0]}
     for feature, found in content.items():
-        result.features.append(FeatureDrift(feature, "text", "domain_classifier", found.auc, found.threshold,
-                                            found.drifted, "distance", group_of.get(feature, ""), found.p_value))
+        result.features.append(
+            FeatureDrift(
+                feature,
+                "text",
+                "domain_classifier",
+                found.auc,
+                found.threshold,
+                found.drifted,
+                "distance",
+                group_of.get(feature, ""),
+                found.p_value,
+            )
+        )
     result.content = list(content.values())
     for feature, kind, _ in columns:
         method, threshold = methods[feature]
         score = scores.get(feature, math.nan)
         drifted, test = FeatureDrift.judge(method, score, threshold)
-        result.features.append(FeatureDrift(feature, kind, method, float(score), float(threshold),
-                                            bool(drifted and math.isfinite(score)), test, group_of.get(feature, "")))
+        result.features.append(
+            FeatureDrift(
+                feature,
+                kind,
+                method,
+                float(score),
+                float(threshold),
+                bool(drifted and math.isfinite(score)),
+                test,
+                group_of.get(feature, ""),
+            )
+        )
     result.groups = [judge_group(name, result.features, config) for name in GROUPS]
     result.status = "drift" if result.drifted_groups else "ok"
     return _finish(result, out_dir, stem, snapshot, started)
@@ -174,8 +221,9 @@ def judge_group(name: GroupName, features: list[FeatureDrift], config: DriftConf
     drifted = [f.feature for f in measured if f.drifted]
     share = len(drifted) / len(measured) if measured else 0.0
     if not measured:
-        return GroupVerdict(name, "insufficient_data", [], [], 0.0, share_threshold,
-                            "none of its features could be measured")
+        return GroupVerdict(
+            name, "insufficient_data", [], [], 0.0, share_threshold, "none of its features could be measured"
+        )
     deciding = [f for f in drifted if f in decisive]
     if deciding:
         status, reason = "drift", f"{', '.join(deciding)} drifted"
@@ -207,8 +255,11 @@ def register_stattests() -> None:
         return p_value, p_value < threshold
 
     registry.register_stattest(
-        registry.StatTest(name=CHI2_TWO_SAMPLE, display_name="chi-square two-sample p_value",
-                          allowed_feature_types=[ColumnType.Categorical]),
+        registry.StatTest(
+            name=CHI2_TWO_SAMPLE,
+            display_name="chi-square two-sample p_value",
+            allowed_feature_types=[ColumnType.Categorical],
+        ),
         default_impl=chi2_two_sample,
     )
 

@@ -10,17 +10,42 @@ from pydantic import BaseModel, Field, field_validator
 GroupName = Literal["inputs", "outputs", "operations"]
 # The signal groups: (features, decisive features: one of them drifting makes the group drift).
 GROUPS: dict[GroupName, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "inputs": (("prompt_content", "prompt_tokens", "prompt_length", "prompt_words", "prompt_oov_share",
-                "prompt_script"), ("prompt_content",)),
-    "outputs": (("response_content", "completion_tokens", "response_length", "response_words",
-                 "response_oov_share", "finish_reason", "response_refusal"), ("response_content",)),
+    "inputs": (
+        ("prompt_content", "prompt_tokens", "prompt_length", "prompt_words", "prompt_oov_share", "prompt_script"),
+        ("prompt_content",),
+    ),
+    "outputs": (
+        (
+            "response_content",
+            "completion_tokens",
+            "response_length",
+            "response_words",
+            "response_oov_share",
+            "finish_reason",
+            "response_refusal",
+        ),
+        ("response_content",),
+    ),
     "operations": (("latency_s", "ttft_s", "cost_micro_usd", "fallback", "status_class"), ()),
 }
 CHI2_TWO_SAMPLE = "chi2_two_sample"
-P_VALUE_METHODS = frozenset({
-    CHI2_TWO_SAMPLE, "ks", "chisquare", "z", "fisher_exact", "g_test", "mannw", "t_test", "anderson",
-    "cramer_von_mises", "epps_singleton", "empirical_mmd", "es",
-})
+P_VALUE_METHODS = frozenset(
+    {
+        CHI2_TWO_SAMPLE,
+        "ks",
+        "chisquare",
+        "z",
+        "fisher_exact",
+        "g_test",
+        "mannw",
+        "t_test",
+        "anderson",
+        "cramer_von_mises",
+        "epps_singleton",
+        "empirical_mmd",
+        "es",
+    }
+)
 
 
 class GroupConfig(BaseModel):
@@ -31,8 +56,12 @@ class GroupConfig(BaseModel):
 
 class DriftConfig(BaseModel):
     min_rows: int = Field(30, ge=2, description="fewer rows on either side: insufficient data")
-    sample_rows: int = Field(10_000, ge=100, description="rows read from a request-log window: a deterministic "
-                             "sample by request id (monitoring/logscan.py); the window's row count is reported")
+    sample_rows: int = Field(
+        10_000,
+        ge=100,
+        description="rows read from a request-log window: a deterministic "
+        "sample by request id (monitoring/logscan.py); the window's row count is reported",
+    )
     drift_share: float = Field(0.5, gt=0, le=1, description="share of a group's drifted columns that makes it drift")
     groups: dict[GroupName, GroupConfig] = Field(default_factory=dict, description="per-group overrides")
     # Text content (monitoring/textdrift.py): domain classifier on TF-IDF, drift when its
@@ -66,6 +95,8 @@ class DriftConfig(BaseModel):
         """(features, decisive features, drift share) of one group, overrides applied."""
         features, decisive = GROUPS[name]
         override = self.groups.get(name) or GroupConfig()
-        return (tuple(override.features if override.features is not None else features),
-                tuple(override.decisive if override.decisive is not None else decisive),
-                override.drift_share if override.drift_share is not None else self.drift_share)
+        return (
+            tuple(override.features if override.features is not None else features),
+            tuple(override.decisive if override.decisive is not None else decisive),
+            override.drift_share if override.drift_share is not None else self.drift_share,
+        )

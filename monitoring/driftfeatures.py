@@ -16,8 +16,21 @@ CATEGORICAL = ("finish_reason", "fallback", "status_class", "prompt_script", "re
 TEXT = ("prompt_text", "response_text")
 CONTENT = {"prompt_text": "prompt_content", "response_text": "response_content"}  # text -> content feature
 # The request-log columns a drift check reads (the reader projects on them: never prompt_messages).
-LOG_COLUMNS = ("request_id", "timestamp", "variant", "status", "fallback", "latency_s", "ttft_s", "prompt_tokens",
-               "completion_tokens", "cost_usd", "finish_reason", "prompt_text", "response_text")
+LOG_COLUMNS = (
+    "request_id",
+    "timestamp",
+    "variant",
+    "status",
+    "fallback",
+    "latency_s",
+    "ttft_s",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "finish_reason",
+    "prompt_text",
+    "response_text",
+)
 # Descriptor columns per text column: (name, kind). Length and word count come from
 # Evidently's TextLength and WordCount descriptors; the OOV share is ours.
 DESCRIPTORS = {
@@ -27,13 +40,20 @@ DESCRIPTORS = {
 _WORD = re.compile(r"[^\W\d_]+")
 # A cheap language signal: the script most of a prompt's letters are written in.
 SCRIPTS = {
-    "latin": "A-Za-z\u00c0-\u024f", "cyrillic": "\u0400-\u04ff", "greek": "\u0370-\u03ff",
-    "arabic": "\u0600-\u06ff", "hebrew": "\u0590-\u05ff", "devanagari": "\u0900-\u097f",
-    "cjk": "\u3040-\u30ff\u4e00-\u9fff", "hangul": "\uac00-\ud7af",
+    "latin": "A-Za-z\u00c0-\u024f",
+    "cyrillic": "\u0400-\u04ff",
+    "greek": "\u0370-\u03ff",
+    "arabic": "\u0600-\u06ff",
+    "hebrew": "\u0590-\u05ff",
+    "devanagari": "\u0900-\u097f",
+    "cjk": "\u3040-\u30ff\u4e00-\u9fff",
+    "hangul": "\uac00-\ud7af",
 }
 _REFUSAL = re.compile(
     r"^\W*(?:i(?:'|\u2019)?m sorry|i am sorry|sorry,|i can(?:not|(?:'|\u2019)?t)|i won(?:'|\u2019)?t|"
-    r"i(?:'|\u2019)?m (?:not able|unable)|i am (?:not able|unable)|as an ai)", re.IGNORECASE)
+    r"i(?:'|\u2019)?m (?:not able|unable)|i am (?:not able|unable)|as an ai)",
+    re.IGNORECASE,
+)
 
 
 def oov_shares(reference: Iterable[object], current: Iterable[object]) -> tuple[list[float], list[float]]:
@@ -89,8 +109,12 @@ def prepare(frame: "pd.DataFrame") -> "pd.DataFrame":
         out["prompt_script"] = scripts(out["prompt_text"])
     if "response_text" in out:
         text = out["response_text"]
-        out["response_refusal"] = text.where(text.map(lambda v: isinstance(v, str)), "").str[:200].str.contains(
-            _REFUSAL).map({True: "yes", False: "no"})
+        out["response_refusal"] = (
+            text.where(text.map(lambda v: isinstance(v, str)), "")
+            .str[:200]
+            .str.contains(_REFUSAL)
+            .map({True: "yes", False: "no"})
+        )
     return out.reset_index(drop=True)
 
 

@@ -43,32 +43,44 @@ def _series_section(series: list[SeriesComparison]) -> str:
 
     rows = "".join(
         f"<tr><td>{s.series}</td><td>{cell(s.reference_mean)}</td><td>{cell(s.current_mean)}</td>"
-        f"<td>{cell(s.ratio)}</td><td>{s.reference_points}/{s.current_points}</td></tr>" for s in series)
-    return ("<section style='font-family:sans-serif;margin:24px'><h3>Prometheus series (mean per step)</h3>"
-            "<table border=1 cellpadding=4><tr><th>series</th><th>reference</th><th>current</th>"
-            f"<th>ratio</th><th>points</th></tr>{rows}</table></section>")
+        f"<td>{cell(s.ratio)}</td><td>{s.reference_points}/{s.current_points}</td></tr>"
+        for s in series
+    )
+    return (
+        "<section style='font-family:sans-serif;margin:24px'><h3>Prometheus series (mean per step)</h3>"
+        "<table border=1 cellpadding=4><tr><th>series</th><th>reference</th><th>current</th>"
+        f"<th>ratio</th><th>points</th></tr>{rows}</table></section>"
+    )
 
 
 def _groups_section(result: DriftResult) -> str:
     rows = "".join(
         f"<tr><td>{g.group}</td><td><b>{g.status}</b></td><td>{escape(g.reason)}</td>"
-        f"<td>{escape(', '.join(g.drifted_features)) or '-'}</td></tr>" for g in result.groups)
+        f"<td>{escape(', '.join(g.drifted_features)) or '-'}</td></tr>"
+        for g in result.groups
+    )
     drifted = ", ".join(g.group for g in result.groups if g.status == "drift")
     verdict = f"drift in {drifted}" if drifted else "no drift"
-    return ("<section style='font-family:sans-serif;margin:24px'>"
-            f"<h2>loragate verdict: {escape(verdict)}</h2>"
-            "<p>Per signal group, below; Evidently's pooled &quot;Dataset Drift&quot; banner further down "
-            "counts every column alike and is not the verdict.</p><h3>Verdict per signal group</h3>"
-            "<table border=1 cellpadding=4><tr><th>group</th><th>status</th><th>why</th><th>drifted</th></tr>"
-            f"{rows}</table></section>")
+    return (
+        "<section style='font-family:sans-serif;margin:24px'>"
+        f"<h2>loragate verdict: {escape(verdict)}</h2>"
+        "<p>Per signal group, below; Evidently's pooled &quot;Dataset Drift&quot; banner further down "
+        "counts every column alike and is not the verdict.</p><h3>Verdict per signal group</h3>"
+        "<table border=1 cellpadding=4><tr><th>group</th><th>status</th><th>why</th><th>drifted</th></tr>"
+        f"{rows}</table></section>"
+    )
 
 
 def _content_section(content: list[ContentDrift]) -> str:
     parts = []
     for c in content:
+
         def terms(items: list[TermShift]) -> str:
-            return "".join(f"<tr><td>{escape(t.term)}</td><td>{t.weight:+.2f}</td><td>{t.reference_share:.1%}</td>"
-                           f"<td>{t.current_share:.1%}</td></tr>" for t in items)
+            return "".join(
+                f"<tr><td>{escape(t.term)}</td><td>{t.weight:+.2f}</td><td>{t.reference_share:.1%}</td>"
+                f"<td>{t.current_share:.1%}</td></tr>"
+                for t in items
+            )
 
         def examples(items: list[str]) -> str:
             return "".join(f"<li>{escape(e)}</li>" for e in items)
@@ -85,5 +97,6 @@ def _content_section(content: list[ContentDrift]) -> str:
             f"<h4>Terms most typical of the reference</h4><table border=1 cellpadding=4>{head}"
             f"{terms(c.reference_terms)}</table>"
             f"<h4>Current rows most unlike the reference</h4><ul>{examples(c.current_examples)}</ul>"
-            f"<h4>Reference rows most unlike the current window</h4><ul>{examples(c.reference_examples)}</ul>")
+            f"<h4>Reference rows most unlike the current window</h4><ul>{examples(c.reference_examples)}</ul>"
+        )
     return f"<section style='font-family:sans-serif;margin:24px'>{''.join(parts)}</section>" if parts else ""

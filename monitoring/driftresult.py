@@ -97,6 +97,11 @@ class DriftResult:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data.update(drifted_features=self.drifted_features, drifted_count=len(self.drifted_features),
-                    share=self.share, dataset_drift=self.dataset_drift, drifted_groups=self.drifted_groups)
+        data.update(
+            drifted_features=self.drifted_features,
+            drifted_count=len(self.drifted_features),
+            share=self.share,
+            dataset_drift=self.dataset_drift,
+            drifted_groups=self.drifted_groups,
+        )
         return data

@@ -15,23 +15,30 @@ class _Strict(BaseModel):
 
 
 class RateCheckConfig(_Strict):
-    min_effect: float = Field(0.02, gt=0, lt=1,
-                              description="smallest increase of the share that matters (0.02 = 2 points)")
+    min_effect: float = Field(
+        0.02, gt=0, lt=1, description="smallest increase of the share that matters (0.02 = 2 points)"
+    )
     min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
 
 
 class LatencyCheckConfig(_Strict):
-    min_effect: float = Field(0.1, gt=0, lt=1,
-                              description="smallest extra share of canary requests slower than a bound")
+    min_effect: float = Field(
+        0.1, gt=0, lt=1, description="smallest extra share of canary requests slower than a bound"
+    )
     min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
     floor_s: float = Field(0.25, ge=0, description="bucket bounds below this are not compared")
 
 
 class LatencyTailCheckConfig(_Strict):
-    quantiles: tuple[float, ...] = Field((0.95, 0.99), min_length=1,
-                                         description="the stable's quantiles whose bucket bounds are compared")
-    min_ratio: float = Field(2.0, gt=1, description="the canary's share slower than the stable's q bound that matters, "
-                                                    "as a multiple of the stable's 1 - q there (2: p98 above p99)")
+    quantiles: tuple[float, ...] = Field(
+        (0.95, 0.99), min_length=1, description="the stable's quantiles whose bucket bounds are compared"
+    )
+    min_ratio: float = Field(
+        2.0,
+        gt=1,
+        description="the canary's share slower than the stable's q bound that matters, "
+        "as a multiple of the stable's 1 - q there (2: p98 above p99)",
+    )
     min_samples: int = Field(200, ge=1, description="canary requests before the check can pass")
     floor_s: float = Field(0.25, ge=0, description="bucket bounds below this are not compared")
 
@@ -63,8 +70,9 @@ class FeedbackCheckConfig(_Strict):
 
 
 class JudgeConfig(_Strict):
-    alpha: float = Field(0.05, gt=0, lt=1,
-                         description="risk of rolling back a canary no worse than the stable, per rollout")
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="risk of rolling back a canary no worse than the stable, per rollout"
+    )
     beta: float = Field(0.1, gt=0, lt=1, description="risk of passing a step with a canary worse by a min effect")
     error_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
     fallback_rate: RateCheckConfig | None = Field(default_factory=RateCheckConfig)
@@ -75,8 +83,9 @@ class JudgeConfig(_Strict):
     @model_validator(mode="after")
     def _some_check(self) -> "JudgeConfig":
         if not self.enabled():
-            raise ValueError("the judge needs at least one check (error_rate, fallback_rate, latency, latency_tail, "
-                             "feedback)")
+            raise ValueError(
+                "the judge needs at least one check (error_rate, fallback_rate, latency, latency_tail, feedback)"
+            )
         return self
 
     def enabled(self) -> list[str]:

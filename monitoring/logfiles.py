@@ -120,8 +120,11 @@ class LogFiles:
         """The files to read: those no present compacted file covers (directly or through another), and no
         compacted file whose footer cannot be read (a torn upload)."""
         covered = self.covered(files)
-        return [f for f in files if (f.path.rsplit("/", 1)[0], f.name) not in covered
-                and (not f.compacted or f.name in self._covers)]
+        return [
+            f
+            for f in files
+            if (f.path.rsplit("/", 1)[0], f.name) not in covered and (not f.compacted or f.name in self._covers)
+        ]
 
     def covered(self, files: list[LogFile]) -> set[tuple[str, str]]:
         """(directory, name) of every file a compacted file among ``files`` replaces."""
@@ -159,8 +162,15 @@ class LogFiles:
         # Any other error (the store unreachable) is raised: reading on without this file's list could
         # miss the rows it holds
 
-    def plan(self, table: str, days: list[str], *, start: datetime | None = None,
-             end: datetime | None = None, late_s: float = 3600.0) -> list[LogFile]:
+    def plan(
+        self,
+        table: str,
+        days: list[str],
+        *,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        late_s: float = 3600.0,
+    ) -> list[LogFile]:
         """The live files of ``table`` on ``days`` that can hold rows in [start, end).
 
         A file written before ``start`` holds none; one written more than ``late_s`` after ``end`` is
@@ -172,8 +182,9 @@ class LogFiles:
             if f.written_before is not None:
                 if start is not None and f.written_before <= start:
                     continue
-                if end is not None and f.written_before - timedelta(hours=1 if f.compacted else 0) \
-                        > end + timedelta(seconds=late_s):
+                if end is not None and f.written_before - timedelta(hours=1 if f.compacted else 0) > end + timedelta(
+                    seconds=late_s
+                ):
                     continue
             out.append(f)
         return out

@@ -94,9 +94,19 @@ class WindowScan:
     """One scan of one table; see the module docstring. ``per_variant=None`` reads every row in the window;
     ``by_variant=False`` takes one sample of ``per_variant`` rows for all variants together."""
 
-    def __init__(self, files: LogFiles, table: str, where: Filter, columns: tuple[str, ...], *,
-                 per_variant: int | None = None, threshold: dict[str, int] | None = None, by_variant: bool = True,
-                 parallel: int = 4, late_s: float = 900.0) -> None:
+    def __init__(
+        self,
+        files: LogFiles,
+        table: str,
+        where: Filter,
+        columns: tuple[str, ...],
+        *,
+        per_variant: int | None = None,
+        threshold: dict[str, int] | None = None,
+        by_variant: bool = True,
+        parallel: int = 4,
+        late_s: float = 900.0,
+    ) -> None:
         self.files, self.table, self.where, self.columns = files, table, where, columns
         self.per_variant, self.threshold_of = per_variant, threshold or {}
         self.parallel, self.late_s, self.by_variant = parallel, late_s, by_variant
@@ -115,8 +125,9 @@ class WindowScan:
 
     def _plan(self) -> list[LogFile]:
         days = sorted({d.isoformat() for d in _days(self.where.window_start, self.where.window_end)})
-        return self.files.plan(self.table, days, start=self.where.window_start, end=self.where.window_end,
-                               late_s=self.late_s)
+        return self.files.plan(
+            self.table, days, start=self.where.window_start, end=self.where.window_end, late_s=self.late_s
+        )
 
     def _keys(self, file: LogFile) -> _Candidates | None:
         """The file's rows in the window and the filter (when sampling: only those under the thresholds
@@ -143,8 +154,9 @@ class WindowScan:
             sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], dtype=np.int64)
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
             ranges = samplekey.read_ranges(meta) if sampling and w.ids is None else None
-            order = sorted(range(meta.num_row_groups), key=lambda i: ranges[i][0]) if ranges \
-                else range(meta.num_row_groups)
+            order = (
+                sorted(range(meta.num_row_groups), key=lambda i: ranges[i][0]) if ranges else range(meta.num_row_groups)
+            )
             todo = deque(i for i in order if _may_match(reader, meta.row_group(i), w))
             positions, variants, roles, ids, keys = [], [], [], [], []
             counts: dict[str, int] = {}
@@ -162,13 +174,17 @@ class WindowScan:
                 member: np.ndarray = np.repeat(np.arange(len(batch)), sizes[batch])  # each row's group in batch
                 inner = np.arange(n) - np.repeat(np.cumsum(sizes[batch]) - sizes[batch], sizes[batch])
                 stamps = data["timestamp"].cast(pa.timestamp("ms", tz="UTC"))
-                mask = pc.and_(pc.greater_equal(stamps, pa.scalar(w.window_start, pa.timestamp("ms", tz="UTC"))),
-                               pc.less(stamps, pa.scalar(w.window_end, pa.timestamp("ms", tz="UTC"))))
+                mask = pc.and_(
+                    pc.greater_equal(stamps, pa.scalar(w.window_start, pa.timestamp("ms", tz="UTC"))),
+                    pc.less(stamps, pa.scalar(w.window_end, pa.timestamp("ms", tz="UTC"))),
+                )
                 role = data["role"] if "role" in present else pa.nulls(n, pa.string())
                 role = pc.fill_null(role, logschema.PRIMARY)
-                for name, value, column in (("route", w.route, data["route"] if "route" in present else None),
-                                            ("variant", w.variant, data["variant"] if "variant" in present else None),
-                                            ("role", w.role, role)):
+                for name, value, column in (
+                    ("route", w.route, data["route"] if "route" in present else None),
+                    ("variant", w.variant, data["variant"] if "variant" in present else None),
+                    ("role", w.role, role),
+                ):
                     if value is not None:
                         if column is None:
                             mask = pa.array(np.zeros(n, bool))
@@ -182,7 +198,7 @@ class WindowScan:
                 if not mask.any():
                     continue
                 where = np.flatnonzero(mask)
-                variant = (data["variant"] if "variant" in present else pa.nulls(n, pa.string()))
+                variant = data["variant"] if "variant" in present else pa.nulls(n, pa.string())
                 variant = pc.fill_null(variant.cast(pa.string()), "").to_numpy(zero_copy_only=False)[where]
                 for v, c in zip(*np.unique(variant, return_counts=True)):
                     counts[str(v)] = counts.get(str(v), 0) + int(c)
@@ -203,10 +219,12 @@ class WindowScan:
                     wanted = np.unique(member[where])
                     offset: np.ndarray = np.zeros(len(batch), dtype=np.int64)
                     offset[wanted] = np.cumsum(sizes[batch][wanted]) - sizes[batch][wanted]
-                    column = reader.read_row_groups([batch[m] for m in wanted], columns=["request_id"],
-                                                    use_threads=False)["request_id"]
-                    row_ids = pc.take(pc.fill_null(column.cast(pa.string()), ""),
-                                      pa.array(offset[member[where]] + inner[where]))
+                    column = reader.read_row_groups(
+                        [batch[m] for m in wanted], columns=["request_id"], use_threads=False
+                    )["request_id"]
+                    row_ids = pc.take(
+                        pc.fill_null(column.cast(pa.string()), ""), pa.array(offset[member[where]] + inner[where])
+                    )
                 key = sample_keys(row_ids)
                 if sampling:
                     under = key <= _limits(variant, _lower(self.thresholds, local))
@@ -225,10 +243,22 @@ class WindowScan:
         def cat(parts: list, dtype: Any) -> "np.ndarray":
             return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
-        found = _Candidates(file, cat(positions, np.int64), cat(variants, object), cat(roles, object),
-                            np.zeros(0, object), cat(keys, np.uint64), counts, starts.tolist(), counted_only)
-        mask = found.keys <= _limits(found.variants, _lower(self.thresholds, local)) if sampling \
+        found = _Candidates(
+            file,
+            cat(positions, np.int64),
+            cat(variants, object),
+            cat(roles, object),
+            np.zeros(0, object),
+            cat(keys, np.uint64),
+            counts,
+            starts.tolist(),
+            counted_only,
+        )
+        mask = (
+            found.keys <= _limits(found.variants, _lower(self.thresholds, local))
+            if sampling
             else np.ones(len(found.keys), bool)
+        )
         found.ids = np.asarray(pa.chunked_array(ids, pa.string()).to_pylist() if ids else [], dtype=object)
         found.keep(mask)
         found.keep(np.argsort(found.rows, kind="stable"))  # file order, whatever order the groups were read in
@@ -324,7 +354,7 @@ class WindowScan:
             columns = [col for col in self.columns if col in set(reader.schema_arrow.names)]
             for i, group in enumerate(wanted.tolist()):  # one row group at a time: a large file's memory is one's
                 data = reader.read_row_group(group, columns=columns, use_threads=False)
-                parts.append(data.take(pa.array(c.rows[bounds[i]:bounds[i + 1]] - starts[group])))
+                parts.append(data.take(pa.array(c.rows[bounds[i] : bounds[i + 1]] - starts[group])))
         self.stats.row_groups_read += len(wanted)
         table = logschema.conform(pa.concat_tables(parts), self.table)
         return table.select(list(self.columns))
@@ -345,8 +375,11 @@ class WindowScan:
             chosen = self._select(done)
             gone = False
             with ThreadPoolExecutor(max(1, self.parallel)) as pool:
-                futures = [(c, pool.submit(self._rows, c)) for c in chosen
-                           if any((i, r) not in handed for i, r in zip(c.ids, c.roles))]
+                futures = [
+                    (c, pool.submit(self._rows, c))
+                    for c in chosen
+                    if any((i, r) not in handed for i, r in zip(c.ids, c.roles))
+                ]
                 for c, future in futures:
                     try:
                         table = future.result()
@@ -433,7 +466,12 @@ def _may_match(reader: Any, group: Any, where: Filter) -> bool:
                 return False
         elif name in ("route", "variant", "role"):
             value = getattr(where, name)
-            if value is not None and stats.min == stats.max and group.num_rows == (chunk.num_values or 0) \
-                    and stats.null_count == 0 and stats.min != value:
+            if (
+                value is not None
+                and stats.min == stats.max
+                and group.num_rows == (chunk.num_values or 0)
+                and stats.null_count == 0
+                and stats.min != value
+            ):
                 return False
     return True

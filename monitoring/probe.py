@@ -108,8 +108,9 @@ def parse_answer(body: Any) -> Answer:
 class AdapterProbe:
     """Asks engines over HTTP (aiohttp); one instance serves every rollout."""
 
-    async def probe(self, config: ProbeConfig, *, base_model: str, adapter: str, path: str | None = None
-                    ) -> ProbeResult:
+    async def probe(
+        self, config: ProbeConfig, *, base_model: str, adapter: str, path: str | None = None
+    ) -> ProbeResult:
         import aiohttp
 
         headers = {}
@@ -118,27 +119,41 @@ class AdapterProbe:
         result = ProbeResult(adapter, base_model)
         timeout = aiohttp.ClientTimeout(total=config.timeout_s)
         async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
-            result.engines = list(await asyncio.gather(*(
-                self._engine(session, url.rstrip("/"), config, base_model, adapter, path) for url in config.engines)))
+            result.engines = list(
+                await asyncio.gather(
+                    *(
+                        self._engine(session, url.rstrip("/"), config, base_model, adapter, path)
+                        for url in config.engines
+                    )
+                )
+            )
         return result
 
-    async def _engine(self, session: Any, url: str, config: ProbeConfig, base_model: str, adapter: str,
-                      path: str | None) -> EngineProbe:
+    async def _engine(
+        self, session: Any, url: str, config: ProbeConfig, base_model: str, adapter: str, path: str | None
+    ) -> EngineProbe:
         try:
             if config.load and path is not None and adapter not in await self._models(session, url):
-                await self._post(session, f"{url}/v1/load_lora_adapter", {"lora_name": adapter, "lora_path": path},
-                                 expect_json=False)
+                await self._post(
+                    session, f"{url}/v1/load_lora_adapter", {"lora_name": adapter, "lora_path": path}, expect_json=False
+                )
             worst = 0.0
             for prompt in config.prompts:
-                base, adapted = await asyncio.gather(self._complete(session, url, base_model, prompt, config),
-                                                     self._complete(session, url, adapter, prompt, config))
+                base, adapted = await asyncio.gather(
+                    self._complete(session, url, base_model, prompt, config),
+                    self._complete(session, url, adapter, prompt, config),
+                )
                 worst = max(worst, difference(base, adapted))
         except Exception as exc:  # unreachable, refused, not a completion: this engine says nothing
             return EngineProbe(url, "error", None, f"probe failed: {type(exc).__name__}: {exc}"[:300])
         if worst <= config.tolerance:
-            return EngineProbe(url, "not_applied", worst,
-                               f"{adapter} answers exactly as {base_model} on {len(config.prompts)} prompts "
-                               f"(logprobs within {config.tolerance:g}): the adapter is not applied")
+            return EngineProbe(
+                url,
+                "not_applied",
+                worst,
+                f"{adapter} answers exactly as {base_model} on {len(config.prompts)} prompts "
+                f"(logprobs within {config.tolerance:g}): the adapter is not applied",
+            )
         shown = "other tokens" if math.isinf(worst) else f"logprobs differ by up to {worst:.3g}"
         return EngineProbe(url, "applied", worst, f"{adapter} differs from {base_model} ({shown}): applied")
 
@@ -147,9 +162,18 @@ class AdapterProbe:
         return {str(m.get("id")) for m in body.get("data", []) if isinstance(m, dict)}
 
     async def _complete(self, session: Any, url: str, model: str, prompt: str, config: ProbeConfig) -> Answer:
-        body = await self._post(session, f"{url}/v1/completions",
-                                {"model": model, "prompt": prompt, "max_tokens": config.max_tokens,
-                                 "temperature": 0, "logprobs": 1, "seed": 0})
+        body = await self._post(
+            session,
+            f"{url}/v1/completions",
+            {
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": config.max_tokens,
+                "temperature": 0,
+                "logprobs": 1,
+                "seed": 0,
+            },
+        )
         return parse_answer(body)
 
     async def _get(self, session: Any, url: str) -> Any:

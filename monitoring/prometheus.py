@@ -53,7 +53,9 @@ class Prometheus:
             body = await resp.json(content_type=None)
         if not isinstance(body, dict) or body.get("status") != "success":
             found = body if isinstance(body, dict) else {}
-            raise PrometheusError(f"prometheus: {found.get('errorType')}: {found.get('error')} (query {params['query']})")
+            raise PrometheusError(
+                f"prometheus: {found.get('errorType')}: {found.get('error')} (query {params['query']})"
+            )
         return body["data"]["result"]
 
     async def query(self, expr: str, *, session: Any = None) -> list[dict[str, Any]]:
@@ -68,8 +70,9 @@ class Prometheus:
         value = float(result[0]["value"][1])
         return value if math.isfinite(value) else None
 
-    async def query_range(self, expr: str, start: float, end: float, step_s: float = 60.0, *,
-                          session: Any = None) -> Series:
+    async def query_range(
+        self, expr: str, start: float, end: float, step_s: float = 60.0, *, session: Any = None
+    ) -> Series:
         """A range query from ``start`` to ``end`` (unix seconds): ``[(labels, [(t, v), ...]), ...]``."""
         params = {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step_s:g}"}
         result = await self._get("/api/v1/query_range", params, session)

@@ -41,8 +41,9 @@ log = logging.getLogger("loragate.monitor")
 
 
 class Monitor:
-    def __init__(self, config: MonitorConfig, *, metrics: MonitorMetrics | None = None, k8s_api: Any = None,
-                 core_api: Any = None) -> None:
+    def __init__(
+        self, config: MonitorConfig, *, metrics: MonitorMetrics | None = None, k8s_api: Any = None, core_api: Any = None
+    ) -> None:
         self.config = config
         self.metrics = metrics or MonitorMetrics()
         self.s3 = S3Options.resolve(config.s3_endpoint, config.s3_region)
@@ -53,19 +54,38 @@ class Monitor:
         self.rollouts = None
         if config.rollouts is not None:
             self.rollouts = RolloutController(
-                config.rollouts, PrometheusAnalysis(self.prometheus) if self.prometheus is not None else None,
-                metrics=RolloutMetrics(self.metrics.registry), k8s_api=core_api, shadow_gate=self.shadow_gate)
+                config.rollouts,
+                PrometheusAnalysis(self.prometheus) if self.prometheus is not None else None,
+                metrics=RolloutMetrics(self.metrics.registry),
+                k8s_api=core_api,
+                shadow_gate=self.shadow_gate,
+            )
         pipeline_metrics = PipelineMetrics(self.metrics.registry)
         self.triggers = [
-            Trigger(c.route, c.variant, c.policy,
-                    [a.build(k8s_api, self.s3, rollouts=self.rollouts, pipeline_metrics=pipeline_metrics)
-                     for a in c.actions], self.state)
+            Trigger(
+                c.route,
+                c.variant,
+                c.policy,
+                [
+                    a.build(k8s_api, self.s3, rollouts=self.rollouts, pipeline_metrics=pipeline_metrics)
+                    for a in c.actions
+                ],
+                self.state,
+            )
             for c in config.checks
         ]
         references = References(self.s3)
         self.checks = [
-            DriftCheck(c, t, log=self.log, references=references, prometheus=self.prometheus, drift=config.drift,
-                       out_dir=config.output_dir, metrics=self.metrics)
+            DriftCheck(
+                c,
+                t,
+                log=self.log,
+                references=references,
+                prometheus=self.prometheus,
+                drift=config.drift,
+                out_dir=config.output_dir,
+                metrics=self.metrics,
+            )
             for c, t in zip(config.checks, self.triggers)
         ]
         if config.adapter_registry:
@@ -172,8 +192,9 @@ def make_app(monitor: Monitor) -> web.Application:
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(monitor.metrics.registry),
-                            headers={"content-type": CONTENT_TYPE_LATEST})
+        return web.Response(
+            body=generate_latest(monitor.metrics.registry), headers={"content-type": CONTENT_TYPE_LATEST}
+        )
 
     async def healthz(_request: web.Request) -> web.Response:
         body: dict[str, Any] = {"status": "ok", "checks": monitor.last_results}
@@ -183,8 +204,15 @@ def make_app(monitor: Monitor) -> web.Application:
             body["shadows"] = monitor.last_shadows
         runs = [r for action in monitor.pipelines() for r in action.records()]
         if runs:
-            body["pipelines"] = [{"route": r.route, "version": f"{r.name}/{r.version}", "outcome": r.outcome,
-                                  "steps": {k: v.status for k, v in r.steps.items()}} for r in runs]
+            body["pipelines"] = [
+                {
+                    "route": r.route,
+                    "version": f"{r.name}/{r.version}",
+                    "outcome": r.outcome,
+                    "steps": {k: v.status for k, v in r.steps.items()},
+                }
+                for r in runs
+            ]
         return web.json_response(body)
 
     app = web.Application()
@@ -203,9 +231,14 @@ async def serve(config: MonitorConfig, *, once: bool = False) -> int:
     runner = web.AppRunner(make_app(monitor))
     await runner.setup()
     await web.TCPSite(runner, config.host, config.port).start()
-    log.info("loragate monitor on http://%s:%d (%d checks every %.0f s, %d rollouts)",
-             config.host, config.port, len(config.checks), config.interval_s,
-             len(config.rollouts.canaries) if config.rollouts else 0)
+    log.info(
+        "loragate monitor on http://%s:%d (%d checks every %.0f s, %d rollouts)",
+        config.host,
+        config.port,
+        len(config.checks),
+        config.interval_s,
+        len(config.rollouts.canaries) if config.rollouts else 0,
+    )
     try:
         await monitor.loop()
     finally:

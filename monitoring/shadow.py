@@ -126,14 +126,28 @@ def compare(frame: "pd.DataFrame", route: str, variant: str, primary: str | None
         if length_ratio is None:
             chars = sum(len(x) for x in a)
             length_ratio = sum(len(y) for y in b) / chars if chars else None
-    return ShadowComparison(route, variant, primary, n, len(texts), p_err, s_err, s_err - p_err, latency_ratio,
-                            length_ratio, similarity, identical, floor)
+    return ShadowComparison(
+        route,
+        variant,
+        primary,
+        n,
+        len(texts),
+        p_err,
+        s_err,
+        s_err - p_err,
+        latency_ratio,
+        length_ratio,
+        similarity,
+        identical,
+        floor,
+    )
 
 
 def noise_floor(primaries: "pd.DataFrame") -> NoiseFloor:
     """Similarity of the variant with itself: its answers to repeated prompts, two by two in time order."""
-    answered = primaries[(primaries["status"] == 200) & primaries["response_text"].notna()
-                         & primaries["prompt_text"].notna()]
+    answered = primaries[
+        (primaries["status"] == 200) & primaries["response_text"].notna() & primaries["prompt_text"].notna()
+    ]
     scores: list[float] = []
     same: list[float] = []
     for _, group in answered.sort_values("timestamp").groupby(["endpoint", "prompt_text"], sort=False):
@@ -154,12 +168,30 @@ def shadow_variants(frame: "pd.DataFrame", route: str | None = None) -> list[tup
     return sorted({(str(r), str(v)) for r, v in zip(rows["route"], rows["variant"])})
 
 
-COLUMNS = ("request_id", "timestamp", "route", "variant", "role", "endpoint", "status", "latency_s",
-           "completion_tokens", "prompt_text", "response_text")  # what a comparison reads of the log
+COLUMNS = (
+    "request_id",
+    "timestamp",
+    "route",
+    "variant",
+    "role",
+    "endpoint",
+    "status",
+    "latency_s",
+    "completion_tokens",
+    "prompt_text",
+    "response_text",
+)  # what a comparison reads of the log
 
 
-def report(log: "RequestLog", window: "Window", route: str | None = None, variant: str | None = None,
-           primary: str | None = None, *, rows: int = 10_000) -> list[ShadowComparison]:
+def report(
+    log: "RequestLog",
+    window: "Window",
+    route: str | None = None,
+    variant: str | None = None,
+    primary: str | None = None,
+    *,
+    rows: int = 10_000,
+) -> list[ShadowComparison]:
     """Every shadow variant's comparison in ``window`` (or the one named).
 
     Bounded: at most ``rows`` shadow answers per shadow variant (a deterministic sample by request id),
@@ -224,10 +256,15 @@ def gate(comparison: ShadowComparison, config: ShadowGate) -> GateResult:
         return GateResult("insufficient_data", f"{c.pairs} of min {config.min_pairs} shadow pairs", c)
     failures = []
     if c.error_rate_delta is not None and c.error_rate_delta > config.max_error_rate_delta:
-        failures.append(f"error rate {c.shadow_error_rate:.3f} vs {c.primary_error_rate:.3f} "
-                        f"(delta > {config.max_error_rate_delta:g})")
-    if (config.max_latency_ratio is not None and c.latency_ratio is not None
-            and c.latency_ratio > config.max_latency_ratio):
+        failures.append(
+            f"error rate {c.shadow_error_rate:.3f} vs {c.primary_error_rate:.3f} "
+            f"(delta > {config.max_error_rate_delta:g})"
+        )
+    if (
+        config.max_latency_ratio is not None
+        and c.latency_ratio is not None
+        and c.latency_ratio > config.max_latency_ratio
+    ):
         failures.append(f"latency ratio {c.latency_ratio:.2f} > {config.max_latency_ratio:g}")
     if config.min_similarity is not None and (c.similarity is None or c.similarity < config.min_similarity):
         failures.append(f"similarity {fmt(c.similarity)} < {config.min_similarity:g}")
@@ -235,8 +272,12 @@ def gate(comparison: ShadowComparison, config: ShadowGate) -> GateResult:
         failures.append(f"length ratio {fmt(c.length_ratio)} < {config.min_length_ratio:g}")
     if failures:
         return GateResult("fail", "; ".join(failures), c)
-    return GateResult("pass", f"{c.pairs} pairs: error delta {fmt(c.error_rate_delta)}, latency ratio "
-                              f"{fmt(c.latency_ratio)}, similarity {fmt(c.similarity)}", c)
+    return GateResult(
+        "pass",
+        f"{c.pairs} pairs: error delta {fmt(c.error_rate_delta)}, latency ratio "
+        f"{fmt(c.latency_ratio)}, similarity {fmt(c.similarity)}",
+        c,
+    )
 
 
 def fmt(value: float | None) -> str:
@@ -254,36 +295,59 @@ class ShadowComparisonMetrics:
 
         labels = ("route", "variant", "primary")
         r = registry
-        self.pairs = Gauge("loragate_shadow_pairs", "Paired primary/shadow requests in the last comparison window.",
-                           labels, registry=r)
-        self.error_rate = Gauge("loragate_shadow_error_ratio", "Share of errors (status other than 200) among "
-                                "the pairs, by side (role: primary, shadow).", (*labels, "role"), registry=r)
-        self.latency_ratio = Gauge("loragate_shadow_latency_ratio", "Median shadow latency / median primary latency.",
-                                   labels, registry=r)
-        self.length_ratio = Gauge("loragate_shadow_length_ratio", "Shadow / primary completion tokens.", labels,
-                                  registry=r)
-        self.similarity = Gauge("loragate_shadow_similarity_ratio", "Mean token-overlap F1 of shadow and primary "
-                                "answers.", labels, registry=r)
-        self.identical = Gauge("loragate_shadow_identical_ratio", "Share of shadow answers identical to the primary.",
-                               labels, registry=r)
-        self.floor = Gauge("loragate_shadow_noise_floor_similarity_ratio", "Mean token F1 of the primary variant with "
-                           "itself (repeat prompts in the window).", labels, registry=r)
-        self.floor_identical = Gauge("loragate_shadow_noise_floor_identical_ratio", "Share of identical answers of "
-                                     "the primary variant to repeat prompts.", labels, registry=r)
-        self.last_run = Gauge("loragate_shadow_comparison_timestamp_seconds", "When the comparison last ran.",
-                              labels, registry=r)
+        self.pairs = Gauge(
+            "loragate_shadow_pairs", "Paired primary/shadow requests in the last comparison window.", labels, registry=r
+        )
+        self.error_rate = Gauge(
+            "loragate_shadow_error_ratio",
+            "Share of errors (status other than 200) among the pairs, by side (role: primary, shadow).",
+            (*labels, "role"),
+            registry=r,
+        )
+        self.latency_ratio = Gauge(
+            "loragate_shadow_latency_ratio", "Median shadow latency / median primary latency.", labels, registry=r
+        )
+        self.length_ratio = Gauge(
+            "loragate_shadow_length_ratio", "Shadow / primary completion tokens.", labels, registry=r
+        )
+        self.similarity = Gauge(
+            "loragate_shadow_similarity_ratio",
+            "Mean token-overlap F1 of shadow and primary answers.",
+            labels,
+            registry=r,
+        )
+        self.identical = Gauge(
+            "loragate_shadow_identical_ratio", "Share of shadow answers identical to the primary.", labels, registry=r
+        )
+        self.floor = Gauge(
+            "loragate_shadow_noise_floor_similarity_ratio",
+            "Mean token F1 of the primary variant with itself (repeat prompts in the window).",
+            labels,
+            registry=r,
+        )
+        self.floor_identical = Gauge(
+            "loragate_shadow_noise_floor_identical_ratio",
+            "Share of identical answers of the primary variant to repeat prompts.",
+            labels,
+            registry=r,
+        )
+        self.last_run = Gauge(
+            "loragate_shadow_comparison_timestamp_seconds", "When the comparison last ran.", labels, registry=r
+        )
 
     def record(self, c: ShadowComparison, now: float) -> None:
         labels = (c.route, c.variant, c.primary or "")
         self.pairs.labels(*labels).set(c.pairs)
         self.last_run.labels(*labels).set(now)
-        for gauge, value in ((self.error_rate.labels(*labels, "primary"), c.primary_error_rate),
-                             (self.error_rate.labels(*labels, "shadow"), c.shadow_error_rate),
-                             (self.latency_ratio.labels(*labels), c.latency_ratio),
-                             (self.length_ratio.labels(*labels), c.length_ratio),
-                             (self.similarity.labels(*labels), c.similarity),
-                             (self.identical.labels(*labels), c.identical_rate),
-                             (self.floor.labels(*labels), c.noise_floor.similarity),
-                             (self.floor_identical.labels(*labels), c.noise_floor.identical_rate)):
+        for gauge, value in (
+            (self.error_rate.labels(*labels, "primary"), c.primary_error_rate),
+            (self.error_rate.labels(*labels, "shadow"), c.shadow_error_rate),
+            (self.latency_ratio.labels(*labels), c.latency_ratio),
+            (self.length_ratio.labels(*labels), c.length_ratio),
+            (self.similarity.labels(*labels), c.similarity),
+            (self.identical.labels(*labels), c.identical_rate),
+            (self.floor.labels(*labels), c.noise_floor.similarity),
+            (self.floor_identical.labels(*labels), c.noise_floor.identical_rate),
+        ):
             if value is not None:
                 gauge.set(value)

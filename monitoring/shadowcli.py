@@ -27,12 +27,17 @@ def shadow_command(args: argparse.Namespace) -> int:
     from loragate.monitoring.commands import duration_s
     from loragate.monitoring.sources import RequestLog, Window
 
-    comparisons = report(RequestLog(args.request_log), Window.last(duration_s(args.window)), args.route,
-                         args.variant, args.primary)
+    comparisons = report(
+        RequestLog(args.request_log), Window.last(duration_s(args.window)), args.route, args.variant, args.primary
+    )
     results: list[GateResult] = []
     if args.min_pairs is not None:
-        config = ShadowGate(min_pairs=args.min_pairs, max_error_rate_delta=args.max_error_rate_delta,
-                            max_latency_ratio=args.max_latency_ratio, min_similarity=args.min_similarity)
+        config = ShadowGate(
+            min_pairs=args.min_pairs,
+            max_error_rate_delta=args.max_error_rate_delta,
+            max_latency_ratio=args.max_latency_ratio,
+            min_similarity=args.min_similarity,
+        )
         results = [gate(c, config) for c in comparisons]
     if args.json:
         out = [c.as_dict() for c in comparisons]
@@ -45,12 +50,16 @@ def shadow_command(args: argparse.Namespace) -> int:
         for index, c in enumerate(comparisons):
             floor = c.noise_floor
             print(f"{c.route}: shadow {c.variant} vs {c.primary}: {c.pairs} pairs ({c.answered_pairs} answered)")
-            print(f"  error rate   {fmt(c.shadow_error_rate)} vs {fmt(c.primary_error_rate)} "
-                  f"(delta {fmt(c.error_rate_delta)})")
+            print(
+                f"  error rate   {fmt(c.shadow_error_rate)} vs {fmt(c.primary_error_rate)} "
+                f"(delta {fmt(c.error_rate_delta)})"
+            )
             print(f"  latency x{fmt(c.latency_ratio)}  length x{fmt(c.length_ratio)}")
-            print(f"  similarity   {fmt(c.similarity)} (identical {fmt(c.identical_rate)}); noise floor "
-                  f"{fmt(floor.similarity)} (identical {fmt(floor.identical_rate)}, {floor.pairs} repeat pairs)"
-                  + ("; BELOW the floor" if c.below_floor else ""))
+            print(
+                f"  similarity   {fmt(c.similarity)} (identical {fmt(c.identical_rate)}); noise floor "
+                f"{fmt(floor.similarity)} (identical {fmt(floor.identical_rate)}, {floor.pairs} repeat pairs)"
+                + ("; BELOW the floor" if c.below_floor else "")
+            )
             if results:
                 print(f"  gate: {results[index].decision} ({results[index].explanation})")
     if results and any(r.decision != "pass" for r in results):

@@ -92,38 +92,80 @@ class RequestLog:
     are not opened. Compacted files (monitoring/compaction.py) are read instead of the files they replace.
     """
 
-    def __init__(self, root: str | Path, s3: S3Options | None = None, *, parallel: int = 8,
-                 late_s: float = 900.0) -> None:
+    def __init__(
+        self, root: str | Path, s3: S3Options | None = None, *, parallel: int = 8, late_s: float = 900.0
+    ) -> None:
         self._fs, self._root = filesystem(str(root), s3)
         self.files = LogFiles(self._fs, self._root, parallel=parallel)
         self.parallel, self.late_s = parallel, late_s
 
-    def scan(self, window: Window, route: str | None = None, variant: str | None = None, *,
-             columns: tuple[str, ...] = REQUEST_COLUMNS, role: str | None = logschema.PRIMARY,
-             per_variant: int | None = None, threshold: dict[str, int] | None = None, by_variant: bool = True,
-             table: str = logschema.REQUESTS, ids: frozenset[str] | None = None) -> WindowScan:
+    def scan(
+        self,
+        window: Window,
+        route: str | None = None,
+        variant: str | None = None,
+        *,
+        columns: tuple[str, ...] = REQUEST_COLUMNS,
+        role: str | None = logschema.PRIMARY,
+        per_variant: int | None = None,
+        threshold: dict[str, int] | None = None,
+        by_variant: bool = True,
+        table: str = logschema.REQUESTS,
+        ids: frozenset[str] | None = None,
+    ) -> WindowScan:
         """An iterable of Arrow tables, one per file read (monitoring/logscan.py); its ``stats`` after.
         ``ids``: only these request ids."""
         where = Filter(window.start, window.end, route, variant, role, ids)
-        return WindowScan(self.files, table, where, columns, per_variant=per_variant, threshold=threshold,
-                          by_variant=by_variant,
-                          parallel=self.parallel, late_s=self.late_s)
+        return WindowScan(
+            self.files,
+            table,
+            where,
+            columns,
+            per_variant=per_variant,
+            threshold=threshold,
+            by_variant=by_variant,
+            parallel=self.parallel,
+            late_s=self.late_s,
+        )
 
-    def sample(self, window: Window, route: str | None = None, variant: str | None = None, *,
-               columns: tuple[str, ...] = REQUEST_COLUMNS, role: str | None = logschema.PRIMARY,
-               per_variant: int | None = 10_000, threshold: dict[str, int] | None = None,
-               by_variant: bool = True) -> WindowSample:
+    def sample(
+        self,
+        window: Window,
+        route: str | None = None,
+        variant: str | None = None,
+        *,
+        columns: tuple[str, ...] = REQUEST_COLUMNS,
+        role: str | None = logschema.PRIMARY,
+        per_variant: int | None = 10_000,
+        threshold: dict[str, int] | None = None,
+        by_variant: bool = True,
+    ) -> WindowSample:
         """At most ``per_variant`` rows of each variant (the same ones on every run: samplekey.key_array),
         in time order, with the window's true row counts. ``by_variant=False``: at most ``per_variant``
         rows in all, every variant in its share of the window (a route's traffic as a whole)."""
-        scan = self.scan(window, route, variant, columns=columns, role=role, per_variant=per_variant,
-                         threshold=threshold, by_variant=by_variant)
+        scan = self.scan(
+            window,
+            route,
+            variant,
+            columns=columns,
+            role=role,
+            per_variant=per_variant,
+            threshold=threshold,
+            by_variant=by_variant,
+        )
         frame = _frame(list(scan), columns)
         return WindowSample(frame, scan.stats.window_rows, scan.stats.sampled_rows, dict(scan.thresholds))
 
-    def requests(self, window: Window, route: str | None = None, variant: str | None = None,
-                 *, columns: tuple[str, ...] = REQUEST_COLUMNS,
-                 role: str | None = logschema.PRIMARY, ids: frozenset[str] | None = None) -> "pd.DataFrame":
+    def requests(
+        self,
+        window: Window,
+        route: str | None = None,
+        variant: str | None = None,
+        *,
+        columns: tuple[str, ...] = REQUEST_COLUMNS,
+        role: str | None = logschema.PRIMARY,
+        ids: frozenset[str] | None = None,
+    ) -> "pd.DataFrame":
         """Every row of the window (or of the request ids ``ids``); the monitor's checks use ``sample``.
         ``role`` primary: the answers clients got; ``role=None``: shadow answers too (monitoring/shadow.py)."""
         return _frame(list(self.scan(window, route, variant, columns=columns, role=role, ids=ids)), columns)
@@ -144,8 +186,9 @@ class WindowSource:
 
     def batches(self, columns: tuple[str, ...], rows: int) -> Iterator["pd.DataFrame"]:
         """A deterministic sample of ``rows`` requests of the window, one frame per file read."""
-        for table in self.log.scan(self.window, self.route, self.variant, columns=columns, per_variant=rows,
-                                   by_variant=False):
+        for table in self.log.scan(
+            self.window, self.route, self.variant, columns=columns, per_variant=rows, by_variant=False
+        ):
             yield table.to_pandas()
 
     def feedback(self, until: datetime) -> "pd.DataFrame":
@@ -176,8 +219,7 @@ def load_reference(path: str | Path, s3: S3Options | None = None) -> "pd.DataFra
 
     text = str(path)
     suffix = text.rsplit(".", 1)[-1].lower()
-    readers = {"parquet": pd.read_parquet, "csv": pd.read_csv,
-               "jsonl": functools.partial(pd.read_json, lines=True)}
+    readers = {"parquet": pd.read_parquet, "csv": pd.read_csv, "jsonl": functools.partial(pd.read_json, lines=True)}
     reader = readers.get({"json": "jsonl", "ndjson": "jsonl"}.get(suffix, suffix))
     if reader is None:
         raise ValueError(f"unknown reference format {path!r}: use .parquet, .csv or .jsonl")
@@ -190,8 +232,10 @@ def load_reference(path: str | Path, s3: S3Options | None = None) -> "pd.DataFra
         pairs = [_chat_to_pair(messages) for messages in frame["messages"]]
         frame["prompt_text"] = [p for p, _ in pairs]
         frame["response_text"] = [r for _, r in pairs]
-    for target, names in (("prompt_text", ("prompt", "input", "question")),
-                          ("response_text", ("response", "completion", "output", "answer"))):
+    for target, names in (
+        ("prompt_text", ("prompt", "input", "question")),
+        ("response_text", ("response", "completion", "output", "answer")),
+    ):
         if target not in frame:
             for name in names:
                 if name in frame:
@@ -216,27 +260,37 @@ def _chat_to_pair(messages: Any) -> tuple[str | None, str | None]:
 
 # --- Prometheus ---------------------------------------------------------------------------------
 
+
 def variant_queries(route: str, variant: str | None, rate_window: str = "1m") -> dict[str, str]:
     """PromQL per series: latency quantiles, cost per request, error and fallback rates."""
     sel = selector({"route": route, "variant": variant})
     requests = f"sum(rate(loragate_requests_total{sel}[{rate_window}]))"
     queries = {
-        f"latency_p{int(q * 100)}_s":
-            f"histogram_quantile({q}, sum by (le) (rate(loragate_request_duration_seconds_bucket{sel}[{rate_window}])))"
+        f"latency_p{int(q * 100)}_s": f"histogram_quantile({q}, sum by (le) "
+        f"(rate(loragate_request_duration_seconds_bucket{sel}[{rate_window}])))"
         for q in (0.5, 0.95, 0.99)
     }
     errors = selector({"route": route, "variant": variant}, 'status_class=~"5xx"')
-    queries.update({
-        "requests_per_s": requests,
-        "cost_per_request_usd": f"sum(rate(loragate_cost_usd_total{sel}[{rate_window}])) / {requests}",
-        "error_rate": f"(sum(rate(loragate_requests_total{errors}[{rate_window}])) or vector(0)) / {requests}",
-        "fallback_rate": f"(sum(rate(loragate_fallbacks_total{sel}[{rate_window}])) or vector(0)) / {requests}",
-    })
+    queries.update(
+        {
+            "requests_per_s": requests,
+            "cost_per_request_usd": f"sum(rate(loragate_cost_usd_total{sel}[{rate_window}])) / {requests}",
+            "error_rate": f"(sum(rate(loragate_requests_total{errors}[{rate_window}])) or vector(0)) / {requests}",
+            "fallback_rate": f"(sum(rate(loragate_fallbacks_total{sel}[{rate_window}])) or vector(0)) / {requests}",
+        }
+    )
     return queries
 
 
-async def variant_series(prometheus: Prometheus, route: str, variant: str | None, window: Window, *,
-                         step_s: float = 60.0, rate_window: str = "1m") -> "pd.DataFrame":
+async def variant_series(
+    prometheus: Prometheus,
+    route: str,
+    variant: str | None,
+    window: Window,
+    *,
+    step_s: float = 60.0,
+    rate_window: str = "1m",
+) -> "pd.DataFrame":
     """One row per step: latency p50/p95/p99, requests/s, cost per request, error and fallback rates.
 
     Steps where a series has no value (no traffic, NaN from 0/0) are left empty.
@@ -246,8 +300,9 @@ async def variant_series(prometheus: Prometheus, route: str, variant: str | None
     queries = variant_queries(route, variant, rate_window)
     start, end = window.start.timestamp(), window.end.timestamp()
     async with prometheus.session() as session:
-        results = await asyncio.gather(*(prometheus.query_range(q, start, end, step_s, session=session)
-                                         for q in queries.values()))
+        results = await asyncio.gather(
+            *(prometheus.query_range(q, start, end, step_s, session=session) for q in queries.values())
+        )
     columns: dict[str, dict[float, float]] = {}
     for name, result in zip(queries, results):
         points: dict[float, float] = {}
@@ -255,7 +310,10 @@ async def variant_series(prometheus: Prometheus, route: str, variant: str | None
             points = {t: v for t, v in values if math.isfinite(v)}
         columns[name] = points
     stamps = sorted({t for points in columns.values() for t in points})
-    frame = pd.DataFrame({name: [points.get(t) for t in stamps] for name, points in columns.items()},
-                         index=pd.to_datetime(stamps, unit="s", utc=True), dtype="float64")
+    frame = pd.DataFrame(
+        {name: [points.get(t) for t in stamps] for name, points in columns.items()},
+        index=pd.to_datetime(stamps, unit="s", utc=True),
+        dtype="float64",
+    )
     frame.index.name = "timestamp"
     return frame

@@ -68,10 +68,20 @@ def _sample(texts: list[str], max_rows: int, rng) -> list[str]:
     return [texts[i] for i in sorted(rng.choice(len(texts), max_rows, replace=False))]
 
 
-def content_drift(reference: Sequence[object], current: Sequence[object], *, column: str = "text",
-                  alpha: float = 0.01, min_auc: float = 0.55, max_rows: int = 5000,
-                  min_rows: int = 30, top_terms: int = 10, examples: int = 3, example_chars: int = 200,
-                  seed: int = 0) -> ContentDrift | None:
+def content_drift(
+    reference: Sequence[object],
+    current: Sequence[object],
+    *,
+    column: str = "text",
+    alpha: float = 0.01,
+    min_auc: float = 0.55,
+    max_rows: int = 5000,
+    min_rows: int = 30,
+    top_terms: int = 10,
+    examples: int = 3,
+    example_chars: int = 200,
+    seed: int = 0,
+) -> ContentDrift | None:
     """Compare the content of two windows of texts; None when either has fewer than ``min_rows`` texts."""
     import numpy as np
     from scipy.stats import mannwhitneyu
@@ -85,8 +95,14 @@ def content_drift(reference: Sequence[object], current: Sequence[object], *, col
         return None
     texts = ref + cur
     labels = np.r_[np.zeros(len(ref), dtype=int), np.ones(len(cur), dtype=int)]
-    vectorizer = TfidfVectorizer(token_pattern=TOKEN_PATTERN, ngram_range=(1, 2), sublinear_tf=True,
-                                 min_df=2, max_features=50_000, dtype=np.float32)
+    vectorizer = TfidfVectorizer(
+        token_pattern=TOKEN_PATTERN,
+        ngram_range=(1, 2),
+        sublinear_tf=True,
+        min_df=2,
+        max_features=50_000,
+        dtype=np.float32,
+    )
     try:
         features = vectorizer.fit_transform(texts)  # label-free: fitting it on all rows leaks no label
     except ValueError:  # no term in two rows: nothing to tell the windows apart by
@@ -114,14 +130,18 @@ def content_drift(reference: Sequence[object], current: Sequence[object], *, col
     weights = full.coef_[0]
     present = features > 0
     ref_share = np.asarray(present[: len(ref)].mean(axis=0)).ravel()
-    cur_share = np.asarray(present[len(ref):].mean(axis=0)).ravel()
+    cur_share = np.asarray(present[len(ref) :].mean(axis=0)).ravel()
     terms = vectorizer.get_feature_names_out()
 
     def shifts(order) -> list[TermShift]:
         # The model uses every term; the report names topic words (not "the", "can you").
         shown = [i for i in order if not set(str(terms[i]).split()) <= ENGLISH_STOP_WORDS][:top_terms]
-        return [TermShift(str(terms[i]), round(float(weights[i]), 4), round(float(ref_share[i]), 4),
-                          round(float(cur_share[i]), 4)) for i in shown]
+        return [
+            TermShift(
+                str(terms[i]), round(float(weights[i]), 4), round(float(ref_share[i]), 4), round(float(cur_share[i]), 4)
+            )
+            for i in shown
+        ]
 
     order = np.argsort(weights)
     result.current_terms = shifts([i for i in order[::-1] if weights[i] > 0])
@@ -131,7 +151,7 @@ def content_drift(reference: Sequence[object], current: Sequence[object], *, col
         idx = np.flatnonzero((labels == side) & ~np.isnan(scores))
         idx = idx[np.argsort(scores[idx])]
         out: list[str] = []
-        for i in (idx[::-1] if descending else idx):
+        for i in idx[::-1] if descending else idx:
             text = " ".join(texts[i].split())[:example_chars]
             if text not in out:
                 out.append(text)

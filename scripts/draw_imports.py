@@ -19,8 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Source folder -> the package name it ships as (pyproject.toml [tool.setuptools] package-dir).
 FOLDERS = {"loragate": "loragate", "service": "loragate.service", "monitoring": "loragate.monitoring"}
-COLOURS = {"loragate.common": "#f1f1f1", "loragate.service": "#e8f1fb", "loragate.monitoring": "#eaf6ea",
-           "loragate.pipeline": "#f5ecf8", "loragate": "#fdf1e3"}
+COLOURS = {
+    "loragate.common": "#f1f1f1",
+    "loragate.service": "#e8f1fb",
+    "loragate.monitoring": "#eaf6ea",
+    "loragate.pipeline": "#f5ecf8",
+    "loragate": "#fdf1e3",
+}
 
 
 def modules() -> dict[str, Path]:
@@ -48,7 +53,7 @@ def imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: up node.level - 1 packages from this one
-                parents = package.split(".")[:len(package.split(".")) - node.level + 1]
+                parents = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(parents + ([base] if base else []))
             # ``from pkg import module`` names the module; ``from module import name`` the module itself
             targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
@@ -76,15 +81,19 @@ def dot(package: str | None = None) -> str:
         inside = {m for m in known if m == prefix or m.startswith(prefix + ".")}
         edges = {(a, b) for a, b in edges if a in inside}
         known = inside | {b for _, b in edges}
-    lines = ["digraph imports {", '  graph [rankdir=LR, fontname="Helvetica", ranksep=1.2, nodesep=0.15];',
-             '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, fillcolor="#ffffff"];',
-             '  edge [color="#00000055", arrowsize=0.5];']
+    lines = [
+        "digraph imports {",
+        '  graph [rankdir=LR, fontname="Helvetica", ranksep=1.2, nodesep=0.15];',
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=10, fillcolor="#ffffff"];',
+        '  edge [color="#00000055", arrowsize=0.5];',
+    ]
     for group in COLOURS:
         members = sorted(m for m in known if layer(m) == group)
         if not members:
             continue
-        lines.append(f'  subgraph "cluster_{group}" {{ label="{group}"; style="rounded,filled"; '
-                     f'fillcolor="{COLOURS[group]}";')
+        lines.append(
+            f'  subgraph "cluster_{group}" {{ label="{group}"; style="rounded,filled"; fillcolor="{COLOURS[group]}";'
+        )
         lines += [f'    "{m}" [label="{m.removeprefix(group + ".") if m != group else m}"];' for m in members]
         lines.append("  }")
     lines += [f'  "{a}" -> "{b}";' for a, b in sorted(edges)]

@@ -42,16 +42,29 @@ class AdapterUnavailable(Exception):
 
 def unload_victim(replica: Replica, keep: str, now: float, min_idle_s: float) -> str | None:
     """The least recently used adapter the gateway loaded on ``replica`` that may go now, if any."""
-    idle = [name for name in replica.loaded_by_gateway
-            if name != keep and name not in replica.loading and not replica.is_active(name)
-            and now - replica.adapter_used.get(name, 0.0) >= min_idle_s]
+    idle = [
+        name
+        for name in replica.loaded_by_gateway
+        if name != keep
+        and name not in replica.loading
+        and not replica.is_active(name)
+        and now - replica.adapter_used.get(name, 0.0) >= min_idle_s
+    ]
     return min(idle, key=lambda name: replica.adapter_used.get(name, 0.0)) if idle else None
 
 
 class AdapterLoader:
-    def __init__(self, metrics: Metrics, *, load_timeout_s: float = 120.0, failure_ttl_s: float = 30.0,
-                 limit: int | None = None, min_idle_s: float = 30.0,
-                 on_change: Callable[[], None] = lambda: None, tracer: RequestTracer | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        load_timeout_s: float = 120.0,
+        failure_ttl_s: float = 30.0,
+        limit: int | None = None,
+        min_idle_s: float = 30.0,
+        on_change: Callable[[], None] = lambda: None,
+        tracer: RequestTracer | None = None,
+    ) -> None:
         self.metrics = metrics
         self.load_timeout_s = load_timeout_s
         self.failure_ttl_s = failure_ttl_s
@@ -114,9 +127,12 @@ class AdapterLoader:
         started = time.perf_counter()
         result = "error"
         try:
-            reply = await self.client.post(f"{replica.url}/v1/load_lora_adapter",
-                                           orjson.dumps({"lora_name": adapter, "lora_path": path}),
-                                           timeout=Timeout(total=self.load_timeout_s), max_bytes=ANSWER_MAX_BYTES)
+            reply = await self.client.post(
+                f"{replica.url}/v1/load_lora_adapter",
+                orjson.dumps({"lora_name": adapter, "lora_path": path}),
+                timeout=Timeout(total=self.load_timeout_s),
+                max_bytes=ANSWER_MAX_BYTES,
+            )
             detail = reply.body.decode(errors="replace")[:300]
             if reply.status == 200:
                 result = "success"
@@ -145,9 +161,12 @@ class AdapterLoader:
         assert self.client is not None
         replica.adapters.discard(adapter)  # no new request goes there for it while this runs
         try:
-            reply = await self.client.post(f"{replica.url}/v1/unload_lora_adapter",
-                                           orjson.dumps({"lora_name": adapter}),
-                                           timeout=Timeout(total=self.load_timeout_s), max_bytes=ANSWER_MAX_BYTES)
+            reply = await self.client.post(
+                f"{replica.url}/v1/unload_lora_adapter",
+                orjson.dumps({"lora_name": adapter}),
+                timeout=Timeout(total=self.load_timeout_s),
+                max_bytes=ANSWER_MAX_BYTES,
+            )
             ok = reply.status in (200, 404)  # 404: already gone
         except TransportError:
             ok = False

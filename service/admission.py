@@ -46,8 +46,15 @@ class _Waiter(Generic[T]):
 class Admission(Generic[T]):
     """At most ``max_waiting`` requests wait, each at most its class's wait (``max_wait_s`` by default)."""
 
-    def __init__(self, max_waiting: int, max_wait_s: float, *, wait_s: Mapping[Priority, float] | None = None,
-                 metrics: Metrics | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_waiting: int,
+        max_wait_s: float,
+        *,
+        wait_s: Mapping[Priority, float] | None = None,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_waiting = max_waiting
         self.max_wait_s = max_wait_s
         self.wait_s = {p: min(max_wait_s, (wait_s or {}).get(p, max_wait_s)) for p in PRIORITIES}
@@ -57,8 +64,11 @@ class Admission(Generic[T]):
         self._clock = clock
         self._shed = self._waited = self._depth = None
         if metrics is not None:
-            self._shed = {(p, reason): metrics.admission_shed.labels(p.label, reason)
-                          for p in PRIORITIES for reason in SHED_REASONS}
+            self._shed = {
+                (p, reason): metrics.admission_shed.labels(p.label, reason)
+                for p in PRIORITIES
+                for reason in SHED_REASONS
+            }
             self._waited = {p: metrics.admission_wait.labels(p.label) for p in PRIORITIES}
             self._depth = {p: metrics.admission_waiting.labels(p.label) for p in PRIORITIES}
 
@@ -108,8 +118,9 @@ class Admission(Generic[T]):
         if wait_s <= 0:
             raise self._refuse(priority, "deadline", "every upstream replica is at capacity")
         if self.waiting >= self.max_waiting and not self._displace(priority):
-            raise self._refuse(priority, "queue_full", "all upstream replicas are at capacity and the wait "
-                               "queue is full")
+            raise self._refuse(
+                priority, "queue_full", "all upstream replicas are at capacity and the wait queue is full"
+            )
         queue = self._queues[priority]
         waiter: _Waiter[T] = _Waiter(take, asyncio.get_running_loop().create_future())
         queue[waiter] = None
@@ -123,8 +134,9 @@ class Admission(Generic[T]):
                 ticket = await waiter.future
         except TimeoutError:
             if not _holds_ticket(waiter.future):
-                raise self._refuse(priority, "deadline", "all upstream replicas stayed at capacity past the "
-                                   "queue deadline") from None
+                raise self._refuse(
+                    priority, "deadline", "all upstream replicas stayed at capacity past the queue deadline"
+                ) from None
             ticket = waiter.future.result()  # handed a slot as the deadline passed: serve it
         except BaseException:
             if _holds_ticket(waiter.future):  # handed a slot as the request went away: give it back
@@ -154,8 +166,11 @@ class Admission(Generic[T]):
             victim = next(reversed(queue))
             self._leave(Priority.SHEDDABLE, queue, victim)
             if not victim.future.done():
-                victim.future.set_exception(self._refuse(
-                    Priority.SHEDDABLE, "displaced", "shed from the wait queue for a higher-priority request"))
+                victim.future.set_exception(
+                    self._refuse(
+                        Priority.SHEDDABLE, "displaced", "shed from the wait queue for a higher-priority request"
+                    )
+                )
                 return True
         return False
 
@@ -163,8 +178,9 @@ class Admission(Generic[T]):
         if self._shed is not None:
             self._shed[priority, reason].inc()
         if priority is Priority.SHEDDABLE:
-            return Overloaded(f"{message} (priority class sheddable is shed first)", self.retry_after_s,
-                              code="priority_shed")
+            return Overloaded(
+                f"{message} (priority class sheddable is shed first)", self.retry_after_s, code="priority_shed"
+            )
         return Overloaded(message, self.retry_after_s)
 
 

@@ -12,8 +12,17 @@ from typing import Any
 
 import aiohttp
 
-from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer, Reply,
-                                        StreamedAnswer, Timeout, TransportError, TransportTimeout)
+from loragate.service.transport import (
+    ConnectFailed,
+    Disconnected,
+    IncompleteAnswer,
+    MalformedAnswer,
+    Reply,
+    StreamedAnswer,
+    Timeout,
+    TransportError,
+    TransportTimeout,
+)
 
 AIOHTTP_ERRORS = (aiohttp.ClientError, asyncio.TimeoutError, TimeoutError)  # what aiohttp raises for an exchange
 _JSON = {"content-type": "application/json"}
@@ -54,8 +63,9 @@ class AiohttpControl:
 
     async def _call(self, method: str, url: str, body: bytes | None, timeout: Timeout, max_bytes: int) -> Reply:
         try:
-            async with self.session.request(method, url, data=body, headers=None if body is None else _JSON,
-                                            timeout=client_timeout(timeout)) as response:
+            async with self.session.request(
+                method, url, data=body, headers=None if body is None else _JSON, timeout=client_timeout(timeout)
+            ) as response:
                 return Reply(response.status, await _read_at_most(response, max_bytes))
         except AIOHTTP_ERRORS as exc:
             raise aiohttp_error(exc) from exc
@@ -79,15 +89,28 @@ async def _read_at_most(response: aiohttp.ClientResponse, max_bytes: int) -> byt
 
 # --- the answers the gateway relays through aiohttp's session (service/proxy.py's open_upstream) ---
 
-async def aiohttp_post(session: aiohttp.ClientSession, url: str, body: bytes, request_id: str,
-                       timeout: Timeout | None, api_key: str | None, traceparent: str | None = None) -> AiohttpAnswer:
+
+async def aiohttp_post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    request_id: str,
+    timeout: Timeout | None,
+    api_key: str | None,
+    traceparent: str | None = None,
+) -> AiohttpAnswer:
     headers = {"content-type": "application/json", "x-request-id": request_id}
     if api_key:
         headers["authorization"] = f"Bearer {api_key}"
     if traceparent:
         headers["traceparent"] = traceparent
-    options: dict[str, Any] = {} if timeout is None else {  # None: the session's
-        "timeout": client_timeout(timeout)}
+    options: dict[str, Any] = (
+        {}
+        if timeout is None
+        else {  # None: the session's
+            "timeout": client_timeout(timeout)
+        }
+    )
     try:
         return AiohttpAnswer(await session.post(url, data=body, headers=headers, **options))
     except AIOHTTP_ERRORS as exc:

@@ -25,7 +25,6 @@ added to the file's).
 The keys are checked on each request by service/auth.py.
 """
 
-
 from __future__ import annotations
 
 import hashlib
@@ -58,7 +57,6 @@ def new_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
 
 
-
 class ApiKey(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -69,7 +67,7 @@ class ApiKey(BaseModel):
     tokens_per_minute: int | None = Field(None, gt=0)
     revoked: bool = False
     team: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # its team's budgets apply too
-    usd_per_day: float | None = Field(None, gt=0)    # spend budget (service/budgets.py); absent: none
+    usd_per_day: float | None = Field(None, gt=0)  # spend budget (service/budgets.py); absent: none
     usd_per_month: float | None = Field(None, gt=0)
     priority: PriorityName | None = None  # its requests' class without a header (None: the gateway's default)
     priorities: tuple[PriorityName, ...] | None = None  # the classes it may ask for (None: its class and below)

@@ -43,8 +43,9 @@ from loragate.service.upstreams import Pool
 log = logging.getLogger("loragate")
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None, *,
-               upstream: Upstream | None = None) -> CompletionsFirst:
+def create_app(
+    settings: Settings, metrics: Metrics | None = None, *, upstream: Upstream | None = None
+) -> CompletionsFirst:
     """The served app. ``upstream``: the call to the replicas (tests pass a scripted one); default HTTP.
 
     Extend its ``.app`` (the FastAPI app): routers, exception handlers, middleware; middleware added there
@@ -75,10 +76,16 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
     auth = authenticator_from_settings(settings, metrics, limiter, budgets)
     http_upstream = HttpUpstream()
     gateway = Gateway(
-        catalog, pool, metrics, upstream or http_upstream,
+        catalog,
+        pool,
+        metrics,
+        upstream or http_upstream,
         max_body_bytes=settings.max_body_bytes,
-        timeouts=Timeouts(connect_s=settings.connect_timeout_s, first_token_s=settings.first_token_timeout_s,
-                          total_s=settings.total_timeout_s),
+        timeouts=Timeouts(
+            connect_s=settings.connect_timeout_s,
+            first_token_s=settings.first_token_timeout_s,
+            total_s=settings.total_timeout_s,
+        ),
         max_attempts=settings.max_attempts,
         auth=auth,
         request_log=request_log,
@@ -99,8 +106,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
         )
         pool.bind(AiohttpControl(session))  # health checks, scrapes, adapter loads
         # The request path to plain http:// replicas: the lean client (timeouts default as the session's).
-        client = (HttpClient(Timeout(total=settings.total_timeout_s, connect=settings.connect_timeout_s))
-                  if settings.upstream_client == "lean" else None)
+        client = (
+            HttpClient(Timeout(total=settings.total_timeout_s, connect=settings.connect_timeout_s))
+            if settings.upstream_client == "lean"
+            else None
+        )
         http_upstream.bind(session, client)
         if request_log is not None:
             request_log.start()
@@ -113,8 +123,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None, *,
         tasks = [
             asyncio.create_task(_every(settings.health_interval_s, pool.check_all)),
             asyncio.create_task(_every(settings.engine_scrape_interval_s, pool.scrape_all)),
-            *([asyncio.create_task(_every(settings.health_interval_s, limiter.probe))]
-              if isinstance(limiter, RedisLimiter) else []),
+            *(
+                [asyncio.create_task(_every(settings.health_interval_s, limiter.probe))]
+                if isinstance(limiter, RedisLimiter)
+                else []
+            ),
             asyncio.create_task(_every(settings.routes_reload_interval_s, lambda: _reload(catalog, metrics))),
             asyncio.create_task(_every(settings.routes_reload_interval_s, auth.refresh)),
         ]
@@ -160,17 +173,32 @@ def app_from_env() -> CompletionsFirst:
 def _request_log(settings: Settings, metrics: Metrics) -> RequestLog | None:
     if not settings.request_log_url:
         return None
-    store = functools.partial(parquet_store, settings.request_log_url, writer_id=settings.request_log_writer_id,
-                              s3_endpoint=settings.request_log_s3_endpoint, s3_region=settings.request_log_s3_region)
-    log.info("request log on: %s (text %s, converted in a %s)", settings.request_log_url,
-             settings.request_log_text, settings.request_log_convert)
+    store = functools.partial(
+        parquet_store,
+        settings.request_log_url,
+        writer_id=settings.request_log_writer_id,
+        s3_endpoint=settings.request_log_s3_endpoint,
+        s3_region=settings.request_log_s3_region,
+    )
+    log.info(
+        "request log on: %s (text %s, converted in a %s)",
+        settings.request_log_url,
+        settings.request_log_text,
+        settings.request_log_convert,
+    )
     # process: the store is built in the conversion process; thread: here, now (a bad URL fails fast)
-    return RequestLog(store, metrics, convert=settings.request_log_convert, text_mode=settings.request_log_text,
-                      flush_interval_s=settings.request_log_flush_interval_s,
-                      batch_size=settings.request_log_batch_size, queue_size=settings.request_log_queue_size,
-                      recent=RecentRequests(settings.feedback_recent_requests),
-                      stall_floor_s=settings.request_log_stall_floor_s,
-                      close_timeout_s=settings.request_log_close_timeout_s)
+    return RequestLog(
+        store,
+        metrics,
+        convert=settings.request_log_convert,
+        text_mode=settings.request_log_text,
+        flush_interval_s=settings.request_log_flush_interval_s,
+        batch_size=settings.request_log_batch_size,
+        queue_size=settings.request_log_queue_size,
+        recent=RecentRequests(settings.feedback_recent_requests),
+        stall_floor_s=settings.request_log_stall_floor_s,
+        close_timeout_s=settings.request_log_close_timeout_s,
+    )
 
 
 async def _reload(catalog: CatalogFile, metrics: Metrics) -> None:

@@ -41,16 +41,16 @@ _MAX_KEY_CHARS = 512
 
 # The reasons a request is refused: the only values of loragate_auth_rejections_total{reason}.
 REJECTION_REASONS = (
-    "missing_key",        # no Authorization: Bearer / x-api-key header
-    "invalid_key",        # unknown key
-    "revoked_key",        # a key marked revoked
-    "route_forbidden",    # the key may not call this route
-    "request_rate",       # over requests_per_minute
-    "token_rate",         # over tokens_per_minute
+    "missing_key",  # no Authorization: Bearer / x-api-key header
+    "invalid_key",  # unknown key
+    "revoked_key",  # a key marked revoked
+    "route_forbidden",  # the key may not call this route
+    "request_rate",  # over requests_per_minute
+    "token_rate",  # over tokens_per_minute
     "budget_exceeded",  # a key or its team has spent its daily or monthly budget (429)
     "limiter_unavailable",  # a limited key while the shared limiter is unreachable and fails closed (503)
-    "admin_forbidden",    # a user key on an admin endpoint, or admin endpoints disabled
-    "admin_invalid",      # a missing or wrong token on an admin endpoint
+    "admin_forbidden",  # a user key on an admin endpoint, or admin endpoints disabled
+    "admin_invalid",  # a missing or wrong token on an admin endpoint
 )
 
 
@@ -101,8 +101,13 @@ class KeyPrincipal(Principal):
 
     def admit(self, route: str) -> Awaitable[None] | None:
         if not self.key.allows(route):
-            raise self.reject("route_forbidden", 403, f"this API key may not use the model `{route}`",
-                              code="model_not_allowed", key_id=self.key.id)
+            raise self.reject(
+                "route_forbidden",
+                403,
+                f"this API key may not use the model `{route}`",
+                code="model_not_allowed",
+                key_id=self.key.id,
+            )
         budget = self.budgets.check(self.key) if self.budgets is not None else None
         if isinstance(budget, BudgetRefusal):
             raise self._over_budget(budget)
@@ -115,8 +120,9 @@ class KeyPrincipal(Principal):
             return None
         return self._settle(outcome, budget)
 
-    async def _settle(self, pending: Awaitable[Refusal | None] | None,
-                      budget: Awaitable[BudgetRefusal | None] | None) -> None:
+    async def _settle(
+        self, pending: Awaitable[Refusal | None] | None, budget: Awaitable[BudgetRefusal | None] | None
+    ) -> None:
         if budget is not None and (over := await budget) is not None:
             raise self._over_budget(over)
         if pending is not None and (outcome := await pending) is not None:
@@ -125,18 +131,36 @@ class KeyPrincipal(Principal):
     def _over_budget(self, refusal: BudgetRefusal) -> GatewayError:
         assert self.budgets is not None
         retry_after = refusal.retry_after_s(self.budgets.periods.clock())
-        return self.reject("budget_exceeded", 429, f"spend budget exceeded: {refusal.message()}",
-                           code="budget_exceeded", key_id=self.key.id, headers={"retry-after": str(retry_after)})
+        return self.reject(
+            "budget_exceeded",
+            429,
+            f"spend budget exceeded: {refusal.message()}",
+            code="budget_exceeded",
+            key_id=self.key.id,
+            headers={"retry-after": str(retry_after)},
+        )
 
     def _refused(self, refusal: Refusal) -> GatewayError:
         retry_after = max(1, math.ceil(refusal.wait_s))
         headers = {"retry-after": str(retry_after)}
         if refusal.reason == "limiter_unavailable":
-            return self.reject(refusal.reason, 503, "rate limits cannot be checked right now; retry after "
-                               f"{retry_after}s", code="limiter_unavailable", key_id=self.key.id, headers=headers)
+            return self.reject(
+                refusal.reason,
+                503,
+                f"rate limits cannot be checked right now; retry after {retry_after}s",
+                code="limiter_unavailable",
+                key_id=self.key.id,
+                headers=headers,
+            )
         what = "requests" if refusal.reason == "request_rate" else "tokens"
-        return self.reject(refusal.reason, 429, f"rate limit exceeded ({what} per minute); retry after {retry_after}s",
-                           code="rate_limit_exceeded", key_id=self.key.id, headers=headers)
+        return self.reject(
+            refusal.reason,
+            429,
+            f"rate limit exceeded ({what} per minute); retry after {retry_after}s",
+            code="rate_limit_exceeded",
+            key_id=self.key.id,
+            headers=headers,
+        )
 
     def charge(self, tokens: int, cost_usd: float = 0.0) -> None:
         if self.limited and tokens > 0:
@@ -262,8 +286,9 @@ class Authenticator:
     def _principal(self, headers: Mapping[str, str]) -> KeyPrincipal:
         key = self._lookup(headers)
         if key.revoked:
-            raise self._reject("revoked_key", 401, "this API key has been revoked", code="invalid_api_key",
-                               key_id=key.id)
+            raise self._reject(
+                "revoked_key", 401, "this API key has been revoked", code="invalid_api_key", key_id=key.id
+            )
         # One principal per key, not one per request: it holds nothing of the request. A reload makes new
         # ApiKey objects, and so new principals.
         principal = self._principals.get(key.id)
@@ -271,8 +296,13 @@ class Authenticator:
             if len(self._principals) >= 4096:
                 self._principals.clear()
             principal = self._principals[key.id] = KeyPrincipal(
-                key, self.limiter, self._reject, key.requests_per_minute is not None or key.tokens_per_minute is not None,
-                self.budgets, key_policy(key.priority, key.priorities, self.default_priority))
+                key,
+                self.limiter,
+                self._reject,
+                key.requests_per_minute is not None or key.tokens_per_minute is not None,
+                self.budgets,
+                key_policy(key.priority, key.priorities, self.default_priority),
+            )
         return principal
 
     def authorize_admin(self, headers: Mapping[str, str]) -> None:
@@ -280,17 +310,23 @@ class Authenticator:
         if self._admin_digest is None:
             if self.store is None:
                 return
-            raise self._reject("admin_forbidden", 403, "admin endpoints are disabled (no admin token is set)",
-                               code="admin_disabled")
+            raise self._reject(
+                "admin_forbidden", 403, "admin endpoints are disabled (no admin token is set)", code="admin_disabled"
+            )
         if presented is None:
-            raise self._reject("admin_invalid", 401, "an admin token is required (Authorization: Bearer <token>)",
-                               code="invalid_api_key")
+            raise self._reject(
+                "admin_invalid",
+                401,
+                "an admin token is required (Authorization: Bearer <token>)",
+                code="invalid_api_key",
+            )
         digest = hashlib.sha256(presented.encode()).digest()
         if hmac.compare_digest(digest, self._admin_digest):
             return
         if self.store is not None and digest.hex() in self.store.by_hash:
-            raise self._reject("admin_forbidden", 403, "this endpoint needs the admin token, not an API key",
-                               code="admin_required")
+            raise self._reject(
+                "admin_forbidden", 403, "this endpoint needs the admin token, not an API key", code="admin_required"
+            )
         raise self._reject("admin_invalid", 401, "invalid admin token", code="invalid_api_key")
 
     # --- internals ------------------------------------------------------------
@@ -299,9 +335,12 @@ class Authenticator:
         assert self.store is not None
         presented = presented_key(headers)
         if presented is None:
-            raise self._reject("missing_key", 401,
-                               "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
-                               code="invalid_api_key")
+            raise self._reject(
+                "missing_key",
+                401,
+                "missing API key: send `Authorization: Bearer <key>` or `x-api-key: <key>`",
+                code="invalid_api_key",
+            )
         key = self.store.by_hash.get(self._digest(presented)) if len(presented) <= _MAX_KEY_CHARS else None
         if key is None:
             raise self._reject("invalid_key", 401, "invalid API key", code="invalid_api_key")
@@ -321,8 +360,16 @@ class Authenticator:
             digest = digests[presented] = hash_key(presented)
         return digest
 
-    def _reject(self, reason: str, status: int, message: str, *, code: str, key_id: str | None = None,
-                headers: dict[str, str] | None = None) -> GatewayError:
+    def _reject(
+        self,
+        reason: str,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        key_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> GatewayError:
         if self.metrics is not None:
             self.metrics.auth_rejections.labels(reason).inc()
             if key_id is not None and reason in _LIMIT_REASONS:
@@ -334,8 +381,9 @@ class Authenticator:
         return GatewayError(status, message, code=code, headers=headers)
 
 
-def authenticator_from_settings(settings: Settings, metrics: Metrics | None = None,
-                                limiter: Limiter | None = None, budgets: Budgets | None = None) -> Authenticator:
+def authenticator_from_settings(
+    settings: Settings, metrics: Metrics | None = None, limiter: Limiter | None = None, budgets: Budgets | None = None
+) -> Authenticator:
     """Auth on: keys from ``api_keys_file`` and ``api_keys`` (KeysError on a bad file). Off: no key checks."""
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     if not settings.auth:
@@ -343,5 +391,11 @@ def authenticator_from_settings(settings: Settings, metrics: Metrics | None = No
     store = KeyStore(settings.api_keys_file, settings.api_keys)
     if not store.by_hash:
         log.warning("auth is on but no API keys are configured: every request will be refused")
-    return Authenticator(store, admin_token=admin_token, metrics=metrics, limiter=limiter, budgets=budgets,
-                         default_priority=priority_named(settings.default_priority))
+    return Authenticator(
+        store,
+        admin_token=admin_token,
+        metrics=metrics,
+        limiter=limiter,
+        budgets=budgets,
+        default_priority=priority_named(settings.default_priority),
+    )

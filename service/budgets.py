@@ -48,9 +48,9 @@ return 0
 
 
 class Budget(NamedTuple):
-    scope: str       # "key" or "team"
-    name: str        # the key's id or the team's name (never a secret)
-    period: str      # "day" or "month"
+    scope: str  # "key" or "team"
+    name: str  # the key's id or the team's name (never a secret)
+    period: str  # "day" or "month"
     limit_usd: float
 
 
@@ -61,8 +61,10 @@ class BudgetRefusal(NamedTuple):
 
     def message(self) -> str:
         b = self.budget
-        return (f"{b.scope} `{b.name}` has spent ${self.spent_usd:.4f} of its ${b.limit_usd:g} {b.period}ly budget; "
-                f"it resets at {self.resets_at.isoformat()}")
+        return (
+            f"{b.scope} `{b.name}` has spent ${self.spent_usd:.4f} of its ${b.limit_usd:g} {b.period}ly budget; "
+            f"it resets at {self.resets_at.isoformat()}"
+        )
 
     def retry_after_s(self, now: float) -> int:
         return max(1, math.ceil(self.resets_at.timestamp() - now))
@@ -123,8 +125,15 @@ class LocalLedger:
 
 
 class RedisLedger:
-    def __init__(self, url: str, *, timeout_s: float = 0.5, password: str | None = None,
-                 fallback: LocalLedger | None = None, retry_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 0.5,
+        password: str | None = None,
+        fallback: LocalLedger | None = None,
+        retry_s: float = 5.0,
+    ) -> None:
         self.client = RespClient(url, timeout_s, password)
         self.retry_s = retry_s  # after a failed check, budgets are checked in the process this long
         self._down_until = 0.0
@@ -140,8 +149,7 @@ class RedisLedger:
         try:
             reply = await self.client.execute(encode(b"MGET", *(c.encode() for c in counters)))
         except REDIS_ERRORS as exc:
-            log.warning("budgets: Redis unreachable (%s); checking budgets in this process for %gs", exc,
-                        self.retry_s)
+            log.warning("budgets: Redis unreachable (%s); checking budgets in this process for %gs", exc, self.retry_s)
             self._down_until = time.monotonic() + self.retry_s
             return self.fallback.spent(counters)
         local = self.fallback.spent(counters)  # what could not be sent to Redis while it was down
@@ -149,12 +157,14 @@ class RedisLedger:
 
     def add(self, counters: Sequence[str], micro_usd: int, ttls_s: Sequence[int]) -> None:
         """One EVAL (INCRBY + EXPIRE of every counter), sent without awaiting; on failure counted here."""
-        command = LUA_ADD.eval(b"%d" % len(counters), *(c.encode() for c in counters), b"%d" % micro_usd,
-                               *(b"%d" % t for t in ttls_s))
+        command = LUA_ADD.eval(
+            b"%d" % len(counters), *(c.encode() for c in counters), b"%d" % micro_usd, *(b"%d" % t for t in ttls_s)
+        )
 
         def done(f: asyncio.Future) -> None:
             if f.cancelled() or f.exception() is not None or isinstance(f.result(), RedisReplyError):
                 self.fallback.add(counters, micro_usd, ttls_s)
+
         self._unawaited.send(command, done)
 
     async def flush(self) -> None:
@@ -187,9 +197,13 @@ def counter_name(budget: Budget, period_id: str, prefix: str = REDIS_PREFIX) -> 
 class Budgets:
     """Checks and counts the spend budgets of keys and teams on a ledger (in this process or Redis)."""
 
-    def __init__(self, ledger: Ledger, periods: Periods,
-                 team_budgets: dict[str, dict[str, float]] | None = None,
-                 observer: Callable[[Budget], Callable[[float], None]] | None = None) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        periods: Periods,
+        team_budgets: dict[str, dict[str, float]] | None = None,
+        observer: Callable[[Budget], Callable[[float], None]] | None = None,
+    ) -> None:
         self.ledger = ledger
         self.periods = periods
         self.team_budgets = team_budgets or {}
@@ -233,12 +247,14 @@ class Budgets:
             return self._decide(budgets, periods, spent)
         return self._settle(budgets, periods, spent)
 
-    async def _settle(self, budgets: list[Budget], periods: list[tuple[str, dt.datetime]],
-                      pending: Awaitable[list[int]]) -> BudgetRefusal | None:
+    async def _settle(
+        self, budgets: list[Budget], periods: list[tuple[str, dt.datetime]], pending: Awaitable[list[int]]
+    ) -> BudgetRefusal | None:
         return self._decide(budgets, periods, await pending)
 
-    def _decide(self, budgets: list[Budget], periods: list[tuple[str, dt.datetime]],
-                spent: list[int]) -> BudgetRefusal | None:
+    def _decide(
+        self, budgets: list[Budget], periods: list[tuple[str, dt.datetime]], spent: list[int]
+    ) -> BudgetRefusal | None:
         refusal = None
         for budget, (_, resets), micro in zip(budgets, periods, spent, strict=True):
             usd = micro / MICRO
@@ -272,8 +288,11 @@ def budgets_from_settings(settings: Settings, metrics: Metrics, clock: Callable[
     """In the Redis of ``limits_url`` when set, else in this process; days and months in ``budget_timezone``."""
     ledger: Ledger = LocalLedger()
     if settings.limits_url:
-        ledger = RedisLedger(settings.limits_url.get_secret_value(), timeout_s=settings.limits_timeout_s,
-                             password=settings.limits_password.get_secret_value() if settings.limits_password else None)
+        ledger = RedisLedger(
+            settings.limits_url.get_secret_value(),
+            timeout_s=settings.limits_timeout_s,
+            password=settings.limits_password.get_secret_value() if settings.limits_password else None,
+        )
 
     def observer(budget: Budget) -> Callable[[float], None]:
         labels = (budget.scope, budget.name, budget.period)

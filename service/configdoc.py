@@ -43,9 +43,15 @@ def entries(settings_class: type[BaseSettings] = Settings) -> list[Entry]:
     """One entry per setting, in the order of the class."""
     prefix = settings_class.model_config.get("env_prefix", "")
     comments = _comments_above_fields(settings_class)
-    return [Entry(variable=f"{prefix}{name}".upper(), type=_type_name(field), default=_default(field),
-                  description=(field.description or comments.get(name, "")).strip())
-            for name, field in settings_class.model_fields.items()]
+    return [
+        Entry(
+            variable=f"{prefix}{name}".upper(),
+            type=_type_name(field),
+            default=_default(field),
+            description=(field.description or comments.get(name, "")).strip(),
+        )
+        for name, field in settings_class.model_fields.items()
+    ]
 
 
 def render(settings_class: type[BaseSettings] = Settings) -> str:
@@ -53,8 +59,10 @@ def render(settings_class: type[BaseSettings] = Settings) -> str:
     rows = entries(settings_class)
     missing = [e.variable for e in rows if not e.description]
     if missing:
-        raise UndocumentedError(f"settings without a description (a Field description or a comment above them in "
-                                f"{inspect.getsourcefile(settings_class)}): {', '.join(missing)}")
+        raise UndocumentedError(
+            f"settings without a description (a Field description or a comment above them in "
+            f"{inspect.getsourcefile(settings_class)}): {', '.join(missing)}"
+        )
     lines = [
         "# Configuration reference",
         "",
@@ -101,9 +109,12 @@ def _type_name(field: FieldInfo) -> str:
     annotation = field.annotation
     is_list = any(isinstance(m, NoDecode) or m is NoDecode for m in field.metadata)
     name = _annotation_name(annotation)
-    bounds = [f"{op} {getattr(m, attr)}" for m in field.metadata
-              for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
-              if getattr(m, attr, None) is not None]
+    bounds = [
+        f"{op} {getattr(m, attr)}"
+        for m in field.metadata
+        for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+        if getattr(m, attr, None) is not None
+    ]
     if is_list and not name.startswith("list"):
         name = f"list of {name}"
     return name + (f" ({', '.join(bounds)})" if bounds else "")
@@ -137,7 +148,7 @@ def _comments_above_fields(settings_class: type) -> dict[str, str]:
     lines = source.splitlines()
     comment_lines: dict[int, str] = {}  # 1-based line -> text of a comment that is the whole line
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        if token.type == tokenize.COMMENT and not lines[token.start[0] - 1][:token.start[1]].strip():
+        if token.type == tokenize.COMMENT and not lines[token.start[0] - 1][: token.start[1]].strip():
             comment_lines[token.start[0]] = token.string.lstrip("#").strip()
     (class_node,) = [n for n in ast.parse(source).body if isinstance(n, ast.ClassDef)]
     out: dict[str, str] = {}

@@ -23,7 +23,7 @@ class DiscoveryError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    url: str          # as configured (its metric label)
+    url: str  # as configured (its metric label)
     scheme: str
     host: str
     port: int
@@ -79,6 +79,8 @@ def wait_until_resolved(urls: list[str], timeout_s: float, poll_s: float = 1.0) 
             except (OSError, UnicodeError) as exc:
                 problem = f"does not resolve ({exc})"
             if time.monotonic() >= deadline:
-                raise DiscoveryError(f"upstream {entry.url}: host {entry.host!r} {problem} "
-                                     f"after {timeout_s:g} s (LORAGATE_DISCOVERY_START_TIMEOUT_S)")
+                raise DiscoveryError(
+                    f"upstream {entry.url}: host {entry.host!r} {problem} "
+                    f"after {timeout_s:g} s (LORAGATE_DISCOVERY_START_TIMEOUT_S)"
+                )
             time.sleep(poll_s)

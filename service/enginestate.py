@@ -83,7 +83,7 @@ def parse_labels(text: bytes, start: int) -> tuple[dict[str, str], int]:
                 i = quote + 1
                 break
             parts.append(text[i:slash])
-            escaped = text[slash + 1:slash + 2]
+            escaped = text[slash + 1 : slash + 2]
             parts.append(b"\n" if escaped == b"n" else escaped)
             i = slash + 2
         labels[name] = b"".join(parts).decode("utf-8", "replace")
@@ -98,7 +98,7 @@ def _samples(text: bytes, name: bytes) -> list[tuple[int, float]]:
     while at >= 0:
         begin = at if at == 0 and text.startswith(name) else at + 1
         after = begin + len(name)
-        nxt = text[after:after + 1]
+        nxt = text[after : after + 1]
         line_end = text.find(b"\n", after)
         line_end = len(text) if line_end < 0 else line_end
         labels_at = -1
@@ -176,8 +176,13 @@ def parse_engine_metrics(text: bytes) -> EngineState:
         state.running_adapters = _names(labels.get("running_lora_adapters"))
         state.waiting_adapters = _names(labels.get("waiting_lora_adapters"))
         state.active_adapters = state.running_adapters | state.waiting_adapters
-    for label, value in (("running", state.running), ("waiting", state.waiting), ("kv_usage", state.kv_usage),
-                         ("prefix_cache", state.prefix_hits), ("lora_info", state.running_adapters)):
+    for label, value in (
+        ("running", state.running),
+        ("waiting", state.waiting),
+        ("kv_usage", state.kv_usage),
+        ("prefix_cache", state.prefix_hits),
+        ("lora_info", state.running_adapters),
+    ):
         if value is None:
             missing.append(label)
     state.missing = tuple(missing)

@@ -41,10 +41,17 @@ class FailureReason(StrEnum):
         return f"midstream_{self.value}"
 
 
-_RETRYABLE = frozenset({
-    FailureReason.CONNECT_ERROR, FailureReason.DISCONNECTED, FailureReason.UPSTREAM_5XX, FailureReason.UPSTREAM_429,
-    FailureReason.UPSTREAM_ERROR, FailureReason.STREAM_ERROR, FailureReason.MALFORMED_RESPONSE,
-})
+_RETRYABLE = frozenset(
+    {
+        FailureReason.CONNECT_ERROR,
+        FailureReason.DISCONNECTED,
+        FailureReason.UPSTREAM_5XX,
+        FailureReason.UPSTREAM_429,
+        FailureReason.UPSTREAM_ERROR,
+        FailureReason.STREAM_ERROR,
+        FailureReason.MALFORMED_RESPONSE,
+    }
+)
 _STATUS = {FailureReason.TIMEOUT: 504, FailureReason.NO_HEALTHY_UPSTREAM: 503, FailureReason.CIRCUIT_OPEN: 503}
 
 

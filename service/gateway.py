@@ -72,9 +72,14 @@ class Gateway:
         self.auth = auth or AllowAll()
         self.upstream = upstream  # the call that sends a request to a replica (proxy.HttpUpstream in production)
         # Routes with a `shadow`: a sampled copy of each request answered in the dark (service/shadow.py).
-        self.shadows = shadows or Shadows(pool, upstream, ShadowMetrics(metrics.registry),
-                                          self.request_log if self.keeps_log else None, self._timeouts,
-                                          tracer=tracer)
+        self.shadows = shadows or Shadows(
+            pool,
+            upstream,
+            ShadowMetrics(metrics.registry),
+            self.request_log if self.keeps_log else None,
+            self._timeouts,
+            tracer=tracer,
+        )
 
     async def handle(self, request: Request, endpoint: str) -> Response:
         if self.tracer is None:
@@ -142,8 +147,9 @@ class Gateway:
             return error_response(exc, headers)
 
         # The shadow copy (sampled routes only) starts now, beside the primary, and never touches its answer.
-        shadow = (self.shadows.start(route, choice.variant, payload, endpoint, request_id, span) if route.shadow
-                  else None)
+        shadow = (
+            self.shadows.start(route, choice.variant, payload, endpoint, request_id, span) if route.shadow else None
+        )
 
         stream = payload.get("stream") is True
         client_wants_usage = False
@@ -158,8 +164,15 @@ class Gateway:
         in_flight.inc()
         try:
             served = await self.open_with_fallback(
-                route, [choice.variant, *route.fallback_chain(choice.variant)], payload, endpoint, request_id, stream,
-                span=span, priority=priority)
+                route,
+                [choice.variant, *route.fallback_chain(choice.variant)],
+                payload,
+                endpoint,
+                request_id,
+                stream,
+                span=span,
+                priority=priority,
+            )
         except GatewayError as exc:
             in_flight.dec()
             self.metrics.requests.labels(route.name, choice.variant.name, status_class(exc.status)).inc()
@@ -171,8 +184,9 @@ class Gateway:
             headers["x-loragate-fallback"] = served.fallback
 
         # 4. Relay the answer and account for it.
-        context = RequestContext(endpoint, request_id, arrived, started, payload, served.sent, principal, shadow,
-                                 span, priority)
+        context = RequestContext(
+            endpoint, request_id, arrived, started, payload, served.sent, principal, shadow, span, priority
+        )
         if stream and served.response.status == 200:
             return RelayedStream(self, served, headers, context, hide_usage=not client_wants_usage)
         self.release(served)
@@ -194,8 +208,16 @@ class Gateway:
         return route, pinned or request.headers.get(PIN_HEADER) or None
 
     async def open_with_fallback(
-        self, route: Route, candidates: list[Variant], payload: dict, endpoint: str, request_id: str, stream: bool,
-        *, first_reason: FailureReason | None = None, span: object | None = None,
+        self,
+        route: Route,
+        candidates: list[Variant],
+        payload: dict,
+        endpoint: str,
+        request_id: str,
+        stream: bool,
+        *,
+        first_reason: FailureReason | None = None,
+        span: object | None = None,
         priority: Priority = Priority.STANDARD,
     ) -> Served:
         """The first of ``candidates`` that answers, each tried on up to ``max_attempts`` replicas in all.
@@ -211,18 +233,38 @@ class Gateway:
             tried: set[Replica] = set()
             while True:
                 attempts += 1
-                trace = None if span is None else self.tracer.attempt_span(  # type: ignore[union-attr]
-                    span, variant.name, attempts, retry=bool(tried),
-                    fallback_reason=first_reason.value if first_reason else None)
+                trace = (
+                    None
+                    if span is None
+                    else self.tracer.attempt_span(  # type: ignore[union-attr]
+                        span,
+                        variant.name,
+                        attempts,
+                        retry=bool(tried),
+                        fallback_reason=first_reason.value if first_reason else None,
+                    )
+                )
                 try:
-                    served = await self._attempt(route, variant, payload, endpoint, request_id, stream, timeouts,
-                                                 deadline, tried, trace, priority)
+                    served = await self._attempt(
+                        route,
+                        variant,
+                        payload,
+                        endpoint,
+                        request_id,
+                        stream,
+                        timeouts,
+                        deadline,
+                        tried,
+                        trace,
+                        priority,
+                    )
                 except Overloaded as exc:
                     if trace is not None:
                         self.tracer.end(trace, error="overloaded")  # type: ignore[union-attr]
                     self.metrics.rejections.labels(route.name).inc()
-                    raise GatewayError(503, str(exc), code=exc.code,
-                                       headers={"retry-after": str(exc.retry_after_s)}) from None
+                    raise GatewayError(
+                        503, str(exc), code=exc.code, headers={"retry-after": str(exc.retry_after_s)}
+                    ) from None
                 except UpstreamFailure as failure:
                     reason, detail = failure.reason, failure.detail
                     if trace is not None:
@@ -232,8 +274,13 @@ class Gateway:
                         self.tracer.end(trace, served.response.status)  # type: ignore[union-attr]
                     served.fallback = first_reason.value if first_reason else None
                     return served
-                retry = (reason.retryable and attempts < self.max_attempts and time.monotonic() < deadline
-                         and not variant.endpoint and len(tried) < len(self.pool.replicas))
+                retry = (
+                    reason.retryable
+                    and attempts < self.max_attempts
+                    and time.monotonic() < deadline
+                    and not variant.endpoint
+                    and len(tried) < len(self.pool.replicas)
+                )
                 if not retry:
                     break
                 self.metrics.retries.labels(route.name, reason).inc()
@@ -251,8 +298,17 @@ class Gateway:
         )
 
     async def _attempt(
-        self, route: Route, variant: Variant, payload: dict, endpoint: str, request_id: str, stream: bool,
-        timeouts: Timeouts, deadline: float, tried: set[Replica], trace: object | None = None,
+        self,
+        route: Route,
+        variant: Variant,
+        payload: dict,
+        endpoint: str,
+        request_id: str,
+        stream: bool,
+        timeouts: Timeouts,
+        deadline: float,
+        tried: set[Replica],
+        trace: object | None = None,
         priority: Priority = Priority.STANDARD,
     ) -> Served:
         """One try of one variant on one replica; raises UpstreamFailure with a bounded reason."""
@@ -260,9 +316,15 @@ class Gateway:
             if variant.endpoint:
                 replica = self.pool.acquire_endpoint(variant.endpoint)
             else:
-                replica = await self.pool.acquire(variant.adapter, variant.path, exclude=tried,
-                                                  prefix=prompt_prefix(payload), weights=route.scheduling,
-                                                  trace=trace, priority=priority)
+                replica = await self.pool.acquire(
+                    variant.adapter,
+                    variant.path,
+                    exclude=tried,
+                    prefix=prompt_prefix(payload),
+                    weights=route.scheduling,
+                    trace=trace,
+                    priority=priority,
+                )
         except NoHealthyUpstream as exc:
             raise UpstreamFailure(FailureReason.NO_HEALTHY_UPSTREAM, str(exc)) from None
         except CircuitOpen as exc:
@@ -285,8 +347,11 @@ class Gateway:
         try:
             response = await self.upstream(
                 f"{replica.url}/{endpoint}" if replica.external else f"{replica.url}/v1/{endpoint}",
-                sent, request_id=request_id, is_adapter=variant.adapter is not None,
-                timeout=timeout, api_key=os.environ.get(variant.api_key_env) if variant.api_key_env else None,
+                sent,
+                request_id=request_id,
+                is_adapter=variant.adapter is not None,
+                timeout=timeout,
+                api_key=os.environ.get(variant.api_key_env) if variant.api_key_env else None,
                 **traced,  # only when tracing is on: an Upstream without the keyword still works when it is off
             )
             first_chunk = body = b""
@@ -295,16 +360,18 @@ class Gateway:
                 # Read the first event before the client sees anything, so a slow or broken start falls back.
                 first_chunk = await response.content.readany()
                 if not first_chunk or sse.find_error_event(sse.normalize(first_chunk)) == 0:
-                    raise UpstreamFailure(FailureReason.STREAM_ERROR,
-                                          f"{replica.url}: stream ended or failed before any token")
+                    raise UpstreamFailure(
+                        FailureReason.STREAM_ERROR, f"{replica.url}: stream ended or failed before any token"
+                    )
             else:
                 body = await response.read()
                 if response.status == 200:
                     try:
                         usage = _answer_usage(body)
                     except ValueError:
-                        raise UpstreamFailure(FailureReason.MALFORMED_RESPONSE,
-                                              f"{replica.url}: the answer is not a JSON object") from None
+                        raise UpstreamFailure(
+                            FailureReason.MALFORMED_RESPONSE, f"{replica.url}: the answer is not a JSON object"
+                        ) from None
         except UpstreamFailure as failure:
             self._abandon(replica, variant, response, failure.reason)
             raise
@@ -317,8 +384,9 @@ class Gateway:
         self.pool.report(replica, variant.adapter, None)
         return Served(route, variant, replica, response, None, first_chunk, body, usage, sent)
 
-    def _abandon(self, replica: Replica, variant: Variant, response: UpstreamResponse | None,
-                 reason: FailureReason) -> None:
+    def _abandon(
+        self, replica: Replica, variant: Variant, response: UpstreamResponse | None, reason: FailureReason
+    ) -> None:
         if response is not None:
             response.release()
         self.pool.release(replica, variant.adapter)
@@ -370,27 +438,50 @@ class Gateway:
             if first_token_at is not None and completion_tokens > 1:
                 counted.tpot.observe((finished - first_token_at) / (completion_tokens - 1))
         if status == 200:
-            context.principal.charge(prompt_tokens + completion_tokens if usage else _requested_tokens(context.payload),
-                                     cost)
+            context.principal.charge(
+                prompt_tokens + completion_tokens if usage else _requested_tokens(context.payload), cost
+            )
         if context.shadow is not None:
             context.shadow.primary_done()  # from now on the shadow has its deadline_s
         if context.span is not None:
             self.tracer.answered(  # type: ignore[union-attr]
-                context.span, variant.name, route.upstream_model(variant),
-                prompt_tokens if usage else None, completion_tokens if usage else None, served.fallback)
+                context.span,
+                variant.name,
+                route.upstream_model(variant),
+                prompt_tokens if usage else None,
+                completion_tokens if usage else None,
+                served.fallback,
+            )
         if self.keeps_log:
             # By name (service.requestlog.records): a field added or moved there cannot land in another column.
-            queued = self.request_log.record(RequestRecord(
-                request_id=context.request_id, timestamp=context.arrived, route=route.name, variant=variant.name,
-                endpoint=context.endpoint, status=status, stream=chunks is not None, fallback=served.fallback,
-                latency_s=latency, ttft_s=ttft, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                cost_usd=cost, reference_cost_usd=reference_cost, payload=context.sent,
-                answer=body if chunks is None else b"".join(chunks), role=PRIMARY, priority=context.priority.label))
+            queued = self.request_log.record(
+                RequestRecord(
+                    request_id=context.request_id,
+                    timestamp=context.arrived,
+                    route=route.name,
+                    variant=variant.name,
+                    endpoint=context.endpoint,
+                    status=status,
+                    stream=chunks is not None,
+                    fallback=served.fallback,
+                    latency_s=latency,
+                    ttft_s=ttft,
+                    prompt_tokens=prompt_tokens,
+                    completion_tokens=completion_tokens,
+                    cost_usd=cost,
+                    reference_cost_usd=reference_cost,
+                    payload=context.sent,
+                    answer=body if chunks is None else b"".join(chunks),
+                    role=PRIMARY,
+                    priority=context.priority.label,
+                )
+            )
             if context.span is not None:  # the hand-off, an event on the request span (tracing.logged says why)
                 self.tracer.logged(context.span, PRIMARY, queued is not False)  # type: ignore[union-attr]
 
-    async def continue_stream(self, served: Served, forwarded: list[bytes], context: RequestContext,
-                              reason: FailureReason) -> tuple[Served, int] | None:
+    async def continue_stream(
+        self, served: Served, forwarded: list[bytes], context: RequestContext, reason: FailureReason
+    ) -> tuple[Served, int] | None:
         """Mid-stream failover: resume a broken stream on the next fallback target from the text sent so far.
 
         Returns the new upstream and the number of tokens already streamed, or None when the
@@ -404,9 +495,16 @@ class Gateway:
         payload, tokens_so_far = continuation
         self.metrics.fallbacks.labels(route.name, served.variant.name, reason.midstream).inc()
         try:
-            resumed = await self.open_with_fallback(route, candidates, payload, context.endpoint,
-                                                    context.request_id, stream=True, span=context.span,
-                                                    priority=context.priority)
+            resumed = await self.open_with_fallback(
+                route,
+                candidates,
+                payload,
+                context.endpoint,
+                context.request_id,
+                stream=True,
+                span=context.span,
+                priority=context.priority,
+            )
         except GatewayError:
             return None
         resumed.fallback = reason.midstream
@@ -422,8 +520,16 @@ class Gateway:
         self.pool.report(served.replica, served.variant.adapter, reason)
         self.release(served)
 
-    def end_stream(self, served: Served, context: RequestContext, usage: Usage | None,
-                   first_token_at: float | None, chunks: list[bytes], *, released: bool) -> None:
+    def end_stream(
+        self,
+        served: Served,
+        context: RequestContext,
+        usage: Usage | None,
+        first_token_at: float | None,
+        chunks: list[bytes],
+        *,
+        released: bool,
+    ) -> None:
         if not released:
             self.release(served)
         self.metrics.route_in_flight(served.route.name).dec()
@@ -478,12 +584,17 @@ def _check_limits(route: Route, payload: dict) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise GatewayError(400, f"`{name}` must be a positive integer", code="invalid_parameter", param=name)
         if route.limits.max_tokens is not None and value > route.limits.max_tokens:
-            raise GatewayError(400, f"`{name}` may be at most {route.limits.max_tokens} on this route",
-                               code="invalid_parameter", param=name)
+            raise GatewayError(
+                400,
+                f"`{name}` may be at most {route.limits.max_tokens} on this route",
+                code="invalid_parameter",
+                param=name,
+            )
     n = payload.get("n", 1)
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= route.limits.max_n):
-        raise GatewayError(400, f"`n` must be an integer from 1 to {route.limits.max_n}",
-                           code="invalid_parameter", param="n")
+        raise GatewayError(
+            400, f"`n` must be an integer from 1 to {route.limits.max_n}", code="invalid_parameter", param="n"
+        )
 
 
 def _sticky_value(route: Route, request: Request, payload: dict) -> str | None:

@@ -33,8 +33,18 @@ from urllib.parse import urlsplit
 
 import httptools
 
-from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer, ReadTimeout,
-                                        Released, StreamedAnswer, Timeout, TransportError, TransportTimeout)
+from loragate.service.transport import (
+    ConnectFailed,
+    Disconnected,
+    IncompleteAnswer,
+    MalformedAnswer,
+    ReadTimeout,
+    Released,
+    StreamedAnswer,
+    Timeout,
+    TransportError,
+    TransportTimeout,
+)
 
 PAUSE_AT = 256 * 1024  # a stream's unread bytes past which reading from the socket pauses (backpressure)
 KEEPALIVE_S = 15.0  # an idle connection older than this is closed rather than reused (as aiohttp's connector)
@@ -73,8 +83,16 @@ class HttpClient:
         self.closed = False
         self._targets: dict[str, _Target] = {}
 
-    async def post(self, url: str, body: bytes, *, request_id: str, api_key: str | None = None,
-                   timeout: Timeout | None = None, traceparent: str | None = None) -> Response:
+    async def post(
+        self,
+        url: str,
+        body: bytes,
+        *,
+        request_id: str,
+        api_key: str | None = None,
+        timeout: Timeout | None = None,
+        traceparent: str | None = None,
+    ) -> Response:
         if self.closed:
             raise TransportError("the HTTP client is closed")
         target = self._targets.get(url)
@@ -144,8 +162,9 @@ class HttpClient:
             idle = self.idle[connection.key] = []
         idle.append(connection)
 
-    async def _connect(self, loop: asyncio.AbstractEventLoop, target: _Target, connect_s: float | None,
-                       deadline: float | None) -> _Connection:
+    async def _connect(
+        self, loop: asyncio.AbstractEventLoop, target: _Target, connect_s: float | None, deadline: float | None
+    ) -> _Connection:
         limit = deadline if connect_s is None else loop.time() + connect_s
         if deadline is not None and limit is not None:
             limit = min(limit, deadline)
@@ -160,8 +179,14 @@ class HttpClient:
             raise ConnectFailed(target.host, target.port, exc) from None
         return connection
 
-    async def _exchange(self, loop: asyncio.AbstractEventLoop, connection: _Connection, message: bytes,
-                        deadline: float | None, read_s: float | None) -> Response:
+    async def _exchange(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        connection: _Connection,
+        message: bytes,
+        deadline: float | None,
+        read_s: float | None,
+    ) -> Response:
         response = connection.response = Response(connection)
         connection.in_head = True
         if deadline is not None:
@@ -188,8 +213,23 @@ class _Connection(asyncio.Protocol):
     Between two answers a connection is idle: not paused, its parser between messages, no response attached.
     """
 
-    __slots__ = ("client", "key", "loop", "transport", "parser", "response", "closed", "reused", "keep_alive",
-                 "idle_since", "in_head", "head", "line_start", "codings", "unparsed")
+    __slots__ = (
+        "client",
+        "key",
+        "loop",
+        "transport",
+        "parser",
+        "response",
+        "closed",
+        "reused",
+        "keep_alive",
+        "idle_since",
+        "in_head",
+        "head",
+        "line_start",
+        "codings",
+        "unparsed",
+    )
 
     def __init__(self, client: HttpClient, key: tuple[str, int], loop: asyncio.AbstractEventLoop) -> None:
         self.client = client
@@ -210,8 +250,13 @@ class _Connection(asyncio.Protocol):
 
     def reusable(self) -> bool:
         transport = self.transport
-        return (not self.closed and self.response is None and transport is not None and not transport.is_closing()
-                and transport.is_reading())
+        return (
+            not self.closed
+            and self.response is None
+            and transport is not None
+            and not transport.is_closing()
+            and transport.is_reading()
+        )
 
     def close(self) -> None:
         self.closed = True
@@ -436,9 +481,24 @@ class Response(StreamedAnswer):
     connection goes back to the pool as soon as the answer is complete; ``release`` of an unfinished answer closes it.
     """
 
-    __slots__ = ("connection", "status", "headers_done", "until_eof", "complete", "error", "got_bytes",
-                 "buffer", "size", "waiter", "paused", "whole", "total_timer", "read_timer", "read_s",
-                 "last_read")
+    __slots__ = (
+        "connection",
+        "status",
+        "headers_done",
+        "until_eof",
+        "complete",
+        "error",
+        "got_bytes",
+        "buffer",
+        "size",
+        "waiter",
+        "paused",
+        "whole",
+        "total_timer",
+        "read_timer",
+        "read_s",
+        "last_read",
+    )
 
     def __init__(self, connection: _Connection) -> None:
         self.connection: _Connection | None = connection

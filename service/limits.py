@@ -40,15 +40,15 @@ log = logging.getLogger("loragate.limits")
 # Values of loragate_limits_backend{backend}: where the limits of a process are enforced now.
 BACKENDS = (
     "in_process",  # no LORAGATE_LIMITS_URL: buckets in this process
-    "redis",       # shared buckets in Redis
-    "fallback",    # Redis unreachable, fail open: buckets in this process until it is back
-    "refusing",    # Redis unreachable, fail closed: limited keys get 503 until it is back
+    "redis",  # shared buckets in Redis
+    "fallback",  # Redis unreachable, fail open: buckets in this process until it is back
+    "refusing",  # Redis unreachable, fail closed: limited keys get 503 until it is back
 )
 REDIS_PREFIX = "loragate:limits:"
 
 
 class Refusal(NamedTuple):
-    reason: str    # "request_rate", "token_rate" or "limiter_unavailable"
+    reason: str  # "request_rate", "token_rate" or "limiter_unavailable"
     wait_s: float  # seconds until a retry can succeed
 
 
@@ -121,8 +121,10 @@ class LocalLimiter:
 
     def _of(self, key: LimitedKey, now: float) -> tuple[Bucket | None, Bucket | None]:
         old = self._buckets.get(key.id)
-        buckets = (_bucket(key.requests_per_minute, old[0] if old else None, now),
-                   _bucket(key.tokens_per_minute, old[1] if old else None, now))
+        buckets = (
+            _bucket(key.requests_per_minute, old[0] if old else None, now),
+            _bucket(key.tokens_per_minute, old[1] if old else None, now),
+        )
         if buckets != old:
             self._buckets[key.id] = buckets
         return buckets
@@ -249,9 +251,14 @@ class RedisLimiter:
             if backend == "redis":
                 log.warning("limits: Redis is reachable again; limits are shared again")
             else:
-                log.error("limits: Redis unreachable (%s: %s); %s until it is back", type(cause).__name__, cause,
-                          "refusing limited keys with 503" if backend == "refusing"
-                          else "enforcing limits in this process only")
+                log.error(
+                    "limits: Redis unreachable (%s: %s); %s until it is back",
+                    type(cause).__name__,
+                    cause,
+                    "refusing limited keys with 503"
+                    if backend == "refusing"
+                    else "enforcing limits in this process only",
+                )
         self.backend = backend
 
     def _went_down(self, cause: BaseException) -> None:
@@ -293,8 +300,12 @@ class RedisLimiter:
         return found
 
     def _args(self, key: LimitedKey, charge: int) -> tuple[bytes, ...]:
-        return (self._key(key.id), b"%d" % (key.requests_per_minute or 0), b"%d" % (key.tokens_per_minute or 0),
-                b"%d" % charge)
+        return (
+            self._key(key.id),
+            b"%d" % (key.requests_per_minute or 0),
+            b"%d" % (key.tokens_per_minute or 0),
+            b"%d" % charge,
+        )
 
     def _down(self, key: LimitedKey) -> Outcome:
         if self.backend == "refusing":
@@ -352,15 +363,21 @@ class RedisLimiter:
             del self._keys[key_id]
 
 
-def limiter_from_settings(settings: Settings, metrics: Metrics, *, shared: bool = True,
-                          clock: Callable[[], float] = time.monotonic) -> Limiter:
+def limiter_from_settings(
+    settings: Settings, metrics: Metrics, *, shared: bool = True, clock: Callable[[], float] = time.monotonic
+) -> Limiter:
     """Redis when ``limits_url`` is set (and ``shared``), else in this process."""
     local = LocalLimiter(clock)
     if not settings.limits_url or not shared:
         for name in BACKENDS:  # every series exists, so alerts on the others read 0, not "no data"
             metrics.limits_backend.labels(name).set(1 if name == "in_process" else 0)
         return local
-    return RedisLimiter(settings.limits_url.get_secret_value(), metrics, fallback=local,
-                        fail_closed=settings.limits_fail_closed, retry_after_s=max(1.0, settings.health_interval_s),
-                        timeout_s=settings.limits_timeout_s,
-                        password=settings.limits_password.get_secret_value() if settings.limits_password else None)
+    return RedisLimiter(
+        settings.limits_url.get_secret_value(),
+        metrics,
+        fallback=local,
+        fail_closed=settings.limits_fail_closed,
+        retry_after_s=max(1.0, settings.health_interval_s),
+        timeout_s=settings.limits_timeout_s,
+        password=settings.limits_password.get_secret_value() if settings.limits_password else None,
+    )

@@ -48,10 +48,21 @@ class Picker:
             self.memory.forget(gone)
         self.ring = PrefixRing(list(replicas), _url)
 
-    def pick(self, replicas: Sequence[Replica], usable: Callable[[Replica], bool], *, adapter: str | None,
-             can_load: Callable[[Replica], bool], prefix: int | None, holders: Sequence[Replica] = (),
-             loading_elsewhere: bool = False, adapter_limit: int | None = None, total_in_flight: int = 0,
-             weights: ScorerWeights = Weights(), exhaustive: bool = False) -> Pick | None:
+    def pick(
+        self,
+        replicas: Sequence[Replica],
+        usable: Callable[[Replica], bool],
+        *,
+        adapter: str | None,
+        can_load: Callable[[Replica], bool],
+        prefix: int | None,
+        holders: Sequence[Replica] = (),
+        loading_elsewhere: bool = False,
+        adapter_limit: int | None = None,
+        total_in_flight: int = 0,
+        weights: ScorerWeights = Weights(),
+        exhaustive: bool = False,
+    ) -> Pick | None:
         """The cheapest usable candidate, or None when none of those looked at is usable.
 
         ``holders``: the replicas that hold ``adapter`` or are loading it (the replica set's index).
@@ -95,8 +106,12 @@ class Picker:
             else:
                 active = r.is_active(adapter)
                 affinity = w_adapter * adapter_cost(  # positional: the picker's hot loop
-                    active, active or r.holds(adapter), active or r.free_lora_slot(),
-                    adapter_limit is not None and len(r.adapters) >= adapter_limit, loading_elsewhere)
+                    active,
+                    active or r.holds(adapter),
+                    active or r.free_lora_slot(),
+                    adapter_limit is not None and len(r.adapters) >= adapter_limit,
+                    loading_elsewhere,
+                )
             cached = 0.0 if prefix is None or not near else w_prefix * prefix_cost(r in near)
             total = load + affinity + cached
             if total < best_total:

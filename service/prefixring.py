@@ -35,8 +35,9 @@ def prefix_key(adapter: str | None, prefix: str) -> int:
 
 class PrefixRing(Generic[T]):
     def __init__(self, members: Sequence[T], name: Callable[[T], str], virtual_nodes: int = VIRTUAL_NODES) -> None:
-        points = sorted((_point(f"{name(m)}#{i}"), index) for index, m in enumerate(members)
-                        for i in range(virtual_nodes))
+        points = sorted(
+            (_point(f"{name(m)}#{i}"), index) for index, m in enumerate(members) for i in range(virtual_nodes)
+        )
         self.members = list(members)
         self._points = [p for p, _ in points]
         self._owners = [self.members[i] for _, i in points]
@@ -111,7 +112,7 @@ def _text(content: object) -> str:
             if size >= PREFIX_CHARS:
                 break
             if isinstance(part, dict) and isinstance(part.get("text"), str):
-                texts.append(part["text"][:PREFIX_CHARS - size])
+                texts.append(part["text"][: PREFIX_CHARS - size])
                 size += len(texts[-1])
         return "".join(texts)
     return ""

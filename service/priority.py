@@ -73,12 +73,20 @@ class PriorityPolicy:
         asked = _BY_NAME.get(header.strip().lower())
         if asked is None:
             shown = header[:40].encode("ascii", "replace").decode()  # a client's bytes, echoed bounded
-            raise GatewayError(400, f"unknown priority class {shown!r} in {PRIORITY_HEADER}: one of "
-                               f"{', '.join(_BY_NAME)}", code="invalid_priority", param=PRIORITY_HEADER)
+            raise GatewayError(
+                400,
+                f"unknown priority class {shown!r} in {PRIORITY_HEADER}: one of {', '.join(_BY_NAME)}",
+                code="invalid_priority",
+                param=PRIORITY_HEADER,
+            )
         if asked not in self.allowed:
             allowed = ", ".join(p.label for p in sorted(self.allowed))
-            raise GatewayError(403, f"this API key may not use the priority class `{asked.label}` (allowed: "
-                               f"{allowed})", code="priority_not_allowed", param=PRIORITY_HEADER)
+            raise GatewayError(
+                403,
+                f"this API key may not use the priority class `{asked.label}` (allowed: {allowed})",
+                code="priority_not_allowed",
+                param=PRIORITY_HEADER,
+            )
         return asked
 
 

@@ -54,9 +54,17 @@ class UpstreamResponse(Protocol):
 class Upstream(Protocol):
     """The upstream call: POST ``body`` to ``url``, the answer once its headers are in (see open_upstream)."""
 
-    def __call__(self, url: str, body: bytes, *, request_id: str, is_adapter: bool,
-                 timeout: Timeout | None = None, api_key: str | None = None, traceparent: str | None = None,
-                 ) -> Awaitable[UpstreamResponse]: ...
+    def __call__(
+        self,
+        url: str,
+        body: bytes,
+        *,
+        request_id: str,
+        is_adapter: bool,
+        timeout: Timeout | None = None,
+        api_key: str | None = None,
+        traceparent: str | None = None,
+    ) -> Awaitable[UpstreamResponse]: ...
 
 
 class HttpUpstream:
@@ -74,13 +82,29 @@ class HttpUpstream:
         self.session = session
         self.client = client
 
-    def __call__(self, url: str, body: bytes, *, request_id: str, is_adapter: bool,
-                 timeout: Timeout | None = None, api_key: str | None = None, traceparent: str | None = None,
-                 ) -> Awaitable[UpstreamResponse]:
+    def __call__(
+        self,
+        url: str,
+        body: bytes,
+        *,
+        request_id: str,
+        is_adapter: bool,
+        timeout: Timeout | None = None,
+        api_key: str | None = None,
+        traceparent: str | None = None,
+    ) -> Awaitable[UpstreamResponse]:
         client = self.client if self.client is not None and url.startswith("http://") else self.session
         assert client is not None, "HttpUpstream used before bind()"
-        return open_upstream(client, url, body, request_id=request_id, is_adapter=is_adapter,
-                             timeout=timeout, api_key=api_key, traceparent=traceparent)
+        return open_upstream(
+            client,
+            url,
+            body,
+            request_id=request_id,
+            is_adapter=is_adapter,
+            timeout=timeout,
+            api_key=api_key,
+            traceparent=traceparent,
+        )
 
 
 async def open_upstream(
@@ -94,7 +118,7 @@ async def open_upstream(
     api_key: str | None = None,
     traceparent: str | None = None,
 ) -> UpstreamResponse:
-    """POST ``body`` to ``url`` through ``session`` (aiohttp's or the lean client); the response once its headers are in.
+    """POST ``body`` to ``url`` through ``session`` (aiohttp's or the lean client): the response, headers read.
 
     Raises UpstreamFailure for answers another target might do better on:
     connection errors, timeouts, 5xx, 429, and 404 for an adapter model (the
@@ -104,8 +128,9 @@ async def open_upstream(
     response: UpstreamResponse
     try:
         if isinstance(session, HttpClient):
-            response = await session.post(url, body, request_id=request_id, api_key=api_key, timeout=timeout,
-                                         traceparent=traceparent)
+            response = await session.post(
+                url, body, request_id=request_id, api_key=api_key, timeout=timeout, traceparent=traceparent
+            )
         else:
             response = await aiohttp_post(session, url, body, request_id, timeout, api_key, traceparent)
     except TransportTimeout:
@@ -119,8 +144,13 @@ async def open_upstream(
     status = response.status
     if status >= 500 or status == 429 or (status == 404 and is_adapter):
         response.release()
-        reason = (FailureReason.UPSTREAM_5XX if status >= 500 else FailureReason.UPSTREAM_429 if status == 429
-                  else FailureReason.ADAPTER_MISSING)
+        reason = (
+            FailureReason.UPSTREAM_5XX
+            if status >= 500
+            else FailureReason.UPSTREAM_429
+            if status == 429
+            else FailureReason.ADAPTER_MISSING
+        )
         raise UpstreamFailure(reason, f"{url}: HTTP {status}")
     return response
 

@@ -63,6 +63,7 @@ class Unawaited:
         def done(future: asyncio.Future) -> None:
             self._pending.discard(future)
             answered(future)
+
         future.add_done_callback(done)
 
     async def flush(self) -> None:

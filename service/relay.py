@@ -32,21 +32,30 @@ class StreamOwner(Protocol):
     def abandon_stream(self, served: Served, reason: FailureReason) -> None:
         """The upstream broke: count the failure against it and let it go."""
 
-    async def continue_stream(self, served: Served, forwarded: list[bytes], context: RequestContext,
-                              reason: FailureReason) -> tuple[Served, int] | None:
+    async def continue_stream(
+        self, served: Served, forwarded: list[bytes], context: RequestContext, reason: FailureReason
+    ) -> tuple[Served, int] | None:
         """A new upstream resuming from ``forwarded``, and the tokens streamed so far; None if impossible."""
 
-    def end_stream(self, served: Served, context: RequestContext, usage: Usage | None,
-                   first_token_at: float | None, chunks: list[bytes], *, released: bool) -> None:
+    def end_stream(
+        self,
+        served: Served,
+        context: RequestContext,
+        usage: Usage | None,
+        first_token_at: float | None,
+        chunks: list[bytes],
+        *,
+        released: bool,
+    ) -> None:
         """The stream is over (``served`` already let go when ``released``): release and account for it."""
-
 
 
 class RelayedStream(Response):
     """Relays an upstream SSE stream event by event, then accounts for it (tokens, cost, TTFT, TPOT)."""
 
-    def __init__(self, owner: StreamOwner, served: Served, headers: dict[str, str], context: RequestContext,
-                 hide_usage: bool) -> None:
+    def __init__(
+        self, owner: StreamOwner, served: Served, headers: dict[str, str], context: RequestContext, hide_usage: bool
+    ) -> None:
         self.owner = owner
         self.served = served
         self.context = context
@@ -103,8 +112,7 @@ class RelayedStream(Response):
                 relay.drop_partial()
                 resumed = await owner.continue_stream(served, forwarded, self.context, failure)
                 if resumed is None:
-                    await send({"type": "http.response.body", "body": _error_event(failure) + DONE,
-                                "more_body": True})
+                    await send({"type": "http.response.body", "body": _error_event(failure) + DONE, "more_body": True})
                     break
                 served, earlier_tokens = resumed
                 rewrite = _id_rewrite(forwarded, served.first_chunk)
@@ -173,7 +181,6 @@ def _ended(forwarded: list[bytes]) -> bool:
 
 
 def _error_event(reason: FailureReason) -> bytes:
-    return sse.encode(error_body(502, f"the upstream stream broke ({reason}) and could not be continued",
-                                 code="stream_interrupted"))
-
-
+    return sse.encode(
+        error_body(502, f"the upstream stream broke ({reason}) and could not be continued", code="stream_interrupted")
+    )

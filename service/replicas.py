@@ -79,8 +79,15 @@ class Replica:
 
 
 class ReplicaSet:
-    def __init__(self, urls: list[str], metrics: Metrics, *, health_timeout_s: float = 2.0,
-                 scrape_timeout_s: float = 1.0, on_change: Callable[[list[Replica]], None] | None = None) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        metrics: Metrics,
+        *,
+        health_timeout_s: float = 2.0,
+        scrape_timeout_s: float = 1.0,
+        on_change: Callable[[list[Replica]], None] | None = None,
+    ) -> None:
         # Entries with an IP are replicas now; those with a host name get theirs from discover().
         self.entries = [parse_entry(url) for url in urls]
         self.replicas = [Replica(e.url) for e in self.entries if not e.discovered]
@@ -163,8 +170,7 @@ class ReplicaSet:
             self.replicas.remove(replica)
             replica.draining = True
             self._draining.append(replica)
-            log.info("upstream %s: replica %s left DNS, draining %d requests", entry, replica.url,
-                     replica.in_flight)
+            log.info("upstream %s: replica %s left DNS, draining %d requests", entry, replica.url, replica.in_flight)
         return changed
 
     def retire_drained(self) -> None:
@@ -174,12 +180,14 @@ class ReplicaSet:
             # Its series go (a 0 would read as a replica down); with --workers N the multiprocess files keep
             # the last value until the gateway restarts.
             m = self.metrics
-            for gauge, labels in ((m.upstream_healthy, [(replica.url,)]),
-                                  (m.upstream_in_flight, [(replica.url,)]),
-                                  (m.engine_kv_cache_usage, [(replica.url,)]),
-                                  (m.engine_requests, [(replica.url, s) for s in ("running", "waiting")]),
-                                  (m.engine_lora_adapters, [(replica.url, s) for s in ("loaded", "running", "slots")]),
-                                  (m.circuit_state, [(replica.url, key) for key in replica.circuits])):
+            for gauge, labels in (
+                (m.upstream_healthy, [(replica.url,)]),
+                (m.upstream_in_flight, [(replica.url,)]),
+                (m.engine_kv_cache_usage, [(replica.url,)]),
+                (m.engine_requests, [(replica.url, s) for s in ("running", "waiting")]),
+                (m.engine_lora_adapters, [(replica.url, s) for s in ("loaded", "running", "slots")]),
+                (m.circuit_state, [(replica.url, key) for key in replica.circuits]),
+            ):
                 for label_values in labels:
                     try:
                         gauge.remove(*label_values)
@@ -239,8 +247,9 @@ class ReplicaSet:
         in_flight = replica.in_flight
         engine: EngineState | None = None
         try:
-            reply = await self.client.get(f"{replica.url}/metrics", timeout=Timeout(total=self.scrape_timeout_s),
-                                          max_bytes=MAX_METRICS_BYTES)
+            reply = await self.client.get(
+                f"{replica.url}/metrics", timeout=Timeout(total=self.scrape_timeout_s), max_bytes=MAX_METRICS_BYTES
+            )
             if reply.status == 200:
                 # In a thread: a hostile body costs ~0.2 s of parsing, which must not stall the event loop.
                 engine = await asyncio.to_thread(parse_engine_metrics, reply.body)
@@ -271,20 +280,34 @@ class ReplicaSet:
     def view(self, replica: Replica) -> dict:
         """What /admin/upstreams shows of one replica: health, the scraped state, and what falls back."""
         engine = replica.engine
-        state: dict = {"scraped": engine is not None,
-                       "age_s": round(time.monotonic() - replica.scraped_at, 3) if engine is not None else None}
+        state: dict = {
+            "scraped": engine is not None,
+            "age_s": round(time.monotonic() - replica.scraped_at, 3) if engine is not None else None,
+        }
         if engine is None:
             state["fallback"] = "no /metrics scrape: load is this gateway's in-flight count"
         else:
-            state.update(running=engine.running, waiting=engine.waiting, kv_cache_usage=engine.kv_usage,
-                         prefix_cache_queries=engine.prefix_queries, prefix_cache_hits=engine.prefix_hits,
-                         max_lora=engine.max_lora,
-                         running_adapters=sorted(engine.running_adapters or ()),
-                         waiting_adapters=sorted(engine.waiting_adapters or ()),
-                         missing=list(engine.missing))
+            state.update(
+                running=engine.running,
+                waiting=engine.waiting,
+                kv_cache_usage=engine.kv_usage,
+                prefix_cache_queries=engine.prefix_queries,
+                prefix_cache_hits=engine.prefix_hits,
+                max_lora=engine.max_lora,
+                running_adapters=sorted(engine.running_adapters or ()),
+                waiting_adapters=sorted(engine.waiting_adapters or ()),
+                missing=list(engine.missing),
+            )
             if engine.missing:
-                state["fallback"] = (f"the engine does not expose {', '.join(engine.missing)}: "
-                                     "this gateway's own counts stand in")
-        return {"url": replica.url, "healthy": replica.healthy, "draining": replica.draining,
-                "in_flight": replica.in_flight, "adapters": sorted(replica.adapters),
-                "loaded_by_gateway": sorted(replica.loaded_by_gateway), "engine": state}
+                state["fallback"] = (
+                    f"the engine does not expose {', '.join(engine.missing)}: this gateway's own counts stand in"
+                )
+        return {
+            "url": replica.url,
+            "healthy": replica.healthy,
+            "draining": replica.draining,
+            "in_flight": replica.in_flight,
+            "adapters": sorted(replica.adapters),
+            "loaded_by_gateway": sorted(replica.loaded_by_gateway),
+            "engine": state,
+        }

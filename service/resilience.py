@@ -18,8 +18,13 @@ class CircuitBreaker:
 
     __slots__ = ("failure_threshold", "open_s", "state", "failures", "opened_at", "probing", "_on_change", "_clock")
 
-    def __init__(self, failure_threshold: int = 5, open_s: float = 10.0,
-                 on_change: Callable[[int], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        failure_threshold: int = 5,
+        open_s: float = 10.0,
+        on_change: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.failure_threshold = failure_threshold
         self.open_s = open_s
         self.state = CLOSED

@@ -73,7 +73,7 @@ class RespReader:
             self.buffer.clear()  # all read: start afresh rather than keep a consumed prefix
             self.position = self.searched = 0
         elif self.position > 65536 and self.position * 2 > len(self.buffer):
-            del self.buffer[:self.position]
+            del self.buffer[: self.position]
             self.searched = max(0, self.searched - self.position)
             self.position = 0
         self.buffer += data
@@ -94,11 +94,11 @@ class RespReader:
                 return False
             kind = buffer[position]
             if kind == 58:  # :
-                line = buffer[position + 1:end]
+                line = buffer[position + 1 : end]
                 value: object = int(line) if line.isdigit() and end - position < 20 else _integer(line)
                 after = end + 2
             elif kind == 36:  # $
-                size = _integer(buffer[position + 1:end])
+                size = _integer(buffer[position + 1 : end])
                 if size < 0:
                     if size != -1:
                         raise RespProtocolError(f"bulk string length {size}")
@@ -110,11 +110,11 @@ class RespReader:
                     if len(buffer) < after:
                         self.position, self.searched = position, end  # its line is found again at once
                         return False
-                    if buffer[after - 2:after] != b"\r\n":
+                    if buffer[after - 2 : after] != b"\r\n":
                         raise RespProtocolError("a bulk string does not end in CRLF where its length says")
-                    value = bytes(buffer[end + 2:after - 2])
+                    value = bytes(buffer[end + 2 : after - 2])
             elif kind == 42:  # *
-                line = buffer[position + 1:end]
+                line = buffer[position + 1 : end]
                 count = int(line) if line.isdigit() and end - position < 20 else _integer(line)
                 after = end + 2
                 if count > 0:
@@ -127,11 +127,11 @@ class RespReader:
                     raise RespProtocolError(f"array length {count}")
                 value = [] if count == 0 else None
             elif kind == 43:  # +
-                value, after = bytes(buffer[position + 1:end]), end + 2
+                value, after = bytes(buffer[position + 1 : end]), end + 2
             elif kind == 45:  # -
-                value, after = RedisReplyError(buffer[position + 1:end].decode(errors="replace")), end + 2
+                value, after = RedisReplyError(buffer[position + 1 : end].decode(errors="replace")), end + 2
             else:
-                raise RespProtocolError(f"not a RESP2 reply: {bytes(buffer[position:position + 20])!r}")
+                raise RespProtocolError(f"not a RESP2 reply: {bytes(buffer[position : position + 20])!r}")
             position = after
             while stack:  # the value is an array's element: the array may be whole now
                 top = stack[-1]
@@ -232,8 +232,9 @@ class RespClient:
     ``reader``: makes each connection's reply reader (RespReader; bench/limiter_overhead.py also tries hiredis).
     """
 
-    def __init__(self, url: str, timeout_s: float = 0.5, password: str | None = None,
-                 reader: Callable[[], Reader] = RespReader) -> None:
+    def __init__(
+        self, url: str, timeout_s: float = 0.5, password: str | None = None, reader: Callable[[], Reader] = RespReader
+    ) -> None:
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         self.scheme = parts.scheme
@@ -264,8 +265,9 @@ class RespClient:
             raise RedisUnavailable(f"cannot connect to Redis: {exc or type(exc).__name__}") from None
         setup = []
         if self.password is not None:
-            credentials = [self.username.encode(), self.password.encode()] if self.username else [
-                self.password.encode()]
+            credentials = (
+                [self.username.encode(), self.password.encode()] if self.username else [self.password.encode()]
+            )
             setup.append(protocol.send(encode(b"AUTH", *credentials)))
         if self.db:
             setup.append(protocol.send(encode(b"SELECT", str(self.db).encode())))

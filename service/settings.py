@@ -108,7 +108,8 @@ class Settings(BaseSettings):
     # and how many recent request ids are remembered (at least; at most twice as many) to attach route and
     # variant to feedback.
     feedback_labels: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["good", "bad", "neutral", "correct", "incorrect"])
+        default_factory=lambda: ["good", "bad", "neutral", "correct", "incorrect"]
+    )
     # Recent request ids remembered for feedback (see above).
     feedback_recent_requests: int = Field(100_000, ge=1)
 
@@ -119,8 +120,9 @@ class Settings(BaseSettings):
             value = [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("request_log_url", "request_log_writer_id", "request_log_s3_endpoint", "request_log_s3_region",
-                     mode="before")
+    @field_validator(
+        "request_log_url", "request_log_writer_id", "request_log_s3_endpoint", "request_log_s3_region", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -51,8 +51,11 @@ if TYPE_CHECKING:
 
 DROP_REASONS = ("same_variant", "max_in_flight", "overloaded", "unavailable", "deadline")
 # The pool's refusals, named as the primary's attempts name them (a traced shadow's error.type).
-_REFUSALS = {AdapterUnavailable: FailureReason.ADAPTER_UNAVAILABLE.value,
-             NoHealthyUpstream: FailureReason.NO_HEALTHY_UPSTREAM.value, CircuitOpen: FailureReason.CIRCUIT_OPEN.value}
+_REFUSALS = {
+    AdapterUnavailable: FailureReason.ADAPTER_UNAVAILABLE.value,
+    NoHealthyUpstream: FailureReason.NO_HEALTHY_UPSTREAM.value,
+    CircuitOpen: FailureReason.CIRCUIT_OPEN.value,
+}
 
 
 class ShadowMetrics:
@@ -62,21 +65,41 @@ class ShadowMetrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         rv = ("route", "variant")
-        self.requests = Counter("loragate_shadow_requests", "Shadow requests answered, by HTTP status class.",
-                                (*rv, "status_class"), registry=registry)
-        self.dropped = Counter("loragate_shadow_dropped", "Shadow requests dropped or cancelled, by reason "
-                               f"({', '.join(DROP_REASONS)}).", (*rv, "reason"), registry=registry)
-        self.duration = Histogram("loragate_shadow_request_duration_seconds",
-                                  "Time a shadow request took (sent to whole answer read).", rv,
-                                  buckets=LATENCY_BUCKETS, registry=registry)
-        self.prompt_tokens = Counter("loragate_shadow_prompt_tokens", "Prompt tokens of shadow requests.", rv,
-                                     registry=registry)
-        self.completion_tokens = Counter("loragate_shadow_completion_tokens",
-                                         "Completion tokens of shadow answers.", rv, registry=registry)
-        self.cost = Counter("loragate_shadow_cost_usd", "Cost of the shadow tokens at this deployment's price.",
-                            rv, registry=registry)
-        self.in_flight = Gauge("loragate_shadow_requests_in_flight", "Shadow requests running now.", ("route",),
-                               multiprocess_mode="livesum", registry=registry)
+        self.requests = Counter(
+            "loragate_shadow_requests",
+            "Shadow requests answered, by HTTP status class.",
+            (*rv, "status_class"),
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "loragate_shadow_dropped",
+            f"Shadow requests dropped or cancelled, by reason ({', '.join(DROP_REASONS)}).",
+            (*rv, "reason"),
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "loragate_shadow_request_duration_seconds",
+            "Time a shadow request took (sent to whole answer read).",
+            rv,
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "loragate_shadow_prompt_tokens", "Prompt tokens of shadow requests.", rv, registry=registry
+        )
+        self.completion_tokens = Counter(
+            "loragate_shadow_completion_tokens", "Completion tokens of shadow answers.", rv, registry=registry
+        )
+        self.cost = Counter(
+            "loragate_shadow_cost_usd", "Cost of the shadow tokens at this deployment's price.", rv, registry=registry
+        )
+        self.in_flight = Gauge(
+            "loragate_shadow_requests_in_flight",
+            "Shadow requests running now.",
+            ("route",),
+            multiprocess_mode="livesum",
+            registry=registry,
+        )
 
 
 class ShadowHandle:
@@ -100,9 +123,17 @@ class ShadowHandle:
 class Shadows:
     """Starts, bounds and accounts for the shadow copies of the gateway's requests."""
 
-    def __init__(self, pool: Pool, upstream: Upstream, metrics: ShadowMetrics, request_log: RequestSink | None,
-                 timeouts: Callable[[Route], Timeouts], *, rng: random.Random | None = None,
-                 tracer: RequestTracer | None = None) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        upstream: Upstream,
+        metrics: ShadowMetrics,
+        request_log: RequestSink | None,
+        timeouts: Callable[[Route], Timeouts],
+        *,
+        rng: random.Random | None = None,
+        tracer: RequestTracer | None = None,
+    ) -> None:
         self.pool = pool
         self.upstream = upstream
         self.metrics = metrics
@@ -113,8 +144,9 @@ class Shadows:
         self.in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def start(self, route: Route, chosen: Variant, payload: dict, endpoint: str,
-              request_id: str, span: object | None = None) -> ShadowHandle | None:
+    def start(
+        self, route: Route, chosen: Variant, payload: dict, endpoint: str, request_id: str, span: object | None = None
+    ) -> ShadowHandle | None:
         """The shadow copy of this request, started in the background; None when not sampled or dropped.
 
         ``span``: the request's span when tracing is on (the copy's span is its child)."""
@@ -123,8 +155,9 @@ class Shadows:
             return None
         variant = route.variant(shadow.variant)
         assert variant is not None  # the catalog checks it
-        traced = None if span is None or self.tracer is None else self.tracer.shadow_span(span, route.name,
-                                                                                          variant.name)
+        traced = (
+            None if span is None or self.tracer is None else self.tracer.shadow_span(span, route.name, variant.name)
+        )
         if variant.name == chosen.name:
             self._drop(route, variant, "same_variant", traced)
             return None
@@ -161,9 +194,14 @@ class Shadows:
                 raise _Dropped("unavailable")
             return frozenset()
         adapter = variant.adapter
-        usable = [r for r in pool.replicas if r.healthy and not r.draining and _closed(pool, r, None)
-                  and (adapter is None or (_closed(pool, r, adapter)
-                                           and (adapter in r.adapters or variant.path is not None)))]
+        usable = [
+            r
+            for r in pool.replicas
+            if r.healthy
+            and not r.draining
+            and _closed(pool, r, None)
+            and (adapter is None or (_closed(pool, r, adapter) and (adapter in r.adapters or variant.path is not None)))
+        ]
         if not usable:
             raise _Dropped("unavailable")
         roomy = [r for r in usable if r.in_flight < pool.max_in_flight - 1]
@@ -177,8 +215,9 @@ class Shadows:
             return self.pool.acquire_endpoint(variant.endpoint)
         return await self.pool.acquire(variant.adapter, variant.path, exclude=excluded, trace=span)
 
-    async def _run(self, route: Route, variant: Variant, payload: dict, endpoint: str, request_id: str,
-                   handle: ShadowHandle) -> None:
+    async def _run(
+        self, route: Route, variant: Variant, payload: dict, endpoint: str, request_id: str, handle: ShadowHandle
+    ) -> None:
         arrived = time.time()
         status, body, usage = 0, b"", None
         error: str | None = None  # why there is no answer (None: answered)
@@ -215,16 +254,29 @@ class Shadows:
             self._account(route, variant, request_id, arrived, started, endpoint, sent, status, body, usage, span)
             if span is not None:
                 self.tracer.shadow_end(  # type: ignore[union-attr]
-                    span, "answered" if error is None else "failed", status if error is None else None, error,
-                    usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None)
+                    span,
+                    "answered" if error is None else "failed",
+                    status if error is None else None,
+                    error,
+                    usage.prompt_tokens if usage else None,
+                    usage.completion_tokens if usage else None,
+                )
         finally:
             if replica is not None:
                 self.pool.release(replica, variant.adapter)
             self.in_flight[route.name] -= 1
             self.metrics.in_flight.labels(route.name).dec()
 
-    async def _ask(self, route: Route, variant: Variant, replica: Replica, sent: bytes, endpoint: str,
-                   request_id: str, span: object | None = None) -> tuple[int, bytes, Usage | None]:
+    async def _ask(
+        self,
+        route: Route,
+        variant: Variant,
+        replica: Replica,
+        sent: bytes,
+        endpoint: str,
+        request_id: str,
+        span: object | None = None,
+    ) -> tuple[int, bytes, Usage | None]:
         timeouts = self.timeouts(route)
         timeout = Timeout(total=timeouts.total_s, connect=timeouts.connect_s)
         url = f"{replica.url}/{endpoint}" if replica.external else f"{replica.url}/v1/{endpoint}"
@@ -234,9 +286,14 @@ class Shadows:
             span.add_event("loragate.shadow.sent")  # type: ignore[attr-defined]
             traced["traceparent"] = self.tracer.traceparent(span)  # type: ignore[union-attr]
         response = await self.upstream(
-            url, sent, request_id=f"{request_id}-shadow",  # its own id upstream: both may run at once
-            is_adapter=variant.adapter is not None, timeout=timeout,
-            api_key=os.environ.get(variant.api_key_env) if variant.api_key_env else None, **traced)
+            url,
+            sent,
+            request_id=f"{request_id}-shadow",  # its own id upstream: both may run at once
+            is_adapter=variant.adapter is not None,
+            timeout=timeout,
+            api_key=os.environ.get(variant.api_key_env) if variant.api_key_env else None,
+            **traced,
+        )
         try:
             body = await response.read()
         finally:
@@ -250,9 +307,20 @@ class Shadows:
                 return FailureReason.MALFORMED_RESPONSE.status, body, None
         return response.status, body, usage
 
-    def _account(self, route: Route, variant: Variant, request_id: str, arrived: float, started: float,
-                 endpoint: str, sent: bytes, status: int, body: bytes, usage: Usage | None,
-                 span: object | None = None) -> None:
+    def _account(
+        self,
+        route: Route,
+        variant: Variant,
+        request_id: str,
+        arrived: float,
+        started: float,
+        endpoint: str,
+        sent: bytes,
+        status: int,
+        body: bytes,
+        usage: Usage | None,
+        span: object | None = None,
+    ) -> None:
         latency = time.perf_counter() - started
         labels = (route.name, variant.name)
         self.metrics.requests.labels(*labels, status_class(status)).inc()
@@ -265,12 +333,27 @@ class Shadows:
             self.metrics.completion_tokens.labels(*labels).inc(completion)
             self.metrics.cost.labels(*labels).inc(cost)
         if self.request_log is not None:
-            queued = self.request_log.record(RequestRecord(
-                request_id=request_id, timestamp=arrived, route=route.name, variant=variant.name,
-                endpoint=endpoint, status=status, stream=False, fallback=None, latency_s=latency, ttft_s=None,
-                prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost,
-                reference_cost_usd=route.pricing.reference_cost(prompt, completion),
-                payload=sent, answer=body, role=SHADOW))
+            queued = self.request_log.record(
+                RequestRecord(
+                    request_id=request_id,
+                    timestamp=arrived,
+                    route=route.name,
+                    variant=variant.name,
+                    endpoint=endpoint,
+                    status=status,
+                    stream=False,
+                    fallback=None,
+                    latency_s=latency,
+                    ttft_s=None,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    cost_usd=cost,
+                    reference_cost_usd=route.pricing.reference_cost(prompt, completion),
+                    payload=sent,
+                    answer=body,
+                    role=SHADOW,
+                )
+            )
             if span is not None:
                 self.tracer.logged(span, SHADOW, queued is not False)  # type: ignore[union-attr]
 

@@ -27,8 +27,9 @@ def tracing_enabled(environ: Mapping[str, str]) -> bool:
         return False
     if exporter not in ("", "otlp"):
         raise ValueError(f"OTEL_TRACES_EXPORTER={exporter!r}: loragate exports traces over OTLP/HTTP only (`otlp`)")
-    return exporter == "otlp" or bool(environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                                      or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return exporter == "otlp" or bool(
+        environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
 
 
 def tracer_from_env(environ: Mapping[str, str]) -> RequestTracer | None:
@@ -42,8 +43,9 @@ def tracer_from_env(environ: Mapping[str, str]) -> RequestTracer | None:
 
     # The exporter reads OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT / _HEADERS / _TIMEOUT itself, the provider
     # OTEL_TRACES_SAMPLER(_ARG) (default parentbased_always_on), the batch processor OTEL_BSP_*.
-    provider = TracerProvider(resource=Resource.create(
-        {"service.name": environ.get("OTEL_SERVICE_NAME") or "loragate"}))
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "loragate"})
+    )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     return RequestTracer(provider)
 
@@ -52,8 +54,14 @@ class RequestTracer:
     """The gateway's spans over an SDK TracerProvider (owned here: ``shutdown`` flushes what is queued)."""
 
     def __init__(self, provider: Any) -> None:
-        from opentelemetry.trace import (SpanKind, Status, StatusCode, format_span_id, format_trace_id,
-                                         set_span_in_context)
+        from opentelemetry.trace import (
+            SpanKind,
+            Status,
+            StatusCode,
+            format_span_id,
+            format_trace_id,
+            set_span_in_context,
+        )
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
@@ -73,8 +81,9 @@ class RequestTracer:
         """The request's span, a child of the client's ``traceparent`` when it sent a valid one."""
         parent = self._propagator.extract(headers) if "traceparent" in headers else None
         operation = OPERATIONS.get(endpoint, endpoint)
-        return self._tracer.start_span(operation, context=parent, kind=self._kinds.SERVER,
-                                       attributes={"gen_ai.operation.name": operation})
+        return self._tracer.start_span(
+            operation, context=parent, kind=self._kinds.SERVER, attributes={"gen_ai.operation.name": operation}
+        )
 
     def routed(self, span: Any, endpoint: str, requested_model: str, route: str) -> None:
         span.update_name(f"{OPERATIONS.get(endpoint, endpoint)} {requested_model}")
@@ -84,8 +93,15 @@ class RequestTracer:
     def child(self, span: Any, name: str, kind: str = "INTERNAL") -> Any:
         return self._tracer.start_span(name, context=self._in(span), kind=getattr(self._kinds, kind))
 
-    def answered(self, span: Any, variant: str, response_model: str, input_tokens: int | None,
-                 output_tokens: int | None, fallback: str | None) -> None:
+    def answered(
+        self,
+        span: Any,
+        variant: str,
+        response_model: str,
+        input_tokens: int | None,
+        output_tokens: int | None,
+        fallback: str | None,
+    ) -> None:
         span.set_attribute("loragate.variant", variant)
         span.set_attribute("gen_ai.response.model", response_model)
         if input_tokens is not None:
@@ -145,8 +161,15 @@ class RequestTracer:
         child.set_attribute("loragate.variant", variant)
         return child
 
-    def shadow_end(self, span: Any, outcome: str, status: int | None = None, error: str | None = None,
-                   input_tokens: int | None = None, output_tokens: int | None = None) -> None:
+    def shadow_end(
+        self,
+        span: Any,
+        outcome: str,
+        status: int | None = None,
+        error: str | None = None,
+        input_tokens: int | None = None,
+        output_tokens: int | None = None,
+    ) -> None:
         """``outcome``: answered (any HTTP answer, ``status``), failed (none: ``error`` says why), or the reason
         it was dropped (service.shadow.DROP_REASONS; a drop is by design, not an error)."""
         span.set_attribute("loragate.shadow.outcome", outcome)

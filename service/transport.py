@@ -101,6 +101,7 @@ class StreamedAnswer:
 
 # --- control calls: the gateway's own requests to its engines (everything but the answers it relays) ---
 
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """The whole answer to a control call: its status, and its body read to the end (never over ``max_bytes``)."""

@@ -74,15 +74,24 @@ class Pool:
         self.metrics = metrics
         self.picker = picker or Picker()
         self.set = ReplicaSet(urls, metrics, health_timeout_s=health_timeout_s, on_change=self.picker.update)
-        self.loader = AdapterLoader(metrics, load_timeout_s=load_timeout_s, failure_ttl_s=adapter_failure_ttl_s,
-                                    limit=max_adapters_per_replica, min_idle_s=adapter_min_idle_s,
-                                    on_change=self.set.reindex, tracer=tracer)
+        self.loader = AdapterLoader(
+            metrics,
+            load_timeout_s=load_timeout_s,
+            failure_ttl_s=adapter_failure_ttl_s,
+            limit=max_adapters_per_replica,
+            min_idle_s=adapter_min_idle_s,
+            on_change=self.set.reindex,
+            tracer=tracer,
+        )
         self._endpoints: dict[str, Replica] = {}
         self.max_in_flight = max_in_flight
         # Requests that find every replica full wait here, by priority class (service/admission.py).
         self.admission: Admission[Pick] = Admission(
-            max_waiting, max_wait_s, metrics=metrics,
-            wait_s=None if sheddable_max_wait_s is None else {Priority.SHEDDABLE: sheddable_max_wait_s})
+            max_waiting,
+            max_wait_s,
+            metrics=metrics,
+            wait_s=None if sheddable_max_wait_s is None else {Priority.SHEDDABLE: sheddable_max_wait_s},
+        )
         self.circuit_failures = circuit_failures
         self.circuit_open_s = circuit_open_s
         self.total_in_flight = 0
@@ -130,18 +139,30 @@ class Pool:
     def circuits(self) -> list[dict]:
         return [
             {"upstream": r.url, "adapter": key, **breaker.snapshot()}
-            for r in [*self.replicas, *self._endpoints.values()] for key, breaker in sorted(r.circuits.items())
+            for r in [*self.replicas, *self._endpoints.values()]
+            for key, breaker in sorted(r.circuits.items())
         ]
 
     def _open_to(self, replica: Replica, adapter: str | None) -> bool:
-        return (replica.healthy and self.circuit(replica, None).available()
-                and (adapter is None or self.circuit(replica, adapter).available()))
+        return (
+            replica.healthy
+            and self.circuit(replica, None).available()
+            and (adapter is None or self.circuit(replica, adapter).available())
+        )
 
     # --- picking ------------------------------------------------------------
 
-    async def acquire(self, adapter: str | None, path: str | None, exclude: AbstractSet[Replica] = frozenset(), *,
-                      prefix: str | None = None, weights: ScorerWeights = DEFAULT_WEIGHTS,
-                      trace: object | None = None, priority: Priority = Priority.STANDARD) -> Replica:
+    async def acquire(
+        self,
+        adapter: str | None,
+        path: str | None,
+        exclude: AbstractSet[Replica] = frozenset(),
+        *,
+        prefix: str | None = None,
+        weights: ScorerWeights = DEFAULT_WEIGHTS,
+        trace: object | None = None,
+        priority: Priority = Priority.STANDARD,
+    ) -> Replica:
         """A replica for ``adapter`` (None: the base model), adapter loaded, its in-flight count taken.
 
         ``prefix``: the prompt's beginning (service/prefixring.py), for prefix-cache affinity. ``trace``: the
@@ -173,8 +194,9 @@ class Pool:
             self._why_none(adapter, exclude, can_load)  # raises NoHealthyUpstream, AdapterUnavailable, CircuitOpen
 
             def take() -> Pick | None:  # run by the hand-off (release): the slot is taken as it is handed over
-                pick = (self._pick(usable, adapter, can_load, prefix, weights)
-                        or self._pick(usable, adapter, can_load, prefix, weights, exhaustive=True))
+                pick = self._pick(usable, adapter, can_load, prefix, weights) or self._pick(
+                    usable, adapter, can_load, prefix, weights, exhaustive=True
+                )
                 if pick is not None:
                     self._take(pick.replica, adapter, time.monotonic())
                 return pick
@@ -196,34 +218,53 @@ class Pool:
             self.circuit(replica, adapter).begin()
         return replica
 
-    def _other_versions(self, adapter: str, path: str,
-                        exclude: AbstractSet[Replica]) -> AbstractSet[Replica]:
+    def _other_versions(self, adapter: str, path: str, exclude: AbstractSet[Replica]) -> AbstractSet[Replica]:
         """``exclude`` and the replicas where ``adapter`` names another version (loaded from another path):
         sending there would serve that version, and loading ours under the same name cannot be done."""
         holders = self.set.holders.get(adapter, ())
         others = [r for r in holders if _other_root(r.adapter_roots.get(adapter), path)]
         if not others:
             return exclude
-        log.warning("adapter %s is loaded from another path than %s on %s: not used there (vllm#30931)",
-                    adapter, path, ", ".join(r.url for r in others))
+        log.warning(
+            "adapter %s is loaded from another path than %s on %s: not used there (vllm#30931)",
+            adapter,
+            path,
+            ", ".join(r.url for r in others),
+        )
         excluded = frozenset(exclude) | frozenset(others)
         if not any(r.healthy and r not in excluded for r in self.replicas):
-            raise AdapterUnavailable(f"adapter {adapter!r} names another version (loaded from another path) on "
-                                     "every healthy replica: give each adapter version its own name (vllm#30931)")
+            raise AdapterUnavailable(
+                f"adapter {adapter!r} names another version (loaded from another path) on "
+                "every healthy replica: give each adapter version its own name (vllm#30931)"
+            )
         return excluded
 
-    def _pick(self, usable: Callable[[Replica], bool], adapter: str | None, can_load: Callable[[Replica], bool],
-              prefix: str | None, weights: ScorerWeights, exhaustive: bool = False) -> Pick | None:
+    def _pick(
+        self,
+        usable: Callable[[Replica], bool],
+        adapter: str | None,
+        can_load: Callable[[Replica], bool],
+        prefix: str | None,
+        weights: ScorerWeights,
+        exhaustive: bool = False,
+    ) -> Pick | None:
         return self.picker.pick(
-            self.replicas, usable, adapter=adapter, can_load=can_load,
+            self.replicas,
+            usable,
+            adapter=adapter,
+            can_load=can_load,
             prefix=prefix_key(adapter, prefix) if prefix else None,
             holders=self.set.holders.get(adapter, ()) if adapter is not None else (),
             loading_elsewhere=adapter is not None and adapter in self.loader.loading,
-            adapter_limit=self.loader.limit, total_in_flight=self.total_in_flight, weights=weights,
-            exhaustive=exhaustive)
+            adapter_limit=self.loader.limit,
+            total_in_flight=self.total_in_flight,
+            weights=weights,
+            exhaustive=exhaustive,
+        )
 
-    def _why_none(self, adapter: str | None, exclude: AbstractSet[Replica],
-                  can_load: Callable[[Replica], bool]) -> None:
+    def _why_none(
+        self, adapter: str | None, exclude: AbstractSet[Replica], can_load: Callable[[Replica], bool]
+    ) -> None:
         """No candidate now: say why, or return when the replicas are only full (the request may wait)."""
         healthy = [r for r in self.replicas if r.healthy and r not in exclude]
         if not healthy:
@@ -235,7 +276,8 @@ class Pool:
         if not any(self._open_to(r, adapter) and loadable(r) for r in healthy):
             if not any(loadable(r) for r in healthy):
                 raise AdapterUnavailable(
-                    f"adapter {adapter!r} is not loaded on any healthy replica and cannot be loaded")
+                    f"adapter {adapter!r} is not loaded on any healthy replica and cannot be loaded"
+                )
             raise CircuitOpen(f"circuit open for {adapter or 'the base model'} on every healthy replica")
 
     def _take(self, replica: Replica, adapter: str | None, now: float) -> None:

@@ -44,8 +44,12 @@ class Service:
         self.log = log
         self._log_file = open(log, "ab")
         self.process = subprocess.Popen(
-            command, stdout=self._log_file, stderr=subprocess.STDOUT, env=env or dict(os.environ),
-            cwd=ROOT, start_new_session=True,
+            command,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env or dict(os.environ),
+            cwd=ROOT,
+            start_new_session=True,
         )
 
     def stop(self, timeout_s: float = 20) -> int | None:
@@ -60,20 +64,23 @@ class Service:
         return self.process.returncode
 
 
-def start_gateway(routes: Path, upstreams: list[str], log: Path, *, workers: int = 1,
-                  extra_env: dict[str, str] | None = None) -> tuple[Service, str]:
+def start_gateway(
+    routes: Path, upstreams: list[str], log: Path, *, workers: int = 1, extra_env: dict[str, str] | None = None
+) -> tuple[Service, str]:
     port = free_port()
     env = dict(os.environ)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    env.update({
-        "LORAGATE_ROUTES_FILE": str(routes),
-        "LORAGATE_UPSTREAMS": ",".join(upstreams),
-        "LORAGATE_PORT": str(port),
-        "LORAGATE_WORKERS": str(workers),
-        "LORAGATE_HEALTH_INTERVAL_S": "1",
-        "LORAGATE_ROUTES_RELOAD_INTERVAL_S": "0.5",
-        **(extra_env or {}),
-    })
+    env.update(
+        {
+            "LORAGATE_ROUTES_FILE": str(routes),
+            "LORAGATE_UPSTREAMS": ",".join(upstreams),
+            "LORAGATE_PORT": str(port),
+            "LORAGATE_WORKERS": str(workers),
+            "LORAGATE_HEALTH_INTERVAL_S": "1",
+            "LORAGATE_ROUTES_RELOAD_INTERVAL_S": "0.5",
+            **(extra_env or {}),
+        }
+    )
     service = Service([sys.executable, "-m", "loragate", "serve"], log, env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -86,8 +93,9 @@ def start_gateway(routes: Path, upstreams: list[str], log: Path, *, workers: int
 
 def start_stub(log: Path, chunks: int = 16) -> tuple[Service, str]:
     port = free_port()
-    service = Service([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(port),
-                       "--chunks", str(chunks)], log)
+    service = Service(
+        [sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--port", str(port), "--chunks", str(chunks)], log
+    )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", service.process, 30, log)
     return service, url
@@ -108,8 +116,9 @@ def shipped_rules_every_second(directory: Path) -> list[Path]:
     return paths
 
 
-def start_prometheus(targets: dict[str, list[str]], directory: Path, *, rule_files: list[Path] = (),
-                     scrape_interval_s: float = 1) -> tuple[Service, str]:
+def start_prometheus(
+    targets: dict[str, list[str]], directory: Path, *, rule_files: list[Path] = (), scrape_interval_s: float = 1
+) -> tuple[Service, str]:
     """A real Prometheus (Debian package) scraping ``targets`` (job name -> ["host:port", ...])."""
     import shutil
 
@@ -130,8 +139,15 @@ def start_prometheus(targets: dict[str, list[str]], directory: Path, *, rule_fil
     for job, hosts in targets.items():
         lines += [f"  - job_name: {job}", "    static_configs:", f"      - targets: {list(hosts)}"]
     config.write_text("\n".join(lines) + "\n")
-    service = Service([binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
-                       f"--web.listen-address=127.0.0.1:{port}"], directory / "prometheus.log")
+    service = Service(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        directory / "prometheus.log",
+    )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/-/ready", service.process, 30, directory / "prometheus.log")
     return service, url

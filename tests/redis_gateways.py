@@ -17,21 +17,33 @@ from tests.redis_server import RedisServer
 
 
 @contextmanager
-def redis_gateways(directory: Path, count: int, routes: str, keys: dict[str, tuple[str, str]],
-                   env: dict[str, str] | None = None) -> Iterator[tuple[RedisServer, list[str], list[Path]]]:
+def redis_gateways(
+    directory: Path, count: int, routes: str, keys: dict[str, tuple[str, str]], env: dict[str, str] | None = None
+) -> Iterator[tuple[RedisServer, list[str], list[Path]]]:
     """``keys``: key id -> (the key, its other YAML fields, e.g. ``"requests_per_minute: 300"``)."""
     redis = RedisServer(directory).start()
     stub, stub_url = start_stub(directory / "stub.log")
     (directory / "routes.yaml").write_text(routes)
-    (directory / "keys.yaml").write_text("keys:\n" + "".join(
-        f'  - {{id: {name}, sha256: "{hash_key(key)}", {fields}}}\n' for name, (key, fields) in keys.items()))
+    (directory / "keys.yaml").write_text(
+        "keys:\n"
+        + "".join(f'  - {{id: {name}, sha256: "{hash_key(key)}", {fields}}}\n' for name, (key, fields) in keys.items())
+    )
     gateways = []
     try:
         for index in range(count):
-            gateways.append(start_gateway(directory / "routes.yaml", [stub_url], directory / f"gateway-{index}.log",
-                                          extra_env={"LORAGATE_AUTH": "on",
-                                                     "LORAGATE_API_KEYS_FILE": str(directory / "keys.yaml"),
-                                                     "LORAGATE_LIMITS_URL": redis.url, **(env or {})}))
+            gateways.append(
+                start_gateway(
+                    directory / "routes.yaml",
+                    [stub_url],
+                    directory / f"gateway-{index}.log",
+                    extra_env={
+                        "LORAGATE_AUTH": "on",
+                        "LORAGATE_API_KEYS_FILE": str(directory / "keys.yaml"),
+                        "LORAGATE_LIMITS_URL": redis.url,
+                        **(env or {}),
+                    },
+                )
+            )
         yield redis, [url for _, url in gateways], [service.log for service, _ in gateways]
     finally:
         logs = []

@@ -11,12 +11,14 @@ from tests.processes import Service, free_port
 
 
 class RedisServer:
-    def __init__(self, directory: Path, port: int | None = None, prefix: tuple[str, ...] = (),
-                 args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, directory: Path, port: int | None = None, prefix: tuple[str, ...] = (), args: tuple[str, ...] = ()
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server); "
-                               "scripts/setup.sh --test does it")
+            raise RuntimeError(
+                "redis-server is not installed (apt-get install redis-server); scripts/setup.sh --test does it"
+            )
         self.binary = binary
         self.prefix = prefix  # e.g. ("taskset", "-c", "0") to pin it
         self.args = args  # more redis-server options, e.g. ("--requirepass", "...")
@@ -26,9 +28,26 @@ class RedisServer:
         self.service: Service | None = None
 
     def start(self) -> "RedisServer":
-        self.service = Service([*self.prefix, self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(self.directory), "--protected-mode", "no", *self.args],
-                               self.directory / "redis.log")
+        self.service = Service(
+            [
+                *self.prefix,
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.directory),
+                "--protected-mode",
+                "no",
+                *self.args,
+            ],
+            self.directory / "redis.log",
+        )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.service.process.poll() is not None:

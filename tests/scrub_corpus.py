@@ -104,16 +104,26 @@ def adversarial_text(name: str, size: int, non_ascii: bool = False) -> str:
 
 
 _FILLER = [
-    "Thanks for getting back to me so quickly.", "We upgraded to version 3.11.7 on 2024-01-15 at 12:30.",
-    "The dashboard shows 1,234 requests per minute and a p99 of 250 ms.", "Ticket {n} was reopened twice.",
+    "Thanks for getting back to me so quickly.",
+    "We upgraded to version 3.11.7 on 2024-01-15 at 12:30.",
+    "The dashboard shows 1,234 requests per minute and a p99 of 250 ms.",
+    "Ticket {n} was reopened twice.",
     "I tried clearing the cache and restarting the service, as the docs suggest.",
-    "Our plan is the Team tier, 25 seats, billed yearly.", "Error code E-4021 appears in the logs (see below).",
-    "The export finished, but rows 100-250 are missing from the CSV file.", "Can you escalate this, please?",
-    "It worked fine until last Tuesday; nothing changed on our side.", "Regards, the operations team",
+    "Our plan is the Team tier, 25 seats, billed yearly.",
+    "Error code E-4021 appears in the logs (see below).",
+    "The export finished, but rows 100-250 are missing from the CSV file.",
+    "Can you escalate this, please?",
+    "It worked fine until last Tuesday; nothing changed on our side.",
+    "Regards, the operations team",
 ]
-_DETAILS = ["You can reach me at sam.lee{n}@example.org.", "My direct line is +1 415 555 {n:04d}.",
-            "Card on file ends 4242, the invoice id is INV-{n}.", "Server 10.0.{a}.{b} returned 502.",
-            "My passport number is X{n}7654.", "The key was sk-live-{n}abcdefghijklmnopq, now revoked."]
+_DETAILS = [
+    "You can reach me at sam.lee{n}@example.org.",
+    "My direct line is +1 415 555 {n:04d}.",
+    "Card on file ends 4242, the invoice id is INV-{n}.",
+    "Server 10.0.{a}.{b} returned 502.",
+    "My passport number is X{n}7654.",
+    "The key was sk-live-{n}abcdefghijklmnopq, now revoked.",
+]
 
 
 def typical_text(size: int, seed: int = 7) -> str:
@@ -133,8 +143,10 @@ def typical_text(size: int, seed: int = 7) -> str:
 # The rules' patterns before they were made linear (possessive quantifiers, guards; loragate.common.scrub).
 _OLD_PATTERNS = [
     r"(?P<prefix>\b(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{16,}",
-    (r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)[\"']?\s*[:=]\s*[\"']?)"
-     r"[^\s\"',;]{6,}"),
+    (
+        r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)[\"']?\s*[:=]\s*[\"']?)"
+        r"[^\s\"',;]{6,}"
+    ),
     r"\b(?:sk|lg)-[A-Za-z0-9_-]{16,}",
     r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}\b",
     r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",
@@ -148,17 +160,21 @@ _OLD_PATTERNS = [
     r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])",
     r"\d(?<![\d-]\d)\d\d(?<!000|666)(?<!9\d\d)([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])",
     r"[A-CEGHJ-PR-TW-Z](?<!\w[A-Z])[A-CEGHJ-NPR-TW-Z](?<!BG|GB|NK|KN|TN|NT|ZZ)\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b",
-    (r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|tax[\s_-]?id|tin|"
-     r"ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)(?:\s*(?:number|no\.?|num|#))?\s*"
-     r"(?:is\s+)?[:#]?\s*)(?=[A-Z]*\d)[A-Z0-9][A-Z0-9./-]{3,}(?:\s\d[\d./-]{2,})*"),
+    (
+        r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|tax[\s_-]?id|tin|"
+        r"ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)(?:\s*(?:number|no\.?|num|#))?\s*"
+        r"(?:is\s+)?[:#]?\s*)(?=[A-Z]*\d)[A-Z0-9][A-Z0-9./-]{3,}(?:\s\d[\d./-]{2,})*"
+    ),
     r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w+)?(?![\w:])",
     r"\d(?<![\d.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)",
     r"(?:\+(?<![\w+]\+)|00(?<![\w+]00))\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){1,5}[\s.-]?\d{2,4}(?!\d)",
     r"(?:\((?<![\w)]\()\d{3}\)\s?|\d(?<![\w)]\d)\d\d[\s.-])\d{3}[\s.-]\d{4}(?!\d)",
     r"0(?<!\w0)\d{2,4}[\s-]?\d{3,4}[\s-]?\d{3,4}(?!\d)",
 ]
-_OLD_SUBS = [(re.compile(old, rule.pattern.flags & re.IGNORECASE), rules._sub_argument(rule.replacement),
-              rule.need.holds) for old, rule in zip(_OLD_PATTERNS, rules._RULES, strict=True)]
+_OLD_SUBS = [
+    (re.compile(old, rule.pattern.flags & re.IGNORECASE), rules._sub_argument(rule.replacement), rule.need.holds)
+    for old, rule in zip(_OLD_PATTERNS, rules._RULES, strict=True)
+]
 # The JWT rule keeps the run before its "eyJ" as a prefix now; it replaced from the "eyJ" on before.
 _OLD_SUBS[7] = (_OLD_SUBS[7][0], rules.SECRET, _OLD_SUBS[7][2])
 

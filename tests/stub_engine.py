@@ -26,8 +26,9 @@ if __name__ == "__main__":  # run as a script (tests/processes.py): the reposito
 from tests import stub_vllm  # noqa: E402
 
 
-def make_app(base_ms: float, per_request_ms: float, max_running: int, max_lora: int, metrics: bool,
-             adapters: list[str]) -> web.Application:
+def make_app(
+    base_ms: float, per_request_ms: float, max_running: int, max_lora: int, metrics: bool, adapters: list[str]
+) -> web.Application:
     loaded: dict[str, str] = {name: f"/static/{name}" for name in adapters}
     state = {"running": 0, "waiting": 0, "served": {}, "loads": 0, "unloads": 0}
     running_adapters: dict[str, int] = {}
@@ -56,8 +57,10 @@ def make_app(base_ms: float, per_request_ms: float, max_running: int, max_lora: 
         payload = orjson.loads(await request.read())
         model = payload.get("model", "base")
         if model != "base" and model not in loaded:
-            return web.json_response({"error": {"message": f"The model `{model}` does not exist.",
-                                                "type": "NotFoundError", "code": 404}}, status=404)
+            return web.json_response(
+                {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError", "code": 404}},
+                status=404,
+            )
         async with room:
             state["waiting"] += 1
             await room.wait_for(lambda: state["running"] < max_running)
@@ -74,9 +77,13 @@ def make_app(base_ms: float, per_request_ms: float, max_running: int, max_lora: 
                 state["running"] -= 1
                 room.notify()
         state["served"][model] = state["served"].get(model, 0) + 1
-        body = {"id": "stub", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+        body = {
+            "id": "stub",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        }
         return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     async def metrics_handler(_request: web.Request) -> web.Response:
@@ -114,8 +121,12 @@ def main() -> None:
     parser.add_argument("--no-metrics", action="store_true")
     parser.add_argument("--adapter", action="append", default=[], help="registered at start (like --lora-modules)")
     args = parser.parse_args()
-    web.run_app(make_app(args.base_ms, args.per_request_ms, args.max_running, args.max_lora, not args.no_metrics,
-                         args.adapter), host="127.0.0.1", port=args.port, print=None)
+    web.run_app(
+        make_app(args.base_ms, args.per_request_ms, args.max_running, args.max_lora, not args.no_metrics, args.adapter),
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+    )
 
 
 if __name__ == "__main__":

@@ -45,25 +45,44 @@ def _completion(model: str, chat: bool, tokens: int) -> bytes:
         if chat
         else {"index": 0, "text": "ok " * tokens, "finish_reason": "length"}
     )
-    return orjson.dumps({
-        "id": "stub-1", "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-        "model": model, "choices": [choice],
-        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": tokens, "total_tokens": PROMPT_TOKENS + tokens},
-    })
+    return orjson.dumps(
+        {
+            "id": "stub-1",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": PROMPT_TOKENS,
+                "completion_tokens": tokens,
+                "total_tokens": PROMPT_TOKENS + tokens,
+            },
+        }
+    )
 
 
 def _chunk(model: str, chat: bool, text: str | None, finish: str | None = None) -> bytes:
     choice = {"index": 0, "delta": {"content": text}} if chat else {"index": 0, "text": text}
     choice["finish_reason"] = finish
-    body = {"id": "stub-1", "object": "chat.completion.chunk" if chat else "text_completion",
-            "created": 0, "model": model, "choices": [choice]}
+    body = {
+        "id": "stub-1",
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": 0,
+        "model": model,
+        "choices": [choice],
+    }
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
 def _usage_chunk(model: str, tokens: int) -> bytes:
-    body = {"id": "stub-1", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [],
-            "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": tokens,
-                      "total_tokens": PROMPT_TOKENS + tokens}}
+    body = {
+        "id": "stub-1",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": model,
+        "choices": [],
+        "usage": {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": tokens, "total_tokens": PROMPT_TOKENS + tokens},
+    }
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 
@@ -116,8 +135,13 @@ def make_app(chunks: int = 16) -> web.Application:
             await asyncio.sleep(int(model[10:]) / 1000)
         if model.startswith("bulk"):
             await response.write(_chunk(model, chat, "t0 ", None))
-            await response.write(b"".join(_chunk(model, chat, f"t{index} ", "length" if index == tokens - 1 else None)
-                                          for index in range(1, tokens)) + b"data: [DONE]\n\n")
+            await response.write(
+                b"".join(
+                    _chunk(model, chat, f"t{index} ", "length" if index == tokens - 1 else None)
+                    for index in range(1, tokens)
+                )
+                + b"data: [DONE]\n\n"
+            )
             await response.write_eof()
             return response
         for index in range(tokens):
@@ -125,8 +149,9 @@ def make_app(chunks: int = 16) -> web.Application:
                 request.transport.close()
                 return response
             if index == 2 and model == "error-stream":
-                await response.write(b'data: {"error": {"message": "rate limited", "type": "RateLimitError", '
-                                     b'"code": 429}}\n\n')
+                await response.write(
+                    b'data: {"error": {"message": "rate limited", "type": "RateLimitError", "code": 429}}\n\n'
+                )
                 request.transport.close()
                 return response
             if index == 2 and model == "stall-stream":
@@ -159,8 +184,7 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(args.chunks), host=args.host, port=args.port, access_log=None, print=None,
-                shutdown_timeout=1)
+    web.run_app(make_app(args.chunks), host=args.host, port=args.port, access_log=None, print=None, shutdown_timeout=1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ async def health(_request: web.Request) -> web.Response:
 
 def models(adapters: Mapping[str, str | None], base_root: str | None = None) -> web.Response:
     """/v1/models: ``base``, then the adapters by name, each with its ``root`` (the path it came from) where known."""
+
     def model(name: str, parent: str | None, root: str | None) -> dict[str, str | None]:
         entry = {"id": name, "object": "model", "parent": parent}
         if root is not None:

@@ -20,9 +20,18 @@ NEW_WORDS = (
 ).split()
 
 
-def requests_frame(n: int, *, seed: int = 0, route: str = "support", variant: str = "v1",
-                   prompt_words: float = 12.0, new_vocabulary: float = 0.0, latency_scale: float = 1.0,
-                   start: float = 1_750_000_000.0, span_s: float = 3600.0) -> "pd.DataFrame":
+def requests_frame(
+    n: int,
+    *,
+    seed: int = 0,
+    route: str = "support",
+    variant: str = "v1",
+    prompt_words: float = 12.0,
+    new_vocabulary: float = 0.0,
+    latency_scale: float = 1.0,
+    start: float = 1_750_000_000.0,
+    span_s: float = 3600.0,
+) -> "pd.DataFrame":
     """``n`` requests. ``prompt_words``: mean prompt length in words; ``new_vocabulary``: share
     of prompt words drawn from a vocabulary the default traffic never uses; ``latency_scale``
     multiplies latency and TTFT."""
@@ -44,19 +53,28 @@ def requests_frame(n: int, *, seed: int = 0, route: str = "support", variant: st
     latency = rng.gamma(4.0, 0.05, n) * latency_scale + completion_tokens * 0.01
     ttft = np.where(stream, rng.gamma(4.0, 0.01, n) * latency_scale, np.nan)
     cost = prompt_tokens * 1e-7 + completion_tokens * 2e-7
-    return pd.DataFrame({
-        "request_id": [f"req-{seed}-{i}" for i in range(n)],
-        "timestamp": pd.to_datetime(start + np.sort(rng.random(n)) * span_s, unit="s", utc=True),
-        "route": route, "variant": variant, "endpoint": "chat/completions",
-        "status": 200, "stream": stream,
-        "fallback": np.where(rng.random(n) < 0.03, "upstream_error", None),
-        "latency_s": latency, "ttft_s": ttft,
-        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-        "cost_usd": cost, "reference_cost_usd": cost * 5,
-        "finish_reason": np.where(rng.random(n) < 0.9, "stop", "length"),
-        "prompt_text": prompts, "response_text": responses,
-        # One user turn per request, as the request log stores chat prompts (logschema v2); prompt_text
-        # stays the bare prompt, so the drift calibration above is unchanged.
-        "prompt_messages": [[{"role": "user", "content": prompt}] for prompt in prompts],
-        "schema_version": SCHEMA_VERSION,
-    })
+    return pd.DataFrame(
+        {
+            "request_id": [f"req-{seed}-{i}" for i in range(n)],
+            "timestamp": pd.to_datetime(start + np.sort(rng.random(n)) * span_s, unit="s", utc=True),
+            "route": route,
+            "variant": variant,
+            "endpoint": "chat/completions",
+            "status": 200,
+            "stream": stream,
+            "fallback": np.where(rng.random(n) < 0.03, "upstream_error", None),
+            "latency_s": latency,
+            "ttft_s": ttft,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "cost_usd": cost,
+            "reference_cost_usd": cost * 5,
+            "finish_reason": np.where(rng.random(n) < 0.9, "stop", "length"),
+            "prompt_text": prompts,
+            "response_text": responses,
+            # One user turn per request, as the request log stores chat prompts (logschema v2); prompt_text
+            # stays the bare prompt, so the drift calibration above is unchanged.
+            "prompt_messages": [[{"role": "user", "content": prompt}] for prompt in prompts],
+            "schema_version": SCHEMA_VERSION,
+        }
+    )

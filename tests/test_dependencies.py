@@ -74,7 +74,7 @@ def test_every_third_party_import_is_declared() -> None:
         for module in _imports(path) - local - set(sys.stdlib_module_names):
             dists = {canonicalize_name(d) for d in providers.get(module, [])}
             if dists and not dists & declared:  # not installed here: CI's own import error will say so
-                undeclared.setdefault(f"{module} ({', '.join(sorted(dists))})", set()).add(
-                    str(path.relative_to(ROOT)))
+                undeclared.setdefault(f"{module} ({', '.join(sorted(dists))})", set()).add(str(path.relative_to(ROOT)))
     assert not undeclared, "imported but in no extra of pyproject.toml:\n" + "\n".join(
-        f"  {module}: {', '.join(sorted(paths)[:3])}" for module, paths in sorted(undeclared.items()))
+        f"  {module}: {', '.join(sorted(paths)[:3])}" for module, paths in sorted(undeclared.items())
+    )

@@ -26,7 +26,7 @@ FOLDERS = {"loragate": "loragate", "service": "loragate/service", "monitoring": 
 
 @dataclass(frozen=True)
 class Built:
-    src: Path       # the snapshot of the source the wheel was built from
+    src: Path  # the snapshot of the source the wheel was built from
     wheel: Path
     unpacked: Path  # the wheel's contents, as pip would install them into site-packages
 
@@ -55,9 +55,24 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
     dist = tmp_path_factory.mktemp("dist")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-         "-w", str(dist), str(src)],
-        capture_output=True, text=True, timeout=180, env=_env())
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(dist),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_env(),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     (wheel,) = dist.glob("loragate-*.whl")
     unpacked = tmp_path_factory.mktemp("unpacked")
@@ -91,17 +106,25 @@ def test_wheel_installs_only_loragate(built: Built) -> None:
 def test_wheel_ships_every_module(built: Built) -> None:
     with zipfile.ZipFile(built.wheel) as zf:
         shipped = set(zf.namelist())
-    expected = {f"{shipped_as}/{path.relative_to(built.src / folder).as_posix()}"
-                for folder, shipped_as in FOLDERS.items() for path in (built.src / folder).rglob("*.py")}
+    expected = {
+        f"{shipped_as}/{path.relative_to(built.src / folder).as_posix()}"
+        for folder, shipped_as in FOLDERS.items()
+        for path in (built.src / folder).rglob("*.py")
+    }
     assert len(expected) > 30
     missing = sorted(expected - shipped)
     packages = sorted({m.rsplit("/", 1)[0].replace("/", ".") for m in missing})
-    assert not missing, (f"not in the wheel: {_repo_paths(chr(10).join(missing))}\n"
-                         f"add {packages} to [tool.setuptools] packages in pyproject.toml")
+    assert not missing, (
+        f"not in the wheel: {_repo_paths(chr(10).join(missing))}\n"
+        f"add {packages} to [tool.setuptools] packages in pyproject.toml"
+    )
     # The C modules, compiled for this platform (setup.py; scripts/setup.sh installs what they need): the
     # scrubber's native rules, the request log's JSON reading and its queue.
-    for module in (r"loragate/common/_scrubnative", r"loragate/service/requestlog/_lognative",
-                   r"loragate/service/requestlog/_logqueue"):
+    for module in (
+        r"loragate/common/_scrubnative",
+        r"loragate/service/requestlog/_lognative",
+        r"loragate/service/requestlog/_logqueue",
+    ):
         assert [m for m in shipped if re.fullmatch(module + r"\.cpython-311-.+\.so", m)], (module, shipped)
 
 
@@ -115,21 +138,45 @@ def test_layer_contracts_hold(built: Built) -> None:
         "    if not origin.startswith(sys.argv[1]):\n"
         "        sys.exit(f'{name} found at {origin}, not in the unpacked wheel')\n"
         "from importlinter.cli import lint_imports_command\n"
-        "lint_imports_command.main([sys.argv[2], '--no-cache'], prog_name='lint-imports')\n")
+        "lint_imports_command.main([sys.argv[2], '--no-cache'], prog_name='lint-imports')\n"
+    )
     unpacked = str(built.unpacked.resolve()) + os.sep
-    result = subprocess.run([sys.executable, "-c", lint, unpacked, str(built.src / "pyproject.toml")],
-                            cwd=built.unpacked, capture_output=True, text=True, timeout=120,
-                            env=_env(PYTHONPATH=unpacked))
+    result = subprocess.run(
+        [sys.executable, "-c", lint, unpacked, str(built.src / "pyproject.toml")],
+        cwd=built.unpacked,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(PYTHONPATH=unpacked),
+    )
     assert result.returncode == 0, (
         "import-linter (loragate.service = service/, loragate.monitoring = monitoring/):\n"
-        + result.stdout + result.stderr)
+        + result.stdout
+        + result.stderr
+    )
 
 
 def test_types_check(built: Built) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "-p", "loragate", "--config-file", str(built.src / "pyproject.toml"),
-         "--cache-dir", os.devnull, "--no-color-output", "--hide-error-context"],
-        cwd=built.unpacked, capture_output=True, text=True, timeout=300, env=_env(MYPYPATH=str(built.unpacked)))
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "-p",
+            "loragate",
+            "--config-file",
+            str(built.src / "pyproject.toml"),
+            "--cache-dir",
+            os.devnull,
+            "--no-color-output",
+            "--hide-error-context",
+        ],
+        cwd=built.unpacked,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(MYPYPATH=str(built.unpacked)),
+    )
     output = _repo_paths(result.stdout + result.stderr)
     # It checked the shipped copy, every module of it (not an installed or editable loragate elsewhere).
     checked = re.search(r"(?:in|checked) (\d+) source files?", output)

@@ -43,8 +43,9 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-def window(rows: int, *, seed: int, shifted: float = 0.0, base: str = "tech", other: str = "everyday",
-           max_words: int = 20) -> list[str]:
+def window(
+    rows: int, *, seed: int, shifted: float = 0.0, base: str = "tech", other: str = "everyday", max_words: int = 20
+) -> list[str]:
     """``rows`` prompts: a share ``shifted`` from ``other``, the rest from ``base`` (with replacement).
 
     Only prompts of at most ``max_words`` words are drawn, and each ``other`` prompt is drawn with

@@ -50,8 +50,10 @@ from loragate.service.metrics import Metrics  # noqa: E402
 from loragate.service.upstreams import Pool, Replica  # noqa: E402
 from tests.processes import Service, free_port, wait_http  # noqa: E402
 
-WORDS = ("river stone cloud order refund invoice shipping warranty account password delivery courier parcel "
-         "battery screen keyboard cable charger contract policy").split()
+WORDS = (
+    "river stone cloud order refund invoice shipping warranty account password delivery courier parcel "
+    "battery screen keyboard cable charger contract policy"
+).split()
 
 
 # --- the model and the adapters (random weights, written locally) ------------------------------------
@@ -63,6 +65,7 @@ def build_model(out: Path, *, cpu: bool, adapters: int) -> dict:
         return json.loads(manifest.read_text())
     if cpu:
         from loragate.service.demo_model import build_demo_model
+
         return build_demo_model(out, adapters=adapters)
     import torch
     from safetensors.torch import save_file
@@ -74,10 +77,21 @@ def build_model(out: Path, *, cpu: bool, adapters: int) -> dict:
     base.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(base, 8000)
     config = LlamaConfig(  # Llama-3-8B's shapes; the vocabulary is the local tokenizer's, padded
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        rms_norm_eps=1e-5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, torch_dtype="bfloat16")
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="bfloat16",
+    )
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"), torch.no_grad():
@@ -91,10 +105,12 @@ def build_model(out: Path, *, cpu: bool, adapters: int) -> dict:
     torch.cuda.empty_cache()
     found = {}
     head_dim = config.hidden_size // config.num_attention_heads
-    shapes = {"q_proj": (config.hidden_size, config.hidden_size),
-              "k_proj": (config.num_key_value_heads * head_dim, config.hidden_size),
-              "v_proj": (config.num_key_value_heads * head_dim, config.hidden_size),
-              "o_proj": (config.hidden_size, config.hidden_size)}
+    shapes = {
+        "q_proj": (config.hidden_size, config.hidden_size),
+        "k_proj": (config.num_key_value_heads * head_dim, config.hidden_size),
+        "v_proj": (config.num_key_value_heads * head_dim, config.hidden_size),
+        "o_proj": (config.hidden_size, config.hidden_size),
+    }
     rank = 16
     for index in range(1, adapters + 1):
         generator = torch.Generator().manual_seed(index)
@@ -102,17 +118,31 @@ def build_model(out: Path, *, cpu: bool, adapters: int) -> dict:
         for layer in range(config.num_hidden_layers):
             for name, (rows, cols) in shapes.items():
                 prefix = f"base_model.model.model.layers.{layer}.self_attn.{name}"
-                tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, cols, generator=generator,
-                                                                 dtype=torch.bfloat16) * 0.01
-                tensors[f"{prefix}.lora_B.weight"] = torch.randn(rows, rank, generator=generator,
-                                                                 dtype=torch.bfloat16) * 0.01
+                tensors[f"{prefix}.lora_A.weight"] = (
+                    torch.randn(rank, cols, generator=generator, dtype=torch.bfloat16) * 0.01
+                )
+                tensors[f"{prefix}.lora_B.weight"] = (
+                    torch.randn(rows, rank, generator=generator, dtype=torch.bfloat16) * 0.01
+                )
         directory = out / "adapters" / f"a{index}"
         directory.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(directory / "adapter_model.safetensors"))
-        (directory / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 32, "lora_dropout": 0.0,
-            "bias": "none", "target_modules": list(shapes), "base_model_name_or_path": str(base),
-            "fan_in_fan_out": False, "modules_to_save": None}))
+        (directory / "adapter_config.json").write_text(
+            json.dumps(
+                {
+                    "peft_type": "LORA",
+                    "task_type": "CAUSAL_LM",
+                    "r": rank,
+                    "lora_alpha": 32,
+                    "lora_dropout": 0.0,
+                    "bias": "none",
+                    "target_modules": list(shapes),
+                    "base_model_name_or_path": str(base),
+                    "fan_in_fan_out": False,
+                    "modules_to_save": None,
+                }
+            )
+        )
         found[f"a{index}"] = str(directory)
     result = {"base": str(base), "adapters": found}
     manifest.write_text(json.dumps(result, indent=2))
@@ -124,8 +154,15 @@ def start_engines(model: dict, *, cpu: bool, log_dir: Path) -> tuple[list[Servic
     services, urls = [], []
     for index in range(2):
         port = free_port()
-        command = engine_command(Path(model["base"]), {}, port=port, python=sys.executable, max_loras=4,
-                                 max_lora_rank=16 if not cpu else 8, max_model_len=8192 if not cpu else 512)
+        command = engine_command(
+            Path(model["base"]),
+            {},
+            port=port,
+            python=sys.executable,
+            max_loras=4,
+            max_lora_rank=16 if not cpu else 8,
+            max_model_len=8192 if not cpu else 512,
+        )
         env = engine_env()
         if cpu:
             env["VLLM_CPU_OMP_THREADS_BIND"] = str(index % max(1, os.cpu_count() or 1))  # one core each
@@ -175,8 +212,9 @@ class RoundRobin:
         return replica
 
     async def _load(self, url: str, adapter: str, path: str) -> None:
-        async with self.session.post(f"{url}/v1/load_lora_adapter",
-                                     json={"lora_name": adapter, "lora_path": path}) as response:
+        async with self.session.post(
+            f"{url}/v1/load_lora_adapter", json={"lora_name": adapter, "lora_path": path}
+        ) as response:
             await response.read()
 
     def release(self, replica: Replica, adapter: str) -> None:
@@ -208,9 +246,19 @@ class Loragate:
         self.pool.release(replica, adapter)
 
 
-async def conversation(policy, rng: random.Random, systems: list[str], adapters: list[tuple[str, str]],
-                       weights: list[float], session: aiohttp.ClientSession, deadline: float,
-                       results: list[tuple[float, float]], tokens: int, user_words: int, errors: list[int]) -> None:
+async def conversation(
+    policy,
+    rng: random.Random,
+    systems: list[str],
+    adapters: list[tuple[str, str]],
+    weights: list[float],
+    session: aiohttp.ClientSession,
+    deadline: float,
+    results: list[tuple[float, float]],
+    tokens: int,
+    user_words: int,
+    errors: list[int],
+) -> None:
     while time.monotonic() < deadline:
         index = rng.choices(range(len(systems)), cum_weights=weights)[0]
         adapter, path = adapters[index % len(adapters)]
@@ -225,9 +273,17 @@ async def conversation(policy, rng: random.Random, systems: list[str], adapters:
             first = None
             answer = []
             try:
-                async with session.post(f"{replica.url}/v1/chat/completions", json={
-                        "model": adapter, "messages": messages, "max_tokens": tokens, "temperature": 0,
-                        "stream": True, "ignore_eos": True}) as response:
+                async with session.post(
+                    f"{replica.url}/v1/chat/completions",
+                    json={
+                        "model": adapter,
+                        "messages": messages,
+                        "max_tokens": tokens,
+                        "temperature": 0,
+                        "stream": True,
+                        "ignore_eos": True,
+                    },
+                ) as response:
                     if response.status != 200:
                         errors.append(response.status)
                         break
@@ -246,10 +302,11 @@ async def conversation(policy, rng: random.Random, systems: list[str], adapters:
 
 async def measure(name: str, urls: list[str], model: dict, args, seed: int) -> dict:
     rng = random.Random(seed)
-    systems = [f"System prompt {i}. " + " ".join(rng.choice(WORDS) for _ in range(args.system_words))
-               for i in range(16)]
+    systems = [
+        f"System prompt {i}. " + " ".join(rng.choice(WORDS) for _ in range(args.system_words)) for i in range(16)
+    ]
     adapters = list(model["adapters"].items())[:16]
-    weights = list(itertools.accumulate(1 / (k ** 0.8) for k in range(1, len(systems) + 1)))
+    weights = list(itertools.accumulate(1 / (k**0.8) for k in range(1, len(systems) + 1)))
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         policy = RoundRobin(urls, session) if name == "round_robin" else Loragate(urls, session)
@@ -260,9 +317,24 @@ async def measure(name: str, urls: list[str], model: dict, args, seed: int) -> d
         errors: list[int] = []
         started = time.monotonic()
         deadline = started + args.seconds
-        await asyncio.gather(*(conversation(policy, random.Random(100 + i), systems, adapters, weights, session,
-                                            deadline, results, args.tokens, args.user_words, errors)
-                               for i in range(args.clients)))
+        await asyncio.gather(
+            *(
+                conversation(
+                    policy,
+                    random.Random(100 + i),
+                    systems,
+                    adapters,
+                    weights,
+                    session,
+                    deadline,
+                    results,
+                    args.tokens,
+                    args.user_words,
+                    errors,
+                )
+                for i in range(args.clients)
+            )
+        )
         elapsed = time.monotonic() - started
         after = [parse_engine_metrics(await (await session.get(f"{u}/metrics")).read()) for u in urls]
         if isinstance(policy, Loragate) and policy.task is not None:
@@ -270,10 +342,15 @@ async def measure(name: str, urls: list[str], model: dict, args, seed: int) -> d
     queries = sum((a.prefix_queries or 0) - (b.prefix_queries or 0) for a, b in zip(after, before))
     hits = sum((a.prefix_hits or 0) - (b.prefix_hits or 0) for a, b in zip(after, before))
     ttft = sorted(r[0] for r in results)
-    return {"policy": name, "requests": len(results), "errors": len(errors), "throughput_rps": len(results) / elapsed,
-            "ttft_p50_s": statistics.median(ttft) if ttft else None,
-            "ttft_p99_s": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))] if ttft else None,
-            "prefix_cache_hit_rate": hits / queries if queries else None}
+    return {
+        "policy": name,
+        "requests": len(results),
+        "errors": len(errors),
+        "throughput_rps": len(results) / elapsed,
+        "ttft_p50_s": statistics.median(ttft) if ttft else None,
+        "ttft_p99_s": ttft[min(len(ttft) - 1, int(len(ttft) * 0.99))] if ttft else None,
+        "prefix_cache_hit_rate": hits / queries if queries else None,
+    }
 
 
 def main() -> None:
@@ -307,12 +384,20 @@ def main() -> None:
     print(f"{'policy':<12} {'req/s':>8} {'vs rr':>6} {'TTFT p50':>9} {'TTFT p99':>9} {'prefix hits':>11}")
     for row in rows:
         row["vs_round_robin"] = row["throughput_rps"] / rr
-        print(f"{row['policy']:<12} {row['throughput_rps']:>8.2f} {row['vs_round_robin']:>5.2f}x "
-              f"{(row['ttft_p50_s'] or 0) * 1000:>7.0f}ms {(row['ttft_p99_s'] or 0) * 1000:>7.0f}ms "
-              f"{(row['prefix_cache_hit_rate'] or 0):>10.0%}")
-    out = {"mode": "cpu" if cpu else "gpu", "rows": rows, "clients": args.clients, "seconds": args.seconds,
-           "model_build_s": round(built_s, 1), "total_s": round(time.monotonic() - began, 1),
-           "machine": {"cpus": os.cpu_count()}}
+        print(
+            f"{row['policy']:<12} {row['throughput_rps']:>8.2f} {row['vs_round_robin']:>5.2f}x "
+            f"{(row['ttft_p50_s'] or 0) * 1000:>7.0f}ms {(row['ttft_p99_s'] or 0) * 1000:>7.0f}ms "
+            f"{(row['prefix_cache_hit_rate'] or 0):>10.0%}"
+        )
+    out = {
+        "mode": "cpu" if cpu else "gpu",
+        "rows": rows,
+        "clients": args.clients,
+        "seconds": args.seconds,
+        "model_build_s": round(built_s, 1),
+        "total_s": round(time.monotonic() - began, 1),
+        "machine": {"cpus": os.cpu_count()},
+    }
     name = "sched_real_cpu.json" if cpu else "sched_gpu.json"
     (ROOT / "bench" / "results" / name).write_text(json.dumps(out, indent=2))
 

@@ -28,8 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def build(out: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int,
-          demo: Path) -> float:
+def build(
+    out: Path, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int, demo: Path
+) -> float:
     code = f"""
 import shutil, torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -61,9 +62,15 @@ def dataset(path: Path, rows: int, words: int) -> None:
     out = []
     for i in range(rows):
         start = rng.randrange(0, len(text) - 2 * words)
-        prompt = f"Row {i}: continue " + " ".join(text[start:start + words])
-        out.append({"messages": [{"role": "user", "content": prompt},
-                                 {"role": "assistant", "content": " ".join(text[start + words:start + 2 * words])}]})
+        prompt = f"Row {i}: continue " + " ".join(text[start : start + words])
+        out.append(
+            {
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": " ".join(text[start + words : start + 2 * words])},
+                ]
+            }
+        )
     path.write_text("".join(json.dumps(r) + "\n" for r in out))
 
 
@@ -71,21 +78,31 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--words", type=int, default=150,
-                        help="words per prompt and per answer (~400-600 tokens a row)")
+    parser.add_argument(
+        "--words", type=int, default=150, help="words per prompt and per answer (~400-600 tokens a row)"
+    )
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--work", type=Path, help="where the model is written (default: a temporary directory)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu_train.json")
     args = parser.parse_args()
     small = args.hidden < 4096
-    shape = dict(hidden=args.hidden, intermediate=args.hidden * 14336 // 4096, layers=args.layers,
-                 heads=max(1, args.hidden // 128), kv_heads=max(1, args.hidden // 512),
-                 vocab=128256 if not small else 32000)
+    shape = dict(
+        hidden=args.hidden,
+        intermediate=args.hidden * 14336 // 4096,
+        layers=args.layers,
+        heads=max(1, args.hidden // 128),
+        kv_heads=max(1, args.hidden // 512),
+        vocab=128256 if not small else 32000,
+    )
     demo = ROOT / ".cache" / "demo-model" / "base"
     if not (demo / "tokenizer.json").is_file():
-        subprocess.run([sys.executable, "-m", "loragate", "demo-model", str(demo.parent)], check=True, cwd=ROOT,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "loragate", "demo-model", str(demo.parent)],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
     work = args.work or Path(tempfile.mkdtemp(prefix="loragate-gpu-train-"))
     work.mkdir(parents=True, exist_ok=True)
     base = work / "base"
@@ -96,11 +113,39 @@ def main() -> int:
     results = {}
     for index, (name, options) in enumerate(runs.items()):
         started = time.monotonic()
-        run = subprocess.run([sys.executable, "-m", "loragate", "train", "--dataset", str(work / "data.jsonl"),
-                              "--base-model", str(base), "--registry", str(work / "registry"), "--name", "gpu",
-                              "--version", f"r{index}", "--batch-size", str(args.batch_size), "--max-steps",
-                              str(args.steps), "--epochs", "1", "--checkpoint-every", "0", "--no-progress",
-                              "--lr", "2e-4", *options], cwd=ROOT, capture_output=True, text=True)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "loragate",
+                "train",
+                "--dataset",
+                str(work / "data.jsonl"),
+                "--base-model",
+                str(base),
+                "--registry",
+                str(work / "registry"),
+                "--name",
+                "gpu",
+                "--version",
+                f"r{index}",
+                "--batch-size",
+                str(args.batch_size),
+                "--max-steps",
+                str(args.steps),
+                "--epochs",
+                "1",
+                "--checkpoint-every",
+                "0",
+                "--no-progress",
+                "--lr",
+                "2e-4",
+                *options,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         wall = time.monotonic() - started
         if run.returncode != 0:
             line = (run.stderr.strip().splitlines() or ["?"])[-1]
@@ -108,25 +153,57 @@ def main() -> int:
             results[name] = {"options": options, "error": line}
             continue
         s = json.loads(run.stdout)
-        results[name] = {"options": options, "peak_gpu_gb": s["memory_peak_gb"], "estimate_gb": s["memory_estimate_gb"],
-                         "tokens_per_s": s["tokens_per_s"], "micro_batch": s["micro_batch"],
-                         "gradient_checkpointing": s["gradient_checkpointing"], "steps": s["steps"],
-                         "train_s": s["duration_s"], "wall_s": round(wall, 1), "loss_first": s["loss_first"],
-                         "loss_last": s["loss_last"]}
-        print(f"{name:18} peak {s['memory_peak_gb']:6.2f} GB (estimate {s['memory_estimate_gb']:6.2f})  "
-              f"{s['tokens_per_s']:8.0f} tokens/s  micro-batch {s['micro_batch']}, checkpointing "
-              f"{s['gradient_checkpointing']}  ({wall:.0f} s with loading)", flush=True)
+        results[name] = {
+            "options": options,
+            "peak_gpu_gb": s["memory_peak_gb"],
+            "estimate_gb": s["memory_estimate_gb"],
+            "tokens_per_s": s["tokens_per_s"],
+            "micro_batch": s["micro_batch"],
+            "gradient_checkpointing": s["gradient_checkpointing"],
+            "steps": s["steps"],
+            "train_s": s["duration_s"],
+            "wall_s": round(wall, 1),
+            "loss_first": s["loss_first"],
+            "loss_last": s["loss_last"],
+        }
+        print(
+            f"{name:18} peak {s['memory_peak_gb']:6.2f} GB (estimate {s['memory_estimate_gb']:6.2f})  "
+            f"{s['tokens_per_s']:8.0f} tokens/s  micro-batch {s['micro_batch']}, checkpointing "
+            f"{s['gradient_checkpointing']}  ({wall:.0f} s with loading)",
+            flush=True,
+        )
     a, b = results.get("bf16 LoRA", {}), results.get("QLoRA (nf4 base)", {})
     if "peak_gpu_gb" in a and "peak_gpu_gb" in b:
-        print(f"QLoRA / bf16: memory x{b['peak_gpu_gb'] / a['peak_gpu_gb']:.2f}, "
-              f"tokens/s x{b['tokens_per_s'] / a['tokens_per_s']:.2f}")
-    hardware = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                              capture_output=True, text=True, check=False).stdout.strip() if shutil.which(
-        "nvidia-smi") else "no GPU"
+        print(
+            f"QLoRA / bf16: memory x{b['peak_gpu_gb'] / a['peak_gpu_gb']:.2f}, "
+            f"tokens/s x{b['tokens_per_s'] / a['tokens_per_s']:.2f}"
+        )
+    hardware = (
+        subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        if shutil.which("nvidia-smi")
+        else "no GPU"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"hardware": hardware, "shape": shape, "steps": args.steps,
-                                    "batch_size": args.batch_size, "build_s": round(build_s, 1),
-                                    "measured_at": time.time(), "results": results}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "hardware": hardware,
+                "shape": shape,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "build_s": round(build_s, 1),
+                "measured_at": time.time(),
+                "results": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all("error" not in r for r in results.values()) else 1

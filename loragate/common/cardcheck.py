@@ -92,7 +92,8 @@ class CardCheck:
                         f"{field}: variant {variant.name!r} ({card.ref}) is {card.state}, not in a serving state "
                         f"({', '.join(sorted(SERVING_STATES))}); it cannot get traffic (weight {variant.weight:g}"
                         f"{', shadow' if route.shadow and route.shadow.variant == variant.name else ''}"
-                        f"{', fallback' if variant.name in route.fallback else ''})")
+                        f"{', fallback' if variant.name in route.fallback else ''})"
+                    )
                 dropped.append(variant.name)
         if not dropped:
             return route
@@ -111,8 +112,7 @@ class CardCheck:
         if variant.path and Path(variant.path.removeprefix("file://")).is_dir():
             files = Path(variant.path.removeprefix("file://"))
         weights, config = files / WEIGHTS_FILE, files / CONFIG_FILE
-        key = (str(files.resolve()), _stamp(weights), _stamp(config), card.artifact.sha256,
-               card.artifact.config_sha256)
+        key = (str(files.resolve()), _stamp(weights), _stamp(config), card.artifact.sha256, card.artifact.config_sha256)
         if key not in self._verified:
             try:
                 verify(card, files)

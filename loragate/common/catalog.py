@@ -42,8 +42,7 @@ class Pricing(_Strict):
 
     def reference_cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         return (
-            prompt_tokens * self.reference_prompt_per_1k
-            + completion_tokens * self.reference_completion_per_1k
+            prompt_tokens * self.reference_prompt_per_1k + completion_tokens * self.reference_completion_per_1k
         ) / 1000
 
 
@@ -189,8 +188,10 @@ class Route(_Strict):
         top = max(v.weight for v in self.variants)
         primaries = [v.name for v in self.variants if v.weight == top]
         if shadow.variant in primaries:
-            raise ValueError(f"shadow.variant: {shadow.variant!r} is the route's primary variant (weight {top:g}); "
-                             "a shadow must be another variant (weight 0, or a canary's smaller share)")
+            raise ValueError(
+                f"shadow.variant: {shadow.variant!r} is the route's primary variant (weight {top:g}); "
+                "a shadow must be another variant (weight 0, or a canary's smaller share)"
+            )
 
     def variant(self, name: str) -> Variant | None:
         return next((v for v in self.variants if v.name == name), None)
@@ -247,7 +248,8 @@ class Catalog(_Strict):
                     raise ValueError(
                         f"adapter name {variant.adapter!r} has two paths ({seen[0]!r} in route {seen[1]!r}, "
                         f"{variant.path!r} in route {route.name!r}): give each adapter version its own name "
-                        "(vLLM can mix the prefix caches of adapters loaded under one name, vllm#30931)")
+                        "(vLLM can mix the prefix caches of adapters loaded under one name, vllm#30931)"
+                    )
         return self
 
     def adapters(self) -> dict[str, str | None]:

@@ -46,12 +46,29 @@ SHADOW = "shadow"  # ... a shadow variant's answer to a copy of the same request
 
 # Column names in file order. Types: see arrow_schema.
 REQUEST_COLUMNS = (
-    "request_id", "timestamp", "route", "variant", "endpoint", "status", "stream", "fallback",
-    "latency_s", "ttft_s", "prompt_tokens", "completion_tokens", "cost_usd", "reference_cost_usd",
-    "finish_reason", "prompt_text", "prompt_messages", "response_text", "schema_version", "role", "priority",
+    "request_id",
+    "timestamp",
+    "route",
+    "variant",
+    "endpoint",
+    "status",
+    "stream",
+    "fallback",
+    "latency_s",
+    "ttft_s",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "reference_cost_usd",
+    "finish_reason",
+    "prompt_text",
+    "prompt_messages",
+    "response_text",
+    "schema_version",
+    "role",
+    "priority",
 )
-FEEDBACK_COLUMNS = ("request_id", "timestamp", "route", "variant", "score", "label", "correction",
-                    "schema_version")
+FEEDBACK_COLUMNS = ("request_id", "timestamp", "route", "variant", "score", "label", "correction", "schema_version")
 COLUMNS = {REQUESTS: REQUEST_COLUMNS, FEEDBACK: FEEDBACK_COLUMNS}
 # Free text and ids: (nearly) every value distinct. Parquet writers skip a dictionary and min/max statistics
 # for these (both useless here, and a quarter of the write's cost).
@@ -67,13 +84,30 @@ def arrow_schema(table: str) -> "pa.Schema":
     stamp = pa.timestamp("ms", tz="UTC")
     turns = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
     types = {
-        "request_id": pa.string(), "timestamp": stamp, "route": pa.string(), "variant": pa.string(),
-        "endpoint": pa.string(), "status": pa.int32(), "stream": pa.bool_(), "fallback": pa.string(),
-        "latency_s": pa.float64(), "ttft_s": pa.float64(), "prompt_tokens": pa.int64(),
-        "completion_tokens": pa.int64(), "cost_usd": pa.float64(), "reference_cost_usd": pa.float64(),
-        "finish_reason": pa.string(), "prompt_text": pa.string(), "prompt_messages": turns,
-        "response_text": pa.string(), "score": pa.float64(), "label": pa.string(), "correction": pa.string(),
-        "schema_version": pa.int32(), "role": pa.string(), "priority": pa.string(),
+        "request_id": pa.string(),
+        "timestamp": stamp,
+        "route": pa.string(),
+        "variant": pa.string(),
+        "endpoint": pa.string(),
+        "status": pa.int32(),
+        "stream": pa.bool_(),
+        "fallback": pa.string(),
+        "latency_s": pa.float64(),
+        "ttft_s": pa.float64(),
+        "prompt_tokens": pa.int64(),
+        "completion_tokens": pa.int64(),
+        "cost_usd": pa.float64(),
+        "reference_cost_usd": pa.float64(),
+        "finish_reason": pa.string(),
+        "prompt_text": pa.string(),
+        "prompt_messages": turns,
+        "response_text": pa.string(),
+        "score": pa.float64(),
+        "label": pa.string(),
+        "correction": pa.string(),
+        "schema_version": pa.int32(),
+        "role": pa.string(),
+        "priority": pa.string(),
     }
     return pa.schema([(name, types[name]) for name in COLUMNS[table]])
 
@@ -100,8 +134,10 @@ def conform(data: "pa.Table", table: str) -> "pa.Table":
             column = pc.fill_null(column, PRIMARY)
         columns.append(column)
     extra = [name for name in data.column_names if name not in schema.names]
-    return pa.Table.from_arrays(columns + [data[name] for name in extra],
-                                schema=pa.schema(list(schema) + [data.schema.field(name) for name in extra]))
+    return pa.Table.from_arrays(
+        columns + [data[name] for name in extra],
+        schema=pa.schema(list(schema) + [data.schema.field(name) for name in extra]),
+    )
 
 
 def flat_prompt(turns: Iterable[Mapping[str, Any]]) -> str:
@@ -124,8 +160,9 @@ def prompt_turns(version: Any, endpoint: Any, messages: Any, text: Any) -> list[
         if not isinstance(message, Mapping):
             return None
         role, content = message.get("role"), message.get("content")
-        turns.append({"role": role if isinstance(role, str) else "",
-                      "content": content if isinstance(content, str) else ""})
+        turns.append(
+            {"role": role if isinstance(role, str) else "", "content": content if isinstance(content, str) else ""}
+        )
     return turns
 
 

@@ -40,12 +40,15 @@ class S3Options:
     region: str | None = None
 
     @classmethod
-    def resolve(cls, endpoint: str | None = None, region: str | None = None,
-                environ: Mapping[str, str] | None = None) -> "S3Options":
+    def resolve(
+        cls, endpoint: str | None = None, region: str | None = None, environ: Mapping[str, str] | None = None
+    ) -> "S3Options":
         """Explicit values first, then the LORAGATE_REQUEST_LOG_S3_* and AWS_* environment."""
         env = os.environ if environ is None else environ
-        return cls(endpoint=_first(endpoint, env, (ENDPOINT_ENV, *_AWS_ENDPOINT_ENV)),
-                   region=_first(region, env, (REGION_ENV, *_AWS_REGION_ENV)))
+        return cls(
+            endpoint=_first(endpoint, env, (ENDPOINT_ENV, *_AWS_ENDPOINT_ENV)),
+            region=_first(region, env, (REGION_ENV, *_AWS_REGION_ENV)),
+        )
 
 
 def _first(explicit: str | None, env: Mapping[str, str], names: tuple[str, ...]) -> str | None:

@@ -60,6 +60,7 @@ class IllegalTransition(RegistryError):
 
 # --- hashing -----------------------------------------------------------------------------------
 
+
 def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -98,8 +99,12 @@ def read_peft(adapter_dir: str | Path) -> PeftInfo:
         raise RegistryError(f"cannot read {path}: {exc}") from None
     modules = cfg.get("target_modules") or []
     modules = [modules] if isinstance(modules, str) else sorted(modules)
-    return PeftInfo(r=int(cfg.get("r", 0)), lora_alpha=float(cfg.get("lora_alpha", 0)), target_modules=modules,
-                    lora_dropout=float(cfg.get("lora_dropout") or 0.0))
+    return PeftInfo(
+        r=int(cfg.get("r", 0)),
+        lora_alpha=float(cfg.get("lora_alpha", 0)),
+        target_modules=modules,
+        lora_dropout=float(cfg.get("lora_dropout") or 0.0),
+    )
 
 
 def artifact_of(adapter_dir: str | Path) -> Artifact:
@@ -107,29 +112,43 @@ def artifact_of(adapter_dir: str | Path) -> Artifact:
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise RegistryError(f"{directory} holds no {WEIGHTS_FILE}")
-    return Artifact(location=str(directory), sha256=file_sha256(weights),
-                    config_sha256=file_sha256(directory / CONFIG_FILE), bytes=weights.stat().st_size)
+    return Artifact(
+        location=str(directory),
+        sha256=file_sha256(weights),
+        config_sha256=file_sha256(directory / CONFIG_FILE),
+        bytes=weights.stat().st_size,
+    )
 
 
 def new_card(name: str, version: str, adapter_dir: str | Path, base: BaseModelRef, **fields: Any) -> AdapterCard:
     """A card for the adapter files in ``adapter_dir`` (hashes and PEFT config read from them)."""
-    return AdapterCard(name=check_name("name", name), version=check_name("version", version), base=base,
-                       artifact=artifact_of(adapter_dir), peft=read_peft(adapter_dir), **fields)
+    return AdapterCard(
+        name=check_name("name", name),
+        version=check_name("version", version),
+        base=base,
+        artifact=artifact_of(adapter_dir),
+        peft=read_peft(adapter_dir),
+        **fields,
+    )
 
 
 def verify(card: AdapterCard, directory: str | Path | None = None) -> None:
     """Recompute the sha256 of the weights and the adapter config; raise CardMismatch if either differs."""
     where = Path(directory or card.artifact.location)
-    for label, name, expected in (("weights", WEIGHTS_FILE, card.artifact.sha256),
-                                  ("adapter config", CONFIG_FILE, card.artifact.config_sha256)):
+    for label, name, expected in (
+        ("weights", WEIGHTS_FILE, card.artifact.sha256),
+        ("adapter config", CONFIG_FILE, card.artifact.config_sha256),
+    ):
         path = where / name
         try:
             actual = file_sha256(path)
         except OSError as exc:
             raise CardMismatch(f"{card.ref}: cannot read {path}: {exc.strerror or exc}") from None
         if actual != expected:
-            raise CardMismatch(f"{card.ref}: the {label} at {path} have sha256 {actual[:16]}..., the card says "
-                               f"{expected[:16]}...: changed after registration; refusing to use it")
+            raise CardMismatch(
+                f"{card.ref}: the {label} at {path} have sha256 {actual[:16]}..., the card says "
+                f"{expected[:16]}...: changed after registration; refusing to use it"
+            )
 
 
 def card_json(card: AdapterCard) -> bytes:
@@ -162,6 +181,7 @@ def _locked(directory: Path) -> Iterator[None]:
 
 # --- state -------------------------------------------------------------------------------------
 
+
 def check_transition(card: AdapterCard, to: str) -> None:
     if to not in TRANSITIONS:
         raise IllegalTransition(f"unknown state {to!r}; states: {', '.join(TRANSITIONS)}")
@@ -169,12 +189,15 @@ def check_transition(card: AdapterCard, to: str) -> None:
         allowed = ", ".join(sorted(TRANSITIONS[card.state])) or "none: it is final"
         raise IllegalTransition(f"{card.ref} is {card.state}; it cannot become {to} (allowed: {allowed})")
     if to in SERVING_STATES and card.verdict != "pass":
-        raise IllegalTransition(f"{card.ref} cannot become {to}: the evaluation gate has "
-                                f"{'not run' if card.verdict is None else 'failed it'}")
+        raise IllegalTransition(
+            f"{card.ref} cannot become {to}: the evaluation gate has "
+            f"{'not run' if card.verdict is None else 'failed it'}"
+        )
 
 
-def apply_transition(card: AdapterCard, to: str, *, by: str = "loragate", reason: str = "",
-                     now: float | None = None) -> AdapterCard:
+def apply_transition(
+    card: AdapterCard, to: str, *, by: str = "loragate", reason: str = "", now: float | None = None
+) -> AdapterCard:
     check_transition(card, to)
     card.state = to  # type: ignore[assignment]
     card.history.append(StateChange(state=to, at=time.time() if now is None else now, by=by, reason=reason))
@@ -183,13 +206,16 @@ def apply_transition(card: AdapterCard, to: str, *, by: str = "loragate", reason
 
 # --- the registry --------------------------------------------------------------------------------
 
+
 def local_path(location: str | Path) -> Path:
     text = str(location)
     if text.startswith("file://"):
         text = text.removeprefix("file://")
     elif "://" in text:
-        raise RegistryError(f"registry location {text}: only local directories are supported for now "
-                            "(s3:// needs loragate.common.objectstore)")
+        raise RegistryError(
+            f"registry location {text}: only local directories are supported for now "
+            "(s3:// needs loragate.common.objectstore)"
+        )
     return Path(text)
 
 
@@ -236,8 +262,16 @@ class Registry:
         except OSError as exc:
             raise RegistryError(f"registry {self.location} is not writable: {exc.strerror or exc}") from None
 
-    def register(self, card: AdapterCard, files_from: str | Path, *, state: str = "candidate",
-                 by: str = "loragate", reason: str = "registered", extra_files: tuple[str, ...] = ()) -> Path:
+    def register(
+        self,
+        card: AdapterCard,
+        files_from: str | Path,
+        *,
+        state: str = "candidate",
+        by: str = "loragate",
+        reason: str = "registered",
+        extra_files: tuple[str, ...] = (),
+    ) -> Path:
         """Move a finished adapter directory into the registry as NAME/VERSION, with its card.
 
         The card and the files are written into a staging directory first and renamed into
@@ -286,6 +320,7 @@ class Registry:
 
     def transition(self, directory: str | Path, to: str, *, by: str = "loragate", reason: str = "") -> AdapterCard:
         """Move a version to another state; serving states need a passed gate and matching weights."""
+
         def change(card: AdapterCard) -> None:
             check_transition(card, to)
             if to in SERVING_STATES:
@@ -296,16 +331,20 @@ class Registry:
 
     def record(self, directory: str | Path, step: str, result: str, detail: str = "") -> AdapterCard:
         """Append an event (a deployment step) to the version's card."""
-        return self.update(directory, lambda card: card.events.append(
-            Event(step=step, result=result, at=time.time(), detail=detail[:500])))
+        return self.update(
+            directory,
+            lambda card: card.events.append(Event(step=step, result=result, at=time.time(), detail=detail[:500])),
+        )
 
     def approve(self, directory: str | Path, *, by: str, note: str = "") -> AdapterCard:
         def change(card: AdapterCard) -> None:
             if card.state in ("rejected", "retired"):
                 raise IllegalTransition(f"{card.ref} is {card.state}; it cannot be approved")
             if card.verdict != "pass":
-                raise IllegalTransition(f"{card.ref} cannot be approved: the evaluation gate has "
-                                        f"{'not run' if card.verdict is None else 'failed it'}")
+                raise IllegalTransition(
+                    f"{card.ref} cannot be approved: the evaluation gate has "
+                    f"{'not run' if card.verdict is None else 'failed it'}"
+                )
             verify(card, directory)
             card.approval = Approval(by=by, at=time.time(), note=note)
 

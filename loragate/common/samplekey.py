@@ -60,11 +60,11 @@ def key_array(ids: "pa.Array | pa.ChunkedArray") -> "pa.UInt64Array":
     if total:
         data = pa.Array.from_buffers(pa.uint8(), total, [None, ids.buffers()[2]], offset=first)
         nonempty = pc.greater(lengths, 0)
-        string_start = pc.run_end_decode(pa.RunEndEncodedArray.from_arrays(
-            ends.filter(nonempty), starts.filter(nonempty)))  # each byte: the offset of its string
+        string_start = pc.run_end_decode(
+            pa.RunEndEncodedArray.from_arrays(ends.filter(nonempty), starts.filter(nonempty))
+        )  # each byte: the offset of its string
         position = pc.subtract(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), total)), string_start)
-        power = pc.take(pa.array(_POWERS, u64),
-                        pc.min_element_wise(pc.subtract(position, 1), _MAX_POSITION - 1))
+        power = pc.take(pa.array(_POWERS, u64), pc.min_element_wise(pc.subtract(position, 1), _MAX_POSITION - 1))
         terms = pc.multiply(pc.add(data.cast(u64), pa.scalar(1, u64)), power)  # wraps modulo 2**64
         running = pa.concat_arrays([pa.array([0], u64), pc.cumulative_sum(terms)])
         out = pc.add(out, pc.subtract(pc.take(running, ends), pc.take(running, starts)))

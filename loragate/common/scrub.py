@@ -71,8 +71,25 @@ _LONG_RUN = re.compile(r"[A-Za-z0-9+/_-]{32}")
 _NI_SHAPE = re.compile(r"[A-Za-z][A-Za-z]\s?\d\d\s?\d\d\s?\d\d", re.IGNORECASE)
 # A superset of the national-id keywords below: a cheap test before the costly pattern (the native scrubber
 # looks for the words, and for id cards as written here, in C).
-_ID_WORDS = ("passport", "national", "identity", "tax", "tin", "ssn", "sin", "nino", "dni", "nie", "nif", "cpf",
-             "aadhaar", "pesel", "bsn", "personnummer", "steuer")
+_ID_WORDS = (
+    "passport",
+    "national",
+    "identity",
+    "tax",
+    "tin",
+    "ssn",
+    "sin",
+    "nino",
+    "dni",
+    "nie",
+    "nif",
+    "cpf",
+    "aadhaar",
+    "pesel",
+    "bsn",
+    "personnummer",
+    "steuer",
+)
 _ID_KEYWORDS = re.compile("|".join(_ID_WORDS) + r"|id[\s_-]?card")
 
 
@@ -139,12 +156,16 @@ class Need(NamedTuple):
         if self.digits and facts.digits < self.digits:
             return False
         if (self.any_of or self.any_of_lower or self.repeated) and not (
-                any(part in facts.text for part in self.any_of)
-                or any(part in facts.lower for part in self.any_of_lower)
-                or (self.repeated is not None and facts.text.count(self.repeated[0]) >= self.repeated[1])):
+            any(part in facts.text for part in self.any_of)
+            or any(part in facts.lower for part in self.any_of_lower)
+            or (self.repeated is not None and facts.text.count(self.repeated[0]) >= self.repeated[1])
+        ):
             return False
-        return ((not self.long_run or facts.long_run) and (not self.ni_shape or facts.ni_shape)
-                and (not self.id_keyword or _ID_KEYWORDS.search(facts.lower) is not None))
+        return (
+            (not self.long_run or facts.long_run)
+            and (not self.ni_shape or facts.ni_shape)
+            and (not self.id_keyword or _ID_KEYWORDS.search(facts.lower) is not None)
+        )
 
 
 class KeepPrefix(NamedTuple):
@@ -169,8 +190,7 @@ class Rule(NamedTuple):
 
 def _rule(pattern: str, replacement: Replacement, need: Need, flags: int = 0, guard: str = "") -> Rule:
     """A rule; ``guard`` (a lookbehind) is put before ``pattern`` and waived where a search starts."""
-    return Rule(re.compile(guard + pattern, flags), replacement, need,
-                re.compile(pattern, flags) if guard else None)
+    return Rule(re.compile(guard + pattern, flags), replacement, need, re.compile(pattern, flags) if guard else None)
 
 
 def _sub_argument(replacement: Replacement) -> str | Callable[[re.Match[str]], str]:
@@ -235,63 +255,115 @@ def _national_phone(number: str) -> str:
 
 
 def _base64_secret(text: str) -> str:
-    mixed = (any(c.isdigit() for c in text) and any(c.isupper() for c in text)
-             and any(c.islower() for c in text))
+    mixed = any(c.isdigit() for c in text) and any(c.isupper() for c in text) and any(c.islower() for c in text)
     return SECRET if mixed else text
 
 
 _RULES: list[Rule] = [
     # --- secrets ---
-    Rule(re.compile(r"(?P<prefix>\b(?:bearer|basic)\s++)[A-Za-z0-9._~+/=-]{16,}", re.IGNORECASE), KeepPrefix(SECRET),
-         Need(any_of_lower=("bearer", "basic"))),
-    Rule(re.compile(r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)"
-                    r"[\"']?\s*+[:=]\s*+[\"']?)[^\s\"',;]{6,}", re.IGNORECASE), KeepPrefix(SECRET),
-         Need(any_of_lower=("pass", "pwd", "secret", "key", "token", "auth"))),
-    Rule(re.compile(r"\b(?:sk|lg)-[A-Za-z0-9_-]{16,}"), SECRET,
-         Need(any_of=("sk-", "lg-"))),  # lg-: loragate's own keys
-    Rule(re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}\b"), SECRET,
-         Need(any_of=("AKIA", "ASIA", "AGPA", "AIDA", "AROA"))),
-    Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}+\b"), SECRET,
-         Need(any_of=("ghp_", "gho_", "ghu_", "ghs_", "ghr_"))),
+    Rule(
+        re.compile(r"(?P<prefix>\b(?:bearer|basic)\s++)[A-Za-z0-9._~+/=-]{16,}", re.IGNORECASE),
+        KeepPrefix(SECRET),
+        Need(any_of_lower=("bearer", "basic")),
+    ),
+    Rule(
+        re.compile(
+            r"(?P<prefix>\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token|auth)"
+            r"[\"']?\s*+[:=]\s*+[\"']?)[^\s\"',;]{6,}",
+            re.IGNORECASE,
+        ),
+        KeepPrefix(SECRET),
+        Need(any_of_lower=("pass", "pwd", "secret", "key", "token", "auth")),
+    ),
+    Rule(
+        re.compile(r"\b(?:sk|lg)-[A-Za-z0-9_-]{16,}"), SECRET, Need(any_of=("sk-", "lg-"))
+    ),  # lg-: loragate's own keys
+    Rule(
+        re.compile(r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}\b"),
+        SECRET,
+        Need(any_of=("AKIA", "ASIA", "AGPA", "AIDA", "AROA")),
+    ),
+    Rule(re.compile(r"\bgh[pousr]_[A-Za-z0-9]{30,}+\b"), SECRET, Need(any_of=("ghp_", "gho_", "ghu_", "ghs_", "ghr_"))),
     Rule(re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"), SECRET, Need(any_of=("xox",))),
     Rule(re.compile(r"\bAIza[0-9A-Za-z_-]{35}\b"), SECRET, Need(any_of=("AIza",))),
     # From the start of a run of its characters to the run's first "eyJ" (a later one in the run could only
     # fail where the first did), kept: each run is read once, not once for every "eyJ" in it.
-    Rule(re.compile(r"(?<![A-Za-z0-9_-])(?P<prefix>(?:(?!\beyJ)[A-Za-z0-9_-])*+)"
-                    r"\beyJ[A-Za-z0-9_-]{8,}+\.eyJ[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]{8,}"),
-         KeepPrefix(SECRET), Need(any_of=("eyJ",))),
+    Rule(
+        re.compile(
+            r"(?<![A-Za-z0-9_-])(?P<prefix>(?:(?!\beyJ)[A-Za-z0-9_-])*+)"
+            r"\beyJ[A-Za-z0-9_-]{8,}+\.eyJ[A-Za-z0-9_-]{8,}+\.[A-Za-z0-9_-]{8,}"
+        ),
+        KeepPrefix(SECRET),
+        Need(any_of=("eyJ",)),
+    ),
     # --- e-mail before the digit rules: local parts hold digits ---
     # (Each start inside a run of the local part's characters would find the same "@" as the run's start: the
     # guard skips them, except where a search starts, which may be inside a run.)
-    _rule(r"[A-Za-z0-9._%+-]++@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*\.[A-Za-z]{2,}", EMAIL, Need(any_of=("@",)),
-          guard=r"(?<![A-Za-z0-9._%+-])"),
+    _rule(
+        r"[A-Za-z0-9._%+-]++@[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*\.[A-Za-z]{2,}",
+        EMAIL,
+        Need(any_of=("@",)),
+        guard=r"(?<![A-Za-z0-9._%+-])",
+    ),
     # --- long opaque runs: hex digests and keys, base64 blobs ---
     Rule(re.compile(r"(?<![A-Za-z0-9])[0-9a-fA-F]{32,}+(?![A-Za-z0-9])"), SECRET, Need(long_run=True)),
     Rule(re.compile(r"(?<![A-Za-z0-9+/_-])[A-Za-z0-9+/_-]{40,}={0,2}"), _base64_secret, Need(long_run=True)),
     # --- checksummed numbers ---
-    Rule(re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4}+)?\b"), _iban,
-         Need(digits=2)),
+    Rule(
+        re.compile(r"[A-Z](?<!\w[A-Z])[A-Z]\d{2}(?:\s?[A-Z0-9]{4}){2,7}(?:\s?[A-Z0-9]{1,4}+)?\b"), _iban, Need(digits=2)
+    ),
     Rule(re.compile(r"\d(?<![\d-]\d)(?:[ -]?\d){12,18}(?![\d-])"), _card, Need(digits=13)),
     # --- national ids ---
-    Rule(re.compile(r"\d(?<![\d-]\d)\d\d(?<!000|666)(?<!9\d\d)([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])"),
-         NATIONAL_ID, Need(digits=9)),
-    Rule(re.compile(r"[A-CEGHJ-PR-TW-Z](?<!\w[A-Z])[A-CEGHJ-NPR-TW-Z](?<!BG|GB|NK|KN|TN|NT|ZZ)"
-                    r"\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", re.IGNORECASE), NATIONAL_ID, Need(ni_shape=True)),
-    Rule(re.compile(r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|"
-                    r"tax[\s_-]?id|tin|ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)"
-                    r"(?:\s*+(?:number|no\.?|num|#))?\s*+(?:is\s++)?[:#]?\s*+)(?=[A-Z]*+\d)[A-Z0-9][A-Z0-9./-]{3,}+"
-                    r"(?:\s\d[\d./-]{2,}+)*+", re.IGNORECASE),
-         KeepPrefix(NATIONAL_ID), Need(digits=1, id_keyword=True)),
+    Rule(
+        re.compile(r"\d(?<![\d-]\d)\d\d(?<!000|666)(?<!9\d\d)([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])"),
+        NATIONAL_ID,
+        Need(digits=9),
+    ),
+    Rule(
+        re.compile(
+            r"[A-CEGHJ-PR-TW-Z](?<!\w[A-Z])[A-CEGHJ-NPR-TW-Z](?<!BG|GB|NK|KN|TN|NT|ZZ)"
+            r"\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b",
+            re.IGNORECASE,
+        ),
+        NATIONAL_ID,
+        Need(ni_shape=True),
+    ),
+    Rule(
+        re.compile(
+            r"(?P<prefix>\b(?:passport|national[\s_-]?id(?:entity)?|id[\s_-]?card|identity[\s_-]?card|"
+            r"tax[\s_-]?id|tin|ssn|sin|nino|dni|nie|nif|cpf|aadhaar|pesel|bsn|personnummer|steuer-?id)"
+            r"(?:\s*+(?:number|no\.?|num|#))?\s*+(?:is\s++)?[:#]?\s*+)(?=[A-Z]*+\d)[A-Z0-9][A-Z0-9./-]{3,}+"
+            r"(?:\s\d[\d./-]{2,}+)*+",
+            re.IGNORECASE,
+        ),
+        KeepPrefix(NATIONAL_ID),
+        Need(digits=1, id_keyword=True),
+    ),
     # --- network addresses ---
-    Rule(re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w++)?"
-                    r"(?![\w:])"), _ipv6, Need(any_of=("::",), repeated=(":", 7))),
-    Rule(re.compile(r"\d(?<![\d.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)"), _ipv4,
-         Need(digits=4, repeated=(".", 3))),
+    Rule(
+        re.compile(
+            r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?:%\w++)?"
+            r"(?![\w:])"
+        ),
+        _ipv6,
+        Need(any_of=("::",), repeated=(":", 7)),
+    ),
+    Rule(
+        re.compile(r"\d(?<![\d.]\d)\d{0,2}\.\d{1,3}\.\d{1,3}\.\d{1,3}(?!\d|\.\d)"),
+        _ipv4,
+        Need(digits=4, repeated=(".", 3)),
+    ),
     # --- phone numbers ---
-    Rule(re.compile(r"(?:\+(?<![\w+]\+)|00(?<![\w+]00))\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){1,5}[\s.-]?\d{2,4}(?!\d)"),
-         _international_phone, Need(digits=8, any_of=("+", "00"))),
-    Rule(re.compile(r"(?:\((?<![\w)]\()\d{3}\)\s?|\d(?<![\w)]\d)\d\d[\s.-])\d{3}[\s.-]\d{4}(?!\d)"), PHONE,
-         Need(digits=10)),
+    Rule(
+        re.compile(r"(?:\+(?<![\w+]\+)|00(?<![\w+]00))\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){1,5}[\s.-]?\d{2,4}(?!\d)"),
+        _international_phone,
+        Need(digits=8, any_of=("+", "00")),
+    ),
+    Rule(
+        re.compile(r"(?:\((?<![\w)]\()\d{3}\)\s?|\d(?<![\w)]\d)\d\d[\s.-])\d{3}[\s.-]\d{4}(?!\d)"),
+        PHONE,
+        Need(digits=10),
+    ),
     Rule(re.compile(r"0(?<!\w0)\d{2,4}[\s-]?\d{3,4}[\s-]?\d{3,4}(?!\d)"), _national_phone, Need(digits=10)),
 ]
 
@@ -317,7 +389,7 @@ def substitution(rule: Rule) -> Callable[[str], str]:
             if match is None:
                 break
             assert match.end() > last, "a rule never matches the empty string"
-            parts += (text[last:match.start()], replace(match))
+            parts += (text[last : match.start()], replace(match))
             last = match.end()
         return "".join(parts) + text[last:] if parts else text
 
@@ -362,8 +434,9 @@ def pcre2_pattern(pattern: str) -> str:
             escape = pattern[i + 1]
             if escape in "SDWBAZ":
                 raise ValueError(f"no PCRE2 translation for \\{escape} in {pattern!r}")
-            out.append(_PY_SPACE if escape == "s" and in_class else f"[{_PY_SPACE}]" if escape == "s"
-                       else pattern[i:i + 2])
+            out.append(
+                _PY_SPACE if escape == "s" and in_class else f"[{_PY_SPACE}]" if escape == "s" else pattern[i : i + 2]
+            )
             i += 2
             continue
         if char == "[" and not in_class:
@@ -381,7 +454,7 @@ def pcre2_rule_pattern(rule: Rule) -> str:
     pattern = rule.pattern.pattern
     if rule.unguarded is not None:
         body = rule.unguarded.pattern
-        pattern = f"(?:\\G|{pattern[:len(pattern) - len(body)]}){body}"
+        pattern = f"(?:\\G|{pattern[: len(pattern) - len(body)]}){body}"
     return pcre2_pattern(pattern)
 
 
@@ -408,9 +481,22 @@ def _native_rule(native: ModuleType, rule: Rule) -> tuple:
     elif replacement is _ipv6:
         kind, placeholder = native.IPV6, IP
     count_char, count_min = need.repeated or ("", 0)
-    return (pcre2_rule_pattern(rule), bool(rule.pattern.flags & re.IGNORECASE), kind, placeholder,
-            prefix_group, call, need.digits, need.any_of, need.any_of_lower, count_char, count_min,
-            need.long_run, need.ni_shape, need.id_keyword)
+    return (
+        pcre2_rule_pattern(rule),
+        bool(rule.pattern.flags & re.IGNORECASE),
+        kind,
+        placeholder,
+        prefix_group,
+        call,
+        need.digits,
+        need.any_of,
+        need.any_of_lower,
+        count_char,
+        count_min,
+        need.long_run,
+        need.ni_shape,
+        need.id_keyword,
+    )
 
 
 def _native_scrubber() -> Scrubber | None:
@@ -419,8 +505,9 @@ def _native_scrubber() -> Scrubber | None:
         from loragate.common import _scrubnative
     except ImportError:  # the Python rules do all the work then
         return None
-    return _scrubnative.Scrubber(tuple(_native_rule(_scrubnative, rule) for rule in _RULES),
-                                 _ID_WORDS)  # _NI_SHAPE and _ID_KEYWORDS are written in C
+    return _scrubnative.Scrubber(
+        tuple(_native_rule(_scrubnative, rule) for rule in _RULES), _ID_WORDS
+    )  # _NI_SHAPE and _ID_KEYWORDS are written in C
 
 
 _NATIVE = _native_scrubber()

@@ -42,7 +42,7 @@ class EventSplitter:
         if end < 0:
             self._buffer = data + held
             return b""
-        self._buffer = data[end + 2:] + held
+        self._buffer = data[end + 2 :] + held
         return data[: end + 2]
 
     def finish(self) -> bytes:
@@ -98,8 +98,11 @@ def find_error_event(stream: bytes) -> int:
     """
     at = stream.find(_ERROR)
     while at >= 0:
-        line = at - 6 if at >= 6 and stream[at - 6:at] == b"data: " else (
-            at - 5 if at >= 5 and stream[at - 5:at] == b"data:" else -1)
+        line = (
+            at - 6
+            if at >= 6 and stream[at - 6 : at] == b"data: "
+            else (at - 5 if at >= 5 and stream[at - 5 : at] == b"data:" else -1)
+        )
         if line == 0 or (line > 0 and stream[line - 1] == 10):  # the data line starts there (10: LF)
             start = stream.rfind(b"\n\n", 0, line)
             return 0 if start < 0 else start + 2

@@ -39,7 +39,7 @@ def secret_key(secret: str | bytes) -> bytes:
         return secret
     if secret.startswith(SECRET_PREFIX):
         try:
-            return base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+            return base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
         except binascii.Error as exc:
             raise ValueError("webhook secret: the part after whsec_ is not valid base64") from exc
     return secret.encode()
@@ -56,8 +56,9 @@ def signature(secret: str | bytes, message_id: str, timestamp: int | str, body: 
     return "v1," + base64.b64encode(digest).decode()
 
 
-def sign(secret: str | bytes, body: bytes, *, message_id: str | None = None,
-         timestamp: int | None = None) -> dict[str, str]:
+def sign(
+    secret: str | bytes, body: bytes, *, message_id: str | None = None, timestamp: int | None = None
+) -> dict[str, str]:
     """The three headers for one delivery attempt of ``body``.
 
     Pass the same ``message_id`` for every retry of one event; ``timestamp`` defaults to now.
@@ -66,12 +67,21 @@ def sign(secret: str | bytes, body: bytes, *, message_id: str | None = None,
     if "." in message_id:
         raise ValueError("webhook id must not contain '.'")
     timestamp = int(time.time()) if timestamp is None else int(timestamp)
-    return {ID_HEADER: message_id, TIMESTAMP_HEADER: str(timestamp),
-            SIGNATURE_HEADER: signature(secret, message_id, timestamp, body)}
+    return {
+        ID_HEADER: message_id,
+        TIMESTAMP_HEADER: str(timestamp),
+        SIGNATURE_HEADER: signature(secret, message_id, timestamp, body),
+    }
 
 
-def verify(secret: str | bytes, headers: Mapping[str, str], body: bytes, *,
-           tolerance_s: float = DEFAULT_TOLERANCE_S, now: float | None = None) -> str:
+def verify(
+    secret: str | bytes,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    tolerance_s: float = DEFAULT_TOLERANCE_S,
+    now: float | None = None,
+) -> str:
     """Check one received webhook; returns its ``webhook-id`` (store it to drop duplicates).
 
     ``headers``: any mapping (header names in any case); ``body``: the raw bytes as received,
@@ -94,7 +104,8 @@ def verify(secret: str | bytes, headers: Mapping[str, str], body: bytes, *,
         raise WebhookVerificationError(f"{TIMESTAMP_HEADER} too old ({now - timestamp:.0f} s > {tolerance_s:g} s)")
     if timestamp > now + tolerance_s:
         raise WebhookVerificationError(
-            f"{TIMESTAMP_HEADER} too far in the future ({timestamp - now:.0f} s > {tolerance_s:g} s)")
+            f"{TIMESTAMP_HEADER} too far in the future ({timestamp - now:.0f} s > {tolerance_s:g} s)"
+        )
     expected = signature(secret, message_id, stamp, body).encode()  # the header as received is signed
     matched = False
     for candidate in signatures.split(" "):

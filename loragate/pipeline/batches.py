@@ -25,24 +25,25 @@ class Step:
         return self.micro_batches[rank::world]
 
 
-def epoch_plan(lengths: list[int], *, seed: int, epoch: int, micro_batch: int, accumulation: int, world: int,
-               group_by_length: bool) -> list[Step]:
+def epoch_plan(
+    lengths: list[int], *, seed: int, epoch: int, micro_batch: int, accumulation: int, world: int, group_by_length: bool
+) -> list[Step]:
     """The epoch's optimizer steps; a last partial step is kept (every process gets at least nothing)."""
     order = list(range(len(lengths)))
     rng = random.Random(f"{seed}:{epoch}")
     rng.shuffle(order)
     per_step = micro_batch * accumulation * world
     if group_by_length:
-        windows = [order[i:i + per_step * GROUP_WINDOW] for i in range(0, len(order), per_step * GROUP_WINDOW)]
+        windows = [order[i : i + per_step * GROUP_WINDOW] for i in range(0, len(order), per_step * GROUP_WINDOW)]
         order = []
         for window in windows:
             window.sort(key=lambda i: lengths[i])
-            micro = [window[i:i + micro_batch] for i in range(0, len(window), micro_batch)]
+            micro = [window[i : i + micro_batch] for i in range(0, len(window), micro_batch)]
             head, last = (micro[:-1], micro[-1:]) if len(micro[-1]) < micro_batch else (micro, [])
             rng.shuffle(head)  # long and short micro-batches interleave; a short remainder stays last
             order.extend(i for m in head + last for i in m)
     steps = []
     for start in range(0, len(order), per_step):
-        rows = order[start:start + per_step]
-        steps.append(Step(tuple(tuple(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch))))
+        rows = order[start : start + per_step]
+        steps.append(Step(tuple(tuple(rows[i : i + micro_batch]) for i in range(0, len(rows), micro_batch))))
     return steps

@@ -89,8 +89,10 @@ def split(rows: list[Row], held_out_share: float, seed: int) -> tuple[list[Row],
         raise DatasetError(f"held-out share must be between 0 and 1, not {held_out_share}")
     keys = sorted({r.prompt_key for r in rows}, key=lambda k: hashlib.sha256(f"{seed}\0{k}".encode()).hexdigest())
     if len(keys) < 2:
-        raise DatasetError(f"{len(rows)} usable row(s) with {len(keys)} distinct prompt(s): "
-                           "need at least 2 prompts to keep a held-out split")
+        raise DatasetError(
+            f"{len(rows)} usable row(s) with {len(keys)} distinct prompt(s): "
+            "need at least 2 prompts to keep a held-out split"
+        )
     n_held = min(len(keys) - 1, max(1, round(len(keys) * held_out_share)))
     held_keys = set(keys[:n_held])
     return [r for r in rows if r.prompt_key not in held_keys], [r for r in rows if r.prompt_key in held_keys]
@@ -142,9 +144,12 @@ class Encoder:
         return value.get("content") if isinstance(value, dict) else value
 
     def render(self, messages, add_generation_prompt: bool) -> str:
-        return self.template.render(messages=[{"role": r, "content": c} for r, c in messages],
-                                    add_generation_prompt=add_generation_prompt,
-                                    bos_token=self._token("bos_token") or "", eos_token=self._token("eos_token") or "")
+        return self.template.render(
+            messages=[{"role": r, "content": c} for r, c in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self._token("bos_token") or "",
+            eos_token=self._token("eos_token") or "",
+        )
 
     def ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -153,9 +158,9 @@ class Encoder:
         """Token ids of the prompt and of the answer (+ eos), cut to ``max_len``; None if nothing fits."""
         prompt = self.render(row.messages[:-1], add_generation_prompt=True)
         full = self.render(row.messages, add_generation_prompt=False)
-        answer = full[len(prompt):] if full.startswith(prompt) else row.answer
+        answer = full[len(prompt) :] if full.startswith(prompt) else row.answer
         prompt_ids, answer_ids = self.ids(prompt), self.ids(answer) + [self.eos_id]
-        prompt_ids = prompt_ids[-(self.max_len // 2):]  # keep the end of a long prompt
+        prompt_ids = prompt_ids[-(self.max_len // 2) :]  # keep the end of a long prompt
         answer_ids = answer_ids[: self.max_len - len(prompt_ids)]
         return Example(prompt_ids, answer_ids) if answer_ids else None
 

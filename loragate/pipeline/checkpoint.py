@@ -45,8 +45,17 @@ def latest(work: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save(work: Path, progress: Progress, *, torch: Any, trainable: dict[str, Any], optimizer: Any, scaler: Any,
-         rank: int, barrier: Callable[[], None]) -> Path:
+def save(
+    work: Path,
+    progress: Progress,
+    *,
+    torch: Any,
+    trainable: dict[str, Any],
+    optimizer: Any,
+    scaler: Any,
+    rank: int,
+    barrier: Callable[[], None],
+) -> Path:
     """Every process calls it at the same step; returns the complete checkpoint's directory."""
     root = work / DIRECTORY
     final = root / f"step-{progress.step:07d}"
@@ -55,9 +64,16 @@ def save(work: Path, progress: Progress, *, torch: Any, trainable: dict[str, Any
     _write(torch, partial / f"rng-{rank}.pt", _rng_state(torch))
     barrier()
     if rank == 0:
-        _write(torch, partial / "state.pt", {"progress": asdict(progress), "trainable": trainable,
-                                             "optimizer": optimizer.state_dict(),
-                                             "scaler": scaler.state_dict() if scaler is not None else None})
+        _write(
+            torch,
+            partial / "state.pt",
+            {
+                "progress": asdict(progress),
+                "trainable": trainable,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            },
+        )
         if final.exists():  # the same step saved before a crash: replace it
             shutil.rmtree(final)
         partial.rename(final)
@@ -85,8 +101,11 @@ def _write(torch: Any, path: Path, obj: Any) -> None:
 
 
 def _rng_state(torch: Any) -> dict[str, Any]:
-    return {"python": random.getstate(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(torch: Any, state: dict[str, Any]) -> None:

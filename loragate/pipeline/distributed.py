@@ -27,8 +27,11 @@ class World:
 
 def from_env() -> World:
     try:
-        return World(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                     int(os.environ.get("LOCAL_RANK", "0")))
+        return World(
+            int(os.environ.get("RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")),
+        )
     except ValueError:
         return World()
 
@@ -54,7 +57,7 @@ class Group:
         self.dist.all_reduce(flat)
         offset = 0
         for p, g in zip(params, grads):
-            p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+            p.grad = flat[offset : offset + g.numel()].view_as(p).clone()
             offset += g.numel()
 
     def sum(self, values: list[float]) -> list[float]:

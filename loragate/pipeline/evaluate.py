@@ -90,8 +90,9 @@ class Engine:
         for model in await self.models():
             if model.get("id") == name:
                 if Path(str(model.get("root"))).resolve() != Path(path).resolve():
-                    raise EvaluateError(f"engine {self.url} already has an adapter {name!r} from {model.get('root')}, "
-                                        f"not {path}")
+                    raise EvaluateError(
+                        f"engine {self.url} already has an adapter {name!r} from {model.get('root')}, not {path}"
+                    )
                 return False
         status, body = await self._json("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
         if status != 200:
@@ -110,8 +111,11 @@ class Engine:
     async def answer_nll(self, model: str, example: Example) -> float:
         """Summed negative log-likelihood of the answer tokens given the prompt."""
         ids = example.prompt_ids + example.answer_ids
-        status, body = await self._json("POST", "/v1/completions", {
-            "model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 1})
+        status, body = await self._json(
+            "POST",
+            "/v1/completions",
+            {"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 1},
+        )
         if status != 200:
             raise EvaluateError(f"engine {self.url}: scoring with {model} answered {status}: {str(body)[:300]}")
         positions = body["choices"][0]["prompt_logprobs"]
@@ -125,15 +129,19 @@ class Engine:
         return total
 
     async def generate(self, model: str, example: Example, max_tokens: int) -> str:
-        status, body = await self._json("POST", "/v1/completions", {
-            "model": model, "prompt": example.prompt_ids, "max_tokens": max_tokens, "temperature": 0.0})
+        status, body = await self._json(
+            "POST",
+            "/v1/completions",
+            {"model": model, "prompt": example.prompt_ids, "max_tokens": max_tokens, "temperature": 0.0},
+        )
         if status != 200:
             raise EvaluateError(f"engine {self.url}: generating with {model} answered {status}: {str(body)[:300]}")
         return str(body["choices"][0]["text"])
 
 
-async def score(engine: Engine, model: str, rows: list[Row], examples: list[Example], *, generate_tokens: int,
-                concurrency: int) -> Scored:
+async def score(
+    engine: Engine, model: str, rows: list[Row], examples: list[Example], *, generate_tokens: int, concurrency: int
+) -> Scored:
     """NLL of every reference answer, one request at a time; then greedy answers for F1, concurrently.
 
     One at a time: vLLM 0.32 maps LoRA slots per request, not per prompt token, when it computes
@@ -212,21 +220,39 @@ def run_gate(config: GateConfig) -> tuple[AdapterCard, Evaluation]:
     verdict = "pass" if held_cmp.non_inferior and (reg_cmp is None or reg_cmp.non_inferior) else "fail"
     reason = _reason("held-out", held_cmp) + (f"; {_reason('regression set', reg_cmp)}" if reg_cmp else "")
     evaluation = Evaluation(
-        at=time.time(), baseline=base.ref, data=str(data), data_sha256=data_sha, examples=held_cmp.examples,
-        tokens=held_cmp.tokens, candidate_nll=round(held_cmp.candidate_nll, 5),
-        baseline_nll=round(held_cmp.baseline_nll, 5), delta=round(held_cmp.delta, 5),
-        ci_low=round(held_cmp.ci_low, 5), ci_high=round(held_cmp.ci_high, 5), confidence=held_cmp.confidence,
-        margin=held_cmp.margin, candidate_f1=f1[0], baseline_f1=f1[1],
-        regression=_summary(config.regression_set, reg_cmp) if reg_cmp else None, verdict=verdict, reason=reason)
+        at=time.time(),
+        baseline=base.ref,
+        data=str(data),
+        data_sha256=data_sha,
+        examples=held_cmp.examples,
+        tokens=held_cmp.tokens,
+        candidate_nll=round(held_cmp.candidate_nll, 5),
+        baseline_nll=round(held_cmp.baseline_nll, 5),
+        delta=round(held_cmp.delta, 5),
+        ci_low=round(held_cmp.ci_low, 5),
+        ci_high=round(held_cmp.ci_high, 5),
+        confidence=held_cmp.confidence,
+        margin=held_cmp.margin,
+        candidate_f1=f1[0],
+        baseline_f1=f1[1],
+        regression=_summary(config.regression_set, reg_cmp) if reg_cmp else None,
+        verdict=verdict,
+        reason=reason,
+    )
     card = registry.update(cand_dir, lambda c: c.evaluations.append(evaluation))
     if verdict == "fail":
         card = registry.transition(cand_dir, "rejected", by="gate", reason=reason)
     return card, evaluation
 
 
-async def _compare(config: GateConfig, cand: AdapterCard, base: AdapterCard, rows: list[Row],
-                   examples: list[Example], regression: tuple[list[Row], list[Example], str] | None
-                   ) -> tuple[Comparison, Comparison | None, tuple[float | None, float | None]]:
+async def _compare(
+    config: GateConfig,
+    cand: AdapterCard,
+    base: AdapterCard,
+    rows: list[Row],
+    examples: list[Example],
+    regression: tuple[list[Row], list[Example], str] | None,
+) -> tuple[Comparison, Comparison | None, tuple[float | None, float | None]]:
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=config.timeout_s)
@@ -234,21 +260,36 @@ async def _compare(config: GateConfig, cand: AdapterCard, base: AdapterCard, row
         engine = Engine(config.engine, session)
         try:
             await _check_engine_base(engine, cand)
-            loaded = [m.served_name for m in (cand, base)
-                      if await engine.ensure_loaded(m.served_name, m.artifact.location)]
+            loaded = [
+                m.served_name for m in (cand, base) if await engine.ensure_loaded(m.served_name, m.artifact.location)
+            ]
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise EvaluateError(f"engine {config.engine} unreachable: {type(exc).__name__}: {exc}") from None
         try:
             scored = {}
             for card in (cand, base):
-                scored[card.ref] = await score(engine, card.served_name, rows, examples,
-                                               generate_tokens=config.generate_tokens,
-                                               concurrency=config.concurrency)
+                scored[card.ref] = await score(
+                    engine,
+                    card.served_name,
+                    rows,
+                    examples,
+                    generate_tokens=config.generate_tokens,
+                    concurrency=config.concurrency,
+                )
             held = _bootstrap(config, scored[cand.ref], scored[base.ref])
             reg = None
             if regression:
-                reg_scores = [await score(engine, c.served_name, regression[0], regression[1], generate_tokens=0,
-                                          concurrency=config.concurrency) for c in (cand, base)]
+                reg_scores = [
+                    await score(
+                        engine,
+                        c.served_name,
+                        regression[0],
+                        regression[1],
+                        generate_tokens=0,
+                        concurrency=config.concurrency,
+                    )
+                    for c in (cand, base)
+                ]
                 reg = _bootstrap(config, *reg_scores)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise EvaluateError(f"engine {config.engine} failed while scoring: {type(exc).__name__}: {exc}") from None
@@ -264,23 +305,42 @@ async def _check_engine_base(engine: Engine, card: AdapterCard) -> None:
     for model in await engine.models():
         if model.get("parent") is None and model.get("root") and Path(str(model["root"])).is_dir():
             if base_model_sha256(model["root"]) != card.base.sha256:
-                raise EvaluateError(f"engine {engine.url} serves base model {model['root']}, not the one "
-                                    f"{card.ref} was trained on ({card.base.path})")
+                raise EvaluateError(
+                    f"engine {engine.url} serves base model {model['root']}, not the one "
+                    f"{card.ref} was trained on ({card.base.path})"
+                )
 
 
 def _bootstrap(config: GateConfig, cand: Scored, base: Scored) -> Comparison:
-    return paired_bootstrap(cand.nll, base.nll, cand.tokens, margin=config.margin, confidence=config.confidence,
-                            resamples=config.resamples, seed=config.seed)
+    return paired_bootstrap(
+        cand.nll,
+        base.nll,
+        cand.tokens,
+        margin=config.margin,
+        confidence=config.confidence,
+        resamples=config.resamples,
+        seed=config.seed,
+    )
 
 
 def _reason(label: str, c: Comparison) -> str:
     verdict = "not worse" if c.non_inferior else "worse"
-    return (f"{label}: NLL/token {c.candidate_nll:.4f} vs {c.baseline_nll:.4f}, delta {c.delta:+.4f} "
-            f"[{c.confidence:.0%} CI {c.ci_low:+.4f}, {c.ci_high:+.4f}] over {c.examples} rows: {verdict} "
-            f"(margin {c.margin})")
+    return (
+        f"{label}: NLL/token {c.candidate_nll:.4f} vs {c.baseline_nll:.4f}, delta {c.delta:+.4f} "
+        f"[{c.confidence:.0%} CI {c.ci_low:+.4f}, {c.ci_high:+.4f}] over {c.examples} rows: {verdict} "
+        f"(margin {c.margin})"
+    )
 
 
 def _summary(location: str | None, c: Comparison) -> dict[str, Any]:
-    return {"data": location, "examples": c.examples, "tokens": c.tokens, "candidate_nll": round(c.candidate_nll, 5),
-            "baseline_nll": round(c.baseline_nll, 5), "delta": round(c.delta, 5), "ci_low": round(c.ci_low, 5),
-            "ci_high": round(c.ci_high, 5), "non_inferior": c.non_inferior}
+    return {
+        "data": location,
+        "examples": c.examples,
+        "tokens": c.tokens,
+        "candidate_nll": round(c.candidate_nll, 5),
+        "baseline_nll": round(c.baseline_nll, 5),
+        "delta": round(c.delta, 5),
+        "ci_low": round(c.ci_low, 5),
+        "ci_high": round(c.ci_high, 5),
+        "non_inferior": c.non_inferior,
+    }

@@ -30,8 +30,16 @@ class Comparison:
         return self.ci_high < 0
 
 
-def paired_bootstrap(candidate: list[float], baseline: list[float], tokens: list[int], *, margin: float,
-                     confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> Comparison:
+def paired_bootstrap(
+    candidate: list[float],
+    baseline: list[float],
+    tokens: list[int],
+    *,
+    margin: float,
+    confidence: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Comparison:
     """``candidate[i]``/``baseline[i]``: summed NLL of example i's answer tokens; ``tokens[i]``: their count.
 
     Examples (not tokens) are resampled, both models together (paired): the interval is the
@@ -51,8 +59,9 @@ def paired_bootstrap(candidate: list[float], baseline: list[float], tokens: list
     tail = (1 - confidence) / 2
     low = stats[min(resamples - 1, int(tail * resamples))]
     high = stats[min(resamples - 1, int((1 - tail) * resamples))]
-    return Comparison(n, total, sum(candidate) / total, sum(baseline) / total, sum(diffs) / total, low, high,
-                      confidence, margin)
+    return Comparison(
+        n, total, sum(candidate) / total, sum(baseline) / total, sum(diffs) / total, low, high, confidence, margin
+    )
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)

@@ -45,8 +45,13 @@ def _nvidia_smi() -> Hardware | None:
     if exe is None:
         return None
     try:
-        out = subprocess.run([exe, "--query-gpu=index,name,memory.total,memory.free,compute_cap",
-                              "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=10, check=False)
+        out = subprocess.run(
+            [exe, "--query-gpu=index,name,memory.total,memory.free,compute_cap", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     rows = [[c.strip() for c in line.split(",")] for line in out.stdout.splitlines() if line.count(",") >= 4]

@@ -17,8 +17,16 @@ from typing import Any
 
 def torchrun_command(argv: Sequence[str], processes: int) -> list[str]:
     """``loragate ARGV`` as ``processes`` data-parallel workers on this node (torch.distributed.run)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-            "-m", "loragate", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={processes}",
+        "-m",
+        "loragate",
+        *argv,
+    ]
 
 
 def run_forwarding_sigterm(command: Sequence[str], **kwargs: Any) -> tuple[subprocess.CompletedProcess, bool]:

@@ -55,20 +55,31 @@ class ModelShape:
             config = json.loads(path.read_text())
             config = config.get("text_config", config)  # multimodal wrappers keep the decoder's sizes there
             hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
-            return cls(hidden=hidden, intermediate=int(config.get("intermediate_size") or 4 * hidden),
-                       layers=int(config["num_hidden_layers"]), heads=heads,
-                       kv_heads=int(config.get("num_key_value_heads") or heads),
-                       head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
-                       tied_embeddings=bool(config.get("tie_word_embeddings", False)))
+            return cls(
+                hidden=hidden,
+                intermediate=int(config.get("intermediate_size") or 4 * hidden),
+                layers=int(config["num_hidden_layers"]),
+                heads=heads,
+                kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(config.get("head_dim") or hidden // heads),
+                vocab=int(config["vocab_size"]),
+                tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"base model {base_dir}: cannot read its sizes from config.json: {exc}") from None
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """(in, out) features of each linear layer of one decoder layer, by its usual name."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {"q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv),
-                "o_proj": (q, self.hidden), "gate_proj": (self.hidden, self.intermediate),
-                "up_proj": (self.hidden, self.intermediate), "down_proj": (self.intermediate, self.hidden)}
+        return {
+            "q_proj": (self.hidden, q),
+            "k_proj": (self.hidden, kv),
+            "v_proj": (self.hidden, kv),
+            "o_proj": (q, self.hidden),
+            "gate_proj": (self.hidden, self.intermediate),
+            "up_proj": (self.hidden, self.intermediate),
+            "down_proj": (self.intermediate, self.hidden),
+        }
 
     @property
     def linear_params(self) -> int:
@@ -117,8 +128,13 @@ class Estimate:
         return (self.weights + self.adapter + self.activations + self.logits + self.overhead) * MARGIN
 
     def describe(self) -> str:
-        parts = (("weights", self.weights), ("adapter+optimizer", self.adapter), ("activations", self.activations),
-                 ("logits", self.logits), ("runtime", self.overhead))
+        parts = (
+            ("weights", self.weights),
+            ("adapter+optimizer", self.adapter),
+            ("activations", self.activations),
+            ("logits", self.logits),
+            ("runtime", self.overhead),
+        )
         return f"{self.total / GB:.1f} GB (" + ", ".join(f"{n} {v / GB:.2f}" for n, v in parts) + f", x{MARGIN} slack)"
 
 

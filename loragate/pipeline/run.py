@@ -77,8 +77,10 @@ class Pipeline:
         if self.path.exists():
             self.state = PipelineState.model_validate_json(self.path.read_bytes())
             if spec is not None and spec != self.state.spec:
-                raise ValueError(f"{self.path} holds another pipeline ({self.state.spec.name}/"
-                                 f"{self.state.spec.version} for route {self.state.spec.route})")
+                raise ValueError(
+                    f"{self.path} holds another pipeline ({self.state.spec.name}/"
+                    f"{self.state.spec.version} for route {self.state.spec.route})"
+                )
         elif spec is None:
             raise ValueError(f"no pipeline state at {self.path}")
         else:
@@ -133,10 +135,33 @@ class Pipeline:
         self._clean_leftovers()
         self._mark("train", "running")
         result, terminated = run_forwarding_sigterm(
-            [sys.executable, "-m", "loragate", "train", "--dataset", spec.dataset, "--base-model", spec.base_model,
-             "--parent", spec.stable, "--registry", spec.registry, "--name", spec.name, "--version", spec.version,
-             "--seed", str(spec.seed), "--no-progress", *spec.train_args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            [
+                sys.executable,
+                "-m",
+                "loragate",
+                "train",
+                "--dataset",
+                spec.dataset,
+                "--base-model",
+                spec.base_model,
+                "--parent",
+                spec.stable,
+                "--registry",
+                spec.registry,
+                "--name",
+                spec.name,
+                "--version",
+                spec.version,
+                "--seed",
+                str(spec.seed),
+                "--no-progress",
+                *spec.train_args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         if terminated or result.returncode == 143:
             # Evicted: training saved a checkpoint; the step stays "running" so the next attempt (the Job's
             # retried pod, or the same command) resumes it instead of recording a failure.
@@ -160,8 +185,18 @@ class Pipeline:
     def _evaluate(self, record: StepRecord) -> str | None:
         spec = self.state.spec
         self._mark("evaluate", "running")
-        result = _loragate(["evaluate", "--candidate", str(self.target), "--baseline", spec.stable,
-                            "--engine", spec.engine, *spec.evaluate_args])
+        result = _loragate(
+            [
+                "evaluate",
+                "--candidate",
+                str(self.target),
+                "--baseline",
+                spec.stable,
+                "--engine",
+                spec.engine,
+                *spec.evaluate_args,
+            ]
+        )
         if result.returncode == 0:
             self._mark("evaluate", "done", "pass")
             return None
@@ -192,8 +227,12 @@ class Pipeline:
 
 
 def _loragate(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loragate", *args], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "loragate", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def _card_state(directory: Path) -> str | None:

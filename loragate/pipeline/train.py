@@ -64,14 +64,21 @@ def _train_in(prepared: Prepared, work: Path) -> tuple[Path, AdapterCard]:
         run = fit(prepared, work, work / LOSS_LOG_FILE)
         if not main:
             return prepared.target, _wait_for_card(prepared.target)
-        data = TrainingData(location=str(Path(config.dataset).resolve()) if "://" not in config.dataset
-                            else config.dataset, sha256=prepared.dataset.sha256, rows=len(prepared.dataset.rows),
-                            train_rows=len(prepared.train_rows), held_out_rows=len(prepared.held_rows),
-                            held_out_location=str((prepared.target / HELD_OUT_FILE).resolve()),
-                            held_out_sha256=held_sha, window_start=config.window_start,
-                            window_end=config.window_end, trigger=config.trigger)
-        card = new_card(config.name, config.version, work, prepared.base, parent=prepared.parent_ref, data=data,
-                        training=run)
+        data = TrainingData(
+            location=str(Path(config.dataset).resolve()) if "://" not in config.dataset else config.dataset,
+            sha256=prepared.dataset.sha256,
+            rows=len(prepared.dataset.rows),
+            train_rows=len(prepared.train_rows),
+            held_out_rows=len(prepared.held_rows),
+            held_out_location=str((prepared.target / HELD_OUT_FILE).resolve()),
+            held_out_sha256=held_sha,
+            window_start=config.window_start,
+            window_end=config.window_end,
+            trigger=config.trigger,
+        )
+        card = new_card(
+            config.name, config.version, work, prepared.base, parent=prepared.parent_ref, data=data, training=run
+        )
         target = prepared.registry.register(card, work, reason="trained", extra_files=(HELD_OUT_FILE, LOSS_LOG_FILE))
         shutil.rmtree(work, ignore_errors=True)  # registered: the checkpoints are no longer needed
         (prepared.registry.root / f".train-{config.name}-{config.version}.lock").unlink(missing_ok=True)

@@ -59,9 +59,11 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
         if last is not None:
             progress, state = checkpoint.load(last, torch=torch, rank=world.rank)
             if progress.fingerprint != fingerprint:
-                raise TrainError(f"the checkpoint {last} is from a run with other data or options (dataset, seed, "
-                                 "batch sizes, learning rate, adapter): run the same command to resume it, or "
-                                 "add --no-resume to start over")
+                raise TrainError(
+                    f"the checkpoint {last} is from a run with other data or options (dataset, seed, "
+                    "batch sizes, learning rate, adapter): run the same command to resume it, or "
+                    "add --no-resume to start over"
+                )
             with torch.no_grad():
                 for n, p in named:
                     p.copy_(state["trainable"][n].to(p.device))
@@ -77,21 +79,36 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
 
         def steps_of(epoch: int) -> Any:
             if epoch not in plans:
-                plans[epoch] = epoch_plan([len(e.prompt_ids) + len(e.answer_ids) for e in examples], seed=config.seed,
-                                          epoch=epoch, micro_batch=plan.micro_batch, accumulation=prepared.accumulation,
-                                          world=world.size, group_by_length=config.group_by_length)
+                plans[epoch] = epoch_plan(
+                    [len(e.prompt_ids) + len(e.answer_ids) for e in examples],
+                    seed=config.seed,
+                    epoch=epoch,
+                    micro_batch=plan.micro_batch,
+                    accumulation=prepared.accumulation,
+                    world=world.size,
+                    group_by_length=config.group_by_length,
+                )
             return plans[epoch]
 
         total = sum(len(steps_of(e)) for e in range(config.epochs))
         if config.max_steps:
             total = min(total, config.max_steps)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16 if plan.precision == "bf16" else torch.float16,
-                                  enabled=plan.precision != "fp32")
+        autocast = torch.autocast(
+            device.type,
+            dtype=torch.bfloat16 if plan.precision == "bf16" else torch.float16,
+            enabled=plan.precision != "fp32",
+        )
         stop = _StopSignal()
         started = time.monotonic()
         log = open(loss_log, "a") if world.main else None  # noqa: SIM115  (closed below, main process only)
-        bar = tqdm(total=total, initial=progress.step, file=sys.stderr, unit="step",
-                   desc=f"train {config.name}/{config.version}", disable=not (config.progress and world.main))
+        bar = tqdm(
+            total=total,
+            initial=progress.step,
+            file=sys.stderr,
+            unit="step",
+            desc=f"train {config.name}/{config.version}",
+            disable=not (config.progress and world.main),
+        )
         try:
             while progress.epoch < config.epochs and progress.step < total:
                 steps = steps_of(progress.epoch)
@@ -103,8 +120,9 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
                     for micro in step.for_rank(world.rank, world.size):
                         ids, mask, labels = (t.to(device) for t in _collate([examples[i] for i in micro], pad, torch))
                         with autocast:  # the model's own loss: shifted labels, float32, summed / the step's tokens
-                            loss = model(input_ids=ids, attention_mask=mask, labels=labels,
-                                         num_items_in_batch=items).loss
+                            loss = model(
+                                input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=items
+                            ).loss
                         (scaler.scale(loss) if scaler is not None else loss).backward()
                         local_loss += float(loss.detach()) * denominator
                         local_tokens += float(mask.sum())
@@ -129,9 +147,18 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
                     losses.append(value)
                     elapsed = progress.elapsed_s + time.monotonic() - started
                     if log is not None:
-                        log.write(json.dumps({"step": progress.step, "epoch": progress.epoch, "loss": round(value, 6),
-                                              "answer_tokens": progress.answer_tokens,
-                                              "elapsed_s": round(elapsed, 3)}) + "\n")
+                        log.write(
+                            json.dumps(
+                                {
+                                    "step": progress.step,
+                                    "epoch": progress.epoch,
+                                    "loss": round(value, 6),
+                                    "answer_tokens": progress.answer_tokens,
+                                    "elapsed_s": round(elapsed, 3),
+                                }
+                            )
+                            + "\n"
+                        )
                         log.flush()
                     bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{progress.all_tokens / max(elapsed, 1e-9):.0f}")
                     bar.update(1)
@@ -140,11 +167,21 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
                     if stopping or (config.checkpoint_every and progress.step % config.checkpoint_every == 0):
                         saved = replace(progress, elapsed_s=elapsed, resumed_from=list(progress.resumed_from))
                         trainable = {n: p.detach().to("cpu", copy=True) for n, p in named}
-                        where = checkpoint.save(work, saved, torch=torch, trainable=trainable, optimizer=optimizer,
-                                                scaler=scaler, rank=world.rank, barrier=group.barrier)
+                        where = checkpoint.save(
+                            work,
+                            saved,
+                            torch=torch,
+                            trainable=trainable,
+                            optimizer=optimizer,
+                            scaler=scaler,
+                            rank=world.rank,
+                            barrier=group.barrier,
+                        )
                         if stopping:
-                            raise TrainInterrupted(f"stopped by SIGTERM at step {progress.step}; checkpoint {where}: "
-                                                   "run the same command to resume")
+                            raise TrainInterrupted(
+                                f"stopped by SIGTERM at step {progress.step}; checkpoint {where}: "
+                                "run the same command to resume"
+                            )
                     if out_of_time:
                         total = progress.step
                 if progress.step_in_epoch >= len(steps):
@@ -156,8 +193,11 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
             if log is not None:
                 log.close()
         duration = progress.elapsed_s + time.monotonic() - started
-        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        peak = (
+            torch.cuda.max_memory_allocated(device)
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
         if world.main:
             model.save_pretrained(work)
             adapter_config = work / CONFIG_FILE
@@ -167,22 +207,33 @@ def fit(prepared: Prepared, work: Path, loss_log: Path) -> TrainingRun:
         group.barrier()
     finally:
         group.close()
-    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10):]
-    return TrainingRun(command=config.command, seed=config.seed, duration_s=round(duration, 3),
-                       backend=f"torch-loop/{device.type}", epochs=min(progress.epoch + (progress.step_in_epoch > 0),
-                                                                     config.epochs),
-                       steps=progress.step, tokens=progress.answer_tokens,
-                       tokens_per_s=round(progress.all_tokens / max(duration, 1e-9), 1),
-                       loss_first=round(sum(head) / len(head), 5) if losses else None,
-                       loss_last=round(sum(tail) / len(tail), 5) if losses else None,
-                       loss_min=round(min(losses), 5) if losses else None, loss_log=LOSS_LOG_FILE,
-                       precision=plan.precision, quantization=plan.quantization,
-                       effective_batch=prepared.effective_batch, micro_batch=plan.micro_batch,
-                       accumulation=prepared.accumulation, processes=world.size,
-                       gradient_checkpointing=plan.gradient_checkpointing, max_len=plan.seq_len,
-                       checkpoints_resumed=progress.resumed_from,
-                       hardware=_hardware_text(prepared.hardware, world, device.type),
-                       memory_estimate_gb=round(prepared.estimate.total / GB, 2), memory_peak_gb=round(peak / GB, 2))
+    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
+    return TrainingRun(
+        command=config.command,
+        seed=config.seed,
+        duration_s=round(duration, 3),
+        backend=f"torch-loop/{device.type}",
+        epochs=min(progress.epoch + (progress.step_in_epoch > 0), config.epochs),
+        steps=progress.step,
+        tokens=progress.answer_tokens,
+        tokens_per_s=round(progress.all_tokens / max(duration, 1e-9), 1),
+        loss_first=round(sum(head) / len(head), 5) if losses else None,
+        loss_last=round(sum(tail) / len(tail), 5) if losses else None,
+        loss_min=round(min(losses), 5) if losses else None,
+        loss_log=LOSS_LOG_FILE,
+        precision=plan.precision,
+        quantization=plan.quantization,
+        effective_batch=prepared.effective_batch,
+        micro_batch=plan.micro_batch,
+        accumulation=prepared.accumulation,
+        processes=world.size,
+        gradient_checkpointing=plan.gradient_checkpointing,
+        max_len=plan.seq_len,
+        checkpoints_resumed=progress.resumed_from,
+        hardware=_hardware_text(prepared.hardware, world, device.type),
+        memory_estimate_gb=round(prepared.estimate.total / GB, 2),
+        memory_peak_gb=round(peak / GB, 2),
+    )
 
 
 def _fingerprint(prepared: Prepared) -> str:
@@ -190,9 +241,23 @@ def _fingerprint(prepared: Prepared) -> str:
     import hashlib
 
     c, p = prepared.config, prepared.plan
-    what = [prepared.dataset.sha256, prepared.base.sha256, prepared.parent_ref, c.seed, c.held_out_share,
-            prepared.effective_batch, p.micro_batch, c.group_by_length, c.lr, p.rank, list(p.targets), c.alpha,
-            p.seq_len, p.precision, p.quantization]
+    what = [
+        prepared.dataset.sha256,
+        prepared.base.sha256,
+        prepared.parent_ref,
+        c.seed,
+        c.held_out_share,
+        prepared.effective_batch,
+        p.micro_batch,
+        c.group_by_length,
+        c.lr,
+        p.rank,
+        list(p.targets),
+        c.alpha,
+        p.seq_len,
+        p.precision,
+        p.quantization,
+    ]
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
@@ -206,8 +271,11 @@ def _load_model(config: TrainConfig, plan: memory.Plan, device: Any, torch: Any)
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if plan.precision != "fp32" else torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if plan.precision != "fp32" else torch.bfloat16,
+        )
     if device.type == "cuda":  # straight onto the GPU: an 8B base never passes through host memory whole
         kwargs["device_map"] = {"": device.index or 0}
     model = AutoModelForCausalLM.from_pretrained(config.base_model, **kwargs)
@@ -218,9 +286,16 @@ def _load_model(config: TrainConfig, plan: memory.Plan, device: Any, torch: Any)
         if config.parent:
             model = PeftModel.from_pretrained(model, config.parent, is_trainable=True)
         else:
-            model = get_peft_model(model, LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0,
-                                                     target_modules=list(config.target_modules),
-                                                     task_type="CAUSAL_LM"))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=config.rank,
+                    lora_alpha=config.alpha,
+                    lora_dropout=0.0,
+                    target_modules=list(config.target_modules),
+                    task_type="CAUSAL_LM",
+                ),
+            )
     except (RuntimeError, ValueError, KeyError) as exc:  # shape mismatch: the adapter is for another base
         raise TrainError(f"cannot apply the adapter to {config.base_model}: {str(exc)[:300]}") from None
     if plan.quantization is None:  # (a 4-bit model refuses .to(); its adapter is created on its device)
@@ -276,7 +351,7 @@ def _collate(batch: list[Example], pad: int, torch: Any) -> tuple[Any, Any, Any]
     labels = torch.full((len(batch), length), -100, dtype=torch.long)
     for row, e in enumerate(batch):
         seq = e.prompt_ids + e.answer_ids
-        ids[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
-        labels[row, len(e.prompt_ids):len(seq)] = torch.tensor(e.answer_ids)
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, len(e.prompt_ids) : len(seq)] = torch.tensor(e.answer_ids)
     return ids, mask, labels

@@ -114,8 +114,10 @@ def prepare(config: TrainConfig, hardware: Hardware | None = None, world: distri
     try:
         dataset = read_dataset(config.dataset)
         if not dataset.rows:
-            raise TrainError(f"dataset {config.dataset}: no usable rows ({dataset.skipped} line(s) without a "
-                             "user prompt and a non-empty assistant answer)")
+            raise TrainError(
+                f"dataset {config.dataset}: no usable rows ({dataset.skipped} line(s) without a "
+                "user prompt and a non-empty assistant answer)"
+            )
         train_rows, held_rows = split(dataset.rows, config.held_out_share, config.seed)
         encoder = Encoder(config.base_model, _max_len(config))
     except DatasetError as exc:
@@ -125,8 +127,22 @@ def prepare(config: TrainConfig, hardware: Hardware | None = None, world: distri
         raise TrainError(f"dataset {config.dataset}: no training row fits in {config.max_len} tokens")
     seq_len = max(len(e.prompt_ids) + len(e.answer_ids) for e in examples)
     plan, accumulation, estimate = _fit_memory(config, shape, hardware, world, seq_len)
-    return Prepared(config, registry, target, base, dataset, train_rows, held_rows, examples, parent_ref, hardware,
-                    world, plan, accumulation, estimate)
+    return Prepared(
+        config,
+        registry,
+        target,
+        base,
+        dataset,
+        train_rows,
+        held_rows,
+        examples,
+        parent_ref,
+        hardware,
+        world,
+        plan,
+        accumulation,
+        estimate,
+    )
 
 
 def _max_len(config: TrainConfig) -> int:
@@ -174,17 +190,24 @@ def _lora_shape(config: TrainConfig) -> tuple[int, tuple[str, ...]]:
     return config.rank, config.target_modules
 
 
-def _fit_memory(config: TrainConfig, shape: memory.ModelShape, hardware: Hardware, world: distributed.World,
-                seq_len: int) -> tuple[memory.Plan, int, memory.Estimate]:
+def _fit_memory(
+    config: TrainConfig, shape: memory.ModelShape, hardware: Hardware, world: distributed.World, seq_len: int
+) -> tuple[memory.Plan, int, memory.Estimate]:
     """Resolve micro-batch and checkpointing ("auto") against the memory budget; refuse a run that cannot fit."""
     per_process = max(1, math.ceil(config.batch_size / world.size))
     rank, targets = _lora_shape(config)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if hardware.device == "cpu" else 1  # they share the RAM
     budget = config.memory_limit_gb * GB if config.memory_limit_gb else hardware.memory_free / max(1, local)
-    plan = memory.Plan(device=hardware.device, precision=_precision(config, hardware),
-                       quantization=config.quantization, micro_batch=config.micro_batch_size or per_process,
-                       seq_len=seq_len, gradient_checkpointing=config.gradient_checkpointing == "on",
-                       rank=rank, targets=targets)
+    plan = memory.Plan(
+        device=hardware.device,
+        precision=_precision(config, hardware),
+        quantization=config.quantization,
+        micro_batch=config.micro_batch_size or per_process,
+        seq_len=seq_len,
+        gradient_checkpointing=config.gradient_checkpointing == "on",
+        rank=rank,
+        targets=targets,
+    )
     if config.micro_batch_size is None and hardware.device == "cpu":
         plan = replace(plan, micro_batch=min(per_process, CPU_MICRO_BATCH))
     elif config.micro_batch_size is None or config.gradient_checkpointing == "auto":
@@ -197,10 +220,14 @@ def _fit_memory(config: TrainConfig, shape: memory.ModelShape, hardware: Hardwar
     estimate = memory.estimate(shape, plan)
     if estimate.total > budget:
         where = f"{hardware.describe()} has {budget / GB:.1f} GB free" + (
-            f" (--memory-limit-gb {config.memory_limit_gb})" if config.memory_limit_gb else "")
+            f" (--memory-limit-gb {config.memory_limit_gb})" if config.memory_limit_gb else ""
+        )
         better = memory.remedies(shape, plan, budget)
-        hint = (f"{memory.flags(plan, better)} would need {memory.estimate(shape, better).total / GB:.1f} GB"
-                if better else "no option here makes it fit: a smaller --max-len, or a bigger device")
+        hint = (
+            f"{memory.flags(plan, better)} would need {memory.estimate(shape, better).total / GB:.1f} GB"
+            if better
+            else "no option here makes it fit: a smaller --max-len, or a bigger device"
+        )
         raise TrainError(f"this run needs about {estimate.describe()} but {where}; {hint}")
     accumulation = max(1, math.ceil(per_process / plan.micro_batch))
     return plan, accumulation, estimate
@@ -225,12 +252,16 @@ def _check_parent(parent: str, base: BaseModelRef) -> str:
         except (RegistryError, CardMismatch) as exc:
             raise TrainError(f"parent adapter: {exc}") from None
         if card.base.sha256 != base.sha256:
-            raise TrainError(f"parent adapter {card.ref} was trained on base model {card.base.name} "
-                             f"(sha256 {card.base.sha256[:16]}...), not on {base.path} (sha256 {base.sha256[:16]}...)")
+            raise TrainError(
+                f"parent adapter {card.ref} was trained on base model {card.base.name} "
+                f"(sha256 {card.base.sha256[:16]}...), not on {base.path} (sha256 {base.sha256[:16]}...)"
+            )
         return card.ref
     config = json.loads((directory / CONFIG_FILE).read_text())
     made_for = config.get("base_model_name_or_path")
     if not made_for or Path(made_for).resolve() != Path(base.path or "").resolve():
-        raise TrainError(f"parent adapter {parent} has no card and names base model {made_for!r}, not "
-                         f"{base.path}: register it first (loragate adapters register) or pick the matching base")
+        raise TrainError(
+            f"parent adapter {parent} has no card and names base model {made_for!r}, not "
+            f"{base.path}: register it first (loragate adapters register) or pick the matching base"
+        )
     return str(directory.resolve())

@@ -37,8 +37,9 @@ def analysis_queries(route: str, canary: str | None, stable: str | None, window_
         queries[f"{role}_fallbacks"] = fallbacks
         queries[f"{role}_feedback_sum"] = increase("loragate_feedback_score_sum", variant)
         queries[f"{role}_feedback_count"] = increase("loragate_feedback_score_count", variant)
-        queries[f"{role}_latency"] = (f"sum by (le) (increase(loragate_request_duration_seconds_bucket"
-                                      f"{sel(variant)}[{window}]))")
+        queries[f"{role}_latency"] = (
+            f"sum by (le) (increase(loragate_request_duration_seconds_bucket{sel(variant)}[{window}]))"
+        )
     return queries
 
 
@@ -79,7 +80,8 @@ class PrometheusAnalysis:
         async with self.prometheus.session() as session:
             values, results = await asyncio.gather(
                 asyncio.gather(*(self.prometheus.value(q, session=session) for q in numbers.values())),
-                asyncio.gather(*(self.prometheus.query(q, session=session) for q in vectors.values())))
+                asyncio.gather(*(self.prometheus.query(q, session=session) for q in vectors.values())),
+            )
         fields: dict[str, Any] = {name: value or 0.0 for name, value in zip(numbers, values)}  # no series: 0
         fields.update({name: buckets(result) for name, result in zip(vectors, results)})
         return Observed(**fields)

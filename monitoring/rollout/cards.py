@@ -20,8 +20,7 @@ log = logging.getLogger("loragate.rollout")
 # action -> [(which card, from states it may leave, to state)]
 MOVES: dict[str, list[tuple[str, tuple[str, ...], str]]] = {
     "start": [("canary_card", ("candidate", "shadow"), "canary")],
-    "promote": [("canary_card", ("candidate", "shadow", "canary"), "stable"),
-                ("stable_card", ("stable",), "retired")],
+    "promote": [("canary_card", ("candidate", "shadow", "canary"), "stable"), ("stable_card", ("stable",), "retired")],
     "rollback": [("canary_card", ("candidate", "shadow", "canary"), "rejected")],
 }
 

@@ -22,8 +22,12 @@ class CanaryConfig(_Strict):
     steps: list[float] = Field(default_factory=lambda: [5.0, 25.0, 50.0, 100.0])
     interval_s: float = Field(300, gt=0, description="time between two analyses (and the least time on a step)")
     failure_limit: int = Field(1, ge=1, description="failing analyses in a row that roll back")
-    max_holds: int = Field(12, ge=1, description="inconclusive analyses in a row on one step before the rollout "
-                                                 "stalls: it keeps the step, alerts, and is never promoted")
+    max_holds: int = Field(
+        12,
+        ge=1,
+        description="inconclusive analyses in a row on one step before the rollout "
+        "stalls: it keeps the step, alerts, and is never promoted",
+    )
     max_window_s: float = Field(3600, gt=0, description="longest analysis window (the step's traffic so far)")
     plan_lookback_s: float = Field(3600, gt=0, description="the route's recent traffic the plan at the start reads")
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
@@ -42,9 +46,11 @@ class CanaryConfig(_Strict):
         if isinstance(data, dict):
             old = [key for key in ("thresholds", "min_requests") if key in data]
             if old:
-                raise ValueError(f"{' and '.join(old)}: the threshold judge was replaced by the statistical judge; "
-                                 "set judge: {alpha, beta, error_rate/fallback_rate/latency/feedback: "
-                                 "{min_effect, min_samples}} (docs/monitoring.md)")
+                raise ValueError(
+                    f"{' and '.join(old)}: the threshold judge was replaced by the statistical judge; "
+                    "set judge: {alpha, beta, error_rate/fallback_rate/latency/feedback: "
+                    "{min_effect, min_samples}} (docs/monitoring.md)"
+                )
         return data
 
     @field_validator("steps")
@@ -64,8 +70,10 @@ class CanaryConfig(_Strict):
             raise ValueError(f"canary and stable are both {self.canary!r}")
         if self.max_holds * self.interval_s > self.max_window_s:
             # The judge's intervals hold over a step's growing window; a window that slid would void them.
-            raise ValueError(f"max_holds x interval_s ({self.max_holds} x {self.interval_s:g} s) must fit in "
-                             f"max_window_s ({self.max_window_s:g} s): the analysis window is the whole step")
+            raise ValueError(
+                f"max_holds x interval_s ({self.max_holds} x {self.interval_s:g} s) must fit in "
+                f"max_window_s ({self.max_window_s:g} s): the analysis window is the whole step"
+            )
         return self
 
 

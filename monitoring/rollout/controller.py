@@ -44,10 +44,17 @@ class Transition:
 class RolloutController:
     """Runs every configured rollout: starts it, analyses it on its interval, moves the weights."""
 
-    def __init__(self, config: RolloutsConfig, source: MetricsSource | None, *,
-                 metrics: RolloutMetrics | None = None, routes: RoutesSource | None = None, k8s_api: Any = None,
-                 shadow_gate: Callable[[CanaryConfig], Awaitable[Any]] | None = None,
-                 prober: AdapterProbe | None = None) -> None:
+    def __init__(
+        self,
+        config: RolloutsConfig,
+        source: MetricsSource | None,
+        *,
+        metrics: RolloutMetrics | None = None,
+        routes: RoutesSource | None = None,
+        k8s_api: Any = None,
+        shadow_gate: Callable[[CanaryConfig], Awaitable[Any]] | None = None,
+        prober: AdapterProbe | None = None,
+    ) -> None:
         self.config = config
         self.prober = prober or AdapterProbe()  # for the rollouts with a probe section
         self.source = source
@@ -166,7 +173,9 @@ class RolloutController:
                 elif status.state == "progressing":
                     if spec.route not in self._applied:  # after a restart, or a crash between two writes
                         if await self.apply(spec, status.weight):
-                            log.warning("rollout %s: weights re-applied from the state (%g%%)", spec.route, status.weight)
+                            log.warning(
+                                "rollout %s: weights re-applied from the state (%g%%)", spec.route, status.weight
+                            )
                         self._applied.add(spec.route)
                     planning = self._planning.get(spec.route)
                     if planning is not None and planning.done():
@@ -190,8 +199,9 @@ class RolloutController:
                 self.metrics.show(status)
         return transitions
 
-    async def _start(self, spec: CanaryConfig, old: RolloutStatus | None, now: float,
-                     runtime: bool = False) -> tuple[RolloutStatus, Transition]:
+    async def _start(
+        self, spec: CanaryConfig, old: RolloutStatus | None, now: float, runtime: bool = False
+    ) -> tuple[RolloutStatus, Transition]:
         if spec.shadow_gate is not None:  # not started (and retried every interval) until the shadow passes
             if self.shadow_gate is None:
                 raise RolloutError("shadow_gate set but the monitor reads no request log to judge it")
@@ -202,9 +212,15 @@ class RolloutController:
         if probe is not None and probe.result == "error":  # retried every interval, like the shadow gate
             raise RolloutError(f"waiting for the adapter probe: {probe.explanation}")
         weight = spec.steps[0]
-        status = RolloutStatus(route=spec.route, canary=spec.canary, stable=spec.stable, weight=weight,
-                               started_at=now, step_started_at=now,
-                               spec=spec.model_dump(mode="json") if runtime else None)
+        status = RolloutStatus(
+            route=spec.route,
+            canary=spec.canary,
+            stable=spec.stable,
+            weight=weight,
+            started_at=now,
+            step_started_at=now,
+            spec=spec.model_dump(mode="json") if runtime else None,
+        )
         if probe is not None and probe.result == "not_applied":
             if old is not None:
                 self.metrics.forget(old.route, old.canary)
@@ -234,23 +250,25 @@ class RolloutController:
         variant = next((v for v in route.variants if v.name == spec.canary), None) if route is not None else None
         if route is None or variant is None or variant.adapter is None:
             return None
-        result = await self.prober.probe(spec.probe, base_model=route.base_model, adapter=variant.adapter,
-                                         path=variant.path)
+        result = await self.prober.probe(
+            spec.probe, base_model=route.base_model, adapter=variant.adapter, path=variant.path
+        )
         self.metrics.probed(spec.route, spec.canary, [e.result for e in result.engines])
         if result.result != "applied":
-            log.warning("rollout %s: adapter probe of %s: %s (%s)", spec.route, spec.canary, result.result,
-                        result.explanation)
+            log.warning(
+                "rollout %s: adapter probe of %s: %s (%s)", spec.route, spec.canary, result.result, result.explanation
+            )
         return result
 
-    async def _refuse(self, spec: CanaryConfig, status: RolloutStatus, expected: int | None, now: float,
-                      probe: ProbeResult) -> tuple[RolloutStatus, Transition]:
+    async def _refuse(
+        self, spec: CanaryConfig, status: RolloutStatus, expected: int | None, now: float, probe: ProbeResult
+    ) -> tuple[RolloutStatus, Transition]:
         """The canary's adapter is not applied: no traffic to it (weight 0, state rolled_back, card rejected)."""
         reason = f"adapter not applied, variant refused traffic: {probe.explanation}"
         self.store.check(spec.route, expected)
         await self.apply(spec, 0.0)
         status.weight, status.state, status.step_started_at, status.holds = 0.0, "rolled_back", now, 0
-        status.last_analysis = {"verdict": "fail", "reason": reason, "checks": {}, "at": now,
-                                "probe": probe.as_dict()}
+        status.last_analysis = {"verdict": "fail", "reason": reason, "checks": {}, "at": now, "probe": probe.as_dict()}
         status.record("rollback", now, reason)
         self.store.commit(status, expected)
         await asyncio.to_thread(cards.follow, spec, "rollback")
@@ -259,8 +277,9 @@ class RolloutController:
         log.error("rollout %s: %s", spec.route, reason)
         return status, Transition(spec.route, "rollback", 0.0, reason)
 
-    def _record_plan(self, spec: CanaryConfig, status: RolloutStatus, made: dict[str, Any] | None,
-                     now: float) -> RolloutStatus:
+    def _record_plan(
+        self, spec: CanaryConfig, status: RolloutStatus, made: dict[str, Any] | None, now: float
+    ) -> RolloutStatus:
         """Keep the plan in the rollout's status; one that cannot finish is a history entry too (and an alert)."""
         if made is None:
             return status
@@ -314,8 +333,14 @@ class RolloutController:
             return status, Transition(spec.route, "hold", status.weight, reason)
 
         explained = verdict.as_dict()
-        status.last_analysis = {"verdict": explained.pop("decision"), "reason": explained.pop("explanation"),
-                                **explained, "at": now, "window_s": window_s, "step": status.weight}
+        status.last_analysis = {
+            "verdict": explained.pop("decision"),
+            "reason": explained.pop("explanation"),
+            **explained,
+            "at": now,
+            "window_s": window_s,
+            "step": status.weight,
+        }
         action, reason = "hold", verdict.explanation
         target: float | None = None
         if verdict.decision == "fail":
@@ -336,14 +361,17 @@ class RolloutController:
             self.store.check(spec.route, expected)  # e.g. `loragate rollout promote` meanwhile: its weights win
             await self.apply(spec, target)
             status.weight, status.step_started_at, status.holds = target, now, 0
-            status.state = ("promoted" if action == "promote" else
-                            "rolled_back" if action == "rollback" else "progressing")
+            status.state = (
+                "promoted" if action == "promote" else "rolled_back" if action == "rollback" else "progressing"
+            )
         else:
             status.holds += 1
             if status.holds >= spec.max_holds:
                 status.stalled = True
-                reason = (f"{reason}; stalled after {status.holds} analyses on this step: held for good and never "
-                          f"promoted (loragate rollout promote|rollback decides)")
+                reason = (
+                    f"{reason}; stalled after {status.holds} analyses on this step: held for good and never "
+                    f"promoted (loragate rollout promote|rollback decides)"
+                )
         status.record(action, now, reason)
         self.store.commit(status, expected)
         if action in ("promote", "rollback"):
@@ -352,8 +380,9 @@ class RolloutController:
         log.info("rollout %s: %s -> %s at %g%% (%s)", spec.route, verdict.decision, action, status.weight, reason)
         return status, Transition(spec.route, action, status.weight, reason, verdict)
 
-    async def override(self, route: str, action: Literal["promote", "rollback"], *, reason: str = "manual",
-                       now: float | None = None) -> RolloutStatus:
+    async def override(
+        self, route: str, action: Literal["promote", "rollback"], *, reason: str = "manual", now: float | None = None
+    ) -> RolloutStatus:
         """Promote or roll back now, whatever the analysis says (``loragate rollout promote|rollback``)."""
         now = time.time() if now is None else now
         spec = self.spec(route)
@@ -395,8 +424,10 @@ class RolloutController:
     def explain(route: str, body: dict[str, Any]) -> list[str]:
         """``loragate rollout status`` lines for one entry of ``status()``: where it is, and its last
         analysis check by check (decision, estimate, interval, min effect, samples)."""
-        line = (f"{route}: {body.get('state', '?')} canary={body.get('canary')} stable={body.get('stable')} "
-                f"weight={body.get('weight', '-')}%")
+        line = (
+            f"{route}: {body.get('state', '?')} canary={body.get('canary')} stable={body.get('stable')} "
+            f"weight={body.get('weight', '-')}%"
+        )
         if body.get("stalled"):
             line += f" STALLED after {body.get('holds')} inconclusive analyses (held; never promoted)"
         if body.get("error"):
@@ -410,9 +441,11 @@ class RolloutController:
         analysis = body.get("last_analysis") or {}
         if analysis:
             window = analysis.get("window_s")
-            lines.append(f"  last analysis: {analysis.get('verdict')}"
-                         + (f" over {window:.0f} s at {analysis.get('step'):g}%" if window else "")
-                         + ("" if analysis.get("checks") else f" ({analysis.get('reason')})"))
+            lines.append(
+                f"  last analysis: {analysis.get('verdict')}"
+                + (f" over {window:.0f} s at {analysis.get('step'):g}%" if window else "")
+                + ("" if analysis.get("checks") else f" ({analysis.get('reason')})")
+            )
             for name, check in (analysis.get("checks") or {}).items():
                 samples = f"{check.get('samples') or 0:.0f} of min {check.get('min_samples')} samples"
                 lines.append(f"    {name:<13} {check.get('decision'):<12} {check.get('explanation')}; {samples}")

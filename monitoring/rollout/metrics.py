@@ -26,31 +26,59 @@ class RolloutMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         rc, r = ("route", "canary"), self.registry
         self.step = Gauge("loragate_rollout_step", "Canary weight of each rollout now, in percent.", rc, registry=r)
-        self.state = Gauge("loragate_rollout_state",
-                           "1 for the rollout's current state (progressing, promoted, rolled_back), else 0.",
-                           (*rc, "state"), registry=r)
-        self.stalled = Gauge("loragate_rollout_stalled",
-                             "1 while a rollout holds its step for good: max_holds inconclusive analyses in a row.",
-                             rc, registry=r)
-        self.transitions = Counter("loragate_rollout_transitions",
-                                   "Rollout decisions by action (step, promote, rollback, hold).",
-                                   (*rc, "action"), registry=r)
-        self.analysis = Gauge("loragate_rollout_analysis",
-                              "Last canary analysis, per check: the difference canary - stable (estimate), its "
-                              "interval (lower, upper), the min effect that matters, the canary's samples and the "
-                              "min samples (NaN: not measurable).", (*rc, "check", "figure"), registry=r)
-        self.decision = Gauge("loragate_rollout_decision",
-                              "Last canary analysis decision per check and for the whole analysis (check=analysis): "
-                              "1 pass, 0 inconclusive (hold), -1 fail.", (*rc, "check"), registry=r)
-        self.plan_feasible = Gauge("loragate_rollout_plan_feasible",
-                                   "1 when the plan made at the rollout's start says an A/A canary passes every step "
-                                   "within max_holds analyses, 0 when the rollout cannot finish.", rc, registry=r)
-        self.plan_seconds = Gauge("loragate_rollout_plan_promote_seconds",
-                                  "The plan's time to promote a canary like the stable (NaN: never).", rc, registry=r)
-        self.probes = Counter("loragate_adapter_probe",
-                              "Adapter probes by result, one per engine asked: applied, not_applied (the engine "
-                              "answers the adapter's name as the base model), error.",
-                              ("route", "variant", "result"), registry=r)
+        self.state = Gauge(
+            "loragate_rollout_state",
+            "1 for the rollout's current state (progressing, promoted, rolled_back), else 0.",
+            (*rc, "state"),
+            registry=r,
+        )
+        self.stalled = Gauge(
+            "loragate_rollout_stalled",
+            "1 while a rollout holds its step for good: max_holds inconclusive analyses in a row.",
+            rc,
+            registry=r,
+        )
+        self.transitions = Counter(
+            "loragate_rollout_transitions",
+            "Rollout decisions by action (step, promote, rollback, hold).",
+            (*rc, "action"),
+            registry=r,
+        )
+        self.analysis = Gauge(
+            "loragate_rollout_analysis",
+            "Last canary analysis, per check: the difference canary - stable (estimate), its "
+            "interval (lower, upper), the min effect that matters, the canary's samples and the "
+            "min samples (NaN: not measurable).",
+            (*rc, "check", "figure"),
+            registry=r,
+        )
+        self.decision = Gauge(
+            "loragate_rollout_decision",
+            "Last canary analysis decision per check and for the whole analysis (check=analysis): "
+            "1 pass, 0 inconclusive (hold), -1 fail.",
+            (*rc, "check"),
+            registry=r,
+        )
+        self.plan_feasible = Gauge(
+            "loragate_rollout_plan_feasible",
+            "1 when the plan made at the rollout's start says an A/A canary passes every step "
+            "within max_holds analyses, 0 when the rollout cannot finish.",
+            rc,
+            registry=r,
+        )
+        self.plan_seconds = Gauge(
+            "loragate_rollout_plan_promote_seconds",
+            "The plan's time to promote a canary like the stable (NaN: never).",
+            rc,
+            registry=r,
+        )
+        self.probes = Counter(
+            "loragate_adapter_probe",
+            "Adapter probes by result, one per engine asked: applied, not_applied (the engine "
+            "answers the adapter's name as the base model), error.",
+            ("route", "variant", "result"),
+            registry=r,
+        )
         self._shown: dict[str, str] = {}  # route -> canary whose series exist
 
     def show(self, status: RolloutStatus) -> None:
@@ -73,11 +101,16 @@ class RolloutMetrics:
             self.plan_seconds.labels(route, canary).set(math.nan if seconds is None else seconds)
 
     def forget(self, route: str, canary: str) -> None:
-        for metric, extra in ((self.step, [()]), (self.stalled, [()]), (self.plan_feasible, [()]),
-                              (self.plan_seconds, [()]), (self.state, [(s,) for s in STATES]),
-                              (self.transitions, [(a,) for a in ACTIONS]),
-                              (self.analysis, [(c, f) for c in CHECKS for f in FIGURES]),
-                              (self.decision, [(c,) for c in (*CHECKS, OVERALL)])):
+        for metric, extra in (
+            (self.step, [()]),
+            (self.stalled, [()]),
+            (self.plan_feasible, [()]),
+            (self.plan_seconds, [()]),
+            (self.state, [(s,) for s in STATES]),
+            (self.transitions, [(a,) for a in ACTIONS]),
+            (self.analysis, [(c, f) for c in CHECKS for f in FIGURES]),
+            (self.decision, [(c,) for c in (*CHECKS, OVERALL)]),
+        ):
             for labels in extra:
                 try:
                     metric.remove(route, canary, *labels)

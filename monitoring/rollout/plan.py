@@ -53,29 +53,38 @@ class RouteTraffic:
         o, n = observed, observed.stable_routed
         total = o.stable_latency.get(math.inf, 0.0)
         latency = {b: c / total for b, c in sorted(o.stable_latency.items()) if math.isfinite(b)} if total > 0 else {}
-        return cls(requests_per_s=n / window_s if window_s > 0 else 0.0,
-                   error_rate=o.stable_errors / n if n > 0 else 0.0,
-                   fallback_rate=o.stable_fallbacks / n if n > 0 else 0.0, latency=latency,
-                   feedback_per_request=o.stable_feedback_count / n if n > 0 else 0.0,
-                   feedback_mean=(o.stable_feedback_sum / o.stable_feedback_count if o.stable_feedback_count > 0
-                                  else None), window_s=window_s)
+        return cls(
+            requests_per_s=n / window_s if window_s > 0 else 0.0,
+            error_rate=o.stable_errors / n if n > 0 else 0.0,
+            fallback_rate=o.stable_fallbacks / n if n > 0 else 0.0,
+            latency=latency,
+            feedback_per_request=o.stable_feedback_count / n if n > 0 else 0.0,
+            feedback_mean=(o.stable_feedback_sum / o.stable_feedback_count if o.stable_feedback_count > 0 else None),
+            window_s=window_s,
+        )
 
     def expected(self, n: np.ndarray) -> Counts:
         """The expected counts of ``n`` requests of a variant that behaves like the route."""
         n = np.asarray(n, dtype=float)
         shares = np.array(list(self.latency.values()), dtype=float)
         scored = n * self.feedback_per_request
-        return Counts(n=n, errors=n * self.error_rate, fallbacks=n * self.fallback_rate,
-                      below=n[..., None] * shares, feedback_count=scored,
-                      feedback_sum=scored * (self.feedback_mean or 0.0))
+        return Counts(
+            n=n,
+            errors=n * self.error_rate,
+            fallbacks=n * self.fallback_rate,
+            below=n[..., None] * shares,
+            feedback_count=scored,
+            feedback_sum=scored * (self.feedback_mean or 0.0),
+        )
 
-    def unlucky(self, n: np.ndarray, stable_n: np.ndarray, z: float, score_range: tuple[float, float] = (0.0, 1.0)
-                ) -> Counts:
+    def unlucky(
+        self, n: np.ndarray, stable_n: np.ndarray, z: float, score_range: tuple[float, float] = (0.0, 1.0)
+    ) -> Counts:
         """The counts of an A/A canary ``z`` standard deviations of its difference with the stable (of
         ``stable_n`` requests) worse than expected in every figure at once: what a slow rollout sees."""
         counts = self.expected(n)
         n = counts.n
-        reach = n + n ** 2 / np.maximum(np.asarray(stable_n, dtype=float), 1.0)  # n^2 x Var(share difference) / p(1-p)
+        reach = n + n**2 / np.maximum(np.asarray(stable_n, dtype=float), 1.0)  # n^2 x Var(share difference) / p(1-p)
 
         def worse(count: np.ndarray, share: Any, total: np.ndarray, sign: float) -> np.ndarray:
             share = np.asarray(share, dtype=float)
@@ -87,13 +96,23 @@ class RouteTraffic:
         mean = self.feedback_mean if self.feedback_mean is not None else low
         scaled = min(max((mean - low) / (high - low), 0.0), 1.0)
         scored = counts.feedback_count
-        spread = z * np.sqrt(scaled * (1 - scaled) * (scored + scored ** 2 / np.maximum(
-            np.asarray(stable_n, dtype=float) * self.feedback_per_request, 1.0))) * (high - low)
-        return Counts(n=n, errors=worse(counts.errors, self.error_rate, n, 1.0),
-                      fallbacks=worse(counts.fallbacks, self.fallback_rate, n, 1.0),
-                      below=worse(counts.below, shares, n[..., None], -1.0) if shares.size else counts.below,
-                      feedback_count=scored,
-                      feedback_sum=np.clip(counts.feedback_sum - spread, low * scored, high * scored))
+        spread = (
+            z
+            * np.sqrt(
+                scaled
+                * (1 - scaled)
+                * (scored + scored**2 / np.maximum(np.asarray(stable_n, dtype=float) * self.feedback_per_request, 1.0))
+            )
+            * (high - low)
+        )
+        return Counts(
+            n=n,
+            errors=worse(counts.errors, self.error_rate, n, 1.0),
+            fallbacks=worse(counts.fallbacks, self.fallback_rate, n, 1.0),
+            below=worse(counts.below, shares, n[..., None], -1.0) if shares.size else counts.below,
+            feedback_count=scored,
+            feedback_sum=np.clip(counts.feedback_sum - spread, low * scored, high * scored),
+        )
 
 
 @dataclass
@@ -129,27 +148,34 @@ class Plan:
 
     def lines(self) -> list[str]:
         t = self.traffic
-        head = (f"{self.route}: plan for {self.canary}: route traffic {t['requests_per_s']:.3g} req/s "
-                f"(5xx {100 * t['error_rate']:.2f}%, fallbacks {100 * t['fallback_rate']:.2f}%, over "
-                f"{t['window_s']:.0f} s); an analysis every {self.interval_s:g} s, at most {self.max_holds} per step")
+        head = (
+            f"{self.route}: plan for {self.canary}: route traffic {t['requests_per_s']:.3g} req/s "
+            f"(5xx {100 * t['error_rate']:.2f}%, fallbacks {100 * t['fallback_rate']:.2f}%, over "
+            f"{t['window_s']:.0f} s); an analysis every {self.interval_s:g} s, at most {self.max_holds} per step"
+        )
         lines = [head]
         for step in self.steps:
             if step.samples is None:
-                lines.append(f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; "
-                             f"{step.bottleneck} never passes (no data for it?)")
+                lines.append(
+                    f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; "
+                    f"{step.bottleneck} never passes (no data for it?)"
+                )
                 continue
             slow = step.slow_analyses
             over = slow is None or slow > self.max_holds
             count = f"{step.analyses} analys{'is' if step.analyses == 1 else 'es'}"
-            lines.append(f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; needs "
-                         f"{step.samples:.0f} ({step.bottleneck}): {count}, {_duration(step.seconds)}; "
-                         f"a slow rollout (1 in 10) {'never' if slow is None else slow}"
-                         + (f" > max_holds {self.max_holds}: STALLS" if over else ""))
+            lines.append(
+                f"  step {step.weight:g}%: {step.canary_per_analysis:.0f} canary requests an analysis; needs "
+                f"{step.samples:.0f} ({step.bottleneck}): {count}, {_duration(step.seconds)}; "
+                f"a slow rollout (1 in 10) {'never' if slow is None else slow}"
+                + (f" > max_holds {self.max_holds}: STALLS" if over else "")
+            )
         if self.feasible:
             lines.append(f"  an A/A canary is promoted after ~{self.analyses} analyses, ~{_duration(self.promote_s)}")
         else:
-            lines.append("  CANNOT FINISH: a step needs more analyses than max_holds in 1 rollout of 10 or more; "
-                         "those stall")
+            lines.append(
+                "  CANNOT FINISH: a step needs more analyses than max_holds in 1 rollout of 10 or more; those stall"
+            )
         lines += [f"  feasible with: {s['change']}" for s in self.suggestions]
         return lines
 
@@ -164,8 +190,9 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.0f} min"
 
 
-def needs(judge: JudgeConfig, steps: list[float], rows: list[tuple[float, float]], traffic: RouteTraffic
-          ) -> list[dict[str, float | None]]:
+def needs(
+    judge: JudgeConfig, steps: list[float], rows: list[tuple[float, float]], traffic: RouteTraffic
+) -> list[dict[str, float | None]]:
     """For each ``(weight, z)`` of ``rows``: the canary requests each check (and ``"analysis"``: all of them)
     needs to pass an A/A canary at ``weight`` (``z``: one that many standard deviations unlucky). The judge
     runs over a coarse grid of sizes, then over a fine grid just below each check's first pass; each grid is
@@ -189,8 +216,9 @@ def needs(judge: JudgeConfig, steps: list[float], rows: list[tuple[float, float]
     return found
 
 
-def _passes(judge: JudgeConfig, steps: list[float], rows: list[tuple[float, float]], traffic: RouteTraffic,
-            sizes: np.ndarray) -> list[dict[str, np.ndarray]]:
+def _passes(
+    judge: JudgeConfig, steps: list[float], rows: list[tuple[float, float]], traffic: RouteTraffic, sizes: np.ndarray
+) -> list[dict[str, np.ndarray]]:
     """For each row (weight, z) and its line of ``sizes``: {check: whether the counts at each size pass}."""
     score_range = judge.feedback.score_range if judge.feedback is not None else (0.0, 1.0)
     canaries, stables = [], []
@@ -198,8 +226,9 @@ def _passes(judge: JudgeConfig, steps: list[float], rows: list[tuple[float, floa
         stable_sizes = line * (100 - weight) / weight
         canaries.append(traffic.unlucky(line, stable_sizes, z, score_range) if z else traffic.expected(line))
         stables.append(traffic.expected(stable_sizes))
-    codes = judge_many(judge, (_stacked(canaries), _stacked(stables)), tuple(traffic.latency),
-                       steps=judged_steps(steps))
+    codes = judge_many(
+        judge, (_stacked(canaries), _stacked(stables)), tuple(traffic.latency), steps=judged_steps(steps)
+    )
     return [{name: decided[r] == 1 for name, decided in codes.items()} for r in range(len(rows))]
 
 
@@ -207,8 +236,13 @@ def _stacked(counts: list[Counts]) -> Counts:
     return Counts(*(np.stack([np.asarray(getattr(c, f.name), dtype=float) for c in counts]) for f in fields(Counts)))
 
 
-def _needs_of(memo: dict[tuple[str, int, float, float], dict[str, float | None]], judge: JudgeConfig,
-              steps: list[float], weights: list[float], traffic: RouteTraffic) -> None:
+def _needs_of(
+    memo: dict[tuple[str, int, float, float], dict[str, float | None]],
+    judge: JudgeConfig,
+    steps: list[float],
+    weights: list[float],
+    traffic: RouteTraffic,
+) -> None:
     """Fill ``memo`` with the needs of each of ``weights``, median and slow rollout, in one batch."""
     key = judge.model_dump_json(), judged_steps(steps)
     missing = [(w, z) for w in weights for z in (0.0, SLOW_Z) if (*key, w, z) not in memo]
@@ -217,8 +251,13 @@ def _needs_of(memo: dict[tuple[str, int, float, float], dict[str, float | None]]
             memo[(*key, *row)] = found
 
 
-def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True,
-         memo: dict[tuple[str, int, float, float], dict[str, float | None]] | None = None) -> Plan:
+def plan(
+    spec: CanaryConfig,
+    traffic: RouteTraffic,
+    *,
+    suggest: bool = True,
+    memo: dict[tuple[str, int, float, float], dict[str, float | None]] | None = None,
+) -> Plan:
     """The plan of ``spec``'s rollout over ``traffic``, with the settings that would make it feasible.
     ``memo`` keeps each step's needs across the plans of one suggestion search (same traffic)."""
     memo = {} if memo is None else memo
@@ -233,45 +272,78 @@ def plan(spec: CanaryConfig, traffic: RouteTraffic, *, suggest: bool = True,
         need = dict(found[0])
         samples, slow = need.pop("analysis"), found[1]["analysis"]
         bottleneck = max(need, key=lambda c: _or_inf(need[c])) if need else None
-        analyses, slow_analyses = (None if x is None or per_analysis <= 0 else max(1, math.ceil(x / per_analysis))
-                                   for x in (samples, slow))
-        step_plans.append(StepPlan(weight, per_analysis, samples, analyses,
-                                   None if analyses is None else analyses * spec.interval_s, bottleneck, need,
-                                   slow, slow_analyses))
+        analyses, slow_analyses = (
+            None if x is None or per_analysis <= 0 else max(1, math.ceil(x / per_analysis)) for x in (samples, slow)
+        )
+        step_plans.append(
+            StepPlan(
+                weight,
+                per_analysis,
+                samples,
+                analyses,
+                None if analyses is None else analyses * spec.interval_s,
+                bottleneck,
+                need,
+                slow,
+                slow_analyses,
+            )
+        )
     counts = [s.analyses for s in step_plans]
     feasible = all(s.slow_analyses is not None and s.slow_analyses <= spec.max_holds for s in step_plans)
     total = sum(a for a in counts if a is not None) if all(a is not None for a in counts) else None
-    result = Plan(spec.route, spec.canary, feasible, step_plans, total,
-                  None if total is None else total * spec.interval_s, spec.interval_s,
-                  spec.max_holds, {k: v for k, v in asdict(traffic).items() if k != "latency"})
+    result = Plan(
+        spec.route,
+        spec.canary,
+        feasible,
+        step_plans,
+        total,
+        None if total is None else total * spec.interval_s,
+        spec.interval_s,
+        spec.max_holds,
+        {k: v for k, v in asdict(traffic).items() if k != "latency"},
+    )
     if suggest and not feasible:
         result.suggestions = suggestions(spec, traffic, result, memo)
     return result
 
 
-def suggestions(spec: CanaryConfig, traffic: RouteTraffic, current: Plan,
-                memo: dict[tuple[str, int, float, float], dict[str, float | None]]) -> list[dict[str, Any]]:
+def suggestions(
+    spec: CanaryConfig,
+    traffic: RouteTraffic,
+    current: Plan,
+    memo: dict[tuple[str, int, float, float], dict[str, float | None]],
+) -> list[dict[str, Any]]:
     """Settings that make the rollout feasible, each changing one thing: the interval, the min effects, the steps."""
     found: list[dict[str, Any]] = []
     if traffic.requests_per_s <= 0:
-        return [{"change": "none: no traffic on the route over the lookback, nothing to judge a canary with",
-                 "update": {}}]
+        return [
+            {"change": "none: no traffic on the route over the lookback, nothing to judge a canary with", "update": {}}
+        ]
     if all(s.slow_samples is not None for s in current.steps):
-        interval = max(_or_inf(s.slow_samples) / (traffic.requests_per_s * s.weight / 100) / spec.max_holds
-                       for s in current.steps)
+        interval = max(
+            _or_inf(s.slow_samples) / (traffic.requests_per_s * s.weight / 100) / spec.max_holds for s in current.steps
+        )
         interval = 60 * math.ceil(interval / 60)
         window = max(spec.max_window_s, spec.max_holds * interval)
-        found.append({"change": f"interval_s: {interval:g}" + (f" (and max_window_s: {window:g})"
-                                                               if window > spec.max_window_s else ""),
-                      "update": {"interval_s": interval, "max_window_s": window}})
+        found.append(
+            {
+                "change": f"interval_s: {interval:g}"
+                + (f" (and max_window_s: {window:g})" if window > spec.max_window_s else ""),
+                "update": {"interval_s": interval, "max_window_s": window},
+            }
+        )
     for factor in EFFECT_FACTORS:
         judge = scaled(spec.judge, factor)
         if judge is None:
             break
         candidate = plan(spec.model_copy(update={"judge": judge}), traffic, suggest=False, memo=memo)
         if candidate.feasible:
-            found.append({"change": f"min effects x{factor:g}: {effects(judge)}",
-                          "update": {"judge": judge.model_dump(mode="json")}})
+            found.append(
+                {
+                    "change": f"min effects x{factor:g}: {effects(judge)}",
+                    "update": {"judge": judge.model_dump(mode="json")},
+                }
+            )
             break
     judged = [w for w in spec.steps if w < 100]
     last = [100.0] if 100 in spec.steps else []
@@ -301,7 +373,8 @@ def scaled(judge: JudgeConfig, factor: float) -> JudgeConfig | None:
             update[name] = check.model_copy(update={"min_effect": check.min_effect * factor})
     if judge.latency_tail is not None:
         update["latency_tail"] = judge.latency_tail.model_copy(
-            update={"min_ratio": judge.latency_tail.min_ratio * factor})
+            update={"min_ratio": judge.latency_tail.min_ratio * factor}
+        )
     if judge.feedback is not None:
         low, high = judge.feedback.score_range
         if judge.feedback.min_effect * factor >= high - low:

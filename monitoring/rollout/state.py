@@ -39,8 +39,10 @@ class RolloutStatus(BaseModel):
     history: list[dict[str, Any]] = Field(default_factory=list)
 
     def record(self, action: str, now: float, reason: str) -> None:
-        self.history = [*self.history, {"at": now, "action": action, "weight": self.weight,
-                                        "state": self.state, "reason": reason}][-HISTORY:]
+        self.history = [
+            *self.history,
+            {"at": now, "action": action, "weight": self.weight, "state": self.state, "reason": reason},
+        ][-HISTORY:]
 
 
 class RolloutStore:

@@ -28,8 +28,14 @@ class ActionConfig(BaseModel):
     namespace: str = "default"
     pipeline: PipelineSettings | None = None  # pipeline: train -> gate -> load -> route -> rollout
 
-    def build(self, k8s_api: Any = None, s3: S3Options | None = None, *, rollouts: Any = None,
-              pipeline_metrics: PipelineMetrics | None = None) -> Action:
+    def build(
+        self,
+        k8s_api: Any = None,
+        s3: S3Options | None = None,
+        *,
+        rollouts: Any = None,
+        pipeline_metrics: PipelineMetrics | None = None,
+    ) -> Action:
         if self.type == "webhook":
             secret = self.secret or (os.environ.get(self.secret_env, "") if self.secret_env else "")
             if not self.url or not secret:
@@ -41,8 +47,9 @@ class ActionConfig(BaseModel):
             return DatasetExportAction(self.location, min_score=self.min_score, s3=s3)
         if self.type == "pipeline":
             if self.pipeline is None:
-                raise ValueError("a pipeline action needs its pipeline: block (registry, base_model, state_dir, "
-                                 "engines)")
+                raise ValueError(
+                    "a pipeline action needs its pipeline: block (registry, base_model, state_dir, engines)"
+                )
             return PipelineAction(self.pipeline, rollouts, pipeline_metrics)
         if not self.template:
             raise ValueError("a k8s_job action needs template")

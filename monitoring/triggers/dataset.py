@@ -24,8 +24,13 @@ if TYPE_CHECKING:
     from loragate.monitoring.sources import WindowSource
 
 
-def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = None, *,
-                    min_score: float | None = None, scrub_text: Callable[[str], str] | None = None) -> list[dict]:
+def to_chat_records(
+    requests: "pd.DataFrame",
+    feedback: "pd.DataFrame | None" = None,
+    *,
+    min_score: float | None = None,
+    scrub_text: Callable[[str], str] | None = None,
+) -> list[dict]:
     """Request-log rows (already scrubbed by the writer) -> ``{"messages": [...]}`` records.
 
     Feedback is joined on request_id (the latest per request); a correction replaces the
@@ -41,6 +46,7 @@ def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = 
 
     if scrub_text is None:
         from loragate.common.scrub import scrub
+
         scrub_text = scrub
     frame = requests
     if "status" in frame:
@@ -50,8 +56,12 @@ def to_chat_records(requests: "pd.DataFrame", feedback: "pd.DataFrame | None" = 
         frame = frame.merge(latest[["request_id", "score", "correction"]], on="request_id", how="left")
     records = []
     for row in frame.itertuples(index=False):
-        turns = prompt_turns(getattr(row, "schema_version", None), getattr(row, "endpoint", None),
-                             getattr(row, "prompt_messages", None), getattr(row, "prompt_text", None))
+        turns = prompt_turns(
+            getattr(row, "schema_version", None),
+            getattr(row, "endpoint", None),
+            getattr(row, "prompt_messages", None),
+            getattr(row, "prompt_text", None),
+        )
         turns = [t for t in turns or () if t["role"] in _ROLES]
         correction = getattr(row, "correction", None)
         correction = correction if isinstance(correction, str) and correction.strip() else None
@@ -76,12 +86,27 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-EXPORT_COLUMNS = ("request_id", "timestamp", "endpoint", "status", "prompt_text", "prompt_messages", "response_text",
-                  "schema_version")
+EXPORT_COLUMNS = (
+    "request_id",
+    "timestamp",
+    "endpoint",
+    "status",
+    "prompt_text",
+    "prompt_messages",
+    "response_text",
+    "schema_version",
+)
 
 
-def export_window(source: "WindowSource", location: str, *, rows: int, min_score: float | None = None,
-                  s3: S3Options | None = None, until: float | None = None) -> int:
+def export_window(
+    source: "WindowSource",
+    location: str,
+    *,
+    rows: int,
+    min_score: float | None = None,
+    s3: S3Options | None = None,
+    until: float | None = None,
+) -> int:
     """Write the chat records of a sample of ``rows`` requests of ``source``'s window to ``location``
     as they are read (feedback of the window joined); returns the records written."""
     import time
@@ -112,8 +137,9 @@ class DatasetExportAction:
 
     name = "dataset"
 
-    def __init__(self, location: str, *, min_score: float | None = None, max_rows: int = 50_000,
-                 s3: S3Options | None = None) -> None:
+    def __init__(
+        self, location: str, *, min_score: float | None = None, max_rows: int = 50_000, s3: S3Options | None = None
+    ) -> None:
         self.location, self.min_score, self.max_rows = location.rstrip("/"), min_score, max_rows
         self.s3 = s3
 
@@ -121,8 +147,9 @@ class DatasetExportAction:
         name = f"{ctx.route}-{ctx.variant or 'all'}-{ctx.run_id}.jsonl"
         if ctx.source is not None:  # the window itself, streamed
             location = f"{self.location}/{name}"
-            written = await asyncio.to_thread(export_window, ctx.source, location, rows=self.max_rows,
-                                              min_score=self.min_score, s3=self.s3)
+            written = await asyncio.to_thread(
+                export_window, ctx.source, location, rows=self.max_rows, min_score=self.min_score, s3=self.s3
+            )
             if not written:
                 return ActionResult(self.name, False, "no usable requests in the window")
             ctx.dataset_location = location

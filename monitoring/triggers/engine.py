@@ -32,8 +32,9 @@ class Trigger:
     one failing does not stop the others.
     """
 
-    def __init__(self, route: str, variant: str | None, policy: TriggerPolicy, actions: list[Action],
-                 state: TriggerState) -> None:
+    def __init__(
+        self, route: str, variant: str | None, policy: TriggerPolicy, actions: list[Action], state: TriggerState
+    ) -> None:
         self.route, self.variant, self.policy, self.state = route, variant, policy, state
         order = {"dataset": 0, "pipeline": 2}  # the export first, the pipeline (which reads it) last
         self.actions = sorted(actions, key=lambda a: order.get(a.name, 1))
@@ -42,9 +43,15 @@ class Trigger:
     def key(self) -> str:
         return f"{self.route}/{self.variant or '*'}"
 
-    async def handle(self, result: "DriftResult", *, requests: "pd.DataFrame | None" = None,
-                     feedback: "pd.DataFrame | None" = None, now: float | None = None,
-                     source: "WindowSource | None" = None) -> TriggerOutcome:
+    async def handle(
+        self,
+        result: "DriftResult",
+        *,
+        requests: "pd.DataFrame | None" = None,
+        feedback: "pd.DataFrame | None" = None,
+        now: float | None = None,
+        source: "WindowSource | None" = None,
+    ) -> TriggerOutcome:
         scores = feedback["score"] if feedback is not None and "score" in feedback else None
         decision = decide(self.policy, self.state.get(self.key), result, scores, now=now)
         self.state.save()

@@ -48,8 +48,15 @@ class KubernetesJobAction:
 
     name = "k8s_job"
 
-    def __init__(self, template: str | Path, namespace: str = "default", api: Any = None, *, metrics: Any = None,
-                 poll_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        template: str | Path,
+        namespace: str = "default",
+        api: Any = None,
+        *,
+        metrics: Any = None,
+        poll_s: float = 60.0,
+    ) -> None:
         self.template = Path(template).read_text() if Path(str(template)).exists() else str(template)
         self.namespace, self._api = namespace, api
         self.metrics, self.poll_s = metrics, poll_s  # metrics: a PipelineMetrics (training Jobs are counted)
@@ -59,15 +66,21 @@ class KubernetesJobAction:
     def manifest(self, ctx: TriggerContext) -> dict:
         import yaml
 
-        values = {"route": ctx.route, "variant": ctx.variant or "", "run_id": ctx.run_id,
-                  "dataset": ctx.dataset_location or "", "report": ctx.result.html_path or "",
-                  "summary": ctx.result.json_path or ""}
+        values = {
+            "route": ctx.route,
+            "variant": ctx.variant or "",
+            "run_id": ctx.run_id,
+            "dataset": ctx.dataset_location or "",
+            "report": ctx.result.html_path or "",
+            "summary": ctx.result.json_path or "",
+        }
         body = yaml.safe_load(string.Template(self.template).safe_substitute(values))
         meta = body.setdefault("metadata", {})
         if "name" not in meta and "generateName" not in meta:
             meta["generateName"] = f"loragate-retrain-{_dns(ctx.route)}-"
-        meta.setdefault("labels", {}).update({"app.kubernetes.io/managed-by": "loragate-monitor",
-                                              "loragate.io/route": _dns(ctx.route)})
+        meta.setdefault("labels", {}).update(
+            {"app.kubernetes.io/managed-by": "loragate-monitor", "loragate.io/route": _dns(ctx.route)}
+        )
         return body
 
     def api(self) -> Any:
@@ -79,7 +92,9 @@ class KubernetesJobAction:
         body = self.manifest(ctx)
         created = await asyncio.to_thread(self.api().create_namespaced_job, self.namespace, body)
         meta = getattr(created, "metadata", None)
-        name = getattr(meta, "name", None) or (created.get("metadata", {}).get("name") if isinstance(created, dict) else None)
+        name = getattr(meta, "name", None) or (
+            created.get("metadata", {}).get("name") if isinstance(created, dict) else None
+        )
         labels = body.get("metadata", {}).get("labels", {})
         if name and labels.get(TRAINING_LABEL[0]) == TRAINING_LABEL[1]:
             self.following[name] = asyncio.create_task(self.follow(name, ctx.route))
@@ -101,13 +116,20 @@ class KubernetesJobAction:
         self.outcomes[name] = outcome
         self.following.pop(name, None)
         if outcome[0] == "failed":
-            log.error("training Job %s/%s for route %s failed for good (%s): no new version; its checkpoints stay "
-                      "in the registry's .train-* directory for a rerun", self.namespace, name, route, outcome[1])
+            log.error(
+                "training Job %s/%s for route %s failed for good (%s): no new version; its checkpoints stay "
+                "in the registry's .train-* directory for a rerun",
+                self.namespace,
+                name,
+                route,
+                outcome[1],
+            )
         else:
             log.info("training Job %s/%s for route %s succeeded", self.namespace, name, route)
         if self.metrics is not None:
-            self.metrics.steps.labels(route=route, step="training_job",
-                                      result="ok" if outcome[0] == "succeeded" else "failed").inc()
+            self.metrics.steps.labels(
+                route=route, step="training_job", result="ok" if outcome[0] == "succeeded" else "failed"
+            ).inc()
         return outcome
 
 

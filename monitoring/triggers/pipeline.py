@@ -110,15 +110,24 @@ class PipelineMetrics:
     def __init__(self, registry: Any = None) -> None:
         from prometheus_client import CollectorRegistry, Counter
 
-        self.steps = Counter("loragate_pipeline_step_total", "Pipeline action steps, by result.",
-                             ["route", "step", "result"], registry=registry or CollectorRegistry())
+        self.steps = Counter(
+            "loragate_pipeline_step_total",
+            "Pipeline action steps, by result.",
+            ["route", "step", "result"],
+            registry=registry or CollectorRegistry(),
+        )
 
 
 class PipelineAction:
     name = "pipeline"
 
-    def __init__(self, settings: PipelineSettings, rollouts: "RolloutController | None",
-                 metrics: PipelineMetrics | None = None, command: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        settings: PipelineSettings,
+        rollouts: "RolloutController | None",
+        metrics: PipelineMetrics | None = None,
+        command: list[str] | None = None,
+    ) -> None:
         self.settings = settings
         self.rollouts = rollouts
         self.metrics = metrics or PipelineMetrics()
@@ -142,8 +151,9 @@ class PipelineAction:
             return ActionResult(self.name, False, str(exc))
         self._save(record)
         self._drive(record)
-        return ActionResult(self.name, True, f"pipeline {record.name}/{record.version} for {ctx.route} started "
-                                             f"({self._path(record)})")
+        return ActionResult(
+            self.name, True, f"pipeline {record.name}/{record.version} for {ctx.route} started ({self._path(record)})"
+        )
 
     def _busy(self, route: str) -> str | None:
         task = self.tasks.get(route)
@@ -171,15 +181,42 @@ class PipelineAction:
         stable_variant = self._stable_variant(ctx.route, stable, stable_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         state_file = self.dir / f"{ctx.route}-{ctx.run_id}.json"
-        args = ["--state-file", str(state_file), "--route", ctx.route, "--dataset", ctx.dataset_location or "",
-                "--base-model", s.base_model, "--registry", s.registry, "--name", name, "--version", version,
-                "--stable", str(stable_dir), "--engine", s.evaluation_engine or s.engines[0], "--seed", str(s.seed),
-                *(["--require-approval"] if s.require_approval else []),
-                *[f"--train-arg={a}" for a in (*_lineage(ctx), *s.train_args)],
-                *[f"--evaluate-arg={a}" for a in s.evaluate_args]]
-        return RunRecord(route=ctx.route, run_id=ctx.run_id, name=name, version=version,
-                         card=str(registry.directory(name, version)), stable_card=str(stable_dir),
-                         stable_variant=stable_variant, state_file=str(state_file), args=args)
+        args = [
+            "--state-file",
+            str(state_file),
+            "--route",
+            ctx.route,
+            "--dataset",
+            ctx.dataset_location or "",
+            "--base-model",
+            s.base_model,
+            "--registry",
+            s.registry,
+            "--name",
+            name,
+            "--version",
+            version,
+            "--stable",
+            str(stable_dir),
+            "--engine",
+            s.evaluation_engine or s.engines[0],
+            "--seed",
+            str(s.seed),
+            *(["--require-approval"] if s.require_approval else []),
+            *[f"--train-arg={a}" for a in (*_lineage(ctx), *s.train_args)],
+            *[f"--evaluate-arg={a}" for a in s.evaluate_args],
+        ]
+        return RunRecord(
+            route=ctx.route,
+            run_id=ctx.run_id,
+            name=name,
+            version=version,
+            card=str(registry.directory(name, version)),
+            stable_card=str(stable_dir),
+            stable_variant=stable_variant,
+            state_file=str(state_file),
+            args=args,
+        )
 
     def _stable_variant(self, route: str, stable: AdapterCard, stable_dir: Path) -> str:
         """The route's variant that serves the stable version: by card, path, or adapter name."""
@@ -194,8 +231,10 @@ class PipelineAction:
                 return variant.name
             if variant.adapter == stable.served_name:
                 return variant.name
-        raise ValueError(f"route {route!r} has no variant serving the stable version {stable.ref} "
-                         f"(card or path {stable_dir}, or adapter {stable.served_name})")
+        raise ValueError(
+            f"route {route!r} has no variant serving the stable version {stable.ref} "
+            f"(card or path {stable_dir}, or adapter {stable.served_name})"
+        )
 
     # --- resume --------------------------------------------------------------------------------
 
@@ -249,8 +288,9 @@ class PipelineAction:
         logfile = self.dir / f"{record.route}-{record.run_id}.log"
         while True:
             with open(logfile, "ab") as out:
-                child = await asyncio.create_subprocess_exec(*self.command, *record.args, stdout=out, stderr=out,
-                                                             stdin=asyncio.subprocess.DEVNULL)
+                child = await asyncio.create_subprocess_exec(
+                    *self.command, *record.args, stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL
+                )
                 code = await child.wait()
             outcome = EXIT.get(code, "failed")
             if outcome == "ready":
@@ -262,8 +302,12 @@ class PipelineAction:
                 record.outcome = "waiting_approval"
                 self._save(record)
                 self._event(record, "pipeline", "waiting", "waiting for `loragate adapters approve`")
-                log.warning("pipeline %s %s/%s: passed the gate, waiting for approval",
-                            record.route, record.name, record.version)
+                log.warning(
+                    "pipeline %s %s/%s: passed the gate, waiting for approval",
+                    record.route,
+                    record.name,
+                    record.version,
+                )
             await asyncio.sleep(self.settings.approval_poll_s)  # approval, or the route's lock held elsewhere
 
     async def _check_card(self, record: RunRecord) -> str | None:
@@ -272,8 +316,9 @@ class PipelineAction:
             await asyncio.to_thread(verify, read_card(record.card), record.card)
         except CardMismatch as exc:
             try:
-                Registry(self.settings.registry).transition(record.card, "rejected", by="loragate-pipeline",
-                                                            reason=str(exc))
+                Registry(self.settings.registry).transition(
+                    record.card, "rejected", by="loragate-pipeline", reason=str(exc)
+                )
             except RegistryError as again:
                 log.error("pipeline %s: cannot reject %s: %s", record.route, record.card, again)
             return str(exc)
@@ -288,8 +333,9 @@ class PipelineAction:
         served = f"{record.name}-{record.version}"
         async with httpx.AsyncClient(timeout=self.settings.load_timeout_s) as client:
             for engine in self.settings.engines:
-                resp = await client.post(f"{engine.rstrip('/')}/v1/load_lora_adapter",
-                                         json={"lora_name": served, "lora_path": record.card})
+                resp = await client.post(
+                    f"{engine.rstrip('/')}/v1/load_lora_adapter", json={"lora_name": served, "lora_path": record.card}
+                )
                 if resp.status_code != 200 and "already" not in resp.text:
                     return "failed", f"{engine}: load_lora_adapter {resp.status_code}: {resp.text[:300]}"
         return None, f"{served} loaded on {len(self.settings.engines)} replica(s)"
@@ -299,8 +345,12 @@ class PipelineAction:
         mismatch = await self._check_card(record)
         if mismatch:
             return "rejected", mismatch
-        entry = {"name": record.version, "adapter": f"{record.name}-{record.version}", "path": record.card,
-                 "card": record.card}
+        entry = {
+            "name": record.version,
+            "adapter": f"{record.name}-{record.version}",
+            "path": record.card,
+            "card": record.card,
+        }
         added = await self.rollouts.add_variant(record.route, entry)
         return None, f"variant {record.version} {'added' if added else 'already'} at weight 0"
 
@@ -308,9 +358,16 @@ class PipelineAction:
         from loragate.monitoring.rollout.config import CanaryConfig
 
         assert self.rollouts is not None
-        spec = CanaryConfig.model_validate({**self.settings.rollout, "route": record.route,
-                                            "stable": record.stable_variant, "canary": record.version,
-                                            "canary_card": record.card, "stable_card": record.stable_card})
+        spec = CanaryConfig.model_validate(
+            {
+                **self.settings.rollout,
+                "route": record.route,
+                "stable": record.stable_variant,
+                "canary": record.version,
+                "canary_card": record.card,
+                "stable_card": record.stable_card,
+            }
+        )
         status = await self.rollouts.add(spec)
         return None, f"rollout of {record.version} over {record.stable_variant} at {status.weight:g}%"
 
@@ -330,8 +387,9 @@ class PipelineAction:
             return
         result = result or ("ok" if status == "done" else "failed")
         self.metrics.steps.labels(record.route, step, result).inc()
-        (log.info if status == "done" else log.error)("pipeline %s %s/%s: %s %s: %s", record.route, record.name,
-                                                      record.version, step, result, detail)
+        (log.info if status == "done" else log.error)(
+            "pipeline %s %s/%s: %s %s: %s", record.route, record.name, record.version, step, result, detail
+        )
         self._event(record, step, result, detail)
 
     def _event(self, record: RunRecord, step: str, result: str, detail: str) -> None:
@@ -353,15 +411,21 @@ def _stable_card(registry: Registry, name: str) -> AdapterCard:
     """The version of ``name`` that is stable now (the latest to become stable, if several)."""
     stable = [c for c in registry.cards() if c.name == name and c.state == "stable"]
     if not stable:
-        raise RegistryError(f"no stable version of {name!r} in {registry.location}: register one "
-                            "(`loragate adapters register --state stable`) to train from")
+        raise RegistryError(
+            f"no stable version of {name!r} in {registry.location}: register one "
+            "(`loragate adapters register --state stable`) to train from"
+        )
     return max(stable, key=lambda c: max((h.at for h in c.history if h.state == "stable"), default=0.0))
 
 
 def _lineage(ctx: TriggerContext) -> list[str]:
     """``loragate train`` flags that put the trigger behind this run into the card (data.trigger)."""
-    trigger: dict[str, Any] = {"run_id": ctx.run_id, "route": ctx.route, "variant": ctx.variant,
-                               "dataset": ctx.dataset_location}
+    trigger: dict[str, Any] = {
+        "run_id": ctx.run_id,
+        "route": ctx.route,
+        "variant": ctx.variant,
+        "dataset": ctx.dataset_location,
+    }
     if ctx.decision is not None:
         trigger["reason"] = ctx.decision.reason
     if ctx.result is not None:

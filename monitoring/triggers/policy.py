@@ -1,4 +1,5 @@
-"""When to fire: drift (share above a threshold, or chosen signal groups) K runs in a row and/or low feedback, then a cool-down."""
+"""When to fire: drift (share above a threshold, or chosen signal groups) K runs in a row and/or low feedback,
+then a cool-down."""
 
 from __future__ import annotations
 
@@ -39,8 +40,14 @@ class Decision:
     cooldown_left_s: float = 0.0
 
 
-def decide(policy: TriggerPolicy, state: KeyState, result: "DriftResult",
-           feedback_scores: "pd.Series | None" = None, *, now: float | None = None) -> Decision:
+def decide(
+    policy: TriggerPolicy,
+    state: KeyState,
+    result: "DriftResult",
+    feedback_scores: "pd.Series | None" = None,
+    *,
+    now: float | None = None,
+) -> Decision:
     """Update ``state`` with one drift run and say whether to fire. Pure apart from ``state``.
 
     An insufficient-data run neither counts nor breaks the streak.
@@ -52,12 +59,16 @@ def decide(policy: TriggerPolicy, state: KeyState, result: "DriftResult",
         verdicts = [g for g in result.groups if g.group in policy.groups]
         judged = any(g.status != "insufficient_data" for g in verdicts)
         counts = any(g.status == "drift" for g in verdicts)
-        measure = (f"drifted groups {','.join(result.drifted_groups) or 'none'} "
-                   f"({{}}/{policy.consecutive_runs} runs with {'/'.join(policy.groups)} drift)")
+        measure = (
+            f"drifted groups {','.join(result.drifted_groups) or 'none'} "
+            f"({{}}/{policy.consecutive_runs} runs with {'/'.join(policy.groups)} drift)"
+        )
     else:
         judged = result.status != "insufficient_data"
         counts = policy.drift_share_above is not None and result.share > policy.drift_share_above
-        measure = f"drift share {result.share:.2f} ({{}}/{policy.consecutive_runs} runs above {policy.drift_share_above})"
+        measure = (
+            f"drift share {result.share:.2f} ({{}}/{policy.consecutive_runs} runs above {policy.drift_share_above})"
+        )
     if judged and drift_on:
         state.consecutive = state.consecutive + 1 if counts else 0
     drift_ok = drift_on and state.consecutive >= policy.consecutive_runs
@@ -70,8 +81,7 @@ def decide(policy: TriggerPolicy, state: KeyState, result: "DriftResult",
             feedback_ok = mean < policy.feedback_score_below
             feedback_note = f"feedback mean {mean:.3f} over {len(scores)}"
 
-    conditions = [c for c, on in ((drift_ok, drift_on),
-                                  (feedback_ok, policy.feedback_score_below is not None)) if on]
+    conditions = [c for c, on in ((drift_ok, drift_on), (feedback_ok, policy.feedback_score_below is not None)) if on]
     wanted = bool(conditions) and (all(conditions) if policy.combine == "all" else any(conditions))
     reason = measure.format(state.consecutive) + (f"; {feedback_note}" if feedback_note else "")
     decision = Decision(False, reason, drift_ok, feedback_ok, state.consecutive)

@@ -19,8 +19,18 @@ def payload(ctx: TriggerContext) -> dict[str, Any]:
         "route": ctx.route,
         "variant": ctx.variant,
         "reason": ctx.decision.reason,
-        "summary": {k: summary[k] for k in ("status", "drifted_groups", "share", "drifted_features",
-                                             "drift_share_threshold", "reference_rows", "current_rows")},
+        "summary": {
+            k: summary[k]
+            for k in (
+                "status",
+                "drifted_groups",
+                "share",
+                "drifted_features",
+                "drift_share_threshold",
+                "reference_rows",
+                "current_rows",
+            )
+        },
         "report_location": ctx.result.html_path,
         "summary_location": ctx.result.json_path,
         "dataset_location": ctx.dataset_location,
@@ -35,8 +45,9 @@ class WebhookAction:
 
     name = "webhook"
 
-    def __init__(self, url: str, secret: str, *, attempts: int = 4, backoff_s: float = 0.5,
-                 timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, url: str, secret: str, *, attempts: int = 4, backoff_s: float = 0.5, timeout_s: float = 10.0
+    ) -> None:
         webhooks.secret_key(secret)  # a malformed whsec_ secret fails here, at configuration time
         self.url, self.secret = url, secret
         self.attempts, self.backoff_s, self.timeout_s = attempts, backoff_s, timeout_s
@@ -49,8 +60,10 @@ class WebhookAction:
         detail = ""
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
             for attempt in range(self.attempts):
-                headers = {"content-type": "application/json",
-                           **webhooks.sign(self.secret, body, message_id=message_id)}
+                headers = {
+                    "content-type": "application/json",
+                    **webhooks.sign(self.secret, body, message_id=message_id),
+                }
                 try:
                     async with session.post(self.url, data=body, headers=headers) as resp:
                         if resp.status < 300:
@@ -61,5 +74,5 @@ class WebhookAction:
                 except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                     detail = f"{type(exc).__name__}: {exc}"
                 if attempt + 1 < self.attempts:
-                    await asyncio.sleep(self.backoff_s * 2 ** attempt)
+                    await asyncio.sleep(self.backoff_s * 2**attempt)
         return ActionResult(self.name, False, f"gave up after {self.attempts} attempts: {detail}")

@@ -87,27 +87,41 @@ def feedback_router(
             if authenticate is not None:
                 authenticate(request.headers)
             if request_log is None:
-                raise GatewayError(404, "feedback is off: the request log is not configured (LORAGATE_REQUEST_LOG_URL)",
-                                   code="feedback_disabled")
+                raise GatewayError(
+                    404,
+                    "feedback is off: the request log is not configured (LORAGATE_REQUEST_LOG_URL)",
+                    code="feedback_disabled",
+                )
             body = _parse(await read_body(request, MAX_BODY_BYTES))
         except GatewayError as exc:
             return error_response(exc)
         served = request_log.recent.get(body["request_id"]) if request_log.recent is not None else None
         route, variant = served if served else (None, None)
-        record = FeedbackRecord(request_id=body["request_id"], timestamp=time.time(), route=route, variant=variant,
-                                score=body.get("score"), label=body.get("label"), correction=body.get("correction"))
+        record = FeedbackRecord(
+            request_id=body["request_id"],
+            timestamp=time.time(),
+            route=route,
+            variant=variant,
+            score=body.get("score"),
+            label=body.get("label"),
+            correction=body.get("correction"),
+        )
         if not request_log.record_feedback(record):
-            busy = GatewayError(503, "the request log is busy; retry shortly", code="request_log_busy",
-                                headers={"retry-after": "1"})
+            busy = GatewayError(
+                503, "the request log is busy; retry shortly", code="request_log_busy", headers={"retry-after": "1"}
+            )
             return error_response(busy)
         route_label, variant_label = route or "_unknown", variant or "none"
         label = record.label
-        metrics.feedback.labels(route_label, variant_label,
-                                "none" if label is None else label if label in allowed else "other").inc()
+        metrics.feedback.labels(
+            route_label, variant_label, "none" if label is None else label if label in allowed else "other"
+        ).inc()
         if record.score is not None:
             metrics.feedback_score.labels(route_label, variant_label).observe(record.score)
-        return Response(orjson.dumps({"object": "feedback", "request_id": record.request_id, "route": route,
-                                      "variant": variant}), media_type="application/json")
+        return Response(
+            orjson.dumps({"object": "feedback", "request_id": record.request_id, "route": route, "variant": variant}),
+            media_type="application/json",
+        )
 
     return router
 
@@ -119,22 +133,35 @@ def _parse(raw: bytes) -> dict:
             raise GatewayError(400, f"unrecognized request argument: {name}", code="unknown_parameter", param=name)
     request_id = body.get("request_id")
     if not isinstance(request_id, str) or not REQUEST_ID.match(request_id):
-        raise GatewayError(400, "`request_id` is required: the x-request-id of the answer (1-128 of A-Za-z0-9._:-)",
-                           code="invalid_request_id", param="request_id")
+        raise GatewayError(
+            400,
+            "`request_id` is required: the x-request-id of the answer (1-128 of A-Za-z0-9._:-)",
+            code="invalid_request_id",
+            param="request_id",
+        )
     score = body.get("score")
-    if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float))
-                              or not math.isfinite(score)):
+    if score is not None and (
+        isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)
+    ):
         raise GatewayError(400, "`score` must be a finite number", code="invalid_score", param="score")
     label = body.get("label")
     if label is not None and (not isinstance(label, str) or not 1 <= len(label) <= MAX_LABEL_CHARS):
-        raise GatewayError(400, f"`label` must be a string of 1-{MAX_LABEL_CHARS} characters",
-                           code="invalid_label", param="label")
+        raise GatewayError(
+            400, f"`label` must be a string of 1-{MAX_LABEL_CHARS} characters", code="invalid_label", param="label"
+        )
     correction = body.get("correction")
     if correction is not None and (not isinstance(correction, str) or len(correction) > MAX_CORRECTION_CHARS):
-        raise GatewayError(400, f"`correction` must be a string of at most {MAX_CORRECTION_CHARS} characters",
-                           code="invalid_correction", param="correction")
+        raise GatewayError(
+            400,
+            f"`correction` must be a string of at most {MAX_CORRECTION_CHARS} characters",
+            code="invalid_correction",
+            param="correction",
+        )
     if score is None and label is None and correction is None:
-        raise GatewayError(400, "feedback needs at least one of `score`, `label`, `correction`",
-                           code="empty_feedback")
-    return {"request_id": request_id, "score": None if score is None else float(score), "label": label,
-            "correction": correction}
+        raise GatewayError(400, "feedback needs at least one of `score`, `label`, `correction`", code="empty_feedback")
+    return {
+        "request_id": request_id,
+        "score": None if score is None else float(score),
+        "label": label,
+        "correction": correction,
+    }

@@ -42,8 +42,13 @@ def openai_router(gateway: Gateway, catalog: CatalogFile) -> APIRouter:
             data.append({"id": route.name, "object": "model", "created": created, "owned_by": "loragate"})
             if route.allow_pin:
                 data.extend(
-                    {"id": f"{route.name}:{v.name}", "object": "model", "created": created,
-                     "owned_by": "loragate", "parent": route.name}
+                    {
+                        "id": f"{route.name}:{v.name}",
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "loragate",
+                        "parent": route.name,
+                    }
                     for v in route.variants
                 )
         return ORJSONResponse({"object": "list", "data": data})

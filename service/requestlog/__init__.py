@@ -25,5 +25,14 @@ from loragate.service.requestlog.convert import Store
 from loragate.service.requestlog.records import FeedbackRecord, RequestRecord, TextMode
 from loragate.service.requestlog.sink import NullRequestLog, RecentIds, RequestLog, RequestSink, parquet_store
 
-__all__ = ["FeedbackRecord", "NullRequestLog", "RecentIds", "RequestLog", "RequestRecord", "RequestSink", "Store",
-           "TextMode", "parquet_store"]
+__all__ = [
+    "FeedbackRecord",
+    "NullRequestLog",
+    "RecentIds",
+    "RequestLog",
+    "RequestRecord",
+    "RequestSink",
+    "Store",
+    "TextMode",
+    "parquet_store",
+]

@@ -38,12 +38,17 @@ CleanAll = Callable[[list[str]], dict[str, str]]
 def requests_table(records: Sequence[tuple], text_mode: TextMode, clean_all: CleanAll | None) -> pa.Table:
     """The requests table of ``records``, each a RequestRecord's fields in its order (a RequestRecord, or the
     plain tuple a queued batch unmarshals to); ``clean_all`` is used in "scrubbed" mode only."""
-    return _table(columns_of(RequestRecord, records), lambda index: as_record(RequestRecord, records[index]),
-                  text_mode, clean_all)
+    return _table(
+        columns_of(RequestRecord, records), lambda index: as_record(RequestRecord, records[index]), text_mode, clean_all
+    )
 
 
-def _table(fields: Mapping[str, Sequence], record_at: Callable[[int], RequestRecord], text_mode: TextMode,
-           clean_all: CleanAll | None) -> pa.Table:
+def _table(
+    fields: Mapping[str, Sequence],
+    record_at: Callable[[int], RequestRecord],
+    text_mode: TextMode,
+    clean_all: CleanAll | None,
+) -> pa.Table:
     """The table of one column a RequestRecord field, by name; ``record_at(index)`` is the record, for the
     reference's reading of what the C readers leave to it."""
     payload, endpoint = fields["payload"], fields["endpoint"]
@@ -54,29 +59,41 @@ def _table(fields: Mapping[str, Sequence], record_at: Callable[[int], RequestRec
         prompt_messages = pa.nulls(count, _SCHEMA.field("prompt_messages").type)
     else:
         prompt_text, prompt_messages, response_column = _texts(
-            endpoint, payload, response, clean_all if text_mode == "scrubbed" else None)
+            endpoint, payload, response, clean_all if text_mode == "scrubbed" else None
+        )
     timestamp = pa.array(fields["timestamp"], pa.float64())
     # The record's fields the schema has under the same name go as they are (request_id, route, ... role).
     columns: dict[str, object] = {name: fields[name] for name in _SCHEMA.names if name in fields}
-    columns.update({
-        # int(seconds * 1000): the same float product, truncated toward zero by the cast (one kernel, not a loop)
-        "timestamp": pc.cast(pc.multiply(timestamp, 1000.0), pa.int64(),
-                             safe=False).cast(_SCHEMA.field("timestamp").type),
-        "finish_reason": finish_reason,
-        "prompt_text": prompt_text,
-        "prompt_messages": prompt_messages,
-        "response_text": response_column,
-        "schema_version": pa.array([SCHEMA_VERSION] * count, pa.int32()),
-    })
+    columns.update(
+        {
+            # int(seconds * 1000): the same float product, truncated toward zero by the cast (one kernel, not a loop)
+            "timestamp": pc.cast(pc.multiply(timestamp, 1000.0), pa.int64(), safe=False).cast(
+                _SCHEMA.field("timestamp").type
+            ),
+            "finish_reason": finish_reason,
+            "prompt_text": prompt_text,
+            "prompt_messages": prompt_messages,
+            "response_text": response_column,
+            "schema_version": pa.array([SCHEMA_VERSION] * count, pa.int32()),
+        }
+    )
     return pa.Table.from_arrays(
-        [value if isinstance(value, pa.Array) else pa.array(value, field.type)
-         for field, value in zip(_SCHEMA, (columns[name] for name in _SCHEMA.names))],
-        schema=_SCHEMA)
+        [
+            value if isinstance(value, pa.Array) else pa.array(value, field.type)
+            for field, value in zip(_SCHEMA, (columns[name] for name in _SCHEMA.names))
+        ],
+        schema=_SCHEMA,
+    )
 
 
-def _answers(record_at: Callable[[int], RequestRecord], stream: Sequence[bool], status: Sequence[int],
-             answer: Sequence[bytes | None]) -> tuple[list[str | None], list[str | None]]:
+def _answers(
+    record_at: Callable[[int], RequestRecord],
+    stream: Sequence[bool],
+    status: Sequence[int],
+    answer: Sequence[bytes | None],
+) -> tuple[list[str | None], list[str | None]]:
     """The (answer text, finish reason) columns: each record's as logrows.answer_of reads it."""
+
     def general(index: int) -> tuple[str | None, str | None]:
         return answer_of(record_at(index))
 
@@ -86,8 +103,9 @@ def _answers(record_at: Callable[[int], RequestRecord], stream: Sequence[bool], 
     return [text for text, _ in pairs], [reason for _, reason in pairs]
 
 
-def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str | None],
-           clean_all: CleanAll | None) -> tuple[pa.Array, pa.Array, pa.Array]:
+def _texts(
+    endpoint: Sequence[str], payload: Sequence[bytes], response: list[str | None], clean_all: CleanAll | None
+) -> tuple[pa.Array, pa.Array, pa.Array]:
     """(prompt_text, prompt_messages, response_text) columns, every text cleaned in one ``clean_all`` call."""
     roles: list[str] = []
     contents: list[str] = []
@@ -127,18 +145,22 @@ def _texts(endpoint: Sequence[str], payload: Sequence[bytes], response: list[str
         clean = clean_all(list(texts))
         contents = [clean[text] for text in contents]
         response = [None if text is None else clean[text] for text in response]
-        prompts = {index: clean[prompt] if isinstance(prompt, str) else [clean[part] for part in prompt]
-                   for index, prompt in prompts.items()}
+        prompts = {
+            index: clean[prompt] if isinstance(prompt, str) else [clean[part] for part in prompt]
+            for index, prompt in prompts.items()
+        }
 
     role_column = pa.array(roles, pa.string())
     content_column = pa.array(contents, pa.string())
     null_lists = pa.array(no_turns, pa.bool_())
     offset_column = pa.array(offsets, pa.int32())
-    turns = pa.ListArray.from_arrays(offset_column, pa.StructArray.from_arrays(
-        [role_column, content_column], fields=list(_TURN)), mask=null_lists)
+    turns = pa.ListArray.from_arrays(
+        offset_column, pa.StructArray.from_arrays([role_column, content_column], fields=list(_TURN)), mask=null_lists
+    )
     # flat_prompt: one "role: content" line per turn; completions: the prompt, its parts joined by lines.
-    lines = pa.ListArray.from_arrays(offset_column, pc.binary_join_element_wise(role_column, content_column, ": "),
-                                     mask=null_lists)
+    lines = pa.ListArray.from_arrays(
+        offset_column, pc.binary_join_element_wise(role_column, content_column, ": "), mask=null_lists
+    )
     prompt_text = pc.binary_join(lines, "\n")
     if prompts:
         completion_text: list[str | None] = [None] * len(payload)

@@ -55,12 +55,24 @@ class Converter:
         from loragate.service.requestlog.columns import requests_table
         from loragate.service.requestlog.records import RequestRecord
 
-        record = RequestRecord(request_id="warm-up", timestamp=0.0, route="r", variant="v",
-                               endpoint="chat/completions", status=200, stream=False, fallback=None, latency_s=0.0,
-                               ttft_s=None, prompt_tokens=0, completion_tokens=0, cost_usd=0.0,
-                               reference_cost_usd=0.0,
-                               payload=b'{"messages":[{"role":"user","content":"mail me at a@b.example"}]}',
-                               answer=b'{"choices":[{"message":{"content":"ok"},"finish_reason":"stop"}]}')
+        record = RequestRecord(
+            request_id="warm-up",
+            timestamp=0.0,
+            route="r",
+            variant="v",
+            endpoint="chat/completions",
+            status=200,
+            stream=False,
+            fallback=None,
+            latency_s=0.0,
+            ttft_s=None,
+            prompt_tokens=0,
+            completion_tokens=0,
+            cost_usd=0.0,
+            reference_cost_usd=0.0,
+            payload=b'{"messages":[{"role":"user","content":"mail me at a@b.example"}]}',
+            answer=b'{"choices":[{"message":{"content":"ok"},"finish_reason":"stop"}]}',
+        )
         requests_table([record], self.text_mode, self._clean_all)
 
     def write(self, store: Store, table: str, records: list[tuple]) -> tuple[int, int]:
@@ -86,14 +98,16 @@ class Converter:
                 log.debug("request log: a batch converted record by record (%s: %s)", type(exc).__name__, exc)
         return self._rows(table, records, (), lambda index: None)
 
-    def convert_guarded(self, table: str, records: list[tuple], withheld: Collection[int],
-                        at: Callable[[int], None]) -> tuple[list[dict[str, Any]], int]:
+    def convert_guarded(
+        self, table: str, records: list[tuple], withheld: Collection[int], at: Callable[[int], None]
+    ) -> tuple[list[dict[str, Any]], int]:
         """Rows record by record (the reference), ``at(index)`` called before each; the records at the indices
         in ``withheld`` keep no text. (rows, records unreadable)."""
         return self._rows(table, records, withheld, at)
 
-    def _rows(self, table: str, records: list[tuple], withheld: Collection[int],
-              at: Callable[[int], None]) -> tuple[list[dict[str, Any]], int]:
+    def _rows(
+        self, table: str, records: list[tuple], withheld: Collection[int], at: Callable[[int], None]
+    ) -> tuple[list[dict[str, Any]], int]:
         rows, unreadable = [], 0
         for index, fields in enumerate(records):
             at(index)

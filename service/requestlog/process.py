@@ -63,9 +63,13 @@ class ConversionProcess:
     ends.
     """
 
-    def __init__(self, store_factory: Callable[[], Store], text_mode: TextMode,
-                 scrub_texts: ScrubTexts | None = None,
-                 cutoff: Callable[[], float] = lambda: float("inf")) -> None:
+    def __init__(
+        self,
+        store_factory: Callable[[], Store],
+        text_mode: TextMode,
+        scrub_texts: ScrubTexts | None = None,
+        cutoff: Callable[[], float] = lambda: float("inf"),
+    ) -> None:
         self._cutoff = cutoff  # time.monotonic() past which no call waits any longer (a shutdown's deadline)
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
@@ -73,7 +77,10 @@ class ConversionProcess:
         try:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", code, str(to_child_r), str(from_child_w), str(os.getpid())],
-                pass_fds=(to_child_r, from_child_w), close_fds=True, stdin=subprocess.DEVNULL)
+                pass_fds=(to_child_r, from_child_w),
+                close_fds=True,
+                stdin=subprocess.DEVNULL,
+            )
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
@@ -175,8 +182,11 @@ class _Child:
         return len(rows), unreadable, ids
 
     def call(self, name: str, args: tuple) -> Any:
-        calls: dict[str, Callable[..., Any]] = {"ping": self.ping, "write": self.write,
-                                                "write_guarded": self.write_guarded}
+        calls: dict[str, Callable[..., Any]] = {
+            "ping": self.ping,
+            "write": self.write,
+            "write_guarded": self.write_guarded,
+        }
         return calls[name](*args)
 
     def _at(self, index: int) -> None:
@@ -241,8 +251,9 @@ def _die_with_parent(parent_pid: int) -> None:
     if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(0)
     if not armed:
-        threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="loragate-parent-watch",
-                         daemon=True).start()
+        threading.Thread(
+            target=_exit_with_parent, args=(parent_pid,), name="loragate-parent-watch", daemon=True
+        ).start()
 
 
 def _exit_with_parent(parent_pid: int) -> None:

@@ -18,8 +18,7 @@ from loragate.common.scrub import scrub
 from loragate.service.requestlog.records import FeedbackRecord, RequestRecord, TextMode
 
 
-def request_row(record: RequestRecord, text_mode: TextMode,
-                scrubber: Callable[[str], str] = scrub) -> dict[str, Any]:
+def request_row(record: RequestRecord, text_mode: TextMode, scrubber: Callable[[str], str] = scrub) -> dict[str, Any]:
     """One row of the requests table: the answer parsed, the text kept, scrubbed or dropped.
 
     Prompts are scrubbed message by message: with a caching ``scrubber`` a system prompt
@@ -67,8 +66,7 @@ def answer_of(record: RequestRecord) -> tuple[str | None, str | None]:
     return None, None
 
 
-def feedback_row(record: FeedbackRecord, text_mode: TextMode,
-                 scrubber: Callable[[str], str] = scrub) -> dict[str, Any]:
+def feedback_row(record: FeedbackRecord, text_mode: TextMode, scrubber: Callable[[str], str] = scrub) -> dict[str, Any]:
     return {
         "request_id": record.request_id,
         "timestamp": int(record.timestamp * 1000),
@@ -88,8 +86,7 @@ def keep_text(text: str | None, mode: TextMode, scrubber: Callable[[str], str] =
     return text if mode == "full" else scrubber(text)
 
 
-def prompt_of(payload: dict, endpoint: str,
-              clean: Callable[[str], str] = str) -> tuple[list[Turn] | None, str | None]:
+def prompt_of(payload: dict, endpoint: str, clean: Callable[[str], str] = str) -> tuple[list[Turn] | None, str | None]:
     """(chat turns, flat prompt text): the turns are what readers use, the text is for drift features.
 
     Chat: one ``{role, content}`` turn per message, and the text as ``flat_prompt`` writes it.
@@ -100,8 +97,11 @@ def prompt_of(payload: dict, endpoint: str,
         messages = payload.get("messages")
         if not isinstance(messages, list):
             return None, None
-        turns = [{"role": str(message.get("role") or ""), "content": clean(_content_text(message.get("content")))}
-                 for message in messages if isinstance(message, dict)]
+        turns = [
+            {"role": str(message.get("role") or ""), "content": clean(_content_text(message.get("content")))}
+            for message in messages
+            if isinstance(message, dict)
+        ]
         return turns, flat_prompt(turns)
     prompt = payload.get("prompt")
     if isinstance(prompt, str):
@@ -115,8 +115,9 @@ def _content_text(content: object) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):  # content parts: keep the text ones
-        return " ".join(part["text"] for part in content
-                        if isinstance(part, dict) and isinstance(part.get("text"), str))
+        return " ".join(
+            part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str)
+        )
     return ""
 
 

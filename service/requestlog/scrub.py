@@ -32,7 +32,6 @@ _D = rf"[0-9{_ANY_NON_ASCII}]"  # Python's \d (Unicode decimal digits)
 _L = rf"[A-Za-z{_ANY_NON_ASCII}]"  # a letter under re.IGNORECASE (the Kelvin sign matches k)
 
 
-
 def _ci(word: str) -> str:
     """``word`` as Python's re.IGNORECASE may match it (a non-ASCII character may fold to a letter)."""
     return "".join(f"[{c.lower()}{c.upper()}{_ANY_NON_ASCII}]" if c.isalpha() else c for c in word)
@@ -64,8 +63,27 @@ _GATES = {
     18: rf"(?:\+|00){_D}{{1,3}}(?:[.-]|{_S})?\(?{_D}",  # international phone (its start)
     19: rf"(?:\({_D}{{3}}\){_S}?|{_D}{{3}}(?:[.-]|{_S})){_D}{{3}}(?:[.-]|{_S}){_D}{{4}}",  # North American phone
     20: rf"0{_D}{{2,4}}(?:-|{_S})?{_D}{{3,4}}(?:-|{_S})?{_D}{{3}}",  # national phone
-    15: "(?s)" + _ci_any("passport", "national", "id", "tax", "tin", "ssn", "sin", "nino", "dni", "nie", "nif",
-                       "cpf", "aadhaar", "pesel", "bsn", "personnummer", "steuer") + f".*{_D}",  # keyword ... digit
+    15: "(?s)"
+    + _ci_any(
+        "passport",
+        "national",
+        "id",
+        "tax",
+        "tin",
+        "ssn",
+        "sin",
+        "nino",
+        "dni",
+        "nie",
+        "nif",
+        "cpf",
+        "aadhaar",
+        "pesel",
+        "bsn",
+        "personnummer",
+        "steuer",
+    )
+    + f".*{_D}",  # keyword ... digit
 }
 assert set(_GATES) == set(range(len(rules._RULES))), "every rule needs a gate"
 _ANY_GATE = "|".join(f"(?:{gate})" for gate in _GATES.values())  # a text no gate lets through stays as it is
@@ -82,8 +100,13 @@ _RUN_GATES = ["|".join(f"(?:{_GATES[index]})" for index in run) for run in _RUNS
 # RE2's leftmost-first matching finds exactly the matches Python's backtracking finds. Their ``applies``
 # condition is implied by the gate. The e-mail rule (its gate is a necessary condition of "@" in the text).
 _RE2_RULES = {8: (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}", rules.EMAIL)}
-assert all((unguarded := rules._RULES[index].unguarded) is not None and not unguarded.flags & re.IGNORECASE
-           and unguarded.pattern.replace("++", "+") == pattern for index, (pattern, _) in _RE2_RULES.items())
+assert all(
+    (unguarded := rules._RULES[index].unguarded) is not None
+    and not unguarded.flags & re.IGNORECASE
+    and unguarded.pattern.replace("++", "+") == pattern
+    for index, (pattern, _) in _RE2_RULES.items()
+)
+
 
 class _Facts:
     """scrub's facts about an original text, each found when a rule first asks: only texts a gate let through."""
@@ -175,8 +198,10 @@ def _scrub_gated(texts: list[str]) -> list[str]:
             if not candidates:
                 break
             if len(run) > 1:  # this rule's own gate, on the candidates as they are now
-                candidates = [candidates[k] for k in
-                              pc.indices_nonzero(pc.match_substring_regex(now(candidates), _GATES[index])).to_pylist()]
+                candidates = [
+                    candidates[k]
+                    for k in pc.indices_nonzero(pc.match_substring_regex(now(candidates), _GATES[index])).to_pylist()
+                ]
             if index in _RE2_RULES:
                 re2_pattern, placeholder = _RE2_RULES[index]
                 replaced = pc.replace_substring_regex(now(candidates), re2_pattern, placeholder)

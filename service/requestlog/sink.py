@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # for the annotation only
 
 log = logging.getLogger("loragate.requestlog")
 
+
 class RequestSink(Protocol):
     def record(self, record: RequestRecord) -> bool | None:
         """Must not block: called on the request path. False: the record was dropped (queue full, log closed)."""
@@ -153,7 +154,8 @@ class RequestLog:
         counter = metrics.requestlog_records
         self._counted = {
             (kind, result): counter.labels(kind, result)
-            for kind in (REQUESTS, FEEDBACK) for result in ("written", "text_withheld", "dropped", "failed")
+            for kind in (REQUESTS, FEEDBACK)
+            for result in ("written", "text_withheld", "dropped", "failed")
         }
         self._depth = metrics.requestlog_queue_depth
         self._retry: list[tuple[str, int, bytes, int]] = []  # (table, records, the batch, attempts so far)
@@ -273,8 +275,12 @@ class RequestLog:
             try:
                 written, withheld, unreadable = self._write(table, batch)
             except _OutOfTime:
-                log.error("request log: %d %s records lost: the shutdown's bound (%.0fs) was spent",
-                          count, table, self.close_timeout_s)
+                log.error(
+                    "request log: %d %s records lost: the shutdown's bound (%.0fs) was spent",
+                    count,
+                    table,
+                    self.close_timeout_s,
+                )
                 self._counted[table, "failed"].inc(count)
                 return True
             except Exception as exc:
@@ -283,8 +289,13 @@ class RequestLog:
                     log.error("request log: %d %s records lost after %d attempts: %s", count, table, attempts, exc)
                     self._counted[table, "failed"].inc(count)
                     return True
-                log.warning("request log: writing %d %s records failed (attempt %d), will retry: %s",
-                            count, table, attempts, exc)
+                log.warning(
+                    "request log: writing %d %s records failed (attempt %d), will retry: %s",
+                    count,
+                    table,
+                    attempts,
+                    exc,
+                )
                 if not final:
                     self._retry.append((table, count, batch, attempts))
                     return False
@@ -311,8 +322,13 @@ class RequestLog:
         except Stalled as stalled:
             self._replace_process()
             self._out_of_time_if_cut()
-            log.error("request log: a batch of %d bytes was not written within %.1fs (%s); the conversion process "
-                      "was replaced and the batch is written record by record", len(batch), bound, stalled)
+            log.error(
+                "request log: a batch of %d bytes was not written within %.1fs (%s); the conversion process "
+                "was replaced and the batch is written record by record",
+                len(batch),
+                bound,
+                stalled,
+            )
             return self._write_guarded(table, batch, bound)
         self._learn(len(batch), time.monotonic() - started)
         return written, 0, unreadable
@@ -328,8 +344,9 @@ class RequestLog:
                 bound_now = self._cut(bound)
                 process = self._ensure_process()
                 try:
-                    written, unreadable, ids = process.call(bound_now, "write_guarded", table, batch,
-                                                            sorted(withheld), idle=True)
+                    written, unreadable, ids = process.call(
+                        bound_now, "write_guarded", table, batch, sorted(withheld), idle=True
+                    )
                 except Stalled as stalled:
                     self._replace_process()
                     self._out_of_time_if_cut()
@@ -346,8 +363,12 @@ class RequestLog:
                 except (Died, ChildError) as exc:
                     raise _StoreError(str(exc)) from exc
                 for request_id in ids:
-                    log.error("request log: request %s written with its text withheld: converting it stalled the "
-                              "conversion process (> %.1fs)", request_id, bound)
+                    log.error(
+                        "request log: request %s written with its text withheld: converting it stalled the "
+                        "conversion process (> %.1fs)",
+                        request_id,
+                        bound,
+                    )
                 return written - len(ids), len(ids), unreadable
         finally:
             if spare is not None:
@@ -362,8 +383,11 @@ class RequestLog:
                         try:
                             return process.call(self._cut(bound), "write", table, spooled)
                         except SpoolUnreadable as exc:
-                            log.warning("request log: the conversion process cannot map spooled batches (%s); "
-                                        "sending them through its pipe from now on", exc)
+                            log.warning(
+                                "request log: the conversion process cannot map spooled batches (%s); "
+                                "sending them through its pipe from now on",
+                                exc,
+                            )
                             self._spooling = False
             return process.call(self._cut(bound), "write", table, batch)
         except Died as exc:  # killed, out of memory: a new one, and retry
@@ -406,8 +430,12 @@ class RequestLog:
     def _spawn(self) -> ConversionProcess:
         """A new conversion process, starting (not waited for: see _ready)."""
         assert self._store_factory is not None  # process mode
-        return ConversionProcess(self._store_factory, self.text_mode, self._scrub_texts,
-                                 cutoff=lambda: float("inf") if self._deadline is None else self._deadline)
+        return ConversionProcess(
+            self._store_factory,
+            self.text_mode,
+            self._scrub_texts,
+            cutoff=lambda: float("inf") if self._deadline is None else self._deadline,
+        )
 
     def _ready(self, process: ConversionProcess) -> ConversionProcess:
         """``process`` once it has started (imported pyarrow, built its store, warmed up); killed if it cannot."""

@@ -95,12 +95,19 @@ def encode(rows: pa.Table, compression: str = "zstd") -> pa.Buffer:
     ordered, keys = samplekey.key_order(rows)
     size, n = samplekey.ROW_GROUP_ROWS, ordered.num_rows
     groups = [min(size, n - start) for start in range(0, n, size)]
-    ordered = ordered.replace_schema_metadata({**(ordered.schema.metadata or {}),
-                                               samplekey.RANGES_KEY: samplekey.ranges(keys, groups)})
+    ordered = ordered.replace_schema_metadata(
+        {**(ordered.schema.metadata or {}), samplekey.RANGES_KEY: samplekey.ranges(keys, groups)}
+    )
     repeating = [name for name in ordered.column_names if name not in logschema.DISTINCT_COLUMNS]
     buffer = pa.BufferOutputStream()
-    pq.write_table(ordered, buffer, compression=compression, row_group_size=size, use_dictionary=repeating,
-                   write_statistics=repeating)
+    pq.write_table(
+        ordered,
+        buffer,
+        compression=compression,
+        row_group_size=size,
+        use_dictionary=repeating,
+        write_statistics=repeating,
+    )
     return buffer.getvalue()
 
 
@@ -110,6 +117,11 @@ def read_table(url: str, table: str, *, s3_endpoint: str | None = None, s3_regio
     import pyarrow.dataset as ds
 
     fs, root = filesystem(url, S3Options.resolve(s3_endpoint, s3_region))
-    dataset = ds.dataset(f"{root}/{table}", filesystem=fs, format="parquet", partitioning="hive",
-                         schema=logschema.arrow_schema(table).append(pa.field("date", pa.string())))
+    dataset = ds.dataset(
+        f"{root}/{table}",
+        filesystem=fs,
+        format="parquet",
+        partitioning="hive",
+        schema=logschema.arrow_schema(table).append(pa.field("date", pa.string())),
+    )
     return logschema.conform(dataset.to_table(), table)

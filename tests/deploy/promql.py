@@ -64,9 +64,11 @@ def dashboard_expressions() -> list[Expression]:
 
 def rule_expressions() -> list[Expression]:
     return [
-        Expression(f"rule {rule.get('alert') or rule.get('record')}", rule["expr"],
-                   "alert" if "alert" in rule else "record")
-        for group in rule_groups() for rule in group["rules"]
+        Expression(
+            f"rule {rule.get('alert') or rule.get('record')}", rule["expr"], "alert" if "alert" in rule else "record"
+        )
+        for group in rule_groups()
+        for rule in group["rules"]
     ]
 
 
@@ -99,7 +101,7 @@ def boolify(expr: str) -> str:
             end = i + 1
             while expr[end] != '"':
                 end += 2 if expr[end] == "\\" else 1
-            out.append(expr[i:end + 1])
+            out.append(expr[i : end + 1])
             i = end + 1
             continue
         if char == "{":

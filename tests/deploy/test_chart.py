@@ -47,8 +47,11 @@ def by_kind(documents: list[dict], kind: str) -> list[dict]:
 
 
 def pod_specs(documents: list[dict]) -> list[tuple[str, dict]]:
-    return [(doc["metadata"]["name"], doc["spec"]["template"]["spec"])
-            for doc in documents if doc["kind"] in ("Deployment", "StatefulSet")]
+    return [
+        (doc["metadata"]["name"], doc["spec"]["template"]["spec"])
+        for doc in documents
+        if doc["kind"] in ("Deployment", "StatefulSet")
+    ]
 
 
 @pytest.fixture(scope="module", params=VALUES_FILES, ids=IDS)
@@ -70,39 +73,83 @@ def test_values_match_the_schema(values_file):
         chart.validate_schema(_values(values_file))
 
 
-@pytest.mark.parametrize("bad", [
-    {"engine": {"adapterSource": {"type": "nfs"}}},
-    {"gateway": {"replicas": 0}},
-    {"routes": [{"name": "support", "variants": [{"name": "v1", "wieght": 1}]}]},
-    {"routes": [{"variants": [{"name": "v1", "weight": 1}]}]},
-    {"auth": {"enabled": True, "existingSecret": ""}},
-    {"metrics": {"prometheusOperator": "yes"}},
-    {"monitor": {"checks": [{"route": "support", "variant": "v1"}]}},  # no reference
-    {"monitor": {"checks": [{"route": "support", "reference": {"path": "a.jsonl", "window_s": 60}}]}},
-    {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60},
-                             "actions": [{"type": "webhook", "url": "https://x.example", "secret": "inline"}]}]}},
-    {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "dataset"}]}]}},
-    {"monitor": {"port": 0}},
-    {"limits": {"redis": {"mode": "external"}}},  # no url
-    {"limits": {"redis": {"mode": "external", "url": "http://cache:6379"}}},
-    {"limits": {"redis": {"mode": "cluster"}}},
-    {"monitor": {"rollouts": [{"route": "support", "canary": "v2"}]}},  # no stable
-    {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 250]}]}},
-    {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2",
-                               "judge": {"error_rate": {"min_efect": 0.02}}}]}},  # typo: rejected
-    {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "pipeline"}]}]}},
-    {"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "pipeline",
-        "pipeline": {"registry": "/r", "base_model": "/m", "state_dir": "/s", "engines": ["http://e:8000"],
-                     "rollout": {"canary": "v9"}}}]}]}},  # set by the pipeline
-    {"monitor": {"training": {"enabled": True, "registry": {"existingClaim": ""}}}},
-    {"monitor": {"training": {"gpu": 2}}},  # typo: rejected
-    {"monitor": {"training": {"gpus": 0}}},
-    {"monitor": {"training": {"backoffLimit": 0}}},  # an evicted run must be retried (it resumes)
-    {"engine": {"keda": {"enabled": "yes"}}},
-    {"engine": {"keda": {"kvCacheUsage": 80}}},  # a share, 0-1
-    {"gateway": {"keda": {"minReplicas": 0}}},
-    {"gateway": {"keda": {"inFlightPerPod": 10}}},  # typo: rejected
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"engine": {"adapterSource": {"type": "nfs"}}},
+        {"gateway": {"replicas": 0}},
+        {"routes": [{"name": "support", "variants": [{"name": "v1", "wieght": 1}]}]},
+        {"routes": [{"variants": [{"name": "v1", "weight": 1}]}]},
+        {"auth": {"enabled": True, "existingSecret": ""}},
+        {"metrics": {"prometheusOperator": "yes"}},
+        {"monitor": {"checks": [{"route": "support", "variant": "v1"}]}},  # no reference
+        {"monitor": {"checks": [{"route": "support", "reference": {"path": "a.jsonl", "window_s": 60}}]}},
+        {
+            "monitor": {
+                "checks": [
+                    {
+                        "route": "support",
+                        "reference": {"window_s": 60},
+                        "actions": [{"type": "webhook", "url": "https://x.example", "secret": "inline"}],
+                    }
+                ]
+            }
+        },
+        {
+            "monitor": {
+                "checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "dataset"}]}]
+            }
+        },
+        {"monitor": {"port": 0}},
+        {"limits": {"redis": {"mode": "external"}}},  # no url
+        {"limits": {"redis": {"mode": "external", "url": "http://cache:6379"}}},
+        {"limits": {"redis": {"mode": "cluster"}}},
+        {"monitor": {"rollouts": [{"route": "support", "canary": "v2"}]}},  # no stable
+        {"monitor": {"rollouts": [{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 250]}]}},
+        {
+            "monitor": {
+                "rollouts": [
+                    {"route": "support", "stable": "v1", "canary": "v2", "judge": {"error_rate": {"min_efect": 0.02}}}
+                ]
+            }
+        },  # typo: rejected
+        {
+            "monitor": {
+                "checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "pipeline"}]}]
+            }
+        },
+        {
+            "monitor": {
+                "checks": [
+                    {
+                        "route": "support",
+                        "reference": {"window_s": 60},
+                        "actions": [
+                            {
+                                "type": "pipeline",
+                                "pipeline": {
+                                    "registry": "/r",
+                                    "base_model": "/m",
+                                    "state_dir": "/s",
+                                    "engines": ["http://e:8000"],
+                                    "rollout": {"canary": "v9"},
+                                },
+                            }
+                        ],
+                    }
+                ]
+            }
+        },  # set by the pipeline
+        {"monitor": {"training": {"enabled": True, "registry": {"existingClaim": ""}}}},
+        {"monitor": {"training": {"gpu": 2}}},  # typo: rejected
+        {"monitor": {"training": {"gpus": 0}}},
+        {"monitor": {"training": {"backoffLimit": 0}}},  # an evicted run must be retried (it resumes)
+        {"engine": {"keda": {"enabled": "yes"}}},
+        {"engine": {"keda": {"kvCacheUsage": 80}}},  # a share, 0-1
+        {"gateway": {"keda": {"minReplicas": 0}}},
+        {"gateway": {"keda": {"inFlightPerPod": 10}}},  # typo: rejected
+    ],
+)
 def test_schema_rejects_bad_values(bad):
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmError):
         chart.validate_schema(bad)
@@ -119,8 +166,9 @@ def test_every_manifest_validates_strictly_against_kubernetes_schemas(rendered, 
         files.append(str(path))
     assert files
     for version in ("1.30.0", "1.37.0"):
-        result = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, *files],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, *files], capture_output=True, text=True
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -183,7 +231,8 @@ def test_gateway_one_worker_probes_routes_and_auth(rendered):
         assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
     # Scale by replicas: the HPA (or KEDA's ScaledObject) owns the count when enabled.
     hpa = by_kind(documents, "HorizontalPodAutoscaler") + [
-        d for d in by_kind(documents, "ScaledObject") if d["spec"]["scaleTargetRef"]["kind"] == "Deployment"]
+        d for d in by_kind(documents, "ScaledObject") if d["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    ]
     assert ("replicas" in gateway["spec"]) is (not hpa)
 
 
@@ -209,9 +258,17 @@ def test_shared_limits_redis_only_the_gateways_reach(rendered):
     if mode == "internal" and values.get("networkPolicy", {}).get("enabled", True):
         (policy,) = [d for d in by_kind(documents, "NetworkPolicy") if d["metadata"]["name"] == "lg-loragate-redis"]
         (rule,) = policy["spec"]["ingress"]
-        assert rule["from"] == [{"podSelector": {"matchLabels": {
-            "app.kubernetes.io/name": "loragate", "app.kubernetes.io/instance": "lg",
-            "app.kubernetes.io/component": "gateway"}}}]
+        assert rule["from"] == [
+            {
+                "podSelector": {
+                    "matchLabels": {
+                        "app.kubernetes.io/name": "loragate",
+                        "app.kubernetes.io/instance": "lg",
+                        "app.kubernetes.io/component": "gateway",
+                    }
+                }
+            }
+        ]
 
 
 def test_internal_redis_with_a_password_from_a_secret():
@@ -268,8 +325,12 @@ def test_monitor_rbac_is_least_privilege(rendered):
     job_verbs = ["create", "get", "list", "watch"] if training else ["create"]  # follows its training Jobs
     assert role["rules"] == [
         {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": job_verbs},
-        {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["lg-loragate-routes"],
-         "verbs": ["get", "patch"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["lg-loragate-routes"],
+            "verbs": ["get", "patch"],
+        },
     ]
     assert not by_kind(documents, "ClusterRole") and not by_kind(documents, "ClusterRoleBinding")
 
@@ -348,35 +409,123 @@ def test_monitor_runs_the_real_cli_with_its_rendered_config(rendered):
             route = catalog.routes[canary.route]
             assert route.variant(canary.canary) and route.variant(canary.stable)
         (role,) = [d for d in by_kind(documents, "Role") if d["metadata"]["name"] == "lg-loragate-monitor"]
-        assert {"resources": ["configmaps"], "resourceNames": ["lg-loragate-routes"], "verbs": ["get", "patch"],
-                "apiGroups": [""]} in role["rules"]
+        assert {
+            "resources": ["configmaps"],
+            "resourceNames": ["lg-loragate-routes"],
+            "verbs": ["get", "patch"],
+            "apiGroups": [""],
+        } in role["rules"]
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}}]}}, "requestLog.enabled"),
-    ({"requestLog": {"enabled": True, "url": "s3://b/p"},
-      "monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [
-          {"type": "webhook", "url": "https://ci.example/hook", "secret_env": "LORAGATE_WEBHOOK_SECRET"}]}]}},
-     "webhookSecret.existingSecret"),
-    ({"requestLog": {"enabled": True, "url": "s3://b/p"},
-      "monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [
-          {"type": "k8s_job", "template": "/etc/loragate/retrain-job.yaml", "namespace": "llm"}]}]}},
-     "retrainJobTemplate"),
-    ({"requestLog": {"enabled": True, "url": "s3://b/p"}, "monitor": {"retrainJobTemplate": "kind: Job",
-      "checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [
-          {"type": "k8s_job", "template": "/etc/loragate/retrain-job.yaml", "namespace": "ml"}]}]}},
-     "release namespace"),
-    ({"monitor": {"prometheusUrl": "", "rollouts": [{"route": "support", "stable": "v1", "canary": "v2"}]}},
-     "monitor.prometheusUrl"),
-    ({"requestLog": {"enabled": True, "url": "s3://b/p"}, "monitor": {
-      "checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [
-          {"type": "k8s_job", "template": "/etc/loragate/training-job.yaml", "namespace": "llm"}]}]}},
-     "monitor.training.enabled"),
-    ({"requestLog": {"enabled": True, "url": "s3://b/p"}, "monitor": {"prometheusUrl": "",
-      "checks": [{"route": "support", "reference": {"window_s": 60}, "actions": [{"type": "pipeline", "pipeline": {
-          "registry": "/r", "base_model": "/m", "state_dir": "/s", "engines": ["http://e:8000"]}}]}]}},
-     "check support: a pipeline action .* monitor.prometheusUrl"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"monitor": {"checks": [{"route": "support", "reference": {"window_s": 60}}]}}, "requestLog.enabled"),
+        (
+            {
+                "requestLog": {"enabled": True, "url": "s3://b/p"},
+                "monitor": {
+                    "checks": [
+                        {
+                            "route": "support",
+                            "reference": {"window_s": 60},
+                            "actions": [
+                                {
+                                    "type": "webhook",
+                                    "url": "https://ci.example/hook",
+                                    "secret_env": "LORAGATE_WEBHOOK_SECRET",
+                                }
+                            ],
+                        }
+                    ]
+                },
+            },
+            "webhookSecret.existingSecret",
+        ),
+        (
+            {
+                "requestLog": {"enabled": True, "url": "s3://b/p"},
+                "monitor": {
+                    "checks": [
+                        {
+                            "route": "support",
+                            "reference": {"window_s": 60},
+                            "actions": [
+                                {"type": "k8s_job", "template": "/etc/loragate/retrain-job.yaml", "namespace": "llm"}
+                            ],
+                        }
+                    ]
+                },
+            },
+            "retrainJobTemplate",
+        ),
+        (
+            {
+                "requestLog": {"enabled": True, "url": "s3://b/p"},
+                "monitor": {
+                    "retrainJobTemplate": "kind: Job",
+                    "checks": [
+                        {
+                            "route": "support",
+                            "reference": {"window_s": 60},
+                            "actions": [
+                                {"type": "k8s_job", "template": "/etc/loragate/retrain-job.yaml", "namespace": "ml"}
+                            ],
+                        }
+                    ],
+                },
+            },
+            "release namespace",
+        ),
+        (
+            {"monitor": {"prometheusUrl": "", "rollouts": [{"route": "support", "stable": "v1", "canary": "v2"}]}},
+            "monitor.prometheusUrl",
+        ),
+        (
+            {
+                "requestLog": {"enabled": True, "url": "s3://b/p"},
+                "monitor": {
+                    "checks": [
+                        {
+                            "route": "support",
+                            "reference": {"window_s": 60},
+                            "actions": [
+                                {"type": "k8s_job", "template": "/etc/loragate/training-job.yaml", "namespace": "llm"}
+                            ],
+                        }
+                    ]
+                },
+            },
+            "monitor.training.enabled",
+        ),
+        (
+            {
+                "requestLog": {"enabled": True, "url": "s3://b/p"},
+                "monitor": {
+                    "prometheusUrl": "",
+                    "checks": [
+                        {
+                            "route": "support",
+                            "reference": {"window_s": 60},
+                            "actions": [
+                                {
+                                    "type": "pipeline",
+                                    "pipeline": {
+                                        "registry": "/r",
+                                        "base_model": "/m",
+                                        "state_dir": "/s",
+                                        "engines": ["http://e:8000"],
+                                    },
+                                }
+                            ],
+                        }
+                    ],
+                },
+            },
+            "check support: a pipeline action .* monitor.prometheusUrl",
+        ),
+    ],
+)
 def test_monitor_config_mistakes_fail_the_render(values, message):
     with pytest.raises(helm.HelmError, match=message):
         render(values)
@@ -400,8 +549,11 @@ def test_dashboards_network_policies_and_operator_resources(rendered):
         endpoint = monitor["spec"]["endpoints"][0]
         assert endpoint["path"] == "/metrics" and endpoint["relabelings"][0]["targetLabel"] == "job"
     if operator:
-        shipped = [g for p in sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
-                   for g in yaml.safe_load(p.read_text())["groups"]]
+        shipped = [
+            g
+            for p in sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
+            for g in yaml.safe_load(p.read_text())["groups"]
+        ]
         assert rules[0]["spec"]["groups"] == shipped
 
 
@@ -411,7 +563,10 @@ def test_prometheus_operator_resources_follow_the_capability_by_default():
     assert not by_kind(render(), "ServiceMonitor")
     forced = render({"metrics": {"prometheusOperator": True}})
     assert {d["metadata"]["name"] for d in by_kind(forced, "ServiceMonitor")} == {
-        "lg-loragate-gateway", "lg-loragate-engine", "lg-loragate-monitor"}
+        "lg-loragate-gateway",
+        "lg-loragate-engine",
+        "lg-loragate-monitor",
+    }
 
 
 def test_notes_say_one_worker_per_pod():
@@ -474,20 +629,28 @@ def test_training_job_template_runs_the_pipeline_on_a_gpu_with_the_monitor_image
     api = SimpleNamespace(create_namespaced_job=lambda ns, body: created.append((ns, body)) or body)
     # The file the action reads in the pod is this ConfigMap key (mounted by subPath).
     action = KubernetesJobAction(configmap["data"]["training-job.yaml"], job_action.namespace, api=api)
-    ctx = SimpleNamespace(route="support", variant="v1", run_id="20261201024500",
-                          dataset_location="/registry/datasets/support-20261201024500.jsonl",
-                          result=SimpleNamespace(html_path="/r.html", json_path="/r.json"))
+    ctx = SimpleNamespace(
+        route="support",
+        variant="v1",
+        run_id="20261201024500",
+        dataset_location="/registry/datasets/support-20261201024500.jsonl",
+        result=SimpleNamespace(html_path="/r.html", json_path="/r.json"),
+    )
     assert asyncio.run(action.run(ctx)).ok
     ((namespace, job),) = created
     assert namespace == "llm" and job["kind"] == "Job" and job["apiVersion"] == "batch/v1"
     assert job["metadata"]["generateName"] == "lg-loragate-train-"
     assert job["metadata"]["labels"]["loragate.io/route"] == "support"
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({**job, "metadata": {**job["metadata"], "name": "lg-loragate-train-x",
-                                                        "namespace": "llm"}}))
+    path.write_text(
+        yaml.safe_dump({**job, "metadata": {**job["metadata"], "name": "lg-loragate-train-x", "namespace": "llm"}})
+    )
     for version in ("1.30.0", "1.37.0"):
-        result = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)],
+            capture_output=True,
+            text=True,
+        )
         assert result.returncode == 0, result.stdout + result.stderr
 
     pod = job["spec"]["template"]["spec"]
@@ -501,11 +664,20 @@ def test_training_job_template_runs_the_pipeline_on_a_gpu_with_the_monitor_image
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     assert train["command"] == ["loragate"]
     assert train["args"] == [
-        "pipeline", "run", "--state-file=/registry/pipelines/support-20261201024500.json", "--route=support",
-        "--dataset=/registry/datasets/support-20261201024500.jsonl", "--base-model=/models/llama-3.1-8b-instruct",
-        "--registry=/registry", "--name=support", "--version=r20261201024500", "--stable=/registry/support/v1",
-        "--engine=http://lg-loragate-engine-0.lg-loragate-engine.llm.svc:8000", "--train-arg=--checkpoint-every=100",
-        "--train-arg=--epochs=2"]
+        "pipeline",
+        "run",
+        "--state-file=/registry/pipelines/support-20261201024500.json",
+        "--route=support",
+        "--dataset=/registry/datasets/support-20261201024500.jsonl",
+        "--base-model=/models/llama-3.1-8b-instruct",
+        "--registry=/registry",
+        "--name=support",
+        "--version=r20261201024500",
+        "--stable=/registry/support/v1",
+        "--engine=http://lg-loragate-engine-0.lg-loragate-engine.llm.svc:8000",
+        "--train-arg=--checkpoint-every=100",
+        "--train-arg=--epochs=2",
+    ]
     # The same command line parses with the real CLI.
     import argparse
 
@@ -514,12 +686,16 @@ def test_training_job_template_runs_the_pipeline_on_a_gpu_with_the_monitor_image
     parser = argparse.ArgumentParser(prog="loragate")
     add_pipeline_arguments(parser.add_subparsers(dest="command").add_parser("pipeline"))
     parsed = parser.parse_args(train["args"])
-    assert (parsed.route, parsed.version, parsed.train_arg) == ("support", "r20261201024500",
-                                                                ["--checkpoint-every=100", "--epochs=2"])
+    assert (parsed.route, parsed.version, parsed.train_arg) == (
+        "support",
+        "r20261201024500",
+        ["--checkpoint-every=100", "--epochs=2"],
+    )
     # Evicted pods are retried and resume from the checkpoint: backoffLimit > 0, time to save it on SIGTERM.
     assert job["spec"]["backoffLimit"] >= 1 and pod["terminationGracePeriodSeconds"] >= 60
     assert train["resources"]["requests"]["nvidia.com/gpu"] == 1 and "/dev/shm" not in {
-        m["mountPath"] for m in train["volumeMounts"]}
+        m["mountPath"] for m in train["volumeMounts"]
+    }
     job_mounts = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}
     claims = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in pod["volumes"]}
     assert claims[job_mounts["/registry"]] == "loragate-registry" and claims[job_mounts["/models"]] == "loragate-models"
@@ -544,8 +720,10 @@ def test_training_job_template_runs_the_pipeline_on_a_gpu_with_the_monitor_image
 KEDA_SCHEMA = Path(__file__).parent / "schemas" / "keda-scaledobject.schema.json"
 KEDA_VALUES = CHART / "ci" / "keda-values.yaml"
 # What each component exports (vLLM 0.32's /metrics, service/metrics.py): the queries must name these.
-EXPORTED = {"engine": {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"},
-            "gateway": {"loragate_requests_in_flight"}}
+EXPORTED = {
+    "engine": {"vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"},
+    "gateway": {"loragate_requests_in_flight"},
+}
 
 
 def _keda_validator():
@@ -563,7 +741,8 @@ def test_keda_is_off_offline_by_default_and_the_replicas_stay_the_charts():
     documents = render()
     assert not by_kind(documents, "ScaledObject")
     assert [h["spec"]["scaleTargetRef"]["name"] for h in by_kind(documents, "HorizontalPodAutoscaler")] == [
-        "lg-loragate-gateway"]
+        "lg-loragate-gateway"
+    ]
     engine = next(d for d in by_kind(documents, "StatefulSet") if d["metadata"]["name"] == "lg-loragate-engine")
     assert engine["spec"]["replicas"] == 1
 
@@ -596,31 +775,42 @@ def test_keda_scaled_objects_match_kedas_schema_and_scale_what_the_chart_renders
     assert engine_triggers["queue-depth"]["metadata"]["threshold"] == "2.5"  # the values file's, as a string
     assert engine_triggers["queue-depth"]["metricType"] == "AverageValue"  # per replica
     assert engine_triggers["kv-cache-usage"]["metricType"] == "Value"  # a mean share, not per replica
-    gateway_servers = {t["metadata"]["serverAddress"] for t in scaled["gateway"]["spec"]["triggers"]
-                       if t["type"] == "prometheus"}
+    gateway_servers = {
+        t["metadata"]["serverAddress"] for t in scaled["gateway"]["spec"]["triggers"] if t["type"] == "prometheus"
+    }
     assert gateway_servers == {"http://prometheus.monitoring.svc:9090"}
 
 
 def test_keda_queries_are_valid_promql(tmp_path):
     documents = render(_values(KEDA_VALUES))
-    queries = [t["metadata"]["query"] for d in by_kind(documents, "ScaledObject")
-               for t in d["spec"]["triggers"] if t["type"] == "prometheus"]
-    rules = {"groups": [{"name": "keda", "rules": [{"record": f"keda:query{i}", "expr": q}
-                                                   for i, q in enumerate(queries)]}]}
+    queries = [
+        t["metadata"]["query"]
+        for d in by_kind(documents, "ScaledObject")
+        for t in d["spec"]["triggers"]
+        if t["type"] == "prometheus"
+    ]
+    rules = {
+        "groups": [{"name": "keda", "rules": [{"record": f"keda:query{i}", "expr": q} for i, q in enumerate(queries)]}]
+    }
     (tmp_path / "keda.yml").write_text(yaml.safe_dump(rules))
-    result = subprocess.run([tool("promtool"), "check", "rules", str(tmp_path / "keda.yml")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [tool("promtool"), "check", "rules", str(tmp_path / "keda.yml")], capture_output=True, text=True
+    )
     assert result.returncode == 0 and f"{len(queries)} rules found" in result.stdout, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("mistake", [
-    lambda so: so["spec"]["triggers"][0]["metadata"].update(threshold=4),  # a number: the CRD wants strings
-    lambda so: so["spec"].update(minReplicas=so["spec"].pop("minReplicaCount")),  # HPA's name, not KEDA's
-    lambda so: so["spec"]["triggers"][0]["metadata"].pop("serverAddress"),
-    lambda so: so["spec"]["triggers"].append({"type": "cpu", "metricType": "Value", "metadata": {"value": "70"}}),
-    lambda so: so["spec"]["triggers"][0].update(metricType="Average"),
-    lambda so: so.update(apiVersion="keda.sh/v1"),
-], ids=["numeric-threshold", "hpa-field-name", "no-server", "cpu-value", "bad-metric-type", "bad-version"])
+@pytest.mark.parametrize(
+    "mistake",
+    [
+        lambda so: so["spec"]["triggers"][0]["metadata"].update(threshold=4),  # a number: the CRD wants strings
+        lambda so: so["spec"].update(minReplicas=so["spec"].pop("minReplicaCount")),  # HPA's name, not KEDA's
+        lambda so: so["spec"]["triggers"][0]["metadata"].pop("serverAddress"),
+        lambda so: so["spec"]["triggers"].append({"type": "cpu", "metricType": "Value", "metadata": {"value": "70"}}),
+        lambda so: so["spec"]["triggers"][0].update(metricType="Average"),
+        lambda so: so.update(apiVersion="keda.sh/v1"),
+    ],
+    ids=["numeric-threshold", "hpa-field-name", "no-server", "cpu-value", "bad-metric-type", "bad-version"],
+)
 def test_the_keda_schema_catches_the_mistakes_it_is_for(mistake):
     import copy
 
@@ -631,6 +821,7 @@ def test_the_keda_schema_catches_the_mistakes_it_is_for(mistake):
     mistake(broken)
     assert list(validator.iter_errors(broken))
 
+
 def test_training_job_with_several_gpus_runs_as_many_processes(tmp_path):
     """monitor.training.gpus: N GPUs on one node, `loragate train --processes N` (torchrun), /dev/shm for
     NCCL; the rendered Job stays strictly valid and its train arguments parse with the real CLI."""
@@ -639,14 +830,17 @@ def test_training_job_with_several_gpus_runs_as_many_processes(tmp_path):
     from loragate.pipeline.commands import add_pipeline_arguments, add_train_arguments
 
     values = _values(CHART / "ci" / "training-values.yaml")
-    values["monitor"]["training"].update(gpus=4, checkpointEvery=50,
-                                         resources={"requests": {"cpu": "16"}, "limits": {"memory": "256Gi"}})
+    values["monitor"]["training"].update(
+        gpus=4, checkpointEvery=50, resources={"requests": {"cpu": "16"}, "limits": {"memory": "256Gi"}}
+    )
     _, configmap, _ = _monitor(render(values))
     job = yaml.safe_load(configmap["data"]["training-job.yaml"].replace("${", "x{"))
     pod = job["spec"]["template"]["spec"]
     (train,) = pod["containers"]
-    assert train["resources"] == {"requests": {"cpu": "16", "memory": "32Gi", "nvidia.com/gpu": 4},
-                                  "limits": {"memory": "256Gi", "nvidia.com/gpu": 4}}
+    assert train["resources"] == {
+        "requests": {"cpu": "16", "memory": "32Gi", "nvidia.com/gpu": 4},
+        "limits": {"memory": "256Gi", "nvidia.com/gpu": 4},
+    }
     shm = {m["mountPath"]: m["name"] for m in train["volumeMounts"]}["/dev/shm"]
     assert {v["name"]: v for v in pod["volumes"]}[shm]["emptyDir"]["medium"] == "Memory"
     parser = argparse.ArgumentParser(prog="loragate")
@@ -655,12 +849,15 @@ def test_training_job_with_several_gpus_runs_as_many_processes(tmp_path):
     assert "--processes=4" in train_args and "--checkpoint-every=50" in train_args
     train_parser = argparse.ArgumentParser()
     add_train_arguments(train_parser)
-    parsed = train_parser.parse_args(["--dataset", "d", "--base-model", "b", "--registry", "r", "--name", "n",
-                                      "--version", "v", *train_args])
+    parsed = train_parser.parse_args(
+        ["--dataset", "d", "--base-model", "b", "--registry", "r", "--name", "n", "--version", "v", *train_args]
+    )
     assert (parsed.processes, parsed.checkpoint_every, parsed.epochs) == (4, 50, 2)
     path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump({**job, "metadata": {**job["metadata"], "name": "lg-loragate-train-x",
-                                                        "namespace": "llm"}}))
-    result = subprocess.run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", "1.30.0", str(path)],
-                            capture_output=True, text=True)
+    path.write_text(
+        yaml.safe_dump({**job, "metadata": {**job["metadata"], "name": "lg-loragate-train-x", "namespace": "llm"}})
+    )
+    result = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", "--quiet", "-k", "1.30.0", str(path)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -21,8 +21,9 @@ COMPOSE = ROOT / "deploy" / "compose.yaml"
 
 
 def test_hadolint_is_clean():
-    result = subprocess.run([tool("hadolint"), "--failure-threshold", "info", str(DOCKERFILE)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [tool("hadolint"), "--failure-threshold", "info", str(DOCKERFILE)], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -56,16 +57,25 @@ def _docker_compose() -> str:
 
 
 def _compose_env(**missing) -> dict:
-    env = dict(os.environ, LORAGATE_ADMIN_TOKEN="test-token", GRAFANA_ADMIN_PASSWORD="test-password",
-               BASE_MODEL="meta-llama/Llama-3.1-8B-Instruct")
+    env = dict(
+        os.environ,
+        LORAGATE_ADMIN_TOKEN="test-token",
+        GRAFANA_ADMIN_PASSWORD="test-password",
+        BASE_MODEL="meta-llama/Llama-3.1-8B-Instruct",
+    )
     for name in missing:
         env.pop(name, None)
     return env
 
 
 def test_compose_file_is_valid_for_docker_compose():
-    result = subprocess.run([_docker_compose(), "-f", str(COMPOSE), "config", "--format", "json"],
-                            capture_output=True, text=True, env=_compose_env(), cwd=COMPOSE.parent)
+    result = subprocess.run(
+        [_docker_compose(), "-f", str(COMPOSE), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=_compose_env(),
+        cwd=COMPOSE.parent,
+    )
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     services = config["services"]
@@ -112,8 +122,13 @@ def test_monitor_image_serves_the_port_the_deployments_use():
 
 
 def test_compose_refuses_to_start_without_its_secrets():
-    result = subprocess.run([_docker_compose(), "-f", str(COMPOSE), "config", "-q"], capture_output=True,
-                            text=True, env=_compose_env(LORAGATE_ADMIN_TOKEN=None), cwd=COMPOSE.parent)
+    result = subprocess.run(
+        [_docker_compose(), "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=_compose_env(LORAGATE_ADMIN_TOKEN=None),
+        cwd=COMPOSE.parent,
+    )
     assert result.returncode != 0 and "required variable LORAGATE_ADMIN_TOKEN is missing" in result.stderr
 
 
@@ -125,10 +140,19 @@ def test_grafana_provisioning_points_at_the_dashboards():
 
 
 def test_yamllint_is_clean():
-    files = [str(p) for p in [
-        *ROOT.glob("deploy/**/*.yaml"), *ROOT.glob("deploy/**/*.yml"),
-        ROOT / "helm/loragate/values.yaml", ROOT / "helm/loragate/Chart.yaml", *ROOT.glob("helm/loragate/ci/*.yaml"),
-    ]]
-    result = subprocess.run([tool("yamllint"), "--strict", "-c", str(ROOT / "tests/deploy/yamllint.yaml"), *files],
-                            capture_output=True, text=True)
+    files = [
+        str(p)
+        for p in [
+            *ROOT.glob("deploy/**/*.yaml"),
+            *ROOT.glob("deploy/**/*.yml"),
+            ROOT / "helm/loragate/values.yaml",
+            ROOT / "helm/loragate/Chart.yaml",
+            *ROOT.glob("helm/loragate/ci/*.yaml"),
+        ]
+    ]
+    result = subprocess.run(
+        [tool("yamllint"), "--strict", "-c", str(ROOT / "tests/deploy/yamllint.yaml"), *files],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -51,13 +51,29 @@ def test_promtool_rule_unit_tests():
 
 def test_every_alert_has_a_unit_test_and_the_required_alerts_exist():
     alerts = {rule["alert"] for group in rule_groups() for rule in group["rules"] if "alert" in rule}
-    assert {"LoragateHighErrorRate", "LoragateFallbackSpike", "LoragateLatencySLOBurnFast",
-            "LoragateLatencySLOBurnSlow", "LoragateUpstreamDown", "LoragateCircuitOpen",
-            "LoragateDriftDetected", "LoragateRequestLogDrops", "LoragateRolloutRolledBack",
-            "LoragateRolloutStuck"} <= alerts
+    assert {
+        "LoragateHighErrorRate",
+        "LoragateFallbackSpike",
+        "LoragateLatencySLOBurnFast",
+        "LoragateLatencySLOBurnSlow",
+        "LoragateUpstreamDown",
+        "LoragateCircuitOpen",
+        "LoragateDriftDetected",
+        "LoragateRequestLogDrops",
+        "LoragateRolloutRolledBack",
+        "LoragateRolloutStuck",
+    } <= alerts
     tested = set(re.findall(r"alertname: (\w+)", "".join(p.read_text() for p in (PROMETHEUS / "tests").glob("*.yml"))))
-    untested = alerts - tested - {"LoragateLatencySLOBurnSlow", "LoragateAdapterLoadFailures",
-                                  "LoragateEngineKVCacheFull", "LoragateRetrainingTriggerFailing"}
+    untested = (
+        alerts
+        - tested
+        - {
+            "LoragateLatencySLOBurnSlow",
+            "LoragateAdapterLoadFailures",
+            "LoragateEngineKVCacheFull",
+            "LoragateRetrainingTriggerFailing",
+        }
+    )
     assert not untested
     for group in rule_groups():
         for rule in group["rules"]:
@@ -91,24 +107,66 @@ def test_dashboards_parse_and_every_panel_has_targets():
                 assert used <= variables, f"{name}: {panel['title']} uses undefined {used - variables}"
 
 
-@pytest.mark.parametrize("board, needles", [
-    ("loragate-gateway.json", ["loragate_request_duration_seconds_bucket",
-                               "loragate_time_to_first_token_seconds_bucket",
-                               "loragate_time_per_output_token_seconds_bucket", "loragate_reference_cost_usd_total",
-                               "loragate_fallbacks_total", "loragate_requests_in_flight", "loragate_upstream_healthy",
-                               "loragate_adapter_loads_total", "histogram_quantile(0.99",
-                               "loragate_admission_waiting_requests", "loragate_admission_shed_total",
-                               "loragate_admission_wait_seconds_bucket"]),
-    ("loragate-rollouts.json", ["loragate_rollout_weight", '$canary', '$stable', "loragate_rollout_state",
-                                "loragate_rollout_step", "loragate_rollout_transitions_total",
-                                'check="fallback_rate"', 'check="error_rate"', 'check="latency"',
-                                'figure="lower"', "loragate_rollout_decision", "loragate_rollout_stalled"]),
-    ("loragate-drift.json", ["loragate_drift_share", "loragate_drift_detected", "loragate_drift_feature_score",
-                             "loragate_retraining_triggers_total"]),
-    ("loragate-vllm.json", ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
-                            "vllm:generation_tokens_total", "vllm:prompt_tokens_total",
-                            "vllm:e2e_request_latency_seconds_bucket", "vllm:time_to_first_token_seconds_bucket"]),
-])
+@pytest.mark.parametrize(
+    "board, needles",
+    [
+        (
+            "loragate-gateway.json",
+            [
+                "loragate_request_duration_seconds_bucket",
+                "loragate_time_to_first_token_seconds_bucket",
+                "loragate_time_per_output_token_seconds_bucket",
+                "loragate_reference_cost_usd_total",
+                "loragate_fallbacks_total",
+                "loragate_requests_in_flight",
+                "loragate_upstream_healthy",
+                "loragate_adapter_loads_total",
+                "histogram_quantile(0.99",
+                "loragate_admission_waiting_requests",
+                "loragate_admission_shed_total",
+                "loragate_admission_wait_seconds_bucket",
+            ],
+        ),
+        (
+            "loragate-rollouts.json",
+            [
+                "loragate_rollout_weight",
+                "$canary",
+                "$stable",
+                "loragate_rollout_state",
+                "loragate_rollout_step",
+                "loragate_rollout_transitions_total",
+                'check="fallback_rate"',
+                'check="error_rate"',
+                'check="latency"',
+                'figure="lower"',
+                "loragate_rollout_decision",
+                "loragate_rollout_stalled",
+            ],
+        ),
+        (
+            "loragate-drift.json",
+            [
+                "loragate_drift_share",
+                "loragate_drift_detected",
+                "loragate_drift_feature_score",
+                "loragate_retraining_triggers_total",
+            ],
+        ),
+        (
+            "loragate-vllm.json",
+            [
+                "vllm:num_requests_running",
+                "vllm:num_requests_waiting",
+                "vllm:kv_cache_usage_perc",
+                "vllm:generation_tokens_total",
+                "vllm:prompt_tokens_total",
+                "vllm:e2e_request_latency_seconds_bucket",
+                "vllm:time_to_first_token_seconds_bucket",
+            ],
+        ),
+    ],
+)
 def test_dashboards_cover_what_they_promise(board, needles):
     exprs = " ".join(t["expr"] for p in dashboards()[board]["panels"] for t in p.get("targets", []))
     for needle in needles:

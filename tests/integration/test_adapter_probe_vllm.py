@@ -28,8 +28,10 @@ def zero_weight_adapter(source: Path, out: Path) -> Path:
     shutil.copytree(source, out)
     tensors = load_file(out / "adapter_model.safetensors")
     assert any("lora_B" in name for name in tensors)
-    save_file({name: torch.zeros_like(t) if "lora_B" in name else t for name, t in tensors.items()},
-              out / "adapter_model.safetensors")
+    save_file(
+        {name: torch.zeros_like(t) if "lora_B" in name else t for name, t in tensors.items()},
+        out / "adapter_model.safetensors",
+    )
     return out
 
 
@@ -43,8 +45,10 @@ async def test_the_probe_tells_a_zero_weight_adapter_from_a_random_one_on_vllm(e
     refused = await prober.probe(config, base_model="base", adapter="probe-zero", path=str(zero))  # loaded here
     assert refused.result == "not_applied", refused.explanation
     assert refused.engines[0].max_difference <= config.tolerance
-    print(f"max |logprob difference| to the base model: random adapter a1 {applied.engines[0].max_difference:.3g}, "
-          f"zero-weight adapter {refused.engines[0].max_difference:.3g}")
+    print(
+        f"max |logprob difference| to the base model: random adapter a1 {applied.engines[0].max_difference:.3g}, "
+        f"zero-weight adapter {refused.engines[0].max_difference:.3g}"
+    )
 
     # The rollout of that adapter is refused traffic at its start; the one of a random adapter starts.
     routes = tmp_path / "rollout"
@@ -62,8 +66,12 @@ routes:
     served = parse_catalog((routes / "routes.yaml").read_text()).routes["support"]
     weights = {v.name: v.weight for v in served.variants}
     assert (weights["v1"], weights["v2"]) == (100, 0)
-    assert c.metrics.registry.get_sample_value("loragate_adapter_probe_total", {
-        "route": "support", "variant": "v2", "result": "not_applied"}) == 1
+    assert (
+        c.metrics.registry.get_sample_value(
+            "loragate_adapter_probe_total", {"route": "support", "variant": "v2", "result": "not_applied"}
+        )
+        == 1
+    )
 
     healthy = tmp_path / "healthy"
     healthy.mkdir()

@@ -24,8 +24,12 @@ ADMIN = "admin-" + new_key()
 
 
 def keys_yaml(revoked: frozenset[str] = frozenset()) -> str:
-    limits = {"rpm": "requests_per_minute: 2", "tpm": "tokens_per_minute: 20", "stream": "tokens_per_minute: 20",
-              "narrow": "routes: [other]"}
+    limits = {
+        "rpm": "requests_per_minute: 2",
+        "tpm": "tokens_per_minute: 20",
+        "stream": "tokens_per_minute: 20",
+        "narrow": "routes: [other]",
+    }
     lines = ["keys:"]
     for name, key in KEYS.items():
         extra = [limits[name]] if name in limits else []
@@ -49,9 +53,16 @@ def setup(stub, tmp_path_factory):
     keys_file = directory / "api-keys.yaml"
     keys_file.write_text(keys_yaml())
     log = directory / "gateway.log"
-    service, url = start_gateway(directory / "routes.yaml", [stub], log, extra_env={
-        "LORAGATE_AUTH": "on", "LORAGATE_API_KEYS_FILE": str(keys_file), "LORAGATE_ADMIN_TOKEN": ADMIN,
-    })
+    service, url = start_gateway(
+        directory / "routes.yaml",
+        [stub],
+        log,
+        extra_env={
+            "LORAGATE_AUTH": "on",
+            "LORAGATE_API_KEYS_FILE": str(keys_file),
+            "LORAGATE_ADMIN_TOKEN": ADMIN,
+        },
+    )
     yield url, keys_file, log
     assert service.stop() in (0, -15)
     text = log.read_text()
@@ -63,13 +74,13 @@ def gateway(setup) -> str:
     return setup[0]
 
 
-def post(url: str, key: str | None = None, *, model: str = "plain", header: str = "authorization",
-         **body) -> httpx.Response:
+def post(
+    url: str, key: str | None = None, *, model: str = "plain", header: str = "authorization", **body
+) -> httpx.Response:
     headers = {}
     if key is not None:
         headers[header] = f"Bearer {key}" if header == "authorization" else key
-    return httpx.post(f"{url}/v1/chat/completions", json={"model": model, **CHAT, **body}, headers=headers,
-                      timeout=10)
+    return httpx.post(f"{url}/v1/chat/completions", json={"model": model, **CHAT, **body}, headers=headers, timeout=10)
 
 
 def assert_error(response: httpx.Response, status: int, kind: str, code: str) -> None:
@@ -130,9 +141,13 @@ def test_tokens_per_minute_are_charged_from_the_real_usage(gateway):
 
 def test_streamed_usage_is_charged_too(gateway):
     # The client does not ask for usage; the gateway still learns it (7 + 16 = 23 > 20 a minute).
-    with httpx.stream("POST", f"{gateway}/v1/chat/completions",
-                      json={"model": "plain", **CHAT, "max_tokens": 16, "stream": True},
-                      headers={"authorization": f"Bearer {KEYS['stream']}"}, timeout=10) as response:
+    with httpx.stream(
+        "POST",
+        f"{gateway}/v1/chat/completions",
+        json={"model": "plain", **CHAT, "max_tokens": 16, "stream": True},
+        headers={"authorization": f"Bearer {KEYS['stream']}"},
+        timeout=10,
+    ) as response:
         assert response.status_code == 200
         body = b"".join(response.iter_bytes())
     assert b"[DONE]" in body and b'"usage"' not in body
@@ -174,8 +189,16 @@ def test_revoking_a_key_by_editing_the_file(setup):
 
 def test_rejections_are_counted_by_reason(gateway):
     metrics = scrape(gateway)
-    for reason in ("missing_key", "invalid_key", "route_forbidden", "request_rate", "token_rate",
-                   "admin_forbidden", "admin_invalid", "revoked_key"):
+    for reason in (
+        "missing_key",
+        "invalid_key",
+        "route_forbidden",
+        "request_rate",
+        "token_rate",
+        "admin_forbidden",
+        "admin_invalid",
+        "revoked_key",
+    ):
         assert sample_sum(metrics, "loragate_auth_rejections_total", reason=reason) >= 1, reason
     assert sample_sum(metrics, "loragate_api_keys_reloads_total", result="error") >= 1
     assert sample_sum(metrics, "loragate_api_keys_reloads_total", result="success") >= 1

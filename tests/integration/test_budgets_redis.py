@@ -16,8 +16,10 @@ from loragate.service.apikeys import new_key
 from tests.metrics_text import sample_sum, scrape
 from tests.redis_gateways import redis_gateways
 
-ROUTES = ("routes:\n  plain:\n    pricing: {prompt_per_1k: 1.0, completion_per_1k: 1.0}\n"
-          "    variants: [{name: base, weight: 1}]\n")
+ROUTES = (
+    "routes:\n  plain:\n    pricing: {prompt_per_1k: 1.0, completion_per_1k: 1.0}\n"
+    "    variants: [{name: base, weight: 1}]\n"
+)
 COST = (7 + 16) / 1000
 KEYS = {name: new_key() for name in ("daily", "team-a", "team-b")}
 FIELDS = {"daily": "usd_per_day: 0.5", "team-a": "team: ops", "team-b": "team: ops"}
@@ -38,9 +40,13 @@ async def hammer(urls: list[str], keys: list[str], per_client: int) -> list[http
     async def client(url: str, index: int) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=30) as http:
             for n in range(per_client):
-                responses.append(await http.post("/v1/chat/completions", headers={
-                    "authorization": f"Bearer {keys[(index + n) % len(keys)]}"}, json={
-                    "model": "plain", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}))
+                responses.append(
+                    await http.post(
+                        "/v1/chat/completions",
+                        headers={"authorization": f"Bearer {keys[(index + n) % len(keys)]}"},
+                        json={"model": "plain", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]},
+                    )
+                )
 
     await asyncio.gather(*(client(url, i) for url in urls for i in range(CONCURRENCY)))
     return responses

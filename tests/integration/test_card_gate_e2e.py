@@ -20,8 +20,9 @@ from tests.processes import ROOT, start_gateway, wait_http
 
 
 def loragate(*args: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "loragate", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "loragate", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -36,8 +37,9 @@ def ask(url: str, model: str) -> tuple[int, dict, str]:
 
 
 def write_routes(path, v1, v2=None, v2_weight=0) -> None:
-    text = ("routes:\n  support:\n    variants:\n"
-            f"      - {{name: v1, adapter: cardgate-v1, path: '{v1}', weight: 100}}\n")
+    text = (
+        f"routes:\n  support:\n    variants:\n      - {{name: v1, adapter: cardgate-v1, path: '{v1}', weight: 100}}\n"
+    )
     if v2 is not None:
         text += f"      - {{name: v2, adapter: cardgate-v2, card: '{v2}', path: '{v2}', weight: {v2_weight}}}\n"
     path.write_text(text)
@@ -48,10 +50,36 @@ def test_gateway_refuses_cards_that_do_not_allow_traffic(engine, demo_model, tmp
     # Its own adapter names: on the shared engine a name stays bound to the path it was first loaded from.
     registry = tmp_path / "registry"
     adapters, base = demo_model["adapters"], demo_model["base"]
-    loragate("adapters", "register", adapters["a1"], "--registry", str(registry), "--name", "cardgate",
-             "--version", "v1", "--base-model", base, "--state", "stable")
-    loragate("adapters", "register", adapters["a2"], "--registry", str(registry), "--name", "cardgate",
-             "--version", "v2", "--base-model", base, "--state", "candidate")
+    loragate(
+        "adapters",
+        "register",
+        adapters["a1"],
+        "--registry",
+        str(registry),
+        "--name",
+        "cardgate",
+        "--version",
+        "v1",
+        "--base-model",
+        base,
+        "--state",
+        "stable",
+    )
+    loragate(
+        "adapters",
+        "register",
+        adapters["a2"],
+        "--registry",
+        str(registry),
+        "--name",
+        "cardgate",
+        "--version",
+        "v2",
+        "--base-model",
+        base,
+        "--state",
+        "candidate",
+    )
     v1, v2 = registry / "cardgate" / "v1", registry / "cardgate" / "v2"
     routes = tmp_path / "routes.yaml"
     write_routes(routes, v1)

@@ -54,13 +54,19 @@ def setup(hosts, tmp_path_factory):
     gateway = None
     try:
         for address in ADDRESSES:
-            stubs[address] = Service([sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--host", address,
-                                      "--port", str(port)], directory / f"stub-{address}.log")
+            stubs[address] = Service(
+                [sys.executable, str(ROOT / "tests" / "stub_upstream.py"), "--host", address, "--port", str(port)],
+                directory / f"stub-{address}.log",
+            )
             wait_http(f"http://{address}:{port}/health", stubs[address].process, 30)
         hosts(ADDRESSES[0])
         (directory / "routes.yaml").write_text(ROUTES)
-        gateway, url = start_gateway(directory / "routes.yaml", [f"http://{NAME}:{port}"], directory / "gateway.log",
-                                     extra_env={"LORAGATE_HEALTH_INTERVAL_S": str(INTERVAL_S)})
+        gateway, url = start_gateway(
+            directory / "routes.yaml",
+            [f"http://{NAME}:{port}"],
+            directory / "gateway.log",
+            extra_env={"LORAGATE_HEALTH_INTERVAL_S": str(INTERVAL_S)},
+        )
         yield url, port, gateway.log
     finally:
         if gateway is not None:
@@ -100,12 +106,19 @@ def test_replicas_join_and_drain_with_the_dns_answer(setup, hosts):
     def steady_load() -> None:
         with httpx.Client(timeout=30) as client:
             while not stop.is_set():
-                statuses.append(client.post(f"{url}/v1/chat/completions", json={
-                    "model": "plain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code)
+                statuses.append(
+                    client.post(
+                        f"{url}/v1/chat/completions",
+                        json={"model": "plain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+                    ).status_code
+                )
 
     def slow_request(_index: int) -> int:
-        return httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
-            "model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).status_code
+        return httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=30,
+            json={"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ).status_code
 
     load = [threading.Thread(target=steady_load) for _ in range(2)]
     for thread in load:
@@ -122,14 +135,16 @@ def test_replicas_join_and_drain_with_the_dns_answer(setup, hosts):
         wait_for(lambda: stub_requests(ADDRESSES[1], port) > 0, 5, "second replica gets no traffic")
         # Found at the next health interval (the gateway's own log line says when).
         assert logged_at(log, f"replica {second} discovered") - added_at <= INTERVAL_S + 0.5
-        assert sample_sum(scrape(url), "loragate_upstream_discovered_replicas",
-                          upstream=f"http://{NAME}:{port}") == 2
+        assert sample_sum(scrape(url), "loragate_upstream_discovered_replicas", upstream=f"http://{NAME}:{port}") == 2
 
         # An address leaves: no new requests, the slow ones in flight there finish.
         with ThreadPoolExecutor(8) as pool:
             slow = [pool.submit(slow_request, index) for index in range(8)]
-            wait_for(lambda: sample_sum(scrape(url), "loragate_upstream_requests_in_flight", upstream=first) >= 3,
-                     5, "slow requests not in flight on the first replica")
+            wait_for(
+                lambda: sample_sum(scrape(url), "loragate_upstream_requests_in_flight", upstream=first) >= 3,
+                5,
+                "slow requests not in flight on the first replica",
+            )
             hosts(ADDRESSES[1])
             wait_for(lambda: replicas(url) == {second: True}, 10, "first replica not drained")
             time.sleep(0.3)  # requests that picked it before it left reach it now

@@ -78,8 +78,7 @@ async def send(url: str, prompts: list[str], seed: int, model: str = "support") 
     ids: list[str] = []
 
     async def one(client: httpx.AsyncClient, prompt: str) -> None:
-        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
-                "temperature": 0}
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 8, "temperature": 0}
         if rng.random() < 0.5:
             body.update(stream=True, stream_options={"include_usage": True})
         async with semaphore:
@@ -128,13 +127,18 @@ routes:
     variants: [{name: v1, adapter: a1, weight: 1}]
 """)
     logdir = directory / "requestlog"
-    gateway, url = start_gateway(routes, [engine], directory / "gateway.log", extra_env={
-        "LORAGATE_REQUEST_LOG_URL": str(logdir), "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5"})
+    gateway, url = start_gateway(
+        routes,
+        [engine],
+        directory / "gateway.log",
+        extra_env={"LORAGATE_REQUEST_LOG_URL": str(logdir), "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5"},
+    )
     prometheus = None
     try:
         monitor_port = free_port()  # test_monitor_* starts it; Prometheus scrapes it from the start
-        prometheus, prom_url = start_prometheus({"gateway": [url.removeprefix("http://")],
-                                                 "monitor": [f"127.0.0.1:{monitor_port}"]}, directory)
+        prometheus, prom_url = start_prometheus(
+            {"gateway": [url.removeprefix("http://")], "monitor": [f"127.0.0.1:{monitor_port}"]}, directory
+        )
         asyncio.run(send(url, window(6, seed=41), seed=0))  # warm-up, not in any window
         # Prometheus' first scrapes come a few seconds after it starts: the windows must be scraped.
         wait_prometheus(prom_url, 'sum(loragate_requests_total{route="support"})', 6)
@@ -149,15 +153,25 @@ routes:
         # A correction for a few answers of phase B: the dataset export must prefer it.
         with httpx.Client(timeout=10) as client:
             for request_id in ids["B"][:3]:
-                resp = client.post(f"{url}/v1/feedback", json={"request_id": request_id, "score": 0.0,
-                                                                 "correction": "A corrected answer."})
+                resp = client.post(
+                    f"{url}/v1/feedback",
+                    json={"request_id": request_id, "score": 0.0, "correction": "A corrected answer."},
+                )
                 assert resp.status_code in (200, 202, 204), resp.text
         log = RequestLog(logdir)
         wait_rows(log, Window.between(marks[0], marks[3]), 3 * PER_PHASE)
         wait_prometheus(prom_url, 'sum(loragate_requests_total{route="support"})', 6 + 3 * PER_PHASE)
         windows = {p: Window.between(marks[i], marks[i + 1]) for i, p in enumerate("ABC")}
-        yield {"log": log, "logdir": logdir, "windows": windows, "prometheus": prom_url, "dir": directory,
-               "ids": ids, "url": url, "monitor_port": monitor_port}
+        yield {
+            "log": log,
+            "logdir": logdir,
+            "windows": windows,
+            "prometheus": prom_url,
+            "dir": directory,
+            "ids": ids,
+            "url": url,
+            "monitor_port": monitor_port,
+        }
     finally:
         if prometheus is not None:
             prometheus.stop()
@@ -171,11 +185,40 @@ def drift_cli(t, reference: str, current: str, out, *, unix: bool = False) -> su
         return f"{moment.timestamp():.3f}" if unix else moment.isoformat()
 
     return subprocess.run(
-        [sys.executable, "-m", "loragate", "drift", "--request-log", str(t["logdir"]), "--route", "support",
-         "--variant", "v1", "--reference-since", at(ref.start), "--reference-until", at(ref.end),
-         "--since", at(cur.start), "--until", at(cur.end), "--prometheus", t["prometheus"],
-         "--prometheus-step", "2s", "--prometheus-rate-window", "10s", "--out", str(out), "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "loragate",
+            "drift",
+            "--request-log",
+            str(t["logdir"]),
+            "--route",
+            "support",
+            "--variant",
+            "v1",
+            "--reference-since",
+            at(ref.start),
+            "--reference-until",
+            at(ref.end),
+            "--since",
+            at(cur.start),
+            "--until",
+            at(cur.end),
+            "--prometheus",
+            t["prometheus"],
+            "--prometheus-step",
+            "2s",
+            "--prometheus-rate-window",
+            "10s",
+            "--out",
+            str(out),
+            "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_cli_flags_a_change_of_topic_as_input_drift(traffic, tmp_path):
@@ -214,9 +257,12 @@ async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(t
     receiver = Receiver()
     policy = TriggerPolicy(groups=["inputs"], consecutive_runs=1, cooldown_s=3600)
     try:
+
         def make_trigger(name: str) -> Trigger:
-            actions = [WebhookAction(receiver.url, SECRET, backoff_s=0.1),
-                       DatasetExportAction(str(tmp_path / "datasets"))]
+            actions = [
+                WebhookAction(receiver.url, SECRET, backoff_s=0.1),
+                DatasetExportAction(str(tmp_path / "datasets")),
+            ]
             return Trigger("support", "v1", policy, actions, TriggerState(tmp_path / f"{name}.json"))
 
         trigger = make_trigger("shift")
@@ -227,8 +273,9 @@ async def test_trigger_fires_once_then_cools_down_and_same_shape_fires_nothing(t
         assert not second.decision.fire and "cooling down" in second.decision.reason
 
         calm = make_trigger("same-shape")
-        same_result = run_drift(reference, same, route="support", variant="v1", out_dir=tmp_path / "reports",
-                                config=DriftConfig())
+        same_result = run_drift(
+            reference, same, route="support", variant="v1", out_dir=tmp_path / "reports", config=DriftConfig()
+        )
         assert same_result.group("inputs").status == "ok", same_result.to_dict()
         assert not (await calm.handle(same_result, requests=same)).decision.fire
     finally:
@@ -280,19 +327,43 @@ def test_monitor_flags_a_change_of_topic_as_input_drift_and_fires_once(traffic, 
     quiet, trivia and small talk are input drift, the webhook fires once (cool-down)."""
     port, receiver = traffic["monitor_port"], Receiver()
     training = tmp_path / "train.jsonl"  # chat records without answers: the reference's prompts only
-    training.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
-                                for p in window(300, seed=7)))
+    training.write_text(
+        "".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in window(300, seed=7))
+    )
     config = tmp_path / "monitor.yaml"
-    config.write_text(json.dumps({
-        "request_log": str(traffic["logdir"]), "output_dir": str(tmp_path / "reports"),
-        "state_file": str(tmp_path / "state.json"), "interval_s": 1, "port": port,
-        "checks": [{"route": "assist", "variant": "v1", "window_s": 45, "reference": {"path": str(training)},
-                    "policy": {"groups": ["inputs"], "consecutive_runs": 1, "cooldown_s": 3600},
-                    "actions": [{"type": "webhook", "url": receiver.url, "secret_env": "E2E_WEBHOOK_SECRET",
-                                 "backoff_s": 0.1}]}],
-    }))
-    monitor = Service([sys.executable, "-m", "loragate", "monitor", "--config", str(config)], tmp_path / "monitor.log",
-                      env={**os.environ, "E2E_WEBHOOK_SECRET": SECRET})
+    config.write_text(
+        json.dumps(
+            {
+                "request_log": str(traffic["logdir"]),
+                "output_dir": str(tmp_path / "reports"),
+                "state_file": str(tmp_path / "state.json"),
+                "interval_s": 1,
+                "port": port,
+                "checks": [
+                    {
+                        "route": "assist",
+                        "variant": "v1",
+                        "window_s": 45,
+                        "reference": {"path": str(training)},
+                        "policy": {"groups": ["inputs"], "consecutive_runs": 1, "cooldown_s": 3600},
+                        "actions": [
+                            {
+                                "type": "webhook",
+                                "url": receiver.url,
+                                "secret_env": "E2E_WEBHOOK_SECRET",
+                                "backoff_s": 0.1,
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
+    )
+    monitor = Service(
+        [sys.executable, "-m", "loragate", "monitor", "--config", str(config)],
+        tmp_path / "monitor.log",
+        env={**os.environ, "E2E_WEBHOOK_SECRET": SECRET},
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", monitor.process, 120, tmp_path / "monitor.log")
         asyncio.run(send(traffic["url"], window(PER_PHASE, seed=71), seed=71, model="assist"))
@@ -311,8 +382,9 @@ def test_monitor_flags_a_change_of_topic_as_input_drift_and_fires_once(traffic, 
         wait_run(port, time.time())  # later runs during the cool-down fire nothing
         wait_run(port, time.time())
         wait_prometheus(traffic["prometheus"], 'loragate_drift_detected{route="assist",group="inputs"}', 1)
-        wait_prometheus(traffic["prometheus"],
-                        'loragate_retraining_triggers_total{route="assist",action="webhook",result="ok"}', 1)
+        wait_prometheus(
+            traffic["prometheus"], 'loragate_retraining_triggers_total{route="assist",action="webhook",result="ok"}', 1
+        )
     finally:
         monitor.stop()
         receiver.close()

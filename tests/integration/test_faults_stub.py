@@ -69,17 +69,27 @@ def stubs(tmp_path_factory):
 def gateway(stubs, tmp_path_factory):
     directory = tmp_path_factory.mktemp("gw")
     # The second stub plays "another OpenAI-compatible endpoint" (a hosted API), outside the pool.
-    (directory / "routes.yaml").write_text(ROUTES + f"""
+    (directory / "routes.yaml").write_text(
+        ROUTES
+        + f"""
   hosted-rescue:
     base_model: fail-500-base
     variants:
       - {{name: v1, adapter: fail-500-adapter, path: /a, weight: 1}}
       - {{name: hosted, endpoint: "{stubs[1]}/v1", model: hosted-model, api_key_env: TEST_HOSTED_KEY}}
     fallback: [base, hosted]
-""")
-    service, url = start_gateway(directory / "routes.yaml", stubs[:1], directory / "gateway.log",
-                                 extra_env={"LORAGATE_CIRCUIT_FAILURES": "3", "LORAGATE_CIRCUIT_OPEN_S": "30",
-                                            "TEST_HOSTED_KEY": "sk-hosted-test"})
+"""
+    )
+    service, url = start_gateway(
+        directory / "routes.yaml",
+        stubs[:1],
+        directory / "gateway.log",
+        extra_env={
+            "LORAGATE_CIRCUIT_FAILURES": "3",
+            "LORAGATE_CIRCUIT_OPEN_S": "30",
+            "TEST_HOSTED_KEY": "sk-hosted-test",
+        },
+    )
     try:
         yield url
     finally:
@@ -126,8 +136,9 @@ def test_slow_first_token_falls_back_before_any_byte(gateway):
     assert events[-1] == "[DONE]" and text_of(events) == " ".join(f"t{i}" for i in range(8)) + " "
 
 
-@pytest.mark.parametrize("route, reason", [("broken-stream", "disconnected"), ("error-stream", "error_event"),
-                                           ("stall-stream", "timeout")])
+@pytest.mark.parametrize(
+    "route, reason", [("broken-stream", "disconnected"), ("error-stream", "error_event"), ("stall-stream", "timeout")]
+)
 def test_stream_broken_mid_way_is_continued_on_the_fallback(gateway, route, reason):
     before = scrape(gateway)
     response, events = stream_events(gateway, route, max_tokens=8)
@@ -159,8 +170,9 @@ def test_stream_that_cannot_be_continued_ends_with_an_error_event(gateway):
 
 def test_last_fallback_is_another_openai_compatible_endpoint(gateway, stubs):
     before = scrape(gateway)
-    response = httpx.post(f"{gateway}/v1/chat/completions", json={"model": "hosted-rescue", "messages": CHAT},
-                          timeout=10)
+    response = httpx.post(
+        f"{gateway}/v1/chat/completions", json={"model": "hosted-rescue", "messages": CHAT}, timeout=10
+    )
     assert response.status_code == 200
     assert response.headers["x-loragate-variant"] == "hosted"
     assert response.headers["x-loragate-fallback"] == "upstream_5xx"
@@ -205,28 +217,48 @@ def test_circuit_opens_after_failures_and_is_visible(gateway):
     assert delta(before, after, "loragate_fallbacks_total", route="flaky") == 6
     circuits = httpx.get(f"{gateway}/admin/circuits", timeout=5).json()["circuits"]
     assert {"adapter": "fail-500", "state": "open"}.items() <= next(
-        c for c in circuits if c["adapter"] == "fail-500").items()
+        c for c in circuits if c["adapter"] == "fail-500"
+    ).items()
 
 
 def test_route_limits_reject_out_of_bounds_parameters(gateway):
-    for body, param in [({"max_tokens": 65}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"),
-                        ({"max_tokens": "9"}, "max_tokens"), ({"n": 2}, "n"), ({"n": True}, "n")]:
-        response = httpx.post(f"{gateway}/v1/chat/completions",
-                              json={"model": "drip", "messages": CHAT, **body}, timeout=5)
+    for body, param in [
+        ({"max_tokens": 65}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": "9"}, "max_tokens"),
+        ({"n": 2}, "n"),
+        ({"n": True}, "n"),
+    ]:
+        response = httpx.post(
+            f"{gateway}/v1/chat/completions", json={"model": "drip", "messages": CHAT, **body}, timeout=5
+        )
         assert response.status_code == 400
         assert response.json()["error"]["param"] == param
 
 
 def test_admission_control_bounds_in_flight_and_queue(stubs, tmp_path: Path):
     (tmp_path / "routes.yaml").write_text(ROUTES)
-    service, url = start_gateway(tmp_path / "routes.yaml", stubs[:1], tmp_path / "gw.log", extra_env={
-        "LORAGATE_MAX_IN_FLIGHT_PER_UPSTREAM": "2", "LORAGATE_MAX_WAITING": "2", "LORAGATE_MAX_WAIT_S": "0.3"})
+    service, url = start_gateway(
+        tmp_path / "routes.yaml",
+        stubs[:1],
+        tmp_path / "gw.log",
+        extra_env={
+            "LORAGATE_MAX_IN_FLIGHT_PER_UPSTREAM": "2",
+            "LORAGATE_MAX_WAITING": "2",
+            "LORAGATE_MAX_WAIT_S": "0.3",
+        },
+    )
     try:
+
         async def run() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=15) as client:
+
                 async def one():
-                    return await client.post(f"{url}/v1/chat/completions", json={
-                        "model": "drip", "messages": CHAT, "max_tokens": 16, "stream": True})
+                    return await client.post(
+                        f"{url}/v1/chat/completions",
+                        json={"model": "drip", "messages": CHAT, "max_tokens": 16, "stream": True},
+                    )
+
                 return await asyncio.gather(*(one() for _ in range(10)))
 
         started = time.monotonic()
@@ -269,14 +301,19 @@ def test_2000_requests_with_a_replica_killed_mid_load_are_all_accounted(tmp_path
     replicas = [start_stub(tmp_path / f"r{i}.log") for i in range(2)]
     (tmp_path / "routes.yaml").write_text(ROUTES)
     try:
-        service, url = start_gateway(tmp_path / "routes.yaml", [u for _, u in replicas], tmp_path / "gw.log",
-                                     extra_env={"LORAGATE_HEALTH_INTERVAL_S": "0.5"})
+        service, url = start_gateway(
+            tmp_path / "routes.yaml",
+            [u for _, u in replicas],
+            tmp_path / "gw.log",
+            extra_env={"LORAGATE_HEALTH_INTERVAL_S": "0.5"},
+        )
     except Exception:
         for stub, _ in replicas:
             stub.stop()
         raise
     n = 2000
     try:
+
         async def run() -> list[tuple[int, str]]:
             done = 0
             limits = httpx.Limits(max_connections=32)
@@ -287,8 +324,10 @@ def test_2000_requests_with_a_replica_killed_mid_load_are_all_accounted(tmp_path
                     nonlocal done
                     async with semaphore:
                         stream = i % 2 == 0
-                        response = await client.post(f"{url}/v1/chat/completions", json={
-                            "model": "ok", "messages": CHAT, "max_tokens": 4, "stream": stream})
+                        response = await client.post(
+                            f"{url}/v1/chat/completions",
+                            json={"model": "ok", "messages": CHAT, "max_tokens": 4, "stream": stream},
+                        )
                         done += 1
                         if done == n // 2:
                             replicas[1][0].stop(timeout_s=1)  # kill one replica mid-load

@@ -24,8 +24,11 @@ def second_engine(demo_model, tmp_path_factory):
     """Another vLLM replica (a1 registered), to be killed by the test."""
     port = free_port()
     log = tmp_path_factory.mktemp("engine-b") / "vllm.log"
-    service = Service(engine_command(demo_model["base"], {"a1": demo_model["adapters"]["a1"]}, port=port,
-                                     python=sys.executable), log, engine_env())
+    service = Service(
+        engine_command(demo_model["base"], {"a1": demo_model["adapters"]["a1"]}, port=port, python=sys.executable),
+        log,
+        engine_env(),
+    )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", service.process, 300, log)
     yield service, url
@@ -36,10 +39,12 @@ def test_replica_killed_mid_traffic_loses_no_request(engine, second_engine, tmp_
     engine_b, url_b = second_engine
     routes = tmp_path / "routes.yaml"
     routes.write_text("routes:\n  story:\n    variants: [{name: a1, adapter: a1, weight: 1}]\n")
-    service, gateway = start_gateway(routes, [engine, url_b], tmp_path / "gw.log",
-                                     extra_env={"LORAGATE_HEALTH_INTERVAL_S": "0.5"})
+    service, gateway = start_gateway(
+        routes, [engine, url_b], tmp_path / "gw.log", extra_env={"LORAGATE_HEALTH_INTERVAL_S": "0.5"}
+    )
     n = 60
     try:
+
         async def run() -> list[tuple[int, bool, str | None]]:
             finished = 0
             async with httpx.AsyncClient(timeout=120) as client:
@@ -49,8 +54,10 @@ def test_replica_killed_mid_traffic_loses_no_request(engine, second_engine, tmp_
                     nonlocal finished
                     async with semaphore:
                         stream = i % 2 == 0
-                        response = await client.post(f"{gateway}/v1/chat/completions", json={
-                            "model": "story", "messages": CHAT, "max_tokens": 24, "stream": stream})
+                        response = await client.post(
+                            f"{gateway}/v1/chat/completions",
+                            json={"model": "story", "messages": CHAT, "max_tokens": 24, "stream": stream},
+                        )
                         finished += 1
                         if finished == 15:
                             os.killpg(engine_b.process.pid, signal.SIGKILL)  # the replica dies mid-traffic
@@ -75,8 +82,9 @@ def test_replica_killed_mid_traffic_loses_no_request(engine, second_engine, tmp_
 
         # The stopped engine stays out: everything now goes to the live one.
         for _ in range(5):
-            response = httpx.post(f"{gateway}/v1/completions", json={"model": "story", "prompt": "hi",
-                                                                      "max_tokens": 2}, timeout=60)
+            response = httpx.post(
+                f"{gateway}/v1/completions", json={"model": "story", "prompt": "hi", "max_tokens": 2}, timeout=60
+            )
             assert response.status_code == 200 and "x-loragate-fallback" not in response.headers
     finally:
         service.stop()

@@ -21,19 +21,53 @@ routes:
       - {name: v2, adapter: other, path: /b, weight: 1}
 """
 
-scalars = st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=20)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
-known_keys = st.sampled_from(["model", "messages", "prompt", "stream", "stream_options", "max_tokens", "n",
-                              "user", "temperature", "max_completion_tokens", "continue_final_message"])
+scalars = st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats(allow_nan=False) | st.text(max_size=20)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+known_keys = st.sampled_from(
+    [
+        "model",
+        "messages",
+        "prompt",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "n",
+        "user",
+        "temperature",
+        "max_completion_tokens",
+        "continue_final_message",
+    ]
+)
 models = st.sampled_from(["ok", "ok:v1", "ok:v2", "ok:nope", "nope", "", "ok:"]) | st.text(max_size=12) | scalars
-messages = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
-                                           "content": st.text(max_size=30)}), max_size=3) | json_values
-bodies = st.fixed_dictionaries({"model": models}, optional={
-    "messages": messages, "prompt": st.text(max_size=30) | json_values, "stream": st.booleans() | scalars,
-    "stream_options": json_values, "max_tokens": st.integers(-5, 50) | scalars, "n": st.integers(-1, 6) | scalars,
-    "user": st.text(max_size=10) | scalars,
-}) | st.dictionaries(known_keys, json_values, max_size=6) | json_values
+messages = (
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=30)}
+        ),
+        max_size=3,
+    )
+    | json_values
+)
+bodies = (
+    st.fixed_dictionaries(
+        {"model": models},
+        optional={
+            "messages": messages,
+            "prompt": st.text(max_size=30) | json_values,
+            "stream": st.booleans() | scalars,
+            "stream_options": json_values,
+            "max_tokens": st.integers(-5, 50) | scalars,
+            "n": st.integers(-1, 6) | scalars,
+            "user": st.text(max_size=10) | scalars,
+        },
+    )
+    | st.dictionaries(known_keys, json_values, max_size=6)
+    | json_values
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +76,12 @@ def gateway(tmp_path_factory):
     stub, stub_url = start_stub(directory / "stub.log", chunks=3)
     try:
         (directory / "routes.yaml").write_text(ROUTES)
-        service, url = start_gateway(directory / "routes.yaml", [stub_url], directory / "gateway.log",
-                                     extra_env={"LORAGATE_MAX_BODY_BYTES": "65536"})
+        service, url = start_gateway(
+            directory / "routes.yaml",
+            [stub_url],
+            directory / "gateway.log",
+            extra_env={"LORAGATE_MAX_BODY_BYTES": "65536"},
+        )
         try:
             with httpx.Client(base_url=url, timeout=10) as client:
                 yield client
@@ -63,14 +101,16 @@ def check(response: httpx.Response) -> None:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=bodies, endpoint=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-       sticky=st.none() | st.text("abcxyz019-_.", min_size=1, max_size=10))
+@given(
+    body=bodies,
+    endpoint=st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
+    sticky=st.none() | st.text("abcxyz019-_.", min_size=1, max_size=10),
+)
 def test_arbitrary_json_bodies_never_cause_a_5xx(gateway, body, endpoint, sticky):
     import json
 
     headers = {"x-user-id": sticky} if sticky else {}
-    response = gateway.post(endpoint, content=json.dumps(body), headers={"content-type": "application/json",
-                                                                            **headers})
+    response = gateway.post(endpoint, content=json.dumps(body), headers={"content-type": "application/json", **headers})
     check(response)
 
 

@@ -49,8 +49,9 @@ def stub(tmp_path_factory):
 def gateway(stub, tmp_path_factory):
     directory = tmp_path_factory.mktemp("gw")
     (directory / "routes.yaml").write_text(ROUTES)
-    service, url = start_gateway(directory / "routes.yaml", [stub], directory / "gateway.log",
-                                 extra_env={"LORAGATE_MAX_BODY_BYTES": "4096"})
+    service, url = start_gateway(
+        directory / "routes.yaml", [stub], directory / "gateway.log", extra_env={"LORAGATE_MAX_BODY_BYTES": "4096"}
+    )
     try:
         yield url
     finally:
@@ -61,8 +62,13 @@ def gateway(stub, tmp_path_factory):
 
 def post(url: str, body, **kwargs) -> httpx.Response:
     content = body if not isinstance(body, dict) else json.dumps(body)
-    return httpx.post(f"{url}/v1/chat/completions", content=content,
-                      headers={"content-type": "application/json", **kwargs.pop("headers", {})}, timeout=10, **kwargs)
+    return httpx.post(
+        f"{url}/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json", **kwargs.pop("headers", {})},
+        timeout=10,
+        **kwargs,
+    )
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -75,8 +81,9 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
     return error
 
 
-@pytest.mark.parametrize("route, reason", [("flaky", "upstream_5xx"), ("busy", "upstream_429"),
-                                           ("reset", "disconnected")])
+@pytest.mark.parametrize(
+    "route, reason", [("flaky", "upstream_5xx"), ("busy", "upstream_429"), ("reset", "disconnected")]
+)
 def test_failing_variant_falls_back_to_base_with_header(gateway, route, reason):
     before = scrape(gateway)
     response = post(gateway, {"model": route, **CHAT})
@@ -85,13 +92,16 @@ def test_failing_variant_falls_back_to_base_with_header(gateway, route, reason):
     assert response.headers["x-loragate-fallback"] == reason
     assert response.json()["choices"][0]["message"]["content"]
     after = scrape(gateway)
-    assert (sample_sum(after, "loragate_fallbacks_total", route=route, reason=reason)
-            - sample_sum(before, "loragate_fallbacks_total", route=route, reason=reason)) == 1
+    assert (
+        sample_sum(after, "loragate_fallbacks_total", route=route, reason=reason)
+        - sample_sum(before, "loragate_fallbacks_total", route=route, reason=reason)
+    ) == 1
 
 
 def test_streaming_fallback_before_first_byte(gateway):
-    with httpx.stream("POST", f"{gateway}/v1/chat/completions", json={"model": "flaky", "stream": True, **CHAT},
-                      timeout=10) as response:
+    with httpx.stream(
+        "POST", f"{gateway}/v1/chat/completions", json={"model": "flaky", "stream": True, **CHAT}, timeout=10
+    ) as response:
         body = response.read().decode()
     assert response.headers["x-loragate-fallback"] == "upstream_5xx"
     assert body.endswith("data: [DONE]\n\n")
@@ -157,22 +167,33 @@ def test_bad_routes_file_stops_the_gateway_with_a_clear_message(tmp_path: Path):
     import sys
 
     (tmp_path / "routes.yaml").write_text("routes: {r: {variants: [{name: a, weight: 0}]}}")
-    result = subprocess.run([sys.executable, "-m", "loragate", "serve", "--config", str(tmp_path / "routes.yaml")],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "loragate", "serve", "--config", str(tmp_path / "routes.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "weight above 0" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("env, message", [({"LORAGATE_PORT": "abc"}, "LORAGATE_PORT"),
-                                          ({"LORAGATE_REQUEST_LOG_URL": "ftp://x"}, "unsupported scheme")])
+@pytest.mark.parametrize(
+    "env, message",
+    [({"LORAGATE_PORT": "abc"}, "LORAGATE_PORT"), ({"LORAGATE_REQUEST_LOG_URL": "ftp://x"}, "unsupported scheme")],
+)
 def test_bad_settings_stop_the_gateway_with_a_clear_message(tmp_path: Path, env, message):
     import os
     import subprocess
     import sys
 
     (tmp_path / "routes.yaml").write_text(ROUTES)
-    result = subprocess.run([sys.executable, "-m", "loragate", "serve", "--config", str(tmp_path / "routes.yaml")],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    result = subprocess.run(
+        [sys.executable, "-m", "loragate", "serve", "--config", str(tmp_path / "routes.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
 
@@ -181,8 +202,13 @@ def test_metrics_add_up_across_worker_processes(stub, tmp_path: Path):
     (tmp_path / "routes.yaml").write_text(ROUTES)
     metrics_dir = tmp_path / "prom"
     metrics_dir.mkdir()
-    service, url = start_gateway(tmp_path / "routes.yaml", [stub], tmp_path / "gw.log", workers=2,
-                                 extra_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    service, url = start_gateway(
+        tmp_path / "routes.yaml",
+        [stub],
+        tmp_path / "gw.log",
+        workers=2,
+        extra_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)},
+    )
     try:
         n = 300
 

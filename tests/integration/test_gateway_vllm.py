@@ -26,8 +26,7 @@ def aclient(gateway) -> openai.AsyncOpenAI:
 
 
 def test_chat_completion_through_the_gateway(client):
-    raw = client.chat.completions.with_raw_response.create(model="adapter", messages=HELLO, max_tokens=8,
-                                                           temperature=0)
+    raw = client.chat.completions.with_raw_response.create(model="adapter", messages=HELLO, max_tokens=8, temperature=0)
     completion = raw.parse()
     assert raw.headers["x-loragate-route"] == "adapter"
     assert raw.headers["x-loragate-variant"] == "a1"
@@ -46,8 +45,9 @@ def test_text_completion_through_the_gateway(client):
 
 def test_streaming_passes_chunks_and_hides_usage_unless_asked(client, gateway):
     before = scrape(gateway)
-    chunks = list(client.chat.completions.create(model="adapter", messages=HELLO, max_tokens=6, temperature=0,
-                                                 stream=True))
+    chunks = list(
+        client.chat.completions.create(model="adapter", messages=HELLO, max_tokens=6, temperature=0, stream=True)
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     assert all(c.choices for c in chunks), "the usage-only chunk must not reach a client that did not ask"
@@ -55,27 +55,40 @@ def test_streaming_passes_chunks_and_hides_usage_unless_asked(client, gateway):
     assert len(chunks) >= 3
     after = scrape(gateway)
     # ... yet the gateway learned the usage.
-    delta = (sample_sum(after, "loragate_completion_tokens_total", route="adapter")
-             - sample_sum(before, "loragate_completion_tokens_total", route="adapter"))
+    delta = sample_sum(after, "loragate_completion_tokens_total", route="adapter") - sample_sum(
+        before, "loragate_completion_tokens_total", route="adapter"
+    )
     assert delta == 6
-    assert (sample_sum(after, "loragate_time_to_first_token_seconds_count", route="adapter")
-            - sample_sum(before, "loragate_time_to_first_token_seconds_count", route="adapter")) == 1
+    assert (
+        sample_sum(after, "loragate_time_to_first_token_seconds_count", route="adapter")
+        - sample_sum(before, "loragate_time_to_first_token_seconds_count", route="adapter")
+    ) == 1
 
-    asked = list(client.chat.completions.create(model="adapter", messages=HELLO, max_tokens=6, temperature=0,
-                                                stream=True, stream_options={"include_usage": True}))
+    asked = list(
+        client.chat.completions.create(
+            model="adapter",
+            messages=HELLO,
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert asked[-1].usage is not None and asked[-1].usage.completion_tokens == 6
 
 
 def test_streaming_text_completion(client):
-    chunks = list(client.completions.create(model="base", prompt="import os", max_tokens=4, temperature=0,
-                                            stream=True))
+    chunks = list(client.completions.create(model="base", prompt="import os", max_tokens=4, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks if c.choices)
 
 
 def test_adapter_and_base_outputs_differ(client):
     def answer(model: str) -> str:
-        return client.chat.completions.create(model=model, messages=HELLO, max_tokens=12,
-                                              temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(model=model, messages=HELLO, max_tokens=12, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     base, adapter = answer("base"), answer("adapter")
     assert base != adapter
@@ -101,18 +114,23 @@ async def test_weighted_split_of_1000_requests(aclient, gateway):
     # Every request is counted, under the variant that served it.
     after = scrape(gateway)
     for variant in ("v1", "v2"):
-        counted = (sample_sum(after, "loragate_requests_total", route="split", variant=variant, status_class="2xx")
-                   - sample_sum(before, "loragate_requests_total", route="split", variant=variant, status_class="2xx"))
+        counted = sample_sum(
+            after, "loragate_requests_total", route="split", variant=variant, status_class="2xx"
+        ) - sample_sum(before, "loragate_requests_total", route="split", variant=variant, status_class="2xx")
         assert counted == variants[variant]
-    prompt = (sample_sum(after, "loragate_prompt_tokens_total", route="split")
-              - sample_sum(before, "loragate_prompt_tokens_total", route="split"))
-    completion = (sample_sum(after, "loragate_completion_tokens_total", route="split")
-                  - sample_sum(before, "loragate_completion_tokens_total", route="split"))
+    prompt = sample_sum(after, "loragate_prompt_tokens_total", route="split") - sample_sum(
+        before, "loragate_prompt_tokens_total", route="split"
+    )
+    completion = sample_sum(after, "loragate_completion_tokens_total", route="split") - sample_sum(
+        before, "loragate_completion_tokens_total", route="split"
+    )
     assert completion == n
-    cost = (sample_sum(after, "loragate_cost_usd_total", route="split")
-            - sample_sum(before, "loragate_cost_usd_total", route="split"))
-    reference = (sample_sum(after, "loragate_reference_cost_usd_total", route="split")
-                 - sample_sum(before, "loragate_reference_cost_usd_total", route="split"))
+    cost = sample_sum(after, "loragate_cost_usd_total", route="split") - sample_sum(
+        before, "loragate_cost_usd_total", route="split"
+    )
+    reference = sample_sum(after, "loragate_reference_cost_usd_total", route="split") - sample_sum(
+        before, "loragate_reference_cost_usd_total", route="split"
+    )
     assert cost == pytest.approx((prompt * 0.001 + completion * 0.002) / 1000)
     assert reference == pytest.approx((prompt * 0.01 + completion * 0.03) / 1000)
     assert sample_sum(after, "loragate_rollout_weight", route="split", variant="v2") == pytest.approx(0.1)
@@ -123,7 +141,8 @@ def test_sticky_keys_stay_on_their_variant(client):
     for round_ in range(3):
         for user in range(40):
             raw = client.completions.with_raw_response.create(
-                model="split", prompt="hi", max_tokens=1, extra_headers={"x-user-id": f"user-{user}"})
+                model="split", prompt="hi", max_tokens=1, extra_headers={"x-user-id": f"user-{user}"}
+            )
             seen.setdefault(f"user-{user}", set()).add(raw.headers["x-loragate-variant"])
     assert all(len(variants) == 1 for variants in seen.values()), seen
     assert {v for variants in seen.values() for v in variants} <= {"v1", "v2"}
@@ -134,7 +153,8 @@ def test_pinned_variant_is_honoured(client):
         by_model = client.completions.with_raw_response.create(model="split:v2", prompt="hi", max_tokens=1)
         assert by_model.headers["x-loragate-variant"] == "v2"
         by_header = client.completions.with_raw_response.create(
-            model="split", prompt="hi", max_tokens=1, extra_headers={"x-loragate-variant": "v2"})
+            model="split", prompt="hi", max_tokens=1, extra_headers={"x-loragate-variant": "v2"}
+        )
         assert by_header.headers["x-loragate-variant"] == "v2"
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="split:nope", prompt="hi", max_tokens=1)
@@ -147,14 +167,18 @@ async def test_adapter_not_loaded_is_loaded_on_demand_once(aclient, gateway, eng
     models = httpx.get(f"{engine}/v1/models").json()["data"]
     assert "a3" not in {m["id"] for m in models}
     before = scrape(gateway)
-    responses = await asyncio.gather(*(
-        aclient.chat.completions.with_raw_response.create(model="lazy", messages=HELLO, max_tokens=4)
-        for _ in range(8)))
+    responses = await asyncio.gather(
+        *(
+            aclient.chat.completions.with_raw_response.create(model="lazy", messages=HELLO, max_tokens=4)
+            for _ in range(8)
+        )
+    )
     assert {r.headers["x-loragate-variant"] for r in responses} == {"v3"}
     assert all("x-loragate-fallback" not in r.headers for r in responses)
     after = scrape(gateway)
-    loads = (sample_sum(after, "loragate_adapter_loads_total", adapter="a3", result="success")
-             - sample_sum(before, "loragate_adapter_loads_total", adapter="a3", result="success"))
+    loads = sample_sum(after, "loragate_adapter_loads_total", adapter="a3", result="success") - sample_sum(
+        before, "loragate_adapter_loads_total", adapter="a3", result="success"
+    )
     assert loads == 1  # eight concurrent first requests, one load
     assert "a3" in {m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]}
 
@@ -168,8 +192,9 @@ def test_broken_adapter_falls_back_to_base(client, gateway):
         assert raw.headers["x-loragate-fallback"] == "adapter_unavailable"
         assert raw.parse().choices[0].message.content
     after = scrape(gateway)
-    fallbacks = (sample_sum(after, "loragate_fallbacks_total", route="broken", variant="bad")
-                 - sample_sum(before, "loragate_fallbacks_total", route="broken", variant="bad"))
+    fallbacks = sample_sum(after, "loragate_fallbacks_total", route="broken", variant="bad") - sample_sum(
+        before, "loragate_fallbacks_total", route="broken", variant="bad"
+    )
     assert fallbacks == 3
     # The failed load is remembered: one attempt, not one per request.
     assert sample_sum(after, "loragate_adapter_loads_total", adapter="broken-adapter", result="failed") == 1

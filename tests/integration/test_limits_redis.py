@@ -22,21 +22,27 @@ ROUTES = "routes:\n  plain:\n    variants: [{name: base, weight: 1}]\n"
 RPM, TPM, AFTER = 300, 12_000, 60
 TOKENS_PER_ANSWER = 7 + 16  # the stub: 7 prompt tokens + max_tokens
 KEYS = {name: new_key() for name in ("rpm", "tpm", "steady", "after")}
-LIMITS = {"rpm": f"requests_per_minute: {RPM}", "tpm": f"tokens_per_minute: {TPM}",
-          "steady": "requests_per_minute: 1000000", "after": f"requests_per_minute: {AFTER}"}
+LIMITS = {
+    "rpm": f"requests_per_minute: {RPM}",
+    "tpm": f"tokens_per_minute: {TPM}",
+    "steady": "requests_per_minute: 1000000",
+    "after": f"requests_per_minute: {AFTER}",
+}
 HEALTH_INTERVAL_S = 1.0
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     keys = {name: (key, LIMITS[name]) for name, key in KEYS.items()}
-    with redis_gateways(tmp_path_factory.mktemp("limits-redis"), 3, ROUTES, keys,
-                        {"LORAGATE_HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S)}) as cluster:
+    with redis_gateways(
+        tmp_path_factory.mktemp("limits-redis"), 3, ROUTES, keys, {"LORAGATE_HEALTH_INTERVAL_S": str(HEALTH_INTERVAL_S)}
+    ) as cluster:
         yield cluster
 
 
-async def hammer(urls: list[str], key: str, total: int, concurrency: int, max_tokens: int = 16
-                 ) -> tuple[list[tuple[int, int, httpx.Response]], float]:
+async def hammer(
+    urls: list[str], key: str, total: int, concurrency: int, max_tokens: int = 16
+) -> tuple[list[tuple[int, int, httpx.Response]], float]:
     """``total`` requests spread round-robin over ``urls``; returns (gateway index, order, response) and seconds."""
     queue = list(range(total))
     results: list[tuple[int, int, httpx.Response]] = []
@@ -46,8 +52,9 @@ async def hammer(urls: list[str], key: str, total: int, concurrency: int, max_to
         while queue:
             order = queue.pop(0)
             index = order % len(urls)
-            response = await client.post(f"{urls[index]}/v1/chat/completions", json=body,
-                                         headers={"authorization": f"Bearer {key}"})
+            response = await client.post(
+                f"{urls[index]}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
+            )
             results.append((index, order, response))
 
     started = time.monotonic()
@@ -69,8 +76,11 @@ def backends(urls: list[str]) -> list[str]:
     found = []
     for url in urls:
         text = scrape(url)
-        on = [b for b in ("redis", "fallback", "refusing", "in_process")
-              if sample_sum(text, "loragate_limits_backend", backend=b) == 1]
+        on = [
+            b
+            for b in ("redis", "fallback", "refusing", "in_process")
+            if sample_sum(text, "loragate_limits_backend", backend=b) == 1
+        ]
         found.append(on[0] if len(on) == 1 else f"unclear {on}")
     return found
 
@@ -83,8 +93,9 @@ def test_requests_per_minute_hold_across_three_gateways(cluster):
     refilled = RPM * seconds / 60
     assert math.floor(RPM * 0.99) <= accepted <= math.ceil(RPM * 1.01 + refilled), (accepted, seconds)
     assert {index for index, _, r in results if r.status_code == 200} == {0, 1, 2}  # all three served the key
-    refused = sum(sample_sum(scrape(url), "loragate_limit_rejections_total", key_id="rpm", reason="request_rate")
-                  for url in urls)
+    refused = sum(
+        sample_sum(scrape(url), "loragate_limit_rejections_total", key_id="rpm", reason="request_rate") for url in urls
+    )
     assert refused == len(results) - accepted
 
 
@@ -111,9 +122,11 @@ def test_redis_outage_serves_on_local_limits_and_the_shared_limit_comes_back(clu
         with httpx.Client(timeout=30) as client:
             index = 0
             while not stop.is_set():
-                response = client.post(f"{urls[index % 3]}/v1/chat/completions",
-                                       json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]},
-                                       headers={"authorization": f"Bearer {KEYS['steady']}"})
+                response = client.post(
+                    f"{urls[index % 3]}/v1/chat/completions",
+                    json={"model": "plain", "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"authorization": f"Bearer {KEYS['steady']}"},
+                )
                 statuses.append(response.status_code)
                 index += 1
 

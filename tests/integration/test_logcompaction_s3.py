@@ -25,14 +25,17 @@ ROOT = "s3://loragate-logs/prod"
 @pytest.fixture
 def s3(tmp_path, monkeypatch):
     port = free_port()
-    service = Service([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                      tmp_path / "moto.log")
+    service = Service([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], tmp_path / "moto.log")
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{endpoint}/moto-api/", service.process, 30, tmp_path / "moto.log")
-        for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                            "AWS_EC2_METADATA_DISABLED": "true", "LORAGATE_REQUEST_LOG_S3_ENDPOINT": endpoint,
-                            "LORAGATE_REQUEST_LOG_S3_REGION": "us-east-1"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "LORAGATE_REQUEST_LOG_S3_ENDPOINT": endpoint,
+            "LORAGATE_REQUEST_LOG_S3_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(name, value)
         import boto3
 
@@ -50,10 +53,15 @@ def put_files(fs, frame, writer: str, flush_s: int = 120) -> None:
     flushes = (frame["timestamp"].astype("int64") // 10**6 // (flush_s * 1000) + 1) * flush_s
     for seq, (flush, part) in enumerate(frame.groupby(flushes)):
         stamp = datetime.fromtimestamp(int(flush), timezone.utc)
-        data = logschema.conform(pa.Table.from_pandas(part.assign(
-            timestamp=part["timestamp"].astype("datetime64[ms, UTC]")), preserve_index=False), "requests")
-        with fs.open_output_stream(f"loragate-logs/prod/requests/date=2026-11-02/"
-                                   f"{writer}-{stamp:%Y%m%dT%H%M%S}000Z-{seq:06d}.parquet") as out:
+        data = logschema.conform(
+            pa.Table.from_pandas(
+                part.assign(timestamp=part["timestamp"].astype("datetime64[ms, UTC]")), preserve_index=False
+            ),
+            "requests",
+        )
+        with fs.open_output_stream(
+            f"loragate-logs/prod/requests/date=2026-11-02/{writer}-{stamp:%Y%m%dT%H%M%S}000Z-{seq:06d}.parquet"
+        ) as out:
             pq.write_table(data.select(list(logschema.REQUEST_COLUMNS)), out)
 
 
@@ -78,15 +86,17 @@ def test_compaction_on_s3_with_readers_running(s3):
     reader.start()
     try:
         results = Compactor(*filesystem(ROOT, S3Options.resolve()), row_group_rows=64, buckets=4).run(
-            ("requests",), now=NOW)
+            ("requests",), now=NOW
+        )
     finally:
         stop.set()
         reader.join()
     assert not problems
     done = [r for r in results if r.status == "compacted"]
     assert len(done) == 1 and len(done[0].outputs) == 2
-    keys = [i.path.rsplit("/", 1)[-1] for i in s3.get_file_info(FileSelector("loragate-logs/prod/requests",
-                                                                             recursive=True))]
+    keys = [
+        i.path.rsplit("/", 1)[-1] for i in s3.get_file_info(FileSelector("loragate-logs/prod/requests", recursive=True))
+    ]
     assert sum(k.startswith("compacted-20261102T10") for k in keys) == 2
     assert ids() == before
     assert list(RequestLog(ROOT).sample(WINDOW, per_variant=50).frame.request_id) == list(sample.request_id)

@@ -44,8 +44,12 @@ def gateway(tmp_path_factory):
     stub, stub_url = start_stub(directory / "stub.log")
     (directory / "routes.yaml").write_text(ROUTES)
     try:
-        service, url = start_gateway(directory / "routes.yaml", [stub_url], directory / "gateway.log",
-                                     extra_env={"LORAGATE_UPSTREAM_CLIENT": "lean"})
+        service, url = start_gateway(
+            directory / "routes.yaml",
+            [stub_url],
+            directory / "gateway.log",
+            extra_env={"LORAGATE_UPSTREAM_CLIENT": "lean"},
+        )
         try:
             yield url
         finally:
@@ -66,10 +70,22 @@ async def slow_client(url: str, rng: random.Random, report: list[tuple[int, floa
     try:
         for _ in range(ROUNDS):
             tokens = rng.randrange(*TOKENS)
-            body = json.dumps({"model": "long", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                               "max_tokens": tokens}).encode()
-            writer.write(connection.send(h11.Request(method="POST", target="/v1/chat/completions", headers=[
-                ("host", host), ("content-type", "application/json"), ("content-length", str(len(body)))])))
+            body = json.dumps(
+                {"model": "long", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": tokens}
+            ).encode()
+            writer.write(
+                connection.send(
+                    h11.Request(
+                        method="POST",
+                        target="/v1/chat/completions",
+                        headers=[
+                            ("host", host),
+                            ("content-type", "application/json"),
+                            ("content-length", str(len(body))),
+                        ],
+                    )
+                )
+            )
             writer.write(connection.send(h11.Data(data=body)) + connection.send(h11.EndOfMessage()))
             started = time.perf_counter()
             paused = rng.uniform(0.1, 0.3)

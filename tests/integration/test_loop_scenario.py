@@ -40,8 +40,11 @@ from tests.processes import ROOT, Service, free_port, start_gateway, start_prome
 pytestmark = pytest.mark.integration
 ROWS = 80  # shifted requests, each corrected by a user
 STEPS = [25, 50]
-JUDGE = {"error_rate": {"min_effect": 0.1, "min_samples": 20}, "fallback_rate": {"min_effect": 0.1, "min_samples": 20},
-         "latency": {"min_effect": 0.5, "min_samples": 20, "floor_s": 1.0}}
+JUDGE = {
+    "error_rate": {"min_effect": 0.1, "min_samples": 20},
+    "fallback_rate": {"min_effect": 0.1, "min_samples": 20},
+    "latency": {"min_effect": 0.5, "min_samples": 20, "floor_s": 1.0},
+}
 
 
 def passages(count: int, seed: int = 0, words: int = 32) -> list[str]:
@@ -49,7 +52,7 @@ def passages(count: int, seed: int = 0, words: int = 32) -> list[str]:
     found = []
     for name in LICENSES:
         text = Path("/usr/share/common-licenses", name).read_text(errors="replace").split()
-        found += [" ".join(text[i:i + words]) for i in range(0, len(text) - words, words)]
+        found += [" ".join(text[i : i + words]) for i in range(0, len(text) - words, words)]
     random.Random(seed).shuffle(found)
     return found[:count]
 
@@ -59,13 +62,21 @@ async def corrected_traffic(url: str, prompts: list[str], corrections: list[str]
 
     async def one(client: httpx.AsyncClient, prompt: str, correction: str) -> None:
         async with semaphore:
-            resp = await client.post(f"{url}/v1/chat/completions", json={
-                "model": "support", "messages": [{"role": "user", "content": prompt}], "max_tokens": 8,
-                "temperature": 0})
+            resp = await client.post(
+                f"{url}/v1/chat/completions",
+                json={
+                    "model": "support",
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 8,
+                    "temperature": 0,
+                },
+            )
             assert resp.status_code == 200, resp.text
             assert resp.headers["x-loragate-variant"] == "v1"
-            fb = await client.post(f"{url}/v1/feedback", json={"request_id": resp.headers["x-request-id"],
-                                                               "score": 1.0, "correction": correction})
+            fb = await client.post(
+                f"{url}/v1/feedback",
+                json={"request_id": resp.headers["x-request-id"], "score": 1.0, "correction": correction},
+            )
             assert fb.status_code in (200, 202, 204), fb.text
 
     async with httpx.AsyncClient(timeout=60) as client:
@@ -90,58 +101,117 @@ def wait_for(what: str, check, timeout_s: float, logs: list[Path], every_s: floa
 
 
 @contextlib.contextmanager
-def loop_world(engine: str, demo_model: dict, tmp_path: Path, name: str = "loop",
-               **pipeline: object) -> Iterator[SimpleNamespace]:
+def loop_world(
+    engine: str, demo_model: dict, tmp_path: Path, name: str = "loop", **pipeline: object
+) -> Iterator[SimpleNamespace]:
     """NAME/v1 registered stable and serving route ``support`` through a gateway (request log on),
     Prometheus scraping it and the monitor, the shifted and corrected traffic sent, then the monitor
     started with a dataset and a pipeline action (``pipeline`` adds to its settings). Tests sharing
     the engine use different names: an adapter name on the engine stays bound to its first path."""
     t0 = time.time()
     registry, pipelines = tmp_path / "registry", tmp_path / "pipelines"
-    done = subprocess.run([sys.executable, "-m", "loragate", "adapters", "register", demo_model["adapters"]["a1"],
-                           "--registry", str(registry), "--name", name, "--version", "v1", "--base-model",
-                           demo_model["base"], "--state", "stable"], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loragate",
+            "adapters",
+            "register",
+            demo_model["adapters"]["a1"],
+            "--registry",
+            str(registry),
+            "--name",
+            name,
+            "--version",
+            "v1",
+            "--base-model",
+            demo_model["base"],
+            "--state",
+            "stable",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     v1 = registry / name / "v1"
     routes = tmp_path / "routes.yaml"
-    routes.write_text(f"routes:\n  support:\n    variants:\n"
-                      f"      - {{name: v1, adapter: {name}-v1, path: '{v1}', weight: 100}}\n")
+    routes.write_text(
+        f"routes:\n  support:\n    variants:\n      - {{name: v1, adapter: {name}-v1, path: '{v1}', weight: 100}}\n"
+    )
     logdir = tmp_path / "requestlog"
-    gateway, url = start_gateway(routes, [engine], tmp_path / "gateway.log", extra_env={
-        "LORAGATE_REQUEST_LOG_URL": str(logdir), "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5"})
+    gateway, url = start_gateway(
+        routes,
+        [engine],
+        tmp_path / "gateway.log",
+        extra_env={"LORAGATE_REQUEST_LOG_URL": str(logdir), "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5"},
+    )
     monitor_port = free_port()
     prometheus = monitor = None
     try:
-        prometheus, prom_url = start_prometheus({"gateway": [url.removeprefix("http://")],
-                                                 "monitor": [f"127.0.0.1:{monitor_port}"]}, tmp_path)
+        prometheus, prom_url = start_prometheus(
+            {"gateway": [url.removeprefix("http://")], "monitor": [f"127.0.0.1:{monitor_port}"]}, tmp_path
+        )
         # The traffic shifts to a new topic; users correct every answer with a license passage.
         asyncio.run(corrected_traffic(url, window(ROWS, seed=72, shifted=1.0), passages(ROWS)))
         time.sleep(1.5)  # the request log and the feedback are flushed
         t_traffic = time.time()
 
         reference = tmp_path / "reference.jsonl"  # what v1 was made for: coding/AI questions
-        reference.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n"
-                                     for p in window(300, seed=7)))
+        reference.write_text(
+            "".join(json.dumps({"messages": [{"role": "user", "content": p}]}) + "\n" for p in window(300, seed=7))
+        )
         config = tmp_path / "monitor.yaml"
-        config.write_text(json.dumps({
-            "request_log": str(logdir), "output_dir": str(tmp_path / "reports"), "prometheus_url": prom_url,
-            "state_file": str(tmp_path / "triggers.json"), "interval_s": 1, "port": monitor_port,
-            "adapter_registry": str(registry),
-            "checks": [{"route": "support", "variant": "v1", "window_s": 600, "reference": {"path": str(reference)},
-                        "policy": {"groups": ["inputs"], "consecutive_runs": 1, "cooldown_s": 3600},
-                        "actions": [
-                            {"type": "dataset", "location": str(tmp_path / "datasets")},
-                            {"type": "pipeline", "pipeline": {
-                                "registry": str(registry), "base_model": demo_model["base"],
-                                "state_dir": str(pipelines), "engines": [engine], "seed": 7, "name": name,
-                                "train_args": [f"--lr={DEMO_LR}", "--epochs=20", "--max-steps=40",
-                                               "--held-out-share=0.25"],
-                                "rollout": {"steps": STEPS, "interval_s": 3, "judge": JUDGE}, **pipeline}}]}],
-            "rollouts": {"routes_file": str(routes), "state_file": str(tmp_path / "rollouts.json")},
-        }))
+        config.write_text(
+            json.dumps(
+                {
+                    "request_log": str(logdir),
+                    "output_dir": str(tmp_path / "reports"),
+                    "prometheus_url": prom_url,
+                    "state_file": str(tmp_path / "triggers.json"),
+                    "interval_s": 1,
+                    "port": monitor_port,
+                    "adapter_registry": str(registry),
+                    "checks": [
+                        {
+                            "route": "support",
+                            "variant": "v1",
+                            "window_s": 600,
+                            "reference": {"path": str(reference)},
+                            "policy": {"groups": ["inputs"], "consecutive_runs": 1, "cooldown_s": 3600},
+                            "actions": [
+                                {"type": "dataset", "location": str(tmp_path / "datasets")},
+                                {
+                                    "type": "pipeline",
+                                    "pipeline": {
+                                        "registry": str(registry),
+                                        "base_model": demo_model["base"],
+                                        "state_dir": str(pipelines),
+                                        "engines": [engine],
+                                        "seed": 7,
+                                        "name": name,
+                                        "train_args": [
+                                            f"--lr={DEMO_LR}",
+                                            "--epochs=20",
+                                            "--max-steps=40",
+                                            "--held-out-share=0.25",
+                                        ],
+                                        "rollout": {"steps": STEPS, "interval_s": 3, "judge": JUDGE},
+                                        **pipeline,
+                                    },
+                                },
+                            ],
+                        }
+                    ],
+                    "rollouts": {"routes_file": str(routes), "state_file": str(tmp_path / "rollouts.json")},
+                }
+            )
+        )
+
         def start_monitor() -> Service:
-            started = Service([sys.executable, "-m", "loragate", "monitor", "--config", str(config)],
-                              tmp_path / "monitor.log")
+            started = Service(
+                [sys.executable, "-m", "loragate", "monitor", "--config", str(config)], tmp_path / "monitor.log"
+            )
             wait_http(f"http://127.0.0.1:{monitor_port}/healthz", started.process, 120, tmp_path / "monitor.log")
             return started
 
@@ -154,9 +224,18 @@ def loop_world(engine: str, demo_model: dict, tmp_path: Path, name: str = "loop"
             monitor = start_monitor()
 
         monitor = start_monitor()
-        yield SimpleNamespace(restart_monitor=restart_monitor, t0=t0, t_traffic=t_traffic, registry=registry,
-                              pipelines=pipelines, v1=v1, routes=routes, url=url, monitor_port=monitor_port,
-                              logs=[tmp_path / "monitor.log", tmp_path / "gateway.log", pipelines / "*.log"])
+        yield SimpleNamespace(
+            restart_monitor=restart_monitor,
+            t0=t0,
+            t_traffic=t_traffic,
+            registry=registry,
+            pipelines=pipelines,
+            v1=v1,
+            routes=routes,
+            url=url,
+            monitor_port=monitor_port,
+            logs=[tmp_path / "monitor.log", tmp_path / "gateway.log", pipelines / "*.log"],
+        )
     finally:
         if monitor is not None:
             monitor.stop()
@@ -180,9 +259,14 @@ def training_evidence(registry: Path) -> str:
 
 
 def served_variants(url: str, requests: int = 4) -> set[str]:
-    return {httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-        "model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    ).headers["x-loragate-variant"] for _ in range(requests)}
+    return {
+        httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=60,
+            json={"model": "support", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ).headers["x-loragate-variant"]
+        for _ in range(requests)
+    }
 
 
 def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
@@ -198,18 +282,22 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
         wait_for("training to start", training, 240, logs, every_s=0.2)
         time.sleep(2)
         w.restart_monitor()
+
         # -> load -> route -> rollout started.
         def rollout_started():
             runs = healthz(monitor_port).get("pipelines") or []
             if runs and runs[0]["outcome"] in ("rejected", "failed"):
-                raise AssertionError(f"pipeline ended {runs[0]}\n{(tmp_path / 'monitor.log').read_text()[-3000:]}\n"
-                                     + "".join(p.read_text()[-3000:] for p in pipelines.glob("*.log"))
-                                     + training_evidence(registry))
+                raise AssertionError(
+                    f"pipeline ended {runs[0]}\n{(tmp_path / 'monitor.log').read_text()[-3000:]}\n"
+                    + "".join(p.read_text()[-3000:] for p in pipelines.glob("*.log"))
+                    + training_evidence(registry)
+                )
             return runs[0] if runs and runs[0]["outcome"] == "deployed" else None
 
         run = wait_for("the pipeline to deploy v2", rollout_started, 420, logs, every_s=1)
         version = run["version"].split("/")[1]
         with LoadLoop(url, ["support"], concurrency=4, max_s=240) as load:
+
             def promoted():
                 status = healthz(monitor_port).get("rollouts", {}).get("support", {})
                 if status.get("state") == "rolled_back":
@@ -229,18 +317,27 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
         # --- the records ------------------------------------------------------------------------
         # The whole history is in the state file (/healthz shows the last 10 entries only).
         history = json.loads((tmp_path / "rollouts.json").read_text())["rollouts"]["support"]["history"]
-        moves = [(h["action"], h["weight"]) for h in history
-                 if h["action"] not in ("hold", "plan")]  # holds: data short; plan: flagged, short test
+        moves = [
+            (h["action"], h["weight"]) for h in history if h["action"] not in ("hold", "plan")
+        ]  # holds: data short; plan: flagged, short test
         assert moves == [("step", 25), ("step", 50), ("promote", 100)], history
         v2 = registry / "loop" / version
         # The rollout's state is committed first and the cards follow it (monitoring/rollout/controller.py: a
         # commit refused by a concurrent `loragate rollout` must not move them), so they may lag a moment.
-        card = wait_for("the cards to follow the promotion", lambda: read_card(v1).state == "retired"
-                        and (c := read_card(v2)).state == "stable" and c, 30, logs)
+        card = wait_for(
+            "the cards to follow the promotion",
+            lambda: read_card(v1).state == "retired" and (c := read_card(v2)).state == "stable" and c,
+            30,
+            logs,
+        )
         assert card.parent == "loop/v1" and card.state == "stable"
         assert [h.state for h in card.history] == ["candidate", "canary", "stable"]
-        assert [(e.step, e.result) for e in card.events] == [("pipeline", "ok"), ("load", "ok"), ("route", "ok"),
-                                                            ("rollout", "ok")]
+        assert [(e.step, e.result) for e in card.events] == [
+            ("pipeline", "ok"),
+            ("load", "ok"),
+            ("route", "ok"),
+            ("rollout", "ok"),
+        ]
         assert len(card.evaluations) == 1  # nothing repeated after the restarts
         gate = card.evaluations[-1]
         assert gate.verdict == "pass" and gate.ci_high <= gate.margin and gate.baseline == "loop/v1"
@@ -276,9 +373,11 @@ def test_drift_to_promoted_v2_unattended(engine, demo_model, tmp_path):
             "total": t_end - t0,
         }
         print("\nloop scenario stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-        print(f"held-out NLL/token: v1 {gate.baseline_nll:.3f}, v2 {gate.candidate_nll:.3f}, "
-              f"delta {gate.delta:.3f} [{gate.ci_low:.3f}, {gate.ci_high:.3f}], {gate.examples} rows; "
-              f"training {card.training.tokens_per_s:.0f} tokens/s")
+        print(
+            f"held-out NLL/token: v1 {gate.baseline_nll:.3f}, v2 {gate.candidate_nll:.3f}, "
+            f"delta {gate.delta:.3f} [{gate.ci_low:.3f}, {gate.ci_high:.3f}], {gate.examples} rows; "
+            f"training {card.training.tokens_per_s:.0f} tokens/s"
+        )
 
 
 def test_weights_changed_after_the_gate_are_refused_and_v1_keeps_serving(engine, demo_model, tmp_path):
@@ -302,8 +401,11 @@ def test_weights_changed_after_the_gate_are_refused_and_v1_keeps_serving(engine,
         assert run["outcome"] == "rejected" and run["steps"]["load"] == "failed", run
         card = read_card(v2)
         assert card.state == "rejected" and "changed after registration" in card.history[-1].reason
-        assert [(e.step, e.result) for e in card.events] == [("pipeline", "waiting"), ("pipeline", "ok"),
-                                                            ("load", "rejected")]
+        assert [(e.step, e.result) for e in card.events] == [
+            ("pipeline", "waiting"),
+            ("pipeline", "ok"),
+            ("load", "rejected"),
+        ]
         assert w.routes.read_text() == before and healthz(w.monitor_port)["rollouts"] == {}
         models = {m["id"] for m in httpx.get(f"{engine}/v1/models", timeout=10).json()["data"]}
         assert card.served_name not in models

@@ -36,8 +36,9 @@ DEMO_LR = "3e-2"  # the demo model has random weights: it needs a large step to 
 
 
 def loragate(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loragate", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "loragate", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def license_dataset(path: Path, rows: int = 200, prompt_words: int = 24, answer_words: int = 32) -> int:
@@ -47,9 +48,17 @@ def license_dataset(path: Path, rows: int = 200, prompt_words: int = 24, answer_
         words = Path("/usr/share/common-licenses", name).read_text(errors="replace").split()
         step = prompt_words + answer_words
         for i in range(0, len(words) - step, step):
-            records.append({"messages": [
-                {"role": "user", "content": f"Continue the {name} license: " + " ".join(words[i:i + prompt_words])},
-                {"role": "assistant", "content": " ".join(words[i + prompt_words:i + step])}]})
+            records.append(
+                {
+                    "messages": [
+                        {
+                            "role": "user",
+                            "content": f"Continue the {name} license: " + " ".join(words[i : i + prompt_words]),
+                        },
+                        {"role": "assistant", "content": " ".join(words[i + prompt_words : i + step])},
+                    ]
+                }
+            )
     random.Random(0).shuffle(records)
     path.write_text("".join(json.dumps(r) + "\n" for r in records[:rows]))
     return min(rows, len(records))
@@ -68,13 +77,48 @@ def loop(demo_model, tmp_path_factory):
     dataset = work / "licenses.jsonl"
     rows = license_dataset(dataset)
     base = demo_model["base"]
-    registered = loragate("adapters", "register", demo_model["adapters"]["a1"], "--registry", str(registry),
-                          "--name", "support", "--version", "v1", "--base-model", base, "--state", "stable")
+    registered = loragate(
+        "adapters",
+        "register",
+        demo_model["adapters"]["a1"],
+        "--registry",
+        str(registry),
+        "--name",
+        "support",
+        "--version",
+        "v1",
+        "--base-model",
+        base,
+        "--state",
+        "stable",
+    )
     assert registered.returncode == 0, registered.stderr
-    trained = loragate("train", "--dataset", str(dataset), "--base-model", base, "--parent",
-                       str(registry / "support" / "v1"), "--registry", str(registry), "--name", "support",
-                       "--version", "v2", "--seed", "7", "--held-out-share", "0.2", "--epochs", "2", "--lr", DEMO_LR,
-                       "--trigger", '{"run_id": "drift-42", "reason": "input drift"}', timeout=600)
+    trained = loragate(
+        "train",
+        "--dataset",
+        str(dataset),
+        "--base-model",
+        base,
+        "--parent",
+        str(registry / "support" / "v1"),
+        "--registry",
+        str(registry),
+        "--name",
+        "support",
+        "--version",
+        "v2",
+        "--seed",
+        "7",
+        "--held-out-share",
+        "0.2",
+        "--epochs",
+        "2",
+        "--lr",
+        DEMO_LR,
+        "--trigger",
+        '{"run_id": "drift-42", "reason": "input drift"}',
+        timeout=600,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "train support/v2" in trained.stderr  # the progress bar
     summary = json.loads(trained.stdout)
@@ -102,12 +146,18 @@ def test_v2_learned_the_new_topic_and_passes_the_gate(loop, engine):
     trained_on = [r for r in everything if json.dumps(r["messages"][:-1]) not in held_prompts]
     assert len(trained_on) == card.data.train_rows
 
-    result = loragate("evaluate", "--candidate", str(v2), "--baseline", str(registry / "support" / "v1"),
-                      "--engine", engine)
+    result = loragate(
+        "evaluate", "--candidate", str(v2), "--baseline", str(registry / "support" / "v1"), "--engine", engine
+    )
     assert result.returncode == 0, result.stderr
     evaluation = json.loads(result.stdout)
-    print("gate v2 vs v1:", {k: evaluation[k] for k in ("candidate_nll", "baseline_nll", "delta", "ci_low",
-                                                         "ci_high", "candidate_f1", "baseline_f1")})
+    print(
+        "gate v2 vs v1:",
+        {
+            k: evaluation[k]
+            for k in ("candidate_nll", "baseline_nll", "delta", "ci_low", "ci_high", "candidate_f1", "baseline_f1")
+        },
+    )
     assert evaluation["verdict"] == "pass" and evaluation["examples"] == len(held)
     assert evaluation["ci_high"] < 0  # measurably lower NLL, not only "not worse"
     assert evaluation["candidate_nll"] < evaluation["baseline_nll"] - 0.05
@@ -122,16 +172,38 @@ def test_v2_learned_the_new_topic_and_passes_the_gate(loop, engine):
 
 def test_changed_weights_are_refused_before_loading(loop, engine):
     registry, v2 = loop["registry"], loop["registry"] / "support" / "v2"
-    registered = loragate("adapters", "register", str(v2), "--registry", str(registry), "--name", "support",
-                          "--version", "v3", "--base-model", loop["base"], "--state", "candidate")
+    registered = loragate(
+        "adapters",
+        "register",
+        str(v2),
+        "--registry",
+        str(registry),
+        "--name",
+        "support",
+        "--version",
+        "v3",
+        "--base-model",
+        loop["base"],
+        "--state",
+        "candidate",
+    )
     assert registered.returncode == 0, registered.stderr
     v3 = registry / "support" / "v3"
     weights = v3 / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0x40  # a flipped bit in a tensor
     weights.write_bytes(bytes(data))
-    result = loragate("evaluate", "--candidate", str(v3), "--baseline", str(registry / "support" / "v1"),
-                      "--data", str(v2 / "heldout.jsonl"), "--engine", engine)
+    result = loragate(
+        "evaluate",
+        "--candidate",
+        str(v3),
+        "--baseline",
+        str(registry / "support" / "v1"),
+        "--data",
+        str(v2 / "heldout.jsonl"),
+        "--engine",
+        engine,
+    )
     assert result.returncode == 1 and "changed after registration" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     card = read_card(v3)
@@ -141,12 +213,36 @@ def test_changed_weights_are_refused_before_loading(loop, engine):
 
 def test_a_worse_candidate_is_rejected_for_good(loop, engine, demo_model):
     registry, v2 = loop["registry"], loop["registry"] / "support" / "v2"
-    registered = loragate("adapters", "register", demo_model["adapters"]["a2"], "--registry", str(registry),
-                          "--name", "support", "--version", "v4", "--base-model", loop["base"], "--state", "candidate")
+    registered = loragate(
+        "adapters",
+        "register",
+        demo_model["adapters"]["a2"],
+        "--registry",
+        str(registry),
+        "--name",
+        "support",
+        "--version",
+        "v4",
+        "--base-model",
+        loop["base"],
+        "--state",
+        "candidate",
+    )
     assert registered.returncode == 0, registered.stderr
     v4 = registry / "support" / "v4"
-    result = loragate("evaluate", "--candidate", str(v4), "--baseline", str(v2), "--data",
-                      str(v2 / "heldout.jsonl"), "--engine", engine, "--generate-tokens", "0")
+    result = loragate(
+        "evaluate",
+        "--candidate",
+        str(v4),
+        "--baseline",
+        str(v2),
+        "--data",
+        str(v2 / "heldout.jsonl"),
+        "--engine",
+        engine,
+        "--generate-tokens",
+        "0",
+    )
     assert result.returncode == 1, result.stderr
     evaluation = json.loads(result.stdout)
     assert evaluation["verdict"] == "fail" and evaluation["ci_low"] > evaluation["margin"]
@@ -163,8 +259,10 @@ def test_bad_training_input_fails_fast_and_writes_nothing(loop, tmp_path):
     registry, base = loop["registry"], loop["base"]
     before = sorted(p.relative_to(registry) for p in registry.rglob("*"))
     empty = tmp_path / "empty.jsonl"
-    empty.write_text('{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n'
-                     '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}\n')
+    empty.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}]}\nnot json\n'
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}\n'
+    )
     common = ["--registry", str(registry), "--name", "support", "--version", "v9", "--no-progress"]
 
     no_rows = loragate("train", "--dataset", str(empty), "--base-model", base, *common)
@@ -175,18 +273,36 @@ def test_bad_training_input_fails_fast_and_writes_nothing(loop, tmp_path):
     config = json.loads((other_base / "config.json").read_text())
     config["rope_theta"] = 5000.0
     (other_base / "config.json").write_text(json.dumps(config))
-    mismatch = loragate("train", "--dataset", str(loop["dataset"]), "--base-model", str(other_base),
-                        "--parent", str(registry / "support" / "v1"), *common)
+    mismatch = loragate(
+        "train",
+        "--dataset",
+        str(loop["dataset"]),
+        "--base-model",
+        str(other_base),
+        "--parent",
+        str(registry / "support" / "v1"),
+        *common,
+    )
     assert mismatch.returncode == 2 and "was trained on base model" in mismatch.stderr, mismatch.stderr
 
     blocked = tmp_path / "a-file"
     blocked.write_text("x")
-    unwritable = loragate("train", "--dataset", str(loop["dataset"]), "--base-model", base,
-                          "--registry", str(blocked / "registry"), "--name", "support", "--version", "v9")
+    unwritable = loragate(
+        "train",
+        "--dataset",
+        str(loop["dataset"]),
+        "--base-model",
+        base,
+        "--registry",
+        str(blocked / "registry"),
+        "--name",
+        "support",
+        "--version",
+        "v9",
+    )
     assert unwritable.returncode == 2 and "not writable" in unwritable.stderr, unwritable.stderr
 
-    exists = loragate("train", "--dataset", str(loop["dataset"]), "--base-model", base,
-                      *common[:4], "--version", "v2")
+    exists = loragate("train", "--dataset", str(loop["dataset"]), "--base-model", base, *common[:4], "--version", "v2")
     assert exists.returncode == 2 and "already exists" in exists.stderr
 
     for result in (no_rows, mismatch, unwritable, exists):
@@ -197,12 +313,41 @@ def test_bad_training_input_fails_fast_and_writes_nothing(loop, tmp_path):
 def test_pipeline_resumes_after_a_kill_and_never_repeats_a_step(loop, engine, tmp_path):
     registry = loop["registry"]
     state = tmp_path / "pipeline-support.json"
-    args = ["pipeline", "run", "--state-file", str(state), "--route", "support", "--dataset", str(loop["dataset"]),
-            "--base-model", loop["base"], "--registry", str(registry), "--name", "support", "--version", "v5",
-            "--stable", str(registry / "support" / "v1"), "--engine", engine, "--seed", "3", "--require-approval",
-            "--train-arg=--max-steps=8", f"--train-arg=--lr={DEMO_LR}", "--evaluate-arg=--generate-tokens=0"]
-    first = subprocess.Popen([sys.executable, "-m", "loragate", *args], cwd=ROOT, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "pipeline",
+        "run",
+        "--state-file",
+        str(state),
+        "--route",
+        "support",
+        "--dataset",
+        str(loop["dataset"]),
+        "--base-model",
+        loop["base"],
+        "--registry",
+        str(registry),
+        "--name",
+        "support",
+        "--version",
+        "v5",
+        "--stable",
+        str(registry / "support" / "v1"),
+        "--engine",
+        engine,
+        "--seed",
+        "3",
+        "--require-approval",
+        "--train-arg=--max-steps=8",
+        f"--train-arg=--lr={DEMO_LR}",
+        "--evaluate-arg=--generate-tokens=0",
+    ]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "loragate", *args],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -225,8 +370,12 @@ def test_pipeline_resumes_after_a_kill_and_never_repeats_a_step(loop, engine, tm
     after = json.loads(state.read_text())
     assert after["outcome"] == "waiting_approval"
     assert after["steps"]["train"]["status"] == "done" and after["steps"]["train"]["attempts"] == 2
-    assert after["steps"]["evaluate"] == {**after["steps"]["evaluate"], "status": "done", "attempts": 1,
-                                          "detail": "pass"}
+    assert after["steps"]["evaluate"] == {
+        **after["steps"]["evaluate"],
+        "status": "done",
+        "attempts": 1,
+        "detail": "pass",
+    }
     assert not list(registry.glob(".train-support-v5*"))  # registered: the work directory (checkpoints) is gone
     card = read_card(registry / "support" / "v5")
     assert card.state == "candidate" and card.verdict == "pass" and len(card.evaluations) == 1

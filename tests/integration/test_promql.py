@@ -88,8 +88,13 @@ def _send_traffic(gateway: str, logging_gateway: str) -> None:
 
     jobs = [(model, i, i % 3 == 0) for i in range(8) for model in ("adapter", "base", "split")]
     jobs += [("split", 100 + i, True) for i in range(8)]  # sticky users spread over v1 and v2
-    jobs += [("lazy", 200, False), ("lazy", 201, True), ("broken", 300, False), ("broken", 301, True),
-             ("no-such-route", 400, False)]
+    jobs += [
+        ("lazy", 200, False),
+        ("lazy", 201, True),
+        ("broken", 300, False),
+        ("broken", 301, True),
+        ("no-such-route", 400, False),
+    ]
     jobs += [(MONITORED[0], 600 + i, i % 2 == 0, logging_gateway) for i in range(MONITORED_REQUESTS)]
     # Shadow traffic (a2 shadows a1): the gateway series, a same_variant drop (pinned to the shadow), and
     # logged pairs with repeated prompts (the noise floor) for the monitor's shadow comparison.
@@ -101,14 +106,19 @@ def _send_traffic(gateway: str, logging_gateway: str) -> None:
     # Feedback (needs the request log): loragate_feedback_total{label}.
     with httpx.Client(timeout=30) as client:
         for request_id, label in zip(request_ids[-8:], ["good", "bad"] * 4):
-            resp = client.post(f"{logging_gateway}/v1/feedback", json={"request_id": request_id, "label": label,
-                                                                       "score": 1.0 if label == "good" else 0.0})
+            resp = client.post(
+                f"{logging_gateway}/v1/feedback",
+                json={"request_id": request_id, "label": label, "score": 1.0 if label == "good" else 0.0},
+            )
             assert resp.status_code == 200, resp.text
 
 
 def _routes_file(tmp_path_factory) -> Path:
-    found = [path for path in sorted(tmp_path_factory.getbasetemp().glob("gateway[0-9]*/routes.yaml"))
-             if "broken:" in path.read_text()]
+    found = [
+        path
+        for path in sorted(tmp_path_factory.getbasetemp().glob("gateway[0-9]*/routes.yaml"))
+        if "broken:" in path.read_text()
+    ]
     if not found:
         pytest.fail("cannot find the routes file of the `gateway` fixture")
     return found[0]
@@ -120,19 +130,27 @@ def _touch(path: Path) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
 
 
-def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: int, routes: Path,
-                    engine: str) -> Path:
+def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: int, routes: Path, engine: str) -> Path:
     """``loragate monitor`` config: MONITORED against a small JSONL training-set stand-in, every 2 s;
     every run with data fires the dataset export (so the trigger counter has a series); and a
     rollout of split/v2 over split/v1 analysed every second (its adapter probed on the engine), on a copy
     of ``routes``."""
     reference = directory / "reference.jsonl"
     topics = ["the invoice total", "a refund for order 42", "the delivery address", "my password reset"]
-    reference.write_text("".join(
-        json.dumps({"messages": [
-            {"role": "user", "content": f"Please help me with {topics[i % 4]}, ticket {i}."},
-            {"role": "assistant", "content": f"Sure, here is how to handle {topics[i % 4]}."}]}) + "\n"
-        for i in range(12)))
+    reference.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"Please help me with {topics[i % 4]}, ticket {i}."},
+                        {"role": "assistant", "content": f"Sure, here is how to handle {topics[i % 4]}."},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(12)
+        )
+    )
     routes_copy = directory / "routes.yaml"
     routes_copy.write_text(routes.read_text())
     config = {
@@ -143,18 +161,23 @@ def _monitor_config(directory: Path, request_log: Path, prometheus: str, port: i
         "interval_s": 2,
         "port": port,
         "drift": {"min_rows": 3},
-        "checks": [{
-            "route": MONITORED[0], "variant": MONITORED[1], "window_s": 900,
-            "reference": {"path": str(reference)},
-            "prometheus_step_s": 5,
-            "policy": {"drift_share_above": -1, "consecutive_runs": 1, "cooldown_s": 0},
-            "actions": [{"type": "dataset", "location": str(directory / "datasets")}],
-        }],
+        "checks": [
+            {
+                "route": MONITORED[0],
+                "variant": MONITORED[1],
+                "window_s": 900,
+                "reference": {"path": str(reference)},
+                "prometheus_step_s": 5,
+                "policy": {"drift_share_above": -1, "consecutive_runs": 1, "cooldown_s": 0},
+                "actions": [{"type": "dataset", "location": str(directory / "datasets")}],
+            }
+        ],
         "rollouts": {
             "routes_file": str(routes_copy),
             "state_file": str(directory / "rollouts.json"),
-            "canaries": [{"route": "split", "stable": "v1", "canary": "v2", "interval_s": 1,
-                          "probe": {"engines": [engine]}}],
+            "canaries": [
+                {"route": "split", "stable": "v1", "canary": "v2", "interval_s": 1, "probe": {"engines": [engine]}}
+            ],
         },
         "shadows": {"interval_s": 1, "window_s": 900},
     }
@@ -197,19 +220,29 @@ def prometheus(gateway, engine, tmp_path_factory) -> str:
     routes = _routes_file(tmp_path_factory)
     request_log = directory / "requestlog"
     logging_gateway, logging_url = start_gateway(
-        routes, [engine], directory / "gateway-requestlog.log",
-        extra_env={"LORAGATE_REQUEST_LOG_URL": str(request_log),
-                   "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "1"})
+        routes,
+        [engine],
+        directory / "gateway-requestlog.log",
+        extra_env={"LORAGATE_REQUEST_LOG_URL": str(request_log), "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "1"},
+    )
     monitor_port = free_port()
-    service, url = start_prometheus({"loragate-gateway": [_host(gateway), _host(logging_url)], "vllm": [_host(engine)],
-                                     "loragate-monitor": [f"127.0.0.1:{monitor_port}"]},
-                                    directory, rule_files=shipped_rules_every_second(directory), scrape_interval_s=1)
+    service, url = start_prometheus(
+        {
+            "loragate-gateway": [_host(gateway), _host(logging_url)],
+            "vllm": [_host(engine)],
+            "loragate-monitor": [f"127.0.0.1:{monitor_port}"],
+        },
+        directory,
+        rule_files=shipped_rules_every_second(directory),
+        scrape_interval_s=1,
+    )
     monitor = None
     try:
         monitor_dir = directory / "monitor"
         monitor_dir.mkdir()
-        monitor = _start_monitor(_monitor_config(monitor_dir, request_log, url, monitor_port, routes, engine),
-                                 monitor_port)
+        monitor = _start_monitor(
+            _monitor_config(monitor_dir, request_log, url, monitor_port, routes, engine), monitor_port
+        )
         # Scraped at least once before the traffic, so rate() and increase() see it.
         _wait_for(url, 'count(up{job=~"loragate-gateway|vllm|loragate-monitor"} == 1) == 4')
         _send_traffic(gateway, logging_url)
@@ -222,8 +255,9 @@ def prometheus(gateway, engine, tmp_path_factory) -> str:
         # Two scrapes of the trigger counter, so increase() over it has data.
         _wait_for(url, "count_over_time(loragate_retraining_triggers_total[1m]) > 1", timeout_s=15)
         # A rollout analysis of split (every second), and two scrapes of its decisions counter.
-        _wait_for(url, 'loragate_rollout_analysis{job="loragate-monitor", check="error_rate", figure="samples"}',
-                  timeout_s=15)
+        _wait_for(
+            url, 'loragate_rollout_analysis{job="loragate-monitor", check="error_rate", figure="samples"}', timeout_s=15
+        )
         _wait_for(url, "count_over_time(loragate_rollout_transitions_total[1m]) > 1", timeout_s=15)
         _wait_for(url, 'loragate_shadow_noise_floor_similarity_ratio{job="loragate-monitor"}', timeout_s=15)
         time.sleep(3)  # a few more scrapes and rule evaluations
@@ -249,8 +283,9 @@ def _evaluate(prometheus: str, item: Expression) -> tuple[str, str]:
     if answer["data"]["result"]:
         return "ok", ""
     if item.kind == "alert":
-        missing = [m for m in sorted(item.metrics)
-                   if not _query(prometheus, f'count({{__name__="{m}"}})')["data"]["result"]]
+        missing = [
+            m for m in sorted(item.metrics) if not _query(prometheus, f'count({{__name__="{m}"}})')["data"]["result"]
+        ]
         if not missing:
             return "ok", "the metrics exist; the series its filter selects appear on failures only"
         if set(missing) <= CONFIGURED_ONLY:
@@ -310,8 +345,19 @@ def test_rollout_series_come_from_the_real_monitor(prometheus):
     assert step and float(step[0]["value"][1]) in (0, 5, 25, 50, 100)
     checks = _query(prometheus, f"loragate_rollout_analysis{{{labels}}}")["data"]["result"]
     assert {r["metric"]["check"] for r in checks} == {"error_rate", "fallback_rate", "latency", "latency_tail"}
-    assert {r["metric"]["figure"] for r in checks} == {"estimate", "lower", "upper", "min_effect", "samples",
-                                                       "min_samples"}
+    assert {r["metric"]["figure"] for r in checks} == {
+        "estimate",
+        "lower",
+        "upper",
+        "min_effect",
+        "samples",
+        "min_samples",
+    }
     decisions = _query(prometheus, f"loragate_rollout_decision{{{labels}}}")["data"]["result"]
-    assert {r["metric"]["check"] for r in decisions} == {"analysis", "error_rate", "fallback_rate", "latency",
-                                                         "latency_tail"}
+    assert {r["metric"]["check"] for r in decisions} == {
+        "analysis",
+        "error_rate",
+        "fallback_rate",
+        "latency",
+        "latency_tail",
+    }

@@ -33,8 +33,10 @@ PII = {
     "ip": "198.51.100.23",
     "key": "sk-live-9f8e7d6c5b4a39281706abcd",
 }
-PII_TEXT = (f"Hi, I'm {PII['email']} ({PII['phone']}). Card {PII['card']}, SSN {PII['ssn']}, "
-            f"my server is {PII['ip']} and the key {PII['key']}.")
+PII_TEXT = (
+    f"Hi, I'm {PII['email']} ({PII['phone']}). Card {PII['card']}, SSN {PII['ssn']}, "
+    f"my server is {PII['ip']} and the key {PII['key']}."
+)
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +48,30 @@ def stub(tmp_path_factory):
 
 def _routes(directory: Path) -> Path:
     routes = directory / "routes.yaml"
-    routes.write_text("routes:\n"
-                      "  support:\n"
-                      "    variants: [{name: v1, adapter: a1, path: /adapters/a1, weight: 1}]\n"
-                      "    pricing: {prompt_per_1k: 0.001, completion_per_1k: 0.002}\n"
-                      "  plain:\n"
-                      "    variants: [{name: base, weight: 1}]\n")
+    routes.write_text(
+        "routes:\n"
+        "  support:\n"
+        "    variants: [{name: v1, adapter: a1, path: /adapters/a1, weight: 1}]\n"
+        "    pricing: {prompt_per_1k: 0.001, completion_per_1k: 0.002}\n"
+        "  plain:\n"
+        "    variants: [{name: base, weight: 1}]\n"
+    )
     return routes
 
 
 def _gateway(directory: Path, upstream: str, log_url: str, name: str = "gateway", **env: str):
-    return start_gateway(_routes(directory), [upstream], directory / f"{name}.log", extra_env={
-        "LORAGATE_REQUEST_LOG_URL": log_url,
-        "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5",
-        "LORAGATE_MAX_IN_FLIGHT_PER_UPSTREAM": "1000",
-        "LORAGATE_MAX_WAITING": "2000",
-        **env,
-    })
+    return start_gateway(
+        _routes(directory),
+        [upstream],
+        directory / f"{name}.log",
+        extra_env={
+            "LORAGATE_REQUEST_LOG_URL": log_url,
+            "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5",
+            "LORAGATE_MAX_IN_FLIGHT_PER_UPSTREAM": "1000",
+            "LORAGATE_MAX_WAITING": "2000",
+            **env,
+        },
+    )
 
 
 def _request(index: int, text: str = "hello") -> tuple[str, dict]:
@@ -71,8 +80,12 @@ def _request(index: int, text: str = "hello") -> tuple[str, dict]:
     stream = index % 2 == 0
     if index % 4 == 3:
         return "completions", {"model": model, "prompt": text, "max_tokens": 4, "stream": stream}
-    return "chat/completions", {"model": model, "messages": [{"role": "user", "content": text}],
-                                "max_tokens": 4, "stream": stream}
+    return "chat/completions", {
+        "model": model,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": 4,
+        "stream": stream,
+    }
 
 
 async def _send(url: str, requests: list[tuple[str, dict]], concurrency: int) -> list[tuple[int, str, bytes]]:
@@ -80,12 +93,17 @@ async def _send(url: str, requests: list[tuple[str, dict]], concurrency: int) ->
     gate = asyncio.Semaphore(concurrency)
 
     async def one(session: aiohttp.ClientSession, endpoint: str, body: dict) -> tuple[int, str, bytes]:
-        async with gate, session.post(f"{url}/v1/{endpoint}", data=orjson.dumps(body),
-                                      headers={"content-type": "application/json"}) as response:
+        async with (
+            gate,
+            session.post(
+                f"{url}/v1/{endpoint}", data=orjson.dumps(body), headers={"content-type": "application/json"}
+            ) as response,
+        ):
             return response.status, response.headers.get("x-request-id", ""), await response.read()
 
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=120)
+    ) as session:
         return await asyncio.gather(*(one(session, endpoint, body) for endpoint, body in requests))
 
 
@@ -131,8 +149,10 @@ def _children_running(pid: int, marker: bytes) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid and \
-                    marker in (stat.parent / "cmdline").read_bytes():
+            if (
+                int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid
+                and marker in (stat.parent / "cmdline").read_bytes()
+            ):
                 found.append(int(stat.parent.name))
         except (OSError, ValueError):
             continue
@@ -144,8 +164,9 @@ def _conversion_processes(pid: int, workers: int = 1) -> list[int]:
     of uvicorn's workers (spawned by multiprocessing)."""
     if workers == 1:
         return _children_running(pid, b"child_main")
-    return [child for worker in _children_running(pid, b"spawn_main")
-            for child in _children_running(worker, b"child_main")]
+    return [
+        child for worker in _children_running(pid, b"spawn_main") for child in _children_running(worker, b"child_main")
+    ]
 
 
 def _alive(pid: int) -> bool:
@@ -203,9 +224,12 @@ def test_planted_pii_never_reaches_storage(stub, tmp_path):
     root = tmp_path / "log"
     service, url = _gateway(tmp_path, stub, str(root))
     sent = _send_all(url, [_request(i, PII_TEXT) for i in range(8)])
-    feedback = urllib.request.Request(f"{url}/v1/feedback", method="POST", headers={"content-type": "application/json"},
-                                      data=orjson.dumps({"request_id": sent[0], "label": "bad",
-                                                         "correction": f"Should have asked {PII['email']}"}))
+    feedback = urllib.request.Request(
+        f"{url}/v1/feedback",
+        method="POST",
+        headers={"content-type": "application/json"},
+        data=orjson.dumps({"request_id": sent[0], "label": "bad", "correction": f"Should have asked {PII['email']}"}),
+    )
     with urllib.request.urlopen(feedback) as answer:
         assert answer.status == 200
     _stop(service)
@@ -227,8 +251,9 @@ def test_feedback_is_stored_and_counted(stub, tmp_path):
     served = _send_all(url, [_request(1), _request(2)])
 
     def post(body: dict) -> tuple[int, dict]:
-        request = urllib.request.Request(f"{url}/v1/feedback", method="POST", data=orjson.dumps(body),
-                                         headers={"content-type": "application/json"})
+        request = urllib.request.Request(
+            f"{url}/v1/feedback", method="POST", data=orjson.dumps(body), headers={"content-type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request) as answer:
                 return answer.status, orjson.loads(answer.read())
@@ -236,7 +261,9 @@ def test_feedback_is_stored_and_counted(stub, tmp_path):
             return error.code, orjson.loads(error.read())
 
     assert post({"request_id": served[0], "score": 1, "label": "good"}) == (
-        200, {"object": "feedback", "request_id": served[0], "route": "support", "variant": "v1"})
+        200,
+        {"object": "feedback", "request_id": served[0], "route": "support", "variant": "v1"},
+    )
     assert post({"request_id": served[1], "score": 0, "label": "free text label"})[0] == 200
     assert post({"request_id": "never-served", "label": "bad"})[1]["route"] is None
     status, error = post({"request_id": served[0], "score": "great"})
@@ -248,15 +275,15 @@ def test_feedback_is_stored_and_counted(stub, tmp_path):
     assert sample_sum(metrics, "loragate_feedback_score_count", route="support") == 2
     _stop(service)
     rows = read_table(str(root), "feedback").to_pylist()
-    assert sorted((r["request_id"], r["label"], r["score"]) for r in rows) == sorted([
-        (served[0], "good", 1.0), (served[1], "free text label", 0.0), ("never-served", "bad", None)])
+    assert sorted((r["request_id"], r["label"], r["score"]) for r in rows) == sorted(
+        [(served[0], "good", 1.0), (served[1], "free text label", 0.0), ("never-served", "bad", None)]
+    )
 
 
 @pytest.fixture
 def moto(tmp_path):
     port = free_port()
-    service = Service([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                      tmp_path / "moto.log")
+    service = Service([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], tmp_path / "moto.log")
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{endpoint}/moto-api/", service.process, 30, tmp_path / "moto.log")
@@ -273,13 +300,24 @@ def test_s3_storage_through_moto(stub, tmp_path, moto, monkeypatch):
         monkeypatch.setenv(name, value)
     s3 = boto3.client("s3", endpoint_url=moto, region_name="us-east-1")
     s3.create_bucket(Bucket="loragate-logs")
-    service, url = _gateway(tmp_path, stub, "s3://loragate-logs/prod/eu", LORAGATE_REQUEST_LOG_S3_ENDPOINT=moto,
-                            LORAGATE_REQUEST_LOG_S3_REGION="us-east-1")
+    service, url = _gateway(
+        tmp_path,
+        stub,
+        "s3://loragate-logs/prod/eu",
+        LORAGATE_REQUEST_LOG_S3_ENDPOINT=moto,
+        LORAGATE_REQUEST_LOG_S3_REGION="us-east-1",
+    )
     sent = _send_all(url, [_request(i) for i in range(120)], concurrency=30)
     _stop(service)
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="loragate-logs")["Contents"]]
-    assert keys and all(re.fullmatch(r"prod/eu/requests/date=\d{4}-\d\d-\d\d/[A-Za-z0-9.-]+-\d{8}T\d{9}Z-\d{6}"
-                                     r"\.parquet", key) for key in keys), keys
+    assert keys and all(
+        re.fullmatch(
+            r"prod/eu/requests/date=\d{4}-\d\d-\d\d/[A-Za-z0-9.-]+-\d{8}T\d{9}Z-\d{6}"
+            r"\.parquet",
+            key,
+        )
+        for key in keys
+    ), keys
     table = read_table("s3://loragate-logs/prod/eu", "requests", s3_endpoint=moto, s3_region="us-east-1")
     assert sorted(table.column("request_id").to_pylist()) == sorted(sent)
 
@@ -293,8 +331,11 @@ def test_s3_storage_through_moto(stub, tmp_path, moto, monkeypatch):
 
     window = Window.between(time.time() - 600, time.time() + 60)
     assert sorted(RequestLog("s3://loragate-logs/prod/eu").requests(window)["request_id"]) == sorted(sent)
-    s3.put_object(Bucket="loragate-logs", Key="ref/train.jsonl",
-                  Body=b'{"prompt": "hi", "response": "hello"}\n{"prompt": "bye", "response": "ciao"}\n')
+    s3.put_object(
+        Bucket="loragate-logs",
+        Key="ref/train.jsonl",
+        Body=b'{"prompt": "hi", "response": "hello"}\n{"prompt": "bye", "response": "ciao"}\n',
+    )
     assert list(load_reference("s3://loragate-logs/ref/train.jsonl")["prompt_text"]) == ["hi", "bye"]
     write_jsonl([{"messages": []}], "s3://loragate-logs/datasets/a.jsonl", S3Options.resolve())
     assert s3.get_object(Bucket="loragate-logs", Key="datasets/a.jsonl")["Body"].read() == b'{"messages": []}\n'
@@ -303,18 +344,39 @@ def test_s3_storage_through_moto(stub, tmp_path, moto, monkeypatch):
 def test_real_engine_answers_are_logged(engine, demo_model, tmp_path):
     """In front of real vLLM: the parsed text is what the client received, the counts are vLLM's."""
     routes = tmp_path / "routes.yaml"
-    routes.write_text("routes:\n"
-                      "  adapter:\n    variants: [{name: a1, adapter: a1, weight: 1}]\n"
-                      "  base:\n    variants: [{name: base, weight: 1}]\n")
+    routes.write_text(
+        "routes:\n"
+        "  adapter:\n    variants: [{name: a1, adapter: a1, weight: 1}]\n"
+        "  base:\n    variants: [{name: base, weight: 1}]\n"
+    )
     root = tmp_path / "log"
-    service, url = start_gateway(routes, [engine], tmp_path / "gateway.log", extra_env={
-        "LORAGATE_REQUEST_LOG_URL": str(root), "LORAGATE_REQUEST_LOG_TEXT": "full"})
+    service, url = start_gateway(
+        routes,
+        [engine],
+        tmp_path / "gateway.log",
+        extra_env={"LORAGATE_REQUEST_LOG_URL": str(root), "LORAGATE_REQUEST_LOG_TEXT": "full"},
+    )
     wait_http(f"{url}/readyz", service.process, 30, tmp_path / "gateway.log")
     requests = [
-        ("chat/completions", {"model": "adapter", "messages": [{"role": "user", "content": "Tell me a story"}],
-                              "max_tokens": 6, "temperature": 0}),
-        ("chat/completions", {"model": "adapter", "messages": [{"role": "user", "content": "Tell me a story"}],
-                              "max_tokens": 6, "temperature": 0, "stream": True}),
+        (
+            "chat/completions",
+            {
+                "model": "adapter",
+                "messages": [{"role": "user", "content": "Tell me a story"}],
+                "max_tokens": 6,
+                "temperature": 0,
+            },
+        ),
+        (
+            "chat/completions",
+            {
+                "model": "adapter",
+                "messages": [{"role": "user", "content": "Tell me a story"}],
+                "max_tokens": 6,
+                "temperature": 0,
+                "stream": True,
+            },
+        ),
         ("completions", {"model": "base", "prompt": "def main():", "max_tokens": 5, "temperature": 0}),
     ]
     answers = asyncio.run(_send(url, requests, concurrency=3))
@@ -342,13 +404,25 @@ def test_a_hostile_prompt_cannot_stop_the_log(stub, tmp_path):
     sent), and a graceful shutdown right after finishes within its bound."""
     root = tmp_path / "log"
     flush_s, close_s = 10.0, 10.0
-    service, url = _gateway(tmp_path, stub, str(root), LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S=str(flush_s),
-                            LORAGATE_REQUEST_LOG_CLOSE_TIMEOUT_S=str(close_s))  # the stall floor: its default
+    service, url = _gateway(
+        tmp_path,
+        stub,
+        str(root),
+        LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S=str(flush_s),
+        LORAGATE_REQUEST_LOG_CLOSE_TIMEOUT_S=str(close_s),
+    )  # the stall floor: its default
     try:
         hostile = "passport" + " " * 200_000 + "x1"
         started = time.monotonic()
-        hostile_id = _send_all(url, [("chat/completions", {"model": "support", "max_tokens": 4,
-                                                           "messages": [{"role": "user", "content": hostile}]})])
+        hostile_id = _send_all(
+            url,
+            [
+                (
+                    "chat/completions",
+                    {"model": "support", "max_tokens": 4, "messages": [{"role": "user", "content": hostile}]},
+                )
+            ],
+        )
         ordinary = _send_all(url, [_request(index, text=f"ordinary {index}") for index in range(5)])
         sent = hostile_id + ordinary
         while time.monotonic() - started < 2 * flush_s:

@@ -53,9 +53,12 @@ INTERVAL_S = 3.0
 STEPS = [10, 50, 100]
 QUIET_HOLDS = 4
 # Min effects for a short test on a stub (the defaults are sized for production traffic).
-JUDGE = {"error_rate": {"min_effect": 0.1, "min_samples": 30}, "fallback_rate": {"min_effect": 0.1, "min_samples": 30},
-         "latency": {"min_effect": 0.2, "min_samples": 30, "floor_s": 0.25},
-         "latency_tail": {"min_ratio": 10, "min_samples": 30, "floor_s": 0.25}}
+JUDGE = {
+    "error_rate": {"min_effect": 0.1, "min_samples": 30},
+    "fallback_rate": {"min_effect": 0.1, "min_samples": 30},
+    "latency": {"min_effect": 0.2, "min_samples": 30, "floor_s": 0.25},
+    "latency_tail": {"min_ratio": 10, "min_samples": 30, "floor_s": 0.25},
+}
 ROUTES = """\
 # Rollout e2e routes (the monitor rewrites the weights of the canary-* routes).
 routes:
@@ -94,8 +97,16 @@ class LoadLoop:
     (each worker pausing ``pause_s`` between two), until stopped, ``max_requests`` were sent or
     ``max_s`` passed. Counts statuses per route."""
 
-    def __init__(self, url: str, routes: list[str], *, concurrency: int = 8, max_requests: int = 40_000,
-                 max_s: float = 150, pause_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        routes: list[str],
+        *,
+        concurrency: int = 8,
+        max_requests: int = 40_000,
+        max_s: float = 150,
+        pause_s: float = 0.0,
+    ) -> None:
         assert urllib.parse.urlsplit(url).hostname == "127.0.0.1"
         self.url, self.routes, self.concurrency, self.pause_s = url, routes, concurrency, pause_s
         self.max_requests, self.max_s = max_requests, max_s
@@ -166,23 +177,50 @@ def setup(tmp_path_factory):
         started.append(gateway)
         monitor_port = free_port()
         prometheus, prometheus_url = start_prometheus(
-            {"loragate-gateway": [urllib.parse.urlsplit(url).netloc], "loragate-monitor": [f"127.0.0.1:{monitor_port}"]},
-            directory, rule_files=shipped_rules_every_second(directory), scrape_interval_s=1)
+            {
+                "loragate-gateway": [urllib.parse.urlsplit(url).netloc],
+                "loragate-monitor": [f"127.0.0.1:{monitor_port}"],
+            },
+            directory,
+            rule_files=shipped_rules_every_second(directory),
+            scrape_interval_s=1,
+        )
         started.append(prometheus)
         canary = {"stable": "v1", "canary": "v2", "steps": STEPS, "interval_s": INTERVAL_S, "judge": JUDGE}
         config = directory / "monitor.yaml"
-        config.write_text(yaml.safe_dump({
-            "request_log": str(directory / "requestlog"),  # no drift checks here: only rollouts
-            "prometheus_url": prometheus_url,
-            "state_file": str(directory / "monitor-state.json"),
-            "interval_s": 600,
-            "port": monitor_port,
-            "rollouts": {"routes_file": str(routes), "state_file": str(directory / "rollouts.json"),
-                         "canaries": [{"route": route, **canary, **({"max_holds": QUIET_HOLDS} if route == "canary-quiet"
-                                                                     else {})} for route in CANARIES]},
-        }, sort_keys=False))
-        yield {"directory": directory, "routes": routes, "url": url, "prometheus": prometheus_url,
-               "config": config, "monitor_port": monitor_port, "services": started}
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "request_log": str(directory / "requestlog"),  # no drift checks here: only rollouts
+                    "prometheus_url": prometheus_url,
+                    "state_file": str(directory / "monitor-state.json"),
+                    "interval_s": 600,
+                    "port": monitor_port,
+                    "rollouts": {
+                        "routes_file": str(routes),
+                        "state_file": str(directory / "rollouts.json"),
+                        "canaries": [
+                            {
+                                "route": route,
+                                **canary,
+                                **({"max_holds": QUIET_HOLDS} if route == "canary-quiet" else {}),
+                            }
+                            for route in CANARIES
+                        ],
+                    },
+                },
+                sort_keys=False,
+            )
+        )
+        yield {
+            "directory": directory,
+            "routes": routes,
+            "url": url,
+            "prometheus": prometheus_url,
+            "config": config,
+            "monitor_port": monitor_port,
+            "services": started,
+        }
     finally:
         for service in reversed(started):
             service.stop()
@@ -195,8 +233,10 @@ def _state(body: dict) -> str:
 def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_one(setup):
     url, port, prometheus = setup["url"], setup["monitor_port"], setup["prometheus"]
     begun = time.monotonic()
-    with LoadLoop(url, ["canary-ok", "canary-bad", "canary-slow", "bystander"]) as load, \
-            LoadLoop(url, ["canary-quiet"], concurrency=1, pause_s=1.0) as trickle:
+    with (
+        LoadLoop(url, ["canary-ok", "canary-bad", "canary-slow", "bystander"]) as load,
+        LoadLoop(url, ["canary-quiet"], concurrency=1, pause_s=1.0) as trickle,
+    ):
         # Traffic flows, and Prometheus has scraped it (its first scrapes come a few seconds after
         # it starts), before the rollouts start.
         _wait_query(prometheus, 'up{job="loragate-monitor"} == 0')  # the monitor is not started yet
@@ -217,9 +257,11 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
                 if not values or values[-1] != weight:
                     values.append(weight)
             status = _healthz(port)
-            if {route: _state(status[route]) for route in CANARIES} == FINAL \
-                    and [seen[r][-1] for r in CANARIES] == [1.0, 0.0, 0.0, 0.1] \
-                    and status["canary-quiet"].get("plan") is not None:  # made off the loop: may come late
+            if (
+                {route: _state(status[route]) for route in CANARIES} == FINAL
+                and [seen[r][-1] for r in CANARIES] == [1.0, 0.0, 0.0, 0.1]
+                and status["canary-quiet"].get("plan") is not None
+            ):  # made off the loop: may come late
                 break
             time.sleep(0.2)
         sent_during_rollouts = load.sent + trickle.sent
@@ -242,7 +284,10 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
     # of a few scrapes, may hold: a handful of failures is not yet proof); clients only saw 200s.
     (started,) = [h["at"] for h in bad["history"] if h["action"] == "step"]
     (rolled_back,) = [h for h in bad["history"] if h["action"] == "rollback"]
-    assert len([h for h in bad["history"] if h["action"] != "plan"]) <= 4 and rolled_back["at"] - started <= 4 * INTERVAL_S + 3, bad["history"]
+    assert (
+        len([h for h in bad["history"] if h["action"] != "plan"]) <= 4
+        and rolled_back["at"] - started <= 4 * INTERVAL_S + 3
+    ), bad["history"]
     fallback = bad["last_analysis"]["checks"]["fallback_rate"]
     assert fallback["decision"] == "fail" and fallback["lower"] > 0 and fallback["estimate"] > 0.5, fallback
     assert seen["canary-bad"][-1] == 0.0 and 0.1 in seen["canary-bad"], seen
@@ -274,8 +319,12 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
     assert yaml.safe_load(text)["routes"]["bystander"] == yaml.safe_load(ROUTES)["routes"]["bystander"]
 
     # `loragate rollout status` explains each last analysis check by check.
-    out = subprocess.run([sys.executable, "-m", "loragate", "rollout", "status", "--config", str(setup["config"])],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "loragate", "rollout", "status", "--config", str(setup["config"])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "canary-quiet: progressing" in out.stdout and "STALLED after 4 inconclusive analyses" in out.stdout
     assert "fallback_rate fail" in " ".join(out.stdout.split()), out.stdout
@@ -292,7 +341,12 @@ def test_rollouts_promote_a_healthy_canary_roll_back_bad_ones_and_hold_a_quiet_o
     _wait_query(prometheus, 'loragate_rollout_decision{route="canary-ok", check="analysis"} == 1')
     transitions = _wait_query(prometheus, 'loragate_rollout_transitions_total{action=~"promote|rollback"} > 0', 3)
     assert {(t["metric"]["route"], t["metric"]["action"]) for t in transitions} == {
-        ("canary-ok", "promote"), ("canary-bad", "rollback"), ("canary-slow", "rollback")}
-    print(f"\nrollouts done in {time.monotonic() - begun:.1f} s with {sent_during_rollouts} requests; "
-          f"ok history {moves} after {len(ok['history']) - 1} analyses; bad rolled back "
-          f"{rolled_back['at'] - started:.1f} s after its start")
+        ("canary-ok", "promote"),
+        ("canary-bad", "rollback"),
+        ("canary-slow", "rollback"),
+    }
+    print(
+        f"\nrollouts done in {time.monotonic() - begun:.1f} s with {sent_during_rollouts} requests; "
+        f"ok history {moves} after {len(ok['history']) - 1} analyses; bad rolled back "
+        f"{rolled_back['at'] - started:.1f} s after its start"
+    )

@@ -33,8 +33,22 @@ REQUESTS_EACH = 8
 
 def start_engine(log: Path, *extra: str) -> tuple[Service, str]:
     port = free_port()
-    service = Service([sys.executable, str(ROOT / "tests" / "stub_engine.py"), "--port", str(port),
-                       "--base-ms", "20", "--per-request-ms", "4", "--max-running", "8", *extra], log)
+    service = Service(
+        [
+            sys.executable,
+            str(ROOT / "tests" / "stub_engine.py"),
+            "--port",
+            str(port),
+            "--base-ms",
+            "20",
+            "--per-request-ms",
+            "4",
+            "--max-running",
+            "8",
+            *extra,
+        ],
+        log,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health", service.process, 30, log)
     return service, url
@@ -51,9 +65,12 @@ def setup(request, tmp_path: Path):
             services.append(service)
             engines.append(url)
         (tmp_path / "routes.yaml").write_text(ROUTES)
-        gateway, url = start_gateway(tmp_path / "routes.yaml", engines, tmp_path / "gateway.log",
-                                     extra_env={"LORAGATE_ENGINE_SCRAPE_INTERVAL_S": "0.2",
-                                                "LORAGATE_ADMIN_TOKEN": "admin-secret"})
+        gateway, url = start_gateway(
+            tmp_path / "routes.yaml",
+            engines,
+            tmp_path / "gateway.log",
+            extra_env={"LORAGATE_ENGINE_SCRAPE_INTERVAL_S": "0.2", "LORAGATE_ADMIN_TOKEN": "admin-secret"},
+        )
         services.append(gateway)
         yield url, engines, request.param
     finally:
@@ -72,9 +89,14 @@ async def clients(url: str, model: str, n: int, each: int) -> list[int]:
     async def client(index: int) -> None:
         async with httpx.AsyncClient(timeout=60) as http:
             for _ in range(each):
-                response = await http.post(f"{url}/v1/chat/completions", json={
-                    "model": model, "max_tokens": 1,
-                    "messages": [{"role": "user", "content": f"client {index} asks"}]})
+                response = await http.post(
+                    f"{url}/v1/chat/completions",
+                    json={
+                        "model": model,
+                        "max_tokens": 1,
+                        "messages": [{"role": "user", "content": f"client {index} asks"}],
+                    },
+                )
                 statuses.append(response.status_code)
 
     await asyncio.gather(*(client(i) for i in range(n)))
@@ -83,8 +105,11 @@ async def clients(url: str, model: str, n: int, each: int) -> list[int]:
 
 def test_an_adapter_loaded_by_one_request_spreads_to_both_replicas(setup):
     url, engines, mode = setup
-    first = httpx.post(f"{url}/v1/chat/completions", timeout=30, json={
-        "model": "support", "max_tokens": 1, "messages": [{"role": "user", "content": "the first request"}]})
+    first = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=30,
+        json={"model": "support", "max_tokens": 1, "messages": [{"role": "user", "content": "the first request"}]},
+    )
     assert first.status_code == 200
     holders = [e for e in engines if "support-v1" in httpx.get(f"{e}/stub/stats").json()["adapters"]]
     assert len(holders) == 1  # loaded on demand, on one replica

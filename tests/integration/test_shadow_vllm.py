@@ -19,8 +19,13 @@ from loragate.cli import main as cli
 from tests.metrics_text import sample_sum
 from tests.processes import start_gateway, wait_http
 
-PROMPTS = ["The capital of France is", "Write a haiku about rain", "List three colours",
-           "What is two plus two?", "Say hello in Spanish"]
+PROMPTS = [
+    "The capital of France is",
+    "Write a haiku about rain",
+    "List three colours",
+    "What is two plus two?",
+    "Say hello in Spanish",
+]
 _VOLATILE = re.compile(rb'"(id|created|system_fingerprint)":("[^"]*"|\d+|null)')
 
 
@@ -41,22 +46,38 @@ routes:
     shadow: {variant: v2, percent: 100, max_in_flight: 8}
 """)
     log_root = tmp_path / "requestlog"
-    service, url = start_gateway(routes, [engine], tmp_path / "gateway.log", extra_env={
-        "LORAGATE_REQUEST_LOG_URL": str(log_root), "LORAGATE_REQUEST_LOG_TEXT": "full",
-        "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5"})
+    service, url = start_gateway(
+        routes,
+        [engine],
+        tmp_path / "gateway.log",
+        extra_env={
+            "LORAGATE_REQUEST_LOG_URL": str(log_root),
+            "LORAGATE_REQUEST_LOG_TEXT": "full",
+            "LORAGATE_REQUEST_LOG_FLUSH_INTERVAL_S": "0.5",
+        },
+    )
     ids: list[str] = []
 
     def shadows_answered(client: httpx.Client) -> float:
-        return sample_sum(client.get("/metrics").text, "loragate_shadow_requests_total", route="shadowed",
-                          variant="v2", status_class="2xx")
+        return sample_sum(
+            client.get("/metrics").text,
+            "loragate_shadow_requests_total",
+            route="shadowed",
+            variant="v2",
+            status_class="2xx",
+        )
 
     try:
         wait_http(f"{url}/readyz", service.process, 60, tmp_path / "gateway.log")
         with httpx.Client(base_url=url, timeout=120) as client:
             for repeat in range(2):  # each prompt twice: repeat pairs for the noise floor
                 for index, prompt in enumerate(PROMPTS):
-                    request = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
-                               "temperature": 0, "stream": index % 2 == 1}
+                    request = {
+                        "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": 16,
+                        "temperature": 0,
+                        "stream": index % 2 == 1,
+                    }
                     answers = {}
                     for model in ("plain", "shadowed"):
                         response = client.post("/v1/chat/completions", json={**request, "model": model})

@@ -39,9 +39,32 @@ def setup(demo_model, tmp_path_factory):
 
 
 def command(setup, version: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "loragate", "train", "--dataset", str(setup["dataset"]), "--base-model",
-            setup["base"], "--registry", str(setup["registry"]), "--name", "s", "--version", version, "--seed", "5",
-            "--epochs", "2", "--lr", DEMO_LR, "--batch-size", "8", "--no-progress", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "loragate",
+        "train",
+        "--dataset",
+        str(setup["dataset"]),
+        "--base-model",
+        setup["base"],
+        "--registry",
+        str(setup["registry"]),
+        "--name",
+        "s",
+        "--version",
+        version,
+        "--seed",
+        "5",
+        "--epochs",
+        "2",
+        "--lr",
+        DEMO_LR,
+        "--batch-size",
+        "8",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -108,7 +131,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_then_the_same_command_finishes
         time.sleep(0.05)
     twin = run(args, timeout=120)  # the same version twice at once: refused, the running one untouched
     assert twin.returncode == 2 and twin.stderr.strip() == (
-        f"loragate: another run is training s/termed in {registry}"), twin.stderr
+        f"loragate: another run is training s/termed in {registry}"
+    ), twin.stderr
     child.send_signal(signal.SIGTERM)
     _, err = child.communicate(timeout=120)
     assert child.returncode == 143, err[-2000:]
@@ -127,8 +151,14 @@ def test_two_processes_take_the_same_steps_as_one_with_twice_the_accumulation(se
     one = run(command(setup, "one", "--micro-batch-size", "2", "--max-steps", "4"))
     assert one.returncode == 0, one.stderr[-2000:]
     env_free = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    two = subprocess.run(command(setup, "two", "--micro-batch-size", "2", "--max-steps", "4", "--processes", "2"),
-                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=env_free)
+    two = subprocess.run(
+        command(setup, "two", "--micro-batch-size", "2", "--max-steps", "4", "--processes", "2"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env_free,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     card_one, card_two = read_card(registry / "s" / "one"), read_card(registry / "s" / "two")
     assert card_one.training.accumulation == 4 and card_one.training.processes == 1
@@ -148,10 +178,36 @@ def test_an_evicted_pipeline_leaves_training_running_and_the_retry_resumes_it(se
     if not stable.exists():
         assert run(command(setup, "straight")).returncode == 0
     state = tmp_path / "pipeline.json"
-    args = [sys.executable, "-m", "loragate", "pipeline", "run", "--state-file", str(state), "--route", "s",
-            "--dataset", str(setup["dataset"]), "--base-model", setup["base"], "--registry", str(registry),
-            "--name", "s", "--version", "evicted", "--stable", str(stable), "--engine", "http://127.0.0.1:9",
-            "--seed", "5", f"--train-arg=--lr={DEMO_LR}", "--train-arg=--epochs=2", "--train-arg=--checkpoint-every=0"]
+    args = [
+        sys.executable,
+        "-m",
+        "loragate",
+        "pipeline",
+        "run",
+        "--state-file",
+        str(state),
+        "--route",
+        "s",
+        "--dataset",
+        str(setup["dataset"]),
+        "--base-model",
+        setup["base"],
+        "--registry",
+        str(registry),
+        "--name",
+        "s",
+        "--version",
+        "evicted",
+        "--stable",
+        str(stable),
+        "--engine",
+        "http://127.0.0.1:9",
+        "--seed",
+        "5",
+        f"--train-arg=--lr={DEMO_LR}",
+        "--train-arg=--epochs=2",
+        "--train-arg=--checkpoint-every=0",
+    ]
     first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = registry / ".train-s-evicted" / "train_log.jsonl"
     deadline = time.monotonic() + 300

@@ -57,8 +57,9 @@ def main() -> int:
     assert str(folder) in native.__file__ and str(folder) in _logqueue.__file__, "not the sanitized build"
     assert columns.native is native
     examples = 0
-    fuzz = settings(max_examples=150, deadline=None, database=None, derandomize=False,
-                    suppress_health_check=list(HealthCheck))
+    fuzz = settings(
+        max_examples=150, deadline=None, database=None, derandomize=False, suppress_health_check=list(HealthCheck)
+    )
 
     def parses(data: bytes) -> bool:
         try:
@@ -102,10 +103,19 @@ def main() -> int:
         assert list(zip(roles[1:], contents[1:])) == [(t["role"], t["content"]) for t in turns or ()], body
 
     @fuzz
-    @given(st.lists(st.tuples(st.sampled_from(["chat/completions", "completions", ""]),
-                              shaped(shapes._chat_request), st.booleans(), st.sampled_from([200, 400]),
-                              st.one_of(st.none(), shaped(shapes._stream), shaped(shapes._body))), max_size=8),
-           st.booleans())
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["chat/completions", "completions", ""]),
+                shaped(shapes._chat_request),
+                st.booleans(),
+                st.sampled_from([200, 400]),
+                st.one_of(st.none(), shaped(shapes._stream), shaped(shapes._body)),
+            ),
+            max_size=8,
+        ),
+        st.booleans(),
+    )
     def batch_readers(rows: list, meddle: bool) -> None:
         """read_turns and read_answers over a batch, against the reference record by record; ``meddle``: the
         callback empties the caller's lists of inputs as it runs (the C code must not rely on them)."""
@@ -113,8 +123,10 @@ def main() -> int:
         examples += 1
         endpoints, payloads = [row[0] for row in rows], [row[1] for row in rows]
         streams, statuses, answers = [row[2] for row in rows], [row[3] for row in rows], [row[4] for row in rows]
-        records = [chat_record(f"r{i}")._replace(endpoint=e, payload=p, stream=s, status=c, answer=a)
-                   for i, (e, p, s, c, a) in enumerate(rows)]
+        records = [
+            chat_record(f"r{i}")._replace(endpoint=e, payload=p, stream=s, status=c, answer=a)
+            for i, (e, p, s, c, a) in enumerate(rows)
+        ]
         expected_answers = [answer_of(record) for record in records]
         inputs = (endpoints, payloads, streams, statuses, answers)
         copies = [list(column) for column in inputs]
@@ -153,7 +165,7 @@ def main() -> int:
         native.read_turns(endpoints, payloads, roles, contents, offsets, no_turns, general_turns)
         assert len(offsets) == len(rows) + 1 and len(no_turns) == len(rows)
         for index in range(len(rows)):
-            got = list(zip(roles[offsets[index]:offsets[index + 1]], contents[offsets[index]:offsets[index + 1]]))
+            got = list(zip(roles[offsets[index] : offsets[index + 1]], contents[offsets[index] : offsets[index + 1]]))
             try:
                 request = orjson.loads(copies[1][index])
             except orjson.JSONDecodeError:
@@ -166,9 +178,10 @@ def main() -> int:
             assert no_turns[index] == (turns is None)
 
     @fuzz
-    @given(st.lists(st.lists(st.randoms(use_true_random=False).map(plain_value), max_size=20).map(tuple),
-                    max_size=30),
-           st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=6))
+    @given(
+        st.lists(st.lists(st.randoms(use_true_random=False).map(plain_value), max_size=20).map(tuple), max_size=30),
+        st.lists(st.integers(min_value=0, max_value=12), min_size=1, max_size=6),
+    )
     def queue(records: list[tuple], takes: list[int]) -> None:
         """The C queue against the Python one: the same bytes for every take, take(0) and empty ones included."""
         nonlocal examples

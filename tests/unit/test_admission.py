@@ -36,6 +36,7 @@ class Slots:
                 self.taken.append(name)
                 return name
             return None
+
         return take
 
     def give_back(self, _name: str) -> None:
@@ -57,8 +58,14 @@ async def settle() -> None:
 async def test_waiters_get_freed_slots_highest_class_first_and_in_arrival_order_within_a_class():
     admission: Admission[str] = Admission(max_waiting=10, max_wait_s=5)
     slots = Slots(admission)
-    arrivals = [(SHEDDABLE, "s1"), (STANDARD, "t1"), (CRITICAL, "c1"), (STANDARD, "t2"), (SHEDDABLE, "s2"),
-                (CRITICAL, "c2")]
+    arrivals = [
+        (SHEDDABLE, "s1"),
+        (STANDARD, "t1"),
+        (CRITICAL, "c1"),
+        (STANDARD, "t2"),
+        (SHEDDABLE, "s2"),
+        (CRITICAL, "c2"),
+    ]
     tasks = [slots.wait(priority, name) for priority, name in arrivals]
     await settle()
     assert admission.waiting == 6 and slots.taken == []
@@ -138,12 +145,21 @@ async def test_a_full_queue_sheds_its_newest_sheddable_waiter_for_a_higher_class
     for _ in range(3):
         slots.release()
     assert [await t for t in (critical, standard, third)] == ["c", "t", "t2"]
-    shed_count = {(p, r): metrics.registry.get_sample_value("loragate_admission_shed_total",
-                                                              {"priority": p, "reason": r}) for p, r in
-                  [("sheddable", "displaced"), ("sheddable", "queue_full"), ("standard", "queue_full"),
-                   ("critical", "queue_full")]}
-    assert shed_count == {("sheddable", "displaced"): 2, ("sheddable", "queue_full"): 1,
-                          ("standard", "queue_full"): 1, ("critical", "queue_full"): 0}
+    shed_count = {
+        (p, r): metrics.registry.get_sample_value("loragate_admission_shed_total", {"priority": p, "reason": r})
+        for p, r in [
+            ("sheddable", "displaced"),
+            ("sheddable", "queue_full"),
+            ("standard", "queue_full"),
+            ("critical", "queue_full"),
+        ]
+    }
+    assert shed_count == {
+        ("sheddable", "displaced"): 2,
+        ("sheddable", "queue_full"): 1,
+        ("standard", "queue_full"): 1,
+        ("critical", "queue_full"): 0,
+    }
     waited = metrics.registry.get_sample_value("loragate_admission_wait_seconds_count", {"priority": "standard"})
     assert waited == 2
     assert metrics.registry.get_sample_value("loragate_admission_waiting_requests", {"priority": "sheddable"}) == 0

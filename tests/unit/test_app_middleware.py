@@ -89,8 +89,17 @@ async def test_a_middleware_can_refuse_a_completion_before_the_gateway_sees_it(g
     @fastapi_app(client).middleware("http")
     async def tenant_required(request: Request, call_next):
         if "x-tenant" not in request.headers:
-            return JSONResponse({"error": {"message": "x-tenant required", "type": "invalid_request_error",
-                                           "param": None, "code": "tenant_required"}}, status_code=403)
+            return JSONResponse(
+                {
+                    "error": {
+                        "message": "x-tenant required",
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "tenant_required",
+                    }
+                },
+                status_code=403,
+            )
         return await call_next(request)
 
     refused = await client.post("/v1/chat/completions", json=CHAT)
@@ -105,8 +114,9 @@ async def test_gateway_errors_keep_their_openai_shape_through_the_middleware(gat
     client, _metrics, _pool = gateway(upstream)
     seen: list[tuple[str, list[int]]] = []
     fastapi_app(client).add_middleware(CountingMiddleware, seen=seen)
-    bad_json = await client.post("/v1/chat/completions", content=b"{not json",
-                                 headers={"content-type": "application/json"})
+    bad_json = await client.post(
+        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
     unknown = await client.post("/v1/chat/completions", json={**CHAT, "model": "nope"})
     assert (bad_json.status_code, unknown.status_code) == (400, 404)
     for response in (bad_json, unknown):

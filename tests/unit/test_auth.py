@@ -36,11 +36,13 @@ def entry(key_id: str, key: str, extra: str = "") -> str:
 @pytest.fixture
 def keys_file(tmp_path: Path) -> Path:
     path = tmp_path / "keys.yaml"
-    path.write_text(keys_yaml(
-        entry("alice", ALICE, "routes: [support], requests_per_minute: 2, tokens_per_minute: 60"),
-        entry("bob", BOB),
-        entry("old", REVOKED, "revoked: true"),
-    ))
+    path.write_text(
+        keys_yaml(
+            entry("alice", ALICE, "routes: [support], requests_per_minute: 2, tokens_per_minute: 60"),
+            entry("bob", BOB),
+            entry("old", REVOKED, "revoked: true"),
+        )
+    )
     return path
 
 
@@ -101,8 +103,16 @@ def test_a_plaintext_key_or_a_bad_hash_is_rejected_without_echoing_it() -> None:
     assert "lg-secret-in-broken-yaml" not in str(info.value)
 
 
-@pytest.mark.parametrize("fields", ["id: 'has space'", "id: " + "x" * 65, "id: ok, requests_per_minute: 0",
-                                    "id: ok, routes: support", "id: ok, revoked: maybe"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        "id: 'has space'",
+        "id: " + "x" * 65,
+        "id: ok, requests_per_minute: 0",
+        "id: ok, routes: support",
+        "id: ok, revoked: maybe",
+    ],
+)
 def test_invalid_entries_are_rejected(fields: str) -> None:
     with pytest.raises(KeysError):
         parse_keys(f"keys:\n  - {{sha256: '{hash_key('k')}', {fields}}}\n", "k")
@@ -124,8 +134,9 @@ def test_inline_keys_add_to_the_file(keys_file: Path) -> None:
     assert KeyStore(None, inline=keys_yaml(entry("only", "lg-only"))).keys()[0].id == "only"
 
 
-def test_reload_picks_up_changes_and_keeps_the_last_good(keys_file: Path, auth: Authenticator,
-                                                         metrics: Metrics) -> None:
+def test_reload_picks_up_changes_and_keeps_the_last_good(
+    keys_file: Path, auth: Authenticator, metrics: Metrics
+) -> None:
     keys_file.write_text(keys_yaml(entry("bob", BOB, "revoked: true")))
     os.utime(keys_file, ns=(1, 1))  # a different stamp even within the clock's resolution
     assert auth.reload_if_changed()
@@ -164,8 +175,7 @@ def test_key_from_bearer_or_x_api_key() -> None:
 
 
 def test_missing_wrong_and_revoked_keys_are_401(auth: Authenticator, metrics: Metrics) -> None:
-    for headers, reason in (({}, "missing_key"), (bearer("lg-wrong"), "invalid_key"),
-                            (bearer(REVOKED), "revoked_key")):
+    for headers, reason in (({}, "missing_key"), (bearer("lg-wrong"), "invalid_key"), (bearer(REVOKED), "revoked_key")):
         error = refusal(auth.authenticate, headers)
         assert (error.status, error.code) == (401, "invalid_api_key")
         assert error.headers["www-authenticate"] == "Bearer"
@@ -197,8 +207,7 @@ def test_route_allow_list(auth: Authenticator, metrics: Metrics) -> None:
     assert ApiKey(id="x", sha256=hash_key("x"), routes=("a",)).allows("a")
 
 
-def test_requests_per_minute_with_retry_after_and_refill(auth: Authenticator, clock: Clock,
-                                                         metrics: Metrics) -> None:
+def test_requests_per_minute_with_retry_after_and_refill(auth: Authenticator, clock: Clock, metrics: Metrics) -> None:
     auth.authenticate(bearer(ALICE)).admit("support")
     auth.authenticate(bearer(ALICE)).admit("support")
     error = refusal(auth.authenticate(bearer(ALICE)).admit, "support")
@@ -299,5 +308,8 @@ def test_the_example_keys_file_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "api-keys.example.yaml"
     keys = {k.id: k for k in KeyStore(example).keys()}
     assert set(keys) == {"team-support", "batch-jobs", "on-call", "old-laptop"}
-    assert keys["batch-jobs"].priority == "sheddable" and keys["on-call"].priorities == ("critical", "standard",
-                                                                                       "sheddable")
+    assert keys["batch-jobs"].priority == "sheddable" and keys["on-call"].priorities == (
+        "critical",
+        "standard",
+        "sheddable",
+    )

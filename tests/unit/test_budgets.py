@@ -10,8 +10,15 @@ import pytest
 
 from loragate.service.apikeys import ApiKey
 from loragate.service.auth import KeyPrincipal
-from loragate.service.budgets import (MICRO, Budgets, LocalLedger, Periods, RedisLedger, budgets_from_settings,
-                                      counter_name)
+from loragate.service.budgets import (
+    MICRO,
+    Budgets,
+    LocalLedger,
+    Periods,
+    RedisLedger,
+    budgets_from_settings,
+    counter_name,
+)
 from loragate.service.errors import GatewayError
 from loragate.service.limits import LocalLimiter
 from loragate.service.metrics import Metrics
@@ -93,8 +100,9 @@ def test_the_refusal_is_an_openai_style_429_with_the_budget_and_its_reset() -> N
     error = caught.value
     assert error.status == 429 and error.code == "budget_exceeded"
     assert "monthly budget" in str(error) and "2026-06-01T00:00:00+02:00" in str(error)
-    assert int(error.headers["retry-after"]) == int(dt.datetime(2026, 6, 1, tzinfo=budgets.periods.zone).timestamp()
-                                                    - utc(2026, 5, 10, 12).timestamp())
+    assert int(error.headers["retry-after"]) == int(
+        dt.datetime(2026, 6, 1, tzinfo=budgets.periods.zone).timestamp() - utc(2026, 5, 10, 12).timestamp()
+    )
     assert metrics.budget_spent.labels("key", "k1", "month")._value.get() == pytest.approx(0.5)
     assert metrics.budget_limit.labels("key", "k1", "month")._value.get() == 0.5
 

@@ -18,10 +18,16 @@ def reg(tmp_path):
     base = BaseModelRef(name="base", path=str(base_dir(tmp_path)), sha256=base_model_sha256(base_dir(tmp_path)))
     dirs = {}
     for version, weights in (("v1", b"one" * 50), ("v2", b"two" * 50)):
-        card = new_card("support", version, adapter_files(tmp_path / f"out-{version}", weights), base,
-                        evaluations=[evaluation("pass")])
-        dirs[version] = registry.register(card, tmp_path / f"out-{version}",
-                                          state="stable" if version == "v1" else "candidate")
+        card = new_card(
+            "support",
+            version,
+            adapter_files(tmp_path / f"out-{version}", weights),
+            base,
+            evaluations=[evaluation("pass")],
+        )
+        dirs[version] = registry.register(
+            card, tmp_path / f"out-{version}", state="stable" if version == "v1" else "candidate"
+        )
     return registry, dirs
 
 
@@ -30,8 +36,8 @@ def routes(path, dirs, v2_weight=0, v2_key="card"):
 routes:
   support:
     variants:
-      - {{name: v1, adapter: support-v1, path: "{dirs['v1']}", weight: {100 - v2_weight}}}
-      - {{name: v2, adapter: support-v2, {v2_key}: "{dirs['v2']}", weight: {v2_weight}}}
+      - {{name: v1, adapter: support-v1, path: "{dirs["v1"]}", weight: {100 - v2_weight}}}
+      - {{name: v2, adapter: support-v2, {v2_key}: "{dirs["v2"]}", weight: {v2_weight}}}
 """)
     return path
 
@@ -51,8 +57,11 @@ def test_serving_cards_pass_and_non_serving_weight_zero_variant_is_left_out(reg,
 
 def test_non_serving_card_with_traffic_is_refused_naming_the_field(reg, tmp_path):
     _, dirs = reg
-    with pytest.raises(CatalogError, match=r"routes\.support\.variants\.1\.card: variant 'v2' \(support/v2\) "
-                                           r"is candidate, not in a serving state"):
+    with pytest.raises(
+        CatalogError,
+        match=r"routes\.support\.variants\.1\.card: variant 'v2' \(support/v2\) "
+        r"is candidate, not in a serving state",
+    ):
         load_catalog(routes(tmp_path / "r.yaml", dirs, v2_weight=10), CardCheck())
 
 
@@ -119,6 +128,7 @@ def test_a_card_needs_an_adapter(tmp_path):
 
 def test_variants_without_cards_are_untouched(tmp_path):
     (tmp_path / "r.yaml").write_text(
-        f"routes:\n  r:\n    variants: [{{name: v1, adapter: a1, path: '{tmp_path}', weight: 1}}]\n")
+        f"routes:\n  r:\n    variants: [{{name: v1, adapter: a1, path: '{tmp_path}', weight: 1}}]\n"
+    )
     catalog = load_catalog(tmp_path / "r.yaml", CardCheck())
     assert catalog == load_catalog(tmp_path / "r.yaml")

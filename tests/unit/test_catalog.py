@@ -62,8 +62,10 @@ def test_pricing_cost_per_1k_tokens():
         ("routes: {}", "no routes defined"),
         ("routes: {r: {variants: [{name: a, adapter: x, weight: -1}]}}", "greater than or equal to 0"),
         ("routes: {r: {variants: [{name: a, adapter: x, weight: 0}]}}", "weight above 0"),
-        ("routes: {r: {variants: [{name: a, adapter: x, weight: 1}, {name: a, adapter: y, weight: 1}]}}",
-         "duplicate variant names"),
+        (
+            "routes: {r: {variants: [{name: a, adapter: x, weight: 1}, {name: a, adapter: y, weight: 1}]}}",
+            "duplicate variant names",
+        ),
         ("routes: {r: {variants: [{name: a, adapter: x, weight: 1}], fallback: [zz]}}", "unknown variants"),
         ("routes: {r: {variants: [{name: a, path: /p, weight: 1}]}}", "path but no adapter"),
         ("routes: {r: {variants: [{name: 'bad name', adapter: x, weight: 1}]}}", "must match"),
@@ -72,8 +74,10 @@ def test_pricing_cost_per_1k_tokens():
         ("routes: {r: {variants: [{name: base, adapter: x, weight: 1}]}}", "reserved"),
         ("routes: {r: {variants: [{name: h, endpoint: 'https://api.example/v1', weight: 1}]}}", "needs the `model`"),
         ("routes: {r: {variants: [{name: h, endpoint: 'ftp://x', model: m, weight: 1}]}}", "http(s) URL"),
-        ("routes: {r: {variants: [{name: h, endpoint: 'https://x/v1', adapter: a, model: m, weight: 1}]}}",
-         "not `adapter`"),
+        (
+            "routes: {r: {variants: [{name: h, endpoint: 'https://x/v1', adapter: a, model: m, weight: 1}]}}",
+            "not `adapter`",
+        ),
         ("routes: {r: {variants: [{name: h, adapter: a, model: m, weight: 1}]}}", "go with an `endpoint`"),
     ],
 )

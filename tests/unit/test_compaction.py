@@ -55,14 +55,20 @@ def test_compaction_keeps_every_row_once_is_idempotent_and_keeps_the_sample(tmp_
     assert list(after.request_id) == list(sample.request_id)  # the same sample from the compacted files
     for name in done[0].outputs:  # every row group holds one sample-key bucket (top 3 bits: 8 buckets)
         reader = pq.ParquetFile(tmp_path / "requests" / "date=2026-11-02" / name)
-        buckets = [set((sample_keys(reader.read_row_group(i, columns=["request_id"])["request_id"])
-                        >> np.uint64(61)).tolist()) for i in range(reader.num_row_groups)]
+        buckets = [
+            set((sample_keys(reader.read_row_group(i, columns=["request_id"])["request_id"]) >> np.uint64(61)).tolist())
+            for i in range(reader.num_row_groups)
+        ]
         assert all(len(b) == 1 for b in buckets) and len(buckets) >= 8
         ranges = read_ranges(reader.metadata)  # each row group's key range, as the reader skips by it
         assert ranges is not None and all(reader.metadata.row_group(i).num_rows <= 64 for i in range(len(ranges)))
-        assert ranges == [(int(k.min()), int(k.max())) for k in (
-            sample_keys(reader.read_row_group(i, columns=["request_id"])["request_id"])
-            for i in range(reader.num_row_groups))]
+        assert ranges == [
+            (int(k.min()), int(k.max()))
+            for k in (
+                sample_keys(reader.read_row_group(i, columns=["request_id"])["request_id"])
+                for i in range(reader.num_row_groups)
+            )
+        ]
     again = compactor(tmp_path, row_group_rows=64, buckets=8).run(("requests",), now=NOW)
     assert [r.status for r in again if r.hour == "20261102T10"] == ["skipped"] and ids(tmp_path) == before
 
@@ -72,8 +78,10 @@ def test_sampled_read_of_a_compacted_hour_reads_few_row_groups(tmp_path):
     compactor(tmp_path, row_group_rows=256, buckets=16).run(("requests",), now=NOW)
     scan = RequestLog(tmp_path).scan(WINDOW, per_variant=100)
     assert sum(t.num_rows for t in scan) == 100
-    groups = sum(pq.ParquetFile(p).metadata.num_row_groups
-                 for p in (tmp_path / "requests" / "date=2026-11-02").glob("compacted-*"))
+    groups = sum(
+        pq.ParquetFile(p).metadata.num_row_groups
+        for p in (tmp_path / "requests" / "date=2026-11-02").glob("compacted-*")
+    )
     assert scan.stats.row_groups_read <= 2 < groups  # the first bucket's row groups only
 
 
@@ -103,7 +111,8 @@ def test_torn_compacted_file_replaces_nothing(tmp_path):
     write_files(tmp_path, hour_frame(200, 1), flush_s=60)
     before = ids(tmp_path)
     (tmp_path / "requests" / "date=2026-11-02" / "compacted-20261102T10-0123456789abcdef0123.parquet").write_bytes(
-        b"PAR1 torn upload")
+        b"PAR1 torn upload"
+    )
     assert ids(tmp_path) == before
 
 
@@ -158,6 +167,7 @@ def test_compaction_with_writers_readers_and_compactors_running(tmp_path):
                 import traceback
 
                 errors.append("".join(traceback.format_exception(exc))[-3000:])
+
         return run
 
     def writer(n: int):
@@ -190,8 +200,10 @@ def test_compaction_with_writers_readers_and_compactors_running(tmp_path):
             assert set(got) <= expected | {(i, "primary") for i in late}
             seen.append(len(got))
 
-    threads = [threading.Thread(target=guarded(f)) for f in
-               (lambda: writer(0), lambda: writer(1), late_writer, reading, reading)]
+    threads = [
+        threading.Thread(target=guarded(f))
+        for f in (lambda: writer(0), lambda: writer(1), late_writer, reading, reading)
+    ]
     compactors = [threading.Thread(target=guarded(compacting)) for _ in range(2)]
     for t in threads + compactors:
         t.start()
@@ -200,7 +212,7 @@ def test_compaction_with_writers_readers_and_compactors_running(tmp_path):
     stop.set()
     for t in threads:
         t.join()
-    assert not errors, '\n'.join(errors)
+    assert not errors, "\n".join(errors)
     assert len(seen) >= 2
     compactor(tmp_path).run(("requests",), now=NOW)  # a last round: the late file is merged too
     assert ids(tmp_path) == sorted(closed_before + [(i, "primary") for i in late])
@@ -219,8 +231,13 @@ def test_the_monitor_compacts_on_its_own_schedule(tmp_path):
     from loragate.monitoring.service import Monitor
 
     write_files(tmp_path / "log", hour_frame(100, 1), flush_s=300)
-    config = MonitorConfig.model_validate({"request_log": str(tmp_path / "log"), "state_file": str(tmp_path / "s"),
-                                           "compaction": {"interval_s": 60, "grace_s": 600, "days": 40}})
+    config = MonitorConfig.model_validate(
+        {
+            "request_log": str(tmp_path / "log"),
+            "state_file": str(tmp_path / "s"),
+            "compaction": {"interval_s": 60, "grace_s": 600, "days": 40},
+        }
+    )
     monitor = Monitor(config)
     results = asyncio.run(monitor.compact(now=NOW))
     assert [r.status for r in results if r.hour == "20261102T10"] == ["compacted"]

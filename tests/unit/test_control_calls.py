@@ -24,14 +24,24 @@ from loragate.service.aiohttpedge import AiohttpControl
 from loragate.service.enginestate import MAX_METRICS_BYTES
 from loragate.service.metrics import Metrics
 from loragate.service.replicas import MODELS_MAX_BYTES, Replica, ReplicaSet
-from loragate.service.transport import (ConnectFailed, Disconnected, IncompleteAnswer, MalformedAnswer, Reply,
-                                        Timeout, TransportError, TransportTimeout)
+from loragate.service.transport import (
+    ConnectFailed,
+    Disconnected,
+    IncompleteAnswer,
+    MalformedAnswer,
+    Reply,
+    Timeout,
+    TransportError,
+    TransportTimeout,
+)
 from loragate.service.upstreams import Pool
 from tests.wire_peers import CLOSE, Script, play
 
-METRICS = (b"vllm:num_requests_running{model_name=\"base\"} 1\n"
-           b"vllm:num_requests_waiting{model_name=\"base\"} 0\n"
-           b"vllm:kv_cache_usage_perc{model_name=\"base\"} 0.5\n")
+METRICS = (
+    b'vllm:num_requests_running{model_name="base"} 1\n'
+    b'vllm:num_requests_waiting{model_name="base"} 0\n'
+    b'vllm:kv_cache_usage_perc{model_name="base"} 0.5\n'
+)
 MODELS = orjson.dumps({"data": [{"id": "base", "parent": None}, {"id": "a", "parent": "base", "root": "/a"}]})
 
 
@@ -106,13 +116,15 @@ async def control() -> AsyncIterator[AiohttpControl]:
 
 # --- the boundary over aiohttp: whole bodies, bounded, and every failure one of transport.py's errors ---
 
+
 async def test_get_and_post_return_the_whole_answer_even_when_it_comes_in_pieces():
     pieces = [b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\n\r\nhalf ", 0.05, b"a body"]
     peer = Peer({"/metrics": pieces, "/v1/load_lora_adapter": [answer(b"nope", "400 Bad Request")]})
     async with peer.running() as url, control() as client:
         got = await client.get(f"{url}/metrics", timeout=Timeout(total=5), max_bytes=11)
-        refused = await client.post(f"{url}/v1/load_lora_adapter", b'{"lora_name":"a"}', timeout=Timeout(total=5),
-                                    max_bytes=100)
+        refused = await client.post(
+            f"{url}/v1/load_lora_adapter", b'{"lora_name":"a"}', timeout=Timeout(total=5), max_bytes=100
+        )
     assert got == Reply(200, b"half a body")  # not the first piece only (aiohttp's content.read(n) stops there)
     assert refused == Reply(400, b"nope")  # any status is an answer, not an error
     method, _path, head, body = peer.requests[1]
@@ -120,8 +132,9 @@ async def test_get_and_post_return_the_whole_answer_even_when_it_comes_in_pieces
 
 
 async def test_refused_silent_and_cut_off_peers_end_in_transport_errors():
-    peer = Peer({"/silent": [5.0], "/cut": [b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", CLOSE],
-                 "/closed": [CLOSE]})
+    peer = Peer(
+        {"/silent": [5.0], "/cut": [b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nshort", CLOSE], "/closed": [CLOSE]}
+    )
     async with peer.running() as url, control() as client:
         with pytest.raises(ConnectFailed):
             await client.get(f"{refused_url()}/health", timeout=Timeout(total=5), max_bytes=100)
@@ -138,8 +151,11 @@ async def test_refused_silent_and_cut_off_peers_end_in_transport_errors():
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
 async def test_a_body_over_max_bytes_is_malformed_and_its_connection_closed(declared):
     limit = 256 << 10
-    script = ([b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (limit + 1), b"x" * 1000] if declared
-              else chunked_forever(b"x" * 4096))  # endless: only the limit ends it
+    script = (
+        [b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (limit + 1), b"x" * 1000]
+        if declared
+        else chunked_forever(b"x" * 4096)
+    )  # endless: only the limit ends it
     peer = Peer({"/metrics": script})
     async with peer.running() as url, control() as client:
         started = time.monotonic()
@@ -155,6 +171,7 @@ async def test_a_body_over_max_bytes_is_malformed_and_its_connection_closed(decl
 
 # --- the replica set: health checks and scrapes ---
 
+
 def replica_set(url: str, metrics: Metrics, client: object, **kwargs: float) -> ReplicaSet:
     replicas = ReplicaSet([url], metrics, **kwargs)
     replicas.client = client  # type: ignore[assignment]
@@ -168,9 +185,12 @@ def sample(metrics: Metrics, name: str, **labels: str) -> float | None:
 async def test_a_health_check_that_ends_in_a_transport_error_marks_the_replica_unhealthy():
     big_models = [b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (MODELS_MAX_BYTES + 1), 5.0]
     healthy = {"/health": [answer(b"")], "/v1/models": [answer(MODELS)]}
-    cases = {"refused": None, "silent": {"/health": [5.0]},
-             "models over the limit": {"/health": [answer(b"")], "/v1/models": big_models},
-             "models cut off": {"/health": [answer(b"")], "/v1/models": [answer(MODELS)[:-5], CLOSE]}}
+    cases = {
+        "refused": None,
+        "silent": {"/health": [5.0]},
+        "models over the limit": {"/health": [answer(b"")], "/v1/models": big_models},
+        "models cut off": {"/health": [answer(b"")], "/v1/models": [answer(MODELS)[:-5], CLOSE]},
+    }
     async with control() as client:
         for case, routes in cases.items():
             peer = Peer(routes or {})
@@ -193,9 +213,12 @@ async def test_a_health_check_that_ends_in_a_transport_error_marks_the_replica_u
 
 
 async def test_a_scrape_that_ends_in_a_transport_error_falls_back_to_the_gateways_own_counts():
-    cases = {"refused": None, "silent": {"/metrics": [5.0]},
-             "over 1 MiB": {"/metrics": chunked_forever(b"# padding\n" * 400)},
-             "cut off": {"/metrics": [answer(METRICS)[:-10], CLOSE]}}
+    cases = {
+        "refused": None,
+        "silent": {"/metrics": [5.0]},
+        "over 1 MiB": {"/metrics": chunked_forever(b"# padding\n" * 400)},
+        "cut off": {"/metrics": [answer(METRICS)[:-10], CLOSE]},
+    }
     async with control() as client:
         for case, routes in cases.items():
             peer = Peer(routes or {})
@@ -219,6 +242,7 @@ async def test_a_scrape_that_ends_in_a_transport_error_falls_back_to_the_gateway
 
 # --- the adapter loader ---
 
+
 def loader(metrics: Metrics, client: object, **kwargs: float) -> AdapterLoader:
     adapters = AdapterLoader(metrics, failure_ttl_s=30, **kwargs)
     adapters.client = client  # type: ignore[assignment]
@@ -226,8 +250,11 @@ def loader(metrics: Metrics, client: object, **kwargs: float) -> AdapterLoader:
 
 
 async def test_a_load_that_ends_in_a_transport_error_fails_with_its_reason(caplog):
-    cases = {"refused": (None, "ConnectFailed"), "silent": ({"/v1/load_lora_adapter": [5.0]}, "TransportTimeout"),
-             "answer over the limit": ({"/v1/load_lora_adapter": chunked_forever(b"y" * 4096)}, "MalformedAnswer")}
+    cases = {
+        "refused": (None, "ConnectFailed"),
+        "silent": ({"/v1/load_lora_adapter": [5.0]}, "TransportTimeout"),
+        "answer over the limit": ({"/v1/load_lora_adapter": chunked_forever(b"y" * 4096)}, "MalformedAnswer"),
+    }
     async with control() as client:
         for case, (routes, reason) in cases.items():
             peer = Peer(routes or {})
@@ -258,6 +285,7 @@ async def test_an_unload_that_ends_in_a_transport_error_leaves_the_adapter_liste
 
 # --- the users depend on the boundary alone: any TransportError, from any client, ends the same way ---
 
+
 class FailingControl:
     """A ControlClient whose every call raises ``error``: a stand-in for a client other than aiohttp."""
 
@@ -274,10 +302,14 @@ class FailingControl:
         raise self.error()
 
 
-ERRORS = {"connect": lambda: ConnectFailed("10.0.0.1", 8000, ConnectionRefusedError(111, "refused")),
-          "timeout": lambda: TransportTimeout("no answer in time"), "disconnected": lambda: Disconnected("closed"),
-          "incomplete": lambda: IncompleteAnswer("cut"), "too large": lambda: MalformedAnswer("a body over 1 bytes"),
-          "other": lambda: TransportError("anything else")}
+ERRORS = {
+    "connect": lambda: ConnectFailed("10.0.0.1", 8000, ConnectionRefusedError(111, "refused")),
+    "timeout": lambda: TransportTimeout("no answer in time"),
+    "disconnected": lambda: Disconnected("closed"),
+    "incomplete": lambda: IncompleteAnswer("cut"),
+    "too large": lambda: MalformedAnswer("a body over 1 bytes"),
+    "other": lambda: TransportError("anything else"),
+}
 
 
 @pytest.mark.parametrize("error", ERRORS.values(), ids=ERRORS.keys())

@@ -66,8 +66,7 @@ def test_a_port_with_a_listener_and_time_wait_connections_is_in_use(time_wait_po
         assert not _port_free(time_wait_port)
 
 
-def test_demo_refuses_a_port_in_use_and_names_it(capsys: pytest.CaptureFixture[str],
-                                                 time_wait_port: int) -> None:
+def test_demo_refuses_a_port_in_use_and_names_it(capsys: pytest.CaptureFixture[str], time_wait_port: int) -> None:
     with _listener() as server:
         port = server.getsockname()[1]
         assert main(["demo", "--port", str(time_wait_port), "--engine-port", str(port)]) == 1

@@ -16,11 +16,27 @@ from tests.topics import prompts, window
 from loragate.monitoring.triggers.policy import TriggerPolicy, decide
 from loragate.monitoring.triggers.state import KeyState
 
-PROMPT_FEATURES = {"prompt_tokens", "prompt_length", "prompt_words", "prompt_oov_share", "cost_micro_usd",
-                   "prompt_content"}
+PROMPT_FEATURES = {
+    "prompt_tokens",
+    "prompt_length",
+    "prompt_words",
+    "prompt_oov_share",
+    "cost_micro_usd",
+    "prompt_content",
+}
 LATENCY_FEATURES = {"latency_s", "ttft_s"}
-UNSHIFTED = {"completion_tokens", "finish_reason", "fallback", "response_length", "response_words",
-             "response_oov_share", "response_content", "response_refusal", "status_class", "prompt_script"}
+UNSHIFTED = {
+    "completion_tokens",
+    "finish_reason",
+    "fallback",
+    "response_length",
+    "response_words",
+    "response_oov_share",
+    "response_content",
+    "response_refusal",
+    "status_class",
+    "prompt_script",
+}
 
 
 @pytest.mark.slow  # 20 drift reports, ~20 s
@@ -94,8 +110,17 @@ def test_columns_missing_from_a_training_set_reference_are_left_out():
     train = requests_frame(400, seed=1)[["prompt_text", "response_text"]]
     result = run_drift(train, requests_frame(400, seed=2, prompt_words=30), route="r")
     assert {f.feature for f in result.features} == {
-        "prompt_length", "prompt_words", "prompt_oov_share", "response_length", "response_words", "response_oov_share",
-        "prompt_content", "response_content", "prompt_script", "response_refusal"}
+        "prompt_length",
+        "prompt_words",
+        "prompt_oov_share",
+        "response_length",
+        "response_words",
+        "response_oov_share",
+        "prompt_content",
+        "response_content",
+        "prompt_script",
+        "response_refusal",
+    }
     assert {"prompt_length", "prompt_words"} <= set(result.drifted_features)
     assert result.group("operations").status == "insufficient_data" and result.drifted_groups == ["inputs"]
 
@@ -110,6 +135,7 @@ def test_oov_share_scores_the_reference_leave_one_out():
 
 # --- verdicts per signal group -----------------------------------------------------------------
 
+
 def test_latency_noise_is_operations_drift_only_and_a_retraining_policy_ignores_it():
     reference, current = requests_frame(400, seed=11), requests_frame(400, seed=12, latency_scale=2.5)
     current["status"] = [500 if i % 5 == 0 else 200 for i in range(len(current))]
@@ -118,8 +144,10 @@ def test_latency_noise_is_operations_drift_only_and_a_retraining_policy_ignores_
     assert {"latency_s", "ttft_s", "status_class"} <= set(result.group("operations").drifted_features)
     assert result.status == "drift"
 
-    retrain, ops = TriggerPolicy(groups=["inputs", "outputs"], consecutive_runs=1), TriggerPolicy(
-        groups=["operations"], consecutive_runs=1)
+    retrain, ops = (
+        TriggerPolicy(groups=["inputs", "outputs"], consecutive_runs=1),
+        TriggerPolicy(groups=["operations"], consecutive_runs=1),
+    )
     kept = decide(retrain, KeyState(), result, now=1000.0)
     assert not kept.fire and "drifted groups operations" in kept.reason
     assert decide(ops, KeyState(), result, now=1000.0).fire
@@ -134,6 +162,7 @@ def test_group_thresholds_and_members_are_configurable_and_checked():
 
 
 # --- text content on real questions --------------------------------------------------------------
+
 
 def test_a_change_of_topic_at_equal_lengths_is_input_drift_and_the_report_says_what_changed(tmp_path):
     reference = pd.DataFrame({"prompt_text": window(150, seed=1)})
@@ -170,11 +199,17 @@ def test_half_the_window_on_another_topic_is_detected_and_tiny_windows_are_not_j
 
 # --- command line ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, expected", [
-    ("1764547200", "2025-12-01T00:00:00+00:00"), ("1764547200.5", "2025-12-01T00:00:00.500000+00:00"),
-    ("2025-12-01T01:00:00+01:00", "2025-12-01T00:00:00+00:00"), ("2025-12-01T00:00:00Z", "2025-12-01T00:00:00+00:00"),
-    ("2025-12-01 00:00", "2025-12-01T00:00:00+00:00"),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1764547200", "2025-12-01T00:00:00+00:00"),
+        ("1764547200.5", "2025-12-01T00:00:00.500000+00:00"),
+        ("2025-12-01T01:00:00+01:00", "2025-12-01T00:00:00+00:00"),
+        ("2025-12-01T00:00:00Z", "2025-12-01T00:00:00+00:00"),
+        ("2025-12-01 00:00", "2025-12-01T00:00:00+00:00"),
+    ],
+)
 def test_times_are_unix_seconds_or_iso(text, expected):
     assert moment(text).isoformat() == expected
 

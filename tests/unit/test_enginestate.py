@@ -49,8 +49,10 @@ def test_a_series_prefix_of_another_is_not_confused_with_it():
 
 
 def test_several_engines_of_one_server_are_summed_and_kv_is_the_fullest():
-    text = (b'vllm:num_requests_running{engine="0"} 1\nvllm:num_requests_running{engine="1"} 2\n'
-            b'vllm:kv_cache_usage_perc{engine="0"} 0.2\nvllm:kv_cache_usage_perc{engine="1"} 0.7\n')
+    text = (
+        b'vllm:num_requests_running{engine="0"} 1\nvllm:num_requests_running{engine="1"} 2\n'
+        b'vllm:kv_cache_usage_perc{engine="0"} 0.2\nvllm:kv_cache_usage_perc{engine="1"} 0.7\n'
+    )
     state = parse_engine_metrics(text)
     assert state.running == 3 and state.kv_usage == 0.7
 
@@ -70,11 +72,14 @@ def test_labels_with_escapes_and_braces_in_values():
     assert parse_engine_metrics(text).running_adapters == {"x}y"}
 
 
-@pytest.mark.parametrize("text", [
-    b'vllm:num_requests_running{engine="0} 1\n',  # unterminated value
-    b'vllm:lora_requests_info{max_lora=4} 1\n',  # unquoted
-    b'vllm:lora_requests_info{max_lora="4"',  # no closing brace, no value
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'vllm:num_requests_running{engine="0} 1\n',  # unterminated value
+        b"vllm:lora_requests_info{max_lora=4} 1\n",  # unquoted
+        b'vllm:lora_requests_info{max_lora="4"',  # no closing brace, no value
+    ],
+)
 def test_broken_label_sets_are_refused_not_misread(text):
     with pytest.raises(MetricsFormatError):
         parse_engine_metrics(text)
@@ -99,14 +104,17 @@ def _seconds(text: bytes) -> float:
     return time.perf_counter() - started
 
 
-@pytest.mark.parametrize(("head", "unit"), [
-    (b"", b"vllm:num_requests_running\n"),  # the wanted name again and again, never a sample
-    (b"", b'vllm:lora_requests_info{a="\\\\\\\\"} 1\n'),  # escapes in many label sets
-    (b"", b"\n"),
-    (b"", b'vllm:lora_requests_info{max_lora="4",running_lora_adapters="' + b"a," * 40 + b'"} 1\n'),
-    (b"vllm:lora_requests_info{", b'a="x",'),  # one label set that never closes, as long as the body
-    (b'vllm:lora_requests_info{a="', b'\\"'),  # one label value of escaped quotes, as long as the body
-])
+@pytest.mark.parametrize(
+    ("head", "unit"),
+    [
+        (b"", b"vllm:num_requests_running\n"),  # the wanted name again and again, never a sample
+        (b"", b'vllm:lora_requests_info{a="\\\\\\\\"} 1\n'),  # escapes in many label sets
+        (b"", b"\n"),
+        (b"", b'vllm:lora_requests_info{max_lora="4",running_lora_adapters="' + b"a," * 40 + b'"} 1\n'),
+        (b"vllm:lora_requests_info{", b'a="x",'),  # one label set that never closes, as long as the body
+        (b'vllm:lora_requests_info{a="', b'\\"'),  # one label value of escaped quotes, as long as the body
+    ],
+)
 def test_worst_cases_stay_linear(head, unit):
     """Time grows with size, not faster: 1/4 of the limit against the whole limit, ratio ~4 (not ~16)."""
     small = head + unit * ((MAX_METRICS_BYTES // 4 - len(head)) // len(unit))

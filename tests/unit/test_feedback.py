@@ -16,8 +16,16 @@ def _app(tmp_path, **settings):
     routes = tmp_path / "routes.yaml"
     routes.write_text("routes:\n  support:\n    variants: [{name: v1, adapter: a1, weight: 1}]\n")
     metrics = Metrics()
-    app = create_app(Settings(routes_file=routes, upstreams=["http://127.0.0.1:9"], health_timeout_s=0.2,
-                              feedback_labels=["good", "bad"], **settings), metrics)
+    app = create_app(
+        Settings(
+            routes_file=routes,
+            upstreams=["http://127.0.0.1:9"],
+            health_timeout_s=0.2,
+            feedback_labels=["good", "bad"],
+            **settings,
+        ),
+        metrics,
+    )
     return app, metrics
 
 
@@ -41,8 +49,10 @@ def validating(tmp_path_factory):
 def test_feedback_is_stored_and_counted(logged):
     client, app, metrics, root = logged
     app.state.request_log.record(chat_record("known-1"))  # as the gateway does for an answered request
-    answer = client.post("/v1/feedback", json={"request_id": "known-1", "score": 4, "label": "good",
-                                               "correction": "mail jane@example.com instead"})
+    answer = client.post(
+        "/v1/feedback",
+        json={"request_id": "known-1", "score": 4, "label": "good", "correction": "mail jane@example.com instead"},
+    )
     assert answer.status_code == 200
     assert answer.json() == {"object": "feedback", "request_id": "known-1", "route": "support", "variant": "v1"}
     unknown = client.post("/v1/feedback", json={"request_id": "other-replica", "label": "meh"})
@@ -59,18 +69,21 @@ def test_feedback_is_stored_and_counted(logged):
     assert rows["other-replica"]["route"] is None and rows["other-replica"]["label"] == "meh"
 
 
-@pytest.mark.parametrize(("body", "param", "code"), [
-    ({"score": 1}, "request_id", "invalid_request_id"),
-    ({"request_id": "bad id!", "score": 1}, "request_id", "invalid_request_id"),
-    ({"request_id": "r1"}, None, "empty_feedback"),
-    ({"request_id": "r1", "score": "high"}, "score", "invalid_score"),
-    ({"request_id": "r1", "score": True}, "score", "invalid_score"),
-    ({"request_id": "r1", "label": ""}, "label", "invalid_label"),
-    ({"request_id": "r1", "label": "x" * 65}, "label", "invalid_label"),
-    ({"request_id": "r1", "correction": 5}, "correction", "invalid_correction"),
-    ({"request_id": "r1", "score": 1, "user": "me"}, "user", "unknown_parameter"),
-    ([1, 2], None, "invalid_json"),
-])
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"score": 1}, "request_id", "invalid_request_id"),
+        ({"request_id": "bad id!", "score": 1}, "request_id", "invalid_request_id"),
+        ({"request_id": "r1"}, None, "empty_feedback"),
+        ({"request_id": "r1", "score": "high"}, "score", "invalid_score"),
+        ({"request_id": "r1", "score": True}, "score", "invalid_score"),
+        ({"request_id": "r1", "label": ""}, "label", "invalid_label"),
+        ({"request_id": "r1", "label": "x" * 65}, "label", "invalid_label"),
+        ({"request_id": "r1", "correction": 5}, "correction", "invalid_correction"),
+        ({"request_id": "r1", "score": 1, "user": "me"}, "user", "unknown_parameter"),
+        ([1, 2], None, "invalid_json"),
+    ],
+)
 def test_invalid_feedback_is_a_clear_400(validating, body, param, code):
     client = validating
     answer = client.post("/v1/feedback", json=body)

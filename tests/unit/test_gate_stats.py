@@ -46,8 +46,9 @@ def test_worse_candidate_fails_and_noise_widens_the_interval():
 
 def test_seeded_and_checked():
     tokens, base, cand = [10, 20, 30], [70.0, 140.0, 210.0], [60.0, 130.0, 200.0]
-    assert paired_bootstrap(cand, base, tokens, margin=0, seed=5) == paired_bootstrap(cand, base, tokens, margin=0,
-                                                                                      seed=5)
+    assert paired_bootstrap(cand, base, tokens, margin=0, seed=5) == paired_bootstrap(
+        cand, base, tokens, margin=0, seed=5
+    )
     with pytest.raises(ValueError):
         paired_bootstrap([], [], [], margin=0)
 

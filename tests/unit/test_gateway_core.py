@@ -115,23 +115,26 @@ def fail(reason: FailureReason):
 
 
 def answer(text: str = "hello", prompt: int = 3, completion: int = 2) -> FakeResponse:
-    body = {"id": "chatcmpl-1", "object": "chat.completion", "choices": [
-        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
+    body = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": completion},
+    }
     return FakeResponse(200, [orjson.dumps(body)])
 
 
 def chunk(completion_id: str, content: str | None = None, finish: str | None = None, usage=None) -> bytes:
-    choices = [] if usage else [{"index": 0, "delta": {"content": content} if content else {},
-                                 "finish_reason": finish}]
+    choices = [] if usage else [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}]
     body = {"id": completion_id, "object": "chat.completion.chunk", "choices": choices}
     if usage:
         body["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1]}
     return sse.encode(orjson.dumps(body))
 
 
-def stream(completion_id: str, pieces: list[str], usage: tuple[int, int] | None, *, cut: bool = False,
-           line_end: bytes = b"\n") -> FakeResponse:
+def stream(
+    completion_id: str, pieces: list[str], usage: tuple[int, int] | None, *, cut: bool = False, line_end: bytes = b"\n"
+) -> FakeResponse:
     parts: list[bytes | BaseException] = [chunk(completion_id, piece) for piece in pieces]
     if cut:
         parts.append(IncompleteAnswer("the connection closed before the end of the answer"))  # as the clients raise it
@@ -265,8 +268,9 @@ async def test_stream_is_relayed_event_by_event_with_usage_hidden_unless_asked(g
 
     upstream = Scripted(lambda call: stream("c1", ["Hi"], (4, 1)))
     client, _metrics, _pool = gateway(upstream)
-    response = await client.post("/v1/chat/completions",
-                                 json={**CHAT, "stream": True, "stream_options": {"include_usage": True}})
+    response = await client.post(
+        "/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    )
     usage = [e for e in stream_events(response.text) if isinstance(e, dict) and e.get("usage")]
     assert usage[0]["usage"] == {"prompt_tokens": 4, "completion_tokens": 1}
 
@@ -289,8 +293,10 @@ async def test_a_broken_stream_continues_on_the_next_target(gateway):
 
     upstream = Scripted(script)
     client, metrics, _pool = gateway(upstream, max_attempts=1)
-    response = await client.post("/v1/chat/completions", json={**CHAT, "model": "chain:v1", "stream": True,
-                                                                 "stream_options": {"include_usage": True}})
+    response = await client.post(
+        "/v1/chat/completions",
+        json={**CHAT, "model": "chain:v1", "stream": True, "stream_options": {"include_usage": True}},
+    )
     assert response.status_code == 200
     events = stream_events(response.text)
     assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
@@ -304,15 +310,21 @@ async def test_a_broken_stream_continues_on_the_next_target(gateway):
     # The continuation's prompt holds the two earlier tokens: counted once, as output.
     assert sample(metrics, "loragate_prompt_tokens_total", route="chain", variant="v2") == 7
     assert sample(metrics, "loragate_completion_tokens_total", route="chain", variant="v2") == 3
-    assert sample(metrics, "loragate_fallbacks_total", route="chain", variant="v1",
-                  reason="midstream_disconnected") == 1
+    assert (
+        sample(metrics, "loragate_fallbacks_total", route="chain", variant="v1", reason="midstream_disconnected") == 1
+    )
 
 
 async def test_an_error_event_mid_stream_continues_a_completion_from_its_prompt(gateway):
     def script(call: Call):
         if call.model == "a1":
-            return FakeResponse(200, [sse.encode(b'{"id":"k1","choices":[{"index":0,"text":"one"}]}'),
-                                      sse.encode(b'{"error": {"message": "engine died"}}')])
+            return FakeResponse(
+                200,
+                [
+                    sse.encode(b'{"id":"k1","choices":[{"index":0,"text":"one"}]}'),
+                    sse.encode(b'{"error": {"message": "engine died"}}'),
+                ],
+            )
         return FakeResponse(200, [sse.encode(b'{"id":"k2","choices":[{"index":0,"text":" two"}]}'), sse.DONE])
 
     upstream = Scripted(script)

@@ -25,7 +25,7 @@ from tests.local_http import serve
 from tests.processes import free_port
 from tests.stub_upstream import make_app
 
-JSON_OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
+JSON_OK = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
 CHAT = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
@@ -92,8 +92,9 @@ async def test_json_sse_and_statuses_through_the_stub(client: HttpClient) -> Non
         response.release()
 
         # SSE (chunked): the events as they come, then the end.
-        response = await client.post(url, chat(stream=True, max_tokens=16, stream_options={"include_usage": True}),
-                                     request_id="r-2")
+        response = await client.post(
+            url, chat(stream=True, max_tokens=16, stream_options={"include_usage": True}), request_id="r-2"
+        )
         assert response.status == 200
         first = await response.content.readany()
         assert first.startswith(b"data: {")
@@ -111,16 +112,18 @@ async def test_json_sse_and_statuses_through_the_stub(client: HttpClient) -> Non
             assert stats["requests"] == 2 and stats["last_authorization"] is None  # the second had no key
             # 4xx of the client's making come back as they are; 5xx, 429 and an adapter's 404 are failures.
             upstream.bind(session, client)
-            missing = await upstream(f"http://127.0.0.1:{port}/v1/nowhere", chat(), request_id="r-4",
-                                     is_adapter=False)
+            missing = await upstream(f"http://127.0.0.1:{port}/v1/nowhere", chat(), request_id="r-4", is_adapter=False)
             assert missing.status == 404
             missing.release()
-            for model, is_adapter, path, reason in [("fail-500", False, "chat/completions", "upstream_5xx"),
-                                                    ("fail-429", False, "chat/completions", "upstream_429"),
-                                                    ("base", True, "nowhere", "adapter_missing")]:
+            for model, is_adapter, path, reason in [
+                ("fail-500", False, "chat/completions", "upstream_5xx"),
+                ("fail-429", False, "chat/completions", "upstream_429"),
+                ("base", True, "nowhere", "adapter_missing"),
+            ]:
                 with pytest.raises(UpstreamFailure) as failure:
-                    await upstream(f"http://127.0.0.1:{port}/v1/{path}", chat(model=model), request_id="r-5",
-                                   is_adapter=is_adapter)
+                    await upstream(
+                        f"http://127.0.0.1:{port}/v1/{path}", chat(model=model), request_id="r-5", is_adapter=is_adapter
+                    )
                 assert failure.value.reason == reason
 
 
@@ -155,7 +158,8 @@ async def test_keep_alive_reuse_idle_close_and_connection_close(client: HttpClie
 
 
 async def test_a_kept_alive_connection_closed_under_a_request_is_retried_once_on_a_fresh_one(
-        client: HttpClient) -> None:
+    client: HttpClient,
+) -> None:
     drop_next = {"on": False}
 
     async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _request: bytes) -> bool:
@@ -176,18 +180,27 @@ async def test_a_kept_alive_connection_closed_under_a_request_is_retried_once_on
     # On a fresh connection the same drop is the replica's answer: disconnected, not retried.
     async with serve(make_app()) as port:
         with pytest.raises(UpstreamFailure) as failure:
-            await open_upstream(client, f"http://127.0.0.1:{port}/v1/chat/completions", chat(model="reset"),
-                                request_id="c", is_adapter=False)
+            await open_upstream(
+                client,
+                f"http://127.0.0.1:{port}/v1/chat/completions",
+                chat(model="reset"),
+                request_id="c",
+                is_adapter=False,
+            )
         assert failure.value.reason == FailureReason.DISCONNECTED
 
 
-@pytest.mark.parametrize("head, body, expected", [
-    (b"content-length: 20\r\n", [b"0123456789"], IncompleteAnswer),
-    (b"transfer-encoding: chunked\r\n", [b"5\r\nhello\r\n", b"3\r\nab"], IncompleteAnswer),
-    (b"", [b"until ", b"the close"], None),  # neither length nor chunks: the body runs until the close
-])
-async def test_server_closing_mid_body(client: HttpClient, head: bytes, body: list[bytes],
-                                       expected: type[Exception] | None) -> None:
+@pytest.mark.parametrize(
+    "head, body, expected",
+    [
+        (b"content-length: 20\r\n", [b"0123456789"], IncompleteAnswer),
+        (b"transfer-encoding: chunked\r\n", [b"5\r\nhello\r\n", b"3\r\nab"], IncompleteAnswer),
+        (b"", [b"until ", b"the close"], None),  # neither length nor chunks: the body runs until the close
+    ],
+)
+async def test_server_closing_mid_body(
+    client: HttpClient, head: bytes, body: list[bytes], expected: type[Exception] | None
+) -> None:
     async def answer(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _request: bytes) -> bool:
         await reply(writer, b"HTTP/1.1 200 OK\r\n" + head + b"\r\n", *body, pause_s=0.02)
         return False
@@ -272,7 +285,7 @@ async def test_timeouts(client: HttpClient) -> None:
         if b"stall" in request:
             await reply(writer, b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n", b"8\r\ndata: 1\n\r\n")
         elif b"half" in request:
-            await reply(writer, b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{\"id\": ")
+            await reply(writer, b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"id": ')
         await reader.read()  # then silence, until the client gives up and closes
         return False
 
@@ -284,8 +297,7 @@ async def test_timeouts(client: HttpClient) -> None:
             await client.post(url, b"{}", request_id="a", timeout=Timeout(total=5, read=0.2))
         assert time.perf_counter() - started < 1
         # sock_read is the longest silence: a stream that stalls after its first event times out mid-way
-        response = await client.post(url, b'"stall"', request_id="b",
-                                     timeout=Timeout(total=5, read=0.2))
+        response = await client.post(url, b'"stall"', request_id="b", timeout=Timeout(total=5, read=0.2))
         assert await response.content.readany() == b"data: 1\n"
         with pytest.raises(TransportTimeout):
             await response.content.readany()
@@ -297,8 +309,7 @@ async def test_timeouts(client: HttpClient) -> None:
             await response.read()
         assert 0.25 < time.perf_counter() - started < 1
         with pytest.raises(UpstreamFailure) as failure:
-            await open_upstream(client, url, b"{}", request_id="d", is_adapter=False,
-                                timeout=Timeout(total=0.2))
+            await open_upstream(client, url, b"{}", request_id="d", is_adapter=False, timeout=Timeout(total=0.2))
         assert failure.value.reason == FailureReason.TIMEOUT
         assert not client.idle.get(response_key(url.removesuffix("/v1/chat/completions"))), "none kept"
 
@@ -315,8 +326,14 @@ async def test_connect_timeout_is_a_timeout_not_a_refusal(client: HttpClient) ->
                 filler.connect(("127.0.0.1", port))
         started = time.perf_counter()
         with pytest.raises(UpstreamFailure) as failure:
-            await open_upstream(client, f"http://127.0.0.1:{port}/v1/completions", b"{}", request_id="a",
-                                is_adapter=False, timeout=Timeout(total=5, connect=0.2))
+            await open_upstream(
+                client,
+                f"http://127.0.0.1:{port}/v1/completions",
+                b"{}",
+                request_id="a",
+                is_adapter=False,
+                timeout=Timeout(total=5, connect=0.2),
+            )
         assert failure.value.reason == FailureReason.TIMEOUT and time.perf_counter() - started < 1
 
 
@@ -334,7 +351,6 @@ async def test_https_goes_through_the_aiohttp_session(client: HttpClient) -> Non
     with pytest.raises(UpstreamFailure):
         await upstream("https://api.example.com/v1/chat/completions", b"{}", request_id="a", is_adapter=False)
     with pytest.raises(UpstreamFailure) as failure:  # plain http: the lean client (nothing listens there)
-        await upstream(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", request_id="b",
-                       is_adapter=False)
+        await upstream(f"http://127.0.0.1:{free_port()}/v1/chat/completions", b"{}", request_id="b", is_adapter=False)
     assert session.urls == ["https://api.example.com/v1/chat/completions"]
     assert failure.value.reason == FailureReason.CONNECT_ERROR

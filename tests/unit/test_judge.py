@@ -29,8 +29,9 @@ from loragate.monitoring.judgeconfig import FeedbackCheckConfig, JudgeConfig
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)  # the gateway's buckets
 
 
-def lognormal_buckets(n: float, median_s: float, sigma: float = 0.5, tail: tuple[float, float] = (0.0, 1.0)
-                      ) -> dict[float, float]:
+def lognormal_buckets(
+    n: float, median_s: float, sigma: float = 0.5, tail: tuple[float, float] = (0.0, 1.0)
+) -> dict[float, float]:
     """Expected cumulative bucket counts of n lognormal latencies (the +Inf bucket included); ``tail``:
     (share, factor) of the requests that are ``factor`` times slower."""
     share, factor = tail
@@ -42,14 +43,19 @@ def lognormal_buckets(n: float, median_s: float, sigma: float = 0.5, tail: tuple
     return {**{b: float(n * c) for b, c in zip(BOUNDS, mixed)}, math.inf: float(n)}
 
 
-def traffic(canary_n: float, stable_n: float, *, errors=(0.01, 0.01), fallbacks=(0.0, 0.0),
-            medians=(0.6, 0.6)) -> Observed:
-    return Observed(canary_routed=canary_n, canary_errors=round(canary_n * errors[0]),
-                    canary_fallbacks=round(canary_n * fallbacks[0]),
-                    stable_routed=stable_n, stable_errors=round(stable_n * errors[1]),
-                    stable_fallbacks=round(stable_n * fallbacks[1]),
-                    canary_latency=lognormal_buckets(canary_n, medians[0]),
-                    stable_latency=lognormal_buckets(stable_n, medians[1]))
+def traffic(
+    canary_n: float, stable_n: float, *, errors=(0.01, 0.01), fallbacks=(0.0, 0.0), medians=(0.6, 0.6)
+) -> Observed:
+    return Observed(
+        canary_routed=canary_n,
+        canary_errors=round(canary_n * errors[0]),
+        canary_fallbacks=round(canary_n * fallbacks[0]),
+        stable_routed=stable_n,
+        stable_errors=round(stable_n * errors[1]),
+        stable_fallbacks=round(stable_n * fallbacks[1]),
+        canary_latency=lognormal_buckets(canary_n, medians[0]),
+        stable_latency=lognormal_buckets(stable_n, medians[1]),
+    )
 
 
 def decisions(verdict) -> dict[str, str]:
@@ -86,8 +92,12 @@ def test_a_clearly_bad_canary_fails_and_says_why():
 
 def test_a_canary_like_the_stable_passes_with_enough_data():
     verdict = judge(JudgeConfig(), traffic(3000, 10_000), steps=3)
-    assert decisions(verdict) == {"error_rate": "pass", "fallback_rate": "pass", "latency": "pass",
-                                  "latency_tail": "pass"}
+    assert decisions(verdict) == {
+        "error_rate": "pass",
+        "fallback_rate": "pass",
+        "latency": "pass",
+        "latency_tail": "pass",
+    }
     assert verdict.decision == "pass" and "every check rules out a regression" in verdict.explanation
     # ... and not with little data: the same shares from 100 requests hold.
     assert judge(JudgeConfig(), traffic(100, 1000), steps=3).decision == "inconclusive"
@@ -114,8 +124,12 @@ def test_a_slow_tail_fails_the_tail_check_where_the_whole_distribution_check_can
     """8 % of the canary's requests 4x slower (p99 ~2 s -> ~4 s): the shares above each bound move by
     at most ~4 points (under latency's 10-point min effect), but above the stable's p99 bound (2.5 s)
     the canary has ~3.9 % of its requests against the stable's 0.2 %."""
-    slow = Observed(canary_routed=300, stable_routed=5700, canary_latency=lognormal_buckets(300, 0.6, tail=(0.08, 4)),
-                    stable_latency=lognormal_buckets(5700, 0.6))
+    slow = Observed(
+        canary_routed=300,
+        stable_routed=5700,
+        canary_latency=lognormal_buckets(300, 0.6, tail=(0.08, 4)),
+        stable_latency=lognormal_buckets(5700, 0.6),
+    )
     verdict = judge(JudgeConfig(), slow, steps=3)
     tail = verdict.check("latency_tail")
     assert verdict.decision == "fail" and tail.decision == "fail"
@@ -130,16 +144,28 @@ def test_a_slow_tail_fails_the_tail_check_where_the_whole_distribution_check_can
 
 def test_the_tail_check_passes_a_canary_like_the_stable_and_needs_samples_to_do_so():
     config = JudgeConfig()
-    same = Observed(canary_routed=2000, stable_routed=6000, canary_latency=lognormal_buckets(2000, 0.6),
-                    stable_latency=lognormal_buckets(6000, 0.6))
+    same = Observed(
+        canary_routed=2000,
+        stable_routed=6000,
+        canary_latency=lognormal_buckets(2000, 0.6),
+        stable_latency=lognormal_buckets(6000, 0.6),
+    )
     tail = judge(config, same, steps=3).check("latency_tail")
     assert tail.decision == "pass" and tail.upper < tail.min_effect == pytest.approx(0.02)
-    few = Observed(canary_routed=150, stable_routed=6000, canary_latency=lognormal_buckets(150, 0.6),
-                   stable_latency=lognormal_buckets(6000, 0.6))
+    few = Observed(
+        canary_routed=150,
+        stable_routed=6000,
+        canary_latency=lognormal_buckets(150, 0.6),
+        stable_latency=lognormal_buckets(6000, 0.6),
+    )
     assert judge(config, few, steps=3).check("latency_tail").decision == "inconclusive"
     # A canary faster in its tail is no regression however much data there is.
-    faster = Observed(canary_routed=3000, stable_routed=3000, canary_latency=lognormal_buckets(3000, 0.4),
-                      stable_latency=lognormal_buckets(3000, 0.6, tail=(0.05, 4)))
+    faster = Observed(
+        canary_routed=3000,
+        stable_routed=3000,
+        canary_latency=lognormal_buckets(3000, 0.4),
+        stable_latency=lognormal_buckets(3000, 0.6, tail=(0.05, 4)),
+    )
     assert judge(config, faster, steps=3).check("latency_tail").decision == "pass"
     # No stable data: no bound to compare at.
     alone = Observed(canary_routed=500, canary_latency=lognormal_buckets(500, 0.6))
@@ -172,9 +198,17 @@ def test_the_tail_rule_keeps_its_rollback_risk_however_often_it_looks():
         for q, limit in ((0.95, 0.1), (0.99, 0.02)):
             index = tail_bound_index(s_below, s_n, q)
             rows = np.flatnonzero(index >= 0)
-            codes, *_ = tail_decide(c_n[rows] - c_below[rows, index[rows]], c_n[rows],
-                                    s_n[rows] - s_below[rows, index[rows]], s_n[rows], limit, 2.0,
-                                    alpha / compared.sum(), 0.05, 200)
+            codes, *_ = tail_decide(
+                c_n[rows] - c_below[rows, index[rows]],
+                c_n[rows],
+                s_n[rows] - s_below[rows, index[rows]],
+                s_n[rows],
+                limit,
+                2.0,
+                alpha / compared.sum(),
+                0.05,
+                200,
+            )
             failed[rows[codes == 2]] = True
     assert failed.mean() <= alpha
 
@@ -191,17 +225,33 @@ def test_a_real_regression_smaller_than_the_min_effect_does_not_fail():
 def test_feedback_drop_with_an_interval():
     config = JudgeConfig(feedback=FeedbackCheckConfig(min_effect=0.1, min_samples=100))
     base = traffic(3000, 10_000)
-    drop = Observed(**{**base.__dict__, "canary_feedback_sum": 180, "canary_feedback_count": 300,
-                       "stable_feedback_sum": 800, "stable_feedback_count": 1000})  # 0.6 vs 0.8
+    drop = Observed(
+        **{
+            **base.__dict__,
+            "canary_feedback_sum": 180,
+            "canary_feedback_count": 300,
+            "stable_feedback_sum": 800,
+            "stable_feedback_count": 1000,
+        }
+    )  # 0.6 vs 0.8
     feedback = judge(config, drop, steps=3).check("feedback")
     assert feedback.decision == "fail" and feedback.estimate == pytest.approx(0.2)
     assert 0 < feedback.lower < 0.2 < feedback.upper
     same = Observed(**{**drop.__dict__, "canary_feedback_sum": 1200, "canary_feedback_count": 1500})
     assert judge(config, same, steps=3).check("feedback").decision == "pass"
-    assert judge(config, Observed(**{**same.__dict__, "canary_feedback_count": 50}),
-                 steps=3).check("feedback").decision == "inconclusive"  # 50 scores: under min_samples
-    stars = Observed(**{**drop.__dict__, "canary_feedback_sum": 6000, "canary_feedback_count": 1500,
-                        "stable_feedback_sum": 8000, "stable_feedback_count": 2000})  # 4 stars each
+    assert (
+        judge(config, Observed(**{**same.__dict__, "canary_feedback_count": 50}), steps=3).check("feedback").decision
+        == "inconclusive"
+    )  # 50 scores: under min_samples
+    stars = Observed(
+        **{
+            **drop.__dict__,
+            "canary_feedback_sum": 6000,
+            "canary_feedback_count": 1500,
+            "stable_feedback_sum": 8000,
+            "stable_feedback_count": 2000,
+        }
+    )  # 4 stars each
     outside = judge(config, stars, steps=3).check("feedback")
     assert outside.decision == "inconclusive" and "outside score_range" in outside.explanation
     five = JudgeConfig(feedback={"min_effect": 0.5, "score_range": [1, 5]})  # 1-5 stars: min effect in stars
@@ -244,15 +294,18 @@ def test_histogram_quantile_follows_prometheus():
     assert histogram_quantile(0.95, {math.inf: 0}) is None
 
 
-@pytest.mark.parametrize("bad, message", [
-    ({"alpha": 1.5}, "alpha"),
-    ({"error_rate": {"min_effect": 0}}, "min_effect"),
-    ({"latency": {"min_samples": 0}}, "min_samples"),
-    ({"feedback": {"score_range": [1, 1]}}, "score_range must be"),
-    ({"feedback": {"min_effect": 2}}, "below the score range's width"),
-    ({"error_rate": None, "fallback_rate": None, "latency": None, "latency_tail": None}, "at least one check"),
-    ({"latency": {"floor": 0.1}}, "floor"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"alpha": 1.5}, "alpha"),
+        ({"error_rate": {"min_effect": 0}}, "min_effect"),
+        ({"latency": {"min_samples": 0}}, "min_samples"),
+        ({"feedback": {"score_range": [1, 1]}}, "score_range must be"),
+        ({"feedback": {"min_effect": 2}}, "below the score range's width"),
+        ({"error_rate": None, "fallback_rate": None, "latency": None, "latency_tail": None}, "at least one check"),
+        ({"latency": {"floor": 0.1}}, "floor"),
+    ],
+)
 def test_bad_judge_settings_are_refused_with_the_field_named(bad, message):
     with pytest.raises(ValidationError, match=message):
         JudgeConfig.model_validate(bad)
@@ -267,8 +320,9 @@ def test_judge_many_is_judges_rule():
     c_n, s_n = rng.integers(20, 3000, rows).astype(float), rng.integers(20, 20000, rows).astype(float)
     probabilities = np.diff(np.concatenate([[0.0], np.array(list(lognormal_buckets(1, 0.6).values()))]))
     slow = np.diff(np.concatenate([[0.0], np.array(list(lognormal_buckets(1, 0.6, tail=(0.1, 4)).values()))]))
-    c_buckets = np.array([rng.multinomial(n, slow if i % 3 == 0 else probabilities)
-                          for i, n in enumerate(c_n.astype(int))])
+    c_buckets = np.array(
+        [rng.multinomial(n, slow if i % 3 == 0 else probabilities) for i, n in enumerate(c_n.astype(int))]
+    )
     s_buckets = np.array([rng.multinomial(n, probabilities) for n in s_n.astype(int)])
     c_errors = rng.binomial(c_n.astype(int), rng.choice([0.01, 0.04], rows))
     s_errors = rng.binomial(s_n.astype(int), 0.01)
@@ -281,12 +335,22 @@ def test_judge_many_is_judges_rule():
     seen = set()
     for i in range(rows):
         bounds = [*BOUNDS, math.inf]
-        verdict = judge(config, Observed(
-            canary_routed=c_n[i], canary_errors=c_errors[i], stable_routed=s_n[i], stable_errors=s_errors[i],
-            canary_latency=dict(zip(bounds, np.cumsum(c_buckets[i]))),
-            stable_latency=dict(zip(bounds, np.cumsum(s_buckets[i]))),
-            canary_feedback_sum=c_sum[i], canary_feedback_count=c_scores[i],
-            stable_feedback_sum=s_sum[i], stable_feedback_count=s_scores[i]), steps=3)
+        verdict = judge(
+            config,
+            Observed(
+                canary_routed=c_n[i],
+                canary_errors=c_errors[i],
+                stable_routed=s_n[i],
+                stable_errors=s_errors[i],
+                canary_latency=dict(zip(bounds, np.cumsum(c_buckets[i]))),
+                stable_latency=dict(zip(bounds, np.cumsum(s_buckets[i]))),
+                canary_feedback_sum=c_sum[i],
+                canary_feedback_count=c_scores[i],
+                stable_feedback_sum=s_sum[i],
+                stable_feedback_count=s_scores[i],
+            ),
+            steps=3,
+        )
         for check in verdict.checks:
             assert codes[check.decision] == many[check.check][i], (i, check.check, check.explanation)
             seen.add((check.check, check.decision))

@@ -43,8 +43,11 @@ async def limiter(redis_server):
 
 
 def backend(metrics: Metrics) -> str:
-    on = [b for b in ("redis", "fallback", "refusing", "in_process")
-          if metrics.registry.get_sample_value("loragate_limits_backend", {"backend": b}) == 1]
+    on = [
+        b
+        for b in ("redis", "fallback", "refusing", "in_process")
+        if metrics.registry.get_sample_value("loragate_limits_backend", {"backend": b}) == 1
+    ]
     assert len(on) == 1, on
     return on[0]
 
@@ -196,8 +199,10 @@ async def test_a_silent_server_times_out() -> None:
 async def test_a_password_from_the_url_or_given_apart(tmp_path) -> None:
     server = RedisServer(tmp_path, args=("--requirepass", "p@ss/word")).start()
     try:
-        for client in (RespClient(f"redis://:p%40ss%2Fword@127.0.0.1:{server.port}/3"),
-                       RespClient(f"redis://127.0.0.1:{server.port}/3", password="p@ss/word")):
+        for client in (
+            RespClient(f"redis://:p%40ss%2Fword@127.0.0.1:{server.port}/3"),
+            RespClient(f"redis://127.0.0.1:{server.port}/3", password="p@ss/word"),
+        ):
             assert await client.call("PING") == b"PONG"
             await client.call("SET", "k", "v")  # in database 3
             await client.close()
@@ -218,8 +223,10 @@ async def test_limited_keys_get_503_while_the_shared_limiter_fails_closed(tmp_pa
     from loragate.service.errors import GatewayError
 
     keys = tmp_path / "keys.yaml"
-    keys.write_text(f'keys:\n  - {{id: "team-a", sha256: "{hash_key("lg-a")}", requests_per_minute: 5}}\n'
-                    f'  - {{id: "team-b", sha256: "{hash_key("lg-b")}"}}\n')
+    keys.write_text(
+        f'keys:\n  - {{id: "team-a", sha256: "{hash_key("lg-a")}", requests_per_minute: 5}}\n'
+        f'  - {{id: "team-b", sha256: "{hash_key("lg-b")}"}}\n'
+    )
     metrics = Metrics()
     shared = RedisLimiter(f"redis://127.0.0.1:{free_port()}/0", metrics, fail_closed=True, retry_after_s=2)
     await shared.start()
@@ -227,20 +234,30 @@ async def test_limited_keys_get_503_while_the_shared_limiter_fails_closed(tmp_pa
     with pytest.raises(GatewayError) as refused:
         auth.authenticate({"authorization": "Bearer lg-a"}).admit("any")
     assert (refused.value.status, refused.value.code, refused.value.headers["retry-after"]) == (
-        503, "limiter_unavailable", "2")
+        503,
+        "limiter_unavailable",
+        "2",
+    )
     assert auth.authenticate({"authorization": "Bearer lg-b"}).admit("any") is None  # no limits: not affected
-    assert metrics.registry.get_sample_value(
-        "loragate_limit_rejections_total", {"key_id": "team-a", "reason": "limiter_unavailable"}) == 1
+    assert (
+        metrics.registry.get_sample_value(
+            "loragate_limit_rejections_total", {"key_id": "team-a", "reason": "limiter_unavailable"}
+        )
+        == 1
+    )
     await shared.close()
 
 
-@pytest.mark.parametrize("url, problem", [
-    ("http://cache:6379", "scheme must be redis://"),
-    ("redis://cache:notaport/0", "port must be a number"),
-    ("redis://:6379/0", "no host"),
-    ("redis://cache:6379/zero", "database after the host must be a number"),
-    ("redis//cache:6379", "scheme must be redis://"),
-])
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("http://cache:6379", "scheme must be redis://"),
+        ("redis://cache:notaport/0", "port must be a number"),
+        ("redis://:6379/0", "no host"),
+        ("redis://cache:6379/zero", "database after the host must be a number"),
+        ("redis//cache:6379", "scheme must be redis://"),
+    ],
+)
 def test_bad_redis_urls_are_refused_by_the_settings(url: str, problem: str) -> None:
     with pytest.raises(ValidationError, match=problem):
         Settings(limits_url=url)
@@ -248,8 +265,14 @@ def test_bad_redis_urls_are_refused_by_the_settings(url: str, problem: str) -> N
 
 
 def _serve(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loragate", "serve"], capture_output=True, text=True, timeout=60,
-                          cwd=ROOT, env={**os.environ, "LORAGATE_PORT": str(free_port()), **env})
+    return subprocess.run(
+        [sys.executable, "-m", "loragate", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={**os.environ, "LORAGATE_PORT": str(free_port()), **env},
+    )
 
 
 def test_a_malformed_redis_url_stops_the_gateway_with_a_clear_message() -> None:
@@ -261,8 +284,13 @@ def test_a_malformed_redis_url_stops_the_gateway_with_a_clear_message() -> None:
 
 def test_a_host_that_never_resolves_stops_the_gateway_with_a_clear_message(tmp_path) -> None:
     (tmp_path / "routes.yaml").write_text("routes:\n  plain:\n    variants: [{name: base, weight: 1}]\n")
-    done = _serve({"LORAGATE_UPSTREAMS": "http://127.0.0.1:1,http://no-such-engine.invalid:8000",
-                   "LORAGATE_DISCOVERY_START_TIMEOUT_S": "1", "LORAGATE_ROUTES_FILE": str(tmp_path / "routes.yaml")})
+    done = _serve(
+        {
+            "LORAGATE_UPSTREAMS": "http://127.0.0.1:1,http://no-such-engine.invalid:8000",
+            "LORAGATE_DISCOVERY_START_TIMEOUT_S": "1",
+            "LORAGATE_ROUTES_FILE": str(tmp_path / "routes.yaml"),
+        }
+    )
     assert done.returncode == 2
     assert "no-such-engine.invalid" in done.stderr and "does not resolve" in done.stderr
     assert "Traceback" not in done.stderr

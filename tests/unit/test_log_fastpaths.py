@@ -56,23 +56,43 @@ def batch_records() -> list[RequestRecord]:
     texts = corpus()[:400]
     # Timestamps whose milliseconds are a float product to truncate (int(t * 1000)), before and after 1970.
     stamps = [1_700_000_000.0 + i * 0.0013337 if i % 5 else -1.0015 * i for i in range(len(texts))]
-    records = [chat_record(f"r{i}", content=text, answer=texts[-1 - i], stream=i % 2 == 1, timestamp=stamps[i])
-               for i, text in enumerate(texts)]
+    records = [
+        chat_record(f"r{i}", content=text, answer=texts[-1 - i], stream=i % 2 == 1, timestamp=stamps[i])
+        for i, text in enumerate(texts)
+    ]
     completion = RequestRecord(
-        request_id="c1", timestamp=1_700_000_000.0, route="r", variant="v", endpoint="completions", status=200,
-        stream=False, fallback=None, latency_s=0.1, ttft_s=None, prompt_tokens=1, completion_tokens=1, cost_usd=0,
-        reference_cost_usd=0, payload=orjson.dumps({"prompt": ["call +44 20 7946 0958", PII_PROMPT]}),
-        answer=orjson.dumps({"choices": [{"index": 0, "text": PII_PROMPT, "finish_reason": "stop"}]}))
-    odd = [completion,
-           completion._replace(request_id="c2", payload=orjson.dumps({"prompt": "one " + PII_PROMPT})),
-           completion._replace(request_id="c3", payload=orjson.dumps({"prompt": [1, 2]}), answer=None, status=502),
-           chat_record("m1")._replace(payload=orjson.dumps({"messages": "not a list"})),
-           chat_record("m2")._replace(payload=orjson.dumps({"messages": []})),
-           chat_record("m3")._replace(payload=orjson.dumps({"messages": [7, {"content": [{"text": "a"}, {"x": 1}]}]})),
-           chat_record("m4")._replace(payload=b'{"model":"a1","messages":[{"role":"user","content":"caf\xc3\xa9"}]}'),
-           *(chat_record(f"p{index}")._replace(payload=payload) for index, payload in enumerate(random_chat_payloads(300))),
-           chat_record("s1", stream=True)._replace(answer=b""),
-           chat_record("s2", stream=True)._replace(answer=b"data: {\"choices\": [{\"index\": 1}]}\r\n\r\n")]
+        request_id="c1",
+        timestamp=1_700_000_000.0,
+        route="r",
+        variant="v",
+        endpoint="completions",
+        status=200,
+        stream=False,
+        fallback=None,
+        latency_s=0.1,
+        ttft_s=None,
+        prompt_tokens=1,
+        completion_tokens=1,
+        cost_usd=0,
+        reference_cost_usd=0,
+        payload=orjson.dumps({"prompt": ["call +44 20 7946 0958", PII_PROMPT]}),
+        answer=orjson.dumps({"choices": [{"index": 0, "text": PII_PROMPT, "finish_reason": "stop"}]}),
+    )
+    odd = [
+        completion,
+        completion._replace(request_id="c2", payload=orjson.dumps({"prompt": "one " + PII_PROMPT})),
+        completion._replace(request_id="c3", payload=orjson.dumps({"prompt": [1, 2]}), answer=None, status=502),
+        chat_record("m1")._replace(payload=orjson.dumps({"messages": "not a list"})),
+        chat_record("m2")._replace(payload=orjson.dumps({"messages": []})),
+        chat_record("m3")._replace(payload=orjson.dumps({"messages": [7, {"content": [{"text": "a"}, {"x": 1}]}]})),
+        chat_record("m4")._replace(payload=b'{"model":"a1","messages":[{"role":"user","content":"caf\xc3\xa9"}]}'),
+        *(
+            chat_record(f"p{index}")._replace(payload=payload)
+            for index, payload in enumerate(random_chat_payloads(300))
+        ),
+        chat_record("s1", stream=True)._replace(answer=b""),
+        chat_record("s2", stream=True)._replace(answer=b'data: {"choices": [{"index": 1}]}\r\n\r\n'),
+    ]
     return records + odd
 
 
@@ -153,7 +173,9 @@ def random_chat_payloads(count: int) -> list[bytes]:
         if rnd.random() < 0.9:
             fields["role"] = rnd.choice(["user", "system", "assistant"]) if rnd.random() < 0.8 else rnd.choice(odd)
         if rnd.random() < 0.9:
-            fields["content"] = rnd.choice(["hi", "call +1 555 123 4567", ""]) if rnd.random() < 0.8 else rnd.choice(odd)
+            fields["content"] = (
+                rnd.choice(["hi", "call +1 555 123 4567", ""]) if rnd.random() < 0.8 else rnd.choice(odd)
+            )
         if rnd.random() < 0.2:
             fields["name"] = "x"
         return fields
@@ -162,7 +184,9 @@ def random_chat_payloads(count: int) -> list[bytes]:
     for _ in range(count):
         request: dict = {"model": "a1", "max_tokens": 5}
         if rnd.random() < 0.9:
-            request["messages"] = [message() for _ in range(rnd.randint(0, 3))] if rnd.random() < 0.9 else rnd.choice(odd)
+            request["messages"] = (
+                [message() for _ in range(rnd.randint(0, 3))] if rnd.random() < 0.9 else rnd.choice(odd)
+            )
         payloads.append(orjson.dumps(request))
     return payloads
 
@@ -170,18 +194,30 @@ def random_chat_payloads(count: int) -> list[bytes]:
 def random_streams(count: int) -> list[bytes]:
     """SSE streams of chat and completion events, most well-formed, many with one thing out of the ordinary."""
     rnd = random.Random(11)
-    values = [None, 0, 1, "0", 0.0, True, "", "stop", "x\u00e9", [], {}, "\U0001F600"]
+    values = [None, 0, 1, "0", 0.0, True, "", "stop", "x\u00e9", [], {}, "\U0001f600"]
 
     def choice() -> bytes:
         if usual:  # what vLLM sends
-            return (b'{"index":0,"delta":{"content":' + orjson.dumps(rnd.choice(["a", " b", "\u00fc", "\U0001F600"]))
-                    + b'},"logprobs":null,"finish_reason":' + orjson.dumps(rnd.choice([None, "stop", "length"])) + b"}")
+            return (
+                b'{"index":0,"delta":{"content":'
+                + orjson.dumps(rnd.choice(["a", " b", "\u00fc", "\U0001f600"]))
+                + b'},"logprobs":null,"finish_reason":'
+                + orjson.dumps(rnd.choice([None, "stop", "length"]))
+                + b"}"
+            )
         fields = []
         if rnd.random() < 0.8:
             fields.append(b'"index":' + (b"0" if rnd.random() < 0.7 else orjson.dumps(rnd.choice(values))))
         if rnd.random() < 0.7:
-            delta = rnd.choice([b"{}", b"null", b'"x"', b'{"role":"assistant"}',
-                                b'{"content":' + orjson.dumps(rnd.choice(["a", "b c", "", None, 5, "\u00fc"])) + b"}"])
+            delta = rnd.choice(
+                [
+                    b"{}",
+                    b"null",
+                    b'"x"',
+                    b'{"role":"assistant"}',
+                    b'{"content":' + orjson.dumps(rnd.choice(["a", "b c", "", None, 5, "\u00fc"])) + b"}",
+                ]
+            )
             fields.append(b'"delta":' + delta)
         if rnd.random() < 0.3:
             fields.append(b'"text":' + orjson.dumps(rnd.choice(["t", None, 3, ""])))
@@ -194,7 +230,9 @@ def random_streams(count: int) -> list[bytes]:
     def event() -> bytes:
         head = b'{"id":"c-1","object":"chat.completion.chunk","created":1,"model":"m",'
         choices = b"[" + b",".join(choice() for _ in range(rnd.choice([0, 1, 1, 1, 2]))) + b"]"
-        body = head + b'"choices":' + (choices if rnd.random() < 0.95 else rnd.choice([b"null", b"{}", b"[null]"])) + b"}"
+        body = (
+            head + b'"choices":' + (choices if rnd.random() < 0.95 else rnd.choice([b"null", b"{}", b"[null]"])) + b"}"
+        )
         if rnd.random() < 0.03:
             body = body.replace(b'"m"', rnd.choice([b'"\xff"', b'"\\ud800"', b'"\\q"', b"01", b'"\\ud83d\\ude00"']))
         return b"data: " + body + b"\n\n"
@@ -233,16 +271,27 @@ def random_bodies(count: int) -> list[bytes]:
         choices = []
         for _ in range(rnd.choice([0, 1, 1, 1, 2])):
             if rnd.random() < 0.5:  # what vLLM sends
-                choices.append({"index": 0, "message": {"role": "assistant", "content": rnd.choice(["a", "\u00fc b"])},
-                                "logprobs": None, "finish_reason": rnd.choice(["stop", "length"])})
+                choices.append(
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": rnd.choice(["a", "\u00fc b"])},
+                        "logprobs": None,
+                        "finish_reason": rnd.choice(["stop", "length"]),
+                    }
+                )
                 continue
             choice: dict = {}
             for key in ("message", "text", "finish_reason", "index"):
                 if rnd.random() < 0.6:
                     choice[key] = rnd.choice(values + [{"content": rnd.choice(values)}, {"role": "assistant"}])
             choices.append(choice if rnd.random() < 0.95 else rnd.choice([None, 3, "x"]))
-        answer: object = {"id": "c-1", "object": "chat.completion", "model": "m", "choices": choices,
-                          "usage": {"prompt_tokens": 1}}
+        answer: object = {
+            "id": "c-1",
+            "object": "chat.completion",
+            "model": "m",
+            "choices": choices,
+            "usage": {"prompt_tokens": 1},
+        }
         if rnd.random() < 0.05:
             answer = rnd.choice([[], {"choices": None}, {"id": "x"}, "text"])
         body = orjson.dumps(answer)
@@ -259,8 +308,9 @@ def test_typed_body_decoding_gives_the_general_parse_or_steps_aside() -> None:
 def test_a_remembered_key_does_not_survive_a_revoking_reload(tmp_path: Path) -> None:
     keys = tmp_path / "keys.yaml"
     alice, bob = "lg-alice-secret", "lg-bob-secret"
-    keys.write_text(f'keys:\n  - {{id: alice, sha256: "{hash_key(alice)}"}}\n'
-                    f'  - {{id: bob, sha256: "{hash_key(bob)}"}}\n')
+    keys.write_text(
+        f'keys:\n  - {{id: alice, sha256: "{hash_key(alice)}"}}\n  - {{id: bob, sha256: "{hash_key(bob)}"}}\n'
+    )
     auth = Authenticator(KeyStore(keys))
     for _ in range(3):  # digests remembered now
         assert auth.authenticate({"authorization": f"Bearer {alice}"}).key_id == "alice"
@@ -300,8 +350,18 @@ def test_every_reader_takes_a_records_fields_by_name() -> None:
     from loragate.service.requestlog.records import columns_of
 
     record = chat_record("by-name", stream=True)._replace(
-        route="route-x", variant="variant-y", status=200, fallback="timeout", latency_s=1.25, ttft_s=0.75,
-        prompt_tokens=11, completion_tokens=13, cost_usd=0.5, reference_cost_usd=2.5, role="shadow")
+        route="route-x",
+        variant="variant-y",
+        status=200,
+        fallback="timeout",
+        latency_s=1.25,
+        ttft_s=0.75,
+        prompt_tokens=11,
+        completion_tokens=13,
+        cost_usd=0.5,
+        reference_cost_usd=2.5,
+        role="shadow",
+    )
     shared = [name for name in RequestRecord._fields if name in arrow_schema("requests").names and name != "timestamp"]
     assert len(shared) >= 14
     columnar = requests_table([tuple(record)], "scrubbed", Converter("scrubbed")._clean_all).to_pylist()[0]

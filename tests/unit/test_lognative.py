@@ -24,11 +24,12 @@ CASES = 4000
 
 # --- a JSON writer that can also write what orjson.dumps never does ---------------------------------
 
+
 def _string(rng: random.Random) -> str:
     pick = rng.random()
     if pick < 0.3:
         return rng.choice(["", "ok", "stop", "length", "user", "assistant", "system", "hello world"])
-    alphabet = "abc xyz\"\\/\n\t\x00\x1f\x7féü€😀\u2028"
+    alphabet = 'abc xyz"\\/\n\t\x00\x1f\x7féü€😀\u2028'
     return "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
 
 
@@ -53,8 +54,30 @@ def _encode_string(text: str, rng: random.Random) -> str:
 
 
 def _number(rng: random.Random) -> str:
-    return rng.choice(["0", "-0", "1", "-1", "0.0", "2.5", "1e2", "1E+2", "-0e-5", "1e400", "1e-400", "1e99",
-                       "123456789012345678901234567890", "0.000", "9" * 250, "1.5e-07", "01", "1.", "-", "1e"])
+    return rng.choice(
+        [
+            "0",
+            "-0",
+            "1",
+            "-1",
+            "0.0",
+            "2.5",
+            "1e2",
+            "1E+2",
+            "-0e-5",
+            "1e400",
+            "1e-400",
+            "1e99",
+            "123456789012345678901234567890",
+            "0.000",
+            "9" * 250,
+            "1.5e-07",
+            "01",
+            "1.",
+            "-",
+            "1e",
+        ]
+    )
 
 
 def _value(rng: random.Random, depth: int = 0) -> object:
@@ -78,7 +101,7 @@ def _key(rng: random.Random, name: str) -> str:
 
 
 def _write(tree: object, rng: random.Random) -> str:
-    space = (lambda: rng.choice(["", "", "", " ", "\t"]))
+    space = lambda: rng.choice(["", "", "", " ", "\t"])
     if isinstance(tree, str):
         return tree
     kind, items = tree  # type: ignore[misc]
@@ -104,8 +127,10 @@ def _object(rng: random.Random, fields: list[tuple[str, object]]) -> tuple[str, 
 def _choice(rng: random.Random, chat: bool, body: bool) -> object:
     text = _encode_string(_string(rng), rng)
     inner = "message" if body else "delta"
-    fields = [("index", _field(rng, rng.choice(["0", "0", "1"]))),
-              ("finish_reason", _field(rng, rng.choice(["null", '"stop"', '""'])))]
+    fields = [
+        ("index", _field(rng, rng.choice(["0", "0", "1"]))),
+        ("finish_reason", _field(rng, rng.choice(["null", '"stop"', '""']))),
+    ]
     if chat:
         fields.append((inner, _field(rng, _object(rng, [("content", _field(rng, text)), ("role", '"assistant"')]))))
     else:
@@ -117,7 +142,7 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
     if not data or rng.random() < 0.85:
         return data
     at = rng.randrange(len(data))
-    return data[:at] + bytes([rng.randrange(256)]) * rng.randrange(0, 2) + data[at + rng.randrange(0, 2):]
+    return data[:at] + bytes([rng.randrange(256)]) * rng.randrange(0, 2) + data[at + rng.randrange(0, 2) :]
 
 
 def _body(rng: random.Random) -> bytes:
@@ -127,9 +152,16 @@ def _body(rng: random.Random) -> bytes:
 
 def _stream(rng: random.Random) -> bytes:
     chat = rng.random() < 0.7
-    events = [_write(_object(rng, [("choices", _field(rng, ("arr", [_choice(rng, chat, False)
-                                                                   for _ in range(rng.randrange(0, 3))])))]), rng)
-              for _ in range(rng.randrange(1, 5))]
+    events = [
+        _write(
+            _object(
+                rng,
+                [("choices", _field(rng, ("arr", [_choice(rng, chat, False) for _ in range(rng.randrange(0, 3))])))],
+            ),
+            rng,
+        )
+        for _ in range(rng.randrange(1, 5))
+    ]
     framing = rng.random()
     if framing < 0.8:
         text = "".join(f"data: {event}\n\n" for event in events) + rng.choice(["data: [DONE]\n\n", "", "data: [DONE]"])
@@ -143,8 +175,16 @@ def _chat_request(rng: random.Random) -> bytes:
     def message() -> object:
         content: object = _encode_string(_string(rng), rng)
         if rng.random() < 0.2:  # content parts
-            content = ("arr", [_field(rng, _object(rng, [("type", '"text"'), ("text", _field(rng, _encode_string(
-                _string(rng), rng)))])) for _ in range(rng.randrange(0, 3))])
+            content = (
+                "arr",
+                [
+                    _field(
+                        rng,
+                        _object(rng, [("type", '"text"'), ("text", _field(rng, _encode_string(_string(rng), rng)))]),
+                    )
+                    for _ in range(rng.randrange(0, 3))
+                ],
+            )
         role = _encode_string(rng.choice(["user", "system", "assistant", "tool", ""]), rng)
         return _field(rng, _object(rng, [("role", _field(rng, role)), ("content", _field(rng, content))]))
 
@@ -162,6 +202,7 @@ def _parses(data: bytes) -> bool:
 
 
 # --- the comparisons ----------------------------------------------------------------------------------
+
 
 def test_body_answer_is_the_reference_or_declines() -> None:
     rng = random.Random(13)
@@ -209,28 +250,44 @@ def test_chat_turns_are_the_reference_or_decline() -> None:
     assert answered > CASES // 3
 
 
-@pytest.mark.parametrize("data", [
-    b'{"choices":[{"index":0,"text":"a"}],"choices":[]}',  # a key given twice
-    b'{"\\u0063hoices":[]}',  # a key written with an escape
-    b'{"choices":[],"n":1e400}',  # infinity to orjson
-    b'{"choices":[]} x',  # trailing bytes
-    b'{"choices":["\\ud800"]}',  # a lone surrogate
-    b'{"choices":["\xed\xa0\x80"]}',  # a surrogate in UTF-8
-    b'{"choices":["\xc0\xaf"]}',  # an overlong encoding
-    b'{"choices":[{"finish_reason":5}]}',  # a finish reason that is not a string
-])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"choices":[{"index":0,"text":"a"}],"choices":[]}',  # a key given twice
+        b'{"\\u0063hoices":[]}',  # a key written with an escape
+        b'{"choices":[],"n":1e400}',  # infinity to orjson
+        b'{"choices":[]} x',  # trailing bytes
+        b'{"choices":["\\ud800"]}',  # a lone surrogate
+        b'{"choices":["\xed\xa0\x80"]}',  # a surrogate in UTF-8
+        b'{"choices":["\xc0\xaf"]}',  # an overlong encoding
+        b'{"choices":[{"finish_reason":5}]}',  # a finish reason that is not a string
+    ],
+)
 def test_declines_what_only_the_reference_can_decide(data: bytes) -> None:
     assert native.body_answer(data) is None
     assert native.stream_answer(b"data: " + data + b"\n\n") is None
 
 
 def test_typical_upstream_answers_are_read_natively() -> None:
-    body = orjson.dumps({"id": "1", "choices": [{"index": 0, "message": {"role": "assistant", "content": "h\u00e9 \"x\"\n"},
-                                                 "finish_reason": "stop", "logprobs": None}],
-                         "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
-    assert native.body_answer(body) == ("h\u00e9 \"x\"\n", "stop")
-    events = [{"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": reason}]}
-              for piece, reason in (("a", None), ("\U0001f600", None), ("", "length"))]
+    body = orjson.dumps(
+        {
+            "id": "1",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": 'h\u00e9 "x"\n'},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        }
+    )
+    assert native.body_answer(body) == ('h\u00e9 "x"\n', "stop")
+    events = [
+        {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": reason}]}
+        for piece, reason in (("a", None), ("\U0001f600", None), ("", "length"))
+    ]
     stream = b"".join(b"data: " + orjson.dumps(event) + b"\n\n" for event in events) + b"data: [DONE]\n\n"
     assert native.stream_answer(stream) == ("a\U0001f600", "length")
     roles: list[str] = []

@@ -28,7 +28,9 @@ def plain_value(draw: random.Random) -> object:
     if kind == 0:
         return draw.choice([None, True, False])
     if kind == 1:  # around the 32-bit boundary, where marshal's int format changes
-        return draw.choice([0, 1, -1, 2**31 - 1, -(2**31), 2**31, -(2**31) - 1, 2**63, -(2**70), draw.randrange(-10**6, 10**6)])
+        return draw.choice(
+            [0, 1, -1, 2**31 - 1, -(2**31), 2**31, -(2**31) - 1, 2**63, -(2**70), draw.randrange(-(10**6), 10**6)]
+        )
     if kind == 2:
         return draw.choice([0.0, -0.0, 1.5, 1e-300, math.inf, -math.inf, math.nan, draw.random() * 1e9])
     if kind == 3:
@@ -36,7 +38,9 @@ def plain_value(draw: random.Random) -> object:
     if kind == 4:  # ASCII, the C queue's own path
         return "".join(chr(draw.randrange(0, 128)) for _ in range(draw.randrange(0, 120)))
     if kind == 5:  # non-ASCII, astral, and lone surrogates (marshal writes them with surrogatepass)
-        return "".join(draw.choice(["é", "日本", "\U0001F600", "\udc80", "a", "\x00"]) for _ in range(draw.randrange(1, 30)))
+        return "".join(
+            draw.choice(["é", "日本", "\U0001f600", "\udc80", "a", "\x00"]) for _ in range(draw.randrange(1, 30))
+        )
     if kind == 6:
         return (draw.randrange(10), "nested", None)
     if kind == 7:
@@ -90,8 +94,9 @@ def test_a_record_is_a_tuple_and_a_tuple_subclass_is_kept_as_a_tuple():
         queue.append(["a", 1])  # type: ignore[arg-type]
     from loragate.service.requestlog import RequestRecord
 
-    record = RequestRecord("r1", 1.0, "route", "v1", "chat/completions", 200, False, None, 0.1, None, 1, 2, 0.0,
-                           0.0, b"{}", b"{}")
+    record = RequestRecord(
+        "r1", 1.0, "route", "v1", "chat/completions", 200, False, None, 0.1, None, 1, 2, 0.0, 0.0, b"{}", b"{}"
+    )
     queue.append(record)
     assert queue.take(1) == marshal.dumps([tuple(record)], 2)
 

@@ -18,8 +18,9 @@ from tests.synthetic import requests_frame
 HOUR = datetime(2026, 11, 2, 10, tzinfo=timezone.utc)
 
 
-def write_files(root, frame: pd.DataFrame, *, writer: str = "gw0", flush_s: int = 60, table: str = "requests",
-                keyed: bool = False):
+def write_files(
+    root, frame: pd.DataFrame, *, writer: str = "gw0", flush_s: int = 60, table: str = "requests", keyed: bool = False
+):
     """Files as the gateway names them: one per writer and flush, stamped with the flush time. ``keyed``: laid
     out as the gateway writes them now (service/requestlog/store.encode); else one row group in time order,
     as older gateways wrote them."""
@@ -29,8 +30,12 @@ def write_files(root, frame: pd.DataFrame, *, writer: str = "gw0", flush_s: int 
         stamp = datetime.fromtimestamp(int(flush), timezone.utc)
         directory = root / table / f"date={part['timestamp'].iloc[0]:%Y-%m-%d}"
         directory.mkdir(parents=True, exist_ok=True)
-        data = logschema.conform(pa.Table.from_pandas(part.assign(
-            timestamp=part["timestamp"].astype("datetime64[ms, UTC]")), preserve_index=False), table)
+        data = logschema.conform(
+            pa.Table.from_pandas(
+                part.assign(timestamp=part["timestamp"].astype("datetime64[ms, UTC]")), preserve_index=False
+            ),
+            table,
+        )
         path = directory / f"{writer}-{stamp:%Y%m%dT%H%M%S}000Z-{seq:06d}.parquet"
         if keyed:
             path.write_bytes(encode(data.select(list(logschema.COLUMNS[table]))).to_pybytes())
@@ -59,8 +64,9 @@ def test_sample_keys_are_stable_uniform_and_hash_the_whole_id():
     # pinned: the keys the logs written so far were sampled and compacted by (the numpy implementation's; the
     # Arrow one the gateway shares gives the same, past the 256-byte position cap too)
     assert sample_keys(pa.array(["abc", "", "x" * 300])).tolist() == [10422987716737944273, 0, 18077049367589235415]
-    assert sample_keys(pa.chunked_array([pa.array(["abc"]), pa.array([], pa.string())]).slice(0, 1)).tolist() == \
-        [10422987716737944273]
+    assert sample_keys(pa.chunked_array([pa.array(["abc"]), pa.array([], pa.string())]).slice(0, 1)).tolist() == [
+        10422987716737944273
+    ]
 
 
 def test_sample_is_capped_deterministic_nested_and_counts_the_window(tmp_path):
@@ -94,13 +100,17 @@ def test_the_gateway_writes_rows_in_key_order_with_each_row_groups_key_range(tmp
     write_files(tmp_path, frame, flush_s=3600, keyed=True)
     (path,) = (tmp_path / "requests" / "date=2026-11-02").iterdir()
     reader = pq.ParquetFile(path)
-    assert [reader.metadata.row_group(i).num_rows for i in range(reader.num_row_groups)] == \
-        [samplekey.ROW_GROUP_ROWS, samplekey.ROW_GROUP_ROWS, 300]
+    assert [reader.metadata.row_group(i).num_rows for i in range(reader.num_row_groups)] == [
+        samplekey.ROW_GROUP_ROWS,
+        samplekey.ROW_GROUP_ROWS,
+        300,
+    ]
     keys = sample_keys(reader.read(columns=["request_id"])["request_id"])
     assert np.all(np.diff(keys.astype(np.float64)) >= 0)  # key order
     starts = np.cumsum([0, samplekey.ROW_GROUP_ROWS, samplekey.ROW_GROUP_ROWS, 300])
-    assert samplekey.read_ranges(reader.metadata) == [(int(keys[a]), int(keys[b - 1])) for a, b in
-                                                      zip(starts[:-1], starts[1:])]
+    assert samplekey.read_ranges(reader.metadata) == [
+        (int(keys[a]), int(keys[b - 1])) for a, b in zip(starts[:-1], starts[1:])
+    ]
     assert sorted(reader.read(columns=["request_id"])["request_id"].to_pylist()) == sorted(frame.request_id)
 
 
@@ -114,8 +124,9 @@ def test_key_ordered_files_give_the_same_sample_and_skip_the_ids_of_most_row_gro
         root = tmp_path / str(keyed)
         write_files(root, frame, flush_s=900, keyed=keyed)  # 4 files of ~3,750 rows
         for by_variant in (True, False):
-            scan = RequestLog(root).scan(window, per_variant=300, by_variant=by_variant,
-                                         columns=("request_id", "variant", "prompt_text"))
+            scan = RequestLog(root).scan(
+                window, per_variant=300, by_variant=by_variant, columns=("request_id", "variant", "prompt_text")
+            )
             scans[keyed, by_variant] = (sorted(r for t in scan for r in t["request_id"].to_pylist()), scan.stats)
     for by_variant in (True, False):
         (old, old_stats), (new, new_stats) = scans[False, by_variant], scans[True, by_variant]
@@ -140,8 +151,9 @@ def test_sample_is_a_fair_sample(tmp_path):
 
 def test_projection_reads_only_the_columns_asked(tmp_path):
     write_files(tmp_path, hour_frame(200, 4))
-    got = RequestLog(tmp_path).sample(Window(HOUR, HOUR + timedelta(hours=1)), columns=("request_id", "timestamp",
-                                                                                         "latency_s"))
+    got = RequestLog(tmp_path).sample(
+        Window(HOUR, HOUR + timedelta(hours=1)), columns=("request_id", "timestamp", "latency_s")
+    )
     assert list(got.frame.columns) == ["request_id", "timestamp", "latency_s"] and len(got.frame) == 200
 
 
@@ -156,8 +168,12 @@ def test_files_written_before_the_window_are_not_opened_and_late_rows_are_kept(t
     # a row of the window flushed 5 minutes after the window ended (a long stream) is still read
     late = hour_frame(1, 7, start=HOUR + timedelta(minutes=59, seconds=50))
     late["timestamp"] = pd.Timestamp(HOUR + timedelta(minutes=59, seconds=59))
-    data = logschema.conform(pa.Table.from_pandas(late.assign(timestamp=late["timestamp"].astype(
-        "datetime64[ms, UTC]")), preserve_index=False), "requests")
+    data = logschema.conform(
+        pa.Table.from_pandas(
+            late.assign(timestamp=late["timestamp"].astype("datetime64[ms, UTC]")), preserve_index=False
+        ),
+        "requests",
+    )
     pq.write_table(data, directory / "gw9-20261102T110500000Z-000000.parquet")
     scan = RequestLog(tmp_path).scan(Window(HOUR, HOUR + timedelta(hours=1)))
     rows = sum(t.num_rows for t in scan)
@@ -182,8 +198,10 @@ def test_feedback_and_old_files_read(tmp_path, per_variant):
     old["timestamp"] = old["timestamp"].astype("datetime64[ms, UTC]")
     directory = tmp_path / "requests" / "date=2026-11-02"
     directory.mkdir(parents=True)
-    pq.write_table(pa.Table.from_pandas(old.drop(columns=["schema_version"]), preserve_index=False),
-                   directory / "old-writer.parquet")  # a name without a flush stamp: always opened
+    pq.write_table(
+        pa.Table.from_pandas(old.drop(columns=["schema_version"]), preserve_index=False),
+        directory / "old-writer.parquet",
+    )  # a name without a flush stamp: always opened
     got = RequestLog(tmp_path).sample(Window(HOUR, HOUR + timedelta(hours=1)), per_variant=per_variant)
     assert len(got.frame) == (100 if per_variant is None else 50)
     assert set(got.frame.schema_version) == {1} and set(got.frame.role) == {"primary"}
@@ -196,9 +214,24 @@ def test_drift_report_gives_the_window_rows_beside_the_sample(tmp_path, capsys):
 
     write_files(tmp_path / "log", hour_frame(700, 11))
     write_files(tmp_path / "log", hour_frame(650, 12, start=HOUR + timedelta(hours=1)))
-    code = main(["drift", "--request-log", str(tmp_path / "log"), "--route", "support", "--since",
-                 (HOUR + timedelta(hours=1)).isoformat(), "--until", (HOUR + timedelta(hours=2)).isoformat(),
-                 "--sample-rows", "200", "--out", str(tmp_path / "out"), "--json"])
+    code = main(
+        [
+            "drift",
+            "--request-log",
+            str(tmp_path / "log"),
+            "--route",
+            "support",
+            "--since",
+            (HOUR + timedelta(hours=1)).isoformat(),
+            "--until",
+            (HOUR + timedelta(hours=2)).isoformat(),
+            "--sample-rows",
+            "200",
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+        ]
+    )
     assert code in (0, 1)
     summary = json.loads(capsys.readouterr().out)
     assert (summary["reference_rows"], summary["current_rows"]) == (200, 200)

@@ -98,15 +98,21 @@ def test_load_bound_is_c_times_the_mean_counting_this_request():
 def test_prompt_prefix_takes_the_leading_text_of_chats_and_prompts():
     system = "You are a support agent for ACME. " * 4
     chat = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": "first question"}]}
-    later = {"messages": [*chat["messages"], {"role": "assistant", "content": "an answer"},
-                          {"role": "user", "content": "second question"}]}
+    later = {
+        "messages": [
+            *chat["messages"],
+            {"role": "assistant", "content": "an answer"},
+            {"role": "user", "content": "second question"},
+        ]
+    }
     assert prompt_prefix(chat) == prompt_prefix(later)  # the same conversation keeps its key
     assert len(prompt_prefix({"messages": [{"role": "user", "content": "y" * 10_000}]})) == PREFIX_CHARS
     other = {"messages": [chat["messages"][0], {"role": "user", "content": "another conversation"}]}
     assert prompt_prefix(other) != prompt_prefix(chat)  # a short system prompt: the first turn counts too
     long_system = {"role": "system", "content": "z" * PREFIX_CHARS}
-    assert (prompt_prefix({"messages": [long_system, {"role": "user", "content": "one"}]})
-            == prompt_prefix({"messages": [long_system, {"role": "user", "content": "two"}]}))  # the system prompt
+    assert prompt_prefix({"messages": [long_system, {"role": "user", "content": "one"}]}) == prompt_prefix(
+        {"messages": [long_system, {"role": "user", "content": "two"}]}
+    )  # the system prompt
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": system}, {"type": "image_url"}]}]}
     assert prompt_prefix(parts) == "\x1e" + system  # the text parts
     assert prompt_prefix({"messages": [{"role": "user", "content": "hi"}]}) is None  # too short to share
@@ -120,11 +126,24 @@ def test_prompt_prefix_takes_the_leading_text_of_chats_and_prompts():
 # --- the picker -------------------------------------------------------------------
 
 
-def pick(picker: Picker, replicas: list[Replica], adapter: str | None = None, prefix: int | None = None,
-         can_load: bool = True, **kwargs):
-    return picker.pick(replicas, lambda r: r.healthy, adapter=adapter, can_load=lambda r: can_load,
-                       prefix=prefix, holders=[r for r in replicas if adapter and r.holds(adapter)],
-                       total_in_flight=sum(r.in_flight for r in replicas), **kwargs)
+def pick(
+    picker: Picker,
+    replicas: list[Replica],
+    adapter: str | None = None,
+    prefix: int | None = None,
+    can_load: bool = True,
+    **kwargs,
+):
+    return picker.pick(
+        replicas,
+        lambda r: r.healthy,
+        adapter=adapter,
+        can_load=lambda r: can_load,
+        prefix=prefix,
+        holders=[r for r in replicas if adapter and r.holds(adapter)],
+        total_in_flight=sum(r.in_flight for r in replicas),
+        **kwargs,
+    )
 
 
 def test_least_loaded_wins_and_the_deciding_scorer_is_named():

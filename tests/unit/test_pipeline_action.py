@@ -56,8 +56,9 @@ ROUTES = "routes:\n  support:\n    variants:\n      - {{name: v1, adapter: suppo
 def world(tmp_path, monkeypatch):
     registry = Registry(tmp_path / "registry")
     base = BaseModelRef(name="base", path=str(base_dir(tmp_path)), sha256=base_model_sha256(base_dir(tmp_path)))
-    card = new_card("support", "v1", adapter_files(tmp_path / "out-v1", b"v1" * 40), base,
-                    evaluations=[evaluation("pass")])
+    card = new_card(
+        "support", "v1", adapter_files(tmp_path / "out-v1", b"v1" * 40), base, evaluations=[evaluation("pass")]
+    )
     v1 = registry.register(card, tmp_path / "out-v1", state="stable")
     (tmp_path / "routes.yaml").write_text(ROUTES.format(v1=v1))
     stub = tmp_path / "stub_pipeline.py"
@@ -72,12 +73,14 @@ async def engines():
     calls: list[tuple[int, dict]] = []
     runners, urls = [], []
     for index in range(2):
+
         async def load(request, index=index):
             body = await request.json()
             calls.append((index, body))
             if index == 1 and len([c for c in calls if c[0] == 1]) > 1:
                 return web.json_response({"error": {"message": "The lora adapter is already loaded"}}, status=400)
             return web.Response(text="ok")
+
         app = web.Application()
         app.router.add_post("/v1/load_lora_adapter", load)
         runner = web.AppRunner(app)
@@ -98,9 +101,15 @@ def make_controller(world) -> RolloutController:
 
 
 def make_action(world, urls, controller, **settings) -> PipelineAction:
-    config = PipelineSettings(registry=str(world["registry"].root), base_model=str(world["tmp"] / "base"),
-                              state_dir=str(world["tmp"] / "pipelines"), engines=urls, approval_poll_s=0.1,
-                              rollout={"steps": [10, 50], "interval_s": 60}, **settings)
+    config = PipelineSettings(
+        registry=str(world["registry"].root),
+        base_model=str(world["tmp"] / "base"),
+        state_dir=str(world["tmp"] / "pipelines"),
+        engines=urls,
+        approval_poll_s=0.1,
+        rollout={"steps": [10, 50], "interval_s": 60},
+        **settings,
+    )
     return PipelineAction(config, controller, PipelineMetrics(), command=world["stub"])
 
 
@@ -137,8 +146,12 @@ async def test_trigger_to_canary_then_promotion_moves_the_cards(world, engines):
     assert weights(world) == {"v1": 90, "r42": 10, "base": 0}
     card = read_card(v2)
     assert card.state == "canary"
-    assert [(e.step, e.result) for e in card.events] == [("pipeline", "ok"), ("load", "ok"), ("route", "ok"),
-                                                        ("rollout", "ok")]
+    assert [(e.step, e.result) for e in card.events] == [
+        ("pipeline", "ok"),
+        ("load", "ok"),
+        ("route", "ok"),
+        ("rollout", "ok"),
+    ]
     assert action.metrics.steps.labels("support", "rollout", "ok")._value.get() == 1
     # the rollout is persisted with its spec: a new controller (a restarted monitor) has it
     restarted = make_controller(world)
@@ -149,10 +162,12 @@ async def test_trigger_to_canary_then_promotion_moves_the_cards(world, engines):
     assert [h.state for h in read_card(v2).history] == ["candidate", "canary", "stable"]
 
 
-@pytest.mark.parametrize("action, canary_state, v1_state", [("promote", "stable", "retired"),
-                                                             ("rollback", "rejected", "stable")])
+@pytest.mark.parametrize(
+    "action, canary_state, v1_state", [("promote", "stable", "retired"), ("rollback", "rejected", "stable")]
+)
 async def test_a_monitor_restarted_after_a_crash_before_the_cards_moved_moves_them(
-        world, engines, monkeypatch, action, canary_state, v1_state):
+    world, engines, monkeypatch, action, canary_state, v1_state
+):
     """The rollout's end is committed before its cards move; a crash in between leaves the cards behind,
     and the next monitor's first round moves them (once: a later round changes nothing)."""
     from loragate.monitoring.rollout import cards
@@ -197,8 +212,17 @@ async def test_rollout_cli_sees_a_rollout_the_pipeline_started(world, engines, c
     await action.run(context(world))
     await action.tasks["support"]
     config = world["tmp"] / "monitor.json"
-    config.write_text(json.dumps({"request_log": "log", "rollouts": {
-        "routes_file": str(world["tmp"] / "routes.yaml"), "state_file": str(world["tmp"] / "rollouts.json")}}))
+    config.write_text(
+        json.dumps(
+            {
+                "request_log": "log",
+                "rollouts": {
+                    "routes_file": str(world["tmp"] / "routes.yaml"),
+                    "state_file": str(world["tmp"] / "rollouts.json"),
+                },
+            }
+        )
+    )
     args = argparse.Namespace(config=str(config), action="rollback", route=None, reason="by hand", json=False)
     assert await asyncio.to_thread(rollout_command, args) == 0
     assert "support: rolled_back, r42 at 0%" in capsys.readouterr().out
@@ -280,9 +304,17 @@ async def test_weights_changed_after_the_gate_are_rejected_before_loading(world,
 def test_monitor_config_needs_rollouts_and_prometheus_for_a_pipeline():
     from loragate.monitoring.config import MonitorConfig
 
-    check = {"route": "support", "reference": {"path": "ref.jsonl"}, "actions": [
-        {"type": "dataset", "location": "/tmp/x"},
-        {"type": "pipeline", "pipeline": {"registry": "r", "base_model": "b", "state_dir": "s", "engines": ["http://e"]}}]}
+    check = {
+        "route": "support",
+        "reference": {"path": "ref.jsonl"},
+        "actions": [
+            {"type": "dataset", "location": "/tmp/x"},
+            {
+                "type": "pipeline",
+                "pipeline": {"registry": "r", "base_model": "b", "state_dir": "s", "engines": ["http://e"]},
+            },
+        ],
+    }
     with pytest.raises(ValueError, match=r"checks\.0\.actions\.1: a pipeline action .* needs a rollouts section"):
         MonitorConfig(request_log="log", prometheus_url="http://p", checks=[check])
     MonitorConfig(request_log="log", prometheus_url="http://p", checks=[check], rollouts={"routes_file": "r.yaml"})
@@ -308,8 +340,9 @@ async def test_no_stable_version_is_a_clear_refusal(world, engines):
 async def test_runtime_rollout_refused_while_another_progresses(world):
     controller = make_controller(world)
     routes = world["tmp"] / "routes.yaml"
-    routes.write_text(routes.read_text() + "      - {name: v2, adapter: a2, weight: 0}\n"
-                                           "      - {name: v3, adapter: a3, weight: 0}\n")
+    routes.write_text(
+        routes.read_text() + "      - {name: v2, adapter: a2, weight: 0}\n      - {name: v3, adapter: a3, weight: 0}\n"
+    )
     await controller.add(CanaryConfig(route="support", stable="v1", canary="v2", steps=[5, 50]))
     with pytest.raises(Exception, match="still progressing"):
         await controller.add(CanaryConfig(route="support", stable="v1", canary="v3", steps=[5, 50]))

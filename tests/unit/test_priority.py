@@ -30,9 +30,9 @@ ROUTES = "routes:\n  chat:\n    variants: [{name: base, weight: 1}]\n"
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 KEYS = f"""
 keys:
-  - {{id: batch, sha256: "{hash_key('lg-batch')}", priority: sheddable}}
-  - {{id: app, sha256: "{hash_key('lg-app')}"}}
-  - {{id: ops, sha256: "{hash_key('lg-ops')}", priorities: [critical, standard, sheddable]}}
+  - {{id: batch, sha256: "{hash_key("lg-batch")}", priority: sheddable}}
+  - {{id: app, sha256: "{hash_key("lg-app")}"}}
+  - {{id: ops, sha256: "{hash_key("lg-ops")}", priorities: [critical, standard, sheddable]}}
 """
 
 
@@ -43,19 +43,25 @@ async def saturated_gateway(tmp_path: Path, **settings) -> AsyncIterator[tuple[h
     routes.write_text(ROUTES)
     engine = stub_engine(base_ms=150, per_request_ms=0, max_running=8, max_lora=1, metrics=False, adapters=[])
     async with serve(engine) as port:
-        app = create_app(Settings(routes_file=routes, upstreams=[f"http://127.0.0.1:{port}"],
-                                  max_in_flight_per_upstream=1, **settings), Metrics(CollectorRegistry()))
+        app = create_app(
+            Settings(
+                routes_file=routes, upstreams=[f"http://127.0.0.1:{port}"], max_in_flight_per_upstream=1, **settings
+            ),
+            Metrics(CollectorRegistry()),
+        )
         try:
             async with app.app.router.lifespan_context(app.app):
-                async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
-                                             timeout=10) as client:
+                async with httpx.AsyncClient(
+                    transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=10
+                ) as client:
                     yield client, app
         finally:
             gc.unfreeze()  # the lifespan freezes what it found (a served process's start-up objects)
 
 
-async def queue_in_order(client: httpx.AsyncClient, app, requests: list[tuple[str, dict]]) -> tuple[
-        list[asyncio.Task], list[str]]:
+async def queue_in_order(
+    client: httpx.AsyncClient, app, requests: list[tuple[str, dict]]
+) -> tuple[list[asyncio.Task], list[str]]:
     """Sends a first request (it takes the only slot), then each of ``requests`` (name, headers) once the one
     before it is waiting; returns the tasks and the list the names are appended to as answers come back."""
     admission = app.state.pool.admission
@@ -86,33 +92,64 @@ def priority(name: str | bytes) -> dict:
 
 async def test_with_the_engine_saturated_critical_is_answered_before_standard_before_sheddable(tmp_path):
     async with saturated_gateway(tmp_path, max_waiting=16, max_wait_s=5) as (client, app):
-        tasks, done = await queue_in_order(client, app, [
-            ("sheddable-1", priority("sheddable")), ("standard-1", {}), ("critical-1", priority("critical")),
-            ("sheddable-2", priority("sheddable")), ("standard-2", priority("standard")),
-            ("critical-2", priority("Critical"))])
+        tasks, done = await queue_in_order(
+            client,
+            app,
+            [
+                ("sheddable-1", priority("sheddable")),
+                ("standard-1", {}),
+                ("critical-1", priority("critical")),
+                ("sheddable-2", priority("sheddable")),
+                ("standard-2", priority("standard")),
+                ("critical-2", priority("Critical")),
+            ],
+        )
         assert app.state.pool.admission.waiting == 6
         responses = await asyncio.gather(*tasks)
         assert [r.status_code for r in responses] == [200] * 7
         assert done == ["first", "critical-1", "critical-2", "standard-1", "standard-2", "sheddable-1", "sheddable-2"]
         registry = app.state.metrics.registry
-        waited = {p: registry.get_sample_value("loragate_admission_wait_seconds_count", {"priority": p})
-                  for p in ("critical", "standard", "sheddable")}
+        waited = {
+            p: registry.get_sample_value("loragate_admission_wait_seconds_count", {"priority": p})
+            for p in ("critical", "standard", "sheddable")
+        }
         assert waited == {"critical": 2, "standard": 2, "sheddable": 2}
-        mean_wait = {p: registry.get_sample_value("loragate_admission_wait_seconds_sum", {"priority": p}) / 2
-                     for p in waited}
+        mean_wait = {
+            p: registry.get_sample_value("loragate_admission_wait_seconds_sum", {"priority": p}) / 2 for p in waited
+        }
         assert mean_wait["critical"] < mean_wait["standard"] < mean_wait["sheddable"]
 
 
 async def test_sheddable_requests_are_shed_first_with_503_and_retry_after(tmp_path):
     async with saturated_gateway(tmp_path, max_waiting=3, max_wait_s=3) as (client, app):
-        tasks, done = await queue_in_order(client, app, [
-            ("sheddable-1", priority("sheddable")), ("standard-1", {}), ("sheddable-2", priority("sheddable")),
-            ("critical-1", priority("critical")),  # the queue is full: sheddable-2, the newest sheddable, is shed
-            ("sheddable-3", priority("sheddable")),  # full, nobody below it: refused at once
-            ("standard-2", {}),  # full: displaces sheddable-1
-            ("standard-3", {})])  # full of standard and critical: refused, as overloaded
-        responses = dict(zip(["first", "sheddable-1", "standard-1", "sheddable-2", "critical-1", "sheddable-3",
-                              "standard-2", "standard-3"], await asyncio.gather(*tasks)))
+        tasks, done = await queue_in_order(
+            client,
+            app,
+            [
+                ("sheddable-1", priority("sheddable")),
+                ("standard-1", {}),
+                ("sheddable-2", priority("sheddable")),
+                ("critical-1", priority("critical")),  # the queue is full: sheddable-2, the newest sheddable, is shed
+                ("sheddable-3", priority("sheddable")),  # full, nobody below it: refused at once
+                ("standard-2", {}),  # full: displaces sheddable-1
+                ("standard-3", {}),
+            ],
+        )  # full of standard and critical: refused, as overloaded
+        responses = dict(
+            zip(
+                [
+                    "first",
+                    "sheddable-1",
+                    "standard-1",
+                    "sheddable-2",
+                    "critical-1",
+                    "sheddable-3",
+                    "standard-2",
+                    "standard-3",
+                ],
+                await asyncio.gather(*tasks),
+            )
+        )
         assert done[:4] == ["sheddable-2", "sheddable-3", "sheddable-1", "standard-3"]  # refused before any answer
         assert done[4:] == ["first", "critical-1", "standard-1", "standard-2"]
         for name in ("sheddable-1", "sheddable-2", "sheddable-3"):
@@ -130,12 +167,16 @@ async def test_sheddable_requests_are_shed_first_with_503_and_retry_after(tmp_pa
             return registry.get_sample_value("loragate_admission_shed_total", {"priority": priority, "reason": reason})
 
         assert (shed("sheddable", "displaced"), shed("sheddable", "queue_full"), shed("standard", "queue_full")) == (
-            2, 1, 1)
+            2,
+            1,
+            1,
+        )
         assert registry.get_sample_value("loragate_admission_rejections_total", {"route": "chat"}) == 4
 
 
 async def test_a_key_may_use_only_its_classes_403_and_an_unknown_class_is_400(tmp_path):
     async with saturated_gateway(tmp_path, auth=True, api_keys=KEYS) as (client, _app):
+
         async def ask(key: str, asked: str | bytes | None) -> httpx.Response:
             headers = {"authorization": f"Bearer {key}", **(priority(asked) if asked else {})}
             return await client.post("/v1/chat/completions", json=CHAT, headers=headers)
@@ -150,8 +191,13 @@ async def test_a_key_may_use_only_its_classes_403_and_an_unknown_class_is_400(tm
         unknown = await ask("lg-ops", b"urgent\xe9" * 30)  # not ASCII: header bytes as Latin-1
         assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "invalid_priority"
         assert len(unknown.json()["error"]["message"]) < 200  # the client's value is echoed bounded
-        for key, asked in [("lg-batch", None), ("lg-batch", "sheddable"), ("lg-app", "sheddable"),
-                           ("lg-ops", "critical"), ("lg-ops", None)]:
+        for key, asked in [
+            ("lg-batch", None),
+            ("lg-batch", "sheddable"),
+            ("lg-app", "sheddable"),
+            ("lg-ops", "critical"),
+            ("lg-ops", None),
+        ]:
             assert (await ask(key, asked)).status_code == 200, (key, asked)
 
 

@@ -35,8 +35,16 @@ def stub_engine(logprobs: dict[str, list[float]], *, loaded: set[str] | None = N
         if body["model"] not in loaded:
             return web.json_response({"error": {"message": "no such model"}}, status=404)
         values = logprobs[body["model"]]
-        return web.json_response({"choices": [{"text": "x", "logprobs": {
-            "tokens": [f"t{i}" for i in range(len(values))], "token_logprobs": values}}]})
+        return web.json_response(
+            {
+                "choices": [
+                    {
+                        "text": "x",
+                        "logprobs": {"tokens": [f"t{i}" for i in range(len(values))], "token_logprobs": values},
+                    }
+                ]
+            }
+        )
 
     async def models(request):
         return web.json_response({"data": [{"id": name} for name in sorted(loaded)]})
@@ -56,8 +64,12 @@ def stub_engine(logprobs: dict[str, list[float]], *, loaded: set[str] | None = N
 
 async def probe(app, **config) -> ProbeResult:
     async with serve(app) as port:
-        return await AdapterProbe().probe(ProbeConfig(engines=[f"http://127.0.0.1:{port}"], **config),
-                                          base_model="base", adapter="v2-adapter", path="/adapters/v2")
+        return await AdapterProbe().probe(
+            ProbeConfig(engines=[f"http://127.0.0.1:{port}"], **config),
+            base_model="base",
+            adapter="v2-adapter",
+            path="/adapters/v2",
+        )
 
 
 async def test_identical_logprobs_mean_the_adapter_is_not_applied():
@@ -77,8 +89,7 @@ async def test_different_logprobs_mean_applied_and_tiny_noise_does_not():
     assert applied.result == "applied" and applied.engines[0].max_difference == pytest.approx(0.4)
     app, _ = stub_engine({"base": [-1.5, -0.25], "v2-adapter": [-1.5 + 1e-6, -0.25]})
     assert (await probe(app)).result == "not_applied"  # within the tolerance: float noise, not an adapter
-    assert (await probe(stub_engine({"base": [-1.5], "v2-adapter": [-1.5 + 1e-6]})[0], tolerance=0)).result \
-        == "applied"
+    assert (await probe(stub_engine({"base": [-1.5], "v2-adapter": [-1.5 + 1e-6]})[0], tolerance=0)).result == "applied"
 
 
 async def test_an_adapter_missing_on_the_engine_is_loaded_first_and_errors_are_errors():
@@ -91,20 +102,26 @@ async def test_an_adapter_missing_on_the_engine_is_loaded_first_and_errors_are_e
     assert broken.result == "error" and "HTTP 500" in broken.explanation
     async with serve(web.Application()) as port:  # no such routes: 404s
         pass
-    gone = await AdapterProbe().probe(ProbeConfig(engines=[f"http://127.0.0.1:{port}"], timeout_s=5),
-                                      base_model="base", adapter="a")
+    gone = await AdapterProbe().probe(
+        ProbeConfig(engines=[f"http://127.0.0.1:{port}"], timeout_s=5), base_model="base", adapter="a"
+    )
     assert gone.result == "error" and "probe failed" in gone.explanation
 
 
 def test_one_engine_not_applying_is_enough_and_answers_are_parsed_strictly():
-    mixed = ProbeResult("a", "base", [EngineProbe("e1", "applied"), EngineProbe("e2", "not_applied"),
-                                      EngineProbe("e3", "error")])
+    mixed = ProbeResult(
+        "a", "base", [EngineProbe("e1", "applied"), EngineProbe("e2", "not_applied"), EngineProbe("e3", "error")]
+    )
     assert mixed.result == "not_applied"
     assert ProbeResult("a", "base", [EngineProbe("e1", "error")]).result == "error"
     assert difference(Answer(["a"], [-1.0]), Answer(["b"], [-1.0])) == math.inf  # other tokens: applied
-    for bad in ({}, {"choices": []}, {"choices": [{"logprobs": None}]},
-                {"choices": [{"logprobs": {"tokens": ["a"], "token_logprobs": [1, 2]}}]},
-                {"choices": [{"logprobs": {"tokens": "a", "token_logprobs": "b"}}]}):
+    for bad in (
+        {},
+        {"choices": []},
+        {"choices": [{"logprobs": None}]},
+        {"choices": [{"logprobs": {"tokens": ["a"], "token_logprobs": [1, 2]}}]},
+        {"choices": [{"logprobs": {"tokens": "a", "token_logprobs": "b"}}]},
+    ):
         with pytest.raises(ValueError, match="no token logprobs"):
             parse_answer(bad)
 
@@ -135,8 +152,12 @@ async def test_a_canary_whose_adapter_is_not_applied_is_refused_traffic_at_the_s
     assert status["state"] == "rolled_back" and (weights(tmp_path)["v1"], weights(tmp_path)["v2"]) == (100, 0)
     assert status["last_analysis"]["probe"]["result"] == "not_applied"
     assert sample(c, "loragate_adapter_probe_total", result="not_applied") is None  # labelled by variant
-    assert c.metrics.registry.get_sample_value("loragate_adapter_probe_total", {
-        "route": "support", "variant": "v2", "result": "not_applied"}) == 1
+    assert (
+        c.metrics.registry.get_sample_value(
+            "loragate_adapter_probe_total", {"route": "support", "variant": "v2", "result": "not_applied"}
+        )
+        == 1
+    )
     assert sample(c, "loragate_rollout_state", state="rolled_back") == 1
     assert await c.tick(now=2000) == []  # rolled back: nothing more
 
@@ -150,8 +171,12 @@ async def test_a_probe_at_each_analysis_rolls_back_an_adapter_that_stops_being_a
     assert step.action == "step" and step.weight == 25
     (refused,) = await c.tick(now=1120)
     assert refused.action == "rollback" and weights(tmp_path)["v2"] == 0
-    counts = {r: c.metrics.registry.get_sample_value("loragate_adapter_probe_total", {
-        "route": "support", "variant": "v2", "result": r}) for r in ("applied", "not_applied", "error")}
+    counts = {
+        r: c.metrics.registry.get_sample_value(
+            "loragate_adapter_probe_total", {"route": "support", "variant": "v2", "result": r}
+        )
+        for r in ("applied", "not_applied", "error")
+    }
     assert counts == {"applied": 2, "not_applied": 1, "error": 0}
 
 

@@ -30,9 +30,17 @@ from tests.processes import ROOT
 def adapter_files(directory, weights=b"\x00weights-a" * 100, r=8):
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "adapter_model.safetensors").write_bytes(weights)
-    (directory / "adapter_config.json").write_text(json.dumps(
-        {"r": r, "lora_alpha": 16, "target_modules": ["v_proj", "q_proj"], "lora_dropout": 0.0,
-         "base_model_name_or_path": "/models/base"}))
+    (directory / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "r": r,
+                "lora_alpha": 16,
+                "target_modules": ["v_proj", "q_proj"],
+                "lora_dropout": 0.0,
+                "base_model_name_or_path": "/models/base",
+            }
+        )
+    )
     return directory
 
 
@@ -45,17 +53,36 @@ def base_dir(tmp_path, vocab=2000):
 
 
 def evaluation(verdict="pass"):
-    return Evaluation(at=time.time(), baseline="support/v1", data="held.jsonl", examples=20, tokens=900,
-                      candidate_nll=5.0, baseline_nll=7.0, delta=-2.0, ci_low=-2.2, ci_high=-1.8, confidence=0.95,
-                      margin=0.02, verdict=verdict, reason="x")
+    return Evaluation(
+        at=time.time(),
+        baseline="support/v1",
+        data="held.jsonl",
+        examples=20,
+        tokens=900,
+        candidate_nll=5.0,
+        baseline_nll=7.0,
+        delta=-2.0,
+        ci_low=-2.2,
+        ci_high=-1.8,
+        confidence=0.95,
+        margin=0.02,
+        verdict=verdict,
+        reason="x",
+    )
 
 
 @pytest.fixture
 def registered(tmp_path):
     registry = Registry(tmp_path / "registry")
     base = BaseModelRef(name="base", path=str(base_dir(tmp_path)), sha256=base_model_sha256(base_dir(tmp_path)))
-    card = new_card("support", "v2", adapter_files(tmp_path / "out"), base, parent="support/v1",
-                    data=TrainingData(location="d.jsonl", sha256="ab" * 32, rows=10, train_rows=8, held_out_rows=2))
+    card = new_card(
+        "support",
+        "v2",
+        adapter_files(tmp_path / "out"),
+        base,
+        parent="support/v1",
+        data=TrainingData(location="d.jsonl", sha256="ab" * 32, rows=10, train_rows=8, held_out_rows=2),
+    )
     directory = registry.register(card, tmp_path / "out")
     return registry, directory
 
@@ -73,8 +100,11 @@ def test_card_round_trip(registered, tmp_path):
     assert registry.load("support", "v2") == card
     assert [c.ref for c in registry.cards()] == ["support/v2"]
     # the staging directory is gone, the files were copied, nothing else left behind
-    assert sorted(p.name for p in directory.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                           CARD_FILE]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        CARD_FILE,
+    ]
     assert [p.name for p in registry.root.iterdir()] == ["support"]
     assert AdapterCard.model_validate_json((directory / CARD_FILE).read_text()) == card
 
@@ -209,8 +239,13 @@ def test_adapters_cli(registered):
     registry, directory = registered
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "loragate", "adapters", *args, "--registry", registry.location],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "loragate", "adapters", *args, "--registry", registry.location],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     listed = cli("list")
     assert listed.returncode == 0, listed.stderr
@@ -233,7 +268,12 @@ def test_monitor_exposes_adapter_info(registered, tmp_path):
     from loragate.monitoring.service import Monitor
 
     registry, _ = registered
-    monitor = Monitor(MonitorConfig(request_log=str(tmp_path / "log"), state_file=str(tmp_path / "state.json"),
-                                    adapter_registry=registry.location))
+    monitor = Monitor(
+        MonitorConfig(
+            request_log=str(tmp_path / "log"),
+            state_file=str(tmp_path / "state.json"),
+            adapter_registry=registry.location,
+        )
+    )
     text = generate_latest(monitor.metrics.registry).decode()
     assert 'loragate_adapter_info{base="base",name="support",state="candidate",version="v2"} 1.0' in text

@@ -117,8 +117,9 @@ def test_scheduling_metrics_pass_promtool_check_metrics():
     metrics.adapter_placements.labels("unload", "lru").inc()
     promtool = shutil.which("promtool")
     assert promtool, "promtool is not installed (apt-get install prometheus)"
-    result = subprocess.run([promtool, "check", "metrics"], input=generate_latest(metrics.registry),
-                            capture_output=True, timeout=60)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=generate_latest(metrics.registry), capture_output=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert not result.stdout.strip() and not result.stderr.strip(), result.stdout + result.stderr
 

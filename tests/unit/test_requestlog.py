@@ -37,29 +37,57 @@ PII = {
     "ip": "203.0.113.42",
     "key": "sk-abcdefghijklmnopqrstuvwx123456",
 }
-PII_PROMPT = (f"I am {PII['email']}, phone {PII['phone']}, card {PII['card']}, ssn {PII['ssn']}, "
-              f"from {PII['ip']}, my key is {PII['key']}")
+PII_PROMPT = (
+    f"I am {PII['email']}, phone {PII['phone']}, card {PII['card']}, ssn {PII['ssn']}, "
+    f"from {PII['ip']}, my key is {PII['key']}"
+)
 
 
-def chat_record(request_id: str = "r1", *, content: str = "hello", answer: str = "hi there",
-                timestamp: float = 1_700_000_000.0, stream: bool = False, status: int = 200) -> RequestRecord:
-    payload = {"model": "a1", "messages": [{"role": "system", "content": "be brief"},
-                                           {"role": "user", "content": content}]}
+def chat_record(
+    request_id: str = "r1",
+    *,
+    content: str = "hello",
+    answer: str = "hi there",
+    timestamp: float = 1_700_000_000.0,
+    stream: bool = False,
+    status: int = 200,
+) -> RequestRecord:
+    payload = {
+        "model": "a1",
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}],
+    }
     body = chunks = None
     if stream:
         chunks = [_sse({"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]})]
         for word in answer.split(" "):
             chunks.append(_sse({"choices": [{"index": 0, "delta": {"content": word + " "}, "finish_reason": None}]}))
-        chunks.append(_sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
-                      + _sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}) + b"data: [DONE]\n\n")
+        chunks.append(
+            _sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            + _sse({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+            + b"data: [DONE]\n\n"
+        )
     else:
-        body = orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                                          "finish_reason": "length"}]})
+        body = orjson.dumps(
+            {"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "length"}]}
+        )
     return RequestRecord(
-        request_id=request_id, timestamp=timestamp, route="support", variant="v1", endpoint="chat/completions",
-        status=status, stream=stream, fallback=None, latency_s=0.5, ttft_s=0.1 if stream else None,
-        prompt_tokens=3, completion_tokens=2, cost_usd=0.001, reference_cost_usd=0.01,
-        payload=orjson.dumps(payload), answer=b"".join(chunks) if stream else body)
+        request_id=request_id,
+        timestamp=timestamp,
+        route="support",
+        variant="v1",
+        endpoint="chat/completions",
+        status=status,
+        stream=stream,
+        fallback=None,
+        latency_s=0.5,
+        ttft_s=0.1 if stream else None,
+        prompt_tokens=3,
+        completion_tokens=2,
+        cost_usd=0.001,
+        reference_cost_usd=0.01,
+        payload=orjson.dumps(payload),
+        answer=b"".join(chunks) if stream else body,
+    )
 
 
 def _sse(obj: dict) -> bytes:
@@ -70,8 +98,7 @@ def counted(metrics: Metrics, result: str, kind: str = "requests") -> float:
     return metrics.registry.get_sample_value("loragate_requestlog_records_total", {"kind": kind, "result": result}) or 0
 
 
-def parquet_sink(root: Path, metrics: Metrics, convert: str, *, writer_id: str | None = None,
-                 **options) -> RequestLog:
+def parquet_sink(root: Path, metrics: Metrics, convert: str, *, writer_id: str | None = None, **options) -> RequestLog:
     """A RequestLog writing Parquet under ``root``; in process mode the store is built in the child."""
     factory = functools.partial(ParquetStore, str(root), writer_id=writer_id)
     return RequestLog(factory if convert == "process" else factory(), metrics, convert=convert, **options)
@@ -114,9 +141,12 @@ def test_row_from_a_streamed_chat_answer():
 
 def test_row_from_a_streamed_text_completion():
     record = chat_record(stream=True)._replace(
-        endpoint="completions", payload=orjson.dumps({"model": "a1", "prompt": ["first", "second"]}),
+        endpoint="completions",
+        payload=orjson.dumps({"model": "a1", "prompt": ["first", "second"]}),
         answer=_sse({"choices": [{"index": 0, "text": "ab", "finish_reason": None}]})
-        + _sse({"choices": [{"index": 0, "text": "cd", "finish_reason": "length"}]}) + b"data: [DONE]\n\n")
+        + _sse({"choices": [{"index": 0, "text": "cd", "finish_reason": "length"}]})
+        + b"data: [DONE]\n\n",
+    )
     row = request_row(record, "full")
     assert (row["prompt_text"], row["response_text"], row["finish_reason"]) == ("first\nsecond", "abcd", "length")
     assert row["prompt_messages"] is None  # a text completion has no turns
@@ -129,8 +159,14 @@ def test_an_error_answer_has_no_text():
 
 
 def test_prompt_text_of_content_parts_and_token_ids():
-    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "look"},
-                                                       {"type": "image_url", "image_url": {"url": "x"}}]}]}
+    parts = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": "x"}}],
+            }
+        ]
+    }
     assert prompt_of(parts, "chat/completions") == ([{"role": "user", "content": "look"}], "user: look")
     assert prompt_of({"prompt": [1, 2, 3]}, "completions") == (None, None)
 
@@ -145,8 +181,9 @@ def test_a_forged_turn_inside_a_message_stays_inside_it():
 def test_text_modes(mode, expected):
     row = request_row(chat_record(content=PII_PROMPT), mode)
     assert row["prompt_text"] == (None if expected is None else f"system: be brief\nuser: {expected}")
-    assert row["prompt_messages"] == (None if expected is None else [{"role": "system", "content": "be brief"},
-                                                                     {"role": "user", "content": expected}])
+    assert row["prompt_messages"] == (
+        None if expected is None else [{"role": "system", "content": "be brief"}, {"role": "user", "content": expected}]
+    )
     assert (row["response_text"] is None) == (mode == "none")
 
 
@@ -159,8 +196,11 @@ def test_every_record_reaches_parquet_with_the_documented_schema(tmp_path, conve
     sink = parquet_sink(tmp_path, metrics, convert, writer_id="w1", flush_interval_s=60, batch_size=1000)
     sink.start()
     for index in range(250):
-        sink.record(chat_record(f"r{index}", stream=index % 2 == 0)._replace(
-            priority=(None, "critical", "standard", "sheddable")[index % 4]))
+        sink.record(
+            chat_record(f"r{index}", stream=index % 2 == 0)._replace(
+                priority=(None, "critical", "standard", "sheddable")[index % 4]
+            )
+        )
     sink.close()
     table = read_table(str(tmp_path), "requests")
     assert sorted(table.column("request_id").to_pylist()) == sorted(f"r{i}" for i in range(250))
@@ -184,7 +224,9 @@ def test_partitions_by_utc_day(tmp_path, convert):
     assert days == ["date=2023-11-14", "date=2023-11-15"]
     table = read_table(str(tmp_path), "requests")
     assert dict(zip(table.column("request_id").to_pylist(), table.column("date").to_pylist())) == {
-        "late": "2023-11-14", "early": "2023-11-15"}
+        "late": "2023-11-14",
+        "early": "2023-11-15",
+    }
 
 
 @pytest.mark.parametrize("convert", MODES)
@@ -267,8 +309,7 @@ def test_a_failed_write_is_retried_then_counted_wherever_the_store_lives(tmp_pat
     assert counted(metrics, "written") == 1 and counted(metrics, "failed") == 0
 
     metrics = Metrics()
-    sink = RequestLog(flaky(tmp_path / "b", 100), metrics, convert=convert, flush_interval_s=0.05,
-                      max_write_attempts=2)
+    sink = RequestLog(flaky(tmp_path / "b", 100), metrics, convert=convert, flush_interval_s=0.05, max_write_attempts=2)
     sink.start()
     for index in range(4):
         sink.record(chat_record(f"r{index}"))
@@ -324,8 +365,9 @@ def test_planted_pii_never_reaches_storage(tmp_path, convert):
     sink = parquet_sink(tmp_path, Metrics(), convert)  # scrubbed is the default
     sink.record(chat_record("chat", content=PII_PROMPT, answer=f"sure, I will mail {PII['email']}"))
     sink.record(chat_record("stream", content=PII_PROMPT, answer=f"your card {PII['card']} is noted", stream=True))
-    sink.record_feedback(FeedbackRecord("chat", time.time(), "support", "v1", 1.0, "good",
-                                        f"should have said call {PII['phone']}"))
+    sink.record_feedback(
+        FeedbackRecord("chat", time.time(), "support", "v1", 1.0, "good", f"should have said call {PII['phone']}")
+    )
     sink.close()
     stored = [read_table(str(tmp_path), "requests").to_pylist(), read_table(str(tmp_path), "feedback").to_pylist()]
     text = repr(stored)
@@ -347,7 +389,9 @@ def test_feedback_table(tmp_path, convert):
     sink.close()
     rows = read_table(str(tmp_path), "feedback").to_pylist()
     assert [(r["request_id"], r["route"], r["variant"], r["score"], r["label"], r["correction"]) for r in rows] == [
-        ("r1", "support", "v1", 0.5, "good", "better: x"), ("r2", None, None, None, "bad", None)]
+        ("r1", "support", "v1", 0.5, "good", "better: x"),
+        ("r2", None, None, None, "bad", None),
+    ]
     assert counted(metrics, "written", kind="feedback") == 2
 
 
@@ -430,8 +474,11 @@ def test_batches_reach_the_conversion_process_spooled_or_else_through_its_pipe(t
         shipped.append("bad")
         yield logspool.Spooled(os.getpid(), 1_000_000, len(packed))
 
-    for name, spool in (("spooled", contextlib.contextmanager(spool_noting)), ("piped", no_memfd),
-                        ("fallback", unmappable)):
+    for name, spool in (
+        ("spooled", contextlib.contextmanager(spool_noting)),
+        ("piped", no_memfd),
+        ("fallback", unmappable),
+    ):
         metrics = Metrics()
         sink = parquet_sink(tmp_path / name, metrics, "process", flush_interval_s=0.1, spool=spool)
         sink.start()
@@ -503,8 +550,13 @@ def test_the_conversion_process_ignores_sigterm_and_dies_with_its_parent(tmp_pat
         "    print('still writing', flush=True)\n"
         "    time.sleep(60)\n"
     )
-    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              cwd=Path(__file__).resolve().parents[2])
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     try:
         child = int(parent.stdout.readline())
         os.kill(child, signal.SIGTERM)
@@ -529,8 +581,9 @@ def test_the_gateway_does_not_import_pyarrow_when_the_log_is_off(tmp_path):
         f"create_app(Settings(routes_file={str(routes)!r}, upstreams=['http://127.0.0.1:9']))\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2]
+    )
     assert result.stdout.strip() == "ok", result.stderr
 
 

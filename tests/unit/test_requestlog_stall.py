@@ -41,8 +41,13 @@ def stalling_scrub(texts: list[str]) -> list[str]:
 
 
 def stalling_sink(root: Path, metrics: Metrics, **options) -> RequestLog:
-    return RequestLog(functools.partial(ParquetStore, str(root)), metrics, convert="process",
-                      scrub_texts=stalling_scrub, **{"flush_interval_s": 0.2, "stall_floor_s": 1.0, **options})
+    return RequestLog(
+        functools.partial(ParquetStore, str(root)),
+        metrics,
+        convert="process",
+        scrub_texts=stalling_scrub,
+        **{"flush_interval_s": 0.2, "stall_floor_s": 1.0, **options},
+    )
 
 
 def test_a_stalled_batch_is_written_with_the_stalling_text_withheld_and_later_records_flow(tmp_path, caplog):
@@ -90,8 +95,13 @@ def test_every_record_of_a_batch_that_stalls_twice_is_withheld_one_by_one(tmp_pa
         sink.close()
     assert counted(metrics, "text_withheld") == 2 and counted(metrics, "written") == 3
     rows = {row["request_id"]: row["prompt_text"] for row in read_table(str(tmp_path), "requests").to_pylist()}
-    assert rows == {"a": "system: be brief\nuser: a", "STALL-1": None, "b": "system: be brief\nuser: b",
-                    "STALL-2": None, "c": "system: be brief\nuser: c"}
+    assert rows == {
+        "a": "system: be brief\nuser: a",
+        "STALL-1": None,
+        "b": "system: be brief\nuser: b",
+        "STALL-2": None,
+        "c": "system: be brief\nuser: c",
+    }
 
 
 def test_close_is_bounded_whatever_the_conversion_process_does(tmp_path):
@@ -132,8 +142,9 @@ def test_the_conversion_process_dies_with_a_sigkilled_gateway_even_while_stuck(t
         "    print(sink.child_pid(), flush=True)\n"
         "    time.sleep(600)\n"
     )
-    gateway = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                               start_new_session=True)  # its own process group: the kill comes from outside
+    gateway = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True
+    )  # its own process group: the kill comes from outside
     child = None
     try:
         child = int(gateway.stdout.readline())
@@ -152,8 +163,13 @@ def test_the_conversion_process_dies_with_a_sigkilled_gateway_even_while_stuck(t
 
 def test_a_store_that_hangs_is_retried_not_blamed_on_a_record(tmp_path):
     metrics = Metrics()
-    sink = RequestLog(functools.partial(HangingOnceStore, str(tmp_path)), metrics, convert="process",
-                      flush_interval_s=0.2, stall_floor_s=1.0)
+    sink = RequestLog(
+        functools.partial(HangingOnceStore, str(tmp_path)),
+        metrics,
+        convert="process",
+        flush_interval_s=0.2,
+        stall_floor_s=1.0,
+    )
     sink.start()
     try:
         sink.record(chat_record("r1"))

@@ -58,10 +58,16 @@ def latency(n: float, slow: float = 0.0) -> dict[float, float]:
 
 
 def observed(canary: float, stable: float, *, errors=(0, 0), fallbacks=(0, 0), slow=(0, 0)) -> Observed:
-    return Observed(canary_routed=canary, canary_errors=errors[0], canary_fallbacks=fallbacks[0],
-                    stable_routed=stable, stable_errors=errors[1], stable_fallbacks=fallbacks[1],
-                    canary_latency=latency(canary - fallbacks[0], slow[0]),
-                    stable_latency=latency(stable - fallbacks[1], slow[1]))
+    return Observed(
+        canary_routed=canary,
+        canary_errors=errors[0],
+        canary_fallbacks=fallbacks[0],
+        stable_routed=stable,
+        stable_errors=errors[1],
+        stable_fallbacks=fallbacks[1],
+        canary_latency=latency(canary - fallbacks[0], slow[0]),
+        stable_latency=latency(stable - fallbacks[1], slow[1]),
+    )
 
 
 HEALTHY = observed(2000, 8000, errors=(20, 80), slow=(100, 400))  # the same shares on both sides
@@ -85,16 +91,18 @@ class FakePrometheus:
 
 
 def spec(**overrides) -> CanaryConfig:
-    return CanaryConfig(**{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 25, 50, 100],
-                           "interval_s": 60, **overrides})
+    return CanaryConfig(
+        **{"route": "support", "stable": "v1", "canary": "v2", "steps": [5, 25, 50, 100], "interval_s": 60, **overrides}
+    )
 
 
 def controller(tmp_path, source, *, routes=None, **spec_overrides) -> RolloutController:
     path = tmp_path / "routes.yaml"
     if not path.exists():
         path.write_text(ROUTES)
-    config = RolloutsConfig(routes_file=str(path), state_file=str(tmp_path / "rollouts.json"),
-                            canaries=[spec(**spec_overrides)])
+    config = RolloutsConfig(
+        routes_file=str(path), state_file=str(tmp_path / "rollouts.json"), canaries=[spec(**spec_overrides)]
+    )
     return RolloutController(config, source, routes=routes)
 
 
@@ -109,6 +117,7 @@ def sample(c: RolloutController, name: str, **labels) -> float | None:
 
 # --- the rollout's judge -------------------------------------------------------------------------
 
+
 def test_the_rollout_judges_with_its_canary_settings():
     assert analyse(spec(), HEALTHY).decision == "pass"
     failing = analyse(spec(), FAILING)
@@ -119,7 +128,11 @@ def test_the_rollout_judges_with_its_canary_settings():
     verdict = analyse(strict, HEALTHY)
     assert verdict.decision == "inconclusive"
     assert {c.check: c.decision for c in verdict.checks} == {
-        "error_rate": "inconclusive", "fallback_rate": "pass", "latency": "inconclusive", "latency_tail": "pass"}
+        "error_rate": "inconclusive",
+        "fallback_rate": "pass",
+        "latency": "inconclusive",
+        "latency_tail": "pass",
+    }
     # alpha is shared over the steps the rollout analyses: fewer steps, wider share each.
     two = analyse(spec(steps=[50, 100]), HEALTHY).check("error_rate")
     three = analyse(spec(), HEALTHY).check("error_rate")
@@ -127,6 +140,7 @@ def test_the_rollout_judges_with_its_canary_settings():
 
 
 # --- the state machine -------------------------------------------------------------------------
+
 
 async def test_passing_analyses_step_up_to_promotion(tmp_path):
     c = controller(tmp_path, FakePrometheus(HEALTHY))
@@ -155,8 +169,12 @@ async def test_passing_analyses_step_up_to_promotion(tmp_path):
     assert sample(c, "loragate_rollout_analysis", check="error_rate", figure="samples") == 2000
     assert sample(c, "loragate_rollout_analysis", check="feedback", figure="estimate") is None  # not configured
     checks = status["last_analysis"]["checks"]
-    assert status["last_analysis"]["verdict"] == "pass" and set(checks) == {"error_rate", "fallback_rate", "latency",
-                                                                                  "latency_tail"}
+    assert status["last_analysis"]["verdict"] == "pass" and set(checks) == {
+        "error_rate",
+        "fallback_rate",
+        "latency",
+        "latency_tail",
+    }
     assert checks["error_rate"]["lower"] < 0 < checks["error_rate"]["upper"] < checks["error_rate"]["min_effect"]
 
 
@@ -282,6 +300,7 @@ async def test_manual_promote_and_rollback(tmp_path):
 
 # --- the routes source -------------------------------------------------------------------------
 
+
 async def test_the_routes_file_is_replaced_atomically_valid_and_otherwise_untouched(tmp_path):
     path = tmp_path / "routes.yaml"
     path.write_text(ROUTES)
@@ -358,13 +377,18 @@ class FakeCoreV1Api:
 
 async def test_the_routes_configmap_is_patched_with_its_resource_version(tmp_path):
     api = FakeCoreV1Api(ROUTES, conflicts=1)
-    config = RolloutsConfig(configmap=ConfigMapRef(name="lg-loragate-routes", namespace="llm"),
-                            state_file=str(tmp_path / "rollouts.json"), canaries=[spec()])
+    config = RolloutsConfig(
+        configmap=ConfigMapRef(name="lg-loragate-routes", namespace="llm"),
+        state_file=str(tmp_path / "rollouts.json"),
+        canaries=[spec()],
+    )
     c = RolloutController(config, FakePrometheus(HEALTHY), k8s_api=api)
     assert isinstance(c.routes, RoutesConfigMap)
     await c.tick(now=0)
     assert [(n, ns, b["metadata"]["resourceVersion"]) for n, ns, b in api.patches] == [
-        ("lg-loragate-routes", "llm", "7"), ("lg-loragate-routes", "llm", "8")]  # a conflict, read again
+        ("lg-loragate-routes", "llm", "7"),
+        ("lg-loragate-routes", "llm", "8"),
+    ]  # a conflict, read again
     catalog = parse_catalog(api.data["routes.yaml"])
     assert {v.name: v.weight for v in catalog.routes["support"].variants} == {"v1": 95, "v2": 5, "base": 0}
     await c.tick(now=60)
@@ -373,18 +397,25 @@ async def test_the_routes_configmap_is_patched_with_its_resource_version(tmp_pat
 
 # --- PromQL and the Prometheus client ----------------------------------------------------------
 
+
 def test_analysis_queries_select_the_route_and_variants():
     queries = analysis_queries("support", "v2", "v1", 59.2)
     assert queries["canary_errors"] == (
-        'sum(increase(loragate_requests_total{route="support",variant="v2",status_class="5xx"}[60s]))')
+        'sum(increase(loragate_requests_total{route="support",variant="v2",status_class="5xx"}[60s]))'
+    )
     assert queries["canary_fallbacks"] == 'sum(increase(loragate_fallbacks_total{route="support",variant="v2"}[60s]))'
     assert queries["stable_routed"] == (
         '(sum(increase(loragate_requests_total{route="support",variant="v1"}[60s])) or vector(0))'
-        ' + (sum(increase(loragate_fallbacks_total{route="support",variant="v1"}[60s])) or vector(0))')
-    assert queries["stable_latency"] == ('sum by (le) (increase(loragate_request_duration_seconds_bucket'
-                                         '{route="support",variant="v1"}[60s]))')
-    assert set(queries) == {f"{r}_{k}" for r in ("canary", "stable")
-                            for k in ("routed", "errors", "fallbacks", "latency", "feedback_sum", "feedback_count")}
+        ' + (sum(increase(loragate_fallbacks_total{route="support",variant="v1"}[60s])) or vector(0))'
+    )
+    assert queries["stable_latency"] == (
+        'sum by (le) (increase(loragate_request_duration_seconds_bucket{route="support",variant="v1"}[60s]))'
+    )
+    assert set(queries) == {
+        f"{r}_{k}"
+        for r in ("canary", "stable")
+        for k in ("routed", "errors", "fallbacks", "latency", "feedback_sum", "feedback_count")
+    }
 
 
 async def test_prometheus_analysis_reads_counts_and_buckets():
@@ -413,21 +444,27 @@ async def test_prometheus_analysis_reads_counts_and_buckets():
 
 # --- configuration, the monitor, the CLI ----------------------------------------------------------
 
-@pytest.mark.parametrize("bad, message", [
-    ({"steps": [25, 5]}, "steps must increase"),
-    ({"steps": [0, 50]}, "0 < w <= 100"),
-    ({"steps": []}, "at least one"),
-    ({"canary": "v1"}, "both 'v1'"),
-    ({"judge": {"fallback_rate": {"min_efect": 0.1}}}, "min_efect"),
-    ({"judge": {"latency": {"min_effect": 1.5}}}, "less than 1"),
-    ({"judge": {"alpha": 0}}, "alpha"),
-    ({"judge": {"feedback": {"score_range": [5, 1]}}}, "score_range"),
-    ({"judge": {"error_rate": None, "fallback_rate": None, "latency": None, "latency_tail": None}},
-     "at least one check"),
-    ({"thresholds": {"max_fallback_rate": 0.1}}, "replaced by the statistical judge"),
-    ({"min_requests": 50}, "min_requests: the threshold judge was replaced"),
-    ({"max_holds": 20, "interval_s": 300, "max_window_s": 3600}, r"max_holds x interval_s \(20 x 300 s\)"),
-])
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"steps": [25, 5]}, "steps must increase"),
+        ({"steps": [0, 50]}, "0 < w <= 100"),
+        ({"steps": []}, "at least one"),
+        ({"canary": "v1"}, "both 'v1'"),
+        ({"judge": {"fallback_rate": {"min_efect": 0.1}}}, "min_efect"),
+        ({"judge": {"latency": {"min_effect": 1.5}}}, "less than 1"),
+        ({"judge": {"alpha": 0}}, "alpha"),
+        ({"judge": {"feedback": {"score_range": [5, 1]}}}, "score_range"),
+        (
+            {"judge": {"error_rate": None, "fallback_rate": None, "latency": None, "latency_tail": None}},
+            "at least one check",
+        ),
+        ({"thresholds": {"max_fallback_rate": 0.1}}, "replaced by the statistical judge"),
+        ({"min_requests": 50}, "min_requests: the threshold judge was replaced"),
+        ({"max_holds": 20, "interval_s": 300, "max_window_s": 3600}, r"max_holds x interval_s \(20 x 300 s\)"),
+    ],
+)
 def test_bad_canary_configs_are_refused(bad, message):
     with pytest.raises(ValueError, match=message):
         spec(**bad)
@@ -447,10 +484,18 @@ def test_rollouts_need_one_routes_source_and_prometheus():
 
 async def test_the_monitor_runs_rollouts_and_exports_their_metrics(tmp_path):
     (tmp_path / "routes.yaml").write_text(ROUTES)
-    config = MonitorConfig.model_validate({
-        "request_log": str(tmp_path / "rl"), "prometheus_url": "http://127.0.0.1:9", "state_file": str(tmp_path / "s.json"),
-        "rollouts": {"routes_file": str(tmp_path / "routes.yaml"), "state_file": str(tmp_path / "rollouts.json"),
-                     "canaries": [spec().model_dump()]}})
+    config = MonitorConfig.model_validate(
+        {
+            "request_log": str(tmp_path / "rl"),
+            "prometheus_url": "http://127.0.0.1:9",
+            "state_file": str(tmp_path / "s.json"),
+            "rollouts": {
+                "routes_file": str(tmp_path / "routes.yaml"),
+                "state_file": str(tmp_path / "rollouts.json"),
+                "canaries": [spec().model_dump()],
+            },
+        }
+    )
     monitor = Monitor(config)
     monitor.rollouts.source = FakePrometheus(HEALTHY)
     await monitor.rollouts.tick(now=0)
@@ -463,10 +508,19 @@ async def test_the_monitor_runs_rollouts_and_exports_their_metrics(tmp_path):
 def test_rollout_cli_status_promote_rollback(tmp_path, capsys):
     (tmp_path / "routes.yaml").write_text(ROUTES)
     config = tmp_path / "monitor.yaml"
-    config.write_text(yaml.safe_dump({
-        "request_log": str(tmp_path / "rl"), "prometheus_url": "http://127.0.0.1:9",
-        "rollouts": {"routes_file": str(tmp_path / "routes.yaml"), "state_file": str(tmp_path / "rollouts.json"),
-                     "canaries": [spec().model_dump()]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "request_log": str(tmp_path / "rl"),
+                "prometheus_url": "http://127.0.0.1:9",
+                "rollouts": {
+                    "routes_file": str(tmp_path / "routes.yaml"),
+                    "state_file": str(tmp_path / "rollouts.json"),
+                    "canaries": [spec().model_dump()],
+                },
+            }
+        )
+    )
     args = {"config": config, "route": None, "reason": "manual", "json": False}
     assert rollout_command(SimpleNamespace(action="status", **args)) == 0
     assert "support: pending canary=v2 stable=v1" in capsys.readouterr().out
@@ -487,8 +541,9 @@ async def test_rollout_metrics_pass_promtool_check_metrics(tmp_path):
     await c.tick(now=60)
     promtool = shutil.which("promtool")
     assert promtool, "promtool is not installed (apt-get install prometheus)"
-    result = subprocess.run([promtool, "check", "metrics"], input=generate_latest(c.metrics.registry),
-                            capture_output=True)
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=generate_latest(c.metrics.registry), capture_output=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert isinstance(c.metrics, RolloutMetrics)
 
@@ -528,7 +583,9 @@ async def test_status_explains_the_last_analysis_check_by_check(tmp_path):
 
 
 def test_a_shadowed_canary_that_becomes_primary_ends_its_shadow_stage():
-    shadowed = ROUTES.replace("    fallback: [v1, base]\n", "    fallback: [v1, base]\n    shadow: {variant: v2, percent: 10}\n")
+    shadowed = ROUTES.replace(
+        "    fallback: [v1, base]\n", "    fallback: [v1, base]\n    shadow: {variant: v2, percent: 10}\n"
+    )
     still_small = yaml.safe_load(set_weights(shadowed, "support", {"v1": 75, "v2": 25}))["routes"]["support"]
     assert still_small["shadow"]["variant"] == "v2"  # a canary's smaller share keeps its shadow copies
     half = yaml.safe_load(set_weights(shadowed, "support", {"v1": 50, "v2": 50}))["routes"]["support"]
@@ -537,6 +594,7 @@ def test_a_shadowed_canary_that_becomes_primary_ends_its_shadow_stage():
 
 
 # --- the plan --------------------------------------------------------------------------------------
+
 
 def route_traffic(rps: float) -> RouteTraffic:
     """A route of ``rps`` requests a second: 1 % 5xx, no fallbacks, lognormal latency (median 0.6 s, sigma 0.5)."""
@@ -580,9 +638,17 @@ def test_the_plans_need_is_the_judges_own_rule():
         c, s = traffic.expected(np.array(n)), traffic.expected(np.array(n * (100 - weight) / weight))
         cumulative = {**{b: float(c.below[i]) for i, b in enumerate(traffic.latency)}, math.inf: float(n)}
         stable = {**{b: float(s.below[i]) for i, b in enumerate(traffic.latency)}, math.inf: float(s.n)}
-        verdict = analyse(spec(interval_s=300), Observed(
-            canary_routed=n, canary_errors=float(c.errors), stable_routed=float(s.n), stable_errors=float(s.errors),
-            canary_latency=cumulative, stable_latency=stable))
+        verdict = analyse(
+            spec(interval_s=300),
+            Observed(
+                canary_routed=n,
+                canary_errors=float(c.errors),
+                stable_routed=float(s.n),
+                stable_errors=float(s.errors),
+                canary_latency=cumulative,
+                stable_latency=stable,
+            ),
+        )
         assert verdict.decision == decision
 
 
@@ -643,8 +709,9 @@ async def test_prometheus_analysis_reads_the_whole_routes_traffic():
         expr = request.query["query"]
         seen.append(expr)
         if "bucket" in expr:
-            result = [{"metric": {"le": le}, "value": [0, v]} for le, v in (("0.5", "600"), ("1.0", "900"),
-                                                                            ("+Inf", "1000"))]
+            result = [
+                {"metric": {"le": le}, "value": [0, v]} for le, v in (("0.5", "600"), ("1.0", "900"), ("+Inf", "1000"))
+            ]
         elif "feedback" in expr:
             result = []
         elif "5xx" in expr:
@@ -665,10 +732,19 @@ async def test_prometheus_analysis_reads_the_whole_routes_traffic():
 def test_rollout_cli_plan(tmp_path, capsys, monkeypatch):
     (tmp_path / "routes.yaml").write_text(ROUTES)
     config = tmp_path / "monitor.yaml"
-    config.write_text(yaml.safe_dump({
-        "request_log": str(tmp_path / "rl"), "prometheus_url": "http://127.0.0.1:9",
-        "rollouts": {"routes_file": str(tmp_path / "routes.yaml"), "state_file": str(tmp_path / "rollouts.json"),
-                     "canaries": [spec().model_dump()]}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "request_log": str(tmp_path / "rl"),
+                "prometheus_url": "http://127.0.0.1:9",
+                "rollouts": {
+                    "routes_file": str(tmp_path / "routes.yaml"),
+                    "state_file": str(tmp_path / "rollouts.json"),
+                    "canaries": [spec().model_dump()],
+                },
+            }
+        )
+    )
     args = {"config": config, "route": None, "reason": "manual", "json": False, "lookback": 600}
     assert rollout_command(SimpleNamespace(action="plan", **args)) == 2  # nothing listens on :9
     assert "cannot read its traffic" in capsys.readouterr().err

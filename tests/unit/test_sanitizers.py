@@ -18,11 +18,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SOURCES = {"_lognative": ROOT / "service/requestlog/_lognative.c",
-           "_logqueue": ROOT / "service/requestlog/_logqueue.c"}
+SOURCES = {"_lognative": ROOT / "service/requestlog/_lognative.c", "_logqueue": ROOT / "service/requestlog/_logqueue.c"}
 FUZZ_SECONDS = 45
-FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-         "-shared", "-fPIC"]
+FLAGS = [
+    "-O1",
+    "-g",
+    "-fno-omit-frame-pointer",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-shared",
+    "-fPIC",
+]
 CANARY = r"""
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -47,25 +53,33 @@ PyMODINIT_FUNC PyInit_canary(void) { return PyModule_Create(&module); }
 
 
 def _runtime() -> str:
-    path = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    path = subprocess.run(
+        ["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert os.path.isabs(path) and os.path.exists(path), f"no ASan runtime for gcc ({path!r}): apt libasan8"
     return path
 
 
 def _build(source: Path, folder: Path, name: str) -> Path:
     out = folder / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
-    subprocess.run(["gcc", *FLAGS, f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(out)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        ["gcc", *FLAGS, f"-I{sysconfig.get_paths()['include']}", str(source), "-o", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out
 
 
 def _run(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LD_PRELOAD": _runtime(), "PYTHONMALLOC": "malloc",  # every allocation seen by ASan
-           "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86",
-           "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=87"}
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout_s,
-                          cwd=ROOT)
+    env = {
+        **os.environ,
+        "LD_PRELOAD": _runtime(),
+        "PYTHONMALLOC": "malloc",  # every allocation seen by ASan
+        "ASAN_OPTIONS": "detect_leaks=0:halt_on_error=1:abort_on_error=0:exitcode=86",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1:exitcode=87",
+    }
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +105,7 @@ def test_the_harness_catches_an_overflow_and_a_copy_from_null(tmp_path):
 
 @pytest.mark.slow  # builds the C under ASan/UBSan and replays the references, ~50 s
 def test_the_c_entry_points_equal_their_references_under_the_sanitizers(sanitized):
-    result = _run([str(ROOT / "tests/unit/sanitized_fuzz.py"), str(sanitized), str(FUZZ_SECONDS)],
-                  FUZZ_SECONDS + 120)
+    result = _run([str(ROOT / "tests/unit/sanitized_fuzz.py"), str(sanitized), str(FUZZ_SECONDS)], FUZZ_SECONDS + 120)
     findings = [line for line in result.stderr.splitlines() if "runtime error" in line or "Sanitizer" in line]
     assert result.returncode == 0 and not findings, (findings[:5], result.stderr[-4000:])
     examples = int(result.stdout.split("fuzzed ")[1].split()[0])

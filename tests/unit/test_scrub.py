@@ -51,8 +51,11 @@ PLANTED = [
     ("Authorization: Bearer abcdef0123456789abcdef", "abcdef0123456789abcdef", "Bearer [SECRET]"),
     ("gh ghp_abcdefghijklmnopqrstuvwxyz0123456789", "ghp_abcdefghijklmnopqrstuvwxyz0123456789", "[SECRET]"),
     ("slack xoxb-1234567890-abcdefghij", "xoxb-1234567890-abcdefghij", "[SECRET]"),
-    ("jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
-     "eyJhbGciOiJIUzI1NiJ9", "[SECRET]"),
+    (
+        "jwt eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+        "eyJhbGciOiJIUzI1NiJ9",
+        "[SECRET]",
+    ),
     ("md5 d41d8cd98f00b204e9800998ecf8427e", "d41d8cd98f00b204e9800998ecf8427e", "[SECRET]"),
     ("blob dGhpcyBpcyBhIHNlY3JldCB0b2tlbiB3aXRoIDEyMw==", "dGhpcyBpcyBhIHNlY3JldCB0b2tlbiB3aXRoIDEyMw", "[SECRET]"),
     ("password=hunter22 ok", "hunter22", "password=[SECRET]"),
@@ -89,8 +92,10 @@ def test_card_numbers_need_a_valid_luhn_checksum():
 
 
 def test_several_kinds_in_one_text():
-    text = ("I'm Jane (jane@corp.io, +1 415 555 0100), card 4012888888881881, "
-            "server 10.0.0.7, token sk-live-ABCDEF1234567890abcdef.")
+    text = (
+        "I'm Jane (jane@corp.io, +1 415 555 0100), card 4012888888881881, "
+        "server 10.0.0.7, token sk-live-ABCDEF1234567890abcdef."
+    )
     scrubbed = scrub(text)
     for secret in ("jane@corp.io", "415 555 0100", "4012888888881881", "10.0.0.7", "sk-live-ABCDEF1234567890abcdef"):
         assert secret not in scrubbed
@@ -100,10 +105,51 @@ def test_several_kinds_in_one_text():
 # --- the native scrubber (loragate/common/_scrubnative.c): the same rules in C for ASCII texts ---------------
 
 # Pieces that trigger every rule, its facts and its edge cases (separators, Python's \s beyond PCRE2's, prefixes).
-_PIECES = [p for text, _, _ in PLANTED for p in (text, text.split()[-1])] + KEPT + [
-    "+", "00", "0", "(", ")", "-", ".", " ", "\t", "\x1c", "\x1f", "\n", ":", "::", "@", "%", "#", "=", "'", '"',
-    "bearer ", "BASIC\x1c", "PassWord : ", "access-key=", "Passport number: ", "id card", "steuer-id", "DNI is ",
-    "000-12-3456", "1.2.3.4.5", "300.1.1.1", "1::2", "a:b:c:d:e:f:1:2", "GB82", "no.", "is ", "K", "k", "Z"]
+_PIECES = (
+    [p for text, _, _ in PLANTED for p in (text, text.split()[-1])]
+    + KEPT
+    + [
+        "+",
+        "00",
+        "0",
+        "(",
+        ")",
+        "-",
+        ".",
+        " ",
+        "\t",
+        "\x1c",
+        "\x1f",
+        "\n",
+        ":",
+        "::",
+        "@",
+        "%",
+        "#",
+        "=",
+        "'",
+        '"',
+        "bearer ",
+        "BASIC\x1c",
+        "PassWord : ",
+        "access-key=",
+        "Passport number: ",
+        "id card",
+        "steuer-id",
+        "DNI is ",
+        "000-12-3456",
+        "1.2.3.4.5",
+        "300.1.1.1",
+        "1::2",
+        "a:b:c:d:e:f:1:2",
+        "GB82",
+        "no.",
+        "is ",
+        "K",
+        "k",
+        "Z",
+    ]
+)
 
 
 def _generated_texts(count: int, seed: int) -> list[str]:
@@ -164,12 +210,17 @@ def test_the_conditions_only_skip_rules_that_could_not_match() -> None:
     def ni_shaped() -> str:  # two letters, three digit pairs, a letter: what the UK NI rule looks for
         pairs = [f"{rng.randint(0, 99):02d}" for _ in range(3)]
         spaces = [rng.choice(["", " ", "\x1c"]) for _ in range(4)]
-        return (rng.choice(letters) + rng.choice(letters) + "".join(s + p for s, p in zip(spaces, pairs))
-                + spaces[3] + rng.choice("ABCDabcdE\u212a"))
+        return (
+            rng.choice(letters)
+            + rng.choice(letters)
+            + "".join(s + p for s, p in zip(spaces, pairs))
+            + spaces[3]
+            + rng.choice("ABCDabcdE\u212a")
+        )
 
     texts = _generated_texts(3000, seed=31) + [
-        "".join(rng.choice(folds + _PIECES + [ni_shaped()] * 8) for _ in range(rng.randint(2, 8)))
-        for _ in range(3000)]
+        "".join(rng.choice(folds + _PIECES + [ni_shaped()] * 8) for _ in range(rng.randint(2, 8))) for _ in range(3000)
+    ]
     unconditional = [scrub_module.substitution(rule) for rule in scrub_module._RULES]
     for text in texts:
         expected = text
@@ -191,8 +242,13 @@ def _paths() -> dict[str, Callable[[str], str | None]]:
     the batch (native, then RE2 gates and Python's rules for the rest), and the gated batch path alone."""
     native = scrub_module.native_scrubber()
     assert native is not None
-    return {"python": scrub_module._python_scrub, "native": native.scrub, "scrub": scrub,
-            "batch": lambda text: scrub_many([text])[0], "gated": lambda text: _scrub_gated([text])[0]}
+    return {
+        "python": scrub_module._python_scrub,
+        "native": native.scrub,
+        "scrub": scrub,
+        "batch": lambda text: scrub_many([text])[0],
+        "gated": lambda text: _scrub_gated([text])[0],
+    }
 
 
 def _us_per_kb(function: Callable[[str], object], text: str, repeats: int = 1) -> float:
@@ -295,8 +351,12 @@ def test_adversarial_text_at_the_body_limit_stays_native_and_linear() -> None:
 def test_the_linear_rules_give_the_old_output_on_ordinary_text() -> None:
     # The rules before they were made linear (tests/scrub_corpus.py), on the PII corpus, the generated texts and
     # long typical texts: the same output.
-    texts = ([text for text, _, _ in PLANTED] + KEPT + _generated_texts(4000, seed=41)
-             + [typical_text(20_000, seed) for seed in range(4)])
+    texts = (
+        [text for text, _, _ in PLANTED]
+        + KEPT
+        + _generated_texts(4000, seed=41)
+        + [typical_text(20_000, seed) for seed in range(4)]
+    )
     for text in texts:
         assert scrub_module._python_scrub(text) == old_scrub(text), text
 
@@ -304,20 +364,43 @@ def test_the_linear_rules_give_the_old_output_on_ordinary_text() -> None:
 # --- the C code itself: a differential fuzz against the Python rules, and a sanitizer build ---------------------
 
 _ASCII_PIECES = [piece for piece in _PIECES if piece.isascii()] + [
-    case.head + case.unit * 3 + case.tail for case in ADVERSARIAL.values() if (case.head + case.unit).isascii()]
+    case.head + case.unit * 3 + case.tail for case in ADVERSARIAL.values() if (case.head + case.unit).isascii()
+]
 
 
 # What ipaddress decides on (the IPv6 rule's check, in C too): hextets, "::", IPv4 suffixes, zones.
-_ADDRESS_PARTS = ["", "0", "1", "ff", "abcd", "ABCD", "12345", "fffff", "1.2.3.4", "01.2.3.4", "256.1.1.1", "1.2.3",
-                  "0.0.0.0", "%eth0", "%"]
+_ADDRESS_PARTS = [
+    "",
+    "0",
+    "1",
+    "ff",
+    "abcd",
+    "ABCD",
+    "12345",
+    "fffff",
+    "1.2.3.4",
+    "01.2.3.4",
+    "256.1.1.1",
+    "1.2.3",
+    "0.0.0.0",
+    "%eth0",
+    "%",
+]
 
 
 @pytest.mark.slow  # 1,500 generated texts through both scrubbers, ~3 s
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.one_of(st.sampled_from(_ASCII_PIECES), st.text(st.characters(max_codepoint=127), max_size=12),
-                          st.text("0123456789 -./:()+", min_size=1, max_size=30),
-                          st.lists(st.sampled_from(_ADDRESS_PARTS), min_size=2, max_size=10).map(":".join)),
-                max_size=12))
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(_ASCII_PIECES),
+            st.text(st.characters(max_codepoint=127), max_size=12),
+            st.text("0123456789 -./:()+", min_size=1, max_size=30),
+            st.lists(st.sampled_from(_ADDRESS_PARTS), min_size=2, max_size=10).map(":".join),
+        ),
+        max_size=12,
+    )
+)
 def test_fuzz_the_native_scrubber_against_the_python_rules(pieces: list[str]) -> None:
     native = scrub_module.native_scrubber()
     assert native is not None
@@ -383,19 +466,42 @@ print("checked", checked)
 def test_the_native_scrubber_is_clean_under_address_and_undefined_behaviour_sanitizers(tmp_path: Path) -> None:
     compiler = shutil.which("gcc")
     assert compiler is not None, "scripts/setup.sh installs gcc"
-    runtime = subprocess.run([compiler, "-print-file-name=libasan.so"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    runtime = subprocess.run(
+        [compiler, "-print-file-name=libasan.so"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert Path(runtime).is_file(), "gcc's AddressSanitizer runtime (libasan) is missing"
     built = tmp_path / f"_scrubnative{sysconfig.get_config_var('EXT_SUFFIX')}"
     source = Path(scrub_module.__file__).with_name("_scrubnative.c")
-    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
-                    "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-                    f"-I{sysconfig.get_paths()['include']}",
-                    str(source), "-lpcre2-8", "-o", str(built)], check=True, capture_output=True, timeout=120)
-    env = {**os.environ, "LD_PRELOAD": runtime, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
-           "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1", "PYTHONPATH": str(Path(__file__).parents[2])}
-    result = subprocess.run([sys.executable, "-c", _SANITIZED_RUN, str(built), "15"], env=env,
-                            capture_output=True, text=True, timeout=150)
+    subprocess.run(
+        [
+            compiler,
+            "-shared",
+            "-fPIC",
+            "-O1",
+            "-g",
+            "-fno-omit-frame-pointer",
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            f"-I{sysconfig.get_paths()['include']}",
+            str(source),
+            "-lpcre2-8",
+            "-o",
+            str(built),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    env = {
+        **os.environ,
+        "LD_PRELOAD": runtime,
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+        "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1",
+        "PYTHONPATH": str(Path(__file__).parents[2]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _SANITIZED_RUN, str(built), "15"], env=env, capture_output=True, text=True, timeout=150
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     assert "runtime error" not in result.stderr and "AddressSanitizer" not in result.stderr, result.stderr[-6000:]
     assert int(result.stdout.split()[-1]) > 10_000

@@ -99,6 +99,7 @@ def by_adapter(texts: dict[str, str]):
         if call.payload.get("stream"):
             return stream(f"id-{call.model}", [text], (3, 1))
         return answer(text, completion=len(text.split()))
+
     return answer_of
 
 
@@ -112,13 +113,17 @@ async def test_primary_answer_unchanged_shadow_logged_paired_never_charged_and_c
 
     assert plain.status_code == 200 and plain.headers["x-loragate-variant"] == "v1"
     assert plain.content == answer("primary answer", completion=2).parts[0]  # byte for byte
-    texts = [e["choices"][0]["delta"].get("content") for e in stream_events(streamed.text)
-             if isinstance(e, dict) and e.get("choices")]
+    texts = [
+        e["choices"][0]["delta"].get("content")
+        for e in stream_events(streamed.text)
+        if isinstance(e, dict) and e.get("choices")
+    ]
     assert "".join(t for t in texts if t) == "primary answer"
     # The shadow copies: the shadow's adapter, never streamed, no stream_options, their own upstream id.
     shadow_calls = [c for c in upstream.calls if c.model == "a2"]
-    assert len(shadow_calls) == 2 and all("stream" not in c.payload and "stream_options" not in c.payload
-                                          for c in shadow_calls)
+    assert len(shadow_calls) == 2 and all(
+        "stream" not in c.payload and "stream_options" not in c.payload for c in shadow_calls
+    )
     # Charged once per request (the primaries' tokens), never for the shadows.
     assert charges.charged == [3 + 2, 3 + 1]
     # Client-facing series know nothing of v2; its own series have both.
@@ -133,8 +138,10 @@ async def test_primary_answer_unchanged_shadow_logged_paired_never_charged_and_c
     rows = [request_row(r, "full") for r in log.records]
     assert sorted((r["role"], r["variant"]) for r in rows) == [("primary", "v1")] * 2 + [("shadow", "v2")] * 2
     first = [r for r in rows if r["request_id"] == "r" * 32]
-    assert {r["role"]: r["response_text"] for r in first} == {"primary": "primary answer",
-                                                              "shadow": "shadow says other"}
+    assert {r["role"]: r["response_text"] for r in first} == {
+        "primary": "primary answer",
+        "shadow": "shadow says other",
+    }
 
 
 async def test_sampled_share_follows_percent(build):
@@ -156,8 +163,9 @@ async def test_max_in_flight_drops_and_deadline_cancels_without_touching_the_pri
             await release.wait()  # never set: the deadline cancels it
         return answer("ok")
 
-    client, metrics, upstream, gateway, log = build(slow_shadow, max_in_flight=2, deadline_s=0.2,
-                                                    max_in_flight_per_upstream=64)
+    client, metrics, upstream, gateway, log = build(
+        slow_shadow, max_in_flight=2, deadline_s=0.2, max_in_flight_per_upstream=64
+    )
     answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=CHAT) for _ in range(5)))
     assert [a.status_code for a in answers] == [200] * 5  # the primaries did not wait for their shadows
     assert sum(1 for c in upstream.calls if c.model == "a2") == 2
@@ -193,10 +201,14 @@ async def test_shadow_dropped_when_the_replicas_are_loaded_and_primary_served(bu
     release.set()
     assert [r.status_code for r in await asyncio.gather(*held, *waiting)] == [200] * 4
     await settle(gateway)
-    assert sum(1 for c in upstream.calls if c.model == "a2") + sample(
-        metrics, "loragate_shadow_dropped_total", route="chat", variant="v2", reason="overloaded") == 5
+    assert (
+        sum(1 for c in upstream.calls if c.model == "a2")
+        + sample(metrics, "loragate_shadow_dropped_total", route="chat", variant="v2", reason="overloaded")
+        == 5
+    )
     assert sample(metrics, "loragate_shadow_requests_total", route="chat", variant="v2", status_class="2xx") == sum(
-        1 for c in upstream.calls if c.model == "a2")
+        1 for c in upstream.calls if c.model == "a2"
+    )
 
 
 async def test_shadow_is_sent_only_after_its_primary_answered(build):
@@ -252,13 +264,16 @@ routes:
 """
 
 
-@pytest.mark.parametrize("shadow, field, words", [
-    ("{variant: v9, percent: 10}", "shadow.variant", "unknown variant 'v9'"),
-    ("{variant: v3, percent: 101}", "shadow.percent", "less than or equal to 100"),
-    ("{variant: v3, percent: -5}", "shadow.percent", "greater than or equal to 0"),
-    ("{variant: v1, percent: 10}", "shadow.variant", "'v1' is the route's primary variant"),
-    ("{variant: v3, max_in_flight: 0}", "shadow.max_in_flight", "greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    "shadow, field, words",
+    [
+        ("{variant: v9, percent: 10}", "shadow.variant", "unknown variant 'v9'"),
+        ("{variant: v3, percent: 101}", "shadow.percent", "less than or equal to 100"),
+        ("{variant: v3, percent: -5}", "shadow.percent", "greater than or equal to 0"),
+        ("{variant: v1, percent: 10}", "shadow.variant", "'v1' is the route's primary variant"),
+        ("{variant: v3, max_in_flight: 0}", "shadow.max_in_flight", "greater than or equal to 1"),
+    ],
+)
 def test_bad_shadow_refused_naming_the_field_last_good_catalog_kept(tmp_path, shadow, field, words):
     path = tmp_path / "routes.yaml"
     path.write_text(GOOD)
@@ -280,11 +295,18 @@ def test_shadow_of_the_only_weighted_variant_refused(tmp_path):
 
 # --- the monitor's comparison (monitoring/shadow.py) and the gate before a canary ---------------
 
+
 def log_frame(rows: list[dict]):
     import pandas as pd
 
-    base = {"route": "chat", "endpoint": "chat/completions", "status": 200, "latency_s": 0.1,
-            "completion_tokens": 4, "prompt_text": "user: q"}
+    base = {
+        "route": "chat",
+        "endpoint": "chat/completions",
+        "status": 200,
+        "latency_s": 0.1,
+        "completion_tokens": 4,
+        "prompt_text": "user: q",
+    }
     frame = pd.DataFrame([{**base, **row} for row in rows])
     frame["timestamp"] = pd.to_datetime(range(len(frame)), unit="s", utc=True)
     return frame
@@ -296,11 +318,27 @@ def test_comparison_pairs_by_request_id_against_the_noise_floor():
     rows = []
     for i in range(10):
         prompt = f"user: question {i % 5}"  # each prompt twice: 5 repeat pairs for the floor
-        rows.append({"request_id": f"r{i}", "role": "primary", "variant": "v1", "prompt_text": prompt,
-                     "response_text": f"the answer to {i % 5} is yes"})
-        rows.append({"request_id": f"r{i}", "role": "shadow", "variant": "v2", "prompt_text": prompt,
-                     "latency_s": 0.3, "completion_tokens": 2, "status": 500 if i == 0 else 200,
-                     "response_text": None if i == 0 else ("the answer to 1 is yes" if i == 1 else "no idea")})
+        rows.append(
+            {
+                "request_id": f"r{i}",
+                "role": "primary",
+                "variant": "v1",
+                "prompt_text": prompt,
+                "response_text": f"the answer to {i % 5} is yes",
+            }
+        )
+        rows.append(
+            {
+                "request_id": f"r{i}",
+                "role": "shadow",
+                "variant": "v2",
+                "prompt_text": prompt,
+                "latency_s": 0.3,
+                "completion_tokens": 2,
+                "status": 500 if i == 0 else 200,
+                "response_text": None if i == 0 else ("the answer to 1 is yes" if i == 1 else "no idea"),
+            }
+        )
     rows.append({"request_id": "lonely", "role": "shadow", "variant": "v2", "response_text": "x"})  # no primary
     got = compare(log_frame(rows), "chat", "v2")
     assert (got.primary, got.pairs, got.answered_pairs) == ("v1", 10, 9)
@@ -318,8 +356,21 @@ def test_gate_needs_pairs_then_judges_errors_latency_similarity():
     from loragate.monitoring.shadow import NoiseFloor, ShadowComparison, ShadowGate, gate
 
     def comparison(pairs, delta=0.0, latency=1.0, similarity=0.8):
-        return ShadowComparison("chat", "v2", "v1", pairs, pairs, 0.01, 0.01 + delta, delta, latency, 1.0,
-                                similarity, 0.1, NoiseFloor(0, None, None))
+        return ShadowComparison(
+            "chat",
+            "v2",
+            "v1",
+            pairs,
+            pairs,
+            0.01,
+            0.01 + delta,
+            delta,
+            latency,
+            1.0,
+            similarity,
+            0.1,
+            NoiseFloor(0, None, None),
+        )
 
     config = ShadowGate(min_pairs=50, max_error_rate_delta=0.02, max_latency_ratio=1.5, min_similarity=0.5)
     assert gate(comparison(49), config).decision == "insufficient_data"
@@ -336,10 +387,15 @@ async def test_rollout_waits_for_the_shadow_gate_before_its_first_step(tmp_path)
 
     routes = tmp_path / "routes.yaml"
     routes.write_text(GOOD)
-    config = RolloutsConfig.model_validate({
-        "routes_file": str(routes), "state_file": str(tmp_path / "state.json"),
-        "canaries": [{"route": "chat", "stable": "v1", "canary": "v3", "interval_s": 60,
-                      "shadow_gate": {"min_pairs": 10}}]})
+    config = RolloutsConfig.model_validate(
+        {
+            "routes_file": str(routes),
+            "state_file": str(tmp_path / "state.json"),
+            "canaries": [
+                {"route": "chat", "stable": "v1", "canary": "v3", "interval_s": 60, "shadow_gate": {"min_pairs": 10}}
+            ],
+        }
+    )
     decisions = ["insufficient_data", "fail", "pass"]
     asked = []
 
@@ -381,8 +437,10 @@ async def test_logged_pairs_read_back_and_reported_by_the_cli(build, tmp_path, c
     root = tmp_path / "requestlog"
     parquet_store(str(root)).write("requests", [request_row(r, "full") for r in log.records])
 
-    assert cli(["shadow", "report", "--request-log", str(root), "--json", "--min-pairs", "3",
-                "--min-similarity", "0.5"]) == 0
+    assert (
+        cli(["shadow", "report", "--request-log", str(root), "--json", "--min-pairs", "3", "--min-similarity", "0.5"])
+        == 0
+    )
     [report] = json.loads(capsys.readouterr().out)
     assert (report["route"], report["variant"], report["primary"], report["pairs"]) == ("chat", "v2", "v1", 3)
     assert report["similarity"] == pytest.approx(0.75) and report["identical_rate"] == 0

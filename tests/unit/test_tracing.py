@@ -58,9 +58,18 @@ class Replicas:
         model = orjson.loads(body)["model"]
         if model == "a1":
             raise UpstreamFailure(FailureReason.UPSTREAM_5XX, f"{url}: HTTP 500")
-        return Answer(orjson.dumps({"id": "c1", "model": model, "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 11, "completion_tokens": 5}}))
+        return Answer(
+            orjson.dumps(
+                {
+                    "id": "c1",
+                    "model": model,
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 11, "completion_tokens": 5},
+                }
+            )
+        )
 
 
 @pytest.fixture
@@ -112,9 +121,10 @@ async def test_request_routing_and_attempt_spans_reach_a_real_otlp_receiver(tmp_
         replica.adapters = {"a1", "a2"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
         response = await client.post(
-            "/v1/chat/completions", headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01",
-                                             "x-loragate-priority": "critical"},
-            json={"model": "chain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+            "/v1/chat/completions",
+            headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "x-loragate-priority": "critical"},
+            json={"model": "chain", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5},
+        )
     assert response.status_code == 200, response.text
     assert response.headers["x-loragate-fallback"] == "upstream_5xx"
     tracer = app.state.gateway.tracer
@@ -156,8 +166,9 @@ async def test_tracing_off_sends_no_traceparent_and_builds_no_tracer(tmp_path, m
         replica.adapters = {"a1", "a2"}
     assert app.state.gateway.tracer is None
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
-        response = await client.post("/v1/chat/completions",
-                                     json={"model": "chain", "messages": [{"role": "user", "content": "hi"}]})
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "chain", "messages": [{"role": "user", "content": "hi"}]}
+        )
     assert response.status_code == 200 and replicas.traceparents == [None, None]
 
 
@@ -200,8 +211,7 @@ async def test_the_traceparent_goes_on_the_wire_through_both_clients():
     try:
         for client in (lean, session):
             for sent in (traceparent, None):
-                response = await open_upstream(client, url, b"{}", request_id="r1", is_adapter=False,
-                                               traceparent=sent)
+                response = await open_upstream(client, url, b"{}", request_id="r1", is_adapter=False, traceparent=sent)
                 assert response.status == 200
                 await response.read()
                 response.release()
@@ -224,8 +234,9 @@ async def test_sampled_out_requests_are_answered_and_export_nothing(tmp_path, mo
         replica.healthy = True
         replica.adapters = {"a1", "a2"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
-        response = await client.post("/v1/chat/completions",
-                                     json={"model": "chain", "messages": [{"role": "user", "content": "hi"}]})
+        response = await client.post(
+            "/v1/chat/completions", json={"model": "chain", "messages": [{"role": "user", "content": "hi"}]}
+        )
     assert response.status_code == 200
     await asyncio.to_thread(app.state.gateway.tracer.shutdown)
     assert spans == []
@@ -294,8 +305,9 @@ async def stub_gateway(tmp_path, monkeypatch, receiver):
     routes = tmp_path / "routes.yaml"
     routes.write_text(SHADOWED)
     metrics = Metrics()
-    app = create_app(Settings(routes_file=routes, upstreams=[str(server.make_url("")).rstrip("/")], max_attempts=1),
-                     metrics)
+    app = create_app(
+        Settings(routes_file=routes, upstreams=[str(server.make_url("")).rstrip("/")], max_attempts=1), metrics
+    )
     gateway = app.state.gateway
 
     def use_log(queue_size: int) -> None:
@@ -335,15 +347,18 @@ async def _exported(app) -> None:
 
 
 def _events(span) -> dict:
-    return {event.name: {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in event.attributes}
-            for event in span.events}
+    return {
+        event.name: {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in event.attributes}
+        for event in span.events
+    }
 
 
 async def test_shadow_copy_and_on_demand_adapter_loads_are_spans_in_the_request_trace(stub_gateway):
     app, spans, seen, _ = stub_gateway
     # Two requests at once: the first to need adapter a1 on the (only) replica starts its load, the other waits on it.
     first, second = await asyncio.gather(
-        _post(app, "shadowed", {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}), _post(app, "shadowed"))
+        _post(app, "shadowed", {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}), _post(app, "shadowed")
+    )
     assert first.status_code == second.status_code == 200
     await _exported(app)
 
@@ -365,11 +380,15 @@ async def test_shadow_copy_and_on_demand_adapter_loads_are_spans_in_the_request_
         assert attrs["gen_ai.usage.input_tokens"] == 7 and attrs["gen_ai.usage.output_tokens"] == 4
         assert shadow.kind == shadow.SPAN_KIND_CLIENT and shadow.status.code != 2
         assert "loragate.shadow.sent" in _events(shadow)
-        assert _events(shadow)["loragate.requestlog"] == {"loragate.requestlog.role": "shadow",
-                                                          "loragate.requestlog.queued": True}
+        assert _events(shadow)["loragate.requestlog"] == {
+            "loragate.requestlog.role": "shadow",
+            "loragate.requestlog.queued": True,
+        }
         # The request log hand-off: an event on the request span.
-        assert _events(request)["loragate.requestlog"] == {"loragate.requestlog.role": "primary",
-                                                           "loragate.requestlog.queued": True}
+        assert _events(request)["loragate.requestlog"] == {
+            "loragate.requestlog.role": "primary",
+            "loragate.requestlog.queued": True,
+        }
     assert requests[0].trace_id.hex() == CLIENT_TRACE or requests[1].trace_id.hex() == CLIENT_TRACE
     # The engine got each call's own traceparent: the attempt's for the primary, the shadow's for the copy.
     sent = {tp[:-3]: model for model, tp in seen if tp is not None}  # less the flags (sampled, random trace id)
@@ -402,7 +421,9 @@ async def test_a_failed_adapter_load_is_an_error_span_under_its_attempt(stub_gat
     attempt = next(s for s in spans if s.span_id == load.parent_span_id)
     assert attempt.name == "loragate.upstream bad" and _attrs(attempt)["error.type"] == "adapter_unavailable"
     assert [s.name for s in spans if s.name.startswith("loragate.upstream")] == [  # the base model answered
-        "loragate.upstream bad", "loragate.upstream base"]
+        "loragate.upstream bad",
+        "loragate.upstream base",
+    ]
     attrs = _attrs(load)
     assert attrs["loragate.adapter"] == "b1" and attrs["loragate.adapter_load.triggered"] is True
     assert attrs["loragate.adapter_load.outcome"] == "failed" and attrs["error.type"] == "failed"

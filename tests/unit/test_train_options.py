@@ -20,9 +20,18 @@ from loragate.pipeline.hardware import GB, Hardware
 from tests.processes import ROOT
 
 # Llama-3.1-8B's config.json sizes (public): 8.03 B parameters.
-LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
-            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-            "max_position_embeddings": 131072, "tie_word_embeddings": False, "model_type": "llama"}
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": False,
+    "model_type": "llama",
+}
 H100 = Hardware("cuda", "NVIDIA H100 80GB HBM3", 1, 80 * GB, 79 * GB, bf16=True)
 CPU = Hardware("cpu", "test CPU", 1, 16 * GB, 12 * GB, bf16=False)
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -34,8 +43,16 @@ def shape_8b(tmp_path: Path) -> memory.ModelShape:
 
 
 def plan(**kw) -> memory.Plan:
-    base = dict(device="cuda", precision="bf16", quantization=None, micro_batch=8, seq_len=2048,
-                gradient_checkpointing=False, rank=16, targets=ATTN)
+    base = dict(
+        device="cuda",
+        precision="bf16",
+        quantization=None,
+        micro_batch=8,
+        seq_len=2048,
+        gradient_checkpointing=False,
+        rank=16,
+        targets=ATTN,
+    )
     return memory.Plan(**{**base, **kw})
 
 
@@ -81,11 +98,23 @@ def _config(tmp_path: Path, base: Path, **kw):
     from loragate.pipeline.train import TrainConfig
 
     data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"question {i} " * 40},
-                                                     {"role": "assistant", "content": f"answer {i} " * 40}]}) + "\n"
-                            for i in range(20)))
-    return TrainConfig(dataset=str(data), base_model=str(base), registry=str(tmp_path / "reg"), name="s", version="v1",
-                       **kw)
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"question {i} " * 40},
+                        {"role": "assistant", "content": f"answer {i} " * 40},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(20)
+        )
+    )
+    return TrainConfig(
+        dataset=str(data), base_model=str(base), registry=str(tmp_path / "reg"), name="s", version="v1", **kw
+    )
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +147,9 @@ def base_8b(tmp_path, tokenizer_files):
 def test_a_run_that_cannot_fit_is_refused_in_a_second_with_the_numbers_and_the_fix(tmp_path, base_8b):
     from loragate.pipeline.train import TrainError, prepare
 
-    config = _config(tmp_path, base_8b, precision="fp32", micro_batch_size=8, gradient_checkpointing="off",
-                     memory_limit_gb=30)
+    config = _config(
+        tmp_path, base_8b, precision="fp32", micro_batch_size=8, gradient_checkpointing="off", memory_limit_gb=30
+    )
     started = time.monotonic()
     with pytest.raises(TrainError) as err:
         prepare(config, hardware=H100, world=World())
@@ -148,14 +178,40 @@ def test_option_errors_are_one_line_and_qlora_needs_cuda(tmp_path, base_8b):
     with pytest.raises(TrainError, match="--precision must be one of"):
         prepare(_config(tmp_path, base_8b, precision="fp8"), hardware=H100, world=World())
     # the CLI: exit 2, one line, no traceback, in well under the time torch takes to import
-    result = subprocess.run([sys.executable, "-m", "loragate", "train", "--dataset", str(tmp_path / "data.jsonl"),
-                             "--base-model", str(base_8b), "--registry", str(tmp_path / "reg"), "--name", "s",
-                             "--version", "v1", "--quantization", "nf4"], capture_output=True, text=True, cwd=ROOT,
-                            env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"}, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "loragate",
+            "train",
+            "--dataset",
+            str(tmp_path / "data.jsonl"),
+            "--base-model",
+            str(base_8b),
+            "--registry",
+            str(tmp_path / "reg"),
+            "--name",
+            "s",
+            "--version",
+            "v1",
+            "--quantization",
+            "nf4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "needs a CUDA GPU" in result.stderr
     # deciding takes no torch (checked in a fresh interpreter: other tests in this one may have imported it)
-    probe = subprocess.run([sys.executable, "-c", "import sys; import loragate.pipeline.train; "
-                            "print('torch' in sys.modules)"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; import loragate.pipeline.train; print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert probe.stdout.strip() == "False", probe.stderr
 
 
@@ -163,8 +219,15 @@ def test_the_cpu_default_micro_batch_accumulates_to_the_batch(tmp_path, base_8b)
     from loragate.pipeline.train import prepare
     from loragate.pipeline.trainprep import CPU_MICRO_BATCH
 
-    small = dict(LLAMA_8B, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=2000)
+    small = dict(
+        LLAMA_8B,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=2000,
+    )
     (base_8b / "config.json").write_text(json.dumps(small))
     prepared = prepare(_config(tmp_path, base_8b, batch_size=8), hardware=CPU, world=World())
     assert prepared.plan.micro_batch == CPU_MICRO_BATCH and prepared.plan.precision == "fp32"

@@ -29,13 +29,22 @@ MESSAGES = [
     "inconclusive analyses (held; never promoted)",
     "not in a serving state",  # common/cardcheck.py
 ]
-REASONS = ["no_healthy_upstream", "overloaded", "adapter_unavailable", "adapter_missing", "circuit_open",
-           "connect_error", "timeout", "upstream_5xx"]
+REASONS = [
+    "no_healthy_upstream",
+    "overloaded",
+    "adapter_unavailable",
+    "adapter_missing",
+    "circuit_open",
+    "connect_error",
+    "timeout",
+    "upstream_5xx",
+]
 
 
 def _source() -> str:
-    return "\n".join(p.read_text() for folder in ("loragate", "service", "monitoring")
-                     for p in sorted((ROOT / folder).rglob("*.py")))
+    return "\n".join(
+        p.read_text() for folder in ("loragate", "service", "monitoring") for p in sorted((ROOT / folder).rglob("*.py"))
+    )
 
 
 @pytest.fixture(scope="module")

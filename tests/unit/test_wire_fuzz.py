@@ -60,17 +60,27 @@ def mutate(data: bytes, edits: list[tuple[int, int, int]]) -> bytes:
     return bytes(out)
 
 
-EDITS = st.lists(st.tuples(st.integers(0, 3), st.integers(0, 1 << 16), st.sampled_from(
-    [*b"\r\n:$*+-0123456789_ ", 0, 255, *b"aZ%?"])), max_size=6)
+EDITS = st.lists(
+    st.tuples(
+        st.integers(0, 3), st.integers(0, 1 << 16), st.sampled_from([*b"\r\n:$*+-0123456789_ ", 0, 255, *b"aZ%?"])
+    ),
+    max_size=6,
+)
 POINTS = st.lists(st.integers(0, 1 << 16), max_size=12)
 
 # --- RESP ---
 
 replies = st.recursive(
-    st.one_of(st.integers(-(1 << 63) + 1, (1 << 63) - 1), st.binary(max_size=40), st.none(),
-              st.text(alphabet="abcXYZ ", max_size=10).map(lambda t: ("simple", t.encode())),
-              st.text(alphabet="abc ", max_size=10).map(lambda t: ("error", t))),
-    lambda inner: st.lists(inner, max_size=5), max_leaves=20)
+    st.one_of(
+        st.integers(-(1 << 63) + 1, (1 << 63) - 1),
+        st.binary(max_size=40),
+        st.none(),
+        st.text(alphabet="abcXYZ ", max_size=10).map(lambda t: ("simple", t.encode())),
+        st.text(alphabet="abc ", max_size=10).map(lambda t: ("error", t)),
+    ),
+    lambda inner: st.lists(inner, max_size=5),
+    max_leaves=20,
+)
 
 
 def resp_encode(reply: object) -> bytes:
@@ -142,6 +152,7 @@ def test_resp_mutated_and_random_bytes(stream: list[object], edits: list, points
 
 # --- HTTP ---
 
+
 class StandInTransport:
     """What a _Connection calls on its transport, recorded."""
 
@@ -170,6 +181,7 @@ class StandInTransport:
 
 def http_read(pieces: list[bytes], read_whole: bool) -> tuple[object, _Connection, HttpClient]:
     """Feed the pieces to a fresh connection, then the server's close: the body, or the error's type."""
+
     async def main() -> tuple[object, _Connection, HttpClient]:
         client = HttpClient()
         connection = _Connection(client, ("stand-in", 80), asyncio.get_running_loop())
@@ -200,10 +212,17 @@ def http_read(pieces: list[bytes], read_whole: bool) -> tuple[object, _Connectio
 def answers(draw: st.DrawFn) -> tuple[bytes, bytes, bool]:
     """An answer's bytes, its body, and whether its connection may be kept."""
     body = draw(st.binary(max_size=300))
-    informational = b"".join(draw(st.lists(st.sampled_from(
-        [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"]), max_size=2)))
-    extra = b"".join(b"x-h%d: %s\r\n" % (i, b"v" * n) for i, n in enumerate(draw(st.lists(st.integers(0, 200),
-                                                                                           max_size=5))))
+    informational = b"".join(
+        draw(
+            st.lists(
+                st.sampled_from([b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nlink: </x>\r\n\r\n"]),
+                max_size=2,
+            )
+        )
+    )
+    extra = b"".join(
+        b"x-h%d: %s\r\n" % (i, b"v" * n) for i, n in enumerate(draw(st.lists(st.integers(0, 200), max_size=5)))
+    )
     framing = draw(st.sampled_from(["length", "chunked", "close"]))
     status = draw(st.sampled_from([200, 201, 400, 404, 500]))
     head = b"HTTP/1.1 %d X\r\n%s" % (status, extra)
@@ -214,7 +233,7 @@ def answers(draw: st.DrawFn) -> tuple[bytes, bytes, bool]:
         pieces, at = [], 0
         for size in sizes:
             if at < len(body):
-                pieces.append(body[at:at + size])
+                pieces.append(body[at : at + size])
                 at += size
         if at < len(body):
             pieces.append(body[at:])
@@ -228,8 +247,9 @@ HTTP_BUDGET = Budget()
 
 @FUZZ
 @given(answers(), POINTS, st.booleans())
-def test_http_generated_answers_read_back_however_cut(answer: tuple[bytes, bytes, bool], points: list[int],
-                                                      read_whole: bool) -> None:
+def test_http_generated_answers_read_back_however_cut(
+    answer: tuple[bytes, bytes, bool], points: list[int], read_whole: bool
+) -> None:
     if HTTP_BUDGET.spent():
         return
     data, body, keep = answer
@@ -244,8 +264,9 @@ HTTP_MUTATED_BUDGET = Budget()
 
 @FUZZ
 @given(answers(), EDITS, POINTS, st.binary(max_size=64))
-def test_http_mutated_and_random_bytes(answer: tuple[bytes, bytes, bool], edits: list, points: list[int],
-                                       noise: bytes) -> None:
+def test_http_mutated_and_random_bytes(
+    answer: tuple[bytes, bytes, bool], edits: list, points: list[int], noise: bytes
+) -> None:
     if HTTP_MUTATED_BUDGET.spent():
         return
     for data in (mutate(answer[0], edits), noise, answer[0] + noise):

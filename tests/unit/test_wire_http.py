@@ -44,8 +44,14 @@ import uvloop
 
 from loragate.service.httpclient import FIELD_MAX, HEAD_MAX, PAUSE_AT, HttpClient, _Connection
 from loragate.service.aiohttpedge import aiohttp_post
-from loragate.service.transport import (Disconnected, IncompleteAnswer, MalformedAnswer, Timeout, TransportError,
-                                        TransportTimeout)
+from loragate.service.transport import (
+    Disconnected,
+    IncompleteAnswer,
+    MalformedAnswer,
+    Timeout,
+    TransportError,
+    TransportTimeout,
+)
 from tests.wire_peers import CLOSE, RESET, HttpPeer, Script, StallWatch, parser_watch
 
 STALL_S = 0.010  # the longest data_received call (the parser's own stall), thread CPU time
@@ -53,18 +59,23 @@ LOOP_STALL_S = 0.050  # the loop's longest busy stretch, whatever ran in it (the
 Outcome = bytes | type[BaseException]
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
-SMALL = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{\"ok\":true}"
+SMALL = b'HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 11\r\n\r\n{"ok":true}'
 
 
 def chunked(*pieces: bytes, trailer: bytes = b"") -> bytes:
-    return (b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-            + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n" + trailer + b"\r\n")
+    return (
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+        + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+        + b"0\r\n"
+        + trailer
+        + b"\r\n"
+    )
 
 
 def dribble(data: bytes, piece: int, pause_s: float = 0.0) -> Script:
     steps: Script = []
     for at in range(0, len(data), piece):
-        steps.append(data[at:at + piece])
+        steps.append(data[at : at + piece])
         if pause_s:
             steps.append(pause_s)
     return steps
@@ -93,10 +104,20 @@ def cases() -> list[Case]:
         Case("no body: 204", [b"HTTP/1.1 204 No Content\r\n\r\n"], b""),
         Case("100 before the answer", [b"HTTP/1.1 100 Continue\r\n\r\n", OK], b"ok"),
         Case("103 before the answer", [b"HTTP/1.1 103 Early Hints\r\nlink: </a>; rel=preload\r\n\r\n" + OK], b"ok"),
-        Case("several 1xx, dribbled", dribble(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
-                                               b"HTTP/1.1 103 Early Hints\r\nlink: </b>\r\n\r\n" + OK, 7), b"ok"),
-        Case("101 before the answer", [b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n"
-                                       b"connection: upgrade\r\n\r\n", OK], MalformedAnswer),
+        Case(
+            "several 1xx, dribbled",
+            dribble(
+                b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
+                b"HTTP/1.1 103 Early Hints\r\nlink: </b>\r\n\r\n" + OK,
+                7,
+            ),
+            b"ok",
+        ),
+        Case(
+            "101 before the answer",
+            [b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\nconnection: upgrade\r\n\r\n", OK],
+            MalformedAnswer,
+        ),
         Case("status 000", [b"HTTP/1.1 000 Zero\r\ncontent-length: 0\r\n\r\n"], MalformedAnswer),
         Case("status 999", [b"HTTP/1.1 999 Nine\r\ncontent-length: 0\r\n\r\n"], MalformedAnswer),
         Case("status of two digits", [b"HTTP/1.1 20 OK\r\ncontent-length: 0\r\n\r\n"], MalformedAnswer),
@@ -105,52 +126,106 @@ def cases() -> list[Case]:
         Case("not HTTP", [b"SPDY/9 lol\r\n\r\n"], MalformedAnswer),
         Case("HTTP/2 status line", [b"HTTP/2 200\r\ncontent-length: 0\r\n\r\n"], MalformedAnswer),
         Case("bare LF line ends", [b"HTTP/1.1 200 OK\ncontent-length: 2\n\nok", CLOSE], MalformedAnswer),
-        Case("a header of 16 MB, in 64 KB reads", [b"HTTP/1.1 200 OK\r\nx-big: ", *dribble(big_value, 65536)],
-             MalformedAnswer),
-        Case("a header field over the limit", [b"HTTP/1.1 200 OK\r\nx-big: %s\r\ncontent-length: 2\r\n\r\nok"
-                                               % (b"v" * FIELD_MAX)], MalformedAnswer),
-        Case("a header field at the limit", [b"HTTP/1.1 200 OK\r\nx-big: %s\r\ncontent-length: 2\r\n\r\nok"
-                                             % (b"v" * (FIELD_MAX - 7))], b"ok"),
-        Case("a head over the limit", [b"HTTP/1.1 200 OK\r\n" + wide + wide + b"content-length: 2\r\n\r\nok"],
-             MalformedAnswer),
+        Case(
+            "a header of 16 MB, in 64 KB reads",
+            [b"HTTP/1.1 200 OK\r\nx-big: ", *dribble(big_value, 65536)],
+            MalformedAnswer,
+        ),
+        Case(
+            "a header field over the limit",
+            [b"HTTP/1.1 200 OK\r\nx-big: %s\r\ncontent-length: 2\r\n\r\nok" % (b"v" * FIELD_MAX)],
+            MalformedAnswer,
+        ),
+        Case(
+            "a header field at the limit",
+            [b"HTTP/1.1 200 OK\r\nx-big: %s\r\ncontent-length: 2\r\n\r\nok" % (b"v" * (FIELD_MAX - 7))],
+            b"ok",
+        ),
+        Case(
+            "a head over the limit",
+            [b"HTTP/1.1 200 OK\r\n" + wide + wide + b"content-length: 2\r\n\r\nok"],
+            MalformedAnswer,
+        ),
         Case("a wide head within the limit", [b"HTTP/1.1 200 OK\r\n" + wide + b"content-length: 2\r\n\r\nok"], b"ok"),
         Case("200 header fields", [b"HTTP/1.1 200 OK\r\n" + many + b"content-length: 2\r\n\r\nok"], b"ok"),
-        Case("15000 tiny header fields", [b"HTTP/1.1 200 OK\r\n" + b"a:\r\n" * 15000 + b"content-length: 2\r\n\r\nok"],
-             b"ok"),
-        Case("chunk size not hex", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"],
-             IncompleteAnswer),
-        Case("chunk without its CRLF", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n"],
-             IncompleteAnswer),
-        Case("chunk size overflow", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
-                                     b"ffffffffffffffffffff\r\nab"], IncompleteAnswer),
-        Case("chunked cut short", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", CLOSE],
-             IncompleteAnswer),
-        Case("an endless trailer section", [chunked(b"hi")[:-2], *dribble(b"x-t: " + b"t" * 200_000, 4096)],
-             IncompleteAnswer),
-        Case("content-length longer than the body", [b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234", CLOSE],
-             IncompleteAnswer),
+        Case(
+            "15000 tiny header fields",
+            [b"HTTP/1.1 200 OK\r\n" + b"a:\r\n" * 15000 + b"content-length: 2\r\n\r\nok"],
+            b"ok",
+        ),
+        Case(
+            "chunk size not hex",
+            [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n"],
+            IncompleteAnswer,
+        ),
+        Case(
+            "chunk without its CRLF",
+            [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXY0\r\n\r\n"],
+            IncompleteAnswer,
+        ),
+        Case(
+            "chunk size overflow",
+            [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nffffffffffffffffffff\r\nab"],
+            IncompleteAnswer,
+        ),
+        Case(
+            "chunked cut short",
+            [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhel", CLOSE],
+            IncompleteAnswer,
+        ),
+        Case(
+            "an endless trailer section",
+            [chunked(b"hi")[:-2], *dribble(b"x-t: " + b"t" * 200_000, 4096)],
+            IncompleteAnswer,
+        ),
+        Case(
+            "content-length longer than the body",
+            [b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234", CLOSE],
+            IncompleteAnswer,
+        ),
         Case("content-length shorter than the body", [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokEXTRA"], b"ok"),
-        Case("two content-lengths", [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"],
-             MalformedAnswer),
-        Case("content-length and chunked", [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n"
-                                             b"transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
-             MalformedAnswer),
-        Case("transfer-encoding: gzip", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzipped", CLOSE],
-             MalformedAnswer),
-        Case("transfer-encoding: gzip, chunked", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
-                                                  b"2\r\nok\r\n0\r\n\r\n"], MalformedAnswer),
-        Case("transfer-encoding: chunked, identity", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity"
-                                                      b"\r\n\r\n2\r\nok\r\n0\r\n\r\n", CLOSE], MalformedAnswer),
-        Case("transfer-encoding: identity", [b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\nas is", CLOSE],
-             b"as is"),
+        Case(
+            "two content-lengths",
+            [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok"],
+            MalformedAnswer,
+        ),
+        Case(
+            "content-length and chunked",
+            [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+            MalformedAnswer,
+        ),
+        Case(
+            "transfer-encoding: gzip",
+            [b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nzipped", CLOSE],
+            MalformedAnswer,
+        ),
+        Case(
+            "transfer-encoding: gzip, chunked",
+            [b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"],
+            MalformedAnswer,
+        ),
+        Case(
+            "transfer-encoding: chunked, identity",
+            [b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity\r\n\r\n2\r\nok\r\n0\r\n\r\n", CLOSE],
+            MalformedAnswer,
+        ),
+        Case(
+            "transfer-encoding: identity",
+            [b"HTTP/1.1 200 OK\r\ntransfer-encoding: identity\r\n\r\nas is", CLOSE],
+            b"as is",
+        ),
         Case("pipelined answer after the answer", [OK + OK], b"ok"),
         Case("half an answer after the answer", [OK + b"HTTP/1.1 2"], b"ok"),
         Case("bytes later, while idle", [OK, 0.05, b"junk"], b"ok", quiet_s=0.1),
-        Case("slow dribble within the deadline", dribble(SMALL, 3, 0.002), b"{\"ok\":true}"),
-        Case("slow dribble past the total", dribble(SMALL, 1, 0.05), TransportTimeout,
-             Timeout(total=0.5, read=1), 1.0),
-        Case("silence past the read timeout", [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab", 1.0],
-             TransportTimeout, Timeout(total=3, read=0.2), 1.0),
+        Case("slow dribble within the deadline", dribble(SMALL, 3, 0.002), b'{"ok":true}'),
+        Case("slow dribble past the total", dribble(SMALL, 1, 0.05), TransportTimeout, Timeout(total=0.5, read=1), 1.0),
+        Case(
+            "silence past the read timeout",
+            [b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab", 1.0],
+            TransportTimeout,
+            Timeout(total=3, read=0.2),
+            1.0,
+        ),
         Case("reset before the answer", [RESET], Disconnected),
         Case("reset mid-head", [SMALL[:20], 0.01, RESET], Disconnected),
         Case("reset mid-body", [SMALL[:-3], 0.01, RESET], IncompleteAnswer),
@@ -176,8 +251,10 @@ AIOHTTP_DIFFERS: dict[str, Outcome] = {
     "transfer-encoding: chunked, identity": b"2\r\nok\r\n0\r\n\r\n",
 }
 CASES = cases()
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop,
-                                                             "uvloop": uvloop.new_event_loop}
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
 
 
 def run(loop: str, coroutine: object) -> object:
@@ -250,6 +327,7 @@ def test_lean_client(case: Case, loop: str) -> None:
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_aiohttp_outcomes(case: Case) -> None:
     """aiohttp's client on the same cases: the documented outcome (AIOHTTP_DIFFERS, else the lean client's)."""
+
     async def main() -> None:
         peer = HttpPeer(lambda number: case.script if number == 0 else [OK])
         async with peer.running() as url, aiohttp.ClientSession() as session:
@@ -278,8 +356,9 @@ def test_early_close_at_every_byte(loop: str) -> None:
             peer = HttpPeer(lambda _number: [SMALL[:cut], CLOSE])  # noqa: B023 (used within this iteration)
             async with peer.running() as url:
                 outcome = await lean_outcome(client, url, b"{}", Timeout(total=2))
-                expected: Outcome = (b"{\"ok\":true}" if cut == len(SMALL) else
-                                     IncompleteAnswer if cut >= head_end else Disconnected)
+                expected: Outcome = (
+                    b'{"ok":true}' if cut == len(SMALL) else IncompleteAnswer if cut >= head_end else Disconnected
+                )
                 assert same(outcome, expected), f"cut at {cut}: {outcome!r}"
                 await settle(client)
                 assert_pool_clean(client)
@@ -306,7 +385,7 @@ def test_long_streams_read_slowly_with_pauses_then_reused(loop: str) -> None:
                 pieces, at = [], 0
                 while at < size:
                     step = rng.randrange(1000, 70000)
-                    pieces.append(payload[at:at + step])
+                    pieces.append(payload[at : at + step])
                     at += step
                 return [chunked(*pieces)]
             return [b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size + payload]
@@ -340,6 +419,7 @@ def test_long_streams_read_slowly_with_pauses_then_reused(loop: str) -> None:
 def test_a_huge_header_costs_linear_time() -> None:
     """A 16 MB header value in 64 KB reads used to cost 0.5 s of event loop (quadratic); now it fails at the
     limit after reading 64 KB, and a head just under the limit dribbled byte by byte parses in linear time."""
+
     async def main() -> None:
         head = b"HTTP/1.1 200 OK\r\n" + b"".join(b"x-h%03d: %s\r\n" % (i, b"v" * 500) for i in range(120))
         peer = HttpPeer(lambda _n: [*dribble(head, 1 << 10), b"content-length: 2\r\n\r\nok"])

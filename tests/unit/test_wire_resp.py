@@ -27,14 +27,24 @@ import hiredis
 import pytest
 import uvloop
 
-from loragate.service.resp import (MAX_DEPTH, RedisReplyError, RedisUnavailable, RespClient, RespProtocolError,
-                                   RespReader, _Protocol, encode)
+from loragate.service.resp import (
+    MAX_DEPTH,
+    RedisReplyError,
+    RedisUnavailable,
+    RespClient,
+    RespProtocolError,
+    RespReader,
+    _Protocol,
+    encode,
+)
 from tests.wire_peers import CLOSE, RESET, Script, StallWatch, parser_watch, play
 
 STALL_S = 0.010  # the longest data_received call (the reader's own stall), thread CPU time
 LOOP_STALL_S = 0.050  # the loop's longest busy stretch, whatever ran in it (see tests/wire_peers.py)
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop,
-                                                             "uvloop": uvloop.new_event_loop}
+LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "asyncio": asyncio.new_event_loop,
+    "uvloop": uvloop.new_event_loop,
+}
 Error = RespProtocolError
 
 READER_CASES: list[tuple[str, bytes, list[object] | type[Exception]]] = [
@@ -85,7 +95,7 @@ def read_all(reader: object, data: bytes, piece: int) -> list[object] | type[Exc
     replies: list[object] = []
     try:
         for at in range(0, len(data), piece):
-            reader.feed(data[at:at + piece])  # type: ignore[attr-defined]
+            reader.feed(data[at : at + piece])  # type: ignore[attr-defined]
             while (reply := reader.gets()) is not False:  # type: ignore[attr-defined]
                 replies.append(reply)
     except RespProtocolError:
@@ -123,7 +133,7 @@ def test_a_large_array_in_pieces_is_read_in_linear_time() -> None:
     started = time.thread_time()
     for at in range(0, len(data), 1024):
         step = time.thread_time()
-        reader.feed(data[at:at + 1024])
+        reader.feed(data[at : at + 1024])
         while (reply := reader.gets()) is not False:
             replies.append(reply)
         longest = max(longest, time.thread_time() - step)
@@ -134,6 +144,7 @@ def test_a_large_array_in_pieces_is_read_in_linear_time() -> None:
 
 
 # --- the client against scripted servers ---
+
 
 class RedisPeer:
     """A scripted RESP server on loopback: each command read gets ``script(number)`` (numbered from 0 across
@@ -212,8 +223,9 @@ def test_client_against_scripted_servers(name: str, script: Script, expected: ob
                     outcome: object = await client.call("PING")
                 except (RedisUnavailable, RedisReplyError) as exc:
                     outcome = type(exc)
-                assert outcome == expected or (isinstance(expected, type) and isinstance(outcome, type)
-                                               and issubclass(outcome, expected)), f"{name}: {outcome!r}"
+                assert outcome == expected or (
+                    isinstance(expected, type) and isinstance(outcome, type) and issubclass(outcome, expected)
+                ), f"{name}: {outcome!r}"
                 assert time.perf_counter() - started < 1.0  # the timeout is 0.15 s; a loaded machine
                 await asyncio.wait_for(peer.played.wait(), 5)  # the script has sent all it sends ...
                 await asyncio.sleep(0.05)  # ... and it has arrived (was a fixed 0.2 s, 0.9 s for silence)
