@@ -126,6 +126,35 @@ class CheckResult:
     figures: dict[str, float | None] = field(default_factory=dict)
     explanation: str = ""
 
+    @classmethod
+    def not_judged(
+        cls,
+        check: str,
+        test: str,
+        min_effect: float,
+        min_samples: int,
+        samples: float,
+        levels: Levels,
+        figures: dict[str, float | None],
+        explanation: str,
+    ) -> CheckResult:
+        """Inconclusive without an estimate or bounds: the data cannot be judged (yet)."""
+        return cls(
+            check,
+            test,
+            "inconclusive",
+            None,
+            None,
+            None,
+            min_effect,
+            min_samples,
+            samples,
+            levels.fail,
+            levels.pass_,
+            figures,
+            explanation,
+        )
+
     def as_dict(self) -> dict[str, Any]:
         return {k: (_finite(v) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
@@ -264,20 +293,8 @@ def latency_shift(
     test = "slower share at each latency bucket bound: Beta-binomial mixture confidence sequences (always valid)"
     if not shared:
         line = f"latency: no bucket bound at or above {config.floor_s:g} s in both variants: not enough data yet"
-        return CheckResult(
-            "latency",
-            test,
-            "inconclusive",
-            None,
-            None,
-            None,
-            config.min_effect,
-            config.min_samples,
-            canary_n,
-            levels.fail,
-            levels.pass_,
-            figures,
-            line,
+        return CheckResult.not_judged(
+            "latency", test, config.min_effect, config.min_samples, canary_n, levels, figures, line
         )
     bounds = np.array(shared)
     slower_c = canary_n - c_counts[np.searchsorted(c_bounds, bounds)]
@@ -416,20 +433,8 @@ def latency_tail(
             f"latency tail: no bucket bound at or above {config.floor_s:g} s holds the stable's "
             f"p{100 * config.quantiles[0]:g}: not enough data yet"
         )
-        return CheckResult(
-            "latency_tail",
-            test,
-            "inconclusive",
-            None,
-            None,
-            None,
-            min(config.max_shares().values()),
-            config.min_samples,
-            canary_n,
-            levels.fail,
-            levels.pass_,
-            figures,
-            line,
+        return CheckResult.not_judged(
+            "latency_tail", test, min(config.max_shares().values()), config.min_samples, canary_n, levels, figures, line
         )
     indices = np.array(sorted(chosen))
     bounds = shared[indices]
@@ -521,20 +526,8 @@ def compare_feedback(
     ]
     if outside:
         line = f"feedback: mean score {outside[0]:.3g} outside score_range [{low:g}, {high:g}]: not judged"
-        return CheckResult(
-            "feedback",
-            test,
-            "inconclusive",
-            None,
-            None,
-            None,
-            config.min_effect,
-            config.min_samples,
-            canary_n,
-            levels.fail,
-            levels.pass_,
-            figures,
-            line,
+        return CheckResult.not_judged(
+            "feedback", test, config.min_effect, config.min_samples, canary_n, levels, figures, line
         )
     # Scaled to [0, 1]; "stable minus canary" is "canary's (1 - score) minus stable's".
     c_bad, s_bad = canary_n - (canary_sum - low * canary_n) / width, stable_n - (stable_sum - low * stable_n) / width
