@@ -63,27 +63,7 @@ _GATES = {
     18: rf"(?:\+|00){_D}{{1,3}}(?:[.-]|{_S})?\(?{_D}",  # international phone (its start)
     19: rf"(?:\({_D}{{3}}\){_S}?|{_D}{{3}}(?:[.-]|{_S})){_D}{{3}}(?:[.-]|{_S}){_D}{{4}}",  # North American phone
     20: rf"0{_D}{{2,4}}(?:-|{_S})?{_D}{{3,4}}(?:-|{_S})?{_D}{{3}}",  # national phone
-    15: "(?s)"
-    + _ci_any(
-        "passport",
-        "national",
-        "id",
-        "tax",
-        "tin",
-        "ssn",
-        "sin",
-        "nino",
-        "dni",
-        "nie",
-        "nif",
-        "cpf",
-        "aadhaar",
-        "pesel",
-        "bsn",
-        "personnummer",
-        "steuer",
-    )
-    + f".*{_D}",  # keyword ... digit
+    15: "(?s)" + _ci_any("id", *rules._ID_WORDS) + f".*{_D}",  # keyword ... digit ("id" covers id cards)
 }
 assert set(_GATES) == set(range(len(rules._RULES))), "every rule needs a gate"
 _ANY_GATE = "|".join(f"(?:{gate})" for gate in _GATES.values())  # a text no gate lets through stays as it is
