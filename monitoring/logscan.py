@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 KEY_COLUMNS = ("request_id", "timestamp", "route", "variant", "role")
 ALL = "*"  # the sample group of every variant together (by_variant=False)
 BATCH_ROWS = 65_536  # the key pass reads the narrow columns of up to this many rows' row groups at once
+FIRST_BATCH_ROWS = 8_192  # ... and of this many first (a 10-second file's row groups in one read)
 
 
 @dataclass(frozen=True)
@@ -140,11 +141,13 @@ class WindowScan:
         """The file's rows in the window and the filter (when sampling: only those under the thresholds
         known when the file is read; they fall as files are read, so few rows of the later files are kept).
 
-        Every row in the window is counted from the narrow columns (time, route, variant, role); request ids
-        are decoded and hashed only in row groups that may hold rows under the thresholds: where the writer
-        recorded the row groups' key ranges (loragate.common.samplekey), those are read in key order and the
-        others are only counted. Row groups are read in batches (one, then twice as many rows each time, up
-        to ``BATCH_ROWS``): a compacted file has thousands of small ones."""
+        Every row in the window is counted from the narrow columns (time, route, variant, role), in Arrow;
+        request ids are decoded and hashed only in row groups that may hold rows under the thresholds: where
+        the writer recorded the row groups' key ranges (loragate.common.samplekey), those are read in key
+        order and the others are only counted. Only the rows under the thresholds become Python objects
+        (variant, role, id: a few a file). Row groups are read in batches of up to ``BATCH_ROWS`` rows,
+        doubling from ``FIRST_BATCH_ROWS``: a 10-second file is one batch, a compacted file lowers its own
+        thresholds batch by batch."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.compute as pc
@@ -161,86 +164,62 @@ class WindowScan:
             sizes = np.array([meta.row_group(i).num_rows for i in range(meta.num_row_groups)], dtype=np.int64)
             starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if len(sizes) else sizes
             ranges = samplekey.read_ranges(meta) if sampling and w.ids is None else None
-            order = (
-                sorted(range(meta.num_row_groups), key=lambda i: ranges[i][0]) if ranges else range(meta.num_row_groups)
-            )
-            todo = deque(i for i in order if _may_match(reader, meta.row_group(i), w))
+            low = np.array([r[0] for r in ranges] if ranges else [], dtype=np.uint64)
+            order = np.argsort(low, kind="stable").tolist() if ranges else range(meta.num_row_groups)
+            stats = _StatsColumns(meta, reader.schema_arrow)
+            todo = deque(i for i in order if stats.may_match(meta.row_group(i), w))
             positions, variants, roles, ids, keys = [], [], [], [], []
             counts: dict[str, int] = {}
             local: dict[str, int] = {}  # this file's own thresholds (a compacted file is large)
-            counted_only, budget = 0, 1
+            counted_only, budget = 0, FIRST_BATCH_ROWS
             while todo:
                 batch: list[int] = []
                 rows = 0
                 while todo and (not batch or rows + sizes[todo[0]] <= budget):
                     batch.append(todo.popleft())
                     rows += int(sizes[batch[-1]])
-                budget = min(max(2 * rows, budget), BATCH_ROWS)
+                budget = min(2 * budget, BATCH_ROWS)
                 data = reader.read_row_groups(batch, columns=narrow, use_threads=False)
-                n = data.num_rows
-                member: np.ndarray = np.repeat(np.arange(len(batch)), sizes[batch])  # each row's group in batch
-                inner = np.arange(n) - np.repeat(np.cumsum(sizes[batch]) - sizes[batch], sizes[batch])
-                stamps = data["timestamp"].cast(pa.timestamp("ms", tz="UTC"))
-                mask = pc.and_(
-                    pc.greater_equal(stamps, pa.scalar(w.window_start, pa.timestamp("ms", tz="UTC"))),
-                    pc.less(stamps, pa.scalar(w.window_end, pa.timestamp("ms", tz="UTC"))),
-                )
-                role = data["role"] if "role" in present else pa.nulls(n, pa.string())
-                role = pc.fill_null(role, logschema.PRIMARY)
-                for name, value, column in (
-                    ("route", w.route, data["route"] if "route" in present else None),
-                    ("variant", w.variant, data["variant"] if "variant" in present else None),
-                    ("role", w.role, role),
-                ):
-                    if value is not None:
-                        if column is None:
-                            mask = pa.array(np.zeros(n, bool))
-                        else:
-                            mask = pc.and_(mask, pc.fill_null(pc.equal(column, value), False))
-                if w.ids is not None:
-                    if "request_id" not in present:
-                        continue
-                    mask = pc.and_(mask, pc.is_in(data["request_id"], value_set=self._id_set()))
-                mask = pc.fill_null(mask, False).to_numpy(zero_copy_only=False)
-                if not mask.any():
+                mask = self._mask(data, present)
+                variant = data["variant"] if "variant" in present else pa.nulls(data.num_rows, pa.string())
+                variant = _flat(pc.fill_null(variant.cast(pa.string()), ""))
+                found = pc.value_counts(pc.filter(variant, mask)).to_pylist()
+                if not found:
                     continue
-                where = np.flatnonzero(mask)
-                variant = data["variant"] if "variant" in present else pa.nulls(n, pa.string())
-                variant = pc.fill_null(variant.cast(pa.string()), "").to_numpy(zero_copy_only=False)[where]
-                for v, c in zip(*np.unique(variant, return_counts=True)):
-                    counts[str(v)] = counts.get(str(v), 0) + int(c)
-                if not self.by_variant:  # one sample for all variants: each in its share of the window
-                    variant = np.full(len(variant), ALL, dtype=object)
-                if ranges:  # rows of a row group whose smallest key is above their threshold: counted only
-                    low = np.array([ranges[g][0] for g in batch], dtype=np.uint64)[member[where]]
-                    maybe = low <= _limits(variant, _lower(self.thresholds, local))
-                    counted_only += len(np.unique(member[where])) - len(np.unique(member[where][maybe]))
-                    where, variant = where[maybe], variant[maybe]
+                for item in found:
+                    counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+                where = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+                member = np.repeat(np.arange(len(batch)), sizes[batch])  # each row's group in the batch
+                inner = np.arange(data.num_rows) - np.repeat(np.cumsum(sizes[batch]) - sizes[batch], sizes[batch])
+                cut = _lower(self.thresholds, local)
+                groups = [item["values"] for item in found] if self.by_variant else [ALL]
+                top = max(cut.get(v, _NO_LIMIT) for v in groups) if sampling else _NO_LIMIT  # no key above it is taken
+                if ranges:  # row groups whose smallest key is above every threshold: counted only
+                    open_ = low[batch] <= top
+                    counted_only += len(np.unique(member[where][~open_[member[where]]]))
+                    where = where[open_[member[where]]]
                     if not len(where):
                         continue
-                if "request_id" not in present:
-                    row_ids = pa.array([""] * len(where), pa.string())
-                elif "request_id" in data.column_names:
-                    row_ids = pc.take(pc.fill_null(data["request_id"].cast(pa.string()), ""), pa.array(where))
-                else:  # only the row groups holding candidates: their ids, concatenated in batch order
-                    wanted = np.unique(member[where])
-                    offset: np.ndarray = np.zeros(len(batch), dtype=np.int64)
-                    offset[wanted] = np.cumsum(sizes[batch][wanted]) - sizes[batch][wanted]
-                    column = reader.read_row_groups(
-                        [batch[m] for m in wanted], columns=["request_id"], use_threads=False
-                    )["request_id"]
-                    row_ids = pc.take(
-                        pc.fill_null(column.cast(pa.string()), ""), pa.array(offset[member[where]] + inner[where])
-                    )
+                row_ids = self._ids_of(reader, data, batch, sizes, member, inner, where, present)
                 key = sample_keys(row_ids)
-                if sampling:
-                    under = key <= _limits(variant, _lower(self.thresholds, local))
-                    where, variant, key = where[under], variant[under], key[under]
-                    row_ids = pc.filter(row_ids, pa.array(under))
+                taken = np.flatnonzero(key <= top)
+                where, key = where[taken], key[taken]
+                if not len(where):
+                    continue
+                row_variant = (
+                    pc.take(variant, pa.array(where)).to_numpy(zero_copy_only=False)
+                    if self.by_variant
+                    else np.full(len(where), ALL, dtype=object)
+                )
+                under = key <= _limits(row_variant, cut) if sampling else np.ones(len(where), bool)
+                taken, where, key, row_variant = taken[under], where[under], key[under], row_variant[under]
+                role = data["role"] if "role" in present else pa.nulls(data.num_rows, pa.string())
                 positions.append(starts[batch][member[where]] + inner[where])
-                variants.append(variant)
-                roles.append(role.to_numpy(zero_copy_only=False)[where])
-                ids.append(row_ids)
+                variants.append(row_variant)
+                roles.append(
+                    pc.fill_null(pc.take(role, pa.array(where)), logschema.PRIMARY).to_numpy(zero_copy_only=False)
+                )
+                ids.append(pc.take(row_ids, pa.array(taken)))
                 keys.append(key)
                 if self.per_variant is not None and len(key):  # the file's own thresholds fall batch by batch
                     local.update(_cuts(np.concatenate(variants), np.concatenate(keys), self.per_variant))
@@ -270,6 +249,54 @@ class WindowScan:
         found.keep(mask)
         found.keep(np.argsort(found.rows, kind="stable"))  # file order, whatever order the groups were read in
         return found
+
+    def _mask(self, data: "pa.Table", present: list[str]) -> "pa.BooleanArray":
+        """The batch's rows in the window and the filter (Arrow; no nulls)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        w, n = self.where, data.num_rows
+        stamp = pa.timestamp("ms", tz="UTC")
+        stamps = data["timestamp"].cast(stamp)
+        mask = pc.and_(
+            pc.greater_equal(stamps, pa.scalar(w.window_start, stamp)), pc.less(stamps, pa.scalar(w.window_end, stamp))
+        )
+        for name, value in (("route", w.route), ("variant", w.variant), ("role", w.role)):
+            if value is None:
+                continue
+            if name not in present:
+                column = pa.nulls(n, pa.string())
+                if name != "role":
+                    return pa.array([False] * n)
+            else:
+                column = data[name]
+            if name == "role":
+                column = pc.fill_null(column, logschema.PRIMARY)
+            mask = pc.and_(mask, pc.fill_null(pc.equal(column, value), False))
+        if w.ids is not None:
+            if "request_id" not in present:
+                return pa.array([False] * n)
+            mask = pc.and_(mask, pc.is_in(data["request_id"], value_set=self._id_set()))
+        return _flat(pc.fill_null(mask, False))
+
+    @staticmethod
+    def _ids_of(reader, data, batch, sizes, member, inner, where, present) -> "pa.Array":
+        """The request ids of rows ``where`` of the batch: from the batch when it read them, else read from
+        the row groups holding those rows only."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if "request_id" not in present:
+            return pa.array([""] * len(where), pa.string())
+        if "request_id" in data.column_names:
+            return _flat(pc.take(pc.fill_null(data["request_id"].cast(pa.string()), ""), pa.array(where)))
+        wanted = np.unique(member[where])
+        offset: np.ndarray = np.zeros(len(batch), dtype=np.int64)
+        offset[wanted] = np.cumsum(sizes[batch][wanted]) - sizes[batch][wanted]
+        column = reader.read_row_groups([batch[m] for m in wanted], columns=["request_id"], use_threads=False)
+        column = pc.fill_null(column["request_id"].cast(pa.string()), "")
+        return _flat(pc.take(column, pa.array(offset[member[where]] + inner[where])))
 
     def _pass1(self, plan: list[LogFile], done: dict[str, _Candidates | None]) -> list[str]:
         """Scan the keys of the plan's files not yet in ``done``; returns the paths that vanished."""
@@ -417,6 +444,11 @@ class WindowScan:
 _NO_LIMIT = (1 << 64) - 1
 
 
+def _flat(values: Any) -> Any:
+    """One Arrow array from an array or a chunked array."""
+    return values.combine_chunks() if hasattr(values, "combine_chunks") else values
+
+
 def release_memory() -> None:
     """Hand memory freed by the passes back to the system: Arrow's pool's unused pages, and the C heap's
     free memory in every glibc arena (``malloc_trim``; a no-op where the C library has none)."""
@@ -470,31 +502,39 @@ def _days(start: datetime, end: datetime) -> list:
     return out
 
 
-def _may_match(reader: Any, group: Any, where: Filter) -> bool:
-    """False when the row group's statistics rule it out (time, or a route/variant/role of one value)."""
-    schema = reader.schema_arrow
-    for index in range(group.num_columns):
-        chunk = group.column(index)
-        name = chunk.path_in_schema
-        stats = chunk.statistics
-        if stats is None or not stats.has_min_max:
-            continue
-        if name == "timestamp":
-            unit = getattr(schema.field("timestamp").type, "unit", "ms")
-            scale = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[unit]
-            low, high = stats.min_raw, stats.max_raw
-            if not isinstance(low, int) or not isinstance(high, int):
+class _StatsColumns:
+    """Where a file's row groups keep the statistics that can rule one out (time, route, variant, role):
+    found once a file, not once a row group."""
+
+    def __init__(self, meta: Any, schema: "pa.Schema") -> None:
+        first = meta.row_group(0) if meta.num_row_groups else None
+        paths = [first.column(i).path_in_schema for i in range(first.num_columns)] if first is not None else []
+        self.index = {name: paths.index(name) for name in ("timestamp", "route", "variant", "role") if name in paths}
+        unit = getattr(schema.field("timestamp").type, "unit", "ms") if "timestamp" in schema.names else "ms"
+        self.scale = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[unit]
+
+    def may_match(self, group: Any, where: Filter) -> bool:
+        """False when the row group's statistics rule it out (time, or a route/variant/role of one value)."""
+        for name, index in self.index.items():
+            chunk = group.column(index)
+            stats = chunk.statistics
+            if stats is None or not stats.has_min_max:
                 continue
-            if high < int(where.window_start.timestamp() * scale) or low >= int(where.window_end.timestamp() * scale):
-                return False
-        elif name in ("route", "variant", "role"):
-            value = getattr(where, name)
-            if (
-                value is not None
-                and stats.min == stats.max
-                and group.num_rows == (chunk.num_values or 0)
-                and stats.null_count == 0
-                and stats.min != value
-            ):
-                return False
-    return True
+            if name == "timestamp":
+                low, high = stats.min_raw, stats.max_raw
+                if not isinstance(low, int) or not isinstance(high, int):
+                    continue
+                start, end = where.window_start.timestamp(), where.window_end.timestamp()
+                if high < int(start * self.scale) or low >= int(end * self.scale):
+                    return False
+            else:
+                value = getattr(where, name)
+                if (
+                    value is not None
+                    and stats.min == stats.max
+                    and group.num_rows == (chunk.num_values or 0)
+                    and stats.null_count == 0
+                    and stats.min != value
+                ):
+                    return False
+        return True
