@@ -189,7 +189,7 @@ class WindowScan:
                 for item in found:
                     counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
                 where = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
-                member = np.repeat(np.arange(len(batch)), sizes[batch])  # each row's group in the batch
+                member: np.ndarray = np.repeat(np.arange(len(batch)), sizes[batch])  # each row's group in the batch
                 inner = np.arange(data.num_rows) - np.repeat(np.cumsum(sizes[batch]) - sizes[batch], sizes[batch])
                 cut = _lower(self.thresholds, local)
                 groups = [item["values"] for item in found] if self.by_variant else [ALL]
@@ -280,7 +280,16 @@ class WindowScan:
         return _flat(pc.fill_null(mask, False))
 
     @staticmethod
-    def _ids_of(reader, data, batch, sizes, member, inner, where, present) -> "pa.Array":
+    def _ids_of(
+        reader: Any,
+        data: "pa.Table",
+        batch: list[int],
+        sizes: "np.ndarray",
+        member: "np.ndarray",
+        inner: "np.ndarray",
+        where: "np.ndarray",
+        present: list[str],
+    ) -> "pa.Array":
         """The request ids of rows ``where`` of the batch: from the batch when it read them, else read from
         the row groups holding those rows only."""
         import numpy as np
