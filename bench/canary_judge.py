@@ -44,8 +44,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import norm
 
-from loragate.monitoring.judge import Counts, Observed, judge, judge_many, judged_steps
+from loragate.monitoring.judge import Counts, Observed, judge, judge_many
 from loragate.monitoring.judgeconfig import JudgeConfig
+from loragate.monitoring.judgeresult import judged_steps
 from loragate.monitoring.rollout.config import CanaryConfig
 from loragate.monitoring.rollout.plan import RouteTraffic, plan
 

@@ -31,7 +31,8 @@ from scipy.special import ndtr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loragate.monitoring.judge import judge_many, judged_steps  # noqa: E402
+from loragate.monitoring.judge import judge_many  # noqa: E402
+from loragate.monitoring.judgeresult import judged_steps  # noqa: E402
 from loragate.monitoring.rollout import plan as plan_module  # noqa: E402
 from loragate.monitoring.rollout.config import CanaryConfig  # noqa: E402
 from loragate.monitoring.rollout.plan import COARSE, FINE, RouteTraffic, plan  # noqa: E402

@@ -1,5 +1,6 @@
 """The settings of the canary judge (the ``judge`` section of a canary): which checks run, their min effects and
-sample sizes, and the error levels. monitoring/judge.py reads them; monitoring/rollout/config.py nests them."""
+sample sizes, and the error levels. monitoring/judge.py (and its latencychecks.py, judgeresult.py) read them;
+monitoring/rollout/config.py nests them."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from loragate.monitoring.rollout import cards
 from loragate.monitoring.rollout.analysis import MetricsSource
 from loragate.monitoring.rollout.config import CanaryConfig, RolloutsConfig
 from loragate.monitoring.rollout.errors import RolloutError, RoutesConflict
-from loragate.monitoring.judge import Verdict
+from loragate.monitoring.judgeresult import Verdict
 from loragate.monitoring.rollout.judge import analyse
 from loragate.monitoring.rollout.metrics import RolloutMetrics
 from loragate.monitoring.rollout.plan import plan

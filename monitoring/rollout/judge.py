@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from loragate.monitoring.judge import Observed, Verdict, judge, judged_steps
+from loragate.monitoring.judge import Observed, judge
+from loragate.monitoring.judgeresult import Verdict, judged_steps
 from loragate.monitoring.rollout.config import CanaryConfig
 
 

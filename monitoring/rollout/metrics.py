@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from loragate.monitoring.judge import Verdict
 from loragate.monitoring.judgeconfig import CHECKS
+from loragate.monitoring.judgeresult import Verdict
 from loragate.monitoring.probe import RESULTS as PROBE_RESULTS
 from loragate.monitoring.rollout.state import STATES, RolloutStatus
 

@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from loragate.monitoring.judge import Counts, Observed, judge_many, judged_steps
+from loragate.monitoring.judge import Counts, Observed, judge_many
 from loragate.monitoring.judgeconfig import CHECKS, JudgeConfig
+from loragate.monitoring.judgeresult import judged_steps
 from loragate.monitoring.rollout.config import CanaryConfig
 
 COARSE = np.unique(np.rint(np.geomspace(1, 1e7, 100)))  # canary requests tried first, ~18 % apart ...

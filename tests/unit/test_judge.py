@@ -1,4 +1,4 @@
-"""The canary judge (monitoring/judge.py): decisions that know their sample size.
+"""The canary judge (monitoring/judge.py, latencychecks.py, judgeresult.py): decisions that know their sample size.
 
 The rates over whole simulated rollouts are measured by bench/canary_judge.py; these are the
 fast checks of each rule.
@@ -14,17 +14,10 @@ from pydantic import ValidationError
 from scipy.special import ndtr  # the standard normal CDF (scipy.stats.norm.cdf), without importing scipy.stats
 
 from loragate.monitoring.confseq import mean_bounds
-from loragate.monitoring.judge import (
-    Counts,
-    Levels,
-    Observed,
-    histogram_quantile,
-    judge,
-    judge_many,
-    tail_bound_index,
-    tail_decide,
-)
+from loragate.monitoring.judge import Counts, Observed, judge, judge_many
 from loragate.monitoring.judgeconfig import FeedbackCheckConfig, JudgeConfig
+from loragate.monitoring.judgeresult import Levels
+from loragate.monitoring.latencychecks import histogram_quantile, tail_bound_index, tail_decide
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)  # the gateway's buckets
 
