@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--routes", default="*", help="comma-separated route names, or * (default)")
     p.add_argument("--rpm", type=int, help="requests per minute")
     p.add_argument("--tpm", type=int, help="tokens per minute")
+    p.add_argument("--priority", help="its requests' class without x-loragate-priority (critical, standard, sheddable)")
+    p.add_argument("--priorities", help="comma-separated classes it may ask for (default: its class and below)")
     p.set_defaults(run=_hash_key)
 
     p = commands.add_parser("config-reference", help="every LORAGATE_* setting: default and meaning (Markdown)")
@@ -141,11 +143,25 @@ def _demo_model(args: argparse.Namespace) -> int:
 def _hash_key(args: argparse.Namespace) -> int:
     from loragate.service.apikeys import ApiKey, hash_key, new_key
 
+    from pydantic import ValidationError
+
     key = new_key()
     routes = "*" if args.routes.strip() == "*" else tuple(r.strip() for r in args.routes.split(",") if r.strip())
-    entry = ApiKey(
-        id=args.id, sha256=hash_key(key), routes=routes, requests_per_minute=args.rpm, tokens_per_minute=args.tpm
-    )  # validates the id and limits
+    priorities = None if args.priorities is None else tuple(p.strip() for p in args.priorities.split(",") if p.strip())
+    try:
+        entry = ApiKey(
+            id=args.id,
+            sha256=hash_key(key),
+            routes=routes,
+            requests_per_minute=args.rpm,
+            tokens_per_minute=args.tpm,
+            priority=args.priority,
+            priorities=priorities,
+        )  # validates the id, the limits and the classes
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'entry'}: {e['msg']}" for e in exc.errors())
+        print(f"loragate hash-key: {problems}", file=sys.stderr)
+        return 2
     print(f"# the key: give it to its holder; it is shown once and never stored\n{key}\n")
     print("# the entry for the keys file (LORAGATE_API_KEYS_FILE), under `keys:`")
     print(f"  - {json.dumps(entry.model_dump(exclude_none=True))}")

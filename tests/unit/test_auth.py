@@ -304,6 +304,19 @@ def test_hash_key_prints_a_key_and_its_entry(capsys: pytest.CaptureFixture[str])
     assert (parsed.id, parsed.routes, parsed.requests_per_minute) == ("team-a", ("support", "plain"), 10)
 
 
+def test_hash_key_sets_the_keys_priorities_and_refuses_unknown_ones(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["hash-key", "--id", "batch", "--priority", "sheddable", "--priorities", "standard, sheddable"]
+    assert cli_main(args) == 0
+    entry_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  - ")][0]
+    parsed = parse_keys("keys:\n" + entry_line + "\n", "out")[0]
+    assert (parsed.priority, parsed.priorities) == ("sheddable", ("standard", "sheddable"))
+    assert cli_main(["hash-key", "--priority", "urgent"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "priority" in err and "Traceback" not in err  # no key printed for a refused entry
+    assert cli_main(["hash-key", "--priority", "critical", "--priorities", "standard"]) == 2
+    assert "must be one of its priorities" in capsys.readouterr().err
+
+
 def test_the_example_keys_file_is_valid() -> None:
     example = Path(__file__).resolve().parents[2] / "deploy" / "api-keys.example.yaml"
     keys = {k.id: k for k in KeyStore(example).keys()}
