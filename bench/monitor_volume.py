@@ -224,7 +224,7 @@ def case_verdicts(rows: str, _current: str, _mode: str) -> dict:
     import pyarrow as pa
 
     from loragate.monitoring.drift import DriftConfig, run_drift
-    from loragate.monitoring.logscan import sample_keys
+    from loragate.monitoring.logkeys import sample_keys
     from tests.synthetic import requests_frame
     from tests.topics import window
 

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING
 
 from loragate.common import logschema, samplekey
 from loragate.monitoring.logfiles import COMPACTED_PREFIX, COVERS_KEY, LogFile, LogFiles
-from loragate.monitoring.logscan import sample_keys
+from loragate.monitoring.logkeys import sample_keys
 
 from pydantic import BaseModel, ConfigDict, Field
 

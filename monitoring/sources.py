@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 from loragate.common import logschema
 from loragate.common.objectstore import S3Options, filesystem, is_local, open_input
 from loragate.monitoring.logfiles import LogFiles
-from loragate.monitoring.logscan import Filter, WindowScan
+from loragate.monitoring.logkeys import Filter
+from loragate.monitoring.logscan import WindowScan
 from loragate.monitoring.prometheus import Prometheus, selector
 
 if TYPE_CHECKING:  # pandas and pyarrow are imported where they are used: the CLI stays light

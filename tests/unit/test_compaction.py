@@ -12,7 +12,7 @@ import pytest
 from loragate.common.objectstore import filesystem
 from loragate.monitoring.compaction import Compactor
 from loragate.monitoring.logfiles import COVERS_KEY
-from loragate.monitoring.logscan import sample_keys
+from loragate.monitoring.logkeys import sample_keys
 from loragate.common.samplekey import read_ranges
 from loragate.monitoring.sources import RequestLog, Window
 from tests.unit.test_logscan import HOUR, hour_frame, write_files

@@ -10,7 +10,7 @@ import pytest
 
 from loragate.common import logschema, samplekey
 from loragate.monitoring.logfiles import written_before
-from loragate.monitoring.logscan import sample_keys
+from loragate.monitoring.logkeys import sample_keys
 from loragate.monitoring.sources import RequestLog, Window
 from loragate.service.requestlog.store import encode
 from tests.synthetic import requests_frame
