@@ -93,12 +93,45 @@ class Admission(Generic[T]):
     def notify(self, look_ahead: int = LOOK_AHEAD) -> None:
         """Capacity may be free: hand it to the waiters, one slot per turn, while they can take it.
 
+        Each turn offers the slot to its classes in order (its own class, then the others highest first).
         Waiters that cannot use what is free are passed over (``look_ahead`` of them at most) until one
         takes a slot; after that the first that cannot take one ends the round (nothing is left).
         """
         passes = look_ahead
-        while self.waiting and self._hand_off(passes):
-            passes = 1
+        while self.waiting:
+            order = self._turns[self._turn]
+            for priority in order:
+                queue = self._queues[priority]
+                skip = 0
+                while skip < len(queue):
+                    waiter = next(iter(queue)) if skip == 0 else _nth(queue, skip)
+                    if waiter.future.done():  # timed out or cancelled, not yet out of the queue: drop it now
+                        self._leave(priority, queue, waiter)
+                        continue
+                    try:
+                        ticket = waiter.take()
+                    except Exception as exc:  # the waiter's request fails with it; the others go on
+                        self._leave(priority, queue, waiter)
+                        waiter.future.set_exception(exc)
+                        continue
+                    if ticket is None:
+                        passes -= 1
+                        if not passes:
+                            return
+                        skip += 1
+                        continue
+                    self._leave(priority, queue, waiter)
+                    waiter.future.set_result(ticket)
+                    self._turn = (self._turn + 1) % len(self._turns)
+                    if self._by_share is not None and priority is order[0] and any(self._queues[:priority]):
+                        self._by_share[priority].inc()  # its turn, while a higher class waited
+                    passes = 1
+                    break
+                else:
+                    continue  # nobody in this class took it: the next class
+                break  # handed over: the next turn, for the next slot
+            else:
+                return  # no waiter took it
 
     async def wait(self, priority: Priority, take: Callable[[], T | None], give_back: Callable[[T], None]) -> T:
         """Wait for ``take`` to succeed, in class order; raises Overloaded when shed.
@@ -142,38 +175,6 @@ class Admission(Generic[T]):
         return ticket
 
     # --- internals ------------------------------------------------------------
-
-    def _hand_off(self, passes: int) -> bool:
-        """One slot to the first waiter that takes it, in this turn's class order (True); False when no waiter
-        took one, ``passes`` of them found nothing they could use or the queues ran out."""
-        order = self._turns[self._turn]
-        for priority in order:
-            queue = self._queues[priority]
-            skip = 0
-            while skip < len(queue):
-                waiter = next(iter(queue)) if skip == 0 else _nth(queue, skip)
-                if waiter.future.done():  # timed out or cancelled, not yet out of the queue: drop it now
-                    self._leave(priority, queue, waiter)
-                    continue
-                try:
-                    ticket = waiter.take()
-                except Exception as exc:  # the waiter's request fails with it; the others go on
-                    self._leave(priority, queue, waiter)
-                    waiter.future.set_exception(exc)
-                    continue
-                if ticket is None:
-                    passes -= 1
-                    if not passes:
-                        return False
-                    skip += 1
-                    continue
-                self._leave(priority, queue, waiter)
-                waiter.future.set_result(ticket)
-                self._turn = (self._turn + 1) % len(self._turns)
-                if self._by_share is not None and priority is order[0] and any(self._queues[:priority]):
-                    self._by_share[priority].inc()  # its turn, while a higher class waited
-                return True
-        return False
 
     def _leave(self, priority: Priority, queue: OrderedDict[_Waiter[T], None], waiter: _Waiter[T]) -> None:
         del queue[waiter]
