@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
+import subprocess
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
 from loragate.cli import serve_from_env
@@ -364,3 +366,15 @@ def test_priority_shares_are_read_as_written_a_class_left_out_has_none():
     assert shares_named("critical=4,standard=1") == {CRITICAL: 4, STANDARD: 1, SHEDDABLE: 0}
     with pytest.raises(ValueError, match="may not exceed"):
         Admission(max_waiting=1, max_wait_s=1, shares={CRITICAL: 1, STANDARD: 2})
+
+
+def test_the_admission_metrics_pass_promtool_check_metrics():
+    metrics = Metrics(CollectorRegistry())
+    Admission(max_waiting=1, max_wait_s=1, metrics=metrics)  # every series of every class, at 0
+    metrics.admission_share_handoffs.labels("standard").inc()
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is not installed (apt-get install prometheus)"
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=generate_latest(metrics.registry), capture_output=True, timeout=60
+    )
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stdout + result.stderr
