@@ -277,6 +277,20 @@ async def test_strict_priority_would_starve_standard_until_its_deadline():
         await cancel(critical)
 
 
+async def test_with_every_class_overloaded_each_gets_exactly_its_share():
+    admission: Admission[str] = Admission(
+        max_waiting=10_000, max_wait_s=60, shares={CRITICAL: 3, STANDARD: 2, SHEDDABLE: 1}
+    )
+    slots = Slots(admission)
+    tasks = [slots.wait(p, p.label) for p in (CRITICAL, STANDARD, SHEDDABLE) for _ in range(700)]
+    await settle()
+    for _ in range(600):
+        slots.release()
+    assert [slots.taken.count(p.label) for p in (CRITICAL, STANDARD, SHEDDABLE)] == [300, 200, 100]
+    assert all(len(set(slots.taken[i : i + 6])) == 3 for i in range(0, 600, 6))  # every cycle of 6 serves all
+    await cancel(tasks)
+
+
 async def test_a_class_waiting_alone_gets_every_slot():
     for priority in (CRITICAL, STANDARD, SHEDDABLE):
         admission: Admission[str] = Admission(max_waiting=100, max_wait_s=60)
