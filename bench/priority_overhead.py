@@ -4,6 +4,12 @@ request admitted from a long wait queue, this checkout against another git ref (
   fast       Pool.acquire + Pool.release of the base model, 4 replicas with room, nothing waiting
              (CPU us per request, best of 5 passes of 20,000)
   resolve    a request's class from its x-loragate-priority header (this checkout only: the step it adds)
+  handoff    Admission.notify alone: one freed slot handed to a waiter, 1,000 critical and 1,000 standard
+             waiting (CPU us per hand-off, best of 5); this checkout with its default priority shares
+             (LORAGATE_PRIORITY_SHARES) beside the ref (strict priority before the shares), and
+  handoff_strict  the same in this checkout with the shares set to strict priority (critical=1): the share
+             logic's own cost is handoff / handoff_strict, both from this checkout, same process
+  mixed N    as queue N, the N waiters half critical, half standard (arrivals alternate)
   queue N    one replica with room for one request, N requests waiting; each one admitted releases its
              slot one event-loop step later, which lets the next waiter in: CPU us per admitted request. Before the
              priority classes every release woke every waiter to look again (O(N) per release); now the
@@ -38,6 +44,7 @@ def measure(waiting: list[int]) -> dict:
     from prometheus_client import CollectorRegistry
 
     from loragate.service.metrics import Metrics
+    from loragate.service.priority import Priority
     from loragate.service.upstreams import Pool
 
     def pool(replicas: int, max_in_flight: int, max_waiting: int = 512) -> Pool:
@@ -88,6 +95,64 @@ def measure(waiting: list[int]) -> dict:
 
         return loop.run_until_complete(run()) / n * 1e6
 
+    def mixed(n: int) -> float:
+        full = pool(1, 1, max_waiting=n + 1)
+
+        async def one(priority: object) -> None:
+            replica = await full.acquire(None, None, priority=priority)
+            await asyncio.sleep(0)
+            full.release(replica)
+
+        async def run() -> float:
+            held = await full.acquire(None, None)
+            tasks = [asyncio.ensure_future(one(Priority(i % 2))) for i in range(n)]  # critical, standard, ...
+            while full.admission.waiting < n:
+                await asyncio.sleep(0)
+            started = time.process_time()
+            full.release(held)
+            await asyncio.gather(*tasks)
+            return time.process_time() - started
+
+        return loop.run_until_complete(run()) / n * 1e6
+
+    def handoff(shares: dict | None) -> float | None:
+        """CPU us per Admission.notify that hands one slot over (no event loop step in between)."""
+        import inspect
+
+        from loragate.service.admission import Admission
+
+        if shares is not None and "shares" not in inspect.signature(Admission).parameters:
+            return None  # the ref has strict priority only
+        count = 1000
+
+        async def run() -> float:
+            admission = Admission(4 * count, 600, **({} if shares is None else {"shares": shares}))
+            free = [0]
+
+            def take() -> int | None:
+                if free[0]:
+                    free[0] -= 1
+                    return 1
+                return None
+
+            tasks = [
+                asyncio.ensure_future(admission.wait(Priority(i % 2), take, lambda _t: None)) for i in range(2 * count)
+            ]
+            while admission.waiting < 2 * count:
+                await asyncio.sleep(0)
+            started = time.process_time()
+            for _ in range(count):
+                free[0] = 1
+                admission.notify()
+            spent = time.process_time() - started
+            assert admission.waiting == count, admission.waiting
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return spent
+
+        return min(loop.run_until_complete(run()) for _ in range(5)) / count * 1e6
+
     def resolve() -> float | None:
         """A request's class from its header (the gateway's added step); None where the ref has no classes."""
         import inspect
@@ -117,7 +182,14 @@ def measure(waiting: list[int]) -> dict:
         return best / count * 1e6
 
     try:
-        return {"fast_us": fast(), **{f"queue_{n}_us": queue(n) for n in waiting}, "resolve_class_us": resolve()}
+        return {
+            "fast_us": fast(),
+            **{f"queue_{n}_us": queue(n) for n in waiting},
+            **{f"mixed_{n}_us": mixed(n) for n in waiting},
+            "handoff_us": handoff(None),
+            "handoff_strict_us": handoff({Priority.CRITICAL: 1}),
+            "resolve_class_us": resolve(),
+        }
     finally:
         loop.close()
 
@@ -161,11 +233,15 @@ def main() -> None:
         mine = statistics.median(r[name] for r in ours)
         if theirs[0][name] is None:  # a step the ref does not have
             figures[name] = {"this": round(mine, 3)}
-            print(f"{name:16s} this {mine:10.2f} us   ({args.ref} has no such step)")
+            print(f"{name:18s} this {mine:10.2f} us   ({args.ref} has no such step)")
             continue
         base = statistics.median(r[name] for r in theirs)
         figures[name] = {"this": round(mine, 3), args.ref: round(base, 3), "ratio": round(mine / base, 3)}
-        print(f"{name:16s} this {mine:10.2f} us   {args.ref} {base:10.2f} us   ratio {mine / base:6.3f}")
+        print(f"{name:18s} this {mine:10.2f} us   {args.ref} {base:10.2f} us   ratio {mine / base:6.3f}")
+    shares = statistics.median(r["handoff_us"] for r in ours)
+    strict = statistics.median(r["handoff_strict_us"] for r in ours)
+    figures["handoff_shares_vs_strict"] = {"ratio": round(shares / strict, 3)}
+    print(f"hand-off with the priority shares / strict priority, this checkout: ratio {shares / strict:6.3f}")
     head = subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
@@ -173,7 +249,10 @@ def main() -> None:
         json.dumps(
             {
                 "what": "CPU us per request: Pool.acquire+release with nobody waiting (fast), and per request admitted "
-                "from a queue of N waiters (queue_N); this checkout vs the ref, same run, medians of rounds",
+                "from a queue of N waiters of one class (queue_N) or two (mixed_N); CPU us per Admission.notify "
+                "hand-off with 1000 critical + 1000 standard waiting (handoff: this checkout's default priority "
+                "shares; handoff_strict: this checkout, shares critical=1); this checkout vs the ref, same run, "
+                "medians of rounds",
                 "commit": head,
                 "ref": args.ref,
                 "rounds": args.rounds,

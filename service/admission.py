@@ -1,11 +1,20 @@
 """Admission: the bounded wait for a free replica slot, served by priority class (service/priority.py).
 
 Only requests that find every replica at its in-flight limit (or others already waiting) come here. They
-wait in one FIFO queue per class. A slot freed by a finished request is handed to the first waiter of the
-highest class that can use it (``notify``): the hand-off takes the slot for the waiter (its ``take``) in
-the same step, so no request arriving meanwhile can take it first, and nobody else is woken. Each step
-is O(1) (an ordered dict per class); a waiter that cannot use the freed replica (it excluded it after a
-failure, its adapter cannot go there) is passed over, at most ``LOOK_AHEAD`` of them per hand-off.
+wait in one FIFO queue per class. A slot freed by a finished request is handed to the first waiter of one
+class (``notify``): the hand-off takes the slot for the waiter (its ``take``) in the same step, so no
+request arriving meanwhile can take it first, and nobody else is woken. Each step is O(1) (an ordered dict
+per class); a waiter that cannot use the freed replica (it excluded it after a failure, its adapter cannot
+go there) is passed over, at most ``LOOK_AHEAD`` of them per hand-off.
+
+Which class: hand-offs follow a fixed cycle of turns, each class with a share (``LORAGATE_PRIORITY_SHARES``;
+default critical 8, standard 2, sheddable 0; reduced to 4, 1, 0) having that many turns per cycle, spread
+evenly (critical, critical, standard, critical, critical). The class whose turn it is gets the slot if one
+of its waiters can use it, else the highest class that can: no slot stays free while a waiter can use it,
+and a class waiting alone gets every slot. So while standard has waiters it gets at least 1 slot in every
+5 handed off, however many critical requests wait, and critical at least 4; a class with share 0 only the
+slots no class with a share can use (critical=1, the others 0: strict priority). The turn moves on with every
+slot handed off, whoever got it, so a class cannot save up turns while it has no waiters.
 
 Shedding, ``sheddable`` first:
 
@@ -21,13 +30,14 @@ Every refusal is ``Overloaded`` (503 with Retry-After); the sheddable ones carry
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
 from loragate.service.metrics import Metrics
-from loragate.service.priority import PRIORITIES, Priority
+from loragate.service.priority import DEFAULT_SHARES, PRIORITIES, Priority, check_shares
 from loragate.service.resilience import Overloaded
 
 T = TypeVar("T")
@@ -52,6 +62,7 @@ class Admission(Generic[T]):
         max_wait_s: float,
         *,
         wait_s: Mapping[Priority, float] | None = None,
+        shares: Mapping[Priority, int] = DEFAULT_SHARES,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -62,7 +73,10 @@ class Admission(Generic[T]):
         self.waiting = 0  # requests in the queues now (a handed-off or shed one has left them)
         self._queues: tuple[OrderedDict[_Waiter[T], None], ...] = tuple(OrderedDict() for _ in PRIORITIES)
         self._clock = clock
-        self._shed = self._waited = self._depth = None
+        self.shares = check_shares(shares)
+        self._turns = share_turns(self.shares)  # per turn: the classes in the order they are offered the slot
+        self._turn = 0
+        self._shed = self._waited = self._depth = self._by_share = None
         if metrics is not None:
             self._shed = {
                 (p, reason): metrics.admission_shed.labels(p.label, reason)
@@ -71,42 +85,53 @@ class Admission(Generic[T]):
             }
             self._waited = {p: metrics.admission_wait.labels(p.label) for p in PRIORITIES}
             self._depth = {p: metrics.admission_waiting.labels(p.label) for p in PRIORITIES}
+            self._by_share = {p: metrics.admission_share_handoffs.labels(p.label) for p in PRIORITIES[1:]}
 
     def queued(self, priority: Priority) -> int:
         return len(self._queues[priority])
 
     def notify(self, look_ahead: int = LOOK_AHEAD) -> None:
-        """Capacity may be free: hand it to the waiters in class order while they can take it.
+        """Capacity may be free: hand it to the waiters, one slot per turn, while they can take it.
 
+        Each turn offers the slot to its classes in order (its own class, then the others highest first).
         Waiters that cannot use what is free are passed over (``look_ahead`` of them at most) until one
         takes a slot; after that the first that cannot take one ends the round (nothing is left).
         """
-        if not self.waiting:
-            return
-        passed = 0
-        handed = False
-        for priority, queue in zip(PRIORITIES, self._queues):
-            skip = 0
-            while skip < len(queue):
-                waiter = next(iter(queue)) if skip == 0 else _nth(queue, skip)
-                if waiter.future.done():  # timed out or cancelled, not yet out of the queue: drop it now
+        passes = look_ahead
+        while self.waiting:
+            order = self._turns[self._turn]
+            for priority in order:
+                queue = self._queues[priority]
+                skip = 0
+                while skip < len(queue):
+                    waiter = next(iter(queue)) if skip == 0 else _nth(queue, skip)
+                    if waiter.future.done():  # timed out or cancelled, not yet out of the queue: drop it now
+                        self._leave(priority, queue, waiter)
+                        continue
+                    try:
+                        ticket = waiter.take()
+                    except Exception as exc:  # the waiter's request fails with it; the others go on
+                        self._leave(priority, queue, waiter)
+                        waiter.future.set_exception(exc)
+                        continue
+                    if ticket is None:
+                        passes -= 1
+                        if not passes:
+                            return
+                        skip += 1
+                        continue
                     self._leave(priority, queue, waiter)
-                    continue
-                try:
-                    ticket = waiter.take()
-                except Exception as exc:  # the waiter's request fails with it; the others go on
-                    self._leave(priority, queue, waiter)
-                    waiter.future.set_exception(exc)
-                    continue
-                if ticket is None:
-                    passed += 1
-                    if handed or passed >= look_ahead:
-                        return
-                    skip += 1
-                    continue
-                self._leave(priority, queue, waiter)
-                waiter.future.set_result(ticket)
-                handed = True
+                    waiter.future.set_result(ticket)
+                    self._turn = (self._turn + 1) % len(self._turns)
+                    if self._by_share is not None and priority is order[0] and any(self._queues[:priority]):
+                        self._by_share[priority].inc()  # its turn, while a higher class waited
+                    passes = 1
+                    break
+                else:
+                    continue  # nobody in this class took it: the next class
+                break  # handed over: the next turn, for the next slot
+            else:
+                return  # no waiter took it
 
     async def wait(self, priority: Priority, take: Callable[[], T | None], give_back: Callable[[T], None]) -> T:
         """Wait for ``take`` to succeed, in class order; raises Overloaded when shed.
@@ -182,6 +207,23 @@ class Admission(Generic[T]):
                 f"{message} (priority class sheddable is shed first)", self.retry_after_s, code="priority_shed"
             )
         return Overloaded(message, self.retry_after_s)
+
+
+def share_turns(shares: Mapping[Priority, int]) -> tuple[tuple[Priority, ...], ...]:
+    """The cycle of turns for ``shares`` (each class ``shares[p] / gcd`` turns, spread evenly by smooth weighted
+    round robin, ties to the higher class); each turn is its class, then the others highest first."""
+    divisor = math.gcd(*shares.values())
+    weights = {p: shares[p] // divisor for p in PRIORITIES if shares.get(p)}
+    total = sum(weights.values())
+    credit = dict.fromkeys(weights, 0)
+    turns = []
+    for _ in range(total):
+        for priority, weight in weights.items():
+            credit[priority] += weight
+        chosen = max(credit, key=lambda p: (credit[p], -p))
+        credit[chosen] -= total
+        turns.append((chosen, *(p for p in PRIORITIES if p is not chosen)))
+    return tuple(turns)
 
 
 def _nth(queue: OrderedDict, index: int):  # type: ignore[no-untyped-def]

@@ -35,7 +35,7 @@ from loragate.service.limits import RedisLimiter, limiter_from_settings
 from loragate.service.metrics import Metrics
 from loragate.service.requestlog import RequestLog, parquet_store
 from loragate.service.settings import Settings
-from loragate.service.priority import open_policy
+from loragate.service.priority import open_policy, shares_named
 from loragate.service.proxy import HttpUpstream, Upstream
 from loragate.service.tracing import tracer_from_env
 from loragate.service.upstreams import Pool
@@ -62,6 +62,7 @@ def create_app(
         max_waiting=settings.max_waiting,
         max_wait_s=settings.max_wait_s,
         sheddable_max_wait_s=settings.sheddable_max_wait_s,
+        priority_shares=shares_named(settings.priority_shares),
         circuit_failures=settings.circuit_failures,
         circuit_open_s=settings.circuit_open_s,
         max_adapters_per_replica=settings.max_adapters_per_replica or None,

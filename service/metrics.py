@@ -172,6 +172,13 @@ class Metrics:
             buckets=WAIT_BUCKETS,
             registry=r,
         )
+        self.admission_share_handoffs = Counter(
+            "loragate_admission_share_handoffs",
+            "Freed slots handed to a class on its share's turn while a higher class was waiting "
+            "(LORAGATE_PRIORITY_SHARES; strict priority would have given them to the higher class).",
+            ("priority",),
+            registry=r,
+        )
         self.admission_waiting = Gauge(
             "loragate_admission_waiting_requests",
             "Requests waiting for a free replica slot now, by priority class.",

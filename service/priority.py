@@ -7,7 +7,9 @@ With auth off every class may be asked for. A class the key may not use is refus
 one with 400, before the body is read.
 
 What the class changes, only while every replica is at its in-flight limit (service/admission.py): waiting
-requests get a free slot highest class first (oldest first within a class); ``sheddable`` ones wait less
+requests get a free slot highest class first (oldest first within a class), except that a class with a share
+(``LORAGATE_PRIORITY_SHARES``, ``DEFAULT_SHARES``) gets at least that share of the slots while it has
+waiters, so a higher class's overload cannot starve it; ``sheddable`` ones wait less
 (``LORAGATE_SHEDDABLE_MAX_WAIT_S``) and are the ones shed when the wait queue is full. The Gateway API
 Inference Extension's criticality (Critical / Standard / Sheddable; now a priority whose negative values are
 sheddable) is the model.
@@ -15,7 +17,7 @@ sheddable) is the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import IntEnum
 from typing import Literal
 
@@ -88,6 +90,61 @@ class PriorityPolicy:
                 param=PRIORITY_HEADER,
             )
         return asked
+
+
+# Hand-off shares (service/admission.py): of the slots freed while several classes wait, each class gets at
+# least its share; 0: only slots no class with a share can use (strict lowest).
+DEFAULT_SHARES = {Priority.CRITICAL: 8, Priority.STANDARD: 2, Priority.SHEDDABLE: 0}
+MAX_SHARE = 1000
+
+
+def check_shares(shares: Mapping[Priority, int]) -> dict[Priority, int]:
+    """``shares`` with every class (absent: 0), or ValueError saying what is wrong with them.
+
+    Each share is a whole number 0..MAX_SHARE, the top class's at least 1, and no class's above the share of a
+    class above it (a lower class may be guaranteed a part of the slots, never more than a higher one)."""
+    full = {p: shares.get(p, 0) for p in PRIORITIES}
+    for priority, share in full.items():
+        if isinstance(share, bool) or not isinstance(share, int) or not 0 <= share <= MAX_SHARE:
+            raise ValueError(
+                f"the share of {priority.label} must be a whole number from 0 to {MAX_SHARE}, not {share!r}"
+            )
+    if full[PRIORITIES[0]] < 1:
+        raise ValueError(f"the share of {PRIORITIES[0].label} must be at least 1 ({_STRICT} is strict priority)")
+    for higher, lower in zip(PRIORITIES, PRIORITIES[1:]):
+        if full[lower] > full[higher]:
+            raise ValueError(
+                f"the share of {lower.label} ({full[lower]}) may not exceed the share of {higher.label} "
+                f"({full[higher]}): a class never gets more of the slots than a class above it"
+            )
+    return full
+
+
+def shares_named(text: str) -> dict[Priority, int]:
+    """Shares written as in LORAGATE_PRIORITY_SHARES, ``critical=8,standard=2,sheddable=0`` (a class left out:
+    0); ValueError saying what is wrong."""
+    shares: dict[Priority, int] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"{part.strip()!r} is not class=share (e.g. {format_shares(DEFAULT_SHARES)})")
+        priority = priority_named(name.strip().lower())
+        if priority in shares:
+            raise ValueError(f"the share of {priority.label} is given twice")
+        try:
+            shares[priority] = int(value.strip())
+        except ValueError:
+            raise ValueError(f"the share of {priority.label} must be a whole number, not {value.strip()!r}") from None
+    return check_shares(shares)
+
+
+def format_shares(shares: Mapping[Priority, int]) -> str:
+    return ",".join(f"{p.label}={shares.get(p, 0)}" for p in PRIORITIES)
+
+
+_STRICT = format_shares({PRIORITIES[0]: 1})  # every other class 0
 
 
 EVERY_CLASS = frozenset(PRIORITIES)

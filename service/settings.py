@@ -11,6 +11,8 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from loragate.service.priority import DEFAULT_SHARES, format_shares, shares_named
+
 
 _LOG_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss", "az")
 
@@ -49,6 +51,12 @@ class Settings(BaseSettings):
     # sheddable requests get the free slots; sheddable ones wait at most this long (0: refused as soon as every
     # replica is full) and are the ones shed when the wait queue is full.
     sheddable_max_wait_s: float = Field(2.0, ge=0)
+    # Shares of the freed slots between classes waiting at the same time, class=share: while a class with a share
+    # has waiters it gets at least share/total of the slots handed off, however overloaded the classes above it
+    # are (the default: standard at least 1 in 5); the rest go by class order, so a class waiting alone gets every
+    # slot. Share 0: only slots no class with a share can use. critical=1,standard=0,sheddable=0 is strict priority.
+    # A lower class's share may not exceed a higher one's; shedding (above) is the same whatever the shares.
+    priority_shares: str = format_shares(DEFAULT_SHARES)
     # The class of requests without an x-loragate-priority header whose API key names none (with auth off: of
     # every such request; the header may then ask for any class).
     default_priority: Literal["critical", "standard", "sheddable"] = "standard"
@@ -112,6 +120,11 @@ class Settings(BaseSettings):
     )
     # Recent request ids remembered for feedback (see above).
     feedback_recent_requests: int = Field(100_000, ge=1)
+
+    @field_validator("priority_shares")
+    @classmethod
+    def _valid_shares(cls, value: str) -> str:
+        return format_shares(shares_named(value))  # ValueError: what is wrong with them
 
     @field_validator("feedback_labels", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 
 from loragate.service.adapterloads import AdapterLoader, AdapterUnavailable
@@ -23,7 +23,7 @@ from loragate.service.metrics import Metrics
 from loragate.service.picker import Pick, Picker
 from loragate.service.prefixring import prefix_key
 from loragate.service.replicas import Replica, ReplicaSet
-from loragate.service.priority import Priority
+from loragate.service.priority import DEFAULT_SHARES, Priority
 from loragate.service.resilience import CircuitBreaker, Overloaded
 from loragate.service.scorers import ScorerWeights, Weights
 from loragate.service.tracing import RequestTracer
@@ -64,6 +64,7 @@ class Pool:
         max_waiting: int = 512,
         max_wait_s: float = 10.0,
         sheddable_max_wait_s: float | None = None,
+        priority_shares: Mapping[Priority, int] = DEFAULT_SHARES,
         circuit_failures: int = 5,
         circuit_open_s: float = 10.0,
         max_adapters_per_replica: int | None = None,
@@ -91,6 +92,7 @@ class Pool:
             max_wait_s,
             metrics=metrics,
             wait_s=None if sheddable_max_wait_s is None else {Priority.SHEDDABLE: sheddable_max_wait_s},
+            shares=priority_shares,
         )
         self.circuit_failures = circuit_failures
         self.circuit_open_s = circuit_open_s

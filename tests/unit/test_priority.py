@@ -120,6 +120,28 @@ async def test_with_the_engine_saturated_critical_is_answered_before_standard_be
         assert mean_wait["critical"] < mean_wait["standard"] < mean_wait["sheddable"]
 
 
+async def test_with_the_engine_saturated_standard_gets_its_share_of_the_slots_while_critical_waits(tmp_path):
+    """LORAGATE_PRIORITY_SHARES reaches the served app: at critical=1,standard=1 the freed slots alternate
+    between the two classes while both wait (strict priority would answer all four critical ones first)."""
+    async with saturated_gateway(tmp_path, max_waiting=16, max_wait_s=5, priority_shares="critical=1,standard=1") as (
+        client,
+        app,
+    ):
+        tasks, done = await queue_in_order(
+            client,
+            app,
+            [(f"critical-{i}", priority("critical")) for i in (1, 2, 3, 4)] + [("standard-1", {}), ("standard-2", {})],
+        )
+        assert app.state.pool.admission.waiting == 6
+        responses = await asyncio.gather(*tasks)
+        assert [r.status_code for r in responses] == [200] * 7
+        assert done == ["first", "critical-1", "standard-1", "critical-2", "standard-2", "critical-3", "critical-4"]
+        by_share = app.state.metrics.registry.get_sample_value(
+            "loragate_admission_share_handoffs_total", {"priority": "standard"}
+        )
+        assert by_share == 2
+
+
 async def test_sheddable_requests_are_shed_first_with_503_and_retry_after(tmp_path):
     async with saturated_gateway(tmp_path, max_waiting=3, max_wait_s=3) as (client, app):
         tasks, done = await queue_in_order(
