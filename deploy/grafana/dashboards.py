@@ -531,11 +531,11 @@ def gateway() -> dict:
     board.panel(
         "Waiting for a free slot, by priority class",
         [("sum by (priority) (loragate_admission_waiting_requests)", "{{priority}}")],
-        w=8,
+        w=6,
         h=6,
         stack=True,
-        description="Requests waiting while every replica is at LORAGATE_MAX_IN_FLIGHT_PER_UPSTREAM; critical ones "
-        "get freed slots first, then standard, then sheddable.",
+        description="Requests waiting while every replica is at LORAGATE_MAX_IN_FLIGHT_PER_UPSTREAM; freed slots go "
+        "to critical first, but each class with a share (LORAGATE_PRIORITY_SHARES) gets at least that share.",
     )
     board.panel(
         "Shed at capacity, by priority class and reason",
@@ -546,7 +546,7 @@ def gateway() -> dict:
             )
         ],
         unit="reqps",
-        w=8,
+        w=6,
         h=6,
         description="503s while every replica is full: queue_full, displaced (a higher class took the place of a "
         "waiting sheddable request), deadline. Sheddable ones should go first.",
@@ -561,9 +561,24 @@ def gateway() -> dict:
             )
         ],
         unit="s",
-        w=8,
+        w=6,
         h=6,
         description="Requests that waited only; a request served at once never shows here.",
+    )
+    board.panel(
+        "Slots given by share, by priority class",
+        [
+            (
+                f"sum by (priority) (rate(loragate_admission_share_handoffs_total[{RATE}])) or vector(0)",
+                "{{priority}}",
+            )
+        ],
+        unit="reqps",
+        w=6,
+        h=6,
+        description="Freed slots a lower class got on its share's turn while a higher class was waiting "
+        "(LORAGATE_PRIORITY_SHARES): what strict priority would have given to the higher class. Steady > 0 "
+        "with deadline sheds of critical: raise critical's share.",
     )
 
     board.row("Limits and replica discovery")
