@@ -8,7 +8,7 @@ Two passes over the window's live files (monitoring/logfiles.py), each file in a
    key**, a 64-bit hash of its request id. The sample of a variant is its ``per_variant`` rows of smallest
    key (a bottom-k sample): uniform, the same on every rerun, nested as the cap grows, and a primary answer
    and its shadow copy (one request id) are in their variants' samples together whenever both keys are
-   under both thresholds (``threshold`` lets a caller take one variant's threshold for another:
+   under both thresholds (the shadow report reads the primaries of its sample by id instead:
    monitoring/shadow.py). The thresholds fall as files finish (:meth:`WindowScan._pool`), so the later
    files keep few candidates: O(k log(n/k)) of them, row position and key, a few bytes each.
 2. **Rows.** The other columns are read only from the row groups that hold sampled rows, file by file,
@@ -69,13 +69,12 @@ class WindowScan:
         columns: tuple[str, ...],
         *,
         per_variant: int | None = None,
-        threshold: dict[str, int] | None = None,
         by_variant: bool = True,
         parallel: int = 4,
         late_s: float = 900.0,
     ) -> None:
         self.files, self.table, self.where, self.columns = files, table, where, columns
-        self.per_variant, self.threshold_of = per_variant, threshold or {}
+        self.per_variant = per_variant
         self.parallel, self.late_s, self.by_variant = parallel, late_s, by_variant
         self.stats = ScanStats()
         self.thresholds: dict[str, int] = {}  # per variant: the largest sample key taken
@@ -135,7 +134,7 @@ class WindowScan:
                 self.thresholds = {**self.thresholds, variant: int(np.partition(merged, k - 1)[k - 1])}
 
     def _select(self, done: dict[str, Candidates | None]) -> list[Candidates]:
-        """The final sample: each variant's ``per_variant`` smallest keys (or a given threshold)."""
+        """The final sample: each variant's ``per_variant`` smallest keys."""
         import numpy as np
 
         found = [c for c in done.values() if c is not None]
@@ -151,8 +150,6 @@ class WindowScan:
                 keys = np.concatenate([c.keys[c.variants == variant] for c in found] or [np.zeros(0, np.uint64)])
                 if len(keys) > self.per_variant:
                     cut[variant] = int(np.partition(keys, self.per_variant - 1)[self.per_variant - 1])
-            for variant, limit in self.threshold_of.items():
-                cut[variant] = limit
             self.thresholds = cut
             for c in found:
                 c.keep(c.keys <= limits(c.variants, cut))

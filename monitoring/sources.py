@@ -120,7 +120,6 @@ class RequestLog:
         columns: tuple[str, ...] = REQUEST_COLUMNS,
         role: str | None = logschema.PRIMARY,
         per_variant: int | None = None,
-        threshold: dict[str, int] | None = None,
         by_variant: bool = True,
         table: str = logschema.REQUESTS,
         ids: frozenset[str] | None = None,
@@ -134,7 +133,6 @@ class RequestLog:
             where,
             columns,
             per_variant=per_variant,
-            threshold=threshold,
             by_variant=by_variant,
             parallel=self.parallel,
             late_s=self.late_s,
@@ -149,7 +147,6 @@ class RequestLog:
         columns: tuple[str, ...] = REQUEST_COLUMNS,
         role: str | None = logschema.PRIMARY,
         per_variant: int | None = 10_000,
-        threshold: dict[str, int] | None = None,
         by_variant: bool = True,
     ) -> WindowSample:
         """At most ``per_variant`` rows of each variant (the same ones on every run: samplekey.key_array),
@@ -162,7 +159,6 @@ class RequestLog:
             columns=columns,
             role=role,
             per_variant=per_variant,
-            threshold=threshold,
             by_variant=by_variant,
         )
         frame = _frame(list(scan), columns)
