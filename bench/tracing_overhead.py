@@ -125,8 +125,7 @@ def build(routes: Path, endpoint: str | None):
         os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = "1000000"  # no span dropped: all of them exported and counted
     app = create_app(Settings(routes_file=routes, upstreams=REPLICAS), Metrics(), upstream=stub_replica)
     gateway = app.state.gateway
-    gateway.request_log = gateway.shadows.request_log = StubRequestLog()
-    gateway.keeps_log = True
+    gateway.accounting.request_log = gateway.shadows.request_log = StubRequestLog()
     for replica in app.state.pool.replicas:
         replica.healthy = True
         replica.adapters = {"a1", "a2"}
@@ -171,7 +170,7 @@ async def one(app, body: bytes) -> int:
 async def round_cpu(app, route: str, requests: int) -> float:
     gateway = app.state.gateway
     body = BODIES[route]
-    logged = gateway.request_log.records
+    logged = gateway.accounting.request_log.records
     shadows = gateway.shadows
     start = time.process_time()
     for _ in range(requests):
@@ -182,7 +181,9 @@ async def round_cpu(app, route: str, requests: int) -> float:
     if tracer is not None:  # every span of the round exported (and its CPU counted) before the clock stops
         tracer.provider.force_flush()
     cpu = (time.process_time() - start) / requests
-    assert gateway.request_log.records - logged == requests * (2 if route == "shadowed" else 1)  # none dropped
+    assert gateway.accounting.request_log.records - logged == requests * (
+        2 if route == "shadowed" else 1
+    )  # none dropped
     return cpu
 
 

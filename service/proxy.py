@@ -35,6 +35,17 @@ class Usage:
         return cls(int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
 
 
+def answer_usage(body: bytes) -> Usage | None:
+    """The usage in a JSON answer (None when it has none); ValueError when it is not a JSON object."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise ValueError("not JSON") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("not a JSON object")
+    return Usage.from_json(parsed.get("usage"))
+
+
 class UpstreamBody(Protocol):
     def readany(self) -> Awaitable[bytes]: ...
     def iter_any(self) -> AsyncIterator[bytes]: ...

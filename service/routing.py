@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from loragate.common.catalog import Route, Variant
@@ -56,6 +57,16 @@ def weighted_variant(route: Route, rng: random.Random | None = None) -> Variant:
         if draw < 0:
             return variant
     return live[-1]
+
+
+def sticky_value(route: Route, headers: Mapping[str, str], payload: dict) -> str | None:
+    """The caller's sticky key: the route's header, else the OpenAI ``user`` field."""
+    if route.sticky_key:
+        value = headers.get(route.sticky_key)
+        if value:
+            return value
+    user = payload.get("user")
+    return user if isinstance(user, str) and user else None
 
 
 def choose_variant(

@@ -138,7 +138,7 @@ class Shadows:
         self.upstream = upstream
         self.metrics = metrics
         self.request_log = request_log
-        self.timeouts = timeouts  # the route's timeouts over the gateway's (Gateway._timeouts)
+        self.timeouts = timeouts  # the route's timeouts over the gateway's (Forwarder.route_timeouts)
         self.rng = rng or random.Random()  # its own: sampling never shifts the primary's weighted draw
         self.tracer = tracer  # None: tracing off
         self.in_flight: dict[str, int] = {}

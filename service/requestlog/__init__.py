@@ -1,12 +1,12 @@
 """The request log: one record per answered request, written off the request path as Parquet.
 
-    gateway (event loop)                         writer thread                  conversion process
-    Gateway.finish -> RequestRecord ---> queue ---> batch (marshalled) --spool--> convert: columns | rows
-                      (records.py)     (queue.py,                  (spool.py,        (convert.py, columns.py,
-                                        _logqueue.c)                process.py)       rows.py, _lognative.c,
-                                                                                      scrub.py)
-                                                                                          |
-                                                                                    store.py: Parquet files
+    gateway (event loop)                             writer thread                  conversion process
+    Accounting.account -> RequestRecord ---> queue ---> batch (marshalled) --spool--> convert: columns | rows
+                          (records.py)     (queue.py,                  (spool.py,        (convert.py, columns.py,
+                                            _logqueue.c)                process.py)       rows.py, _lognative.c,
+                                                                                          scrub.py)
+                                                                                              |
+                                                                                        store.py: Parquet files
 
 - records.py: the one definition of a record's fields (RequestRecord, FeedbackRecord).
 - queue.py (+ _logqueue.c): records kept marshalled until their batch.

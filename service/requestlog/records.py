@@ -19,7 +19,7 @@ Record = TypeVar("Record", bound=tuple)
 
 
 class RequestRecord(NamedTuple):
-    """One answered request as the gateway hands it to the log (built by keyword: service.gateway)."""
+    """One answered request as the gateway hands it to the log (built by keyword: service.accounting)."""
 
     request_id: str
     timestamp: float  # unix seconds when the request arrived

@@ -26,7 +26,7 @@ def test_the_graph_has_the_codes_imports_and_keeps_the_layers() -> None:
     edges = _edges()
     assert {
         ("loragate.service.gateway", "loragate.service.routing"),  # from loragate.service.routing import ...
-        ("loragate.service.gateway", "loragate.common.sse"),  # from loragate.common import sse
+        ("loragate.service.forwarding", "loragate.common.sse"),  # from loragate.common import sse
         ("loragate.service.requestlog.columns", "loragate.service.requestlog._lognative"),  # a C extension
         ("loragate.cli", "loragate.monitoring.commands"),  # inside a function
     } <= edges

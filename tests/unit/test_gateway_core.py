@@ -153,7 +153,7 @@ def gateway(tmp_path):
     def build(upstream: Scripted, **settings):
         metrics = Metrics()
         app = create_app(Settings(routes_file=routes, upstreams=REPLICAS, **settings), metrics, upstream=upstream)
-        app.state.gateway.rng = NoJitter(0)
+        app.state.gateway.rng = app.state.gateway.forwarder.rng = NoJitter(0)
         for replica in app.state.pool.replicas:  # as after a good health check: healthy, adapters loaded
             replica.healthy = True
             replica.adapters = {"a1", "a2"}

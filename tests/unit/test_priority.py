@@ -233,8 +233,7 @@ class ListLog:
 
 async def test_with_auth_off_the_header_may_ask_for_any_class_and_the_setting_is_the_default(tmp_path):
     async with saturated_gateway(tmp_path, default_priority="sheddable") as (client, app):
-        log = app.state.gateway.request_log = ListLog()
-        app.state.gateway.keeps_log = True
+        log = app.state.gateway.accounting.request_log = ListLog()
         for asked in ("critical", "standard", "sheddable", None):
             response = await client.post("/v1/chat/completions", json=CHAT, headers=priority(asked) if asked else {})
             assert response.status_code == 200

@@ -72,8 +72,7 @@ def build(tmp_path):
         gateway = app.state.gateway
         gateway.shadows.rng = random.Random(7)
         log = ListLog()
-        gateway.request_log = gateway.shadows.request_log = log
-        gateway.keeps_log = True
+        gateway.accounting.request_log = gateway.shadows.request_log = log
         for replica in app.state.pool.replicas:
             replica.healthy = True
             replica.adapters = {"a1", "a2"}

@@ -312,13 +312,12 @@ async def stub_gateway(tmp_path, monkeypatch, receiver):
 
     def use_log(queue_size: int) -> None:
         log = RequestLog(KeptRows(), metrics, queue_size=queue_size)
-        gateway.request_log = gateway.shadows.request_log = log
-        gateway.keeps_log = True
+        gateway.accounting.request_log = gateway.shadows.request_log = log
 
     use_log(1000)
     session = aiohttp.ClientSession()
     app.state.pool.bind(AiohttpControl(session))
-    gateway.upstream.bind(session)
+    gateway.forwarder.upstream.bind(session)
     await app.state.pool.start()
     assert all(replica.healthy and not replica.adapters for replica in app.state.pool.replicas)
     try:

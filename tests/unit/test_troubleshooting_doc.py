@@ -19,7 +19,7 @@ MESSAGES = [
     "does not resolve",  # service/discovery.py
     "not a usable Redis URL",  # service/settings.py
     "no healthy upstream replica",  # service/upstreams.py
-    "could answer (",  # service/gateway.py
+    "could answer (",  # service/forwarding.py
     "is now %s",  # upstreams: "upstream %s is now healthy|unhealthy"
     "limits: Redis unreachable (%s: %s); %s until it is back",  # service/limits.py
     "enforcing limits in this process only",
