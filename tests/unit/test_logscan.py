@@ -237,3 +237,14 @@ def test_drift_report_gives_the_window_rows_beside_the_sample(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert (summary["reference_rows"], summary["current_rows"]) == (200, 200)
     assert (summary["reference_window_rows"], summary["current_window_rows"]) == (700, 650)
+
+
+def test_scans_use_one_thread_a_core_on_local_disk_and_more_on_an_object_store(tmp_path, monkeypatch):
+    import os
+
+    from loragate.monitoring.sources import default_parallel
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert default_parallel(str(tmp_path)) == default_parallel(f"file://{tmp_path}") == 3
+    assert default_parallel("s3://bucket/log") == 8  # a file there is requests' latency: overlap them
+    assert RequestLog(tmp_path).parallel == 3 and RequestLog(tmp_path, parallel=1).parallel == 1
