@@ -411,6 +411,9 @@ def main() -> None:
         help="Arrow memory pools the compacted layout's drift runs with (ARROW_DEFAULT_MEMORY_POOL)",
     )
     parser.add_argument("--s3", action="store_true", help="also the compaction case on a moto S3 server (100k)")
+    parser.add_argument(
+        "--writers", type=int, default=4, help="gateway replicas writing the log (360 files an hour each)"
+    )
     parser.add_argument("--root", default="/tmp/monvol-log")
     parser.add_argument("--out", type=Path, default=Path("bench/results/monitor_volume.json"))
     parser.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
@@ -424,15 +427,16 @@ def main() -> None:
     results = []
 
     def record(size: int, row: dict) -> None:
-        row = {"size": size, **row}
+        row = {"size": size, "writers": args.writers, **row}
         results.append(row)
         print(json.dumps(row), flush=True)
 
     for size in args.sizes:
-        root = f"{args.root}/{size}"
+        tag = str(size) if args.writers == 4 else f"{size}-w{args.writers}"  # 4 writers: the logs made so far
+        root = f"{args.root}/{tag}"
         names = tuple(HOURS) if size < 10_000_000 else ("reference", "shifted")
         started = time.perf_counter()
-        counts = generate(root, size, names)
+        counts = generate(root, size, names, writers=args.writers)
         print(f"log {root}: {counts} ({time.perf_counter() - started:.0f} s)", flush=True)
         for current in [n for n in ("shifted", "quiet") if n in names]:
             if args.drift_sizes is not None and size not in args.drift_sizes:
@@ -445,7 +449,7 @@ def main() -> None:
             if size in args.baseline_sizes and current == "shifted":
                 record(size, run_case("drift", root, current, "baseline", kill_gb=args.baseline_kill_gb))
         if size in args.compacted_sizes:
-            compacted = f"{args.root}-compacted-{size}"
+            compacted = f"{args.root}-compacted-{tag}"
             shutil.rmtree(compacted, ignore_errors=True)
             shutil.copytree(root, compacted, copy_function=os.link)  # the inputs cost no disk; compaction unlinks
             try:
@@ -465,7 +469,7 @@ def main() -> None:
             finally:
                 shutil.rmtree(compacted, ignore_errors=True)
         if size in args.keyed_sizes:
-            keyed = f"{args.root}-keyed-{size}"
+            keyed = f"{args.root}-keyed-{tag}"
             shutil.rmtree(keyed, ignore_errors=True)
             try:
                 started = time.perf_counter()

@@ -138,6 +138,7 @@ def _file_rows(rng, n: int, start_s: float, end_s: float, shift: float):
         "response_text": answers.take(answer_pick),
         "schema_version": pa.array(np.full(n, logschema.SCHEMA_VERSION, dtype="int32")),
         "role": pa.array(["primary"] * n),
+        "priority": pa.array(rng.choice(["critical", "standard", "sheddable"], size=n, p=[0.1, 0.85, 0.05])),
     }
     table = pa.table(columns, schema=logschema.arrow_schema("requests"))
     shadow = np.flatnonzero((variant == "v1") & (rng.random(n) < 0.05))
@@ -145,6 +146,9 @@ def _file_rows(rng, n: int, start_s: float, end_s: float, shift: float):
         copies = table.take(shadow)
         copies = copies.set_column(copies.schema.get_field_index("variant"), "variant", pa.array(["v2"] * len(shadow)))
         copies = copies.set_column(copies.schema.get_field_index("role"), "role", pa.array(["shadow"] * len(shadow)))
+        copies = copies.set_column(  # a shadow row has no class (loragate.common.logschema)
+            copies.schema.get_field_index("priority"), "priority", pa.nulls(len(shadow), pa.string())
+        )
         copies = copies.set_column(
             copies.schema.get_field_index("response_text"),
             "response_text",
@@ -181,12 +185,15 @@ def _write_file(job: tuple) -> int:
     return table.num_rows
 
 
-def generate(root: str | Path, rows: int, names: tuple[str, ...] = tuple(HOURS), processes: int = 2) -> dict:
-    """Write the hours ``names`` of ``rows`` primary requests each under ``root`` (skipped when already there)."""
+def generate(
+    root: str | Path, rows: int, names: tuple[str, ...] = tuple(HOURS), processes: int = 2, writers: int = 4
+) -> dict:
+    """Write the hours ``names`` of ``rows`` primary requests each, from ``writers`` writers (360 files an hour
+    each), under ``root`` (skipped when already there)."""
     from multiprocessing import get_context
 
     root = Path(root)
-    shape = Shape(rows)
+    shape = Shape(rows, writers)
     done, counts = root / "done", {}
     for name in names:
         marker = done / f"{name}-{rows}"
