@@ -26,6 +26,19 @@ read skips or reads whole: smaller skips more text (a busy hour's 10-second file
 sampled rows, all in its first row group) at ~1-2% more bytes on disk than one row group a file
 (bench/results/monitor_volume_rowgroups.json)."""
 
+FIRST_GROUP_ROWS = 256
+"""Rows in the first row group of a gateway file (its smallest keys), before groups of :data:`ROW_GROUP_ROWS`.
+A sample of a busy window takes a few rows a file, all among its smallest keys: from 3,600 files an hour
+(10 replicas) each file's first group is read whole, so its size is the text read per file."""
+
+
+def group_sizes(rows: int) -> list[int]:
+    """A gateway file's row group sizes: :data:`FIRST_GROUP_ROWS`, then :data:`ROW_GROUP_ROWS` each."""
+    first = min(FIRST_GROUP_ROWS, rows)
+    rest = rows - first
+    return [first] * bool(first) + [min(ROW_GROUP_ROWS, rest - start) for start in range(0, rest, ROW_GROUP_ROWS)]
+
+
 RANGES_KEY = b"loragate.sample_key_ranges"
 """Footer key: JSON list, per row group, of ``[smallest, largest]`` sample key of its rows."""
 

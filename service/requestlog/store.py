@@ -5,7 +5,7 @@ Layout, one Hive-style partition per UTC day::
     <root>/requests/date=YYYY-MM-DD/<writer-id>-<YYYYmmddTHHMMSSfff>Z-<seq>.parquet
     <root>/feedback/date=YYYY-MM-DD/...
 
-A file's rows are in sample-key order, in row groups of ``samplekey.ROW_GROUP_ROWS`` rows whose key
+A file's rows are in sample-key order, in row groups (``samplekey.group_sizes``) whose key
 ranges are in its footer (loragate.common.samplekey): the monitor's sampled read skips the rest.
 
 Every file is written whole and appears atomically: on a local disk under a
@@ -89,25 +89,24 @@ class ParquetStore:
 
 
 def encode(rows: pa.Table, compression: str = "zstd") -> pa.Buffer:
-    """One log file's bytes: the rows in sample-key order, in row groups of ``samplekey.ROW_GROUP_ROWS`` with
-    each one's key range in the footer (loragate.common.samplekey: a sampled read skips the others),
-    dictionary and statistics for every column but the id and free-text ones."""
+    """One log file's bytes: the rows in sample-key order, in row groups of ``samplekey.group_sizes`` (a small
+    first one, then ``samplekey.ROW_GROUP_ROWS`` each) with each one's key range in the footer
+    (loragate.common.samplekey: a sampled read skips the others), dictionary and statistics for every column but
+    the id and free-text ones."""
     ordered, keys = samplekey.key_order(rows)
-    size, n = samplekey.ROW_GROUP_ROWS, ordered.num_rows
-    groups = [min(size, n - start) for start in range(0, n, size)]
+    groups = samplekey.group_sizes(ordered.num_rows)
     ordered = ordered.replace_schema_metadata(
         {**(ordered.schema.metadata or {}), samplekey.RANGES_KEY: samplekey.ranges(keys, groups)}
     )
     repeating = [name for name in ordered.column_names if name not in logschema.DISTINCT_COLUMNS]
     buffer = pa.BufferOutputStream()
-    pq.write_table(
-        ordered,
-        buffer,
-        compression=compression,
-        row_group_size=size,
-        use_dictionary=repeating,
-        write_statistics=repeating,
-    )
+    with pq.ParquetWriter(
+        buffer, ordered.schema, compression=compression, use_dictionary=repeating, write_statistics=repeating
+    ) as writer:
+        start = 0
+        for size in groups:  # one call a row group: each call starts a new one
+            writer.write_table(ordered.slice(start, size), row_group_size=size)
+            start += size
     return buffer.getvalue()
 
 
