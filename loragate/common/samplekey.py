@@ -3,11 +3,12 @@
 Each row's **sample key** is a 64-bit hash of its request id (:func:`key_array`). The monitor samples a
 window by taking the rows of smallest key (monitoring/logscan.py), so the writers (the gateway,
 service/requestlog/store.py; compaction, monitoring/compaction.py) put a file's rows in (bucketed) key order,
-in row groups of :data:`ROW_GROUP_ROWS` rows, and record each row group's smallest and largest key in the
-file's footer (:data:`RANGES_KEY`). A sampled read then decodes request ids, and text, only of the row
-groups whose smallest key is under the sample's threshold: on a 10-second file of a busy hour, its first.
-Parquet's own statistics cannot carry this (the key is not a column) and pyarrow cannot skip pages by the
-page index (apache/arrow#45284), so the key ranges are per row group, in the footer's key-value metadata.
+in row groups of :data:`ROW_GROUP_ROWS` rows (a gateway file's first: :data:`FIRST_GROUP_ROWS`), and
+record each row group's smallest and largest key in the file's footer (:data:`RANGES_KEY`). A sampled read
+then decodes request ids, and text, only of the row groups whose smallest key is under the sample's
+threshold: on a 10-second file of a busy hour, its first. Parquet's own statistics cannot carry this (the
+key is not a column) and pyarrow cannot skip pages by the page index (apache/arrow#45284), so the key
+ranges are per row group, in the footer's key-value metadata.
 
 Imported by the gateway and the monitor: pyarrow only (the gateway never imports numpy).
 """
