@@ -68,7 +68,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.overhead import CHUNKS, ROUTES, can_pin, pinned, tree_cpu_s, wrk_missing  # noqa: E402
+from bench.overhead import CHUNKS, ROUTES, baseline_command, can_pin, pinned, tree_cpu_s, wrk_missing  # noqa: E402
 from tests.processes import Service, free_port, wait_http  # noqa: E402
 
 KEY = "lg-benchbenchbenchbenchbenchbenchbenchbench0"
@@ -157,23 +157,7 @@ def start(name: str, work: Path, upstream: str, cpu: int | None) -> tuple[Servic
     env = dict(os.environ)
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     if name == "baseline":
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.baseline_proxy:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--loop",
-            "uvloop",
-            "--http",
-            "httptools",
-            "--no-access-log",
-            "--log-level",
-            "warning",
-        ]
+        command = baseline_command(port)
         env["BASELINE_UPSTREAM"] = upstream
         ready = f"{url}/health"
     else:

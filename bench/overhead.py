@@ -153,6 +153,27 @@ def can_pin(no_pin: bool) -> bool:
     return not no_pin and (os.cpu_count() or 1) >= 2 and shutil.which("taskset") is not None
 
 
+def baseline_command(port: int) -> list[str]:
+    """The zero-feature baseline proxy (bench/baseline_proxy.py) on ``port``: uvicorn as the gateway runs it."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "bench.baseline_proxy:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--no-access-log",
+        "--log-level",
+        "warning",
+    ]
+
+
 def pinned(command: list[str], cpu: int | None) -> list[str]:
     return ["taskset", "-c", str(cpu), *command] if cpu is not None else command
 
@@ -183,26 +204,7 @@ def start_all(work: Path, pin: bool, ref: str | None = None) -> tuple[Target, ..
 
     port = free_port()
     baseline = Service(
-        pinned(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "bench.baseline_proxy:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
-            proxy_cpu,
-        ),
+        pinned(baseline_command(port), proxy_cpu),
         work / "baseline.log",
         {**env, "BASELINE_UPSTREAM": stub_url},
     )
