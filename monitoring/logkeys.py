@@ -217,14 +217,12 @@ class KeyPass:
         for name, value in (("route", w.route), ("variant", w.variant), ("role", w.role)):
             if value is None:
                 continue
-            if name not in present:
-                column = pa.nulls(n, pa.string())
-                if name != "role":
-                    return pa.array([False] * n)
-            else:
+            if name == "role":  # rows of files older than the column are primary answers
+                column = pc.fill_null(data["role"] if name in present else pa.nulls(n, pa.string()), logschema.PRIMARY)
+            elif name in present:
                 column = data[name]
-            if name == "role":
-                column = pc.fill_null(column, logschema.PRIMARY)
+            else:
+                return pa.array([False] * n)
             mask = pc.and_(mask, pc.fill_null(pc.equal(column, value), False))
         if w.ids is not None:
             if "request_id" not in present:
