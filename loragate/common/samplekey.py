@@ -35,9 +35,10 @@ A sample of a busy window takes a few rows a file, all among its smallest keys: 
 
 def group_sizes(rows: int) -> list[int]:
     """A gateway file's row group sizes: :data:`FIRST_GROUP_ROWS`, then :data:`ROW_GROUP_ROWS` each."""
-    first = min(FIRST_GROUP_ROWS, rows)
-    rest = rows - first
-    return [first] * bool(first) + [min(ROW_GROUP_ROWS, rest - start) for start in range(0, rest, ROW_GROUP_ROWS)]
+    if rows <= FIRST_GROUP_ROWS:
+        return [rows] if rows else []
+    rest = rows - FIRST_GROUP_ROWS
+    return [FIRST_GROUP_ROWS] + [min(ROW_GROUP_ROWS, rest - start) for start in range(0, rest, ROW_GROUP_ROWS)]
 
 
 RANGES_KEY = b"loragate.sample_key_ranges"
