@@ -31,10 +31,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loragate.common.httpbody import read_capped
+
 Result = Literal["applied", "not_applied", "error"]
 RESULTS: tuple[Result, ...] = ("applied", "not_applied", "error")
 PROMPTS = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning")
 MAX_BODY = 1 << 20  # a completion of a few tokens with logprobs is a few KB
+MODELS_MAX = 4 << 20  # /v1/models: some 9,000 adapters (the gateway's cap, service/replicas.py)
 
 
 class ProbeConfig(BaseModel):
@@ -178,11 +181,11 @@ class AdapterProbe:
 
     async def _get(self, session: Any, url: str) -> Any:
         async with session.get(url) as resp:
-            return _decoded(resp.status, await resp.content.read(MAX_BODY + 1), url)
+            return _decoded(resp.status, await read_capped(resp, MODELS_MAX), url)
 
     async def _post(self, session: Any, url: str, payload: dict[str, Any], expect_json: bool = True) -> Any:
         async with session.post(url, json=payload) as resp:
-            raw = await resp.content.read(MAX_BODY + 1)
+            raw = await read_capped(resp, MAX_BODY)
             if not expect_json:
                 if resp.status >= 400:
                     raise RuntimeError(f"{url}: HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace')}")
@@ -191,8 +194,6 @@ class AdapterProbe:
 
 
 def _decoded(status: int, raw: bytes, url: str) -> Any:
-    if len(raw) > MAX_BODY:
-        raise RuntimeError(f"{url}: answer larger than {MAX_BODY} bytes")
     if status >= 400:
         raise RuntimeError(f"{url}: HTTP {status}: {raw[:200].decode('utf-8', 'replace')}")
     body = json.loads(raw)

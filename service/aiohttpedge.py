@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from loragate.common.httpbody import BodyTooLarge, read_capped
 from loragate.service.transport import (
     ConnectFailed,
     Disconnected,
@@ -72,19 +73,11 @@ class AiohttpControl:
 
 
 async def _read_at_most(response: aiohttp.ClientResponse, max_bytes: int) -> bytes:
-    """The body to its end; MalformedAnswer, the connection closed, as soon as it is over ``max_bytes`` (declared
-    so, or read so: reading stops at the first chunk past it)."""
-    declared = response.content_length or 0
-    chunks: list[bytes] = []
-    read = 0
-    while declared <= max_bytes and read <= max_bytes:
-        chunk = await response.content.readany()
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        read += len(chunk)
-    response.close()
-    raise MalformedAnswer(f"{response.method} {response.url}: a body over {max_bytes} bytes")
+    """The body to its end; MalformedAnswer, the connection closed, as soon as it is over ``max_bytes``."""
+    try:
+        return await read_capped(response, max_bytes)
+    except BodyTooLarge as exc:
+        raise MalformedAnswer(str(exc)) from None
 
 
 # --- the answers the gateway relays through aiohttp's session (service/proxy.py's open_upstream) ---

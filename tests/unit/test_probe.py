@@ -4,6 +4,8 @@ The real vLLM engine with a zero-weight adapter is tests/integration/test_adapte
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
 
 import pytest
@@ -22,8 +24,11 @@ from tests.local_http import serve
 from tests.unit.test_rollout import HEALTHY, FakePrometheus, controller, sample, weights
 
 
-def stub_engine(logprobs: dict[str, list[float]], *, loaded: set[str] | None = None, status: int = 200):
-    """A stub of vLLM's OpenAI API: each model answers the same tokens with its programmed logprobs."""
+def stub_engine(
+    logprobs: dict[str, list[float]], *, loaded: set[str] | None = None, status: int = 200, models_handler=None
+):
+    """A stub of vLLM's OpenAI API: each model answers the same tokens with its programmed logprobs
+    (``models_handler``: another /v1/models)."""
     loaded = set(logprobs) if loaded is None else loaded
     asked: list[tuple[str, object]] = []
 
@@ -57,7 +62,7 @@ def stub_engine(logprobs: dict[str, list[float]], *, loaded: set[str] | None = N
 
     app = web.Application()
     app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models", models_handler or models)
     app.router.add_post("/v1/load_lora_adapter", load)
     return app, asked
 
@@ -188,3 +193,30 @@ async def test_a_probe_that_cannot_reach_the_engines_delays_the_start(tmp_path):
     assert weights(tmp_path)["v2"] == 10  # the routes file as it was
     (start,) = await c.tick(now=1060)  # retried after an interval
     assert start.action == "step" and weights(tmp_path)["v2"] == 5
+
+
+async def test_an_answer_in_pieces_is_read_whole_and_one_over_the_cap_is_an_error(monkeypatch):
+    """An engine's /v1/models in two writes (many adapters: megabytes, many TCP segments): the probe reads it to
+    its end, finds the adapter loaded and loads nothing; an answer over the cap is that engine's error."""
+    listing = {"data": [{"id": "base"}, *({"id": f"other-{i}"} for i in range(2000)), {"id": "v2-adapter"}]}
+
+    async def models_in_pieces(request):
+        body = json.dumps(listing).encode()
+        resp = web.StreamResponse(headers={"content-type": "application/json"})
+        await resp.prepare(request)
+        await resp.write(body[:100])
+        await asyncio.sleep(0.05)
+        await resp.write(body[100:])
+        await resp.write_eof()
+        return resp
+
+    app, asked = stub_engine({"base": [-1.0], "v2-adapter": [-2.0]}, models_handler=models_in_pieces)
+    result = await probe(app)
+    assert result.result == "applied", result.explanation
+    assert not [kind for kind, _ in asked if kind == "load"]  # it saw v2-adapter at the end of the listing
+
+    monkeypatch.setattr("loragate.monitoring.probe.MODELS_MAX", 1000)
+    app, asked = stub_engine({"base": [-1.0], "v2-adapter": [-2.0]}, models_handler=models_in_pieces)
+    over = await probe(app)
+    assert over.result == "error" and "a body over 1000 bytes" in over.explanation
+    assert not asked  # nothing loaded, nothing completed on an engine whose listing could not be read
