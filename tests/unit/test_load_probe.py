@@ -197,6 +197,9 @@ async def test_another_replica_that_applies_the_adapter_serves_it(tmp_path):
         assert sum("x-loragate-fallback" in a.headers for a in answers) <= 1  # at most the one on the ignoring engine
         assert answers[-1].headers["x-loragate-variant"] == "tuned"
         assert answers[-1].json()["choices"][0]["message"]["content"] == "adapter output"
+        if ignores.loads:  # it was tried first (the picker's tie, as seen here each time): the fallback answered
+            assert answers[0].headers["x-loragate-fallback"] == "adapter_unavailable"
+            assert ignores.unloads == ["tuned"] and len(ignores.probe_asks) == 4
         assert ignores.loads in ([], ["tuned"]) and "tuned" not in ignores.listed and "tuned" not in ignores.served
         assert applies.loads == ["tuned"] and applies.served.count("tuned") >= 3
         bad, good = pool.replicas
@@ -314,3 +317,13 @@ async def test_not_applied_is_the_outcome_of_the_load_span(tmp_path):
         else:
             raise AssertionError("a load the engine does not apply must fail")
         assert tracer.outcomes == ["not_applied"]
+
+
+async def test_an_unknown_base_model_skips_the_probe_and_never_blocks_the_request(tmp_path):
+    engine = StubEngine(applies=False)
+    async with gateway(tmp_path, engine) as (client, metrics, pool):
+        pool.replicas[0].base_model = None  # as if /v1/models had listed no base model
+        answer = await ask(client)
+        assert answer.status_code == 200 and answer.headers["x-loragate-variant"] == "tuned"
+        assert engine.probe_asks == []
+        assert sample(metrics, "loragate_adapter_load_probes_total", adapter="tuned", result="skipped") == 1
