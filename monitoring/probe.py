@@ -1,41 +1,54 @@
-"""Is the adapter applied? A few fixed prompts to the adapter and to the base model, token logprobs compared.
+"""The monitor's adapter probe: asks each engine of a canary, over aiohttp, whether the adapter is applied.
 
-vLLM has served base-model output for requests that named an adapter (vllm#55193, vllm#34186): the
-answers are well-formed, fast and error-free, so no canary check can tell; two variants that are both
-the base model in fact pass every comparison. The probe asks each engine directly, for each fixed
-prompt, a greedy completion (temperature 0, a few tokens, ``logprobs``) once naming the adapter and
-once naming the base model. A LoRA adapter that is applied moves the logits, so the chosen tokens'
-logprobs differ; the same tokens with the same logprobs (within ``tolerance``) for every prompt mean
-the engine answered the adapter's name with the base model: **not_applied**.
+The comparison itself (fixed prompts, greedy completions with logprobs, adapter vs base model, the verdict) is
+loragate/common/adapterprobe.py, shared with the gateway's probe after each adapter load (service/adapterprobe.py).
 
 Why the engines and not the gateway (a ``route:variant`` pin): the gateway's fallback chain answers
 a failing adapter with the base model, which would read as "not applied" (or hide an error), and the
 gateway chooses the replica, while the fault is one engine's (one adapter slot); each engine is
 asked here, by its own URL, with the adapter loaded there first when the route gives its path (as
-the gateway loads adapters on demand).
-
-What it cannot see: an adapter applied but wrong (another version under the same name: give each
-version its own name), or one whose effect on these few prompts' first tokens is below ``tolerance``
-(a zero or near-zero adapter is exactly what it reports). Results: ``applied``, ``not_applied``,
-``error`` (the engine did not answer both asks).
+the gateway loads adapters on demand). Results: ``applied``, ``not_applied``, ``error`` (the engine did
+not answer both asks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from loragate.common.adapterprobe import (
+    PROMPTS,
+    RESULTS,
+    TOLERANCE,
+    Answer,
+    Result,
+    ask,
+    difference,
+    failure,
+    parse_answer,
+    verdict,
+)
 from loragate.common.httpbody import read_capped
 
-Result = Literal["applied", "not_applied", "error"]
-RESULTS: tuple[Result, ...] = ("applied", "not_applied", "error")
-PROMPTS = ("The capital of France is", "def fibonacci(n):", "Translate to German: good morning")
+# The shared core's names stay importable from here (the rollout's metrics and tests use them).
+__all__ = [
+    "PROMPTS",
+    "RESULTS",
+    "AdapterProbe",
+    "Answer",
+    "EngineProbe",
+    "ProbeConfig",
+    "ProbeResult",
+    "Result",
+    "difference",
+    "parse_answer",
+]
+
 MAX_BODY = 1 << 20  # a completion of a few tokens with logprobs is a few KB
 MODELS_MAX = 4 << 20  # /v1/models: some 9,000 adapters (the gateway's cap, service/replicas.py)
 
@@ -47,16 +60,10 @@ class ProbeConfig(BaseModel):
     engines: list[str] = Field(min_length=1, description="each vLLM engine's base URL (http://host:8000)")
     prompts: list[str] = Field(default_factory=lambda: list(PROMPTS), min_length=1)
     max_tokens: int = Field(4, ge=1, le=64)
-    tolerance: float = Field(1e-4, ge=0, description="logprob differences up to this are 'the same'")
+    tolerance: float = Field(TOLERANCE, ge=0, description="logprob differences up to this are 'the same'")
     timeout_s: float = Field(30, gt=0)
     load: bool = Field(True, description="load the adapter on an engine that lacks it (from the route's path)")
     api_key_env: str | None = Field(None, description="environment variable holding the engines' API key")
-
-
-@dataclass
-class Answer:
-    tokens: list[str]
-    logprobs: list[float]
 
 
 @dataclass
@@ -87,25 +94,6 @@ class ProbeResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {"result": self.result, **asdict(self)}
-
-
-def difference(base: Answer, adapted: Answer) -> float:
-    """Largest |logprob difference| over the tokens; inf when the chosen tokens differ."""
-    if base.tokens != adapted.tokens or len(base.logprobs) != len(adapted.logprobs):
-        return math.inf
-    return max((abs(a - b) for a, b in zip(base.logprobs, adapted.logprobs)), default=0.0)
-
-
-def parse_answer(body: Any) -> Answer:
-    """The first choice's tokens and their logprobs from an OpenAI completions answer with ``logprobs``."""
-    try:
-        logprobs = body["choices"][0]["logprobs"]
-        tokens, values = logprobs["tokens"], logprobs["token_logprobs"]
-        if not (isinstance(tokens, list) and isinstance(values, list) and len(tokens) == len(values)):
-            raise TypeError("tokens and token_logprobs must be lists of one length")
-        return Answer([str(t) for t in tokens], [float(v) if v is not None else math.nan for v in values])
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise ValueError(f"no token logprobs in the answer ({exc})") from None
 
 
 class AdapterProbe:
@@ -140,43 +128,25 @@ class AdapterProbe:
                 await self._post(
                     session, f"{url}/v1/load_lora_adapter", {"lora_name": adapter, "lora_path": path}, expect_json=False
                 )
-            worst = 0.0
+            answers = []
             for prompt in config.prompts:
                 base, adapted = await asyncio.gather(
                     self._complete(session, url, base_model, prompt, config),
                     self._complete(session, url, adapter, prompt, config),
                 )
-                worst = max(worst, difference(base, adapted))
+                answers.append((base, adapted))
         except Exception as exc:  # unreachable, refused, not a completion: this engine says nothing
-            return EngineProbe(url, "error", None, f"probe failed: {type(exc).__name__}: {exc}"[:300])
-        if worst <= config.tolerance:
-            return EngineProbe(
-                url,
-                "not_applied",
-                worst,
-                f"{adapter} answers exactly as {base_model} on {len(config.prompts)} prompts "
-                f"(logprobs within {config.tolerance:g}): the adapter is not applied",
-            )
-        shown = "other tokens" if math.isinf(worst) else f"logprobs differ by up to {worst:.3g}"
-        return EngineProbe(url, "applied", worst, f"{adapter} differs from {base_model} ({shown}): applied")
+            found = failure(exc)
+        else:
+            found = verdict(answers, config.tolerance, adapter=adapter, base_model=base_model)
+        return EngineProbe(url, found.result, found.max_difference, found.explanation)
 
     async def _models(self, session: Any, url: str) -> set[str]:
         body = await self._get(session, f"{url}/v1/models")
         return {str(m.get("id")) for m in body.get("data", []) if isinstance(m, dict)}
 
     async def _complete(self, session: Any, url: str, model: str, prompt: str, config: ProbeConfig) -> Answer:
-        body = await self._post(
-            session,
-            f"{url}/v1/completions",
-            {
-                "model": model,
-                "prompt": prompt,
-                "max_tokens": config.max_tokens,
-                "temperature": 0,
-                "logprobs": 1,
-                "seed": 0,
-            },
-        )
+        body = await self._post(session, f"{url}/v1/completions", ask(model, prompt, config.max_tokens))
         return parse_answer(body)
 
     async def _get(self, session: Any, url: str) -> Any:

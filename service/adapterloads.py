@@ -5,6 +5,11 @@ on a replica at its adapter limit, the least recently used adapter this gateway 
 unloaded, if one has been idle (nothing in flight from here, nothing running or waiting on the
 engine) for ``min_idle_s``: the hysteresis that keeps two adapters from pushing each other out
 request after request. With none that idle the load goes ahead over the limit (the engine swaps).
+
+An adapter this gateway loads is probed before any request is sent to it (``probe``, service/adapterprobe.py):
+an engine that answers its name with the base model (vllm#55193) gets it unloaded, the load counts as
+``not_applied`` and fails as a refused load does (the request goes on to another replica or the fallback chain).
+A probe left unanswered proves nothing: the adapter stays, the probe counts as ``error``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from loragate.service.adapterprobe import LoadProbe
 from loragate.service.metrics import Metrics
 from loragate.service.replicas import Replica
 from loragate.service.transport import ControlClient, Timeout, TransportError
@@ -33,7 +39,8 @@ ANSWER_MAX_BYTES = 64 << 10  # the engine's answer to a load or unload (a senten
 class AdapterUnavailable(Exception):
     """The adapter could not be loaded on any healthy replica.
 
-    ``outcome``: what its load ended with (failed: the engine refused; error: no answer in time), when one ran."""
+    ``outcome``: what its load ended with (failed: the engine refused; error: no answer in time; not_applied: loaded,
+    but the engine answers its name with the base model), when one ran."""
 
     def __init__(self, message: str, outcome: str = "unavailable") -> None:
         super().__init__(message)
@@ -64,6 +71,7 @@ class AdapterLoader:
         min_idle_s: float = 30.0,
         on_change: Callable[[], None] = lambda: None,
         tracer: RequestTracer | None = None,
+        probe: LoadProbe | None = None,
     ) -> None:
         self.metrics = metrics
         self.load_timeout_s = load_timeout_s
@@ -74,14 +82,15 @@ class AdapterLoader:
         self.loading: dict[str, int] = {}  # adapter -> loads under way on any replica
         self.on_change = on_change  # which replica holds what changed (the replica set reindexes)
         self.tracer = tracer  # None: tracing off (service/tracing.py)
+        self.probe = probe  # None: adapters this gateway loads are not probed
 
     async def ensure(self, replica: Replica, adapter: str, path: str, reason: str, trace: object | None = None) -> None:
         """The adapter on the replica; ``reason`` (first, spread) is what the metrics say about a new load.
 
         ``trace``: the span of the attempt (or shadow) that waits, when tracing is on: the wait gets a child span."""
-        if adapter in replica.adapters:
-            return
         task = replica.loading.get(adapter)
+        if task is None and adapter in replica.adapters:
+            return  # (while a load is probed, a health check may list the adapter already: its waiters still wait)
         triggered = task is None
         if task is None:
             task = asyncio.ensure_future(self._load(replica, adapter, path, reason))
@@ -118,7 +127,8 @@ class AdapterLoader:
             tracer.adapter_load_end(span, outcome)
 
     async def _load(self, replica: Replica, adapter: str, path: str, reason: str) -> str:
-        """Load it; the result (success, already_loaded) or AdapterUnavailable with the outcome (failed, error)."""
+        """Load it; the result (success, already_loaded) or AdapterUnavailable with the outcome (failed, error,
+        not_applied)."""
         assert self.client is not None
         if self.limit is not None and len(replica.adapters) >= self.limit:
             victim = unload_victim(replica, adapter, time.monotonic(), self.min_idle_s)
@@ -142,9 +152,14 @@ class AdapterLoader:
                 result = "failed"
         except TransportError as exc:
             detail = f"{type(exc).__name__}: {exc}"
+        loaded_s = time.perf_counter() - started
+        if result == "success" and self.probe is not None and not await self._applied(replica, adapter):
+            result, detail = "not_applied", f"the engine answers it with the base model {replica.base_model}"
+            if not await self.unload(replica, adapter, "not_applied"):
+                replica.adapters.discard(adapter)  # out of this gateway's view until a health check lists it again
         self.metrics.adapter_loads.labels(replica.url, adapter, result).inc()
         if result in ("success", "already_loaded"):
-            self.metrics.adapter_load_duration.labels(adapter).observe(time.perf_counter() - started)
+            self.metrics.adapter_load_duration.labels(adapter).observe(loaded_s)
             self.metrics.adapter_placements.labels("load", reason).inc()
             replica.adapters.add(adapter)
             replica.failed_adapters.pop(adapter, None)
@@ -155,6 +170,24 @@ class AdapterLoader:
         replica.failed_adapters[adapter] = time.monotonic() + self.failure_ttl_s
         log.warning("loading adapter %s on %s failed: %s", adapter, replica.url, detail)
         raise AdapterUnavailable(f"adapter {adapter!r} could not be loaded on {replica.url}", result)
+
+    async def _applied(self, replica: Replica, adapter: str) -> bool:
+        """False only when the probe finds the adapter not applied on the replica (service/adapterprobe.py)."""
+        assert self.client is not None and self.probe is not None
+        if replica.base_model is None:
+            log.debug("adapter %s on %s not probed: the replica's base model is not known yet", adapter, replica.url)
+            self.metrics.adapter_load_probes.labels(replica.url, adapter, "skipped").inc()
+            return True
+        started = time.perf_counter()
+        found = await self.probe.check(self.client, replica.url, replica.base_model, adapter)
+        self.metrics.adapter_load_probe_duration.labels(adapter).observe(time.perf_counter() - started)
+        self.metrics.adapter_load_probes.labels(replica.url, adapter, found.result).inc()
+        if found.result == "not_applied":
+            log.warning("adapter %s loaded on %s is not applied: %s", adapter, replica.url, found.explanation)
+            return False
+        if found.result == "error":
+            log.warning("adapter %s on %s kept unprobed: %s", adapter, replica.url, found.explanation)
+        return True
 
     async def unload(self, replica: Replica, adapter: str, reason: str) -> bool:
         """Take the adapter off the replica; False when the engine refused (it stays listed then)."""

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from loragate.service.adapterprobe import LoadProbe
 from loragate.service.aiohttpedge import AiohttpControl
 from loragate.service.api.admin import admin_router
 from loragate.service.api.feedback import RecentRequests, feedback_router
@@ -68,6 +69,7 @@ def create_app(
         max_adapters_per_replica=settings.max_adapters_per_replica or None,
         adapter_min_idle_s=settings.adapter_min_idle_s,
         tracer=tracer,  # adapter loads: a span under the attempt that waits
+        adapter_probe=_load_probe(settings),
     )
     request_log = _request_log(settings, metrics)  # None when off: pyarrow is imported only when on
     # Per-key limits in this process, or shared through Redis (LORAGATE_LIMITS_URL); only used with auth on.
@@ -169,6 +171,18 @@ def app_from_env() -> CompletionsFirst:
     """Factory for uvicorn (``--factory``): settings from LORAGATE_* environment variables."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return create_app(Settings())
+
+
+def _load_probe(settings: Settings) -> LoadProbe | None:
+    """The probe after each adapter load (service/adapterprobe.py), or None when LORAGATE_ADAPTER_PROBE is off."""
+    if not settings.adapter_probe:
+        return None
+    return LoadProbe(
+        prompts=settings.adapter_probe_prompts,
+        max_tokens=settings.adapter_probe_max_tokens,
+        tolerance=settings.adapter_probe_tolerance,
+        timeout_s=settings.adapter_probe_timeout_s,
+    )
 
 
 def _request_log(settings: Settings, metrics: Metrics) -> RequestLog | None:

@@ -112,13 +112,27 @@ class Metrics:
         )
         self.adapter_loads = Counter(
             "loragate_adapter_loads",
-            "Adapter loads requested from replicas, by result.",
+            "Adapter loads requested from replicas, by result (not_applied: loaded, but answered as the base model).",
             ("upstream", "adapter", "result"),
             registry=r,
         )
         self.adapter_load_duration = Histogram(
             "loragate_adapter_load_duration_seconds",
             "Time an adapter load took on a replica.",
+            ("adapter",),
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.adapter_load_probes = Counter(
+            "loragate_adapter_load_probes",
+            "Probes of adapters this gateway loaded (is the adapter applied?), by result: applied, not_applied, "
+            "error (unanswered), skipped (base model unknown).",
+            ("upstream", "adapter", "result"),
+            registry=r,
+        )
+        self.adapter_load_probe_duration = Histogram(
+            "loragate_adapter_load_probe_duration_seconds",
+            "Time the probe after an adapter load took (added to the first requests of that load).",
             ("adapter",),
             buckets=LOAD_BUCKETS,
             registry=r,

@@ -39,6 +39,8 @@ class Replica:
     in_flight: int = 0
     # Adapter names the replica reports (or we loaded); refreshed by each health check.
     adapters: set[str] = field(default_factory=set)
+    # The base model's name (the /v1/models entry without ``parent``), once a health check has read it.
+    base_model: str | None = None
     # Adapter name -> where the engine loaded it from (/v1/models ``root``), when it says.
     adapter_roots: dict[str, str] = field(default_factory=dict)
     # Adapter name -> monotonic time until which a failed load is not retried.
@@ -215,6 +217,8 @@ class ReplicaSet:
                 if models is not None:
                     # Loads still in flight keep their claim; everything else follows the replica.
                     listed = [m for m in models if m.get("parent") is not None]
+                    base = next((m["id"] for m in models if m.get("parent") is None), None)
+                    replica.base_model = base if isinstance(base, str) else None
                     replica.adapters = {m["id"] for m in listed}
                     replica.adapter_roots = {m["id"]: m["root"] for m in listed if isinstance(m.get("root"), str)}
                     for name in [n for n in replica.loaded_by_gateway if n not in replica.adapters]:

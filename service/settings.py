@@ -11,6 +11,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from typing_extensions import Annotated
 
+from loragate.common.adapterprobe import PROMPTS as PROBE_PROMPTS, TOLERANCE as PROBE_TOLERANCE
 from loragate.service.priority import DEFAULT_SHARES, format_shares, shares_named
 
 
@@ -76,6 +77,19 @@ class Settings(BaseSettings):
     routes_reload_interval_s: float = 2.0
     # An adapter that failed to load is not retried on that replica for this long.
     adapter_failure_ttl_s: float = 30.0
+    # After each adapter load it makes, the gateway probes that replica (docs/scheduling.md, "Adapter loads"): a few
+    # greedy completions with logprobs naming the base model and the adapter. Identical answers = the engine does
+    # not apply the adapter (vllm#55193): it is unloaded there, marked failed for adapter_failure_ttl_s, and the
+    # request goes on as after a failed load (another replica, or the fallback chain). An unanswered probe keeps it.
+    adapter_probe: bool = True
+    # Fixed prompts the probe asks (each twice: base model and adapter, all at once).
+    adapter_probe_prompts: int = Field(2, ge=1, le=len(PROBE_PROMPTS))
+    # Tokens in each probe answer (their logprobs are compared).
+    adapter_probe_max_tokens: int = Field(4, ge=1, le=32)
+    # Logprob differences up to this are float noise, not an adapter.
+    adapter_probe_tolerance: float = Field(PROBE_TOLERANCE, ge=0)
+    # Each probe ask's time limit; past it the probe counts as error and the adapter is kept.
+    adapter_probe_timeout_s: float = Field(5.0, gt=0)
     # Replica scheduling (docs/scheduling.md): each replica's /metrics is scraped this often for its queue,
     # KV-cache usage and LoRA slots (between scrapes the gateway's own in-flight counts move it).
     engine_scrape_interval_s: float = Field(1.0, gt=0)

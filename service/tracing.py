@@ -144,7 +144,8 @@ class RequestTracer:
 
     def adapter_load_end(self, span: Any, outcome: str) -> None:
         """``outcome``: success, already_loaded (the ``result`` of loragate_adapter_loads_total), failed (the
-        engine refused), error (no answer in time), cancelled (this waiter gave up; the load goes on)."""
+        engine refused), error (no answer in time), not_applied (loaded, but the probe found the engine answers it
+        with the base model: unloaded again), cancelled (this waiter gave up; the load goes on)."""
         span.set_attribute("loragate.adapter_load.outcome", outcome)
         self.end(span, error=None if outcome in ("success", "already_loaded") else outcome)
 

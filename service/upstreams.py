@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from collections.abc import Set as AbstractSet
 
 from loragate.service.adapterloads import AdapterLoader, AdapterUnavailable
+from loragate.service.adapterprobe import LoadProbe
 from loragate.service.admission import Admission
 from loragate.service.failures import FailureReason
 from loragate.service.metrics import Metrics
@@ -71,6 +72,7 @@ class Pool:
         adapter_min_idle_s: float = 30.0,
         picker: Picker | None = None,
         tracer: RequestTracer | None = None,
+        adapter_probe: LoadProbe | None = None,
     ) -> None:
         self.metrics = metrics
         self.picker = picker or Picker()
@@ -83,6 +85,7 @@ class Pool:
             min_idle_s=adapter_min_idle_s,
             on_change=self.set.reindex,
             tracer=tracer,
+            probe=adapter_probe,
         )
         self._endpoints: dict[str, Replica] = {}
         self.max_in_flight = max_in_flight
@@ -207,11 +210,13 @@ class Pool:
         replica = pick.replica
         self._decisions[pick.scorer].inc()
         try:
-            if adapter is not None and adapter not in replica.adapters:
-                if path is None:  # dropped from the replica while this request waited for room
+            # A load under way is waited for even when a health check lists the adapter already (it is being probed).
+            loading = adapter is not None and adapter in replica.loading
+            if adapter is not None and (loading or adapter not in replica.adapters):
+                if path is None and not loading:  # dropped from the replica while this request waited for room
                     raise AdapterUnavailable(f"adapter {adapter!r} is no longer loaded on {replica.url}")
                 reason = "spread" if any(adapter in r.adapters for r in self.replicas) else "first"
-                await self.loader.ensure(replica, adapter, path, reason, trace)
+                await self.loader.ensure(replica, adapter, path or "", reason, trace)
         except BaseException:
             self.release(replica, adapter)
             raise

@@ -18,6 +18,9 @@ fault by its adapter name:
   bulk*         streams all its chunks after the first in one write (an upstream faster than the gateway's reader)
   anything else answers normally (stream: ``--chunks`` content chunks + usage)
 
+A text completion asking ``logprobs`` (the gateway's probe after each adapter load) is always answered, with
+logprobs that differ between an adapter and the base model: every adapter here is applied.
+
 Run: python tests/stub_upstream.py --port 18100 [--chunks 16]
 """
 
@@ -57,6 +60,20 @@ def _completion(model: str, chat: bool, tokens: int) -> bytes:
                 "completion_tokens": tokens,
                 "total_tokens": PROMPT_TOKENS + tokens,
             },
+        }
+    )
+
+
+def _probe_answer(model: str, tokens: int) -> bytes:
+    """A text completion with the chosen tokens' logprobs; an adapter's differ from the base model's (applied)."""
+    shift = 0.0 if model == "base" else 0.5
+    logprobs = {"tokens": ["ok"] * tokens, "token_logprobs": [-1.0 + shift] * tokens}
+    return orjson.dumps(
+        {
+            "id": "stub-1",
+            "object": "text_completion",
+            "model": model,
+            "choices": [{"index": 0, "text": "ok" * tokens, "logprobs": logprobs}],
         }
     )
 
@@ -104,9 +121,13 @@ def make_app(chunks: int = 16) -> web.Application:
         return web.Response(text="Success")
 
     async def complete(request: web.Request) -> web.StreamResponse:
-        stats["requests"] += 1
         payload = orjson.loads(await request.read())
         model = payload.get("model", "base")
+        if payload.get("logprobs") and not request.path.endswith("chat/completions"):  # a probe: not counted
+            return web.Response(
+                body=_probe_answer(model, int(payload.get("max_tokens") or 1)), content_type="application/json"
+            )
+        stats["requests"] += 1
         stats["last_authorization"] = request.headers.get("authorization")
         stats["last_model"] = model
         chat = request.path.endswith("chat/completions")

@@ -85,3 +85,83 @@ routes:
     c = controller(healthy, FakePrometheus(HEALTHY), probe={"engines": [engine], "timeout_s": 120})
     (start,) = await c.tick(now=1000)
     assert start.action == "step" and start.weight == 5
+
+
+def test_the_gateway_probes_what_it_loads_and_falls_back_from_a_zero_weight_adapter(engine, demo_model, tmp_path):
+    """A real gateway (its own process) loads adapters on the real engine on demand and probes each load: the
+    zero-weight adapter is unloaded again and its first request answered by the fallback (the base model); a real
+    adapter (a1's weights under new names) is served by itself. Prints the probe's time against the load's."""
+    import time
+    import uuid
+
+    import httpx
+
+    from tests.metrics_text import sample_sum, scrape
+    from tests.processes import start_gateway
+
+    tag = uuid.uuid4().hex[:8]  # an adapter name on the shared engine stays bound to its first path
+    zero_name, real_names = f"gw-zero-{tag}", [f"gw-a1-{tag}-{i}" for i in range(3)]
+    zero = zero_weight_adapter(Path(demo_model["adapters"]["a3"]), tmp_path / "zero")
+    real_routes = "".join(
+        f'  real{i}:\n    variants: [{{name: r, adapter: {name}, path: "{demo_model["adapters"]["a1"]}", weight: 1}}]\n'
+        for i, name in enumerate(real_names)
+    )
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(
+        f'routes:\n  zero:\n    variants: [{{name: z, adapter: {zero_name}, path: "{zero}", weight: 1}}]\n'
+        + real_routes
+    )
+    service, gateway = start_gateway(routes, [engine], tmp_path / "gateway.log")
+    try:
+        with httpx.Client(base_url=gateway, timeout=120) as client:
+
+            def ask(model: str) -> httpx.Response:
+                return client.post(
+                    "/v1/chat/completions",
+                    json={"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+                )
+
+            first = ask("zero")
+            assert first.status_code == 200, first.text
+            assert first.headers["x-loragate-variant"] == "base"
+            assert first.headers["x-loragate-fallback"] == "adapter_unavailable"
+            assert first.json()["choices"][0]["message"]["content"]
+            listed = {m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]}
+            assert zero_name not in listed  # unloaded again by the gateway
+            again = ask("zero")  # marked failed on the replica: no second load
+            assert again.status_code == 200 and again.headers["x-loragate-variant"] == "base"
+
+            first_s, later_s = [], []  # each real route's first request (load + probe + answer), then a later one
+            for i, name in enumerate(real_names):
+                for times in (first_s, later_s):
+                    started = time.perf_counter()
+                    served = ask(f"real{i}")
+                    times.append(time.perf_counter() - started)
+                    assert served.status_code == 200, served.text
+                    assert served.headers["x-loragate-variant"] == "r" and "x-loragate-fallback" not in served.headers
+            listed = {m["id"] for m in httpx.get(f"{engine}/v1/models").json()["data"]}
+            assert set(real_names) <= listed
+        metrics = scrape(gateway)
+    finally:
+        service.stop()
+
+    assert sample_sum(metrics, "loragate_adapter_loads_total", adapter=zero_name, result="not_applied") == 1
+    assert sample_sum(metrics, "loragate_adapter_loads_total", adapter=zero_name) == 1
+    assert sample_sum(metrics, "loragate_adapter_load_probes_total", adapter=zero_name, result="not_applied") == 1
+    for name in real_names:
+        assert sample_sum(metrics, "loragate_adapter_loads_total", adapter=name, result="success") == 1
+        assert sample_sum(metrics, "loragate_adapter_load_probes_total", adapter=name, result="applied") == 1
+
+    # The cost: the probe adds its time to the first request of each load (never after it).
+    load_s = sum(sample_sum(metrics, "loragate_adapter_load_duration_seconds_sum", adapter=n) for n in real_names)
+    probe_s = sum(
+        sample_sum(metrics, "loragate_adapter_load_probe_duration_seconds_sum", adapter=n) for n in real_names
+    )
+    zero_probe_s = sample_sum(metrics, "loragate_adapter_load_probe_duration_seconds_sum", adapter=zero_name)
+    print(
+        f"vLLM CPU engine, {len(real_names)} loads of a real adapter: load {load_s / len(real_names) * 1000:.0f} ms, "
+        f"probe {probe_s / len(real_names) * 1000:.0f} ms each (probe/load {probe_s / load_s:.2f}); "
+        f"probe of the zero-weight adapter {zero_probe_s * 1000:.0f} ms; a route's first request "
+        f"{sum(first_s) / len(first_s) * 1000:.0f} ms, a later one {sum(later_s) / len(later_s) * 1000:.0f} ms"
+    )
+    assert probe_s > 0 and load_s > 0

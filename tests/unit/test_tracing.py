@@ -277,7 +277,7 @@ async def stub_gateway(tmp_path, monkeypatch, receiver):
     """The served app in front of the STUB engine (tests/stub_upstream.py, aiohttp on loopback, no adapter loaded:
     the gateway loads them on demand), tracing on, a real RequestLog (never started: the hand-off only).
 
-    Yields (app, spans, seen, build_log): ``seen`` is (model, traceparent) of each completion the stub answered."""
+    Yields (app, spans, seen, build_log): ``seen`` is (model, traceparent) of each chat completion the stub answered."""
     import aiohttp
     from aiohttp import web
     from aiohttp.test_utils import TestServer
@@ -294,7 +294,7 @@ async def stub_gateway(tmp_path, monkeypatch, receiver):
 
     @web.middleware
     async def keep_traceparent(request, handler):
-        if request.path.endswith("completions"):
+        if request.path.endswith("chat/completions"):  # not the gateway's adapter probes (/v1/completions)
             seen.append((orjson.loads(await request.read())["model"], request.headers.get("traceparent")))
         return await handler(request)
 

@@ -25,6 +25,7 @@ MESSAGES = [
     "enforcing limits in this process only",
     "limits: Redis is reachable again; limits are shared again",
     "loading adapter %s on %s failed: %s",  # service/upstreams.py
+    "loaded on %s is not applied: %s",  # service/adapterloads.py
     "STALLED after",  # monitoring/rollout/controller.py
     "inconclusive analyses (held; never promoted)",
     "not in a serving state",  # common/cardcheck.py
