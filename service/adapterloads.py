@@ -156,7 +156,8 @@ class AdapterLoader:
         if result == "success" and self.probe is not None and not await self._applied(replica, adapter):
             result, detail = "not_applied", f"the engine answers it with the base model {replica.base_model}"
             if not await self.unload(replica, adapter, "not_applied"):
-                replica.adapters.discard(adapter)  # out of this gateway's view until a health check lists it again
+                replica.not_applied.add(adapter)  # still on the engine: out of rotation there while it is listed
+                replica.adapters.discard(adapter)
         self.metrics.adapter_loads.labels(replica.url, adapter, result).inc()
         if result in ("success", "already_loaded"):
             self.metrics.adapter_load_duration.labels(adapter).observe(loaded_s)

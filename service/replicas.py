@@ -45,6 +45,9 @@ class Replica:
     adapter_roots: dict[str, str] = field(default_factory=dict)
     # Adapter name -> monotonic time until which a failed load is not retried.
     failed_adapters: dict[str, float] = field(default_factory=dict)
+    # Adapters the load probe found not applied here whose unload the engine refused: kept out of ``adapters``
+    # (never sent a request, never loaded again) for as long as the engine lists them.
+    not_applied: set[str] = field(default_factory=set)
     loading: dict[str, asyncio.Task] = field(default_factory=dict)
     # Adapters the gateway loaded here (name -> path): the only ones it may unload again.
     loaded_by_gateway: dict[str, str] = field(default_factory=dict)
@@ -219,7 +222,9 @@ class ReplicaSet:
                     listed = [m for m in models if m.get("parent") is not None]
                     base = next((m["id"] for m in models if m.get("parent") is None), None)
                     replica.base_model = base if isinstance(base, str) else None
-                    replica.adapters = {m["id"] for m in listed}
+                    names = {m["id"] for m in listed}
+                    replica.not_applied &= names  # gone from the engine: a later load is probed again
+                    replica.adapters = names - replica.not_applied
                     replica.adapter_roots = {m["id"]: m["root"] for m in listed if isinstance(m.get("root"), str)}
                     for name in [n for n in replica.loaded_by_gateway if n not in replica.adapters]:
                         del replica.loaded_by_gateway[name]

@@ -182,7 +182,7 @@ class Pool:
             return r.in_flight < limit and r not in exclude and not r.draining and self._open_to(r, adapter)
 
         def can_load(r: Replica) -> bool:
-            return path is not None and r.failed_adapters.get(adapter or "", 0) <= now
+            return path is not None and r.failed_adapters.get(adapter or "", 0) <= now and adapter not in r.not_applied
 
         if adapter is not None and path is not None:
             exclude = self._other_versions(adapter, path, exclude)

@@ -41,11 +41,12 @@ class StubEngine:
     engine answers an adapter's name exactly as the base model). ``probe``: "answer", "silent" (probe asks never
     answered), "garbage" (not JSON), "huge" (an answer over the probe's cap). ``preloaded``: adapters the engine
     holds without listing them yet (a load of one answers "already loaded", as when another gateway worker loaded
-    it). Records the probe asks (``/v1/completions`` with logprobs) and the adapter loads and unloads."""
+    it). ``refuses_unload``: every unload answers 500. Records the probe asks (``/v1/completions`` with logprobs) and the adapter loads and unloads."""
 
     applies: bool = True
     probe: str = "answer"
     probe_delay_s: float = 0.0
+    refuses_unload: bool = False
     preloaded: set[str] = field(default_factory=set)
     listed: dict[str, str] = field(default_factory=dict)
     probe_asks: list[dict] = field(default_factory=list)
@@ -82,6 +83,8 @@ class StubEngine:
     async def unload(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.unloads.append(body["lora_name"])
+        if self.refuses_unload:
+            return web.json_response({"error": {"message": "cannot unload", "code": 500}}, status=500)
         self.listed.pop(body["lora_name"], None)
         return web.Response(text="Success")
 
@@ -187,6 +190,31 @@ async def test_an_adapter_the_engine_does_not_apply_is_unloaded_and_the_request_
         second = await ask(client)  # marked failed there: no new load, no new probe, straight to the fallback
         assert second.status_code == 200 and second.headers["x-loragate-fallback"] == "adapter_unavailable"
         assert engine.loads == ["tuned"] and len(engine.probe_asks) == 4
+
+
+async def test_a_not_applied_adapter_the_engine_will_not_unload_stays_out_of_rotation_while_listed(tmp_path):
+    engine = StubEngine(applies=False, refuses_unload=True)
+    async with gateway(tmp_path, engine, adapter_failure_ttl_s=0.05) as (client, metrics, pool):
+        first = await ask(client)
+        assert first.headers["x-loragate-fallback"] == "adapter_unavailable"
+        assert engine.unloads == ["tuned"] and "tuned" in engine.listed  # refused: the engine still holds it
+        (replica,) = pool.replicas
+        await asyncio.sleep(0.1)  # the failed-load mark has run out
+        await pool.check_all()  # the engine lists it: not back in rotation, not loaded again
+        assert "tuned" not in replica.adapters and replica.not_applied == {"tuned"}
+        for _ in range(3):
+            answer = await ask(client)
+            assert answer.status_code == 200 and answer.headers["x-loragate-fallback"] == "adapter_unavailable"
+        assert engine.served == ["base"] * 4 and engine.loads == ["tuned"] and len(engine.probe_asks) == 4
+
+        del engine.listed["tuned"]  # gone from the engine (unloaded by hand, or a restart): loaded and probed again
+        await pool.check_all()
+        assert replica.not_applied == set()
+        engine.applies = True
+        answer = await ask(client)
+        assert answer.headers["x-loragate-variant"] == "tuned" and "x-loragate-fallback" not in answer.headers
+        assert engine.loads == ["tuned", "tuned"] and len(engine.probe_asks) == 8
+        assert sample(metrics, "loragate_adapter_loads_total", adapter="tuned", result="not_applied") == 1
 
 
 async def test_another_replica_that_applies_the_adapter_serves_it(tmp_path):
