@@ -41,7 +41,8 @@ class StubEngine:
     engine answers an adapter's name exactly as the base model). ``probe``: "answer", "silent" (probe asks never
     answered), "garbage" (not JSON), "huge" (an answer over the probe's cap). ``preloaded``: adapters the engine
     holds without listing them yet (a load of one answers "already loaded", as when another gateway worker loaded
-    it). ``refuses_unload``: every unload answers 500. Records the probe asks (``/v1/completions`` with logprobs) and the adapter loads and unloads."""
+    it). ``refuses_unload``: every unload answers 500. Records the probe asks (``/v1/completions`` with logprobs)
+    and the adapter loads and unloads."""
 
     applies: bool = True
     probe: str = "answer"
