@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,37 +76,18 @@ def measure(waiting: list[int]) -> dict:
             best = min(best, time.process_time() - started)
         return best / FAST_REQUESTS * 1e6
 
-    def queue(n: int) -> float:
+    def queue(n: int, priority_of: Callable[[int], Priority] = lambda _i: Priority.STANDARD) -> float:
+        """CPU us per waiter served from a queue of ``n`` (each waiter's class: ``priority_of(its index)``)."""
         full = pool(1, 1, max_waiting=n + 1)
 
-        async def one() -> None:
-            replica = await full.acquire(None, None)
+        async def one(priority: Priority) -> None:
+            replica = await full.acquire(None, None, priority=priority)
             await asyncio.sleep(0)  # a request holds its slot past the release that let it in
             full.release(replica)
 
         async def run() -> float:
             held = await full.acquire(None, None)
-            tasks = [asyncio.ensure_future(one()) for _ in range(n)]
-            while full.admission.waiting < n:
-                await asyncio.sleep(0)
-            started = time.process_time()
-            full.release(held)
-            await asyncio.gather(*tasks)
-            return time.process_time() - started
-
-        return loop.run_until_complete(run()) / n * 1e6
-
-    def mixed(n: int) -> float:
-        full = pool(1, 1, max_waiting=n + 1)
-
-        async def one(priority: object) -> None:
-            replica = await full.acquire(None, None, priority=priority)
-            await asyncio.sleep(0)
-            full.release(replica)
-
-        async def run() -> float:
-            held = await full.acquire(None, None)
-            tasks = [asyncio.ensure_future(one(Priority(i % 2))) for i in range(n)]  # critical, standard, ...
+            tasks = [asyncio.ensure_future(one(priority_of(i))) for i in range(n)]
             while full.admission.waiting < n:
                 await asyncio.sleep(0)
             started = time.process_time()
@@ -185,7 +167,7 @@ def measure(waiting: list[int]) -> dict:
         return {
             "fast_us": fast(),
             **{f"queue_{n}_us": queue(n) for n in waiting},
-            **{f"mixed_{n}_us": mixed(n) for n in waiting},
+            **{f"mixed_{n}_us": queue(n, lambda i: Priority(i % 2)) for n in waiting},
             "handoff_us": handoff(None),
             "handoff_strict_us": handoff({Priority.CRITICAL: 1}),
             "resolve_class_us": resolve(),
