@@ -10,15 +10,12 @@ completion's time (measured in tests/integration/test_adapter_probe_vllm.py), an
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 
 import orjson
 
 from loragate.common.adapterprobe import PROMPTS, TOLERANCE, Answer, Verdict, ask, failure, parse_answer, verdict
 from loragate.service.transport import ControlClient, Timeout, TransportError
-
-log = logging.getLogger("loragate.upstreams")
 
 # A completion of a few tokens with logprobs is a few KB; past this the answer is not one (and is not parsed).
 ANSWER_MAX_BYTES = 256 << 10
@@ -38,22 +35,7 @@ class LoadProbe:
     timeout_s: float = 5.0
 
     async def check(self, client: ControlClient, url: str, base_model: str, adapter: str) -> Verdict:
-        """The replica's verdict on ``adapter``: applied, not_applied, or error (some ask went unanswered).
-
-        A not_applied verdict is asked for again before it stands (it unloads the adapter): the vLLM CPU engine
-        answered a fresh adapter's first probe as the base model once in CI (a1's weights; 40 of 40 such loads
-        probed applied in a rerun here): one wrong verdict must not unload a working adapter."""
-        found = await self._once(client, url, base_model, adapter)
-        if found.result != "not_applied":
-            return found
-        again = await self._once(client, url, base_model, adapter)
-        if again.result != "not_applied":
-            log.warning(
-                "adapter %s on %s: not applied at the first probe, %s at the second", adapter, url, again.result
-            )
-        return again
-
-    async def _once(self, client: ControlClient, url: str, base_model: str, adapter: str) -> Verdict:
+        """The replica's verdict on ``adapter``: applied, not_applied, or error (some ask went unanswered)."""
         prompts = PROMPTS[: self.prompts]
         asks = [ask(model, prompt, self.max_tokens) for prompt in prompts for model in (base_model, adapter)]
         answers = await asyncio.gather(*(self._complete(client, url, body) for body in asks), return_exceptions=True)
