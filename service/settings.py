@@ -81,7 +81,9 @@ class Settings(BaseSettings):
     # greedy completions with logprobs naming the base model and the adapter. Identical answers = the engine does
     # not apply the adapter (vllm#55193): it is unloaded there, marked failed for adapter_failure_ttl_s, and the
     # request goes on as after a failed load (another replica, or the fallback chain). An unanswered probe keeps it.
-    adapter_probe: bool = True
+    # Off by default: on the vLLM CPU engine in CI it twice found a working adapter (the loop scenario's v1)
+    # not applied right after its load, for a cause not yet found (docs/scheduling.md).
+    adapter_probe: bool = False
     # Fixed prompts the probe asks (each twice: base model and adapter, all at once).
     adapter_probe_prompts: int = Field(2, ge=1, le=len(PROBE_PROMPTS))
     # Tokens in each probe answer (their logprobs are compared).

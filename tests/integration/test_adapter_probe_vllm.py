@@ -111,7 +111,9 @@ def test_the_gateway_probes_what_it_loads_and_falls_back_from_a_zero_weight_adap
         f'routes:\n  zero:\n    variants: [{{name: z, adapter: {zero_name}, path: "{zero}", weight: 1}}]\n'
         + real_routes
     )
-    service, gateway = start_gateway(routes, [engine], tmp_path / "gateway.log")
+    service, gateway = start_gateway(
+        routes, [engine], tmp_path / "gateway.log", extra_env={"LORAGATE_ADAPTER_PROBE": "true"}
+    )
     try:
         with httpx.Client(base_url=gateway, timeout=120) as client:
 

@@ -141,6 +141,7 @@ async def gateway(
     routes.write_text(ROUTES)
     metrics = Metrics()
     urls = [str(server.make_url("")).rstrip("/") for server in servers]
+    settings = {"adapter_probe": True, **settings}  # opt-in (LORAGATE_ADAPTER_PROBE)
     app = create_app(Settings(routes_file=routes, upstreams=urls, max_attempts=1, **settings), metrics)
     session = aiohttp.ClientSession()
     pool = app.state.pool
